@@ -1,0 +1,664 @@
+//! Loading `sluice.yaml`: YAML → positioned raw types → validated `Config`.
+//!
+//! All problems in a file are reported together, each with file:line:column,
+//! the field path and a fix. A config either validates completely or is not
+//! used at all, so a bad reload keeps the last good one running.
+
+mod error;
+mod raw;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde_saphyr::Location;
+
+pub use error::{ConfigError, ConfigErrorKind, ConfigErrors, GroupKind, NameKind, suggest};
+use raw::{RawConfig, RawPort, S};
+
+use crate::builtin;
+use crate::domain::DomainPattern;
+use crate::model::*;
+use crate::net::{canonical_ip, parse_cidr};
+
+/// The configuration `sluice` runs with when given none: an explicit proxy
+/// on 127.0.0.1:3128, a DNS proxy on 127.0.0.1:5353, the admin API on
+/// 127.0.0.1:9901, watch mode.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.yaml");
+pub const EMBEDDED_DEFAULT_NAME: &str = "<embedded default>";
+
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+pub const DEFAULT_AUDIT_QUEUE: usize = 65_536;
+
+/// Loads and validates a file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            kind: ConfigErrorKind::Io { message: e.to_string() },
+        }])
+    })?;
+    load_str(&text, &path.display().to_string())
+}
+
+/// The embedded default configuration.
+pub fn embedded_default() -> Result<Config, ConfigErrors> {
+    load_str(EMBEDDED_DEFAULT, EMBEDDED_DEFAULT_NAME)
+}
+
+/// Loads and validates YAML text; `source` names it in messages.
+pub fn load_str(text: &str, source: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = if text.trim().is_empty() {
+        // An empty file is an empty config, not a YAML error.
+        serde_saphyr::from_str("{}").map_err(|e| ConfigErrors(vec![yaml_error(source, e)]))?
+    } else {
+        serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yaml_error(source, e)]))?
+    };
+    Validator { file: source.to_owned(), errors: Vec::new() }.config(raw)
+}
+
+fn yaml_error(file: &str, e: serde_saphyr::Error) -> ConfigError {
+    let loc = e.location().unwrap_or(Location::UNKNOWN);
+    let kind = match &e {
+        serde_saphyr::Error::SerdeUnknownField { field, expected, .. } => ConfigErrorKind::UnknownField {
+            field: field.clone(),
+            suggestion: suggest(field, expected.iter().copied()),
+            expected: expected.iter().map(|s| (*s).to_owned()).collect(),
+        },
+        serde_saphyr::Error::SerdeUnknownVariant { variant, expected, .. } => ConfigErrorKind::UnknownValue {
+            value: variant.clone(),
+            suggestion: suggest(variant, expected.iter().copied()),
+            expected: expected.iter().map(|s| (*s).to_owned()).collect(),
+        },
+        serde_saphyr::Error::SerdeMissingField { field, .. } => {
+            ConfigErrorKind::MissingField { field: (*field).to_owned() }
+        }
+        other => ConfigErrorKind::Syntax { message: first_line(&other.to_string()) },
+    };
+    ConfigError { file: file.to_owned(), line: loc.line() as u32, column: loc.column() as u32, path: String::new(), kind }
+}
+
+/// serde-saphyr renders a source snippet after the message; we print our own
+/// position, so keep only the message.
+fn first_line(s: &str) -> String {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim().to_owned()
+}
+
+fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+struct Validator {
+    file: String,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator {
+    fn err(&mut self, loc: Location, path: impl Into<String>, kind: ConfigErrorKind) {
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            line: loc.line() as u32,
+            column: loc.column() as u32,
+            path: path.into(),
+            kind,
+        });
+    }
+
+    fn config(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
+        let admin = match &raw.admin {
+            Some(a) => AdminConfig { address: self.socket(&a.address, "admin.address") },
+            None => AdminConfig { address: SocketAddr::from(([127, 0, 0, 1], 9901)) },
+        };
+        let audit = self.audit(raw.audit.as_ref());
+        let listeners = self.listeners(&raw.listeners);
+
+        let mut gateway_addresses = Vec::new();
+        if let Some(g) = &raw.gateway {
+            for (i, a) in g.addresses.iter().enumerate() {
+                if let Some(ip) = self.ip(a, &format!("gateway.addresses[{i}]")) {
+                    gateway_addresses.push(ip);
+                }
+            }
+        }
+        // A listener bound to a specific address is the gateway too.
+        for l in &listeners {
+            let ip = canonical_ip(l.address.ip());
+            if !ip.is_unspecified() && !gateway_addresses.contains(&ip) {
+                gateway_addresses.push(ip);
+            }
+        }
+
+        let inventory = self.inventory(&raw.inventory);
+        let webgroups = self.webgroups(&raw.webgroups);
+        let gateway_nets: Vec<IpNet> = gateway_addresses.iter().map(|ip| IpNet::from(*ip)).collect();
+        let smartgroups = self.smartgroups(&raw.smartgroups, &gateway_nets, &inventory);
+        let policy = self.policy(raw.policy.as_ref(), &webgroups, &smartgroups);
+        let plugins = self.plugins(&raw.plugins);
+
+        if !self.errors.is_empty() {
+            self.errors.sort_by_key(|e| (e.line, e.column));
+            return Err(ConfigErrors(self.errors));
+        }
+        Ok(Config {
+            source: self.file,
+            admin,
+            audit,
+            listeners,
+            webgroups,
+            smartgroups,
+            inventory,
+            policy,
+            plugins,
+            gateway_addresses,
+        })
+    }
+
+    fn socket(&mut self, v: &S<String>, path: &str) -> SocketAddr {
+        match v.value.trim().parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.err(v.referenced, path, ConfigErrorKind::InvalidSocketAddress { value: v.value.clone() });
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }
+        }
+    }
+
+    fn ip(&mut self, v: &S<String>, path: &str) -> Option<IpAddr> {
+        match v.value.trim().parse::<IpAddr>() {
+            Ok(ip) => Some(canonical_ip(ip)),
+            Err(_) => {
+                self.err(v.referenced, path, ConfigErrorKind::InvalidIp { value: v.value.clone() });
+                None
+            }
+        }
+    }
+
+    /// Checks a name's spelling and uniqueness; returns whether it is usable.
+    fn name(&mut self, name: &S<String>, path: &str, kind: NameKind, seen: &mut HashMap<String, u32>) -> bool {
+        if !valid_name(&name.value) {
+            self.err(name.referenced, path, ConfigErrorKind::InvalidName { name: name.value.clone() });
+            return false;
+        }
+        if let Some(first_line) = seen.get(&name.value) {
+            let first_line = *first_line;
+            self.err(
+                name.referenced,
+                path,
+                ConfigErrorKind::DuplicateName { kind, name: name.value.clone(), first_line },
+            );
+            return false;
+        }
+        seen.insert(name.value.clone(), name.referenced.line() as u32);
+        true
+    }
+
+    fn audit(&mut self, raw: Option<&raw::RawAudit>) -> AuditConfig {
+        let Some(a) = raw else {
+            return AuditConfig { destination: AuditDestination::Stdout, queue: DEFAULT_AUDIT_QUEUE };
+        };
+        let destination = match a.destination.value.trim() {
+            "stdout" | "-" => AuditDestination::Stdout,
+            "stderr" => AuditDestination::Stderr,
+            "" => {
+                self.err(
+                    a.destination.referenced,
+                    "audit.destination",
+                    ConfigErrorKind::InvalidValue {
+                        message: "audit destination is empty; write `stdout`, `stderr` or a file path".into(),
+                    },
+                );
+                AuditDestination::Stdout
+            }
+            p => AuditDestination::File(PathBuf::from(p)),
+        };
+        let queue = match &a.queue {
+            None => DEFAULT_AUDIT_QUEUE,
+            Some(q) if q.value == 0 || q.value > 16_777_216 => {
+                self.err(
+                    q.referenced,
+                    "audit.queue",
+                    ConfigErrorKind::InvalidValue {
+                        message: format!("audit queue size {} is out of range; use 1 to 16777216", q.value),
+                    },
+                );
+                DEFAULT_AUDIT_QUEUE
+            }
+            Some(q) => q.value as usize,
+        };
+        AuditConfig { destination, queue }
+    }
+
+    fn listeners(&mut self, raw: &[S<raw::RawListener>]) -> Vec<Listener> {
+        let mut seen = HashMap::new();
+        let mut bound: HashMap<(SocketAddr, bool), String> = HashMap::new();
+        let mut out = Vec::new();
+        for (i, l) in raw.iter().enumerate() {
+            let l = &l.value;
+            let path = format!("listeners[{i}]");
+            let ok = self.name(&l.name, &format!("{path}.name"), NameKind::Listener, &mut seen);
+            let address = self.socket(&l.address, &format!("{path}.address"));
+            let kind = l.kind.value;
+            if address.port() != 0 {
+                // DNS takes UDP and TCP; the others TCP only.
+                let key = (address, kind == ListenerKind::Dns);
+                if let Some(other) = bound.get(&(address, false)).or_else(|| bound.get(&key)) {
+                    self.err(
+                        l.address.referenced,
+                        format!("{path}.address"),
+                        ConfigErrorKind::InvalidValue {
+                            message: format!(
+                                "address {address} is already used by listener `{other}`; give each listener its own port"
+                            ),
+                        },
+                    );
+                }
+                bound.insert((address, false), l.name.value.clone());
+            }
+            if ok {
+                out.push(Listener { name: l.name.value.clone(), kind, address });
+            }
+        }
+        out
+    }
+
+    fn inventory(&mut self, raw: &[S<raw::RawWorkload>]) -> Vec<Workload> {
+        let mut seen = HashMap::new();
+        let mut out = Vec::new();
+        for (i, w) in raw.iter().enumerate() {
+            let w = &w.value;
+            let path = format!("inventory[{i}]");
+            let ok = self.name(&w.name, &format!("{path}.name"), NameKind::Workload, &mut seen);
+            let ips: Vec<IpAddr> = w
+                .ips
+                .iter()
+                .enumerate()
+                .filter_map(|(j, ip)| self.ip(ip, &format!("{path}.ips[{j}]")))
+                .collect();
+            if ok {
+                out.push(Workload { name: w.name.value.clone(), ips, labels: w.labels.clone() });
+            }
+        }
+        out
+    }
+
+    fn webgroups(&mut self, raw: &[S<raw::RawWebGroup>]) -> Vec<WebGroup> {
+        let mut groups = match builtin::webgroups() {
+            Ok(g) => g,
+            Err(e) => {
+                self.err(Location::UNKNOWN, "", ConfigErrorKind::InvalidValue { message: e.to_string() });
+                Vec::new()
+            }
+        };
+        let mut seen = HashMap::new();
+        let mut include_refs = Vec::new();
+        for (i, g) in raw.iter().enumerate() {
+            let g = &g.value;
+            let path = format!("webgroups[{i}]");
+            let ok = self.name(&g.name, &format!("{path}.name"), NameKind::WebGroup, &mut seen);
+            let mut patterns = Vec::with_capacity(g.domains.len());
+            for (j, d) in g.domains.iter().enumerate() {
+                match DomainPattern::parse(&d.value) {
+                    Ok(p) => patterns.push(p),
+                    Err(source) => self.err(
+                        d.referenced,
+                        format!("{path}.domains[{j}]"),
+                        ConfigErrorKind::InvalidDomain { pattern: d.value.clone(), source },
+                    ),
+                }
+            }
+            for (j, inc) in g.include.iter().enumerate() {
+                include_refs.push((inc, format!("{path}.include[{j}]")));
+            }
+            if !ok {
+                continue;
+            }
+            let includes = g.include.iter().map(|s| s.value.clone()).collect();
+            if let Some(existing) = groups.iter_mut().find(|w| w.builtin && w.name == g.name.value) {
+                // Same name as a built-in: the user's entries extend it.
+                existing.patterns.extend(patterns);
+                existing.includes = includes;
+                if g.description.is_some() {
+                    existing.description.clone_from(&g.description);
+                }
+            } else {
+                groups.push(WebGroup {
+                    name: g.name.value.clone(),
+                    description: g.description.clone(),
+                    patterns,
+                    includes,
+                    builtin: false,
+                });
+            }
+        }
+        let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+        for (inc, path) in include_refs {
+            if !names.contains(&inc.value.as_str()) {
+                let suggestion = suggest(&inc.value, names.iter().copied());
+                self.err(
+                    inc.referenced,
+                    path,
+                    ConfigErrorKind::UnknownGroup { kind: GroupKind::WebGroup, name: inc.value.clone(), suggestion },
+                );
+            }
+        }
+        let graph: Vec<(String, Vec<String>)> = groups.iter().map(|g| (g.name.clone(), g.includes.clone())).collect();
+        self.check_cycles(GroupKind::WebGroup, &graph, raw.iter().map(|g| (&g.value.name.value, g.referenced)));
+        groups
+    }
+
+    fn smartgroups(&mut self, raw: &[S<raw::RawSmartGroup>], gateway: &[IpNet], inventory: &[Workload]) -> Vec<SmartGroup> {
+        let mut groups = match builtin::smartgroups(gateway) {
+            Ok(g) => g,
+            Err(e) => {
+                self.err(Location::UNKNOWN, "", ConfigErrorKind::InvalidValue { message: e.to_string() });
+                Vec::new()
+            }
+        };
+        let workload_names: Vec<&str> = inventory.iter().map(|w| w.name.as_str()).collect();
+        let mut seen = HashMap::new();
+        let mut include_refs = Vec::new();
+        for (i, g) in raw.iter().enumerate() {
+            let g = &g.value;
+            let path = format!("smartgroups[{i}]");
+            let ok = self.name(&g.name, &format!("{path}.name"), NameKind::SmartGroup, &mut seen);
+            let mut cidrs = Vec::new();
+            for (j, c) in g.cidrs.iter().enumerate() {
+                match parse_cidr(&c.value) {
+                    Ok(n) => cidrs.push(n),
+                    Err(e) => self.err(c.referenced, format!("{path}.cidrs[{j}]"), ConfigErrorKind::InvalidCidr(e)),
+                }
+            }
+            for (j, s) in g.selectors.iter().enumerate() {
+                if s.value.is_empty() {
+                    self.err(s.referenced, format!("{path}.selectors[{j}]"), ConfigErrorKind::EmptySelector);
+                }
+            }
+            for (j, w) in g.workloads.iter().enumerate() {
+                if !workload_names.contains(&w.value.as_str()) {
+                    let suggestion = suggest(&w.value, workload_names.iter().copied());
+                    self.err(
+                        w.referenced,
+                        format!("{path}.workloads[{j}]"),
+                        ConfigErrorKind::UnknownWorkload { name: w.value.clone(), suggestion },
+                    );
+                }
+            }
+            for (j, inc) in g.include.iter().enumerate() {
+                include_refs.push((inc, format!("{path}.include[{j}]")));
+            }
+            if !ok {
+                continue;
+            }
+            if builtin::is_builtin_smartgroup(&g.name.value) {
+                if g.name.value == builtin::ANY {
+                    self.err(
+                        g.name.referenced,
+                        format!("{path}.name"),
+                        ConfigErrorKind::BuiltinNotExtensible {
+                            kind: GroupKind::SmartGroup,
+                            name: g.name.value.clone(),
+                            why: "it already holds every address; pick another name",
+                        },
+                    );
+                    continue;
+                }
+                if let Some(existing) = groups.iter_mut().find(|s| s.name == g.name.value) {
+                    existing.cidrs.extend(cidrs);
+                    existing.selectors.extend(g.selectors.iter().map(|s| s.value.clone()));
+                    existing.workloads.extend(g.workloads.iter().map(|s| s.value.clone()));
+                    existing.includes = g.include.iter().map(|s| s.value.clone()).collect();
+                }
+                continue;
+            }
+            groups.push(SmartGroup {
+                name: g.name.value.clone(),
+                description: g.description.clone(),
+                cidrs,
+                selectors: g.selectors.iter().map(|s| s.value.clone()).collect(),
+                workloads: g.workloads.iter().map(|s| s.value.clone()).collect(),
+                includes: g.include.iter().map(|s| s.value.clone()).collect(),
+                builtin: false,
+            });
+        }
+        let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+        for (inc, path) in include_refs {
+            if !names.contains(&inc.value.as_str()) {
+                let suggestion = suggest(&inc.value, names.iter().copied());
+                self.err(
+                    inc.referenced,
+                    path,
+                    ConfigErrorKind::UnknownGroup { kind: GroupKind::SmartGroup, name: inc.value.clone(), suggestion },
+                );
+            }
+        }
+        let graph: Vec<(String, Vec<String>)> = groups.iter().map(|g| (g.name.clone(), g.includes.clone())).collect();
+        self.check_cycles(GroupKind::SmartGroup, &graph, raw.iter().map(|g| (&g.value.name.value, g.referenced)));
+        groups
+    }
+
+    /// Reports each include cycle once, at the first group of it in the file.
+    fn check_cycles<'a>(
+        &mut self,
+        kind: GroupKind,
+        graph: &[(String, Vec<String>)],
+        positions: impl Iterator<Item = (&'a String, Location)>,
+    ) {
+        let index: HashMap<&str, usize> = graph.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i)).collect();
+        let positions: HashMap<&str, Location> = positions.map(|(n, l)| (n.as_str(), l)).collect();
+        // 0 = unvisited, 1 = on stack, 2 = done
+        let mut state = vec![0u8; graph.len()];
+        let mut reported: HashSet<Vec<String>> = HashSet::new();
+        for start in 0..graph.len() {
+            if state[start] != 0 {
+                continue;
+            }
+            let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+            state[start] = 1;
+            while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+                let edges = &graph[node].1;
+                if *next < edges.len() {
+                    let target = edges[*next].as_str();
+                    *next += 1;
+                    let Some(&t) = index.get(target) else { continue };
+                    match state[t] {
+                        0 => {
+                            state[t] = 1;
+                            stack.push((t, 0));
+                        }
+                        1 => {
+                            let from = stack.iter().position(|(n, _)| *n == t).unwrap_or(0);
+                            let mut cycle: Vec<String> = stack[from..].iter().map(|(n, _)| graph[*n].0.clone()).collect();
+                            cycle.push(graph[t].0.clone());
+                            let mut key = cycle[..cycle.len() - 1].to_vec();
+                            key.sort();
+                            if reported.insert(key) {
+                                let loc = positions.get(cycle[0].as_str()).copied().unwrap_or(Location::UNKNOWN);
+                                self.err(loc, format!("{kind}s"), ConfigErrorKind::IncludeCycle { kind, cycle });
+                            }
+                        }
+                        _ => {}
+                    }
+                } else {
+                    state[node] = 2;
+                    stack.pop();
+                }
+            }
+        }
+    }
+
+    fn group_ref(&mut self, r: &S<String>, path: String, kind: GroupKind, names: &[&str]) -> Option<String> {
+        if names.contains(&r.value.as_str()) {
+            return Some(r.value.clone());
+        }
+        let suggestion = suggest(&r.value, names.iter().copied());
+        self.err(r.referenced, path, ConfigErrorKind::UnknownGroup { kind, name: r.value.clone(), suggestion });
+        None
+    }
+
+    fn policy(&mut self, raw: Option<&raw::RawPolicy>, web: &[WebGroup], smart: &[SmartGroup]) -> PolicyConfig {
+        let Some(p) = raw else {
+            return PolicyConfig { mode: Mode::Enforce, default: Action::Deny, guard_private_ranges: false, rules: Vec::new() };
+        };
+        let web_names: Vec<&str> = web.iter().map(|g| g.name.as_str()).collect();
+        let smart_names: Vec<&str> = smart.iter().map(|g| g.name.as_str()).collect();
+        let mut seen = HashMap::new();
+        let mut rules = Vec::new();
+        for (i, r) in p.rules.iter().enumerate() {
+            let line = r.referenced.line() as u32;
+            let r = &r.value;
+            let path = format!("policy.rules[{i}]");
+            let ok = self.name(&r.name, &format!("{path}.name"), NameKind::Rule, &mut seen);
+            let from: Vec<String> = r
+                .from
+                .iter()
+                .enumerate()
+                .filter_map(|(j, g)| self.group_ref(g, format!("{path}.from[{j}]"), GroupKind::SmartGroup, &smart_names))
+                .collect();
+            let mut to = Destination::default();
+            if let Some(d) = &r.to {
+                to.webgroups = d
+                    .webgroups
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, g)| {
+                        self.group_ref(g, format!("{path}.to.webgroups[{j}]"), GroupKind::WebGroup, &web_names)
+                    })
+                    .collect();
+                to.smartgroups = d
+                    .smartgroups
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, g)| {
+                        self.group_ref(g, format!("{path}.to.smartgroups[{j}]"), GroupKind::SmartGroup, &smart_names)
+                    })
+                    .collect();
+            }
+            let mut protocols: Vec<Protocol> = r.protocols.iter().map(|p| p.value).collect();
+            protocols.sort();
+            protocols.dedup();
+            let ports = r
+                .ports
+                .iter()
+                .enumerate()
+                .filter_map(|(j, p)| self.port(p, format!("{path}.ports[{j}]")))
+                .collect();
+            if ok {
+                rules.push(Rule {
+                    name: r.name.value.clone(),
+                    from,
+                    to,
+                    protocols,
+                    ports,
+                    action: r.action.value,
+                    watch: r.watch,
+                    line,
+                });
+            }
+        }
+        PolicyConfig {
+            mode: p.mode.as_ref().map_or(Mode::Enforce, |m| m.value),
+            default: p.default.as_ref().map_or(Action::Deny, |d| d.value),
+            guard_private_ranges: p.guard_private_ranges,
+            rules,
+        }
+    }
+
+    fn port(&mut self, p: &S<RawPort>, path: String) -> Option<PortRange> {
+        let one = |v: i128| u16::try_from(v).ok().filter(|p| *p != 0);
+        let parse = |s: &str| s.trim().parse::<i128>().ok();
+        let result = match &p.value {
+            RawPort::Number(n) => one(*n).map(|v| PortRange { lo: v, hi: v }).ok_or_else(|| {
+                ConfigErrorKind::PortOutOfRange { value: n.to_string() }
+            }),
+            RawPort::Text(t) => match t.split_once('-') {
+                None => match parse(t) {
+                    Some(n) => one(n)
+                        .map(|v| PortRange { lo: v, hi: v })
+                        .ok_or_else(|| ConfigErrorKind::PortOutOfRange { value: n.to_string() }),
+                    None => Err(ConfigErrorKind::InvalidPortRange { value: t.clone() }),
+                },
+                Some((lo, hi)) => match (parse(lo), parse(hi)) {
+                    (Some(lo), Some(hi)) => match (one(lo), one(hi)) {
+                        (Some(l), Some(h)) if l <= h => Ok(PortRange { lo: l, hi: h }),
+                        (Some(_), Some(_)) => Err(ConfigErrorKind::InvalidPortRange { value: t.clone() }),
+                        (None, _) => Err(ConfigErrorKind::PortOutOfRange { value: lo.to_string() }),
+                        (_, None) => Err(ConfigErrorKind::PortOutOfRange { value: hi.to_string() }),
+                    },
+                    _ => Err(ConfigErrorKind::InvalidPortRange { value: t.clone() }),
+                },
+            },
+        };
+        match result {
+            Ok(r) => Some(r),
+            Err(kind) => {
+                self.err(p.referenced, path, kind);
+                None
+            }
+        }
+    }
+
+    fn plugins(&mut self, raw: &[S<raw::RawPlugin>]) -> Vec<Plugin> {
+        let mut seen = HashMap::new();
+        let mut out = Vec::new();
+        for (i, p) in raw.iter().enumerate() {
+            let p = &p.value;
+            let path = format!("plugins[{i}]");
+            let ok = self.name(&p.name, &format!("{path}.name"), NameKind::Plugin, &mut seen);
+            if p.path.value.trim().is_empty() {
+                self.err(
+                    p.path.referenced,
+                    format!("{path}.path"),
+                    ConfigErrorKind::InvalidValue { message: "plugin path is empty; give the .wasm file".into() },
+                );
+            }
+            let sha256 = p.sha256.as_ref().and_then(|s| {
+                let v = s.value.trim().to_ascii_lowercase();
+                if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    Some(v)
+                } else {
+                    self.err(s.referenced, format!("{path}.sha256"), ConfigErrorKind::InvalidSha256 { value: s.value.clone() });
+                    None
+                }
+            });
+            if ok {
+                out.push(Plugin {
+                    name: p.name.value.clone(),
+                    path: PathBuf::from(p.path.value.trim()),
+                    sha256,
+                    fail_open: p.fail_open,
+                    config: p.config.clone(),
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Workloads in a SmartGroup through its selectors and workload names.
+pub fn selected_workloads<'a>(group: &SmartGroup, inventory: &'a [Workload]) -> Vec<&'a Workload> {
+    inventory
+        .iter()
+        .filter(|w| {
+            group.workloads.contains(&w.name)
+                || group.selectors.iter().any(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        })
+        .collect()
+}
+
+/// Labels used by a selector that no workload carries (for `sluice check`).
+pub fn unmatched_selectors(group: &SmartGroup, inventory: &[Workload]) -> Vec<BTreeMap<String, String>> {
+    group
+        .selectors
+        .iter()
+        .filter(|sel| !inventory.iter().any(|w| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .cloned()
+        .collect()
+}

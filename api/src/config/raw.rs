@@ -1,0 +1,186 @@
+//! The file format as written: serde types that keep each value's position.
+//! These never leave the `config` module; `validate` turns them into the
+//! checked types of `model`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Visitor};
+use serde_saphyr::Spanned;
+
+use crate::model::{Action, ListenerKind, Mode, Protocol};
+
+pub type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub audit: Option<RawAudit>,
+    #[serde(default)]
+    pub gateway: Option<RawGateway>,
+    #[serde(default)]
+    pub listeners: Vec<S<RawListener>>,
+    #[serde(default)]
+    pub webgroups: Vec<S<RawWebGroup>>,
+    #[serde(default)]
+    pub smartgroups: Vec<S<RawSmartGroup>>,
+    #[serde(default)]
+    pub inventory: Vec<S<RawWorkload>>,
+    #[serde(default)]
+    pub policy: Option<RawPolicy>,
+    #[serde(default)]
+    pub plugins: Vec<S<RawPlugin>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub address: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub destination: S<String>,
+    #[serde(default)]
+    pub queue: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    #[serde(default)]
+    pub addresses: Vec<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: S<String>,
+    pub kind: S<ListenerKind>,
+    pub address: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebGroup {
+    pub name: S<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub domains: Vec<S<String>>,
+    #[serde(default)]
+    pub include: Vec<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSmartGroup {
+    pub name: S<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub cidrs: Vec<S<String>>,
+    #[serde(default)]
+    pub selectors: Vec<S<BTreeMap<String, String>>>,
+    #[serde(default)]
+    pub workloads: Vec<S<String>>,
+    #[serde(default)]
+    pub include: Vec<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorkload {
+    pub name: S<String>,
+    #[serde(default)]
+    pub ips: Vec<S<String>>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    #[serde(default)]
+    pub mode: Option<S<Mode>>,
+    #[serde(default)]
+    pub default: Option<S<Action>>,
+    #[serde(default)]
+    pub guard_private_ranges: bool,
+    #[serde(default)]
+    pub rules: Vec<S<RawRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: S<String>,
+    #[serde(default)]
+    pub from: Vec<S<String>>,
+    #[serde(default)]
+    pub to: Option<RawDestination>,
+    #[serde(default)]
+    pub protocols: Vec<S<Protocol>>,
+    #[serde(default)]
+    pub ports: Vec<S<RawPort>>,
+    pub action: S<Action>,
+    #[serde(default)]
+    pub watch: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDestination {
+    #[serde(default)]
+    pub webgroups: Vec<S<String>>,
+    #[serde(default)]
+    pub smartgroups: Vec<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlugin {
+    pub name: S<String>,
+    pub path: S<String>,
+    #[serde(default)]
+    pub sha256: Option<S<String>>,
+    #[serde(default)]
+    pub fail_open: bool,
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+}
+
+/// A port as written: `443`, `"443"` or `"8000-8100"`. Range checks happen
+/// in validation, where the position is known.
+#[derive(Debug)]
+pub enum RawPort {
+    Number(i128),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawPort {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawPort;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port (443) or a port range (\"8000-8100\")")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawPort, E> {
+                Ok(RawPort::Number(v.into()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawPort, E> {
+                Ok(RawPort::Number(v.into()))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawPort, E> {
+                Ok(RawPort::Text(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

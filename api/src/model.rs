@@ -1,0 +1,281 @@
+//! The validated configuration: what `config::load` produces and what the
+//! policy compiler and the data plane consume. Every value here has already
+//! been checked; nothing downstream re-validates.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::DomainPattern;
+
+/// Protocols a rule can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tls,
+    Http,
+    Dns,
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 5] = [Self::Tls, Self::Http, Self::Dns, Self::Tcp, Self::Udp];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tls => "tls",
+            Self::Http => "http",
+            Self::Dns => "dns",
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+
+    pub fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown protocol `{s}`; expected one of tls, http, dns, tcp, udp"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `enforce` blocks what the policy denies; `watch` only records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Watch,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Watch => "watch",
+        }
+    }
+}
+
+/// An inclusive port range; a single port is `lo == hi`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub fn contains(self, port: u16) -> bool {
+        self.lo <= port && port <= self.hi
+    }
+    pub fn covers(self, other: PortRange) -> bool {
+        self.lo <= other.lo && other.hi <= self.hi
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi { write!(f, "{}", self.lo) } else { write!(f, "{}-{}", self.lo, self.hi) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerKind {
+    /// Explicit proxy: `CONNECT` and absolute-form HTTP (`HTTPS_PROXY`).
+    HttpProxy,
+    /// iptables `REDIRECT` / `TPROXY`; destination from the socket.
+    Transparent,
+    /// TLS passthrough routed by SNI.
+    Sni,
+    /// East-west L4.
+    Tcp,
+    /// DNS proxy on UDP and TCP.
+    Dns,
+}
+
+impl ListenerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HttpProxy => "http-proxy",
+            Self::Transparent => "transparent",
+            Self::Sni => "sni",
+            Self::Tcp => "tcp",
+            Self::Dns => "dns",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Listener {
+    pub name: String,
+    pub kind: ListenerKind,
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WebGroup {
+    pub name: String,
+    pub description: Option<String>,
+    pub patterns: Vec<DomainPattern>,
+    /// Other WebGroups whose names also belong to this one (already checked
+    /// to exist and to form no cycle).
+    pub includes: Vec<String>,
+    /// Shipped with Sluice (possibly extended by the user's config).
+    pub builtin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SmartGroup {
+    pub name: String,
+    pub description: Option<String>,
+    pub cidrs: Vec<IpNet>,
+    /// Each selector is a set of labels that must all match a workload.
+    pub selectors: Vec<BTreeMap<String, String>>,
+    pub workloads: Vec<String>,
+    pub includes: Vec<String>,
+    pub builtin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Where a rule sends traffic. Empty lists on both sides mean "any
+/// destination".
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Destination {
+    pub webgroups: Vec<String>,
+    pub smartgroups: Vec<String>,
+}
+
+impl Destination {
+    pub fn is_any(&self) -> bool {
+        self.webgroups.is_empty() && self.smartgroups.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    pub name: String,
+    /// Source SmartGroups; empty = any source.
+    pub from: Vec<String>,
+    pub to: Destination,
+    /// Empty = every protocol.
+    pub protocols: Vec<Protocol>,
+    /// Empty = every port.
+    pub ports: Vec<PortRange>,
+    pub action: Action,
+    /// Log-only for this rule, whatever the global mode.
+    pub watch: bool,
+    /// 1-based line of the rule in its file, for messages.
+    pub line: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyConfig {
+    pub mode: Mode,
+    pub default: Action,
+    /// Whether the built-in guard also protects `private-ranges`.
+    pub guard_private_ranges: bool,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", content = "path")]
+pub enum AuditDestination {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditConfig {
+    pub destination: AuditDestination,
+    /// Records held in memory before the writer drops (and counts) them.
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plugin {
+    pub name: String,
+    pub path: PathBuf,
+    pub sha256: Option<String>,
+    pub fail_open: bool,
+    /// Handed verbatim to the plugin's root context.
+    pub config: Option<serde_json::Value>,
+}
+
+/// A whole validated configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    /// Where it came from (a path, or `<embedded default>`).
+    pub source: String,
+    pub admin: AdminConfig,
+    pub audit: AuditConfig,
+    pub listeners: Vec<Listener>,
+    /// User groups and built-in ones, built-ins first.
+    pub webgroups: Vec<WebGroup>,
+    pub smartgroups: Vec<SmartGroup>,
+    pub inventory: Vec<Workload>,
+    pub policy: PolicyConfig,
+    pub plugins: Vec<Plugin>,
+    /// The gateway's own addresses, guarded like loopback.
+    pub gateway_addresses: Vec<IpAddr>,
+}
+
+impl Config {
+    pub fn webgroup(&self, name: &str) -> Option<&WebGroup> {
+        self.webgroups.iter().find(|g| g.name == name)
+    }
+    pub fn smartgroup(&self, name: &str) -> Option<&SmartGroup> {
+        self.smartgroups.iter().find(|g| g.name == name)
+    }
+}

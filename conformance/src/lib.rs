@@ -1,0 +1,2 @@
+//! Scenario runners; see `tests/`.
+#![forbid(unsafe_code)]
