@@ -1,1 +1,10 @@
+//! `sluice`: the data plane. One module per stage of the data path:
+//!
+//! ```text
+//! accept ─► classify ─► identify + policy ─► plugins ─► enforce / forward ─► audit
+//! ```
+//!
+//! `policy` is the engine every stage asks; `cli` holds the command line.
 
+pub mod cli;
+pub mod policy;

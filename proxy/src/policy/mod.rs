@@ -1,0 +1,473 @@
+//! The policy engine: (source, destination name and/or address, protocol,
+//! port) → [`Verdict`].
+//!
+//! [`Policy::compile`] turns a validated [`Config`] into an immutable
+//! snapshot — a WebGroup name index, a SmartGroup address index and the
+//! rules as bitsets — once. [`Policy::decide`] then runs on every flow and
+//! every DNS query without allocating or locking. The data plane holds the
+//! snapshot in an `Arc`; a new config compiles into a new snapshot.
+//!
+//! Order of evaluation:
+//! 1. the built-in guard: a destination in `cloud-metadata`, `link-local`,
+//!    `loopback`, the gateway's own addresses (and `private-ranges` when
+//!    `guard_private_ranges` is set), or a name in `cloud-metadata-names`,
+//!    is denied unless some rule names that built-in group in its `to`;
+//! 2. the user's rules, first match wins;
+//! 3. the policy default.
+//!
+//! In watch mode (or for a rule with `watch: true`) a deny is *watched*:
+//! recorded as "would deny" and let through.
+
+mod cidrs;
+mod domains;
+mod explain;
+mod sets;
+
+use std::net::IpAddr;
+
+use sluice_api::builtin;
+use sluice_api::config::selected_workloads;
+use sluice_api::reason::ReasonCode;
+use sluice_api::{Action, Config, DomainName, Mode, PortRange, Protocol};
+
+pub use cidrs::CidrIndex;
+pub use domains::{DomainIndex, NameHits};
+pub use explain::{Explanation, Step};
+use sets::{BitSet, SetArena, SetId};
+
+/// What the policy is asked about one flow or query.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowQuery<'a> {
+    pub src: IpAddr,
+    /// SNI, Host, CONNECT target or DNS query name, canonical.
+    pub name: Option<&'a DomainName>,
+    /// Destination address when known (transparent mode, resolved name).
+    pub dst: Option<IpAddr>,
+    pub protocol: Protocol,
+    /// Destination port; not consulted for `dns` queries, which name no port.
+    pub port: u16,
+}
+
+/// Whether a deny is carried out or only recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Enforcement {
+    Enforced,
+    Watched,
+}
+
+impl Enforcement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforced => "enforced",
+            Self::Watched => "watched",
+        }
+    }
+}
+
+/// Which part of the policy decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecidedBy {
+    /// Index into `Config::policy.rules`.
+    Rule(u32),
+    Default,
+    BuiltinGuard,
+}
+
+/// The destination group that made a rule (or the guard) match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DestMatch {
+    WebGroup(u32),
+    SmartGroup(u32),
+}
+
+/// A decision. `Copy`, no heap: names are looked up through the [`Policy`]
+/// that produced it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Verdict {
+    pub action: Action,
+    pub decided_by: DecidedBy,
+    pub reason: ReasonCode,
+    pub enforcement: Enforcement,
+    /// The source SmartGroup the deciding rule matched on (`None` when the
+    /// rule takes any source, or for the default).
+    pub source_group: Option<u32>,
+    pub dest: Option<DestMatch>,
+}
+
+impl Verdict {
+    /// Whether the flow must be stopped: a deny that is enforced.
+    pub fn blocks(&self) -> bool {
+        self.action == Action::Deny && self.enforcement == Enforcement::Enforced
+    }
+    /// A deny only recorded (watch mode).
+    pub fn would_deny(&self) -> bool {
+        self.action == Action::Deny && self.enforcement == Enforcement::Watched
+    }
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    name: String,
+    from_any: bool,
+    from: BitSet,
+    to_any: bool,
+    to_web: BitSet,
+    to_smart: BitSet,
+    /// Bit per `Protocol`.
+    protocols: u8,
+    ports: Box<[PortRange]>,
+    action: Action,
+    watch: bool,
+    /// An allow rule for tls/http to WebGroups also allows resolving them.
+    implies_dns: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Guard {
+    group: u32,
+    reason: ReasonCode,
+    /// Some rule names the group in its `to`: the user decides.
+    lifted: bool,
+}
+
+/// A compiled, immutable policy snapshot.
+#[derive(Debug)]
+pub struct Policy {
+    mode: Mode,
+    default: Action,
+    rules: Vec<CompiledRule>,
+    web_names: Vec<String>,
+    smart_names: Vec<String>,
+    sets: SetArena,
+    domains: DomainIndex,
+    cidrs: CidrIndex,
+    guards: Vec<Guard>,
+    metadata_names: Option<Guard>,
+    any_group: Option<u32>,
+}
+
+/// Transitive include closure, inverted: `containers[g]` = `g` and every
+/// group that includes `g` directly or indirectly.
+fn containers(includes: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    let n = includes.len();
+    let mut out: Vec<Vec<u32>> = (0..n as u32).map(|g| vec![g]).collect();
+    for h in 0..n {
+        let mut seen = vec![false; n];
+        let mut stack: Vec<u32> = includes[h].clone();
+        while let Some(m) = stack.pop() {
+            let Some(slot) = seen.get_mut(m as usize) else { continue };
+            if *slot {
+                continue;
+            }
+            *slot = true;
+            if m as usize != h {
+                out[m as usize].push(h as u32);
+            }
+            stack.extend(includes.get(m as usize).into_iter().flatten().copied());
+        }
+    }
+    out
+}
+
+impl Policy {
+    /// Builds the snapshot. The config has been validated, so every group a
+    /// rule names exists.
+    pub fn compile(config: &Config) -> Self {
+        let web_names: Vec<String> = config.webgroups.iter().map(|g| g.name.clone()).collect();
+        let smart_names: Vec<String> = config.smartgroups.iter().map(|g| g.name.clone()).collect();
+        let web_id = |n: &str| web_names.iter().position(|x| x == n).map(|i| i as u32);
+        let smart_id = |n: &str| smart_names.iter().position(|x| x == n).map(|i| i as u32);
+
+        let mut sets = SetArena::new();
+        let web_includes: Vec<Vec<u32>> =
+            config.webgroups.iter().map(|g| g.includes.iter().filter_map(|n| web_id(n)).collect()).collect();
+        let web_patterns: Vec<&[sluice_api::DomainPattern]> =
+            config.webgroups.iter().map(|g| g.patterns.as_slice()).collect();
+        let domains = DomainIndex::build(&web_patterns, &containers(&web_includes), &mut sets);
+
+        let smart_includes: Vec<Vec<u32>> =
+            config.smartgroups.iter().map(|g| g.includes.iter().filter_map(|n| smart_id(n)).collect()).collect();
+        let mut nets = Vec::new();
+        for (g, group) in config.smartgroups.iter().enumerate() {
+            nets.extend(group.cidrs.iter().map(|n| (*n, g as u32)));
+            for w in selected_workloads(group, &config.inventory) {
+                nets.extend(w.ips.iter().map(|ip| (ipnet::IpNet::from(*ip), g as u32)));
+            }
+        }
+        let cidrs = CidrIndex::build(&nets, &containers(&smart_includes), &mut sets);
+
+        let rules: Vec<CompiledRule> = config
+            .policy
+            .rules
+            .iter()
+            .map(|r| {
+                let mut from = BitSet::with_capacity(smart_names.len());
+                r.from.iter().filter_map(|n| smart_id(n)).for_each(|g| from.insert(g));
+                let mut to_web = BitSet::with_capacity(web_names.len());
+                r.to.webgroups.iter().filter_map(|n| web_id(n)).for_each(|g| to_web.insert(g));
+                let mut to_smart = BitSet::with_capacity(smart_names.len());
+                r.to.smartgroups.iter().filter_map(|n| smart_id(n)).for_each(|g| to_smart.insert(g));
+                let protocols = if r.protocols.is_empty() {
+                    Protocol::ALL.iter().fold(0, |m, p| m | p.bit())
+                } else {
+                    r.protocols.iter().fold(0, |m, p| m | p.bit())
+                };
+                let implies_dns = r.action == Action::Allow
+                    && !r.to.webgroups.is_empty()
+                    && protocols & (Protocol::Tls.bit() | Protocol::Http.bit()) != 0;
+                CompiledRule {
+                    name: r.name.clone(),
+                    from_any: r.from.is_empty() || r.from.iter().any(|g| g == builtin::ANY),
+                    from,
+                    to_any: r.to.is_any(),
+                    to_web,
+                    to_smart,
+                    protocols,
+                    ports: r.ports.clone().into_boxed_slice(),
+                    action: r.action,
+                    watch: r.watch,
+                    implies_dns,
+                }
+            })
+            .collect();
+
+        let named_smart = |g: &str| config.policy.rules.iter().any(|r| r.to.smartgroups.iter().any(|n| n == g));
+        let named_web = |g: &str| config.policy.rules.iter().any(|r| r.to.webgroups.iter().any(|n| n == g));
+        let mut guarded: Vec<(&str, ReasonCode)> = vec![
+            (builtin::CLOUD_METADATA, ReasonCode::GuardCloudMetadata),
+            (builtin::LINK_LOCAL, ReasonCode::GuardLinkLocal),
+            (builtin::LOOPBACK, ReasonCode::GuardLoopback),
+            (builtin::GATEWAY, ReasonCode::GuardGateway),
+        ];
+        if config.policy.guard_private_ranges {
+            guarded.push((builtin::PRIVATE_RANGES, ReasonCode::GuardPrivateRanges));
+        }
+        let guards = guarded
+            .into_iter()
+            .filter_map(|(name, reason)| smart_id(name).map(|group| Guard { group, reason, lifted: named_smart(name) }))
+            .collect();
+        let metadata_names = web_id(builtin::CLOUD_METADATA_NAMES).map(|group| Guard {
+            group,
+            reason: ReasonCode::GuardMetadataName,
+            lifted: named_web(builtin::CLOUD_METADATA_NAMES),
+        });
+        let any_group = smart_id(builtin::ANY);
+        sets.freeze();
+        Self {
+            mode: config.policy.mode,
+            default: config.policy.default,
+            rules,
+            web_names,
+            smart_names,
+            sets,
+            domains,
+            cidrs,
+            guards,
+            metadata_names,
+            any_group,
+        }
+    }
+
+    fn enforcement(&self, rule_watch: bool) -> Enforcement {
+        if self.mode == Mode::Watch || rule_watch { Enforcement::Watched } else { Enforcement::Enforced }
+    }
+
+    /// Decides one flow. Allocation-free.
+    pub fn decide(&self, q: &FlowQuery<'_>) -> Verdict {
+        let src_set = self.cidrs.lookup(q.src);
+        let dst_set = q.dst.map(|ip| self.cidrs.lookup(ip));
+        let hits = q.name.map(|n| self.domains.lookup(n));
+        self.decide_with(q, src_set, dst_set, hits.as_ref()).0
+    }
+
+    /// The decision plus how far evaluation went: the guard that fired or
+    /// the number of rules tried. Shared by `decide` and `explain`.
+    fn decide_with(
+        &self,
+        q: &FlowQuery<'_>,
+        src_set: SetId,
+        dst_set: Option<SetId>,
+        hits: Option<&NameHits>,
+    ) -> (Verdict, usize) {
+        if let Some(v) = self.guard(dst_set, hits) {
+            return (v, 0);
+        }
+        let src_groups = self.sets.get(src_set);
+        for (i, r) in self.rules.iter().enumerate() {
+            if let Some((source_group, dest)) = self.rule_matches(r, q, src_groups, dst_set, hits) {
+                let reason = match r.action {
+                    Action::Allow => ReasonCode::AllowedByRule,
+                    Action::Deny => ReasonCode::DeniedByRule,
+                };
+                let v = Verdict {
+                    action: r.action,
+                    decided_by: DecidedBy::Rule(i as u32),
+                    reason,
+                    enforcement: self.enforcement(r.watch),
+                    source_group,
+                    dest,
+                };
+                return (v, i + 1);
+            }
+        }
+        let reason = match self.default {
+            Action::Allow => ReasonCode::DefaultAllow,
+            Action::Deny => ReasonCode::DefaultDeny,
+        };
+        let v = Verdict {
+            action: self.default,
+            decided_by: DecidedBy::Default,
+            reason,
+            enforcement: self.enforcement(false),
+            source_group: None,
+            dest: None,
+        };
+        (v, self.rules.len())
+    }
+
+    fn guard(&self, dst_set: Option<SetId>, hits: Option<&NameHits>) -> Option<Verdict> {
+        let deny = |reason, dest| Verdict {
+            action: Action::Deny,
+            decided_by: DecidedBy::BuiltinGuard,
+            reason,
+            enforcement: self.enforcement(false),
+            source_group: None,
+            dest: Some(dest),
+        };
+        if let Some(set) = dst_set {
+            let groups = self.sets.get(set);
+            // Naming a guarded group lifts the guard for its addresses even
+            // when a wider guarded group also holds them (169.254.169.254 is
+            // link-local too).
+            let lifted = self.guards.iter().any(|g| g.lifted && groups.contains(&g.group));
+            for g in self.guards.iter().filter(|_| !lifted) {
+                if !g.lifted && groups.contains(&g.group) {
+                    return Some(deny(g.reason, DestMatch::SmartGroup(g.group)));
+                }
+            }
+        }
+        if let (Some(g), Some(hits)) = (self.metadata_names, hits) {
+            if !g.lifted && hits.iter().any(|s| self.sets.get(s).contains(&g.group)) {
+                return Some(deny(g.reason, DestMatch::WebGroup(g.group)));
+            }
+        }
+        None
+    }
+
+    /// `Some((matched source group, matched destination group))` when the
+    /// rule applies.
+    #[inline]
+    fn rule_matches(
+        &self,
+        r: &CompiledRule,
+        q: &FlowQuery<'_>,
+        src_groups: &[u32],
+        dst_set: Option<SetId>,
+        hits: Option<&NameHits>,
+    ) -> Option<(Option<u32>, Option<DestMatch>)> {
+        let proto_ok = r.protocols & q.protocol.bit() != 0;
+        let implied_dns = !proto_ok && q.protocol == Protocol::Dns && r.implies_dns;
+        if !proto_ok && !implied_dns {
+            return None;
+        }
+        if q.protocol != Protocol::Dns && !r.ports.is_empty() && !r.ports.iter().any(|p| p.contains(q.port)) {
+            return None;
+        }
+        let source_group = if r.from_any {
+            None
+        } else {
+            Some(r.from.first_common(src_groups)?)
+        };
+        if r.to_any && !implied_dns {
+            return Some((source_group, None));
+        }
+        if let Some(hits) = hits {
+            for s in hits.iter() {
+                if let Some(g) = r.to_web.first_common(self.sets.get(s)) {
+                    return Some((source_group, Some(DestMatch::WebGroup(g))));
+                }
+            }
+        }
+        if implied_dns {
+            return None;
+        }
+        if let Some(set) = dst_set {
+            if let Some(g) = r.to_smart.first_common(self.sets.get(set)) {
+                return Some((source_group, Some(DestMatch::SmartGroup(g))));
+            }
+        }
+        None
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn default_action(&self) -> Action {
+        self.default
+    }
+
+    /// Name of the rule, `default` or `builtin-guard`.
+    pub fn decided_by_name(&self, d: DecidedBy) -> &str {
+        match d {
+            DecidedBy::Rule(i) => self.rules.get(i as usize).map_or("?", |r| r.name.as_str()),
+            DecidedBy::Default => "default",
+            DecidedBy::BuiltinGuard => "builtin-guard",
+        }
+    }
+
+    pub fn webgroup_name(&self, id: u32) -> &str {
+        self.web_names.get(id as usize).map_or("?", String::as_str)
+    }
+
+    pub fn smartgroup_name(&self, id: u32) -> &str {
+        self.smart_names.get(id as usize).map_or("?", String::as_str)
+    }
+
+    pub fn dest_name(&self, d: DestMatch) -> &str {
+        match d {
+            DestMatch::WebGroup(g) => self.webgroup_name(g),
+            DestMatch::SmartGroup(g) => self.smartgroup_name(g),
+        }
+    }
+
+    /// SmartGroups holding `ip`, except the catch-all `any` (for audit records).
+    pub fn smartgroups_of(&self, ip: IpAddr) -> Vec<&str> {
+        let set = self.cidrs.lookup(ip);
+        self.sets
+            .get(set)
+            .iter()
+            .filter(|g| Some(**g) != self.any_group)
+            .map(|g| self.smartgroup_name(*g))
+            .collect()
+    }
+
+    /// WebGroups `name` belongs to.
+    pub fn webgroups_of(&self, name: &DomainName) -> Vec<&str> {
+        let hits = self.domains.lookup(name);
+        let mut ids: Vec<u32> = hits.iter().flat_map(|s| self.sets.get(s).iter().copied()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter().map(|g| self.webgroup_name(g)).collect()
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn pattern_count(&self) -> usize {
+        self.domains.pattern_count()
+    }
+
+    pub fn cidr_count(&self) -> usize {
+        self.cidrs.cidr_count()
+    }
+
+    /// Approximate heap held by the indexes.
+    pub fn heap_bytes(&self) -> usize {
+        self.domains.heap_bytes() + self.cidrs.heap_bytes() + self.sets.heap_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,61 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+use super::*;
+
+fn policy(yaml: &str) -> (Config, Policy) {
+    let cfg = sluice_api::config::load_str(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let p = Policy::compile(&cfg);
+    (cfg, p)
+}
+
+fn name(s: &str) -> DomainName {
+    DomainName::parse(s).unwrap()
+}
+
+#[test]
+fn first_match_then_default() {
+    let (_, p) = policy(
+        r#"
+policy:
+  mode: enforce
+  rules:
+    - name: deny-chat
+      to: {webgroups: [chat]}
+      action: deny
+    - name: allow-openai
+      to: {webgroups: [openai]}
+      protocols: [tls]
+      ports: [443]
+      action: allow
+webgroups:
+  - name: openai
+    domains: ["*.openai.com", openai.com]
+  - name: chat
+    domains: [chat.openai.com]
+"#,
+    );
+    let q = |n: &str, port| FlowQuery { src: "10.0.0.1".parse().unwrap(), name: Some(Box::leak(Box::new(name(n)))), dst: None, protocol: Protocol::Tls, port };
+    let v = p.decide(&q("api.openai.com", 443));
+    assert_eq!((v.action, v.reason), (Action::Allow, ReasonCode::AllowedByRule));
+    assert_eq!(p.decided_by_name(v.decided_by), "allow-openai");
+    let v = p.decide(&q("chat.openai.com", 443));
+    assert_eq!((v.action, p.decided_by_name(v.decided_by)), (Action::Deny, "deny-chat"));
+    let v = p.decide(&q("api.openai.com", 8443));
+    assert_eq!((v.action, v.reason), (Action::Deny, ReasonCode::DefaultDeny));
+    assert!(v.blocks());
+}
+
+#[test]
+fn guard_and_lifting() {
+    let (_, p) = policy("policy: {mode: enforce, default: allow}\n");
+    let q = FlowQuery { src: "10.0.0.1".parse().unwrap(), name: None, dst: Some("169.254.169.254".parse().unwrap()), protocol: Protocol::Tcp, port: 80 };
+    let v = p.decide(&q);
+    assert_eq!((v.action, v.reason, v.decided_by), (Action::Deny, ReasonCode::GuardCloudMetadata, DecidedBy::BuiltinGuard));
+    let mapped = FlowQuery { dst: Some("::ffff:127.0.0.1".parse().unwrap()), ..q };
+    assert_eq!(p.decide(&mapped).reason, ReasonCode::GuardLoopback);
+    let (_, p) = policy(
+        "policy:\n  mode: enforce\n  rules:\n    - {name: imds, to: {smartgroups: [cloud-metadata]}, action: allow}\n",
+    );
+    let v = p.decide(&q);
+    assert_eq!((v.action, p.decided_by_name(v.decided_by)), (Action::Allow, "imds"));
+}
