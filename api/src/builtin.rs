@@ -52,8 +52,16 @@ const SMARTGROUPS: &[(&str, &str, &str)] = &[
         "Cloud instance-metadata service addresses",
         include_str!("../data/smartgroups/cloud-metadata.txt"),
     ),
-    (LINK_LOCAL, "Link-local addresses", include_str!("../data/smartgroups/link-local.txt")),
-    (LOOPBACK, "Loopback and unspecified addresses", include_str!("../data/smartgroups/loopback.txt")),
+    (
+        LINK_LOCAL,
+        "Link-local addresses",
+        include_str!("../data/smartgroups/link-local.txt"),
+    ),
+    (
+        LOOPBACK,
+        "Loopback and unspecified addresses",
+        include_str!("../data/smartgroups/loopback.txt"),
+    ),
     (
         PRIVATE_RANGES,
         "RFC 1918, shared address space and IPv6 unique-local ranges",
@@ -115,13 +123,21 @@ pub fn smartgroups(gateway: &[IpNet]) -> Result<Vec<SmartGroup>, BuiltinError> {
         .map(|&(name, description, text)| {
             let cidrs = entries(text)
                 .map(|(line, c)| {
-                    parse_cidr(c).map_err(|e| BuiltinError { group: name, line, message: e.to_string() })
+                    parse_cidr(c).map_err(|e| BuiltinError {
+                        group: name,
+                        line,
+                        message: e.to_string(),
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(builtin_smartgroup(name, description, cidrs))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    groups.push(builtin_smartgroup(GATEWAY, "This gateway's own addresses", gateway.to_vec()));
+    groups.push(builtin_smartgroup(
+        GATEWAY,
+        "This gateway's own addresses",
+        gateway.to_vec(),
+    ));
     Ok(groups)
 }
 

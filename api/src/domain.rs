@@ -94,12 +94,16 @@ impl DomainPattern {
         }
         if let Some(rest) = trimmed.strip_prefix("*.") {
             if rest.contains('*') {
-                return Err(DomainError::MisplacedWildcard { pattern: trimmed.to_owned() });
+                return Err(DomainError::MisplacedWildcard {
+                    pattern: trimmed.to_owned(),
+                });
             }
             return DomainName::parse(rest).map(Self::Subdomains);
         }
         if trimmed.contains('*') {
-            return Err(DomainError::MisplacedWildcard { pattern: trimmed.to_owned() });
+            return Err(DomainError::MisplacedWildcard {
+                pattern: trimmed.to_owned(),
+            });
         }
         DomainName::parse(trimmed).map(Self::Exact)
     }
@@ -113,9 +117,7 @@ impl DomainPattern {
             Self::Subdomains(suffix) => {
                 let n = name.as_str();
                 let s = suffix.as_str();
-                n.len() > s.len() + 1
-                    && n.ends_with(s)
-                    && n.as_bytes()[n.len() - s.len() - 1] == b'.'
+                n.len() > s.len() + 1 && n.ends_with(s) && n.as_bytes()[n.len() - s.len() - 1] == b'.'
             }
         }
     }
@@ -144,7 +146,8 @@ impl fmt::Display for DomainPattern {
 }
 
 fn has_ace_label(name: &str) -> bool {
-    name.split('.').any(|l| l.len() >= 4 && l[..4].eq_ignore_ascii_case("xn--"))
+    name.split('.')
+        .any(|l| l.len() >= 4 && l[..4].eq_ignore_ascii_case("xn--"))
 }
 
 fn to_a_labels(name: &str) -> Result<String, DomainError> {
@@ -170,10 +173,14 @@ fn check_labels(ascii: &str) -> Result<(), DomainError> {
             return Err(DomainError::EmptyLabel);
         }
         if label.len() > MAX_LABEL_LEN {
-            return Err(DomainError::LabelTooLong { label: label.to_owned(), len: label.len() });
+            return Err(DomainError::LabelTooLong {
+                label: label.to_owned(),
+                len: label.len(),
+            });
         }
-        if let Some(ch) =
-            label.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        if let Some(ch) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
         {
             return Err(DomainError::InvalidChar { ch });
         }
@@ -204,17 +211,32 @@ mod tests {
         assert_eq!(DomainName::parse("a..b"), Err(DomainError::EmptyLabel));
         assert_eq!(DomainName::parse(".a.b"), Err(DomainError::EmptyLabel));
         assert_eq!(DomainName::parse("a.b.."), Err(DomainError::EmptyLabel));
-        assert!(matches!(DomainName::parse(&"a".repeat(64)), Err(DomainError::LabelTooLong { .. })));
+        assert!(matches!(
+            DomainName::parse(&"a".repeat(64)),
+            Err(DomainError::LabelTooLong { .. })
+        ));
         let long = ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(63)].join(".");
-        assert!(matches!(DomainName::parse(&long), Err(DomainError::NameTooLong { len: 255 })));
-        assert!(matches!(DomainName::parse("a b.com"), Err(DomainError::InvalidChar { ch: ' ' })));
-        assert!(matches!(DomainName::parse("xn--zz.com"), Err(DomainError::InvalidIdn { .. })));
+        assert!(matches!(
+            DomainName::parse(&long),
+            Err(DomainError::NameTooLong { len: 255 })
+        ));
+        assert!(matches!(
+            DomainName::parse("a b.com"),
+            Err(DomainError::InvalidChar { ch: ' ' })
+        ));
+        assert!(matches!(
+            DomainName::parse("xn--zz.com"),
+            Err(DomainError::InvalidIdn { .. })
+        ));
     }
 
     #[test]
     fn patterns() {
         assert_eq!(DomainPattern::parse("*"), Ok(DomainPattern::Any));
-        assert_eq!(DomainPattern::parse("*.OpenAI.com."), Ok(DomainPattern::Subdomains(name("openai.com"))));
+        assert_eq!(
+            DomainPattern::parse("*.OpenAI.com."),
+            Ok(DomainPattern::Subdomains(name("openai.com")))
+        );
         for bad in ["**", "api.*.com", "*api.com", "*.*.com", "a*", "*.", "*.a..b"] {
             assert!(DomainPattern::parse(bad).is_err(), "{bad} should be rejected");
         }

@@ -17,7 +17,12 @@ pub struct Warning {
 #[non_exhaustive]
 pub enum WarningKind {
     /// Every flow `rule` matches is matched first by `by`.
-    ShadowedRule { rule: String, by: String, by_line: u32, same_action: bool },
+    ShadowedRule {
+        rule: String,
+        by: String,
+        by_line: u32,
+        same_action: bool,
+    },
     /// A rule's `from` lists only groups with no members.
     EmptySource { rule: String, groups: Vec<String> },
     /// A SmartGroup with no CIDRs and no matching workloads.
@@ -36,11 +41,20 @@ impl fmt::Display for Warning {
             write!(f, "line {}: ", self.line)?;
         }
         match &self.kind {
-            WarningKind::ShadowedRule { rule, by, by_line, same_action } => write!(
+            WarningKind::ShadowedRule {
+                rule,
+                by,
+                by_line,
+                same_action,
+            } => write!(
                 f,
                 "rule `{rule}` can never match: rule `{by}` (line {by_line}) matches every flow it would{}; \
                  move it above `{by}` or delete it",
-                if *same_action { " with the same action" } else { ", with the opposite action" }
+                if *same_action {
+                    " with the same action"
+                } else {
+                    ", with the opposite action"
+                }
             ),
             WarningKind::EmptySource { rule, groups } => write!(
                 f,
@@ -48,15 +62,26 @@ impl fmt::Display for Warning {
                 groups.join(", ")
             ),
             WarningKind::EmptySmartGroup { group } => {
-                write!(f, "smartgroup `{group}` has no members (no CIDRs, and no workload matches it)")
+                write!(
+                    f,
+                    "smartgroup `{group}` has no members (no CIDRs, and no workload matches it)"
+                )
             }
             WarningKind::UnmatchedSelector { group, selector } => {
-                write!(f, "smartgroup `{group}`: selector {selector} matches no workload in the inventory")
+                write!(
+                    f,
+                    "smartgroup `{group}`: selector {selector} matches no workload in the inventory"
+                )
             }
             WarningKind::RedundantWatch { rule } => {
-                write!(f, "rule `{rule}` sets `watch: true` but the policy is already in watch mode")
+                write!(
+                    f,
+                    "rule `{rule}` sets `watch: true` but the policy is already in watch mode"
+                )
             }
-            WarningKind::UnusedGroup { group, kind } => write!(f, "{kind} `{group}` is not used by any rule"),
+            WarningKind::UnusedGroup { group, kind } => {
+                write!(f, "{kind} `{group}` is not used by any rule")
+            }
         }
     }
 }
@@ -71,29 +96,52 @@ pub fn lint(config: &Config) -> Vec<Warning> {
             !g.builtin
                 && g.cidrs.is_empty()
                 && g.includes.is_empty()
-                && selected_workloads(g, &config.inventory).iter().all(|w| w.ips.is_empty())
+                && selected_workloads(g, &config.inventory)
+                    .iter()
+                    .all(|w| w.ips.is_empty())
         })
         .map(|g| g.name.as_str())
         .collect();
     for g in &config.smartgroups {
         if empty.contains(g.name.as_str()) {
-            out.push(Warning { line: 0, kind: WarningKind::EmptySmartGroup { group: g.name.clone() } });
+            out.push(Warning {
+                line: 0,
+                kind: WarningKind::EmptySmartGroup { group: g.name.clone() },
+            });
         }
         for sel in unmatched_selectors(g, &config.inventory) {
             let selector = format!(
                 "{{{}}}",
-                sel.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+                sel.iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
-            out.push(Warning { line: 0, kind: WarningKind::UnmatchedSelector { group: g.name.clone(), selector } });
+            out.push(Warning {
+                line: 0,
+                kind: WarningKind::UnmatchedSelector {
+                    group: g.name.clone(),
+                    selector,
+                },
+            });
         }
     }
     let rules = &config.policy.rules;
     for (i, b) in rules.iter().enumerate() {
         if !b.from.is_empty() && b.from.iter().all(|g| empty.contains(g.as_str())) {
-            out.push(Warning { line: b.line, kind: WarningKind::EmptySource { rule: b.name.clone(), groups: b.from.clone() } });
+            out.push(Warning {
+                line: b.line,
+                kind: WarningKind::EmptySource {
+                    rule: b.name.clone(),
+                    groups: b.from.clone(),
+                },
+            });
         }
         if b.watch && config.policy.mode == Mode::Watch {
-            out.push(Warning { line: b.line, kind: WarningKind::RedundantWatch { rule: b.name.clone() } });
+            out.push(Warning {
+                line: b.line,
+                kind: WarningKind::RedundantWatch { rule: b.name.clone() },
+            });
         }
         if let Some(a) = rules[..i].iter().find(|a| covers(config, a, b)) {
             out.push(Warning {
@@ -107,23 +155,44 @@ pub fn lint(config: &Config) -> Vec<Warning> {
             });
         }
     }
-    let used_web: HashSet<&str> = rules.iter().flat_map(|r| r.to.webgroups.iter().map(String::as_str)).collect();
+    let used_web: HashSet<&str> = rules
+        .iter()
+        .flat_map(|r| r.to.webgroups.iter().map(String::as_str))
+        .collect();
     let used_smart: HashSet<&str> = rules
         .iter()
         .flat_map(|r| r.from.iter().chain(r.to.smartgroups.iter()).map(String::as_str))
         .collect();
-    let included_web: HashSet<&str> =
-        config.webgroups.iter().flat_map(|g| g.includes.iter().map(String::as_str)).collect();
-    let included_smart: HashSet<&str> =
-        config.smartgroups.iter().flat_map(|g| g.includes.iter().map(String::as_str)).collect();
+    let included_web: HashSet<&str> = config
+        .webgroups
+        .iter()
+        .flat_map(|g| g.includes.iter().map(String::as_str))
+        .collect();
+    let included_smart: HashSet<&str> = config
+        .smartgroups
+        .iter()
+        .flat_map(|g| g.includes.iter().map(String::as_str))
+        .collect();
     for g in config.webgroups.iter().filter(|g| !g.builtin) {
         if !used_web.contains(g.name.as_str()) && !included_web.contains(g.name.as_str()) {
-            out.push(Warning { line: 0, kind: WarningKind::UnusedGroup { group: g.name.clone(), kind: "webgroup" } });
+            out.push(Warning {
+                line: 0,
+                kind: WarningKind::UnusedGroup {
+                    group: g.name.clone(),
+                    kind: "webgroup",
+                },
+            });
         }
     }
     for g in config.smartgroups.iter().filter(|g| !g.builtin) {
         if !used_smart.contains(g.name.as_str()) && !included_smart.contains(g.name.as_str()) {
-            out.push(Warning { line: 0, kind: WarningKind::UnusedGroup { group: g.name.clone(), kind: "smartgroup" } });
+            out.push(Warning {
+                line: 0,
+                kind: WarningKind::UnusedGroup {
+                    group: g.name.clone(),
+                    kind: "smartgroup",
+                },
+            });
         }
     }
     out.sort_by_key(|w| w.line);
@@ -140,12 +209,16 @@ fn covers(config: &Config, a: &Rule, b: &Rule) -> bool {
     let from_ok = a.from.is_empty()
         || a.from.iter().any(|g| g == crate::builtin::ANY)
         || (!b.from.is_empty() && b.from.iter().all(|g| smart_closure(&a.from).contains(g)));
-    let proto_ok = a.protocols.is_empty() || (!b.protocols.is_empty() && b.protocols.iter().all(|p| a.protocols.contains(p)));
+    let proto_ok =
+        a.protocols.is_empty() || (!b.protocols.is_empty() && b.protocols.iter().all(|p| a.protocols.contains(p)));
     let ports_ok = a.ports.is_empty() || (!b.ports.is_empty() && b.ports.iter().all(|p| covered(*p, &a.ports)));
     let to_ok = a.to.is_any()
         || (!b.to.is_any()
             && b.to.webgroups.iter().all(|g| web_closure(&a.to.webgroups).contains(g))
-            && b.to.smartgroups.iter().all(|g| smart_closure(&a.to.smartgroups).contains(g)));
+            && b.to
+                .smartgroups
+                .iter()
+                .all(|g| smart_closure(&a.to.smartgroups).contains(g)));
     from_ok && proto_ok && ports_ok && to_ok
 }
 

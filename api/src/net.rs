@@ -20,7 +20,11 @@ pub enum CidrError {
     #[error("`{value}` is not an IP address or CIDR; write e.g. `10.0.0.0/8`, `10.1.2.3` or `fd00::/8`")]
     Syntax { value: String },
     #[error("`{value}` has host bits set below the /{prefix} prefix; did you mean `{suggestion}`?")]
-    HostBits { value: String, prefix: u8, suggestion: String },
+    HostBits {
+        value: String,
+        prefix: u8,
+        suggestion: String,
+    },
 }
 
 /// Parses `10.0.0.0/8`, `fd00::/8` or a bare address (a /32 or /128).
@@ -29,7 +33,8 @@ pub enum CidrError {
 pub fn parse_cidr(value: &str) -> Result<IpNet, CidrError> {
     let v = value.trim();
     let net = if v.contains('/') {
-        v.parse::<IpNet>().map_err(|_| CidrError::Syntax { value: v.to_owned() })?
+        v.parse::<IpNet>()
+            .map_err(|_| CidrError::Syntax { value: v.to_owned() })?
     } else {
         let ip: IpAddr = v.parse().map_err(|_| CidrError::Syntax { value: v.to_owned() })?;
         IpNet::from(ip)
@@ -66,7 +71,10 @@ mod tests {
     fn cidrs() {
         assert_eq!(parse_cidr("10.0.0.0/8").map(|n| n.to_string()), Ok("10.0.0.0/8".into()));
         assert_eq!(parse_cidr("10.1.2.3").map(|n| n.to_string()), Ok("10.1.2.3/32".into()));
-        assert_eq!(parse_cidr("::ffff:10.0.0.0/104").map(|n| n.to_string()), Ok("10.0.0.0/8".into()));
+        assert_eq!(
+            parse_cidr("::ffff:10.0.0.0/104").map(|n| n.to_string()),
+            Ok("10.0.0.0/8".into())
+        );
         assert!(matches!(parse_cidr("10.0.0.1/8"), Err(CidrError::HostBits { .. })));
         assert!(matches!(parse_cidr("10.0.0.0/33"), Err(CidrError::Syntax { .. })));
         assert!(matches!(parse_cidr("banana"), Err(CidrError::Syntax { .. })));

@@ -14,7 +14,11 @@ use sluice_api::{Config, DomainName, Protocol, lint};
 use crate::policy::{FlowQuery, Policy};
 
 #[derive(Debug, Parser)]
-#[command(name = "sluice", version, about = "Egress and east-west proxy with policy on SNI, Host and DNS names")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Egress and east-west proxy with policy on SNI, Host and DNS names"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -152,7 +156,10 @@ pub fn explain(args: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> 
         }
     };
     if name.is_none() && args.dst.is_none() {
-        let _ = writeln!(err, "give a destination: --sni NAME, --host NAME, --name NAME or --dst IP");
+        let _ = writeln!(
+            err,
+            "give a destination: --sni NAME, --host NAME, --name NAME or --dst IP"
+        );
         return 2;
     }
     let protocol = args.proto.unwrap_or(if args.sni.is_some() {
@@ -163,7 +170,13 @@ pub fn explain(args: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> 
         Protocol::Tcp
     });
     let policy = Policy::compile(&cfg);
-    let q = FlowQuery { src: args.src, name: name.as_ref(), dst: args.dst, protocol, port: args.port };
+    let q = FlowQuery {
+        src: args.src,
+        name: name.as_ref(),
+        dst: args.dst,
+        protocol,
+        port: args.port,
+    };
     let x = policy.explain(&q);
     if args.json {
         match serde_json::to_string_pretty(&x) {
@@ -190,14 +203,30 @@ pub fn explain(args: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> 
         x.reason
     );
     if x.enforcement == "watched" && x.action == "deny" {
-        let _ = writeln!(out, "  (watch mode: this flow would be denied; it is let through and recorded)");
+        let _ = writeln!(
+            out,
+            "  (watch mode: this flow would be denied; it is let through and recorded)"
+        );
     }
-    let _ = writeln!(out, "source {}: smartgroups [{}]", args.src, x.source_smartgroups.join(", "));
+    let _ = writeln!(
+        out,
+        "source {}: smartgroups [{}]",
+        args.src,
+        x.source_smartgroups.join(", ")
+    );
     if let Some(n) = &name {
-        let _ = writeln!(out, "destination name {n}: webgroups [{}]", x.destination_webgroups.join(", "));
+        let _ = writeln!(
+            out,
+            "destination name {n}: webgroups [{}]",
+            x.destination_webgroups.join(", ")
+        );
     }
     if let Some(ip) = args.dst {
-        let _ = writeln!(out, "destination address {ip}: smartgroups [{}]", x.destination_smartgroups.join(", "));
+        let _ = writeln!(
+            out,
+            "destination address {ip}: smartgroups [{}]",
+            x.destination_smartgroups.join(", ")
+        );
     }
     let _ = writeln!(out, "protocol {protocol}, port {}", args.port);
     let _ = writeln!(out, "chain:");

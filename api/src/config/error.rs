@@ -40,9 +40,17 @@ pub enum ConfigErrorKind {
     #[error("invalid YAML: {message}")]
     Syntax { message: String },
     #[error("unknown field `{field}`{}; expected one of: {}", did_you_mean(suggestion), expected.join(", "))]
-    UnknownField { field: String, expected: Vec<String>, suggestion: Option<String> },
+    UnknownField {
+        field: String,
+        expected: Vec<String>,
+        suggestion: Option<String>,
+    },
     #[error("unknown value `{value}`{}; expected one of: {}", did_you_mean(suggestion), expected.join(", "))]
-    UnknownValue { value: String, expected: Vec<String>, suggestion: Option<String> },
+    UnknownValue {
+        value: String,
+        expected: Vec<String>,
+        suggestion: Option<String>,
+    },
     #[error("missing field `{field}`; add it")]
     MissingField { field: String },
     #[error("{message}")]
@@ -59,13 +67,26 @@ pub enum ConfigErrorKind {
     PortOutOfRange { value: String },
     #[error("`{value}` is not a port or port range; write e.g. `443` or `8000-8100` (low-high)")]
     InvalidPortRange { value: String },
-    #[error("no {kind} named `{name}`{}; define it under `{kind}s:` or use a built-in one", did_you_mean(suggestion))]
-    UnknownGroup { kind: GroupKind, name: String, suggestion: Option<String> },
+    #[error(
+        "no {kind} named `{name}`{}; define it under `{kind}s:` or use a built-in one",
+        did_you_mean(suggestion)
+    )]
+    UnknownGroup {
+        kind: GroupKind,
+        name: String,
+        suggestion: Option<String>,
+    },
     #[error("no workload named `{name}` in `inventory`{}", did_you_mean(suggestion))]
     UnknownWorkload { name: String, suggestion: Option<String> },
     #[error("{kind} `{name}` is defined twice (first at line {first_line}); rename or merge one")]
-    DuplicateName { kind: NameKind, name: String, first_line: u32 },
-    #[error("`{name}` is not a valid name; use 1 to 63 letters, digits, `-`, `_` or `.`, starting with a letter or digit")]
+    DuplicateName {
+        kind: NameKind,
+        name: String,
+        first_line: u32,
+    },
+    #[error(
+        "`{name}` is not a valid name; use 1 to 63 letters, digits, `-`, `_` or `.`, starting with a letter or digit"
+    )]
     InvalidName { name: String },
     #[error("{kind} includes form a cycle: {}; remove one include", cycle.join(" -> "))]
     IncludeCycle { kind: GroupKind, cycle: Vec<String> },
@@ -74,7 +95,11 @@ pub enum ConfigErrorKind {
     #[error("`{value}` is not a sha256 digest; write 64 hexadecimal characters")]
     InvalidSha256 { value: String },
     #[error("the built-in {kind} `{name}` cannot be extended: {why}")]
-    BuiltinNotExtensible { kind: GroupKind, name: String, why: &'static str },
+    BuiltinNotExtensible {
+        kind: GroupKind,
+        name: String,
+        why: &'static str,
+    },
 }
 
 fn did_you_mean(s: &Option<String>) -> String {

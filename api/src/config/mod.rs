@@ -58,7 +58,11 @@ pub fn load_str(text: &str, source: &str) -> Result<Config, ConfigErrors> {
     } else {
         serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yaml_error(source, e)]))?
     };
-    Validator { file: source.to_owned(), errors: Vec::new() }.config(raw)
+    Validator {
+        file: source.to_owned(),
+        errors: Vec::new(),
+    }
+    .config(raw)
 }
 
 fn yaml_error(file: &str, e: serde_saphyr::Error) -> ConfigError {
@@ -74,12 +78,20 @@ fn yaml_error(file: &str, e: serde_saphyr::Error) -> ConfigError {
             suggestion: suggest(variant, expected.iter().copied()),
             expected: expected.iter().map(|s| (*s).to_owned()).collect(),
         },
-        serde_saphyr::Error::SerdeMissingField { field, .. } => {
-            ConfigErrorKind::MissingField { field: (*field).to_owned() }
-        }
-        other => ConfigErrorKind::Syntax { message: first_line(&other.to_string()) },
+        serde_saphyr::Error::SerdeMissingField { field, .. } => ConfigErrorKind::MissingField {
+            field: (*field).to_owned(),
+        },
+        other => ConfigErrorKind::Syntax {
+            message: first_line(&other.to_string()),
+        },
     };
-    ConfigError { file: file.to_owned(), line: loc.line() as u32, column: loc.column() as u32, path: String::new(), kind }
+    ConfigError {
+        file: file.to_owned(),
+        line: loc.line() as u32,
+        column: loc.column() as u32,
+        path: String::new(),
+        kind,
+    }
 }
 
 /// serde-saphyr renders a source snippet after the message; we print our own
@@ -93,7 +105,8 @@ fn valid_name(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= 63
         && b[0].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 struct Validator {
@@ -114,8 +127,12 @@ impl Validator {
 
     fn config(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
         let admin = match &raw.admin {
-            Some(a) => AdminConfig { address: self.socket(&a.address, "admin.address") },
-            None => AdminConfig { address: SocketAddr::from(([127, 0, 0, 1], 9901)) },
+            Some(a) => AdminConfig {
+                address: self.socket(&a.address, "admin.address"),
+            },
+            None => AdminConfig {
+                address: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            },
         };
         let audit = self.audit(raw.audit.as_ref());
         let listeners = self.listeners(&raw.listeners);
@@ -165,7 +182,11 @@ impl Validator {
         match v.value.trim().parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                self.err(v.referenced, path, ConfigErrorKind::InvalidSocketAddress { value: v.value.clone() });
+                self.err(
+                    v.referenced,
+                    path,
+                    ConfigErrorKind::InvalidSocketAddress { value: v.value.clone() },
+                );
                 SocketAddr::from(([0, 0, 0, 0], 0))
             }
         }
@@ -175,7 +196,11 @@ impl Validator {
         match v.value.trim().parse::<IpAddr>() {
             Ok(ip) => Some(canonical_ip(ip)),
             Err(_) => {
-                self.err(v.referenced, path, ConfigErrorKind::InvalidIp { value: v.value.clone() });
+                self.err(
+                    v.referenced,
+                    path,
+                    ConfigErrorKind::InvalidIp { value: v.value.clone() },
+                );
                 None
             }
         }
@@ -184,7 +209,13 @@ impl Validator {
     /// Checks a name's spelling and uniqueness; returns whether it is usable.
     fn name(&mut self, name: &S<String>, path: &str, kind: NameKind, seen: &mut HashMap<String, u32>) -> bool {
         if !valid_name(&name.value) {
-            self.err(name.referenced, path, ConfigErrorKind::InvalidName { name: name.value.clone() });
+            self.err(
+                name.referenced,
+                path,
+                ConfigErrorKind::InvalidName {
+                    name: name.value.clone(),
+                },
+            );
             return false;
         }
         if let Some(first_line) = seen.get(&name.value) {
@@ -192,7 +223,11 @@ impl Validator {
             self.err(
                 name.referenced,
                 path,
-                ConfigErrorKind::DuplicateName { kind, name: name.value.clone(), first_line },
+                ConfigErrorKind::DuplicateName {
+                    kind,
+                    name: name.value.clone(),
+                    first_line,
+                },
             );
             return false;
         }
@@ -202,7 +237,10 @@ impl Validator {
 
     fn audit(&mut self, raw: Option<&raw::RawAudit>) -> AuditConfig {
         let Some(a) = raw else {
-            return AuditConfig { destination: AuditDestination::Stdout, queue: DEFAULT_AUDIT_QUEUE };
+            return AuditConfig {
+                destination: AuditDestination::Stdout,
+                queue: DEFAULT_AUDIT_QUEUE,
+            };
         };
         let destination = match a.destination.value.trim() {
             "stdout" | "-" => AuditDestination::Stdout,
@@ -263,7 +301,11 @@ impl Validator {
                 bound.insert((address, false), l.name.value.clone());
             }
             if ok {
-                out.push(Listener { name: l.name.value.clone(), kind, address });
+                out.push(Listener {
+                    name: l.name.value.clone(),
+                    kind,
+                    address,
+                });
             }
         }
         out
@@ -283,7 +325,11 @@ impl Validator {
                 .filter_map(|(j, ip)| self.ip(ip, &format!("{path}.ips[{j}]")))
                 .collect();
             if ok {
-                out.push(Workload { name: w.name.value.clone(), ips, labels: w.labels.clone() });
+                out.push(Workload {
+                    name: w.name.value.clone(),
+                    ips,
+                    labels: w.labels.clone(),
+                });
             }
         }
         out
@@ -293,7 +339,11 @@ impl Validator {
         let mut groups = match builtin::webgroups() {
             Ok(g) => g,
             Err(e) => {
-                self.err(Location::UNKNOWN, "", ConfigErrorKind::InvalidValue { message: e.to_string() });
+                self.err(
+                    Location::UNKNOWN,
+                    "",
+                    ConfigErrorKind::InvalidValue { message: e.to_string() },
+                );
                 Vec::new()
             }
         };
@@ -310,7 +360,10 @@ impl Validator {
                     Err(source) => self.err(
                         d.referenced,
                         format!("{path}.domains[{j}]"),
-                        ConfigErrorKind::InvalidDomain { pattern: d.value.clone(), source },
+                        ConfigErrorKind::InvalidDomain {
+                            pattern: d.value.clone(),
+                            source,
+                        },
                     ),
                 }
             }
@@ -345,20 +398,37 @@ impl Validator {
                 self.err(
                     inc.referenced,
                     path,
-                    ConfigErrorKind::UnknownGroup { kind: GroupKind::WebGroup, name: inc.value.clone(), suggestion },
+                    ConfigErrorKind::UnknownGroup {
+                        kind: GroupKind::WebGroup,
+                        name: inc.value.clone(),
+                        suggestion,
+                    },
                 );
             }
         }
         let graph: Vec<(String, Vec<String>)> = groups.iter().map(|g| (g.name.clone(), g.includes.clone())).collect();
-        self.check_cycles(GroupKind::WebGroup, &graph, raw.iter().map(|g| (&g.value.name.value, g.referenced)));
+        self.check_cycles(
+            GroupKind::WebGroup,
+            &graph,
+            raw.iter().map(|g| (&g.value.name.value, g.referenced)),
+        );
         groups
     }
 
-    fn smartgroups(&mut self, raw: &[S<raw::RawSmartGroup>], gateway: &[IpNet], inventory: &[Workload]) -> Vec<SmartGroup> {
+    fn smartgroups(
+        &mut self,
+        raw: &[S<raw::RawSmartGroup>],
+        gateway: &[IpNet],
+        inventory: &[Workload],
+    ) -> Vec<SmartGroup> {
         let mut groups = match builtin::smartgroups(gateway) {
             Ok(g) => g,
             Err(e) => {
-                self.err(Location::UNKNOWN, "", ConfigErrorKind::InvalidValue { message: e.to_string() });
+                self.err(
+                    Location::UNKNOWN,
+                    "",
+                    ConfigErrorKind::InvalidValue { message: e.to_string() },
+                );
                 Vec::new()
             }
         };
@@ -373,12 +443,20 @@ impl Validator {
             for (j, c) in g.cidrs.iter().enumerate() {
                 match parse_cidr(&c.value) {
                     Ok(n) => cidrs.push(n),
-                    Err(e) => self.err(c.referenced, format!("{path}.cidrs[{j}]"), ConfigErrorKind::InvalidCidr(e)),
+                    Err(e) => self.err(
+                        c.referenced,
+                        format!("{path}.cidrs[{j}]"),
+                        ConfigErrorKind::InvalidCidr(e),
+                    ),
                 }
             }
             for (j, s) in g.selectors.iter().enumerate() {
                 if s.value.is_empty() {
-                    self.err(s.referenced, format!("{path}.selectors[{j}]"), ConfigErrorKind::EmptySelector);
+                    self.err(
+                        s.referenced,
+                        format!("{path}.selectors[{j}]"),
+                        ConfigErrorKind::EmptySelector,
+                    );
                 }
             }
             for (j, w) in g.workloads.iter().enumerate() {
@@ -387,7 +465,10 @@ impl Validator {
                     self.err(
                         w.referenced,
                         format!("{path}.workloads[{j}]"),
-                        ConfigErrorKind::UnknownWorkload { name: w.value.clone(), suggestion },
+                        ConfigErrorKind::UnknownWorkload {
+                            name: w.value.clone(),
+                            suggestion,
+                        },
                     );
                 }
             }
@@ -435,12 +516,20 @@ impl Validator {
                 self.err(
                     inc.referenced,
                     path,
-                    ConfigErrorKind::UnknownGroup { kind: GroupKind::SmartGroup, name: inc.value.clone(), suggestion },
+                    ConfigErrorKind::UnknownGroup {
+                        kind: GroupKind::SmartGroup,
+                        name: inc.value.clone(),
+                        suggestion,
+                    },
                 );
             }
         }
         let graph: Vec<(String, Vec<String>)> = groups.iter().map(|g| (g.name.clone(), g.includes.clone())).collect();
-        self.check_cycles(GroupKind::SmartGroup, &graph, raw.iter().map(|g| (&g.value.name.value, g.referenced)));
+        self.check_cycles(
+            GroupKind::SmartGroup,
+            &graph,
+            raw.iter().map(|g| (&g.value.name.value, g.referenced)),
+        );
         groups
     }
 
@@ -467,7 +556,9 @@ impl Validator {
                 if *next < edges.len() {
                     let target = edges[*next].as_str();
                     *next += 1;
-                    let Some(&t) = index.get(target) else { continue };
+                    let Some(&t) = index.get(target) else {
+                        continue;
+                    };
                     match state[t] {
                         0 => {
                             state[t] = 1;
@@ -475,7 +566,8 @@ impl Validator {
                         }
                         1 => {
                             let from = stack.iter().position(|(n, _)| *n == t).unwrap_or(0);
-                            let mut cycle: Vec<String> = stack[from..].iter().map(|(n, _)| graph[*n].0.clone()).collect();
+                            let mut cycle: Vec<String> =
+                                stack[from..].iter().map(|(n, _)| graph[*n].0.clone()).collect();
                             cycle.push(graph[t].0.clone());
                             let mut key = cycle[..cycle.len() - 1].to_vec();
                             key.sort();
@@ -499,13 +591,26 @@ impl Validator {
             return Some(r.value.clone());
         }
         let suggestion = suggest(&r.value, names.iter().copied());
-        self.err(r.referenced, path, ConfigErrorKind::UnknownGroup { kind, name: r.value.clone(), suggestion });
+        self.err(
+            r.referenced,
+            path,
+            ConfigErrorKind::UnknownGroup {
+                kind,
+                name: r.value.clone(),
+                suggestion,
+            },
+        );
         None
     }
 
     fn policy(&mut self, raw: Option<&raw::RawPolicy>, web: &[WebGroup], smart: &[SmartGroup]) -> PolicyConfig {
         let Some(p) = raw else {
-            return PolicyConfig { mode: Mode::Enforce, default: Action::Deny, guard_private_ranges: false, rules: Vec::new() };
+            return PolicyConfig {
+                mode: Mode::Enforce,
+                default: Action::Deny,
+                guard_private_ranges: false,
+                rules: Vec::new(),
+            };
         };
         let web_names: Vec<&str> = web.iter().map(|g| g.name.as_str()).collect();
         let smart_names: Vec<&str> = smart.iter().map(|g| g.name.as_str()).collect();
@@ -520,7 +625,9 @@ impl Validator {
                 .from
                 .iter()
                 .enumerate()
-                .filter_map(|(j, g)| self.group_ref(g, format!("{path}.from[{j}]"), GroupKind::SmartGroup, &smart_names))
+                .filter_map(|(j, g)| {
+                    self.group_ref(g, format!("{path}.from[{j}]"), GroupKind::SmartGroup, &smart_names)
+                })
                 .collect();
             let mut to = Destination::default();
             if let Some(d) = &r.to {
@@ -537,7 +644,12 @@ impl Validator {
                     .iter()
                     .enumerate()
                     .filter_map(|(j, g)| {
-                        self.group_ref(g, format!("{path}.to.smartgroups[{j}]"), GroupKind::SmartGroup, &smart_names)
+                        self.group_ref(
+                            g,
+                            format!("{path}.to.smartgroups[{j}]"),
+                            GroupKind::SmartGroup,
+                            &smart_names,
+                        )
                     })
                     .collect();
             }
@@ -575,9 +687,9 @@ impl Validator {
         let one = |v: i128| u16::try_from(v).ok().filter(|p| *p != 0);
         let parse = |s: &str| s.trim().parse::<i128>().ok();
         let result = match &p.value {
-            RawPort::Number(n) => one(*n).map(|v| PortRange { lo: v, hi: v }).ok_or_else(|| {
-                ConfigErrorKind::PortOutOfRange { value: n.to_string() }
-            }),
+            RawPort::Number(n) => one(*n)
+                .map(|v| PortRange { lo: v, hi: v })
+                .ok_or_else(|| ConfigErrorKind::PortOutOfRange { value: n.to_string() }),
             RawPort::Text(t) => match t.split_once('-') {
                 None => match parse(t) {
                     Some(n) => one(n)
@@ -616,7 +728,9 @@ impl Validator {
                 self.err(
                     p.path.referenced,
                     format!("{path}.path"),
-                    ConfigErrorKind::InvalidValue { message: "plugin path is empty; give the .wasm file".into() },
+                    ConfigErrorKind::InvalidValue {
+                        message: "plugin path is empty; give the .wasm file".into(),
+                    },
                 );
             }
             let sha256 = p.sha256.as_ref().and_then(|s| {
@@ -624,7 +738,11 @@ impl Validator {
                 if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
                     Some(v)
                 } else {
-                    self.err(s.referenced, format!("{path}.sha256"), ConfigErrorKind::InvalidSha256 { value: s.value.clone() });
+                    self.err(
+                        s.referenced,
+                        format!("{path}.sha256"),
+                        ConfigErrorKind::InvalidSha256 { value: s.value.clone() },
+                    );
                     None
                 }
             });
@@ -648,7 +766,10 @@ pub fn selected_workloads<'a>(group: &SmartGroup, inventory: &'a [Workload]) -> 
         .iter()
         .filter(|w| {
             group.workloads.contains(&w.name)
-                || group.selectors.iter().any(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                || group
+                    .selectors
+                    .iter()
+                    .any(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
         })
         .collect()
 }
@@ -658,7 +779,11 @@ pub fn unmatched_selectors(group: &SmartGroup, inventory: &[Workload]) -> Vec<BT
     group
         .selectors
         .iter()
-        .filter(|sel| !inventory.iter().any(|w| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .filter(|sel| {
+            !inventory
+                .iter()
+                .any(|w| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        })
         .cloned()
         .collect()
 }

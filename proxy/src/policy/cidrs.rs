@@ -22,7 +22,11 @@ struct Intervals<T> {
 impl<T: Ord + Copy> Intervals<T> {
     fn lookup(&self, ip: T) -> SetId {
         let i = self.starts.partition_point(|s| *s <= ip);
-        if i == 0 { EMPTY_SET } else { self.sets.get(i - 1).copied().unwrap_or(EMPTY_SET) }
+        if i == 0 {
+            EMPTY_SET
+        } else {
+            self.sets.get(i - 1).copied().unwrap_or(EMPTY_SET)
+        }
     }
 }
 
@@ -48,7 +52,10 @@ impl CidrIndex {
         let v4i = sweep(&v4, u32::MAX as u128, containers, sets);
         let v6i = sweep(&v6, u128::MAX, containers, sets);
         Self {
-            v4: Intervals { starts: v4i.starts.iter().map(|s| *s as u32).collect(), sets: v4i.sets },
+            v4: Intervals {
+                starts: v4i.starts.iter().map(|s| *s as u32).collect(),
+                sets: v4i.sets,
+            },
             v6: v6i,
             cidrs: nets.len(),
         }
@@ -67,7 +74,10 @@ impl CidrIndex {
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.v4.starts.capacity() * 4 + self.v4.sets.capacity() * 4 + self.v6.starts.capacity() * 16 + self.v6.sets.capacity() * 4
+        self.v4.starts.capacity() * 4
+            + self.v4.sets.capacity() * 4
+            + self.v6.starts.capacity() * 16
+            + self.v6.sets.capacity() * 4
     }
 }
 
@@ -86,7 +96,10 @@ fn sweep(ranges: &[(u128, u128, u32)], top: u128, containers: &[Vec<u32>], sets:
     }
     events.sort_unstable_by_key(|e| e.0);
     let mut open: HashMap<u32, u32> = HashMap::new();
-    let mut out = Intervals { starts: Vec::new(), sets: Vec::new() };
+    let mut out = Intervals {
+        starts: Vec::new(),
+        sets: Vec::new(),
+    };
     let mut i = 0;
     while i < events.len() {
         let point = events[i].0;
@@ -103,8 +116,10 @@ fn sweep(ranges: &[(u128, u128, u32)], top: u128, containers: &[Vec<u32>], sets:
             }
             i += 1;
         }
-        let mut members: Vec<u32> =
-            open.keys().flat_map(|g| containers.get(*g as usize).into_iter().flatten().copied()).collect();
+        let mut members: Vec<u32> = open
+            .keys()
+            .flat_map(|g| containers.get(*g as usize).into_iter().flatten().copied())
+            .collect();
         members.sort_unstable();
         members.dedup();
         let set = sets.intern(members);

@@ -84,7 +84,10 @@ impl DomainIndex {
         }
         let mut arena = Vec::new();
         let expand = |gs: &mut Vec<u32>| {
-            let mut out: Vec<u32> = gs.iter().flat_map(|g| containers.get(*g as usize).into_iter().flatten().copied()).collect();
+            let mut out: Vec<u32> = gs
+                .iter()
+                .flat_map(|g| containers.get(*g as usize).into_iter().flatten().copied())
+                .collect();
             out.sort_unstable();
             out.dedup();
             out
@@ -92,7 +95,14 @@ impl DomainIndex {
         let exact = Self::table(&mut exact_keys, &mut arena, sets, &hasher, &expand);
         let suffix = Self::table(&mut suffix_keys, &mut arena, sets, &hasher, &expand);
         let any = sets.intern(expand(&mut any));
-        Self { arena: arena.into_boxed_slice(), exact, suffix, any, hasher, patterns }
+        Self {
+            arena: arena.into_boxed_slice(),
+            exact,
+            suffix,
+            any,
+            hasher,
+            patterns,
+        }
     }
 
     fn table(
@@ -115,12 +125,20 @@ impl DomainIndex {
                 i += 1;
             }
             let set = sets.intern(expand(&mut groups));
-            let entry = Entry { offset: arena.len() as u32, len: name.len() as u8, set };
+            let entry = Entry {
+                offset: arena.len() as u32,
+                len: name.len() as u8,
+                set,
+            };
             arena.extend_from_slice(name.as_bytes());
             let h = hasher.hash_one(name.as_bytes());
             let bytes: &[u8] = arena;
             table.insert_unique(h, entry, |e| {
-                hasher.hash_one(bytes.get(e.offset as usize..e.offset as usize + e.len as usize).unwrap_or(&[]))
+                hasher.hash_one(
+                    bytes
+                        .get(e.offset as usize..e.offset as usize + e.len as usize)
+                        .unwrap_or(&[]),
+                )
             });
         }
         Table { table }
@@ -128,20 +146,22 @@ impl DomainIndex {
 
     fn find(&self, table: &Table, key: &[u8]) -> SetId {
         let h = self.hasher.hash_one(key);
-        table
-            .table
-            .find(h, |e| self.key(e) == key)
-            .map_or(EMPTY_SET, |e| e.set)
+        table.table.find(h, |e| self.key(e) == key).map_or(EMPTY_SET, |e| e.set)
     }
 
     fn key(&self, e: &Entry) -> &[u8] {
-        self.arena.get(e.offset as usize..e.offset as usize + e.len as usize).unwrap_or(&[])
+        self.arena
+            .get(e.offset as usize..e.offset as usize + e.len as usize)
+            .unwrap_or(&[])
     }
 
     /// Every WebGroup set the canonical `name` falls in.
     #[inline]
     pub fn lookup(&self, name: &DomainName) -> NameHits {
-        let mut hits = NameHits { sets: [EMPTY_SET; MAX_HITS], len: 0 };
+        let mut hits = NameHits {
+            sets: [EMPTY_SET; MAX_HITS],
+            len: 0,
+        };
         let bytes = name.as_str().as_bytes();
         hits.push(self.find(&self.exact, bytes));
         if !self.suffix.table.is_empty() {

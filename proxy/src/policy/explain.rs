@@ -52,10 +52,14 @@ impl Policy {
         let (verdict, tried) = self.decide_with(q, src_set, dst_set, hits.as_ref());
 
         let source_smartgroups: Vec<String> = self.smartgroups_of(q.src).into_iter().map(str::to_owned).collect();
-        let destination_webgroups: Vec<String> =
-            q.name.map(|n| self.webgroups_of(n).into_iter().map(str::to_owned).collect()).unwrap_or_default();
-        let destination_smartgroups: Vec<String> =
-            q.dst.map(|ip| self.smartgroups_of(ip).into_iter().map(str::to_owned).collect()).unwrap_or_default();
+        let destination_webgroups: Vec<String> = q
+            .name
+            .map(|n| self.webgroups_of(n).into_iter().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let destination_smartgroups: Vec<String> = q
+            .dst
+            .map(|ip| self.smartgroups_of(ip).into_iter().map(str::to_owned).collect())
+            .unwrap_or_default();
 
         let mut steps = Vec::new();
         if verdict.decided_by == DecidedBy::BuiltinGuard {
@@ -98,14 +102,24 @@ impl Policy {
                         why.push("dns implied by an allow for tls/http to its webgroups".to_owned());
                     }
                     let why = format!("{} -> {} ({})", why.join(", "), r.action, verdict.enforcement.as_str());
-                    steps.push(Step::RuleMatched { rule: r.name.clone(), why });
+                    steps.push(Step::RuleMatched {
+                        rule: r.name.clone(),
+                        why,
+                    });
                 } else {
-                    steps.push(Step::RuleSkipped { rule: r.name.clone(), why: self.why_not(r, q, src_set, dst_set) });
+                    steps.push(Step::RuleSkipped {
+                        rule: r.name.clone(),
+                        why: self.why_not(r, q, src_set, dst_set),
+                    });
                 }
             }
             if verdict.decided_by == DecidedBy::Default {
                 steps.push(Step::Default {
-                    outcome: format!("no rule matched -> {} ({})", verdict.action, verdict.enforcement.as_str()),
+                    outcome: format!(
+                        "no rule matched -> {} ({})",
+                        verdict.action,
+                        verdict.enforcement.as_str()
+                    ),
                 });
             }
         }
@@ -127,7 +141,11 @@ impl Policy {
     fn why_not(&self, r: &super::CompiledRule, q: &FlowQuery<'_>, src_set: u32, dst_set: Option<u32>) -> String {
         let implied = q.protocol == Protocol::Dns && r.implies_dns;
         if r.protocols & q.protocol.bit() == 0 && !implied {
-            let list: Vec<&str> = Protocol::ALL.iter().filter(|p| r.protocols & p.bit() != 0).map(|p| p.as_str()).collect();
+            let list: Vec<&str> = Protocol::ALL
+                .iter()
+                .filter(|p| r.protocols & p.bit() != 0)
+                .map(|p| p.as_str())
+                .collect();
             return format!("protocol {} is not in [{}]", q.protocol, list.join(", "));
         }
         if q.protocol != Protocol::Dns && !r.ports.is_empty() && !r.ports.iter().any(|p| p.contains(q.port)) {

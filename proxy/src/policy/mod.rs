@@ -155,7 +155,9 @@ fn containers(includes: &[Vec<u32>]) -> Vec<Vec<u32>> {
         let mut seen = vec![false; n];
         let mut stack: Vec<u32> = includes[h].clone();
         while let Some(m) = stack.pop() {
-            let Some(slot) = seen.get_mut(m as usize) else { continue };
+            let Some(slot) = seen.get_mut(m as usize) else {
+                continue;
+            };
             if *slot {
                 continue;
             }
@@ -179,14 +181,20 @@ impl Policy {
         let smart_id = |n: &str| smart_names.iter().position(|x| x == n).map(|i| i as u32);
 
         let mut sets = SetArena::new();
-        let web_includes: Vec<Vec<u32>> =
-            config.webgroups.iter().map(|g| g.includes.iter().filter_map(|n| web_id(n)).collect()).collect();
+        let web_includes: Vec<Vec<u32>> = config
+            .webgroups
+            .iter()
+            .map(|g| g.includes.iter().filter_map(|n| web_id(n)).collect())
+            .collect();
         let web_patterns: Vec<&[sluice_api::DomainPattern]> =
             config.webgroups.iter().map(|g| g.patterns.as_slice()).collect();
         let domains = DomainIndex::build(&web_patterns, &containers(&web_includes), &mut sets);
 
-        let smart_includes: Vec<Vec<u32>> =
-            config.smartgroups.iter().map(|g| g.includes.iter().filter_map(|n| smart_id(n)).collect()).collect();
+        let smart_includes: Vec<Vec<u32>> = config
+            .smartgroups
+            .iter()
+            .map(|g| g.includes.iter().filter_map(|n| smart_id(n)).collect())
+            .collect();
         let mut nets = Vec::new();
         for (g, group) in config.smartgroups.iter().enumerate() {
             nets.extend(group.cidrs.iter().map(|n| (*n, g as u32)));
@@ -204,9 +212,15 @@ impl Policy {
                 let mut from = BitSet::with_capacity(smart_names.len());
                 r.from.iter().filter_map(|n| smart_id(n)).for_each(|g| from.insert(g));
                 let mut to_web = BitSet::with_capacity(web_names.len());
-                r.to.webgroups.iter().filter_map(|n| web_id(n)).for_each(|g| to_web.insert(g));
+                r.to.webgroups
+                    .iter()
+                    .filter_map(|n| web_id(n))
+                    .for_each(|g| to_web.insert(g));
                 let mut to_smart = BitSet::with_capacity(smart_names.len());
-                r.to.smartgroups.iter().filter_map(|n| smart_id(n)).for_each(|g| to_smart.insert(g));
+                r.to.smartgroups
+                    .iter()
+                    .filter_map(|n| smart_id(n))
+                    .for_each(|g| to_smart.insert(g));
                 let protocols = if r.protocols.is_empty() {
                     Protocol::ALL.iter().fold(0, |m, p| m | p.bit())
                 } else {
@@ -231,8 +245,20 @@ impl Policy {
             })
             .collect();
 
-        let named_smart = |g: &str| config.policy.rules.iter().any(|r| r.to.smartgroups.iter().any(|n| n == g));
-        let named_web = |g: &str| config.policy.rules.iter().any(|r| r.to.webgroups.iter().any(|n| n == g));
+        let named_smart = |g: &str| {
+            config
+                .policy
+                .rules
+                .iter()
+                .any(|r| r.to.smartgroups.iter().any(|n| n == g))
+        };
+        let named_web = |g: &str| {
+            config
+                .policy
+                .rules
+                .iter()
+                .any(|r| r.to.webgroups.iter().any(|n| n == g))
+        };
         let mut guarded: Vec<(&str, ReasonCode)> = vec![
             (builtin::CLOUD_METADATA, ReasonCode::GuardCloudMetadata),
             (builtin::LINK_LOCAL, ReasonCode::GuardLinkLocal),
@@ -244,7 +270,13 @@ impl Policy {
         }
         let guards = guarded
             .into_iter()
-            .filter_map(|(name, reason)| smart_id(name).map(|group| Guard { group, reason, lifted: named_smart(name) }))
+            .filter_map(|(name, reason)| {
+                smart_id(name).map(|group| Guard {
+                    group,
+                    reason,
+                    lifted: named_smart(name),
+                })
+            })
             .collect();
         let metadata_names = web_id(builtin::CLOUD_METADATA_NAMES).map(|group| Guard {
             group,
@@ -269,7 +301,11 @@ impl Policy {
     }
 
     fn enforcement(&self, rule_watch: bool) -> Enforcement {
-        if self.mode == Mode::Watch || rule_watch { Enforcement::Watched } else { Enforcement::Enforced }
+        if self.mode == Mode::Watch || rule_watch {
+            Enforcement::Watched
+        } else {
+            Enforcement::Enforced
+        }
     }
 
     /// Decides one flow. Allocation-free.

@@ -34,7 +34,13 @@ webgroups:
     domains: [chat.openai.com]
 "#,
     );
-    let q = |n: &str, port| FlowQuery { src: "10.0.0.1".parse().unwrap(), name: Some(Box::leak(Box::new(name(n)))), dst: None, protocol: Protocol::Tls, port };
+    let q = |n: &str, port| FlowQuery {
+        src: "10.0.0.1".parse().unwrap(),
+        name: Some(Box::leak(Box::new(name(n)))),
+        dst: None,
+        protocol: Protocol::Tls,
+        port,
+    };
     let v = p.decide(&q("api.openai.com", 443));
     assert_eq!((v.action, v.reason), (Action::Allow, ReasonCode::AllowedByRule));
     assert_eq!(p.decided_by_name(v.decided_by), "allow-openai");
@@ -48,10 +54,22 @@ webgroups:
 #[test]
 fn guard_and_lifting() {
     let (_, p) = policy("policy: {mode: enforce, default: allow}\n");
-    let q = FlowQuery { src: "10.0.0.1".parse().unwrap(), name: None, dst: Some("169.254.169.254".parse().unwrap()), protocol: Protocol::Tcp, port: 80 };
+    let q = FlowQuery {
+        src: "10.0.0.1".parse().unwrap(),
+        name: None,
+        dst: Some("169.254.169.254".parse().unwrap()),
+        protocol: Protocol::Tcp,
+        port: 80,
+    };
     let v = p.decide(&q);
-    assert_eq!((v.action, v.reason, v.decided_by), (Action::Deny, ReasonCode::GuardCloudMetadata, DecidedBy::BuiltinGuard));
-    let mapped = FlowQuery { dst: Some("::ffff:127.0.0.1".parse().unwrap()), ..q };
+    assert_eq!(
+        (v.action, v.reason, v.decided_by),
+        (Action::Deny, ReasonCode::GuardCloudMetadata, DecidedBy::BuiltinGuard)
+    );
+    let mapped = FlowQuery {
+        dst: Some("::ffff:127.0.0.1".parse().unwrap()),
+        ..q
+    };
     assert_eq!(p.decide(&mapped).reason, ReasonCode::GuardLoopback);
     let (_, p) = policy(
         "policy:\n  mode: enforce\n  rules:\n    - {name: imds, to: {smartgroups: [cloud-metadata]}, action: allow}\n",
