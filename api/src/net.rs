@@ -51,14 +51,12 @@ pub fn parse_cidr(value: &str) -> Result<IpNet, CidrError> {
 
 /// `::ffff:a.b.c.d/96+n` is the IPv4 network `a.b.c.d/n`.
 pub fn canonical_net(net: IpNet) -> IpNet {
-    if let IpNet::V6(v6) = net {
-        if let Some(v4) = v6.addr().to_ipv4_mapped() {
-            if v6.prefix_len() >= 96 {
-                if let Ok(n) = Ipv4Net::new(v4, v6.prefix_len() - 96) {
-                    return IpNet::V4(n);
-                }
-            }
-        }
+    if let IpNet::V6(v6) = net
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && v6.prefix_len() >= 96
+        && let Ok(n) = Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return IpNet::V4(n);
     }
     net
 }

@@ -174,7 +174,7 @@ pub fn suggest<'a>(input: &str, candidates: impl IntoIterator<Item = &'a str>) -
     candidates
         .into_iter()
         .map(|c| (strsim::damerau_levenshtein(input, c), c))
-        .filter(|(d, c)| *d > 0 && *d <= (c.len().max(input.len()) / 3).max(1).min(3))
+        .filter(|(d, c)| *d > 0 && *d <= (c.len().max(input.len()) / 3).clamp(1, 3))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c.to_owned())
 }

@@ -2,8 +2,11 @@
 //!
 //! All CIDRs of all groups are flattened into sorted, disjoint address
 //! intervals, each labelled with the interned set of groups covering it. A
-//! lookup is one binary search (17 steps for 100,000 CIDRs) and allocates
-//! nothing. IPv4-mapped IPv6 addresses are looked up as IPv4.
+//! lookup is one binary search and allocates nothing. For IPv4 a first
+//! level indexed by the top 16 bits narrows the search to the intervals
+//! starting in that /16 — usually one cache line — so a lookup costs one or
+//! two cache misses even with 100,000 CIDRs. IPv4-mapped IPv6 addresses are
+//! looked up as IPv4.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,9 +33,48 @@ impl<T: Ord + Copy> Intervals<T> {
     }
 }
 
+/// IPv4 intervals with a /16 first level.
+#[derive(Debug, Default)]
+struct V4Index {
+    iv: Intervals<u32>,
+    /// `buckets[k]` = index of the first interval starting at or after
+    /// `k << 16`; 65,537 entries.
+    buckets: Vec<u32>,
+}
+
+impl V4Index {
+    fn new(iv: Intervals<u32>) -> Self {
+        let mut buckets = Vec::with_capacity(65_537);
+        let mut i = 0usize;
+        for k in 0..=65_536u64 {
+            while i < iv.starts.len() && u64::from(iv.starts[i]) < (k << 16) {
+                i += 1;
+            }
+            buckets.push(i as u32);
+        }
+        Self { iv, buckets }
+    }
+
+    #[inline]
+    fn lookup(&self, ip: u32) -> SetId {
+        let k = (ip >> 16) as usize;
+        let lo = self.buckets.get(k).copied().unwrap_or(0) as usize;
+        let hi = self.buckets.get(k + 1).copied().unwrap_or(0) as usize;
+        let within = self
+            .iv
+            .starts
+            .get(lo..hi)
+            .map_or(0, |s| s.partition_point(|s| *s <= ip));
+        match (lo + within).checked_sub(1) {
+            Some(i) => self.iv.sets.get(i).copied().unwrap_or(EMPTY_SET),
+            None => EMPTY_SET,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct CidrIndex {
-    v4: Intervals<u32>,
+    v4: V4Index,
     v6: Intervals<u128>,
     cidrs: usize,
 }
@@ -52,10 +94,10 @@ impl CidrIndex {
         let v4i = sweep(&v4, u32::MAX as u128, containers, sets);
         let v6i = sweep(&v6, u128::MAX, containers, sets);
         Self {
-            v4: Intervals {
+            v4: V4Index::new(Intervals {
                 starts: v4i.starts.iter().map(|s| *s as u32).collect(),
                 sets: v4i.sets,
-            },
+            }),
             v6: v6i,
             cidrs: nets.len(),
         }
@@ -74,8 +116,9 @@ impl CidrIndex {
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.v4.starts.capacity() * 4
-            + self.v4.sets.capacity() * 4
+        self.v4.iv.starts.capacity() * 4
+            + self.v4.buckets.capacity() * 4
+            + self.v4.iv.sets.capacity() * 4
             + self.v6.starts.capacity() * 16
             + self.v6.sets.capacity() * 4
     }

@@ -9,7 +9,6 @@
 use std::hash::BuildHasher;
 
 use foldhash::fast::FixedState;
-use hashbrown::HashTable;
 use sluice_api::{DomainName, DomainPattern};
 
 use super::sets::{EMPTY_SET, SetArena, SetId};
@@ -18,16 +17,74 @@ use super::sets::{EMPTY_SET, SetArena, SetId};
 /// entry and `*` can match.
 pub const MAX_HITS: usize = 130;
 
+/// One slot of the open-addressing table. 16 bytes, four to a cache line;
+/// `fingerprint == 0` marks an empty slot.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
+    /// High bits of the key's hash, never 0 for a used slot: probing
+    /// compares this first and touches the key bytes in the arena only on
+    /// a fingerprint match (nearly always the real key).
+    fingerprint: u32,
     offset: u32,
-    len: u8,
     set: SetId,
+    len: u8,
 }
 
-#[derive(Debug)]
+/// Linear probing over a power-of-two slot array at load factor ≤ 1/2:
+/// a probe reads one cache line in the common case, and the table is one
+/// flat allocation (no separate control bytes to miss on).
+#[derive(Debug, Default)]
 struct Table {
-    table: HashTable<Entry>,
+    slots: Box<[[u32; 4]]>,
+    mask: usize,
+    /// Bit `n` set when some key has `n` labels (n ≥ 127 folds into 127):
+    /// a suffix with a label count no key has is not probed at all.
+    label_counts: u128,
+}
+
+fn label_bit(labels: usize) -> u128 {
+    1u128 << labels.min(127)
+}
+
+impl Entry {
+    fn pack(self) -> [u32; 4] {
+        [self.fingerprint, self.offset, self.set, u32::from(self.len)]
+    }
+}
+
+fn fingerprint(h: u64) -> u32 {
+    ((h >> 32) as u32) | 1
+}
+
+impl Table {
+    fn with_keys(n: usize) -> Self {
+        let cap = (n.max(1) * 2).next_power_of_two();
+        // All-zero words come from a zeroed allocation the kernel has not
+        // touched yet, so huge-page advice still applies to it.
+        let slots: Box<[[u32; 4]]> = vec![[0u32; 4]; cap].into_boxed_slice();
+        crate::sys::advise_hugepages(&slots);
+        Self {
+            slots,
+            mask: cap - 1,
+            label_counts: 0,
+        }
+    }
+
+    fn insert(&mut self, h: u64, e: Entry) {
+        let mut i = h as usize & self.mask;
+        // The table is at most half full, so an empty slot exists.
+        while let Some(slot) = self.slots.get_mut(i) {
+            if slot[0] == 0 {
+                *slot = e.pack();
+                return;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.label_counts == 0
+    }
 }
 
 #[derive(Debug)]
@@ -67,7 +124,7 @@ impl DomainIndex {
     /// `groups[g]` lists the patterns of group `g`; `containers[g]` the
     /// groups (including `g`) a name matching one of them belongs to.
     pub fn build(groups: &[&[DomainPattern]], containers: &[Vec<u32>], sets: &mut SetArena) -> Self {
-        let hasher = FixedState::with_seed(0x5_1ce_0000_2026);
+        let hasher = FixedState::with_seed(0x51ce_0000_2026);
         let mut exact_keys: Vec<(&str, u32)> = Vec::new();
         let mut suffix_keys: Vec<(&str, u32)> = Vec::new();
         let mut any: Vec<u32> = Vec::new();
@@ -95,6 +152,7 @@ impl DomainIndex {
         let exact = Self::table(&mut exact_keys, &mut arena, sets, &hasher, &expand);
         let suffix = Self::table(&mut suffix_keys, &mut arena, sets, &hasher, &expand);
         let any = sets.intern(expand(&mut any));
+
         Self {
             arena: arena.into_boxed_slice(),
             exact,
@@ -115,7 +173,7 @@ impl DomainIndex {
         keys.sort_unstable();
         keys.dedup();
         let distinct = keys.windows(2).filter(|w| w[0].0 != w[1].0).count() + usize::from(!keys.is_empty());
-        let mut table = HashTable::with_capacity(distinct);
+        let mut table = Table::with_keys(distinct);
         let mut i = 0;
         while i < keys.len() {
             let name = keys[i].0;
@@ -125,34 +183,44 @@ impl DomainIndex {
                 i += 1;
             }
             let set = sets.intern(expand(&mut groups));
-            let entry = Entry {
-                offset: arena.len() as u32,
-                len: name.len() as u8,
-                set,
-            };
-            arena.extend_from_slice(name.as_bytes());
             let h = hasher.hash_one(name.as_bytes());
-            let bytes: &[u8] = arena;
-            table.insert_unique(h, entry, |e| {
-                hasher.hash_one(
-                    bytes
-                        .get(e.offset as usize..e.offset as usize + e.len as usize)
-                        .unwrap_or(&[]),
-                )
-            });
+            table.label_counts |= label_bit(name.bytes().filter(|b| *b == b'.').count() + 1);
+            table.insert(
+                h,
+                Entry {
+                    fingerprint: fingerprint(h),
+                    offset: arena.len() as u32,
+                    set,
+                    len: name.len() as u8,
+                },
+            );
+            arena.extend_from_slice(name.as_bytes());
         }
-        Table { table }
+        table
     }
 
-    fn find(&self, table: &Table, key: &[u8]) -> SetId {
+    #[inline]
+    fn find(&self, table: &Table, key: &[u8], labels: usize) -> SetId {
+        if table.label_counts & label_bit(labels) == 0 {
+            return EMPTY_SET;
+        }
         let h = self.hasher.hash_one(key);
-        table.table.find(h, |e| self.key(e) == key).map_or(EMPTY_SET, |e| e.set)
+        let fp = fingerprint(h);
+        let mut i = h as usize & table.mask;
+        while let Some(&[f, offset, set, len]) = table.slots.get(i) {
+            if f == 0 {
+                return EMPTY_SET;
+            }
+            if f == fp && self.key(offset, len) == key {
+                return set;
+            }
+            i = (i + 1) & table.mask;
+        }
+        EMPTY_SET
     }
 
-    fn key(&self, e: &Entry) -> &[u8] {
-        self.arena
-            .get(e.offset as usize..e.offset as usize + e.len as usize)
-            .unwrap_or(&[])
+    fn key(&self, offset: u32, len: u32) -> &[u8] {
+        self.arena.get(offset as usize..(offset + len) as usize).unwrap_or(&[])
     }
 
     /// Every WebGroup set the canonical `name` falls in.
@@ -163,12 +231,14 @@ impl DomainIndex {
             len: 0,
         };
         let bytes = name.as_str().as_bytes();
-        hits.push(self.find(&self.exact, bytes));
-        if !self.suffix.table.is_empty() {
+        let mut labels = bytes.iter().filter(|b| **b == b'.').count() + 1;
+        hits.push(self.find(&self.exact, bytes, labels));
+        if !self.suffix.is_empty() {
             for (i, b) in bytes.iter().enumerate() {
                 if *b == b'.' {
+                    labels -= 1;
                     if let Some(rest) = bytes.get(i + 1..) {
-                        hits.push(self.find(&self.suffix, rest));
+                        hits.push(self.find(&self.suffix, rest, labels));
                     }
                 }
             }
@@ -182,7 +252,6 @@ impl DomainIndex {
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.arena.len()
-            + (self.exact.table.capacity() + self.suffix.table.capacity()) * (std::mem::size_of::<Entry>() + 1)
+        self.arena.len() + (self.exact.slots.len() + self.suffix.slots.len()) * 16
     }
 }

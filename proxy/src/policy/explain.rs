@@ -109,7 +109,7 @@ impl Policy {
                 } else {
                     steps.push(Step::RuleSkipped {
                         rule: r.name.clone(),
-                        why: self.why_not(r, q, src_set, dst_set),
+                        why: self.why_not(r, q, src_set),
                     });
                 }
             }
@@ -138,7 +138,7 @@ impl Policy {
         }
     }
 
-    fn why_not(&self, r: &super::CompiledRule, q: &FlowQuery<'_>, src_set: u32, dst_set: Option<u32>) -> String {
+    fn why_not(&self, r: &super::CompiledRule, q: &FlowQuery<'_>, src_set: u32) -> String {
         let implied = q.protocol == Protocol::Dns && r.implies_dns;
         if r.protocols & q.protocol.bit() == 0 && !implied {
             let list: Vec<&str> = Protocol::ALL
@@ -159,15 +159,14 @@ impl Policy {
         if let Some(n) = q.name {
             what.push(format!("name {n}"));
         }
-        if let Some(ip) = q.dst {
-            if !implied {
-                what.push(format!("address {ip}"));
-            }
+        if let Some(ip) = q.dst
+            && !implied
+        {
+            what.push(format!("address {ip}"));
         }
         if what.is_empty() {
             return "the flow has no destination name or address to match `to`".to_owned();
         }
-        let _ = dst_set;
         format!("{} in none of its `to` groups", what.join(" and "))
     }
 }

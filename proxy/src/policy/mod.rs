@@ -21,6 +21,7 @@
 mod cidrs;
 mod domains;
 mod explain;
+mod rules;
 mod sets;
 
 use std::net::IpAddr;
@@ -33,6 +34,7 @@ use sluice_api::{Action, Config, DomainName, Mode, PortRange, Protocol};
 pub use cidrs::CidrIndex;
 pub use domains::{DomainIndex, NameHits};
 pub use explain::{Explanation, Step};
+use rules::RuleIndex;
 use sets::{BitSet, SetArena, SetId};
 
 /// What the policy is asked about one flow or query.
@@ -144,6 +146,8 @@ pub struct Policy {
     guards: Vec<Guard>,
     metadata_names: Option<Guard>,
     any_group: Option<u32>,
+    /// `None` for an empty policy or one too large to index.
+    index: Option<RuleIndex>,
 }
 
 /// Transitive include closure, inverted: `containers[g]` = `g` and every
@@ -285,6 +289,7 @@ impl Policy {
         });
         let any_group = smart_id(builtin::ANY);
         sets.freeze();
+        let index = RuleIndex::build(&rules, web_names.len(), smart_names.len(), &sets);
         Self {
             mode: config.policy.mode,
             default: config.policy.default,
@@ -297,6 +302,7 @@ impl Policy {
             guards,
             metadata_names,
             any_group,
+            index,
         }
     }
 
@@ -328,37 +334,69 @@ impl Policy {
         if let Some(v) = self.guard(dst_set, hits) {
             return (v, 0);
         }
-        let src_groups = self.sets.get(src_set);
-        for (i, r) in self.rules.iter().enumerate() {
-            if let Some((source_group, dest)) = self.rule_matches(r, q, src_groups, dst_set, hits) {
-                let reason = match r.action {
-                    Action::Allow => ReasonCode::AllowedByRule,
-                    Action::Deny => ReasonCode::DeniedByRule,
-                };
-                let v = Verdict {
-                    action: r.action,
-                    decided_by: DecidedBy::Rule(i as u32),
-                    reason,
-                    enforcement: self.enforcement(r.watch),
-                    source_group,
-                    dest,
-                };
-                return (v, i + 1);
-            }
+        if let Some((i, source_group, dest)) = self.first_rule(q, src_set, dst_set, hits) {
+            let Some(r) = self.rules.get(i) else {
+                return (self.default_verdict(), self.rules.len());
+            };
+            let reason = match r.action {
+                Action::Allow => ReasonCode::AllowedByRule,
+                Action::Deny => ReasonCode::DeniedByRule,
+            };
+            let v = Verdict {
+                action: r.action,
+                decided_by: DecidedBy::Rule(i as u32),
+                reason,
+                enforcement: self.enforcement(r.watch),
+                source_group,
+                dest,
+            };
+            return (v, i + 1);
         }
+        (self.default_verdict(), self.rules.len())
+    }
+
+    /// The first rule matching, with the groups it matched on.
+    fn first_rule(
+        &self,
+        q: &FlowQuery<'_>,
+        src_set: SetId,
+        dst_set: Option<SetId>,
+        hits: Option<&NameHits>,
+    ) -> Option<(usize, Option<u32>, Option<DestMatch>)> {
+        let src_groups = self.sets.get(src_set);
+        match &self.index {
+            Some(index) => {
+                let port_ok = |i: usize| {
+                    self.rules
+                        .get(i)
+                        .is_some_and(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.contains(q.port)))
+                };
+                let hit_sets = hits.into_iter().flat_map(|h| h.iter());
+                let i = index.first_match(q.protocol, src_set, dst_set, hit_sets, &self.sets, port_ok)?;
+                let r = self.rules.get(i)?;
+                let (source_group, dest) = self.rule_matches(r, q, src_groups, dst_set, hits)?;
+                Some((i, source_group, dest))
+            }
+            None => self.rules.iter().enumerate().find_map(|(i, r)| {
+                self.rule_matches(r, q, src_groups, dst_set, hits)
+                    .map(|(s, d)| (i, s, d))
+            }),
+        }
+    }
+
+    fn default_verdict(&self) -> Verdict {
         let reason = match self.default {
             Action::Allow => ReasonCode::DefaultAllow,
             Action::Deny => ReasonCode::DefaultDeny,
         };
-        let v = Verdict {
+        Verdict {
             action: self.default,
             decided_by: DecidedBy::Default,
             reason,
             enforcement: self.enforcement(false),
             source_group: None,
             dest: None,
-        };
-        (v, self.rules.len())
+        }
     }
 
     fn guard(&self, dst_set: Option<SetId>, hits: Option<&NameHits>) -> Option<Verdict> {
@@ -382,10 +420,11 @@ impl Policy {
                 }
             }
         }
-        if let (Some(g), Some(hits)) = (self.metadata_names, hits) {
-            if !g.lifted && hits.iter().any(|s| self.sets.get(s).contains(&g.group)) {
-                return Some(deny(g.reason, DestMatch::WebGroup(g.group)));
-            }
+        if let (Some(g), Some(hits)) = (self.metadata_names, hits)
+            && !g.lifted
+            && hits.iter().any(|s| self.sets.get(s).contains(&g.group))
+        {
+            return Some(deny(g.reason, DestMatch::WebGroup(g.group)));
         }
         None
     }
@@ -427,10 +466,10 @@ impl Policy {
         if implied_dns {
             return None;
         }
-        if let Some(set) = dst_set {
-            if let Some(g) = r.to_smart.first_common(self.sets.get(set)) {
-                return Some((source_group, Some(DestMatch::SmartGroup(g))));
-            }
+        if let Some(set) = dst_set
+            && let Some(g) = r.to_smart.first_common(self.sets.get(set))
+        {
+            return Some((source_group, Some(DestMatch::SmartGroup(g))));
         }
         None
     }
@@ -501,7 +540,15 @@ impl Policy {
 
     /// Approximate heap held by the indexes.
     pub fn heap_bytes(&self) -> usize {
-        self.domains.heap_bytes() + self.cidrs.heap_bytes() + self.sets.heap_bytes()
+        self.domains.heap_bytes()
+            + self.cidrs.heap_bytes()
+            + self.sets.heap_bytes()
+            + self.index.as_ref().map_or(0, RuleIndex::heap_bytes)
+    }
+
+    /// Distinct group combinations interned by the indexes.
+    pub fn set_count(&self) -> usize {
+        self.sets.len()
     }
 }
 

@@ -53,6 +53,14 @@ impl SetArena {
         self.spans.shrink_to_fit();
     }
 
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
     pub fn heap_bytes(&self) -> usize {
         self.ids.capacity() * 4 + self.spans.capacity() * 8
     }
