@@ -150,18 +150,41 @@ fn has_ace_label(name: &str) -> bool {
         .any(|l| l.len() >= 4 && l[..4].eq_ignore_ascii_case("xn--"))
 }
 
+/// Converts label by label: ASCII labels are lower-cased as they are (so
+/// `_dmarc` or `_443._tcp` survive next to an IDN label), Unicode and `xn--`
+/// labels go through UTS #46 and must come out valid.
 fn to_a_labels(name: &str) -> Result<String, DomainError> {
-    // Report structural problems (empty labels, bad characters) before IDNA,
-    // whose own messages are less specific.
-    for label in name.split('.') {
+    let mut out = String::with_capacity(name.len() + 8);
+    for (i, label) in name.split('.').enumerate() {
         if label.is_empty() {
             return Err(DomainError::EmptyLabel);
         }
+        if i > 0 {
+            out.push('.');
+        }
+        if label.is_ascii() && !has_ace_label(label) {
+            out.push_str(&label.to_ascii_lowercase());
+            continue;
+        }
+        match idna::domain_to_ascii_strict(label) {
+            Ok(a) if !a.is_empty() && !a.contains('.') => out.push_str(&a),
+            _ => {
+                let detail = if label.is_ascii() {
+                    format!("label `{label}` is not valid punycode")
+                } else {
+                    format!(
+                        "label `{label}` cannot be converted to an A-label (a disallowed character, \
+                         a symbol, or a mix of scripts IDNA does not permit)"
+                    )
+                };
+                return Err(DomainError::InvalidIdn {
+                    name: name.to_owned(),
+                    detail,
+                });
+            }
+        }
     }
-    idna::domain_to_ascii_strict(name).map_err(|e| DomainError::InvalidIdn {
-        name: name.to_owned(),
-        detail: e.to_string(),
-    })
+    Ok(out)
 }
 
 fn check_labels(ascii: &str) -> Result<(), DomainError> {

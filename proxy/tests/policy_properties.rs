@@ -193,17 +193,17 @@ fn ref_decide(cfg: &Config, q: &FlowQuery<'_>) -> (Action, String, ReasonCode, b
     if let Some(dst) = q.dst {
         let mut guarded = vec![
             (builtin::CLOUD_METADATA, ReasonCode::GuardCloudMetadata),
-            (builtin::LINK_LOCAL, ReasonCode::GuardLinkLocal),
-            (builtin::LOOPBACK, ReasonCode::GuardLoopback),
             (builtin::GATEWAY, ReasonCode::GuardGateway),
+            (builtin::LOOPBACK, ReasonCode::GuardLoopback),
+            (builtin::LINK_LOCAL, ReasonCode::GuardLinkLocal),
         ];
         if cfg.policy.guard_private_ranges {
             guarded.push((builtin::PRIVATE_RANGES, ReasonCode::GuardPrivateRanges));
         }
-        let lifted = guarded
-            .iter()
-            .any(|(g, _)| named_smart(g) && ref_in_smartgroup(cfg, g, dst));
-        if !lifted && let Some((_, reason)) = guarded.iter().find(|(g, _)| ref_in_smartgroup(cfg, g, dst)) {
+        // The most specific guarded group holding the address decides.
+        if let Some((g, reason)) = guarded.iter().find(|(g, _)| ref_in_smartgroup(cfg, g, dst))
+            && !named_smart(g)
+        {
             return (Action::Deny, "builtin-guard".into(), *reason, watch_all);
         }
     }

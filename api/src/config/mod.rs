@@ -67,7 +67,8 @@ pub fn load_str(text: &str, source: &str) -> Result<Config, ConfigErrors> {
 
 fn yaml_error(file: &str, e: serde_saphyr::Error) -> ConfigError {
     let loc = e.location().unwrap_or(Location::UNKNOWN);
-    let kind = match &e {
+    // Errors arrive wrapped with a source snippet; we print our own position.
+    let kind = match e.without_snippet() {
         serde_saphyr::Error::SerdeUnknownField { field, expected, .. } => ConfigErrorKind::UnknownField {
             field: field.clone(),
             suggestion: suggest(field, expected.iter().copied()),
@@ -276,7 +277,7 @@ impl Validator {
 
     fn listeners(&mut self, raw: &[S<raw::RawListener>]) -> Vec<Listener> {
         let mut seen = HashMap::new();
-        let mut bound: HashMap<(SocketAddr, bool), String> = HashMap::new();
+        let mut bound: Vec<(SocketAddr, String)> = Vec::new();
         let mut out = Vec::new();
         for (i, l) in raw.iter().enumerate() {
             let l = &l.value;
@@ -284,21 +285,27 @@ impl Validator {
             let ok = self.name(&l.name, &format!("{path}.name"), NameKind::Listener, &mut seen);
             let address = self.socket(&l.address, &format!("{path}.address"));
             let kind = l.kind.value;
+            let canonical = SocketAddr::new(canonical_ip(address.ip()), address.port());
             if address.port() != 0 {
-                // DNS takes UDP and TCP; the others TCP only.
-                let key = (address, kind == ListenerKind::Dns);
-                if let Some(other) = bound.get(&(address, false)).or_else(|| bound.get(&key)) {
+                // Every kind binds TCP (dns binds UDP too), so two listeners
+                // clash on the same port when their addresses are equal or
+                // either is a wildcard.
+                let clash = bound.iter().find(|(a, _)| {
+                    a.port() == canonical.port()
+                        && (a.ip() == canonical.ip() || a.ip().is_unspecified() || canonical.ip().is_unspecified())
+                });
+                if let Some((_, other)) = clash {
                     self.err(
                         l.address.referenced,
                         format!("{path}.address"),
                         ConfigErrorKind::InvalidValue {
                             message: format!(
-                                "address {address} is already used by listener `{other}`; give each listener its own port"
+                                "address {address} overlaps listener `{other}` on the same port; give each listener its own port"
                             ),
                         },
                     );
                 }
-                bound.insert((address, false), l.name.value.clone());
+                bound.push((canonical, l.name.value.clone()));
             }
             if ok {
                 out.push(Listener {

@@ -263,11 +263,12 @@ impl Policy {
                 .iter()
                 .any(|r| r.to.webgroups.iter().any(|n| n == g))
         };
+        // Most specific first: the first group holding an address decides.
         let mut guarded: Vec<(&str, ReasonCode)> = vec![
             (builtin::CLOUD_METADATA, ReasonCode::GuardCloudMetadata),
-            (builtin::LINK_LOCAL, ReasonCode::GuardLinkLocal),
-            (builtin::LOOPBACK, ReasonCode::GuardLoopback),
             (builtin::GATEWAY, ReasonCode::GuardGateway),
+            (builtin::LOOPBACK, ReasonCode::GuardLoopback),
+            (builtin::LINK_LOCAL, ReasonCode::GuardLinkLocal),
         ];
         if config.policy.guard_private_ranges {
             guarded.push((builtin::PRIVATE_RANGES, ReasonCode::GuardPrivateRanges));
@@ -410,14 +411,14 @@ impl Policy {
         };
         if let Some(set) = dst_set {
             let groups = self.sets.get(set);
-            // Naming a guarded group lifts the guard for its addresses even
-            // when a wider guarded group also holds them (169.254.169.254 is
-            // link-local too).
-            let lifted = self.guards.iter().any(|g| g.lifted && groups.contains(&g.group));
-            for g in self.guards.iter().filter(|_| !lifted) {
-                if !g.lifted && groups.contains(&g.group) {
-                    return Some(deny(g.reason, DestMatch::SmartGroup(g.group)));
-                }
+            // The most specific guarded group holding the address decides:
+            // naming `cloud-metadata` opens 169.254.169.254 although it is
+            // link-local too, but naming `link-local` (or `private-ranges`)
+            // does not open the metadata service inside it.
+            if let Some(g) = self.guards.iter().find(|g| groups.contains(&g.group))
+                && !g.lifted
+            {
+                return Some(deny(g.reason, DestMatch::SmartGroup(g.group)));
             }
         }
         if let (Some(g), Some(hits)) = (self.metadata_names, hits)
