@@ -148,8 +148,7 @@ fn unknown_enum_value() {
 
 #[test]
 fn unknown_enum_value_is_rejected_at_its_position() {
-    let text =
-        "policy:\n  rules:\n    - name: r\n      protocols: [tls, tcpp]\n      action: allow\n";
+    let text = "policy:\n  rules:\n    - name: r\n      protocols: [tls, tcpp]\n      action: allow\n";
     let e = one_error(text);
     assert_eq!((e.line, e.column), at(text, "tcpp"));
     assert!(e.to_string().contains("`tcpp`"), "{e}");
@@ -168,12 +167,7 @@ fn missing_field() {
     );
     let text = "policy:\n  rules:\n    - name: r\n      to: {webgroups: [llm-providers]}\n";
     let e = one_error(text);
-    assert_eq!(
-        e.kind,
-        ConfigErrorKind::MissingField {
-            field: "action".into()
-        }
-    );
+    assert_eq!(e.kind, ConfigErrorKind::MissingField { field: "action".into() });
 }
 
 #[test]
@@ -190,11 +184,7 @@ fn missing_field_is_rejected_inside_its_mapping() {
 fn yaml_syntax_error() {
     let text = "policy:\n  mode: [enforce\n";
     let e = one_error(text);
-    assert!(
-        matches!(e.kind, ConfigErrorKind::Syntax { .. }),
-        "{:?}",
-        e.kind
-    );
+    assert!(matches!(e.kind, ConfigErrorKind::Syntax { .. }), "{:?}", e.kind);
     assert!(e.line >= 2, "{e}");
 }
 
@@ -217,9 +207,7 @@ fn bad_cidr_syntax() {
         &errs[1],
         at(text, "banana"),
         "smartgroups[0].cidrs[2]",
-        &ConfigErrorKind::InvalidCidr(CidrError::Syntax {
-            value: "banana".into(),
-        }),
+        &ConfigErrorKind::InvalidCidr(CidrError::Syntax { value: "banana".into() }),
     );
 }
 
@@ -248,11 +236,7 @@ fn bad_cidr_host_bits() {
             suggestion: "2001:db8::/32".into(),
         }),
     );
-    assert!(
-        errs[0].to_string().contains("did you mean `10.0.0.0/8`"),
-        "{}",
-        errs[0]
-    );
+    assert!(errs[0].to_string().contains("did you mean `10.0.0.0/8`"), "{}", errs[0]);
 }
 
 #[test]
@@ -306,9 +290,7 @@ fn invalid_socket_address() {
         &one_error(text),
         at(text, "\"::1:53\""),
         "listeners[0].address",
-        &ConfigErrorKind::InvalidSocketAddress {
-            value: "::1:53".into(),
-        },
+        &ConfigErrorKind::InvalidSocketAddress { value: "::1:53".into() },
     );
 }
 
@@ -372,13 +354,7 @@ fn invalid_domain_misplaced_wildcard() {
             pattern: "api.*.com".into(),
         },
     );
-    domain_error(
-        "\"**\"",
-        "**",
-        DomainError::MisplacedWildcard {
-            pattern: "**".into(),
-        },
-    );
+    domain_error("\"**\"", "**", DomainError::MisplacedWildcard { pattern: "**".into() });
     domain_error(
         "\"*api.com\"",
         "*api.com",
@@ -399,11 +375,7 @@ fn invalid_domain_misplaced_wildcard() {
 fn invalid_domain_empty_label() {
     domain_error("a..example", "a..example", DomainError::EmptyLabel);
     domain_error(".example.com", ".example.com", DomainError::EmptyLabel);
-    domain_error(
-        "\"*..example.com\"",
-        "*..example.com",
-        DomainError::EmptyLabel,
-    );
+    domain_error("\"*..example.com\"", "*..example.com", DomainError::EmptyLabel);
 }
 
 #[test]
@@ -438,9 +410,7 @@ fn invalid_domain_name_too_long() {
         "d".repeat(61)
     );
     assert_eq!(ok.len(), 253);
-    loads(&format!(
-        "webgroups:\n  - name: g\n    domains: [{ok}, {ok}.]\n"
-    ));
+    loads(&format!("webgroups:\n  - name: g\n    domains: [{ok}, {ok}.]\n"));
 }
 
 #[test]
@@ -449,11 +419,7 @@ fn invalid_domain_bad_idn() {
     let e = one_error(text);
     assert_eq!(
         (e.line, e.column, e.path.as_str()),
-        (
-            at(text, "xn--zz").0,
-            at(text, "xn--zz").1,
-            "webgroups[0].domains[1]"
-        )
+        (at(text, "xn--zz").0, at(text, "xn--zz").1, "webgroups[0].domains[1]")
     );
     assert!(
         matches!(&e.kind, ConfigErrorKind::InvalidDomain { pattern, source: DomainError::InvalidIdn { .. } } if pattern == "xn--zz.example"),
@@ -464,11 +430,7 @@ fn invalid_domain_bad_idn() {
 
 #[test]
 fn invalid_domain_bad_character() {
-    domain_error(
-        "\"exa mple.com\"",
-        "exa mple.com",
-        DomainError::InvalidChar { ch: ' ' },
-    );
+    domain_error("\"exa mple.com\"", "exa mple.com", DomainError::InvalidChar { ch: ' ' });
 }
 
 #[test]
@@ -511,10 +473,7 @@ fn unknown_webgroup_in_to_with_suggestion() {
             suggestion: Some("llm-providers".into()),
         },
     );
-    assert!(
-        e.to_string().contains("did you mean `llm-providers`"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("did you mean `llm-providers`"), "{e}");
 }
 
 #[test]
@@ -537,13 +496,7 @@ fn unknown_group_without_plausible_suggestion() {
     let text = "policy:\n  rules:\n    - name: r\n      to: {webgroups: [zzzzzzzzzz]}\n      action: allow\n";
     let e = one_error(text);
     assert!(
-        matches!(
-            &e.kind,
-            ConfigErrorKind::UnknownGroup {
-                suggestion: None,
-                ..
-            }
-        ),
+        matches!(&e.kind, ConfigErrorKind::UnknownGroup { suggestion: None, .. }),
         "{:?}",
         e.kind
     );
@@ -706,9 +659,7 @@ fn invalid_name() {
 // ---------------------------------------------------------------- ports
 
 fn port_error(port_yaml: &str, kind: ConfigErrorKind) {
-    let text = format!(
-        "policy:\n  rules:\n    - name: r\n      ports: [443, {port_yaml}]\n      action: allow\n"
-    );
+    let text = format!("policy:\n  rules:\n    - name: r\n      ports: [443, {port_yaml}]\n      action: allow\n");
     assert_error(
         &one_error(&text),
         at(&text, port_yaml),
@@ -724,24 +675,12 @@ fn port_zero() {
 
 #[test]
 fn port_too_large() {
-    port_error(
-        "70000",
-        ConfigErrorKind::PortOutOfRange {
-            value: "70000".into(),
-        },
-    );
+    port_error("70000", ConfigErrorKind::PortOutOfRange { value: "70000".into() });
     port_error(
         "\"8000-70000\"",
-        ConfigErrorKind::PortOutOfRange {
-            value: "70000".into(),
-        },
+        ConfigErrorKind::PortOutOfRange { value: "70000".into() },
     );
-    port_error(
-        "65536",
-        ConfigErrorKind::PortOutOfRange {
-            value: "65536".into(),
-        },
-    );
+    port_error("65536", ConfigErrorKind::PortOutOfRange { value: "65536".into() });
 }
 
 #[test]
@@ -751,28 +690,13 @@ fn port_negative() {
 
 #[test]
 fn port_range_reversed() {
-    port_error(
-        "\"9-3\"",
-        ConfigErrorKind::InvalidPortRange {
-            value: "9-3".into(),
-        },
-    );
+    port_error("\"9-3\"", ConfigErrorKind::InvalidPortRange { value: "9-3".into() });
 }
 
 #[test]
 fn port_not_a_number() {
-    port_error(
-        "\"abc\"",
-        ConfigErrorKind::InvalidPortRange {
-            value: "abc".into(),
-        },
-    );
-    port_error(
-        "\"80-\"",
-        ConfigErrorKind::InvalidPortRange {
-            value: "80-".into(),
-        },
-    );
+    port_error("\"abc\"", ConfigErrorKind::InvalidPortRange { value: "abc".into() });
+    port_error("\"80-\"", ConfigErrorKind::InvalidPortRange { value: "80-".into() });
 }
 
 #[test]
@@ -835,9 +759,7 @@ fn bad_sha256() {
         &one_error(text),
         at(text, "abc123"),
         "plugins[0].sha256",
-        &ConfigErrorKind::InvalidSha256 {
-            value: "abc123".into(),
-        },
+        &ConfigErrorKind::InvalidSha256 { value: "abc123".into() },
     );
     let bad = "g".repeat(64);
     let text = format!("plugins:\n  - name: p\n    path: p.wasm\n    sha256: {bad}\n");
@@ -896,26 +818,11 @@ admin:
   address: nowhere
 ";
     let errs = errors(text);
-    let got: Vec<(u32, u32, &str)> = errs
-        .iter()
-        .map(|e| (e.line, e.column, e.path.as_str()))
-        .collect();
+    let got: Vec<(u32, u32, &str)> = errs.iter().map(|e| (e.line, e.column, e.path.as_str())).collect();
     let want = vec![
-        (
-            at(text, "nobody").0,
-            at(text, "nobody").1,
-            "policy.rules[0].from[0]",
-        ),
-        (
-            at(text, "[0]").0,
-            at(text, "[0]").1 + 1,
-            "policy.rules[0].ports[0]",
-        ),
-        (
-            at_nth(text, "r1", 1).0,
-            at_nth(text, "r1", 1).1,
-            "policy.rules[1].name",
-        ),
+        (at(text, "nobody").0, at(text, "nobody").1, "policy.rules[0].from[0]"),
+        (at(text, "[0]").0, at(text, "[0]").1 + 1, "policy.rules[0].ports[0]"),
+        (at_nth(text, "r1", 1).0, at_nth(text, "r1", 1).1, "policy.rules[1].name"),
         (
             at(text, "10.0.0.1/8").0,
             at(text, "10.0.0.1/8").1,
@@ -926,11 +833,7 @@ admin:
             at(text, "\"api.*.com\"").1,
             "webgroups[0].domains[0]",
         ),
-        (
-            at(text, "nowhere").0,
-            at(text, "nowhere").1,
-            "admin.address",
-        ),
+        (at(text, "nowhere").0, at(text, "nowhere").1, "admin.address"),
     ];
     assert_eq!(got, want, "{errs:#?}");
     let all = sluice_api::ConfigErrors(errs).to_string();
@@ -947,10 +850,7 @@ fn display_names_file_line_column_and_path() {
         shown.starts_with(&format!("{FILE}:{line}:{col}: smartgroups[0].cidrs[0]: ")),
         "{shown}"
     );
-    assert!(
-        shown.contains("10.0.0.0/8"),
-        "the fix is in the message: {shown}"
-    );
+    assert!(shown.contains("10.0.0.0/8"), "the fix is in the message: {shown}");
 }
 
 #[test]

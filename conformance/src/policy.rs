@@ -129,11 +129,7 @@ pub struct Mismatch {
 
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{} flows[{}]: {}",
-            self.file, self.line, self.index, self.message
-        )
+        write!(f, "{}:{} flows[{}]: {}", self.file, self.line, self.index, self.message)
     }
 }
 
@@ -149,10 +145,9 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Scenario>, String> {
 }
 
 pub fn load_file(path: &Path) -> Result<Scenario, String> {
-    let file = path.file_name().map_or_else(
-        || path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let file = path
+        .file_name()
+        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
     let text = std::fs::read_to_string(path).map_err(|e| format!("{file}: {e}"))?;
     let raw: RawScenario = serde_saphyr::from_str(&text).map_err(|e| format!("{file}: {e}"))?;
     Ok(Scenario {
@@ -187,16 +182,10 @@ pub fn parse_known_gaps(text: &str) -> Result<Vec<KnownGap>, String> {
             continue;
         };
         let Some((id, reason)) = rest.split_once('`') else {
-            return Err(format!(
-                "KNOWN_GAPS.md:{}: expected - `file.yaml#N`: reason",
-                n + 1
-            ));
+            return Err(format!("KNOWN_GAPS.md:{}: expected - `file.yaml#N`: reason", n + 1));
         };
         let Some((file, index)) = id.split_once('#') else {
-            return Err(format!(
-                "KNOWN_GAPS.md:{}: `{id}` is not file.yaml#N",
-                n + 1
-            ));
+            return Err(format!("KNOWN_GAPS.md:{}: `{id}` is not file.yaml#N", n + 1));
         };
         let index = index
             .parse()
@@ -244,10 +233,7 @@ impl ParsedFlow {
             .parse()
             .map_err(|_| format!("src `{}` is not an IP address", flow.src))?;
         let dst = match &flow.dst {
-            Some(d) => Some(
-                d.parse()
-                    .map_err(|_| format!("dst `{d}` is not an IP address"))?,
-            ),
+            Some(d) => Some(d.parse().map_err(|_| format!("dst `{d}` is not an IP address"))?),
             None => None,
         };
         let name = match &flow.name {
@@ -297,8 +283,7 @@ pub fn observe(policy: &Policy, v: &Verdict) -> Observed {
 /// Loads a scenario's config the way `sluice run -c` would.
 pub fn compile_config(scenario: &Scenario) -> Result<Policy, String> {
     let source = format!("{}#config", scenario.file);
-    let config =
-        sluice_api::config::load_str(&scenario.config, &source).map_err(|e| e.to_string())?;
+    let config = sluice_api::config::load_str(&scenario.config, &source).map_err(|e| e.to_string())?;
     Ok(Policy::compile(&config))
 }
 
@@ -319,10 +304,7 @@ impl Engine for SluiceEngine {
 pub fn compare(flow: &Flow, got: &Observed) -> Option<String> {
     let mut diffs = Vec::new();
     if flow.action != got.action {
-        diffs.push(format!(
-            "action: expected {}, got {}",
-            flow.action, got.action
-        ));
+        diffs.push(format!("action: expected {}, got {}", flow.action, got.action));
     }
     if flow.enforcement != got.enforcement {
         diffs.push(format!(
@@ -335,26 +317,17 @@ pub fn compare(flow: &Flow, got: &Observed) -> Option<String> {
         diffs.push(format!("rule: expected {}, got {}", flow.rule, got.rule));
     }
     if flow.reason != got.reason {
-        diffs.push(format!(
-            "reason: expected {}, got {}",
-            flow.reason, got.reason
-        ));
+        diffs.push(format!("reason: expected {}, got {}", flow.reason, got.reason));
     }
-    let group =
-        |what: &str, want: &Option<String>, got: &Option<String>, diffs: &mut Vec<String>| {
-            if let Some(want) = want {
-                let got = got.as_deref().unwrap_or("-");
-                if want != got {
-                    diffs.push(format!("{what}: expected {want}, got {got}"));
-                }
+    let group = |what: &str, want: &Option<String>, got: &Option<String>, diffs: &mut Vec<String>| {
+        if let Some(want) = want {
+            let got = got.as_deref().unwrap_or("-");
+            if want != got {
+                diffs.push(format!("{what}: expected {want}, got {got}"));
             }
-        };
-    group(
-        "source_group",
-        &flow.source_group,
-        &got.source_group,
-        &mut diffs,
-    );
+        }
+    };
+    group("source_group", &flow.source_group, &got.source_group, &mut diffs);
     group("dest_group", &flow.dest_group, &got.dest_group, &mut diffs);
     if diffs.is_empty() {
         None

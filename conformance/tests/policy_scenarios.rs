@@ -6,8 +6,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use sluice_conformance::policy::{
-    KnownGap, MIN_FLOWS, ParsedFlow, Scenario, SluiceEngine, compile_config, load_dir, observe,
-    parse_known_gaps, run,
+    KnownGap, MIN_FLOWS, ParsedFlow, Scenario, SluiceEngine, compile_config, load_dir, observe, parse_known_gaps, run,
 };
 
 fn dir() -> PathBuf {
@@ -45,9 +44,7 @@ fn policy_scenarios() {
         }
     }
     for g in &gaps {
-        let exists = scenarios
-            .iter()
-            .any(|s| s.file == g.file && g.index < s.flows.len());
+        let exists = scenarios.iter().any(|s| s.file == g.file && g.index < s.flows.len());
         if !exists {
             problems.push(format!(
                 "KNOWN_GAPS.md lists {}#{}, which does not exist",
@@ -125,16 +122,11 @@ fn explain_agrees_with_decide() {
                 ));
             }
             if explained.steps.is_empty() {
-                problems.push(format!(
-                    "{}:{} flows[{i}]: explain gave no steps",
-                    s.file, lf.line
-                ));
+                problems.push(format!("{}:{} flows[{i}]: explain gave no steps", s.file, lf.line));
             }
         }
     }
-    loud(&format!(
-        "explain checked against decide on {checked} flows"
-    ));
+    loud(&format!("explain checked against decide on {checked} flows"));
     assert!(checked >= MIN_FLOWS, "only {checked} flows explained");
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
