@@ -5,6 +5,7 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 
+use sluice::policy::{DecidedBy, Step};
 use sluice_conformance::policy::{
     KnownGap, MIN_FLOWS, ParsedFlow, Scenario, SluiceEngine, compile_config, load_dir, observe, parse_known_gaps, run,
 };
@@ -121,8 +122,29 @@ fn explain_agrees_with_decide() {
                     s.file, lf.line, explained.verdict
                 ));
             }
-            if explained.steps.is_empty() {
-                problems.push(format!("{}:{} flows[{i}]: explain gave no steps", s.file, lf.line));
+            // The chain: the guard, then every rule tried (skipped ones, the
+            // match), then the default if nothing matched.
+            let want_steps = match decided.decided_by {
+                DecidedBy::BuiltinGuard => 1,
+                DecidedBy::Rule(r) => 1 + r as usize + 1,
+                DecidedBy::Default => 1 + policy.rule_count() + 1,
+            };
+            let matched = explained
+                .steps
+                .iter()
+                .filter(|s| matches!(s, Step::RuleMatched { .. }))
+                .count();
+            let want_matched = usize::from(matches!(decided.decided_by, DecidedBy::Rule(_)));
+            if explained.steps.len() != want_steps || matched != want_matched {
+                let steps: Vec<String> = explained.steps.iter().map(ToString::to_string).collect();
+                problems.push(format!(
+                    "{}:{} flows[{i}]: explain chain has {} steps ({matched} matches), expected {want_steps} \
+                     ({want_matched}):\n  {}",
+                    s.file,
+                    lf.line,
+                    explained.steps.len(),
+                    steps.join("\n  ")
+                ));
             }
         }
     }
