@@ -6,6 +6,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use sluice::policy::{DecidedBy, Step};
+use sluice_api::reason::ReasonCode;
 use sluice_conformance::policy::{
     KnownGap, MIN_FLOWS, ParsedFlow, Scenario, SluiceEngine, compile_config, load_dir, observe, parse_known_gaps, run,
 };
@@ -51,6 +52,17 @@ fn policy_scenarios() {
                 "KNOWN_GAPS.md lists {}#{}, which does not exist",
                 g.file, g.index
             ));
+        }
+    }
+
+    // Every reason code is exercised by at least one flow.
+    for code in ReasonCode::ALL {
+        if !scenarios
+            .iter()
+            .flat_map(|s| &s.flows)
+            .any(|f| f.flow.reason == code.as_str())
+        {
+            problems.push(format!("no scenario flow expects reason `{code}`"));
         }
     }
 
