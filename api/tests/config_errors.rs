@@ -74,7 +74,6 @@ const YAML_KIND_BUG: &str = "BUG: api/src/config/mod.rs yaml_error matches the s
      ConfigErrorKind::Syntax with no `did you mean`";
 
 #[test]
-#[ignore = "BUG: unknown field reported as Syntax (yaml_error does not unwrap Error::WithSnippet)"]
 fn unknown_field_with_did_you_mean() {
     let text = "listners:\n  - name: proxy\n";
     let e = one_error(text);
@@ -95,7 +94,6 @@ fn unknown_field_with_did_you_mean() {
 }
 
 #[test]
-#[ignore = "BUG: unknown field reported as Syntax (yaml_error does not unwrap Error::WithSnippet)"]
 fn unknown_field_in_a_rule() {
     let text = "policy:\n  rules:\n    - name: r\n      action: allow\n      protocol: [tls]\n";
     let e = one_error(text);
@@ -122,7 +120,6 @@ fn unknown_field_is_rejected_at_its_position() {
 }
 
 #[test]
-#[ignore = "BUG: unknown enum value reported as Syntax (yaml_error does not unwrap Error::WithSnippet)"]
 fn unknown_enum_value() {
     let text = "policy:\n  mode: enforse\n";
     let e = one_error(text);
@@ -155,7 +152,6 @@ fn unknown_enum_value_is_rejected_at_its_position() {
 }
 
 #[test]
-#[ignore = "BUG: missing field reported as Syntax (yaml_error does not unwrap Error::WithSnippet)"]
 fn missing_field() {
     let text = "listeners:\n  - name: proxy\n    kind: http-proxy\n";
     let e = one_error(text);
@@ -322,7 +318,6 @@ fn two_listeners_on_one_address() {
 }
 
 #[test]
-#[ignore = "BUG: listeners on 0.0.0.0:P and 127.0.0.1:P both load, but the second bind fails (EADDRINUSE)"]
 fn wildcard_listener_overlaps_specific_address() {
     let text = "listeners:\n  - name: all\n    kind: transparent\n    address: 0.0.0.0:3128\n  \
                 - name: local\n    kind: http-proxy\n    address: 127.0.0.1:3128\n";
@@ -331,7 +326,6 @@ fn wildcard_listener_overlaps_specific_address() {
 }
 
 #[test]
-#[ignore = "BUG: [::ffff:127.0.0.1]:P and 127.0.0.1:P are the same socket but both listeners load"]
 fn mapped_listener_address_collides_with_ipv4() {
     let text = "listeners:\n  - name: a\n    kind: http-proxy\n    address: \"[::ffff:127.0.0.1]:3128\"\n  \
                 - name: b\n    kind: sni\n    address: 127.0.0.1:3128\n";
@@ -438,7 +432,6 @@ fn invalid_domain_bad_idn() {
 }
 
 #[test]
-#[ignore = "BUG: the IDN error detail is idna's Debug-ish `Errors`, which says nothing about what is wrong"]
 fn invalid_idn_message_says_why() {
     let text = "webgroups:\n  - name: g\n    domains: [xn--zz.example]\n";
     let shown = one_error(text).to_string();
@@ -451,7 +444,6 @@ fn invalid_idn_message_says_why() {
 /// (STD3) IDNA. An SNI like `_acme.xn--bcher-kva.example` cannot be parsed
 /// for the same reason.
 #[test]
-#[ignore = "BUG: an underscore label is accepted in ASCII names but rejected next to an IDN label"]
 fn underscore_label_with_idn_suffix() {
     loads(
         "webgroups:\n  - name: g\n    domains: [_srv.example.com, _srv.xn--bcher-kva.example, \"_srv.bücher.example\"]\n",

@@ -256,7 +256,6 @@ fn injected_unknown_key_is_rejected_and_named() {
 
 /// The exact kind. Fails today: see `config_errors.rs`, YAML_KIND_BUG.
 #[test]
-#[ignore = "BUG: unknown field reported as ConfigErrorKind::Syntax (yaml_error does not unwrap Error::WithSnippet)"]
 fn injected_unknown_key_is_an_unknown_field_error() {
     for (name, text) in shipped()
         .into_iter()

@@ -223,12 +223,16 @@ fn ref_decide(cfg: &Config, q: &FlowQuery<'_>) -> (Action, String, ReasonCode, b
         }
     }
     for r in &cfg.policy.rules {
-        let proto = r.protocols.is_empty() || r.protocols.contains(&q.protocol);
+        let proto = r.protocols.is_empty()
+            || r.protocols.contains(&q.protocol)
+            || (r.protocols.contains(&Protocol::Tcp) && matches!(q.protocol, Protocol::Tls | Protocol::Http));
         let implied = !proto
             && q.protocol == Protocol::Dns
             && r.action == Action::Allow
             && !r.to.webgroups.is_empty()
-            && r.protocols.iter().any(|p| matches!(p, Protocol::Tls | Protocol::Http));
+            && r.protocols
+                .iter()
+                .any(|p| matches!(p, Protocol::Tls | Protocol::Http | Protocol::Tcp));
         if !proto && !implied {
             continue;
         }

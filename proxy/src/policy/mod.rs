@@ -225,11 +225,17 @@ impl Policy {
                     .iter()
                     .filter_map(|n| smart_id(n))
                     .for_each(|g| to_smart.insert(g));
-                let protocols = if r.protocols.is_empty() {
+                let mut protocols = if r.protocols.is_empty() {
                     Protocol::ALL.iter().fold(0, |m, p| m | p.bit())
                 } else {
                     r.protocols.iter().fold(0, |m, p| m | p.bit())
                 };
+                // TLS and plain HTTP ride on TCP: an L4 rule covers them,
+                // or an east-west `tcp` rule would stop matching the moment
+                // a service turned on TLS.
+                if protocols & Protocol::Tcp.bit() != 0 {
+                    protocols |= Protocol::Tls.bit() | Protocol::Http.bit();
+                }
                 let implies_dns = r.action == Action::Allow
                     && !r.to.webgroups.is_empty()
                     && protocols & (Protocol::Tls.bit() | Protocol::Http.bit()) != 0;
