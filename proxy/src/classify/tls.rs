@@ -1,0 +1,553 @@
+//! TLS ClientHello classification. A TLS client speaks first, and its first
+//! handshake message names where it wants to go (SNI), what it wants to speak
+//! there (ALPN) and whether the real name is hidden (ECH). This module reads
+//! exactly that from the peeked bytes without terminating TLS: it walks the
+//! record layer, reassembles the handshake message across TCP segments and TLS
+//! records, and decodes only the ClientHello fields policy needs (RFC 8446
+//! §4.1.2, RFC 6066 §3, RFC 7301, draft-ietf-tls-esni).
+//!
+//! It keeps no state between calls: the caller passes the whole buffer peeked
+//! so far each time. Size is bounded by [`Limits`], checked against the declared
+//! lengths as soon as they are seen so an oversized hello is refused before its
+//! bytes are buffered.
+
+use super::{Progress, is_host_name};
+
+/// Record content type of handshake messages.
+const CONTENT_HANDSHAKE: u8 = 22;
+const RECORD_HEADER_LEN: usize = 5;
+const HANDSHAKE_HEADER_LEN: usize = 4;
+/// RFC 8446 §5.1: a plaintext record carries at most 2^14 bytes.
+const MAX_RECORD_PAYLOAD: usize = 1 << 14;
+const HANDSHAKE_CLIENT_HELLO: u8 = 1;
+
+const EXT_SERVER_NAME: u16 = 0;
+const EXT_ALPN: u16 = 16;
+const EXT_PRE_SHARED_KEY: u16 = 41;
+const EXT_SUPPORTED_VERSIONS: u16 = 43;
+/// `encrypted_client_hello` (draft-ietf-tls-esni-22 §11.1).
+const EXT_ECH: u16 = 0xfe0d;
+
+/// Bounds on what the parser accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest ClientHello handshake message accepted, counting its 4-byte
+    /// handshake header but not record headers.
+    pub max_client_hello: usize,
+}
+
+impl Default for Limits {
+    /// 16 KiB: several times the largest hellos seen in practice (browsers with
+    /// post-quantum key shares send about 1.8 KiB), small enough to bound what a
+    /// flow may make us buffer.
+    fn default() -> Self {
+        Limits {
+            max_client_hello: 16 * 1024,
+        }
+    }
+}
+
+/// What the policy layer needs from a ClientHello.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientHello {
+    /// The `host_name` from `server_name`, exactly as sent (case preserved).
+    /// With ECH this is the outer, public name.
+    pub sni: Option<String>,
+    /// ALPN protocol names in the client's order; opaque bytes per RFC 7301.
+    pub alpn: Vec<Vec<u8>>,
+    /// `legacy_version` of the ClientHello body (0x0303 for TLS 1.2 and 1.3).
+    pub legacy_version: u16,
+    /// `supported_versions` in the client's order, GREASE values removed.
+    /// Empty when the extension is absent (a pre-TLS 1.3 client).
+    pub supported_versions: Vec<u16>,
+    /// The `encrypted_client_hello` extension is present: the SNI above is the
+    /// outer name and the real destination is hidden.
+    pub ech: bool,
+    /// Number of cipher suites offered, GREASE included.
+    pub cipher_suite_count: usize,
+    /// Length of the handshake message, 4-byte header included.
+    pub handshake_len: usize,
+}
+
+/// A first-flight byte stream that is not an acceptable ClientHello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    #[error("record content type {0} is not handshake (22)")]
+    NotHandshake(u8),
+    #[error("SSLv2-style record header")]
+    Sslv2,
+    #[error("protocol version {0:#06x} is not SSL 3.0 or TLS")]
+    BadVersion(u16),
+    #[error("handshake message type {0} is not ClientHello (1)")]
+    NotClientHello(u8),
+    #[error("ClientHello declares {declared} bytes, more than the limit of {max}")]
+    Oversized { declared: usize, max: usize },
+    #[error("malformed ClientHello: bad {0}")]
+    Malformed(Field),
+    #[error("bad server_name: {0}")]
+    BadSni(SniProblem),
+    #[error("extension {0:#06x} appears more than once")]
+    DuplicateExtension(u16),
+}
+
+impl TlsError {
+    /// Stable reason code for audit records and metrics labels.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            TlsError::NotHandshake(_) => "tls-not-handshake",
+            TlsError::Sslv2 => "tls-sslv2",
+            TlsError::BadVersion(_) => "tls-bad-version",
+            TlsError::NotClientHello(_) => "tls-not-client-hello",
+            TlsError::Oversized { .. } => "tls-oversized",
+            TlsError::Malformed(_) => "tls-malformed",
+            TlsError::BadSni(_) => "tls-bad-sni",
+            TlsError::DuplicateExtension(_) => "tls-duplicate-extension",
+        }
+    }
+}
+
+/// The structure whose length or content was wrong in a malformed hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Field {
+    #[error("record length")]
+    RecordLength,
+    #[error("legacy_version")]
+    LegacyVersion,
+    #[error("random")]
+    Random,
+    #[error("legacy_session_id")]
+    SessionId,
+    #[error("cipher_suites")]
+    CipherSuites,
+    #[error("legacy_compression_methods")]
+    CompressionMethods,
+    #[error("extensions block")]
+    Extensions,
+    #[error("bytes after the extensions")]
+    TrailingBytes,
+    #[error("server_name extension")]
+    ServerName,
+    #[error("application_layer_protocol_negotiation extension")]
+    Alpn,
+    #[error("supported_versions extension")]
+    SupportedVersions,
+    #[error("encrypted_client_hello extension")]
+    Ech,
+    #[error("pre_shared_key extension not last")]
+    PreSharedKeyNotLast,
+}
+
+/// Why a `server_name` extension was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SniProblem {
+    #[error("no host_name entry")]
+    NoHostName,
+    #[error("more than one host_name entry")]
+    MultipleHostNames,
+    #[error("host_name is not an ASCII DNS name")]
+    InvalidHostName,
+}
+
+/// First-bytes guess for transparent mode, where nothing says which protocol
+/// the client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniff {
+    /// A TLS handshake record (or an SSLv2 hello, which the TLS parser then
+    /// refuses with its own reason code).
+    Tls,
+    /// An HTTP/1 request line: an upper-case method token then a space.
+    Http,
+    /// Neither; the flow is opaque TCP.
+    Unknown,
+    NeedMore,
+}
+
+/// Longest method token `sniff` waits for before calling the stream unknown;
+/// the longest registered method (`UPDATEREDIRECTREF`) is 17 bytes.
+const MAX_SNIFF_METHOD: usize = 24;
+
+/// Guesses from the first bytes whether the stream is TLS, HTTP/1 or neither.
+///
+/// HTTP/2 prior knowledge (`PRI * HTTP/2.0`) reads as `Http`; the HTTP/1 parser
+/// then rejects its version.
+pub fn sniff(buf: &[u8]) -> Sniff {
+    let Some(&first) = buf.first() else {
+        return Sniff::NeedMore;
+    };
+    if first == CONTENT_HANDSHAKE {
+        return match buf.get(1) {
+            None => Sniff::NeedMore,
+            Some(3) => Sniff::Tls,
+            Some(_) => Sniff::Unknown,
+        };
+    }
+    if first & 0x80 != 0 {
+        // SSLv2 record: 2-byte length with the high bit set, then msg type 1.
+        return match buf.get(2) {
+            None => Sniff::NeedMore,
+            Some(1) => Sniff::Tls,
+            Some(_) => Sniff::Unknown,
+        };
+    }
+    for (i, &b) in buf.iter().enumerate().take(MAX_SNIFF_METHOD + 1) {
+        if b == b' ' {
+            return if i > 0 { Sniff::Http } else { Sniff::Unknown };
+        }
+        if !(b.is_ascii_uppercase() || b == b'-' || b == b'_') {
+            return Sniff::Unknown;
+        }
+    }
+    if buf.len() > MAX_SNIFF_METHOD {
+        Sniff::Unknown
+    } else {
+        Sniff::NeedMore
+    }
+}
+
+/// Parses the ClientHello at the start of `input`, the bytes peeked so far.
+///
+/// Returns `NeedMore` while `input` is a valid but incomplete prefix; call again
+/// with a longer buffer. Bytes after the ClientHello are ignored. For any input,
+/// a prefix of it yields either `NeedMore` or the same result as the whole.
+pub fn parse_client_hello(
+    input: &[u8],
+    limits: &Limits,
+) -> Result<Progress<ClientHello>, TlsError> {
+    let mut pos = 0usize;
+    // Handshake bytes seen so far, and the header of the handshake message as
+    // far as it has been seen (it may itself be split across records).
+    let mut hs_seen = 0usize;
+    let mut hs_header = [0u8; HANDSHAKE_HEADER_LEN];
+    let mut hs_total: Option<usize> = None;
+    loop {
+        let header = input.get(pos..).unwrap_or_default();
+        check_record_header(header, pos == 0)?;
+        let Some(record_len) = record_len(header) else {
+            let more_header = RECORD_HEADER_LEN.saturating_sub(header.len());
+            return Ok(need(more_header + handshake_missing(hs_seen, hs_total)));
+        };
+        let payload_start = pos.saturating_add(RECORD_HEADER_LEN);
+        let available = input.len().saturating_sub(payload_start).min(record_len);
+        let payload = input
+            .get(payload_start..payload_start.saturating_add(available))
+            .unwrap_or_default();
+
+        let before = hs_seen;
+        let header_part = payload
+            .iter()
+            .take(HANDSHAKE_HEADER_LEN.saturating_sub(before));
+        for (idx, &b) in (before..).zip(header_part) {
+            // Refuse on the very first handshake byte: no reason to buffer a
+            // message we will not parse.
+            if idx == 0 && b != HANDSHAKE_CLIENT_HELLO {
+                return Err(TlsError::NotClientHello(b));
+            }
+            if let Some(slot) = hs_header.get_mut(idx) {
+                *slot = b;
+            }
+        }
+        hs_seen = before + payload.len();
+        if hs_total.is_none() && hs_seen >= HANDSHAKE_HEADER_LEN {
+            let [_, a, b, c] = hs_header;
+            let declared = HANDSHAKE_HEADER_LEN + u32::from_be_bytes([0, a, b, c]) as usize;
+            if declared > limits.max_client_hello {
+                return Err(TlsError::Oversized {
+                    declared,
+                    max: limits.max_client_hello,
+                });
+            }
+            hs_total = Some(declared);
+        }
+        if let Some(total) = hs_total
+            && hs_seen >= total
+        {
+            return finish(input, total).map(Progress::Done);
+        }
+        let missing = handshake_missing(hs_seen, hs_total);
+        let rest_of_record = record_len - available;
+        if rest_of_record > 0 {
+            // The current record may hold all that is missing; if not, at least
+            // one more record header must come too.
+            return Ok(need(if missing <= rest_of_record {
+                missing
+            } else {
+                missing + RECORD_HEADER_LEN
+            }));
+        }
+        pos = payload_start + record_len;
+    }
+}
+
+/// Checks as much of a record header as `header` holds. Each check runs only
+/// once all of its bytes are present, so a prefix of the input fails with the
+/// same error as the whole or not at all.
+fn check_record_header(header: &[u8], first_record: bool) -> Result<(), TlsError> {
+    let Some(&content_type) = header.first() else {
+        return Ok(());
+    };
+    // An SSLv2 header is a 2-byte length with the high bit set; no TLS content
+    // type has that bit, so it is the one thing the first byte can tell.
+    if first_record && content_type & 0x80 != 0 {
+        return Err(TlsError::Sslv2);
+    }
+    if content_type != CONTENT_HANDSHAKE {
+        return Err(TlsError::NotHandshake(content_type));
+    }
+    if let (Some(&major), Some(&minor)) = (header.get(1), header.get(2))
+        && (major != 3 || minor > 4)
+    {
+        return Err(TlsError::BadVersion(u16::from_be_bytes([major, minor])));
+    }
+    // RFC 8446 §5.1 forbids zero-length handshake fragments and records over
+    // 2^14 bytes; a peer that sends either is not a TLS client.
+    if let Some(len) = record_len(header)
+        && (len == 0 || len > MAX_RECORD_PAYLOAD)
+    {
+        return Err(TlsError::Malformed(Field::RecordLength));
+    }
+    Ok(())
+}
+
+fn record_len(header: &[u8]) -> Option<usize> {
+    match header.get(3..RECORD_HEADER_LEN) {
+        Some(&[a, b]) => Some(usize::from(u16::from_be_bytes([a, b]))),
+        _ => None,
+    }
+}
+
+/// Handshake bytes still to come: the rest of the message if its length is
+/// known, else the rest of its header.
+fn handshake_missing(seen: usize, total: Option<usize>) -> usize {
+    total
+        .unwrap_or(HANDSHAKE_HEADER_LEN)
+        .saturating_sub(seen)
+        .max(1)
+}
+
+fn need<T>(at_least: usize) -> Progress<T> {
+    Progress::NeedMore {
+        at_least: Some(at_least.max(1)),
+    }
+}
+
+/// Decodes the complete handshake message of `total` bytes carried by the
+/// (already validated) records at the start of `input`.
+fn finish(input: &[u8], total: usize) -> Result<ClientHello, TlsError> {
+    // Nearly every client sends the hello in one record: parse it in place.
+    if record_len(input).is_some_and(|len| len >= total) {
+        let msg = input
+            .get(RECORD_HEADER_LEN..RECORD_HEADER_LEN.saturating_add(total))
+            .ok_or(TlsError::Malformed(Field::RecordLength))?;
+        return parse_message(msg);
+    }
+    let mut msg = Vec::with_capacity(total);
+    let mut pos = 0usize;
+    while msg.len() < total {
+        let Some(len) = input.get(pos..).and_then(record_len) else {
+            break;
+        };
+        let start = pos.saturating_add(RECORD_HEADER_LEN);
+        let take = len.min(total - msg.len());
+        let Some(chunk) = input.get(start..start.saturating_add(take)) else {
+            break;
+        };
+        msg.extend_from_slice(chunk);
+        pos = start.saturating_add(len);
+    }
+    parse_message(&msg)
+}
+
+/// Decodes a whole handshake message (header included) known to be a
+/// ClientHello of the declared length.
+fn parse_message(msg: &[u8]) -> Result<ClientHello, TlsError> {
+    let body = msg
+        .get(HANDSHAKE_HEADER_LEN..)
+        .ok_or(TlsError::Malformed(Field::RecordLength))?;
+    let mut hello = parse_body(body)?;
+    hello.handshake_len = msg.len();
+    Ok(hello)
+}
+
+fn parse_body(body: &[u8]) -> Result<ClientHello, TlsError> {
+    use TlsError::Malformed;
+    let mut r = Reader(body);
+    let legacy_version = r.u16().ok_or(Malformed(Field::LegacyVersion))?;
+    if legacy_version >> 8 != 3 {
+        return Err(TlsError::BadVersion(legacy_version));
+    }
+    r.take(32).ok_or(Malformed(Field::Random))?;
+    let session_id = r.vec_u8().ok_or(Malformed(Field::SessionId))?;
+    if session_id.len() > 32 {
+        return Err(Malformed(Field::SessionId));
+    }
+    let suites = r.vec_u16().ok_or(Malformed(Field::CipherSuites))?;
+    if suites.len() < 2 || suites.len() % 2 != 0 {
+        return Err(Malformed(Field::CipherSuites));
+    }
+    let compression = r.vec_u8().ok_or(Malformed(Field::CompressionMethods))?;
+    if compression.is_empty() {
+        return Err(Malformed(Field::CompressionMethods));
+    }
+    let mut hello = ClientHello {
+        legacy_version,
+        cipher_suite_count: suites.len() / 2,
+        ..ClientHello::default()
+    };
+    // Extensions are optional before TLS 1.3 (RFC 5246 §7.4.1.2).
+    if r.is_empty() {
+        return Ok(hello);
+    }
+    let extensions = r.vec_u16().ok_or(Malformed(Field::Extensions))?;
+    if !r.is_empty() {
+        return Err(Malformed(Field::TrailingBytes));
+    }
+
+    // One bit per extension type: 8 KiB on the stack, no allocation, and O(1)
+    // per extension however many a hostile hello carries.
+    let mut seen = [0u64; 1024];
+    let mut after_psk = false;
+    let mut r = Reader(extensions);
+    while !r.is_empty() {
+        let ext_type = r.u16().ok_or(Malformed(Field::Extensions))?;
+        let data = r.vec_u16().ok_or(Malformed(Field::Extensions))?;
+        // Two server_name extensions would let the proxy and the origin pick
+        // different names, so duplicates of any type are refused (RFC 8446 §4.2).
+        if let Some(word) = seen.get_mut(usize::from(ext_type >> 6)) {
+            let bit = 1u64 << (ext_type & 63);
+            if *word & bit != 0 {
+                return Err(TlsError::DuplicateExtension(ext_type));
+            }
+            *word |= bit;
+        }
+        if after_psk {
+            return Err(Malformed(Field::PreSharedKeyNotLast));
+        }
+        match ext_type {
+            EXT_SERVER_NAME => hello.sni = Some(parse_server_name(data)?),
+            EXT_ALPN => hello.alpn = parse_alpn(data)?,
+            EXT_SUPPORTED_VERSIONS => hello.supported_versions = parse_supported_versions(data)?,
+            EXT_ECH => {
+                // ECHClientHello starts with its type byte; an empty body is
+                // not an ECH extension any server would accept.
+                if data.is_empty() {
+                    return Err(Malformed(Field::Ech));
+                }
+                hello.ech = true;
+            }
+            EXT_PRE_SHARED_KEY => after_psk = true,
+            _ => {}
+        }
+    }
+    Ok(hello)
+}
+
+/// RFC 6066 §3 `ServerNameList`: exactly one `host_name`; entries of other
+/// (unassigned) types are skipped, as their layout is the same opaque<1..2^16-1>.
+fn parse_server_name(data: &[u8]) -> Result<String, TlsError> {
+    let malformed = TlsError::Malformed(Field::ServerName);
+    let mut r = Reader(data);
+    let list = r.vec_u16().ok_or(malformed)?;
+    if !r.is_empty() || list.is_empty() {
+        return Err(malformed);
+    }
+    let mut host: Option<String> = None;
+    let mut r = Reader(list);
+    while !r.is_empty() {
+        let name_type = r.u8().ok_or(malformed)?;
+        let name = r.vec_u16().ok_or(malformed)?;
+        if name_type != 0 {
+            continue;
+        }
+        if host.is_some() {
+            return Err(TlsError::BadSni(SniProblem::MultipleHostNames));
+        }
+        if !is_host_name(name) {
+            return Err(TlsError::BadSni(SniProblem::InvalidHostName));
+        }
+        // is_host_name admits ASCII only, so this never replaces anything.
+        host = Some(String::from_utf8_lossy(name).into_owned());
+    }
+    host.ok_or(TlsError::BadSni(SniProblem::NoHostName))
+}
+
+/// RFC 7301 §3.1 `ProtocolNameList`: at least one name, each 1–255 bytes.
+fn parse_alpn(data: &[u8]) -> Result<Vec<Vec<u8>>, TlsError> {
+    let malformed = TlsError::Malformed(Field::Alpn);
+    let mut r = Reader(data);
+    let list = r.vec_u16().ok_or(malformed)?;
+    if !r.is_empty() || list.is_empty() {
+        return Err(malformed);
+    }
+    let mut protocols = Vec::new();
+    let mut r = Reader(list);
+    while !r.is_empty() {
+        let name = r.vec_u8().ok_or(malformed)?;
+        if name.is_empty() {
+            return Err(malformed);
+        }
+        protocols.push(name.to_vec());
+    }
+    Ok(protocols)
+}
+
+/// RFC 8446 §4.2.1, client form: a u8-prefixed list of 1–127 versions.
+fn parse_supported_versions(data: &[u8]) -> Result<Vec<u16>, TlsError> {
+    let malformed = TlsError::Malformed(Field::SupportedVersions);
+    let mut r = Reader(data);
+    let list = r.vec_u8().ok_or(malformed)?;
+    if !r.is_empty() || list.is_empty() || list.len() % 2 != 0 {
+        return Err(malformed);
+    }
+    Ok(list
+        .chunks_exact(2)
+        .filter_map(|pair| match pair {
+            &[a, b] => Some(u16::from_be_bytes([a, b])),
+            _ => None,
+        })
+        .filter(|&v| !is_grease(v))
+        .collect())
+}
+
+/// RFC 8701 GREASE values: 0x?a?a with both bytes equal.
+pub fn is_grease(value: u16) -> bool {
+    value & 0x0f0f == 0x0a0a && value >> 8 == value & 0xff
+}
+
+/// Cursor over TLS's length-prefixed encodings; every read is checked.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1)?.first().copied()
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        match self.take(2)? {
+            &[a, b] => Some(u16::from_be_bytes([a, b])),
+            _ => None,
+        }
+    }
+
+    fn vec_u8(&mut self) -> Option<&'a [u8]> {
+        let n = self.u8()?;
+        self.take(usize::from(n))
+    }
+
+    fn vec_u16(&mut self) -> Option<&'a [u8]> {
+        let n = self.u16()?;
+        self.take(usize::from(n))
+    }
+}
