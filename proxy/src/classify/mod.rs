@@ -28,8 +28,9 @@ pub use tls::{ClientHello, Limits, Sniff, TlsError, parse_client_hello, sniff};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress<T> {
     /// The input is a valid prefix but is not complete yet. `at_least`, when
-    /// known, is a lower bound on how many more bytes must arrive before calling
-    /// again can return anything other than `NeedMore`; it is always ≥ 1.
+    /// known, is how many more bytes must arrive before calling again can return
+    /// anything other than `NeedMore` (a result *or* an error), so a caller may
+    /// wait for that many before re-parsing without delaying a refusal. ≥ 1.
     NeedMore { at_least: Option<usize> },
     /// The message is complete.
     Done(T),

@@ -226,8 +226,14 @@ pub fn parse_client_hello(
         let header = input.get(pos..).unwrap_or_default();
         check_record_header(header, pos == 0)?;
         let Some(record_len) = record_len(header) else {
-            let more_header = RECORD_HEADER_LEN.saturating_sub(header.len());
-            return Ok(need(more_header + handshake_missing(hs_seen, hs_total)));
+            // A partial header is checked again once its content type (byte
+            // 1), version (byte 3) or length (byte 5) is in.
+            let next_check = match header.len() {
+                0 => 1,
+                1 | 2 => 3,
+                _ => RECORD_HEADER_LEN,
+            };
+            return Ok(need(next_check - header.len()));
         };
         let payload_start = pos.saturating_add(RECORD_HEADER_LEN);
         let available = input.len().saturating_sub(payload_start).min(record_len);
@@ -266,16 +272,12 @@ pub fn parse_client_hello(
         {
             return finish(input, total).map(Progress::Done);
         }
-        let missing = handshake_missing(hs_seen, hs_total);
+        let until_check = handshake_until_check(hs_seen, hs_total);
         let rest_of_record = record_len - available;
         if rest_of_record > 0 {
-            // The current record may hold all that is missing; if not, at least
-            // one more record header must come too.
-            return Ok(need(if missing <= rest_of_record {
-                missing
-            } else {
-                missing + RECORD_HEADER_LEN
-            }));
+            // If the current record ends first, the next record's content type
+            // byte is checked as soon as it arrives.
+            return Ok(need(until_check.min(rest_of_record + 1)));
         }
         pos = payload_start + record_len;
     }
@@ -318,13 +320,15 @@ fn record_len(header: &[u8]) -> Option<usize> {
     }
 }
 
-/// Handshake bytes still to come: the rest of the message if its length is
-/// known, else the rest of its header.
-fn handshake_missing(seen: usize, total: Option<usize>) -> usize {
-    total
-        .unwrap_or(HANDSHAKE_HEADER_LEN)
-        .saturating_sub(seen)
-        .max(1)
+/// Handshake bytes until the next point where the outcome can change: the
+/// type byte, the end of the length field, then the end of the message.
+fn handshake_until_check(seen: usize, total: Option<usize>) -> usize {
+    let next = match total {
+        Some(total) => total,
+        None if seen == 0 => 1,
+        None => HANDSHAKE_HEADER_LEN,
+    };
+    next.saturating_sub(seen).max(1)
 }
 
 fn need<T>(at_least: usize) -> Progress<T> {
