@@ -384,3 +384,351 @@ fn trim_ows(value: &[u8]) -> &[u8] {
         .map_or(start, |i| i + 1);
     value.get(start..end).unwrap_or_default()
 }
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a test failure"
+)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(input: &[u8]) -> Result<Progress<RequestHead>, HttpError> {
+        parse_request_head(input, &HttpLimits::default())
+    }
+
+    fn done(input: &[u8]) -> RequestHead {
+        match parse(input) {
+            Ok(Progress::Done(head)) => head,
+            other => panic!("{:?}: {other:?}", String::from_utf8_lossy(input)),
+        }
+    }
+
+    fn err(input: &[u8]) -> HttpError {
+        match parse(input) {
+            Err(e) => e,
+            other => panic!("{:?}: {other:?}", String::from_utf8_lossy(input)),
+        }
+    }
+
+    fn is_need_more(r: &Result<Progress<RequestHead>, HttpError>) -> bool {
+        matches!(r, Ok(Progress::NeedMore { .. }))
+    }
+
+    fn name(n: &str) -> Option<Host> {
+        Some(Host::Name(n.to_owned()))
+    }
+
+    #[test]
+    fn origin_form_takes_host_header() {
+        let input =
+            b"GET /index.html?q=1 HTTP/1.1\r\nUser-Agent: t\r\nHost: Example.com:8080\r\n\r\nbody";
+        let head = done(input);
+        assert_eq!(head.method, "GET");
+        assert_eq!(head.target, "/index.html?q=1");
+        assert_eq!(head.form, TargetForm::Origin);
+        assert_eq!(head.version, 1);
+        assert_eq!(head.host, name("Example.com"));
+        assert_eq!(head.port, Some(8080));
+        assert_eq!(head.host_header.as_deref(), Some("Example.com:8080"));
+        assert_eq!(head.header_count, 2);
+        assert_eq!(head.head_len, input.len() - 4);
+        let head = done(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n");
+        assert_eq!(head.port, None);
+        assert_eq!(
+            head.destination(8081),
+            Some((&Host::Name("example.com".into()), 8081))
+        );
+    }
+
+    #[test]
+    fn one_byte_at_a_time() {
+        let input = b"POST http://example.com/x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 2\r\n\r\nhi";
+        let end = input.len() - 2;
+        for k in 0..end {
+            assert!(is_need_more(&parse(&input[..k])), "prefix {k}");
+        }
+        for k in end..=input.len() {
+            assert_eq!(done(&input[..k]), done(input));
+        }
+    }
+
+    #[test]
+    fn absolute_form_defaults_ports_and_wins_over_host() {
+        let head = done(b"GET http://example.com/a HTTP/1.1\r\nHost: example.com\r\n\r\n");
+        assert_eq!(
+            (head.form, head.host.clone(), head.port),
+            (TargetForm::Absolute, name("example.com"), Some(80))
+        );
+        assert_eq!(
+            head.destination(1),
+            Some((&Host::Name("example.com".into()), 80))
+        );
+        let head = done(b"GET HTTP://Example.com:8080 HTTP/1.0\r\n\r\n");
+        assert_eq!((head.host, head.port), (name("Example.com"), Some(8080)));
+        let head = done(b"GET https://example.com?x HTTP/1.1\r\n\r\n");
+        assert_eq!(head.port, Some(443));
+        let head = done(b"GET http://[2001:db8::1]:8000/ HTTP/1.1\r\n\r\n");
+        assert_eq!(head.host, Some(Host::Ipv6("2001:db8::1".parse().unwrap())));
+        assert_eq!(head.port, Some(8000));
+        assert_eq!(head.host.unwrap().to_string(), "[2001:db8::1]");
+        // Same name spelled differently is not a conflict.
+        done(b"GET http://example.com/ HTTP/1.1\r\nHost: EXAMPLE.com.:80\r\n\r\n");
+    }
+
+    #[test]
+    fn connect_takes_authority_form() {
+        let head = done(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nProxy-Connection: keep-alive\r\n\r\n\x16\x03\x01");
+        assert_eq!(head.form, TargetForm::Authority);
+        assert_eq!((head.host, head.port), (name("example.com"), Some(443)));
+        let head = done(b"CONNECT [::1]:8443 HTTP/1.1\r\n\r\n");
+        assert_eq!(head.host, Some(Host::Ipv6(Ipv6Addr::LOCALHOST)));
+        let head = done(b"CONNECT 10.0.0.1:22 HTTP/1.0\r\n\r\n");
+        assert_eq!(
+            (head.host, head.port),
+            (Some(Host::Ipv4(Ipv4Addr::new(10, 0, 0, 1))), Some(22))
+        );
+        assert_eq!(
+            err(b"CONNECT example.com HTTP/1.1\r\n\r\n"),
+            HttpError::BadPort
+        );
+        assert_eq!(err(b"CONNECT /x HTTP/1.1\r\n\r\n"), HttpError::BadHost);
+        // The scheme's colon reads as a port separator.
+        assert_eq!(
+            err(b"CONNECT http://example.com:443/ HTTP/1.1\r\n\r\n"),
+            HttpError::BadPort
+        );
+    }
+
+    #[test]
+    fn refuses_userinfo() {
+        assert_eq!(
+            err(b"GET http://good.example@evil.example/ HTTP/1.1\r\n\r\n"),
+            HttpError::UserInfo
+        );
+        assert_eq!(
+            err(b"CONNECT user:pw@evil.example:443 HTTP/1.1\r\n\r\n"),
+            HttpError::UserInfo
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a@b\r\n\r\n"),
+            HttpError::UserInfo
+        );
+    }
+
+    #[test]
+    fn refuses_several_or_conflicting_hosts() {
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a.example\r\nhost: a.example\r\n\r\n"),
+            HttpError::DuplicateHost
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a.example\r\nHOST: b.example\r\n\r\n"),
+            HttpError::DuplicateHost
+        );
+        assert_eq!(
+            err(b"GET http://a.example/ HTTP/1.1\r\nHost: b.example\r\n\r\n"),
+            HttpError::ConflictingHost
+        );
+        assert_eq!(
+            err(b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:8443\r\n\r\n"),
+            HttpError::ConflictingHost
+        );
+        assert_eq!(err(b"GET / HTTP/1.1\r\n\r\n"), HttpError::MissingHost);
+        assert_eq!(err(b"GET / HTTP/1.1\r\nHost:\r\n\r\n"), HttpError::BadHost);
+        let head = done(b"GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(head.destination(80), None);
+        assert_eq!((head.host, head.version), (None, 0));
+    }
+
+    #[test]
+    fn host_forms() {
+        let host = |s: &str| parse_authority(s.as_bytes()).map(|a| (a.host, a.port));
+        assert_eq!(
+            host("127.0.0.1:80"),
+            Ok((Host::Ipv4(Ipv4Addr::LOCALHOST), Some(80)))
+        );
+        assert_eq!(
+            host("xn--caf-dma.example"),
+            Ok((Host::Name("xn--caf-dma.example".into()), None))
+        );
+        // Numeric spellings resolvers would turn into 127.0.0.1.
+        for bad in [
+            "127.1",
+            "0x7f.0.0.1",
+            "2130706433",
+            "0177.0.0.1",
+            "127.0.0.01",
+            "1.2.3.4.5",
+            "example.123",
+        ] {
+            assert_eq!(host(bad), Err(HttpError::BadHost), "{bad}");
+        }
+        for bad in [
+            "",
+            "[::1",
+            "[fe80::1%25eth0]",
+            "[v1.x]",
+            "[::1]x",
+            "a b",
+            "a%2eb",
+            "caf\u{e9}.example",
+            "a\\b",
+        ] {
+            assert_eq!(host(bad), Err(HttpError::BadHost), "{bad}");
+        }
+        for bad in [
+            "a:", "a:0", "a:65536", "a:+80", "a:80a", "a:1:2", "[::1]:", "a:123456",
+        ] {
+            assert_eq!(host(bad), Err(HttpError::BadPort), "{bad}");
+        }
+        assert_eq!(host("a:65535"), Ok((Host::Name("a".into()), Some(65535))));
+        assert_eq!(host("a:0080"), Ok((Host::Name("a".into()), Some(80))));
+    }
+
+    #[test]
+    fn refuses_bad_targets_and_schemes() {
+        assert_eq!(
+            err(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"),
+            HttpError::BadTarget
+        );
+        assert_eq!(
+            done(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").form,
+            TargetForm::Asterisk
+        );
+        assert_eq!(
+            err(b"GET example.com/ HTTP/1.1\r\n\r\n"),
+            HttpError::BadTarget
+        );
+        assert_eq!(
+            err(b"GET ftp://example.com/ HTTP/1.1\r\n\r\n"),
+            HttpError::UnsupportedScheme
+        );
+    }
+
+    #[test]
+    fn syntax_errors_come_from_httparse() {
+        assert_eq!(
+            err(b"GET / HTTP/2.0\r\n\r\n"),
+            HttpError::Syntax(httparse::Error::Version)
+        );
+        assert!(matches!(
+            err(b"GET / HTTP/1.1\r\nHost : a\r\n\r\n"),
+            HttpError::Syntax(_)
+        ));
+        assert!(matches!(err(b"\x16\x03\x01\x02\x00"), HttpError::Syntax(_)));
+        assert_eq!(
+            HttpError::Syntax(httparse::Error::Token).reason_code(),
+            "http-malformed"
+        );
+    }
+
+    #[test]
+    fn bounds_head_size_and_header_count() {
+        let limits = HttpLimits {
+            max_head: 64,
+            max_headers: 4,
+        };
+        let mut long = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
+        long.resize(63, b'x');
+        assert!(is_need_more(&parse_request_head(&long, &limits)));
+        long.push(b'x');
+        assert_eq!(
+            parse_request_head(&long, &limits),
+            Err(HttpError::HeadTooLarge { max: 64 })
+        );
+        long.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(
+            parse_request_head(&long, &limits),
+            Err(HttpError::HeadTooLarge { max: 64 })
+        );
+        let exact = b"GET / HTTP/1.1\r\nHost: a\r\nX: yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy\r\n\r\n";
+        assert_eq!(exact.len(), 64);
+        assert!(parse_request_head(exact, &limits).is_ok_and(|p| p.done().is_some()));
+        let many = b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n";
+        assert_eq!(
+            parse_request_head(many, &limits),
+            Err(HttpError::TooManyHeaders { max: 4 })
+        );
+        assert_eq!(
+            parse(&[b'G'; 20_000]),
+            Err(HttpError::HeadTooLarge { max: 16 * 1024 })
+        );
+    }
+
+    #[test]
+    fn reason_codes_are_stable() {
+        assert_eq!(
+            HttpError::HeadTooLarge { max: 1 }.reason_code(),
+            "http-oversized"
+        );
+        assert_eq!(
+            HttpError::DuplicateHost.reason_code(),
+            "http-duplicate-host"
+        );
+        assert_eq!(
+            HttpError::ConflictingHost.reason_code(),
+            "http-conflicting-host"
+        );
+        assert_eq!(HttpError::UserInfo.reason_code(), "http-userinfo");
+        assert_eq!(HttpError::BadHost.reason_code(), "http-bad-host");
+        assert_eq!(HttpError::BadPort.reason_code(), "http-bad-port");
+    }
+
+    fn arb_head() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop_oneof![Just("GET"), Just("POST"), Just("CONNECT"), Just("OPTIONS")],
+            "[a-z0-9]{1,10}(\\.[a-z]{1,8}){0,2}",
+            proptest::option::of(1u16..),
+            proptest::collection::vec(("[A-Za-z-]{1,12}", "[ -~]{0,30}"), 0..8),
+            proptest::collection::vec(any::<u8>(), 0..20),
+        )
+            .prop_map(|(method, host, port, headers, tail)| {
+                let authority = match port {
+                    Some(p) => format!("{host}:{p}"),
+                    None => host.clone(),
+                };
+                let target = match method {
+                    "CONNECT" => authority.clone(),
+                    "OPTIONS" => "*".to_owned(),
+                    _ => format!("http://{authority}/p"),
+                };
+                let mut s = format!("{method} {target} HTTP/1.1\r\nHost: {authority}\r\n");
+                for (n, v) in headers {
+                    s.push_str(&format!("{n}: {v}\r\n"));
+                }
+                s.push_str("\r\n");
+                let mut out = s.into_bytes();
+                out.extend(tail);
+                out
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_and_prefixes_agree(input in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let whole = parse(&input);
+            for k in 0..input.len() {
+                let part = parse(&input[..k]);
+                prop_assert!(is_need_more(&part) || part == whole);
+            }
+        }
+
+        #[test]
+        fn never_panics_on_head_shaped_noise(line in "[A-Z]{1,8} [ -~]{0,40} HTTP/1\\.[01]\r\n([ -~]{0,30}\r\n){0,4}\r\n") {
+            let _ = parse(line.as_bytes());
+        }
+
+        #[test]
+        fn segmentation_does_not_change_the_result(input in arb_head()) {
+            let whole = parse(&input);
+            prop_assert!(!is_need_more(&whole), "{:?}", whole);
+            for k in 0..input.len() {
+                let part = parse(&input[..k]);
+                prop_assert!(is_need_more(&part) || part == whole, "prefix {}: {:?} vs {:?}", k, part, whole);
+            }
+        }
+    }
+}
