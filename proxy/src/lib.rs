@@ -6,6 +6,7 @@
 //!
 //! `policy` is the engine every stage asks; `cli` holds the command line.
 
+pub mod classify;
 pub mod cli;
 pub mod policy;
 pub mod sys;
