@@ -1,1 +1,3 @@
-
+pub mod forward;
+pub mod sys;
+pub mod telemetry;
