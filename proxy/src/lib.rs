@@ -8,5 +8,7 @@
 
 pub mod classify;
 pub mod cli;
+pub mod forward;
 pub mod policy;
 pub mod sys;
+pub mod telemetry;

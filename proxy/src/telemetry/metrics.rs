@@ -1,0 +1,188 @@
+//! Prometheus metrics: the names Sluice exports and the helpers the data
+//! path calls to update them.
+//!
+//! The `metrics` facade is global: helpers here are cheap no-ops until
+//! [`install`] puts the Prometheus recorder in place (once per process; a
+//! second call returns the same handle, so tests may call it freely). No
+//! HTTP listener is started here: the admin server renders
+//! [`PrometheusHandle::render`] on `/metrics`, and [`spawn_upkeep`] keeps the
+//! histograms' buffers bounded between scrapes.
+//!
+//! Label values with unbounded cardinality (addresses, names) never become
+//! labels; listener, action, rule and reason are configuration-bounded.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+pub use metrics_exporter_prometheus::PrometheusHandle;
+
+/// Flows finished, by `listener`, `action` (allow|deny), `rule`, `reason`.
+pub const FLOWS_TOTAL: &str = "sluice_flows_total";
+/// Flows currently open, by `listener`.
+pub const ACTIVE_FLOWS: &str = "sluice_active_flows";
+/// Bytes relayed, by `listener` and `direction` (up = client → upstream).
+pub const BYTES_TOTAL: &str = "sluice_bytes_total";
+/// Flows closed after relaying, by `listener` and close `reason`.
+pub const FLOW_CLOSES_TOTAL: &str = "sluice_flow_closes_total";
+/// Accept → verdict time (peek + classify + decide), by `listener`.
+pub const CLASSIFY_SECONDS: &str = "sluice_classify_duration_seconds";
+/// Upstream connect time (happy-eyeballs race), by `result`.
+pub const CONNECT_SECONDS: &str = "sluice_connect_duration_seconds";
+/// Errors by `kind` (a reason code: `connect-timeout`, `dns-nxdomain`, …).
+pub const ERRORS_TOTAL: &str = "sluice_errors_total";
+/// Audit records dropped because the audit queue was full.
+pub const AUDIT_DROPPED_TOTAL: &str = "sluice_audit_dropped_total";
+
+/// Buckets for [`CLASSIFY_SECONDS`]: a parse takes microseconds, a peek may
+/// wait seconds for a slow client's ClientHello (5 s default limit).
+pub const CLASSIFY_BUCKETS: &[f64] = &[
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
+    0.01, 0.05, 0.25, 1.0, 5.0,
+];
+
+/// Buckets for [`CONNECT_SECONDS`]: loopback/LAN sub-millisecond up to the
+/// connect timeout.
+pub const CONNECT_BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
+];
+
+/// Failure to install the Prometheus recorder.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetricsError {
+    /// Another (non-Sluice) recorder is already the global one.
+    #[error("a different metrics recorder is already installed")]
+    OtherRecorder,
+    /// The exporter rejected its configuration.
+    #[error("building the Prometheus recorder: {0}")]
+    Build(#[source] metrics_exporter_prometheus::BuildError),
+}
+
+static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+
+/// Installs the Prometheus recorder as the global one and returns the
+/// handle the admin server renders. Idempotent: later calls return a clone
+/// of the first handle.
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    // A poisoned lock only means another installer panicked; the Option it
+    // guards is still coherent.
+    let mut slot = HANDLE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(handle) = slot.as_ref() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(CLASSIFY_SECONDS.into()), CLASSIFY_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(CONNECT_SECONDS.into()), CONNECT_BUCKETS)
+        })
+        .map_err(MetricsError::Build)?
+        .install_recorder()
+        .map_err(|e| match e {
+            metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_) => {
+                MetricsError::OtherRecorder
+            }
+            other => MetricsError::Build(other),
+        })?;
+    describe();
+    *slot = Some(handle.clone());
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::Unit;
+    metrics::describe_counter!(
+        FLOWS_TOTAL,
+        "Flows finished, by listener, action, rule and reason"
+    );
+    metrics::describe_gauge!(ACTIVE_FLOWS, "Flows currently open");
+    metrics::describe_counter!(BYTES_TOTAL, Unit::Bytes, "Bytes relayed, by direction");
+    metrics::describe_counter!(FLOW_CLOSES_TOTAL, "Relayed flows closed, by close reason");
+    metrics::describe_histogram!(
+        CLASSIFY_SECONDS,
+        Unit::Seconds,
+        "Accept to verdict: peek, classify and decide"
+    );
+    metrics::describe_histogram!(CONNECT_SECONDS, Unit::Seconds, "Upstream connect time");
+    metrics::describe_counter!(ERRORS_TOTAL, "Errors by kind (reason code)");
+    metrics::describe_counter!(AUDIT_DROPPED_TOTAL, "Audit records dropped: queue full");
+}
+
+/// Runs the recorder's upkeep (histogram buffer draining) every `every`.
+pub fn spawn_upkeep(handle: PrometheusHandle, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    })
+}
+
+/// Counts a finished flow. `rule` is `""` when no rule decided.
+pub fn flow_finished(listener: &str, action: &'static str, rule: &str, reason: &str) {
+    metrics::counter!(
+        FLOWS_TOTAL,
+        "listener" => listener.to_owned(),
+        "action" => action,
+        "rule" => rule.to_owned(),
+        "reason" => reason.to_owned(),
+    )
+    .increment(1);
+}
+
+/// Adds a relayed flow's bytes and close reason.
+pub fn flow_relayed(listener: &str, bytes_up: u64, bytes_down: u64, close_reason: &'static str) {
+    metrics::counter!(BYTES_TOTAL, "listener" => listener.to_owned(), "direction" => "up")
+        .increment(bytes_up);
+    metrics::counter!(BYTES_TOTAL, "listener" => listener.to_owned(), "direction" => "down")
+        .increment(bytes_down);
+    metrics::counter!(FLOW_CLOSES_TOTAL, "listener" => listener.to_owned(), "reason" => close_reason)
+        .increment(1);
+}
+
+/// Records accept → verdict time.
+pub fn classify_latency(listener: &str, elapsed: Duration) {
+    metrics::histogram!(CLASSIFY_SECONDS, "listener" => listener.to_owned()).record(elapsed);
+}
+
+/// Records an upstream connect race's duration; `result` is `"ok"` or the
+/// error's reason code.
+pub fn connect_latency(result: &'static str, elapsed: Duration) {
+    metrics::histogram!(CONNECT_SECONDS, "result" => result).record(elapsed);
+}
+
+/// Counts an error by reason code.
+pub fn error(kind: &'static str) {
+    metrics::counter!(ERRORS_TOTAL, "kind" => kind).increment(1);
+}
+
+/// Counts one dropped audit record (called by the audit writer).
+pub fn audit_dropped() {
+    metrics::counter!(AUDIT_DROPPED_TOTAL).increment(1);
+}
+
+/// Keeps [`ACTIVE_FLOWS`] up to date for one flow: +1 now, −1 on drop, so
+/// every exit path (including panics and cancellations) is counted.
+#[derive(Debug)]
+pub struct ActiveFlow {
+    gauge: metrics::Gauge,
+}
+
+impl ActiveFlow {
+    /// Marks a flow on `listener` as open.
+    pub fn start(listener: &str) -> Self {
+        let gauge = metrics::gauge!(ACTIVE_FLOWS, "listener" => listener.to_owned());
+        gauge.increment(1.0);
+        Self { gauge }
+    }
+}
+
+impl Drop for ActiveFlow {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}

@@ -1,0 +1,229 @@
+//! The audit writer: valid JSON lines, drops counted (never blocking) when
+//! the queue is full, everything drained on shutdown; and the metrics
+//! recorder's idempotent install.
+
+// Tests: a failed unwrap/expect is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use sluice::telemetry::audit::{
+    Action, AuditError, AuditSink, AuditWriter, Enforcement, FlowRecord, VerdictRecord,
+};
+
+fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-audit-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("audit.jsonl");
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+fn lines(path: &PathBuf) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is one JSON value"))
+        .collect()
+}
+
+fn sample(id: u64) -> FlowRecord {
+    let mut verdict = VerdictRecord::new(Action::Deny, "sni-mismatch", Enforcement::Watched);
+    verdict.rule = Some("llm-only".into());
+    verdict.check = Some(Cow::Borrowed("sni-resolved"));
+    let mut r = FlowRecord::new(id, "egress", "10.0.0.5:51234".parse().unwrap(), verdict);
+    r.src_groups = vec!["workers".into(), "any".into()];
+    r.dst = Some("[2001:db8::1]:443".parse().unwrap());
+    r.connect_target = Some("api.openai.com:443".into());
+    r.sni = Some("evil.example".into());
+    r.alpn = vec!["h2".into(), "http/1.1".into()];
+    r.ech = true;
+    r.bytes_up = 517;
+    r.bytes_down = 4096;
+    r.duration_ms = 12;
+    r.close_reason = Cow::Borrowed("client-closed");
+    r
+}
+
+#[tokio::test]
+async fn writes_one_valid_json_line_per_flow() {
+    let path = temp_path("lines");
+    let w = AuditWriter::start(AuditSink::File(path.clone()), 1024).unwrap();
+    for id in 0..100 {
+        assert!(w.record(sample(id)));
+    }
+    w.shutdown().await.unwrap();
+    let got = lines(&path);
+    assert_eq!(got.len(), 100);
+    assert_eq!(w.written(), 100);
+    assert_eq!(w.dropped(), 0);
+    let first = &got[0];
+    assert_eq!(first["flow_id"], 0);
+    assert_eq!(first["listener"], "egress");
+    assert_eq!(first["src"], "10.0.0.5:51234");
+    assert_eq!(first["src_groups"], serde_json::json!(["workers", "any"]));
+    assert_eq!(first["dst"], "[2001:db8::1]:443");
+    assert_eq!(first["connect_target"], "api.openai.com:443");
+    assert_eq!(first["sni"], "evil.example");
+    assert!(first.get("host").is_none(), "unknown fields are omitted");
+    assert_eq!(first["alpn"], serde_json::json!(["h2", "http/1.1"]));
+    assert_eq!(first["ech"], true);
+    assert_eq!(
+        first["verdict"],
+        serde_json::json!({
+            "action": "deny", "rule": "llm-only", "reason": "sni-mismatch",
+            "mode": "watched", "check": "sni-resolved"
+        })
+    );
+    assert_eq!(first["bytes_up"], 517);
+    assert_eq!(first["bytes_down"], 4096);
+    assert_eq!(first["duration_ms"], 12);
+    assert_eq!(first["close_reason"], "client-closed");
+    let time = first["time"].as_str().unwrap();
+    assert!(time.ends_with('Z') && time.len() == "2026-11-23T10:32:32.123Z".len(), "{time}");
+    // Records keep their order.
+    let ids: Vec<u64> = got.iter().map(|v| v["flow_id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, (0..100).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn appends_to_an_existing_file() {
+    let path = temp_path("append");
+    std::fs::write(&path, "{\"earlier\":true}\n").unwrap();
+    let w = AuditWriter::start(AuditSink::File(path.clone()), 16).unwrap();
+    w.record(sample(7));
+    w.shutdown().await.unwrap();
+    let got = lines(&path);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0]["earlier"], true);
+    assert_eq!(got[1]["flow_id"], 7);
+}
+
+/// Two barriers: the writer thread meets the test at the first when it
+/// starts serialising a gate record, then waits at the second until the
+/// test releases it. That holds the writer busy with an empty queue.
+type Gates = std::sync::Arc<(std::sync::Barrier, std::sync::Barrier)>;
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Rec {
+    Gate(#[serde(serialize_with = "gate")] Gates),
+    Id(u64),
+}
+
+fn gate<S: serde::Serializer>(g: &Gates, s: S) -> Result<S::Ok, S::Error> {
+    g.0.wait();
+    g.1.wait();
+    s.serialize_str("gate")
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_and_counts_without_blocking() {
+    let path = temp_path("full");
+    let capacity = 8;
+    let w: AuditWriter<Rec> = AuditWriter::start(AuditSink::File(path.clone()), capacity).unwrap();
+    let gates: Gates = std::sync::Arc::new((std::sync::Barrier::new(2), std::sync::Barrier::new(2)));
+    assert!(w.record(Rec::Gate(gates.clone())));
+    // The writer has dequeued the gate and is stuck in it: queue empty.
+    gates.0.wait();
+    let mut accepted = 0;
+    let mut refused = 0;
+    for id in 0..100 {
+        // `record` returns at once either way: this loop never waits.
+        if w.record(Rec::Id(id)) {
+            accepted += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    assert_eq!(accepted, capacity, "exactly the queue's capacity fits");
+    assert_eq!(refused, 100 - capacity);
+    assert_eq!(w.dropped(), refused as u64);
+
+    // Let the writer go; shutdown drains everything that was accepted.
+    let release = gates.clone();
+    let waiter = std::thread::spawn(move || {
+        release.1.wait();
+    });
+    w.shutdown().await.unwrap();
+    waiter.join().unwrap();
+    let got = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(got.lines().count(), 1 + accepted);
+    assert_eq!(w.written(), 1 + accepted as u64);
+}
+
+#[tokio::test]
+async fn shutdown_drains_a_full_backlog_and_then_refuses() {
+    let path = temp_path("drain");
+    let w = AuditWriter::start(AuditSink::File(path.clone()), 65_536).unwrap();
+    for id in 0..20_000 {
+        assert!(w.record(sample(id)));
+    }
+    w.shutdown().await.unwrap();
+    assert_eq!(lines(&path).len(), 20_000);
+    // After shutdown records are refused and counted, control calls fail.
+    assert!(!w.record(sample(1)));
+    assert_eq!(w.dropped(), 1);
+    assert!(matches!(w.flush().await, Err(AuditError::Closed)));
+}
+
+#[tokio::test]
+async fn flush_and_reopen_after_rotation() {
+    let path = temp_path("rotate");
+    let w = AuditWriter::start(AuditSink::File(path.clone()), 64).unwrap();
+    w.record(sample(1));
+    w.flush().await.unwrap();
+    assert_eq!(lines(&path).len(), 1);
+    // Rotate: move the file away, reopen, keep writing to a fresh file.
+    let rotated = path.with_extension("1");
+    std::fs::rename(&path, &rotated).unwrap();
+    w.reopen().await.unwrap();
+    w.record(sample(2));
+    w.shutdown().await.unwrap();
+    assert_eq!(lines(&rotated).len(), 1);
+    let fresh = lines(&path);
+    assert_eq!(fresh.len(), 1);
+    assert_eq!(fresh[0]["flow_id"], 2);
+}
+
+#[test]
+fn opening_a_bad_path_is_a_typed_error() {
+    let err = AuditWriter::<u64>::start(AuditSink::File("/nonexistent-dir/x/audit.jsonl".into()), 4)
+        .unwrap_err();
+    assert!(matches!(err, AuditError::Open { .. }), "{err:?}");
+}
+
+#[test]
+fn metrics_install_is_idempotent_and_renders_sluice_names() {
+    use sluice::telemetry::metrics;
+    let a = metrics::install().unwrap();
+    let b = metrics::install().unwrap();
+    metrics::flow_finished("egress", "deny", "llm-only", "sni-mismatch");
+    metrics::flow_relayed("egress", 10, 20, "client-closed");
+    metrics::connect_latency("ok", std::time::Duration::from_millis(3));
+    metrics::classify_latency("egress", std::time::Duration::from_micros(40));
+    metrics::error("connect-timeout");
+    metrics::audit_dropped();
+    {
+        let _active = metrics::ActiveFlow::start("egress");
+    }
+    let text = b.render();
+    for name in [
+        metrics::FLOWS_TOTAL,
+        metrics::BYTES_TOTAL,
+        metrics::FLOW_CLOSES_TOTAL,
+        metrics::CONNECT_SECONDS,
+        metrics::CLASSIFY_SECONDS,
+        metrics::ERRORS_TOTAL,
+        metrics::AUDIT_DROPPED_TOTAL,
+        metrics::ACTIVE_FLOWS,
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    assert!(text.contains(r#"rule="llm-only""#));
+    // Connect buckets are the configured ones, not the exporter's summary.
+    assert!(text.contains(&format!("{}_bucket", metrics::CONNECT_SECONDS)), "{text}");
+    assert_eq!(a.render().is_empty(), text.is_empty());
+}

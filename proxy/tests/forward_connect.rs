@@ -1,0 +1,147 @@
+//! Upstream connect: error mapping and the happy-eyeballs race, on real
+//! loopback sockets.
+
+// Tests: a failed unwrap/expect is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpStream as StdTcpStream};
+use std::time::Duration;
+
+use sluice::forward::connect::{ConnectError, ConnectOptions, connect, connect_ips};
+use tokio::net::{TcpListener, TcpSocket};
+
+/// An address nobody listens on: bind a port, then free it.
+async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr
+}
+
+/// A listener whose accept queue is full, so the kernel drops further SYNs
+/// and a connect to it hangs (a black hole on loopback).
+struct BlackHole {
+    addr: SocketAddr,
+    _listener: TcpListener,
+    _fillers: Vec<StdTcpStream>,
+}
+
+async fn black_hole() -> BlackHole {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    // Blocking connects with a real-time timeout, off the runtime: the first
+    // one or two fill the queue, the next one times out.
+    let filled = tokio::task::spawn_blocking(move || {
+        for _ in 0..16 {
+            match StdTcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(s) => fillers.push(s),
+                Err(_) => return Some(fillers),
+            }
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("accept queue never filled: cannot make a black hole");
+    BlackHole {
+        addr,
+        _listener: listener,
+        _fillers: filled,
+    }
+}
+
+fn opts(timeout: Duration) -> ConnectOptions {
+    let mut o = ConnectOptions::default();
+    o.timeout = timeout;
+    o
+}
+
+#[tokio::test]
+async fn connects_and_sets_nodelay() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let c = connect(&[addr], &ConnectOptions::default()).await.unwrap();
+    assert_eq!(c.addr, addr);
+    assert!(c.stream.nodelay().unwrap());
+    assert_eq!(c.stream.peer_addr().unwrap(), addr);
+}
+
+#[tokio::test]
+async fn refused_maps_to_refused() {
+    let addr = closed_port().await;
+    let err = connect(&[addr], &ConnectOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::Refused(a) if a == addr), "{err:?}");
+    assert_eq!(err.reason_code(), "connect-refused");
+}
+
+#[tokio::test]
+async fn no_addresses_is_an_error() {
+    let err = connect(&[], &ConnectOptions::default()).await.unwrap_err();
+    assert!(matches!(err, ConnectError::NoAddresses), "{err:?}");
+    assert_eq!(err.reason_code(), "connect-no-addresses");
+}
+
+#[tokio::test(start_paused = true)]
+async fn black_hole_maps_to_timeout() {
+    tokio::time::resume();
+    let hole = black_hole().await;
+    tokio::time::pause();
+    let err = connect(&[hole.addr], &opts(Duration::from_secs(10)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::Timeout(d) if d == Duration::from_secs(10)), "{err:?}");
+    assert_eq!(err.reason_code(), "connect-timeout");
+}
+
+#[tokio::test]
+async fn falls_back_from_refused_to_working() {
+    let good = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let good_addr = good.local_addr().unwrap();
+    let bad1 = closed_port().await;
+    let bad2 = closed_port().await;
+    let c = connect(&[bad1, bad2, good_addr], &ConnectOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(c.addr, good_addr);
+}
+
+#[tokio::test]
+async fn falls_back_from_black_hole_after_the_stagger() {
+    // The first address never answers; after the 250 ms stagger the next
+    // attempt starts and wins while the first is still pending.
+    let hole = black_hole().await;
+    let good = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let good_addr = good.local_addr().unwrap();
+    let c = connect(&[hole.addr, good_addr], &opts(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(c.addr, good_addr);
+}
+
+#[tokio::test]
+async fn ipv6_first_then_ipv4_fallback() {
+    // Family interleaving: a dead IPv6 loopback port first, then IPv4.
+    let good = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = good.local_addr().unwrap().port();
+    let ips = ["::1".parse().unwrap(), "127.0.0.1".parse().unwrap()];
+    // If IPv6 loopback is missing here the v6 attempt fails as unreachable
+    // or unavailable instead of refused; either way IPv4 must win.
+    let c = connect_ips(&ips, port, &ConnectOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(c.addr, SocketAddr::new(ips[1], port));
+}
+
+#[tokio::test]
+async fn every_address_refusing_reports_refused() {
+    let (a, b) = (closed_port().await, closed_port().await);
+    let err = connect(&[a, b], &ConnectOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::Refused(_)), "{err:?}");
+}

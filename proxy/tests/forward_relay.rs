@@ -1,0 +1,263 @@
+//! Relay behaviour over real loopback sockets, for both movers: byte-exact
+//! bulk round trip, half-close passthrough, idle timeout, cancellation and
+//! reset attribution.
+
+// Tests: a failed unwrap/expect is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use sluice::forward::relay::{CloseReason, RelayMode, RelayOptions, RelayStats, relay, relay_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+const MODES: [RelayMode; 2] = [RelayMode::Splice, RelayMode::Copy];
+
+/// Client and upstream ends of a relayed flow, plus the relay task.
+struct Flow {
+    client: TcpStream,
+    server: TcpStream,
+    relay: JoinHandle<RelayStats>,
+}
+
+async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+    let addr = listener.local_addr().unwrap();
+    let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    (connected.unwrap(), accepted.unwrap().0)
+}
+
+async fn flow(opts: RelayOptions) -> Flow {
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (client, proxy_client) = pair(&front).await;
+    let (proxy_upstream, server) = pair(&back).await;
+    let relay = tokio::spawn(async move { relay(proxy_client, proxy_upstream, &opts).await });
+    Flow {
+        client,
+        server,
+        relay,
+    }
+}
+
+fn opts(mode: RelayMode, idle: Option<Duration>) -> RelayOptions {
+    let mut o = RelayOptions::default();
+    o.mode = mode;
+    o.idle_timeout = idle;
+    o
+}
+
+fn payload(len: usize, seed: u32) -> Vec<u8> {
+    // A cheap LCG so a misplaced or repeated chunk cannot compare equal.
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (x >> 16) as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn bulk_round_trip_is_byte_exact_in_both_modes() {
+    for mode in MODES {
+        let Flow {
+            client,
+            mut server,
+            relay,
+        } = flow(opts(mode, None)).await;
+        let up = payload(8 * 1024 * 1024 + 13, 1);
+        let down = payload(6 * 1024 * 1024 + 7, 2);
+
+        // Upstream: read everything the client sends, then answer and close.
+        let down_for_server = down.clone();
+        let server_task = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            server.write_all(&down_for_server).await.unwrap();
+            server.shutdown().await.unwrap();
+            got
+        });
+
+        let (mut rd, mut wr) = client.into_split();
+        let up_for_client = up.clone();
+        let writer = tokio::spawn(async move {
+            wr.write_all(&up_for_client).await.unwrap();
+            wr.shutdown().await.unwrap();
+            wr
+        });
+        let mut got_down = Vec::new();
+        rd.read_to_end(&mut got_down).await.unwrap();
+        let _wr = writer.await.unwrap();
+
+        let got_up = server_task.await.unwrap();
+        assert!(got_up == up, "{mode:?}: upstream received different bytes");
+        assert!(got_down == down, "{mode:?}: client received different bytes");
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.bytes_up, up.len() as u64, "{mode:?}");
+        assert_eq!(stats.bytes_down, down.len() as u64, "{mode:?}");
+        assert_eq!(stats.reason, CloseReason::ClientClosed, "{mode:?}");
+        assert_eq!(stats.mode, mode.resolve());
+    }
+}
+
+#[tokio::test]
+async fn concurrent_both_ways_echo_in_both_modes() {
+    // Upstream echoes while the client is still writing: both directions
+    // are busy at once, and back-pressure must not deadlock.
+    for mode in MODES {
+        let Flow {
+            client,
+            server,
+            relay,
+        } = flow(opts(mode, None)).await;
+        let data = payload(4 * 1024 * 1024, 3);
+        let echo = tokio::spawn(async move {
+            let (mut r, mut w) = server.into_split();
+            tokio::io::copy(&mut r, &mut w).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let (mut rd, mut wr) = client.into_split();
+        let to_send = data.clone();
+        let writer = tokio::spawn(async move {
+            wr.write_all(&to_send).await.unwrap();
+            wr.shutdown().await.unwrap();
+            wr
+        });
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.unwrap();
+        let _wr = writer.await.unwrap();
+        echo.await.unwrap();
+        assert!(got == data, "{mode:?}: echo differs");
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.bytes_up, data.len() as u64);
+        assert_eq!(stats.bytes_down, data.len() as u64);
+        assert_eq!(stats.reason, CloseReason::ClientClosed);
+    }
+}
+
+#[tokio::test]
+async fn half_close_lets_the_response_through_in_both_modes() {
+    for mode in MODES {
+        let Flow {
+            mut client,
+            mut server,
+            relay,
+        } = flow(opts(mode, None)).await;
+        let response = payload(1024 * 1024 + 1, 4);
+
+        client.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        client.shutdown().await.unwrap(); // client is done sending
+
+        // The upstream sees the request and then EOF (the FIN passed on) …
+        let mut request = Vec::new();
+        server.read_to_end(&mut request).await.unwrap();
+        assert_eq!(request, b"GET / HTTP/1.0\r\n\r\n");
+        // … and can still answer over the half-open connection.
+        server.write_all(&response).await.unwrap();
+        server.shutdown().await.unwrap();
+
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert!(got == response, "{mode:?}: response differs");
+
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.reason, CloseReason::ClientClosed, "{mode:?}");
+        assert_eq!(stats.bytes_up, 18);
+        assert_eq!(stats.bytes_down, response.len() as u64);
+    }
+}
+
+#[tokio::test]
+async fn upstream_closing_first_is_recorded() {
+    for mode in MODES {
+        let Flow {
+            mut client,
+            mut server,
+            relay,
+        } = flow(opts(mode, None)).await;
+        server.write_all(b"bye").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+        client.shutdown().await.unwrap();
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.reason, CloseReason::UpstreamClosed, "{mode:?}");
+        assert_eq!(stats.bytes_down, 3);
+        drop(server);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_timeout_closes_with_reason_in_both_modes() {
+    for mode in MODES {
+        let Flow {
+            mut client,
+            mut server,
+            relay,
+        } = flow(opts(mode, Some(Duration::from_secs(30)))).await;
+        // Some traffic first: the timer counts from the last byte.
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+
+        // Then silence: paused time auto-advances to the idle deadline.
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.reason, CloseReason::IdleTimeout, "{mode:?}");
+        assert_eq!(stats.bytes_up, 4);
+        assert_eq!(stats.bytes_down, 0);
+
+        // The relay dropped both sockets: each end sees EOF.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn cancel_ends_the_relay() {
+    for mode in MODES {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, proxy_client) = pair(&front).await;
+        let (proxy_upstream, _server) = pair(&back).await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let o = opts(mode, None);
+        let relay = tokio::spawn(async move {
+            relay_until(proxy_client, proxy_upstream, &o, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        stop.send(()).unwrap();
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.reason, CloseReason::Cancelled, "{mode:?}");
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn upstream_reset_is_attributed_to_the_upstream() {
+    for mode in MODES {
+        let Flow {
+            client,
+            server,
+            relay,
+        } = flow(opts(mode, None)).await;
+        // SO_LINGER 0 makes close() send RST instead of FIN.
+        let server = server.into_std().unwrap();
+        socket2::SockRef::from(&server)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(server);
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.reason, CloseReason::UpstreamReset, "{mode:?}");
+        assert!(stats.error.is_some());
+        drop(client);
+    }
+}
