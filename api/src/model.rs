@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -149,11 +150,66 @@ impl ListenerKind {
     }
 }
 
+/// What to do with a ClientHello carrying Encrypted Client Hello (its SNI
+/// is only the outer, public name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EchPolicy {
+    Allow,
+    Deny,
+}
+
+/// Transparent mode: how an SNI is tied to the address the client dialled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SniCheck {
+    /// The original destination must be an address the DNS proxy answered
+    /// for that name to that client; without such bindings, Sluice dials an
+    /// address the SNI resolves to instead of the original destination.
+    Verify,
+    /// Trust the original destination.
+    Off,
+}
+
+/// An explicit-proxy user (HTTP Basic), whose flows count as coming from a
+/// member of `smartgroup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProxyUser {
+    pub name: String,
+    #[serde(skip)]
+    pub password: String,
+    pub smartgroup: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Listener {
     pub name: String,
     pub kind: ListenerKind,
     pub address: SocketAddr,
+    /// At the limit, accepting pauses.
+    pub max_connections: usize,
+    pub peek_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_client_hello: usize,
+    pub ech: EchPolicy,
+    pub sni_check: SniCheck,
+    /// `sni`: the port dialled on the resolved name.
+    pub upstream_port: u16,
+    /// `tcp`: a fixed upstream `host:port`; without it, the original
+    /// destination (iptables `REDIRECT`).
+    pub upstream: Option<String>,
+    /// `http-proxy`: when non-empty, Basic authentication is required.
+    pub users: Vec<ProxyUser>,
+}
+
+/// How Sluice resolves names it forwards to.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ResolverConfig {
+    /// Empty: the system configuration (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
+    /// Fixed answers, consulted first (like `/etc/hosts`).
+    pub hosts: BTreeMap<String, Vec<IpAddr>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -273,6 +329,9 @@ pub struct Config {
     pub plugins: Vec<Plugin>,
     /// The gateway's own addresses, guarded like loopback.
     pub gateway_addresses: Vec<IpAddr>,
+    pub resolver: ResolverConfig,
+    /// On SIGTERM: stop accepting, let flows finish for this long, then close.
+    pub drain_timeout: Duration,
 }
 
 impl Config {

@@ -165,18 +165,16 @@ fn main() {
                 });
             });
             let gb = (flows * (MIB as u64) * 1024 * 1024) as f64 / 1e9;
-            summary.push((
-                variant.name,
-                gb / wall.as_secs_f64(),
-                cpu.as_secs_f64() / gb,
-                flows,
-            ));
+            summary.push((variant.name, gb / wall.as_secs_f64(), cpu.as_secs_f64() / gb, flows));
         }
         group.finish();
     }
     c.final_summary();
     println!("\nrelay summary ({MIB} MiB per flow, loopback, proxy = one current-thread runtime):");
-    println!("{:<18} {:>12} {:>22} {:>7}", "variant", "GB/s (wall)", "proxy CPU s per GB", "flows");
+    println!(
+        "{:<18} {:>12} {:>22} {:>7}",
+        "variant", "GB/s (wall)", "proxy CPU s per GB", "flows"
+    );
     for (name, gbps, cpu_per_gb, flows) in summary {
         println!("{name:<18} {gbps:>12.2} {cpu_per_gb:>22.3} {flows:>7}");
     }

@@ -102,19 +102,14 @@ mod linux {
         // SAFETY: the buffer was zero-initialised, so every byte is defined
         // whatever the kernel wrote; `sockaddr_in` is plain old data.
         let addr = unsafe { addr.assume_init() };
-        if len as usize != size_of::<libc::sockaddr_in>()
-            || addr.sin_family != libc::AF_INET as libc::sa_family_t
-        {
+        if len as usize != size_of::<libc::sockaddr_in>() || addr.sin_family != libc::AF_INET as libc::sa_family_t {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "SO_ORIGINAL_DST returned a non-IPv4 address",
             ));
         }
         let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
-        Ok(SocketAddr::V4(SocketAddrV4::new(
-            ip,
-            u16::from_be(addr.sin_port),
-        )))
+        Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port))))
     }
 
     fn original_dst_v6(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
@@ -136,9 +131,7 @@ mod linux {
         }
         // SAFETY: zero-initialised plain old data, see above.
         let addr = unsafe { addr.assume_init() };
-        if len as usize != size_of::<libc::sockaddr_in6>()
-            || addr.sin6_family != libc::AF_INET6 as libc::sa_family_t
-        {
+        if len as usize != size_of::<libc::sockaddr_in6>() || addr.sin6_family != libc::AF_INET6 as libc::sa_family_t {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "IP6T_SO_ORIGINAL_DST returned a non-IPv6 address",
@@ -152,12 +145,7 @@ mod linux {
         )))
     }
 
-    fn setsockopt_int(
-        fd: BorrowedFd<'_>,
-        level: libc::c_int,
-        name: libc::c_int,
-        value: libc::c_int,
-    ) -> io::Result<()> {
+    fn setsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
         // SAFETY: `fd` is a live borrowed socket; the option value is a local
         // `c_int` whose address and exact size are passed.
         let rc = unsafe {
@@ -223,11 +211,7 @@ mod linux {
 
     /// One `splice(2)` call between two descriptors, non-blocking, moving
     /// pages where the kernel can.
-    pub fn splice_once(
-        fd_in: BorrowedFd<'_>,
-        fd_out: BorrowedFd<'_>,
-        len: usize,
-    ) -> io::Result<usize> {
+    pub fn splice_once(fd_in: BorrowedFd<'_>, fd_out: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
         // SAFETY: both descriptors are live for the duration of the borrow;
         // null offsets mean "use and advance the file position", which is
         // what sockets and pipes require; no user memory is passed.
@@ -290,10 +274,7 @@ mod linux {
                     splice_once(self.read.as_fd(), dst.as_fd(), self.len)
                 }) {
                     Ok(0) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::WriteZero,
-                            "splice wrote zero bytes",
-                        ));
+                        return Err(io::Error::new(io::ErrorKind::WriteZero, "splice wrote zero bytes"));
                     }
                     Ok(n) => {
                         self.len -= n;

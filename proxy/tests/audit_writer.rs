@@ -9,9 +9,7 @@ use std::borrow::Cow;
 use std::path::PathBuf;
 
 use serde::Serialize;
-use sluice::telemetry::audit::{
-    Action, AuditError, AuditSink, AuditWriter, Enforcement, FlowRecord, VerdictRecord,
-};
+use sluice::telemetry::audit::{Action, AuditError, AuditSink, AuditWriter, Enforcement, FlowRecord, VerdictRecord};
 
 fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sluice-audit-{}-{name}", std::process::id()));
@@ -82,7 +80,10 @@ async fn writes_one_valid_json_line_per_flow() {
     assert_eq!(first["duration_ms"], 12);
     assert_eq!(first["close_reason"], "client-closed");
     let time = first["time"].as_str().unwrap();
-    assert!(time.ends_with('Z') && time.len() == "2026-11-23T10:32:32.123Z".len(), "{time}");
+    assert!(
+        time.ends_with('Z') && time.len() == "2026-11-23T10:32:32.123Z".len(),
+        "{time}"
+    );
     // Records keep their order.
     let ids: Vec<u64> = got.iter().map(|v| v["flow_id"].as_u64().unwrap()).collect();
     assert_eq!(ids, (0..100).collect::<Vec<_>>());
@@ -190,8 +191,7 @@ async fn flush_and_reopen_after_rotation() {
 
 #[test]
 fn opening_a_bad_path_is_a_typed_error() {
-    let err = AuditWriter::<u64>::start(AuditSink::File("/nonexistent-dir/x/audit.jsonl".into()), 4)
-        .unwrap_err();
+    let err = AuditWriter::<u64>::start(AuditSink::File("/nonexistent-dir/x/audit.jsonl".into()), 4).unwrap_err();
     assert!(matches!(err, AuditError::Open { .. }), "{err:?}");
 }
 

@@ -40,10 +40,7 @@ fn load_expectations() -> BTreeMap<String, BTreeMap<String, String>> {
                 (k.to_owned(), v.to_owned())
             })
             .collect();
-        assert!(
-            out.insert(file.clone(), fields).is_none(),
-            "{file} listed twice"
-        );
+        assert!(out.insert(file.clone(), fields).is_none(), "{file} listed twice");
     }
     out
 }
@@ -120,11 +117,7 @@ fn versions_string(hello: &ClientHello) -> String {
     if hello.supported_versions.is_empty() {
         return "-".into();
     }
-    let names: Vec<String> = hello
-        .supported_versions
-        .iter()
-        .map(|v| format!("{v:04x}"))
-        .collect();
+    let names: Vec<String> = hello.supported_versions.iter().map(|v| format!("{v:04x}")).collect();
     names.join(",")
 }
 
@@ -178,11 +171,7 @@ fn classify_recorded_vectors() {
                 let resplit = refragment(&bytes, [1, hs_len / 2]);
                 assert_eq!(parse_all(&resplit), result, "{name}: three records");
                 let resplit = refragment(&bytes, [3, hs_len - 1]);
-                assert_eq!(
-                    parse_all(&resplit),
-                    result,
-                    "{name}: split in the handshake header"
-                );
+                assert_eq!(parse_all(&resplit), result, "{name}: split in the handshake header");
             }
             (None, other) => panic!("{name}: expected a ClientHello, got {other:?}"),
         }
@@ -196,9 +185,7 @@ fn classify_recorded_vectors() {
 /// only need to produce bytes of the right shape: the hello is never answered.
 mod rustls_hellos {
     use super::*;
-    use rustls::crypto::hpke::{
-        EncapsulatedSecret, Hpke, HpkePrivateKey, HpkePublicKey, HpkeSealer, HpkeSuite,
-    };
+    use rustls::crypto::hpke::{EncapsulatedSecret, Hpke, HpkePrivateKey, HpkePublicKey, HpkeSealer, HpkeSuite};
     use rustls::crypto::{ActiveKeyExchange, SharedSecret, SupportedKxGroup};
     use rustls::internal::msgs::enums::{HpkeAead, HpkeKdf, HpkeKem};
     use rustls::internal::msgs::handshake::HpkeSymmetricCipherSuite;
@@ -216,9 +203,7 @@ mod rustls_hellos {
 
     impl SupportedKxGroup for StubMlKemGroup {
         fn start(&self) -> Result<Box<dyn ActiveKeyExchange>, Error> {
-            let share = (0..MLKEM768_X25519_SHARE_LEN)
-                .map(|i| (i * 31 % 251) as u8)
-                .collect();
+            let share = (0..MLKEM768_X25519_SHARE_LEN).map(|i| (i * 31 % 251) as u8).collect();
             Ok(Box::new(StubShare(share)))
         }
 
@@ -334,15 +319,10 @@ mod rustls_hellos {
         let builder = ClientConfig::builder_with_provider(Arc::new(provider));
         let builder = match flavour {
             Flavour::EchGrease | Flavour::PostQuantumEchGrease => {
-                let grease =
-                    rustls::client::EchGreaseConfig::new(&STUB_HPKE, HpkePublicKey(vec![0x04; 65]));
-                builder
-                    .with_ech(rustls::client::EchMode::Grease(grease))
-                    .unwrap()
+                let grease = rustls::client::EchGreaseConfig::new(&STUB_HPKE, HpkePublicKey(vec![0x04; 65]));
+                builder.with_ech(rustls::client::EchMode::Grease(grease)).unwrap()
             }
-            Flavour::Plain | Flavour::PostQuantum => {
-                builder.with_safe_default_protocol_versions().unwrap()
-            }
+            Flavour::Plain | Flavour::PostQuantum => builder.with_safe_default_protocol_versions().unwrap(),
         };
         let mut config = builder
             .with_root_certificates(RootCertStore::empty())
@@ -365,11 +345,7 @@ fn expect_done(name: &str, bytes: &[u8]) -> ClientHello {
     match parse_all(bytes) {
         Ok(Progress::Done(hello)) => {
             let resplit = refragment(bytes, [2, hello.handshake_len * 2 / 3]);
-            assert_eq!(
-                parse_all(&resplit),
-                Ok(Progress::Done(hello.clone())),
-                "{name}"
-            );
+            assert_eq!(parse_all(&resplit), Ok(Progress::Done(hello.clone())), "{name}");
             hello
         }
         other => panic!("{name}: {other:?}"),
@@ -378,10 +354,7 @@ fn expect_done(name: &str, bytes: &[u8]) -> ClientHello {
 
 #[test]
 fn classify_rustls_hello() {
-    let hello = expect_done(
-        "rustls",
-        &client_hello(Flavour::Plain, "rustls.example.test"),
-    );
+    let hello = expect_done("rustls", &client_hello(Flavour::Plain, "rustls.example.test"));
     assert_eq!(hello.sni.as_deref(), Some("rustls.example.test"));
     assert_eq!(alpn_string(&hello), "h2,http/1.1");
     assert_eq!(versions_string(&hello), "0304,0303");
@@ -390,10 +363,7 @@ fn classify_rustls_hello() {
 
 #[test]
 fn classify_rustls_post_quantum_sized_hello() {
-    let hello = expect_done(
-        "rustls-pq",
-        &client_hello(Flavour::PostQuantum, "pq.example.test"),
-    );
+    let hello = expect_done("rustls-pq", &client_hello(Flavour::PostQuantum, "pq.example.test"));
     assert_eq!(hello.sni.as_deref(), Some("pq.example.test"));
     assert!(hello.handshake_len > 1400, "{}", hello.handshake_len);
 }
@@ -410,10 +380,7 @@ fn classify_rustls_post_quantum_ech_grease_hello() {
 
 #[test]
 fn classify_rustls_ech_grease_hello() {
-    let hello = expect_done(
-        "rustls-ech",
-        &client_hello(Flavour::EchGrease, "inner.example.test"),
-    );
+    let hello = expect_done("rustls-ech", &client_hello(Flavour::EchGrease, "inner.example.test"));
     assert!(hello.ech);
     // GREASE ECH sends the real name as the outer SNI.
     assert_eq!(hello.sni.as_deref(), Some("inner.example.test"));

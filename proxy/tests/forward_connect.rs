@@ -72,9 +72,7 @@ async fn connects_and_sets_nodelay() {
 #[tokio::test]
 async fn refused_maps_to_refused() {
     let addr = closed_port().await;
-    let err = connect(&[addr], &ConnectOptions::default())
-        .await
-        .unwrap_err();
+    let err = connect(&[addr], &ConnectOptions::default()).await.unwrap_err();
     assert!(matches!(err, ConnectError::Refused(a) if a == addr), "{err:?}");
     assert_eq!(err.reason_code(), "connect-refused");
 }
@@ -91,10 +89,11 @@ async fn black_hole_maps_to_timeout() {
     tokio::time::resume();
     let hole = black_hole().await;
     tokio::time::pause();
-    let err = connect(&[hole.addr], &opts(Duration::from_secs(10)))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, ConnectError::Timeout(d) if d == Duration::from_secs(10)), "{err:?}");
+    let err = connect(&[hole.addr], &opts(Duration::from_secs(10))).await.unwrap_err();
+    assert!(
+        matches!(err, ConnectError::Timeout(d) if d == Duration::from_secs(10)),
+        "{err:?}"
+    );
     assert_eq!(err.reason_code(), "connect-timeout");
 }
 
@@ -131,17 +130,13 @@ async fn ipv6_first_then_ipv4_fallback() {
     let ips = ["::1".parse().unwrap(), "127.0.0.1".parse().unwrap()];
     // If IPv6 loopback is missing here the v6 attempt fails as unreachable
     // or unavailable instead of refused; either way IPv4 must win.
-    let c = connect_ips(&ips, port, &ConnectOptions::default())
-        .await
-        .unwrap();
+    let c = connect_ips(&ips, port, &ConnectOptions::default()).await.unwrap();
     assert_eq!(c.addr, SocketAddr::new(ips[1], port));
 }
 
 #[tokio::test]
 async fn every_address_refusing_reports_refused() {
     let (a, b) = (closed_port().await, closed_port().await);
-    let err = connect(&[a, b], &ConnectOptions::default())
-        .await
-        .unwrap_err();
+    let err = connect(&[a, b], &ConnectOptions::default()).await.unwrap_err();
     assert!(matches!(err, ConnectError::Refused(_)), "{err:?}");
 }

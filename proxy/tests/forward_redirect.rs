@@ -50,7 +50,13 @@ fn original_dst_after_iptables_redirect() {
     let out = Command::new("unshare")
         .args(["--net", "--"])
         .arg(&exe)
-        .args(["--exact", "redirect_inner", "--include-ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "redirect_inner",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(INNER_ENV, "1")
         .output()
         .unwrap();

@@ -33,11 +33,7 @@ async fn flow(opts: RelayOptions) -> Flow {
     let (client, proxy_client) = pair(&front).await;
     let (proxy_upstream, server) = pair(&back).await;
     let relay = tokio::spawn(async move { relay(proxy_client, proxy_upstream, &opts).await });
-    Flow {
-        client,
-        server,
-        relay,
-    }
+    Flow { client, server, relay }
 }
 
 fn opts(mode: RelayMode, idle: Option<Duration>) -> RelayOptions {
@@ -106,11 +102,7 @@ async fn concurrent_both_ways_echo_in_both_modes() {
     // Upstream echoes while the client is still writing: both directions
     // are busy at once, and back-pressure must not deadlock.
     for mode in MODES {
-        let Flow {
-            client,
-            server,
-            relay,
-        } = flow(opts(mode, None)).await;
+        let Flow { client, server, relay } = flow(opts(mode, None)).await;
         let data = payload(4 * 1024 * 1024, 3);
         let echo = tokio::spawn(async move {
             let (mut r, mut w) = server.into_split();
@@ -244,11 +236,7 @@ async fn cancel_ends_the_relay() {
 #[tokio::test]
 async fn upstream_reset_is_attributed_to_the_upstream() {
     for mode in MODES {
-        let Flow {
-            client,
-            server,
-            relay,
-        } = flow(opts(mode, None)).await;
+        let Flow { client, server, relay } = flow(opts(mode, None)).await;
         // SO_LINGER 0 makes close() send RST instead of FIN.
         let server = server.into_std().unwrap();
         socket2::SockRef::from(&server)

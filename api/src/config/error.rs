@@ -132,6 +132,7 @@ pub enum NameKind {
     Workload,
     Rule,
     Plugin,
+    ProxyUser,
 }
 
 impl fmt::Display for NameKind {
@@ -143,6 +144,7 @@ impl fmt::Display for NameKind {
             Self::Workload => "workload",
             Self::Rule => "rule",
             Self::Plugin => "plugin",
+            Self::ProxyUser => "proxy user",
         })
     }
 }

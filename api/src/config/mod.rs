@@ -10,6 +10,7 @@ mod raw;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde_saphyr::Location;
@@ -61,6 +62,7 @@ pub fn load_str(text: &str, source: &str) -> Result<Config, ConfigErrors> {
     Validator {
         file: source.to_owned(),
         errors: Vec::new(),
+        user_refs: Vec::new(),
     }
     .config(raw)
 }
@@ -113,6 +115,8 @@ fn valid_name(name: &str) -> bool {
 struct Validator {
     file: String,
     errors: Vec<ConfigError>,
+    /// Proxy users' SmartGroups, checked once the groups are known.
+    user_refs: Vec<(String, Location, String)>,
 }
 
 impl Validator {
@@ -159,6 +163,31 @@ impl Validator {
         let gateway_nets: Vec<IpNet> = gateway_addresses.iter().map(|ip| IpNet::from(*ip)).collect();
         let smartgroups = self.smartgroups(&raw.smartgroups, &gateway_nets, &inventory);
         let policy = self.policy(raw.policy.as_ref(), &webgroups, &smartgroups);
+        let smart_names: Vec<&str> = smartgroups.iter().map(|g| g.name.as_str()).collect();
+        for (name, loc, path) in std::mem::take(&mut self.user_refs) {
+            if !smart_names.contains(&name.as_str()) {
+                let suggestion = suggest(&name, smart_names.iter().copied());
+                self.err(
+                    loc,
+                    path,
+                    ConfigErrorKind::UnknownGroup {
+                        kind: GroupKind::SmartGroup,
+                        name,
+                        suggestion,
+                    },
+                );
+            }
+        }
+        let resolver = self.resolver(raw.resolver.as_ref());
+        let drain_timeout = match &raw.runtime {
+            Some(r) => self.duration(
+                &r.drain_timeout,
+                "runtime.drain_timeout".into(),
+                Duration::from_secs(10),
+                Duration::from_secs(3600),
+            ),
+            None => Duration::from_secs(10),
+        };
         let plugins = self.plugins(&raw.plugins);
 
         if !self.errors.is_empty() {
@@ -176,6 +205,8 @@ impl Validator {
             policy,
             plugins,
             gateway_addresses,
+            resolver,
+            drain_timeout,
         })
     }
 
@@ -307,13 +338,232 @@ impl Validator {
                 }
                 bound.push((canonical, l.name.value.clone()));
             }
+            let opts = self.listener_options(l, kind, &path);
             if ok {
                 out.push(Listener {
                     name: l.name.value.clone(),
                     kind,
                     address,
+                    ..opts
                 });
             }
+        }
+        out
+    }
+
+    fn duration(&mut self, v: &Option<S<String>>, path: String, default: Duration, max: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match humantime::parse_duration(v.value.trim()) {
+            Ok(d) if !d.is_zero() && d <= max => d,
+            Ok(_) => {
+                self.err(
+                    v.referenced,
+                    path,
+                    ConfigErrorKind::InvalidValue {
+                        message: format!(
+                            "duration `{}` is out of range; use more than 0 and at most {}",
+                            v.value,
+                            humantime::format_duration(max)
+                        ),
+                    },
+                );
+                default
+            }
+            Err(_) => {
+                self.err(
+                    v.referenced,
+                    path,
+                    ConfigErrorKind::InvalidValue {
+                        message: format!("`{}` is not a duration; write e.g. `5s`, `250ms` or `2m`", v.value),
+                    },
+                );
+                default
+            }
+        }
+    }
+
+    fn bounded(&mut self, v: &Option<S<u64>>, path: String, default: u64, lo: u64, hi: u64) -> u64 {
+        match v {
+            None => default,
+            Some(n) if (lo..=hi).contains(&n.value) => n.value,
+            Some(n) => {
+                self.err(
+                    n.referenced,
+                    path,
+                    ConfigErrorKind::InvalidValue {
+                        message: format!("{} is out of range; use {lo} to {hi}", n.value),
+                    },
+                );
+                default
+            }
+        }
+    }
+
+    /// Per-listener options, defaulted, and rejected where they do not
+    /// apply to the listener's kind.
+    fn listener_options(&mut self, l: &raw::RawListener, kind: ListenerKind, path: &str) -> Listener {
+        use ListenerKind::*;
+        let only = |this: &mut Self, present: Option<Location>, field: &str, kinds: &[ListenerKind]| {
+            if let Some(loc) = present
+                && !kinds.contains(&kind)
+            {
+                let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+                this.err(
+                    loc,
+                    format!("{path}.{field}"),
+                    ConfigErrorKind::InvalidValue {
+                        message: format!(
+                            "`{field}` does not apply to a `{}` listener (only to: {}); remove it",
+                            kind.as_str(),
+                            names.join(", ")
+                        ),
+                    },
+                );
+            }
+        };
+        only(
+            self,
+            l.ech.as_ref().map(|v| v.referenced),
+            "ech",
+            &[HttpProxy, Transparent, Sni],
+        );
+        only(
+            self,
+            l.sni_check.as_ref().map(|v| v.referenced),
+            "sni_check",
+            &[Transparent],
+        );
+        only(
+            self,
+            l.upstream_port.as_ref().map(|v| v.referenced),
+            "upstream_port",
+            &[Sni],
+        );
+        only(self, l.upstream.as_ref().map(|v| v.referenced), "upstream", &[Tcp]);
+        only(self, l.users.first().map(|v| v.referenced), "users", &[HttpProxy]);
+        only(
+            self,
+            l.max_client_hello.as_ref().map(|v| v.referenced),
+            "max_client_hello",
+            &[HttpProxy, Transparent, Sni],
+        );
+        let upstream = l.upstream.as_ref().and_then(|u| {
+            let v = u.value.trim();
+            match v.rsplit_once(':') {
+                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Some(v.to_owned()),
+                _ => {
+                    self.err(
+                        u.referenced,
+                        format!("{path}.upstream"),
+                        ConfigErrorKind::InvalidValue {
+                            message: format!(
+                                "`{v}` is not `host:port`; write e.g. `db.internal:5432` or `10.0.0.5:5432`"
+                            ),
+                        },
+                    );
+                    None
+                }
+            }
+        });
+        let mut users = Vec::new();
+        let mut seen = HashMap::new();
+        for (i, u) in l.users.iter().enumerate() {
+            let u = &u.value;
+            if self.name(
+                &u.name,
+                &format!("{path}.users[{i}].name"),
+                NameKind::ProxyUser,
+                &mut seen,
+            ) {
+                users.push(ProxyUser {
+                    name: u.name.value.clone(),
+                    password: u.password.value.clone(),
+                    smartgroup: u.smartgroup.value.clone(),
+                });
+                self.user_refs.push((
+                    u.smartgroup.value.clone(),
+                    u.smartgroup.referenced,
+                    format!("{path}.users[{i}].smartgroup"),
+                ));
+            }
+        }
+        const HOUR: Duration = Duration::from_secs(3600);
+        let secs = Duration::from_secs;
+        Listener {
+            name: String::new(),
+            kind,
+            address: SocketAddr::from(([0, 0, 0, 0], 0)),
+            max_connections: self.bounded(
+                &l.max_connections,
+                format!("{path}.max_connections"),
+                10_000,
+                1,
+                10_000_000,
+            ) as usize,
+            peek_timeout: self.duration(&l.peek_timeout, format!("{path}.peek_timeout"), secs(5), secs(60)),
+            connect_timeout: self.duration(
+                &l.connect_timeout,
+                format!("{path}.connect_timeout"),
+                secs(10),
+                secs(120),
+            ),
+            idle_timeout: self.duration(&l.idle_timeout, format!("{path}.idle_timeout"), secs(300), 24 * HOUR),
+            max_client_hello: self.bounded(
+                &l.max_client_hello,
+                format!("{path}.max_client_hello"),
+                16_384,
+                512,
+                65_536,
+            ) as usize,
+            ech: l.ech.as_ref().map_or(EchPolicy::Deny, |e| e.value),
+            sni_check: l.sni_check.as_ref().map_or(SniCheck::Verify, |e| e.value),
+            upstream_port: self.bounded(&l.upstream_port, format!("{path}.upstream_port"), 443, 1, 65_535) as u16,
+            upstream,
+            users,
+        }
+    }
+
+    fn resolver(&mut self, raw: Option<&raw::RawResolver>) -> ResolverConfig {
+        let Some(r) = raw else { return ResolverConfig::default() };
+        let mut out = ResolverConfig::default();
+        for (i, ns) in r.nameservers.iter().enumerate() {
+            let v = ns.value.trim();
+            // A bare address means port 53.
+            let parsed = v
+                .parse::<SocketAddr>()
+                .ok()
+                .or_else(|| v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+            match parsed {
+                Some(a) => out.nameservers.push(a),
+                None => self.err(
+                    ns.referenced,
+                    format!("resolver.nameservers[{i}]"),
+                    ConfigErrorKind::InvalidSocketAddress { value: v.to_owned() },
+                ),
+            }
+        }
+        for (name, ips) in &r.hosts {
+            let canonical = match crate::domain::DomainName::parse(name) {
+                Ok(n) => n.to_string(),
+                Err(source) => {
+                    self.err(
+                        ips.referenced,
+                        format!("resolver.hosts.{name}"),
+                        ConfigErrorKind::InvalidDomain {
+                            pattern: name.clone(),
+                            source,
+                        },
+                    );
+                    continue;
+                }
+            };
+            let addrs = ips
+                .value
+                .iter()
+                .enumerate()
+                .filter_map(|(i, ip)| self.ip(ip, &format!("resolver.hosts.{name}[{i}]")))
+                .collect();
+            out.hosts.insert(canonical, addrs);
         }
         out
     }

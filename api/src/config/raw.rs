@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde::de::{self, Visitor};
 use serde_saphyr::Spanned;
 
-use crate::model::{Action, ListenerKind, Mode, Protocol};
+use crate::model::{Action, EchPolicy, ListenerKind, Mode, Protocol, SniCheck};
 
 pub type S<T> = Spanned<T>;
 
@@ -34,6 +34,10 @@ pub struct RawConfig {
     pub policy: Option<RawPolicy>,
     #[serde(default)]
     pub plugins: Vec<S<RawPlugin>>,
+    #[serde(default)]
+    pub resolver: Option<RawResolver>,
+    #[serde(default)]
+    pub runtime: Option<RawRuntime>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,6 +67,50 @@ pub struct RawListener {
     pub name: S<String>,
     pub kind: S<ListenerKind>,
     pub address: S<String>,
+    #[serde(default)]
+    pub max_connections: Option<S<u64>>,
+    #[serde(default)]
+    pub peek_timeout: Option<S<String>>,
+    #[serde(default)]
+    pub connect_timeout: Option<S<String>>,
+    #[serde(default)]
+    pub idle_timeout: Option<S<String>>,
+    #[serde(default)]
+    pub max_client_hello: Option<S<u64>>,
+    #[serde(default)]
+    pub ech: Option<S<EchPolicy>>,
+    #[serde(default)]
+    pub sni_check: Option<S<SniCheck>>,
+    #[serde(default)]
+    pub upstream_port: Option<S<u64>>,
+    #[serde(default)]
+    pub upstream: Option<S<String>>,
+    #[serde(default)]
+    pub users: Vec<S<RawProxyUser>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxyUser {
+    pub name: S<String>,
+    pub password: S<String>,
+    pub smartgroup: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResolver {
+    #[serde(default)]
+    pub nameservers: Vec<S<String>>,
+    #[serde(default)]
+    pub hosts: std::collections::BTreeMap<String, S<Vec<S<String>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    #[serde(default)]
+    pub drain_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

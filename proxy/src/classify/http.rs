@@ -176,10 +176,7 @@ impl HttpError {
 /// so far. Bytes after the head (a body, or a tunnelled ClientHello) are
 /// ignored. For any input, a prefix of it yields either `NeedMore` or the same
 /// result as the whole.
-pub fn parse_request_head(
-    input: &[u8],
-    limits: &HttpLimits,
-) -> Result<Progress<RequestHead>, HttpError> {
+pub fn parse_request_head(input: &[u8], limits: &HttpLimits) -> Result<Progress<RequestHead>, HttpError> {
     // Looking only at the first max_head bytes makes the outcome independent of
     // how much more has arrived, which is what keeps prefixes consistent.
     let window = input.get(..limits.max_head).unwrap_or(input);
@@ -190,9 +187,7 @@ pub fn parse_request_head(
     let head_len = match req.parse(window) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if window.len() >= limits.max_head => {
-            return Err(HttpError::HeadTooLarge {
-                max: limits.max_head,
-            });
+            return Err(HttpError::HeadTooLarge { max: limits.max_head });
         }
         Ok(httparse::Status::Partial) => return Ok(Progress::NeedMore { at_least: Some(1) }),
         Err(httparse::Error::TooManyHeaders) => {
@@ -216,9 +211,7 @@ pub fn parse_request_head(
         return Err(HttpError::DuplicateHost);
     }
     let host_header = host_value.map(|v| String::from_utf8_lossy(trim_ows(v)).into_owned());
-    let host_authority = host_value
-        .map(|v| parse_authority(trim_ows(v)))
-        .transpose()?;
+    let host_authority = host_value.map(|v| parse_authority(trim_ows(v))).transpose()?;
 
     let (form, target_authority) = classify_target(method, target)?;
     let (host, port) = match target_authority {
@@ -257,10 +250,7 @@ pub fn parse_request_head(
 
 /// Works out the target's form and, for the forms that carry one, its
 /// authority with the port defaulted where the scheme defines one.
-fn classify_target(
-    method: &str,
-    target: &str,
-) -> Result<(TargetForm, Option<Authority>), HttpError> {
+fn classify_target(method: &str, target: &str) -> Result<(TargetForm, Option<Authority>), HttpError> {
     if method == "CONNECT" {
         let authority = parse_authority(target.as_bytes())?;
         // RFC 9110 §9.3.6: the CONNECT target always names a port.
@@ -306,13 +296,8 @@ pub fn parse_authority(input: &[u8]) -> Result<Authority, HttpError> {
         return Err(HttpError::UserInfo);
     }
     let (host, port) = if let Some(bracketed) = input.strip_prefix(b"[") {
-        let close = bracketed
-            .iter()
-            .position(|&b| b == b']')
-            .ok_or(HttpError::BadHost)?;
-        let (inside, after) = bracketed
-            .split_at_checked(close)
-            .ok_or(HttpError::BadHost)?;
+        let close = bracketed.iter().position(|&b| b == b']').ok_or(HttpError::BadHost)?;
+        let (inside, after) = bracketed.split_at_checked(close).ok_or(HttpError::BadHost)?;
         let after = after.get(1..).unwrap_or_default();
         let ip = std::str::from_utf8(inside)
             .ok()
@@ -346,10 +331,8 @@ fn parse_host(host: &[u8]) -> Result<Host, HttpError> {
     // A numeric last label makes resolvers and URL parsers read the whole name
     // as an IPv4 address, in forms (127.1, 0x7f.1, 017700000001) that bypass a
     // name-based policy; only the canonical dotted quad is accepted as an IP.
-    let numeric = last_label.iter().all(u8::is_ascii_digit)
-        || last_label
-            .get(..2)
-            .is_some_and(|p| p.eq_ignore_ascii_case(b"0x"));
+    let numeric =
+        last_label.iter().all(u8::is_ascii_digit) || last_label.get(..2).is_some_and(|p| p.eq_ignore_ascii_case(b"0x"));
     if !numeric {
         return Ok(Host::Name(String::from_utf8_lossy(host).into_owned()));
     }
@@ -365,9 +348,7 @@ fn parse_port(digits: &[u8]) -> Result<u16, HttpError> {
     if digits.is_empty() || digits.len() > 5 || !digits.iter().all(u8::is_ascii_digit) {
         return Err(HttpError::BadPort);
     }
-    let port = digits
-        .iter()
-        .fold(0u32, |acc, &d| acc * 10 + u32::from(d - b'0'));
+    let port = digits.iter().fold(0u32, |acc, &d| acc * 10 + u32::from(d - b'0'));
     match u16::try_from(port) {
         Ok(p) if p != 0 => Ok(p),
         _ => Err(HttpError::BadPort),
@@ -378,10 +359,7 @@ fn parse_port(digits: &[u8]) -> Result<u16, HttpError> {
 fn trim_ows(value: &[u8]) -> &[u8] {
     let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
     let start = value.iter().position(|b| !is_ows(b)).unwrap_or(value.len());
-    let end = value
-        .iter()
-        .rposition(|b| !is_ows(b))
-        .map_or(start, |i| i + 1);
+    let end = value.iter().rposition(|b| !is_ows(b)).map_or(start, |i| i + 1);
     value.get(start..end).unwrap_or_default()
 }
 
@@ -423,8 +401,7 @@ mod tests {
 
     #[test]
     fn origin_form_takes_host_header() {
-        let input =
-            b"GET /index.html?q=1 HTTP/1.1\r\nUser-Agent: t\r\nHost: Example.com:8080\r\n\r\nbody";
+        let input = b"GET /index.html?q=1 HTTP/1.1\r\nUser-Agent: t\r\nHost: Example.com:8080\r\n\r\nbody";
         let head = done(input);
         assert_eq!(head.method, "GET");
         assert_eq!(head.target, "/index.html?q=1");
@@ -437,10 +414,7 @@ mod tests {
         assert_eq!(head.head_len, input.len() - 4);
         let head = done(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n");
         assert_eq!(head.port, None);
-        assert_eq!(
-            head.destination(8081),
-            Some((&Host::Name("example.com".into()), 8081))
-        );
+        assert_eq!(head.destination(8081), Some((&Host::Name("example.com".into()), 8081)));
     }
 
     #[test]
@@ -462,10 +436,7 @@ mod tests {
             (head.form, head.host.clone(), head.port),
             (TargetForm::Absolute, name("example.com"), Some(80))
         );
-        assert_eq!(
-            head.destination(1),
-            Some((&Host::Name("example.com".into()), 80))
-        );
+        assert_eq!(head.destination(1), Some((&Host::Name("example.com".into()), 80)));
         let head = done(b"GET HTTP://Example.com:8080 HTTP/1.0\r\n\r\n");
         assert_eq!((head.host, head.port), (name("Example.com"), Some(8080)));
         let head = done(b"GET https://example.com?x HTTP/1.1\r\n\r\n");
@@ -490,10 +461,7 @@ mod tests {
             (head.host, head.port),
             (Some(Host::Ipv4(Ipv4Addr::new(10, 0, 0, 1))), Some(22))
         );
-        assert_eq!(
-            err(b"CONNECT example.com HTTP/1.1\r\n\r\n"),
-            HttpError::BadPort
-        );
+        assert_eq!(err(b"CONNECT example.com HTTP/1.1\r\n\r\n"), HttpError::BadPort);
         assert_eq!(err(b"CONNECT /x HTTP/1.1\r\n\r\n"), HttpError::BadHost);
         // The scheme's colon reads as a port separator.
         assert_eq!(
@@ -512,10 +480,7 @@ mod tests {
             err(b"CONNECT user:pw@evil.example:443 HTTP/1.1\r\n\r\n"),
             HttpError::UserInfo
         );
-        assert_eq!(
-            err(b"GET / HTTP/1.1\r\nHost: a@b\r\n\r\n"),
-            HttpError::UserInfo
-        );
+        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a@b\r\n\r\n"), HttpError::UserInfo);
     }
 
     #[test]
@@ -546,10 +511,7 @@ mod tests {
     #[test]
     fn host_forms() {
         let host = |s: &str| parse_authority(s.as_bytes()).map(|a| (a.host, a.port));
-        assert_eq!(
-            host("127.0.0.1:80"),
-            Ok((Host::Ipv4(Ipv4Addr::LOCALHOST), Some(80)))
-        );
+        assert_eq!(host("127.0.0.1:80"), Ok((Host::Ipv4(Ipv4Addr::LOCALHOST), Some(80))));
         assert_eq!(
             host("xn--caf-dma.example"),
             Ok((Host::Name("xn--caf-dma.example".into()), None))
@@ -579,9 +541,7 @@ mod tests {
         ] {
             assert_eq!(host(bad), Err(HttpError::BadHost), "{bad}");
         }
-        for bad in [
-            "a:", "a:0", "a:65536", "a:+80", "a:80a", "a:1:2", "[::1]:", "a:123456",
-        ] {
+        for bad in ["a:", "a:0", "a:65536", "a:+80", "a:80a", "a:1:2", "[::1]:", "a:123456"] {
             assert_eq!(host(bad), Err(HttpError::BadPort), "{bad}");
         }
         assert_eq!(host("a:65535"), Ok((Host::Name("a".into()), Some(65535))));
@@ -590,18 +550,12 @@ mod tests {
 
     #[test]
     fn refuses_bad_targets_and_schemes() {
-        assert_eq!(
-            err(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"),
-            HttpError::BadTarget
-        );
+        assert_eq!(err(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"), HttpError::BadTarget);
         assert_eq!(
             done(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").form,
             TargetForm::Asterisk
         );
-        assert_eq!(
-            err(b"GET example.com/ HTTP/1.1\r\n\r\n"),
-            HttpError::BadTarget
-        );
+        assert_eq!(err(b"GET example.com/ HTTP/1.1\r\n\r\n"), HttpError::BadTarget);
         assert_eq!(
             err(b"GET ftp://example.com/ HTTP/1.1\r\n\r\n"),
             HttpError::UnsupportedScheme
@@ -652,26 +606,14 @@ mod tests {
             parse_request_head(many, &limits),
             Err(HttpError::TooManyHeaders { max: 4 })
         );
-        assert_eq!(
-            parse(&[b'G'; 20_000]),
-            Err(HttpError::HeadTooLarge { max: 16 * 1024 })
-        );
+        assert_eq!(parse(&[b'G'; 20_000]), Err(HttpError::HeadTooLarge { max: 16 * 1024 }));
     }
 
     #[test]
     fn reason_codes_are_stable() {
-        assert_eq!(
-            HttpError::HeadTooLarge { max: 1 }.reason_code(),
-            "http-oversized"
-        );
-        assert_eq!(
-            HttpError::DuplicateHost.reason_code(),
-            "http-duplicate-host"
-        );
-        assert_eq!(
-            HttpError::ConflictingHost.reason_code(),
-            "http-conflicting-host"
-        );
+        assert_eq!(HttpError::HeadTooLarge { max: 1 }.reason_code(), "http-oversized");
+        assert_eq!(HttpError::DuplicateHost.reason_code(), "http-duplicate-host");
+        assert_eq!(HttpError::ConflictingHost.reason_code(), "http-conflicting-host");
         assert_eq!(HttpError::UserInfo.reason_code(), "http-userinfo");
         assert_eq!(HttpError::BadHost.reason_code(), "http-bad-host");
         assert_eq!(HttpError::BadPort.reason_code(), "http-bad-port");

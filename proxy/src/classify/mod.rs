@@ -15,13 +15,8 @@
 pub mod http;
 pub mod tls;
 
-pub use http::{
-    Authority, Host, HttpError, HttpLimits, RequestHead, TargetForm, parse_authority,
-    parse_request_head,
-};
-pub use tls::{
-    ClientHello, Field, Limits, SniProblem, Sniff, TlsError, is_grease, parse_client_hello, sniff,
-};
+pub use http::{Authority, Host, HttpError, HttpLimits, RequestHead, TargetForm, parse_authority, parse_request_head};
+pub use tls::{ClientHello, Field, Limits, SniProblem, Sniff, TlsError, is_grease, parse_client_hello, sniff};
 
 /// Outcome of feeding a parser the bytes peeked so far.
 ///

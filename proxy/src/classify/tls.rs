@@ -212,10 +212,7 @@ pub fn sniff(buf: &[u8]) -> Sniff {
 /// Returns `NeedMore` while `input` is a valid but incomplete prefix; call again
 /// with a longer buffer. Bytes after the ClientHello are ignored. For any input,
 /// a prefix of it yields either `NeedMore` or the same result as the whole.
-pub fn parse_client_hello(
-    input: &[u8],
-    limits: &Limits,
-) -> Result<Progress<ClientHello>, TlsError> {
+pub fn parse_client_hello(input: &[u8], limits: &Limits) -> Result<Progress<ClientHello>, TlsError> {
     let mut pos = 0usize;
     // Handshake bytes seen so far, and the header of the handshake message as
     // far as it has been seen (it may itself be split across records).
@@ -242,9 +239,7 @@ pub fn parse_client_hello(
             .unwrap_or_default();
 
         let before = hs_seen;
-        let header_part = payload
-            .iter()
-            .take(HANDSHAKE_HEADER_LEN.saturating_sub(before));
+        let header_part = payload.iter().take(HANDSHAKE_HEADER_LEN.saturating_sub(before));
         for (idx, &b) in (before..).zip(header_part) {
             // Refuse on the very first handshake byte: no reason to buffer a
             // message we will not parse.
@@ -799,10 +794,7 @@ mod tests {
 
     #[test]
     fn refuses_non_tls_and_sslv2() {
-        assert_eq!(
-            parse(b"GET / HTTP/1.1\r\n"),
-            Err(TlsError::NotHandshake(b'G'))
-        );
+        assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(TlsError::NotHandshake(b'G')));
         assert_eq!(parse(&[0x80, 0x2e, 0x01, 0x03, 0x01]), Err(TlsError::Sslv2));
         assert_eq!(parse(&[0x80]), Err(TlsError::Sslv2));
         assert_eq!(parse(&[23, 3, 3, 0, 5]), Err(TlsError::NotHandshake(23)));
@@ -813,10 +805,7 @@ mod tests {
         assert_eq!(parse(&[22, 2, 0]), Err(TlsError::BadVersion(0x0200)));
         assert_eq!(parse(&[22, 3, 9]), Err(TlsError::BadVersion(0x0309)));
         assert_eq!(parse(&[22, 3, 1]), Ok(need(2)));
-        assert_eq!(
-            parse(&[22, 3, 1, 0, 0]),
-            Err(TlsError::Malformed(Field::RecordLength))
-        );
+        assert_eq!(parse(&[22, 3, 1, 0, 0]), Err(TlsError::Malformed(Field::RecordLength)));
         assert_eq!(
             parse(&[22, 3, 1, 0x40, 1]),
             Err(TlsError::Malformed(Field::RecordLength))
@@ -825,17 +814,12 @@ mod tests {
 
     #[test]
     fn refuses_other_handshake_types_on_first_byte() {
-        assert_eq!(
-            parse(&[22, 3, 1, 0, 40, 2]),
-            Err(TlsError::NotClientHello(2))
-        );
+        assert_eq!(parse(&[22, 3, 1, 0, 40, 2]), Err(TlsError::NotClientHello(2)));
     }
 
     #[test]
     fn oversized_is_refused_from_the_declared_length() {
-        let limits = Limits {
-            max_client_hello: 1024,
-        };
+        let limits = Limits { max_client_hello: 1024 };
         // 4 + 0x000400 = 1028 > 1024, known after 9 bytes.
         assert_eq!(
             parse_client_hello(&[22, 3, 1, 0x40, 0, 1, 0, 4, 0], &limits),
@@ -856,10 +840,7 @@ mod tests {
         let exact = Limits {
             max_client_hello: fits.len() - 5,
         };
-        assert!(matches!(
-            parse_client_hello(&fits, &exact),
-            Ok(Progress::Done(_))
-        ));
+        assert!(matches!(parse_client_hello(&fits, &exact), Ok(Progress::Done(_))));
         let short = Limits {
             max_client_hello: fits.len() - 6,
         };
@@ -875,25 +856,16 @@ mod tests {
         // Handshake body shorter than its fields: lie about the session id.
         let mut bad = msg.clone();
         bad[4 + 2 + 32] = 33;
-        assert_eq!(
-            parse(&records(&bad, &[])),
-            Err(TlsError::Malformed(Field::SessionId))
-        );
+        assert_eq!(parse(&records(&bad, &[])), Err(TlsError::Malformed(Field::SessionId)));
         let mut bad = msg.clone();
         bad[4 + 2 + 32] = 255;
-        assert_eq!(
-            parse(&records(&bad, &[])),
-            Err(TlsError::Malformed(Field::SessionId))
-        );
+        assert_eq!(parse(&records(&bad, &[])), Err(TlsError::Malformed(Field::SessionId)));
         // Extension length past the end of the block.
         let mut bad = handshake(&[ext(0x1234, &[1, 2, 3])]);
         let n = bad.len();
         bad[n - 4] = 0x00;
         bad[n - 3] = 0x09;
-        assert_eq!(
-            parse(&records(&bad, &[])),
-            Err(TlsError::Malformed(Field::Extensions))
-        );
+        assert_eq!(parse(&records(&bad, &[])), Err(TlsError::Malformed(Field::Extensions)));
         // Trailing bytes after the extensions block.
         let mut bad = handshake(&[sni(b"a.example")]);
         bad.push(0);
@@ -907,18 +879,12 @@ mod tests {
         let mut bad = msg;
         let at = 4 + 2 + 32 + 1 + 32;
         bad[at + 1] = 7;
-        assert!(matches!(
-            parse(&records(&bad, &[])),
-            Err(TlsError::Malformed(_))
-        ));
+        assert!(matches!(parse(&records(&bad, &[])), Err(TlsError::Malformed(_))));
     }
 
     #[test]
     fn refuses_duplicate_extensions() {
-        let input = records(
-            &handshake(&[sni(b"good.example"), sni(b"evil.example")]),
-            &[],
-        );
+        let input = records(&handshake(&[sni(b"good.example"), sni(b"evil.example")]), &[]);
         assert_eq!(parse(&input), Err(TlsError::DuplicateExtension(0)));
         let input = records(&handshake(&[ext(0x0a0a, &[]), ext(0x0a0a, &[])]), &[]);
         assert_eq!(parse(&input), Err(TlsError::DuplicateExtension(0x0a0a)));
@@ -926,16 +892,8 @@ mod tests {
 
     #[test]
     fn server_name_rules() {
-        let with = |entries: &[(u8, &[u8])]| {
-            parse(&records(
-                &handshake(&[ext(0, &server_name_data(entries))]),
-                &[],
-            ))
-        };
-        assert_eq!(
-            with(&[(1, b"whatever")]),
-            Err(TlsError::BadSni(SniProblem::NoHostName))
-        );
+        let with = |entries: &[(u8, &[u8])]| parse(&records(&handshake(&[ext(0, &server_name_data(entries))]), &[]));
+        assert_eq!(with(&[(1, b"whatever")]), Err(TlsError::BadSni(SniProblem::NoHostName)));
         assert_eq!(
             with(&[(0, b"a.example"), (0, b"b.example")]),
             Err(TlsError::BadSni(SniProblem::MultipleHostNames))
@@ -972,10 +930,7 @@ mod tests {
             b"_srv.example",
             b"example.com.",
         ] {
-            assert!(
-                matches!(with(&[(0, good)]), Ok(Progress::Done(_))),
-                "{good:?}"
-            );
+            assert!(matches!(with(&[(0, good)]), Ok(Progress::Done(_))), "{good:?}");
         }
         assert_eq!(
             parse(&records(&handshake(&[ext(0, &[0, 0])]), &[])),
@@ -985,18 +940,9 @@ mod tests {
 
     #[test]
     fn pre_shared_key_must_be_last() {
-        let input = records(
-            &handshake(&[ext(EXT_PRE_SHARED_KEY, &[0; 8]), sni(b"a.example")]),
-            &[],
-        );
-        assert_eq!(
-            parse(&input),
-            Err(TlsError::Malformed(Field::PreSharedKeyNotLast))
-        );
-        let input = records(
-            &handshake(&[sni(b"a.example"), ext(EXT_PRE_SHARED_KEY, &[0; 8])]),
-            &[],
-        );
+        let input = records(&handshake(&[ext(EXT_PRE_SHARED_KEY, &[0; 8]), sni(b"a.example")]), &[]);
+        assert_eq!(parse(&input), Err(TlsError::Malformed(Field::PreSharedKeyNotLast)));
+        let input = records(&handshake(&[sni(b"a.example"), ext(EXT_PRE_SHARED_KEY, &[0; 8])]), &[]);
         assert!(matches!(parse(&input), Ok(Progress::Done(_))));
     }
 
@@ -1006,14 +952,8 @@ mod tests {
         assert_eq!(parse(&bad_alpn), Err(TlsError::Malformed(Field::Alpn)));
         let empty_alpn = records(&handshake(&[ext(EXT_ALPN, &[0, 0])]), &[]);
         assert_eq!(parse(&empty_alpn), Err(TlsError::Malformed(Field::Alpn)));
-        let odd_versions = records(
-            &handshake(&[ext(EXT_SUPPORTED_VERSIONS, &[3, 3, 4, 3])]),
-            &[],
-        );
-        assert_eq!(
-            parse(&odd_versions),
-            Err(TlsError::Malformed(Field::SupportedVersions))
-        );
+        let odd_versions = records(&handshake(&[ext(EXT_SUPPORTED_VERSIONS, &[3, 3, 4, 3])]), &[]);
+        assert_eq!(parse(&odd_versions), Err(TlsError::Malformed(Field::SupportedVersions)));
     }
 
     #[test]
@@ -1030,30 +970,14 @@ mod tests {
     fn reason_codes_are_stable() {
         assert_eq!(TlsError::Sslv2.reason_code(), "tls-sslv2");
         assert_eq!(TlsError::NotHandshake(0).reason_code(), "tls-not-handshake");
+        assert_eq!(TlsError::NotClientHello(2).reason_code(), "tls-not-client-hello");
         assert_eq!(
-            TlsError::NotClientHello(2).reason_code(),
-            "tls-not-client-hello"
-        );
-        assert_eq!(
-            TlsError::Oversized {
-                declared: 2,
-                max: 1
-            }
-            .reason_code(),
+            TlsError::Oversized { declared: 2, max: 1 }.reason_code(),
             "tls-oversized"
         );
-        assert_eq!(
-            TlsError::Malformed(Field::Random).reason_code(),
-            "tls-malformed"
-        );
-        assert_eq!(
-            TlsError::BadSni(SniProblem::NoHostName).reason_code(),
-            "tls-bad-sni"
-        );
-        assert_eq!(
-            TlsError::DuplicateExtension(0).reason_code(),
-            "tls-duplicate-extension"
-        );
+        assert_eq!(TlsError::Malformed(Field::Random).reason_code(), "tls-malformed");
+        assert_eq!(TlsError::BadSni(SniProblem::NoHostName).reason_code(), "tls-bad-sni");
+        assert_eq!(TlsError::DuplicateExtension(0).reason_code(), "tls-duplicate-extension");
         assert_eq!(TlsError::BadVersion(0).reason_code(), "tls-bad-version");
     }
 

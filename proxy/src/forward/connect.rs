@@ -62,9 +62,7 @@ impl ConnectError {
     fn from_io(addr: SocketAddr, e: io::Error) -> Self {
         match e.kind() {
             io::ErrorKind::ConnectionRefused => Self::Refused(addr),
-            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
-                Self::Unreachable(addr)
-            }
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => Self::Unreachable(addr),
             _ => match e.raw_os_error() {
                 Some(code) if is_unreachable_errno(code) => Self::Unreachable(addr),
                 _ => Self::Io { addr, source: e },
@@ -156,21 +154,14 @@ pub fn interleave(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
 type Attempt = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
 
 /// Connects to one of `ips` on `port` (see [`connect`]).
-pub async fn connect_ips(
-    ips: &[IpAddr],
-    port: u16,
-    opts: &ConnectOptions,
-) -> Result<Connected, ConnectError> {
+pub async fn connect_ips(ips: &[IpAddr], port: u16, opts: &ConnectOptions) -> Result<Connected, ConnectError> {
     let addrs: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
     connect(&addrs, opts).await
 }
 
 /// Races connection attempts to `addrs` (happy eyeballs) and returns the
 /// first that completes.
-pub async fn connect(
-    addrs: &[SocketAddr],
-    opts: &ConnectOptions,
-) -> Result<Connected, ConnectError> {
+pub async fn connect(addrs: &[SocketAddr], opts: &ConnectOptions) -> Result<Connected, ConnectError> {
     let order = interleave(addrs);
     if order.is_empty() {
         return Err(ConnectError::NoAddresses);
@@ -187,8 +178,7 @@ pub async fn connect(
         loop {
             // Start the next attempt when the stagger timer fires, or at once
             // when nothing is in flight (the previous attempt failed).
-            let start_now =
-                !exhausted && (in_flight.is_empty() || next_start.as_mut().poll(cx).is_ready());
+            let start_now = !exhausted && (in_flight.is_empty() || next_start.as_mut().poll(cx).is_ready());
             if start_now {
                 match pending.next() {
                     Some(addr) => {
@@ -220,9 +210,7 @@ pub async fn connect(
             }
 
             if exhausted && in_flight.is_empty() {
-                return Poll::Ready(Err(best_err
-                    .take()
-                    .unwrap_or(ConnectError::Timeout(opts.timeout))));
+                return Poll::Ready(Err(best_err.take().unwrap_or(ConnectError::Timeout(opts.timeout))));
             }
             if overall.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Err(ConnectError::Timeout(opts.timeout)));

@@ -60,10 +60,7 @@ impl ConnLimit {
 
     /// Waits for a slot, then accepts one connection. At the limit this does
     /// not call `accept` at all, which is what pauses accepting.
-    pub async fn accept(
-        &self,
-        listener: &TcpListener,
-    ) -> std::io::Result<(TcpStream, SocketAddr, ConnPermit)> {
+    pub async fn accept(&self, listener: &TcpListener) -> std::io::Result<(TcpStream, SocketAddr, ConnPermit)> {
         let permit = self.acquire().await;
         let (stream, peer) = listener.accept().await?;
         Ok((stream, peer, permit))

@@ -164,12 +164,7 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, opts: &RelayOptions) 
 
 /// As [`relay`], and also ends (with [`CloseReason::Cancelled`]) when
 /// `cancel` completes.
-pub async fn relay_until<C>(
-    client: TcpStream,
-    upstream: TcpStream,
-    opts: &RelayOptions,
-    cancel: C,
-) -> RelayStats
+pub async fn relay_until<C>(client: TcpStream, upstream: TcpStream, opts: &RelayOptions, cancel: C) -> RelayStats
 where
     C: Future<Output = ()>,
 {
@@ -181,24 +176,8 @@ where
         up: AtomicU64::new(0),
         down: AtomicU64::new(0),
     };
-    let up = pump(
-        &client,
-        &upstream,
-        Side::Client,
-        &shared.up,
-        &shared,
-        opts,
-        mode,
-    );
-    let down = pump(
-        &upstream,
-        &client,
-        Side::Upstream,
-        &shared.down,
-        &shared,
-        opts,
-        mode,
-    );
+    let up = pump(&client, &upstream, Side::Client, &shared.up, &shared, opts, mode);
+    let down = pump(&upstream, &client, Side::Upstream, &shared.down, &shared, opts, mode);
     let idle = idle_watch(&shared, opts.idle_timeout);
 
     let (reason, error) = tokio::select! {
@@ -270,9 +249,7 @@ impl PumpError {
     fn reason(&self) -> CloseReason {
         let reset = matches!(
             self.error.kind(),
-            io::ErrorKind::ConnectionReset
-                | io::ErrorKind::ConnectionAborted
-                | io::ErrorKind::BrokenPipe
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
         );
         match (self.side, reset) {
             (Some(Side::Client), true) => CloseReason::ClientReset,
@@ -314,10 +291,9 @@ async fn pump(
 }
 
 fn end_of_stream(dst: &TcpStream, src_side: Side, shared: &Shared) {
-    let _ =
-        shared
-            .first_eof
-            .compare_exchange(0, src_side as u8, Ordering::Relaxed, Ordering::Relaxed);
+    let _ = shared
+        .first_eof
+        .compare_exchange(0, src_side as u8, Ordering::Relaxed, Ordering::Relaxed);
     // Pass the half-close on. ENOTCONN here only means the peer is already
     // gone, which the other direction will report.
     let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
@@ -406,9 +382,7 @@ async fn pump_copy(
                 Ok(n) => {
                     counter.fetch_add(n as u64, Ordering::Relaxed);
                     shared.touch();
-                    write_all(dst, &buf[..n])
-                        .await
-                        .map_err(PumpError::on(dst_side))?;
+                    write_all(dst, &buf[..n]).await.map_err(PumpError::on(dst_side))?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     give_buf(buf);

@@ -19,9 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{
-    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig,
-};
+use hickory_resolver::config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 
@@ -181,9 +179,7 @@ impl Resolver {
         }
         let name = host.trim_end_matches('.');
         if name.is_empty() || name.contains(['/', ' ', '\\', '@', ':', '%']) {
-            return Err(ResolveError::InvalidName {
-                name: host.to_owned(),
-            });
+            return Err(ResolveError::InvalidName { name: host.to_owned() });
         }
         let fqdn = format!("{name}.");
         let lookup = match self.inner.lookup_ip(fqdn.as_str()).await {
@@ -198,9 +194,7 @@ impl Resolver {
             }
         }
         if out.is_empty() {
-            return Err(ResolveError::NoRecords {
-                name: name.to_owned(),
-            });
+            return Err(ResolveError::NoRecords { name: name.to_owned() });
         }
         Ok(out)
     }
@@ -239,10 +233,7 @@ fn classify(name: &str, e: NetError) -> ResolveError {
 /// becomes `a.b.c.d`. Anything out of range or malformed is `None`.
 pub fn parse_ip_lenient(host: &str) -> Option<IpAddr> {
     let host = host.trim();
-    let inner = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    let inner = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     if inner.contains(':') {
         let without_zone = inner.split_once('%').map_or(inner, |(ip, _zone)| ip);
         return without_zone
@@ -276,35 +267,25 @@ fn parse_inet_aton(s: &str) -> Option<Ipv4Addr> {
     let value = match count {
         1 => parts[0],
         2 => (byte(parts[0])? << 24) | (parts[1] <= 0x00ff_ffff).then_some(parts[1])?,
-        3 => {
-            (byte(parts[0])? << 24)
-                | (byte(parts[1])? << 16)
-                | (parts[2] <= 0xffff).then_some(parts[2])?
-        }
-        _ => {
-            (byte(parts[0])? << 24)
-                | (byte(parts[1])? << 16)
-                | (byte(parts[2])? << 8)
-                | byte(parts[3])?
-        }
+        3 => (byte(parts[0])? << 24) | (byte(parts[1])? << 16) | (parts[2] <= 0xffff).then_some(parts[2])?,
+        _ => (byte(parts[0])? << 24) | (byte(parts[1])? << 16) | (byte(parts[2])? << 8) | byte(parts[3])?,
     };
     Some(Ipv4Addr::from(value))
 }
 
 /// One dotted part: `0x…` hex, `0…` octal, else decimal; must fit in `u32`.
 fn parse_aton_part(part: &str) -> Option<u32> {
-    let (digits, radix) =
-        if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
-            // `0x` alone is 0 to inet_aton and to URL parsers alike.
-            if hex.is_empty() {
-                return Some(0);
-            }
-            (hex, 16)
-        } else if part.len() > 1 && part.starts_with('0') {
-            (&part[1..], 8)
-        } else {
-            (part, 10)
-        };
+    let (digits, radix) = if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+        // `0x` alone is 0 to inet_aton and to URL parsers alike.
+        if hex.is_empty() {
+            return Some(0);
+        }
+        (hex, 16)
+    } else if part.len() > 1 && part.starts_with('0') {
+        (&part[1..], 8)
+    } else {
+        (part, 10)
+    };
     if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
         return None;
     }

@@ -136,9 +136,7 @@ impl<T: Serialize + Send + 'static> AuditWriter<T> {
         let total = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         super::metrics::audit_dropped();
         // Rate limit: one warning per wall-clock second at most.
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let last = self.stats.last_warn_secs.load(Ordering::Relaxed);
         if now > last
             && self
@@ -187,17 +185,11 @@ impl<T: Serialize + Send + 'static> AuditWriter<T> {
         self.control(Msg::Shutdown).await
     }
 
-    async fn control(
-        &self,
-        make: fn(oneshot::Sender<Result<(), AuditError>>) -> Msg<T>,
-    ) -> Result<(), AuditError> {
+    async fn control(&self, make: fn(oneshot::Sender<Result<(), AuditError>>) -> Msg<T>) -> Result<(), AuditError> {
         let (ack, done) = oneshot::channel();
         // Control messages wait for queue space: they sit behind the
         // records they must not overtake.
-        self.tx
-            .send(make(ack))
-            .await
-            .map_err(|_| AuditError::Closed)?;
+        self.tx.send(make(ack)).await.map_err(|_| AuditError::Closed)?;
         done.await.map_err(|_| AuditError::Closed)?
     }
 }
@@ -247,12 +239,7 @@ impl Write for Output {
     }
 }
 
-fn writer_loop<T: Serialize>(
-    mut rx: mpsc::Receiver<Msg<T>>,
-    out: Output,
-    sink: AuditSink,
-    stats: &Stats,
-) {
+fn writer_loop<T: Serialize>(mut rx: mpsc::Receiver<Msg<T>>, out: Output, sink: AuditSink, stats: &Stats) {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     let mut line = Vec::with_capacity(1024);
     // `None`: every handle is gone; flush what we have and stop.
@@ -454,12 +441,7 @@ pub struct FlowRecord {
 impl FlowRecord {
     /// A record stamped now, for a flow from `src` on `listener`, with
     /// everything else empty and the given verdict.
-    pub fn new(
-        flow_id: u64,
-        listener: impl Into<String>,
-        src: SocketAddr,
-        verdict: VerdictRecord,
-    ) -> Self {
+    pub fn new(flow_id: u64, listener: impl Into<String>, src: SocketAddr, verdict: VerdictRecord) -> Self {
         Self {
             time: rfc3339_now(),
             flow_id,

@@ -38,15 +38,14 @@ pub const AUDIT_DROPPED_TOTAL: &str = "sluice_audit_dropped_total";
 /// Buckets for [`CLASSIFY_SECONDS`]: a parse takes microseconds, a peek may
 /// wait seconds for a slow client's ClientHello (5 s default limit).
 pub const CLASSIFY_BUCKETS: &[f64] = &[
-    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
-    0.01, 0.05, 0.25, 1.0, 5.0,
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.25, 1.0,
+    5.0,
 ];
 
 /// Buckets for [`CONNECT_SECONDS`]: loopback/LAN sub-millisecond up to the
 /// connect timeout.
 pub const CONNECT_BUCKETS: &[f64] = &[
-    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0,
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Failure to install the Prometheus recorder.
@@ -75,15 +74,11 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
     }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(CLASSIFY_SECONDS.into()), CLASSIFY_BUCKETS)
-        .and_then(|b| {
-            b.set_buckets_for_metric(Matcher::Full(CONNECT_SECONDS.into()), CONNECT_BUCKETS)
-        })
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(CONNECT_SECONDS.into()), CONNECT_BUCKETS))
         .map_err(MetricsError::Build)?
         .install_recorder()
         .map_err(|e| match e {
-            metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_) => {
-                MetricsError::OtherRecorder
-            }
+            metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_) => MetricsError::OtherRecorder,
             other => MetricsError::Build(other),
         })?;
     describe();
@@ -93,10 +88,7 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
 
 fn describe() {
     use metrics::Unit;
-    metrics::describe_counter!(
-        FLOWS_TOTAL,
-        "Flows finished, by listener, action, rule and reason"
-    );
+    metrics::describe_counter!(FLOWS_TOTAL, "Flows finished, by listener, action, rule and reason");
     metrics::describe_gauge!(ACTIVE_FLOWS, "Flows currently open");
     metrics::describe_counter!(BYTES_TOTAL, Unit::Bytes, "Bytes relayed, by direction");
     metrics::describe_counter!(FLOW_CLOSES_TOTAL, "Relayed flows closed, by close reason");
@@ -136,12 +128,9 @@ pub fn flow_finished(listener: &str, action: &'static str, rule: &str, reason: &
 
 /// Adds a relayed flow's bytes and close reason.
 pub fn flow_relayed(listener: &str, bytes_up: u64, bytes_down: u64, close_reason: &'static str) {
-    metrics::counter!(BYTES_TOTAL, "listener" => listener.to_owned(), "direction" => "up")
-        .increment(bytes_up);
-    metrics::counter!(BYTES_TOTAL, "listener" => listener.to_owned(), "direction" => "down")
-        .increment(bytes_down);
-    metrics::counter!(FLOW_CLOSES_TOTAL, "listener" => listener.to_owned(), "reason" => close_reason)
-        .increment(1);
+    metrics::counter!(BYTES_TOTAL, "listener" => listener.to_owned(), "direction" => "up").increment(bytes_up);
+    metrics::counter!(BYTES_TOTAL, "listener" => listener.to_owned(), "direction" => "down").increment(bytes_down);
+    metrics::counter!(FLOW_CLOSES_TOTAL, "listener" => listener.to_owned(), "reason" => close_reason).increment(1);
 }
 
 /// Records accept → verdict time.
