@@ -256,6 +256,7 @@ impl ParsedFlow {
 
     pub fn query(&self) -> FlowQuery<'_> {
         FlowQuery {
+            identity: None,
             src: self.src,
             name: self.name.as_ref(),
             dst: self.dst,

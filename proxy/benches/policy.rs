@@ -167,6 +167,7 @@ fn flows(rng: &mut Rng, names: &[String]) -> Vec<Flow> {
 
 fn query(f: &Flow) -> FlowQuery<'_> {
     FlowQuery {
+        identity: None,
         src: f.src,
         name: Some(&f.name),
         dst: Some(f.dst),

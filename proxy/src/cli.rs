@@ -171,6 +171,7 @@ pub fn explain(args: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> 
     });
     let policy = Policy::compile(&cfg);
     let q = FlowQuery {
+        identity: None,
         src: args.src,
         name: name.as_ref(),
         dst: args.dst,

@@ -187,7 +187,7 @@ fn ref_in_smartgroup(cfg: &Config, group: &str, ip: IpAddr) -> bool {
 }
 
 /// (action, decided-by name, reason, watched)
-fn ref_decide(cfg: &Config, q: &FlowQuery<'_>) -> (Action, String, ReasonCode, bool) {
+fn ref_decide(cfg: &Config, q: &FlowQuery<'_>, identity: Option<&str>) -> (Action, String, ReasonCode, bool) {
     let watch_all = cfg.policy.mode == Mode::Watch;
     let named_smart = |g: &str| cfg.policy.rules.iter().any(|r| r.to.smartgroups.iter().any(|x| x == g));
     if let Some(dst) = q.dst {
@@ -239,7 +239,21 @@ fn ref_decide(cfg: &Config, q: &FlowQuery<'_>) -> (Action, String, ReasonCode, b
         if q.protocol != Protocol::Dns && !r.ports.is_empty() && !r.ports.iter().any(|p| p.contains(q.port)) {
             continue;
         }
-        let from = r.from.is_empty() || r.from.iter().any(|g| ref_in_smartgroup(cfg, g, q.src));
+        // An authenticated identity is a member of its group and of every
+        // group including it.
+        let by_identity = |g: &str| {
+            identity.is_some_and(|id| {
+                closure_contains(
+                    &|x| cfg.smartgroup(x).map(|s| s.includes.clone()).unwrap_or_default(),
+                    g,
+                    &|x| x == id,
+                )
+            })
+        };
+        let from = r.from.is_empty()
+            || r.from
+                .iter()
+                .any(|g| ref_in_smartgroup(cfg, g, q.src) || by_identity(g));
         if !from {
             continue;
         }
@@ -404,7 +418,8 @@ proptest! {
         ],
         watch_mode in prop::bool::weighted(0.2),
         default_allow in any::<bool>(),
-        guard_private in any::<bool>(),
+                guard_private in any::<bool>(),
+        identity in prop::option::of(0usize..8),
         flows in prop::collection::vec((ip(), prop::option::of(name()), prop::option::of(ip()), prop::sample::select(Protocol::ALL.to_vec()), 1u16..1100), 1..20),
     ) {
         let nw = web.len();
@@ -422,12 +437,14 @@ proptest! {
             r.to.webgroups.retain(|g| cfg.webgroup(g).is_some() && g.strip_prefix('w').and_then(|n| n.parse::<usize>().ok()).is_none_or(|n| n < nw));
             r
         }).collect();
-        let policy = Policy::compile(&cfg);
+                let policy = Policy::compile(&cfg);
+        let identity_name = identity.map(|i| format!("s{i}")).filter(|n| cfg.smartgroup(n).is_some());
+        let identity_id = identity_name.as_deref().and_then(|n| policy.smartgroup_id(n));
         for (src, n, dst, protocol, port) in &flows {
-            let q = FlowQuery { src: *src, name: n.as_ref(), dst: *dst, protocol: *protocol, port: *port };
+            let q = FlowQuery { src: *src, name: n.as_ref(), dst: *dst, protocol: *protocol, port: *port, identity: identity_id };
             let v = policy.decide(&q);
             let got = (v.action, policy.decided_by_name(v.decided_by).to_owned(), v.reason, v.would_deny() || (v.action == Action::Allow && v.enforcement == sluice::policy::Enforcement::Watched));
-            let want = ref_decide(&cfg, &q);
+                        let want = ref_decide(&cfg, &q, identity_name.as_deref());
             prop_assert_eq!(got, want, "flow {:?}", q);
             if let DecidedBy::Rule(_) = v.decided_by {
                 prop_assert!(v.source_group.is_none() || v.dest.is_some() || cfg.policy.rules.iter().any(|r| r.to.is_any()));

@@ -48,6 +48,9 @@ pub struct FlowQuery<'a> {
     pub protocol: Protocol,
     /// Destination port; not consulted for `dns` queries, which name no port.
     pub port: u16,
+    /// A SmartGroup the source belongs to by authentication (an explicit
+    /// proxy user), on top of the groups its address is in.
+    pub identity: Option<u32>,
 }
 
 /// Whether a deny is carried out or only recorded.
@@ -148,6 +151,9 @@ pub struct Policy {
     any_group: Option<u32>,
     /// `None` for an empty policy or one too large to index.
     index: Option<RuleIndex>,
+    /// Per SmartGroup: the set of groups a member of it is in (itself and
+    /// every group including it), for authenticated identities.
+    identity_sets: Vec<SetId>,
 }
 
 /// Transitive include closure, inverted: `containers[g]` = `g` and every
@@ -206,7 +212,16 @@ impl Policy {
                 nets.extend(w.ips.iter().map(|ip| (ipnet::IpNet::from(*ip), g as u32)));
             }
         }
-        let cidrs = CidrIndex::build(&nets, &containers(&smart_includes), &mut sets);
+        let smart_containers = containers(&smart_includes);
+        let cidrs = CidrIndex::build(&nets, &smart_containers, &mut sets);
+        let identity_sets: Vec<SetId> = smart_containers
+            .into_iter()
+            .map(|mut c| {
+                c.sort_unstable();
+                c.dedup();
+                sets.intern(c)
+            })
+            .collect();
 
         let rules: Vec<CompiledRule> = config
             .policy
@@ -310,6 +325,7 @@ impl Policy {
             metadata_names,
             any_group,
             index,
+            identity_sets,
         }
     }
 
@@ -379,7 +395,8 @@ impl Policy {
                         .is_some_and(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.contains(q.port)))
                 };
                 let hit_sets = hits.into_iter().flat_map(|h| h.iter());
-                let i = index.first_match(q.protocol, src_set, dst_set, hit_sets, &self.sets, port_ok)?;
+                let identity = q.identity.and_then(|g| self.identity_sets.get(g as usize).copied());
+                let i = index.first_match(q.protocol, src_set, identity, dst_set, hit_sets, &self.sets, port_ok)?;
                 let r = self.rules.get(i)?;
                 let (source_group, dest) = self.rule_matches(r, q, src_groups, dst_set, hits)?;
                 Some((i, source_group, dest))
@@ -458,7 +475,14 @@ impl Policy {
         let source_group = if r.from_any {
             None
         } else {
-            Some(r.from.first_common(src_groups)?)
+            let identity = q
+                .identity
+                .and_then(|g| self.identity_sets.get(g as usize))
+                .map(|s| self.sets.get(*s));
+            match identity.and_then(|set| r.from.first_common(set)) {
+                Some(g) => Some(g),
+                None => Some(r.from.first_common(src_groups)?),
+            }
         };
         if r.to_any && !implied_dns {
             return Some((source_group, None));
@@ -496,6 +520,11 @@ impl Policy {
             DecidedBy::Default => "default",
             DecidedBy::BuiltinGuard => "builtin-guard",
         }
+    }
+
+    /// Id of a SmartGroup by name (for [`FlowQuery::identity`]).
+    pub fn smartgroup_id(&self, name: &str) -> Option<u32> {
+        self.smart_names.iter().position(|n| n == name).map(|i| i as u32)
     }
 
     pub fn webgroup_name(&self, id: u32) -> &str {

@@ -151,6 +151,7 @@ impl RuleIndex {
         &self,
         protocol: Protocol,
         src: SetId,
+        identity: Option<SetId>,
         dst: Option<SetId>,
         hits: impl Iterator<Item = SetId>,
         sets: &SetArena,
@@ -163,6 +164,9 @@ impl RuleIndex {
         let (from, to, web) = (&mut from[..w], &mut to[..w], &mut web[..w]);
         from.copy_from_slice(&self.from_any);
         self.or_into(&self.from, src, sets, from);
+        if let Some(set) = identity {
+            self.or_into(&self.from, set, sets, from);
+        }
         to.copy_from_slice(&self.to_any);
         if let Some(d) = dst {
             self.or_into(&self.to_smart, d, sets, to);

@@ -35,6 +35,7 @@ webgroups:
 "#,
     );
     let q = |n: &str, port| FlowQuery {
+        identity: None,
         src: "10.0.0.1".parse().unwrap(),
         name: Some(Box::leak(Box::new(name(n)))),
         dst: None,
@@ -55,6 +56,7 @@ webgroups:
 fn guard_and_lifting() {
     let (_, p) = policy("policy: {mode: enforce, default: allow}\n");
     let q = FlowQuery {
+        identity: None,
         src: "10.0.0.1".parse().unwrap(),
         name: None,
         dst: Some("169.254.169.254".parse().unwrap()),
