@@ -11,6 +11,18 @@
 //! panic on any input, so they can be unit-tested with split inputs and fuzzed.
 //! Anything they cannot parse is an error with a stable reason code for the audit
 //! record, and the flow is denied (fail closed).
+//!
+//! ```
+//! use sluice::classify::{Limits, Progress, parse_client_hello};
+//!
+//! // What a listener does with each peek: parse everything seen so far.
+//! let first_segment = [22, 3, 1, 0, 200, 1, 0, 0];
+//! match parse_client_hello(&first_segment, &Limits::default()) {
+//!     Ok(Progress::NeedMore { at_least }) => assert_eq!(at_least, Some(1)),
+//!     Ok(Progress::Done(hello)) => println!("SNI {:?}", hello.sni),
+//!     Err(e) => println!("deny, reason {}", e.reason_code()),
+//! }
+//! ```
 
 pub mod http;
 pub mod tls;
