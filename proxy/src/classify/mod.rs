@@ -28,7 +28,7 @@ pub mod http;
 pub mod tls;
 
 pub use http::{
-    Authority, Host, HttpError, HttpLimits, RequestHead, TargetForm, parse_authority,
+    Authority, Host, HttpError, HttpLimits, RequestHead, Scheme, TargetForm, parse_authority,
     parse_request_head,
 };
 pub use tls::{
