@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
     let mut k = 0usize;
     loop {
         let Some(prefix) = data.get(..k) else {
-            assert!(matches!(whole, Ok(Progress::NeedMore { .. })), "hints overshot a decision: {whole:?}");
+            assert!(
+                matches!(whole, Ok(Progress::NeedMore { .. })),
+                "hints overshot a decision: {whole:?}"
+            );
             break;
         };
         match parse(prefix) {
@@ -32,7 +35,11 @@ fuzz_target!(|data: &[u8]| {
             decided => {
                 assert_eq!(decided, whole, "prefix {k} decided differently");
                 if k > 0 {
-                    assert!(matches!(parse(&data[..k - 1]), Ok(Progress::NeedMore { .. })), "hint skipped past prefix {}", k - 1);
+                    assert!(
+                        matches!(parse(&data[..k - 1]), Ok(Progress::NeedMore { .. })),
+                        "hint skipped past prefix {}",
+                        k - 1
+                    );
                 }
                 break;
             }
@@ -43,7 +50,9 @@ fuzz_target!(|data: &[u8]| {
         let handshake = handshake_bytes(data, hello.handshake_len);
         assert_eq!(handshake.len(), hello.handshake_len);
         // Cut points taken from the input itself so the fuzzer explores them.
-        let seed = data.iter().fold(0usize, |acc, &b| acc.wrapping_mul(31).wrapping_add(usize::from(b)));
+        let seed = data.iter().fold(0usize, |acc, &b| {
+            acc.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
         let len = handshake.len();
         let mut cuts = vec![1 + seed % len, 1 + (seed / 7) % len, 1 + (seed / 131) % len];
         cuts.sort_unstable();

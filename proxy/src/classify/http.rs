@@ -52,6 +52,14 @@ pub enum TargetForm {
     Asterisk,
 }
 
+/// Scheme of an absolute-form target. `Https` means the client asked the
+/// proxy itself to make the TLS connection to the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
 /// A destination host, already checked: a DNS name as written (case kept), or
 /// an IP literal.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -101,6 +109,8 @@ pub struct RequestHead {
     /// The request-target exactly as sent.
     pub target: String,
     pub form: TargetForm,
+    /// Set for absolute-form targets only.
+    pub scheme: Option<Scheme>,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
     /// Destination host: from the target for `CONNECT` and absolute-form (RFC
@@ -213,7 +223,7 @@ pub fn parse_request_head(input: &[u8], limits: &HttpLimits) -> Result<Progress<
     let host_header = host_value.map(|v| String::from_utf8_lossy(trim_ows(v)).into_owned());
     let host_authority = host_value.map(|v| parse_authority(trim_ows(v))).transpose()?;
 
-    let (form, target_authority) = classify_target(method, target)?;
+    let (form, scheme, target_authority) = classify_target(method, target)?;
     let (host, port) = match target_authority {
         Some(authority) => {
             if let Some(from_header) = &host_authority
@@ -239,6 +249,7 @@ pub fn parse_request_head(input: &[u8], limits: &HttpLimits) -> Result<Progress<
         method: method.to_owned(),
         target: target.to_owned(),
         form,
+        scheme,
         version,
         host,
         port,
@@ -250,32 +261,32 @@ pub fn parse_request_head(input: &[u8], limits: &HttpLimits) -> Result<Progress<
 
 /// Works out the target's form and, for the forms that carry one, its
 /// authority with the port defaulted where the scheme defines one.
-fn classify_target(method: &str, target: &str) -> Result<(TargetForm, Option<Authority>), HttpError> {
+fn classify_target(method: &str, target: &str) -> Result<(TargetForm, Option<Scheme>, Option<Authority>), HttpError> {
     if method == "CONNECT" {
         let authority = parse_authority(target.as_bytes())?;
         // RFC 9110 §9.3.6: the CONNECT target always names a port.
         if authority.port.is_none() {
             return Err(HttpError::BadPort);
         }
-        return Ok((TargetForm::Authority, Some(authority)));
+        return Ok((TargetForm::Authority, None, Some(authority)));
     }
     if target == "*" {
         return if method == "OPTIONS" {
-            Ok((TargetForm::Asterisk, None))
+            Ok((TargetForm::Asterisk, None, None))
         } else {
             Err(HttpError::BadTarget)
         };
     }
     if target.starts_with('/') {
-        return Ok((TargetForm::Origin, None));
+        return Ok((TargetForm::Origin, None, None));
     }
     let Some((scheme, rest)) = target.split_once("://") else {
         return Err(HttpError::BadTarget);
     };
-    let default_port = if scheme.eq_ignore_ascii_case("http") {
-        80
+    let (scheme, default_port) = if scheme.eq_ignore_ascii_case("http") {
+        (Scheme::Http, 80)
     } else if scheme.eq_ignore_ascii_case("https") {
-        443
+        (Scheme::Https, 443)
     } else {
         return Err(HttpError::UnsupportedScheme);
     };
@@ -283,7 +294,7 @@ fn classify_target(method: &str, target: &str) -> Result<(TargetForm, Option<Aut
     let authority_str = rest.get(..end).unwrap_or(rest);
     let mut authority = parse_authority(authority_str.as_bytes())?;
     authority.port = Some(authority.port.unwrap_or(default_port));
-    Ok((TargetForm::Absolute, Some(authority)))
+    Ok((TargetForm::Absolute, Some(scheme), Some(authority)))
 }
 
 /// Parses `host[:port]` (RFC 3986 §3.2 without userinfo): a DNS name, a
@@ -440,7 +451,7 @@ mod tests {
         let head = done(b"GET HTTP://Example.com:8080 HTTP/1.0\r\n\r\n");
         assert_eq!((head.host, head.port), (name("Example.com"), Some(8080)));
         let head = done(b"GET https://example.com?x HTTP/1.1\r\n\r\n");
-        assert_eq!(head.port, Some(443));
+        assert_eq!((head.scheme, head.port), (Some(Scheme::Https), Some(443)));
         let head = done(b"GET http://[2001:db8::1]:8000/ HTTP/1.1\r\n\r\n");
         assert_eq!(head.host, Some(Host::Ipv6("2001:db8::1".parse().unwrap())));
         assert_eq!(head.port, Some(8000));

@@ -11,11 +11,25 @@
 //! panic on any input, so they can be unit-tested with split inputs and fuzzed.
 //! Anything they cannot parse is an error with a stable reason code for the audit
 //! record, and the flow is denied (fail closed).
+//!
+//! ```
+//! use sluice::classify::{Limits, Progress, parse_client_hello};
+//!
+//! // What a listener does with each peek: parse everything seen so far.
+//! let first_segment = [22, 3, 1, 0, 200, 1, 0, 0];
+//! match parse_client_hello(&first_segment, &Limits::default()) {
+//!     Ok(Progress::NeedMore { at_least }) => assert_eq!(at_least, Some(1)),
+//!     Ok(Progress::Done(hello)) => println!("SNI {:?}", hello.sni),
+//!     Err(e) => println!("deny, reason {}", e.reason_code()),
+//! }
+//! ```
 
 pub mod http;
 pub mod tls;
 
-pub use http::{Authority, Host, HttpError, HttpLimits, RequestHead, TargetForm, parse_authority, parse_request_head};
+pub use http::{
+    Authority, Host, HttpError, HttpLimits, RequestHead, Scheme, TargetForm, parse_authority, parse_request_head,
+};
 pub use tls::{ClientHello, Field, Limits, SniProblem, Sniff, TlsError, is_grease, parse_client_hello, sniff};
 
 /// Outcome of feeding a parser the bytes peeked so far.

@@ -69,6 +69,18 @@ pub struct ClientHello {
     pub handshake_len: usize,
 }
 
+impl ClientHello {
+    /// Highest protocol version offered: from `supported_versions` when sent
+    /// (TLS 1.3 clients), else `legacy_version`.
+    pub fn highest_version(&self) -> u16 {
+        self.supported_versions
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(self.legacy_version)
+    }
+}
+
 /// A first-flight byte stream that is not an acceptable ClientHello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -704,6 +716,7 @@ mod tests {
         assert_eq!(hello.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
         assert_eq!(hello.supported_versions, vec![0x0304, 0x0303]);
         assert_eq!(hello.legacy_version, 0x0303);
+        assert_eq!(hello.highest_version(), 0x0304);
         assert_eq!(hello.cipher_suite_count, 4);
         assert!(!hello.ech);
         assert_eq!(hello.handshake_len, msg.len());
@@ -776,6 +789,7 @@ mod tests {
         let hello = done(&records(&msg, &[]));
         assert_eq!(hello.sni, None);
         assert!(hello.supported_versions.is_empty());
+        assert_eq!(hello.highest_version(), 0x0303);
     }
 
     #[test]
