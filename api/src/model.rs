@@ -332,6 +332,8 @@ pub struct Config {
     pub resolver: ResolverConfig,
     /// On SIGTERM: stop accepting, let flows finish for this long, then close.
     pub drain_timeout: Duration,
+    /// Worker threads for the data plane; `None`: one per core.
+    pub workers: Option<usize>,
 }
 
 impl Config {

@@ -179,6 +179,10 @@ impl Validator {
             }
         }
         let resolver = self.resolver(raw.resolver.as_ref());
+        let workers = raw
+            .runtime
+            .as_ref()
+            .map(|r| self.bounded(&r.workers, "runtime.workers".into(), 0, 0, 1024) as usize);
         let drain_timeout = match &raw.runtime {
             Some(r) => self.duration(
                 &r.drain_timeout,
@@ -207,6 +211,7 @@ impl Validator {
             gateway_addresses,
             resolver,
             drain_timeout,
+            workers: workers.filter(|w| *w > 0),
         })
     }
 

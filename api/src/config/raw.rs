@@ -111,6 +111,8 @@ pub struct RawResolver {
 pub struct RawRuntime {
     #[serde(default)]
     pub drain_timeout: Option<S<String>>,
+    #[serde(default)]
+    pub workers: Option<S<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
