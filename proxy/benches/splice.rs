@@ -176,7 +176,10 @@ fn main() {
     }
     c.final_summary();
     println!("\nrelay summary ({MIB} MiB per flow, loopback, proxy = one current-thread runtime):");
-    println!("{:<18} {:>12} {:>22} {:>7}", "variant", "GB/s (wall)", "proxy CPU s per GB", "flows");
+    println!(
+        "{:<18} {:>12} {:>22} {:>7}",
+        "variant", "GB/s (wall)", "proxy CPU s per GB", "flows"
+    );
     for (name, gbps, cpu_per_gb, flows) in summary {
         println!("{name:<18} {gbps:>12.2} {cpu_per_gb:>22.3} {flows:>7}");
     }

@@ -280,6 +280,23 @@ mod linux {
             Ok(n)
         }
 
+        /// One non-blocking splice of the pipe's bytes into `dst`:
+        /// `Err(WouldBlock)` when `dst` cannot take more right now
+        /// (readiness is cleared, so `poll_write_ready` will wait).
+        pub fn try_drain_to(&mut self, dst: &TcpStream) -> io::Result<usize> {
+            let n = dst.try_io(Interest::WRITABLE, || {
+                splice_once(self.read.as_fd(), dst.as_fd(), self.len)
+            })?;
+            if n == 0 && self.len > 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "splice wrote zero bytes",
+                ));
+            }
+            self.len -= n;
+            Ok(n)
+        }
+
         /// Splices everything the pipe holds into `dst`, waiting for
         /// writability as needed (partial writes are retried).
         pub async fn drain_to(&mut self, dst: &TcpStream) -> io::Result<usize> {

@@ -82,7 +82,10 @@ async fn writes_one_valid_json_line_per_flow() {
     assert_eq!(first["duration_ms"], 12);
     assert_eq!(first["close_reason"], "client-closed");
     let time = first["time"].as_str().unwrap();
-    assert!(time.ends_with('Z') && time.len() == "2026-11-23T10:32:32.123Z".len(), "{time}");
+    assert!(
+        time.ends_with('Z') && time.len() == "2026-11-23T10:32:32.123Z".len(),
+        "{time}"
+    );
     // Records keep their order.
     let ids: Vec<u64> = got.iter().map(|v| v["flow_id"].as_u64().unwrap()).collect();
     assert_eq!(ids, (0..100).collect::<Vec<_>>());
@@ -124,7 +127,8 @@ async fn a_full_queue_drops_and_counts_without_blocking() {
     let path = temp_path("full");
     let capacity = 8;
     let w: AuditWriter<Rec> = AuditWriter::start(AuditSink::File(path.clone()), capacity).unwrap();
-    let gates: Gates = std::sync::Arc::new((std::sync::Barrier::new(2), std::sync::Barrier::new(2)));
+    let gates: Gates =
+        std::sync::Arc::new((std::sync::Barrier::new(2), std::sync::Barrier::new(2)));
     assert!(w.record(Rec::Gate(gates.clone())));
     // The writer has dequeued the gate and is stuck in it: queue empty.
     gates.0.wait();
@@ -190,8 +194,9 @@ async fn flush_and_reopen_after_rotation() {
 
 #[test]
 fn opening_a_bad_path_is_a_typed_error() {
-    let err = AuditWriter::<u64>::start(AuditSink::File("/nonexistent-dir/x/audit.jsonl".into()), 4)
-        .unwrap_err();
+    let err =
+        AuditWriter::<u64>::start(AuditSink::File("/nonexistent-dir/x/audit.jsonl".into()), 4)
+            .unwrap_err();
     assert!(matches!(err, AuditError::Open { .. }), "{err:?}");
 }
 
@@ -224,6 +229,9 @@ fn metrics_install_is_idempotent_and_renders_sluice_names() {
     }
     assert!(text.contains(r#"rule="llm-only""#));
     // Connect buckets are the configured ones, not the exporter's summary.
-    assert!(text.contains(&format!("{}_bucket", metrics::CONNECT_SECONDS)), "{text}");
+    assert!(
+        text.contains(&format!("{}_bucket", metrics::CONNECT_SECONDS)),
+        "{text}"
+    );
     assert_eq!(a.render().is_empty(), text.is_empty());
 }

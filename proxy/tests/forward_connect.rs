@@ -75,7 +75,10 @@ async fn refused_maps_to_refused() {
     let err = connect(&[addr], &ConnectOptions::default())
         .await
         .unwrap_err();
-    assert!(matches!(err, ConnectError::Refused(a) if a == addr), "{err:?}");
+    assert!(
+        matches!(err, ConnectError::Refused(a) if a == addr),
+        "{err:?}"
+    );
     assert_eq!(err.reason_code(), "connect-refused");
 }
 
@@ -94,7 +97,10 @@ async fn black_hole_maps_to_timeout() {
     let err = connect(&[hole.addr], &opts(Duration::from_secs(10)))
         .await
         .unwrap_err();
-    assert!(matches!(err, ConnectError::Timeout(d) if d == Duration::from_secs(10)), "{err:?}");
+    assert!(
+        matches!(err, ConnectError::Timeout(d) if d == Duration::from_secs(10)),
+        "{err:?}"
+    );
     assert_eq!(err.reason_code(), "connect-timeout");
 }
 

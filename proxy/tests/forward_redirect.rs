@@ -50,7 +50,13 @@ fn original_dst_after_iptables_redirect() {
     let out = Command::new("unshare")
         .args(["--net", "--"])
         .arg(&exe)
-        .args(["--exact", "redirect_inner", "--include-ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "redirect_inner",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(INNER_ENV, "1")
         .output()
         .unwrap();
@@ -120,7 +126,10 @@ async fn redirect_inner() {
         "iptables -t nat -A OUTPUT -p tcp -d 10.99.0.3 --dport 8080 -j REDIRECT --to-ports {p6}"
     ));
     let (_c, s) = redirected(&l6, "10.99.0.3:8080".parse().unwrap()).await;
-    assert!(s.local_addr().unwrap().is_ipv6(), "accepted on the IPv6 socket");
+    assert!(
+        s.local_addr().unwrap().is_ipv6(),
+        "accepted on the IPv6 socket"
+    );
     assert_eq!(
         sluice::sys::original_dst(&s).unwrap(),
         "10.99.0.3:8080".parse::<SocketAddr>().unwrap()
@@ -135,5 +144,7 @@ async fn redirect_inner() {
     transparent.bind("203.0.113.7:0".parse().unwrap()).unwrap();
     let transparent6 = tokio::net::TcpSocket::new_v6().unwrap();
     sluice::sys::set_ip_transparent(&transparent6).unwrap();
-    transparent6.bind("[2001:db8::7]:0".parse().unwrap()).unwrap();
+    transparent6
+        .bind("[2001:db8::7]:0".parse().unwrap())
+        .unwrap();
 }

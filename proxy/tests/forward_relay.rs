@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use sluice::forward::relay::{CloseReason, RelayMode, RelayOptions, RelayStats, relay, relay_until};
+use sluice::forward::relay::{
+    CloseReason, RelayMode, RelayOptions, RelayStats, relay, relay_until,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -92,7 +94,10 @@ async fn bulk_round_trip_is_byte_exact_in_both_modes() {
 
         let got_up = server_task.await.unwrap();
         assert!(got_up == up, "{mode:?}: upstream received different bytes");
-        assert!(got_down == down, "{mode:?}: client received different bytes");
+        assert!(
+            got_down == down,
+            "{mode:?}: client received different bytes"
+        );
         let stats = relay.await.unwrap();
         assert_eq!(stats.bytes_up, up.len() as u64, "{mode:?}");
         assert_eq!(stats.bytes_down, down.len() as u64, "{mode:?}");

@@ -142,7 +142,10 @@ async fn returns_every_a_and_aaaa() {
     let r = resolver().await;
     let mut got = r.resolve("multi.test").await.unwrap();
     got.sort();
-    assert_eq!(got, vec![ip("192.0.2.10"), ip("192.0.2.11"), ip("2001:db8::10")]);
+    assert_eq!(
+        got,
+        vec![ip("192.0.2.10"), ip("192.0.2.11"), ip("2001:db8::10")]
+    );
     // Trailing dot and case make no difference.
     let mut again = r.resolve("MULTI.test.").await.unwrap();
     again.sort();
@@ -152,10 +155,19 @@ async fn returns_every_a_and_aaaa() {
 #[tokio::test]
 async fn a_name_for_metadata_resolves_to_metadata() {
     let r = resolver().await;
-    assert_eq!(r.resolve("meta.test").await.unwrap(), vec![ip("169.254.169.254")]);
+    assert_eq!(
+        r.resolve("meta.test").await.unwrap(),
+        vec![ip("169.254.169.254")]
+    );
     // IPv4-mapped IPv6 answers are canonicalised so the guard sees IPv4.
-    assert_eq!(r.resolve("mapped.test").await.unwrap(), vec![ip("127.0.0.1")]);
-    assert_eq!(r.resolve("v4only.test").await.unwrap(), vec![ip("198.51.100.7")]);
+    assert_eq!(
+        r.resolve("mapped.test").await.unwrap(),
+        vec![ip("127.0.0.1")]
+    );
+    assert_eq!(
+        r.resolve("v4only.test").await.unwrap(),
+        vec![ip("198.51.100.7")]
+    );
 }
 
 #[tokio::test]
@@ -165,8 +177,14 @@ async fn ip_literals_skip_dns() {
     settings.use_hosts_file = false;
     let r = Resolver::new(&settings).unwrap();
     assert_eq!(r.resolve("0x7f.1").await.unwrap(), vec![ip("127.0.0.1")]);
-    assert_eq!(r.resolve("[::ffff:10.0.0.1]").await.unwrap(), vec![ip("10.0.0.1")]);
-    assert_eq!(r.resolve("2001:db8::1").await.unwrap(), vec![ip("2001:db8::1")]);
+    assert_eq!(
+        r.resolve("[::ffff:10.0.0.1]").await.unwrap(),
+        vec![ip("10.0.0.1")]
+    );
+    assert_eq!(
+        r.resolve("2001:db8::1").await.unwrap(),
+        vec![ip("2001:db8::1")]
+    );
 }
 
 #[tokio::test]
@@ -178,6 +196,9 @@ async fn nxdomain_and_invalid_names_are_typed() {
 
     for bad in ["", ".", "a b.test", "user@host.test", "x/y.test"] {
         let err = r.resolve(bad).await.unwrap_err();
-        assert!(matches!(err, ResolveError::InvalidName { .. }), "{bad:?}: {err:?}");
+        assert!(
+            matches!(err, ResolveError::InvalidName { .. }),
+            "{bad:?}: {err:?}"
+        );
     }
 }
