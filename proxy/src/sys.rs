@@ -9,7 +9,9 @@
 //! → socket inside the kernel, so the relay in `forward::relay` never copies
 //! payload through user space. Everything else in the crate is
 //! `unsafe_code = "deny"`; each block below carries a `// SAFETY:` note saying
-//! why the call cannot violate memory safety. The functions here are thin: they
+//! why the call cannot violate memory safety. (`thread_cpu_time`, a
+//! `getrusage(RUSAGE_THREAD)` wrapper for benchmarks, lives here for the
+//! same reason.) The functions here are thin: they
 //! take borrowed file descriptors, return `io::Result`, and leave policy
 //! (what to do on EOF, on a reset, on an idle pipe) to their callers.
 //!
