@@ -266,3 +266,40 @@ async fn upstream_reset_is_attributed_to_the_upstream() {
         drop(client);
     }
 }
+
+#[tokio::test]
+async fn client_reset_is_attributed_to_the_client() {
+    for mode in MODES {
+        let Flow {
+            client,
+            server,
+            relay,
+        } = flow(opts(mode, None)).await;
+        let client = client.into_std().unwrap();
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(client);
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.reason, CloseReason::ClientReset, "{mode:?}");
+        drop(server);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_timeout_applies_to_a_half_closed_flow() {
+    for mode in MODES {
+        let Flow {
+            mut client,
+            mut server,
+            relay,
+        } = flow(opts(mode, Some(Duration::from_secs(60)))).await;
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap(); // the FIN arrived
+        // The upstream never answers nor closes: idle timeout ends it.
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.reason, CloseReason::IdleTimeout, "{mode:?}");
+        drop((client, server));
+    }
+}
