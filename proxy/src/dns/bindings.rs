@@ -68,9 +68,16 @@ impl Bindings {
         let sources_cap = NonZeroUsize::new(config.max_sources.div_ceil(SHARDS).max(1))
             .unwrap_or(NonZeroUsize::MIN);
         let shards = (0..SHARDS)
-            .map(|_| Mutex::new(Shard { by_dst: LruCache::unbounded(), len: 0 }))
+            .map(|_| {
+                Mutex::new(Shard {
+                    by_dst: LruCache::unbounded(),
+                    len: 0,
+                })
+            })
             .collect();
-        let sources = (0..SHARDS).map(|_| Mutex::new(LruCache::new(sources_cap))).collect();
+        let sources = (0..SHARDS)
+            .map(|_| Mutex::new(LruCache::new(sources_cap)))
+            .collect();
         Self {
             shards,
             sources,
@@ -108,20 +115,28 @@ impl Bindings {
                     removed += 1;
                     evicted += 1;
                 }
-                list.push(Binding { src, name: name.clone(), expires });
+                list.push(Binding {
+                    src,
+                    name: name.clone(),
+                    expires,
+                });
                 shard.len += 1;
             }
             shard.len -= removed;
             // The destination just written is the most recently used, so
             // the LRU victim is another one; it alone may exceed the cap.
             while shard.len > self.per_shard_cap && shard.by_dst.len() > 1 {
-                let Some((_, victims)) = shard.by_dst.pop_lru() else { break };
+                let Some((_, victims)) = shard.by_dst.pop_lru() else {
+                    break;
+                };
                 shard.len -= victims.len();
                 evicted += victims.iter().filter(|b| b.expires > now).count() as u64;
             }
         }
         if evicted > 0 {
-            self.stats.bindings_evictions.fetch_add(evicted, Ordering::Relaxed);
+            self.stats
+                .bindings_evictions
+                .fetch_add(evicted, Ordering::Relaxed);
         }
         let mut sources = self.source_shard(&src);
         match sources.get_mut(&src) {
@@ -151,7 +166,12 @@ impl Bindings {
         let mut names: Vec<DomainName> = shard
             .by_dst
             .peek(&dst)
-            .map(|list| list.iter().filter(|b| b.expires > now).map(|b| b.name.clone()).collect())
+            .map(|list| {
+                list.iter()
+                    .filter(|b| b.expires > now)
+                    .map(|b| b.name.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         drop(shard);
         names.sort_unstable();
@@ -163,7 +183,9 @@ impl Bindings {
     /// unbound destination from it is suspicious rather than merely unknown.
     pub fn has_bindings_for_source(&self, src: IpAddr, now: Instant) -> bool {
         let src = src.to_canonical();
-        self.source_shard(&src).peek(&src).is_some_and(|latest| *latest > now)
+        self.source_shard(&src)
+            .peek(&src)
+            .is_some_and(|latest| *latest > now)
     }
 
     /// Whether `src` was told `dst` is an address of `name` and the binding is live.
@@ -172,7 +194,8 @@ impl Bindings {
         let dst = dst.to_canonical();
         let mut shard = self.shard(&dst);
         shard.by_dst.get(&dst).is_some_and(|list| {
-            list.iter().any(|b| b.src == src && b.expires > now && b.name == *name)
+            list.iter()
+                .any(|b| b.src == src && b.expires > now && b.name == *name)
         })
     }
 
@@ -204,7 +227,10 @@ impl Bindings {
 }
 
 fn soonest(list: &[Binding]) -> Option<usize> {
-    list.iter().enumerate().min_by_key(|(_, b)| b.expires).map(|(i, _)| i)
+    list.iter()
+        .enumerate()
+        .min_by_key(|(_, b)| b.expires)
+        .map(|(i, _)| i)
 }
 
 /// A poisoned shard only means another thread panicked mid-update of plain
@@ -214,7 +240,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "test code: a panic is the failure report")]
+#[allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
 mod tests {
     use super::*;
 
@@ -227,20 +256,42 @@ mod tests {
     }
 
     fn cfg() -> BindingsConfig {
-        BindingsConfig { grace: Duration::ZERO, ..BindingsConfig::default() }
+        BindingsConfig {
+            grace: Duration::ZERO,
+            ..BindingsConfig::default()
+        }
     }
 
     #[test]
     fn binding_respects_floor_and_expires() {
         let b = Bindings::new(&cfg());
         let t0 = Instant::now();
-        b.record(ip("10.0.0.1"), ip("93.184.216.34"), &name("example.com"), 5, t0);
+        b.record(
+            ip("10.0.0.1"),
+            ip("93.184.216.34"),
+            &name("example.com"),
+            5,
+            t0,
+        );
         // TTL 5 s is raised to the 60 s floor.
         let t59 = t0 + Duration::from_secs(59);
-        assert_eq!(b.lookup(ip("10.0.0.1"), ip("93.184.216.34"), t59), Some(name("example.com")));
-        assert!(b.is_bound(ip("10.0.0.1"), ip("93.184.216.34"), &name("example.com"), t59));
+        assert_eq!(
+            b.lookup(ip("10.0.0.1"), ip("93.184.216.34"), t59),
+            Some(name("example.com"))
+        );
+        assert!(b.is_bound(
+            ip("10.0.0.1"),
+            ip("93.184.216.34"),
+            &name("example.com"),
+            t59
+        ));
         assert!(b.has_bindings_for_source(ip("10.0.0.1"), t59));
-        assert!(!b.is_bound(ip("10.0.0.2"), ip("93.184.216.34"), &name("example.com"), t59));
+        assert!(!b.is_bound(
+            ip("10.0.0.2"),
+            ip("93.184.216.34"),
+            &name("example.com"),
+            t59
+        ));
         let t61 = t0 + Duration::from_secs(61);
         assert_eq!(b.lookup(ip("10.0.0.1"), ip("93.184.216.34"), t61), None);
         assert!(!b.has_bindings_for_source(ip("10.0.0.1"), t61));
@@ -251,8 +302,17 @@ mod tests {
     fn mapped_v4_sources_are_canonicalised() {
         let b = Bindings::new(&cfg());
         let t0 = Instant::now();
-        b.record(ip("::ffff:10.0.0.1"), ip("1.2.3.4"), &name("a.test"), 300, t0);
-        assert_eq!(b.lookup(ip("10.0.0.1"), ip("1.2.3.4"), t0), Some(name("a.test")));
+        b.record(
+            ip("::ffff:10.0.0.1"),
+            ip("1.2.3.4"),
+            &name("a.test"),
+            300,
+            t0,
+        );
+        assert_eq!(
+            b.lookup(ip("10.0.0.1"), ip("1.2.3.4"), t0),
+            Some(name("a.test"))
+        );
     }
 
     #[test]
@@ -262,21 +322,40 @@ mod tests {
         b.record(ip("10.0.0.1"), ip("1.2.3.4"), &name("a.test"), 300, t0);
         b.record(ip("10.0.0.2"), ip("1.2.3.4"), &name("b.test"), 300, t0);
         b.record(ip("10.0.0.2"), ip("1.2.3.4"), &name("b.test"), 300, t0);
-        assert_eq!(b.names_for(ip("1.2.3.4"), t0), vec![name("a.test"), name("b.test")]);
+        assert_eq!(
+            b.names_for(ip("1.2.3.4"), t0),
+            vec![name("a.test"), name("b.test")]
+        );
         assert_eq!(b.len(), 2);
     }
 
     #[test]
     fn caps_evict_and_count() {
-        let config = BindingsConfig { max_entries: 16, max_per_destination: 2, ..cfg() };
+        let config = BindingsConfig {
+            max_entries: 16,
+            max_per_destination: 2,
+            ..cfg()
+        };
         let b = Bindings::new(&config);
         let t0 = Instant::now();
         for i in 0..3u8 {
-            b.record(ip(&format!("10.0.0.{i}")), ip("1.2.3.4"), &name("a.test"), 300, t0);
+            b.record(
+                ip(&format!("10.0.0.{i}")),
+                ip("1.2.3.4"),
+                &name("a.test"),
+                300,
+                t0,
+            );
         }
         assert_eq!(b.evictions(), 1);
         for i in 0..200u8 {
-            b.record(ip("10.0.0.1"), ip(&format!("1.2.{i}.4")), &name("a.test"), 300, t0);
+            b.record(
+                ip("10.0.0.1"),
+                ip(&format!("1.2.{i}.4")),
+                &name("a.test"),
+                300,
+                t0,
+            );
         }
         assert!(b.len() <= 16, "len {}", b.len());
         assert!(b.evictions() > 100);

@@ -73,9 +73,11 @@ impl CacheEntry {
     }
 }
 
+type Shard = LruCache<CacheKey, Arc<CacheEntry>>;
+
 #[derive(Debug)]
 pub struct DnsCache {
-    shards: Box<[Mutex<LruCache<CacheKey, Arc<CacheEntry>>>]>,
+    shards: Box<[Mutex<Shard>]>,
     hasher: foldhash::fast::RandomState,
     config: CacheConfig,
 }
@@ -85,7 +87,9 @@ impl DnsCache {
         let per_shard = NonZeroUsize::new(config.max_entries.div_ceil(SHARDS).max(1))
             .unwrap_or(NonZeroUsize::MIN);
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(LruCache::new(per_shard))).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(LruCache::new(per_shard)))
+                .collect(),
             hasher: foldhash::fast::RandomState::default(),
             config: config.clone(),
         }
@@ -108,7 +112,10 @@ impl DnsCache {
         let entry = Arc::clone(entry);
         drop(shard);
         let age = now.saturating_duration_since(entry.inserted).as_secs();
-        Some(CacheHit { entry, age_secs: u32::try_from(age).unwrap_or(u32::MAX) })
+        Some(CacheHit {
+            entry,
+            age_secs: u32::try_from(age).unwrap_or(u32::MAX),
+        })
     }
 
     /// Stores an upstream answer if it is cacheable; returns whether it was.
@@ -171,7 +178,12 @@ impl DnsCache {
             let ttl = Duration::from_secs(u64::from(soa_ttl));
             return Some(ttl.min(self.config.max_negative_ttl));
         }
-        let min = answers.iter().chain(authorities).chain(additionals).map(|r| r.ttl).min()?;
+        let min = answers
+            .iter()
+            .chain(authorities)
+            .chain(additionals)
+            .map(|r| r.ttl)
+            .min()?;
         Some(Duration::from_secs(u64::from(min)).min(self.config.max_ttl))
     }
 
@@ -183,7 +195,7 @@ impl DnsCache {
         self.len() == 0
     }
 
-    fn shard(&self, key: &CacheKey) -> MutexGuard<'_, LruCache<CacheKey, Arc<CacheEntry>>> {
+    fn shard(&self, key: &CacheKey) -> MutexGuard<'_, Shard> {
         lock(&self.shards[(self.hasher.hash_one(key) as usize) % SHARDS])
     }
 }
@@ -194,7 +206,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "test code: a panic is the failure report")]
+#[allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
 mod tests {
     use std::net::Ipv4Addr;
     use std::str::FromStr;
@@ -215,7 +230,11 @@ mod tests {
     }
 
     fn a(ttl: u32) -> Record {
-        Record::from_rdata(Name::from_str("a.test.").unwrap(), ttl, RData::A(A(Ipv4Addr::LOCALHOST)))
+        Record::from_rdata(
+            Name::from_str("a.test.").unwrap(),
+            ttl,
+            RData::A(A(Ipv4Addr::LOCALHOST)),
+        )
     }
 
     fn soa(ttl: u32, minimum: u32) -> Record {
@@ -231,11 +250,23 @@ mod tests {
     fn positive_entry_ages_and_expires() {
         let c = DnsCache::new(&CacheConfig::default());
         let t0 = Instant::now();
-        assert!(c.insert(key("a.test"), ResponseCode::NoError, false, &[a(30), a(10)], &[], &[], false, t0));
+        assert!(c.insert(
+            key("a.test"),
+            ResponseCode::NoError,
+            false,
+            &[a(30), a(10)],
+            &[],
+            &[],
+            false,
+            t0
+        ));
         let hit = c.get(&key("a.test"), t0 + Duration::from_secs(4)).unwrap();
         assert_eq!(hit.age_secs, 4);
         assert_eq!(CacheEntry::aged(&hit.entry.answers, hit.age_secs)[1].ttl, 6);
-        assert!(c.get(&key("a.test"), t0 + Duration::from_secs(10)).is_none());
+        assert!(
+            c.get(&key("a.test"), t0 + Duration::from_secs(10))
+                .is_none()
+        );
         assert!(c.is_empty());
     }
 
@@ -258,8 +289,29 @@ mod tests {
     fn zero_ttl_and_disabled_cache_store_nothing() {
         let c = DnsCache::new(&CacheConfig::default());
         let t0 = Instant::now();
-        assert!(!c.insert(key("a.test"), ResponseCode::NoError, false, &[a(0)], &[], &[], false, t0));
-        let off = DnsCache::new(&CacheConfig { max_entries: 0, ..CacheConfig::default() });
-        assert!(!off.insert(key("a.test"), ResponseCode::NoError, false, &[a(9)], &[], &[], false, t0));
+        assert!(!c.insert(
+            key("a.test"),
+            ResponseCode::NoError,
+            false,
+            &[a(0)],
+            &[],
+            &[],
+            false,
+            t0
+        ));
+        let off = DnsCache::new(&CacheConfig {
+            max_entries: 0,
+            ..CacheConfig::default()
+        });
+        assert!(!off.insert(
+            key("a.test"),
+            ResponseCode::NoError,
+            false,
+            &[a(9)],
+            &[],
+            &[],
+            false,
+            t0
+        ));
     }
 }

@@ -32,15 +32,26 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn udp(addr: SocketAddr) -> Self {
-        Self { addr, proto: UpstreamProto::Udp }
+        Self {
+            addr,
+            proto: UpstreamProto::Udp,
+        }
     }
 
     pub fn tcp(addr: SocketAddr) -> Self {
-        Self { addr, proto: UpstreamProto::Tcp }
+        Self {
+            addr,
+            proto: UpstreamProto::Tcp,
+        }
     }
 
     pub fn tls(addr: SocketAddr, server_name: impl Into<String>) -> Self {
-        Self { addr, proto: UpstreamProto::Tls { server_name: server_name.into() } }
+        Self {
+            addr,
+            proto: UpstreamProto::Tls {
+                server_name: server_name.into(),
+            },
+        }
     }
 }
 
@@ -203,7 +214,10 @@ impl DnsConfig {
             ("attempts", self.attempts),
             ("max_in_flight", self.max_in_flight),
             ("bindings.max_entries", self.bindings.max_entries),
-            ("bindings.max_per_destination", self.bindings.max_per_destination),
+            (
+                "bindings.max_per_destination",
+                self.bindings.max_per_destination,
+            ),
             ("bindings.max_sources", self.bindings.max_sources),
         ] {
             if value == 0 {
@@ -211,10 +225,14 @@ impl DnsConfig {
             }
         }
         if self.attempt_timeout.is_zero() {
-            return Err(DnsError::ZeroLimit { field: "attempt_timeout" });
+            return Err(DnsError::ZeroLimit {
+                field: "attempt_timeout",
+            });
         }
         if self.query_timeout.is_zero() {
-            return Err(DnsError::ZeroLimit { field: "query_timeout" });
+            return Err(DnsError::ZeroLimit {
+                field: "query_timeout",
+            });
         }
         for up in &self.upstreams {
             if let UpstreamProto::Tls { server_name } = &up.proto {

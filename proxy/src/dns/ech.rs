@@ -13,7 +13,7 @@
 //! Note that stripping invalidates any RRSIG over the set; a validating stub
 //! will treat it as bogus, which is the policy's intent when it is enabled.
 
-use hickory_proto::rr::rdata::svcb::{SvcParamKey, SvcParamValue, SVCB};
+use hickory_proto::rr::rdata::svcb::{SVCB, SvcParamKey, SvcParamValue};
 use hickory_proto::rr::{RData, Record};
 
 /// Strips `ech` from every HTTPS/SVCB record; returns whether any was removed.
@@ -31,7 +31,8 @@ pub fn strip_ech(records: &mut [Record]) -> bool {
 
 fn strip_svcb(svcb: &mut SVCB) -> bool {
     let before = svcb.svc_params.len();
-    svcb.svc_params.retain(|(key, _)| *key != SvcParamKey::EchConfigList);
+    svcb.svc_params
+        .retain(|(key, _)| *key != SvcParamKey::EchConfigList);
     if svcb.svc_params.len() == before {
         return false;
     }
@@ -46,7 +47,10 @@ fn strip_svcb(svcb: &mut SVCB) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "test code: a panic is the failure report")]
+#[allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
 mod tests {
     use std::str::FromStr;
 
@@ -62,15 +66,29 @@ mod tests {
             1,
             Name::root(),
             vec![
-                (SvcParamKey::Mandatory, SvcParamValue::Mandatory(Mandatory(vec![SvcParamKey::EchConfigList]))),
-                (SvcParamKey::Alpn, SvcParamValue::Alpn(Alpn(vec!["h2".into()]))),
-                (SvcParamKey::EchConfigList, SvcParamValue::EchConfigList(EchConfigList(vec![1, 2, 3]))),
+                (
+                    SvcParamKey::Mandatory,
+                    SvcParamValue::Mandatory(Mandatory(vec![SvcParamKey::EchConfigList])),
+                ),
+                (
+                    SvcParamKey::Alpn,
+                    SvcParamValue::Alpn(Alpn(vec!["h2".into()])),
+                ),
+                (
+                    SvcParamKey::EchConfigList,
+                    SvcParamValue::EchConfigList(EchConfigList(vec![1, 2, 3])),
+                ),
             ],
         );
-        let mut records =
-            vec![Record::from_rdata(Name::from_str("a.test.").unwrap(), 60, RData::HTTPS(HTTPS(svcb)))];
+        let mut records = vec![Record::from_rdata(
+            Name::from_str("a.test.").unwrap(),
+            60,
+            RData::HTTPS(HTTPS(svcb)),
+        )];
         assert!(strip_ech(&mut records));
-        let RData::HTTPS(https) = &records[0].data else { panic!("not HTTPS") };
+        let RData::HTTPS(https) = &records[0].data else {
+            panic!("not HTTPS")
+        };
         assert_eq!(https.0.svc_params.len(), 1);
         assert_eq!(https.0.svc_params[0].0, SvcParamKey::Alpn);
         assert!(!strip_ech(&mut records));

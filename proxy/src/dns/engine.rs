@@ -24,6 +24,7 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use sluice_api::DomainName;
 
+use super::DnsError;
 use super::audit::{DnsAuditRecord, DnsStats, Transport};
 use super::bindings::Bindings;
 use super::cache::{CacheEntry, CacheKey, DnsCache};
@@ -32,7 +33,6 @@ use super::ech::strip_ech;
 use super::exfil::ExfilDetector;
 use super::forward::{ForwardError, UpstreamAnswer};
 use super::policy::{QueryPolicy, QueryVerdict, reason};
-use super::DnsError;
 
 /// Smallest UDP payload every DNS client accepts (RFC 1035 §4.2.1).
 const MIN_UDP_PAYLOAD: u16 = 512;
@@ -132,7 +132,9 @@ pub struct DnsCore {
 
 impl std::fmt::Debug for DnsCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DnsCore").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("DnsCore")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -158,7 +160,10 @@ impl DnsCore {
     }
 
     /// Builds the engine with a fresh binding table sharing its counters.
-    pub fn with_new_bindings(config: DnsConfig, policy: Arc<dyn QueryPolicy>) -> Result<Self, DnsError> {
+    pub fn with_new_bindings(
+        config: DnsConfig,
+        policy: Arc<dyn QueryPolicy>,
+    ) -> Result<Self, DnsError> {
         let stats = Arc::new(DnsStats::default());
         let bindings = Arc::new(Bindings::with_stats(&config.bindings, Arc::clone(&stats)));
         Self::new(config, policy, bindings, stats)
@@ -191,28 +196,53 @@ impl DnsCore {
         DnsStats::bump(&self.stats.queries);
         let mut client = ClientQuery::from_header(&header);
         let Ok(message) = Message::from_vec(bytes) else {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::FormErr, reason::DNS_MALFORMED));
+            return Step::Reply(self.refuse_early(
+                ctx,
+                &client,
+                ResponseCode::FormErr,
+                reason::DNS_MALFORMED,
+            ));
         };
-        client.edns = message
-            .edns
-            .as_ref()
-            .map(|e| ClientEdns { payload: e.max_payload(), dnssec_ok: e.flags().dnssec_ok });
+        client.edns = message.edns.as_ref().map(|e| ClientEdns {
+            payload: e.max_payload(),
+            dnssec_ok: e.flags().dnssec_ok,
+        });
         if message.queries.len() != 1 {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::FormErr, reason::DNS_MALFORMED));
+            return Step::Reply(self.refuse_early(
+                ctx,
+                &client,
+                ResponseCode::FormErr,
+                reason::DNS_MALFORMED,
+            ));
         }
         client.query = message.queries.first().cloned();
         if client.op_code != OpCode::Query {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::NotImp, reason::DNS_NOT_IMPLEMENTED));
+            return Step::Reply(self.refuse_early(
+                ctx,
+                &client,
+                ResponseCode::NotImp,
+                reason::DNS_NOT_IMPLEMENTED,
+            ));
         }
         if message.edns.as_ref().is_some_and(|e| e.version() > 0) {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::BADVERS, reason::DNS_BAD_EDNS_VERSION));
+            return Step::Reply(self.refuse_early(
+                ctx,
+                &client,
+                ResponseCode::BADVERS,
+                reason::DNS_BAD_EDNS_VERSION,
+            ));
         }
         let Some(query) = client.query.clone() else {
             return Step::Drop;
         };
         let qtype = u16::from(query.query_type());
         let Ok(qname) = DomainName::parse(&query.name().to_ascii()) else {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::Refused, reason::DNS_INVALID_NAME));
+            return Step::Reply(self.refuse_early(
+                ctx,
+                &client,
+                ResponseCode::Refused,
+                reason::DNS_INVALID_NAME,
+            ));
         };
         let verdict = self.decide(ctx, &qname, qtype);
         if !verdict.allowed && verdict.enforced {
@@ -220,7 +250,11 @@ impl DnsCore {
             return Step::Reply(self.deny(ctx, &client, &qname, qtype, &verdict));
         }
         let watched = !verdict.allowed;
-        DnsStats::bump(if watched { &self.stats.watched } else { &self.stats.allowed });
+        DnsStats::bump(if watched {
+            &self.stats.watched
+        } else {
+            &self.stats.allowed
+        });
 
         let key = CacheKey {
             qname: qname.as_str().into(),
@@ -244,7 +278,15 @@ impl DnsCore {
                 additionals: CacheEntry::aged(&entry.additionals, hit.age_secs),
             };
             let (bytes, rcode) = self.encode_answer(&ctx, &client, answer);
-            let mut audit = self.audit(&ctx, qname.as_str(), qtype, &verdict, watched, rcode, ctx.now);
+            let mut audit = self.audit(
+                &ctx,
+                qname.as_str(),
+                qtype,
+                &verdict,
+                watched,
+                rcode,
+                ctx.now,
+            );
             audit.cache_hit = true;
             audit.ech_stripped = entry.ech_stripped;
             return Step::Reply(Reply { bytes, audit });
@@ -263,7 +305,9 @@ impl DnsCore {
         edns.set_dnssec_ok(client.dnssec_ok());
         upstream.set_edns(edns);
         let Ok(upstream_query) = upstream.to_vec() else {
-            return Step::Reply(self.servfail(ctx, &client, &qname, qtype, &verdict, watched, None, ctx.now));
+            return Step::Reply(self.servfail(
+                ctx, &client, &qname, qtype, &verdict, watched, None, ctx.now,
+            ));
         };
         Step::Forward(Box::new(Pending {
             ctx,
@@ -284,7 +328,16 @@ impl DnsCore {
         outcome: Result<UpstreamAnswer, ForwardError>,
         now: Instant,
     ) -> Reply {
-        let Pending { ctx, client, qname, verdict, watched, key, question, .. } = pending;
+        let Pending {
+            ctx,
+            client,
+            qname,
+            verdict,
+            watched,
+            key,
+            question,
+            ..
+        } = pending;
         let qtype = key.qtype;
         let answer = match outcome {
             Ok(answer) => answer,
@@ -292,7 +345,10 @@ impl DnsCore {
                 return self.servfail(ctx, &client, &qname, qtype, &verdict, watched, None, now);
             }
         };
-        let UpstreamAnswer { mut message, upstream } = answer;
+        let UpstreamAnswer {
+            mut message,
+            upstream,
+        } = answer;
         let rcode = message.metadata.response_code;
         let mut ech_stripped = false;
         if self.config.strip_ech {
@@ -358,7 +414,14 @@ impl DnsCore {
 
     /// Records every address handed out for `wire_qname` (following CNAMEs,
     /// and including HTTPS/SVCB address hints) as bound to `qname` for `src`.
-    fn bind(&self, src: IpAddr, qname: &DomainName, wire_qname: &Name, answers: &[Record], now: Instant) {
+    fn bind(
+        &self,
+        src: IpAddr,
+        qname: &DomainName,
+        wire_qname: &Name,
+        answers: &[Record],
+        now: Instant,
+    ) {
         let mut chain: Vec<&Name> = vec![wire_qname];
         // Follow the chain whatever order the records came in; each pass
         // adds at least one name or stops, so this is bounded by answers.len().
@@ -408,9 +471,17 @@ impl DnsCore {
                 if let Some(q) = &client.query {
                     let ttl = self.config.deny_ttl;
                     match q.query_type() {
-                        RecordType::A => parts.answers.push(Record::from_rdata(q.name().clone(), ttl, RData::A(A(v4)))),
+                        RecordType::A => parts.answers.push(Record::from_rdata(
+                            q.name().clone(),
+                            ttl,
+                            RData::A(A(v4)),
+                        )),
                         RecordType::AAAA => {
-                            parts.answers.push(Record::from_rdata(q.name().clone(), ttl, RData::AAAA(AAAA(v6))));
+                            parts.answers.push(Record::from_rdata(
+                                q.name().clone(),
+                                ttl,
+                                RData::AAAA(AAAA(v6)),
+                            ));
                         }
                         _ => {}
                     }
@@ -422,7 +493,10 @@ impl DnsCore {
         Reply { bytes, audit }
     }
 
-    #[allow(clippy::too_many_arguments, reason = "all are the query's identity for the audit record")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "all are the query's identity for the audit record"
+    )]
     fn servfail(
         &self,
         ctx: QueryContext,
@@ -435,7 +509,8 @@ impl DnsCore {
         now: Instant,
     ) -> Reply {
         DnsStats::bump(&self.stats.servfail);
-        let (bytes, rcode) = self.encode_answer(&ctx, client, AnswerParts::empty(ResponseCode::ServFail));
+        let (bytes, rcode) =
+            self.encode_answer(&ctx, client, AnswerParts::empty(ResponseCode::ServFail));
         let mut audit = self.audit(&ctx, qname.as_str(), qtype, verdict, watched, rcode, now);
         audit.upstream = upstream;
         Reply { bytes, audit }
@@ -461,7 +536,12 @@ impl DnsCore {
             .as_ref()
             .map(|q| (q.name().to_ascii(), u16::from(q.query_type())))
             .unwrap_or_default();
-        let verdict = QueryVerdict { allowed: false, enforced: true, rule: Arc::from(PARSER_RULE), reason: why };
+        let verdict = QueryVerdict {
+            allowed: false,
+            enforced: true,
+            rule: Arc::from(PARSER_RULE),
+            reason: why,
+        };
         let audit = self.audit(&ctx, &qname, qtype, &verdict, false, rcode, ctx.now);
         Reply { bytes, audit }
     }
@@ -471,7 +551,12 @@ impl DnsCore {
     /// the client's payload size, dropping the additional section first and
     /// setting TC only if the answer itself does not fit (RFC 2181 §9).
     /// Returns the bytes and the rcode actually sent.
-    fn encode_answer(&self, ctx: &QueryContext, client: &ClientQuery, parts: AnswerParts) -> (Vec<u8>, ResponseCode) {
+    fn encode_answer(
+        &self,
+        ctx: &QueryContext,
+        client: &ClientQuery,
+        parts: AnswerParts,
+    ) -> (Vec<u8>, ResponseCode) {
         let mut m = Message::response(client.id, client.op_code);
         m.metadata.recursion_desired = client.recursion_desired;
         m.metadata.recursion_available = true;
@@ -513,6 +598,10 @@ impl DnsCore {
         (fail.to_vec().unwrap_or_default(), ResponseCode::ServFail)
     }
 
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the audit record's fields, gathered in one place"
+    )]
     fn audit(
         &self,
         ctx: &QueryContext,
@@ -546,7 +635,10 @@ impl DnsCore {
 
 /// Hands each address hint of an HTTPS/SVCB record to `put`: clients may
 /// connect to hints without ever asking for A/AAAA.
-fn hints(params: &[(hickory_proto::rr::rdata::svcb::SvcParamKey, SvcParamValue)], put: &mut impl FnMut(IpAddr)) {
+fn hints(
+    params: &[(hickory_proto::rr::rdata::svcb::SvcParamKey, SvcParamValue)],
+    put: &mut impl FnMut(IpAddr),
+) {
     for (_, value) in params {
         match value {
             SvcParamValue::Ipv4Hint(h) => h.0.iter().for_each(|a| put(IpAddr::V4(a.0))),

@@ -77,7 +77,10 @@ impl ExfilDetector {
         let split = labels[..front].iter().map(|l| l.len() + 1).sum::<usize>();
         let (sub, parent) = name.as_str().split_at(split);
         let sub_hash = self.hasher.hash_one(sub);
-        let mut windows = self.windows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut windows = self
+            .windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let window = windows.get_or_insert_mut((src.to_canonical(), parent.into()), || Window {
             start: now,
             seen: HashSet::new(),
@@ -121,7 +124,10 @@ pub fn shannon_entropy(label: &str) -> f64 {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "test code: a panic is the failure report")]
+#[allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
 mod tests {
     use super::*;
 
@@ -135,9 +141,15 @@ mod tests {
         let src: IpAddr = "10.0.0.1".parse().unwrap();
         let now = Instant::now();
         assert_eq!(d.check(src, &name("www.example.com"), now), None);
-        assert_eq!(d.check(src, &name("kubernetes-production-cluster.example.com"), now), None);
+        assert_eq!(
+            d.check(src, &name("kubernetes-production-cluster.example.com"), now),
+            None
+        );
         let long = format!("{}.evil.test", "a".repeat(51));
-        assert_eq!(d.check(src, &name(&long), now), Some(ExfilSignal::LongLabel));
+        assert_eq!(
+            d.check(src, &name(&long), now),
+            Some(ExfilSignal::LongLabel)
+        );
         assert_eq!(
             d.check(src, &name("x9fk2lq8zm3bv7wpt4ysn6hcr1dj5.evil.test"), now),
             Some(ExfilSignal::HighEntropyLabel)
@@ -146,7 +158,10 @@ mod tests {
 
     #[test]
     fn counts_unique_subdomains_per_minute() {
-        let config = ExfilConfig { max_unique_subdomains_per_minute: 3, ..ExfilConfig::default() };
+        let config = ExfilConfig {
+            max_unique_subdomains_per_minute: 3,
+            ..ExfilConfig::default()
+        };
         let d = ExfilDetector::new(config);
         let src: IpAddr = "10.0.0.1".parse().unwrap();
         let t0 = Instant::now();
@@ -155,9 +170,15 @@ mod tests {
         }
         // Repeats are free; a fourth new one is not.
         assert_eq!(d.check(src, &name("s0.evil.test"), t0), None);
-        assert_eq!(d.check(src, &name("s3.evil.test"), t0), Some(ExfilSignal::TooManySubdomains));
+        assert_eq!(
+            d.check(src, &name("s3.evil.test"), t0),
+            Some(ExfilSignal::TooManySubdomains)
+        );
         // Another source has its own window; a new minute starts afresh.
-        assert_eq!(d.check("10.0.0.2".parse().unwrap(), &name("s3.evil.test"), t0), None);
+        assert_eq!(
+            d.check("10.0.0.2".parse().unwrap(), &name("s3.evil.test"), t0),
+            None
+        );
         assert_eq!(d.check(src, &name("s3.evil.test"), t0 + WINDOW), None);
     }
 }

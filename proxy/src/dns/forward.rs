@@ -35,7 +35,10 @@ pub enum ForwardError {
     #[error("upstream {0} did not answer in time")]
     Timeout(SocketAddr),
     #[error("upstream {addr}: {source}")]
-    Io { addr: SocketAddr, source: std::io::Error },
+    Io {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("upstream {0} sent a message that does not parse")]
     Malformed(SocketAddr),
     #[error("upstream {0} sent an answer for a different question")]
@@ -80,7 +83,9 @@ pub struct Forwarder {
 
 impl std::fmt::Debug for Forwarder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Forwarder").field("targets", &self.targets).finish_non_exhaustive()
+        f.debug_struct("Forwarder")
+            .field("targets", &self.targets)
+            .finish_non_exhaustive()
     }
 }
 
@@ -112,19 +117,29 @@ impl Forwarder {
     }
 
     /// Gets an answer for `query` (ID bytes are overwritten per attempt).
-    pub async fn forward(&self, query: &[u8], question: &Query) -> Result<UpstreamAnswer, ForwardError> {
+    pub async fn forward(
+        &self,
+        query: &[u8],
+        question: &Query,
+    ) -> Result<UpstreamAnswer, ForwardError> {
         let mut fallback: Option<UpstreamAnswer> = None;
         let mut last_err = ForwardError::Deadline;
         for _ in 0..self.attempts {
             for target in &self.targets {
-                let attempt = tokio::time::timeout(self.attempt_timeout, self.exchange(target, query, question));
+                let attempt = tokio::time::timeout(
+                    self.attempt_timeout,
+                    self.exchange(target, query, question),
+                );
                 let result = match attempt.await {
                     Ok(result) => result,
                     Err(_) => Err(ForwardError::Timeout(target.addr)),
                 };
                 match result {
                     Ok(message) => {
-                        let answer = UpstreamAnswer { message, upstream: target.addr };
+                        let answer = UpstreamAnswer {
+                            message,
+                            upstream: target.addr,
+                        };
                         if is_upstream_failure(answer.message.metadata.response_code) {
                             fallback = Some(answer);
                             continue;
@@ -145,7 +160,12 @@ impl Forwarder {
         Err(last_err)
     }
 
-    async fn exchange(&self, target: &Target, query: &[u8], question: &Query) -> Result<Message, ForwardError> {
+    async fn exchange(
+        &self,
+        target: &Target,
+        query: &[u8],
+        question: &Query,
+    ) -> Result<Message, ForwardError> {
         let mut query = query.to_vec();
         let id: u16 = rand::random();
         if let Some(head) = query.get_mut(..2) {
@@ -158,16 +178,22 @@ impl Forwarder {
                 if !message.metadata.truncation {
                     return Ok(message);
                 }
-                let tcp = TcpStream::connect(addr).await.map_err(|source| ForwardError::Io { addr, source })?;
+                let tcp = TcpStream::connect(addr)
+                    .await
+                    .map_err(|source| ForwardError::Io { addr, source })?;
                 stream_exchange(tcp, addr, &query, id, question).await
             }
             Link::Tcp => {
-                let tcp = TcpStream::connect(addr).await.map_err(|source| ForwardError::Io { addr, source })?;
+                let tcp = TcpStream::connect(addr)
+                    .await
+                    .map_err(|source| ForwardError::Io { addr, source })?;
                 stream_exchange(tcp, addr, &query, id, question).await
             }
             Link::Tls(name) => {
                 let connector = self.tls.as_ref().ok_or(ForwardError::NoTls(addr))?;
-                let tcp = TcpStream::connect(addr).await.map_err(|source| ForwardError::Io { addr, source })?;
+                let tcp = TcpStream::connect(addr)
+                    .await
+                    .map_err(|source| ForwardError::Io { addr, source })?;
                 let tls = connector
                     .connect(name.clone(), tcp)
                     .await
@@ -179,10 +205,18 @@ impl Forwarder {
 }
 
 fn is_upstream_failure(rcode: ResponseCode) -> bool {
-    matches!(rcode, ResponseCode::ServFail | ResponseCode::Refused | ResponseCode::NotImp)
+    matches!(
+        rcode,
+        ResponseCode::ServFail | ResponseCode::Refused | ResponseCode::NotImp
+    )
 }
 
-async fn udp_exchange(addr: SocketAddr, query: &[u8], id: u16, question: &Query) -> Result<Message, ForwardError> {
+async fn udp_exchange(
+    addr: SocketAddr,
+    query: &[u8],
+    id: u16,
+    question: &Query,
+) -> Result<Message, ForwardError> {
     let io = |source| ForwardError::Io { addr, source };
     let local: SocketAddr = match addr {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -204,7 +238,13 @@ async fn udp_exchange(addr: SocketAddr, query: &[u8], id: u16, question: &Query)
     }
 }
 
-async fn stream_exchange<S>(mut stream: S, addr: SocketAddr, query: &[u8], id: u16, question: &Query) -> Result<Message, ForwardError>
+async fn stream_exchange<S>(
+    mut stream: S,
+    addr: SocketAddr,
+    query: &[u8],
+    id: u16,
+    question: &Query,
+) -> Result<Message, ForwardError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -223,7 +263,12 @@ where
 }
 
 /// Parses an upstream message and checks it answers what was asked.
-fn check_answer(addr: SocketAddr, bytes: &[u8], id: u16, question: &Query) -> Result<Message, ForwardError> {
+fn check_answer(
+    addr: SocketAddr,
+    bytes: &[u8],
+    id: u16,
+    question: &Query,
+) -> Result<Message, ForwardError> {
     let message = Message::from_vec(bytes).map_err(|_| ForwardError::Malformed(addr))?;
     let same_question = message.queries.len() == 1
         && message.queries.first().is_some_and(|q| {
@@ -231,7 +276,10 @@ fn check_answer(addr: SocketAddr, bytes: &[u8], id: u16, question: &Query) -> Re
                 && q.query_type() == question.query_type()
                 && q.query_class() == question.query_class()
         });
-    if message.metadata.id != id || message.metadata.message_type != MessageType::Response || !same_question {
+    if message.metadata.id != id
+        || message.metadata.message_type != MessageType::Response
+        || !same_question
+    {
         return Err(ForwardError::Mismatch(addr));
     }
     Ok(message)

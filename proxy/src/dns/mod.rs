@@ -18,8 +18,8 @@ pub mod audit;
 pub mod bindings;
 pub mod cache;
 pub mod config;
-pub mod engine;
 pub mod ech;
+pub mod engine;
 pub mod exfil;
 pub mod forward;
 pub mod policy;
@@ -48,11 +48,17 @@ pub enum DnsError {
     )]
     TlsConfigMissing { addr: std::net::SocketAddr },
     #[error("upstream {addr}: `{server_name}` is not a valid TLS server name")]
-    InvalidServerName { addr: std::net::SocketAddr, server_name: String },
+    InvalidServerName {
+        addr: std::net::SocketAddr,
+        server_name: String,
+    },
     #[error("`{field}` must be greater than zero")]
     ZeroLimit { field: &'static str },
     #[error("cannot bind the DNS listener on {addr}: {source}")]
-    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("DNS listener I/O error: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -60,7 +60,9 @@ impl DnsServer {
         core: Arc<DnsCore>,
         audit: mpsc::Sender<DnsAuditRecord>,
     ) -> Result<Self, DnsError> {
-        let (udp, tcp) = bind_pair(addr).await.map_err(|source| DnsError::Bind { addr, source })?;
+        let (udp, tcp) = bind_pair(addr)
+            .await
+            .map_err(|source| DnsError::Bind { addr, source })?;
         let local_addr = udp.local_addr()?;
         let config = core.config();
         let shared = Shared {
@@ -72,7 +74,12 @@ impl DnsServer {
             audit,
             core,
         };
-        Ok(Self { udp: Arc::new(udp), tcp, local_addr, shared: Arc::new(shared) })
+        Ok(Self {
+            udp: Arc::new(udp),
+            tcp,
+            local_addr,
+            shared: Arc::new(shared),
+        })
     }
 
     /// The bound address (the same port for UDP and TCP).
@@ -92,7 +99,9 @@ impl DnsServer {
     /// finish (bounded by the query timeout) and returns.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), DnsError> {
         let tracker = TaskTracker::new();
-        let Self { udp, tcp, shared, .. } = self;
+        let Self {
+            udp, tcp, shared, ..
+        } = self;
         let result = tokio::select! {
             () = shutdown.cancelled() => Ok(()),
             r = udp_loop(&udp, &shared, &tracker) => r,
@@ -116,7 +125,9 @@ async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)
             Ok(tcp) => return Ok((udp, tcp)),
             // With port 0 the kernel chose a UDP port whose TCP twin is taken;
             // try another one.
-            Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                last = Some(e)
+            }
             Err(e) => return Err(e),
         }
     }
@@ -128,7 +139,12 @@ fn context(src: SocketAddr, transport: Transport) -> QueryContext {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0);
-    QueryContext { src, transport, now: now(), unix_ms }
+    QueryContext {
+        src,
+        transport,
+        now: now(),
+        unix_ms,
+    }
 }
 
 /// tokio's clock rather than `std`'s, so tests with paused time drive TTLs.
@@ -144,7 +160,9 @@ impl Shared {
     }
 
     async fn resolve(&self, pending: Box<Pending>) -> Reply {
-        let exchange = self.forwarder.forward(&pending.upstream_query, &pending.question);
+        let exchange = self
+            .forwarder
+            .forward(&pending.upstream_query, &pending.question);
         let outcome = tokio::time::timeout(self.query_timeout, exchange)
             .await
             .unwrap_or(Err(ForwardError::Deadline));
@@ -152,7 +170,11 @@ impl Shared {
     }
 }
 
-async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTracker) -> Result<(), DnsError> {
+async fn udp_loop(
+    udp: &Arc<UdpSocket>,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+) -> Result<(), DnsError> {
     let mut buf = vec![0u8; usize::from(u16::MAX)];
     loop {
         let (n, src) = match udp.recv_from(&mut buf).await {
@@ -164,7 +186,10 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
                 continue;
             }
         };
-        match shared.core.handle_query_bytes(context(src, Transport::Udp), &buf[..n]) {
+        match shared
+            .core
+            .handle_query_bytes(context(src, Transport::Udp), &buf[..n])
+        {
             Step::Drop => {}
             Step::Reply(reply) => {
                 if let Err(e) = udp.send_to(&reply.bytes, src).await {
@@ -234,7 +259,9 @@ async fn serve_tcp(
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_WRITE_QUEUE);
     let write = tracker.spawn(async move {
         while let Some(bytes) = rx.recv().await {
-            let Ok(len) = u16::try_from(bytes.len()) else { continue };
+            let Ok(len) = u16::try_from(bytes.len()) else {
+                continue;
+            };
             let mut framed = Vec::with_capacity(bytes.len() + 2);
             framed.extend_from_slice(&len.to_be_bytes());
             framed.extend_from_slice(&bytes);
@@ -255,10 +282,16 @@ async fn serve_tcp(
             break;
         }
         let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        if !matches!(tokio::time::timeout(idle, reader.read_exact(&mut buf)).await, Ok(Ok(_))) {
+        if !matches!(
+            tokio::time::timeout(idle, reader.read_exact(&mut buf)).await,
+            Ok(Ok(_))
+        ) {
             break;
         }
-        match shared.core.handle_query_bytes(context(peer, Transport::Tcp), &buf) {
+        match shared
+            .core
+            .handle_query_bytes(context(peer, Transport::Tcp), &buf)
+        {
             // On a stream, a message without a readable header means the
             // framing is lost; the only safe thing is to close.
             Step::Drop => break,
