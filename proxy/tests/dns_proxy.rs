@@ -38,11 +38,26 @@ impl QueryPolicy for TestPolicy {
         let n = qname.as_str();
         let under = |zone: &str| n == zone || n.ends_with(&format!(".{zone}"));
         if under("allowed.test") || under("cdn.test") {
-            QueryVerdict { allowed: true, enforced: true, rule: "allow-test".into(), reason: "allowed-by-rule" }
+            QueryVerdict {
+                allowed: true,
+                enforced: true,
+                rule: "allow-test".into(),
+                reason: "allowed-by-rule",
+            }
         } else if under("watch.test") {
-            QueryVerdict { allowed: false, enforced: false, rule: "deny-watch".into(), reason: "denied-by-rule" }
+            QueryVerdict {
+                allowed: false,
+                enforced: false,
+                rule: "deny-watch".into(),
+                reason: "denied-by-rule",
+            }
         } else {
-            QueryVerdict { allowed: false, enforced: true, rule: "default".into(), reason: "default-deny" }
+            QueryVerdict {
+                allowed: false,
+                enforced: true,
+                rule: "default".into(),
+                reason: "default-deny",
+            }
         }
     }
 }
@@ -61,11 +76,18 @@ struct Seen {
 
 impl Seen {
     fn total(&self) -> usize {
-        self.udp.load(Ordering::SeqCst) + self.tcp.load(Ordering::SeqCst) + self.tls.load(Ordering::SeqCst)
+        self.udp.load(Ordering::SeqCst)
+            + self.tcp.load(Ordering::SeqCst)
+            + self.tls.load(Ordering::SeqCst)
     }
 
     fn asked_for(&self, name: &str) -> usize {
-        self.names.lock().unwrap().iter().filter(|n| n.as_str() == name).count()
+        self.names
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| n.as_str() == name)
+            .count()
     }
 }
 
@@ -85,7 +107,15 @@ fn soa() -> Record {
     Record::from_rdata(
         zone.clone(),
         600,
-        RData::SOA(SOA::new(name("ns.allowed.test."), name("hostmaster.allowed.test."), 1, 3600, 600, 86_400, 300)),
+        RData::SOA(SOA::new(
+            name("ns.allowed.test."),
+            name("hostmaster.allowed.test."),
+            1,
+            3600,
+            600,
+            86_400,
+            300,
+        )),
     )
 }
 
@@ -117,8 +147,16 @@ fn zone_answer(q: &Message, over_udp: bool) -> Message {
             m.add_answer(a(&qname, 5, Ipv4Addr::new(192, 0, 2, 11)));
         }
         ("alias.allowed.test.", RecordType::A) => {
-            m.add_answer(Record::from_rdata(name(&qname), 300, RData::CNAME(CNAME(name("mid.allowed.test.")))));
-            m.add_answer(Record::from_rdata(name("mid.allowed.test."), 300, RData::CNAME(CNAME(name("edge.cdn.test.")))));
+            m.add_answer(Record::from_rdata(
+                name(&qname),
+                300,
+                RData::CNAME(CNAME(name("mid.allowed.test."))),
+            ));
+            m.add_answer(Record::from_rdata(
+                name("mid.allowed.test."),
+                300,
+                RData::CNAME(CNAME(name("edge.cdn.test."))),
+            ));
             m.add_answer(a("edge.cdn.test.", 30, Ipv4Addr::new(192, 0, 2, 20)));
         }
         ("ech.allowed.test.", RecordType::HTTPS) => {
@@ -126,12 +164,27 @@ fn zone_answer(q: &Message, over_udp: bool) -> Message {
                 1,
                 Name::root(),
                 vec![
-                    (SvcParamKey::Alpn, SvcParamValue::Alpn(Alpn(vec!["h2".into()]))),
-                    (SvcParamKey::Ipv4Hint, SvcParamValue::Ipv4Hint(IpHint(vec![A(Ipv4Addr::new(192, 0, 2, 30))]))),
-                    (SvcParamKey::EchConfigList, SvcParamValue::EchConfigList(EchConfigList(vec![0xfe, 0x0d, 0, 4, 1, 2, 3, 4]))),
+                    (
+                        SvcParamKey::Alpn,
+                        SvcParamValue::Alpn(Alpn(vec!["h2".into()])),
+                    ),
+                    (
+                        SvcParamKey::Ipv4Hint,
+                        SvcParamValue::Ipv4Hint(IpHint(vec![A(Ipv4Addr::new(192, 0, 2, 30))])),
+                    ),
+                    (
+                        SvcParamKey::EchConfigList,
+                        SvcParamValue::EchConfigList(EchConfigList(vec![
+                            0xfe, 0x0d, 0, 4, 1, 2, 3, 4,
+                        ])),
+                    ),
                 ],
             );
-            m.add_answer(Record::from_rdata(name(&qname), 300, RData::HTTPS(HTTPS(svcb))));
+            m.add_answer(Record::from_rdata(
+                name(&qname),
+                300,
+                RData::HTTPS(HTTPS(svcb)),
+            ));
         }
         ("big.allowed.test.", RecordType::A) => {
             for i in 0..100u8 {
@@ -151,7 +204,10 @@ fn zone_answer(q: &Message, over_udp: bool) -> Message {
             m.add_authority(soa());
         }
     }
-    let limit = q.edns.as_ref().map_or(512, |e| usize::from(e.max_payload()));
+    let limit = q
+        .edns
+        .as_ref()
+        .map_or(512, |e| usize::from(e.max_payload()));
     if over_udp && m.to_vec().unwrap().len() > limit {
         m.answers.clear();
         m.metadata.truncation = true;
@@ -160,12 +216,20 @@ fn zone_answer(q: &Message, over_udp: bool) -> Message {
 }
 
 fn record_query(seen: &Seen, q: &Message) {
-    seen.names.lock().unwrap().push(q.queries[0].name().to_ascii().to_ascii_lowercase());
-    *seen.last_flags.lock().unwrap() =
-        Some((q.metadata.checking_disabled, q.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok)));
+    seen.names
+        .lock()
+        .unwrap()
+        .push(q.queries[0].name().to_ascii().to_ascii_lowercase());
+    *seen.last_flags.lock().unwrap() = Some((
+        q.metadata.checking_disabled,
+        q.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok),
+    ));
 }
 
-async fn serve_stream<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, seen: Arc<Seen>) {
+async fn serve_stream<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    seen: Arc<Seen>,
+) {
     loop {
         let mut len = [0u8; 2];
         if s.read_exact(&mut len).await.is_err() {
@@ -218,21 +282,25 @@ async fn start_authority() -> Authority {
     let cert = rcgen::generate_simple_self_signed(vec!["dns.test".to_owned()]).unwrap();
     let cert_der = cert.cert.der().clone();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-    let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert_der.clone()], key)
-        .unwrap();
+    let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert_der.clone()], key)
+    .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert_der).unwrap();
     let tls_roots = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
     );
     let s = Arc::clone(&seen);
     tokio::spawn(async move {
@@ -248,7 +316,12 @@ async fn start_authority() -> Authority {
             });
         }
     });
-    Authority { addr, tls_addr, tls_roots, seen }
+    Authority {
+        addr,
+        tls_addr,
+        tls_roots,
+        seen,
+    }
 }
 
 // ---------------------------------------------------------------- harness
@@ -265,16 +338,28 @@ struct Harness {
 impl Harness {
     async fn start(tweak: impl FnOnce(&mut DnsConfig, &Authority)) -> Self {
         let auth = start_authority().await;
-        let mut config = DnsConfig { upstreams: vec![Upstream::udp(auth.addr)], ..DnsConfig::default() };
+        let mut config = DnsConfig {
+            upstreams: vec![Upstream::udp(auth.addr)],
+            ..DnsConfig::default()
+        };
         tweak(&mut config, &auth);
         let core = Arc::new(DnsCore::with_new_bindings(config, Arc::new(TestPolicy)).unwrap());
         let (tx, audit) = mpsc::channel(1024);
-        let server = DnsServer::bind("127.0.0.1:0".parse().unwrap(), Arc::clone(&core), tx).await.unwrap();
+        let server = DnsServer::bind("127.0.0.1:0".parse().unwrap(), Arc::clone(&core), tx)
+            .await
+            .unwrap();
         let dns = server.local_addr();
         let token = CancellationToken::new();
         let t = token.clone();
         let server = tokio::spawn(async move { server.run(t).await.unwrap() });
-        Self { dns, auth, audit, core, token, server }
+        Self {
+            dns,
+            auth,
+            audit,
+            core,
+            token,
+            server,
+        }
     }
 
     async fn stop(self) {
@@ -283,7 +368,10 @@ impl Harness {
     }
 
     async fn next_audit(&mut self) -> DnsAuditRecord {
-        tokio::time::timeout(Duration::from_secs(10), self.audit.recv()).await.unwrap().unwrap()
+        tokio::time::timeout(Duration::from_secs(10), self.audit.recv())
+            .await
+            .unwrap()
+            .unwrap()
     }
 }
 
@@ -296,7 +384,12 @@ struct Ask {
 
 impl Default for Ask {
     fn default() -> Self {
-        Self { edns: Some(1232), dnssec_ok: false, checking_disabled: false, id: 0x5151 }
+        Self {
+            edns: Some(1232),
+            dnssec_ok: false,
+            checking_disabled: false,
+            id: 0x5151,
+        }
     }
 }
 
@@ -324,8 +417,15 @@ async fn udp_raw(server: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-async fn udp_ask(server: SocketAddr, qname: &str, qtype: RecordType, ask: &Ask) -> (Message, usize) {
-    let bytes = udp_raw(server, &build_query(qname, qtype, ask)).await.expect("no UDP answer");
+async fn udp_ask(
+    server: SocketAddr,
+    qname: &str,
+    qtype: RecordType,
+    ask: &Ask,
+) -> (Message, usize) {
+    let bytes = udp_raw(server, &build_query(qname, qtype, ask))
+        .await
+        .expect("no UDP answer");
     (Message::from_vec(&bytes).unwrap(), bytes.len())
 }
 
@@ -365,7 +465,12 @@ fn dn(s: &str) -> DomainName {
 #[tokio::test]
 async fn allowed_query_is_forwarded_with_id_flags_and_edns_preserved() {
     let mut h = Harness::start(|_, _| {}).await;
-    let ask = Ask { dnssec_ok: true, checking_disabled: true, id: 0xbeef, ..Ask::default() };
+    let ask = Ask {
+        dnssec_ok: true,
+        checking_disabled: true,
+        id: 0xbeef,
+        ..Ask::default()
+    };
     let (m, _) = udp_ask(h.dns, "WWW.Allowed.Test.", RecordType::A, &ask).await;
     assert_eq!(m.metadata.id, 0xbeef);
     assert_eq!(m.metadata.message_type, MessageType::Response);
@@ -399,7 +504,10 @@ async fn denied_query_gets_nxdomain_and_never_reaches_upstream() {
     assert_eq!(h.auth.seen.total(), 0);
     let rec = h.next_audit().await;
     assert!(!rec.allowed && rec.enforced && !rec.watched);
-    assert_eq!((rec.rule.as_str(), rec.reason, rec.rcode), ("default", "default-deny", 3));
+    assert_eq!(
+        (rec.rule.as_str(), rec.reason, rec.rcode),
+        ("default", "default-deny", 3)
+    );
     assert_eq!(h.core.stats().snapshot().denied, 1);
     h.stop().await;
 }
@@ -446,8 +554,16 @@ async fn watch_mode_answers_and_records_would_deny() {
 #[tokio::test]
 async fn ech_is_stripped_from_https_answers_when_enabled() {
     let mut h = Harness::start(|c, _| c.strip_ech = true).await;
-    let (m, _) = udp_ask(h.dns, "ech.allowed.test.", RecordType::HTTPS, &Ask::default()).await;
-    let RData::HTTPS(https) = &m.answers[0].data else { panic!("expected HTTPS, got {m:?}") };
+    let (m, _) = udp_ask(
+        h.dns,
+        "ech.allowed.test.",
+        RecordType::HTTPS,
+        &Ask::default(),
+    )
+    .await;
+    let RData::HTTPS(https) = &m.answers[0].data else {
+        panic!("expected HTTPS, got {m:?}")
+    };
     let keys: Vec<SvcParamKey> = https.0.svc_params.iter().map(|(k, _)| *k).collect();
     assert_eq!(keys, vec![SvcParamKey::Alpn, SvcParamKey::Ipv4Hint]);
     let rec = h.next_audit().await;
@@ -460,9 +576,23 @@ async fn ech_is_stripped_from_https_answers_when_enabled() {
         now()
     ));
     // Cached copies are stripped too.
-    let (m, _) = udp_ask(h.dns, "ech.allowed.test.", RecordType::HTTPS, &Ask::default()).await;
-    let RData::HTTPS(https) = &m.answers[0].data else { panic!("expected HTTPS") };
-    assert!(https.0.svc_params.iter().all(|(k, _)| *k != SvcParamKey::EchConfigList));
+    let (m, _) = udp_ask(
+        h.dns,
+        "ech.allowed.test.",
+        RecordType::HTTPS,
+        &Ask::default(),
+    )
+    .await;
+    let RData::HTTPS(https) = &m.answers[0].data else {
+        panic!("expected HTTPS")
+    };
+    assert!(
+        https
+            .0
+            .svc_params
+            .iter()
+            .all(|(k, _)| *k != SvcParamKey::EchConfigList)
+    );
     let rec = h.next_audit().await;
     assert!(rec.cache_hit && rec.ech_stripped);
     h.stop().await;
@@ -471,9 +601,23 @@ async fn ech_is_stripped_from_https_answers_when_enabled() {
 #[tokio::test]
 async fn ech_is_kept_when_stripping_is_off() {
     let mut h = Harness::start(|_, _| {}).await;
-    let (m, _) = udp_ask(h.dns, "ech.allowed.test.", RecordType::HTTPS, &Ask::default()).await;
-    let RData::HTTPS(https) = &m.answers[0].data else { panic!("expected HTTPS") };
-    assert!(https.0.svc_params.iter().any(|(k, _)| *k == SvcParamKey::EchConfigList));
+    let (m, _) = udp_ask(
+        h.dns,
+        "ech.allowed.test.",
+        RecordType::HTTPS,
+        &Ask::default(),
+    )
+    .await;
+    let RData::HTTPS(https) = &m.answers[0].data else {
+        panic!("expected HTTPS")
+    };
+    assert!(
+        https
+            .0
+            .svc_params
+            .iter()
+            .any(|(k, _)| *k == SvcParamKey::EchConfigList)
+    );
     assert!(!h.next_audit().await.ech_stripped);
     h.stop().await;
 }
@@ -499,12 +643,21 @@ async fn truncated_udp_upstream_answer_is_retried_over_tcp() {
 async fn answer_larger_than_client_udp_size_is_truncated() {
     let h = Harness::start(|_, _| {}).await;
     // ~700 bytes: fits the 1232 Sluice advertises upstream, not 512.
-    let no_edns = Ask { edns: None, ..Ask::default() };
+    let no_edns = Ask {
+        edns: None,
+        ..Ask::default()
+    };
     let (m, len) = udp_ask(h.dns, "medium.allowed.test.", RecordType::A, &no_edns).await;
     assert!(m.metadata.truncation, "{m:?}");
     assert!(len <= 512);
     assert!(m.edns.is_none(), "no OPT for a client that sent none");
-    let (m, len) = udp_ask(h.dns, "medium.allowed.test.", RecordType::A, &Ask::default()).await;
+    let (m, len) = udp_ask(
+        h.dns,
+        "medium.allowed.test.",
+        RecordType::A,
+        &Ask::default(),
+    )
+    .await;
     assert!(!m.metadata.truncation);
     assert_eq!(a_addrs(&m).len(), 40);
     assert!(len > 512);
@@ -520,7 +673,8 @@ async fn upstream_down_gives_servfail() {
         let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         s.local_addr().unwrap()
     };
-    let mut h = Harness::start(|c, _| c.upstreams = vec![Upstream::udp(dead), Upstream::tcp(dead)]).await;
+    let mut h =
+        Harness::start(|c, _| c.upstreams = vec![Upstream::udp(dead), Upstream::tcp(dead)]).await;
     let (m, _) = udp_ask(h.dns, "www.allowed.test.", RecordType::A, &Ask::default()).await;
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     let rec = h.next_audit().await;
@@ -548,7 +702,11 @@ async fn silent_upstream_gives_servfail_within_the_query_timeout() {
     let (m, _) = udp_ask(h.dns, "www.allowed.test.", RecordType::A, &Ask::default()).await;
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     // Paused clock: this is virtual time, exact, not wall-clock.
-    assert!(start.elapsed() <= Duration::from_secs(3) + Duration::from_millis(10), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() <= Duration::from_secs(3) + Duration::from_millis(10),
+        "{:?}",
+        start.elapsed()
+    );
     drop(silent);
     h.stop().await;
 }
@@ -559,7 +717,8 @@ async fn failover_to_the_next_upstream() {
         let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         s.local_addr().unwrap()
     };
-    let mut h = Harness::start(|c, a| c.upstreams = vec![Upstream::udp(dead), Upstream::udp(a.addr)]).await;
+    let mut h =
+        Harness::start(|c, a| c.upstreams = vec![Upstream::udp(dead), Upstream::udp(a.addr)]).await;
     let (m, _) = udp_ask(h.dns, "www.allowed.test.", RecordType::A, &Ask::default()).await;
     assert_eq!(a_addrs(&m), vec![Ipv4Addr::new(192, 0, 2, 10)]);
     assert_eq!(h.next_audit().await.upstream, Some(h.auth.addr));
@@ -602,7 +761,16 @@ async fn tls_upstream_with_wrong_name_fails_closed() {
 async fn cache_hit_does_not_ask_upstream_and_ages_ttl() {
     let mut h = Harness::start(|_, _| {}).await;
     let (m1, _) = udp_ask(h.dns, "www.allowed.test.", RecordType::A, &Ask::default()).await;
-    let (m2, _) = udp_ask(h.dns, "www.allowed.test.", RecordType::A, &Ask { id: 7, ..Ask::default() }).await;
+    let (m2, _) = udp_ask(
+        h.dns,
+        "www.allowed.test.",
+        RecordType::A,
+        &Ask {
+            id: 7,
+            ..Ask::default()
+        },
+    )
+    .await;
     assert_eq!(h.auth.seen.asked_for("www.allowed.test."), 1);
     assert_eq!(m2.metadata.id, 7);
     assert_eq!(a_addrs(&m1), a_addrs(&m2));
@@ -614,7 +782,16 @@ async fn cache_hit_does_not_ask_upstream_and_ages_ttl() {
     let stats = h.core.stats().snapshot();
     assert_eq!((stats.cache_hits, stats.cache_misses), (1, 1));
     // DO=1 is a different cache entry.
-    udp_ask(h.dns, "www.allowed.test.", RecordType::A, &Ask { dnssec_ok: true, ..Ask::default() }).await;
+    udp_ask(
+        h.dns,
+        "www.allowed.test.",
+        RecordType::A,
+        &Ask {
+            dnssec_ok: true,
+            ..Ask::default()
+        },
+    )
+    .await;
     assert_eq!(h.auth.seen.asked_for("www.allowed.test."), 2);
     h.stop().await;
 }
@@ -664,12 +841,23 @@ async fn bindings_follow_cname_chains_to_the_queried_name() {
 
     let (m, _) = udp_ask(h.dns, "alias.allowed.test.", RecordType::A, &Ask::default()).await;
     assert_eq!(m.answers.len(), 3);
-    assert_eq!(bindings.lookup(me, edge, now()), Some(dn("alias.allowed.test")));
+    assert_eq!(
+        bindings.lookup(me, edge, now()),
+        Some(dn("alias.allowed.test"))
+    );
     assert!(bindings.is_bound(me, edge, &dn("alias.allowed.test"), now()));
     assert!(!bindings.is_bound(me, edge, &dn("edge.cdn.test"), now()));
     assert!(bindings.has_bindings_for_source(me, now()));
-    assert_eq!(bindings.names_for(edge, now()), vec![dn("alias.allowed.test")]);
-    assert!(!bindings.is_bound(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), edge, &dn("alias.allowed.test"), now()));
+    assert_eq!(
+        bindings.names_for(edge, now()),
+        vec![dn("alias.allowed.test")]
+    );
+    assert!(!bindings.is_bound(
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+        edge,
+        &dn("alias.allowed.test"),
+        now()
+    ));
 
     // The record's TTL is 30 s; the 60 s floor and 30 s grace keep it 90 s.
     tokio::time::advance(Duration::from_secs(89)).await;
@@ -692,7 +880,8 @@ async fn tcp_clients_get_answers_and_denials() {
 
 #[tokio::test]
 async fn exfiltration_shaped_query_is_denied_with_its_reason() {
-    let mut h = Harness::start(|c, _| c.exfiltration = Some(sluice::dns::ExfilConfig::default())).await;
+    let mut h =
+        Harness::start(|c, _| c.exfiltration = Some(sluice::dns::ExfilConfig::default())).await;
     let long = format!("{}.allowed.test.", "a".repeat(55));
     let (m, _) = udp_ask(h.dns, &long, RecordType::A, &Ask::default()).await;
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
@@ -706,10 +895,15 @@ async fn exfiltration_shaped_query_is_denied_with_its_reason() {
 #[tokio::test]
 async fn full_audit_channel_drops_and_counts() {
     let auth = start_authority().await;
-    let config = DnsConfig { upstreams: vec![Upstream::udp(auth.addr)], ..DnsConfig::default() };
+    let config = DnsConfig {
+        upstreams: vec![Upstream::udp(auth.addr)],
+        ..DnsConfig::default()
+    };
     let core = Arc::new(DnsCore::with_new_bindings(config, Arc::new(TestPolicy)).unwrap());
     let (tx, _rx) = mpsc::channel(1);
-    let server = DnsServer::bind("127.0.0.1:0".parse().unwrap(), Arc::clone(&core), tx).await.unwrap();
+    let server = DnsServer::bind("127.0.0.1:0".parse().unwrap(), Arc::clone(&core), tx)
+        .await
+        .unwrap();
     let dns = server.local_addr();
     let token = CancellationToken::new();
     let run = tokio::spawn(server.run(token.clone()));
@@ -726,7 +920,9 @@ async fn malformed_datagrams_get_formerr_or_nothing() {
     let mut h = Harness::start(|_, _| {}).await;
     // A header claiming one question, then nothing.
     let (m, _) = {
-        let bytes = udp_raw(h.dns, &[0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]).await.unwrap();
+        let bytes = udp_raw(h.dns, &[0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
         (Message::from_vec(&bytes).unwrap(), bytes.len())
     };
     assert_eq!(m.metadata.id, 0x1234);
