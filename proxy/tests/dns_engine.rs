@@ -318,3 +318,38 @@ fn src_is_reported_in_audit() {
     assert_eq!(json["transport"], "udp");
     assert_eq!(json["reason"], "default-deny");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1_000, ..ProptestConfig::default() })]
+
+    /// Whatever an upstream sends that passes the forwarder's checks, the
+    /// engine turns into a parsable answer for the client.
+    #[test]
+    fn arbitrary_upstream_answers_never_panic(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        strip_ech in any::<bool>(),
+    ) {
+        let config = DnsConfig {
+            upstreams: vec![Upstream::udp(UPSTREAM.parse().unwrap())],
+            strip_ech,
+            ..DnsConfig::default()
+        };
+        let core = DnsCore::with_new_bindings(config, Arc::new(AllowTest)).unwrap();
+        let now = Instant::now();
+        let Step::Forward(p) = core.handle_query_bytes(ctx(Transport::Udp, now), &query("a.allowed.test.", RecordType::A, Some(1232))) else {
+            panic!("expected Forward");
+        };
+        let mut bytes = upstream_answer(&p, a_records("a.allowed.test.", 3), a_records("b.allowed.test.", 2)).message.to_vec().unwrap();
+        for (i, b) in flips {
+            let i = i.index(bytes.len());
+            bytes[i] = b;
+        }
+        let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+        let outcome = sluice::dns::forward::check_answer(UPSTREAM.parse().unwrap(), &bytes, id, &p.question)
+            .map(|message| UpstreamAnswer { message, upstream: UPSTREAM.parse().unwrap() });
+        let reply = core.complete(*p, outcome, now);
+        let m = Message::from_vec(&reply.bytes).unwrap();
+        prop_assert_eq!(m.metadata.id, 0x4242);
+        prop_assert!(reply.bytes.len() <= 1232);
+    }
+}

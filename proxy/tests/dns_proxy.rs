@@ -936,3 +936,97 @@ async fn malformed_datagrams_get_formerr_or_nothing() {
     assert_eq!(h.core.stats().snapshot().dropped, 1);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn malformed_corpus_replayed_over_udp_and_tcp() {
+    let h = Harness::start(|_, _| {}).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dns");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 20);
+    for path in &files {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let bytes = std::fs::read(path).unwrap();
+        let drop_expected = name.starts_with("drop-");
+        // UDP: an answer (never for drop-*), parsable and echoing the ID.
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.send_to(&bytes, h.dns).await.unwrap();
+        if !drop_expected {
+            let mut buf = vec![0u8; 65535];
+            let (n, _) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{name}: no UDP answer"))
+                .unwrap();
+            let m = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(m.metadata.id.to_be_bytes(), bytes[..2], "{name}");
+            assert_ne!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+        }
+        // TCP: an answer, or the connection closes for drop-*.
+        let mut s = TcpStream::connect(h.dns).await.unwrap();
+        let mut framed = u16::try_from(bytes.len()).unwrap().to_be_bytes().to_vec();
+        framed.extend_from_slice(&bytes);
+        s.write_all(&framed).await.unwrap();
+        let mut len = [0u8; 2];
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len))
+            .await
+            .unwrap();
+        assert_eq!(read.is_err(), drop_expected, "{name}: TCP outcome");
+    }
+    // Still serving.
+    let (m, _) = udp_ask(h.dns, "www.allowed.test.", RecordType::A, &Ask::default()).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        h.auth.seen.total(),
+        1,
+        "no malformed query reached the upstream"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_tcp_queries_are_all_answered() {
+    let h = Harness::start(|_, _| {}).await;
+    let mut s = TcpStream::connect(h.dns).await.unwrap();
+    let mut out = Vec::new();
+    for (i, qname) in ["www.allowed.test.", "x.denied.test.", "alias.allowed.test."]
+        .iter()
+        .enumerate()
+    {
+        let q = build_query(
+            qname,
+            RecordType::A,
+            &Ask {
+                id: u16::try_from(i).unwrap() + 1,
+                ..Ask::default()
+            },
+        );
+        out.extend_from_slice(&u16::try_from(q.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(&q);
+    }
+    s.write_all(&out).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).await.unwrap();
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut buf).await.unwrap();
+        ids.push(Message::from_vec(&buf).unwrap().metadata.id);
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2, 3]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_serving() {
+    let h = Harness::start(|_, _| {}).await;
+    let dns = h.dns;
+    udp_ask(dns, "www.allowed.test.", RecordType::A, &Ask::default()).await;
+    h.stop().await;
+    // The sockets are closed: TCP is refused.
+    assert!(TcpStream::connect(dns).await.is_err());
+}

@@ -122,14 +122,14 @@ impl Bindings {
                 });
                 shard.len += 1;
             }
-            shard.len -= removed;
+            shard.len = shard.len.saturating_sub(removed);
             // The destination just written is the most recently used, so
             // the LRU victim is another one; it alone may exceed the cap.
             while shard.len > self.per_shard_cap && shard.by_dst.len() > 1 {
                 let Some((_, victims)) = shard.by_dst.pop_lru() else {
                     break;
                 };
-                shard.len -= victims.len();
+                shard.len = shard.len.saturating_sub(victims.len());
                 evicted += victims.iter().filter(|b| b.expires > now).count() as u64;
             }
         }

@@ -262,8 +262,9 @@ where
     check_answer(addr, &buf, id, question)
 }
 
-/// Parses an upstream message and checks it answers what was asked.
-fn check_answer(
+/// Parses an upstream message and checks it answers what was asked (ID,
+/// QR bit, and the one question). Sans-IO; public for fuzzing.
+pub fn check_answer(
     addr: SocketAddr,
     bytes: &[u8],
     id: u16,
