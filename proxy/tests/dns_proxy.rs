@@ -740,7 +740,12 @@ async fn tcp_and_tls_upstreams() {
     .await;
     let (m, _) = udp_ask(h.dns, "www.allowed.test.", RecordType::A, &Ask::default()).await;
     assert_eq!(a_addrs(&m), vec![Ipv4Addr::new(192, 0, 2, 10)]);
+    // A second (uncached) query reuses the idle TLS connection.
+    let (m, _) = udp_ask(h.dns, "alias.allowed.test.", RecordType::A, &Ask::default()).await;
+    assert_eq!(m.answers.len(), 3);
     assert_eq!(h.auth.seen.tls.load(Ordering::SeqCst), 1);
+    assert_eq!(h.auth.seen.total(), 1);
+    assert_eq!(h.auth.seen.asked_for("alias.allowed.test."), 1);
     h.stop().await;
 }
 
@@ -1029,4 +1034,37 @@ async fn shutdown_stops_serving() {
     h.stop().await;
     // The sockets are closed: TCP is refused.
     assert!(TcpStream::connect(dns).await.is_err());
+}
+
+#[tokio::test]
+async fn pooled_tcp_connection_closed_by_upstream_is_replaced() {
+    // An upstream that answers one query per connection, then hangs up.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).await.unwrap();
+            let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            s.read_exact(&mut buf).await.unwrap();
+            let out = zone_answer(&Message::from_vec(&buf).unwrap(), false)
+                .to_vec()
+                .unwrap();
+            let mut framed = u16::try_from(out.len()).unwrap().to_be_bytes().to_vec();
+            framed.extend_from_slice(&out);
+            s.write_all(&framed).await.unwrap();
+        }
+    });
+    let h = Harness::start(|c, _| c.upstreams = vec![Upstream::tcp(addr)]).await;
+    let (m, _) = udp_ask(h.dns, "www.allowed.test.", RecordType::A, &Ask::default()).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    let (m, _) = udp_ask(h.dns, "alias.allowed.test.", RecordType::A, &Ask::default()).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(m.answers.len(), 3);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    h.stop().await;
 }

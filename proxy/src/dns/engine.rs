@@ -393,14 +393,17 @@ impl DnsCore {
     }
 
     fn decide(&self, ctx: QueryContext, qname: &DomainName, qtype: u16) -> QueryVerdict {
-        let verdict = self.policy.decide(ctx.src.ip(), qname, qtype);
+        // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; the
+        // policy's SmartGroups are written with plain IPv4 CIDRs.
+        let src = ctx.src.ip().to_canonical();
+        let verdict = self.policy.decide(src, qname, qtype);
         if !verdict.allowed {
             return verdict;
         }
         let Some(detector) = &self.exfil else {
             return verdict;
         };
-        if detector.check(ctx.src.ip(), qname, ctx.now).is_none() {
+        if detector.check(src, qname, ctx.now).is_none() {
             return verdict;
         }
         DnsStats::bump(&self.stats.exfiltration_flagged);

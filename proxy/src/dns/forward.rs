@@ -7,10 +7,13 @@
 //! (the server bounds the whole by `query_timeout`). UDP answers with TC set
 //! are retried over TCP to the same upstream; DNS-over-TLS uses rustls.
 //!
-//! Every attempt uses a fresh socket (a fresh source port) and a fresh random
-//! ID, and an answer is accepted only if its ID and question match what was
-//! sent — the usual defences against off-path spoofing. An upstream that
-//! answers SERVFAIL, REFUSED or NOTIMP is skipped in favour of the next one,
+//! Every UDP attempt uses a fresh socket (a fresh source port) and every
+//! attempt a fresh random ID, and an answer is accepted only if its ID and
+//! question match what was sent — the usual defences against off-path
+//! spoofing. TCP and TLS connections are kept idle per upstream (a few, for
+//! a few seconds) and reused one query at a time, since a DoT handshake
+//! costs far more than the query. An upstream that answers SERVFAIL, REFUSED
+//! or NOTIMP is skipped in favour of the next one,
 //! but its answer is returned if nobody does better.
 //!
 //! [`Pending`]: super::Pending
@@ -65,10 +68,18 @@ enum Link {
     Tls(ServerName<'static>),
 }
 
+/// Idle upstream connections kept per upstream.
+const MAX_IDLE_PER_UPSTREAM: usize = 8;
+/// Idle connections older than this are not reused: upstreams close idle
+/// connections after a few seconds (RFC 7766 §6.2.3), and a dead one costs
+/// a failed write before the retry.
+const MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug)]
 struct Target {
     addr: SocketAddr,
     link: Link,
+    idle: std::sync::Mutex<Vec<(Conn, tokio::time::Instant)>>,
 }
 
 /// Sends queries to upstreams. Cheap to share (`Arc`), holds no sockets
@@ -104,7 +115,11 @@ impl Forwarder {
                         Link::Tls(ServerName::try_from(server_name.clone()).ok()?)
                     }
                 };
-                Some(Target { addr: u.addr, link })
+                Some(Target {
+                    addr: u.addr,
+                    link,
+                    idle: std::sync::Mutex::default(),
+                })
             })
             .collect();
         Self {
@@ -171,35 +186,108 @@ impl Forwarder {
         if let Some(head) = query.get_mut(..2) {
             head.copy_from_slice(&id.to_be_bytes());
         }
+        if let Link::Udp = target.link {
+            let message = udp_exchange(target.addr, &query, id, question).await?;
+            if !message.metadata.truncation {
+                return Ok(message);
+            }
+        }
+        self.stream_exchange(target, &query, id, question).await
+    }
+
+    /// One exchange over TCP or TLS, on an idle pooled connection when there
+    /// is one (a DoT handshake costs more than the query), else a new one.
+    /// A pooled connection the upstream has meanwhile closed fails with an
+    /// I/O error; the query is then retried once on a fresh connection.
+    async fn stream_exchange(
+        &self,
+        target: &Target,
+        query: &[u8],
+        id: u16,
+        question: &Query,
+    ) -> Result<Message, ForwardError> {
         let addr = target.addr;
-        match &target.link {
-            Link::Udp => {
-                let message = udp_exchange(addr, &query, id, question).await?;
-                if !message.metadata.truncation {
+        if let Some(mut conn) = target.take_idle() {
+            match conn.exchange(addr, query, id, question).await {
+                Ok(message) => {
+                    target.put_idle(conn);
                     return Ok(message);
                 }
-                let tcp = TcpStream::connect(addr)
-                    .await
-                    .map_err(|source| ForwardError::Io { addr, source })?;
-                stream_exchange(tcp, addr, &query, id, question).await
+                Err(ForwardError::Io { .. }) => {}
+                Err(e) => return Err(e),
             }
-            Link::Tcp => {
-                let tcp = TcpStream::connect(addr)
-                    .await
-                    .map_err(|source| ForwardError::Io { addr, source })?;
-                stream_exchange(tcp, addr, &query, id, question).await
-            }
+        }
+        let mut conn = self.connect(target).await?;
+        let message = conn.exchange(addr, query, id, question).await?;
+        target.put_idle(conn);
+        Ok(message)
+    }
+
+    async fn connect(&self, target: &Target) -> Result<Conn, ForwardError> {
+        let addr = target.addr;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ForwardError::Io { addr, source })?;
+        // Queries are small and latency-bound; do not let Nagle hold them.
+        let _ = tcp.set_nodelay(true);
+        match &target.link {
+            Link::Udp | Link::Tcp => Ok(Conn::Tcp(tcp)),
             Link::Tls(name) => {
                 let connector = self.tls.as_ref().ok_or(ForwardError::NoTls(addr))?;
-                let tcp = TcpStream::connect(addr)
-                    .await
-                    .map_err(|source| ForwardError::Io { addr, source })?;
                 let tls = connector
                     .connect(name.clone(), tcp)
                     .await
                     .map_err(|source| ForwardError::Io { addr, source })?;
-                stream_exchange(tls, addr, &query, id, question).await
+                Ok(Conn::Tls(Box::new(tls)))
             }
+        }
+    }
+}
+
+/// An open stream to an upstream.
+#[derive(Debug)]
+enum Conn {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    async fn exchange(
+        &mut self,
+        addr: SocketAddr,
+        query: &[u8],
+        id: u16,
+        question: &Query,
+    ) -> Result<Message, ForwardError> {
+        match self {
+            Self::Tcp(s) => framed_exchange(s, addr, query, id, question).await,
+            Self::Tls(s) => framed_exchange(&mut **s, addr, query, id, question).await,
+        }
+    }
+}
+
+impl Target {
+    fn take_idle(&self) -> Option<Conn> {
+        let now = tokio::time::Instant::now();
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while let Some((conn, since)) = idle.pop() {
+            if now.saturating_duration_since(since) < MAX_IDLE {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, conn: Conn) {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_PER_UPSTREAM {
+            idle.push((conn, tokio::time::Instant::now()));
         }
     }
 }
@@ -238,8 +326,8 @@ async fn udp_exchange(
     }
 }
 
-async fn stream_exchange<S>(
-    mut stream: S,
+async fn framed_exchange<S>(
+    stream: &mut S,
     addr: SocketAddr,
     query: &[u8],
     id: u16,
