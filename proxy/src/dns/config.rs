@@ -132,7 +132,7 @@ pub struct ExfilConfig {
     pub entropy_min_len: usize,
     /// Shannon entropy, bits per character, above which a label is flagged.
     pub entropy_threshold: f64,
-    /// Unique subdomains of one parent (last two labels) from one source per
+    /// Unique subdomains of one parent (its registrable name) from one source per
     /// minute above which further new subdomains are flagged.
     pub max_unique_subdomains_per_minute: usize,
     /// Cap on (source, parent) windows tracked (LRU beyond it).

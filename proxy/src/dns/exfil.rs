@@ -57,10 +57,9 @@ impl ExfilDetector {
     /// Checks one allowed query; `Some` means it looks like exfiltration.
     pub fn check(&self, src: IpAddr, name: &DomainName, now: Instant) -> Option<ExfilSignal> {
         let labels: Vec<&str> = name.as_str().split('.').collect();
-        // The registrable part (approximated as the last two labels) is
-        // chosen by the owner of the zone, not the tunnel; only check what
-        // is in front of it.
-        let front = labels.len().saturating_sub(2);
+        // The registrable part is chosen by the owner of the zone, not the
+        // tunnel; only what is in front of it is checked and counted.
+        let front = labels.len().saturating_sub(registrable_labels(&labels));
         for label in &labels[..front] {
             if label.len() > self.config.max_label_len {
                 return Some(ExfilSignal::LongLabel);
@@ -100,6 +99,17 @@ impl ExfilDetector {
         }
         window.seen.insert(sub_hash);
         None
+    }
+}
+
+/// Labels in the registrable part of a name, without a public-suffix list:
+/// two (`example.com`), or three under a two-letter country code with a
+/// short second level (`example.co.uk`, `example.com.au`), so that all of
+/// `co.uk` is not counted as one parent.
+fn registrable_labels(labels: &[&str]) -> usize {
+    match labels {
+        [.., second, tld] if labels.len() >= 3 && tld.len() == 2 && second.len() <= 3 => 3,
+        _ => 2,
     }
 }
 
@@ -180,5 +190,25 @@ mod tests {
             None
         );
         assert_eq!(d.check(src, &name("s3.evil.test"), t0 + WINDOW), None);
+    }
+
+    #[test]
+    fn country_code_second_levels_are_not_one_parent() {
+        let config = ExfilConfig {
+            max_unique_subdomains_per_minute: 2,
+            ..ExfilConfig::default()
+        };
+        let d = ExfilDetector::new(config);
+        let src: IpAddr = "10.0.0.1".parse().unwrap();
+        let t0 = Instant::now();
+        for site in ["a", "b", "c", "d"] {
+            assert_eq!(d.check(src, &name(&format!("www.{site}.co.uk")), t0), None);
+        }
+        assert_eq!(d.check(src, &name("x.tunnel.co.uk"), t0), None);
+        assert_eq!(d.check(src, &name("y.tunnel.co.uk"), t0), None);
+        assert_eq!(
+            d.check(src, &name("z.tunnel.co.uk"), t0),
+            Some(ExfilSignal::TooManySubdomains)
+        );
     }
 }
