@@ -13,6 +13,45 @@
 //! (bytes and `Instant`s in, bytes and audit records out) so it can be unit
 //! tested and fuzzed; [`forward`] and [`server`] are the only parts that touch
 //! sockets or the clock.
+//!
+//! Wiring it up (the policy engine implements [`QueryPolicy`]; the data plane
+//! keeps the `Arc<Bindings>`; telemetry drains the audit channel):
+//!
+//! ```no_run
+//! use std::net::IpAddr;
+//! use std::sync::Arc;
+//! use sluice::dns::{DnsConfig, DnsCore, DnsServer, QueryPolicy, QueryVerdict, Upstream};
+//! use sluice_api::DomainName;
+//!
+//! struct AllowAll;
+//! impl QueryPolicy for AllowAll {
+//!     fn decide(&self, _src: IpAddr, _qname: &DomainName, _qtype: u16) -> QueryVerdict {
+//!         QueryVerdict { allowed: true, enforced: true, rule: "default".into(), reason: "default-allow" }
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), sluice::dns::DnsError> {
+//! let config = DnsConfig {
+//!     upstreams: vec![Upstream::udp("192.0.2.53:53".parse().unwrap())],
+//!     strip_ech: true,
+//!     ..DnsConfig::default()
+//! };
+//! let core = Arc::new(DnsCore::with_new_bindings(config, Arc::new(AllowAll))?);
+//! let bindings = Arc::clone(core.bindings()); // for the data plane
+//! let (audit_tx, mut audit_rx) = tokio::sync::mpsc::channel(4096);
+//! let server = DnsServer::bind("0.0.0.0:5353".parse().unwrap(), core, audit_tx).await?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! tokio::spawn(server.run(shutdown.clone()));
+//! tokio::spawn(async move { while let Some(_record) = audit_rx.recv().await {} });
+//! // Later, on a TCP flow from `src` to `dst`:
+//! let now = tokio::time::Instant::now().into_std();
+//! let src: IpAddr = "10.0.0.7".parse().unwrap();
+//! let dst: IpAddr = "93.184.216.34".parse().unwrap();
+//! let _name: Option<DomainName> = bindings.lookup(src, dst, now);
+//! shutdown.cancel();
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod audit;
 pub mod bindings;
