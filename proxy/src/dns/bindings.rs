@@ -27,16 +27,67 @@ use super::config::BindingsConfig;
 
 const SHARDS: usize = 16;
 
-#[derive(Debug, Clone)]
-struct Binding {
-    src: IpAddr,
-    name: DomainName,
-    expires: Instant,
+/// Names one source was given for one address, with their expiry.
+type Names = Vec<(DomainName, Instant)>;
+
+/// All bindings for one destination address. Keyed by source so the data
+/// plane's per-flow lookups are O(1) even for a CDN address that thousands
+/// of workloads resolve.
+#[derive(Debug, Default)]
+struct Dst {
+    by_src: hashbrown::HashMap<IpAddr, Names>,
+    len: usize,
+}
+
+impl Dst {
+    /// Drops expired bindings; returns how many.
+    fn purge(&mut self, now: Instant) -> usize {
+        let before = self.len;
+        self.by_src.retain(|_, names| {
+            names.retain(|(_, expires)| *expires > now);
+            !names.is_empty()
+        });
+        self.len = self.by_src.values().map(Vec::len).sum();
+        before.saturating_sub(self.len)
+    }
+
+    /// Evicts the live binding closest to expiry; returns whether one was.
+    fn evict_soonest(&mut self) -> bool {
+        let victim = self
+            .by_src
+            .iter()
+            .flat_map(|(src, names)| {
+                names
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, (_, e))| (*e, *src, i))
+            })
+            .min_by_key(|(expires, _, _)| *expires);
+        let Some((_, src, i)) = victim else {
+            return false;
+        };
+        if let Some(names) = self.by_src.get_mut(&src) {
+            names.swap_remove(i);
+            if names.is_empty() {
+                self.by_src.remove(&src);
+            }
+        }
+        self.len = self.len.saturating_sub(1);
+        true
+    }
+
+    fn live(&self, src: &IpAddr, now: Instant) -> impl Iterator<Item = &(DomainName, Instant)> {
+        self.by_src
+            .get(src)
+            .into_iter()
+            .flatten()
+            .filter(move |(_, e)| *e > now)
+    }
 }
 
 #[derive(Debug)]
 struct Shard {
-    by_dst: LruCache<IpAddr, Vec<Binding>>,
+    by_dst: LruCache<IpAddr, Dst>,
     /// Bindings held in this shard, to enforce the entry cap across
     /// destinations of very different popularity.
     len: usize,
@@ -101,36 +152,32 @@ impl Bindings {
         {
             let mut shard = self.shard(&dst);
             let shard = &mut *shard;
-            let list = shard.by_dst.get_or_insert_mut(dst, Vec::new);
-            let before = list.len();
-            list.retain(|b| b.expires > now);
-            let mut removed = before - list.len();
-            if let Some(b) = list.iter_mut().find(|b| b.src == src && b.name == *name) {
-                b.expires = b.expires.max(expires);
-            } else {
-                if list.len() >= self.max_per_destination
-                    && let Some(i) = soonest(list)
-                {
-                    list.swap_remove(i);
-                    removed += 1;
+            let entry = shard.by_dst.get_or_insert_mut(dst, Dst::default);
+            let before = entry.len;
+            let names = entry.by_src.entry(src).or_default();
+            let held = names.len();
+            names.retain(|(_, e)| *e > now);
+            match names.iter_mut().find(|(n, _)| n == name) {
+                Some(slot) => slot.1 = slot.1.max(expires),
+                None => names.push((name.clone(), expires)),
+            }
+            entry.len = entry.len.saturating_sub(held) + names.len();
+            if entry.len > self.max_per_destination {
+                entry.purge(now);
+                while entry.len > self.max_per_destination && entry.evict_soonest() {
                     evicted += 1;
                 }
-                list.push(Binding {
-                    src,
-                    name: name.clone(),
-                    expires,
-                });
-                shard.len += 1;
             }
-            shard.len = shard.len.saturating_sub(removed);
+            shard.len = (shard.len + entry.len).saturating_sub(before);
             // The destination just written is the most recently used, so
             // the LRU victim is another one; it alone may exceed the cap.
             while shard.len > self.per_shard_cap && shard.by_dst.len() > 1 {
-                let Some((_, victims)) = shard.by_dst.pop_lru() else {
+                let Some((_, mut victim)) = shard.by_dst.pop_lru() else {
                     break;
                 };
-                shard.len = shard.len.saturating_sub(victims.len());
-                evicted += victims.iter().filter(|b| b.expires > now).count() as u64;
+                shard.len = shard.len.saturating_sub(victim.len);
+                victim.purge(now);
+                evicted += victim.len as u64;
             }
         }
         if evicted > 0 {
@@ -152,11 +199,11 @@ impl Bindings {
         let src = src.to_canonical();
         let dst = dst.to_canonical();
         let mut shard = self.shard(&dst);
-        let list = shard.by_dst.get(&dst)?;
-        list.iter()
-            .filter(|b| b.src == src && b.expires > now)
-            .max_by_key(|b| b.expires)
-            .map(|b| b.name.clone())
+        let entry = shard.by_dst.get(&dst)?;
+        entry
+            .live(&src, now)
+            .max_by_key(|(_, e)| *e)
+            .map(|(n, _)| n.clone())
     }
 
     /// Every live name any source was given `dst` for (deduplicated).
@@ -166,10 +213,13 @@ impl Bindings {
         let mut names: Vec<DomainName> = shard
             .by_dst
             .peek(&dst)
-            .map(|list| {
-                list.iter()
-                    .filter(|b| b.expires > now)
-                    .map(|b| b.name.clone())
+            .map(|entry| {
+                entry
+                    .by_src
+                    .values()
+                    .flatten()
+                    .filter(|(_, e)| *e > now)
+                    .map(|(n, _)| n.clone())
                     .collect()
             })
             .unwrap_or_default();
@@ -193,10 +243,10 @@ impl Bindings {
         let src = src.to_canonical();
         let dst = dst.to_canonical();
         let mut shard = self.shard(&dst);
-        shard.by_dst.get(&dst).is_some_and(|list| {
-            list.iter()
-                .any(|b| b.src == src && b.expires > now && b.name == *name)
-        })
+        shard
+            .by_dst
+            .get(&dst)
+            .is_some_and(|entry| entry.live(&src, now).any(|(n, _)| n == name))
     }
 
     /// Bindings held, live or not yet purged.
@@ -224,13 +274,6 @@ impl Bindings {
     fn index(&self, key: &impl Hash) -> usize {
         (self.hasher.hash_one(key) as usize) % SHARDS
     }
-}
-
-fn soonest(list: &[Binding]) -> Option<usize> {
-    list.iter()
-        .enumerate()
-        .min_by_key(|(_, b)| b.expires)
-        .map(|(i, _)| i)
 }
 
 /// A poisoned shard only means another thread panicked mid-update of plain

@@ -115,7 +115,7 @@ impl Default for BindingsConfig {
             min_ttl: Duration::from_secs(60),
             grace: Duration::from_secs(30),
             max_entries: 262_144,
-            max_per_destination: 64,
+            max_per_destination: 4_096,
             max_sources: 65_536,
         }
     }
