@@ -1083,4 +1083,47 @@ mod dns {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         h.stop().await;
     }
+
+    /// A real resolver (hickory-resolver, UDP with TCP fallback) pointed at Sluice.
+    #[tokio::test]
+    async fn dns_real_hickory_resolver_through_sluice() {
+        use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+        use hickory_resolver::net::runtime::TokioRuntimeProvider;
+
+        let h = Harness::start(|_, _| {}).await;
+        let mut udp = ConnectionConfig::udp();
+        udp.port = h.dns.port();
+        let mut tcp = ConnectionConfig::tcp();
+        tcp.port = h.dns.port();
+        let ns = NameServerConfig::new(h.dns.ip(), true, vec![udp, tcp]);
+        let resolver = hickory_resolver::Resolver::builder_with_config(
+            ResolverConfig::from_name_servers(vec![ns]),
+            TokioRuntimeProvider::default(),
+        )
+        .build()
+        .unwrap();
+
+        let ips: Vec<IpAddr> = resolver
+            .lookup_ip("alias.allowed.test.")
+            .await
+            .unwrap()
+            .iter()
+            .collect();
+        assert!(
+            ips.contains(&IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20))),
+            "{ips:?}"
+        );
+        assert!(h.core.bindings().is_bound(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20)),
+            &dn("alias.allowed.test"),
+            now()
+        ));
+        // The 100-record answer only fits over TCP; the resolver retries on TC.
+        let big = resolver.lookup_ip("big.allowed.test.").await.unwrap();
+        assert_eq!(big.iter().filter(IpAddr::is_ipv4).count(), 100);
+        // Denied names fail to resolve.
+        assert!(resolver.lookup_ip("secret.denied.test.").await.is_err());
+        h.stop().await;
+    }
 }
