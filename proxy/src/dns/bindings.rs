@@ -373,6 +373,42 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_cdn_address_holds_many_sources_without_evicting() {
+        let b = Bindings::new(&BindingsConfig::default());
+        let t0 = Instant::now();
+        let cdn = ip("151.101.1.1");
+        for i in 0..2_000u32 {
+            let src = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            b.record(src, cdn, &name("a.test"), 300, t0);
+            b.record(src, cdn, &name("b.test"), 300, t0);
+        }
+        assert_eq!(b.evictions(), 0);
+        assert_eq!(b.len(), 4_000);
+        let src = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + 1_234));
+        assert!(b.is_bound(src, cdn, &name("a.test"), t0));
+        assert!(b.is_bound(src, cdn, &name("b.test"), t0));
+        assert_eq!(b.names_for(cdn, t0), vec![name("a.test"), name("b.test")]);
+    }
+
+    #[test]
+    fn lookup_prefers_the_latest_answer() {
+        let b = Bindings::new(&cfg());
+        let t0 = Instant::now();
+        b.record(ip("10.0.0.1"), ip("1.2.3.4"), &name("old.test"), 300, t0);
+        b.record(
+            ip("10.0.0.1"),
+            ip("1.2.3.4"),
+            &name("new.test"),
+            300,
+            t0 + Duration::from_secs(5),
+        );
+        assert_eq!(
+            b.lookup(ip("10.0.0.1"), ip("1.2.3.4"), t0 + Duration::from_secs(6)),
+            Some(name("new.test"))
+        );
+    }
+
+    #[test]
     fn caps_evict_and_count() {
         let config = BindingsConfig {
             max_entries: 16,

@@ -68,6 +68,8 @@ enum Link {
     Tls(ServerName<'static>),
 }
 
+/// Receive buffer for one upstream UDP answer.
+const UDP_ANSWER_BUFFER: usize = 4_096;
 /// Idle upstream connections kept per upstream.
 const MAX_IDLE_PER_UPSTREAM: usize = 8;
 /// Idle connections older than this are not reused: upstreams close idle
@@ -315,7 +317,10 @@ async fn udp_exchange(
     // "port unreachable" surfaces as an error instead of a timeout.
     socket.connect(addr).await.map_err(io)?;
     socket.send(query).await.map_err(io)?;
-    let mut buf = vec![0u8; usize::from(u16::MAX)];
+    // Upstreams are told Sluice takes 1232-byte answers (`udp_payload`);
+    // 4 KiB covers any sane setting without zeroing 64 KiB per query. A
+    // larger datagram arrives cut short, fails to parse, and is ignored.
+    let mut buf = vec![0u8; UDP_ANSWER_BUFFER];
     loop {
         let n = socket.recv(&mut buf).await.map_err(io)?;
         // A datagram that is not our answer (stale, or spoofed) is ignored;
