@@ -51,29 +51,43 @@ impl Dst {
         before.saturating_sub(self.len)
     }
 
-    /// Evicts the live binding closest to expiry; returns whether one was.
-    fn evict_soonest(&mut self) -> bool {
-        let victim = self
-            .by_src
-            .iter()
-            .flat_map(|(src, names)| {
-                names
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, (_, e))| (*e, *src, i))
-            })
-            .min_by_key(|(expires, _, _)| *expires);
-        let Some((_, src, i)) = victim else {
-            return false;
-        };
-        if let Some(names) = self.by_src.get_mut(&src) {
-            names.swap_remove(i);
-            if names.is_empty() {
-                self.by_src.remove(&src);
-            }
+    /// Evicts the bindings closest to expiry until at most `target` remain;
+    /// returns how many went. Evicting a batch at once keeps a destination
+    /// that stays at its cap (a wildcard name behind one address, queried
+    /// with ever-new labels) from paying a full scan on every answer.
+    fn evict_down_to(&mut self, target: usize) -> usize {
+        let excess = self.len.saturating_sub(target);
+        if excess == 0 {
+            return 0;
         }
-        self.len = self.len.saturating_sub(1);
-        true
+        let mut expiries: Vec<Instant> = self.by_src.values().flatten().map(|(_, e)| *e).collect();
+        let k = excess.min(expiries.len());
+        let Some(kth) = k.checked_sub(1) else {
+            return 0;
+        };
+        let threshold = *expiries.select_nth_unstable(kth).1;
+        // Everything before the threshold goes, and just enough of the
+        // bindings expiring exactly at it to make up `excess`.
+        let below = expiries.iter().filter(|e| **e < threshold).count();
+        let mut ties = k.saturating_sub(below);
+        let before = self.len;
+        self.by_src.retain(|_, names| {
+            names.retain(|(_, e)| {
+                if *e > threshold {
+                    true
+                } else if *e < threshold {
+                    false
+                } else if ties > 0 {
+                    ties -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+            !names.is_empty()
+        });
+        self.len = self.by_src.values().map(Vec::len).sum();
+        before.saturating_sub(self.len)
     }
 
     fn live(&self, src: &IpAddr, now: Instant) -> impl Iterator<Item = &(DomainName, Instant)> {
@@ -102,6 +116,7 @@ pub struct Bindings {
     hasher: foldhash::fast::RandomState,
     per_shard_cap: usize,
     max_per_destination: usize,
+    max_names_per_pair: usize,
     min_ttl: Duration,
     grace: Duration,
     stats: Arc<DnsStats>,
@@ -135,6 +150,7 @@ impl Bindings {
             hasher: foldhash::fast::RandomState::default(),
             per_shard_cap,
             max_per_destination: config.max_per_destination.max(1),
+            max_names_per_pair: config.max_names_per_pair.max(1),
             min_ttl: config.min_ttl,
             grace: config.grace,
             stats,
@@ -159,14 +175,21 @@ impl Bindings {
             names.retain(|(_, e)| *e > now);
             match names.iter_mut().find(|(n, _)| n == name) {
                 Some(slot) => slot.1 = slot.1.max(expires),
-                None => names.push((name.clone(), expires)),
+                None => {
+                    if names.len() >= self.max_names_per_pair
+                        && let Some(i) = soonest(names)
+                    {
+                        names.swap_remove(i);
+                        evicted += 1;
+                    }
+                    names.push((name.clone(), expires));
+                }
             }
             entry.len = entry.len.saturating_sub(held) + names.len();
             if entry.len > self.max_per_destination {
                 entry.purge(now);
-                while entry.len > self.max_per_destination && entry.evict_soonest() {
-                    evicted += 1;
-                }
+                let target = self.max_per_destination - self.max_per_destination / 8;
+                evicted += entry.evict_down_to(target) as u64;
             }
             shard.len = (shard.len + entry.len).saturating_sub(before);
             // The destination just written is the most recently used, so
@@ -274,6 +297,14 @@ impl Bindings {
     fn index(&self, key: &impl Hash) -> usize {
         (self.hasher.hash_one(key) as usize) % SHARDS
     }
+}
+
+fn soonest(names: &Names) -> Option<usize> {
+    names
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, (_, e))| *e)
+        .map(|(i, _)| i)
 }
 
 /// A poisoned shard only means another thread panicked mid-update of plain
@@ -406,6 +437,44 @@ mod tests {
             b.lookup(ip("10.0.0.1"), ip("1.2.3.4"), t0 + Duration::from_secs(6)),
             Some(name("new.test"))
         );
+    }
+
+    #[test]
+    fn wildcard_names_behind_one_address_stay_bounded() {
+        let config = BindingsConfig {
+            max_per_destination: 256,
+            ..cfg()
+        };
+        let b = Bindings::new(&config);
+        let t0 = Instant::now();
+        let dst = ip("192.0.2.1");
+        for i in 0..10_000u32 {
+            let at = t0 + Duration::from_millis(u64::from(i));
+            b.record(
+                ip("10.0.0.1"),
+                dst,
+                &name(&format!("n{i}.wild.test")),
+                300,
+                at,
+            );
+        }
+        assert_eq!(b.len(), 64, "per (source, address) cap");
+        // The newest names survive; the oldest were evicted.
+        let late = t0 + Duration::from_secs(10);
+        assert!(b.is_bound(ip("10.0.0.1"), dst, &name("n9999.wild.test"), late));
+        assert!(!b.is_bound(ip("10.0.0.1"), dst, &name("n0.wild.test"), late));
+        for i in 0..10_000u32 {
+            let src = IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i));
+            b.record(
+                src,
+                dst,
+                &name("x.wild.test"),
+                300,
+                t0 + Duration::from_secs(20),
+            );
+        }
+        assert!(b.len() <= 256, "per-address cap: {}", b.len());
+        assert!(b.len() >= 224, "batch eviction leaves 7/8: {}", b.len());
     }
 
     #[test]

@@ -105,6 +105,10 @@ pub struct BindingsConfig {
     /// Cap on bindings for one address (a CDN address serves many names and
     /// many sources); the soonest to expire is evicted first.
     pub max_per_destination: usize,
+    /// Cap on names one source holds for one address (a wildcard zone
+    /// behind one address, queried with ever-new labels, would otherwise
+    /// grow without bound); the soonest to expire is evicted first.
+    pub max_names_per_pair: usize,
     /// Cap on sources tracked by `has_bindings_for_source`.
     pub max_sources: usize,
 }
@@ -116,6 +120,7 @@ impl Default for BindingsConfig {
             grace: Duration::from_secs(30),
             max_entries: 262_144,
             max_per_destination: 4_096,
+            max_names_per_pair: 64,
             max_sources: 65_536,
         }
     }
@@ -217,6 +222,10 @@ impl DnsConfig {
             (
                 "bindings.max_per_destination",
                 self.bindings.max_per_destination,
+            ),
+            (
+                "bindings.max_names_per_pair",
+                self.bindings.max_names_per_pair,
             ),
             ("bindings.max_sources", self.bindings.max_sources),
         ] {
