@@ -259,3 +259,75 @@ impl DnsConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
+mod tests {
+    use super::*;
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:53".parse().unwrap()
+    }
+
+    #[test]
+    fn validate_rejects_what_cannot_run() {
+        assert!(matches!(
+            DnsConfig::default().validate(),
+            Err(DnsError::NoUpstreams)
+        ));
+        let ok = DnsConfig {
+            upstreams: vec![Upstream::udp(addr())],
+            ..DnsConfig::default()
+        };
+        assert!(ok.validate().is_ok());
+        let no_tls = DnsConfig {
+            upstreams: vec![Upstream::tls(addr(), "dns.test")],
+            ..ok.clone()
+        };
+        assert!(matches!(
+            no_tls.validate(),
+            Err(DnsError::TlsConfigMissing { .. })
+        ));
+        let zero = DnsConfig {
+            attempts: 0,
+            ..ok.clone()
+        };
+        assert!(matches!(
+            zero.validate(),
+            Err(DnsError::ZeroLimit { field: "attempts" })
+        ));
+        let zero = DnsConfig {
+            query_timeout: Duration::ZERO,
+            ..ok
+        };
+        assert!(matches!(
+            zero.validate(),
+            Err(DnsError::ZeroLimit {
+                field: "query_timeout"
+            })
+        ));
+    }
+
+    #[test]
+    fn validate_rejects_a_bad_tls_server_name() {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let config = DnsConfig {
+            upstreams: vec![Upstream::tls(addr(), "not a name")],
+            tls: Some(Arc::new(tls)),
+            ..DnsConfig::default()
+        };
+        assert!(matches!(
+            config.validate(),
+            Err(DnsError::InvalidServerName { .. })
+        ));
+    }
+}
