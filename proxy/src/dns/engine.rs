@@ -139,9 +139,11 @@ impl std::fmt::Debug for DnsCore {
 }
 
 impl DnsCore {
-    /// Builds the engine. `bindings` is the table the data plane reads; pass
-    /// one made with [`Bindings::with_stats`] and [`DnsCore::stats`]-sharing
-    /// counters, or let [`DnsCore::with_new_bindings`] make both.
+    /// Builds the engine around an existing binding table (the one the data
+    /// plane already holds). Make it with `Bindings::with_stats(cfg, stats)`
+    /// using the same `stats` so evictions show up in [`DnsStats`]; or let
+    /// [`DnsCore::with_new_bindings`] make both. Fails if the config does not
+    /// validate.
     pub fn new(
         config: DnsConfig,
         policy: Arc<dyn QueryPolicy>,
