@@ -1126,4 +1126,53 @@ mod dns {
         assert!(resolver.lookup_ip("secret.denied.test.").await.is_err());
         h.stop().await;
     }
+
+    #[tokio::test]
+    async fn ipv6_listener_serves_and_binds_v6_sources() {
+        let Ok(probe) = UdpSocket::bind("[::1]:0").await else {
+            // No IPv6 loopback in this sandbox: nothing to test.
+            return;
+        };
+        drop(probe);
+        let auth = start_authority().await;
+        let config = DnsConfig {
+            upstreams: vec![Upstream::udp(auth.addr)],
+            ..DnsConfig::default()
+        };
+        let core = Arc::new(DnsCore::with_new_bindings(config, Arc::new(TestPolicy)).unwrap());
+        let (tx, _rx) = mpsc::channel(16);
+        let server = DnsServer::bind("[::1]:0".parse().unwrap(), Arc::clone(&core), tx)
+            .await
+            .unwrap();
+        let dns = server.local_addr();
+        assert!(dns.is_ipv6());
+        let token = CancellationToken::new();
+        let run = tokio::spawn(server.run(token.clone()));
+        let sock = UdpSocket::bind("[::1]:0").await.unwrap();
+        sock.send_to(
+            &build_query("www.allowed.test.", RecordType::A, &Ask::default()),
+            dns,
+        )
+        .await
+        .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            a_addrs(&Message::from_vec(&buf[..n]).unwrap()),
+            vec![Ipv4Addr::new(192, 0, 2, 10)]
+        );
+        assert!(core.bindings().is_bound(
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+            &dn("www.allowed.test"),
+            now()
+        ));
+        let m = tcp_ask(dns, "x.denied.test.", RecordType::A, &Ask::default()).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        token.cancel();
+        run.await.unwrap().unwrap();
+    }
 }
