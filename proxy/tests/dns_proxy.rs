@@ -199,6 +199,9 @@ mod dns {
                     m.add_answer(a(&qname, 300, Ipv4Addr::new(198, 18, 1, i)));
                 }
             }
+            ("servfail.allowed.test.", _) => {
+                m.metadata.response_code = ResponseCode::ServFail;
+            }
             (n, RecordType::A) if n.ends_with("denied.test.") || n.ends_with("watch.test.") => {
                 m.add_answer(a(n, 300, Ipv4Addr::new(198, 51, 100, 1)));
             }
@@ -1174,5 +1177,40 @@ mod dns {
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
         token.cancel();
         run.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn upstream_servfail_is_passed_on_but_not_cached_and_fails_over() {
+        let mut h = Harness::start(|_, _| {}).await;
+        for _ in 0..2 {
+            let (m, _) = udp_ask(
+                h.dns,
+                "servfail.allowed.test.",
+                RecordType::A,
+                &Ask::default(),
+            )
+            .await;
+            assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+            assert_eq!(h.next_audit().await.upstream, Some(h.auth.addr));
+        }
+        assert_eq!(h.auth.seen.asked_for("servfail.allowed.test."), 2);
+        h.stop().await;
+
+        // Two upstreams both failing: each is asked once, then the last
+        // SERVFAIL is what the client gets.
+        let h =
+            Harness::start(|c, a| c.upstreams = vec![Upstream::udp(a.addr), Upstream::tcp(a.addr)])
+                .await;
+        let (m, _) = udp_ask(
+            h.dns,
+            "servfail.allowed.test.",
+            RecordType::A,
+            &Ask::default(),
+        )
+        .await;
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(h.auth.seen.udp.load(Ordering::SeqCst), 1);
+        assert_eq!(h.auth.seen.tcp.load(Ordering::SeqCst), 1);
+        h.stop().await;
     }
 }
