@@ -8,7 +8,8 @@
 //! forwarder and hands the outcome back to [`DnsCore::complete`].
 //!
 //! Order of work for one query: header (unreadable → drop) → full parse
-//! (fails → FORMERR) → checks (opcode, one question, EDNS version) → policy
+//! (fails → FORMERR) → checks (opcode, one question, EDNS version, a
+//! classifiable name, not a zone transfer) → policy
 //! → exfiltration detector → deny answer, or cache, or forward → ECH strip,
 //! cache store, bindings → client answer, truncated to the client's UDP size.
 //! Every answered query yields one [`DnsAuditRecord`].
@@ -246,6 +247,14 @@ impl DnsCore {
                 reason::DNS_INVALID_NAME,
             ));
         };
+        if matches!(query.query_type(), RecordType::AXFR | RecordType::IXFR) {
+            return Step::Reply(self.refuse_early(
+                ctx,
+                &client,
+                ResponseCode::Refused,
+                reason::DNS_ZONE_TRANSFER,
+            ));
+        }
         let verdict = self.decide(ctx, &qname, qtype);
         if !verdict.allowed && verdict.enforced {
             DnsStats::bump(&self.stats.denied);

@@ -49,6 +49,9 @@ pub mod reason {
     pub const DNS_NOT_IMPLEMENTED: &str = "dns-not-implemented";
     /// EDNS version other than 0; BADVERS was returned (RFC 6891 §6.1.3).
     pub const DNS_BAD_EDNS_VERSION: &str = "dns-bad-edns-version";
+    /// AXFR/IXFR: zone transfers are multi-message streams an egress
+    /// resolver does not relay; REFUSED was returned.
+    pub const DNS_ZONE_TRANSFER: &str = "dns-zone-transfer";
     /// Rule name used in verdicts produced by the exfiltration detector.
     pub const EXFILTRATION_RULE: &str = "builtin-dns-exfiltration";
 }
