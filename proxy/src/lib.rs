@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod classify;
 pub mod cli;
+pub mod dns;
 pub mod forward;
 pub mod listener;
 pub mod policy;
