@@ -189,6 +189,20 @@ fn close_reason_static(r: &Cow<'static, str>) -> &'static str {
     }
 }
 
+/// Ends an allowed flow that could not be forwarded (no address, DNS
+/// failure): the verdict stays the policy's, the close reason says why.
+pub fn failed(
+    shared: &Shared,
+    chain: Option<&FilterChain>,
+    ctx: &FlowContext,
+    reason: &'static str,
+    accepted: Instant,
+) {
+    let mut rec = ctx.record();
+    rec.close_reason = Cow::Borrowed(reason);
+    finish(shared, chain, ctx, rec, accepted);
+}
+
 /// A denied flow's record.
 pub fn denied_record(ctx: &FlowContext) -> FlowRecord {
     let mut rec = ctx.record();

@@ -332,11 +332,7 @@ async fn tunnel(
     }
     let ips = match flow::resolve(&shared, &ctx, &dial_host).await {
         Ok(ips) => ips,
-        Err(e) => {
-            ctx.decision = Some(Decision::deny(e.reason_code(), Enforcement::Enforced));
-            let rec = flow::denied_record(&ctx);
-            return flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
-        }
+        Err(e) => return flow::failed(&shared, Some(&chain), &ctx, e.reason_code(), accepted),
     };
     let ips = flow::screen(&chain, &mut ctx, &ips);
     if ips.is_empty() {
@@ -627,10 +623,12 @@ impl ConnState {
         let ips = match flow::resolve(&self.shared, &ctx, &dial_host).await {
             Ok(ips) => ips,
             Err(e) => {
-                ctx.decision = Some(Decision::deny(e.reason_code(), Enforcement::Enforced));
-                let resp = text(StatusCode::BAD_GATEWAY, &ctx, "Sluice could not resolve the host.");
-                let rec = flow::denied_record(&ctx);
-                flow::finish(&self.shared, Some(&chain), &ctx, rec, accepted);
+                let resp = text(
+                    StatusCode::BAD_GATEWAY,
+                    &ctx,
+                    &format!("Sluice could not resolve the host ({}).", e.reason_code()),
+                );
+                flow::failed(&self.shared, Some(&chain), &ctx, e.reason_code(), accepted);
                 return resp;
             }
         };

@@ -282,7 +282,5 @@ fn resolve_failed(
     reason: &'static str,
     accepted: Instant,
 ) {
-    ctx.decision = Some(Decision::deny(reason, Enforcement::Enforced));
-    let rec = flow::denied_record(ctx);
-    flow::finish(shared, Some(chain), ctx, rec, accepted);
+    flow::failed(shared, Some(chain), ctx, reason, accepted);
 }
