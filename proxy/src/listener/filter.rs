@@ -107,6 +107,8 @@ pub struct FlowContext {
     pub port: u16,
     /// SmartGroup id of an authenticated proxy user.
     pub identity: Option<u32>,
+    /// The name came from a DNS binding, not from the flow itself.
+    pub name_from_dns: bool,
     pub decision: Option<Decision>,
     /// The configuration snapshot the flow started with; kept to its end.
     pub snapshot: Arc<Snapshot>,
@@ -129,6 +131,7 @@ impl FlowContext {
             dst_ip: None,
             port: 0,
             identity: None,
+            name_from_dns: false,
             decision: None,
             snapshot,
         }
@@ -165,6 +168,9 @@ impl FlowContext {
         r.host.clone_from(&self.host);
         r.alpn.clone_from(&self.alpn);
         r.ech = self.ech;
+        if self.name_from_dns {
+            r.dns_name = self.name.as_ref().map(ToString::to_string);
+        }
         r
     }
 }

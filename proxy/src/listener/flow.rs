@@ -178,10 +178,13 @@ pub fn finish(shared: &Shared, chain: Option<&FilterChain>, ctx: &FlowContext, m
         close_reason_static(&rec.close_reason),
     );
     tracing::debug!(flow = ctx.id, listener = %ctx.listener, action, reason = %rec.verdict.reason, close = %rec.close_reason, "flow finished");
-    shared.audit.record(rec);
+    shared
+        .audit
+        .record(crate::telemetry::audit::AuditRecord::Flow(Box::new(rec)));
 }
 
 /// Metrics labels must be `'static`; close reasons are.
+#[allow(clippy::ptr_arg, reason = "needs to see whether the Cow borrows a 'static str")]
 fn close_reason_static(r: &Cow<'static, str>) -> &'static str {
     match r {
         Cow::Borrowed(s) => s,

@@ -187,12 +187,23 @@ pub async fn serve(
             deny(&mut ctx, Decision::deny("no-sni", Enforcement::Enforced));
         }
     }
+    let now = tokio::time::Instant::now().into_std();
+    // An address-only flow (opaque TCP, TLS without SNI) gets the name the
+    // DNS proxy answered this client with for that address, so WebGroup
+    // rules apply to it too.
+    if ctx.name.is_none()
+        && let (Some(b), Some(orig)) = (&shared.bindings, ctx.original_dst)
+        && let Some(name) = b.lookup(peer.ip(), orig.ip(), now)
+    {
+        ctx.name = Some(name);
+        ctx.name_from_dns = true;
+    }
     let verify = matches!(
         plan.chains.first().map(|c| &c.cluster),
         Some(Cluster::OriginalDst {
             sni_check: SniCheck::Verify
         })
-    );
+    ) && !ctx.name_from_dns;
     if ctx.name.is_none() || !verify {
         // Address-only flows (and `sni_check: off`) are decided on the
         // address the client dialled.
@@ -241,17 +252,43 @@ pub async fn serve(
             let Some(orig) = ctx.original_dst else {
                 return resolve_failed(&shared, &chain, &mut ctx, "no-original-destination", accepted);
             };
+            let bound = shared
+                .bindings
+                .as_ref()
+                .filter(|b| b.has_bindings_for_source(peer.ip(), now));
             match (&ctx.name, sni_check) {
-                (Some(name), SniCheck::Verify) => match flow::resolve(&shared, &ctx, name.as_str()).await {
-                    // Keep the client's choice when the name really has that
-                    // address (CDN affinity); otherwise dial the name's own.
-                    Ok(ips) if ips.contains(&orig.ip().to_canonical()) || ips.contains(&orig.ip()) => {
-                        (vec![orig.ip()], orig.port(), Some("sni-resolved"))
+                // The DNS proxy knows what it told this client: the address
+                // dialled must be one it answered for that name.
+                (Some(name), SniCheck::Verify) if !ctx.name_from_dns && bound.is_some() => {
+                    if bound.is_some_and(|b| b.is_bound(peer.ip(), orig.ip(), name, now)) {
+                        (vec![orig.ip()], orig.port(), Some("dns-binding"))
+                    } else {
+                        let e = check_enforcement(&ctx);
+                        let mut d = Decision::deny("sni-destination-mismatch", e);
+                        d.check = Some("dns-binding");
+                        if d.blocks() {
+                            ctx.decision = Some(d);
+                            let rec = flow::denied_record(&ctx);
+                            flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+                            return;
+                        }
+                        ctx.decision = Some(d);
+                        (vec![orig.ip()], orig.port(), Some("dns-binding"))
                     }
-                    Ok(ips) => (ips, orig.port(), Some("sni-resolved")),
-                    Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
-                },
+                }
+                (Some(name), SniCheck::Verify) if !ctx.name_from_dns => {
+                    match flow::resolve(&shared, &ctx, name.as_str()).await {
+                        // Keep the client's choice when the name really has that
+                        // address (CDN affinity); otherwise dial the name's own.
+                        Ok(ips) if ips.contains(&orig.ip().to_canonical()) || ips.contains(&orig.ip()) => {
+                            (vec![orig.ip()], orig.port(), Some("sni-resolved"))
+                        }
+                        Ok(ips) => (ips, orig.port(), Some("sni-resolved")),
+                        Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
+                    }
+                }
                 (Some(_), SniCheck::Off) => (vec![orig.ip()], orig.port(), Some("off")),
+                (Some(_), SniCheck::Verify) => (vec![orig.ip()], orig.port(), Some("dns-binding")),
                 (None, _) => (vec![orig.ip()], orig.port(), None),
             }
         }
