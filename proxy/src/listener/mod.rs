@@ -184,15 +184,19 @@ pub fn spawn(
             };
             let plan = plan.clone();
             let shared = shared.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let _active = ActiveGuard::new(&shared);
-                let snapshot = shared.snapshot.load_full();
-                match plan.spec.kind {
-                    ListenerKind::HttpProxy => http_proxy::serve(plan, shared, snapshot, stream, peer).await,
-                    _ => peek::serve(plan, shared, snapshot, stream, peer).await,
-                }
-            });
+            let span = tracing::debug_span!("flow", listener = %plan.spec.name, src = %peer);
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let _permit = permit;
+                    let _active = ActiveGuard::new(&shared);
+                    let snapshot = shared.snapshot.load_full();
+                    match plan.spec.kind {
+                        ListenerKind::HttpProxy => http_proxy::serve(plan, shared, snapshot, stream, peer).await,
+                        _ => peek::serve(plan, shared, snapshot, stream, peer).await,
+                    }
+                },
+                span,
+            ));
         }
     })
 }
