@@ -166,6 +166,7 @@ pub fn spawn(
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let limit = ConnLimit::new(plan.spec.max_connections);
+    let bound = listener.local_addr().ok();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -192,7 +193,7 @@ pub fn spawn(
                     let snapshot = shared.snapshot.load_full();
                     match plan.spec.kind {
                         ListenerKind::HttpProxy => http_proxy::serve(plan, shared, snapshot, stream, peer).await,
-                        _ => peek::serve(plan, shared, snapshot, stream, peer).await,
+                        _ => peek::serve(plan, shared, snapshot, stream, peer, bound).await,
                     }
                 },
                 span,

@@ -121,12 +121,29 @@ pub fn from_http(ctx: &mut FlowContext, head: &RequestHead) {
     }
 }
 
+/// The destination a redirected client was going to: `SO_ORIGINAL_DST`
+/// after iptables `REDIRECT`; after `TPROXY` (no NAT) the accepted socket's
+/// own local address. A connection made straight to the listener has
+/// neither.
+fn original_destination(client: &TcpStream, bound: Option<SocketAddr>) -> Option<SocketAddr> {
+    let local = client.local_addr().ok();
+    if let Ok(a) = crate::sys::original_dst(client)
+        && Some(a) != local
+    {
+        return Some(a);
+    }
+    let local = local?;
+    let direct = bound.is_some_and(|b| b.port() == local.port() && (b.ip().is_unspecified() || b.ip() == local.ip()));
+    (!direct).then_some(local)
+}
+
 pub async fn serve(
     plan: Arc<ListenerPlan>,
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
     mut client: TcpStream,
     peer: SocketAddr,
+    bound: Option<SocketAddr>,
 ) {
     let accepted = Instant::now();
     let _ = client.set_nodelay(true);
@@ -136,14 +153,12 @@ pub async fn serve(
     let needs_original =
         kind == ListenerKind::Transparent || (kind == ListenerKind::Tcp && plan.spec.upstream.is_none());
     if needs_original {
-        match crate::sys::original_dst(&client) {
-            // A connection straight to the listener (not redirected) reports
-            // the listener's own address: there is no destination.
-            Ok(a) if Some(a) != client.local_addr().ok() => {
+        match original_destination(&client, bound) {
+            Some(a) => {
                 ctx.original_dst = Some(a);
                 ctx.port = a.port();
             }
-            _ => {
+            None => {
                 ctx.decision = Some(Decision::deny("no-original-destination", Enforcement::Enforced));
                 let rec = flow::denied_record(&ctx);
                 flow::finish(&shared, None, &ctx, rec, accepted);
