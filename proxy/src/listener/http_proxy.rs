@@ -415,6 +415,25 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Removes hop-by-hop headers: the fixed list, and every header the
+/// `Connection` header names (RFC 9110 §7.6.1: `Connection: x-hop` makes
+/// `x-hop` meant for this hop only, so it must not be forwarded).
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    let named: Vec<hyper::header::HeaderName> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| hyper::header::HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for h in named {
+        headers.remove(h);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(*h);
+    }
+}
+
 struct ConnState {
     plan: Arc<ListenerPlan>,
     shared: Arc<Shared>,
@@ -702,9 +721,7 @@ impl ConnState {
                     .unwrap_or_else(|_| hyper::Uri::from_static("/"))
             },
         );
-        for h in HOP_BY_HOP {
-            parts.headers.remove(*h);
-        }
+        strip_hop_by_hop(&mut parts.headers);
         let out = Request::from_parts(
             parts,
             Counted {
@@ -716,9 +733,7 @@ impl ConnState {
         match sender.send_request(out).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
-                for h in HOP_BY_HOP {
-                    parts.headers.remove(*h);
-                }
+                strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(
                     parts,
                     Counted {
