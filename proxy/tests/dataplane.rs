@@ -14,7 +14,7 @@ use common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const MIB: usize = 1 << 20;
@@ -653,5 +653,377 @@ policy:
         echo_round_trip(tls, b"third").await;
         sluice.stop().await;
     })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// Edges of the behaviours above.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_with_pipelined_hello_replays_only_the_hello() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let hello = vector("curl-7.88-openssl-3.0-alpn-h2.bin");
+        let target = format!("curl.example.test:{}", up.addr.port());
+        // The client does not wait for the 200 before its ClientHello.
+        let mut s = TcpStream::connect(sluice.addr("proxy")).await.unwrap();
+        let mut first = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").into_bytes();
+        first.extend_from_slice(&hello);
+        s.write_all(&first).await.unwrap();
+        let resp = read_head(&mut s).await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        s.shutdown().await.unwrap();
+        let got = up.next_received().await;
+        assert!(
+            got == hello,
+            "the upstream must see the hello and nothing of the CONNECT request"
+        );
+        let mut answer = Vec::new();
+        within("the upstream's answer", s.read_to_end(&mut answer))
+            .await
+            .unwrap();
+        assert_eq!(answer, format!("got {}", hello.len()).as_bytes(), "half-close relayed");
+        let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
+        assert_eq!(action(&r), "allow", "{r}");
+        assert_eq!(field(&r, "sni"), "curl.example.test", "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_sni_differing_only_in_case_and_trailing_dot_is_no_mismatch() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let hello = vector("openssl-3.0-s_client-mixed-case-sni.bin"); // SNI Mixed-Case.Example.TEST
+        let target = format!("mixed-case.example.test.:{}", up.addr.port());
+        let (mut s, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        s.write_all(&hello).await.unwrap();
+        s.shutdown().await.unwrap();
+        assert!(up.next_received().await == hello);
+        let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
+        assert_eq!(action(&r), "allow", "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_hello_without_sni_is_decided_by_the_target() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let hello = vector("openssl-3.0-s_client-no-sni.bin");
+        let target = format!("allowed.test:{}", up.addr.port());
+        let (mut s, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        s.write_all(&hello).await.unwrap();
+        s.shutdown().await.unwrap();
+        assert!(up.next_received().await == hello);
+        let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
+        assert_eq!(action(&r), "allow", "{r}");
+        assert_eq!(rule(&r), "allow-good", "{r}");
+        assert!(r.get("sni").is_none(), "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_tunnel_plain_http_is_checked_against_the_target() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let target = format!("allowed.test:{}", up.addr.port());
+
+        let (mut s, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n").await.unwrap();
+        assert_eq!(wait_closed(&mut s).await, 0);
+        let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(reason(&r), "host-mismatch", "{r}");
+        assert_eq!(up.accepts(), 0);
+
+        let request = format!("GET / HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        let (mut s, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        s.write_all(request.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(up.next_received().await, request.as_bytes());
+        let r = sluice
+            .wait_record(|r| field(r, "connect_target") == target && action(r) == "allow")
+            .await;
+        assert_eq!(field(&r, "host"), target, "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_ech_hello_denied_by_http_proxy_default() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let target = format!("ech-grease.example.test:{}", up.addr.port());
+        let (mut s, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        s.write_all(&vector("rustls-0.23-ech-grease-stub-hpke.bin"))
+            .await
+            .unwrap();
+        assert_eq!(wait_closed(&mut s).await, 0);
+        let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(reason(&r), "ech-present", "{r}");
+        assert_eq!(up.accepts(), 0);
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_mode_records_sni_mismatch_and_forwards() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&format!(
+            "listeners:
+  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}}
+policy:
+  mode: watch
+  rules:
+{STD_RULES}"
+        ))
+        .await;
+        // Both names are allowed, so only the mismatch would deny. (With a
+        // denied SNI the record carries the policy's would-deny instead.)
+        let target = format!("allowed.test:{}", up.addr.port());
+        let hello = vector("curl-7.88-openssl-3.0-alpn-h2.bin"); // SNI curl.example.test
+        let (mut s, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        s.write_all(&hello).await.unwrap();
+        s.shutdown().await.unwrap();
+        assert!(up.next_received().await == hello, "watch mode forwards");
+        let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(r["verdict"]["mode"], "watched", "{r}");
+        assert_eq!(reason(&r), "sni-mismatch", "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_to_a_closed_port_closes_the_tunnel_with_the_connect_error() {
+    bounded(async {
+        // A port nothing listens on: bind, note, close.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let sluice = Sluice::start(&proxy_config()).await;
+        let target = format!("allowed.test:{port}");
+        let (mut s, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        s.write_all(&vector("openssl-3.0-s_client-no-sni.bin")).await.unwrap();
+        assert_eq!(wait_closed(&mut s).await, 0);
+        let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
+        assert_eq!(action(&r), "allow", "the verdict stays the policy's: {r}");
+        assert_eq!(field(&r, "close_reason"), "connect-refused", "{r}");
+
+        let host = format!("allowed.test:{port}");
+        let mut client = http_client(sluice.addr("proxy")).await;
+        let (parts, body) = send(&mut client, get(&format!("http://{host}/"), &host)).await;
+        assert_eq!(parts.status, StatusCode::BAD_GATEWAY, "{body}");
+        let r = sluice
+            .wait_record(|r| field(r, "connect_target") == host && field(r, "host") == host)
+            .await;
+        assert_eq!(field(&r, "close_reason"), "connect-refused", "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_strips_proxy_credentials_and_hop_by_hop_headers() {
+    bounded(async {
+        let up = HttpUpstream::start().await;
+        let sluice = Sluice::start(&format!(
+            "smartgroups:
+  - {{name: devs, cidrs: [10.99.0.0/24]}}
+listeners:
+  - name: proxy
+    kind: http-proxy
+    address: \"127.0.0.1:0\"
+    users: [{{name: alice, password: s3cret, smartgroup: devs}}]
+policy:
+  rules:
+{STD_RULES}"
+        ))
+        .await;
+        let host = format!("allowed.test:{}", up.addr.port());
+        let mut client = http_client(sluice.addr("proxy")).await;
+
+        let (parts, body) = send(&mut client, get(&format!("http://{host}/"), &host)).await;
+        assert_eq!(parts.status, StatusCode::PROXY_AUTHENTICATION_REQUIRED, "{body}");
+        assert!(parts.headers.contains_key("proxy-authenticate"));
+
+        use base64::Engine as _;
+        let creds = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+        let req = Request::get(format!("http://{host}/"))
+            .header(hyper::header::HOST, &host)
+            .header("proxy-authorization", format!("Basic {creds}"))
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "for the proxy only")
+            .header("x-end", "for the origin")
+            .body(Empty::new())
+            .unwrap();
+        let (parts, body) = send(&mut client, req).await;
+        assert_eq!(parts.status, StatusCode::OK, "{body}");
+        let seen = parts.headers["x-upstream-headers"].to_str().unwrap().to_owned();
+        let seen: Vec<&str> = seen.split(',').collect();
+        assert!(seen.contains(&"x-end"), "{seen:?}");
+        assert!(
+            !seen.contains(&"proxy-authorization"),
+            "credentials leaked upstream: {seen:?}"
+        );
+        assert!(!seen.contains(&"connection"), "{seen:?}");
+        assert!(
+            !seen.contains(&"x-hop"),
+            "a header named in Connection is hop-by-hop (RFC 9110 7.6.1): {seen:?}"
+        );
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_post_body_is_forwarded_and_counted() {
+    bounded(async {
+        let up = HttpUpstream::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let host = format!("allowed.test:{}", up.addr.port());
+        let stream = TcpStream::connect(sluice.addr("proxy")).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let data = payload(256 * 1024);
+        let req = Request::post(format!("http://{host}/upload"))
+            .header(hyper::header::HOST, &host)
+            .body(http_body_util::Full::new(Bytes::from(data.clone())))
+            .unwrap();
+        let resp = within("a response", sender.send_request(req)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-upstream-body-len"], data.len().to_string().as_str());
+        let _ = resp.into_body().collect().await.unwrap();
+        let r = sluice.wait_record(|r| field(r, "host") == host).await;
+        assert!(r["bytes_up"].as_u64().unwrap() >= data.len() as u64, "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_refusals_for_bad_requests() {
+    bounded(async {
+        let up = HttpUpstream::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let host = format!("allowed.test:{}", up.addr.port());
+        // The first request of a connection is refused by the classifier
+        // itself, which then closes the connection.
+        let mut client = http_client(sluice.addr("proxy")).await;
+        let (parts, body) = send(&mut client, get(&format!("http://{host}/"), "evil.test")).await;
+        assert_eq!(parts.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(parts.headers["x-sluice-reason"], "http-conflicting-host");
+
+        // Later requests on a kept-alive connection are refused one by one.
+        let mut client = http_client(sluice.addr("proxy")).await;
+        let (parts, body) = send(&mut client, get(&format!("http://{host}/ok"), &host)).await;
+        assert_eq!(parts.status, StatusCode::OK, "{body}");
+
+        let (parts, body) = send(&mut client, get(&format!("http://{host}/"), "evil.test")).await;
+        assert_eq!(parts.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(parts.headers["x-sluice-reason"], "http-conflicting-host");
+
+        let (parts, body) = send(&mut client, get("http://2130706433/", "2130706433")).await;
+        assert_eq!(parts.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(parts.headers["x-sluice-reason"], "http-bad-host");
+
+        let req = Request::connect(host.as_str())
+            .header(hyper::header::HOST, &host)
+            .body(Empty::new())
+            .unwrap();
+        let (parts, body) = send(&mut client, req).await;
+        assert_eq!(parts.status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+        assert_eq!(parts.headers["x-sluice-reason"], "connect-not-first");
+        assert_eq!(up.accepts(), 1, "only the allowed request was forwarded");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_numeric_ip_spellings_do_not_evade_the_guard() {
+    bounded(async {
+        let up = RawSink::start().await;
+        // Everything allowed by rule, but the guard (gateway, loopback) stands.
+        let sluice = Sluice::start(
+            "listeners:
+  - {name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}
+policy:
+  rules:
+    - {name: anything, action: allow}
+",
+        )
+        .await;
+        let port = up.addr.port();
+        for host in ["2130706433", "0x7f.1", "0177.0.0.1", "127.1", "[::ffff:127.0.0.1]"] {
+            let target = format!("{host}:{port}");
+            let (mut s, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
+            if resp.status == 200 {
+                // Read as an address: the guard must screen it.
+                s.write_all(&vector("openssl-3.0-s_client-no-sni.bin")).await.unwrap();
+                assert_eq!(wait_closed(&mut s).await, 0);
+                let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
+                assert_eq!(action(&r), "deny", "{target}: {r}");
+                assert!(reason(&r).starts_with("guard-"), "{target}: {r}");
+            } else if resp.status == 403 {
+                // Read as the address it is, and guarded at once.
+                assert!(
+                    resp.header("x-sluice-reason").is_some_and(|r| r.starts_with("guard-")),
+                    "{target}: {resp:?}"
+                );
+            } else {
+                // Refused as ambiguous before any decision.
+                assert_eq!(resp.status, 400, "{target}: {resp:?}");
+                assert_eq!(
+                    resp.header("x-sluice-reason"),
+                    Some("http-bad-host"),
+                    "{target}: {resp:?}"
+                );
+            }
+        }
+        assert_eq!(up.accepts(), 0, "a numeric spelling reached 127.0.0.1");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sni_listener_hello_without_sni_is_refused() {
+    bounded(sni_refuses(&vector("openssl-3.0-s_client-no-sni.bin"), "no-sni")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sni_listener_refuses_oversized_hello_declaration() {
+    bounded(sni_refuses(
+        &vector("error-declared-64k-oversized.bin"),
+        "tls-oversized",
+    ))
     .await;
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -60,9 +60,10 @@ resolver:
     denied.test: [127.0.0.1]
     metadata.test: [169.254.169.254]
     curl.example.test: [127.0.0.1]
+    mixed-case.example.test: [127.0.0.1]
     ech-grease.example.test: [127.0.0.1]
 webgroups:
-  - {{name: good, domains: [allowed.test, metadata.test, curl.example.test, ech-grease.example.test]}}
+  - {{name: good, domains: [allowed.test, metadata.test, curl.example.test, ech-grease.example.test, mixed-case.example.test]}}
   - {{name: bad, domains: [denied.test, evil.test]}}
 "#,
         audit = audit.display()
@@ -283,8 +284,8 @@ impl TlsEcho {
     }
 }
 
-/// A TCP server that records everything each connection sends until EOF
-/// and reports it on a channel.
+/// A TCP server that records everything each connection sends until EOF,
+/// reports it on a channel, then answers `got N` and closes.
 pub struct RawSink {
     pub addr: SocketAddr,
     pub accepts: Arc<AtomicUsize>,
@@ -305,6 +306,10 @@ impl RawSink {
                 tokio::spawn(async move {
                     let mut got = Vec::new();
                     let _ = stream.read_to_end(&mut got).await;
+                    // Answer after the client's half-close, to show it was
+                    // relayed as a half-close and not a full one.
+                    let _ = stream.write_all(format!("got {}", got.len()).as_bytes()).await;
+                    let _ = stream.shutdown().await;
                     let _ = tx.send(got);
                 });
             }
@@ -329,7 +334,9 @@ impl RawSink {
     }
 }
 
-/// A plain HTTP/1.1 server answering `upstream saw METHOD TARGET host=HOST`.
+/// A plain HTTP/1.1 server answering `upstream saw METHOD TARGET host=HOST`,
+/// with the request's header names in `x-upstream-headers` and its body
+/// length in `x-upstream-body-len`.
 pub struct HttpUpstream {
     pub addr: SocketAddr,
     pub accepts: Arc<AtomicUsize>,
@@ -352,8 +359,14 @@ impl HttpUpstream {
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("-")
                             .to_owned();
-                        let body = format!("upstream saw {} {} host={host}", req.method(), req.uri());
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                        let names: Vec<String> = req.headers().keys().map(|k| k.as_str().to_owned()).collect();
+                        let text = format!("upstream saw {} {} host={host}", req.method(), req.uri());
+                        let received = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                        let mut resp = Response::new(Full::new(Bytes::from(text)));
+                        let h = resp.headers_mut();
+                        h.insert("x-upstream-headers", names.join(",").parse().unwrap());
+                        h.insert("x-upstream-body-len", received.into());
+                        Ok::<_, Infallible>(resp)
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
