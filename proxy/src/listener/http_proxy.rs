@@ -81,6 +81,7 @@ pub async fn serve(
             prefix: Bytes::from(buf),
             inner: client,
         };
+        let forced = shared.clone();
         let state = Arc::new(ConnState {
             plan,
             shared,
@@ -91,10 +92,16 @@ pub async fn serve(
             let state = state.clone();
             async move { Ok::<_, Infallible>(state.handle(req).await) }
         });
-        let _ = hyper::server::conn::http1::Builder::new()
+        let conn = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
-            .serve_connection(TokioIo::new(io), service)
-            .await;
+            .serve_connection(TokioIo::new(io), service);
+        // A kept-alive connection has no end of its own: when the drain
+        // time is over it is closed like a relayed flow, not left serving
+        // requests whose records could no longer be written.
+        tokio::select! {
+            _ = conn => {}
+            () = forced.forced() => {}
+        }
     }
 }
 
