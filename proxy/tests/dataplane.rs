@@ -1027,3 +1027,172 @@ async fn sni_listener_refuses_oversized_hello_declaration() {
     ))
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// Timeouts, draining, and one record per flow.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_flow_leaves_exactly_one_record() {
+    bounded(async {
+        let tls_up = TlsEcho::start().await;
+        let http_up = HttpUpstream::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let proxy = sluice.addr("proxy");
+
+        // 1: allowed tunnel. 2: 403 tunnel. 3: sni-mismatch. 4-6: three
+        // requests on one kept-alive connection (allowed, denied, allowed).
+        let (stream, _) = connect_via(proxy, &format!("allowed.test:{}", tls_up.addr.port()), "").await;
+        let tls = up_connect(&tls_up, "allowed.test", stream).await;
+        echo_round_trip(tls, b"one").await;
+        let (_s, resp) = connect_via(proxy, "denied.test:443", "").await;
+        assert_eq!(resp.status, 403);
+        let (stream, _) = connect_via(proxy, &format!("allowed.test:{}", tls_up.addr.port()), "").await;
+        assert!(tls_up.pki.connect("evil.test", stream).await.is_err());
+        let host = format!("allowed.test:{}", http_up.addr.port());
+        let mut client = http_client(proxy).await;
+        for (uri, h, want) in [
+            (format!("http://{host}/a"), host.clone(), StatusCode::OK),
+            (
+                "http://denied.test/".to_owned(),
+                "denied.test".to_owned(),
+                StatusCode::FORBIDDEN,
+            ),
+            (format!("http://{host}/b"), host.clone(), StatusCode::OK),
+        ] {
+            let (parts, body) = send(&mut client, get(&uri, &h)).await;
+            assert_eq!(parts.status, want, "{body}");
+        }
+        drop(client);
+        sluice.wait_records(6, |_| true).await;
+
+        let records = sluice.stop_and_records(Duration::from_millis(200)).await;
+        let mut ids: Vec<u64> = records.iter().map(|r| r["flow_id"].as_u64().unwrap()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(
+            (records.len(), ids.len()),
+            (6, 6),
+            "six flows, six records, distinct ids:\n{}",
+            records.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+        );
+    })
+    .await;
+}
+
+async fn up_connect(up: &TlsEcho, sni: &str, stream: TcpStream) -> tokio_rustls::client::TlsStream<TcpStream> {
+    within("the TLS handshake", up.pki.connect(sni, stream))
+        .await
+        .expect("TLS handshake through Sluice")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_tunnel_closes_at_idle_timeout() {
+    bounded(async {
+        let up = TlsEcho::start().await;
+        let sluice = Sluice::start(&format!(
+            "listeners:
+  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\", idle_timeout: 300ms}}
+policy:
+  rules:
+{STD_RULES}"
+        ))
+        .await;
+        let target = format!("allowed.test:{}", up.addr.port());
+        let (stream, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
+        assert_eq!(resp.status, 200);
+        let mut tls = up_connect(&up, "allowed.test", stream).await;
+        // Say nothing more: Sluice closes the idle flow.
+        wait_closed(&mut tls).await;
+        let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
+        assert_eq!(action(&r), "allow", "{r}");
+        assert_eq!(field(&r, "close_reason"), "idle-timeout", "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_clients_time_out_on_every_listener_kind() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&format!(
+            "listeners:
+  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: {}, peek_timeout: 300ms}}
+  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\", peek_timeout: 300ms}}
+policy:
+  rules:
+{STD_RULES}",
+            up.addr.port()
+        ))
+        .await;
+        for listener in ["sni", "proxy"] {
+            let mut s = TcpStream::connect(sluice.addr(listener)).await.unwrap();
+            assert_eq!(
+                wait_closed(&mut s).await,
+                0,
+                "{listener}: nothing is sent to a silent client"
+            );
+            let r = sluice.wait_record(|r| field(r, "listener") == listener).await;
+            assert_eq!(action(&r), "deny", "{r}");
+            assert_eq!(reason(&r), "peek-timeout", "{r}");
+        }
+        assert_eq!(up.accepts(), 0);
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_closes_a_tunnel_that_outlives_the_drain_and_records_it() {
+    bounded(async {
+        let up = TlsEcho::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let proxy = sluice.addr("proxy");
+        let target = format!("allowed.test:{}", up.addr.port());
+        let (stream, _) = connect_via(proxy, &target, "").await;
+        let mut tls = up_connect(&up, "allowed.test", stream).await;
+        tls.write_all(b"before shutdown").await.unwrap();
+        let mut echo = [0u8; 15];
+        tls.read_exact(&mut echo).await.unwrap();
+
+        let records = sluice.stop_and_records(Duration::from_millis(100)).await;
+        wait_closed(&mut tls).await;
+        let r = records
+            .iter()
+            .find(|r| field(r, "connect_target") == target)
+            .unwrap_or_else(|| panic!("the cut flow's record was not flushed: {records:?}"));
+        assert_eq!(field(r, "close_reason"), "cancelled", "{r}");
+        assert!(
+            TcpStream::connect(proxy).await.is_err(),
+            "the listener must be closed after shutdown"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_closes_kept_alive_plain_http_connections() {
+    bounded(async {
+        let up = HttpUpstream::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let host = format!("allowed.test:{}", up.addr.port());
+        let mut client = http_client(sluice.addr("proxy")).await;
+        let (parts, _) = send(&mut client, get(&format!("http://{host}/before"), &host)).await;
+        assert_eq!(parts.status, StatusCode::OK);
+
+        sluice.stop_and_records(Duration::from_millis(100)).await;
+        // The proxy is gone: the kept-alive connection must not still be
+        // served (its records would go nowhere).
+        let served = match within("the sender", client.ready()).await {
+            Ok(()) => within(
+                "a response",
+                client.send_request(get(&format!("http://{host}/after"), &host)),
+            )
+            .await
+            .is_ok(),
+            Err(_) => false,
+        };
+        assert!(!served, "a request was served after shutdown");
+    })
+    .await;
+}

@@ -119,7 +119,11 @@ impl Sluice {
 
     /// Every audit record written so far.
     pub fn records(&self) -> Vec<Value> {
-        let Ok(text) = std::fs::read_to_string(&self.audit) else {
+        Self::read_records(&self.audit)
+    }
+
+    fn read_records(audit: &Path) -> Vec<Value> {
+        let Ok(text) = std::fs::read_to_string(audit) else {
             return Vec::new();
         };
         text.lines()
@@ -156,6 +160,16 @@ impl Sluice {
     /// Waits for the one record matching `pred`.
     pub async fn wait_record(&self, pred: impl Fn(&Value) -> bool) -> Value {
         self.wait_records(1, pred).await.remove(0)
+    }
+
+    /// Stops Sluice (the audit log flushed) and returns every record it
+    /// wrote, for "exactly one record per flow" checks.
+    pub async fn stop_and_records(self, drain: Duration) -> Vec<Value> {
+        let Self { server, audit, dir } = self;
+        server.shutdown(drain).await;
+        let records = Self::read_records(&audit);
+        let _ = std::fs::remove_dir_all(&dir);
+        records
     }
 
     /// Stops Sluice (flushing the audit log) and removes its files.
