@@ -1196,3 +1196,109 @@ async fn shutdown_closes_kept_alive_plain_http_connections() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// transparent and tcp listeners, as far as they go without iptables.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transparent_listener_refuses_a_connection_that_was_not_redirected() {
+    bounded(async {
+        let sluice = Sluice::start(&format!(
+            "listeners:
+  - {{name: tp, kind: transparent, address: \"127.0.0.1:0\"}}
+policy:
+  rules:
+{STD_RULES}"
+        ))
+        .await;
+        let mut s = TcpStream::connect(sluice.addr("tp")).await.unwrap();
+        s.write_all(&vector("curl-7.88-openssl-3.0-alpn-h2.bin")).await.unwrap();
+        assert_eq!(wait_closed(&mut s).await, 0);
+        let r = sluice.wait_record(|r| field(r, "listener") == "tp").await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(reason(&r), "no-original-destination", "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+/// A `tcp` listener with a static `upstream` and one allow rule.
+async fn tcp_static(upstream: &str, rule: &str) -> Sluice {
+    Sluice::start(&format!(
+        "listeners:
+  - {{name: east-west, kind: tcp, address: \"127.0.0.1:0\", upstream: \"{upstream}\"}}
+policy:
+  rules:
+    - {rule}
+"
+    ))
+    .await
+}
+
+async fn tcp_forwards(sluice: &Sluice, up: &RawSink) -> serde_json::Value {
+    let mut s = TcpStream::connect(sluice.addr("east-west")).await.unwrap();
+    s.write_all(b"\x00east-west bytes").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    let _ = within("the connection to end", s.read_to_end(&mut answer)).await;
+    let r = sluice.wait_record(|r| field(r, "listener") == "east-west").await;
+    assert_eq!(action(&r), "allow", "{r}");
+    assert_eq!(up.next_received().await, b"\x00east-west bytes");
+    assert_eq!(answer, b"got 16");
+    r
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "BUG (listener/peek.rs): a tcp listener with a static `upstream` is decided before its \
+            destination is known (no name, no address, port 0), so rules with `to:` or `ports:` never match: default-deny"]
+async fn tcp_listener_static_upstream_allowed_by_address_rule() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = tcp_static(
+            &up.addr.to_string(),
+            "{name: to-db, to: {smartgroups: [gateway, loopback]}, protocols: [tcp], action: allow}",
+        )
+        .await;
+        tcp_forwards(&sluice, &up).await;
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "BUG (listener/peek.rs): a tcp listener with a static `upstream` is decided before its \
+            destination is known (no name, no address, port 0), so rules with `to:` or `ports:` never match: default-deny"]
+async fn tcp_listener_static_upstream_allowed_by_port_rule() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = tcp_static(
+            &up.addr.to_string(),
+            &format!(
+                "{{name: to-db, to: {{smartgroups: [gateway, loopback]}}, protocols: [tcp], ports: [{}], action: allow}}",
+                up.addr.port()
+            ),
+        )
+        .await;
+        tcp_forwards(&sluice, &up).await;
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "BUG (listener/peek.rs): a tcp listener with a static `upstream` is decided before its \
+            destination is known (no name, no address, port 0), so rules with `to:` or `ports:` never match: default-deny"]
+async fn tcp_listener_static_upstream_by_name_allowed_by_webgroup_rule() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = tcp_static(
+            &format!("allowed.test:{}", up.addr.port()),
+            "{name: to-db, to: {webgroups: [good], smartgroups: [gateway, loopback]}, protocols: [tcp], action: allow}",
+        )
+        .await;
+        let r = tcp_forwards(&sluice, &up).await;
+        assert_eq!(rule(&r), "to-db", "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
