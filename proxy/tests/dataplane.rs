@@ -1302,3 +1302,104 @@ async fn tcp_listener_static_upstream_by_name_allowed_by_webgroup_rule() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// Fragmented and large hellos on the wire.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_head_and_hello_in_one_byte_segments_are_classified() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let target = format!("curl.example.test:{}", up.addr.port());
+        let hello = vector("curl-7.88-split-3-records.bin");
+        let mut s = TcpStream::connect(sluice.addr("proxy")).await.unwrap();
+        write_byte_by_byte(
+            &mut s,
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
+        )
+        .await;
+        let resp = read_head(&mut s).await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        write_byte_by_byte(&mut s, &hello).await;
+        s.shutdown().await.unwrap();
+        assert!(
+            up.next_received().await == hello,
+            "the upstream must see the exact hello"
+        );
+        let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
+        assert_eq!(action(&r), "allow", "{r}");
+        assert_eq!(field(&r, "sni"), "curl.example.test", "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sni_post_quantum_hellos_split_over_records_are_routed() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&format!(
+            "listeners:
+  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: {}, ech: allow}}
+policy:
+  rules:
+{STD_RULES}",
+            up.addr.port()
+        ))
+        .await;
+        for file in [
+            "rustls-pq-split-inside-handshake-header.bin",
+            "rustls-pq-split-5-records.bin",
+            "rustls-0.23-stub-x25519mlkem768-ech-grease.bin",
+        ] {
+            let hello = vector(file);
+            let mut s = TcpStream::connect(sluice.addr("sni")).await.unwrap();
+            write_byte_by_byte(&mut s, &hello).await;
+            s.shutdown().await.unwrap();
+            assert!(
+                up.next_received().await == hello,
+                "{file}: the upstream must see the exact hello"
+            );
+            let mut answer = Vec::new();
+            let _ = within("the flow to end", s.read_to_end(&mut answer)).await;
+        }
+        let records = sluice
+            .wait_records(3, |r| field(r, "sni") == "chrome-like.example.test")
+            .await;
+        for r in records {
+            assert_eq!(action(&r), "allow", "{r}");
+            assert_eq!(r["ech"], true, "{r}");
+        }
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_client_hello_refuses_a_larger_hello() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&format!(
+            "listeners:
+  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: {}, ech: allow, max_client_hello: 1024}}
+policy:
+  rules:
+{STD_RULES}",
+            up.addr.port()
+        ))
+        .await;
+        let mut s = TcpStream::connect(sluice.addr("sni")).await.unwrap();
+        s.write_all(&vector("rustls-0.23-stub-x25519mlkem768-ech-grease.bin"))
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(wait_closed(&mut s).await, 0);
+        let r = sluice.wait_record(|r| field(r, "listener") == "sni").await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(reason(&r), "tls-oversized", "{r}");
+        assert_eq!(up.accepts(), 0);
+        sluice.stop().await;
+    })
+    .await;
+}

@@ -61,9 +61,11 @@ resolver:
     metadata.test: [169.254.169.254]
     curl.example.test: [127.0.0.1]
     mixed-case.example.test: [127.0.0.1]
+    chrome-like.example.test: [127.0.0.1]
     ech-grease.example.test: [127.0.0.1]
 webgroups:
-  - {{name: good, domains: [allowed.test, metadata.test, curl.example.test, ech-grease.example.test, mixed-case.example.test]}}
+  - {{name: good, domains: [allowed.test, metadata.test, curl.example.test, ech-grease.example.test, mixed-case.example.test,
+      chrome-like.example.test]}}
   - {{name: bad, domains: [denied.test, evil.test]}}
 "#,
         audit = audit.display()
