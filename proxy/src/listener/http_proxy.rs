@@ -32,7 +32,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use sluice_api::{DomainName, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -82,6 +82,7 @@ pub async fn serve(
             inner: client,
         };
         let forced = shared.clone();
+        let idle = plan.spec.idle_timeout;
         let state = Arc::new(ConnState {
             plan,
             shared,
@@ -92,8 +93,13 @@ pub async fn serve(
             let state = state.clone();
             async move { Ok::<_, Infallible>(state.handle(req).await) }
         });
+        // Between requests nothing else ends a kept-alive connection: the
+        // listener's idle timeout bounds the wait for the next request head,
+        // so an idle client cannot hold a `max_connections` slot forever.
         let conn = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(idle)
             .serve_connection(TokioIo::new(io), service);
         // A kept-alive connection has no end of its own: when the drain
         // time is over it is closed like a relayed flow, not left serving
