@@ -1403,3 +1403,34 @@ policy:
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_kept_alive_plain_http_connection_closes_at_idle_timeout() {
+    bounded(async {
+        let up = HttpUpstream::start().await;
+        let sluice = Sluice::start(&format!(
+            "listeners:
+  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\", idle_timeout: 300ms, max_connections: 1}}
+policy:
+  rules:
+{STD_RULES}"
+        ))
+        .await;
+        let host = format!("allowed.test:{}", up.addr.port());
+        let stream = TcpStream::connect(sluice.addr("proxy")).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let (parts, _) = send(&mut sender, get(&format!("http://{host}/"), &host)).await;
+        assert_eq!(parts.status, StatusCode::OK);
+        // Idle from here on: the proxy must close the connection, or an idle
+        // client would hold a connection slot (here the only one) forever.
+        within("the idle connection to be closed", conn).await.unwrap().ok();
+        let mut client = http_client(sluice.addr("proxy")).await;
+        let (parts, _) = send(&mut client, get(&format!("http://{host}/next"), &host)).await;
+        assert_eq!(parts.status, StatusCode::OK, "the slot was freed");
+        sluice.stop().await;
+    })
+    .await;
+}
