@@ -1434,3 +1434,33 @@ policy:
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guard_screens_each_resolved_address_and_ipv4_mapped_spellings() {
+    bounded(async {
+        let up = TlsEcho::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+
+        // Two addresses, one guarded: only the other is dialled.
+        let target = format!("mixed.test:{}", up.addr.port());
+        let (stream, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        let tls = up_connect(&up, "mixed.test", stream).await;
+        echo_round_trip(tls, b"mixed").await;
+        let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
+        assert_eq!(action(&r), "allow", "{r}");
+        assert_eq!(field(&r, "dst"), up.addr.to_string(), "{r}");
+
+        // The metadata address written as IPv4-mapped IPv6 is still guarded.
+        let (stream, resp) = connect_via(sluice.addr("proxy"), "mapped.test:443", "").await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert!(up.pki.connect("mapped.test", stream).await.is_err());
+        let r = sluice
+            .wait_record(|r| field(r, "connect_target") == "mapped.test:443")
+            .await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(reason(&r), "guard-cloud-metadata", "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}

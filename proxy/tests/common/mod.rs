@@ -62,10 +62,12 @@ resolver:
     curl.example.test: [127.0.0.1]
     mixed-case.example.test: [127.0.0.1]
     chrome-like.example.test: [127.0.0.1]
+    mixed.test: [169.254.169.254, 127.0.0.1]
+    mapped.test: ["::ffff:169.254.169.254"]
     ech-grease.example.test: [127.0.0.1]
 webgroups:
   - {{name: good, domains: [allowed.test, metadata.test, curl.example.test, ech-grease.example.test, mixed-case.example.test,
-      chrome-like.example.test]}}
+      chrome-like.example.test, mixed.test, mapped.test]}}
   - {{name: bad, domains: [denied.test, evil.test]}}
 "#,
         audit = audit.display()
@@ -261,7 +263,14 @@ pub struct TlsEcho {
 }
 
 /// Names the test certificate covers.
-pub const CERT_NAMES: &[&str] = &["allowed.test", "evil.test", "denied.test", "metadata.test"];
+pub const CERT_NAMES: &[&str] = &[
+    "allowed.test",
+    "evil.test",
+    "denied.test",
+    "metadata.test",
+    "mixed.test",
+    "mapped.test",
+];
 
 impl TlsEcho {
     pub async fn start() -> Self {
