@@ -1464,3 +1464,41 @@ async fn guard_screens_each_resolved_address_and_ipv4_mapped_spellings() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_applies_to_new_flows_and_not_to_open_ones() {
+    bounded(async {
+        let up = TlsEcho::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let proxy = sluice.addr("proxy");
+        let target = format!("allowed.test:{}", up.addr.port());
+        let (stream, resp) = connect_via(proxy, &target, "").await;
+        assert_eq!(resp.status, 200);
+        let mut open = up_connect(&up, "allowed.test", stream).await;
+
+        // Same file, but allowed.test is now denied.
+        let yaml = format!(
+            "{}listeners:
+  - {{name: proxy, kind: http-proxy, address: \"{proxy}\"}}
+policy:
+  rules:
+    - {{name: now-denied, to: {{webgroups: [good]}}, action: deny}}
+{STD_RULES}",
+            base_config(&sluice.audit)
+        );
+        sluice
+            .server
+            .reload(sluice_api::config::load_str(&yaml, "reload.yaml").unwrap());
+
+        let (_s, resp) = connect_via(proxy, &target, "").await;
+        assert_eq!(resp.status, 403, "{resp:?}");
+        assert_eq!(resp.header("x-sluice-rule"), Some("now-denied"));
+        // The open flow keeps the configuration it started with.
+        open.write_all(b"still here").await.unwrap();
+        let mut back = [0u8; 10];
+        within("the echo", open.read_exact(&mut back)).await.unwrap();
+        assert_eq!(&back, b"still here");
+        sluice.stop().await;
+    })
+    .await;
+}
