@@ -83,12 +83,7 @@ pub async fn serve(
         };
         let forced = shared.clone();
         let idle = plan.spec.idle_timeout;
-        let state = Arc::new(ConnState {
-            plan,
-            shared,
-            snap,
-            peer,
-        });
+        let state = Arc::new(ConnState { plan, shared, peer });
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
             async move { Ok::<_, Infallible>(state.handle(req).await) }
@@ -447,10 +442,12 @@ fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
     }
 }
 
+/// What every request on one absolute-form connection shares. Not the
+/// configuration snapshot: each request is its own flow and takes the one
+/// in force when it arrives, so a reload reaches pooled connections too.
 struct ConnState {
     plan: Arc<ListenerPlan>,
     shared: Arc<Shared>,
-    snap: Arc<Snapshot>,
     peer: SocketAddr,
 }
 
@@ -517,12 +514,8 @@ where
 impl ConnState {
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let accepted = Instant::now();
-        let mut ctx = FlowContext::new(
-            self.shared.next_id(),
-            self.plan.label.clone(),
-            self.peer,
-            self.snap.clone(),
-        );
+        let snap = self.shared.snapshot.load_full();
+        let mut ctx = FlowContext::new(self.shared.next_id(), self.plan.label.clone(), self.peer, snap.clone());
         ctx.protocol = Protocol::Http;
         let deny_now = |ctx: &mut FlowContext, reason: &'static str, status: StatusCode, msg: &str| {
             ctx.decision = Some(Decision::deny(reason, Enforcement::Enforced));
@@ -533,7 +526,7 @@ impl ConnState {
         };
         match authenticate(
             &self.plan,
-            &self.snap,
+            &snap,
             req.headers()
                 .get(hyper::header::PROXY_AUTHORIZATION)
                 .map(|v| v.as_bytes()),
@@ -697,8 +690,7 @@ impl ConnState {
                 return resp;
             }
         };
-        rec.dst_groups = self
-            .snap
+        rec.dst_groups = snap
             .policy
             .smartgroups_of(rec.dst.map_or(self.peer.ip(), |d| d.ip()))
             .into_iter()
