@@ -1502,3 +1502,38 @@ policy:
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_applies_to_the_next_request_on_a_kept_alive_connection() {
+    bounded(async {
+        let up = HttpUpstream::start().await;
+        let sluice = Sluice::start(&proxy_config()).await;
+        let proxy = sluice.addr("proxy");
+        let host = format!("allowed.test:{}", up.addr.port());
+        let mut client = http_client(proxy).await;
+        let (parts, _) = send(&mut client, get(&format!("http://{host}/before"), &host)).await;
+        assert_eq!(parts.status, StatusCode::OK);
+
+        let yaml = format!(
+            "{}listeners:
+  - {{name: proxy, kind: http-proxy, address: \"{proxy}\"}}
+policy:
+  rules:
+    - {{name: now-denied, to: {{webgroups: [good]}}, action: deny}}
+{STD_RULES}",
+            base_config(&sluice.audit)
+        );
+        sluice
+            .server
+            .reload(sluice_api::config::load_str(&yaml, "reload.yaml").unwrap());
+
+        // Each request is its own flow, decided by the policy in force when
+        // it arrives — a pooled client connection must not keep a revoked
+        // permission.
+        let (parts, body) = send(&mut client, get(&format!("http://{host}/after"), &host)).await;
+        assert_eq!(parts.status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(parts.headers["x-sluice-rule"], "now-denied");
+        sluice.stop().await;
+    })
+    .await;
+}
