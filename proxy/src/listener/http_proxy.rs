@@ -234,6 +234,10 @@ async fn tunnel(
 ) {
     let mut ctx = FlowContext::new(shared.next_id(), plan.label.clone(), peer, snap.clone());
     ctx.protocol = Protocol::Tls;
+    // Named in the record even when refused before the target is decided on.
+    if let (Some(h), Some(p)) = (&head.host, head.port) {
+        ctx.connect_target = Some(format!("{h}:{p}"));
+    }
     let head_bytes = buf.get(..head.head_len).unwrap_or(&[]);
     match authenticate(&plan, &snap, header_in_head(head_bytes, "proxy-authorization")) {
         Ok(identity) => ctx.identity = identity,
@@ -517,6 +521,11 @@ impl ConnState {
         let snap = self.shared.snapshot.load_full();
         let mut ctx = FlowContext::new(self.shared.next_id(), self.plan.label.clone(), self.peer, snap.clone());
         ctx.protocol = Protocol::Http;
+        // Named in the record even when refused before the target is decided on.
+        ctx.connect_target = req
+            .uri()
+            .authority()
+            .map(|a| format!("{}:{}", a.host(), a.port_u16().unwrap_or(80)));
         let deny_now = |ctx: &mut FlowContext, reason: &'static str, status: StatusCode, msg: &str| {
             ctx.decision = Some(Decision::deny(reason, Enforcement::Enforced));
             let resp = text(status, ctx, msg);
