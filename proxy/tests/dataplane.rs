@@ -596,6 +596,13 @@ policy:
             })
             .await;
         assert_eq!(denied.len(), 3);
+        for r in &denied {
+            assert_eq!(
+                field(r, "connect_target"),
+                target,
+                "a refused flow still names its target: {r}"
+            );
+        }
         sluice.stop().await;
     })
     .await;
@@ -869,6 +876,12 @@ policy:
         let (parts, body) = send(&mut client, get(&format!("http://{host}/"), &host)).await;
         assert_eq!(parts.status, StatusCode::PROXY_AUTHENTICATION_REQUIRED, "{body}");
         assert!(parts.headers.contains_key("proxy-authenticate"));
+        let r = sluice.wait_record(|r| reason(r) == "proxy-auth-required").await;
+        assert_eq!(
+            field(&r, "connect_target"),
+            host,
+            "a refused request still names its target: {r}"
+        );
 
         use base64::Engine as _;
         let creds = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
