@@ -1550,3 +1550,42 @@ policy:
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_mode_records_ech_but_still_refuses_what_cannot_be_classified() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&format!(
+            "listeners:
+  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: {}}}
+policy:
+  mode: watch
+  rules:
+{STD_RULES}",
+            up.addr.port()
+        ))
+        .await;
+        let hello = vector("rustls-0.23-ech-grease-stub-hpke.bin");
+        let mut s = TcpStream::connect(sluice.addr("sni")).await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        s.shutdown().await.unwrap();
+        assert!(up.next_received().await == hello, "watched ECH is forwarded");
+        let r = sluice
+            .wait_record(|r| field(r, "sni") == "ech-grease.example.test")
+            .await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(r["verdict"]["mode"], "watched", "{r}");
+        assert_eq!(reason(&r), "ech-present", "{r}");
+
+        // Fail closed whatever the mode.
+        let mut s = TcpStream::connect(sluice.addr("sni")).await.unwrap();
+        s.write_all(b"SSH-2.0-OpenSSH_9.6\r\n").await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(wait_closed(&mut s).await, 0);
+        let r = sluice.wait_record(|r| reason(r) == "not-tls").await;
+        assert_eq!(r["verdict"]["mode"], "enforced", "{r}");
+        assert_eq!(up.accepts(), 1);
+        sluice.stop().await;
+    })
+    .await;
+}
