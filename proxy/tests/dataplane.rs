@@ -19,11 +19,11 @@ use tokio::net::TcpStream;
 
 const MIB: usize = 1 << 20;
 
-/// An explicit proxy with a short peek timeout and the standard rules.
+/// An explicit proxy with the standard rules.
 fn proxy_config() -> String {
     format!(
         "listeners:
-  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\", peek_timeout: 300ms}}
+  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}}
 policy:
   rules:
 {STD_RULES}"
@@ -281,7 +281,7 @@ async fn name_resolving_to_the_gateway_is_guarded_without_a_rule_naming_it() {
         // No rule names `gateway` or `loopback`: the SSRF guard stands.
         let sluice = Sluice::start(
             "listeners:
-  - {name: proxy, kind: http-proxy, address: \"127.0.0.1:0\", peek_timeout: 300ms}
+  - {name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}
 policy:
   rules:
     - {name: allow-good, to: {webgroups: [good]}, protocols: [tls, http], action: allow}
@@ -316,7 +316,7 @@ async fn watch_mode_lets_a_would_deny_flow_through_and_records_it() {
         let up = TlsEcho::start().await;
         let sluice = Sluice::start(&format!(
             "listeners:
-  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\", peek_timeout: 300ms}}
+  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}}
 policy:
   mode: watch
   rules:
@@ -347,7 +347,14 @@ policy:
 async fn silent_tunnel_closes_at_peek_timeout() {
     bounded(async {
         let up = TlsEcho::start().await;
-        let sluice = Sluice::start(&proxy_config()).await;
+        let sluice = Sluice::start(&format!(
+            "listeners:
+  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\", peek_timeout: 300ms}}
+policy:
+  rules:
+{STD_RULES}"
+        ))
+        .await;
         let target = format!("allowed.test:{}", up.addr.port());
         let (mut stream, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
         assert_eq!(resp.status, 200, "{resp:?}");
@@ -370,7 +377,7 @@ async fn silent_tunnel_closes_at_peek_timeout() {
 fn sni_config(upstream_port: u16, extra_listeners: &str) -> String {
     format!(
         "listeners:
-  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: {upstream_port}, peek_timeout: 2s}}
+  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: {upstream_port}}}
 {extra_listeners}policy:
   rules:
 {STD_RULES}"
