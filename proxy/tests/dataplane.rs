@@ -590,6 +590,11 @@ policy:
             .wait_record(|r| field(r, "connect_target") == target && action(r) == "allow")
             .await;
         assert_eq!(rule(&r), "devs-allowed", "{r}");
+        let groups = r["src_groups"].as_array().unwrap();
+        assert!(
+            groups.iter().any(|g| g == "devs"),
+            "the user's group is on the record: {r}"
+        );
         assert_eq!(up.accepts(), 1);
 
         // The same request without an identity is not allowed.
