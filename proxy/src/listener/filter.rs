@@ -162,6 +162,15 @@ impl FlowContext {
             .into_iter()
             .map(str::to_owned)
             .collect();
+        // An authenticated proxy user's group joins the source's groups for
+        // policy; the record must show it, or a rule `from: [that group]`
+        // deciding the flow is unexplained.
+        if let Some(id) = self.identity {
+            let g = self.snapshot.policy.smartgroup_name(id);
+            if !r.src_groups.iter().any(|s| s == g) {
+                r.src_groups.push(g.to_owned());
+            }
+        }
         r.original_dst = self.original_dst;
         r.connect_target.clone_from(&self.connect_target);
         r.sni.clone_from(&self.sni);
