@@ -479,8 +479,6 @@ async fn sni_listener_closes_non_tls_bytes_as_not_tls() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BUG (listener/peek.rs): an sni listener classifies a plain HTTP request and forwards it \
-            in clear text to upstream_port, routed by its Host header, instead of closing it as not-tls"]
 async fn sni_listener_closes_plain_http_as_not_tls() {
     bounded(sni_refuses(
         b"GET / HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n",
@@ -1274,8 +1272,6 @@ async fn tcp_forwards(sluice: &Sluice, up: &RawSink) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BUG (listener/peek.rs): a tcp listener with a static `upstream` is decided before its \
-            destination is known (no name, no address, port 0), so rules with `to:` or `ports:` never match: default-deny"]
 async fn tcp_listener_static_upstream_allowed_by_address_rule() {
     bounded(async {
         let up = RawSink::start().await;
@@ -1291,8 +1287,6 @@ async fn tcp_listener_static_upstream_allowed_by_address_rule() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BUG (listener/peek.rs): a tcp listener with a static `upstream` is decided before its \
-            destination is known (no name, no address, port 0), so rules with `to:` or `ports:` never match: default-deny"]
 async fn tcp_listener_static_upstream_allowed_by_port_rule() {
     bounded(async {
         let up = RawSink::start().await;
@@ -1311,8 +1305,6 @@ async fn tcp_listener_static_upstream_allowed_by_port_rule() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BUG (listener/peek.rs): a tcp listener with a static `upstream` is decided before its \
-            destination is known (no name, no address, port 0), so rules with `to:` or `ports:` never match: default-deny"]
 async fn tcp_listener_static_upstream_by_name_allowed_by_webgroup_rule() {
     bounded(async {
         let up = RawSink::start().await;

@@ -179,6 +179,12 @@ pub async fn serve(
                 from_hello(&mut ctx, &plan, h);
                 Transport::Tls
             }
+            // An sni listener passes TLS only: plain HTTP would cross in
+            // clear text to a port meant for TLS.
+            Peeked::Http(_) if kind == ListenerKind::Sni => {
+                deny(&mut ctx, Decision::deny("not-tls", Enforcement::Enforced));
+                Transport::RawBuffer
+            }
             Peeked::Http(head) => {
                 from_http(&mut ctx, &head);
                 Transport::RawBuffer
@@ -196,6 +202,20 @@ pub async fn serve(
             }
         }
     };
+    // A tcp listener with a fixed upstream is decided on that upstream: its
+    // port, and its name or address.
+    if kind == ListenerKind::Tcp
+        && let Some(Cluster::Static { host, port }) = plan.chains.first().map(|c| &c.cluster)
+    {
+        ctx.port = *port;
+        match crate::forward::parse_ip_lenient(host) {
+            Some(ip) => ctx.dst_ip = Some(ip),
+            None => match DomainName::parse(host) {
+                Ok(n) => ctx.name = Some(n),
+                Err(_) => deny(&mut ctx, Decision::deny("bad-upstream", Enforcement::Enforced)),
+            },
+        }
+    }
     if kind == ListenerKind::Sni {
         ctx.port = plan.spec.upstream_port;
         if ctx.name.is_none() && ctx.decision.is_none() {
