@@ -168,6 +168,8 @@ fn spawn_dns_audit(shared: Arc<Shared>, listener: String, mut rx: mpsc::Receiver
             );
             shared.audit.record(AuditRecord::Dns(Box::new(DnsQueryRecord {
                 kind: "dns",
+                time: humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(q.time_unix_ms))
+                    .to_string(),
                 listener: listener.clone(),
                 src_groups,
                 query: q,

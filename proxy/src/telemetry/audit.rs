@@ -403,6 +403,8 @@ pub enum AuditRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct DnsQueryRecord {
     pub kind: &'static str,
+    /// When the query arrived, RFC 3339 UTC with milliseconds (as flows).
+    pub time: String,
     pub listener: String,
     pub src_groups: Vec<String>,
     #[serde(flatten)]
