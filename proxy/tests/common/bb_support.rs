@@ -131,9 +131,9 @@ impl Proc {
 
     /// Sends `sig` (`TERM`, `HUP`, …) to this process only.
     pub fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
+        // The shell's builtin `kill`: no procps needed on a minimal image.
+        let st = Command::new("sh")
+            .args(["-c", &format!("kill -{sig} {}", self.pid())])
             .status()
             .unwrap();
         assert!(st.success(), "kill -{sig} {} ({}) failed", self.pid(), self.what);
@@ -198,9 +198,9 @@ impl Sluice {
     pub fn start(mut cmd: Command) -> Self {
         cmd.env("RUST_LOG", "info");
         let mut proc = Proc::spawn("sluice", cmd);
-        let admin_line = proc
-            .stderr
-            .wait_for(Duration::from_secs(20), |l| l.starts_with("sluice: admin API on http://"));
+        let admin_line = proc.stderr.wait_for(Duration::from_secs(20), |l| {
+            l.starts_with("sluice: admin API on http://")
+        });
         let Some(admin_line) = admin_line else {
             let st = proc.wait_exit(Duration::from_millis(100));
             panic!(
@@ -222,11 +222,7 @@ impl Sluice {
                 listeners.insert(name.to_owned(), addr.trim().parse().unwrap());
             }
         }
-        Self {
-            proc,
-            listeners,
-            admin,
-        }
+        Self { proc, listeners, admin }
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {
@@ -316,7 +312,11 @@ pub fn one_record<'a>(
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> &'a serde_json::Value {
     let m: Vec<_> = recs.iter().filter(|r| pred(r)).collect();
-    assert_eq!(m.len(), 1, "expected exactly one audit record for {what}, got {m:#?}\nall: {recs:#?}");
+    assert_eq!(
+        m.len(),
+        1,
+        "expected exactly one audit record for {what}, got {m:#?}\nall: {recs:#?}"
+    );
     m[0]
 }
 
@@ -378,7 +378,10 @@ impl Pki {
         }
     }
 
-    pub fn server_config(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Arc<rustls::ServerConfig> {
+    pub fn server_config(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Arc<rustls::ServerConfig> {
         Arc::new(
             rustls::ServerConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
