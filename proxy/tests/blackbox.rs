@@ -96,14 +96,16 @@ async fn tls_tunnel(proxy: SocketAddr, target: &str, pki: &Pki) -> tokio_rustls:
         .unwrap()
 }
 
-async fn echo(t: &mut tokio_rustls::client::TlsStream<TcpStream>, msg: &[u8]) {
-    t.write_all(msg).await.unwrap();
+async fn try_echo(t: &mut tokio_rustls::client::TlsStream<TcpStream>, msg: &[u8]) -> std::io::Result<()> {
+    t.write_all(msg).await?;
     let mut back = vec![0u8; msg.len()];
-    tokio::time::timeout(WAIT, t.read_exact(&mut back))
-        .await
-        .expect("echo timed out")
-        .unwrap();
+    tokio::time::timeout(WAIT, t.read_exact(&mut back)).await??;
     assert_eq!(back, msg);
+    Ok(())
+}
+
+async fn echo(t: &mut tokio_rustls::client::TlsStream<TcpStream>, msg: &[u8]) {
+    try_echo(t, msg).await.unwrap();
 }
 
 // 1. curl through the explicit proxy.
@@ -468,7 +470,14 @@ async fn drain_setup(tag: &str, drain: &str) -> DrainSetup {
     let mut tunnel = tokio::time::timeout(WAIT, tls_tunnel(sluice.addr("proxy"), &target, &pki))
         .await
         .expect("opening the tunnel timed out");
-    echo(&mut tunnel, b"before SIGTERM\n").await;
+    if let Err(e) = try_echo(&mut tunnel, b"before SIGTERM\n").await {
+        let st = sluice.proc.wait_exit(Duration::from_millis(100));
+        panic!(
+            "the tunnel failed before SIGTERM: {e} (sluice exit: {st:?})\naudit: {}\n{}",
+            std::fs::read_to_string(&audit).unwrap_or_default(),
+            sluice.proc.output()
+        );
+    }
     DrainSetup {
         _dir: dir,
         audit,
@@ -507,15 +516,18 @@ async fn sigterm_drains_an_open_tunnel() {
     let proxy = sluice.addr("proxy");
     let t0 = Instant::now();
     sluice.proc.signal("TERM");
-    assert!(
-        sluice
-            .proc
-            .stderr
-            .wait_for(WAIT, |l| l.starts_with("sluice: shutting down"))
-            .is_some(),
-        "{}",
-        sluice.proc.output()
-    );
+    if sluice
+        .proc
+        .stderr
+        .wait_for(WAIT, |l| l.starts_with("sluice: shutting down"))
+        .is_none()
+    {
+        let st = sluice.proc.wait_exit(Duration::from_millis(100));
+        panic!(
+            "no drain reported after SIGTERM (exit: {st:?})\n{}",
+            sluice.proc.output()
+        );
+    }
     assert_refuses_new_connections(proxy).await;
     echo(&mut tunnel, b"during the drain\n").await;
     tunnel.shutdown().await.unwrap();
@@ -540,7 +552,13 @@ async fn sigterm_drains_an_open_tunnel() {
     });
     assert_eq!(s(r, &["verdict", "action"]), Some("allow"), "{r}");
     assert_eq!(s(r, &["sni"]), Some("allowed.test"), "{r}");
-    assert_eq!(s(r, &["close_reason"]), Some("client-closed"), "{r}");
+    // The client closed and the echo upstream closed in turn; which end
+    // the relay saw last is a race. Either is an orderly end, not a forced
+    // one.
+    assert!(
+        matches!(s(r, &["close_reason"]), Some("client-closed" | "upstream-closed")),
+        "{r}"
+    );
     assert!(
         r["bytes_up"].as_u64().unwrap() > 0 && r["bytes_down"].as_u64().unwrap() > 0,
         "{r}"
