@@ -465,7 +465,7 @@ async fn drain_setup(tag: &str, drain: &str) -> DrainSetup {
     let up = Upstream::start(Some(pki.server.clone())).await;
     let audit = dir.join("audit.jsonl");
     let cfg = dir.write("sluice.yaml", &proxy_config(&audit, "enforce", true, drain));
-    let sluice = Sluice::run(&cfg);
+    let mut sluice = Sluice::run(&cfg);
     let target = format!("allowed.test:{}", up.addr.port());
     let mut tunnel = tokio::time::timeout(WAIT, tls_tunnel(sluice.addr("proxy"), &target, &pki))
         .await
