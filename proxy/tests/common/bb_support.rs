@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,9 +54,10 @@ impl Drop for TempDir {
     }
 }
 
-/// The lines a child writes to one of its pipes, collected by a thread.
+/// The lines a child writes to one of its pipes, collected by a thread;
+/// `closed` turns true at end of file.
 #[derive(Clone, Default)]
-pub struct Lines(Arc<(Mutex<Vec<String>>, Condvar)>);
+pub struct Lines(Arc<(Mutex<Vec<String>>, Condvar)>, Arc<AtomicBool>);
 
 impl Lines {
     fn collect(r: impl Read + Send + 'static) -> Self {
@@ -69,8 +70,27 @@ impl Lines {
                 m.lock().unwrap().push(line);
                 cv.notify_all();
             }
+            let _g = l.0.0.lock().unwrap();
+            l.1.store(true, Ordering::SeqCst);
+            l.0.1.notify_all();
         });
         lines
+    }
+
+    /// Waits until the writer closed the pipe (so every line is in),
+    /// up to `timeout`.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.0;
+        let mut g = m.lock().unwrap();
+        while !self.1.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+        true
     }
 
     /// The first line (already written or still to come) for which `pred`
@@ -148,6 +168,9 @@ impl Proc {
             }
             if let Some(s) = self.child.try_wait().unwrap() {
                 self.exited = Some(s);
+                // Let the reader threads take in the last lines.
+                self.stdout.wait_closed(Duration::from_secs(2));
+                self.stderr.wait_closed(Duration::from_secs(2));
                 return Some(s);
             }
             if Instant::now() >= deadline {
@@ -208,6 +231,16 @@ impl Sluice {
                 proc.output()
             );
         };
+        // `sluice run` installs its signal handlers only after printing
+        // `sluice: running …` (see the ignored BUG test
+        // `signal_right_after_startup_is_handled`); a signal before that
+        // kills it. Wait for that line and a little more before any test
+        // signals it.
+        let running = proc
+            .stderr
+            .wait_for(Duration::from_secs(5), |l| l.starts_with("sluice: running "));
+        assert!(running.is_some(), "no `sluice: running` line:\n{}", proc.output());
+        std::thread::sleep(Duration::from_millis(100));
         let admin = admin_line
             .trim_start_matches("sluice: admin API on http://")
             .trim()
