@@ -266,6 +266,205 @@ async fn curl_through_the_explicit_proxy() {
     assert_eq!(s(denied_http, &["verdict", "reason"]), Some("default-deny"));
 }
 
+// Absolute-form keep-alive: one proxy connection, each request decided on
+// its own host; and the metrics count what the audit log records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_requests_are_decided_one_by_one() {
+    let dir = TempDir::new("keepalive");
+    let http_up = Upstream::start(None).await;
+    let audit = dir.join("audit.jsonl");
+    let cfg = dir.write("sluice.yaml", &proxy_config(&audit, "enforce", true, "2s"));
+    let sluice = Sluice::run(&cfg);
+    let proxy = proxy_url(&sluice);
+    let hp = http_up.addr.port();
+    let out = curl(
+        &[],
+        &[
+            "--proxy",
+            &proxy,
+            "-w",
+            "%{http_code} %{num_connects}\n",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            &format!("http://allowed.test:{hp}/1"),
+            &format!("http://denied.test:{hp}/2"),
+            &format!("http://allowed.test:{hp}/3"),
+        ],
+    );
+    assert_eq!(out.stdout, "200 1\n403 0\n200 0\n", "{out:?}");
+    assert_eq!(http_up.hits(), 2);
+    let recs = audit_records(&audit, 3, WAIT);
+    assert_eq!(recs.len(), 3, "{recs:#?}");
+    let srcs: std::collections::BTreeSet<_> = recs.iter().map(|r| s(r, &["src"]).unwrap().to_owned()).collect();
+    assert_eq!(srcs.len(), 1, "one client connection: {recs:#?}");
+    let actions: Vec<_> = recs.iter().map(|r| s(r, &["verdict", "action"]).unwrap()).collect();
+    assert_eq!(actions.iter().filter(|a| **a == "allow").count(), 2, "{recs:#?}");
+    assert_eq!(actions.iter().filter(|a| **a == "deny").count(), 1, "{recs:#?}");
+
+    let metrics = curl(&[], &[&format!("http://{}/metrics", sluice.admin)]);
+    assert!(metrics.ok(), "{metrics:?}");
+    let count = |action: &str| -> u64 {
+        metrics
+            .stdout
+            .lines()
+            .filter(|l| {
+                l.starts_with("sluice_flows_total{")
+                    && l.contains("listener=\"proxy\"")
+                    && l.contains(&format!("action=\"{action}\""))
+            })
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum::<f64>() as u64
+    };
+    assert_eq!((count("allow"), count("deny")), (2, 1), "{}", metrics.stdout);
+}
+
+// Domain fronting through the explicit proxy: an allowed CONNECT target
+// carrying a ClientHello for another name is closed, as `sni-mismatch`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_with_another_sni_is_refused_as_fronting() {
+    let dir = TempDir::new("fronting");
+    let pki = Pki::new(&dir, &["allowed.test", "denied.test"]);
+    let tls_up = Upstream::start(Some(pki.server.clone())).await;
+    let audit = dir.join("audit.jsonl");
+    let cfg = dir.write("sluice.yaml", &proxy_config(&audit, "enforce", true, "2s"));
+    let sluice = Sluice::run(&cfg);
+    let proxy = proxy_url(&sluice);
+    let tp = tls_up.addr.port();
+    // curl sends `CONNECT allowed.test:TP` and then SNI denied.test.
+    let out = curl(
+        &[],
+        &[
+            "--proxy",
+            &proxy,
+            "--cacert",
+            pki.ca_pem.to_str().unwrap(),
+            "--connect-to",
+            &format!("denied.test:{tp}:allowed.test:{tp}"),
+            "-w",
+            "%{http_connect}",
+            &format!("https://denied.test:{tp}/"),
+        ],
+    );
+    assert!(!out.ok(), "a fronted flow got through: {out:?}");
+    assert_eq!(out.stdout, "200", "the CONNECT itself is allowed: {out:?}");
+    assert_eq!(tls_up.hits(), 0, "the fronted ClientHello reached the upstream");
+    let recs = audit_records(&audit, 1, WAIT);
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    let r = &recs[0];
+    assert_eq!(
+        s(r, &["connect_target"]),
+        Some(format!("allowed.test:{tp}").as_str()),
+        "{r}"
+    );
+    assert_eq!(s(r, &["sni"]), Some("denied.test"), "{r}");
+    assert_eq!(s(r, &["verdict", "action"]), Some("deny"), "{r}");
+    assert_eq!(s(r, &["verdict", "reason"]), Some("sni-mismatch"), "{r}");
+}
+
+// Proxy authentication: without or with wrong credentials, 407; a user's
+// SmartGroup is what the policy sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_basic_auth_maps_a_user_to_a_smartgroup() {
+    auth_scenario(false).await;
+}
+
+// The record of a flow allowed because of the user's SmartGroup must say
+// so: its `src_groups` should hold that group (the policy matched on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: with proxy Basic auth the audit record's src_groups omits the authenticated user's SmartGroup (and no field names the user), so a record shows rule `agents-to-test` (from: [agents]) allowing a source whose listed groups are only [loopback, gateway]"]
+async fn audit_records_the_proxy_users_smartgroup() {
+    auth_scenario(true).await;
+}
+
+async fn auth_scenario(check_src_groups: bool) {
+    let dir = TempDir::new("auth");
+    let pki = Pki::new(&dir, &["allowed.test"]);
+    let tls_up = Upstream::start(Some(pki.server.clone())).await;
+    let audit = dir.join("audit.jsonl");
+    let cfg = dir.write(
+        "sluice.yaml",
+        &format!(
+            "admin: {{address: \"127.0.0.1:0\"}}
+audit: {{destination: \"{}\"}}
+listeners:
+  - name: proxy
+    kind: http-proxy
+    address: \"127.0.0.1:0\"
+    users:
+      - {{name: alice, password: s3cret, smartgroup: agents}}
+      - {{name: bob, password: hunter2, smartgroup: others}}
+resolver:
+  hosts: {{allowed.test: [127.0.0.1]}}
+webgroups:
+  - {{name: test-sites, domains: [allowed.test]}}
+smartgroups:
+  - {{name: agents, cidrs: [192.0.2.10]}}
+  - {{name: others, cidrs: [192.0.2.11]}}
+policy:
+  rules:
+    - name: agents-to-test
+      from: [agents]
+      to: {{webgroups: [test-sites]}}
+      action: allow
+    - name: lift-loopback-guard
+      from: [others]
+      to: {{smartgroups: [gateway, loopback]}}
+      action: deny
+",
+            audit.display()
+        ),
+    );
+    let sluice = Sluice::run(&cfg);
+    let proxy = proxy_url(&sluice);
+    let ca = pki.ca_pem.to_str().unwrap();
+    let url = format!("https://allowed.test:{}/", tls_up.addr.port());
+    let code = |extra: &[&str]| {
+        let mut args = vec![
+            "--proxy",
+            &proxy,
+            "--cacert",
+            ca,
+            "-w",
+            "%{http_connect}",
+            "-o",
+            "/dev/null",
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        curl(&[], &args)
+    };
+    assert_eq!(code(&[]).stdout, "407");
+    assert_eq!(code(&["--proxy-user", "alice:wrong"]).stdout, "407");
+    let bob = code(&["--proxy-user", "bob:hunter2"]);
+    assert_eq!(bob.stdout, "403", "bob is not in `agents`: {bob:?}");
+    let alice = code(&["--proxy-user", "alice:s3cret"]);
+    assert!(alice.ok(), "{alice:?}\n{}", sluice.proc.output());
+    assert_eq!(alice.stdout, "200");
+    assert_eq!(tls_up.hits(), 1);
+    let recs = audit_records(&audit, 4, WAIT);
+    let reasons: Vec<_> = recs.iter().map(|r| s(r, &["verdict", "reason"]).unwrap()).collect();
+    assert_eq!(
+        reasons,
+        [
+            "proxy-auth-required",
+            "proxy-auth-required",
+            "default-deny",
+            "allowed-by-rule"
+        ],
+        "{recs:#?}"
+    );
+    assert_eq!(s(&recs[3], &["verdict", "rule"]), Some("agents-to-test"), "{}", recs[3]);
+    assert!(
+        !check_src_groups || recs[3]["src_groups"].as_array().unwrap().iter().any(|g| g == "agents"),
+        "the user's group is among the source groups: {}",
+        recs[3]
+    );
+}
+
 // The built-in guard: a name that resolves to 127.0.0.1 (a listener's own
 // address, so `gateway` before `loopback`) is refused when no rule names
 // those groups, even though a rule allows the name.
@@ -610,7 +809,15 @@ async fn assert_refuses_new_connections(proxy: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         match TcpStream::connect(proxy).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            // Reset: the connection landed in the closing listener's queue.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return;
+            }
             Err(e) => panic!("unexpected error connecting after SIGTERM: {e}"),
             Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
             Ok(_) => panic!("still accepting new connections 2 s after SIGTERM"),
