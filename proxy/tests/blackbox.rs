@@ -1080,9 +1080,13 @@ policy:
         run.arg("run").arg("-c").arg(&cfg);
         let sluice = Sluice::start(run);
         let port = sluice.port("transparent");
-        ns.sh(&format!(
-            "iptables -t nat -A OUTPUT -p tcp -d {VIP} --dport 443 -j REDIRECT --to-ports {port}"
-        ));
+        // Every TCP connection to ports 443 and 80 goes to Sluice, except
+        // to the upstream's own address (Sluice's dials go there).
+        for dport in [443, 80] {
+            ns.sh(&format!(
+                "iptables -t nat -A OUTPUT -p tcp ! -d {UPSTREAM_IP}/32 --dport {dport} -j REDIRECT --to-ports {port}"
+            ));
+        }
 
         let mut up = ns.exec(&std::env::current_exe().unwrap().to_string_lossy());
         up.args([
@@ -1092,7 +1096,7 @@ policy:
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(HELPER_ENV, format!("{UPSTREAM_IP}:443"))
+        .env(HELPER_ENV, UPSTREAM_IP)
         .env("SLUICE_BB_CERT", &pki.cert_pem)
         .env("SLUICE_BB_KEY", &pki.key_pem);
         let upstream = Proc::spawn("upstream helper", up);
@@ -1104,6 +1108,7 @@ policy:
             "the upstream helper did not start:\n{}",
             upstream.output()
         );
+        let hits = |kind: &str| upstream.stdout.count(|l| l.ends_with(&format!("bb-upstream: {kind}")));
 
         let wrap = ["ip", "netns", "exec", ns.0.as_str()];
         let ca = pki.ca_pem.to_str().unwrap();
@@ -1126,7 +1131,7 @@ policy:
             upstream.output()
         );
         assert_eq!(ok.stdout, UPSTREAM_BODY);
-        assert_eq!(upstream.stdout.count(|l| l.ends_with("bb-upstream: hit")), 1);
+        assert_eq!(hits("tls-hit"), 1);
 
         let denied = curl(
             &wrap,
@@ -1140,34 +1145,72 @@ policy:
         );
         assert!(!denied.ok(), "denied SNI got through: {denied:?}");
         assert_eq!(
-            upstream.stdout.count(|l| l.ends_with("bb-upstream: hit")),
+            hits("tls-hit"),
             1,
             "a denied SNI reached the upstream:\n{}",
             upstream.output()
         );
 
-        let recs = audit_records(&audit, 2, WAIT);
-        assert_eq!(recs.len(), 2, "{recs:#?}\n{}", sluice.proc.output());
-        let vip = format!("{VIP}:443");
+        // Plain HTTP on port 80, classified by its Host.
+        let http_ok = curl(
+            &wrap,
+            &["--resolve", &format!("allowed.test:80:{VIP}"), "http://allowed.test/"],
+        );
+        assert!(
+            http_ok.ok(),
+            "allowed Host through REDIRECT failed: {http_ok:?}\n{}",
+            sluice.proc.output()
+        );
+        assert_eq!(http_ok.stdout, UPSTREAM_BODY);
+        assert_eq!(hits("http-hit"), 1);
+        let http_denied = curl(
+            &wrap,
+            &["--resolve", &format!("denied.test:80:{VIP}"), "http://denied.test/"],
+        );
+        assert!(!http_denied.ok(), "denied Host got through: {http_denied:?}");
+        assert_eq!(hits("http-hit"), 1, "a denied Host reached the upstream");
+
+        // Straight to the listener, not redirected: no original destination.
+        let direct = curl(&wrap, &[&format!("http://127.0.0.1:{port}/")]);
+        assert!(!direct.ok(), "{direct:?}");
+
+        let recs = audit_records(&audit, 5, WAIT);
+        assert_eq!(recs.len(), 5, "{recs:#?}\n{}", sluice.proc.output());
+        for r in &recs {
+            assert_eq!(s(r, &["listener"]), Some("transparent"), "{r}");
+        }
         let a = one_record(&recs, "allowed SNI", |r| s(r, &["sni"]) == Some("allowed.test"));
-        assert_eq!(s(a, &["listener"]), Some("transparent"), "{a}");
-        assert_eq!(s(a, &["original_dst"]), Some(vip.as_str()), "{a}");
+        assert_eq!(s(a, &["original_dst"]), Some(format!("{VIP}:443").as_str()), "{a}");
         assert_eq!(s(a, &["dst"]), Some(format!("{UPSTREAM_IP}:443").as_str()), "{a}");
         assert_eq!(s(a, &["verdict", "action"]), Some("allow"), "{a}");
         assert_eq!(s(a, &["verdict", "rule"]), Some("allow-test"), "{a}");
         assert_eq!(s(a, &["verdict", "reason"]), Some("allowed-by-rule"), "{a}");
+        assert_eq!(s(a, &["verdict", "check"]), Some("sni-resolved"), "{a}");
+        assert!(a["bytes_down"].as_u64().unwrap() > 0, "{a}");
         let d = one_record(&recs, "denied SNI", |r| s(r, &["sni"]) == Some("denied.test"));
-        assert_eq!(s(d, &["original_dst"]), Some(vip.as_str()), "{d}");
+        assert_eq!(s(d, &["original_dst"]), Some(format!("{VIP}:443").as_str()), "{d}");
         assert_eq!(s(d, &["verdict", "action"]), Some("deny"), "{d}");
         assert_eq!(s(d, &["verdict", "reason"]), Some("default-deny"), "{d}");
         assert_eq!(d["bytes_down"].as_u64(), Some(0), "{d}");
+        let h = one_record(&recs, "allowed Host", |r| s(r, &["host"]) == Some("allowed.test"));
+        assert_eq!(s(h, &["original_dst"]), Some(format!("{VIP}:80").as_str()), "{h}");
+        assert_eq!(s(h, &["dst"]), Some(format!("{UPSTREAM_IP}:80").as_str()), "{h}");
+        assert_eq!(s(h, &["verdict", "action"]), Some("allow"), "{h}");
+        let hd = one_record(&recs, "denied Host", |r| s(r, &["host"]) == Some("denied.test"));
+        assert_eq!(s(hd, &["original_dst"]), Some(format!("{VIP}:80").as_str()), "{hd}");
+        assert_eq!(s(hd, &["verdict", "action"]), Some("deny"), "{hd}");
+        let nd = one_record(&recs, "direct connection", |r| {
+            s(r, &["verdict", "reason"]) == Some("no-original-destination")
+        });
+        assert_eq!(s(nd, &["verdict", "action"]), Some("deny"), "{nd}");
         drop(upstream);
         drop(sluice);
     }
 
     /// Not a test: the TLS upstream, run by the test above as a child
     /// process inside its namespace (`ip netns exec NS <this binary>`).
-    /// Prints `bb-upstream: ready`, then `bb-upstream: hit` per handshake.
+    /// Serves TLS on :443 and plain HTTP on :80 of the given address;
+    /// prints `bb-upstream: ready`, then `tls-hit` / `http-hit` per flow.
     #[tokio::test]
     #[ignore = "helper process for transparent_redirect_in_a_network_namespace"]
     async fn upstream_helper() {
@@ -1176,23 +1219,31 @@ policy:
             eprintln!("upstream_helper does nothing unless run by transparent_redirect_in_a_network_namespace");
             return;
         };
-        let addr: SocketAddr = addr.to_str().unwrap().parse().unwrap();
+        let ip: std::net::IpAddr = addr.to_str().unwrap().parse().unwrap();
         let cert = rustls::pki_types::CertificateDer::from_pem_file(std::env::var("SLUICE_BB_CERT").unwrap()).unwrap();
         let key = rustls::pki_types::PrivateKeyDer::from_pem_file(std::env::var("SLUICE_BB_KEY").unwrap()).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Pki::server_config(vec![cert], key));
-        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let tls = tokio::net::TcpListener::bind((ip, 443)).await.unwrap();
+        let plain = tokio::net::TcpListener::bind((ip, 80)).await.unwrap();
         println!("bb-upstream: ready");
         // Bounded even if the parent vanished without killing us.
         let _ = tokio::time::timeout(Duration::from_secs(120), async {
             loop {
-                let Ok((s, _)) = l.accept().await else { continue };
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    if let Ok(t) = acceptor.accept(s).await {
-                        println!("bb-upstream: hit");
-                        bb_support::serve_stream(t).await;
+                tokio::select! {
+                    Ok((s, _)) = tls.accept() => {
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            if let Ok(t) = acceptor.accept(s).await {
+                                println!("bb-upstream: tls-hit");
+                                bb_support::serve_stream(t).await;
+                            }
+                        });
                     }
-                });
+                    Ok((s, _)) = plain.accept() => {
+                        println!("bb-upstream: http-hit");
+                        tokio::spawn(bb_support::serve_stream(s));
+                    }
+                }
             }
         })
         .await;
