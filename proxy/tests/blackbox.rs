@@ -931,6 +931,125 @@ async fn sigterm_closes_a_tunnel_that_outlives_the_drain_timeout() {
     assert!(r["duration_ms"].as_u64().unwrap() >= 1800, "{r}");
 }
 
+/// A plain HTTP upstream that answers every request with a head
+/// announcing 1 MB and then only `first` bytes of body, holding the
+/// connection open.
+async fn stalling_http_upstream() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\nfirst bytes")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    addr
+}
+
+// 4c. SIGTERM while an absolute-form HTTP request is still streaming past
+// the drain timeout: the process still exits 0, and the request's record
+// is written (nothing lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: absolute-form HTTP requests are served by hyper's serve_connection, which watches neither the stop nor the force-close signal; at the drain deadline Server::shutdown flushes and closes the audit writer and the process exits with the request still in flight, so its RecordGuard never writes the record (the audit log loses the flow)"]
+async fn sigterm_keeps_the_record_of_an_unfinished_http_request() {
+    let dir = TempDir::new("drain-http");
+    let up = stalling_http_upstream().await;
+    let audit = dir.join("audit.jsonl");
+    let cfg = dir.write("sluice.yaml", &proxy_config(&audit, "enforce", true, "1s"));
+    let mut sluice = Sluice::run(&cfg);
+    let target = format!("allowed.test:{}", up.port());
+    let mut c = TcpStream::connect(sluice.addr("proxy")).await.unwrap();
+    c.write_all(format!("GET http://{target}/big HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("first bytes") {
+        let mut b = [0u8; 1024];
+        let n = tokio::time::timeout(WAIT, c.read(&mut b)).await.unwrap().unwrap();
+        assert!(n > 0, "proxy closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&b[..n]);
+    }
+    sluice.proc.signal("TERM");
+    let st = tokio::task::block_in_place(|| sluice.proc.wait_exit(WAIT)).expect("sluice did not exit after SIGTERM");
+    assert!(st.success(), "exit {st:?}\n{}", sluice.proc.output());
+    let recs = audit_records(&audit, 1, Duration::from_millis(300));
+    let r = one_record(&recs, "the unfinished request", |r| {
+        s(r, &["connect_target"]) == Some(target.as_str())
+    });
+    assert_eq!(s(r, &["verdict", "action"]), Some("allow"), "{r}");
+    assert!(r["bytes_down"].as_u64().unwrap() > 0, "{r}");
+}
+
+// 4e. SIGTERM while a CONNECT tunnel has been answered `200` but its
+// client has not sent its first bytes yet (Sluice is still peeking): the
+// flow must still end in a record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: the peek after a CONNECT's 200 (and on transparent/sni/tcp listeners) waits only for data or peek_timeout (5 s default), not for the force-close signal; a shutdown whose drain + 2 s settle ends first exits with the flow in flight and its audit record is never written"]
+async fn sigterm_keeps_the_record_of_a_tunnel_still_being_classified() {
+    let dir = TempDir::new("drain-peek");
+    let audit = dir.join("audit.jsonl");
+    let cfg = dir.write("sluice.yaml", &proxy_config(&audit, "enforce", true, "1s"));
+    let mut sluice = Sluice::run(&cfg);
+    let mut c = TcpStream::connect(sluice.addr("proxy")).await.unwrap();
+    c.write_all(b"CONNECT allowed.test:443 HTTP/1.1\r\nHost: allowed.test:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 39];
+    tokio::time::timeout(WAIT, c.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    sluice.proc.signal("TERM");
+    let st = tokio::task::block_in_place(|| sluice.proc.wait_exit(WAIT)).expect("sluice did not exit after SIGTERM");
+    assert!(st.success(), "exit {st:?}\n{}", sluice.proc.output());
+    let recs = audit_records(&audit, 1, Duration::from_millis(300));
+    one_record(&recs, "the tunnel being classified", |r| {
+        s(r, &["connect_target"]) == Some("allowed.test:443")
+    });
+}
+
+// 4d. SIGTERM with an idle keep-alive proxy connection (its request long
+// answered): nothing is in flight, so Sluice should not sit out the whole
+// drain timeout for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: an idle keep-alive explicit-proxy connection counts as an active flow for the whole life of the connection (ActiveGuard per accepted connection, hyper connection not shut down gracefully on stop), so SIGTERM waits the full drain_timeout (and then 2 s more) although no request is in flight"]
+async fn sigterm_does_not_wait_for_idle_keep_alive_connections() {
+    let dir = TempDir::new("drain-idle");
+    let http_up = Upstream::start(None).await;
+    let audit = dir.join("audit.jsonl");
+    let cfg = dir.write("sluice.yaml", &proxy_config(&audit, "enforce", true, "5s"));
+    let mut sluice = Sluice::run(&cfg);
+    let target = format!("allowed.test:{}", http_up.addr.port());
+    let mut c = TcpStream::connect(sluice.addr("proxy")).await.unwrap();
+    c.write_all(format!("GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains(UPSTREAM_BODY) {
+        let mut b = [0u8; 1024];
+        let n = tokio::time::timeout(WAIT, c.read(&mut b)).await.unwrap().unwrap();
+        assert!(n > 0, "proxy closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&b[..n]);
+    }
+    assert_eq!(audit_records(&audit, 1, WAIT).len(), 1);
+    let t0 = Instant::now();
+    sluice.proc.signal("TERM");
+    let st = tokio::task::block_in_place(|| sluice.proc.wait_exit(WAIT)).expect("sluice did not exit after SIGTERM");
+    let took = t0.elapsed();
+    assert!(st.success(), "exit {st:?}\n{}", sluice.proc.output());
+    assert!(
+        took < Duration::from_secs(2),
+        "SIGTERM took {took:?} with only an idle keep-alive connection open (drain_timeout 5s)"
+    );
+}
+
 // 6. `sluice explain` on a shipped example.
 #[test]
 fn explain_prints_the_verdict_line() {
