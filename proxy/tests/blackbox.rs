@@ -44,6 +44,8 @@ runtime: {{drain_timeout: {drain}}}
 listeners:
   - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}}
 resolver:
+  # Nothing may reach a real DNS server: any name not listed here fails.
+  nameservers: [\"127.0.0.1:9\"]
   hosts:
     allowed.test: [127.0.0.1]
     denied.test: [127.0.0.1]
@@ -398,6 +400,7 @@ listeners:
       - {{name: alice, password: s3cret, smartgroup: agents}}
       - {{name: bob, password: hunter2, smartgroup: others}}
 resolver:
+  nameservers: [\"127.0.0.1:9\"]
   hosts: {{allowed.test: [127.0.0.1]}}
 webgroups:
   - {{name: test-sites, domains: [allowed.test]}}
@@ -1050,6 +1053,142 @@ async fn sigterm_does_not_wait_for_idle_keep_alive_connections() {
     );
 }
 
+// An allowed request whose upstream refuses the connection gets a 502
+// from the proxy, and its record keeps the allow verdict with the reason
+// in close_reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_is_a_502_with_the_verdict_kept() {
+    let dir = TempDir::new("502");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let audit = dir.join("audit.jsonl");
+    let cfg = dir.write("sluice.yaml", &proxy_config(&audit, "enforce", true, "2s"));
+    let sluice = Sluice::run(&cfg);
+    let out = curl(
+        &[],
+        &[
+            "--proxy",
+            &proxy_url(&sluice),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://allowed.test:{closed}/"),
+        ],
+    );
+    assert_eq!(out.stdout, "502", "{out:?}");
+    let recs = audit_records(&audit, 1, WAIT);
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    let r = &recs[0];
+    assert_eq!(s(r, &["verdict", "action"]), Some("allow"), "{r}");
+    assert_eq!(s(r, &["verdict", "rule"]), Some("allow-test"), "{r}");
+    let close = s(r, &["close_reason"]).unwrap();
+    assert!(close.contains("refused"), "close_reason names the failure: {r}");
+}
+
+// SIGINT stops like SIGTERM; with no audit destination, records go to
+// standard output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_cleanly_and_audit_defaults_to_stdout() {
+    let dir = TempDir::new("sigint");
+    let http_up = Upstream::start(None).await;
+    let cfg = dir.write(
+        "sluice.yaml",
+        "admin: {address: \"127.0.0.1:0\"}\nlisteners:\n  - {name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}\nresolver:\n  nameservers: [\"127.0.0.1:9\"]\n  hosts: {allowed.test: [127.0.0.1]}\npolicy:\n  rules:\n    - {name: allow-test, to: {webgroups: [t]}, action: allow}\n    - {name: lift, from: [nobody], to: {smartgroups: [gateway, loopback]}, action: deny}\nwebgroups:\n  - {name: t, domains: [allowed.test]}\nsmartgroups:\n  - {name: nobody, cidrs: [192.0.2.1]}\n",
+    );
+    let mut sluice = Sluice::run(&cfg);
+    let out = curl(
+        &[],
+        &[
+            "--proxy",
+            &proxy_url(&sluice),
+            &format!("http://allowed.test:{}/", http_up.addr.port()),
+        ],
+    );
+    assert_eq!(out.stdout, UPSTREAM_BODY, "{out:?}");
+    let line = sluice
+        .proc
+        .stdout
+        .wait_for(WAIT, |l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no audit line on stdout:\n{}", sluice.proc.output()));
+    let r: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(s(&r, &["verdict", "rule"]), Some("allow-test"), "{r}");
+    sluice.proc.signal("INT");
+    let st = tokio::task::block_in_place(|| sluice.proc.wait_exit(WAIT)).expect("sluice did not exit after SIGINT");
+    assert!(st.success(), "exit {st:?}\n{}", sluice.proc.output());
+    assert_eq!(
+        sluice.proc.stderr.count(|l| l == "sluice: stopped"),
+        1,
+        "{}",
+        sluice.proc.output()
+    );
+}
+
+// A listener address already in use: `run` fails, saying which listener,
+// and does not linger.
+#[test]
+fn run_fails_when_a_listener_address_is_taken() {
+    let dir = TempDir::new("taken");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let cfg = dir.write(
+        "sluice.yaml",
+        &format!(
+            "admin: {{address: \"127.0.0.1:0\"}}\naudit: {{destination: \"{}\"}}\nlisteners:\n  - {{name: busy, kind: http-proxy, address: \"{addr}\"}}\n",
+            dir.join("audit.jsonl").display()
+        ),
+    );
+    let mut cmd = Command::new(SLUICE);
+    cmd.arg("run").arg("-c").arg(&cfg);
+    let mut p = Proc::spawn("sluice run (port taken)", cmd);
+    let st = p.wait_exit(WAIT).expect("sluice kept running with its address taken");
+    assert!(!st.success(), "{}", p.output());
+    let err = p.stderr.text();
+    assert!(err.contains("busy") && err.contains(&addr.to_string()), "{err}");
+    assert!(!err.contains("admin API on"), "{err}");
+}
+
+// A reload that changes what only a restart can apply (listeners, the
+// audit destination, the admin address) must not claim success silently.
+#[test]
+#[ignore = "BUG: SIGHUP swaps only the policy snapshot (Server::reload); listeners, admin address and audit destination in the new file are silently ignored while stderr says `sluice: reloaded FILE` — an added listener is never bound and nothing says a restart is needed"]
+fn reload_says_when_listener_changes_need_a_restart() {
+    let dir = TempDir::new("reload-listeners");
+    let audit = dir.join("audit.jsonl");
+    let base = proxy_config(&audit, "enforce", true, "2s");
+    let cfg = dir.write("sluice.yaml", &base);
+    let sluice = Sluice::run(&cfg);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let added = base.replace(
+        "listeners:\n",
+        &format!("listeners:\n  - {{name: second, kind: http-proxy, address: \"127.0.0.1:{port}\"}}\n"),
+    );
+    assert_ne!(added, base);
+    dir.write("sluice.yaml", &added);
+    sluice.proc.signal("HUP");
+    let line = sluice
+        .proc
+        .stderr
+        .wait_for(WAIT, |l| {
+            l.starts_with("sluice: reload") || l.contains("reload rejected")
+        })
+        .unwrap_or_else(|| panic!("no reload line:\n{}", sluice.proc.output()));
+    std::thread::sleep(Duration::from_millis(300));
+    let bound = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    let err = sluice.proc.stderr.text();
+    assert!(
+        bound || err.contains("restart"),
+        "the new listener `second` was neither bound nor reported as needing a restart; stderr said: {line}\n{err}"
+    );
+}
+
 // 6. `sluice explain` on a shipped example.
 #[test]
 fn explain_prints_the_verdict_line() {
@@ -1177,6 +1316,7 @@ audit: {{destination: \"{audit}\"}}
 listeners:
   - {{name: transparent, kind: transparent, address: \"127.0.0.1:0\"}}
 resolver:
+  nameservers: [\"127.0.0.1:9\"]
   hosts:
     allowed.test: [{UPSTREAM_IP}]
     denied.test: [{UPSTREAM_IP}]
