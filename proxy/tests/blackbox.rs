@@ -468,6 +468,45 @@ policy:
     );
 }
 
+// The same over IPv6 loopback: listener on [::1], upstream on [::1].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_an_ipv6_listener() {
+    let dir = TempDir::new("ipv6");
+    let pki = Pki::new(&dir, &["allowed.test"]);
+    let tls_up = Upstream::start_on("[::1]:0", Some(pki.server.clone())).await;
+    let audit = dir.join("audit.jsonl");
+    let cfg = proxy_config(&audit, "enforce", true, "2s")
+        .replace("address: \"127.0.0.1:0\"}\nresolver", "address: \"[::1]:0\"}\nresolver")
+        .replace("allowed.test: [127.0.0.1]", "allowed.test: [\"::1\"]");
+    assert!(cfg.contains("[::1]:0") && cfg.contains("\"::1\""), "{cfg}");
+    let cfg = dir.write("sluice.yaml", &cfg);
+    let sluice = Sluice::run(&cfg);
+    let proxy = format!("http://{}", sluice.addr("proxy"));
+    assert!(proxy.starts_with("http://[::1]:"), "{proxy}");
+    let ok = curl(
+        &[],
+        &[
+            "--proxy",
+            &proxy,
+            "--cacert",
+            pki.ca_pem.to_str().unwrap(),
+            &format!("https://allowed.test:{}/", tls_up.addr.port()),
+        ],
+    );
+    assert!(ok.ok(), "{ok:?}\n{}", sluice.proc.output());
+    assert_eq!(ok.stdout, UPSTREAM_BODY);
+    let recs = audit_records(&audit, 1, WAIT);
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert!(s(&recs[0], &["src"]).unwrap().starts_with("[::1]:"), "{}", recs[0]);
+    assert_eq!(
+        s(&recs[0], &["dst"]),
+        Some(tls_up.addr.to_string().as_str()),
+        "{}",
+        recs[0]
+    );
+    assert_eq!(s(&recs[0], &["verdict", "rule"]), Some("allow-test"), "{}", recs[0]);
+}
+
 // The built-in guard: a name that resolves to 127.0.0.1 (a listener's own
 // address, so `gateway` before `loopback`) is refused when no rule names
 // those groups, even though a rule allows the name.

@@ -471,7 +471,11 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0", tls).await
+    }
+
+    pub async fn start_on(bind: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+        let l = tokio::net::TcpListener::bind(bind).await.unwrap();
         let addr = l.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let h = hits.clone();
