@@ -566,6 +566,37 @@ async fn guard_refuses_a_name_resolving_to_the_gateway() {
     }
 }
 
+// In watch mode the guard only records: the flow passes, and its record
+// says what would have stopped it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_mode_records_the_guard_without_blocking() {
+    let dir = TempDir::new("guard-watch");
+    let pki = Pki::new(&dir, &["allowed.test"]);
+    let tls_up = Upstream::start(Some(pki.server.clone())).await;
+    let audit = dir.join("audit.jsonl");
+    let cfg = dir.write("sluice.yaml", &proxy_config(&audit, "watch", false, "2s"));
+    let sluice = Sluice::run(&cfg);
+    let ok = curl(
+        &[],
+        &[
+            "--proxy",
+            &proxy_url(&sluice),
+            "--cacert",
+            pki.ca_pem.to_str().unwrap(),
+            &format!("https://allowed.test:{}/", tls_up.addr.port()),
+        ],
+    );
+    assert!(ok.ok(), "watch mode blocked a guarded flow: {ok:?}");
+    assert_eq!(tls_up.hits(), 1);
+    let recs = audit_records(&audit, 1, WAIT);
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    let r = &recs[0];
+    assert_eq!(s(r, &["verdict", "action"]), Some("deny"), "{r}");
+    assert_eq!(s(r, &["verdict", "reason"]), Some("guard-gateway"), "{r}");
+    assert_eq!(s(r, &["verdict", "mode"]), Some("watched"), "{r}");
+    assert!(r["bytes_down"].as_u64().unwrap() > 0, "{r}");
+}
+
 // 2. Watch, then enforce after SIGHUP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_then_enforce_on_sighup() {
