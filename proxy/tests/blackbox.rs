@@ -507,6 +507,54 @@ async fn curl_through_an_ipv6_listener() {
     assert_eq!(s(&recs[0], &["verdict", "rule"]), Some("allow-test"), "{}", recs[0]);
 }
 
+// An `sni` listener: TLS passthrough to the SNI's address on the
+// configured port. curl connects straight to the listener (`--connect-to`)
+// as a client would whose DNS points at the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_an_sni_listener() {
+    let dir = TempDir::new("sni");
+    let pki = Pki::new(&dir, &["allowed.test", "denied.test"]);
+    let tls_up = Upstream::start(Some(pki.server.clone())).await;
+    let tp = tls_up.addr.port();
+    let audit = dir.join("audit.jsonl");
+    let cfg = proxy_config(&audit, "enforce", true, "2s").replace(
+        "  - {name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}\n",
+        &format!("  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: {tp}}}\n"),
+    );
+    assert!(cfg.contains("kind: sni"), "{cfg}");
+    let cfg = dir.write("sluice.yaml", &cfg);
+    let sluice = Sluice::run(&cfg);
+    let port = sluice.port("sni");
+    let ca = pki.ca_pem.to_str().unwrap();
+    let get = |name: &str| {
+        curl(
+            &[],
+            &[
+                "--cacert",
+                ca,
+                "--connect-to",
+                &format!("{name}:443:127.0.0.1:{port}"),
+                &format!("https://{name}/"),
+            ],
+        )
+    };
+    let ok = get("allowed.test");
+    assert!(ok.ok(), "{ok:?}\n{}", sluice.proc.output());
+    assert_eq!(ok.stdout, UPSTREAM_BODY);
+    let denied = get("denied.test");
+    assert!(!denied.ok(), "{denied:?}");
+    assert_eq!(tls_up.hits(), 1);
+    let recs = audit_records(&audit, 2, WAIT);
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    let a = one_record(&recs, "allowed SNI", |r| s(r, &["sni"]) == Some("allowed.test"));
+    assert_eq!(s(a, &["listener"]), Some("sni"), "{a}");
+    assert_eq!(s(a, &["dst"]), Some(tls_up.addr.to_string().as_str()), "{a}");
+    assert_eq!(s(a, &["verdict", "rule"]), Some("allow-test"), "{a}");
+    let d = one_record(&recs, "denied SNI", |r| s(r, &["sni"]) == Some("denied.test"));
+    assert_eq!(s(d, &["verdict", "reason"]), Some("default-deny"), "{d}");
+    assert_eq!(d["bytes_down"].as_u64(), Some(0), "{d}");
+}
+
 // The built-in guard: a name that resolves to 127.0.0.1 (a listener's own
 // address, so `gateway` before `loopback`) is refused when no rule names
 // those groups, even though a rule allows the name.
