@@ -555,6 +555,37 @@ async fn curl_through_an_sni_listener() {
     assert_eq!(d["bytes_down"].as_u64(), Some(0), "{d}");
 }
 
+// A client that connects and says nothing is closed at the listener's
+// peek timeout, with a record saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_client_is_closed_at_the_peek_timeout() {
+    let dir = TempDir::new("peek-timeout");
+    let audit = dir.join("audit.jsonl");
+    let cfg = proxy_config(&audit, "enforce", true, "2s").replace(
+        "  - {name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}\n",
+        "  - {name: sni, kind: sni, address: \"127.0.0.1:0\", peek_timeout: 300ms}\n",
+    );
+    assert!(cfg.contains("peek_timeout"), "{cfg}");
+    let cfg = dir.write("sluice.yaml", &cfg);
+    let sluice = Sluice::run(&cfg);
+    let mut c = TcpStream::connect(sluice.addr("sni")).await.unwrap();
+    let t0 = Instant::now();
+    let mut b = [0u8; 16];
+    let r = tokio::time::timeout(WAIT, c.read(&mut b))
+        .await
+        .expect("not closed within 10 s");
+    let took = t0.elapsed();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "closed after {took:?}, peek_timeout 300ms"
+    );
+    let recs = audit_records(&audit, 1, WAIT);
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    assert_eq!(s(&recs[0], &["verdict", "action"]), Some("deny"), "{}", recs[0]);
+    assert_eq!(s(&recs[0], &["verdict", "reason"]), Some("peek-timeout"), "{}", recs[0]);
+}
+
 // The built-in guard: a name that resolves to 127.0.0.1 (a listener's own
 // address, so `gateway` before `loopback`) is refused when no rule names
 // those groups, even though a rule allows the name.
