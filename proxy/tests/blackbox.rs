@@ -676,6 +676,36 @@ async fn watch_mode_records_the_guard_without_blocking() {
     assert!(r["bytes_down"].as_u64().unwrap() > 0, "{r}");
 }
 
+// The enforcement rule: the explicit proxy answers a denial with a
+// 403 naming the rule and reason. A CONNECT whose target name resolves to a
+// guarded address can be refused before the `200` — the target, not the
+// SNI, is what is dialled — so the client should get that 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG (spec deviation): for CONNECT, http_proxy::tunnel resolves the target and runs the SSRF guard (flow::screen) only after answering `200 Connection established` and peeking the ClientHello, so a guard denial of the CONNECT target (e.g. guard-gateway for a name in resolver.hosts pointing at 127.0.0.1) reaches the client as a silently closed tunnel (curl: TLS connect error) instead of a 403 with X-Sluice-Reason"]
+async fn connect_to_a_guarded_address_gets_a_403() {
+    let dir = TempDir::new("guard-403");
+    let pki = Pki::new(&dir, &["allowed.test"]);
+    let tls_up = Upstream::start(Some(pki.server.clone())).await;
+    let audit = dir.join("audit.jsonl");
+    let cfg = dir.write("sluice.yaml", &proxy_config(&audit, "enforce", false, "2s"));
+    let sluice = Sluice::run(&cfg);
+    let out = curl(
+        &[],
+        &[
+            "--proxy",
+            &proxy_url(&sluice),
+            "--cacert",
+            pki.ca_pem.to_str().unwrap(),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+            &format!("https://allowed.test:{}/", tls_up.addr.port()),
+        ],
+    );
+    assert_eq!(out.stdout, "403", "{out:?}");
+}
+
 // 2. Watch, then enforce after SIGHUP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_then_enforce_on_sighup() {
