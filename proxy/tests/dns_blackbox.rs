@@ -46,6 +46,22 @@ fn name(s: &str) -> Name {
     Name::from_ascii(s).unwrap()
 }
 
+fn soa() -> Record {
+    Record::from_rdata(
+        name("test."),
+        600,
+        RData::SOA(SOA::new(
+            name("ns.test."),
+            name("hostmaster.test."),
+            1,
+            3600,
+            600,
+            86_400,
+            300,
+        )),
+    )
+}
+
 fn answer(q: &Message, over_udp: bool) -> Message {
     let query = q.queries[0].clone();
     let qname = query.name().to_ascii().to_ascii_lowercase();
@@ -65,13 +81,13 @@ fn answer(q: &Message, over_udp: bool) -> Message {
         (n, RecordType::A) if n.ends_with(".test.") => {
             m.add_answer(a(Ipv4Addr::new(198, 51, 100, 1)));
         }
+        // Every name under test. exists, with A records only: NODATA.
+        (n, _) if n.ends_with(".test.") => {
+            m.add_authority(soa());
+        }
         _ => {
             m.metadata.response_code = ResponseCode::NXDomain;
-            m.add_authority(Record::from_rdata(
-                name("test."),
-                600,
-                RData::SOA(SOA::new(name("ns.test."), name("hostmaster.test."), 1, 3600, 600, 86_400, 300)),
-            ));
+            m.add_authority(soa());
         }
     }
     if over_udp && m.to_vec().unwrap().len() > 512 {
@@ -101,7 +117,9 @@ fn start_authority(ip: Ipv4Addr) -> Authority {
         loop {
             let Ok((n, peer)) = udp.recv_from(&mut buf) else { return };
             let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
-            seen.lock().unwrap().push(q.queries[0].name().to_ascii().to_ascii_lowercase());
+            seen.lock()
+                .unwrap()
+                .push(q.queries[0].name().to_ascii().to_ascii_lowercase());
             let _ = udp.send_to(&answer(&q, true).to_vec().unwrap(), peer);
         }
     });
@@ -121,7 +139,9 @@ fn start_authority(ip: Ipv4Addr) -> Authority {
                         return;
                     }
                     let Ok(q) = Message::from_vec(&buf) else { return };
-                    seen.lock().unwrap().push(q.queries[0].name().to_ascii().to_ascii_lowercase());
+                    seen.lock()
+                        .unwrap()
+                        .push(q.queries[0].name().to_ascii().to_ascii_lowercase());
                     let out = answer(&q, false).to_vec().unwrap();
                     let mut framed = u16::try_from(out.len()).unwrap().to_be_bytes().to_vec();
                     framed.extend_from_slice(&out);
@@ -311,7 +331,12 @@ fn dig(server: SocketAddr, qname: &str, qtype: &str, extra: &[&str]) -> Dig {
         .split("status: ")
         .nth(1)
         .and_then(|s| s.split(',').next())
-        .unwrap_or_else(|| panic!("no status in dig's output:\n{raw}{}", String::from_utf8_lossy(&out.stderr)))
+        .unwrap_or_else(|| {
+            panic!(
+                "no status in dig's output:\n{raw}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
         .to_owned();
     let mut answers = Vec::new();
     let mut in_answer = false;
@@ -386,7 +411,11 @@ fn dig_allowed_denied_watched_and_tcp_with_one_audit_record_each() {
     let d = dig(dns, "blocked.test", "A", &[]);
     assert_eq!(d.status, "NXDOMAIN", "{}", d.raw);
     assert!(d.answers.is_empty(), "{}", d.raw);
-    assert_eq!(auth.asked_for("blocked.test."), 0, "a denied query reached the upstream");
+    assert_eq!(
+        auth.asked_for("blocked.test."),
+        0,
+        "a denied query reached the upstream"
+    );
 
     // A `watch: true` deny rule: answered normally, recorded as watched.
     let d = dig(dns, "watch.test", "A", &[]);
@@ -413,18 +442,54 @@ fn dig_allowed_denied_watched_and_tcp_with_one_audit_record_each() {
         sluice.stderr()
     );
     for r in &recs {
-        for field in ["qname", "qtype", "rule", "reason", "rcode", "transport", "source", "listener"] {
+        for field in [
+            "qname",
+            "qtype",
+            "rule",
+            "reason",
+            "rcode",
+            "transport",
+            "source",
+            "listener",
+        ] {
             assert!(!r[field].is_null(), "audit record lacks `{field}`: {r}");
         }
         assert_eq!(r["listener"], "dns");
     }
     let expect = [
-        ("www.allowed.test", 1, "udp", true, false, "allow-web", "allowed-by-rule", 0),
+        (
+            "www.allowed.test",
+            1,
+            "udp",
+            true,
+            false,
+            "allow-web",
+            "allowed-by-rule",
+            0,
+        ),
         ("blocked.test", 1, "udp", false, false, "default", "default-deny", 3),
         ("watch.test", 1, "udp", false, true, "watch-me", "denied-by-rule", 0),
-        ("www.allowed.test", 1, "tcp", true, false, "allow-web", "allowed-by-rule", 0),
+        (
+            "www.allowed.test",
+            1,
+            "tcp",
+            true,
+            false,
+            "allow-web",
+            "allowed-by-rule",
+            0,
+        ),
         ("blocked.test", 1, "tcp", false, false, "default", "default-deny", 3),
-        ("www.allowed.test", 28, "udp", true, false, "allow-web", "allowed-by-rule", 0),
+        (
+            "www.allowed.test",
+            28,
+            "udp",
+            true,
+            false,
+            "allow-web",
+            "allowed-by-rule",
+            0,
+        ),
     ];
     for (r, (qname, qtype, transport, allowed, watched, rule, reason, rcode)) in recs.iter().zip(expect) {
         assert_eq!(qname_of(r), qname, "{r}");
@@ -466,7 +531,11 @@ fn dig_denied_with_deny_answer_sinkhole() {
     let auth = start_authority(Ipv4Addr::LOCALHOST);
     let sluice = Sluice::start(
         "sinkhole",
-        &dns_config(&auth, "    deny_answer: sinkhole\n    sinkhole: [192.0.2.99, \"2001:db8::99\"]", ""),
+        &dns_config(
+            &auth,
+            "    deny_answer: sinkhole\n    sinkhole: [192.0.2.99, \"2001:db8::99\"]",
+            "",
+        ),
     );
     let dns = sluice.addr("dns");
     let d = dig(dns, "blocked.test", "A", &[]);
@@ -684,7 +753,11 @@ policy:
     assert_eq!(f["verdict"]["action"], "deny", "{f}");
     assert_eq!(f["verdict"]["reason"], "default-deny", "{f}");
     assert!(f["dns_name"].is_null(), "{f}");
-    assert_eq!(accepted.load(Ordering::SeqCst), 0, "the denied flow reached the service");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "the denied flow reached the service"
+    );
 
     // Resolve through Sluice from the client's address.
     let d = dig(dns, "svc.test", "A", &["-b", "10.77.0.1"]);
