@@ -788,4 +788,19 @@ policy:
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     let flows = sluice.audit("flow", 3);
     assert_eq!(flows[2]["verdict"]["reason"], "default-deny", "{}", flows[2]);
+
+    // ... until it resolves the name itself, here over TCP and answered
+    // from Sluice's cache: a cache hit binds the address for its client too.
+    let d = dig(dns, "svc.test", "A", &["-b", "10.77.0.2", "+tcp"]);
+    assert_eq!(d.a_records(), ["10.77.0.5"], "{}", d.raw);
+    let queries = sluice.audit("dns", 2);
+    assert_eq!(queries.len(), 2, "{queries:#?}");
+    assert_eq!(queries[1]["cache_hit"], true, "{}", queries[1]);
+    assert_eq!(auth.asked_for("svc.test."), 1);
+    let got = talk(Ipv4Addr::new(10, 77, 0, 2), dst);
+    assert_eq!(got, "svc says: ping\n", "stderr:\n{}", sluice.stderr());
+    let flows = sluice.audit("flow", 4);
+    assert_eq!(flows.len(), 4, "{flows:#?}");
+    assert_eq!(flows[3]["dns_name"], "svc.test", "{}", flows[3]);
+    assert_eq!(flows[3]["verdict"]["action"], "allow", "{}", flows[3]);
 }
