@@ -78,6 +78,12 @@ fn answer(q: &Message, over_udp: bool) -> Message {
         ("svc.test.", RecordType::A) => {
             m.add_answer(a(Ipv4Addr::new(10, 77, 0, 5)));
         }
+        // 100 addresses: about 1.7 kB, over 512 and over 1232 bytes.
+        ("big.allowed.test.", RecordType::A) => {
+            for i in 0..100u8 {
+                m.add_answer(a(Ipv4Addr::new(198, 18, 0, i)));
+            }
+        }
         (n, RecordType::A) if n.ends_with(".test.") => {
             m.add_answer(a(Ipv4Addr::new(198, 51, 100, 1)));
         }
@@ -370,7 +376,7 @@ listeners:
 {options}
 webgroups:
   - name: allowed
-    domains: [www.allowed.test]
+    domains: [www.allowed.test, big.allowed.test]
   - name: watched
     domains: [watch.test]
 policy:
@@ -578,6 +584,115 @@ fn dig_in_watch_mode_answers_and_the_audit_says_watched() {
     assert_eq!(r["enforced"], false, "{r}");
     assert_eq!(r["reason"], "default-deny", "{r}");
     assert_eq!(r["rcode"], 0, "{r}");
+}
+
+#[test]
+fn dig_truncation_tcp_fallback_zone_transfer_and_bad_packets() {
+    let auth = start_authority(Ipv4Addr::LOCALHOST);
+    let sluice = Sluice::start("truncation", &dns_config(&auth, "", ""));
+    let dns = sluice.addr("dns");
+
+    // The authority truncates over UDP; Sluice fetches the answer over TCP
+    // and, as it is bigger than the client's 1232 bytes, answers with TC.
+    let d = dig(dns, "big.allowed.test", "A", &["+ignore", "+bufsize=1232"]);
+    assert_eq!(d.status, "NOERROR", "{}", d.raw);
+    assert!(d.raw.contains(" tc"), "TC not set:\n{}", d.raw);
+    assert!(d.answers.is_empty(), "{}", d.raw);
+    // No EDNS: 512 bytes, TC too.
+    let d = dig(dns, "big.allowed.test", "A", &["+ignore", "+noedns"]);
+    assert!(d.raw.contains(" tc"), "TC not set:\n{}", d.raw);
+    // dig retries over TCP and gets all of it; so does a big enough buffer.
+    let d = dig(dns, "big.allowed.test", "A", &[]);
+    assert_eq!(d.a_records().len(), 100, "{}", d.raw);
+    let d = dig(dns, "big.allowed.test", "A", &["+bufsize=4096"]);
+    assert_eq!(d.a_records().len(), 100, "{}", d.raw);
+    assert!(!d.raw.contains(" tc"), "{}", d.raw);
+
+    // Zone transfers are refused, whatever the policy says about the name.
+    let out = Command::new("dig")
+        .arg(format!("@{}", dns.ip()))
+        .args([
+            "-p",
+            &dns.port().to_string(),
+            "+time=3",
+            "+tries=1",
+            "axfr",
+            "www.allowed.test",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Transfer failed"), "{text}");
+
+    // Malformed datagrams: FORMERR or silence, and the server keeps going.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let header_only = [0x12, 0x34, 0x01, 0x00, 0, 0, 0, 0, 0, 0, 0, 0];
+    let cut_name = [0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'w', b'w'];
+    for pkt in [&[0xffu8, 0xff][..], &header_only[..], &cut_name[..], &[0u8; 600][..]] {
+        udp.send_to(pkt, dns).unwrap();
+        let mut buf = [0u8; 512];
+        if let Ok((n, _)) = udp.recv_from(&mut buf) {
+            assert!(n >= 12, "a reply shorter than a header");
+            assert_eq!(buf[3] & 0x0f, 1, "not FORMERR for {pkt:02x?}: {:02x?}", &buf[..n]);
+        }
+    }
+    let d = dig(dns, "www.allowed.test", "A", &[]);
+    assert_eq!(d.a_records(), ["192.0.2.10"], "{}", d.raw);
+    assert!(
+        sluice.stderr().lines().all(|l| !l.contains("panicked")),
+        "{}",
+        sluice.stderr()
+    );
+
+    let recs = sluice.audit("dns", 6);
+    let axfr = recs
+        .iter()
+        .find(|r| r["qtype"] == 252)
+        .expect("an audit record for the AXFR");
+    assert_eq!(axfr["reason"], "dns-zone-transfer", "{axfr}");
+    assert_eq!(axfr["rcode"], 5, "{axfr}");
+}
+
+#[test]
+fn dig_gets_servfail_when_the_upstream_is_down() {
+    // An upstream port nothing listens on (refused at once), and one that
+    // swallows queries (answered only by Sluice's own timeout).
+    let closed = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let hole = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for upstream in [closed, hole.local_addr().unwrap()] {
+        let sluice = Sluice::start(
+            "down",
+            &format!(
+                "listeners:\n  - name: dns\n    kind: dns\n    address: 127.0.0.1:0\n    upstreams: [\"{upstream}\"]\n\
+                 policy:\n  default: allow\n"
+            ),
+        );
+        let dns = sluice.addr("dns");
+        for extra in [&[][..], &["+tcp"][..]] {
+            let started = Instant::now();
+            let out = Command::new("dig")
+                .arg(format!("@{}", dns.ip()))
+                .args(["-p", &dns.port().to_string(), "+time=10", "+tries=1", "+nocookie"])
+                .args(extra)
+                .args(["www.allowed.test", "A"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("status: SERVFAIL"),
+                "upstream {upstream} {extra:?}:\n{text}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(8),
+                "SERVFAIL took {:?}",
+                started.elapsed()
+            );
+        }
+        let recs = sluice.audit("dns", 2);
+        assert_eq!(recs.len(), 2, "{recs:#?}");
+        assert!(recs.iter().all(|r| r["rcode"] == 2), "{recs:#?}");
+    }
 }
 
 // ------------------------------------------------------------------ netns
