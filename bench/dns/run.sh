@@ -5,6 +5,7 @@
 #   - max qps (100 queries outstanding, 10 s) and the mean latency there,
 #   - p50/p99 latency at a fixed load every peer sustains (RATE qps, 5 s,
 #     per-query latencies from `dnsperf -v`),
+# and dnsperf straight at NSD ("direct", the load side's ceiling),
 # once "cached" (10 names asked over and over, caches on) and once
 # "uncached" (50,000 distinct names, every cache off and TTL-0 answers).
 #
@@ -26,7 +27,7 @@ SERVER_CPU=${SERVER_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 SLUICE=${SLUICE:-target/release/sluice}
 UNCACHED_NAMES=${UNCACHED_NAMES:-50000}
-PEERS=${PEERS:-sluice dnsmasq unbound}
+PEERS=${PEERS:-direct sluice dnsmasq unbound}
 
 AUTH_PORT=$BASE_PORT
 SLUICE_PORT=$((BASE_PORT + 1))
@@ -188,7 +189,14 @@ EOF
   wait_ready "$UNBOUND_PORT" unbound
 }
 
+# `direct`: dnsperf straight at the authority, no forwarder: the ceiling of
+# the load side (dnsperf and NSD share one CPU), not a peer.
+start_direct() {
+  SERVER_PID=""
+}
+
 stop_server() {
+  [ -n "$SERVER_PID" ] || return 0
   kill "$SERVER_PID" 2>/dev/null || true
   wait "$SERVER_PID" 2>/dev/null || true
 }
@@ -226,6 +234,7 @@ RESULTS="$WORK/results.txt"
 for mode in cached uncached; do
   for peer in $PEERS; do
     case $peer in
+      direct) port=$AUTH_PORT ;;
       sluice) port=$SLUICE_PORT ;;
       dnsmasq) port=$DNSMASQ_PORT ;;
       unbound) port=$UNBOUND_PORT ;;
