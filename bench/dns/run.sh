@@ -13,7 +13,7 @@
 # (Sluice `runtime: {workers: 1}`, unbound `num-threads: 1`, dnsmasq is
 # single-threaded); dnsperf and NSD share CPU $LOAD_CPU.
 #
-# Needs root-free loopback ports BASE_PORT..BASE_PORT+3, the Debian packages
+# Needs free loopback ports BASE_PORT..BASE_PORT+3 (UDP and TCP), the Debian packages
 # dnsperf, dnsmasq-base (or dnsmasq), unbound, nsd, and a release build
 # (`cargo build --release -p sluice`). Usage: bench/dns/run.sh
 set -euo pipefail
