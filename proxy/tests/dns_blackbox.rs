@@ -78,6 +78,14 @@ fn answer(q: &Message, over_udp: bool) -> Message {
         ("svc.test.", RecordType::A) => {
             m.add_answer(a(Ipv4Addr::new(10, 77, 0, 5)));
         }
+        // The service's address with a one-second TTL.
+        ("short.test.", RecordType::A) => {
+            m.add_answer(Record::from_rdata(
+                name(&qname),
+                1,
+                RData::A(A(Ipv4Addr::new(10, 77, 0, 5))),
+            ));
+        }
         // 100 addresses: about 1.7 kB, over 512 and over 1232 bytes.
         ("big.allowed.test.", RecordType::A) => {
             for i in 0..100u8 {
@@ -918,4 +926,54 @@ policy:
     assert_eq!(flows.len(), 4, "{flows:#?}");
     assert_eq!(flows[3]["dns_name"], "svc.test", "{}", flows[3]);
     assert_eq!(flows[3]["verdict"]["action"], "allow", "{}", flows[3]);
+    drop(sluice);
+
+    // Bindings expire: TTL 1 s, floor 1 s, grace 1 s.
+    let sluice = Sluice::start(
+        "netns-expiry",
+        &format!(
+            r#"
+listeners:
+  - name: dns
+    kind: dns
+    address: 127.0.0.1:0
+    upstreams: ["{}"]
+    binding_min_ttl: 1s
+    binding_grace: 1s
+  - name: transparent
+    kind: transparent
+    address: 127.0.0.1:0
+webgroups:
+  - name: svc
+    domains: [short.test]
+policy:
+  rules:
+    - name: svc-tcp
+      to: {{webgroups: [svc]}}
+      protocols: [tcp]
+      action: allow
+"#,
+            auth.addr
+        ),
+    );
+    let c3 = Ipv4Addr::new(10, 77, 0, 3);
+    sh(&format!("ip addr add {c3}/32 dev lo"));
+    sh(&format!(
+        "iptables -t nat -A OUTPUT -p tcp -s {c3} -d {service} --dport {port} -j REDIRECT --to-ports {}",
+        sluice.addr("transparent").port()
+    ));
+    let d = dig(sluice.addr("dns"), "short.test", "A", &["-b", "10.77.0.3"]);
+    assert_eq!(d.a_records(), ["10.77.0.5"], "{}", d.raw);
+    let resolved = Instant::now();
+    let got = talk(c3, dst);
+    assert_eq!(got, "svc says: ping\n", "stderr:\n{}", sluice.stderr());
+    assert!(resolved.elapsed() < Duration::from_secs(2), "too slow to test expiry");
+    thread::sleep(Duration::from_secs(3).saturating_sub(resolved.elapsed()));
+    let got = talk(c3, dst);
+    assert_eq!(got, "", "the flow got through after its binding expired");
+    let flows = sluice.audit("flow", 2);
+    assert_eq!(flows.len(), 2, "{flows:#?}");
+    assert_eq!(flows[0]["dns_name"], "short.test", "{}", flows[0]);
+    assert!(flows[1]["dns_name"].is_null(), "{}", flows[1]);
+    assert_eq!(flows[1]["verdict"]["reason"], "default-deny", "{}", flows[1]);
 }
