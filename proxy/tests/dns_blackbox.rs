@@ -766,6 +766,34 @@ fn sighup_reload_applies_new_dns_listener_options() {
     );
 }
 
+#[test]
+#[ignore = "BUG: a dns listener on 0.0.0.0 answers UDP from the route's source address, not the address the query was sent to (no IP_PKTINFO in dns/server.rs): a query to 127.0.0.2 is answered from 127.0.0.1 and dig (a connected socket) never sees it"]
+fn dig_to_a_wildcard_listener_gets_the_answer_from_the_address_it_asked() {
+    let auth = start_authority(Ipv4Addr::LOCALHOST);
+    let config = dns_config(&auth, "", "").replace("address: 127.0.0.1:0", "address: 0.0.0.0:0");
+    let sluice = Sluice::start("wildcard", &config);
+    let port = sluice.addr("dns").port();
+    // 127.0.0.2 is a local address (127/8 is on lo) other than the one
+    // the kernel picks as the source of packets to 127.0.0.1.
+    let asked = SocketAddr::from(([127, 0, 0, 2], port));
+    // The reply's source address, then what dig (a connected socket) sees.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut q = Message::query();
+    q.metadata.id = 0x5151;
+    q.metadata.recursion_desired = true;
+    q.add_query(hickory_proto::op::Query::query(
+        name("www.allowed.test."),
+        RecordType::A,
+    ));
+    udp.send_to(&q.to_vec().unwrap(), asked).unwrap();
+    let mut buf = [0u8; 512];
+    let (_, from) = udp.recv_from(&mut buf).expect("no reply at all");
+    assert_eq!(from, asked, "the answer came from another address");
+    let d = dig(asked, "www.allowed.test", "A", &[]);
+    assert_eq!(d.status, "NOERROR", "{}", d.raw);
+}
+
 // ------------------------------------------------------------------ netns
 
 const INNER_ENV: &str = "SLUICE_DNS_NETNS_INNER";
