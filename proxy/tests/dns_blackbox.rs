@@ -1067,4 +1067,89 @@ policy:
     assert_eq!(flows[0]["dns_name"], "short.test", "{}", flows[0]);
     assert!(flows[1]["dns_name"].is_null(), "{}", flows[1]);
     assert_eq!(flows[1]["verdict"]["reason"], "default-deny", "{}", flows[1]);
+    drop(sluice);
+
+    // Transparent TLS: the SNI must name what the DNS proxy answered this
+    // client for the address dialled.
+    let sluice = Sluice::start(
+        "netns-sni",
+        &format!(
+            r#"
+listeners:
+  - name: dns
+    kind: dns
+    address: 127.0.0.1:0
+    upstreams: ["{}"]
+  - name: transparent
+    kind: transparent
+    address: 127.0.0.1:0
+webgroups:
+  - name: svc
+    domains: [svc.test, other.test]
+policy:
+  rules:
+    - name: svc-tls
+      to: {{webgroups: [svc]}}
+      protocols: [tls]
+      action: allow
+"#,
+            auth.addr
+        ),
+    );
+    let c4 = Ipv4Addr::new(10, 77, 0, 4);
+    sh(&format!("ip addr add {c4}/32 dev lo"));
+    sh(&format!(
+        "iptables -t nat -A OUTPUT -p tcp -s {c4} -d {service} --dport {port} -j REDIRECT --to-ports {}",
+        sluice.addr("transparent").port()
+    ));
+    let d = dig(sluice.addr("dns"), "svc.test", "A", &["-b", "10.77.0.4"]);
+    assert_eq!(d.a_records(), ["10.77.0.5"], "{}", d.raw);
+    let before = accepted.load(Ordering::SeqCst);
+    // An allowed name, but not the one this address was resolved for.
+    let got = send_client_hello(c4, dst, "other.test");
+    assert_eq!(got, "", "a mismatched SNI reached the service");
+    assert_eq!(accepted.load(Ordering::SeqCst), before);
+    // The name the address was resolved for.
+    let got = send_client_hello(c4, dst, "svc.test");
+    assert!(
+        got.starts_with("svc says: "),
+        "the ClientHello was not relayed: {got:?}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), before + 1);
+    let flows = sluice.audit("flow", 2);
+    assert_eq!(flows.len(), 2, "{flows:#?}");
+    assert_eq!(flows[0]["sni"], "other.test", "{}", flows[0]);
+    assert_eq!(flows[0]["verdict"]["action"], "deny", "{}", flows[0]);
+    assert_eq!(
+        flows[0]["verdict"]["reason"], "sni-destination-mismatch",
+        "{}",
+        flows[0]
+    );
+    assert_eq!(flows[1]["sni"], "svc.test", "{}", flows[1]);
+    assert_eq!(flows[1]["verdict"]["action"], "allow", "{}", flows[1]);
+    assert_eq!(flows[1]["verdict"]["check"], "dns-binding", "{}", flows[1]);
+}
+
+/// Sends a real TLS ClientHello for `sni` (made by rustls) from `src` to
+/// `dst`, half-closes, and returns what came back as text.
+fn send_client_hello(src: Ipv4Addr, dst: SocketAddr, sni: &str) -> String {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server_name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut tls = rustls::ClientConnection::new(Arc::new(config), server_name).unwrap();
+    let mut hello = Vec::new();
+    tls.write_tls(&mut hello).unwrap();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from((src, 0)).into()).unwrap();
+    sock.connect_timeout(&dst.into(), Duration::from_secs(5)).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(&hello);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
 }
