@@ -7,9 +7,14 @@
 //! the data plane uses: inside a throwaway network namespace (this test
 //! binary re-run under `unshare --net`), an iptables `REDIRECT` sends an
 //! opaque TCP flow to a `transparent` listener, which allows it only after
-//! the client resolved the name through Sluice. It needs root, `unshare`,
-//! `ip` and `iptables`; when any of that is missing it fails and says why.
-//! Set `SLUICE_SKIP_NETNS=1` to skip it explicitly.
+//! that client resolved the name through Sluice (a cache hit counts; the
+//! binding expires after its floor and grace), and a transparent TLS flow
+//! only when its SNI is the name the address was resolved for. It needs
+//! root, `unshare`, `ip` and `iptables`; when any of that is missing it
+//! fails and says why. Set `SLUICE_SKIP_NETNS=1` to skip it explicitly.
+//!
+//! Tests marked `#[ignore = "BUG: ..."]` show known bugs; run them with
+//! `--include-ignored`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
 use std::collections::BTreeMap;
