@@ -13,6 +13,7 @@
 # (Sluice `runtime: {workers: 1}`, unbound `num-threads: 1`, dnsmasq is
 # single-threaded); dnsperf and NSD share CPU $LOAD_CPU.
 #
+# ROUNDS (default 3) interleaved rounds; the report is the median round.
 # Needs free loopback ports BASE_PORT..BASE_PORT+3 (UDP and TCP), the Debian packages
 # dnsperf, dnsmasq-base (or dnsmasq), unbound, nsd, and a release build
 # (`cargo build --release -p sluice`). Usage: bench/dns/run.sh
@@ -28,6 +29,7 @@ LOAD_CPU=${LOAD_CPU:-0}
 SLUICE=${SLUICE:-target/release/sluice}
 UNCACHED_NAMES=${UNCACHED_NAMES:-50000}
 PEERS=${PEERS:-direct sluice dnsmasq unbound}
+ROUNDS=${ROUNDS:-3}
 
 AUTH_PORT=$BASE_PORT
 SLUICE_PORT=$((BASE_PORT + 1))
@@ -226,23 +228,29 @@ measure() {
   else
     p50=nan p99=nan
   fi
-  echo "$peer $mode $qps $avg $p50 $p99 $lost"
+  echo "$peer $mode $qps $avg $p50 $p99 $lost" | tee -a "$WORK/last"
 }
 
 RESULTS="$WORK/results.txt"
 : >"$RESULTS"
-for mode in cached uncached; do
-  for peer in $PEERS; do
-    case $peer in
-      direct) port=$AUTH_PORT ;;
-      sluice) port=$SLUICE_PORT ;;
-      dnsmasq) port=$DNSMASQ_PORT ;;
-      unbound) port=$UNBOUND_PORT ;;
-      *) echo "bench/dns: unknown peer $peer" >&2; exit 1 ;;
-    esac
-    "start_$peer" "$mode"
-    measure "$peer" "$port" "$mode" | tee -a "$RESULTS" >&2
-    stop_server
+# Rounds interleave the servers, so a burst of other load on the machine
+# hits each of them in some round rather than one of them in all; the
+# report gives the median round and the range.
+for round in $(seq 1 "$ROUNDS"); do
+  for mode in cached uncached; do
+    for peer in $PEERS; do
+      case $peer in
+        direct) port=$AUTH_PORT ;;
+        sluice) port=$SLUICE_PORT ;;
+        dnsmasq) port=$DNSMASQ_PORT ;;
+        unbound) port=$UNBOUND_PORT ;;
+        *) echo "bench/dns: unknown peer $peer" >&2; exit 1 ;;
+      esac
+      "start_$peer" "$mode"
+      echo "round $round: $(measure "$peer" "$port" "$mode")" >&2
+      tail -n 1 "$WORK/last" >>"$RESULTS"
+      stop_server
+    done
   done
 done
 
@@ -255,13 +263,32 @@ dnsperf_ver=$(dnsperf -h 2>&1 | awk '/^Version/ {print "dnsperf " $2; exit}')
 echo
 echo "Versions: $sluice_ver, $dnsmasq_ver, $unbound_ver; authority $nsd_ver; load $dnsperf_ver"
 echo "Host: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); server on CPU $SERVER_CPU, dnsperf+nsd on CPU $LOAD_CPU"
-echo "Max qps: ${DURATION} s, 100 outstanding; latency: ${RATE} qps for ${LAT_DURATION} s"
+echo "Max qps: ${DURATION} s, 100 outstanding; latency: ${RATE} qps for ${LAT_DURATION} s; median of $ROUNDS rounds (qps range in brackets)"
 echo
 echo "| mode | server | qps (max) | mean latency at max (ms) | p50 at ${RATE} qps (ms) | p99 at ${RATE} qps (ms) | lost |"
 echo "|---|---|---:|---:|---:|---:|---:|"
-while read -r peer mode qps avg p50 p99 lost; do
-  printf "| %s | %s | %.0f | %s | %s | %s | %s |\n" "$mode" "$peer" "$qps" "$avg" "$p50" "$p99" "$lost"
-done <"$RESULTS"
+# median PEER MODE COLUMN -> the median of that column over the rounds
+median() {
+  awk -v p="$1" -v m="$2" -v c="$3" '$1 == p && $2 == m { print $c }' "$RESULTS" | sort -g |
+    awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "nan" }'
+}
+range() {
+  awk -v p="$1" -v m="$2" '$1 == p && $2 == m { print $3 }' "$RESULTS" | sort -g |
+    awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.0f–%.0f", lo, hi }'
+}
+SUMMARY="$WORK/summary.txt"
+: >"$SUMMARY"
+for mode in cached uncached; do
+  for peer in $PEERS; do
+    qps=$(median "$peer" "$mode" 3)
+    avg=$(median "$peer" "$mode" 4)
+    p50=$(median "$peer" "$mode" 5)
+    p99=$(median "$peer" "$mode" 6)
+    lost=$(median "$peer" "$mode" 7)
+    echo "$peer $mode $qps $avg $p50 $p99 $lost" >>"$SUMMARY"
+    printf "| %s | %s | %.0f (%s) | %s | %s | %s | %s |\n" "$mode" "$peer" "$qps" "$(range "$peer" "$mode")" "$avg" "$p50" "$p99" "$lost"
+  done
+done
 echo
 echo "| mode | Sluice / dnsmasq qps | Sluice / unbound qps | Sluice / dnsmasq p99 | Sluice / unbound p99 |"
 echo "|---|---:|---:|---:|---:|"
@@ -273,5 +300,5 @@ for mode in cached uncached; do
       printf "| %s | %s | %s | %s | %s |\n", m,
         r(qps["sluice"], qps["dnsmasq"]), r(qps["sluice"], qps["unbound"]),
         r(p99["sluice"], p99["dnsmasq"]), r(p99["sluice"], p99["unbound"])
-    }' "$RESULTS"
+    }' "$SUMMARY"
 done
