@@ -13,7 +13,8 @@
 # (Sluice `runtime: {workers: 1}`, unbound `num-threads: 1`, dnsmasq is
 # single-threaded); dnsperf and NSD share CPU $LOAD_CPU.
 #
-# ROUNDS (default 3) interleaved rounds; the report is the median round.
+# ROUNDS (default 3) interleaved rounds; each reported figure is the median
+# over the rounds (and the qps range).
 # Needs free loopback ports BASE_PORT..BASE_PORT+3 (UDP and TCP), the Debian packages
 # dnsperf, dnsmasq-base (or dnsmasq), unbound, nsd, and a release build
 # (`cargo build --release -p sluice`). Usage: bench/dns/run.sh
@@ -263,7 +264,7 @@ dnsperf_ver=$(dnsperf -h 2>&1 | awk '/^Version/ {print "dnsperf " $2; exit}')
 echo
 echo "Versions: $sluice_ver, $dnsmasq_ver, $unbound_ver; authority $nsd_ver; load $dnsperf_ver"
 echo "Host: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); server on CPU $SERVER_CPU, dnsperf+nsd on CPU $LOAD_CPU"
-echo "Max qps: ${DURATION} s, 100 outstanding; latency: ${RATE} qps for ${LAT_DURATION} s; median of $ROUNDS rounds (qps range in brackets)"
+echo "Max qps: ${DURATION} s, 100 outstanding; latency: ${RATE} qps for ${LAT_DURATION} s; each column the median of $ROUNDS rounds (qps range in brackets)"
 echo
 echo "| mode | server | qps (max) | mean latency at max (ms) | p50 at ${RATE} qps (ms) | p99 at ${RATE} qps (ms) | lost |"
 echo "|---|---|---:|---:|---:|---:|---:|"
