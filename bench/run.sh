@@ -203,12 +203,15 @@ run_target() {
     log "$t: $IDLE_FLOWS idle flows"
     timeout 120 $CLIENT_CPU "$LOAD" idle "${common[@]}" "${m[@]}" --count "$IDLE_FLOWS" \
         --concurrency "$CONCURRENCY" --max-secs 100 | tee -a "$RESULTS" >&2 || log "$t idle: failed"
+    sleep 1  # let closes and TIME_WAIT from the previous phase settle
     log "$t: $CONNS connections, $CONCURRENCY in flight"
     timeout 200 $CLIENT_CPU "$LOAD" conn "${common[@]}" "${m[@]}" --count "$CONNS" \
         --concurrency "$CONCURRENCY" --max-secs 180 | tee -a "$RESULTS" >&2 || log "$t conn: failed"
+    sleep 1  # let closes and TIME_WAIT from the previous phase settle
     log "$t: $LAT_CONNS sequential connections"
     timeout 200 $CLIENT_CPU "$LOAD" conn "${common[@]}" "${m[@]}" --count "$LAT_CONNS" \
         --concurrency 1 --phase latency --max-secs 180 | tee -a "$RESULTS" >&2 || log "$t latency: failed"
+    sleep 1  # let closes and TIME_WAIT from the previous phase settle
     log "$t: bulk $BULK_BYTES bytes"
     timeout 150 $CLIENT_CPU "$LOAD" bulk "${common[@]}" "${m[@]}" --bytes "$BULK_BYTES" \
         --max-secs 140 | tee -a "$RESULTS" >&2 || log "$t bulk: failed"

@@ -247,7 +247,10 @@ async fn conn(c: &Common, m: &Measured, count: usize, concurrency: usize, phase:
     o.insert("concurrency".into(), json!(concurrency));
     o.insert("conn_per_s".into(), json!(ok as f64 / elapsed));
     o.insert("p50_us".into(), json!(percentile(&lat, 0.50)));
+    o.insert("p90_us".into(), json!(percentile(&lat, 0.90)));
     o.insert("p99_us".into(), json!(percentile(&lat, 0.99)));
+    o.insert("p999_us".into(), json!(percentile(&lat, 0.999)));
+    o.insert("max_us".into(), json!(percentile(&lat, 1.0)));
     if let Some(cpu) = o.get("proxy_cpu_s").and_then(Value::as_f64) {
         o.insert("proxy_cpu_us_per_conn".into(), json!(cpu * 1e6 / ok.max(1) as f64));
     }
