@@ -245,8 +245,9 @@ fn strip_port(n: &str) -> &str {
     }
 }
 
-/// `sluice run`: loads and compiles the configuration. Serving the
-/// listeners is added by the data-plane modules.
+/// `sluice run`: serves the configuration until SIGTERM or SIGINT; SIGHUP
+/// reloads it from its file (a bad file is reported and the running
+/// configuration kept).
 pub fn run(args: &RunArgs, err: &mut dyn Write) -> i32 {
     let cfg = match load(args.config.as_deref()) {
         Ok(c) => c,
@@ -255,14 +256,78 @@ pub fn run(args: &RunArgs, err: &mut dyn Write) -> i32 {
             return 1;
         }
     };
-    let policy = Policy::compile(&cfg);
+    let log = crate::telemetry::logging::init();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(w) = cfg.workers {
+        builder.worker_threads(w);
+    }
+    let rt = match builder.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = writeln!(err, "sluice: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(serve(cfg, args.config.clone(), log, err))
+}
+
+async fn serve(
+    cfg: Config,
+    path: Option<std::path::PathBuf>,
+    log: Option<crate::admin::LogControl>,
+    err: &mut dyn Write,
+) -> i32 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let drain = cfg.drain_timeout;
+    let source = cfg.source.clone();
+    let mode = cfg.policy.mode;
+    let server = match crate::runtime::Server::start(cfg, log).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(err, "sluice: {e}");
+            return 1;
+        }
+    };
+    for (name, (kind, addr)) in &server.listeners {
+        let _ = writeln!(err, "sluice: listening: {name} ({}) on {addr}", kind.as_str());
+    }
+    let _ = writeln!(err, "sluice: admin API on http://{}", server.admin);
+    let _ = writeln!(err, "sluice: running {source} in {} mode", mode.as_str());
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = writeln!(err, "sluice: cannot install signal handlers");
+        return 1;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match &path {
+                Some(p) => match config::load_file(p) {
+                    Ok(c) => {
+                        server.reload(c);
+                        let _ = writeln!(err, "sluice: reloaded {}", p.display());
+                    }
+                    Err(e) => {
+                        let _ = writeln!(err, "{e}\nsluice: reload rejected; the running configuration is unchanged");
+                    }
+                },
+                None => {
+                    let _ = writeln!(err, "sluice: SIGHUP ignored: running the embedded default, nothing to reload");
+                }
+            },
+        }
+    }
     let _ = writeln!(
         err,
-        "sluice: loaded {} ({} rules, {} patterns, mode {}); no listener is served by this build yet",
-        cfg.source,
-        policy.rule_count(),
-        policy.pattern_count(),
-        cfg.policy.mode.as_str()
+        "sluice: shutting down: draining for up to {}",
+        humantime::format_duration(drain)
     );
-    1
+    server.shutdown(drain).await;
+    let _ = writeln!(err, "sluice: stopped");
+    0
 }

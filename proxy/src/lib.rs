@@ -6,9 +6,13 @@
 //!
 //! `policy` is the engine every stage asks; `cli` holds the command line.
 
+pub mod admin;
 pub mod classify;
 pub mod cli;
+pub mod dns;
 pub mod forward;
+pub mod listener;
 pub mod policy;
+pub mod runtime;
 pub mod sys;
 pub mod telemetry;

@@ -9,7 +9,9 @@
 //! → socket inside the kernel, so the relay in `forward::relay` never copies
 //! payload through user space. Everything else in the crate is
 //! `unsafe_code = "deny"`; each block below carries a `// SAFETY:` note saying
-//! why the call cannot violate memory safety. The functions here are thin: they
+//! why the call cannot violate memory safety. (`thread_cpu_time`, a
+//! `getrusage(RUSAGE_THREAD)` wrapper for benchmarks, lives here for the
+//! same reason.) The functions here are thin: they
 //! take borrowed file descriptors, return `io::Result`, and leave policy
 //! (what to do on EOF, on a reset, on an idle pipe) to their callers.
 //!
@@ -261,6 +263,20 @@ mod linux {
                 splice_once(src.as_fd(), self.write.as_fd(), room)
             })?;
             self.len += n;
+            Ok(n)
+        }
+
+        /// One non-blocking splice of the pipe's bytes into `dst`:
+        /// `Err(WouldBlock)` when `dst` cannot take more right now
+        /// (readiness is cleared, so `poll_write_ready` will wait).
+        pub fn try_drain_to(&mut self, dst: &TcpStream) -> io::Result<usize> {
+            let n = dst.try_io(Interest::WRITABLE, || {
+                splice_once(self.read.as_fd(), dst.as_fd(), self.len)
+            })?;
+            if n == 0 && self.len > 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "splice wrote zero bytes"));
+            }
+            self.len -= n;
             Ok(n)
         }
 

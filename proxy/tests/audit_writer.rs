@@ -227,3 +227,32 @@ fn metrics_install_is_idempotent_and_renders_sluice_names() {
     assert!(text.contains(&format!("{}_bucket", metrics::CONNECT_SECONDS)), "{text}");
     assert_eq!(a.render().is_empty(), text.is_empty());
 }
+
+#[tokio::test]
+async fn sighup_reopens_the_file() {
+    let path = temp_path("sighup");
+    let w = AuditWriter::start(AuditSink::File(path.clone()), 64).unwrap();
+    let task = sluice::telemetry::audit::reopen_on_sighup(w.clone()).unwrap();
+    w.record(sample(1));
+    w.flush().await.unwrap();
+    let rotated = path.with_extension("old");
+    std::fs::rename(&path, &rotated).unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The handler reopens asynchronously; the new file appears when done.
+    for _ in 0..2_000 {
+        if path.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(path.exists(), "SIGHUP did not reopen the audit file");
+    w.record(sample(2));
+    w.shutdown().await.unwrap();
+    assert_eq!(lines(&rotated).len(), 1);
+    assert_eq!(lines(&path)[0]["flow_id"], 2);
+    task.abort();
+}

@@ -140,3 +140,16 @@ async fn every_address_refusing_reports_refused() {
     let err = connect(&[a, b], &ConnectOptions::default()).await.unwrap_err();
     assert!(matches!(err, ConnectError::Refused(_)), "{err:?}");
 }
+
+#[tokio::test]
+async fn mark_is_set_on_upstream_sockets() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let mut o = ConnectOptions::default();
+    o.mark = Some(0x5c);
+    match connect(&[addr], &o).await {
+        Ok(c) => assert_eq!(socket2::SockRef::from(&c.stream).mark().unwrap(), 0x5c),
+        // SO_MARK needs CAP_NET_ADMIN; without it the attempt fails typed.
+        Err(e) => assert!(matches!(e, ConnectError::Io { .. }), "{e:?}"),
+    }
+}

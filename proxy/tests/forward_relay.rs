@@ -249,3 +249,72 @@ async fn upstream_reset_is_attributed_to_the_upstream() {
         drop(client);
     }
 }
+
+#[tokio::test]
+async fn client_reset_is_attributed_to_the_client() {
+    for mode in MODES {
+        let Flow { client, server, relay } = flow(opts(mode, None)).await;
+        let client = client.into_std().unwrap();
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(client);
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.reason, CloseReason::ClientReset, "{mode:?}");
+        drop(server);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_timeout_applies_to_a_half_closed_flow() {
+    for mode in MODES {
+        let Flow {
+            mut client,
+            mut server,
+            relay,
+        } = flow(opts(mode, Some(Duration::from_secs(60)))).await;
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap(); // the FIN arrived
+        // The upstream never answers nor closes: idle timeout ends it.
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.reason, CloseReason::IdleTimeout, "{mode:?}");
+        drop((client, server));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_flows_on_a_multi_thread_runtime() {
+    // Pipes and buffers come from per-thread pools and may be returned on
+    // another worker: run several flows at once across workers.
+    let mut tasks = Vec::new();
+    for i in 0..16u32 {
+        let mode = MODES[i as usize % 2];
+        tasks.push(tokio::spawn(async move {
+            let Flow { client, server, relay } = flow(opts(mode, None)).await;
+            let data = payload(512 * 1024 + i as usize, i);
+            let echo = tokio::spawn(async move {
+                let (mut r, mut w) = server.into_split();
+                tokio::io::copy(&mut r, &mut w).await.unwrap();
+                w.shutdown().await.unwrap();
+            });
+            let (mut rd, mut wr) = client.into_split();
+            let to_send = data.clone();
+            let writer = tokio::spawn(async move {
+                wr.write_all(&to_send).await.unwrap();
+                wr.shutdown().await.unwrap();
+                wr
+            });
+            let mut got = Vec::new();
+            rd.read_to_end(&mut got).await.unwrap();
+            let _wr = writer.await.unwrap();
+            echo.await.unwrap();
+            assert!(got == data, "flow {i} ({mode:?}) differs");
+            let stats = relay.await.unwrap();
+            assert_eq!(stats.bytes_down, data.len() as u64);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}

@@ -54,6 +54,9 @@ pub enum ResolveError {
     /// The system resolver configuration could not be read.
     #[error("reading the system DNS configuration: {0}")]
     SystemConfig(#[source] NetError),
+    /// The resolver could not be built from its settings.
+    #[error("building the DNS resolver: {0}")]
+    Build(#[source] NetError),
     /// Any other failure of the lookup (server failure, refused, I/O).
     #[error("{name}: DNS lookup failed: {source}")]
     Lookup {
@@ -73,7 +76,7 @@ impl ResolveError {
             Self::NoRecords { .. } => "dns-no-records",
             Self::Timeout { .. } => "dns-timeout",
             Self::InvalidName { .. } => "dns-invalid-name",
-            Self::SystemConfig(_) => "dns-config",
+            Self::SystemConfig(_) | Self::Build(_) => "dns-config",
             Self::Lookup { .. } => "dns-error",
         }
     }

@@ -7,6 +7,7 @@
 //! the data path, after the relay reports how the flow closed.
 
 pub mod audit;
+pub mod logging;
 pub mod metrics;
 
 pub use audit::{AuditError, AuditSink, AuditWriter, FlowRecord, VerdictRecord};

@@ -1,0 +1,119 @@
+//! What the DNS proxy reports: one audit record per query, and counters.
+//!
+//! Records are produced by the sans-IO engine and shipped by the server over
+//! a bounded channel the caller owns (the telemetry stage drains it). A full
+//! channel never slows a query down: the record is dropped and counted in
+//! [`DnsStats::audit_drops`]. Counters are plain atomics so the telemetry
+//! stage can export them however it likes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// How the query reached Sluice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// One query, as decided and answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsAuditRecord {
+    /// When the query arrived, Unix milliseconds (taken by the I/O edge).
+    pub time_unix_ms: u64,
+    pub source: SocketAddr,
+    pub transport: Transport,
+    /// Canonical name when it parsed as one, else the name as received.
+    pub qname: String,
+    pub qtype: u16,
+    /// The policy's action.
+    pub allowed: bool,
+    /// Whether the action was enforced (false in watch mode).
+    pub enforced: bool,
+    /// Denied by policy but answered because of watch mode ("would deny").
+    pub watched: bool,
+    pub rule: String,
+    pub reason: &'static str,
+    /// Response code sent to the client (extended codes included).
+    pub rcode: u16,
+    /// The upstream that produced the answer; `None` for cache hits and
+    /// answers Sluice made itself.
+    pub upstream: Option<SocketAddr>,
+    pub latency_us: u64,
+    pub cache_hit: bool,
+    /// An `ech` SvcParam was removed from the answer.
+    pub ech_stripped: bool,
+}
+
+/// Counters, updated with relaxed atomics (they are statistics, not
+/// synchronisation).
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    /// Messages that parsed far enough to be answered or refused.
+    pub queries: AtomicU64,
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+    /// Would have been denied; answered because of watch mode.
+    pub watched: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    /// Failed exchanges with one upstream (a query may count several).
+    pub upstream_errors: AtomicU64,
+    pub servfail: AtomicU64,
+    pub formerr: AtomicU64,
+    /// Datagrams dropped without an answer (no readable header, a response
+    /// sent to us, or overload).
+    pub dropped: AtomicU64,
+    pub bindings_evictions: AtomicU64,
+    pub audit_drops: AtomicU64,
+    pub ech_stripped: AtomicU64,
+    pub exfiltration_flagged: AtomicU64,
+}
+
+/// A point-in-time copy of [`DnsStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DnsStatsSnapshot {
+    pub queries: u64,
+    pub allowed: u64,
+    pub denied: u64,
+    pub watched: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub upstream_errors: u64,
+    pub servfail: u64,
+    pub formerr: u64,
+    pub dropped: u64,
+    pub bindings_evictions: u64,
+    pub audit_drops: u64,
+    pub ech_stripped: u64,
+    pub exfiltration_flagged: u64,
+}
+
+impl DnsStats {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> DnsStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DnsStatsSnapshot {
+            queries: get(&self.queries),
+            allowed: get(&self.allowed),
+            denied: get(&self.denied),
+            watched: get(&self.watched),
+            cache_hits: get(&self.cache_hits),
+            cache_misses: get(&self.cache_misses),
+            upstream_errors: get(&self.upstream_errors),
+            servfail: get(&self.servfail),
+            formerr: get(&self.formerr),
+            dropped: get(&self.dropped),
+            bindings_evictions: get(&self.bindings_evictions),
+            audit_drops: get(&self.audit_drops),
+            ech_stripped: get(&self.ech_stripped),
+            exfiltration_flagged: get(&self.exfiltration_flagged),
+        }
+    }
+}

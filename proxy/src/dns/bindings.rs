@@ -1,0 +1,442 @@
+//! IP → name bindings learned from the answers Sluice hands out.
+//!
+//! Every address in an answer to an allowed query is recorded as
+//! (source, address) → queried name, living for the record's TTL raised to a
+//! floor, plus a grace period. The TCP data plane reads this table to
+//! attribute an IP-only flow to a name (so WebGroup rules apply to non-TLS
+//! traffic) and to verify that a transparent-mode SNI is headed to an
+//! address DNS gave that workload for that name.
+//!
+//! The table is sharded by destination address, each shard an LRU under a
+//! short-held mutex; a second, smaller sharded LRU remembers which sources
+//! resolve through Sluice at all. Expired entries are skipped on read and
+//! purged when their destination is written again. Time is passed in.
+
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use sluice_api::DomainName;
+
+use super::audit::DnsStats;
+use super::config::BindingsConfig;
+
+const SHARDS: usize = 16;
+
+/// Names one source was given for one address, with their expiry.
+type Names = Vec<(DomainName, Instant)>;
+
+/// All bindings for one destination address. Keyed by source so the data
+/// plane's per-flow lookups are O(1) even for a CDN address that thousands
+/// of workloads resolve.
+#[derive(Debug, Default)]
+struct Dst {
+    by_src: hashbrown::HashMap<IpAddr, Names>,
+    len: usize,
+}
+
+impl Dst {
+    /// Drops expired bindings; returns how many.
+    fn purge(&mut self, now: Instant) -> usize {
+        let before = self.len;
+        self.by_src.retain(|_, names| {
+            names.retain(|(_, expires)| *expires > now);
+            !names.is_empty()
+        });
+        self.len = self.by_src.values().map(Vec::len).sum();
+        before.saturating_sub(self.len)
+    }
+
+    /// Evicts the bindings closest to expiry until at most `target` remain;
+    /// returns how many went. Evicting a batch at once keeps a destination
+    /// that stays at its cap (a wildcard name behind one address, queried
+    /// with ever-new labels) from paying a full scan on every answer.
+    fn evict_down_to(&mut self, target: usize) -> usize {
+        let excess = self.len.saturating_sub(target);
+        if excess == 0 {
+            return 0;
+        }
+        let mut expiries: Vec<Instant> = self.by_src.values().flatten().map(|(_, e)| *e).collect();
+        let k = excess.min(expiries.len());
+        let Some(kth) = k.checked_sub(1) else {
+            return 0;
+        };
+        let threshold = *expiries.select_nth_unstable(kth).1;
+        // Everything before the threshold goes, and just enough of the
+        // bindings expiring exactly at it to make up `excess`.
+        let below = expiries.iter().filter(|e| **e < threshold).count();
+        let mut ties = k.saturating_sub(below);
+        let before = self.len;
+        self.by_src.retain(|_, names| {
+            names.retain(|(_, e)| {
+                if *e > threshold {
+                    true
+                } else if *e < threshold {
+                    false
+                } else if ties > 0 {
+                    ties -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+            !names.is_empty()
+        });
+        self.len = self.by_src.values().map(Vec::len).sum();
+        before.saturating_sub(self.len)
+    }
+
+    fn live(&self, src: &IpAddr, now: Instant) -> impl Iterator<Item = &(DomainName, Instant)> {
+        self.by_src
+            .get(src)
+            .into_iter()
+            .flatten()
+            .filter(move |(_, e)| *e > now)
+    }
+}
+
+#[derive(Debug)]
+struct Shard {
+    by_dst: LruCache<IpAddr, Dst>,
+    /// Bindings held in this shard, to enforce the entry cap across
+    /// destinations of very different popularity.
+    len: usize,
+}
+
+/// The binding table. Share it as `Arc<Bindings>` between the DNS proxy
+/// (writer) and the data plane (reader).
+#[derive(Debug)]
+pub struct Bindings {
+    shards: Box<[Mutex<Shard>]>,
+    sources: Box<[Mutex<LruCache<IpAddr, Instant>>]>,
+    hasher: foldhash::fast::RandomState,
+    per_shard_cap: usize,
+    max_per_destination: usize,
+    max_names_per_pair: usize,
+    min_ttl: Duration,
+    grace: Duration,
+    stats: Arc<DnsStats>,
+}
+
+impl Bindings {
+    /// A table with its own counters.
+    pub fn new(config: &BindingsConfig) -> Self {
+        Self::with_stats(config, Arc::new(DnsStats::default()))
+    }
+
+    /// A table that counts evictions into `stats` (the DNS proxy's counters).
+    pub fn with_stats(config: &BindingsConfig, stats: Arc<DnsStats>) -> Self {
+        let per_shard_cap = config.max_entries.div_ceil(SHARDS).max(1);
+        let sources_cap = NonZeroUsize::new(config.max_sources.div_ceil(SHARDS).max(1)).unwrap_or(NonZeroUsize::MIN);
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    by_dst: LruCache::unbounded(),
+                    len: 0,
+                })
+            })
+            .collect();
+        let sources = (0..SHARDS).map(|_| Mutex::new(LruCache::new(sources_cap))).collect();
+        Self {
+            shards,
+            sources,
+            hasher: foldhash::fast::RandomState::default(),
+            per_shard_cap,
+            max_per_destination: config.max_per_destination.max(1),
+            max_names_per_pair: config.max_names_per_pair.max(1),
+            min_ttl: config.min_ttl,
+            grace: config.grace,
+            stats,
+        }
+    }
+
+    /// Records that `src` was told `dst` is an address of `name`, valid for
+    /// `ttl` seconds from `now` (raised to the floor, plus grace).
+    pub fn record(&self, src: IpAddr, dst: IpAddr, name: &DomainName, ttl: u32, now: Instant) {
+        let src = src.to_canonical();
+        let dst = dst.to_canonical();
+        let life = Duration::from_secs(u64::from(ttl)).max(self.min_ttl) + self.grace;
+        let expires = now + life;
+        let mut evicted = 0u64;
+        {
+            let mut shard = self.shard(&dst);
+            let shard = &mut *shard;
+            let entry = shard.by_dst.get_or_insert_mut(dst, Dst::default);
+            let before = entry.len;
+            let names = entry.by_src.entry(src).or_default();
+            let held = names.len();
+            names.retain(|(_, e)| *e > now);
+            match names.iter_mut().find(|(n, _)| n == name) {
+                Some(slot) => slot.1 = slot.1.max(expires),
+                None => {
+                    if names.len() >= self.max_names_per_pair
+                        && let Some(i) = soonest(names)
+                    {
+                        names.swap_remove(i);
+                        evicted += 1;
+                    }
+                    names.push((name.clone(), expires));
+                }
+            }
+            entry.len = entry.len.saturating_sub(held) + names.len();
+            if entry.len > self.max_per_destination {
+                entry.purge(now);
+                let target = self.max_per_destination - self.max_per_destination / 8;
+                evicted += entry.evict_down_to(target) as u64;
+            }
+            shard.len = (shard.len + entry.len).saturating_sub(before);
+            // The destination just written is the most recently used, so
+            // the LRU victim is another one; it alone may exceed the cap.
+            while shard.len > self.per_shard_cap && shard.by_dst.len() > 1 {
+                let Some((_, mut victim)) = shard.by_dst.pop_lru() else {
+                    break;
+                };
+                shard.len = shard.len.saturating_sub(victim.len);
+                victim.purge(now);
+                evicted += victim.len as u64;
+            }
+        }
+        if evicted > 0 {
+            self.stats.bindings_evictions.fetch_add(evicted, Ordering::Relaxed);
+        }
+        let mut sources = self.source_shard(&src);
+        match sources.get_mut(&src) {
+            Some(latest) => *latest = (*latest).max(expires),
+            None => {
+                sources.put(src, expires);
+            }
+        }
+    }
+
+    /// The name `src` most recently resolved to `dst`, if the binding is live.
+    pub fn lookup(&self, src: IpAddr, dst: IpAddr, now: Instant) -> Option<DomainName> {
+        let src = src.to_canonical();
+        let dst = dst.to_canonical();
+        let mut shard = self.shard(&dst);
+        let entry = shard.by_dst.get(&dst)?;
+        entry.live(&src, now).max_by_key(|(_, e)| *e).map(|(n, _)| n.clone())
+    }
+
+    /// Every live name any source was given `dst` for (deduplicated).
+    pub fn names_for(&self, dst: IpAddr, now: Instant) -> Vec<DomainName> {
+        let dst = dst.to_canonical();
+        let shard = self.shard(&dst);
+        let mut names: Vec<DomainName> = shard
+            .by_dst
+            .peek(&dst)
+            .map(|entry| {
+                entry
+                    .by_src
+                    .values()
+                    .flatten()
+                    .filter(|(_, e)| *e > now)
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        drop(shard);
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// Whether `src` holds any live binding: it resolves through Sluice, so an
+    /// unbound destination from it is suspicious rather than merely unknown.
+    pub fn has_bindings_for_source(&self, src: IpAddr, now: Instant) -> bool {
+        let src = src.to_canonical();
+        self.source_shard(&src).peek(&src).is_some_and(|latest| *latest > now)
+    }
+
+    /// Whether `src` was told `dst` is an address of `name` and the binding is live.
+    pub fn is_bound(&self, src: IpAddr, dst: IpAddr, name: &DomainName, now: Instant) -> bool {
+        let src = src.to_canonical();
+        let dst = dst.to_canonical();
+        let mut shard = self.shard(&dst);
+        shard
+            .by_dst
+            .get(&dst)
+            .is_some_and(|entry| entry.live(&src, now).any(|(n, _)| n == name))
+    }
+
+    /// Bindings held, live or not yet purged.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bindings evicted before they expired (cap pressure).
+    pub fn evictions(&self) -> u64 {
+        self.stats.bindings_evictions.load(Ordering::Relaxed)
+    }
+
+    fn shard(&self, dst: &IpAddr) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[self.index(dst)])
+    }
+
+    fn source_shard(&self, src: &IpAddr) -> MutexGuard<'_, LruCache<IpAddr, Instant>> {
+        lock(&self.sources[self.index(src)])
+    }
+
+    fn index(&self, key: &impl Hash) -> usize {
+        (self.hasher.hash_one(key) as usize) % SHARDS
+    }
+}
+
+fn soonest(names: &Names) -> Option<usize> {
+    names.iter().enumerate().min_by_key(|(_, (_, e))| *e).map(|(i, _)| i)
+}
+
+/// A poisoned shard only means another thread panicked mid-update of plain
+/// data that stays structurally valid; keep serving rather than cascade.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code: a panic is the failure report")]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn name(s: &str) -> DomainName {
+        DomainName::parse(s).unwrap()
+    }
+
+    fn cfg() -> BindingsConfig {
+        BindingsConfig {
+            grace: Duration::ZERO,
+            ..BindingsConfig::default()
+        }
+    }
+
+    #[test]
+    fn binding_respects_floor_and_expires() {
+        let b = Bindings::new(&cfg());
+        let t0 = Instant::now();
+        b.record(ip("10.0.0.1"), ip("93.184.216.34"), &name("example.com"), 5, t0);
+        // TTL 5 s is raised to the 60 s floor.
+        let t59 = t0 + Duration::from_secs(59);
+        assert_eq!(
+            b.lookup(ip("10.0.0.1"), ip("93.184.216.34"), t59),
+            Some(name("example.com"))
+        );
+        assert!(b.is_bound(ip("10.0.0.1"), ip("93.184.216.34"), &name("example.com"), t59));
+        assert!(b.has_bindings_for_source(ip("10.0.0.1"), t59));
+        assert!(!b.is_bound(ip("10.0.0.2"), ip("93.184.216.34"), &name("example.com"), t59));
+        let t61 = t0 + Duration::from_secs(61);
+        assert_eq!(b.lookup(ip("10.0.0.1"), ip("93.184.216.34"), t61), None);
+        assert!(!b.has_bindings_for_source(ip("10.0.0.1"), t61));
+        assert!(b.names_for(ip("93.184.216.34"), t61).is_empty());
+    }
+
+    #[test]
+    fn mapped_v4_sources_are_canonicalised() {
+        let b = Bindings::new(&cfg());
+        let t0 = Instant::now();
+        b.record(ip("::ffff:10.0.0.1"), ip("1.2.3.4"), &name("a.test"), 300, t0);
+        assert_eq!(b.lookup(ip("10.0.0.1"), ip("1.2.3.4"), t0), Some(name("a.test")));
+    }
+
+    #[test]
+    fn names_for_lists_all_sources_names() {
+        let b = Bindings::new(&cfg());
+        let t0 = Instant::now();
+        b.record(ip("10.0.0.1"), ip("1.2.3.4"), &name("a.test"), 300, t0);
+        b.record(ip("10.0.0.2"), ip("1.2.3.4"), &name("b.test"), 300, t0);
+        b.record(ip("10.0.0.2"), ip("1.2.3.4"), &name("b.test"), 300, t0);
+        assert_eq!(b.names_for(ip("1.2.3.4"), t0), vec![name("a.test"), name("b.test")]);
+        assert_eq!(b.len(), 2);
+    }
+
+    #[test]
+    fn a_busy_cdn_address_holds_many_sources_without_evicting() {
+        let b = Bindings::new(&BindingsConfig::default());
+        let t0 = Instant::now();
+        let cdn = ip("151.101.1.1");
+        for i in 0..2_000u32 {
+            let src = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            b.record(src, cdn, &name("a.test"), 300, t0);
+            b.record(src, cdn, &name("b.test"), 300, t0);
+        }
+        assert_eq!(b.evictions(), 0);
+        assert_eq!(b.len(), 4_000);
+        let src = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + 1_234));
+        assert!(b.is_bound(src, cdn, &name("a.test"), t0));
+        assert!(b.is_bound(src, cdn, &name("b.test"), t0));
+        assert_eq!(b.names_for(cdn, t0), vec![name("a.test"), name("b.test")]);
+    }
+
+    #[test]
+    fn lookup_prefers_the_latest_answer() {
+        let b = Bindings::new(&cfg());
+        let t0 = Instant::now();
+        b.record(ip("10.0.0.1"), ip("1.2.3.4"), &name("old.test"), 300, t0);
+        b.record(
+            ip("10.0.0.1"),
+            ip("1.2.3.4"),
+            &name("new.test"),
+            300,
+            t0 + Duration::from_secs(5),
+        );
+        assert_eq!(
+            b.lookup(ip("10.0.0.1"), ip("1.2.3.4"), t0 + Duration::from_secs(6)),
+            Some(name("new.test"))
+        );
+    }
+
+    #[test]
+    fn wildcard_names_behind_one_address_stay_bounded() {
+        let config = BindingsConfig {
+            max_per_destination: 256,
+            ..cfg()
+        };
+        let b = Bindings::new(&config);
+        let t0 = Instant::now();
+        let dst = ip("192.0.2.1");
+        for i in 0..10_000u32 {
+            let at = t0 + Duration::from_millis(u64::from(i));
+            b.record(ip("10.0.0.1"), dst, &name(&format!("n{i}.wild.test")), 300, at);
+        }
+        assert_eq!(b.len(), 64, "per (source, address) cap");
+        // The newest names survive; the oldest were evicted.
+        let late = t0 + Duration::from_secs(10);
+        assert!(b.is_bound(ip("10.0.0.1"), dst, &name("n9999.wild.test"), late));
+        assert!(!b.is_bound(ip("10.0.0.1"), dst, &name("n0.wild.test"), late));
+        for i in 0..10_000u32 {
+            let src = IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i));
+            b.record(src, dst, &name("x.wild.test"), 300, t0 + Duration::from_secs(20));
+        }
+        assert!(b.len() <= 256, "per-address cap: {}", b.len());
+        assert!(b.len() >= 224, "batch eviction leaves 7/8: {}", b.len());
+    }
+
+    #[test]
+    fn caps_evict_and_count() {
+        let config = BindingsConfig {
+            max_entries: 16,
+            max_per_destination: 2,
+            ..cfg()
+        };
+        let b = Bindings::new(&config);
+        let t0 = Instant::now();
+        for i in 0..3u8 {
+            b.record(ip(&format!("10.0.0.{i}")), ip("1.2.3.4"), &name("a.test"), 300, t0);
+        }
+        assert_eq!(b.evictions(), 1);
+        for i in 0..200u8 {
+            b.record(ip("10.0.0.1"), ip(&format!("1.2.{i}.4")), &name("a.test"), 300, t0);
+        }
+        assert!(b.len() <= 16, "len {}", b.len());
+        assert!(b.evictions() > 100);
+    }
+}

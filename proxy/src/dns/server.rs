@@ -1,0 +1,303 @@
+//! The DNS listener: UDP and TCP on one port, feeding the sans-IO engine.
+//!
+//! This is the `dns` listener of the data path. It owns the sockets and the
+//! clock and nothing else: each message goes to [`DnsCore`], answers that
+//! need no upstream (denied, cached, malformed) are sent inline from the
+//! receive loop, and queries that need an upstream run as their own task,
+//! bounded by `max_in_flight` and `query_timeout`. Audit records go to the
+//! caller's bounded channel with `try_send` — a full channel costs a counted
+//! drop, never a stalled query. Shutdown is a [`CancellationToken`]: the
+//! listener stops reading, and in-flight queries get up to `query_timeout`
+//! to finish.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::DnsError;
+use super::audit::{DnsAuditRecord, DnsStats, Transport};
+use super::bindings::Bindings;
+use super::engine::{DnsCore, Pending, QueryContext, Reply, Step};
+use super::forward::{ForwardError, Forwarder};
+
+/// Client TCP connections served at once; more wait in the accept queue.
+const MAX_TCP_CONNECTIONS: usize = 1_024;
+/// Answers queued per TCP connection before its readers wait for the writer.
+const TCP_WRITE_QUEUE: usize = 32;
+/// Tries at finding a port free for both UDP and TCP when binding port 0.
+const BIND_TRIES: usize = 16;
+
+/// A bound DNS listener; [`DnsServer::run`] serves it until cancelled.
+#[derive(Debug)]
+pub struct DnsServer {
+    udp: Arc<UdpSocket>,
+    tcp: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    core: Arc<DnsCore>,
+    forwarder: Forwarder,
+    audit: mpsc::Sender<DnsAuditRecord>,
+    in_flight: Arc<Semaphore>,
+    tcp_slots: Arc<Semaphore>,
+    query_timeout: Duration,
+    tcp_idle_timeout: Duration,
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on `addr` (port 0 picks one port free for both).
+    pub async fn bind(
+        addr: SocketAddr,
+        core: Arc<DnsCore>,
+        audit: mpsc::Sender<DnsAuditRecord>,
+    ) -> Result<Self, DnsError> {
+        let (udp, tcp) = bind_pair(addr)
+            .await
+            .map_err(|source| DnsError::Bind { addr, source })?;
+        let local_addr = udp.local_addr()?;
+        let config = core.config();
+        let shared = Shared {
+            forwarder: Forwarder::new(config, Arc::clone(core.stats())),
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            tcp_slots: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
+            query_timeout: config.query_timeout,
+            tcp_idle_timeout: config.tcp_idle_timeout,
+            audit,
+            core,
+        };
+        Ok(Self {
+            udp: Arc::new(udp),
+            tcp,
+            local_addr,
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The bound address (the same port for UDP and TCP).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stats(&self) -> Arc<DnsStats> {
+        Arc::clone(self.shared.core.stats())
+    }
+
+    pub fn bindings(&self) -> Arc<Bindings> {
+        Arc::clone(self.shared.core.bindings())
+    }
+
+    /// Serves until `shutdown` is cancelled, then lets in-flight queries
+    /// finish (bounded by the query timeout) and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), DnsError> {
+        let tracker = TaskTracker::new();
+        let Self { udp, tcp, shared, .. } = self;
+        let result = tokio::select! {
+            () = shutdown.cancelled() => Ok(()),
+            r = udp_loop(&udp, &shared, &tracker) => r,
+            r = tcp_loop(&tcp, &shared, &tracker, &shutdown) => r,
+        };
+        tracker.close();
+        let grace = shared.query_timeout + Duration::from_millis(100);
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!("dns listener shut down with queries still in flight");
+        }
+        result
+    }
+}
+
+async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    let mut last = None;
+    for _ in 0..BIND_TRIES {
+        let udp = UdpSocket::bind(addr).await?;
+        let port = udp.local_addr()?.port();
+        match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            // With port 0 the kernel chose a UDP port whose TCP twin is taken;
+            // try another one.
+            Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrInUse)))
+}
+
+fn context(src: SocketAddr, transport: Transport) -> QueryContext {
+    let unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    QueryContext {
+        src,
+        transport,
+        now: now(),
+        unix_ms,
+    }
+}
+
+/// tokio's clock rather than `std`'s, so tests with paused time drive TTLs.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl Shared {
+    fn emit(&self, record: DnsAuditRecord) {
+        if self.audit.try_send(record).is_err() {
+            DnsStats::bump(&self.core.stats().audit_drops);
+        }
+    }
+
+    async fn resolve(&self, pending: Box<Pending>) -> Reply {
+        let exchange = self.forwarder.forward(&pending.upstream_query, &pending.question);
+        let outcome = tokio::time::timeout(self.query_timeout, exchange)
+            .await
+            .unwrap_or(Err(ForwardError::Deadline));
+        self.core.complete(*pending, outcome, now())
+    }
+}
+
+async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTracker) -> Result<(), DnsError> {
+    let mut buf = vec![0u8; usize::from(u16::MAX)];
+    loop {
+        let (n, src) = match udp.recv_from(&mut buf).await {
+            Ok(v) => v,
+            // ICMP errors from earlier sends can surface here; they concern
+            // one client, not the listener.
+            Err(e) => {
+                tracing::debug!(error = %e, "dns udp receive error");
+                continue;
+            }
+        };
+        match shared.core.handle_query_bytes(context(src, Transport::Udp), &buf[..n]) {
+            Step::Drop => {}
+            Step::Reply(reply) => {
+                if let Err(e) = udp.send_to(&reply.bytes, src).await {
+                    tracing::debug!(error = %e, %src, "dns udp send failed");
+                }
+                shared.emit(reply.audit);
+            }
+            Step::Forward(pending) => {
+                let Ok(permit) = Arc::clone(&shared.in_flight).try_acquire_owned() else {
+                    DnsStats::bump(&shared.core.stats().dropped);
+                    continue;
+                };
+                let shared = Arc::clone(shared);
+                let udp = Arc::clone(udp);
+                tracker.spawn(async move {
+                    let reply = shared.resolve(pending).await;
+                    drop(permit);
+                    if let Err(e) = udp.send_to(&reply.bytes, src).await {
+                        tracing::debug!(error = %e, %src, "dns udp send failed");
+                    }
+                    shared.emit(reply.audit);
+                });
+            }
+        }
+    }
+}
+
+async fn tcp_loop(
+    tcp: &TcpListener,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), DnsError> {
+    loop {
+        let Ok(slot) = Arc::clone(&shared.tcp_slots).acquire_owned().await else {
+            return Ok(());
+        };
+        let (stream, peer) = match tcp.accept().await {
+            Ok(v) => v,
+            // Per-connection failures (e.g. reset before accept, EMFILE) must
+            // not end the listener.
+            Err(e) => {
+                tracing::debug!(error = %e, "dns tcp accept error");
+                continue;
+            }
+        };
+        let shared = Arc::clone(shared);
+        let shutdown = shutdown.clone();
+        let inner = tracker.clone();
+        tracker.spawn(async move {
+            serve_tcp(stream, peer, &shared, &inner, &shutdown).await;
+            drop(slot);
+        });
+    }
+}
+
+/// One client connection: length-prefixed queries, answered as they
+/// complete (RFC 7766 §6.2.1.1 allows out-of-order answers).
+async fn serve_tcp(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let (mut reader, mut writer) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_WRITE_QUEUE);
+    let write = tracker.spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            let Ok(len) = u16::try_from(bytes.len()) else {
+                continue;
+            };
+            let mut framed = Vec::with_capacity(bytes.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&bytes);
+            if writer.write_all(&framed).await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    let idle = shared.tcp_idle_timeout;
+    loop {
+        let mut len = [0u8; 2];
+        let read = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = tokio::time::timeout(idle, reader.read_exact(&mut len)) => r,
+        };
+        if !matches!(read, Ok(Ok(_))) {
+            break;
+        }
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if !matches!(tokio::time::timeout(idle, reader.read_exact(&mut buf)).await, Ok(Ok(_))) {
+            break;
+        }
+        match shared.core.handle_query_bytes(context(peer, Transport::Tcp), &buf) {
+            // On a stream, a message without a readable header means the
+            // framing is lost; the only safe thing is to close.
+            Step::Drop => break,
+            Step::Reply(reply) => {
+                if tx.send(reply.bytes).await.is_err() {
+                    break;
+                }
+                shared.emit(reply.audit);
+            }
+            Step::Forward(pending) => {
+                let Ok(permit) = Arc::clone(&shared.in_flight).try_acquire_owned() else {
+                    DnsStats::bump(&shared.core.stats().dropped);
+                    continue;
+                };
+                let shared = Arc::clone(shared);
+                let tx = tx.clone();
+                tracker.spawn(async move {
+                    let reply = shared.resolve(pending).await;
+                    drop(permit);
+                    let _ = tx.send(reply.bytes).await;
+                    shared.emit(reply.audit);
+                });
+            }
+        }
+    }
+    drop(tx);
+    let _ = write.await;
+}

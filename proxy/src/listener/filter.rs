@@ -1,0 +1,230 @@
+//! The network-filter interface, shared by built-in filters (`sluice.policy`
+//! now) and WASM filters (later): one trait, a per-flow context, and hooks
+//! with default no-op bodies, in the spirit of Envoy's network filters and
+//! pingora's phases.
+//!
+//! Hooks run in chain order, on the flow's task, and must not block:
+//!
+//! | hook | when | may |
+//! |---|---|---|
+//! | [`NetworkFilter::on_classified`] | the flow's name, protocol and port are known (SNI, Host, CONNECT target, or none), nothing has been sent upstream | decide, annotate, deny |
+//! | [`NetworkFilter::on_destination`] | an upstream address has been chosen (resolved name, original destination), before connecting | deny that address |
+//! | [`NetworkFilter::on_close`] | the flow has ended, its audit record is complete | add to the record |
+//!
+//! Returning [`FilterStatus::Deny`] stops the chain. Whether the flow is
+//! then actually refused depends on the denial's enforcement: a *watched*
+//! denial is recorded as "would deny" and the flow goes on.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use sluice_api::{DomainName, Protocol};
+
+use super::Snapshot;
+use crate::policy::{DecidedBy, Enforcement, FlowQuery, Verdict};
+use crate::telemetry::audit::{self, FlowRecord, VerdictRecord};
+
+/// The decision a flow carries: from the policy, or from a data-plane check
+/// (a malformed ClientHello, an SNI that contradicts the CONNECT target, …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allow: bool,
+    /// Rule name, `default` or `builtin-guard`; `None` for data-plane checks.
+    pub rule: Option<String>,
+    pub reason: Cow<'static, str>,
+    pub enforcement: Enforcement,
+    /// Which anti-evasion check chose the destination (`dns-binding`,
+    /// `sni-resolved`, `off`), when one ran.
+    pub check: Option<&'static str>,
+}
+
+impl Decision {
+    pub fn deny(reason: impl Into<Cow<'static, str>>, enforcement: Enforcement) -> Self {
+        Self {
+            allow: false,
+            rule: None,
+            reason: reason.into(),
+            enforcement,
+            check: None,
+        }
+    }
+
+    pub fn from_verdict(v: &Verdict, snap: &Snapshot) -> Self {
+        Self {
+            allow: v.action == sluice_api::Action::Allow,
+            rule: Some(snap.policy.decided_by_name(v.decided_by).to_owned()),
+            reason: Cow::Borrowed(v.reason.as_str()),
+            enforcement: v.enforcement,
+            check: None,
+        }
+    }
+
+    /// A deny that is carried out.
+    pub fn blocks(&self) -> bool {
+        !self.allow && self.enforcement == Enforcement::Enforced
+    }
+
+    pub fn record(&self) -> VerdictRecord {
+        let mut r = VerdictRecord::new(
+            if self.allow {
+                audit::Action::Allow
+            } else {
+                audit::Action::Deny
+            },
+            self.reason.clone(),
+            match self.enforcement {
+                Enforcement::Enforced => audit::Enforcement::Enforced,
+                Enforcement::Watched => audit::Enforcement::Watched,
+            },
+        );
+        r.rule.clone_from(&self.rule);
+        r.check = self.check.map(Cow::Borrowed);
+        r
+    }
+}
+
+/// Everything a flow has learned, handed to each hook.
+#[derive(Debug)]
+pub struct FlowContext {
+    pub id: u64,
+    pub listener: Arc<str>,
+    pub src: SocketAddr,
+    /// Transparent mode: where the client was going before iptables.
+    pub original_dst: Option<SocketAddr>,
+    /// Explicit proxy: `host:port` of `CONNECT` or of an absolute-form URI.
+    pub connect_target: Option<String>,
+    pub sni: Option<String>,
+    pub host: Option<String>,
+    pub alpn: Vec<String>,
+    pub ech: bool,
+    pub protocol: Protocol,
+    /// The canonical destination name, when there is one.
+    pub name: Option<DomainName>,
+    /// The destination address, when known before resolution.
+    pub dst_ip: Option<IpAddr>,
+    pub port: u16,
+    /// SmartGroup id of an authenticated proxy user.
+    pub identity: Option<u32>,
+    pub decision: Option<Decision>,
+    /// The configuration snapshot the flow started with; kept to its end.
+    pub snapshot: Arc<Snapshot>,
+}
+
+impl FlowContext {
+    pub fn new(id: u64, listener: Arc<str>, src: SocketAddr, snapshot: Arc<Snapshot>) -> Self {
+        Self {
+            id,
+            listener,
+            src,
+            original_dst: None,
+            connect_target: None,
+            sni: None,
+            host: None,
+            alpn: Vec::new(),
+            ech: false,
+            protocol: Protocol::Tcp,
+            name: None,
+            dst_ip: None,
+            port: 0,
+            identity: None,
+            decision: None,
+            snapshot,
+        }
+    }
+
+    pub fn query(&self, dst: Option<IpAddr>) -> FlowQuery<'_> {
+        FlowQuery {
+            src: self.src.ip(),
+            name: self.name.as_ref(),
+            dst,
+            protocol: self.protocol,
+            port: self.port,
+            identity: self.identity,
+        }
+    }
+
+    /// The audit record for this flow as it stands.
+    pub fn record(&self) -> FlowRecord {
+        let decision = self
+            .decision
+            .clone()
+            .unwrap_or_else(|| Decision::deny("no-decision", Enforcement::Enforced));
+        let mut r = FlowRecord::new(self.id, self.listener.to_string(), self.src, decision.record());
+        r.src_groups = self
+            .snapshot
+            .policy
+            .smartgroups_of(self.src.ip())
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        r.original_dst = self.original_dst;
+        r.connect_target.clone_from(&self.connect_target);
+        r.sni.clone_from(&self.sni);
+        r.host.clone_from(&self.host);
+        r.alpn.clone_from(&self.alpn);
+        r.ech = self.ech;
+        r
+    }
+}
+
+/// What a hook tells the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterStatus {
+    Continue,
+    /// Stop the chain with this decision (carried out unless watched).
+    Deny(Decision),
+}
+
+/// A network filter. See the module documentation for when hooks run.
+pub trait NetworkFilter: Send + Sync + fmt::Debug {
+    /// The filter's name as configured (`sluice.policy`, a plugin name).
+    fn name(&self) -> &str;
+
+    fn on_classified(&self, _ctx: &mut FlowContext) -> FilterStatus {
+        FilterStatus::Continue
+    }
+
+    fn on_destination(&self, _ctx: &mut FlowContext, _dst: IpAddr) -> FilterStatus {
+        FilterStatus::Continue
+    }
+
+    fn on_close(&self, _ctx: &FlowContext, _record: &mut FlowRecord) {}
+}
+
+/// `sluice.policy`: asks the compiled policy about the flow, and again about
+/// each address it is about to dial (the SSRF guard: a name allowed by
+/// WebGroup must still not reach metadata, link-local, loopback or the
+/// gateway itself).
+#[derive(Debug, Default)]
+pub struct PolicyFilter;
+
+impl NetworkFilter for PolicyFilter {
+    fn name(&self) -> &str {
+        "sluice.policy"
+    }
+
+    fn on_classified(&self, ctx: &mut FlowContext) -> FilterStatus {
+        let v = ctx.snapshot.policy.decide(&ctx.query(ctx.dst_ip));
+        let d = Decision::from_verdict(&v, &ctx.snapshot);
+        ctx.decision = Some(d.clone());
+        if d.allow {
+            FilterStatus::Continue
+        } else {
+            FilterStatus::Deny(d)
+        }
+    }
+
+    fn on_destination(&self, ctx: &mut FlowContext, dst: IpAddr) -> FilterStatus {
+        let v = ctx.snapshot.policy.decide(&ctx.query(Some(dst)));
+        // Only the guard can newly fire here: rules matched on the name
+        // already decided, and matching on an address the flow did not name
+        // is for address-only flows, decided in `on_classified`.
+        if v.decided_by == DecidedBy::BuiltinGuard {
+            let d = Decision::from_verdict(&v, &ctx.snapshot);
+            return FilterStatus::Deny(d);
+        }
+        FilterStatus::Continue
+    }
+}

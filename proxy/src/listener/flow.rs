@@ -1,0 +1,216 @@
+//! Steps every TCP flow shares once it is classified: run the chain's
+//! filters, resolve and screen destinations, connect, replay what was
+//! peeked, relay, and write the one audit record.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::chain::FilterChain;
+use super::filter::{Decision, FilterStatus, FlowContext};
+use super::{ListenerPlan, Shared};
+use crate::forward::{ConnectOptions, RelayOptions, ResolveError, connect, parse_ip_lenient, relay_until};
+use crate::policy::Enforcement;
+use crate::telemetry::audit::FlowRecord;
+use crate::telemetry::metrics;
+
+/// Runs `on_classified` in chain order. The flow's decision is whatever the
+/// last filter to decide set; a denial stops the chain.
+pub fn classified(chain: &FilterChain, ctx: &mut FlowContext) {
+    for f in &chain.filters {
+        if let FilterStatus::Deny(d) = f.on_classified(ctx) {
+            ctx.decision = Some(d);
+            return;
+        }
+    }
+}
+
+/// The enforcement a data-plane check (ECH, SNI mismatch) takes: the
+/// policy's mode.
+pub fn check_enforcement(ctx: &FlowContext) -> Enforcement {
+    match ctx.snapshot.policy.mode() {
+        sluice_api::Mode::Enforce => Enforcement::Enforced,
+        sluice_api::Mode::Watch => Enforcement::Watched,
+    }
+}
+
+/// Records a data-plane denial unless the flow is already denied for a
+/// reason that stands (the first enforced denial wins).
+pub fn deny(ctx: &mut FlowContext, d: Decision) {
+    match &ctx.decision {
+        Some(existing) if existing.blocks() => {}
+        _ => ctx.decision = Some(d),
+    }
+}
+
+/// Resolves a host: an IP literal (in any spelling) as itself, then the
+/// config's static `resolver.hosts`, then DNS.
+pub async fn resolve(shared: &Shared, ctx: &FlowContext, host: &str) -> Result<Vec<IpAddr>, ResolveError> {
+    if let Some(ip) = parse_ip_lenient(host) {
+        return Ok(vec![ip]);
+    }
+    let key = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    if let Some(ips) = ctx.snapshot.config.resolver.hosts.get(&key) {
+        return Ok(ips.clone());
+    }
+    shared.resolver.resolve(host).await
+}
+
+/// Runs `on_destination` for every candidate address. Returns those the
+/// chain lets through; an enforced denial removes an address, a watched one
+/// is recorded and keeps it. With nothing left, the flow's decision is the
+/// first denial.
+pub fn screen(chain: &FilterChain, ctx: &mut FlowContext, addrs: &[IpAddr]) -> Vec<IpAddr> {
+    let mut ok = Vec::with_capacity(addrs.len());
+    let mut first_denial: Option<Decision> = None;
+    for ip in addrs {
+        let mut denied = None;
+        for f in &chain.filters {
+            if let FilterStatus::Deny(d) = f.on_destination(ctx, *ip) {
+                denied = Some(d);
+                break;
+            }
+        }
+        match denied {
+            Some(d) if d.blocks() => {
+                first_denial.get_or_insert(d);
+            }
+            Some(d) => {
+                // Watched: let it through, but the record says it would
+                // have been denied.
+                ctx.decision = Some(d);
+                ok.push(*ip);
+            }
+            None => ok.push(*ip),
+        }
+    }
+    if ok.is_empty()
+        && let Some(d) = first_denial
+    {
+        ctx.decision = Some(d);
+    }
+    ok
+}
+
+/// Connects to `addrs`, replays `replay`, relays until the flow ends, and
+/// returns the finished record.
+pub async fn forward(
+    plan: &ListenerPlan,
+    shared: &Shared,
+    ctx: &FlowContext,
+    client: TcpStream,
+    addrs: &[SocketAddr],
+    replay: Vec<u8>,
+) -> FlowRecord {
+    let mut rec = ctx.record();
+    let opts = ConnectOptions {
+        timeout: plan.spec.connect_timeout,
+        ..ConnectOptions::default()
+    };
+    let started = Instant::now();
+    let mut upstream = match connect(addrs, &opts).await {
+        Ok(c) => {
+            metrics::connect_latency("ok", started.elapsed());
+            rec.dst = Some(c.addr);
+            c.stream
+        }
+        Err(e) => {
+            metrics::connect_latency(e.reason_code(), started.elapsed());
+            rec.close_reason = Cow::Borrowed(e.reason_code());
+            rec.dst = addrs.first().copied();
+            return rec;
+        }
+    };
+    rec.dst_groups = ctx
+        .snapshot
+        .policy
+        .smartgroups_of(rec.dst.map_or(ctx.src.ip(), |d| d.ip()))
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    if !replay.is_empty() {
+        if let Err(e) = upstream.write_all(&replay).await {
+            tracing::debug!(flow = ctx.id, error = %e, "replaying peeked bytes failed");
+            rec.close_reason = Cow::Borrowed("upstream-error");
+            return rec;
+        }
+        rec.bytes_up += replay.len() as u64;
+    }
+    // Nothing per-flow is kept while the relay idles.
+    drop(replay);
+    let opts = RelayOptions {
+        idle_timeout: Some(plan.spec.idle_timeout),
+        ..RelayOptions::default()
+    };
+    let stats = relay_until(client, upstream, &opts, shared.forced()).await;
+    rec.bytes_up += stats.bytes_up;
+    rec.bytes_down += stats.bytes_down;
+    rec.close_reason = Cow::Borrowed(stats.reason.as_str());
+    rec
+}
+
+/// Completes and writes the record: duration, `on_close` hooks, metrics.
+pub fn finish(shared: &Shared, chain: Option<&FilterChain>, ctx: &FlowContext, mut rec: FlowRecord, accepted: Instant) {
+    rec.duration_ms = accepted.elapsed().as_millis() as u64;
+    if let Some(chain) = chain {
+        for f in &chain.filters {
+            f.on_close(ctx, &mut rec);
+        }
+    }
+    let action = if rec.verdict.action == crate::telemetry::audit::Action::Allow {
+        "allow"
+    } else {
+        "deny"
+    };
+    metrics::flow_finished(
+        &ctx.listener,
+        action,
+        rec.verdict.rule.as_deref().unwrap_or("-"),
+        &rec.verdict.reason,
+    );
+    metrics::flow_relayed(
+        &ctx.listener,
+        rec.bytes_up,
+        rec.bytes_down,
+        close_reason_static(&rec.close_reason),
+    );
+    tracing::debug!(flow = ctx.id, listener = %ctx.listener, action, reason = %rec.verdict.reason, close = %rec.close_reason, "flow finished");
+    shared.audit.record(rec);
+}
+
+/// Metrics labels must be `'static`; close reasons are.
+fn close_reason_static(r: &Cow<'static, str>) -> &'static str {
+    match r {
+        Cow::Borrowed(s) => s,
+        Cow::Owned(_) => "other",
+    }
+}
+
+/// Ends an allowed flow that could not be forwarded (no address, DNS
+/// failure): the verdict stays the policy's, the close reason says why.
+pub fn failed(
+    shared: &Shared,
+    chain: Option<&FilterChain>,
+    ctx: &FlowContext,
+    reason: &'static str,
+    accepted: Instant,
+) {
+    let mut rec = ctx.record();
+    rec.close_reason = Cow::Borrowed(reason);
+    finish(shared, chain, ctx, rec, accepted);
+}
+
+/// A denied flow's record.
+pub fn denied_record(ctx: &FlowContext) -> FlowRecord {
+    let mut rec = ctx.record();
+    rec.close_reason = Cow::Borrowed("denied");
+    rec
+}
+
+/// Addresses with the port to dial.
+pub fn with_port(ips: &[IpAddr], port: u16) -> Vec<SocketAddr> {
+    ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect()
+}

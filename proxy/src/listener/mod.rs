@@ -1,0 +1,178 @@
+//! Listeners: accept connections, classify them, ask the filter chain, and
+//! forward or refuse. This is the data path of DESIGN.md end to end:
+//!
+//! ```text
+//! accept (ConnLimit) ─► peek & classify (classify::) ─► chain filters (sluice.policy)
+//!     ─► destination (cluster: CONNECT target / original dst / SNI / static)
+//!     ─► on_destination filters (SSRF guard) ─► connect ─► replay peeked bytes
+//!     ─► relay (splice) ─► on_close filters ─► audit record + metrics
+//! ```
+//!
+//! `http_proxy` serves explicit-proxy listeners; `peek` serves transparent,
+//! sni and tcp listeners; `flow` holds the steps they share.
+
+pub mod chain;
+pub mod filter;
+mod flow;
+mod http_proxy;
+mod peek;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use sluice_api::{Config, ListenerKind};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use chain::{Cluster, ListenerPlan};
+pub use filter::{Decision, FilterStatus, FlowContext, NetworkFilter, PolicyFilter};
+
+use crate::forward::{ConnLimit, Resolver};
+use crate::policy::Policy;
+use crate::telemetry::audit::{AuditWriter, FlowRecord};
+
+/// One configuration, compiled. Immutable; a flow keeps the one it started
+/// with, a reload swaps in a new one.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    pub policy: Policy,
+}
+
+impl Snapshot {
+    pub fn new(config: Config) -> Self {
+        let policy = Policy::compile(&config);
+        Self { config, policy }
+    }
+}
+
+/// State every flow of every listener shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub audit: AuditWriter<FlowRecord>,
+    pub resolver: Resolver,
+    next_id: AtomicU64,
+    active: AtomicUsize,
+    /// Becomes `true` when in-flight flows must end now (drain timed out).
+    force_close: watch::Receiver<bool>,
+}
+
+impl Shared {
+    pub fn new(
+        snapshot: Snapshot,
+        audit: AuditWriter<FlowRecord>,
+        resolver: Resolver,
+        force_close: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            audit,
+            resolver,
+            next_id: AtomicU64::new(1),
+            active: AtomicUsize::new(0),
+            force_close,
+        }
+    }
+
+    pub fn active_flows(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Resolves when flows must be torn down.
+    async fn forced(&self) {
+        let mut rx = self.force_close.clone();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+}
+
+/// Counts a flow as active for draining, for as long as it lives.
+struct ActiveGuard(Arc<Shared>);
+
+impl ActiveGuard {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.active.fetch_add(1, Ordering::Relaxed);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Binds a TCP listener for `plan`. Transparent listeners also ask for
+/// `IP_TRANSPARENT` (needed for TPROXY, not for REDIRECT; without the
+/// capability the listener still serves REDIRECTed flows).
+pub fn bind(plan: &ListenerPlan) -> io::Result<TcpListener> {
+    let addr = plan.spec.address;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    if addr.is_ipv6() {
+        // `[::]` takes IPv4 too, as users expect of a wildcard.
+        let _ = socket.set_only_v6(false);
+    }
+    if plan.spec.kind == ListenerKind::Transparent
+        && let Err(e) = crate::sys::set_ip_transparent(&socket)
+    {
+        tracing::debug!(listener = %plan.spec.name, error = %e, "IP_TRANSPARENT not set; TPROXY flows will not arrive, REDIRECT still works");
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Serves `listener` until `stop` turns true; each accepted connection runs
+/// on its own task. At `max_connections`, accepting pauses.
+pub fn spawn(
+    plan: Arc<ListenerPlan>,
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let limit = ConnLimit::new(plan.spec.max_connections);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                r = limit.accept(&listener) => r,
+                _ = stop.wait_for(|v| *v) => break,
+            };
+            let (stream, peer, permit) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = %plan.spec.name, error = %e, "accept failed");
+                    crate::telemetry::metrics::error("accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let plan = plan.clone();
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let _active = ActiveGuard::new(&shared);
+                let snapshot = shared.snapshot.load_full();
+                match plan.spec.kind {
+                    ListenerKind::HttpProxy => http_proxy::serve(plan, shared, snapshot, stream, peer).await,
+                    _ => peek::serve(plan, shared, snapshot, stream, peer).await,
+                }
+            });
+        }
+    })
+}
+
+/// The address a listener actually bound (port 0 resolved).
+pub fn local_addr(l: &TcpListener) -> io::Result<SocketAddr> {
+    l.local_addr()
+}

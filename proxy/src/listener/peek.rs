@@ -1,0 +1,286 @@
+//! Transparent, sni and tcp listeners: the client speaks first and never
+//! names a proxy, so Sluice reads (and keeps, to replay) the first bytes —
+//! a ClientHello, an HTTP request head, or nothing it recognises — to learn
+//! where the flow is going.
+//!
+//! Destinations, by cluster:
+//! - original destination (transparent, tcp without `upstream`): where the
+//!   client was going before iptables. With an SNI or Host and
+//!   `sni_check: verify`, the name decides instead: Sluice dials an address
+//!   the name resolves to (the original one if it is among them), so an
+//!   allowed SNI sent to an attacker's IP never reaches the attacker.
+//! - SNI dynamic (sni): the SNI resolved, on the configured port.
+//! - static (tcp with `upstream`): a fixed `host:port`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sluice_api::{DomainName, ListenerKind, Protocol, SniCheck};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use super::chain::{Cluster, Transport};
+use super::filter::{Decision, FlowContext};
+use super::flow::{self, check_enforcement, deny};
+use super::{ListenerPlan, Shared, Snapshot};
+use crate::classify::http::Host;
+use crate::classify::{
+    ClientHello, HttpLimits, Limits, Progress, RequestHead, Sniff, parse_client_hello, parse_request_head, sniff,
+};
+use crate::policy::Enforcement;
+use crate::telemetry::metrics;
+
+/// What the first bytes were.
+#[derive(Debug)]
+pub enum Peeked {
+    Tls(ClientHello),
+    Http(RequestHead),
+    /// Neither TLS nor HTTP: opaque TCP.
+    Opaque,
+    /// Classification failed; the reason code says how.
+    Failed(&'static str),
+}
+
+/// Reads into `buf` until the first bytes classify, within `spec`'s peek
+/// timeout and size bound. Bytes read stay in `buf` for replay.
+pub async fn peek(client: &mut TcpStream, buf: &mut Vec<u8>, spec: &sluice_api::Listener) -> Peeked {
+    let deadline = tokio::time::Instant::now() + spec.peek_timeout;
+    let limits = Limits {
+        max_client_hello: spec.max_client_hello,
+    };
+    let http = HttpLimits::default();
+    // A backstop only: the parsers refuse oversized input from its declared
+    // lengths long before this many bytes arrive.
+    let cap = spec.max_client_hello.max(http.max_head) + 4096;
+    let mut need = 1usize;
+    loop {
+        while buf.len() < need {
+            if buf.len() >= cap {
+                return Peeked::Failed("classify-oversized");
+            }
+            buf.reserve((need - buf.len()).max(2048).min(cap - buf.len()));
+            match tokio::time::timeout_at(deadline, client.read_buf(buf)).await {
+                Err(_) => return Peeked::Failed("peek-timeout"),
+                Ok(Ok(0)) => return Peeked::Failed("client-closed-early"),
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Peeked::Failed("client-error"),
+            }
+        }
+        // Re-parse only once enough has arrived to change the answer: a
+        // client sending 1-byte segments must not make us re-scan its hello
+        // once per byte.
+        match sniff(buf) {
+            Sniff::NeedMore => need = buf.len() + 1,
+            Sniff::Tls => match parse_client_hello(buf, &limits) {
+                Ok(Progress::Done(h)) => return Peeked::Tls(h),
+                Ok(Progress::NeedMore { at_least }) => need = buf.len() + at_least.unwrap_or(1),
+                Err(e) => return Peeked::Failed(e.reason_code()),
+            },
+            Sniff::Http => match parse_request_head(buf, &http) {
+                Ok(Progress::Done(h)) => return Peeked::Http(h),
+                Ok(Progress::NeedMore { at_least }) => need = buf.len() + at_least.unwrap_or(1),
+                Err(e) => return Peeked::Failed(e.reason_code()),
+            },
+            Sniff::Unknown => return Peeked::Opaque,
+        }
+    }
+}
+
+/// Fills the context from a ClientHello: SNI, ALPN, ECH (denied per the
+/// listener's `ech`), protocol.
+pub fn from_hello(ctx: &mut FlowContext, plan: &ListenerPlan, h: ClientHello) {
+    ctx.protocol = Protocol::Tls;
+    ctx.ech = h.ech;
+    ctx.alpn = h.alpn.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    if let Some(sni) = h.sni {
+        match DomainName::parse(&sni) {
+            Ok(n) => ctx.name = Some(n),
+            Err(_) => deny(ctx, Decision::deny("tls-bad-sni", Enforcement::Enforced)),
+        }
+        ctx.sni = Some(sni);
+    }
+    if h.ech && plan.ech_denied() {
+        let e = check_enforcement(ctx);
+        deny(ctx, Decision::deny("ech-present", e));
+    }
+}
+
+/// Fills the context from a plain HTTP request head: Host, protocol.
+pub fn from_http(ctx: &mut FlowContext, head: &RequestHead) {
+    ctx.protocol = Protocol::Http;
+    ctx.host.clone_from(&head.host_header);
+    match &head.host {
+        Some(Host::Name(n)) => match DomainName::parse(n) {
+            Ok(n) => ctx.name = Some(n),
+            Err(_) => deny(ctx, Decision::deny("http-bad-host", Enforcement::Enforced)),
+        },
+        Some(Host::Ipv4(ip)) => ctx.dst_ip = Some((*ip).into()),
+        Some(Host::Ipv6(ip)) => ctx.dst_ip = Some((*ip).into()),
+        None => {}
+    }
+}
+
+pub async fn serve(
+    plan: Arc<ListenerPlan>,
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
+    let accepted = Instant::now();
+    let _ = client.set_nodelay(true);
+    let _active = metrics::ActiveFlow::start(&plan.label);
+    let mut ctx = FlowContext::new(shared.next_id(), plan.label.clone(), peer, snap);
+    let kind = plan.spec.kind;
+    let needs_original =
+        kind == ListenerKind::Transparent || (kind == ListenerKind::Tcp && plan.spec.upstream.is_none());
+    if needs_original {
+        match crate::sys::original_dst(&client) {
+            // A connection straight to the listener (not redirected) reports
+            // the listener's own address: there is no destination.
+            Ok(a) if Some(a) != client.local_addr().ok() => {
+                ctx.original_dst = Some(a);
+                ctx.port = a.port();
+            }
+            _ => {
+                ctx.decision = Some(Decision::deny("no-original-destination", Enforcement::Enforced));
+                let rec = flow::denied_record(&ctx);
+                flow::finish(&shared, None, &ctx, rec, accepted);
+                return;
+            }
+        }
+    }
+
+    let mut buf = Vec::new();
+    let transport = if kind == ListenerKind::Tcp {
+        Transport::RawBuffer
+    } else {
+        let started = Instant::now();
+        let peeked = peek(&mut client, &mut buf, &plan.spec).await;
+        metrics::classify_latency(&plan.label, started.elapsed());
+        match peeked {
+            Peeked::Tls(h) => {
+                from_hello(&mut ctx, &plan, h);
+                Transport::Tls
+            }
+            Peeked::Http(head) => {
+                from_http(&mut ctx, &head);
+                Transport::RawBuffer
+            }
+            Peeked::Opaque if kind == ListenerKind::Sni => {
+                deny(&mut ctx, Decision::deny("not-tls", Enforcement::Enforced));
+                Transport::RawBuffer
+            }
+            Peeked::Opaque => Transport::RawBuffer,
+            Peeked::Failed(reason) => {
+                // Fail closed: what cannot be classified is not forwarded,
+                // whatever the mode.
+                deny(&mut ctx, Decision::deny(reason, Enforcement::Enforced));
+                Transport::RawBuffer
+            }
+        }
+    };
+    if kind == ListenerKind::Sni {
+        ctx.port = plan.spec.upstream_port;
+        if ctx.name.is_none() && ctx.decision.is_none() {
+            deny(&mut ctx, Decision::deny("no-sni", Enforcement::Enforced));
+        }
+    }
+    let verify = matches!(
+        plan.chains.first().map(|c| &c.cluster),
+        Some(Cluster::OriginalDst {
+            sni_check: SniCheck::Verify
+        })
+    );
+    if ctx.name.is_none() || !verify {
+        // Address-only flows (and `sni_check: off`) are decided on the
+        // address the client dialled.
+        ctx.dst_ip = ctx.dst_ip.or(ctx.original_dst.map(|a| a.ip()));
+    }
+    if let Some(d) = &ctx.decision
+        && d.blocks()
+    {
+        let rec = flow::denied_record(&ctx);
+        flow::finish(&shared, None, &ctx, rec, accepted);
+        return;
+    }
+    let Some(chain) = plan
+        .chain(ctx.name.as_ref(), ctx.port, peer.ip(), ctx.dst_ip, transport)
+        .cloned()
+    else {
+        deny(&mut ctx, Decision::deny("no-filter-chain", Enforcement::Enforced));
+        let rec = flow::denied_record(&ctx);
+        flow::finish(&shared, None, &ctx, rec, accepted);
+        return;
+    };
+    // A data-plane check that only watched (ECH in watch mode) stays on the
+    // record; the chain then adds the policy's own decision.
+    let watched_check = ctx.decision.take();
+    flow::classified(&chain, &mut ctx);
+    if let Some(w) = watched_check
+        && ctx.decision.as_ref().is_none_or(|d| d.allow)
+    {
+        ctx.decision = Some(w);
+    }
+    if ctx.decision.as_ref().is_none_or(Decision::blocks) {
+        let rec = flow::denied_record(&ctx);
+        flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+        return;
+    }
+
+    let (ips, port, check) = match &chain.cluster {
+        Cluster::SniDynamic { port } => {
+            let name = ctx.name.as_ref().map(|n| n.to_string()).unwrap_or_default();
+            match flow::resolve(&shared, &ctx, &name).await {
+                Ok(ips) => (ips, *port, None),
+                Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
+            }
+        }
+        Cluster::OriginalDst { sni_check } => {
+            let Some(orig) = ctx.original_dst else {
+                return resolve_failed(&shared, &chain, &mut ctx, "no-original-destination", accepted);
+            };
+            match (&ctx.name, sni_check) {
+                (Some(name), SniCheck::Verify) => match flow::resolve(&shared, &ctx, name.as_str()).await {
+                    // Keep the client's choice when the name really has that
+                    // address (CDN affinity); otherwise dial the name's own.
+                    Ok(ips) if ips.contains(&orig.ip().to_canonical()) || ips.contains(&orig.ip()) => {
+                        (vec![orig.ip()], orig.port(), Some("sni-resolved"))
+                    }
+                    Ok(ips) => (ips, orig.port(), Some("sni-resolved")),
+                    Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
+                },
+                (Some(_), SniCheck::Off) => (vec![orig.ip()], orig.port(), Some("off")),
+                (None, _) => (vec![orig.ip()], orig.port(), None),
+            }
+        }
+        Cluster::Static { host, port } => match flow::resolve(&shared, &ctx, host).await {
+            Ok(ips) => (ips, *port, None),
+            Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
+        },
+        Cluster::RequestTarget => return resolve_failed(&shared, &chain, &mut ctx, "no-destination", accepted),
+    };
+    if let Some(d) = ctx.decision.as_mut() {
+        d.check = check;
+    }
+    let ips = flow::screen(&chain, &mut ctx, &ips);
+    if ips.is_empty() {
+        let rec = flow::denied_record(&ctx);
+        flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+        return;
+    }
+    let addrs = flow::with_port(&ips, port);
+    let rec = flow::forward(&plan, &shared, &ctx, client, &addrs, buf).await;
+    flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+}
+
+fn resolve_failed(
+    shared: &Shared,
+    chain: &super::chain::FilterChain,
+    ctx: &mut FlowContext,
+    reason: &'static str,
+    accepted: Instant,
+) {
+    flow::failed(shared, Some(chain), ctx, reason, accepted);
+}

@@ -1,0 +1,337 @@
+//! Sans-IO tests of the DNS engine: the malformed-packet corpus, arbitrary
+//! bytes (proptest), and answer shaping, with time passed in explicitly.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
+/// Everything lives in `mod dns` so `cargo test -p sluice dns` selects it.
+mod dns {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    use proptest::prelude::*;
+    use sluice::dns::{
+        DnsConfig, DnsCore, ForwardError, QueryContext, QueryPolicy, QueryVerdict, Step, Transport, Upstream,
+        UpstreamAnswer,
+    };
+    use sluice_api::DomainName;
+
+    struct AllowTest;
+
+    impl QueryPolicy for AllowTest {
+        fn decide(&self, _src: IpAddr, qname: &DomainName, _qtype: u16) -> QueryVerdict {
+            let allowed = qname.as_str() == "allowed.test" || qname.as_str().ends_with(".allowed.test");
+            QueryVerdict {
+                allowed,
+                enforced: true,
+                rule: if allowed { "allow-test" } else { "default" }.into(),
+                reason: if allowed { "allowed-by-rule" } else { "default-deny" },
+            }
+        }
+    }
+
+    const UPSTREAM: &str = "127.0.0.1:53";
+
+    fn core() -> DnsCore {
+        let config = DnsConfig {
+            upstreams: vec![Upstream::udp(UPSTREAM.parse().unwrap())],
+            ..DnsConfig::default()
+        };
+        DnsCore::with_new_bindings(config, Arc::new(AllowTest)).unwrap()
+    }
+
+    fn ctx(transport: Transport, now: Instant) -> QueryContext {
+        QueryContext {
+            src: "10.1.2.3:5353".parse().unwrap(),
+            transport,
+            now,
+            unix_ms: 1_700_000_000_000,
+        }
+    }
+
+    fn corpus() -> Vec<(String, Vec<u8>)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dns");
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn malformed_corpus_gets_the_outcome_its_name_says() {
+        let core = core();
+        let files = corpus();
+        assert!(files.len() >= 20, "corpus went missing: {}", files.len());
+        for (name, bytes) in &files {
+            let expected = match name.split('-').next().unwrap() {
+                "drop" => None,
+                "formerr" => Some(ResponseCode::FormErr),
+                "notimp" => Some(ResponseCode::NotImp),
+                "badvers" => Some(ResponseCode::BADVERS),
+                "refused" => Some(ResponseCode::Refused),
+                other => panic!("{name}: unknown outcome prefix `{other}`"),
+            };
+            for transport in [Transport::Udp, Transport::Tcp] {
+                match (core.handle_query_bytes(ctx(transport, Instant::now()), bytes), expected) {
+                    (Step::Drop, None) => {}
+                    (Step::Reply(reply), Some(rcode)) => {
+                        let m =
+                            Message::from_vec(&reply.bytes).unwrap_or_else(|e| panic!("{name}: reply unparsable: {e}"));
+                        // Compare wire values: 16 is both BADVERS and BADSIG to hickory.
+                        assert_eq!(u16::from(m.metadata.response_code), u16::from(rcode), "{name}");
+                        assert_eq!(m.metadata.message_type, MessageType::Response, "{name}");
+                        assert_eq!(m.metadata.id.to_be_bytes(), bytes[..2], "{name}: ID not echoed");
+                        assert!(!reply.audit.allowed, "{name}");
+                    }
+                    (step, _) => panic!("{name}: expected {expected:?}, got {step:?}"),
+                }
+            }
+        }
+        let stats = core.stats().snapshot();
+        assert!(stats.formerr >= 10, "{stats:?}");
+    }
+
+    fn query(qname: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(qname).unwrap(), qtype));
+        if let Some(p) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(p);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    /// The upstream's answer to `pending`, built as an authority would.
+    fn upstream_answer(
+        pending: &sluice::dns::Pending,
+        answers: Vec<Record>,
+        additionals: Vec<Record>,
+    ) -> UpstreamAnswer {
+        let sent = Message::from_vec(&pending.upstream_query).unwrap();
+        let mut m = Message::response(sent.metadata.id, OpCode::Query);
+        m.add_query(pending.question.clone());
+        m.answers = answers;
+        m.additionals = additionals;
+        UpstreamAnswer {
+            message: m,
+            upstream: UPSTREAM.parse().unwrap(),
+        }
+    }
+
+    fn a_records(owner: &str, n: u8) -> Vec<Record> {
+        (0..n)
+            .map(|i| {
+                Record::from_rdata(
+                    Name::from_ascii(owner).unwrap(),
+                    300,
+                    RData::A(A(Ipv4Addr::new(198, 18, 2, i))),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn upstream_query_carries_question_rd_and_edns() {
+        let core = core();
+        let Step::Forward(p) = core.handle_query_bytes(
+            ctx(Transport::Udp, Instant::now()),
+            &query("a.allowed.test.", RecordType::AAAA, None),
+        ) else {
+            panic!("expected Forward");
+        };
+        let sent = Message::from_vec(&p.upstream_query).unwrap();
+        assert_eq!(sent.metadata.id, 0, "the forwarder picks the ID");
+        assert!(sent.metadata.recursion_desired);
+        assert_eq!(sent.queries[0].query_type(), RecordType::AAAA);
+        assert_eq!(sent.edns.unwrap().max_payload(), 1232);
+    }
+
+    #[test]
+    fn additional_section_is_dropped_before_truncating() {
+        let core = core();
+        let now = Instant::now();
+        let Step::Forward(p) =
+            core.handle_query_bytes(ctx(Transport::Udp, now), &query("a.allowed.test.", RecordType::A, None))
+        else {
+            panic!("expected Forward");
+        };
+        // 2 answers fit in 512 bytes; 40 additional records do not.
+        let answer = upstream_answer(
+            &p,
+            a_records("a.allowed.test.", 2),
+            a_records("extra.allowed.test.", 40),
+        );
+        let reply = core.complete(*p, Ok(answer), now + Duration::from_millis(3));
+        assert!(reply.bytes.len() <= 512);
+        let m = Message::from_vec(&reply.bytes).unwrap();
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 2);
+        assert!(m.additionals.is_empty());
+        assert_eq!(m.metadata.id, 0x4242);
+        assert_eq!(reply.audit.latency_us, 3_000);
+        assert_eq!(reply.audit.time_unix_ms, 1_700_000_000_000);
+    }
+
+    #[test]
+    fn forward_failure_becomes_servfail() {
+        let core = core();
+        let now = Instant::now();
+        let Step::Forward(p) = core.handle_query_bytes(
+            ctx(Transport::Tcp, now),
+            &query("a.allowed.test.", RecordType::A, Some(4096)),
+        ) else {
+            panic!("expected Forward");
+        };
+        let reply = core.complete(*p, Err(ForwardError::Deadline), now);
+        let m = Message::from_vec(&reply.bytes).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert!(m.edns.is_some());
+        assert_eq!(core.stats().snapshot().servfail, 1);
+    }
+
+    #[test]
+    fn cached_answer_ttls_count_down_with_passed_in_time() {
+        let core = core();
+        let t0 = Instant::now();
+        let q = query("a.allowed.test.", RecordType::A, Some(1232));
+        let Step::Forward(p) = core.handle_query_bytes(ctx(Transport::Udp, t0), &q) else {
+            panic!("expected Forward")
+        };
+        let answer = upstream_answer(&p, a_records("a.allowed.test.", 1), vec![]);
+        core.complete(*p, Ok(answer), t0);
+        let Step::Reply(hit) = core.handle_query_bytes(ctx(Transport::Udp, t0 + Duration::from_secs(100)), &q) else {
+            panic!("expected a cache hit");
+        };
+        assert!(hit.audit.cache_hit);
+        assert_eq!(Message::from_vec(&hit.bytes).unwrap().answers[0].ttl, 200);
+        assert!(matches!(
+            core.handle_query_bytes(ctx(Transport::Udp, t0 + Duration::from_secs(300)), &q),
+            Step::Forward(_)
+        ));
+        // The binding outlives the cache entry only by the floor/grace rules.
+        let src: IpAddr = "10.1.2.3".parse().unwrap();
+        let dst = IpAddr::V4(Ipv4Addr::new(198, 18, 2, 0));
+        assert!(core.bindings().is_bound(
+            src,
+            dst,
+            &DomainName::parse("a.allowed.test").unwrap(),
+            t0 + Duration::from_secs(329)
+        ));
+        assert!(!core.bindings().is_bound(
+            src,
+            dst,
+            &DomainName::parse("a.allowed.test").unwrap(),
+            t0 + Duration::from_secs(331)
+        ));
+    }
+
+    /// Runs bytes through the engine the way the server does; must not panic,
+    /// and any reply must be a parsable response echoing the ID.
+    fn exercise(core: &DnsCore, bytes: &[u8]) {
+        let now = Instant::now();
+        for transport in [Transport::Udp, Transport::Tcp] {
+            let reply = match core.handle_query_bytes(ctx(transport, now), bytes) {
+                Step::Drop => continue,
+                Step::Reply(reply) => reply,
+                Step::Forward(p) => core.complete(*p, Err(ForwardError::Deadline), now),
+            };
+            let m = Message::from_vec(&reply.bytes).unwrap();
+            assert_eq!(m.metadata.message_type, MessageType::Response);
+            assert_eq!(m.metadata.id.to_be_bytes(), bytes[..2]);
+            if transport == Transport::Udp {
+                assert!(reply.bytes.len() <= 1232);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
+            exercise(&core(), &bytes);
+        }
+
+        #[test]
+        fn mutated_valid_queries_never_panic(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            edns in proptest::option::of(512u16..4096),
+        ) {
+            let mut bytes = query("www.allowed.test.", RecordType::HTTPS, edns);
+            for (i, b) in flips {
+                let i = i.index(bytes.len());
+                bytes[i] = b;
+            }
+            exercise(&core(), &bytes);
+        }
+    }
+
+    #[test]
+    fn src_is_reported_in_audit() {
+        let core = core();
+        let Step::Reply(r) = core.handle_query_bytes(
+            ctx(Transport::Udp, Instant::now()),
+            &query("x.denied.test.", RecordType::A, None),
+        ) else {
+            panic!("expected a denial");
+        };
+        assert_eq!(r.audit.source, "10.1.2.3:5353".parse::<SocketAddr>().unwrap());
+        assert_eq!(r.audit.rcode, 3);
+        let json = serde_json::to_value(&r.audit).unwrap();
+        assert_eq!(json["transport"], "udp");
+        assert_eq!(json["reason"], "default-deny");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1_000, ..ProptestConfig::default() })]
+
+        /// Whatever an upstream sends that passes the forwarder's checks, the
+        /// engine turns into a parsable answer for the client.
+        #[test]
+        fn arbitrary_upstream_answers_never_panic(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+            strip_ech in any::<bool>(),
+        ) {
+            let config = DnsConfig {
+                upstreams: vec![Upstream::udp(UPSTREAM.parse().unwrap())],
+                strip_ech,
+                ..DnsConfig::default()
+            };
+            let core = DnsCore::with_new_bindings(config, Arc::new(AllowTest)).unwrap();
+            let now = Instant::now();
+            let Step::Forward(p) = core.handle_query_bytes(ctx(Transport::Udp, now), &query("a.allowed.test.", RecordType::A, Some(1232))) else {
+                panic!("expected Forward");
+            };
+            let mut bytes = upstream_answer(&p, a_records("a.allowed.test.", 3), a_records("b.allowed.test.", 2)).message.to_vec().unwrap();
+            for (i, b) in flips {
+                let i = i.index(bytes.len());
+                bytes[i] = b;
+            }
+            let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+            let outcome = sluice::dns::forward::check_answer(UPSTREAM.parse().unwrap(), &bytes, id, &p.question)
+                .map(|message| UpstreamAnswer { message, upstream: UPSTREAM.parse().unwrap() });
+            let reply = core.complete(*p, outcome, now);
+            let m = Message::from_vec(&reply.bytes).unwrap();
+            prop_assert_eq!(m.metadata.id, 0x4242);
+            prop_assert!(reply.bytes.len() <= 1232);
+        }
+    }
+}
