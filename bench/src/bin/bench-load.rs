@@ -577,6 +577,30 @@ fn report(file: &PathBuf) {
             .collect();
         println!("| {} | {} |", m.name, cells.join(" | "));
     }
+    if rounds > 1 {
+        println!("\nSpread over rounds (min – max), to judge the noise:\n");
+        println!("| metric | direct | sluice | envoy | haproxy | nginx |");
+        println!("|---|---|---|---|---|---|");
+        for m in METRICS.iter().filter(|m| m.field != "client_core_busy") {
+            let cells: Vec<String> = LABELS
+                .iter()
+                .map(|l| {
+                    let key = ((*l).to_owned(), m.phase.to_owned(), m.field.to_owned());
+                    let v: Vec<f64> = vals
+                        .get(&key)
+                        .map_or(Vec::new(), |v| v.iter().copied().filter(|x| x.is_finite()).collect());
+                    let lo = v.iter().copied().reduce(f64::min);
+                    let hi = v.iter().copied().reduce(f64::max);
+                    if lo.is_none() {
+                        "–".into()
+                    } else {
+                        format!("{} – {}", fmt(lo), fmt(hi))
+                    }
+                })
+                .collect();
+            println!("| {} | {} |", m.name, cells.join(" | "));
+        }
+    }
     println!("\nEach proxy / direct path, bulk throughput:\n");
     let bulk = METRICS.iter().find(|m| m.field == "gbit_s").unwrap();
     let direct = get("direct", bulk);
