@@ -8,6 +8,7 @@
 # Knobs (environment): ONLY="direct sluice envoy haproxy nginx"  ROUNDS=3
 #   CONNS=20000 LAT_CONNS=5000 IDLE_FLOWS=5000 BULK_BYTES=2000000000
 #   CONCURRENCY=50 ENVOY_VERSION=1.40.0 SLUICE_AUDIT=/dev/null NO_BUILD=1
+#   SYSCALLS=1 (strace system calls per connection, round 1; 0 to skip)
 #
 # Bounded: every step runs under `timeout`, and targets still waiting when
 # the budget (BUDGET_SECS, default 840) is spent are skipped and reported.
@@ -25,6 +26,8 @@ BULK_BYTES=${BULK_BYTES:-2000000000}
 CONCURRENCY=${CONCURRENCY:-50}
 ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
 SLUICE_AUDIT=${SLUICE_AUDIT:-/dev/null}
+SYSCALLS=${SYSCALLS:-1}
+SYSCALL_CONNS=${SYSCALL_CONNS:-1000}
 BUDGET_SECS=${BUDGET_SECS:-840}
 HELLO=${HELLO:-$ROOT/proxy/tests/data/clienthello/curl-7.88-openssl-3.0-alpn-h2.bin}
 SNI=bench.example
@@ -111,6 +114,10 @@ if want envoy && [ -z "$(envoy_bin)" ]; then
 fi
 ENVOY=$(envoy_bin || true)
 
+if [ "$SYSCALLS" = 1 ] && ! command -v strace >/dev/null; then
+    log "installing strace"; apt_install strace || SYSCALLS=0
+fi
+
 if [ -z "${NO_BUILD:-}" ]; then
     log "building (release): sluice-bench, sluice"
     (cd "$ROOT" && timeout 900 nice cargo build --release -q -p sluice-bench -p sluice)
@@ -171,6 +178,31 @@ start_proxy() {
     PIDS+=("$PROXY_PID")
 }
 
+# syscalls target addr: a diagnostic, not a measurement (strace slows the
+# proxy down): system calls per connection, counted over SYSCALL_CONNS
+# connections in every process and thread of the proxy.
+syscalls() {
+    local t=$1 target=$2 pids=() p sp
+    for p in $PROXY_PID $(pgrep -P "$PROXY_PID" || true); do pids+=(-p "$p"); done
+    log "$t: counting system calls over $SYSCALL_CONNS connections (strace)"
+    timeout 60 strace -c -f "${pids[@]}" -o "$OUT/syscalls-$t.txt" 2>/dev/null &
+    sp=$!
+    sleep 1
+    timeout 50 $CLIENT_CPU "$LOAD" conn --target "$target" --hello "$HELLO" --sni "$SNI" \
+        --label "$t-strace" --count "$SYSCALL_CONNS" --concurrency "$CONCURRENCY" >/dev/null || true
+    sleep 0.5
+    kill -INT "$sp" 2>/dev/null || true
+    wait "$sp" 2>/dev/null || true
+    # strace -c table -> {"label":..,"phase":"syscalls","calls":{name:count,...}}
+    awk -v label="$t" -v conns="$SYSCALL_CONNS" '
+        $1 ~ /^[0-9.]+$/ && NF >= 5 { name = $NF; calls[name] = $4 }
+        END {
+            printf "{\"label\":\"%s\",\"phase\":\"syscalls\",\"conns\":%d,\"calls\":{", label, conns
+            sep = ""; for (n in calls) { printf "%s\"%s\":%d", sep, n, calls[n]; sep = "," }
+            print "}}"
+        }' "$OUT/syscalls-$t.txt" >>"$RESULTS" 2>/dev/null || true
+}
+
 SKIPPED=()
 START=$SECONDS
 run_target() {
@@ -215,6 +247,9 @@ run_target() {
     log "$t: bulk $BULK_BYTES bytes"
     timeout 150 $CLIENT_CPU "$LOAD" bulk "${common[@]}" "${m[@]}" --bytes "$BULK_BYTES" \
         --max-secs 140 | tee -a "$RESULTS" >&2 || log "$t bulk: failed"
+    if [ "$PROXY_PID" != 0 ] && [ "$SYSCALLS" = 1 ] && [ "$round" = 1 ]; then
+        syscalls "$t" "$target"
+    fi
     if [ "$PROXY_PID" != 0 ]; then
         kill -0 "$PROXY_PID" 2>/dev/null || log "WARNING: $t exited during the run"
         stop "$PROXY_PID"

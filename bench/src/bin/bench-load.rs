@@ -514,6 +514,8 @@ fn report(file: &PathBuf) {
     let mut vals: BTreeMap<(String, String, String), Vec<f64>> = BTreeMap::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut rounds = 0;
+    // syscall -> label -> calls per connection
+    let mut syscalls: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
     for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
         let Ok(Value::Object(o)) = serde_json::from_str::<Value>(line) else {
             continue;
@@ -522,6 +524,16 @@ fn report(file: &PathBuf) {
         let phase = o.get("phase").and_then(Value::as_str).unwrap_or("?").to_owned();
         rounds = rounds.max(o.get("round").and_then(Value::as_u64).unwrap_or(1));
         *errors.entry(label.clone()).or_default() += o.get("errors").and_then(Value::as_u64).unwrap_or(0);
+        if phase == "syscalls" {
+            let conns = o.get("conns").and_then(Value::as_f64).unwrap_or(1.0).max(1.0);
+            if let Some(Value::Object(calls)) = o.get("calls") {
+                for (name, n) in calls {
+                    let per = n.as_f64().unwrap_or(0.0) / conns;
+                    syscalls.entry(name.clone()).or_default().insert(label.clone(), per);
+                }
+            }
+            continue;
+        }
         for (k, v) in &o {
             if let Some(x) = v.as_f64() {
                 vals.entry((label.clone(), phase.clone(), k.clone()))
@@ -599,6 +611,26 @@ fn report(file: &PathBuf) {
                 })
                 .collect();
             println!("| {} | {} |", m.name, cells.join(" | "));
+        }
+    }
+    if !syscalls.is_empty() {
+        println!("\nSystem calls per connection (strace -c -f, every thread, round 1; a diagnostic):\n");
+        println!("| syscall | sluice | envoy | haproxy | nginx |");
+        println!("|---|---|---|---|---|");
+        let mut names: Vec<&String> = syscalls.keys().filter(|n| *n != "total").collect();
+        let weight = |n: &String| syscalls[n].values().copied().fold(0.0, f64::max);
+        let sluice = |n: &String| syscalls[n].get("sluice").copied().unwrap_or(0.0);
+        names.sort_by(|a, b| sluice(b).total_cmp(&sluice(a)).then(weight(b).total_cmp(&weight(a))));
+        for n in names.into_iter().chain(syscalls.keys().filter(|n| *n == "total")) {
+            // Drop noise: calls seen less than once per 50 connections everywhere.
+            if weight(n) < 0.02 {
+                continue;
+            }
+            let cells: Vec<String> = ["sluice", "envoy", "haproxy", "nginx"]
+                .iter()
+                .map(|l| syscalls[n].get(*l).map_or("–".into(), |v| format!("{v:.2}")))
+                .collect();
+            println!("| {n} | {} |", cells.join(" | "));
         }
     }
     println!("\nEach proxy / direct path, bulk throughput:\n");
