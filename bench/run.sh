@@ -10,8 +10,10 @@
 #   CONCURRENCY=50 ENVOY_VERSION=1.40.0 SLUICE_AUDIT=/dev/null NO_BUILD=1
 #   SYSCALLS=1 (strace system calls per connection, round 1; 0 to skip)
 #
-# Bounded: every step runs under `timeout`, and targets still waiting when
-# the budget (BUDGET_SECS, default 840) is spent are skipped and reported.
+# Bounded: installs and the build run under `timeout`; every measuring step
+# runs under `timeout` capped by what is left of BUDGET_SECS (default 840 s,
+# counted after the build), and targets still waiting when less than a minute
+# is left are skipped and reported.
 # Sends traffic only to 127.0.0.1. Ends only the processes it started, by PID.
 set -euo pipefail
 
@@ -187,8 +189,9 @@ syscalls() {
     log "$t: counting system calls over $SYSCALL_CONNS connections (strace)"
     timeout 60 strace -c -f "${pids[@]}" -o "$OUT/syscalls-$t.txt" 2>/dev/null &
     sp=$!
+    PIDS+=("$sp")
     sleep 1
-    timeout 50 $CLIENT_CPU "$LOAD" conn --target "$target" --hello "$HELLO" --sni "$SNI" \
+    bounded 50 $CLIENT_CPU "$LOAD" conn --target "$target" --hello "$HELLO" --sni "$SNI" \
         --label "$t-strace" --count "$SYSCALL_CONNS" --concurrency "$CONCURRENCY" >/dev/null || true
     sleep 0.5
     kill -INT "$sp" 2>/dev/null || true
@@ -205,23 +208,33 @@ syscalls() {
 
 SKIPPED=()
 START=$SECONDS
+END=$((START + BUDGET_SECS))
+# bounded CAP cmd...: run cmd under `timeout`, capped by what is left of the
+# budget, so the measuring part of the run never overruns BUDGET_SECS.
+bounded() {
+    local cap=$1 left=$((END - SECONDS))
+    shift
+    if ((left < 5)); then log "budget spent, not running: $*"; return 124; fi
+    ((cap < left)) || cap=$left
+    timeout -k 5 "$cap" "$@"
+}
 run_target() {
     local t=$1 round=$2 target
-    if ((SECONDS - START > BUDGET_SECS)); then
+    if ((END - SECONDS < 60)); then
         SKIPPED+=("$t(round $round): time budget spent"); log "skip $t: time budget spent"; return 0
     fi
     start_proxy "$t"
     if [ "$t" = direct ]; then target=127.0.0.1:${ORIGIN[direct]}; else target=127.0.0.1:${LISTEN[$t]}; fi
     local common=(--target "$target" --hello "$HELLO" --sni "$SNI")
     log "$t (round $round): waiting for $target"
-    if ! timeout 40 $CLIENT_CPU "$LOAD" probe "${common[@]}" --wait-secs 30 2>>"$OUT/run.log"; then
+    if ! bounded 40 $CLIENT_CPU "$LOAD" probe "${common[@]}" --wait-secs 30 2>>"$OUT/run.log"; then
         SKIPPED+=("$t(round $round): never routed $SNI (see $OUT/$t.log)")
         log "skip $t: not serving (log tail follows)"; tail -5 "$OUT/$t.log" >&2 2>/dev/null || true
         [ "$PROXY_PID" != 0 ] && stop "$PROXY_PID"
         return 0
     fi
     if [ "$t" != direct ]; then
-        if timeout 20 $CLIENT_CPU "$LOAD" probe --target "$target" --hello "$HELLO" --sni "$DENIED_SNI" \
+        if bounded 20 $CLIENT_CPU "$LOAD" probe --target "$target" --hello "$HELLO" --sni "$DENIED_SNI" \
             --expect-deny 2>>"$OUT/run.log"; then
             echo "{\"label\":\"$t\",\"phase\":\"deny-check\",\"round\":$round,\"denied\":true}" >>"$RESULTS"
         else
@@ -233,19 +246,19 @@ run_target() {
     [ "$PROXY_PID" != 0 ] && m+=(--pid "$PROXY_PID")
     # Idle first, so RSS is not flattered by memory freed by earlier phases.
     log "$t: $IDLE_FLOWS idle flows"
-    timeout 120 $CLIENT_CPU "$LOAD" idle "${common[@]}" "${m[@]}" --count "$IDLE_FLOWS" \
+    bounded 120 $CLIENT_CPU "$LOAD" idle "${common[@]}" "${m[@]}" --count "$IDLE_FLOWS" \
         --concurrency "$CONCURRENCY" --max-secs 100 | tee -a "$RESULTS" >&2 || log "$t idle: failed"
     sleep 1  # let closes and TIME_WAIT from the previous phase settle
     log "$t: $CONNS connections, $CONCURRENCY in flight"
-    timeout 200 $CLIENT_CPU "$LOAD" conn "${common[@]}" "${m[@]}" --count "$CONNS" \
+    bounded 200 $CLIENT_CPU "$LOAD" conn "${common[@]}" "${m[@]}" --count "$CONNS" \
         --concurrency "$CONCURRENCY" --max-secs 180 | tee -a "$RESULTS" >&2 || log "$t conn: failed"
     sleep 1  # let closes and TIME_WAIT from the previous phase settle
     log "$t: $LAT_CONNS sequential connections"
-    timeout 200 $CLIENT_CPU "$LOAD" conn "${common[@]}" "${m[@]}" --count "$LAT_CONNS" \
+    bounded 200 $CLIENT_CPU "$LOAD" conn "${common[@]}" "${m[@]}" --count "$LAT_CONNS" \
         --concurrency 1 --phase latency --max-secs 180 | tee -a "$RESULTS" >&2 || log "$t latency: failed"
     sleep 1  # let closes and TIME_WAIT from the previous phase settle
     log "$t: bulk $BULK_BYTES bytes"
-    timeout 150 $CLIENT_CPU "$LOAD" bulk "${common[@]}" "${m[@]}" --bytes "$BULK_BYTES" \
+    bounded 150 $CLIENT_CPU "$LOAD" bulk "${common[@]}" "${m[@]}" --bytes "$BULK_BYTES" \
         --max-secs 140 | tee -a "$RESULTS" >&2 || log "$t bulk: failed"
     if [ "$PROXY_PID" != 0 ] && [ "$SYSCALLS" = 1 ] && [ "$round" = 1 ]; then
         syscalls "$t" "$target"
