@@ -69,6 +69,14 @@ stop() {
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
+    forget "$pid"
+}
+# forget PID: drop an ended process from PIDS, so the EXIT trap never
+# signals a PID the system has since reused.
+forget() {
+    local keep=() p
+    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
 }
 
 # ------------------------------------------------------------ machine
@@ -81,6 +89,14 @@ fi
 # 5,000 idle flows need ~10,000 descriptors in the proxy.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 log "fd limit $(ulimit -n); CPU: $(lscpu | sed -n 's/^Model name: *//p') x $(nproc)"
+
+# Refuse to start if someone else holds one of our ports: the probe would
+# otherwise measure their server.
+busy=$(ss -Hltn 2>/dev/null | awk '{print $4}' | grep -Eo ':(1808[0-4]|1844[3-6]|1990[12])$' || true)
+if [ -n "$busy" ]; then
+    log "ports in use by another process: $(echo $busy | tr '\n' ' ') — stop it or change the ports in run.sh"
+    exit 1
+fi
 
 # ------------------------------------------------------------ installs
 APT_UPDATED=""
@@ -196,6 +212,7 @@ syscalls() {
     sleep 0.5
     kill -INT "$sp" 2>/dev/null || true
     wait "$sp" 2>/dev/null || true
+    forget "$sp"
     # strace -c table -> {"label":..,"phase":"syscalls","calls":{name:count,...}}
     awk -v label="$t" -v conns="$SYSCALL_CONNS" '
         $1 ~ /^[0-9.]+$/ && NF >= 5 { name = $NF; calls[name] = $4 }
