@@ -201,6 +201,51 @@ pub struct Listener {
     pub upstream: Option<String>,
     /// `http-proxy`: when non-empty, Basic authentication is required.
     pub users: Vec<ProxyUser>,
+    /// `dns`: the DNS proxy's settings.
+    pub dns: Option<DnsListener>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsTransport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+/// An upstream resolver of a DNS listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsUpstream {
+    pub transport: DnsTransport,
+    pub address: SocketAddr,
+    /// DNS-over-TLS: the name its certificate must carry.
+    pub server_name: Option<String>,
+}
+
+/// What a denied query is answered with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsDeny {
+    Nxdomain,
+    Refused,
+    Sinkhole {
+        v4: std::net::Ipv4Addr,
+        v6: std::net::Ipv6Addr,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsListener {
+    /// Empty: the nameservers of `/etc/resolv.conf` at start-up.
+    pub upstreams: Vec<DnsUpstream>,
+    pub deny_answer: DnsDeny,
+    /// `None`: on in enforce mode, off in watch mode.
+    pub strip_ech: Option<bool>,
+    pub cache_entries: usize,
+    pub binding_min_ttl: Duration,
+    pub binding_grace: Duration,
+    pub max_bindings: usize,
+    pub exfiltration: bool,
 }
 
 /// How Sluice resolves names it forwards to.

@@ -306,7 +306,12 @@ async fn serve(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match &path {
+                        _ = hup.recv() => {
+                // Log rotation: the file was renamed; start a new one.
+                if let Err(e) = server.shared.audit.reopen().await {
+                    let _ = writeln!(err, "sluice: cannot reopen the audit log: {e}");
+                }
+                match &path {
                 Some(p) => match config::load_file(p) {
                     Ok(c) => {
                         server.reload(c);
@@ -316,10 +321,10 @@ async fn serve(
                         let _ = writeln!(err, "{e}\nsluice: reload rejected; the running configuration is unchanged");
                     }
                 },
-                None => {
-                    let _ = writeln!(err, "sluice: SIGHUP ignored: running the embedded default, nothing to reload");
+                                None => {
+                    let _ = writeln!(err, "sluice: SIGHUP: running the embedded default, nothing to reload");
                 }
-            },
+            }},
         }
     }
     let _ = writeln!(

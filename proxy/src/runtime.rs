@@ -8,14 +8,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_api::{AuditDestination, Config, ListenerKind};
-use tokio::sync::watch;
+use sluice_api::{AuditDestination, Config, DnsDeny, DnsListener, DnsTransport, ListenerKind, Mode, Protocol};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::dns::{
+    self, Bindings, BindingsConfig, DnsAuditRecord, DnsConfig, DnsCore, DnsServer, DnsStats, QueryPolicy, QueryVerdict,
+};
+use crate::policy::{Enforcement, FlowQuery};
+use crate::telemetry::audit::{AuditRecord, DnsQueryRecord};
 
 use crate::admin::{self, Admin, LogControl};
 use crate::forward::{Resolver, ResolverSettings};
 use crate::listener::{self, ListenerPlan, Shared, Snapshot};
-use crate::telemetry::audit::{AuditSink, AuditWriter, FlowRecord};
+use crate::telemetry::audit::{AuditSink, AuditWriter};
 use crate::telemetry::metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +42,140 @@ pub enum StartError {
     Resolver(String),
     #[error("cannot set up metrics: {0}")]
     Metrics(String),
+    #[error("DNS listener `{name}`: {message}")]
+    Dns { name: String, message: String },
+}
+
+/// The DNS proxy asks the same compiled policy as the TCP listeners, from
+/// the snapshot current when the query arrives.
+struct SnapshotQueries(Arc<Shared>);
+
+impl QueryPolicy for SnapshotQueries {
+    fn decide(&self, src: std::net::IpAddr, qname: &sluice_api::DomainName, _qtype: u16) -> QueryVerdict {
+        let snap = self.0.snapshot.load();
+        let v = snap.policy.decide(&FlowQuery {
+            src,
+            name: Some(qname),
+            dst: None,
+            protocol: Protocol::Dns,
+            port: 53,
+            identity: None,
+        });
+        QueryVerdict {
+            allowed: v.action == sluice_api::Action::Allow,
+            enforced: v.enforcement == Enforcement::Enforced,
+            rule: snap.rule_label(v.decided_by),
+            reason: v.reason.as_str(),
+        }
+    }
+}
+
+/// The nameservers of `/etc/resolv.conf`, as UDP upstreams.
+fn system_nameservers(exclude: SocketAddr) -> Vec<dns::Upstream> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .filter(|a| *a != exclude)
+        .map(dns::Upstream::udp)
+        .collect()
+}
+
+fn dns_config(name: &str, addr: SocketAddr, l: &DnsListener, mode: Mode) -> Result<DnsConfig, StartError> {
+    let upstreams: Vec<dns::Upstream> = if l.upstreams.is_empty() {
+        system_nameservers(addr)
+    } else {
+        l.upstreams
+            .iter()
+            .map(|u| match u.transport {
+                DnsTransport::Udp => dns::Upstream::udp(u.address),
+                DnsTransport::Tcp => dns::Upstream::tcp(u.address),
+                DnsTransport::Tls => dns::Upstream::tls(u.address, u.server_name.clone().unwrap_or_default()),
+            })
+            .collect()
+    };
+    if upstreams.is_empty() {
+        return Err(StartError::Dns {
+            name: name.to_owned(),
+            message: "no upstreams: set `upstreams`, or list a nameserver in /etc/resolv.conf".into(),
+        });
+    }
+    let tls = if l.upstreams.iter().any(|u| u.transport == DnsTransport::Tls) {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StartError::Dns {
+                name: name.to_owned(),
+                message: e.to_string(),
+            })?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Some(Arc::new(tls))
+    } else {
+        None
+    };
+    let deny_answer = match l.deny_answer {
+        DnsDeny::Nxdomain => dns::DenyAnswer::NxDomain,
+        DnsDeny::Refused => dns::DenyAnswer::Refused,
+        DnsDeny::Sinkhole { v4, v6 } => dns::DenyAnswer::Sinkhole { v4, v6 },
+    };
+    Ok(DnsConfig {
+        upstreams,
+        tls,
+        deny_answer,
+        strip_ech: l.strip_ech.unwrap_or(mode == Mode::Enforce),
+        cache: dns::CacheConfig {
+            max_entries: l.cache_entries,
+            ..dns::CacheConfig::default()
+        },
+        bindings: bindings_config(l),
+        exfiltration: l.exfiltration.then(dns::ExfilConfig::default),
+        ..DnsConfig::default()
+    })
+}
+
+fn bindings_config(l: &DnsListener) -> BindingsConfig {
+    BindingsConfig {
+        min_ttl: l.binding_min_ttl,
+        grace: l.binding_grace,
+        max_entries: l.max_bindings,
+        ..BindingsConfig::default()
+    }
+}
+
+/// Moves DNS audit records into the one audit log, adding the listener and
+/// the source's SmartGroups, and counts them in metrics.
+fn spawn_dns_audit(shared: Arc<Shared>, listener: String, mut rx: mpsc::Receiver<DnsAuditRecord>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(q) = rx.recv().await {
+            let snap = shared.snapshot.load();
+            let src_groups = snap
+                .policy
+                .smartgroups_of(q.source.ip())
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            metrics::dns_query(
+                &listener,
+                q.allowed,
+                q.watched,
+                &q.rule,
+                q.reason,
+                q.cache_hit,
+                Duration::from_micros(q.latency_us),
+            );
+            shared.audit.record(AuditRecord::Dns(Box::new(DnsQueryRecord {
+                kind: "dns",
+                time: humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(q.time_unix_ms))
+                    .to_string(),
+                listener: listener.clone(),
+                src_groups,
+                query: q,
+            })));
+        }
+    })
 }
 
 /// A running Sluice.
@@ -47,18 +188,20 @@ pub struct Server {
     stop: watch::Sender<bool>,
     force: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    dns_cancel: CancellationToken,
+    dns_stats: Arc<DnsStats>,
 }
 
 impl Server {
     pub async fn start(config: Config, log: Option<LogControl>) -> Result<Self, StartError> {
         let metrics_handle = metrics::install().map_err(|e| StartError::Metrics(e.to_string()))?;
-        let _ = metrics::spawn_upkeep(metrics_handle.clone(), Duration::from_secs(5));
+        drop(metrics::spawn_upkeep(metrics_handle.clone(), Duration::from_secs(5)));
         let sink = match &config.audit.destination {
             AuditDestination::Stdout => AuditSink::Stdout,
             AuditDestination::Stderr => AuditSink::Stderr,
             AuditDestination::File(p) => AuditSink::File(p.clone()),
         };
-        let audit: AuditWriter<FlowRecord> =
+        let audit: AuditWriter<AuditRecord> =
             AuditWriter::start(sink, config.audit.queue).map_err(|e| StartError::Audit(e.to_string()))?;
         let resolver = if config.resolver.nameservers.is_empty() {
             Resolver::system().or_else(|_| Resolver::new(&ResolverSettings::with_nameservers(Vec::new())))
@@ -96,8 +239,53 @@ impl Server {
             })?;
         let admin_addr = admin_listener.local_addr().unwrap_or(admin_addr);
 
-        let shared = Arc::new(Shared::new(Snapshot::new(config), audit, resolver, force_rx));
+        // One binding table for every DNS listener: the data plane asks it
+        // whatever listener answered the client.
+        let dns_specs: Vec<(String, SocketAddr, DnsListener)> = config
+            .listeners
+            .iter()
+            .filter_map(|l| l.dns.clone().map(|d| (l.name.clone(), l.address, d)))
+            .collect();
+        let dns_stats = Arc::new(DnsStats::default());
+        let bindings = dns_specs
+            .first()
+            .map(|(_, _, d)| Arc::new(Bindings::with_stats(&bindings_config(d), dns_stats.clone())));
+        let mode = config.policy.mode;
+        let shared = Arc::new(Shared::new(
+            Snapshot::new(config),
+            audit,
+            resolver,
+            bindings.clone(),
+            force_rx,
+        ));
         let mut tasks = Vec::new();
+        let dns_cancel = CancellationToken::new();
+        for (name, addr, d) in dns_specs {
+            let cfg = dns_config(&name, addr, &d, mode)?;
+            let policy: Arc<dyn QueryPolicy> = Arc::new(SnapshotQueries(shared.clone()));
+            let table = bindings
+                .clone()
+                .unwrap_or_else(|| Arc::new(Bindings::with_stats(&cfg.bindings, dns_stats.clone())));
+            let core = DnsCore::new(cfg, policy, table, dns_stats.clone()).map_err(|e| StartError::Dns {
+                name: name.clone(),
+                message: e.to_string(),
+            })?;
+            let (tx, rx) = mpsc::channel(4096);
+            let server = DnsServer::bind(addr, Arc::new(core), tx)
+                .await
+                .map_err(|e| StartError::Dns {
+                    name: name.clone(),
+                    message: e.to_string(),
+                })?;
+            listeners.insert(name.clone(), (ListenerKind::Dns, server.local_addr()));
+            tasks.push(spawn_dns_audit(shared.clone(), name, rx));
+            let token = dns_cancel.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = server.run(token).await {
+                    tracing::error!(error = %e, "DNS listener stopped");
+                }
+            }));
+        }
         for (plan, l) in bound {
             tasks.push(listener::spawn(Arc::new(plan), l, shared.clone(), stop_rx.clone()));
         }
@@ -117,7 +305,14 @@ impl Server {
             stop,
             force,
             tasks,
+            dns_cancel,
+            dns_stats,
         })
+    }
+
+    /// Counters of the DNS listeners.
+    pub fn dns_stats(&self) -> &Arc<DnsStats> {
+        &self.dns_stats
     }
 
     /// Bound address of listener `name`.
@@ -134,6 +329,7 @@ impl Server {
     /// rest, and flushes the audit log.
     pub async fn shutdown(self, drain: Duration) {
         let _ = self.stop.send(true);
+        self.dns_cancel.cancel();
         let deadline = tokio::time::Instant::now() + drain;
         while self.shared.active_flows() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -525,7 +525,96 @@ impl Validator {
             upstream_port: self.bounded(&l.upstream_port, format!("{path}.upstream_port"), 443, 1, 65_535) as u16,
             upstream,
             users,
+            dns: self.dns_options(l, kind, path),
         }
+    }
+
+    /// `dns` listener options; `None` for other kinds.
+    fn dns_options(&mut self, l: &raw::RawListener, kind: ListenerKind, path: &str) -> Option<DnsListener> {
+        let present = [
+            l.upstreams.first().map(|v| (v.referenced, "upstreams")),
+            l.deny_answer.as_ref().map(|v| (v.referenced, "deny_answer")),
+            l.sinkhole.first().map(|v| (v.referenced, "sinkhole")),
+            l.strip_ech.as_ref().map(|v| (v.referenced, "strip_ech")),
+            l.cache_entries.as_ref().map(|v| (v.referenced, "cache_entries")),
+            l.binding_min_ttl.as_ref().map(|v| (v.referenced, "binding_min_ttl")),
+            l.binding_grace.as_ref().map(|v| (v.referenced, "binding_grace")),
+            l.max_bindings.as_ref().map(|v| (v.referenced, "max_bindings")),
+            l.exfiltration.as_ref().map(|v| (v.referenced, "exfiltration")),
+        ];
+        if kind != ListenerKind::Dns {
+            for (loc, field) in present.into_iter().flatten() {
+                self.err(
+                    loc,
+                    format!("{path}.{field}"),
+                    ConfigErrorKind::InvalidValue {
+                        message: format!("`{field}` applies only to `dns` listeners; remove it"),
+                    },
+                );
+            }
+            return None;
+        }
+        let mut upstreams = Vec::new();
+        for (i, u) in l.upstreams.iter().enumerate() {
+            match parse_dns_upstream(&u.value) {
+                Some(up) => upstreams.push(up),
+                None => self.err(
+                    u.referenced,
+                    format!("{path}.upstreams[{i}]"),
+                    ConfigErrorKind::InvalidValue {
+                        message: format!(
+                            "`{}` is not a DNS upstream; write `10.0.0.2`, `10.0.0.2:53`, `tcp://10.0.0.2:53` or `tls://1.1.1.1:853#one.one.one.one`",
+                            u.value
+                        ),
+                    },
+                ),
+            }
+        }
+        let mut v4 = None;
+        let mut v6 = None;
+        for (i, s) in l.sinkhole.iter().enumerate() {
+            match self.ip(s, &format!("{path}.sinkhole[{i}]")) {
+                Some(IpAddr::V4(a)) => v4 = Some(a),
+                Some(IpAddr::V6(a)) => v6 = Some(a),
+                None => {}
+            }
+        }
+        let deny_answer = match l.deny_answer.as_ref().map(|d| d.value) {
+            None | Some(raw::DnsDenyKind::Nxdomain) => DnsDeny::Nxdomain,
+            Some(raw::DnsDenyKind::Refused) => DnsDeny::Refused,
+            Some(raw::DnsDenyKind::Sinkhole) => DnsDeny::Sinkhole {
+                v4: v4.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+                v6: v6.unwrap_or(std::net::Ipv6Addr::UNSPECIFIED),
+            },
+        };
+        let secs = Duration::from_secs;
+        Some(DnsListener {
+            upstreams,
+            deny_answer,
+            strip_ech: l.strip_ech.as_ref().map(|v| v.value),
+            cache_entries: self.bounded(&l.cache_entries, format!("{path}.cache_entries"), 10_000, 0, 10_000_000)
+                as usize,
+            binding_min_ttl: self.duration(
+                &l.binding_min_ttl,
+                format!("{path}.binding_min_ttl"),
+                secs(60),
+                secs(86_400),
+            ),
+            binding_grace: self.duration(
+                &l.binding_grace,
+                format!("{path}.binding_grace"),
+                secs(30),
+                secs(86_400),
+            ),
+            max_bindings: self.bounded(
+                &l.max_bindings,
+                format!("{path}.max_bindings"),
+                1_000_000,
+                1,
+                100_000_000,
+            ) as usize,
+            exfiltration: l.exfiltration.as_ref().is_some_and(|v| v.value),
+        })
     }
 
     fn resolver(&mut self, raw: Option<&raw::RawResolver>) -> ResolverConfig {
@@ -1020,6 +1109,47 @@ impl Validator {
         }
         out
     }
+}
+
+/// `10.0.0.2`, `10.0.0.2:53`, `[fd00::2]:53`, `udp://…`, `tcp://…`,
+/// `tls://1.1.1.1:853#one.one.one.one` (the name after `#` is the one the
+/// certificate must carry; DoT needs it).
+fn parse_dns_upstream(v: &str) -> Option<DnsUpstream> {
+    let v = v.trim();
+    let (transport, rest) = match v.split_once("://") {
+        Some(("udp", r)) => (DnsTransport::Udp, r),
+        Some(("tcp", r)) => (DnsTransport::Tcp, r),
+        Some(("tls", r)) => (DnsTransport::Tls, r),
+        Some(_) => return None,
+        None => (DnsTransport::Udp, v),
+    };
+    let (addr, name) = match rest.split_once('#') {
+        Some((a, n)) if !n.is_empty() => (a, Some(n.to_owned())),
+        Some(_) => return None,
+        None => (rest, None),
+    };
+    let default_port = if transport == DnsTransport::Tls { 853 } else { 53 };
+    let address = addr
+        .parse::<SocketAddr>()
+        .ok()
+        .or_else(|| addr.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, default_port)))
+        .or_else(|| {
+            addr.strip_prefix('[')
+                .and_then(|a| a.strip_suffix(']'))
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, default_port))
+        })?;
+    if transport == DnsTransport::Tls && name.is_none() {
+        return None;
+    }
+    if transport != DnsTransport::Tls && name.is_some() {
+        return None;
+    }
+    Some(DnsUpstream {
+        transport,
+        address,
+        server_name: name,
+    })
 }
 
 /// Workloads in a SmartGroup through its selectors and workload names.

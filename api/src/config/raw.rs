@@ -87,6 +87,33 @@ pub struct RawListener {
     pub upstream: Option<S<String>>,
     #[serde(default)]
     pub users: Vec<S<RawProxyUser>>,
+    // dns listeners
+    #[serde(default)]
+    pub upstreams: Vec<S<String>>,
+    #[serde(default)]
+    pub deny_answer: Option<S<DnsDenyKind>>,
+    #[serde(default)]
+    pub sinkhole: Vec<S<String>>,
+    #[serde(default)]
+    pub strip_ech: Option<S<bool>>,
+    #[serde(default)]
+    pub cache_entries: Option<S<u64>>,
+    #[serde(default)]
+    pub binding_min_ttl: Option<S<String>>,
+    #[serde(default)]
+    pub binding_grace: Option<S<String>>,
+    #[serde(default)]
+    pub max_bindings: Option<S<u64>>,
+    #[serde(default)]
+    pub exfiltration: Option<S<bool>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsDenyKind {
+    Nxdomain,
+    Refused,
+    Sinkhole,
 }
 
 #[derive(Debug, Deserialize)]

@@ -107,6 +107,8 @@ pub struct FlowContext {
     pub port: u16,
     /// SmartGroup id of an authenticated proxy user.
     pub identity: Option<u32>,
+    /// The name came from a DNS binding, not from the flow itself.
+    pub name_from_dns: bool,
     pub decision: Option<Decision>,
     /// The configuration snapshot the flow started with; kept to its end.
     pub snapshot: Arc<Snapshot>,
@@ -129,6 +131,7 @@ impl FlowContext {
             dst_ip: None,
             port: 0,
             identity: None,
+            name_from_dns: false,
             decision: None,
             snapshot,
         }
@@ -159,12 +162,24 @@ impl FlowContext {
             .into_iter()
             .map(str::to_owned)
             .collect();
+        // An authenticated proxy user's group joins the source's groups for
+        // policy; the record must show it, or a rule `from: [that group]`
+        // deciding the flow is unexplained.
+        if let Some(id) = self.identity {
+            let g = self.snapshot.policy.smartgroup_name(id);
+            if !r.src_groups.iter().any(|s| s == g) {
+                r.src_groups.push(g.to_owned());
+            }
+        }
         r.original_dst = self.original_dst;
         r.connect_target.clone_from(&self.connect_target);
         r.sni.clone_from(&self.sni);
         r.host.clone_from(&self.host);
         r.alpn.clone_from(&self.alpn);
         r.ech = self.ech;
+        if self.name_from_dns {
+            r.dns_name = self.name.as_ref().map(ToString::to_string);
+        }
         r
     }
 }

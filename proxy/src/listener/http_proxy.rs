@@ -32,7 +32,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use sluice_api::{DomainName, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -81,20 +81,28 @@ pub async fn serve(
             prefix: Bytes::from(buf),
             inner: client,
         };
-        let state = Arc::new(ConnState {
-            plan,
-            shared,
-            snap,
-            peer,
-        });
+        let forced = shared.clone();
+        let idle = plan.spec.idle_timeout;
+        let state = Arc::new(ConnState { plan, shared, peer });
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
             async move { Ok::<_, Infallible>(state.handle(req).await) }
         });
-        let _ = hyper::server::conn::http1::Builder::new()
+        // Between requests nothing else ends a kept-alive connection: the
+        // listener's idle timeout bounds the wait for the next request head,
+        // so an idle client cannot hold a `max_connections` slot forever.
+        let conn = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
-            .serve_connection(TokioIo::new(io), service)
-            .await;
+            .timer(TokioTimer::new())
+            .header_read_timeout(idle)
+            .serve_connection(TokioIo::new(io), service);
+        // A kept-alive connection has no end of its own: when the drain
+        // time is over it is closed like a relayed flow, not left serving
+        // requests whose records could no longer be written.
+        tokio::select! {
+            _ = conn => {}
+            () = forced.forced() => {}
+        }
     }
 }
 
@@ -226,6 +234,10 @@ async fn tunnel(
 ) {
     let mut ctx = FlowContext::new(shared.next_id(), plan.label.clone(), peer, snap.clone());
     ctx.protocol = Protocol::Tls;
+    // Named in the record even when refused before the target is decided on.
+    if let (Some(h), Some(p)) = (&head.host, head.port) {
+        ctx.connect_target = Some(format!("{h}:{p}"));
+    }
     let head_bytes = buf.get(..head.head_len).unwrap_or(&[]);
     match authenticate(&plan, &snap, header_in_head(head_bytes, "proxy-authorization")) {
         Ok(identity) => ctx.identity = identity,
@@ -415,10 +427,31 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Removes hop-by-hop headers: the fixed list, and every header the
+/// `Connection` header names (RFC 9110 §7.6.1: `Connection: x-hop` makes
+/// `x-hop` meant for this hop only, so it must not be forwarded).
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    let named: Vec<hyper::header::HeaderName> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| hyper::header::HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for h in named {
+        headers.remove(h);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(*h);
+    }
+}
+
+/// What every request on one absolute-form connection shares. Not the
+/// configuration snapshot: each request is its own flow and takes the one
+/// in force when it arrives, so a reload reaches pooled connections too.
 struct ConnState {
     plan: Arc<ListenerPlan>,
     shared: Arc<Shared>,
-    snap: Arc<Snapshot>,
     peer: SocketAddr,
 }
 
@@ -485,13 +518,14 @@ where
 impl ConnState {
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let accepted = Instant::now();
-        let mut ctx = FlowContext::new(
-            self.shared.next_id(),
-            self.plan.label.clone(),
-            self.peer,
-            self.snap.clone(),
-        );
+        let snap = self.shared.snapshot.load_full();
+        let mut ctx = FlowContext::new(self.shared.next_id(), self.plan.label.clone(), self.peer, snap.clone());
         ctx.protocol = Protocol::Http;
+        // Named in the record even when refused before the target is decided on.
+        ctx.connect_target = req
+            .uri()
+            .authority()
+            .map(|a| format!("{}:{}", a.host(), a.port_u16().unwrap_or(80)));
         let deny_now = |ctx: &mut FlowContext, reason: &'static str, status: StatusCode, msg: &str| {
             ctx.decision = Some(Decision::deny(reason, Enforcement::Enforced));
             let resp = text(status, ctx, msg);
@@ -501,7 +535,7 @@ impl ConnState {
         };
         match authenticate(
             &self.plan,
-            &self.snap,
+            &snap,
             req.headers()
                 .get(hyper::header::PROXY_AUTHORIZATION)
                 .map(|v| v.as_bytes()),
@@ -665,8 +699,7 @@ impl ConnState {
                 return resp;
             }
         };
-        rec.dst_groups = self
-            .snap
+        rec.dst_groups = snap
             .policy
             .smartgroups_of(rec.dst.map_or(self.peer.ip(), |d| d.ip()))
             .into_iter()
@@ -702,9 +735,7 @@ impl ConnState {
                     .unwrap_or_else(|_| hyper::Uri::from_static("/"))
             },
         );
-        for h in HOP_BY_HOP {
-            parts.headers.remove(*h);
-        }
+        strip_hop_by_hop(&mut parts.headers);
         let out = Request::from_parts(
             parts,
             Counted {
@@ -716,9 +747,7 @@ impl ConnState {
         match sender.send_request(out).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
-                for h in HOP_BY_HOP {
-                    parts.headers.remove(*h);
-                }
+                strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(
                     parts,
                     Counted {

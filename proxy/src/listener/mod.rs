@@ -31,9 +31,10 @@ use tokio::task::JoinHandle;
 pub use chain::{Cluster, ListenerPlan};
 pub use filter::{Decision, FilterStatus, FlowContext, NetworkFilter, PolicyFilter};
 
+use crate::dns::Bindings;
 use crate::forward::{ConnLimit, Resolver};
 use crate::policy::Policy;
-use crate::telemetry::audit::{AuditWriter, FlowRecord};
+use crate::telemetry::audit::{AuditRecord, AuditWriter};
 
 /// One configuration, compiled. Immutable; a flow keeps the one it started
 /// with, a reload swaps in a new one.
@@ -41,12 +42,32 @@ use crate::telemetry::audit::{AuditWriter, FlowRecord};
 pub struct Snapshot {
     pub config: Config,
     pub policy: Policy,
+    /// Rule names (then `default`, `builtin-guard`) shared without copying,
+    /// for the DNS proxy's per-query verdicts.
+    rule_labels: Vec<Arc<str>>,
 }
 
 impl Snapshot {
     pub fn new(config: Config) -> Self {
         let policy = Policy::compile(&config);
-        Self { config, policy }
+        let mut rule_labels: Vec<Arc<str>> = config.policy.rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        rule_labels.push(Arc::from("default"));
+        rule_labels.push(Arc::from("builtin-guard"));
+        Self {
+            config,
+            policy,
+            rule_labels,
+        }
+    }
+
+    pub fn rule_label(&self, d: crate::policy::DecidedBy) -> Arc<str> {
+        let n = self.config.policy.rules.len();
+        let i = match d {
+            crate::policy::DecidedBy::Rule(i) => i as usize,
+            crate::policy::DecidedBy::Default => n,
+            crate::policy::DecidedBy::BuiltinGuard => n + 1,
+        };
+        self.rule_labels.get(i).cloned().unwrap_or_else(|| Arc::from("?"))
     }
 }
 
@@ -54,8 +75,10 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
-    pub audit: AuditWriter<FlowRecord>,
+    pub audit: AuditWriter<AuditRecord>,
     pub resolver: Resolver,
+    /// IP → name bindings from the DNS proxy's answers, when one runs.
+    pub bindings: Option<Arc<Bindings>>,
     next_id: AtomicU64,
     active: AtomicUsize,
     /// Becomes `true` when in-flight flows must end now (drain timed out).
@@ -65,14 +88,16 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         snapshot: Snapshot,
-        audit: AuditWriter<FlowRecord>,
+        audit: AuditWriter<AuditRecord>,
         resolver: Resolver,
+        bindings: Option<Arc<Bindings>>,
         force_close: watch::Receiver<bool>,
     ) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             audit,
             resolver,
+            bindings,
             next_id: AtomicU64::new(1),
             active: AtomicUsize::new(0),
             force_close,
@@ -141,6 +166,7 @@ pub fn spawn(
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let limit = ConnLimit::new(plan.spec.max_connections);
+    let bound = listener.local_addr().ok();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -159,15 +185,19 @@ pub fn spawn(
             };
             let plan = plan.clone();
             let shared = shared.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let _active = ActiveGuard::new(&shared);
-                let snapshot = shared.snapshot.load_full();
-                match plan.spec.kind {
-                    ListenerKind::HttpProxy => http_proxy::serve(plan, shared, snapshot, stream, peer).await,
-                    _ => peek::serve(plan, shared, snapshot, stream, peer).await,
-                }
-            });
+            let span = tracing::debug_span!("flow", listener = %plan.spec.name, src = %peer);
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let _permit = permit;
+                    let _active = ActiveGuard::new(&shared);
+                    let snapshot = shared.snapshot.load_full();
+                    match plan.spec.kind {
+                        ListenerKind::HttpProxy => http_proxy::serve(plan, shared, snapshot, stream, peer).await,
+                        _ => peek::serve(plan, shared, snapshot, stream, peer, bound).await,
+                    }
+                },
+                span,
+            ));
         }
     })
 }

@@ -121,12 +121,29 @@ pub fn from_http(ctx: &mut FlowContext, head: &RequestHead) {
     }
 }
 
+/// The destination a redirected client was going to: `SO_ORIGINAL_DST`
+/// after iptables `REDIRECT`; after `TPROXY` (no NAT) the accepted socket's
+/// own local address. A connection made straight to the listener has
+/// neither.
+fn original_destination(client: &TcpStream, bound: Option<SocketAddr>) -> Option<SocketAddr> {
+    let local = client.local_addr().ok();
+    if let Ok(a) = crate::sys::original_dst(client)
+        && Some(a) != local
+    {
+        return Some(a);
+    }
+    let local = local?;
+    let direct = bound.is_some_and(|b| b.port() == local.port() && (b.ip().is_unspecified() || b.ip() == local.ip()));
+    (!direct).then_some(local)
+}
+
 pub async fn serve(
     plan: Arc<ListenerPlan>,
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
     mut client: TcpStream,
     peer: SocketAddr,
+    bound: Option<SocketAddr>,
 ) {
     let accepted = Instant::now();
     let _ = client.set_nodelay(true);
@@ -136,14 +153,12 @@ pub async fn serve(
     let needs_original =
         kind == ListenerKind::Transparent || (kind == ListenerKind::Tcp && plan.spec.upstream.is_none());
     if needs_original {
-        match crate::sys::original_dst(&client) {
-            // A connection straight to the listener (not redirected) reports
-            // the listener's own address: there is no destination.
-            Ok(a) if Some(a) != client.local_addr().ok() => {
+        match original_destination(&client, bound) {
+            Some(a) => {
                 ctx.original_dst = Some(a);
                 ctx.port = a.port();
             }
-            _ => {
+            None => {
                 ctx.decision = Some(Decision::deny("no-original-destination", Enforcement::Enforced));
                 let rec = flow::denied_record(&ctx);
                 flow::finish(&shared, None, &ctx, rec, accepted);
@@ -164,6 +179,12 @@ pub async fn serve(
                 from_hello(&mut ctx, &plan, h);
                 Transport::Tls
             }
+            // An sni listener passes TLS only: plain HTTP would cross in
+            // clear text to a port meant for TLS.
+            Peeked::Http(_) if kind == ListenerKind::Sni => {
+                deny(&mut ctx, Decision::deny("not-tls", Enforcement::Enforced));
+                Transport::RawBuffer
+            }
             Peeked::Http(head) => {
                 from_http(&mut ctx, &head);
                 Transport::RawBuffer
@@ -181,18 +202,43 @@ pub async fn serve(
             }
         }
     };
+    // A tcp listener with a fixed upstream is decided on that upstream: its
+    // port, and its name or address.
+    if kind == ListenerKind::Tcp
+        && let Some(Cluster::Static { host, port }) = plan.chains.first().map(|c| &c.cluster)
+    {
+        ctx.port = *port;
+        match crate::forward::parse_ip_lenient(host) {
+            Some(ip) => ctx.dst_ip = Some(ip),
+            None => match DomainName::parse(host) {
+                Ok(n) => ctx.name = Some(n),
+                Err(_) => deny(&mut ctx, Decision::deny("bad-upstream", Enforcement::Enforced)),
+            },
+        }
+    }
     if kind == ListenerKind::Sni {
         ctx.port = plan.spec.upstream_port;
         if ctx.name.is_none() && ctx.decision.is_none() {
             deny(&mut ctx, Decision::deny("no-sni", Enforcement::Enforced));
         }
     }
+    let now = tokio::time::Instant::now().into_std();
+    // An address-only flow (opaque TCP, TLS without SNI) gets the name the
+    // DNS proxy answered this client with for that address, so WebGroup
+    // rules apply to it too.
+    if ctx.name.is_none()
+        && let (Some(b), Some(orig)) = (&shared.bindings, ctx.original_dst)
+        && let Some(name) = b.lookup(peer.ip(), orig.ip(), now)
+    {
+        ctx.name = Some(name);
+        ctx.name_from_dns = true;
+    }
     let verify = matches!(
         plan.chains.first().map(|c| &c.cluster),
         Some(Cluster::OriginalDst {
             sni_check: SniCheck::Verify
         })
-    );
+    ) && !ctx.name_from_dns;
     if ctx.name.is_none() || !verify {
         // Address-only flows (and `sni_check: off`) are decided on the
         // address the client dialled.
@@ -241,17 +287,43 @@ pub async fn serve(
             let Some(orig) = ctx.original_dst else {
                 return resolve_failed(&shared, &chain, &mut ctx, "no-original-destination", accepted);
             };
+            let bound = shared
+                .bindings
+                .as_ref()
+                .filter(|b| b.has_bindings_for_source(peer.ip(), now));
             match (&ctx.name, sni_check) {
-                (Some(name), SniCheck::Verify) => match flow::resolve(&shared, &ctx, name.as_str()).await {
-                    // Keep the client's choice when the name really has that
-                    // address (CDN affinity); otherwise dial the name's own.
-                    Ok(ips) if ips.contains(&orig.ip().to_canonical()) || ips.contains(&orig.ip()) => {
-                        (vec![orig.ip()], orig.port(), Some("sni-resolved"))
+                // The DNS proxy knows what it told this client: the address
+                // dialled must be one it answered for that name.
+                (Some(name), SniCheck::Verify) if !ctx.name_from_dns && bound.is_some() => {
+                    if bound.is_some_and(|b| b.is_bound(peer.ip(), orig.ip(), name, now)) {
+                        (vec![orig.ip()], orig.port(), Some("dns-binding"))
+                    } else {
+                        let e = check_enforcement(&ctx);
+                        let mut d = Decision::deny("sni-destination-mismatch", e);
+                        d.check = Some("dns-binding");
+                        if d.blocks() {
+                            ctx.decision = Some(d);
+                            let rec = flow::denied_record(&ctx);
+                            flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+                            return;
+                        }
+                        ctx.decision = Some(d);
+                        (vec![orig.ip()], orig.port(), Some("dns-binding"))
                     }
-                    Ok(ips) => (ips, orig.port(), Some("sni-resolved")),
-                    Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
-                },
+                }
+                (Some(name), SniCheck::Verify) if !ctx.name_from_dns => {
+                    match flow::resolve(&shared, &ctx, name.as_str()).await {
+                        // Keep the client's choice when the name really has that
+                        // address (CDN affinity); otherwise dial the name's own.
+                        Ok(ips) if ips.contains(&orig.ip().to_canonical()) || ips.contains(&orig.ip()) => {
+                            (vec![orig.ip()], orig.port(), Some("sni-resolved"))
+                        }
+                        Ok(ips) => (ips, orig.port(), Some("sni-resolved")),
+                        Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
+                    }
+                }
                 (Some(_), SniCheck::Off) => (vec![orig.ip()], orig.port(), Some("off")),
+                (Some(_), SniCheck::Verify) => (vec![orig.ip()], orig.port(), Some("dns-binding")),
                 (None, _) => (vec![orig.ip()], orig.port(), None),
             }
         }

@@ -147,6 +147,7 @@ impl RuleIndex {
     /// Index of the first rule matching, given the flow's resolved sets.
     /// `port_ok(i)` checks rule `i`'s ports (not indexed: ranges).
     #[inline]
+    #[allow(clippy::too_many_arguments, reason = "the hot path takes the flow's parts unbundled")]
     pub fn first_match(
         &self,
         protocol: Protocol,

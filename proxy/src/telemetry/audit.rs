@@ -389,10 +389,34 @@ impl VerdictRecord {
     }
 }
 
+/// Every audit line: a TCP flow or a DNS query. Both carry a `kind` field
+/// (`flow` / `dns`) so one log can be filtered by it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum AuditRecord {
+    Flow(Box<FlowRecord>),
+    Dns(Box<DnsQueryRecord>),
+}
+
+/// One DNS query: the DNS proxy's record plus what only the data plane
+/// knows (listener name, the source's SmartGroups).
+#[derive(Debug, Clone, Serialize)]
+pub struct DnsQueryRecord {
+    pub kind: &'static str,
+    /// When the query arrived, RFC 3339 UTC with milliseconds (as flows).
+    pub time: String,
+    pub listener: String,
+    pub src_groups: Vec<String>,
+    #[serde(flatten)]
+    pub query: crate::dns::DnsAuditRecord,
+}
+
 /// One audit line per flow. Optional fields are omitted when unknown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct FlowRecord {
+    /// Always `flow`.
+    pub kind: &'static str,
     /// When the flow was accepted, RFC 3339 UTC with milliseconds.
     pub time: String,
     /// Process-unique flow id (ties the record to tracing spans).
@@ -421,6 +445,10 @@ pub struct FlowRecord {
     /// Plain HTTP `Host`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The name the DNS proxy answered with the destination address, for a
+    /// flow that carried none itself (DNS binding).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<String>,
     /// TLS ALPN protocols offered.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub alpn: Vec<String>,
@@ -443,6 +471,8 @@ impl FlowRecord {
     /// everything else empty and the given verdict.
     pub fn new(flow_id: u64, listener: impl Into<String>, src: SocketAddr, verdict: VerdictRecord) -> Self {
         Self {
+            kind: "flow",
+            dns_name: None,
             time: rfc3339_now(),
             flow_id,
             listener: listener.into(),

@@ -32,6 +32,10 @@ pub const CLASSIFY_SECONDS: &str = "sluice_classify_duration_seconds";
 pub const CONNECT_SECONDS: &str = "sluice_connect_duration_seconds";
 /// Errors by `kind` (a reason code: `connect-timeout`, `dns-nxdomain`, …).
 pub const ERRORS_TOTAL: &str = "sluice_errors_total";
+/// DNS queries by listener/action/rule/reason/cache.
+pub const DNS_QUERIES_TOTAL: &str = "sluice_dns_queries_total";
+/// DNS answer latency.
+pub const DNS_LATENCY_SECONDS: &str = "sluice_dns_latency_seconds";
 /// Audit records dropped because the audit queue was full.
 pub const AUDIT_DROPPED_TOTAL: &str = "sluice_audit_dropped_total";
 
@@ -147,6 +151,33 @@ pub fn connect_latency(result: &'static str, elapsed: Duration) {
 /// Counts an error by reason code.
 pub fn error(kind: &'static str) {
     metrics::counter!(ERRORS_TOTAL, "kind" => kind).increment(1);
+}
+
+/// One DNS query answered.
+pub fn dns_query(
+    listener: &str,
+    allowed: bool,
+    watched: bool,
+    rule: &str,
+    reason: &'static str,
+    cache_hit: bool,
+    latency: Duration,
+) {
+    let action = match (allowed, watched) {
+        (true, _) => "allow",
+        (false, true) => "would-deny",
+        (false, false) => "deny",
+    };
+    metrics::counter!(
+        DNS_QUERIES_TOTAL,
+        "listener" => listener.to_owned(),
+        "action" => action,
+        "rule" => rule.to_owned(),
+        "reason" => reason,
+        "cache" => if cache_hit { "hit" } else { "miss" }
+    )
+    .increment(1);
+    metrics::histogram!(DNS_LATENCY_SECONDS, "listener" => listener.to_owned()).record(latency);
 }
 
 /// Counts one dropped audit record (called by the audit writer).

@@ -1,0 +1,538 @@
+//! Shared pieces of the in-process data-plane tests: a Sluice started from a
+//! YAML string on `127.0.0.1:0`, its audit log read back, and the upstreams
+//! and clients the tests drive through it — a TLS echo server with an rcgen
+//! certificate made at test time, a raw TCP server that records every byte it
+//! receives, a tiny hyper HTTP server, and a CONNECT / TLS client.
+//!
+//! Nothing here sleeps to make a test pass: waits are for an event (a
+//! record, a byte, a close) and each is bounded so a broken proxy fails the
+//! test instead of hanging it.
+
+#![allow(dead_code, reason = "each test uses a subset of the helpers")]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::Value;
+use sluice::runtime::Server;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::client::TlsStream;
+
+/// How long any single wait in a test may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Runs a test body with an overall bound, so a stuck proxy fails the test.
+pub async fn bounded<F: std::future::Future<Output = T>, T>(f: F) -> T {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("test did not finish within 60 s")
+}
+
+/// Awaits `f` for at most [`WAIT`], naming `what` on failure.
+pub async fn within<F: std::future::Future<Output = T>, T>(what: &str, f: F) -> T {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Names every test config resolves (through `resolver.hosts`; tests have
+/// no DNS) and the WebGroups the standard policy uses.
+pub fn base_config(audit: &Path) -> String {
+    format!(
+        r#"admin: {{address: "127.0.0.1:0"}}
+audit: {{destination: "{audit}"}}
+resolver:
+  hosts:
+    allowed.test: [127.0.0.1]
+    evil.test: [127.0.0.1]
+    denied.test: [127.0.0.1]
+    metadata.test: [169.254.169.254]
+    curl.example.test: [127.0.0.1]
+    mixed-case.example.test: [127.0.0.1]
+    chrome-like.example.test: [127.0.0.1]
+    mixed.test: [169.254.169.254, 127.0.0.1]
+    mapped.test: ["::ffff:169.254.169.254"]
+    ech-grease.example.test: [127.0.0.1]
+webgroups:
+  - {{name: good, domains: [allowed.test, metadata.test, curl.example.test, ech-grease.example.test, mixed-case.example.test,
+      chrome-like.example.test, mixed.test, mapped.test]}}
+  - {{name: bad, domains: [denied.test, evil.test]}}
+"#,
+        audit = audit.display()
+    )
+}
+
+/// Deny the bad names, allow the good ones, and — after both — lift the
+/// SSRF guard for the test upstreams, which live on 127.0.0.1 (the gateway,
+/// since the listeners bind there, and loopback).
+pub const STD_RULES: &str = r"    - {name: deny-bad, to: {webgroups: [bad]}, action: deny}
+    - {name: allow-good, to: {webgroups: [good]}, protocols: [tls, http, tcp], action: allow}
+    - {name: test-upstreams, to: {smartgroups: [gateway, loopback]}, protocols: [tls, http, tcp], action: allow}
+";
+
+/// A private directory for one test's files.
+pub fn scratch_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-dataplane-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running Sluice and its audit log.
+pub struct Sluice {
+    pub server: Server,
+    pub audit: PathBuf,
+    dir: PathBuf,
+}
+
+impl Sluice {
+    /// Starts Sluice with `base_config` followed by `rest` (listeners,
+    /// policy, extra groups).
+    pub async fn start(rest: &str) -> Self {
+        let dir = scratch_dir();
+        let audit = dir.join("audit.jsonl");
+        let yaml = format!("{}{rest}", base_config(&audit));
+        let config = sluice_api::config::load_str(&yaml, "test.yaml")
+            .unwrap_or_else(|e| panic!("test config does not load: {e}\n{yaml}"));
+        let server = Server::start(config, None).await.expect("server starts");
+        Self { server, audit, dir }
+    }
+
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        self.server
+            .addr(listener)
+            .unwrap_or_else(|| panic!("no listener `{listener}`"))
+    }
+
+    /// Every audit record written so far.
+    pub fn records(&self) -> Vec<Value> {
+        Self::read_records(&self.audit)
+    }
+
+    fn read_records(audit: &Path) -> Vec<Value> {
+        let Ok(text) = std::fs::read_to_string(audit) else {
+            return Vec::new();
+        };
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    /// Waits (bounded) until `n` records satisfy `pred`, and returns them.
+    /// The writer is asynchronous: a flow's record appears shortly after the
+    /// flow ends.
+    pub async fn wait_records(&self, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let found: Vec<Value> = self.records().into_iter().filter(|r| pred(r)).collect();
+            if found.len() >= n {
+                return found;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "expected {n} matching audit record(s), found {}; all records:\n{}",
+                    found.len(),
+                    self.records()
+                        .iter()
+                        .map(Value::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for the one record matching `pred`.
+    pub async fn wait_record(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_records(1, pred).await.remove(0)
+    }
+
+    /// Stops Sluice (the audit log flushed) and returns every record it
+    /// wrote, for "exactly one record per flow" checks.
+    pub async fn stop_and_records(self, drain: Duration) -> Vec<Value> {
+        let Self { server, audit, dir } = self;
+        server.shutdown(drain).await;
+        let records = Self::read_records(&audit);
+        let _ = std::fs::remove_dir_all(&dir);
+        records
+    }
+
+    /// Stops Sluice (flushing the audit log) and removes its files.
+    pub async fn stop(self) {
+        self.server.shutdown(Duration::from_millis(200)).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `record.verdict.reason`.
+pub fn reason(r: &Value) -> &str {
+    r["verdict"]["reason"].as_str().unwrap_or("")
+}
+
+/// `record.verdict.action`.
+pub fn action(r: &Value) -> &str {
+    r["verdict"]["action"].as_str().unwrap_or("")
+}
+
+/// `record.verdict.rule`.
+pub fn rule(r: &Value) -> &str {
+    r["verdict"]["rule"].as_str().unwrap_or("")
+}
+
+/// `record.<field>` as a string.
+pub fn field<'a>(r: &'a Value, f: &str) -> &'a str {
+    r[f].as_str().unwrap_or("")
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// One self-signed certificate for `names`, made now, and a client config
+/// that trusts exactly it.
+pub struct TestPki {
+    pub server: Arc<rustls::ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl TestPki {
+    pub fn new(names: &[&str]) -> Self {
+        let ck = rcgen::generate_simple_self_signed(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+            .expect("rcgen certificate");
+        let cert: CertificateDer<'static> = ck.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self {
+            server: Arc::new(server),
+            client: Arc::new(client),
+        }
+    }
+
+    /// TLS handshake as a client over `io`, naming `sni`.
+    pub async fn connect<IO>(&self, sni: &str, io: IO) -> std::io::Result<tokio_rustls::client::TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let name = ServerName::try_from(sni.to_owned()).expect("valid server name");
+        tokio_rustls::TlsConnector::from(self.client.clone())
+            .connect(name, io)
+            .await
+    }
+}
+
+/// A TLS server that echoes every byte back, counting accepted TCP
+/// connections and completed handshakes.
+pub struct TlsEcho {
+    pub addr: SocketAddr,
+    pub pki: Arc<TestPki>,
+    pub accepts: Arc<AtomicUsize>,
+    pub handshakes: Arc<AtomicUsize>,
+}
+
+/// Names the test certificate covers.
+pub const CERT_NAMES: &[&str] = &[
+    "allowed.test",
+    "evil.test",
+    "denied.test",
+    "metadata.test",
+    "mixed.test",
+    "mapped.test",
+];
+
+impl TlsEcho {
+    pub async fn start() -> Self {
+        let pki = Arc::new(TestPki::new(CERT_NAMES));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
+        let (a, h) = (accepts.clone(), handshakes.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else { return };
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                        let _ = w.shutdown().await;
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            pki,
+            accepts,
+            handshakes,
+        }
+    }
+
+    pub fn accepts(&self) -> usize {
+        self.accepts.load(Ordering::SeqCst)
+    }
+}
+
+/// A TCP server that records everything each connection sends until EOF,
+/// reports it on a channel, then answers `got N` and closes.
+pub struct RawSink {
+    pub addr: SocketAddr,
+    pub accepts: Arc<AtomicUsize>,
+    received: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
+}
+
+impl RawSink {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let a = accepts.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let _ = stream.read_to_end(&mut got).await;
+                    // Answer after the client's half-close, to show it was
+                    // relayed as a half-close and not a full one.
+                    let _ = stream.write_all(format!("got {}", got.len()).as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                    let _ = tx.send(got);
+                });
+            }
+        });
+        Self {
+            addr,
+            accepts,
+            received: tokio::sync::Mutex::new(rx),
+        }
+    }
+
+    pub fn accepts(&self) -> usize {
+        self.accepts.load(Ordering::SeqCst)
+    }
+
+    /// The bytes of the next connection to finish.
+    pub async fn next_received(&self) -> Vec<u8> {
+        let mut rx = self.received.lock().await;
+        within("the upstream to receive a connection's bytes", rx.recv())
+            .await
+            .expect("sink task alive")
+    }
+}
+
+/// A plain HTTP/1.1 server answering `upstream saw METHOD TARGET host=HOST`,
+/// with the request's header names in `x-upstream-headers` and its body
+/// length in `x-upstream-body-len`.
+pub struct HttpUpstream {
+    pub addr: SocketAddr,
+    pub accepts: Arc<AtomicUsize>,
+}
+
+impl HttpUpstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let a = accepts.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let host = req
+                            .headers()
+                            .get(hyper::header::HOST)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned();
+                        let names: Vec<String> = req.headers().keys().map(|k| k.as_str().to_owned()).collect();
+                        let text = format!("upstream saw {} {} host={host}", req.method(), req.uri());
+                        let received = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                        let mut resp = Response::new(Full::new(Bytes::from(text)));
+                        let h = resp.headers_mut();
+                        h.insert("x-upstream-headers", names.join(",").parse().unwrap());
+                        h.insert("x-upstream-body-len", received.into());
+                        Ok::<_, Infallible>(resp)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, accepts }
+    }
+
+    pub fn accepts(&self) -> usize {
+        self.accepts.load(Ordering::SeqCst)
+    }
+}
+
+/// An HTTP response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn parse_head(head: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(head);
+        let mut lines = text.split("\r\n");
+        let status_line = lines.next().unwrap_or("");
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP status line: {status_line:?}"));
+        let headers = lines
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        Self {
+            status,
+            headers,
+            body: String::new(),
+        }
+    }
+}
+
+/// Reads a response head one byte at a time, so no tunnel byte after it is
+/// consumed.
+pub async fn read_head(stream: &mut TcpStream) -> RawResponse {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = within("a response head", stream.read(&mut b))
+            .await
+            .expect("reading the response head");
+        assert!(
+            n == 1,
+            "connection closed before the response head ended: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    RawResponse::parse_head(&head)
+}
+
+/// Sends `CONNECT target` (with `extra` header lines, each ending in CRLF)
+/// and reads the answer's head. A non-200 answer's body is read to EOF.
+pub async fn connect_via(proxy: SocketAddr, target: &str, extra: &str) -> (TcpStream, RawResponse) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{extra}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut resp = read_head(&mut s).await;
+    if resp.status != 200 {
+        let mut body = Vec::new();
+        let _ = within("the refusal's body", s.read_to_end(&mut body)).await;
+        resp.body = String::from_utf8_lossy(&body).into_owned();
+    }
+    (s, resp)
+}
+
+/// Waits until the peer closes `stream` (EOF or reset), discarding data.
+/// Returns how many bytes arrived before the close.
+pub async fn wait_closed<S: AsyncRead + Unpin>(stream: &mut S) -> usize {
+    let mut total = 0;
+    let mut buf = [0u8; 4096];
+    loop {
+        match within("the connection to be closed", stream.read(&mut buf)).await {
+            Ok(0) | Err(_) => return total,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+/// A deterministic, non-periodic payload.
+pub fn payload(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x1234_5678;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Sends `data` through an echoing TLS stream while reading the echo, then
+/// closes cleanly. Panics unless every byte comes back unchanged.
+pub async fn echo_round_trip(tls: TlsStream<TcpStream>, data: &[u8]) {
+    let (mut r, mut w) = tokio::io::split(tls);
+    let out = data.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&out).await.unwrap();
+        w.flush().await.unwrap();
+        w
+    });
+    let mut back = vec![0u8; data.len()];
+    within("the echoed payload", r.read_exact(&mut back))
+        .await
+        .expect("reading the echo");
+    assert!(back == data, "the echoed payload differs from what was sent");
+    let mut w = writer.await.unwrap();
+    w.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = within("the upstream's close", r.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "unexpected bytes after the echo");
+}
+
+/// A ClientHello test vector from `tests/data/clienthello/`.
+pub fn vector(name: &str) -> Vec<u8> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/clienthello")
+        .join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
