@@ -7,6 +7,7 @@
 # Usage: bench/run.sh            (from anywhere; installs what is missing)
 # Knobs (environment): ONLY="direct sluice envoy haproxy nginx"  ROUNDS=3
 #   CONNS=20000 LAT_CONNS=5000 IDLE_FLOWS=5000 BULK_BYTES=2000000000
+#   TLS_CONNS=5000 TLS_LAT_CONNS=1000 (end-to-end TLS; 0 to skip)
 #   CONCURRENCY=50 ENVOY_VERSION=1.40.0 SLUICE_AUDIT=/dev/null NO_BUILD=1
 #   SYSCALLS=1 (strace system calls per connection, round 1; 0 to skip)
 #
@@ -26,6 +27,8 @@ LAT_CONNS=${LAT_CONNS:-5000}
 IDLE_FLOWS=${IDLE_FLOWS:-5000}
 BULK_BYTES=${BULK_BYTES:-2000000000}
 CONCURRENCY=${CONCURRENCY:-50}
+TLS_CONNS=${TLS_CONNS:-5000}
+TLS_LAT_CONNS=${TLS_LAT_CONNS:-1000}
 ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
 SLUICE_AUDIT=${SLUICE_AUDIT:-/dev/null}
 SYSCALLS=${SYSCALLS:-1}
@@ -152,15 +155,18 @@ LOAD=$T/bench-load
     want haproxy && echo "haproxy: $(haproxy -v | head -1)"
     want nginx && echo "nginx: $(nginx -v 2>&1)"
     echo "hello: $(basename "$HELLO") with SNI rewritten to $SNI"
-    echo "knobs: CONNS=$CONNS LAT_CONNS=$LAT_CONNS IDLE_FLOWS=$IDLE_FLOWS BULK_BYTES=$BULK_BYTES CONCURRENCY=$CONCURRENCY ROUNDS=$ROUNDS"
+    echo "knobs: CONNS=$CONNS LAT_CONNS=$LAT_CONNS IDLE_FLOWS=$IDLE_FLOWS BULK_BYTES=$BULK_BYTES CONCURRENCY=$CONCURRENCY TLS_CONNS=$TLS_CONNS TLS_LAT_CONNS=$TLS_LAT_CONNS ROUNDS=$ROUNDS"
 } | tee "$OUT/versions.txt" >&2
 
 # ------------------------------------------------------------ origin
 origin_ports=()
 for t in $ONLY; do origin_ports+=("127.0.0.1:${ORIGIN[$t]}"); done
-$CLIENT_CPU "$T/bench-origin" --listen "${origin_ports[@]}" >"$OUT/origin.log" 2>&1 &
+ORIGIN_CERT=$OUT/origin-cert.der
+$CLIENT_CPU "$T/bench-origin" --listen "${origin_ports[@]}" --cert-out "$ORIGIN_CERT" \
+    >"$OUT/origin.log" 2>&1 &
 ORIGIN_PID=$!
 PIDS+=("$ORIGIN_PID")
+for _ in $(seq 100); do [ -s "$ORIGIN_CERT" ] && break; sleep 0.1; done
 
 render() { # template target -> rendered file
     local src=$1 t=$2 dst=$OUT/$(basename "$1")
@@ -277,6 +283,18 @@ run_target() {
     log "$t: bulk $BULK_BYTES bytes"
     bounded 150 $CLIENT_CPU "$LOAD" bulk "${common[@]}" "${m[@]}" --bytes "$BULK_BYTES" \
         --max-secs 140 | tee -a "$RESULTS" >&2 || log "$t bulk: failed"
+    if ((TLS_CONNS > 0)); then
+        # End to end with real TLS (client and origin crypto on CPU 0): the
+        # figures the design notes say cannot rank proxies, measured anyway.
+        sleep 1
+        log "$t: $TLS_CONNS TLS connections, $CONCURRENCY in flight; $TLS_LAT_CONNS sequential"
+        bounded 120 $CLIENT_CPU "$LOAD" tls --target "$target" --sni "$SNI" --ca "$ORIGIN_CERT" \
+            "${m[@]}" --count "$TLS_CONNS" --concurrency "$CONCURRENCY" --max-secs 100 \
+            | tee -a "$RESULTS" >&2 || log "$t tls: failed"
+        bounded 120 $CLIENT_CPU "$LOAD" tls --target "$target" --sni "$SNI" --ca "$ORIGIN_CERT" \
+            "${m[@]}" --count "$TLS_LAT_CONNS" --concurrency 1 --phase tls-latency --max-secs 100 \
+            | tee -a "$RESULTS" >&2 || log "$t tls-latency: failed"
+    fi
     if [ "$PROXY_PID" != 0 ] && [ "$SYSCALLS" = 1 ] && [ "$round" = 1 ]; then
         syscalls "$t" "$target"
     fi

@@ -11,8 +11,8 @@
 
 use std::fmt;
 
-/// First bytes of `random` in a benchmark hello; anything else means
-/// [`Mode::ReplyClose`].
+/// First bytes of `random` in a benchmark hello; anything else means a real
+/// TLS client ([`Mode::Tls`]).
 pub const MARKER: [u8; 4] = *b"SLB1";
 
 /// Bytes the origin answers to a ClientHello (first byte looks like a TLS
@@ -35,6 +35,9 @@ pub fn reply() -> [u8; REPLY_LEN] {
 /// What the origin does after reading the ClientHello.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
+    /// No marker: a real TLS client. Complete the handshake (the origin's
+    /// only crypto), send [`REPLY_LEN`] bytes of application data, close.
+    Tls,
     /// Answer [`REPLY_LEN`] bytes, then close (the origin closes first, so
     /// TIME_WAIT lands on listening ports and never exhausts the client's or
     /// the proxy's ephemeral ports).
@@ -50,7 +53,8 @@ impl Mode {
         let mut out = [0_u8; 13];
         out[..4].copy_from_slice(&MARKER);
         let (tag, n) = match self {
-            Mode::ReplyClose => (0, 0),
+            // A marked hello is never a real TLS client.
+            Mode::ReplyClose | Mode::Tls => (0, 0),
             Mode::ReplyHold => (1, 0),
             Mode::Bulk(n) => (2, n),
         };
@@ -60,15 +64,15 @@ impl Mode {
     }
 
     /// Reads the mode from the first TLS record a client sent (header
-    /// included). Unmarked or short input means [`Mode::ReplyClose`].
+    /// included). Unmarked input is a real TLS client ([`Mode::Tls`]).
     #[must_use]
     pub fn from_record(record: &[u8]) -> Mode {
         // record header (5) + handshake header (4) + legacy_version (2)
         let Some(r) = record.get(11..24) else {
-            return Mode::ReplyClose;
+            return Mode::Tls;
         };
         if r[..4] != MARKER {
-            return Mode::ReplyClose;
+            return Mode::Tls;
         }
         let mut n = [0_u8; 8];
         n.copy_from_slice(&r[5..13]);
@@ -320,6 +324,8 @@ mod tests {
         assert_eq!(Mode::from_record(&h), Mode::Bulk(1 << 31));
         let h = build_hello(&cap, "a-much-longer-name.bench.example", Mode::ReplyHold).unwrap();
         assert_eq!(Mode::from_record(&h), Mode::ReplyHold);
-        assert_eq!(Mode::from_record(&cap), Mode::ReplyClose);
+        assert_eq!(Mode::from_record(&cap), Mode::Tls);
+        let h = build_hello(&cap, "bench.example", Mode::ReplyClose).unwrap();
+        assert_eq!(Mode::from_record(&h), Mode::ReplyClose);
     }
 }

@@ -27,6 +27,10 @@ use sluice_bench::{Mode, REPLY_LEN, build_hello, procfs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::client::Resumption;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 #[derive(Parser, Debug)]
 struct Cli {
@@ -58,6 +62,26 @@ enum Cmd {
         concurrency: usize,
         /// Phase name in the output ("conn", "latency").
         #[arg(long, default_value = "conn")]
+        phase: String,
+    },
+    /// COUNT real TLS connections (full handshake, no resumption) to the
+    /// origin through TARGET, CONCURRENCY in flight: TLS handshake, 128
+    /// bytes of application data, origin closes.
+    Tls {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "bench.example")]
+        sni: String,
+        /// The origin's certificate (DER), trusted as the only root.
+        #[arg(long)]
+        ca: PathBuf,
+        #[command(flatten)]
+        m: Measured,
+        #[arg(long, default_value_t = 5_000)]
+        count: usize,
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        #[arg(long, default_value = "tls")]
         phase: String,
     },
     /// STREAMS connections each receiving BYTES/STREAMS bytes after the hello.
@@ -205,14 +229,52 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i.min(sorted.len() - 1)])
 }
 
+/// One TLS connection: connect, full handshake, read the origin's answer,
+/// wait for its close. Returns connect-to-first-application-byte time.
+async fn one_tls(target: SocketAddr, tls: &TlsConnector, name: &ServerName<'static>) -> std::io::Result<Duration> {
+    let t0 = Instant::now();
+    let s = TcpStream::connect(target).await?;
+    s.set_nodelay(true)?;
+    let mut t = tls.connect(name.clone(), s).await?;
+    let mut buf = [0_u8; REPLY_LEN];
+    t.read_exact(&mut buf).await?;
+    let first = t0.elapsed();
+    // close_notify then EOF; an abrupt close after the answer is fine too.
+    while matches!(t.read(&mut buf).await, Ok(n) if n > 0) {}
+    Ok(first)
+}
+
+fn tls_connector(ca: &PathBuf) -> TlsConnector {
+    let der = std::fs::read(ca).unwrap_or_else(|e| panic!("{}: {e}", ca.display()));
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from(der)).unwrap();
+    let mut cfg = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // Every connection pays a full handshake, as a new client would.
+    cfg.resumption = Resumption::disabled();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    TlsConnector::from(Arc::new(cfg))
+}
+
+#[derive(Clone)]
+enum Kind {
+    Hello(Arc<[u8]>),
+    Tls(TlsConnector, ServerName<'static>),
+}
+
 async fn conn(c: &Common, m: &Measured, count: usize, concurrency: usize, phase: &str) -> Value {
     let h = hello(c, Mode::ReplyClose);
+    drive(c.target, Kind::Hello(h), m, count, concurrency, phase).await
+}
+
+async fn drive(target: SocketAddr, kind: Kind, m: &Measured, count: usize, concurrency: usize, phase: &str) -> Value {
     let next = Arc::new(AtomicUsize::new(0));
     let meter = Meter::start(m);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(m.max_secs);
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let (h, next, target) = (h.clone(), next.clone(), c.target);
+        let (kind, next) = (kind.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0_usize;
@@ -222,7 +284,11 @@ async fn conn(c: &Common, m: &Measured, count: usize, concurrency: usize, phase:
                     errors += 1;
                     continue;
                 }
-                match timeout(Duration::from_secs(10), one(target, &h, &mut buf)).await {
+                let r = match &kind {
+                    Kind::Hello(h) => timeout(Duration::from_secs(10), one(target, h, &mut buf)).await,
+                    Kind::Tls(t, n) => timeout(Duration::from_secs(10), one_tls(target, t, n)).await,
+                };
+                match r {
                     Ok(Ok(d)) => lat.push(u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
                     _ => errors += 1,
                 }
@@ -265,32 +331,50 @@ async fn bulk(c: &Common, m: &Measured, bytes: u64, streams: u64) -> Value {
     for _ in 0..streams.max(1) {
         let (h, target) = (h.clone(), c.target);
         tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
             let run = async {
                 let mut s = TcpStream::connect(target).await?;
                 s.write_all(&h).await?;
                 let mut buf = vec![0_u8; 256 * 1024];
                 let mut got = 0_u64;
+                let mut first = None;
+                // Longest wait for data once it flows: a stalled relay shows here.
+                let mut last = Instant::now();
+                let mut stall = Duration::ZERO;
                 loop {
                     let n = s.read(&mut buf).await?;
                     if n == 0 {
                         break;
                     }
+                    if first.is_some() {
+                        stall = stall.max(last.elapsed());
+                    }
+                    last = Instant::now();
+                    first.get_or_insert_with(|| t0.elapsed());
                     got += n as u64;
                 }
-                std::io::Result::Ok(got)
+                std::io::Result::Ok((got, first.unwrap_or_default(), stall))
             };
+            let none = (0, Duration::ZERO, Duration::ZERO);
             timeout(Duration::from_secs(120), run)
                 .await
-                .map_or(0, |r| r.unwrap_or(0))
+                .map_or(none, |r| r.unwrap_or(none))
         }));
     }
     let mut got = 0;
+    let mut first_byte = Duration::ZERO;
+    let mut stall = Duration::ZERO;
     for t in tasks {
-        got += t.await.unwrap();
+        let (n, first, st) = t.await.unwrap();
+        got += n;
+        first_byte = first_byte.max(first);
+        stall = stall.max(st);
     }
     let mut o = meter.finish(m, "bulk");
     let elapsed = o["elapsed_s"].as_f64().unwrap_or(f64::NAN);
     o.insert("bytes".into(), json!(got));
+    o.insert("first_byte_s".into(), json!(first_byte.as_secs_f64()));
+    o.insert("max_read_gap_s".into(), json!(stall.as_secs_f64()));
     o.insert("errors".into(), json!(u64::from(got != per * streams.max(1))));
     o.insert("gbit_s".into(), json!(got as f64 * 8.0 / elapsed / 1e9));
     if let Some(cpu) = o.get("proxy_cpu_s").and_then(Value::as_f64) {
@@ -412,7 +496,7 @@ struct Metric {
     target: &'static str,
 }
 
-const METRICS: [Metric; 9] = [
+const METRICS: [Metric; 13] = [
     Metric {
         name: "proxy CPU per new TLS connection (µs)",
         phase: "conn",
@@ -468,6 +552,34 @@ const METRICS: [Metric; 9] = [
         field: "kib_per_flow",
         lower_is_better: true,
         target: "≤ 3 KiB, below HAProxy",
+    },
+    Metric {
+        name: "TLS end to end: proxy CPU per connection (µs)",
+        phase: "tls",
+        field: "proxy_cpu_us_per_conn",
+        lower_is_better: true,
+        target: "",
+    },
+    Metric {
+        name: "TLS end to end: handshakes/s, 50 in flight",
+        phase: "tls",
+        field: "conn_per_s",
+        lower_is_better: false,
+        target: "(client crypto bound)",
+    },
+    Metric {
+        name: "TLS end to end: connect+handshake → first byte p50 (µs)",
+        phase: "tls-latency",
+        field: "p50_us",
+        lower_is_better: true,
+        target: "",
+    },
+    Metric {
+        name: "TLS end to end: connect+handshake → first byte p99 (µs)",
+        phase: "tls-latency",
+        field: "p99_us",
+        lower_is_better: true,
+        target: "",
     },
     Metric {
         name: "client core busy, conn phase (share of 1 core)",
@@ -660,6 +772,19 @@ async fn main() {
             concurrency,
             phase,
         } => conn(&c, &m, count, concurrency, &phase).await,
+        Cmd::Tls {
+            target,
+            sni,
+            ca,
+            m,
+            count,
+            concurrency,
+            phase,
+        } => {
+            let name = ServerName::try_from(sni).unwrap();
+            let kind = Kind::Tls(tls_connector(&ca), name);
+            drive(target, kind, &m, count, concurrency, &phase).await
+        }
         Cmd::Bulk { c, m, bytes, streams } => bulk(&c, &m, bytes, streams).await,
         Cmd::Idle {
             c,
