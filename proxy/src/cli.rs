@@ -279,6 +279,16 @@ async fn serve(
     err: &mut dyn Write,
 ) -> i32 {
     use tokio::signal::unix::{SignalKind, signal};
+    // Handlers first: a signal that arrives while listeners are still being
+    // bound must be handled (drain, flush), not kill the process.
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = writeln!(err, "sluice: cannot install signal handlers");
+        return 1;
+    };
     let drain = cfg.drain_timeout;
     let source = cfg.source.clone();
     let mode = cfg.policy.mode;
@@ -294,14 +304,6 @@ async fn serve(
     }
     let _ = writeln!(err, "sluice: admin API on http://{}", server.admin);
     let _ = writeln!(err, "sluice: running {source} in {} mode", mode.as_str());
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        let _ = writeln!(err, "sluice: cannot install signal handlers");
-        return 1;
-    };
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -313,9 +315,32 @@ async fn serve(
                 }
                 match &path {
                 Some(p) => match config::load_file(p) {
-                    Ok(c) => {
+                                        Ok(c) => {
+                        let running = server.shared.snapshot.load();
+                        let old = &running.config;
+                        let mut fixed = Vec::new();
+                        if old.listeners != c.listeners {
+                            fixed.push("listeners");
+                        }
+                        if old.admin != c.admin {
+                            fixed.push("admin");
+                        }
+                        if old.audit != c.audit {
+                            fixed.push("audit");
+                        }
+                        if old.workers != c.workers || old.drain_timeout != c.drain_timeout || old.resolver.nameservers != c.resolver.nameservers {
+                            fixed.push("runtime/resolver");
+                        }
+                        drop(running);
                         server.reload(c);
-                        let _ = writeln!(err, "sluice: reloaded {}", p.display());
+                        let _ = writeln!(err, "sluice: reloaded {}: groups and policy apply to new flows now", p.display());
+                        if !fixed.is_empty() {
+                            let _ = writeln!(
+                                err,
+                                "sluice: changes to {} need a restart; the running ones are kept until then",
+                                fixed.join(", ")
+                            );
+                        }
                     }
                     Err(e) => {
                         let _ = writeln!(err, "{e}\nsluice: reload rejected; the running configuration is unchanged");

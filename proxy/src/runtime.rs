@@ -256,6 +256,7 @@ impl Server {
             audit,
             resolver,
             bindings.clone(),
+            stop_rx.clone(),
             force_rx,
         ));
         let mut tasks = Vec::new();

@@ -377,7 +377,7 @@ async fn proxy_basic_auth_maps_a_user_to_a_smartgroup() {
 // The record of a flow allowed because of the user's SmartGroup must say
 // so: its `src_groups` should hold that group (the policy matched on it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: with proxy Basic auth the audit record's src_groups omits the authenticated user's SmartGroup (and no field names the user), so a record shows rule `agents-to-test` (from: [agents]) allowing a source whose listed groups are only [loopback, gateway]"]
+
 async fn audit_records_the_proxy_users_smartgroup() {
     auth_scenario(true).await;
 }
@@ -681,7 +681,7 @@ async fn watch_mode_records_the_guard_without_blocking() {
 // guarded address can be refused before the `200` — the target, not the
 // SNI, is what is dialled — so the client should get that 403.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG (spec deviation): for CONNECT, http_proxy::tunnel resolves the target and runs the SSRF guard (flow::screen) only after answering `200 Connection established` and peeking the ClientHello, so a guard denial of the CONNECT target (e.g. guard-gateway for a name in resolver.hosts pointing at 127.0.0.1) reaches the client as a silently closed tunnel (curl: TLS connect error) instead of a 403 with X-Sluice-Reason"]
+
 async fn connect_to_a_guarded_address_gets_a_403() {
     let dir = TempDir::new("guard-403");
     let pki = Pki::new(&dir, &["allowed.test"]);
@@ -838,7 +838,7 @@ fn bad_config_is_reported_with_its_position_and_never_served() {
 // serving, before the handlers exist — as it would behind a slow log
 // collector.
 #[test]
-#[ignore = "BUG: cli::serve installs the SIGTERM/SIGINT/SIGHUP handlers only after Server::start has bound and spawned every listener and after printing the startup lines; a SIGHUP (or SIGTERM) in that window kills the process by the default action (no reload, no drain, no audit flush)"]
+
 fn signal_right_after_startup_is_handled() {
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -1138,7 +1138,7 @@ async fn stalling_http_upstream() -> SocketAddr {
 // the drain timeout: the process still exits 0, and the request's record
 // is written (nothing lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: absolute-form HTTP requests are served by hyper's serve_connection, which watches neither the stop nor the force-close signal; at the drain deadline Server::shutdown flushes and closes the audit writer and the process exits with the request still in flight, so its RecordGuard never writes the record (the audit log loses the flow)"]
+
 async fn sigterm_keeps_the_record_of_an_unfinished_http_request() {
     let dir = TempDir::new("drain-http");
     let up = stalling_http_upstream().await;
@@ -1172,7 +1172,7 @@ async fn sigterm_keeps_the_record_of_an_unfinished_http_request() {
 // client has not sent its first bytes yet (Sluice is still peeking): the
 // flow must still end in a record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: the peek after a CONNECT's 200 (and on transparent/sni/tcp listeners) waits only for data or peek_timeout (5 s default), not for the force-close signal; a shutdown whose drain + 2 s settle ends first exits with the flow in flight and its audit record is never written"]
+
 async fn sigterm_keeps_the_record_of_a_tunnel_still_being_classified() {
     let dir = TempDir::new("drain-peek");
     let audit = dir.join("audit.jsonl");
@@ -1201,7 +1201,7 @@ async fn sigterm_keeps_the_record_of_a_tunnel_still_being_classified() {
 // answered): nothing is in flight, so Sluice should not sit out the whole
 // drain timeout for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: an idle keep-alive explicit-proxy connection counts as an active flow for the whole life of the connection (ActiveGuard per accepted connection, hyper connection not shut down gracefully on stop), so SIGTERM waits the full drain_timeout (and then 2 s more) although no request is in flight"]
+
 async fn sigterm_does_not_wait_for_idle_keep_alive_connections() {
     let dir = TempDir::new("drain-idle");
     let http_up = Upstream::start(None).await;
@@ -1333,7 +1333,7 @@ fn run_fails_when_a_listener_address_is_taken() {
 // A reload that changes what only a restart can apply (listeners, the
 // audit destination, the admin address) must not claim success silently.
 #[test]
-#[ignore = "BUG: SIGHUP swaps only the policy snapshot (Server::reload); listeners, admin address and audit destination in the new file are silently ignored while stderr says `sluice: reloaded FILE` — an added listener is never bound and nothing says a restart is needed"]
+
 fn reload_says_when_listener_changes_need_a_restart() {
     let dir = TempDir::new("reload-listeners");
     let audit = dir.join("audit.jsonl");

@@ -255,12 +255,12 @@ async fn name_resolving_to_cloud_metadata_is_guarded_even_when_allowed() {
         assert_eq!(rule(&r), "builtin-guard", "{r}");
         assert!(r.get("dst").is_none(), "nothing dialled: {r}");
 
-        // CONNECT: the name is allowed, so the tunnel opens; the address it
-        // resolves to is screened before dialling and the tunnel closes.
-        let (stream, resp) = connect_via(sluice.addr("proxy"), "metadata.test:443", "").await;
-        assert_eq!(resp.status, 200, "{resp:?}");
-        let hs = within("the TLS handshake to fail", pki.connect("metadata.test", stream)).await;
-        assert!(hs.is_err());
+        // CONNECT: the name is allowed, but the address it resolves to is
+        // screened before the tunnel is answered: a 403 naming the guard.
+        let (_stream, resp) = connect_via(sluice.addr("proxy"), "metadata.test:443", "").await;
+        assert_eq!(resp.status, 403, "{resp:?}");
+        assert_eq!(resp.header("x-sluice-reason"), Some("guard-cloud-metadata"), "{resp:?}");
+        let _ = &pki;
         let r = sluice
             .wait_record(|r| field(r, "connect_target") == "metadata.test:443")
             .await;
@@ -290,9 +290,11 @@ policy:
         .await;
         let target = format!("allowed.test:{}", up.addr.port());
         let (stream, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
-        assert_eq!(resp.status, 200, "the name is allowed: {resp:?}");
-        let hs = within("the TLS handshake to fail", up.pki.connect("allowed.test", stream)).await;
-        assert!(hs.is_err(), "127.0.0.1 is the gateway: the flow must not be forwarded");
+        // The name is allowed, but 127.0.0.1 is the gateway: refused before
+        // the tunnel opens.
+        assert_eq!(resp.status, 403, "{resp:?}");
+        assert_eq!(resp.header("x-sluice-reason"), Some("guard-gateway"), "{resp:?}");
+        drop(stream);
         let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
         assert_eq!(action(&r), "deny", "{r}");
         assert_eq!(rule(&r), "builtin-guard", "{r}");
@@ -1469,9 +1471,9 @@ async fn guard_screens_each_resolved_address_and_ipv4_mapped_spellings() {
         assert_eq!(field(&r, "dst"), up.addr.to_string(), "{r}");
 
         // The metadata address written as IPv4-mapped IPv6 is still guarded.
-        let (stream, resp) = connect_via(sluice.addr("proxy"), "mapped.test:443", "").await;
-        assert_eq!(resp.status, 200, "{resp:?}");
-        assert!(up.pki.connect("mapped.test", stream).await.is_err());
+        let (_stream, resp) = connect_via(sluice.addr("proxy"), "mapped.test:443", "").await;
+        assert_eq!(resp.status, 403, "{resp:?}");
+        assert_eq!(resp.header("x-sluice-reason"), Some("guard-cloud-metadata"), "{resp:?}");
         let r = sluice
             .wait_record(|r| field(r, "connect_target") == "mapped.test:443")
             .await;

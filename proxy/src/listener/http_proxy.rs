@@ -60,13 +60,18 @@ pub async fn serve(
     let _ = client.set_nodelay(true);
     let _active = metrics::ActiveFlow::start(&plan.label);
     let mut buf = Vec::with_capacity(2048);
-    let head = match read_head(&mut client, &mut buf, &plan.spec).await {
+    // Shutdown ends the wait for a first request like any other.
+    let first = tokio::select! {
+        r = read_head(&mut client, &mut buf, &plan.spec) => r,
+        () = shared.forced() => Err("shutdown"),
+    };
+    let head = match first {
         Ok(h) => h,
         Err(reason) => {
             let mut ctx = FlowContext::new(shared.next_id(), plan.label.clone(), peer, snap);
             ctx.protocol = Protocol::Http;
             ctx.decision = Some(Decision::deny(reason, Enforcement::Enforced));
-            if reason != "client-closed-early" && reason != "peek-timeout" {
+            if !matches!(reason, "client-closed-early" | "peek-timeout" | "shutdown") {
                 let _ = respond(&mut client, 400, "Bad Request", &ctx).await;
             }
             let rec = flow::denied_record(&ctx);
@@ -99,6 +104,14 @@ pub async fn serve(
         // A kept-alive connection has no end of its own: when the drain
         // time is over it is closed like a relayed flow, not left serving
         // requests whose records could no longer be written.
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = forced.forced() => return,
+            // Draining: finish the request in progress, if any, then close
+            // instead of waiting for the next one.
+            () = forced.stopping() => conn.as_mut().graceful_shutdown(),
+        }
         tokio::select! {
             _ = conn => {}
             () = forced.forced() => {}
@@ -281,6 +294,30 @@ async fn tunnel(
         let rec = flow::denied_record(&ctx);
         return flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
     }
+    // Resolve and screen the target before answering, so a target the
+    // guard refuses (a name resolving to 169.254.169.254) or one that does
+    // not resolve still gets a response that says so.
+    let resolved = match flow::resolve(&shared, &ctx, &dial_host).await {
+        Ok(ips) => ips,
+        Err(e) => {
+            let mut shown = ctx
+                .decision
+                .clone()
+                .unwrap_or_else(|| Decision::deny(e.reason_code(), Enforcement::Enforced));
+            shown.reason = Cow::Borrowed(e.reason_code());
+            let view = FlowContext {
+                decision: Some(shown),
+                ..FlowContext::new(ctx.id, ctx.listener.clone(), peer, snap.clone())
+            };
+            let _ = respond(&mut client, 502, "Bad Gateway", &view).await;
+            return flow::failed(&shared, Some(&chain), &ctx, e.reason_code(), accepted);
+        }
+    };
+    if flow::screen(&chain, &mut ctx, &resolved).is_empty() {
+        let _ = respond(&mut client, 403, "Forbidden", &ctx).await;
+        let rec = flow::denied_record(&ctx);
+        return flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+    }
     if client
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await
@@ -294,7 +331,10 @@ async fn tunnel(
     // What the client sends through the tunnel decides again.
     buf.drain(..head.head_len.min(buf.len()));
     let started = Instant::now();
-    let peeked = peek::peek(&mut client, &mut buf, &plan.spec).await;
+    let peeked = tokio::select! {
+        p = peek::peek(&mut client, &mut buf, &plan.spec) => p,
+        () = shared.forced() => Peeked::Failed("shutdown"),
+    };
     metrics::classify_latency(&plan.label, started.elapsed());
     ctx.decision = None;
     let target_name = ctx.name.clone();
@@ -342,11 +382,9 @@ async fn tunnel(
         let rec = flow::denied_record(&ctx);
         return flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
     }
-    let ips = match flow::resolve(&shared, &ctx, &dial_host).await {
-        Ok(ips) => ips,
-        Err(e) => return flow::failed(&shared, Some(&chain), &ctx, e.reason_code(), accepted),
-    };
-    let ips = flow::screen(&chain, &mut ctx, &ips);
+    // Screened again: the decision above may have replaced a watched
+    // guard denial that the record must keep.
+    let ips = flow::screen(&chain, &mut ctx, &resolved);
     if ips.is_empty() {
         let rec = flow::denied_record(&ctx);
         return flow::finish(&shared, Some(&chain), &ctx, rec, accepted);

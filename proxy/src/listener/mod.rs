@@ -83,6 +83,9 @@ pub struct Shared {
     active: AtomicUsize,
     /// Becomes `true` when in-flight flows must end now (drain timed out).
     force_close: watch::Receiver<bool>,
+    /// Becomes `true` when draining starts: idle keep-alive connections
+    /// close instead of waiting for another request.
+    stopping: watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -91,6 +94,7 @@ impl Shared {
         audit: AuditWriter<AuditRecord>,
         resolver: Resolver,
         bindings: Option<Arc<Bindings>>,
+        stopping: watch::Receiver<bool>,
         force_close: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -101,6 +105,7 @@ impl Shared {
             next_id: AtomicU64::new(1),
             active: AtomicUsize::new(0),
             force_close,
+            stopping,
         }
     }
 
@@ -115,6 +120,12 @@ impl Shared {
     /// Resolves when flows must be torn down.
     async fn forced(&self) {
         let mut rx = self.force_close.clone();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+
+    /// Resolves when draining starts.
+    async fn stopping(&self) {
+        let mut rx = self.stopping.clone();
         let _ = rx.wait_for(|v| *v).await;
     }
 }

@@ -172,7 +172,10 @@ pub async fn serve(
         Transport::RawBuffer
     } else {
         let started = Instant::now();
-        let peeked = peek(&mut client, &mut buf, &plan.spec).await;
+        let peeked = tokio::select! {
+            p = peek(&mut client, &mut buf, &plan.spec) => p,
+            () = shared.forced() => Peeked::Failed("shutdown"),
+        };
         metrics::classify_latency(&plan.label, started.elapsed());
         match peeked {
             Peeked::Tls(h) => {
