@@ -139,7 +139,11 @@ impl DomainIndex {
                 }
             }
         }
-        let mut arena = Vec::new();
+        // Sized up front and advised before the first byte is written, so
+        // the kernel backs the key bytes with huge pages too.
+        let key_bytes: usize = exact_keys.iter().chain(suffix_keys.iter()).map(|(k, _)| k.len()).sum();
+        let mut arena: Vec<u8> = Vec::with_capacity(key_bytes);
+        crate::sys::advise_hugepages(arena.spare_capacity_mut());
         let expand = |gs: &mut Vec<u32>| {
             let mut out: Vec<u32> = gs
                 .iter()
@@ -199,12 +203,21 @@ impl DomainIndex {
         table
     }
 
+    /// The probe for `key`: its hash, with its first slot already being
+    /// fetched into cache; `None` when no key of that label count exists.
     #[inline]
-    fn find(&self, table: &Table, key: &[u8], labels: usize) -> SetId {
+    fn probe(&self, table: &Table, key: &[u8], labels: usize) -> Option<u64> {
         if table.label_counts & label_bit(labels) == 0 {
-            return EMPTY_SET;
+            return None;
         }
         let h = self.hasher.hash_one(key);
+        if let Some(slot) = table.slots.get(h as usize & table.mask) {
+            crate::sys::prefetch(slot);
+        }
+        Some(h)
+    }
+
+    fn find(&self, table: &Table, key: &[u8], h: u64) -> SetId {
         let fp = fingerprint(h);
         let mut i = h as usize & table.mask;
         while let Some(&[f, offset, set, len]) = table.slots.get(i) {
@@ -232,15 +245,32 @@ impl DomainIndex {
         };
         let bytes = name.as_str().as_bytes();
         let mut labels = bytes.iter().filter(|b| **b == b'.').count() + 1;
-        hits.push(self.find(&self.exact, bytes, labels));
+        // Two passes: first hash every probe and prefetch its slot, so the
+        // cache misses of the exact probe and of each suffix probe overlap;
+        // then look them up.
+        let exact = self.probe(&self.exact, bytes, labels);
+        let mut suffixes: [(u32, u64); MAX_HITS] = [(0, 0); MAX_HITS];
+        let mut n = 0;
         if !self.suffix.is_empty() {
             for (i, b) in bytes.iter().enumerate() {
                 if *b == b'.' {
                     labels -= 1;
-                    if let Some(rest) = bytes.get(i + 1..) {
-                        hits.push(self.find(&self.suffix, rest, labels));
+                    if let Some(rest) = bytes.get(i + 1..)
+                        && let Some(h) = self.probe(&self.suffix, rest, labels)
+                        && let Some(slot) = suffixes.get_mut(n)
+                    {
+                        *slot = ((i + 1) as u32, h);
+                        n += 1;
                     }
                 }
+            }
+        }
+        if let Some(h) = exact {
+            hits.push(self.find(&self.exact, bytes, h));
+        }
+        for &(start, h) in suffixes.iter().take(n) {
+            if let Some(rest) = bytes.get(start as usize..) {
+                hits.push(self.find(&self.suffix, rest, h));
             }
         }
         hits.push(self.any);

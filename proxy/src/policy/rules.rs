@@ -97,6 +97,8 @@ impl RuleIndex {
                 return None;
             }
             let mut out = vec![0u64; n_sets * words];
+            // Zeroed and untouched until filled: huge pages can still back it.
+            crate::sys::advise_hugepages(&out);
             for s in 0..n_sets {
                 let row = &mut out[s * words..(s + 1) * words];
                 for g in sets.get(s as SetId) {
