@@ -105,39 +105,36 @@ pub async fn forward(
     addrs: &[SocketAddr],
     replay: Vec<u8>,
 ) -> FlowRecord {
-    let mut rec = ctx.record();
+    // The record is built only once the flow ends, and the connect future
+    // is boxed: a task keeps the size of its largest state for its whole
+    // life, and an idle relayed flow should hold the relay's state only.
     let opts = ConnectOptions {
         timeout: plan.spec.connect_timeout,
         ..ConnectOptions::default()
     };
     let started = Instant::now();
-    let mut upstream = match connect(addrs, &opts).await {
+    let (mut upstream, dst) = match Box::pin(connect(addrs, &opts)).await {
         Ok(c) => {
             metrics::connect_latency("ok", started.elapsed());
-            rec.dst = Some(c.addr);
-            c.stream
+            (c.stream, c.addr)
         }
         Err(e) => {
             metrics::connect_latency(e.reason_code(), started.elapsed());
+            let mut rec = ctx.record();
             rec.close_reason = Cow::Borrowed(e.reason_code());
             rec.dst = addrs.first().copied();
             return rec;
         }
     };
-    rec.dst_groups = ctx
-        .snapshot
-        .policy
-        .smartgroups_of(rec.dst.map_or(ctx.src.ip(), |d| d.ip()))
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    if !replay.is_empty() {
-        if let Err(e) = upstream.write_all(&replay).await {
-            tracing::debug!(flow = ctx.id, error = %e, "replaying peeked bytes failed");
-            rec.close_reason = Cow::Borrowed("upstream-error");
-            return rec;
-        }
-        rec.bytes_up += replay.len() as u64;
+    let replayed = replay.len() as u64;
+    if !replay.is_empty()
+        && let Err(e) = Box::pin(upstream.write_all(&replay)).await
+    {
+        tracing::debug!(flow = ctx.id, error = %e, "replaying peeked bytes failed");
+        let mut rec = ctx.record();
+        rec.dst = Some(dst);
+        rec.close_reason = Cow::Borrowed("upstream-error");
+        return rec;
     }
     // Nothing per-flow is kept while the relay idles.
     drop(replay);
@@ -146,8 +143,17 @@ pub async fn forward(
         ..RelayOptions::default()
     };
     let stats = relay_until(client, upstream, &opts, shared.forced()).await;
-    rec.bytes_up += stats.bytes_up;
-    rec.bytes_down += stats.bytes_down;
+    let mut rec = ctx.record();
+    rec.dst = Some(dst);
+    rec.dst_groups = ctx
+        .snapshot
+        .policy
+        .smartgroups_of(dst.ip())
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    rec.bytes_up = replayed + stats.bytes_up;
+    rec.bytes_down = stats.bytes_down;
     rec.close_reason = Cow::Borrowed(stats.reason.as_str());
     rec
 }

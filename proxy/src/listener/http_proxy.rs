@@ -62,7 +62,7 @@ pub async fn serve(
     let mut buf = Vec::with_capacity(2048);
     // Shutdown ends the wait for a first request like any other.
     let first = tokio::select! {
-        r = read_head(&mut client, &mut buf, &plan.spec) => r,
+        r = Box::pin(read_head(&mut client, &mut buf, &plan.spec)) => r,
         () = shared.forced() => Err("shutdown"),
     };
     let head = match first {
@@ -297,7 +297,7 @@ async fn tunnel(
     // Resolve and screen the target before answering, so a target the
     // guard refuses (a name resolving to 169.254.169.254) or one that does
     // not resolve still gets a response that says so.
-    let resolved = match flow::resolve(&shared, &ctx, &dial_host).await {
+    let resolved = match Box::pin(flow::resolve(&shared, &ctx, &dial_host)).await {
         Ok(ips) => ips,
         Err(e) => {
             let mut shown = ctx
@@ -332,7 +332,7 @@ async fn tunnel(
     buf.drain(..head.head_len.min(buf.len()));
     let started = Instant::now();
     let peeked = tokio::select! {
-        p = peek::peek(&mut client, &mut buf, &plan.spec) => p,
+        p = Box::pin(peek::peek(&mut client, &mut buf, &plan.spec)) => p,
         () = shared.forced() => Peeked::Failed("shutdown"),
     };
     metrics::classify_latency(&plan.label, started.elapsed());

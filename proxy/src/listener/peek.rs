@@ -173,7 +173,7 @@ pub async fn serve(
     } else {
         let started = Instant::now();
         let peeked = tokio::select! {
-            p = peek(&mut client, &mut buf, &plan.spec) => p,
+            p = Box::pin(peek(&mut client, &mut buf, &plan.spec)) => p,
             () = shared.forced() => Peeked::Failed("shutdown"),
         };
         metrics::classify_latency(&plan.label, started.elapsed());
@@ -281,7 +281,7 @@ pub async fn serve(
     let (ips, port, check) = match &chain.cluster {
         Cluster::SniDynamic { port } => {
             let name = ctx.name.as_ref().map(|n| n.to_string()).unwrap_or_default();
-            match flow::resolve(&shared, &ctx, &name).await {
+            match Box::pin(flow::resolve(&shared, &ctx, &name)).await {
                 Ok(ips) => (ips, *port, None),
                 Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
             }
@@ -315,7 +315,7 @@ pub async fn serve(
                     }
                 }
                 (Some(name), SniCheck::Verify) if !ctx.name_from_dns => {
-                    match flow::resolve(&shared, &ctx, name.as_str()).await {
+                    match Box::pin(flow::resolve(&shared, &ctx, name.as_str())).await {
                         // Keep the client's choice when the name really has that
                         // address (CDN affinity); otherwise dial the name's own.
                         Ok(ips) if ips.contains(&orig.ip().to_canonical()) || ips.contains(&orig.ip()) => {
@@ -330,7 +330,7 @@ pub async fn serve(
                 (None, _) => (vec![orig.ip()], orig.port(), None),
             }
         }
-        Cluster::Static { host, port } => match flow::resolve(&shared, &ctx, host).await {
+        Cluster::Static { host, port } => match Box::pin(flow::resolve(&shared, &ctx, host)).await {
             Ok(ips) => (ips, *port, None),
             Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
         },

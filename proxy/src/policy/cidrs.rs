@@ -55,6 +55,19 @@ impl V4Index {
         Self { iv, buckets }
     }
 
+    /// Starts loading the cache lines `lookup(ip)` will read.
+    #[inline]
+    fn prefetch(&self, ip: u32) {
+        let k = (ip >> 16) as usize;
+        let lo = self.buckets.get(k).copied().unwrap_or(0) as usize;
+        if let Some(s) = self.iv.starts.get(lo) {
+            crate::sys::prefetch(s);
+        }
+        if let Some(s) = self.iv.sets.get(lo) {
+            crate::sys::prefetch(s);
+        }
+    }
+
     #[inline]
     fn lookup(&self, ip: u32) -> SetId {
         let k = (ip >> 16) as usize;
@@ -100,6 +113,15 @@ impl CidrIndex {
             }),
             v6: v6i,
             cidrs: nets.len(),
+        }
+    }
+
+    /// Starts loading what [`CidrIndex::lookup`] of `ip` will read, so the
+    /// source's, the destination's and the name's cache misses overlap.
+    #[inline]
+    pub fn prefetch(&self, ip: IpAddr) {
+        if let IpAddr::V4(a) = ip.to_canonical() {
+            self.v4.prefetch(u32::from(a));
         }
     }
 

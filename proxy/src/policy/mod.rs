@@ -339,9 +339,14 @@ impl Policy {
 
     /// Decides one flow. Allocation-free.
     pub fn decide(&self, q: &FlowQuery<'_>) -> Verdict {
+        // Independent lookups: start all their memory loads first.
+        self.cidrs.prefetch(q.src);
+        if let Some(d) = q.dst {
+            self.cidrs.prefetch(d);
+        }
+        let hits = q.name.map(|n| self.domains.lookup(n));
         let src_set = self.cidrs.lookup(q.src);
         let dst_set = q.dst.map(|ip| self.cidrs.lookup(ip));
-        let hits = q.name.map(|n| self.domains.lookup(n));
         self.decide_with(q, src_set, dst_set, hits.as_ref()).0
     }
 

@@ -239,6 +239,9 @@ impl Write for Output {
     }
 }
 
+/// How long the writer waits for more records before parking.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
 fn writer_loop<T: Serialize>(mut rx: mpsc::Receiver<Msg<T>>, out: Output, sink: AuditSink, stats: &Stats) {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     let mut line = Vec::with_capacity(1024);
@@ -297,7 +300,20 @@ fn writer_loop<T: Serialize>(mut rx: mpsc::Receiver<Msg<T>>, out: Output, sink: 
             }
             match rx.try_recv() {
                 Ok(next) => msg = next,
-                Err(_) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    // Linger before parking: under load, records arrive
+                    // faster than a park/unpark round trip, and waking this
+                    // thread once per record costs the data plane a context
+                    // switch each (a quarter of the DNS proxy's CPU when it
+                    // did). Sleeping lets a batch build up; the cost is at
+                    // most LINGER of extra audit latency.
+                    std::thread::sleep(LINGER);
+                    match rx.try_recv() {
+                        Ok(next) => msg = next,
+                        Err(_) => break,
+                    }
+                }
             }
         }
         if let Err(e) = out.flush() {

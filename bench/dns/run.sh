@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# DNS forwarding benchmark: Sluice against dnsmasq and unbound, in one run,
+# on loopback only. Each forwarder relays to the same local authority (NSD
+# serving a wildcard zone), and dnsperf measures
+#   - max qps (100 queries outstanding, 10 s) and the mean latency there,
+#   - p50/p99 latency at a fixed load every peer sustains (RATE qps, 5 s,
+#     per-query latencies from `dnsperf -v`),
+# and dnsperf straight at NSD ("direct", the load side's ceiling),
+# once "cached" (10 names asked over and over, caches on) and once
+# "uncached" (50,000 distinct names, every cache off and TTL-0 answers).
+#
+# CPU: the forwarder under test is pinned to CPU $SERVER_CPU with one thread
+# (Sluice `runtime: {workers: 1}`, unbound `num-threads: 1`, dnsmasq is
+# single-threaded); dnsperf and NSD share CPU $LOAD_CPU.
+#
+# ROUNDS (default 3) interleaved rounds; each reported figure is the median
+# over the rounds (and the qps range).
+# Needs free loopback ports BASE_PORT..BASE_PORT+3 (UDP and TCP), the Debian packages
+# dnsperf, dnsmasq-base (or dnsmasq), unbound, nsd, and a release build
+# (`cargo build --release -p sluice`). Usage: bench/dns/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DURATION=${DURATION:-10}
+LAT_DURATION=${LAT_DURATION:-5}
+RATE=${RATE:-5000}
+BASE_PORT=${BASE_PORT:-25353}
+SERVER_CPU=${SERVER_CPU:-1}
+LOAD_CPU=${LOAD_CPU:-0}
+SLUICE=${SLUICE:-target/release/sluice}
+UNCACHED_NAMES=${UNCACHED_NAMES:-50000}
+PEERS=${PEERS:-direct sluice dnsmasq unbound}
+ROUNDS=${ROUNDS:-3}
+
+AUTH_PORT=$BASE_PORT
+SLUICE_PORT=$((BASE_PORT + 1))
+DNSMASQ_PORT=$((BASE_PORT + 2))
+UNBOUND_PORT=$((BASE_PORT + 3))
+
+missing=()
+for t in dnsperf dnsmasq unbound nsd taskset dig; do
+  command -v "$t" >/dev/null || missing+=("$t")
+done
+if ((${#missing[@]})); then
+  echo "bench/dns: missing ${missing[*]}; apt-get install -y dnsperf dnsmasq-base unbound nsd util-linux dnsutils" >&2
+  exit 1
+fi
+case " $PEERS " in *" sluice "*) [ -x "$SLUICE" ] || { echo "bench/dns: no $SLUICE; run cargo build --release -p sluice" >&2; exit 1; } ;; esac
+
+WORK=$(mktemp -d /tmp/sluice-bench-dns.XXXXXX)
+PIDS=()
+cleanup() {
+  # Only the processes this script started, by PID.
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# ------------------------------------------------------------ query files
+for i in $(seq 1 10); do echo "c$i.cached.bench.test A"; done >"$WORK/cached.txt"
+awk -v n="$UNCACHED_NAMES" 'BEGIN { for (i = 1; i <= n; i++) printf "u%d.uncached.bench.test A\n", i }' >"$WORK/uncached.txt"
+
+# ------------------------------------------------------------ authority
+cat >"$WORK/bench.test.zone" <<'EOF'
+$ORIGIN bench.test.
+$TTL 3600
+@           IN SOA ns.bench.test. hostmaster.bench.test. 1 3600 600 86400 300
+@           IN NS  ns.bench.test.
+ns          IN A   127.0.0.1
+*.cached    IN A   192.0.2.1
+*.uncached  0 IN A 192.0.2.2
+EOF
+cat >"$WORK/nsd.conf" <<EOF
+server:
+  ip-address: 127.0.0.1@$AUTH_PORT
+  server-count: 1
+  username: ""
+  chroot: ""
+  zonesdir: "$WORK"
+  database: ""
+  zonelistfile: "$WORK/zone.list"
+  xfrdfile: "$WORK/xfrd.state"
+  pidfile: "$WORK/nsd.pid"
+  logfile: "$WORK/nsd.log"
+  verbosity: 0
+  hide-version: yes
+  refuse-any: yes
+  # Response rate limiting is on by default and would throttle the
+  # forwarders (one source address) to a few hundred answers a second.
+  rrl-ratelimit: 0
+  rrl-whitelist-ratelimit: 0
+remote-control:
+  control-enable: no
+zone:
+  name: bench.test.
+  zonefile: bench.test.zone
+EOF
+taskset -c "$LOAD_CPU" nsd -d -c "$WORK/nsd.conf" &
+PIDS+=($!)
+
+wait_ready() { # port name
+  for _ in $(seq 1 100); do
+    if dig @127.0.0.1 -p "$1" +time=1 +tries=1 +short ready.cached.bench.test A 2>/dev/null | grep -q 192.0.2.1; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "bench/dns: $2 did not answer on 127.0.0.1:$1" >&2
+  exit 1
+}
+wait_ready "$AUTH_PORT" nsd
+
+# ------------------------------------------------------------ forwarders
+# start_<peer> MODE (cached|uncached); prints nothing, appends the PID.
+start_sluice() {
+  local cache=10000
+  [ "$1" = uncached ] && cache=0
+  cat >"$WORK/sluice.yaml" <<EOF
+admin: {address: 127.0.0.1:0}
+audit: {destination: /dev/null}
+runtime: {workers: 1}
+listeners:
+  - name: dns
+    kind: dns
+    address: 127.0.0.1:$SLUICE_PORT
+    upstreams: ["127.0.0.1:$AUTH_PORT"]
+    cache_entries: $cache
+webgroups:
+  - name: bench
+    domains: ["*.bench.test"]
+policy:
+  default: deny
+  rules:
+    - name: bench-dns
+      to: {webgroups: [bench]}
+      protocols: [dns]
+      action: allow
+EOF
+  RUST_LOG=warn taskset -c "$SERVER_CPU" "$SLUICE" run -c "$WORK/sluice.yaml" 2>"$WORK/sluice.$1.log" &
+  PIDS+=($!)
+  SERVER_PID=$!
+  wait_ready "$SLUICE_PORT" sluice
+}
+
+start_dnsmasq() {
+  local cache=10000
+  [ "$1" = uncached ] && cache=0
+  taskset -c "$SERVER_CPU" dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts \
+    --no-poll --user=root --pid-file="$WORK/dnsmasq.pid" \
+    --listen-address=127.0.0.1 --bind-interfaces --port="$DNSMASQ_PORT" \
+    --server="127.0.0.1#$AUTH_PORT" --cache-size="$cache" --dns-forward-max=1000 \
+    2>"$WORK/dnsmasq.$1.log" &
+  PIDS+=($!)
+  SERVER_PID=$!
+  wait_ready "$DNSMASQ_PORT" dnsmasq
+}
+
+start_unbound() {
+  local cache=""
+  if [ "$1" = uncached ]; then
+    cache="  cache-max-ttl: 0
+  cache-max-negative-ttl: 0"
+  fi
+  cat >"$WORK/unbound.conf" <<EOF
+server:
+  interface: 127.0.0.1@$UNBOUND_PORT
+  port: $UNBOUND_PORT
+  num-threads: 1
+  do-daemonize: no
+  username: ""
+  chroot: ""
+  directory: "$WORK"
+  pidfile: "$WORK/unbound.pid"
+  use-syslog: no
+  logfile: ""
+  verbosity: 0
+  module-config: "iterator"
+  do-not-query-localhost: no
+  local-zone: "test." nodefault
+  access-control: 127.0.0.0/8 allow
+  qname-minimisation: no
+  prefetch: no
+$cache
+forward-zone:
+  name: "bench.test."
+  forward-addr: 127.0.0.1@$AUTH_PORT
+EOF
+  taskset -c "$SERVER_CPU" unbound -d -c "$WORK/unbound.conf" 2>"$WORK/unbound.$1.log" &
+  PIDS+=($!)
+  SERVER_PID=$!
+  wait_ready "$UNBOUND_PORT" unbound
+}
+
+# `direct`: dnsperf straight at the authority, no forwarder: the ceiling of
+# the load side (dnsperf and NSD share one CPU), not a peer.
+start_direct() {
+  SERVER_PID=""
+}
+
+stop_server() {
+  [ -n "$SERVER_PID" ] || return 0
+  kill "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+}
+
+# ------------------------------------------------------------ measuring
+# measure PEER PORT MODE -> one result line "peer mode qps avg_ms p50_ms p99_ms lost"
+measure() {
+  local peer=$1 port=$2 mode=$3 file="$WORK/$3.txt"
+  local perf=(taskset -c "$LOAD_CPU" dnsperf -s 127.0.0.1 -p "$port" -d "$file" -c 1 -T 1 -t 2)
+  # Warm up (and fill the cache in cached mode).
+  "${perf[@]}" -l 2 -q 100 >/dev/null 2>&1 || true
+  local out
+  out=$("${perf[@]}" -l "$DURATION" -q 100 2>&1)
+  echo "$out" >"$WORK/$peer.$mode.max.txt"
+  local qps avg lost
+  qps=$(awk '/Queries per second:/ {print $4}' <<<"$out")
+  avg=$(awk '/Average Latency \(s\):/ {printf "%.3f", $4 * 1000}' <<<"$out")
+  lost=$(awk '/Queries lost:/ {print $3}' <<<"$out")
+  # Latency at a fixed load: every response's latency, sorted.
+  "${perf[@]}" -l "$LAT_DURATION" -Q "$RATE" -q 100 -v 2>/dev/null |
+    awk '/^> / {print $NF}' | sort -g >"$WORK/$peer.$mode.lat"
+  local n p50 p99
+  n=$(wc -l <"$WORK/$peer.$mode.lat")
+  if [ "$n" -gt 0 ]; then
+    p50=$(awk -v n="$n" 'NR == int(n * 0.50) + 1 {printf "%.3f", $1 * 1000; exit}' "$WORK/$peer.$mode.lat")
+    p99=$(awk -v n="$n" 'NR == int(n * 0.99) + 1 {printf "%.3f", $1 * 1000; exit}' "$WORK/$peer.$mode.lat")
+  else
+    p50=nan p99=nan
+  fi
+  echo "$peer $mode $qps $avg $p50 $p99 $lost" | tee -a "$WORK/last"
+}
+
+RESULTS="$WORK/results.txt"
+: >"$RESULTS"
+# Rounds interleave the servers, so a burst of other load on the machine
+# hits each of them in some round rather than one of them in all; the
+# report gives the median round and the range.
+for round in $(seq 1 "$ROUNDS"); do
+  for mode in cached uncached; do
+    for peer in $PEERS; do
+      case $peer in
+        direct) port=$AUTH_PORT ;;
+        sluice) port=$SLUICE_PORT ;;
+        dnsmasq) port=$DNSMASQ_PORT ;;
+        unbound) port=$UNBOUND_PORT ;;
+        *) echo "bench/dns: unknown peer $peer" >&2; exit 1 ;;
+      esac
+      "start_$peer" "$mode"
+      echo "round $round: $(measure "$peer" "$port" "$mode")" >&2
+      tail -n 1 "$WORK/last" >>"$RESULTS"
+      stop_server
+    done
+  done
+done
+
+# ------------------------------------------------------------ report
+sluice_ver="sluice $(git describe --always --dirty 2>/dev/null || echo unknown)"
+dnsmasq_ver=$(dnsmasq --version | head -1 | awk '{print "dnsmasq " $3}')
+unbound_ver=$(unbound -V | awk '/^Version/ {print "unbound " $2}')
+nsd_ver=$(nsd -v 2>&1 | awk '/version/ {print "nsd " $3; exit}')
+dnsperf_ver=$(dnsperf -h 2>&1 | awk '/^Version/ {print "dnsperf " $2; exit}')
+echo
+echo "Versions: $sluice_ver, $dnsmasq_ver, $unbound_ver; authority $nsd_ver; load $dnsperf_ver"
+echo "Host: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); server on CPU $SERVER_CPU, dnsperf+nsd on CPU $LOAD_CPU"
+echo "Max qps: ${DURATION} s, 100 outstanding; latency: ${RATE} qps for ${LAT_DURATION} s; each column the median of $ROUNDS rounds (qps range in brackets)"
+echo
+echo "| mode | server | qps (max) | mean latency at max (ms) | p50 at ${RATE} qps (ms) | p99 at ${RATE} qps (ms) | lost |"
+echo "|---|---|---:|---:|---:|---:|---:|"
+# median PEER MODE COLUMN -> the median of that column over the rounds
+median() {
+  awk -v p="$1" -v m="$2" -v c="$3" '$1 == p && $2 == m { print $c }' "$RESULTS" | sort -g |
+    awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "nan" }'
+}
+range() {
+  awk -v p="$1" -v m="$2" '$1 == p && $2 == m { print $3 }' "$RESULTS" | sort -g |
+    awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.0f–%.0f", lo, hi }'
+}
+SUMMARY="$WORK/summary.txt"
+: >"$SUMMARY"
+for mode in cached uncached; do
+  for peer in $PEERS; do
+    qps=$(median "$peer" "$mode" 3)
+    avg=$(median "$peer" "$mode" 4)
+    p50=$(median "$peer" "$mode" 5)
+    p99=$(median "$peer" "$mode" 6)
+    lost=$(median "$peer" "$mode" 7)
+    echo "$peer $mode $qps $avg $p50 $p99 $lost" >>"$SUMMARY"
+    printf "| %s | %s | %.0f (%s) | %s | %s | %s | %s |\n" "$mode" "$peer" "$qps" "$(range "$peer" "$mode")" "$avg" "$p50" "$p99" "$lost"
+  done
+done
+echo
+echo "| mode | Sluice / dnsmasq qps | Sluice / unbound qps | Sluice / dnsmasq p99 | Sluice / unbound p99 |"
+echo "|---|---:|---:|---:|---:|"
+for mode in cached uncached; do
+  awk -v m="$mode" '
+    function r(a, b) { return (a > 0 && b > 0) ? sprintf("%.2f", a / b) : "-" }
+    $2 == m { qps[$1] = $3; p99[$1] = $6 }
+    END {
+      printf "| %s | %s | %s | %s | %s |\n", m,
+        r(qps["sluice"], qps["dnsmasq"]), r(qps["sluice"], qps["unbound"]),
+        r(p99["sluice"], p99["dnsmasq"]), r(p99["sluice"], p99["unbound"])
+    }' "$SUMMARY"
+done
