@@ -744,18 +744,7 @@ impl Validator {
         }
         let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
         for (inc, path) in include_refs {
-            if !names.contains(&inc.value.as_str()) {
-                let suggestion = suggest(&inc.value, names.iter().copied());
-                self.err(
-                    inc.referenced,
-                    path,
-                    ConfigErrorKind::UnknownGroup {
-                        kind: GroupKind::WebGroup,
-                        name: inc.value.clone(),
-                        suggestion,
-                    },
-                );
-            }
+            let _ = self.group_ref(inc, path, GroupKind::WebGroup, &names);
         }
         let graph: Vec<(String, Vec<String>)> = groups.iter().map(|g| (g.name.clone(), g.includes.clone())).collect();
         self.check_cycles(
@@ -862,18 +851,7 @@ impl Validator {
         }
         let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
         for (inc, path) in include_refs {
-            if !names.contains(&inc.value.as_str()) {
-                let suggestion = suggest(&inc.value, names.iter().copied());
-                self.err(
-                    inc.referenced,
-                    path,
-                    ConfigErrorKind::UnknownGroup {
-                        kind: GroupKind::SmartGroup,
-                        name: inc.value.clone(),
-                        suggestion,
-                    },
-                );
-            }
+            let _ = self.group_ref(inc, path, GroupKind::SmartGroup, &names);
         }
         let graph: Vec<(String, Vec<String>)> = groups.iter().map(|g| (g.name.clone(), g.includes.clone())).collect();
         self.check_cycles(
