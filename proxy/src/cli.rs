@@ -302,6 +302,9 @@ async fn serve(
     for (name, (kind, addr)) in &server.listeners {
         let _ = writeln!(err, "sluice: listening: {name} ({}) on {addr}", kind.as_str());
     }
+    for w in &server.warnings {
+        let _ = writeln!(err, "sluice: warning: {w}");
+    }
     let _ = writeln!(err, "sluice: admin API on http://{}", server.admin);
     let _ = writeln!(err, "sluice: running {source} in {} mode", mode.as_str());
     loop {

@@ -72,7 +72,15 @@ impl QueryPolicy for SnapshotQueries {
 
 /// The nameservers of `/etc/resolv.conf`, as UDP upstreams.
 fn system_nameservers(exclude: SocketAddr) -> Vec<dns::Upstream> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    nameservers_in(
+        &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        exclude,
+    )
+}
+
+/// `nameserver` lines of a resolv.conf, minus Sluice's own DNS listener (a
+/// gateway whose resolv.conf points at itself must not forward to itself).
+fn nameservers_in(text: &str, exclude: SocketAddr) -> Vec<dns::Upstream> {
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
         .filter_map(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
@@ -190,6 +198,8 @@ pub struct Server {
     tasks: Vec<JoinHandle<()>>,
     dns_cancel: CancellationToken,
     dns_stats: Arc<DnsStats>,
+    /// Things the operator should know that did not stop the start.
+    pub warnings: Vec<String>,
 }
 
 impl Server {
@@ -261,8 +271,19 @@ impl Server {
         ));
         let mut tasks = Vec::new();
         let dns_cancel = CancellationToken::new();
+        let mut warnings = Vec::new();
         for (name, addr, d) in dns_specs {
-            let cfg = dns_config(&name, addr, &d, mode)?;
+            let cfg = match dns_config(&name, addr, &d, mode) {
+                Ok(c) => c,
+                // Relying on the system's resolvers and finding none: serve
+                // everything else (the embedded default must start on any
+                // machine) and say why this listener is missing.
+                Err(StartError::Dns { message, .. }) if d.upstreams.is_empty() => {
+                    warnings.push(format!("DNS listener `{name}` not started: {message}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let policy: Arc<dyn QueryPolicy> = Arc::new(SnapshotQueries(shared.clone()));
             let table = bindings
                 .clone()
@@ -308,6 +329,7 @@ impl Server {
             tasks,
             dns_cancel,
             dns_stats,
+            warnings,
         })
     }
 
@@ -344,5 +366,23 @@ impl Server {
             t.abort();
         }
         let _ = self.shared.audit.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_nameservers() {
+        let text = "# comment\nsearch example.com\nnameserver 10.0.0.2\nnameserver fd00::53\nnameserver 127.0.0.1\nnameserver bogus\noptions ndots:2\n";
+        let own: SocketAddr = "127.0.0.1:53".parse().unwrap_or_else(|_| unreachable!());
+        let got: Vec<SocketAddr> = nameservers_in(text, own).iter().map(|u| u.addr).collect();
+        let want: Vec<SocketAddr> = ["10.0.0.2:53", "[fd00::53]:53"]
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        assert_eq!(got, want);
+        assert!(nameservers_in("", own).is_empty());
     }
 }
