@@ -52,7 +52,13 @@ impl V4Index {
             }
             buckets.push(i as u32);
         }
-        Self { iv, buckets }
+        Self {
+            iv: Intervals {
+                starts: on_huge_pages(&iv.starts),
+                sets: on_huge_pages(&iv.sets),
+            },
+            buckets: on_huge_pages(&buckets),
+        }
     }
 
     /// Starts loading the cache lines `lookup(ip)` will read.
@@ -193,5 +199,15 @@ fn sweep(ranges: &[(u128, u128, u32)], top: u128, containers: &[Vec<u32>], sets:
             out.sets.push(set);
         }
     }
+    out
+}
+
+/// A copy of `v` in a fresh zeroed allocation that was advised onto huge
+/// pages before its first write (advice given after the pages are touched
+/// does nothing), so random lookups into it do not also miss the TLB.
+pub(super) fn on_huge_pages<T: Copy + Default>(v: &[T]) -> Vec<T> {
+    let mut out = vec![T::default(); v.len()];
+    crate::sys::advise_hugepages(&out);
+    out.copy_from_slice(v);
     out
 }

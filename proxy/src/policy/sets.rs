@@ -49,8 +49,8 @@ impl SetArena {
     /// Drops the build-time index; lookups by id keep working.
     pub fn freeze(&mut self) {
         self.index = HashMap::new();
-        self.ids.shrink_to_fit();
-        self.spans.shrink_to_fit();
+        self.ids = super::cidrs::on_huge_pages(&self.ids);
+        self.spans = super::cidrs::on_huge_pages(&self.spans);
     }
 
     pub fn len(&self) -> usize {
