@@ -157,6 +157,7 @@ fn bindings_config(l: &DnsListener) -> BindingsConfig {
 /// the source's SmartGroups, and counts them in metrics.
 fn spawn_dns_audit(shared: Arc<Shared>, listener: String, mut rx: mpsc::Receiver<DnsAuditRecord>) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let mut dns_metrics = metrics::DnsMetrics::new(&listener);
         while let Some(q) = rx.recv().await {
             let snap = shared.snapshot.load();
             let src_groups = snap
@@ -165,8 +166,7 @@ fn spawn_dns_audit(shared: Arc<Shared>, listener: String, mut rx: mpsc::Receiver
                 .into_iter()
                 .map(str::to_owned)
                 .collect();
-            metrics::dns_query(
-                &listener,
+            dns_metrics.record(
                 q.allowed,
                 q.watched,
                 &q.rule,
