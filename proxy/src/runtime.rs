@@ -28,13 +28,15 @@ use crate::telemetry::metrics;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
-    #[error("cannot bind listener `{name}` on {addr}: {source}")]
+    #[error(
+        "cannot bind listener `{name}` on {addr}: {source}; another process may hold that address (pick another in `listeners`), or a port below 1024 needs root or CAP_NET_BIND_SERVICE"
+    )]
     Bind {
         name: String,
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot bind the admin API on {addr}: {source}")]
+    #[error("cannot bind the admin API on {addr}: {source}; set another `admin.address`")]
     Admin { addr: SocketAddr, source: std::io::Error },
     #[error("cannot open the audit log: {0}")]
     Audit(String),
@@ -197,7 +199,6 @@ pub struct Server {
     force: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     dns_cancel: CancellationToken,
-    dns_stats: Arc<DnsStats>,
     /// Things the operator should know that did not stop the start.
     pub warnings: Vec<String>,
 }
@@ -328,14 +329,8 @@ impl Server {
             force,
             tasks,
             dns_cancel,
-            dns_stats,
             warnings,
         })
-    }
-
-    /// Counters of the DNS listeners.
-    pub fn dns_stats(&self) -> &Arc<DnsStats> {
-        &self.dns_stats
     }
 
     /// Bound address of listener `name`.

@@ -201,13 +201,15 @@ fn metrics_install_is_idempotent_and_renders_sluice_names() {
     let a = metrics::install().unwrap();
     let b = metrics::install().unwrap();
     metrics::flow_finished("egress", "deny", "llm-only", "sni-mismatch");
-    metrics::flow_relayed("egress", 10, 20, "client-closed");
+    let listener = metrics::ListenerMetrics::new("egress");
+    listener.relayed(10, 20);
+    metrics::flow_closed("egress", "client-closed");
     metrics::connect_latency("ok", std::time::Duration::from_millis(3));
-    metrics::classify_latency("egress", std::time::Duration::from_micros(40));
+    listener.classified(std::time::Duration::from_micros(40));
     metrics::error("connect-timeout");
     metrics::audit_dropped();
     {
-        let _active = metrics::ActiveFlow::start("egress");
+        let _active = listener.active();
     }
     let text = b.render();
     for name in [

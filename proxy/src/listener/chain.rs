@@ -7,7 +7,7 @@
 //! ([`ListenerPlan::from_config`]); the xDS client will build the same model
 //! from Envoy resources, so everything downstream sees one shape.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -83,6 +83,7 @@ pub struct ListenerPlan {
     pub spec: Listener,
     /// The name, shared by every flow's context without a copy.
     pub label: Arc<str>,
+    pub metrics: crate::telemetry::metrics::ListenerMetrics,
     pub chains: Vec<FilterChain>,
 }
 
@@ -111,6 +112,7 @@ impl ListenerPlan {
         Self {
             spec: spec.clone(),
             label: Arc::from(spec.name.as_str()),
+            metrics: crate::telemetry::metrics::ListenerMetrics::new(&spec.name),
             chains: vec![FilterChain {
                 name: format!("{}/default", spec.name),
                 matcher: ChainMatch::default(),
@@ -150,9 +152,4 @@ pub fn split_host_port(s: &str) -> Option<(String, u16)> {
         return None;
     }
     Some((host.to_owned(), port))
-}
-
-/// Socket address of a listener, for logs.
-pub fn describe(spec: &Listener, bound: SocketAddr) -> String {
-    format!("{} ({}) on {bound}", spec.name, spec.kind.as_str())
 }

@@ -90,6 +90,8 @@ impl Decision {
 pub struct FlowContext {
     pub id: u64,
     pub listener: Arc<str>,
+    /// The listener's metric handles.
+    pub metrics: crate::telemetry::metrics::ListenerMetrics,
     pub src: SocketAddr,
     /// Transparent mode: where the client was going before iptables.
     pub original_dst: Option<SocketAddr>,
@@ -115,10 +117,11 @@ pub struct FlowContext {
 }
 
 impl FlowContext {
-    pub fn new(id: u64, listener: Arc<str>, src: SocketAddr, snapshot: Arc<Snapshot>) -> Self {
+    pub fn new(id: u64, plan: &super::ListenerPlan, src: SocketAddr, snapshot: Arc<Snapshot>) -> Self {
         Self {
             id,
-            listener,
+            listener: plan.label.clone(),
+            metrics: plan.metrics.clone(),
             src,
             original_dst: None,
             connect_target: None,

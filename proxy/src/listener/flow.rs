@@ -177,7 +177,8 @@ pub fn finish(shared: &Shared, chain: Option<&FilterChain>, ctx: &FlowContext, m
         rec.verdict.rule.as_deref().unwrap_or("-"),
         &rec.verdict.reason,
     );
-    metrics::flow_relayed(&ctx.listener, rec.bytes_up, rec.bytes_down, close_reason_static(&rec));
+    ctx.metrics.relayed(rec.bytes_up, rec.bytes_down);
+    metrics::flow_closed(&ctx.listener, close_reason_static(&rec));
     tracing::debug!(flow = ctx.id, listener = %ctx.listener, action, reason = %rec.verdict.reason, close = %rec.close_reason, "flow finished");
     shared
         .audit

@@ -58,7 +58,7 @@ pub async fn serve(
 ) {
     let accepted = Instant::now();
     let _ = client.set_nodelay(true);
-    let _active = metrics::ActiveFlow::start(&plan.label);
+    let _active = plan.metrics.active();
     let mut buf = Vec::with_capacity(2048);
     // Shutdown ends the wait for a first request like any other.
     let first = tokio::select! {
@@ -68,7 +68,7 @@ pub async fn serve(
     let head = match first {
         Ok(h) => h,
         Err(reason) => {
-            let mut ctx = FlowContext::new(shared.next_id(), plan.label.clone(), peer, snap);
+            let mut ctx = FlowContext::new(shared.next_id(), &plan, peer, snap);
             ctx.protocol = Protocol::Http;
             ctx.decision = Some(Decision::deny(reason, Enforcement::Enforced));
             if !matches!(reason, "client-closed-early" | "peek-timeout" | "shutdown") {
@@ -245,7 +245,7 @@ async fn tunnel(
     mut buf: Vec<u8>,
     accepted: Instant,
 ) {
-    let mut ctx = FlowContext::new(shared.next_id(), plan.label.clone(), peer, snap.clone());
+    let mut ctx = FlowContext::new(shared.next_id(), &plan, peer, snap.clone());
     ctx.protocol = Protocol::Tls;
     // Named in the record even when refused before the target is decided on.
     if let (Some(h), Some(p)) = (&head.host, head.port) {
@@ -307,7 +307,7 @@ async fn tunnel(
             shown.reason = Cow::Borrowed(e.reason_code());
             let view = FlowContext {
                 decision: Some(shown),
-                ..FlowContext::new(ctx.id, ctx.listener.clone(), peer, snap.clone())
+                ..FlowContext::new(ctx.id, &plan, peer, snap.clone())
             };
             let _ = respond(&mut client, 502, "Bad Gateway", &view).await;
             return flow::failed(&shared, Some(&chain), &ctx, e.reason_code(), accepted);
@@ -335,7 +335,7 @@ async fn tunnel(
         p = Box::pin(peek::peek(&mut client, &mut buf, &plan.spec)) => p,
         () = shared.forced() => Peeked::Failed("shutdown"),
     };
-    metrics::classify_latency(&plan.label, started.elapsed());
+    plan.metrics.classified(started.elapsed());
     ctx.decision = None;
     let target_name = ctx.name.clone();
     match peeked {
@@ -557,7 +557,7 @@ impl ConnState {
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let accepted = Instant::now();
         let snap = self.shared.snapshot.load_full();
-        let mut ctx = FlowContext::new(self.shared.next_id(), self.plan.label.clone(), self.peer, snap.clone());
+        let mut ctx = FlowContext::new(self.shared.next_id(), &self.plan, self.peer, snap.clone());
         ctx.protocol = Protocol::Http;
         // Named in the record even when refused before the target is decided on.
         ctx.connect_target = req

@@ -18,7 +18,6 @@ mod http_proxy;
 mod peek;
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -211,11 +210,6 @@ pub fn spawn(
             ));
         }
     })
-}
-
-/// The address a listener actually bound (port 0 resolved).
-pub fn local_addr(l: &TcpListener) -> io::Result<SocketAddr> {
-    l.local_addr()
 }
 
 /// A spawned flow keeps its future's full size for its whole life, idle or

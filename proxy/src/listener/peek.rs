@@ -29,7 +29,6 @@ use crate::classify::{
     ClientHello, HttpLimits, Limits, Progress, RequestHead, Sniff, parse_client_hello, parse_request_head, sniff,
 };
 use crate::policy::Enforcement;
-use crate::telemetry::metrics;
 
 /// What the first bytes were.
 #[derive(Debug)]
@@ -147,8 +146,8 @@ pub async fn serve(
 ) {
     let accepted = Instant::now();
     let _ = client.set_nodelay(true);
-    let _active = metrics::ActiveFlow::start(&plan.label);
-    let mut ctx = FlowContext::new(shared.next_id(), plan.label.clone(), peer, snap);
+    let _active = plan.metrics.active();
+    let mut ctx = FlowContext::new(shared.next_id(), &plan, peer, snap);
     let kind = plan.spec.kind;
     let needs_original =
         kind == ListenerKind::Transparent || (kind == ListenerKind::Tcp && plan.spec.upstream.is_none());
@@ -176,7 +175,7 @@ pub async fn serve(
             p = Box::pin(peek(&mut client, &mut buf, &plan.spec)) => p,
             () = shared.forced() => Peeked::Failed("shutdown"),
         };
-        metrics::classify_latency(&plan.label, started.elapsed());
+        plan.metrics.classified(started.elapsed());
         match peeked {
             Peeked::Tls(h) => {
                 from_hello(&mut ctx, &plan, h);

@@ -131,15 +131,8 @@ pub fn flow_finished(listener: &str, action: &'static str, rule: &str, reason: &
 }
 
 /// Adds a relayed flow's bytes and close reason.
-pub fn flow_relayed(listener: &str, bytes_up: u64, bytes_down: u64, close_reason: &'static str) {
-    metrics::counter!(BYTES_TOTAL, "listener" => listener.to_owned(), "direction" => "up").increment(bytes_up);
-    metrics::counter!(BYTES_TOTAL, "listener" => listener.to_owned(), "direction" => "down").increment(bytes_down);
+pub fn flow_closed(listener: &str, close_reason: &'static str) {
     metrics::counter!(FLOW_CLOSES_TOTAL, "listener" => listener.to_owned(), "reason" => close_reason).increment(1);
-}
-
-/// Records accept → verdict time.
-pub fn classify_latency(listener: &str, elapsed: Duration) {
-    metrics::histogram!(CLASSIFY_SECONDS, "listener" => listener.to_owned()).record(elapsed);
 }
 
 /// Records an upstream connect race's duration; `result` is `"ok"` or the
@@ -165,12 +158,42 @@ pub struct ActiveFlow {
     gauge: metrics::Gauge,
 }
 
-impl ActiveFlow {
-    /// Marks a flow on `listener` as open.
-    pub fn start(listener: &str) -> Self {
-        let gauge = metrics::gauge!(ACTIVE_FLOWS, "listener" => listener.to_owned());
-        gauge.increment(1.0);
-        Self { gauge }
+/// A listener's own series, registered once when the listener is built so
+/// that a flow touches handles, not the registry (no label strings, no
+/// lookup per connection).
+#[derive(Debug, Clone)]
+pub struct ListenerMetrics {
+    active: metrics::Gauge,
+    classify: metrics::Histogram,
+    bytes_up: metrics::Counter,
+    bytes_down: metrics::Counter,
+}
+
+impl ListenerMetrics {
+    pub fn new(listener: &str) -> Self {
+        Self {
+            active: metrics::gauge!(ACTIVE_FLOWS, "listener" => listener.to_owned()),
+            classify: metrics::histogram!(CLASSIFY_SECONDS, "listener" => listener.to_owned()),
+            bytes_up: metrics::counter!(BYTES_TOTAL, "listener" => listener.to_owned(), "direction" => "up"),
+            bytes_down: metrics::counter!(BYTES_TOTAL, "listener" => listener.to_owned(), "direction" => "down"),
+        }
+    }
+
+    /// Marks a flow as open until the returned guard drops.
+    pub fn active(&self) -> ActiveFlow {
+        self.active.increment(1.0);
+        ActiveFlow {
+            gauge: self.active.clone(),
+        }
+    }
+
+    pub fn classified(&self, elapsed: Duration) {
+        self.classify.record(elapsed);
+    }
+
+    pub fn relayed(&self, bytes_up: u64, bytes_down: u64) {
+        self.bytes_up.increment(bytes_up);
+        self.bytes_down.increment(bytes_down);
     }
 }
 
