@@ -30,12 +30,12 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
-use std::pin::pin;
+use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
 
 /// Which mover a relay uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -169,61 +169,101 @@ pub struct RelayStats {
 }
 
 /// Relays until both sides close, one fails, or the idle timeout fires.
-pub async fn relay(client: TcpStream, upstream: TcpStream, opts: &RelayOptions) -> RelayStats {
-    relay_until(client, upstream, opts, std::future::pending()).await
+pub fn relay(client: TcpStream, upstream: TcpStream, opts: &RelayOptions) -> Relay<std::future::Pending<()>> {
+    relay_until(client, upstream, opts, std::future::pending())
 }
 
 /// As [`relay`], and also ends (with [`CloseReason::Cancelled`]) when
 /// `cancel` completes.
-pub async fn relay_until<C>(client: TcpStream, upstream: TcpStream, opts: &RelayOptions, cancel: C) -> RelayStats
+pub fn relay_until<C>(client: TcpStream, upstream: TcpStream, opts: &RelayOptions, cancel: C) -> Relay<C>
 where
     C: Future<Output = ()>,
 {
     let mode = opts.mode.resolve();
-    let mut flow = Flow {
-        up: Direction::new(Side::Client),
-        down: Direction::new(Side::Upstream),
-        first_eof: None,
-        last_activity: Instant::now(),
-        mode,
-        pipe_size: opts.pipe_size,
-        copy_buffer: opts.copy_buffer,
-    };
-    let idle = opts.idle_timeout;
-    // Created unarmed: a `Sleep` only registers with the timer when polled,
-    // and it is only polled when there is an idle timeout.
-    let mut timer = pin!(sleep_until(flow.last_activity + idle.unwrap_or_default()));
-    let mut cancel = pin!(cancel);
+    let last_activity = Instant::now();
+    Relay {
+        sockets: Some((client, upstream)),
+        flow: Flow {
+            up: Direction::new(Side::Client),
+            down: Direction::new(Side::Upstream),
+            first_eof: None,
+            last_activity,
+            movers: Movers {
+                mode,
+                pipe_size: opts.pipe_size,
+                copy_buffer: opts.copy_buffer,
+            },
+        },
+        idle: opts.idle_timeout,
+        // Created unarmed: a `Sleep` only registers with the timer when
+        // polled, and it is only polled when there is an idle timeout.
+        timer: sleep_until(last_activity + opts.idle_timeout.unwrap_or_default()),
+        cancel,
+    }
+}
 
-    let (reason, error) = std::future::poll_fn(|cx| {
-        if cancel.as_mut().poll(cx).is_ready() {
-            return Poll::Ready((CloseReason::Cancelled, None));
-        }
-        if let Poll::Ready(result) = flow.poll_io(cx, &client, &upstream) {
-            return Poll::Ready(result);
-        }
-        if let Some(timeout) = idle {
-            // Re-arm from the last activity each time the timer fires early.
-            while timer.as_mut().poll(cx).is_ready() {
-                let deadline = flow.last_activity + timeout;
-                if Instant::now() >= deadline {
-                    return Poll::Ready((CloseReason::IdleTimeout, None));
-                }
-                timer.as_mut().reset(deadline);
+pin_project_lite::pin_project! {
+    /// A relay in progress ([`relay`], [`relay_until`]); resolves to the
+    /// flow's [`RelayStats`] once it is over, with both sockets closed.
+    ///
+    /// A named future rather than an `async fn`: a spawned flow keeps its
+    /// future's full size for as long as it is idle, and a generated state
+    /// machine also reserves room for its arguments before they are moved
+    /// into locals.
+    #[must_use = "a relay moves nothing unless polled"]
+    #[derive(Debug)]
+    pub struct Relay<C> {
+        // `None` once the relay has finished (and closed them).
+        sockets: Option<(TcpStream, TcpStream)>,
+        flow: Flow,
+        idle: Option<Duration>,
+        #[pin]
+        timer: Sleep,
+        #[pin]
+        cancel: C,
+    }
+}
+
+impl<C: Future<Output = ()>> Future for Relay<C> {
+    type Output = RelayStats;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayStats> {
+        let mut this = self.project();
+        let Some((client, upstream)) = this.sockets.as_ref() else {
+            // Polled again after it finished: there is nothing left to do.
+            return Poll::Pending;
+        };
+        let (reason, error) = 'done: {
+            if this.cancel.as_mut().poll(cx).is_ready() {
+                break 'done (CloseReason::Cancelled, None);
             }
-        }
-        Poll::Pending
-    })
-    .await;
-
-    flow.up.release();
-    flow.down.release();
-    RelayStats {
-        bytes_up: flow.up.bytes,
-        bytes_down: flow.down.bytes,
-        reason,
-        mode,
-        error,
+            if let Poll::Ready(result) = this.flow.poll_io(cx, client, upstream) {
+                break 'done result;
+            }
+            if let Some(timeout) = *this.idle {
+                // Re-arm from the last activity each time the timer fires early.
+                while this.timer.as_mut().poll(cx).is_ready() {
+                    let deadline = this.flow.last_activity + timeout;
+                    if Instant::now() >= deadline {
+                        break 'done (CloseReason::IdleTimeout, None);
+                    }
+                    this.timer.as_mut().reset(deadline);
+                }
+            }
+            return Poll::Pending;
+        };
+        // Close both sockets now: the caller writes its record after this.
+        *this.sockets = None;
+        let flow = &mut *this.flow;
+        flow.up.release();
+        flow.down.release();
+        Poll::Ready(RelayStats {
+            bytes_up: flow.up.bytes,
+            bytes_down: flow.down.bytes,
+            reason,
+            mode: flow.movers.mode,
+            error,
+        })
     }
 }
 
@@ -282,14 +322,13 @@ impl PumpError {
 const MAX_BYTES_PER_POLL: usize = 1024 * 1024;
 
 /// The whole per-flow state.
+#[derive(Debug)]
 struct Flow {
     up: Direction,
     down: Direction,
     first_eof: Option<Side>,
     last_activity: Instant,
-    mode: RelayMode,
-    pipe_size: usize,
-    copy_buffer: usize,
+    movers: Movers,
 }
 
 impl Flow {
@@ -300,19 +339,29 @@ impl Flow {
         client: &TcpStream,
         upstream: &TcpStream,
     ) -> Poll<(CloseReason, Option<io::Error>)> {
-        let movers = Movers {
-            mode: self.mode,
-            pipe_size: self.pipe_size,
-            copy_buffer: self.copy_buffer,
-        };
-        for (dir, src, dst) in [(&mut self.up, client, upstream), (&mut self.down, upstream, client)] {
-            match dir.poll(cx, src, dst, &movers, &mut self.last_activity) {
-                Poll::Ready(Ok(())) => {
-                    self.first_eof.get_or_insert(dir.src_side);
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready((e.reason(), Some(e.error))),
-                Poll::Pending => {}
+        // The second direction to finish skips its `shutdown`: the flow is
+        // over and closing the socket sends the same FIN, one call fewer.
+        let other_done = self.down.done;
+        match self
+            .up
+            .poll(cx, client, upstream, &self.movers, other_done, &mut self.last_activity)
+        {
+            Poll::Ready(Ok(())) => {
+                self.first_eof.get_or_insert(Side::Client);
             }
+            Poll::Ready(Err(e)) => return Poll::Ready((e.reason(), Some(e.error))),
+            Poll::Pending => {}
+        }
+        let other_done = self.up.done;
+        match self
+            .down
+            .poll(cx, upstream, client, &self.movers, other_done, &mut self.last_activity)
+        {
+            Poll::Ready(Ok(())) => {
+                self.first_eof.get_or_insert(Side::Upstream);
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready((e.reason(), Some(e.error))),
+            Poll::Pending => {}
         }
         if self.up.done && self.down.done {
             let reason = match self.first_eof {
@@ -325,6 +374,7 @@ impl Flow {
     }
 }
 
+#[derive(Debug)]
 struct Movers {
     mode: RelayMode,
     pipe_size: usize,
@@ -332,6 +382,7 @@ struct Movers {
 }
 
 /// What a direction holds while bytes are in flight; `None` while idle.
+#[derive(Debug)]
 enum Held {
     None,
     #[cfg(target_os = "linux")]
@@ -344,6 +395,7 @@ enum Held {
 }
 
 /// One direction, `src` → `dst`.
+#[derive(Debug)]
 struct Direction {
     src_side: Side,
     held: Held,
@@ -381,6 +433,7 @@ impl Direction {
         src: &TcpStream,
         dst: &TcpStream,
         movers: &Movers,
+        other_done: bool,
         last_activity: &mut Instant,
     ) -> Poll<Result<(), PumpError>> {
         if self.done {
@@ -439,9 +492,13 @@ impl Direction {
                 Ok(0) => {
                     self.release();
                     self.done = true;
-                    // Pass the half-close on. ENOTCONN here only means the
+                    // Pass the half-close on, unless the other direction is
+                    // done too: then both sockets are closed next, which
+                    // sends the FIN anyway. ENOTCONN here only means the
                     // peer is already gone, which the other direction reports.
-                    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                    if !other_done {
+                        let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Ok(n) => {

@@ -84,7 +84,8 @@ pub struct ListenerPlan {
     /// The name, shared by every flow's context without a copy.
     pub label: Arc<str>,
     pub metrics: crate::telemetry::metrics::ListenerMetrics,
-    pub chains: Vec<FilterChain>,
+    /// Shared by every flow that picks one, without a copy.
+    pub chains: Vec<Arc<FilterChain>>,
 }
 
 impl ListenerPlan {
@@ -113,12 +114,12 @@ impl ListenerPlan {
             spec: spec.clone(),
             label: Arc::from(spec.name.as_str()),
             metrics: crate::telemetry::metrics::ListenerMetrics::new(&spec.name),
-            chains: vec![FilterChain {
+            chains: vec![Arc::new(FilterChain {
                 name: format!("{}/default", spec.name),
                 matcher: ChainMatch::default(),
                 filters: vec![policy],
                 cluster,
-            }],
+            })],
         }
     }
 
@@ -132,7 +133,7 @@ impl ListenerPlan {
         src: IpAddr,
         dst: Option<IpAddr>,
         transport: Transport,
-    ) -> Option<&FilterChain> {
+    ) -> Option<&Arc<FilterChain>> {
         self.chains
             .iter()
             .find(|c| c.matcher.matches(name, port, src, dst, transport))

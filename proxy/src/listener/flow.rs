@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::AsyncWriteExt;
@@ -95,25 +96,56 @@ pub fn screen(chain: &FilterChain, ctx: &mut FlowContext, addrs: &[IpAddr]) -> V
     ok
 }
 
-/// Connects to `addrs`, replays `replay`, relays until the flow ends, and
-/// returns the finished record.
-pub async fn forward(
+/// An allowed flow, connected, its peeked bytes replayed: all that is left
+/// is to relay it and write its record ([`Relaying::run`]).
+///
+/// Flows get here through boxed futures that are freed before the relay
+/// starts, and what the record needs afterwards waits in one box: a task
+/// keeps the size of its largest state for its whole life, and an idle
+/// relayed flow should cost the relay's state, not the classifier's.
+#[derive(Debug)]
+pub struct Relaying {
+    client: TcpStream,
+    upstream: TcpStream,
+    shared: Arc<Shared>,
+    idle_timeout: std::time::Duration,
+    tail: Box<Tail>,
+}
+
+/// What the record needs once the relay is over.
+#[derive(Debug)]
+struct Tail {
+    ctx: FlowContext,
+    chain: Arc<FilterChain>,
+    dst: SocketAddr,
+    replayed: u64,
+    accepted: Instant,
+    _active: metrics::ActiveFlow,
+}
+
+/// Connects to `addrs` and replays `replay`. On failure the flow's record is
+/// written here and `None` returned.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the flow's parts, moved in once; a struct would only rename them"
+)]
+pub async fn connect_and_replay(
     plan: &ListenerPlan,
-    shared: &Shared,
-    ctx: &FlowContext,
+    shared: Arc<Shared>,
+    ctx: FlowContext,
+    chain: Arc<FilterChain>,
     client: TcpStream,
     addrs: &[SocketAddr],
     replay: Vec<u8>,
-) -> FlowRecord {
-    // The record is built only once the flow ends, and the connect future
-    // is boxed: a task keeps the size of its largest state for its whole
-    // life, and an idle relayed flow should hold the relay's state only.
+    accepted: Instant,
+    active: metrics::ActiveFlow,
+) -> Option<Relaying> {
     let opts = ConnectOptions {
         timeout: plan.spec.connect_timeout,
         ..ConnectOptions::default()
     };
     let started = Instant::now();
-    let (mut upstream, dst) = match Box::pin(connect(addrs, &opts)).await {
+    let (mut upstream, dst) = match connect(addrs, &opts).await {
         Ok(c) => {
             metrics::connect_latency("ok", started.elapsed());
             (c.stream, c.addr)
@@ -123,39 +155,73 @@ pub async fn forward(
             let mut rec = ctx.record();
             rec.close_reason = Cow::Borrowed(e.reason_code());
             rec.dst = addrs.first().copied();
-            return rec;
+            finish(&shared, Some(&chain), &ctx, rec, accepted);
+            return None;
         }
     };
-    let replayed = replay.len() as u64;
     if !replay.is_empty()
-        && let Err(e) = Box::pin(upstream.write_all(&replay)).await
+        && let Err(e) = upstream.write_all(&replay).await
     {
         tracing::debug!(flow = ctx.id, error = %e, "replaying peeked bytes failed");
         let mut rec = ctx.record();
         rec.dst = Some(dst);
         rec.close_reason = Cow::Borrowed("upstream-error");
-        return rec;
+        finish(&shared, Some(&chain), &ctx, rec, accepted);
+        return None;
     }
-    // Nothing per-flow is kept while the relay idles.
-    drop(replay);
-    let opts = RelayOptions {
-        idle_timeout: Some(plan.spec.idle_timeout),
-        ..RelayOptions::default()
-    };
-    let stats = relay_until(client, upstream, &opts, shared.forced()).await;
-    let mut rec = ctx.record();
-    rec.dst = Some(dst);
-    rec.dst_groups = ctx
-        .snapshot
-        .policy
-        .smartgroups_of(dst.ip())
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    rec.bytes_up = replayed + stats.bytes_up;
-    rec.bytes_down = stats.bytes_down;
-    rec.close_reason = Cow::Borrowed(stats.reason.as_str());
-    rec
+    Some(Relaying {
+        client,
+        upstream,
+        shared,
+        idle_timeout: plan.spec.idle_timeout,
+        tail: Box::new(Tail {
+            ctx,
+            chain,
+            dst,
+            replayed: replay.len() as u64,
+            accepted,
+            _active: active,
+        }),
+    })
+}
+
+impl Relaying {
+    /// Relays until the flow ends, then writes its record.
+    pub async fn run(self) {
+        let Self {
+            client,
+            upstream,
+            shared,
+            idle_timeout,
+            tail,
+        } = self;
+        let opts = RelayOptions {
+            idle_timeout: Some(idle_timeout),
+            ..RelayOptions::default()
+        };
+        let stats = relay_until(client, upstream, &opts, shared.forced()).await;
+        let Tail {
+            ctx,
+            chain,
+            dst,
+            replayed,
+            accepted,
+            _active,
+        } = *tail;
+        let mut rec = ctx.record();
+        rec.dst = Some(dst);
+        rec.dst_groups = ctx
+            .snapshot
+            .policy
+            .smartgroups_of(dst.ip())
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        rec.bytes_up = replayed + stats.bytes_up;
+        rec.bytes_down = stats.bytes_down;
+        rec.close_reason = Cow::Borrowed(stats.reason.as_str());
+        finish(&shared, Some(&chain), &ctx, rec, accepted);
+    }
 }
 
 /// Completes and writes the record: duration, `on_close` hooks, metrics.

@@ -55,10 +55,10 @@ pub async fn serve(
     snap: Arc<Snapshot>,
     mut client: TcpStream,
     peer: SocketAddr,
-) {
+) -> Option<flow::Relaying> {
     let accepted = Instant::now();
     let _ = client.set_nodelay(true);
-    let _active = plan.metrics.active();
+    let active = plan.metrics.active();
     let mut buf = Vec::with_capacity(2048);
     // Shutdown ends the wait for a first request like any other.
     let first = tokio::select! {
@@ -76,12 +76,13 @@ pub async fn serve(
             }
             let rec = flow::denied_record(&ctx);
             flow::finish(&shared, None, &ctx, rec, accepted);
-            return;
+            return None;
         }
     };
     if head.method.eq_ignore_ascii_case("CONNECT") {
-        tunnel(plan, shared, snap, client, peer, head, buf, accepted).await;
+        tunnel(plan, shared, snap, client, peer, head, buf, accepted, active).await
     } else {
+        let _active = active;
         let io = Rewind {
             prefix: Bytes::from(buf),
             inner: client,
@@ -106,8 +107,8 @@ pub async fn serve(
         // requests whose records could no longer be written.
         let mut conn = std::pin::pin!(conn);
         tokio::select! {
-            _ = conn.as_mut() => return,
-            () = forced.forced() => return,
+            _ = conn.as_mut() => return None,
+            () = forced.forced() => return None,
             // Draining: finish the request in progress, if any, then close
             // instead of waiting for the next one.
             () = forced.stopping() => conn.as_mut().graceful_shutdown(),
@@ -116,6 +117,7 @@ pub async fn serve(
             _ = conn => {}
             () = forced.forced() => {}
         }
+        None
     }
 }
 
@@ -244,7 +246,8 @@ async fn tunnel(
     head: RequestHead,
     mut buf: Vec<u8>,
     accepted: Instant,
-) {
+    active: metrics::ActiveFlow,
+) -> Option<flow::Relaying> {
     let mut ctx = FlowContext::new(shared.next_id(), &plan, peer, snap.clone());
     ctx.protocol = Protocol::Tls;
     // Named in the record even when refused before the target is decided on.
@@ -258,14 +261,16 @@ async fn tunnel(
             ctx.decision = Some(Decision::deny("proxy-auth-required", Enforcement::Enforced));
             let _ = respond(&mut client, 407, "Proxy Authentication Required", &ctx).await;
             let rec = flow::denied_record(&ctx);
-            return flow::finish(&shared, None, &ctx, rec, accepted);
+            flow::finish(&shared, None, &ctx, rec, accepted);
+            return None;
         }
     }
     let (Some(host), Some(port)) = (head.host.clone(), head.port) else {
         ctx.decision = Some(Decision::deny("http-bad-target", Enforcement::Enforced));
         let _ = respond(&mut client, 400, "Bad Request", &ctx).await;
         let rec = flow::denied_record(&ctx);
-        return flow::finish(&shared, None, &ctx, rec, accepted);
+        flow::finish(&shared, None, &ctx, rec, accepted);
+        return None;
     };
     ctx.port = port;
     ctx.connect_target = Some(format!("{host}:{port}"));
@@ -275,7 +280,8 @@ async fn tunnel(
             ctx.decision = Some(Decision::deny(reason, Enforcement::Enforced));
             let _ = respond(&mut client, 400, "Bad Request", &ctx).await;
             let rec = flow::denied_record(&ctx);
-            return flow::finish(&shared, None, &ctx, rec, accepted);
+            flow::finish(&shared, None, &ctx, rec, accepted);
+            return None;
         }
     };
     let Some(chain) = plan
@@ -285,14 +291,16 @@ async fn tunnel(
         ctx.decision = Some(Decision::deny("no-filter-chain", Enforcement::Enforced));
         let _ = respond(&mut client, 403, "Forbidden", &ctx).await;
         let rec = flow::denied_record(&ctx);
-        return flow::finish(&shared, None, &ctx, rec, accepted);
+        flow::finish(&shared, None, &ctx, rec, accepted);
+        return None;
     };
     // First decision, on the target alone, while a 403 can still be sent.
     flow::classified(&chain, &mut ctx);
     if ctx.decision.as_ref().is_none_or(Decision::blocks) {
         let _ = respond(&mut client, 403, "Forbidden", &ctx).await;
         let rec = flow::denied_record(&ctx);
-        return flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
+        return None;
     }
     // Resolve and screen the target before answering, so a target the
     // guard refuses (a name resolving to 169.254.169.254) or one that does
@@ -310,13 +318,15 @@ async fn tunnel(
                 ..FlowContext::new(ctx.id, &plan, peer, snap.clone())
             };
             let _ = respond(&mut client, 502, "Bad Gateway", &view).await;
-            return flow::failed(&shared, Some(&chain), &ctx, e.reason_code(), accepted);
+            flow::failed(&shared, Some(&*chain), &ctx, e.reason_code(), accepted);
+            return None;
         }
     };
     if flow::screen(&chain, &mut ctx, &resolved).is_empty() {
         let _ = respond(&mut client, 403, "Forbidden", &ctx).await;
         let rec = flow::denied_record(&ctx);
-        return flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
+        return None;
     }
     if client
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -325,7 +335,8 @@ async fn tunnel(
     {
         let mut rec = ctx.record();
         rec.close_reason = Cow::Borrowed("client-error");
-        return flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
+        return None;
     }
 
     // What the client sends through the tunnel decides again.
@@ -369,7 +380,8 @@ async fn tunnel(
     }
     if ctx.decision.as_ref().is_some_and(Decision::blocks) {
         let rec = flow::denied_record(&ctx);
-        return flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
+        return None;
     }
     let watched_check = ctx.decision.take();
     flow::classified(&chain, &mut ctx);
@@ -380,18 +392,19 @@ async fn tunnel(
     }
     if ctx.decision.as_ref().is_none_or(Decision::blocks) {
         let rec = flow::denied_record(&ctx);
-        return flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
+        return None;
     }
     // Screened again: the decision above may have replaced a watched
     // guard denial that the record must keep.
     let ips = flow::screen(&chain, &mut ctx, &resolved);
     if ips.is_empty() {
         let rec = flow::denied_record(&ctx);
-        return flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
+        return None;
     }
     let addrs = flow::with_port(&ips, port);
-    let rec = flow::forward(&plan, &shared, &ctx, client, &addrs, buf).await;
-    flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+    flow::connect_and_replay(&plan, shared, ctx, chain, client, &addrs, buf, accepted, active).await
 }
 
 /// Replays bytes already read before handing the stream to hyper.
@@ -497,7 +510,7 @@ struct ConnState {
 struct RecordGuard {
     shared: Arc<Shared>,
     ctx: FlowContext,
-    chain: FilterChain,
+    chain: Arc<FilterChain>,
     record: Mutex<Option<FlowRecord>>,
     up: AtomicU64,
     down: AtomicU64,
@@ -510,7 +523,7 @@ impl Drop for RecordGuard {
         if let Some(mut rec) = rec {
             rec.bytes_up += self.up.load(Ordering::Relaxed);
             rec.bytes_down += self.down.load(Ordering::Relaxed);
-            flow::finish(&self.shared, Some(&self.chain), &self.ctx, rec, self.accepted);
+            flow::finish(&self.shared, Some(&*self.chain), &self.ctx, rec, self.accepted);
         }
     }
 }

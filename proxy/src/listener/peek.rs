@@ -143,10 +143,10 @@ pub async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
     bound: Option<SocketAddr>,
-) {
+) -> Option<flow::Relaying> {
     let accepted = Instant::now();
     let _ = client.set_nodelay(true);
-    let _active = plan.metrics.active();
+    let active = plan.metrics.active();
     let mut ctx = FlowContext::new(shared.next_id(), &plan, peer, snap);
     let kind = plan.spec.kind;
     let needs_original =
@@ -161,7 +161,7 @@ pub async fn serve(
                 ctx.decision = Some(Decision::deny("no-original-destination", Enforcement::Enforced));
                 let rec = flow::denied_record(&ctx);
                 flow::finish(&shared, None, &ctx, rec, accepted);
-                return;
+                return None;
             }
         }
     }
@@ -251,7 +251,7 @@ pub async fn serve(
     {
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, None, &ctx, rec, accepted);
-        return;
+        return None;
     }
     let Some(chain) = plan
         .chain(ctx.name.as_ref(), ctx.port, peer.ip(), ctx.dst_ip, transport)
@@ -260,7 +260,7 @@ pub async fn serve(
         deny(&mut ctx, Decision::deny("no-filter-chain", Enforcement::Enforced));
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, None, &ctx, rec, accepted);
-        return;
+        return None;
     };
     // A data-plane check that only watched (ECH in watch mode) stays on the
     // record; the chain then adds the policy's own decision.
@@ -273,8 +273,8 @@ pub async fn serve(
     }
     if ctx.decision.as_ref().is_none_or(Decision::blocks) {
         let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
-        return;
+        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
+        return None;
     }
 
     let (ips, port, check) = match &chain.cluster {
@@ -306,8 +306,8 @@ pub async fn serve(
                         if d.blocks() {
                             ctx.decision = Some(d);
                             let rec = flow::denied_record(&ctx);
-                            flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
-                            return;
+                            flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
+                            return None;
                         }
                         ctx.decision = Some(d);
                         (vec![orig.ip()], orig.port(), Some("dns-binding"))
@@ -341,12 +341,11 @@ pub async fn serve(
     let ips = flow::screen(&chain, &mut ctx, &ips);
     if ips.is_empty() {
         let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
-        return;
+        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
+        return None;
     }
     let addrs = flow::with_port(&ips, port);
-    let rec = flow::forward(&plan, &shared, &ctx, client, &addrs, buf).await;
-    flow::finish(&shared, Some(&chain), &ctx, rec, accepted);
+    flow::connect_and_replay(&plan, shared, ctx, chain, client, &addrs, buf, accepted, active).await
 }
 
 fn resolve_failed(
@@ -355,6 +354,7 @@ fn resolve_failed(
     ctx: &mut FlowContext,
     reason: &'static str,
     accepted: Instant,
-) {
+) -> Option<flow::Relaying> {
     flow::failed(shared, Some(chain), ctx, reason, accepted);
+    None
 }
