@@ -19,7 +19,10 @@
 //!
 //! Two movers share that skeleton. [`RelayMode::Splice`] (Linux) moves bytes
 //! socket → pipe → socket with `splice(2)`, never through user space;
-//! [`RelayMode::Copy`] reads into a buffer and writes it out. Neither holds a
+//! [`RelayMode::Copy`] reads into a buffer and writes it out. A splice-mode
+//! direction starts on the copy path and switches to splice at its first
+//! large read ([`SPLICE_AFTER`]): the small messages most flows begin with
+//! cost less through a buffer than through a pipe. Neither holds a
 //! buffer or a pipe while the flow is idle: both are borrowed from a
 //! per-thread pool when the source becomes readable and returned, empty, as
 //! soon as it would block, so an idle flow costs only its task and sockets.
@@ -394,6 +397,16 @@ enum Held {
     },
 }
 
+/// A read at least this large moves a splice-mode direction from the
+/// copy path to splice for the rest of the flow.
+///
+/// Most flows start with small messages (a ClientHello, a server's first
+/// flight, a request and its answer): for those, `recv`/`send` through a
+/// pooled buffer costs the same number of calls as splicing through a pipe
+/// and less kernel work (no pipe buffers, no page references). A read this
+/// large means a stream is flowing, where splice's zero-copy wins.
+const SPLICE_AFTER: usize = 16 * 1024;
+
 /// One direction, `src` → `dst`.
 #[derive(Debug)]
 struct Direction {
@@ -401,6 +414,8 @@ struct Direction {
     held: Held,
     bytes: u64,
     done: bool,
+    /// A large read was seen: splice from now on (splice mode only).
+    bulk: bool,
 }
 
 impl Direction {
@@ -410,6 +425,7 @@ impl Direction {
             held: Held::None,
             bytes: 0,
             done: false,
+            bulk: false,
         }
     }
 
@@ -449,6 +465,10 @@ impl Direction {
                 Held::Pipe(pipe) => !pipe.is_empty(),
                 Held::Buf { start, end, .. } => start < end,
             };
+            // Switching to splice: the copy buffer goes back once empty.
+            if !in_flight && self.bulk && movers.mode == RelayMode::Splice && matches!(self.held, Held::Buf { .. }) {
+                self.release();
+            }
             if in_flight {
                 ready!(dst.poll_write_ready(cx)).map_err(PumpError::on(dst_side))?;
                 let written = match &mut self.held {
@@ -520,7 +540,9 @@ impl Direction {
         if matches!(self.held, Held::None) {
             self.held = match movers.mode {
                 #[cfg(target_os = "linux")]
-                RelayMode::Splice => Held::Pipe(crate::sys::take_pipe(movers.pipe_size).map_err(PumpError::local)?),
+                RelayMode::Splice if self.bulk => {
+                    Held::Pipe(crate::sys::take_pipe(movers.pipe_size).map_err(PumpError::local)?)
+                }
                 _ => Held::Buf {
                     buf: take_buf(movers.copy_buffer),
                     start: 0,
@@ -535,6 +557,9 @@ impl Direction {
             Held::Buf { buf, start, end } => src.try_read(buf).inspect(|&n| {
                 *start = 0;
                 *end = n;
+                if n >= SPLICE_AFTER {
+                    self.bulk = true;
+                }
             }),
         })
     }

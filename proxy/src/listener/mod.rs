@@ -193,29 +193,33 @@ pub fn spawn(
                     continue;
                 }
             };
+            // A span per flow only while debug logging is on: entering and
+            // leaving a disabled span on every poll still showed in the
+            // per-connection profile. The level can change at runtime; a
+            // flow keeps what it started with.
+            let span = tracing::enabled!(tracing::Level::DEBUG)
+                .then(|| tracing::debug_span!("flow", listener = %plan.spec.name, src = %peer));
             let plan = plan.clone();
             let shared = shared.clone();
-            let span = tracing::debug_span!("flow", listener = %plan.spec.name, src = %peer);
-            tokio::spawn(tracing::Instrument::instrument(
-                async move {
-                    let _permit = permit;
-                    let _active = ActiveGuard::new(&shared);
-                    let snapshot = shared.snapshot.load_full();
-                    // Classifying, deciding and connecting run in a boxed
-                    // future that is freed before the relay starts, so an
-                    // idle relayed flow holds only the relay's state.
-                    let relaying = match plan.spec.kind {
-                        ListenerKind::HttpProxy => {
-                            Box::pin(http_proxy::serve(plan, shared, snapshot, stream, peer)).await
-                        }
-                        _ => Box::pin(peek::serve(plan, shared, snapshot, stream, peer, bound)).await,
-                    };
-                    if let Some(relaying) = relaying {
-                        relaying.run().await;
-                    }
-                },
-                span,
-            ));
+            let flow = async move {
+                let _permit = permit;
+                let _active = ActiveGuard::new(&shared);
+                let snapshot = shared.snapshot.load_full();
+                // Classifying, deciding and connecting run in a boxed
+                // future that is freed before the relay starts, so an
+                // idle relayed flow holds only the relay's state.
+                let relaying = match plan.spec.kind {
+                    ListenerKind::HttpProxy => Box::pin(http_proxy::serve(plan, shared, snapshot, stream, peer)).await,
+                    _ => Box::pin(peek::serve(plan, shared, snapshot, stream, peer, bound)).await,
+                };
+                if let Some(relaying) = relaying {
+                    relaying.run().await;
+                }
+            };
+            match span {
+                Some(span) => drop(tokio::spawn(tracing::Instrument::instrument(flow, span))),
+                None => drop(tokio::spawn(flow)),
+            }
         }
     })
 }

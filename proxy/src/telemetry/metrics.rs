@@ -11,8 +11,12 @@
 //! Label values with unbounded cardinality (addresses, names) never become
 //! labels; listener, action, rule and reason are configuration-bounded.
 
+use std::cell::RefCell;
+use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use hashbrown::HashMap;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
@@ -120,25 +124,134 @@ pub fn spawn_upkeep(handle: PrometheusHandle, every: Duration) -> tokio::task::J
 
 /// Counts a finished flow. `rule` is `""` when no rule decided.
 pub fn flow_finished(listener: &str, action: &'static str, rule: &str, reason: &str) {
-    metrics::counter!(
-        FLOWS_TOTAL,
-        "listener" => listener.to_owned(),
-        "action" => action,
-        "rule" => rule.to_owned(),
-        "reason" => reason.to_owned(),
-    )
+    let key = FlowKeyRef {
+        listener,
+        action,
+        rule,
+        reason,
+    };
+    with_cached(&FLOW_COUNTERS, key, |k| {
+        metrics::counter!(
+            FLOWS_TOTAL,
+            "listener" => k.listener.to_owned(),
+            "action" => action,
+            "rule" => k.rule.to_owned(),
+            "reason" => k.reason.to_owned(),
+        )
+    })
     .increment(1);
 }
 
 /// Adds a relayed flow's bytes and close reason.
 pub fn flow_closed(listener: &str, close_reason: &'static str) {
-    metrics::counter!(FLOW_CLOSES_TOTAL, "listener" => listener.to_owned(), "reason" => close_reason).increment(1);
+    let key = FlowKeyRef {
+        listener,
+        action: "",
+        rule: "",
+        reason: close_reason,
+    };
+    with_cached(
+        &CLOSE_COUNTERS,
+        key,
+        |k| metrics::counter!(FLOW_CLOSES_TOTAL, "listener" => k.listener.to_owned(), "reason" => close_reason),
+    )
+    .increment(1);
 }
 
 /// Records an upstream connect race's duration; `result` is `"ok"` or the
 /// error's reason code.
 pub fn connect_latency(result: &'static str, elapsed: Duration) {
-    metrics::histogram!(CONNECT_SECONDS, "result" => result).record(elapsed);
+    let key = FlowKeyRef {
+        listener: "",
+        action: "",
+        rule: "",
+        reason: result,
+    };
+    with_cached(
+        &CONNECT_HISTOGRAMS,
+        key,
+        |_| metrics::histogram!(CONNECT_SECONDS, "result" => result),
+    )
+    .record(elapsed);
+}
+
+/// Per-flow series are looked up in a per-thread cache of handles, so a
+/// flow builds no label strings and does not touch the global registry
+/// (which takes a lock and showed in the per-connection profile). Label
+/// values are configuration-bounded; past [`CACHE_MAX`] entries a thread
+/// stops caching and asks the registry, so a surprise in cardinality costs
+/// speed, never memory.
+const CACHE_MAX: usize = 4096;
+
+type HandleCache<H> = RefCell<HashMap<FlowKey, H, foldhash::fast::RandomState>>;
+
+thread_local! {
+    static FLOW_COUNTERS: HandleCache<metrics::Counter> = RefCell::new(HashMap::default());
+    static CLOSE_COUNTERS: HandleCache<metrics::Counter> = RefCell::new(HashMap::default());
+    static CONNECT_HISTOGRAMS: HandleCache<metrics::Histogram> = RefCell::new(HashMap::default());
+}
+
+/// A cached series' label values. Hashes exactly like [`FlowKeyRef`].
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct FlowKey {
+    listener: Box<str>,
+    action: Box<str>,
+    rule: Box<str>,
+    reason: Box<str>,
+}
+
+/// The borrowed form a lookup uses: no allocation on a hit.
+#[derive(Debug, Clone, Copy)]
+struct FlowKeyRef<'a> {
+    listener: &'a str,
+    action: &'a str,
+    rule: &'a str,
+    reason: &'a str,
+}
+
+impl Hash for FlowKeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Field order and types as `FlowKey`'s derived `Hash`.
+        self.listener.hash(state);
+        self.action.hash(state);
+        self.rule.hash(state);
+        self.reason.hash(state);
+    }
+}
+
+impl hashbrown::Equivalent<FlowKey> for FlowKeyRef<'_> {
+    fn equivalent(&self, key: &FlowKey) -> bool {
+        *self.listener == *key.listener
+            && *self.action == *key.action
+            && *self.rule == *key.rule
+            && *self.reason == *key.reason
+    }
+}
+
+fn with_cached<H: Clone + 'static>(
+    cache: &'static std::thread::LocalKey<HandleCache<H>>,
+    key: FlowKeyRef<'_>,
+    register: impl FnOnce(FlowKeyRef<'_>) -> H,
+) -> H {
+    cache.with(|c| {
+        if let Some(h) = c.borrow().get(&key) {
+            return h.clone();
+        }
+        let h = register(key);
+        let mut map = c.borrow_mut();
+        if map.len() < CACHE_MAX {
+            map.insert(
+                FlowKey {
+                    listener: key.listener.into(),
+                    action: key.action.into(),
+                    rule: key.rule.into(),
+                    reason: key.reason.into(),
+                },
+                h.clone(),
+            );
+        }
+        h
+    })
 }
 
 /// Counts an error by reason code.
@@ -279,5 +392,59 @@ mod dns_metrics_tests {
             text.contains(r#"sluice_dns_queries_total{listener="unit-dns",action="would-deny",rule="default",reason="default-deny",cache="miss"} 1"#),
             "{text}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str, parts: &[&str]) -> Option<&'a str> {
+        text.lines()
+            .find(|l| l.starts_with(prefix) && parts.iter().all(|p| l.contains(p)))
+    }
+
+    /// Cached handles count into the same series the registry renders, a
+    /// different label value gets its own series, and a hit builds no key.
+    #[test]
+    fn cached_handles_feed_the_rendered_series() {
+        let handle = install().unwrap_or_else(|e| panic!("install: {e}"));
+        for _ in 0..3 {
+            flow_finished("cache-test", "allow", "rule-a", "rule-matched");
+        }
+        flow_finished("cache-test", "deny", "rule-b", "rule-matched");
+        flow_finished("cache-test", "allow", "rule-a\"x", "rule-matched");
+        flow_closed("cache-test", "client-closed");
+        flow_closed("cache-test", "client-closed");
+        connect_latency("ok", Duration::from_micros(300));
+        let text = handle.render();
+        let a = line(
+            &text,
+            "sluice_flows_total{",
+            &["listener=\"cache-test\"", "rule=\"rule-a\""],
+        );
+        assert!(a.is_some_and(|l| l.ends_with(" 3")), "{a:?}\n{text}");
+        let b = line(
+            &text,
+            "sluice_flows_total{",
+            &["listener=\"cache-test\"", "rule=\"rule-b\""],
+        );
+        assert!(b.is_some_and(|l| l.ends_with(" 1")), "{b:?}");
+        let c = line(
+            &text,
+            "sluice_flows_total{",
+            &["listener=\"cache-test\"", "rule=\"rule-a\\\"x\""],
+        );
+        assert!(c.is_some_and(|l| l.ends_with(" 1")), "{c:?}");
+        let closed = line(&text, "sluice_flow_closes_total{", &["listener=\"cache-test\""]);
+        assert!(closed.is_some_and(|l| l.ends_with(" 2")), "{closed:?}");
+        assert!(
+            line(&text, "sluice_connect_duration_seconds_count{", &["result=\"ok\""]).is_some(),
+            "{text}"
+        );
+        // The thread's caches now hold these keys; a repeat is a pure hit.
+        let before = FLOW_COUNTERS.with(|c| c.borrow().len());
+        flow_finished("cache-test", "allow", "rule-a", "rule-matched");
+        assert_eq!(FLOW_COUNTERS.with(|c| c.borrow().len()), before);
     }
 }
