@@ -32,7 +32,8 @@ use crate::telemetry::audit::{self, FlowRecord, VerdictRecord};
 pub struct Decision {
     pub allow: bool,
     /// Rule name, `default` or `builtin-guard`; `None` for data-plane checks.
-    pub rule: Option<String>,
+    /// Shared with the snapshot's label, not copied per flow.
+    pub rule: Option<Arc<str>>,
     pub reason: Cow<'static, str>,
     pub enforcement: Enforcement,
     /// Which anti-evasion check chose the destination (`dns-binding`,
@@ -54,7 +55,7 @@ impl Decision {
     pub fn from_verdict(v: &Verdict, snap: &Snapshot) -> Self {
         Self {
             allow: v.action == sluice_api::Action::Allow,
-            rule: Some(snap.policy.decided_by_name(v.decided_by).to_owned()),
+            rule: Some(snap.rule_label(v.decided_by)),
             reason: Cow::Borrowed(v.reason.as_str()),
             enforcement: v.enforcement,
             check: None,
@@ -79,7 +80,7 @@ impl Decision {
                 Enforcement::Watched => audit::Enforcement::Watched,
             },
         );
-        r.rule.clone_from(&self.rule);
+        r.rule = self.rule.as_deref().map(str::to_owned);
         r.check = self.check.map(Cow::Borrowed);
         r
     }
@@ -226,10 +227,11 @@ impl NetworkFilter for PolicyFilter {
     fn on_classified(&self, ctx: &mut FlowContext) -> FilterStatus {
         let v = ctx.snapshot.policy.decide(&ctx.query(ctx.dst_ip));
         let d = Decision::from_verdict(&v, &ctx.snapshot);
-        ctx.decision = Some(d.clone());
         if d.allow {
+            ctx.decision = Some(d);
             FilterStatus::Continue
         } else {
+            ctx.decision = Some(d.clone());
             FilterStatus::Deny(d)
         }
     }

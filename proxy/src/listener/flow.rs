@@ -53,8 +53,14 @@ pub async fn resolve(shared: &Shared, ctx: &FlowContext, host: &str) -> Result<V
     if let Some(ip) = parse_ip_lenient(host) {
         return Ok(vec![ip]);
     }
-    let key = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-    if let Some(ips) = ctx.snapshot.config.resolver.hosts.get(&key) {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    // Names from the flow are canonical already: lowercase only when not.
+    let key = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    };
+    if let Some(ips) = ctx.snapshot.config.resolver.hosts.get(&*key) {
         return Ok(ips.clone());
     }
     shared.resolver.resolve(host).await

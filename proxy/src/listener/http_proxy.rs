@@ -199,7 +199,7 @@ fn header_in_head<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
 /// A raw response on the CONNECT path (no hyper there).
 async fn respond(client: &mut TcpStream, code: u16, text: &str, ctx: &FlowContext) -> std::io::Result<()> {
     let (rule, reason) = ctx.decision.as_ref().map_or(("-".to_owned(), "-".to_owned()), |d| {
-        (d.rule.clone().unwrap_or_else(|| "-".into()), d.reason.to_string())
+        (d.rule.as_deref().unwrap_or("-").to_owned(), d.reason.to_string())
     });
     let body = format!("Sluice refused this request.\nrule: {rule}\nreason: {reason}\n");
     let mut extra = String::new();
@@ -441,7 +441,7 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 fn text(status: StatusCode, ctx: &FlowContext, message: &str) -> Response<ProxyBody> {
     let (rule, reason) = ctx.decision.as_ref().map_or(("-".to_owned(), "-".to_owned()), |d| {
-        (d.rule.clone().unwrap_or_else(|| "-".into()), d.reason.to_string())
+        (d.rule.as_deref().unwrap_or("-").to_owned(), d.reason.to_string())
     });
     let body = format!("{message}\nrule: {rule}\nreason: {reason}\n");
     let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());

@@ -279,8 +279,8 @@ pub async fn serve(
 
     let (ips, port, check) = match &chain.cluster {
         Cluster::SniDynamic { port } => {
-            let name = ctx.name.as_ref().map(|n| n.to_string()).unwrap_or_default();
-            match Box::pin(flow::resolve(&shared, &ctx, &name)).await {
+            let name = ctx.name.as_ref().map(DomainName::as_str).unwrap_or_default();
+            match Box::pin(flow::resolve(&shared, &ctx, name)).await {
                 Ok(ips) => (ips, *port, None),
                 Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
             }
