@@ -162,6 +162,16 @@ pub async fn connect_ips(ips: &[IpAddr], port: u16, opts: &ConnectOptions) -> Re
 /// Races connection attempts to `addrs` (happy eyeballs) and returns the
 /// first that completes.
 pub async fn connect(addrs: &[SocketAddr], opts: &ConnectOptions) -> Result<Connected, ConnectError> {
+    // One address (an original destination, a static upstream, a name with
+    // one record) is most flows: no race to run, so one timer and no boxed
+    // attempts or bookkeeping.
+    if let [addr] = addrs {
+        return match tokio::time::timeout(opts.timeout, attempt(*addr, opts.mark)).await {
+            Ok(Ok(stream)) => finish(stream, *addr),
+            Ok(Err(e)) => Err(ConnectError::from_io(*addr, e)),
+            Err(_) => Err(ConnectError::Timeout(opts.timeout)),
+        };
+    }
     let order = interleave(addrs);
     if order.is_empty() {
         return Err(ConnectError::NoAddresses);
