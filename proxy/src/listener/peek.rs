@@ -91,7 +91,14 @@ pub async fn peek(client: &mut TcpStream, buf: &mut Vec<u8>, spec: &sluice_api::
 pub fn from_hello(ctx: &mut FlowContext, plan: &ListenerPlan, h: ClientHello) {
     ctx.protocol = Protocol::Tls;
     ctx.ech = h.ech;
-    ctx.alpn = h.alpn.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    // Protocol ids are ASCII in practice: each buffer becomes its String
+    // in place (and the list reuses its allocation); only invalid UTF-8
+    // is copied, lossily.
+    ctx.alpn = h
+        .alpn
+        .into_iter()
+        .map(|a| String::from_utf8(a).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+        .collect();
     if let Some(sni) = h.sni {
         match DomainName::parse(&sni) {
             Ok(n) => ctx.name = Some(n),
