@@ -1437,7 +1437,12 @@ mod netns {
 
     impl Netns {
         fn new() -> Self {
-            let name = format!("sluice-bb-{}", std::process::id());
+            Self::named("")
+        }
+
+        /// A second namespace in one test gets its own suffix.
+        fn named(suffix: &str) -> Self {
+            let name = format!("sluice-bb-{}{suffix}", std::process::id());
             let _ = Command::new("ip").args(["netns", "del", &name]).output();
             sh(&format!("ip netns add {name}"));
             Self(name)
@@ -1655,16 +1660,201 @@ policy:
         drop(sluice);
     }
 
-    /// Not a test: the TLS upstream, run by the test above as a child
+    /// TPROXY for real: the client lives in its own namespace behind a veth
+    /// and dials an address that exists nowhere; on the gateway side,
+    /// `iptables -t mangle … -j TPROXY` plus a fwmark route hands the
+    /// connection, unrewritten, to Sluice's transparent listener (which set
+    /// `IP_TRANSPARENT`). The original destination is the accepted socket's
+    /// own local address; Sluice classifies, decides and dials the name.
+    #[test]
+    fn transparent_tproxy_across_a_veth() {
+        if std::env::var_os("SLUICE_SKIP_NETNS").is_some() {
+            eprintln!("SKIPPED explicitly (SLUICE_SKIP_NETNS): transparent TPROXY black-box test not run");
+            return;
+        }
+        let missing: Vec<_> = ["ip", "iptables", "curl"].into_iter().filter(|t| !have(t)).collect();
+        assert!(
+            missing.is_empty(),
+            "cannot run the TPROXY test: missing {missing:?} (apt-get install -y iproute2 iptables curl; scripts/test does it as root)"
+        );
+        let uid = Command::new("id").arg("-u").output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&uid.stdout).trim(),
+            "0",
+            "cannot run the TPROXY test: it needs root (CAP_NET_ADMIN) to make network namespaces; set SLUICE_SKIP_NETNS=1 to skip it explicitly"
+        );
+        // TEST-NET-3: assigned to no interface in either namespace.
+        const TP_VIP: &str = "203.0.113.10";
+        const TP_UPSTREAM: &str = "10.98.1.3";
+        const TP_CLIENT: &str = "10.98.0.2";
+
+        let dir = TempDir::new("tproxy");
+        let pki = Pki::new(&dir, &["allowed.test", "denied.test"]);
+        let gw = Netns::named("-gw");
+        let cl = Netns::named("-cl");
+        sh(&format!(
+            "ip link add tp0 netns {} type veth peer name tp1 netns {}",
+            gw.0, cl.0
+        ));
+        gw.sh("ip link set lo up && ip link set tp0 up && ip addr add 10.98.0.1/24 dev tp0");
+        gw.sh(&format!("ip addr add {TP_UPSTREAM}/32 dev lo"));
+        cl.sh(&format!(
+            "ip link set lo up && ip link set tp1 up && ip addr add {TP_CLIENT}/24 dev tp1 && ip route add default via 10.98.0.1"
+        ));
+
+        let audit = dir.join("audit.jsonl");
+        let cfg = dir.write(
+            "sluice.yaml",
+            &format!(
+                "admin: {{address: \"127.0.0.1:0\"}}
+audit: {{destination: \"{audit}\"}}
+listeners:
+  - {{name: tproxy, kind: transparent, address: \"0.0.0.0:0\"}}
+resolver:
+  nameservers: [\"127.0.0.1:9\"]
+  hosts:
+    allowed.test: [{TP_UPSTREAM}]
+    denied.test: [{TP_UPSTREAM}]
+webgroups:
+  - {{name: test-sites, domains: [allowed.test]}}
+policy:
+  mode: enforce
+  rules:
+    - name: allow-test
+      to: {{webgroups: [test-sites]}}
+      action: allow
+",
+                audit = audit.display()
+            ),
+        );
+        let mut run = gw.exec(SLUICE);
+        run.arg("run").arg("-c").arg(&cfg);
+        let sluice = Sluice::start(run);
+        let port = sluice.port("tproxy");
+        // Traffic arriving from the client side for ports 443 and 80 goes
+        // to Sluice's socket as it is; marked packets route locally.
+        gw.sh(&format!(
+            "iptables -t mangle -A PREROUTING -i tp0 -p tcp -m multiport --dports 443,80 -j TPROXY --on-port {port} --tproxy-mark 0x1/0x1"
+        ));
+        gw.sh("ip rule add fwmark 0x1/0x1 lookup 100 && ip route add local 0.0.0.0/0 dev lo table 100");
+
+        let mut up = gw.exec(&std::env::current_exe().unwrap().to_string_lossy());
+        up.args([
+            "--exact",
+            "netns::upstream_helper",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_ENV, TP_UPSTREAM)
+        .env("SLUICE_BB_CERT", &pki.cert_pem)
+        .env("SLUICE_BB_KEY", &pki.key_pem);
+        let upstream = Proc::spawn("upstream helper", up);
+        assert!(
+            upstream
+                .stdout
+                .wait_for(WAIT, |l| l.ends_with("bb-upstream: ready"))
+                .is_some(),
+            "the upstream helper did not start:\n{}",
+            upstream.output()
+        );
+        let hits = |kind: &str| upstream.stdout.count(|l| l.ends_with(&format!("bb-upstream: {kind}")));
+        let saw_hit = |kind: &str| {
+            upstream
+                .stdout
+                .wait_for(WAIT, |l| l.ends_with(&format!("bb-upstream: {kind}")))
+                .is_some()
+        };
+
+        let wrap = ["ip", "netns", "exec", cl.0.as_str()];
+        let ca = pki.ca_pem.to_str().unwrap();
+        let ok = curl(
+            &wrap,
+            &[
+                "--cacert",
+                ca,
+                "--resolve",
+                &format!("allowed.test:443:{TP_VIP}"),
+                "https://allowed.test/",
+            ],
+        );
+        assert!(
+            ok.ok(),
+            "allowed SNI through TPROXY failed: {ok:?}\n{}\n{}",
+            sluice.proc.output(),
+            upstream.output()
+        );
+        assert_eq!(ok.stdout, UPSTREAM_BODY);
+        assert!(saw_hit("tls-hit"));
+
+        let denied = curl(
+            &wrap,
+            &[
+                "--cacert",
+                ca,
+                "--resolve",
+                &format!("denied.test:443:{TP_VIP}"),
+                "https://denied.test/",
+            ],
+        );
+        assert!(!denied.ok(), "denied SNI got through TPROXY: {denied:?}");
+        assert_eq!(
+            hits("tls-hit"),
+            1,
+            "a denied SNI reached the upstream:\n{}",
+            upstream.output()
+        );
+
+        let http_ok = curl(
+            &wrap,
+            &[
+                "--resolve",
+                &format!("allowed.test:80:{TP_VIP}"),
+                "http://allowed.test/",
+            ],
+        );
+        assert!(
+            http_ok.ok(),
+            "allowed Host through TPROXY failed: {http_ok:?}\n{}",
+            sluice.proc.output()
+        );
+        assert_eq!(http_ok.stdout, UPSTREAM_BODY);
+        assert!(saw_hit("http-hit"));
+
+        let recs = audit_records(&audit, 3, WAIT);
+        assert_eq!(recs.len(), 3, "{recs:#?}\n{}", sluice.proc.output());
+        let a = one_record(&recs, "allowed SNI", |r| s(r, &["sni"]) == Some("allowed.test"));
+        assert_eq!(s(a, &["listener"]), Some("tproxy"), "{a}");
+        assert!(
+            s(a, &["src"]).is_some_and(|v| v.starts_with(&format!("{TP_CLIENT}:"))),
+            "{a}"
+        );
+        assert_eq!(s(a, &["original_dst"]), Some(format!("{TP_VIP}:443").as_str()), "{a}");
+        assert_eq!(s(a, &["dst"]), Some(format!("{TP_UPSTREAM}:443").as_str()), "{a}");
+        assert_eq!(s(a, &["verdict", "action"]), Some("allow"), "{a}");
+        assert_eq!(s(a, &["verdict", "check"]), Some("sni-resolved"), "{a}");
+        assert!(a["bytes_down"].as_u64().unwrap() > 0, "{a}");
+        let d = one_record(&recs, "denied SNI", |r| s(r, &["sni"]) == Some("denied.test"));
+        assert_eq!(s(d, &["original_dst"]), Some(format!("{TP_VIP}:443").as_str()), "{d}");
+        assert_eq!(s(d, &["verdict", "action"]), Some("deny"), "{d}");
+        assert_eq!(d["bytes_down"].as_u64(), Some(0), "{d}");
+        let h = one_record(&recs, "allowed Host", |r| s(r, &["host"]) == Some("allowed.test"));
+        assert_eq!(s(h, &["original_dst"]), Some(format!("{TP_VIP}:80").as_str()), "{h}");
+        assert_eq!(s(h, &["dst"]), Some(format!("{TP_UPSTREAM}:80").as_str()), "{h}");
+        drop(upstream);
+        drop(sluice);
+    }
+
+    /// Not a test: the TLS upstream, run by the two tests above as a child
     /// process inside its namespace (`ip netns exec NS <this binary>`).
     /// Serves TLS on :443 and plain HTTP on :80 of the given address;
     /// prints `bb-upstream: ready`, then `tls-hit` / `http-hit` per flow.
     #[tokio::test]
-    #[ignore = "helper process for transparent_redirect_in_a_network_namespace"]
+    #[ignore = "helper process for the transparent REDIRECT and TPROXY tests"]
     async fn upstream_helper() {
         use rustls::pki_types::pem::PemObject;
         let Some(addr) = std::env::var_os(HELPER_ENV) else {
-            eprintln!("upstream_helper does nothing unless run by transparent_redirect_in_a_network_namespace");
+            eprintln!("upstream_helper does nothing unless run by the transparent REDIRECT or TPROXY test");
             return;
         };
         let ip: std::net::IpAddr = addr.to_str().unwrap().parse().unwrap();
