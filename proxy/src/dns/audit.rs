@@ -62,6 +62,9 @@ pub struct DnsStats {
     pub cache_misses: AtomicU64,
     /// Failed exchanges with one upstream (a query may count several).
     pub upstream_errors: AtomicU64,
+    /// Datagrams on an upstream socket that answered nothing we asked
+    /// (unknown ID, wrong question, unparsable): stale or spoofed, ignored.
+    pub upstream_mismatched: AtomicU64,
     pub servfail: AtomicU64,
     pub formerr: AtomicU64,
     /// Datagrams dropped without an answer (no readable header, a response
@@ -83,6 +86,7 @@ pub struct DnsStatsSnapshot {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub upstream_errors: u64,
+    pub upstream_mismatched: u64,
     pub servfail: u64,
     pub formerr: u64,
     pub dropped: u64,
@@ -107,6 +111,7 @@ impl DnsStats {
             cache_hits: get(&self.cache_hits),
             cache_misses: get(&self.cache_misses),
             upstream_errors: get(&self.upstream_errors),
+            upstream_mismatched: get(&self.upstream_mismatched),
             servfail: get(&self.servfail),
             formerr: get(&self.formerr),
             dropped: get(&self.dropped),

@@ -63,6 +63,7 @@ pub mod exfil;
 pub mod forward;
 pub mod policy;
 pub mod server;
+mod udp_pool;
 
 pub use audit::{DnsAuditRecord, DnsStats, DnsStatsSnapshot, Transport};
 pub use bindings::Bindings;
