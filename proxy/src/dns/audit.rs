@@ -1,8 +1,10 @@
 //! What the DNS proxy reports: one audit record per query, and counters.
 //!
-//! Records are produced by the sans-IO engine and shipped by the server over
-//! a bounded channel the caller owns (the telemetry stage drains it). A full
-//! channel never slows a query down: the record is dropped and counted in
+//! Records are produced by the sans-IO engine and handed by the server to a
+//! [`DnsAuditSink`] the caller owns: a bounded channel (tests, embedders), or
+//! the telemetry stage's audit log, which writes the JSON line on the spot
+//! and ships lines to the writer thread in batches. A sink never slows a
+//! query down: a record it cannot take is dropped and counted in
 //! [`DnsStats::audit_drops`]. Counters are plain atomics so the telemetry
 //! stage can export them however it likes.
 
@@ -10,6 +12,26 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// Where the DNS listener delivers one audit record per answered query.
+///
+/// Called on the listener's worker for every query, so it must be cheap and
+/// must never wait.
+pub trait DnsAuditSink: std::fmt::Debug + Send + Sync + 'static {
+    /// Takes one record; returns `false` when it had to drop it.
+    fn record(&self, record: DnsAuditRecord) -> bool;
+
+    /// Hands on anything buffered. The listener calls it when it stops, so
+    /// a clean shutdown loses nothing.
+    fn flush(&self) {}
+}
+
+impl DnsAuditSink for mpsc::Sender<DnsAuditRecord> {
+    fn record(&self, record: DnsAuditRecord) -> bool {
+        self.try_send(record).is_ok()
+    }
+}
 
 /// How the query reached Sluice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -65,7 +65,7 @@ pub mod policy;
 pub mod server;
 mod udp_pool;
 
-pub use audit::{DnsAuditRecord, DnsStats, DnsStatsSnapshot, Transport};
+pub use audit::{DnsAuditRecord, DnsAuditSink, DnsStats, DnsStatsSnapshot, Transport};
 pub use bindings::Bindings;
 pub use config::{BindingsConfig, CacheConfig, DenyAnswer, DnsConfig, ExfilConfig, Upstream, UpstreamProto};
 pub use engine::{DnsCore, Pending, QueryContext, Reply, Step};

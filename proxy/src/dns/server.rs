@@ -5,7 +5,7 @@
 //! need no upstream (denied, cached, malformed) are sent inline from the
 //! receive loop, and queries that need an upstream run as their own task,
 //! bounded by `max_in_flight` and `query_timeout`. Audit records go to the
-//! caller's bounded channel with `try_send` — a full channel costs a counted
+//! caller's [`DnsAuditSink`] — one that cannot take a record costs a counted
 //! drop, never a stalled query. Shutdown is a [`CancellationToken`]: the
 //! listener stops reading, and in-flight queries get up to `query_timeout`
 //! to finish.
@@ -17,6 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc};
+
+use super::audit::DnsAuditSink;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -46,7 +48,7 @@ pub struct DnsServer {
 struct Shared {
     core: Arc<DnsCore>,
     forwarder: Forwarder,
-    audit: mpsc::Sender<DnsAuditRecord>,
+    audit: Arc<dyn DnsAuditSink>,
     in_flight: Arc<Semaphore>,
     tcp_slots: Arc<Semaphore>,
     query_timeout: Duration,
@@ -54,11 +56,21 @@ struct Shared {
 }
 
 impl DnsServer {
-    /// Binds UDP and TCP on `addr` (port 0 picks one port free for both).
+    /// Binds UDP and TCP on `addr` (port 0 picks one port free for both);
+    /// audit records go to `audit` (`try_send`: a full channel drops).
     pub async fn bind(
         addr: SocketAddr,
         core: Arc<DnsCore>,
         audit: mpsc::Sender<DnsAuditRecord>,
+    ) -> Result<Self, DnsError> {
+        Self::bind_with_sink(addr, core, Arc::new(audit)).await
+    }
+
+    /// Like [`DnsServer::bind`], with any audit sink.
+    pub async fn bind_with_sink(
+        addr: SocketAddr,
+        core: Arc<DnsCore>,
+        audit: Arc<dyn DnsAuditSink>,
     ) -> Result<Self, DnsError> {
         let (udp, tcp) = bind_pair(addr)
             .await
@@ -110,6 +122,7 @@ impl DnsServer {
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!("dns listener shut down with queries still in flight");
         }
+        shared.audit.flush();
         result
     }
 }
@@ -150,7 +163,7 @@ fn now() -> std::time::Instant {
 
 impl Shared {
     fn emit(&self, record: DnsAuditRecord) {
-        if self.audit.try_send(record).is_err() {
+        if !self.audit.record(record) {
             DnsStats::bump(&self.core.stats().audit_drops);
         }
     }
