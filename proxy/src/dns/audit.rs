@@ -81,6 +81,8 @@ pub struct DnsStats {
     /// Would have been denied; answered because of watch mode.
     pub watched: AtomicU64,
     pub cache_hits: AtomicU64,
+    /// Cache hits answered on wire bytes (a subset of `cache_hits`).
+    pub cache_fast_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     /// Failed exchanges with one upstream (a query may count several).
     pub upstream_errors: AtomicU64,
@@ -106,6 +108,7 @@ pub struct DnsStatsSnapshot {
     pub denied: u64,
     pub watched: u64,
     pub cache_hits: u64,
+    pub cache_fast_hits: u64,
     pub cache_misses: u64,
     pub upstream_errors: u64,
     pub upstream_mismatched: u64,
@@ -131,6 +134,7 @@ impl DnsStats {
             denied: get(&self.denied),
             watched: get(&self.watched),
             cache_hits: get(&self.cache_hits),
+            cache_fast_hits: get(&self.cache_fast_hits),
             cache_misses: get(&self.cache_misses),
             upstream_errors: get(&self.upstream_errors),
             upstream_mismatched: get(&self.upstream_mismatched),

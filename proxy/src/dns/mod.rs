@@ -60,6 +60,7 @@ pub mod config;
 pub mod ech;
 pub mod engine;
 pub mod exfil;
+pub mod fast;
 pub mod forward;
 pub mod policy;
 pub mod server;
