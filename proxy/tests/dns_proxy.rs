@@ -1239,4 +1239,43 @@ mod dns {
         assert_ne!(ports[1], ports[2], "{ports:?}");
         h.stop().await;
     }
+
+    #[tokio::test]
+    async fn a_burst_of_queries_from_many_clients_is_answered_to_each() {
+        let h = Harness::start(|_, _| {}).await;
+        // Fill the cache, then send a burst larger than one receive batch
+        // before reading any answer.
+        udp_ask(h.dns, "www.allowed.test.", RecordType::A, &Ask::default()).await;
+        let mut clients = Vec::new();
+        for i in 0..40u16 {
+            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let (name, id) = if i % 3 == 0 {
+                ("x.denied.test.", 1000 + i)
+            } else {
+                ("www.allowed.test.", 1000 + i)
+            };
+            let q = build_query(name, RecordType::A, &Ask { id, ..Ask::default() });
+            sock.send_to(&q, h.dns).await.unwrap();
+            clients.push((sock, id, name));
+        }
+        for (sock, id, name) in clients {
+            let mut buf = vec![0u8; 4096];
+            let (n, from) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(from, h.dns);
+            let m = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(m.metadata.id, id);
+            assert_eq!(m.queries[0].name().to_ascii(), name);
+            let want = if name.starts_with('x') {
+                ResponseCode::NXDomain
+            } else {
+                ResponseCode::NoError
+            };
+            assert_eq!(m.metadata.response_code, want);
+        }
+        assert_eq!(h.auth.seen.asked_for("www.allowed.test."), 1);
+        h.stop().await;
+    }
 }
