@@ -212,6 +212,10 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
             let Some(bytes) = bufs.get(i).and_then(|b| b.get(..n)) else {
                 continue;
             };
+            // `try_io` never yields by itself: under a flood this loop would
+            // starve the forwarded queries and upstream readers on the same
+            // worker. Each datagram spends from the task's cooperative budget.
+            tokio::task::coop::consume_budget().await;
             match shared.core.handle_query_bytes(context(src, Transport::Udp), bytes) {
                 Step::Drop => {}
                 Step::Reply(reply) => {
