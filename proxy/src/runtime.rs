@@ -9,15 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_api::{AuditDestination, Config, DnsDeny, DnsListener, DnsTransport, ListenerKind, Mode, Protocol};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::dns::{
-    self, Bindings, BindingsConfig, DnsAuditRecord, DnsConfig, DnsCore, DnsServer, DnsStats, QueryPolicy, QueryVerdict,
-};
+use crate::dns::{self, Bindings, BindingsConfig, DnsConfig, DnsCore, DnsServer, DnsStats, QueryPolicy, QueryVerdict};
 use crate::policy::{Enforcement, FlowQuery};
-use crate::telemetry::audit::{AuditRecord, DnsQueryRecord};
+use crate::telemetry::audit::{AuditRecord, DnsAuditLog, SourceGroups};
 
 use crate::admin::{self, Admin, LogControl};
 use crate::forward::{Resolver, ResolverSettings};
@@ -155,39 +153,6 @@ fn bindings_config(l: &DnsListener) -> BindingsConfig {
     }
 }
 
-/// Moves DNS audit records into the one audit log, adding the listener and
-/// the source's SmartGroups, and counts them in metrics.
-fn spawn_dns_audit(shared: Arc<Shared>, listener: String, mut rx: mpsc::Receiver<DnsAuditRecord>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut dns_metrics = metrics::DnsMetrics::new(&listener);
-        while let Some(q) = rx.recv().await {
-            let snap = shared.snapshot.load();
-            let src_groups = snap
-                .policy
-                .smartgroups_of(q.source.ip())
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
-            dns_metrics.record(
-                q.allowed,
-                q.watched,
-                &q.rule,
-                q.reason,
-                q.cache_hit,
-                Duration::from_micros(q.latency_us),
-            );
-            shared.audit.record(AuditRecord::Dns(Box::new(DnsQueryRecord {
-                kind: "dns",
-                time: humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(q.time_unix_ms))
-                    .to_string(),
-                listener: listener.clone(),
-                src_groups,
-                query: q,
-            })));
-        }
-    })
-}
-
 /// A running Sluice.
 #[derive(Debug)]
 pub struct Server {
@@ -293,15 +258,22 @@ impl Server {
                 name: name.clone(),
                 message: e.to_string(),
             })?;
-            let (tx, rx) = mpsc::channel(4096);
-            let server = DnsServer::bind(addr, Arc::new(core), tx)
+            // Audit lines (with the source's SmartGroups from the snapshot
+            // current at the query) and metrics are made on the DNS worker
+            // and reach the writer thread in batches.
+            let groups_of = shared.clone();
+            let groups: SourceGroups = Box::new(move |ip, each| {
+                let snap = groups_of.snapshot.load();
+                snap.policy.smartgroups_of(ip).into_iter().for_each(each);
+            });
+            let sink = DnsAuditLog::start(shared.audit.clone(), &name, groups);
+            let server = DnsServer::bind_with_sink(addr, Arc::new(core), sink)
                 .await
                 .map_err(|e| StartError::Dns {
                     name: name.clone(),
                     message: e.to_string(),
                 })?;
             listeners.insert(name.clone(), (ListenerKind::Dns, server.local_addr()));
-            tasks.push(spawn_dns_audit(shared.clone(), name, rx));
             let token = dns_cancel.clone();
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = server.run(token).await {

@@ -334,4 +334,321 @@ mod dns {
             prop_assert!(reply.bytes.len() <= 1232);
         }
     }
+
+    // ---------------------------------------------------------------- cached fast path
+
+    /// Allows `*.allowed.test` except from 10.9.9.9.
+    struct AllowButOneSource;
+
+    impl QueryPolicy for AllowButOneSource {
+        fn decide(&self, src: IpAddr, qname: &DomainName, qtype: u16) -> QueryVerdict {
+            let mut v = AllowTest.decide(src, qname, qtype);
+            if src == IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)) {
+                v = QueryVerdict {
+                    allowed: false,
+                    enforced: true,
+                    rule: "no-ten-nine".into(),
+                    reason: "denied-by-rule",
+                };
+            }
+            v
+        }
+    }
+
+    fn core_with(fast: bool) -> DnsCore {
+        let config = DnsConfig {
+            upstreams: vec![Upstream::udp(UPSTREAM.parse().unwrap())],
+            cache_fast_path: fast,
+            ..DnsConfig::default()
+        };
+        DnsCore::with_new_bindings(config, Arc::new(AllowButOneSource)).unwrap()
+    }
+
+    struct Ask2 {
+        id: u16,
+        rd: bool,
+        cd: bool,
+        ad: bool,
+        edns: Option<(u16, bool)>,
+    }
+
+    fn query2(qname: &str, qtype: RecordType, a: &Ask2) -> Vec<u8> {
+        let mut m = Message::new(a.id, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = a.rd;
+        m.metadata.checking_disabled = a.cd;
+        m.metadata.authentic_data = a.ad;
+        m.add_query(Query::query(Name::from_ascii(qname).unwrap(), qtype));
+        if let Some((payload, dnssec_ok)) = a.edns {
+            let mut e = Edns::new();
+            e.set_max_payload(payload);
+            e.set_dnssec_ok(dnssec_ok);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    fn soa_record() -> Record {
+        let n = Name::from_ascii("allowed.test.").unwrap();
+        Record::from_rdata(
+            n.clone(),
+            600,
+            RData::SOA(hickory_proto::rr::rdata::SOA::new(
+                Name::from_ascii("ns.allowed.test.").unwrap(),
+                Name::from_ascii("hostmaster.allowed.test.").unwrap(),
+                1,
+                3600,
+                600,
+                86400,
+                300,
+            )),
+        )
+    }
+
+    /// Sends `q` through `core` at `t0` and completes it with an upstream
+    /// answer carrying these sections (AD set).
+    fn prime(core: &DnsCore, q: &[u8], rcode: ResponseCode, sections: [Vec<Record>; 3], t0: Instant) {
+        let Step::Forward(p) = core.handle_query_bytes(ctx(Transport::Udp, t0), q) else {
+            panic!("expected Forward");
+        };
+        let sent = Message::from_vec(&p.upstream_query).unwrap();
+        let mut m = Message::response(sent.metadata.id, OpCode::Query);
+        m.metadata.response_code = rcode;
+        m.metadata.authentic_data = true;
+        m.add_query(p.question.clone());
+        let [answers, authorities, additionals] = sections;
+        m.answers = answers;
+        m.authorities = authorities;
+        m.additionals = additionals;
+        let answer = UpstreamAnswer {
+            message: m,
+            upstream: UPSTREAM.parse().unwrap(),
+        };
+        core.complete(*p, Ok(answer), t0);
+    }
+
+    fn cname_chain() -> [Vec<Record>; 3] {
+        let name = |s: &str| Name::from_ascii(s).unwrap();
+        [
+            vec![
+                Record::from_rdata(
+                    name("www.allowed.test."),
+                    120,
+                    RData::CNAME(hickory_proto::rr::rdata::CNAME(name("edge.cdn.test."))),
+                ),
+                Record::from_rdata(name("edge.cdn.test."), 60, RData::A(A(Ipv4Addr::new(192, 0, 2, 7)))),
+                Record::from_rdata(name("edge.cdn.test."), 90, RData::A(A(Ipv4Addr::new(192, 0, 2, 8)))),
+            ],
+            vec![soa_record()],
+            vec![Record::from_rdata(
+                name("ns.allowed.test."),
+                300,
+                RData::A(A(Ipv4Addr::new(192, 0, 2, 53))),
+            )],
+        ]
+    }
+
+    fn reply_of(step: Step) -> sluice::dns::Reply {
+        match step {
+            Step::Reply(r) => r,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fast_path_answers_byte_for_byte_as_the_general_path() {
+        let fast = core_with(true);
+        let slow = core_with(false);
+        let t0 = Instant::now();
+        let asks = [
+            Ask2 {
+                id: 1,
+                rd: true,
+                cd: false,
+                ad: false,
+                edns: None,
+            },
+            Ask2 {
+                id: 0xffff,
+                rd: false,
+                cd: false,
+                ad: true,
+                edns: None,
+            },
+            Ask2 {
+                id: 77,
+                rd: true,
+                cd: false,
+                ad: false,
+                edns: Some((4096, false)),
+            },
+            Ask2 {
+                id: 78,
+                rd: true,
+                cd: false,
+                ad: true,
+                edns: Some((100, false)),
+            },
+            Ask2 {
+                id: 79,
+                rd: true,
+                cd: false,
+                ad: false,
+                edns: Some((1232, true)),
+            },
+            Ask2 {
+                id: 80,
+                rd: true,
+                cd: true,
+                ad: false,
+                edns: Some((1232, true)),
+            },
+        ];
+        for core in [&fast, &slow] {
+            for ask in &asks {
+                // The first of each cache key misses and is primed; RD=1 so
+                // the answer is stored.
+                let q = query2("www.allowed.test.", RecordType::A, &Ask2 { rd: true, ..*ask });
+                if let Step::Forward(_) = core.handle_query_bytes(ctx(Transport::Udp, t0), &q) {
+                    prime(core, &q, ResponseCode::NoError, cname_chain(), t0);
+                }
+                let q = query2("nx.allowed.test.", RecordType::AAAA, &Ask2 { rd: true, ..*ask });
+                if let Step::Forward(_) = core.handle_query_bytes(ctx(Transport::Udp, t0), &q) {
+                    prime(
+                        core,
+                        &q,
+                        ResponseCode::NXDomain,
+                        [vec![], vec![soa_record()], vec![]],
+                        t0,
+                    );
+                }
+            }
+        }
+        let before = fast.stats().snapshot().cache_fast_hits;
+        let mut compared = 0;
+        for age in [0, 7, 59] {
+            let now = t0 + Duration::from_secs(age);
+            for transport in [Transport::Udp, Transport::Tcp] {
+                for ask in &asks {
+                    for (name, qtype) in [
+                        ("www.allowed.test.", RecordType::A),
+                        ("nx.allowed.test.", RecordType::AAAA),
+                    ] {
+                        let q = query2(name, qtype, ask);
+                        let a = reply_of(fast.handle_query_bytes(ctx(transport, now), &q));
+                        let b = reply_of(slow.handle_query_bytes(ctx(transport, now), &q));
+                        assert_eq!(a.bytes, b.bytes, "{name} age {age} {transport:?} id {}", ask.id);
+                        assert_eq!(a.audit, b.audit);
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        let fast_hits = fast.stats().snapshot().cache_fast_hits - before;
+        // Every comparison but the too-small-payload UDP ones (which need
+        // truncating, and so go the general way) took the fast path.
+        assert!(fast_hits >= compared / 2, "{fast_hits} of {compared}");
+        assert_eq!(slow.stats().snapshot().cache_fast_hits, 0);
+        let (f, s) = (fast.stats().snapshot(), slow.stats().snapshot());
+        assert_eq!(
+            (f.queries, f.allowed, f.cache_hits),
+            (s.queries, s.allowed, s.cache_hits)
+        );
+    }
+
+    #[test]
+    fn fast_path_keeps_the_client_case_patches_id_and_ttl_and_honours_do() {
+        let core = core_with(true);
+        let t0 = Instant::now();
+        let plain = Ask2 {
+            id: 1,
+            rd: true,
+            cd: false,
+            ad: false,
+            edns: Some((1232, false)),
+        };
+        let q = query2("www.allowed.test.", RecordType::A, &plain);
+        prime(&core, &q, ResponseCode::NoError, cname_chain(), t0);
+        let mixed = query2("WwW.ALLowed.tEST.", RecordType::A, &Ask2 { id: 0x1234, ..plain });
+        let hit = reply_of(core.handle_query_bytes(ctx(Transport::Udp, t0 + Duration::from_secs(20)), &mixed));
+        assert_eq!(core.stats().snapshot().cache_fast_hits, 1);
+        assert!(hit.audit.cache_hit);
+        assert_eq!(hit.audit.qname, "www.allowed.test");
+        // Header and question exactly as the client sent them (bar QR/RA).
+        assert_eq!(&hit.bytes[..2], &[0x12, 0x34]);
+        let qname_wire = &mixed[12..12 + 19];
+        assert_eq!(&hit.bytes[12..12 + 19], qname_wire);
+        let m = Message::from_vec(&hit.bytes).unwrap();
+        assert_eq!(m.metadata.id, 0x1234);
+        assert_eq!(m.queries[0].name().to_ascii(), "WwW.ALLowed.tEST.");
+        let ttls: Vec<u32> = m.answers.iter().map(|r| r.ttl).collect();
+        assert_eq!(ttls, vec![100, 40, 70]);
+        assert_eq!(m.authorities[0].ttl, 580);
+        assert!(!m.edns.as_ref().unwrap().flags().dnssec_ok);
+        assert!(!m.metadata.authentic_data, "AD only if the client asked for it");
+
+        // DO=1 is its own entry; its answer says DO=1.
+        let with_do = query2(
+            "www.allowed.test.",
+            RecordType::A,
+            &Ask2 {
+                edns: Some((1232, true)),
+                ..plain
+            },
+        );
+        assert!(matches!(
+            core.handle_query_bytes(ctx(Transport::Udp, t0), &with_do),
+            Step::Forward(_)
+        ));
+        prime(&core, &with_do, ResponseCode::NoError, cname_chain(), t0);
+        let hit = reply_of(core.handle_query_bytes(ctx(Transport::Udp, t0), &with_do));
+        let m = Message::from_vec(&hit.bytes).unwrap();
+        assert!(m.edns.as_ref().unwrap().flags().dnssec_ok);
+        assert!(m.metadata.authentic_data);
+        assert_eq!(core.stats().snapshot().cache_fast_hits, 2);
+    }
+
+    #[test]
+    fn fast_path_records_bindings_and_still_asks_the_policy() {
+        let core = core_with(true);
+        let t0 = Instant::now();
+        let ask = Ask2 {
+            id: 5,
+            rd: true,
+            cd: false,
+            ad: false,
+            edns: None,
+        };
+        let q = query2("www.allowed.test.", RecordType::A, &ask);
+        prime(&core, &q, ResponseCode::NoError, cname_chain(), t0);
+        let other: SocketAddr = "10.4.4.4:999".parse().unwrap();
+        let mut c = ctx(Transport::Udp, t0 + Duration::from_secs(1));
+        c.src = other;
+        let hit = reply_of(core.handle_query_bytes(c, &q));
+        assert!(hit.audit.cache_hit);
+        assert_eq!(hit.audit.source, other);
+        let name = DomainName::parse("www.allowed.test").unwrap();
+        for last in [7, 8] {
+            assert!(
+                core.bindings()
+                    .is_bound(other.ip(), IpAddr::V4(Ipv4Addr::new(192, 0, 2, last)), &name, t0)
+            );
+        }
+        // The NS glue in the additional section is not bound to the name.
+        assert!(
+            !core
+                .bindings()
+                .is_bound(other.ip(), IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53)), &name, t0)
+        );
+        // A source the policy denies gets NXDOMAIN from the same cache entry's name.
+        c.src = "10.9.9.9:53".parse().unwrap();
+        let denied = reply_of(core.handle_query_bytes(c, &q));
+        assert_eq!(
+            Message::from_vec(&denied.bytes).unwrap().metadata.response_code,
+            ResponseCode::NXDomain
+        );
+        assert_eq!(denied.audit.rule, "no-ten-nine");
+        assert!(!denied.audit.cache_hit);
+        let stats = core.stats().snapshot();
+        assert_eq!((stats.queries, stats.denied, stats.cache_fast_hits), (3, 1, 1));
+    }
 }

@@ -1106,4 +1106,176 @@ mod dns {
         assert_eq!(h.auth.seen.tcp.load(Ordering::SeqCst), 1);
         h.stop().await;
     }
+
+    // ---------------------------------------------------------------- upstream UDP pool
+
+    /// A UDP upstream answering from the test zone and recording the source
+    /// port of every query. With `forge`, each real answer is preceded by
+    /// two impostors carrying 6.6.6.6: one with another ID, one with the
+    /// right ID but another question.
+    async fn start_port_recording_upstream(forge: bool) -> (SocketAddr, Arc<Mutex<Vec<u16>>>) {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let ports = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&ports);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65535];
+            loop {
+                let (n, peer) = sock.recv_from(&mut buf).await.unwrap();
+                seen.lock().unwrap().push(peer.port());
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                if forge {
+                    let mut wrong_id = zone_answer(&q, true);
+                    wrong_id.metadata.id ^= 0x8000;
+                    wrong_id.answers.clear();
+                    wrong_id.add_answer(a(&q.queries[0].name().to_ascii(), 300, Ipv4Addr::new(6, 6, 6, 6)));
+                    sock.send_to(&wrong_id.to_vec().unwrap(), peer).await.unwrap();
+                    let mut other = q.clone();
+                    other.queries[0] = Query::query(name("evil.allowed.test."), RecordType::A);
+                    let mut wrong_question = zone_answer(&other, true);
+                    wrong_question.answers.clear();
+                    wrong_question.add_answer(a("evil.allowed.test.", 300, Ipv4Addr::new(6, 6, 6, 6)));
+                    sock.send_to(&wrong_question.to_vec().unwrap(), peer).await.unwrap();
+                }
+                let out = zone_answer(&q, true).to_vec().unwrap();
+                sock.send_to(&out, peer).await.unwrap();
+            }
+        });
+        (addr, ports)
+    }
+
+    #[tokio::test]
+    async fn forged_and_mismatched_upstream_answers_are_ignored_and_counted() {
+        let (up, _) = start_port_recording_upstream(true).await;
+        let mut h = Harness::start(|c, _| c.upstreams = vec![Upstream::udp(up)]).await;
+        let (m, _) = udp_ask(h.dns, "www.allowed.test.", RecordType::A, &Ask::default()).await;
+        assert_eq!(a_addrs(&m), vec![Ipv4Addr::new(192, 0, 2, 10)]);
+        assert_eq!(h.next_audit().await.upstream, Some(up));
+        let stats = h.core.stats().snapshot();
+        assert_eq!(stats.upstream_mismatched, 2, "{stats:?}");
+        assert_eq!(stats.upstream_errors, 0);
+        let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        assert!(
+            h.core
+                .bindings()
+                .lookup(client, IpAddr::V4(Ipv4Addr::new(6, 6, 6, 6)), now())
+                .is_none()
+        );
+        // Also when the case of the question differs: names compare
+        // case-insensitively, so the real answer is still accepted.
+        let (m, _) = udp_ask(
+            h.dns,
+            "WWW.Allowed.TEST.",
+            RecordType::A,
+            &Ask {
+                id: 9,
+                ..Ask::default()
+            },
+        )
+        .await;
+        assert_eq!(m.metadata.id, 9);
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn upstream_sockets_are_reused_round_robin() {
+        let (up, ports) = start_port_recording_upstream(false).await;
+        let h = Harness::start(|c, _| {
+            c.upstreams = vec![Upstream::udp(up)];
+            c.upstream_udp_sockets = 2;
+            c.cache.max_entries = 0;
+        })
+        .await;
+        for i in 0..6 {
+            udp_ask(h.dns, &format!("n{i}.allowed.test."), RecordType::A, &Ask::default()).await;
+        }
+        let ports = ports.lock().unwrap().clone();
+        assert_eq!(ports.len(), 6);
+        assert_ne!(ports[0], ports[1], "two sockets, taken in turn: {ports:?}");
+        for (i, p) in ports.iter().enumerate() {
+            assert_eq!(*p, ports[i % 2], "{ports:?}");
+        }
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn upstream_sockets_rotate_after_max_queries() {
+        let (up, ports) = start_port_recording_upstream(false).await;
+        let h = Harness::start(|c, _| {
+            c.upstreams = vec![Upstream::udp(up)];
+            c.upstream_udp_sockets = 1;
+            c.upstream_socket_max_queries = 3;
+            c.cache.max_entries = 0;
+        })
+        .await;
+        for i in 0..7 {
+            udp_ask(h.dns, &format!("r{i}.allowed.test."), RecordType::A, &Ask::default()).await;
+        }
+        let ports = ports.lock().unwrap().clone();
+        assert_eq!(ports.len(), 7);
+        assert!(ports[..3].iter().all(|p| *p == ports[0]), "{ports:?}");
+        assert!(ports[3..6].iter().all(|p| *p == ports[3]), "{ports:?}");
+        assert_ne!(ports[0], ports[3], "{ports:?}");
+        assert_ne!(ports[3], ports[6], "{ports:?}");
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn upstream_sockets_rotate_after_max_age() {
+        let (up, ports) = start_port_recording_upstream(false).await;
+        let h = Harness::start(|c, _| {
+            c.upstreams = vec![Upstream::udp(up)];
+            c.upstream_udp_sockets = 1;
+            c.upstream_socket_max_age = Duration::from_secs(5);
+            c.cache.max_entries = 0;
+        })
+        .await;
+        udp_ask(h.dns, "t1.allowed.test.", RecordType::A, &Ask::default()).await;
+        udp_ask(h.dns, "t2.allowed.test.", RecordType::A, &Ask::default()).await;
+        tokio::time::advance(Duration::from_secs(6)).await;
+        udp_ask(h.dns, "t3.allowed.test.", RecordType::A, &Ask::default()).await;
+        let ports = ports.lock().unwrap().clone();
+        assert_eq!(ports[0], ports[1], "{ports:?}");
+        assert_ne!(ports[1], ports[2], "{ports:?}");
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_queries_from_many_clients_is_answered_to_each() {
+        let h = Harness::start(|_, _| {}).await;
+        // Fill the cache, then send a burst larger than one receive batch
+        // before reading any answer.
+        udp_ask(h.dns, "www.allowed.test.", RecordType::A, &Ask::default()).await;
+        let mut clients = Vec::new();
+        for i in 0..40u16 {
+            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let (name, id) = if i % 3 == 0 {
+                ("x.denied.test.", 1000 + i)
+            } else {
+                ("www.allowed.test.", 1000 + i)
+            };
+            let q = build_query(name, RecordType::A, &Ask { id, ..Ask::default() });
+            sock.send_to(&q, h.dns).await.unwrap();
+            clients.push((sock, id, name));
+        }
+        for (sock, id, name) in clients {
+            let mut buf = vec![0u8; 4096];
+            let (n, from) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(from, h.dns);
+            let m = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(m.metadata.id, id);
+            assert_eq!(m.queries[0].name().to_ascii(), name);
+            let want = if name.starts_with('x') {
+                ResponseCode::NXDomain
+            } else {
+                ResponseCode::NoError
+            };
+            assert_eq!(m.metadata.response_code, want);
+        }
+        assert_eq!(h.auth.seen.asked_for("www.allowed.test."), 1);
+        h.stop().await;
+    }
 }

@@ -1,8 +1,10 @@
 //! What the DNS proxy reports: one audit record per query, and counters.
 //!
-//! Records are produced by the sans-IO engine and shipped by the server over
-//! a bounded channel the caller owns (the telemetry stage drains it). A full
-//! channel never slows a query down: the record is dropped and counted in
+//! Records are produced by the sans-IO engine and handed by the server to a
+//! [`DnsAuditSink`] the caller owns: a bounded channel (tests, embedders), or
+//! the telemetry stage's audit log, which writes the JSON line on the spot
+//! and ships lines to the writer thread in batches. A sink never slows a
+//! query down: a record it cannot take is dropped and counted in
 //! [`DnsStats::audit_drops`]. Counters are plain atomics so the telemetry
 //! stage can export them however it likes.
 
@@ -10,6 +12,26 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// Where the DNS listener delivers one audit record per answered query.
+///
+/// Called on the listener's worker for every query, so it must be cheap and
+/// must never wait.
+pub trait DnsAuditSink: std::fmt::Debug + Send + Sync + 'static {
+    /// Takes one record; returns `false` when it had to drop it.
+    fn record(&self, record: DnsAuditRecord) -> bool;
+
+    /// Hands on anything buffered. The listener calls it when it stops, so
+    /// a clean shutdown loses nothing.
+    fn flush(&self) {}
+}
+
+impl DnsAuditSink for mpsc::Sender<DnsAuditRecord> {
+    fn record(&self, record: DnsAuditRecord) -> bool {
+        self.try_send(record).is_ok()
+    }
+}
 
 /// How the query reached Sluice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -59,9 +81,14 @@ pub struct DnsStats {
     /// Would have been denied; answered because of watch mode.
     pub watched: AtomicU64,
     pub cache_hits: AtomicU64,
+    /// Cache hits answered on wire bytes (a subset of `cache_hits`).
+    pub cache_fast_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     /// Failed exchanges with one upstream (a query may count several).
     pub upstream_errors: AtomicU64,
+    /// Datagrams on an upstream socket that answered nothing we asked
+    /// (unknown ID, wrong question, unparsable): stale or spoofed, ignored.
+    pub upstream_mismatched: AtomicU64,
     pub servfail: AtomicU64,
     pub formerr: AtomicU64,
     /// Datagrams dropped without an answer (no readable header, a response
@@ -81,8 +108,10 @@ pub struct DnsStatsSnapshot {
     pub denied: u64,
     pub watched: u64,
     pub cache_hits: u64,
+    pub cache_fast_hits: u64,
     pub cache_misses: u64,
     pub upstream_errors: u64,
+    pub upstream_mismatched: u64,
     pub servfail: u64,
     pub formerr: u64,
     pub dropped: u64,
@@ -105,8 +134,10 @@ impl DnsStats {
             denied: get(&self.denied),
             watched: get(&self.watched),
             cache_hits: get(&self.cache_hits),
+            cache_fast_hits: get(&self.cache_fast_hits),
             cache_misses: get(&self.cache_misses),
             upstream_errors: get(&self.upstream_errors),
+            upstream_mismatched: get(&self.upstream_mismatched),
             servfail: get(&self.servfail),
             formerr: get(&self.formerr),
             dropped: get(&self.dropped),

@@ -22,31 +22,83 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{RData, Record};
 use lru::LruCache;
+use sluice_api::DomainName;
 
 use super::config::CacheConfig;
 
 const SHARDS: usize = 16;
 
-/// What identifies a cacheable question.
+/// What identifies a cacheable question: (qname, qtype, qclass, DO, CD),
+/// kept as one byte string so the engine's wire fast path can look an
+/// entry up from a key it built on the stack ([`CacheKey::encode`]),
+/// without allocating. Layout: qtype and qclass (big-endian), a flags byte
+/// (DO = 1, CD = 2), then the lower-cased presentation name, so
+/// `Example.COM` and `example.com` share an entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CacheKey {
-    /// Lower-cased presentation form, so `Example.COM` and `example.com` share an entry.
-    pub qname: Box<str>,
-    pub qtype: u16,
-    pub qclass: u16,
-    pub dnssec_ok: bool,
-    pub checking_disabled: bool,
+pub struct CacheKey(Box<[u8]>);
+
+/// Longest encoded key: the fixed part and a 253-byte presentation name
+/// (with room to spare for a name the caller has not length-checked).
+pub const MAX_KEY_LEN: usize = KEY_PREFIX + 255;
+const KEY_PREFIX: usize = 5;
+
+impl CacheKey {
+    /// `qname` must be the canonical (lower-case) presentation form.
+    pub fn new(qname: &str, qtype: u16, qclass: u16, dnssec_ok: bool, checking_disabled: bool) -> Self {
+        let mut buf = [0u8; MAX_KEY_LEN];
+        let len =
+            Self::encode(&mut buf, qname.as_bytes(), qtype, qclass, dnssec_ok, checking_disabled).unwrap_or(KEY_PREFIX);
+        Self(buf[..len].into())
+    }
+
+    /// Writes the key for these fields into `buf`, returning its length
+    /// (`None` if the name does not fit).
+    pub fn encode(
+        buf: &mut [u8; MAX_KEY_LEN],
+        qname: &[u8],
+        qtype: u16,
+        qclass: u16,
+        dnssec_ok: bool,
+        checking_disabled: bool,
+    ) -> Option<usize> {
+        let end = KEY_PREFIX.checked_add(qname.len()).filter(|e| *e <= MAX_KEY_LEN)?;
+        buf[..2].copy_from_slice(&qtype.to_be_bytes());
+        buf[2..4].copy_from_slice(&qclass.to_be_bytes());
+        buf[4] = u8::from(dnssec_ok) | (u8::from(checking_disabled) << 1);
+        buf[KEY_PREFIX..end].copy_from_slice(qname);
+        Some(end)
+    }
+
+    pub fn qtype(&self) -> u16 {
+        u16::from_be_bytes([self.0[0], self.0[1]])
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for CacheKey {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// A stored upstream answer (OPT removed; ECH already stripped if configured).
 #[derive(Debug)]
 pub struct CacheEntry {
+    /// The canonical query name (the policy and the bindings want it on a
+    /// fast-path hit, which never parses the name into one).
+    pub qname: DomainName,
     pub rcode: ResponseCode,
     pub authentic_data: bool,
     pub answers: Vec<Record>,
     pub authorities: Vec<Record>,
     pub additionals: Vec<Record>,
     pub ech_stripped: bool,
+    /// The answer pre-encoded for the wire fast path, made on its first use
+    /// (`None` inside: this entry cannot be served that way).
+    pub wire: std::sync::OnceLock<Option<super::fast::WireAnswer>>,
     inserted: Instant,
     expires: Instant,
 }
@@ -97,6 +149,11 @@ impl DnsCache {
     }
 
     pub fn get(&self, key: &CacheKey, now: Instant) -> Option<CacheHit> {
+        self.get_bytes(key.as_bytes(), now)
+    }
+
+    /// Looks an entry up by an encoded key ([`CacheKey::encode`]).
+    pub fn get_bytes(&self, key: &[u8], now: Instant) -> Option<CacheHit> {
         if !self.enabled() {
             return None;
         }
@@ -120,6 +177,7 @@ impl DnsCache {
     pub fn insert(
         &self,
         key: CacheKey,
+        qname: &DomainName,
         rcode: ResponseCode,
         authentic_data: bool,
         answers: &[Record],
@@ -138,16 +196,18 @@ impl DnsCache {
             return false;
         }
         let entry = Arc::new(CacheEntry {
+            qname: qname.clone(),
             rcode,
             authentic_data,
             answers: answers.to_vec(),
             authorities: authorities.to_vec(),
             additionals: additionals.to_vec(),
             ech_stripped,
+            wire: std::sync::OnceLock::new(),
             inserted: now,
             expires: now + ttl,
         });
-        self.shard(&key).put(key, entry);
+        self.shard(key.as_bytes()).put(key, entry);
         true
     }
 
@@ -192,7 +252,7 @@ impl DnsCache {
         self.len() == 0
     }
 
-    fn shard(&self, key: &CacheKey) -> MutexGuard<'_, Shard> {
+    fn shard(&self, key: &[u8]) -> MutexGuard<'_, Shard> {
         lock(&self.shards[(self.hasher.hash_one(key) as usize) % SHARDS])
     }
 }
@@ -214,12 +274,28 @@ mod tests {
     use super::*;
 
     fn key(name: &str) -> CacheKey {
-        CacheKey {
-            qname: name.into(),
-            qtype: 1,
-            qclass: 1,
-            dnssec_ok: false,
-            checking_disabled: false,
+        CacheKey::new(name, 1, 1, false, false)
+    }
+
+    fn dn() -> DomainName {
+        DomainName::parse("a.test").unwrap()
+    }
+
+    #[test]
+    fn keys_differ_by_every_field_and_encode_matches_new() {
+        let k = CacheKey::new("a.test", 28, 1, true, false);
+        assert_eq!(k.qtype(), 28);
+        let mut buf = [0u8; MAX_KEY_LEN];
+        let n = CacheKey::encode(&mut buf, b"a.test", 28, 1, true, false).unwrap();
+        assert_eq!(&buf[..n], k.as_bytes());
+        for other in [
+            CacheKey::new("a.tes", 28, 1, true, false),
+            CacheKey::new("a.test", 1, 1, true, false),
+            CacheKey::new("a.test", 28, 3, true, false),
+            CacheKey::new("a.test", 28, 1, false, false),
+            CacheKey::new("a.test", 28, 1, true, true),
+        ] {
+            assert_ne!(k, other);
         }
     }
 
@@ -246,6 +322,7 @@ mod tests {
         let t0 = Instant::now();
         assert!(c.insert(
             key("a.test"),
+            &dn(),
             ResponseCode::NoError,
             false,
             &[a(30), a(10)],
@@ -282,6 +359,7 @@ mod tests {
         let t0 = Instant::now();
         assert!(!c.insert(
             key("a.test"),
+            &dn(),
             ResponseCode::NoError,
             false,
             &[a(0)],
@@ -296,6 +374,7 @@ mod tests {
         });
         assert!(!off.insert(
             key("a.test"),
+            &dn(),
             ResponseCode::NoError,
             false,
             &[a(9)],

@@ -186,6 +186,19 @@ pub struct DnsConfig {
     pub tcp_idle_timeout: Duration,
     /// Trust roots and settings for DNS-over-TLS upstreams.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Long-lived UDP sockets kept per UDP upstream (each on its own random
+    /// source port). Queries are spread over them; more sockets mean more
+    /// ports an off-path attacker has to guess among, at the cost of file
+    /// descriptors.
+    pub upstream_udp_sockets: usize,
+    /// A pooled upstream socket is replaced after this many queries…
+    pub upstream_socket_max_queries: u32,
+    /// …or once it is this old, whichever comes first, so source ports keep
+    /// changing.
+    pub upstream_socket_max_age: Duration,
+    /// Answer plain cached queries on wire bytes (see `dns::fast`); off,
+    /// every query takes the general path (same answers, slower).
+    pub cache_fast_path: bool,
 }
 
 impl Default for DnsConfig {
@@ -205,6 +218,10 @@ impl Default for DnsConfig {
             max_in_flight: 4_096,
             tcp_idle_timeout: Duration::from_secs(10),
             tls: None,
+            upstream_udp_sockets: 32,
+            upstream_socket_max_queries: 1_024,
+            upstream_socket_max_age: Duration::from_secs(10),
+            cache_fast_path: true,
         }
     }
 }
@@ -218,6 +235,11 @@ impl DnsConfig {
         for (field, value) in [
             ("attempts", self.attempts),
             ("max_in_flight", self.max_in_flight),
+            ("upstream_udp_sockets", self.upstream_udp_sockets),
+            (
+                "upstream_socket_max_queries",
+                usize::try_from(self.upstream_socket_max_queries).unwrap_or(usize::MAX),
+            ),
             ("bindings.max_entries", self.bindings.max_entries),
             ("bindings.max_per_destination", self.bindings.max_per_destination),
             ("bindings.max_names_per_pair", self.bindings.max_names_per_pair),
@@ -234,6 +256,11 @@ impl DnsConfig {
         }
         if self.query_timeout.is_zero() {
             return Err(DnsError::ZeroLimit { field: "query_timeout" });
+        }
+        if self.upstream_socket_max_age.is_zero() {
+            return Err(DnsError::ZeroLimit {
+                field: "upstream_socket_max_age",
+            });
         }
         for up in &self.upstreams {
             if let UpstreamProto::Tls { server_name } = &up.proto {

@@ -7,7 +7,10 @@
 //! which case the server runs the [`Pending`] query's bytes through the
 //! forwarder and hands the outcome back to [`DnsCore::complete`].
 //!
-//! Order of work for one query: header (unreadable → drop) → full parse
+//! A plain query whose answer is cached takes a shortcut on wire bytes
+//! ([`super::fast`]): policy, then the stored answer patched for this
+//! client, with no message parsed or encoded. Everything else goes the
+//! general way. Order of work for one query: header (unreadable → drop) → full parse
 //! (fails → FORMERR) → checks (opcode, one question, EDNS version, a
 //! classifiable name, not a zone transfer) → policy
 //! → exfiltration detector → deny answer, or cache, or forward → ECH strip,
@@ -28,10 +31,11 @@ use sluice_api::DomainName;
 use super::DnsError;
 use super::audit::{DnsAuditRecord, DnsStats, Transport};
 use super::bindings::Bindings;
-use super::cache::{CacheEntry, CacheKey, DnsCache};
+use super::cache::{CacheEntry, CacheKey, DnsCache, MAX_KEY_LEN};
 use super::config::{DenyAnswer, DnsConfig};
 use super::ech::strip_ech;
 use super::exfil::ExfilDetector;
+use super::fast::{WireAnswer, WireQuery};
 use super::forward::{ForwardError, UpstreamAnswer};
 use super::policy::{QueryPolicy, QueryVerdict, reason};
 
@@ -183,6 +187,74 @@ impl DnsCore {
 
     /// Handles one message from a client. Never panics, whatever the bytes.
     pub fn handle_query_bytes(&self, ctx: QueryContext, bytes: &[u8]) -> Step {
+        let verdict = if self.config.cache_fast_path {
+            match self.fast_path(ctx, bytes) {
+                Ok(step) => return step,
+                Err(verdict) => verdict,
+            }
+        } else {
+            None
+        };
+        self.general_path(ctx, bytes, verdict)
+    }
+
+    /// Answers a plain query from the cache straight from and to wire bytes
+    /// (see [`super::fast`]). `Err` hands the query to the general path,
+    /// with the policy's verdict if it was already asked (so the policy and
+    /// the exfiltration detector see each query once).
+    fn fast_path(&self, ctx: QueryContext, bytes: &[u8]) -> Result<Step, Option<QueryVerdict>> {
+        let q = WireQuery::parse(bytes).ok_or(None)?;
+        let mut key = [0u8; MAX_KEY_LEN];
+        let key_len = q.cache_key(&mut key).ok_or(None)?;
+        let hit = self.cache.get_bytes(&key[..key_len], ctx.now).ok_or(None)?;
+        let entry = &hit.entry;
+        let wire = entry
+            .wire
+            .get_or_init(|| WireAnswer::build(entry, q.qtype, q.qclass))
+            .as_ref()
+            .ok_or(None)?;
+        let client_do = q.edns.is_some_and(|(_, d)| d);
+        let ad = entry.authentic_data && (q.authentic_data || client_do);
+        let rcode = u16::from(entry.rcode);
+        // RA=1, AD, CD echoed, RCODE (cached answers are NOERROR/NXDOMAIN).
+        let flags = 0x80 | (u8::from(ad) << 5) | (u8::from(q.checking_disabled) << 4) | (rcode & 0x0f) as u8;
+        let limit = match ctx.transport {
+            Transport::Tcp => usize::from(u16::MAX),
+            Transport::Udp => {
+                let ours = self.config.udp_payload.max(MIN_UDP_PAYLOAD);
+                let theirs = q.edns.map_or(MIN_UDP_PAYLOAD, |(p, _)| p);
+                usize::from(theirs.clamp(MIN_UDP_PAYLOAD, ours))
+            }
+        };
+        let Some(bytes) = wire.render(&q, hit.age_secs, flags, self.config.udp_payload, limit) else {
+            return Err(None);
+        };
+        let qname = &entry.qname;
+        let verdict = self.decide(ctx, qname, q.qtype);
+        if !verdict.allowed && verdict.enforced {
+            return Err(Some(verdict));
+        }
+        let watched = !verdict.allowed;
+        DnsStats::bump(&self.stats.queries);
+        DnsStats::bump(if watched {
+            &self.stats.watched
+        } else {
+            &self.stats.allowed
+        });
+        DnsStats::bump(&self.stats.cache_hits);
+        DnsStats::bump(&self.stats.cache_fast_hits);
+        let src = ctx.src.ip();
+        for &(ip, ttl) in &wire.binds {
+            self.bindings
+                .record(src, ip, qname, ttl.saturating_sub(hit.age_secs), ctx.now);
+        }
+        let mut audit = self.audit(&ctx, qname.as_str(), q.qtype, &verdict, watched, entry.rcode, ctx.now);
+        audit.cache_hit = true;
+        audit.ech_stripped = entry.ech_stripped;
+        Ok(Step::Reply(Reply { bytes, audit }))
+    }
+
+    fn general_path(&self, ctx: QueryContext, bytes: &[u8], verdict: Option<QueryVerdict>) -> Step {
         let mut decoder = BinDecoder::new(bytes);
         let Ok(header) = Header::read(&mut decoder) else {
             DnsStats::bump(&self.stats.dropped);
@@ -222,7 +294,7 @@ impl DnsCore {
         if matches!(query.query_type(), RecordType::AXFR | RecordType::IXFR) {
             return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::Refused, reason::DNS_ZONE_TRANSFER));
         }
-        let verdict = self.decide(ctx, &qname, qtype);
+        let verdict = verdict.unwrap_or_else(|| self.decide(ctx, &qname, qtype));
         if !verdict.allowed && verdict.enforced {
             DnsStats::bump(&self.stats.denied);
             return Step::Reply(self.deny(ctx, &client, &qname, qtype, &verdict));
@@ -234,13 +306,13 @@ impl DnsCore {
             &self.stats.allowed
         });
 
-        let key = CacheKey {
-            qname: qname.as_str().into(),
+        let key = CacheKey::new(
+            qname.as_str(),
             qtype,
-            qclass: u16::from(query.query_class()),
-            dnssec_ok: client.dnssec_ok(),
-            checking_disabled: client.checking_disabled,
-        };
+            u16::from(query.query_class()),
+            client.dnssec_ok(),
+            client.checking_disabled,
+        );
         if let Some(hit) = self.cache.get(&key, ctx.now) {
             DnsStats::bump(&self.stats.cache_hits);
             let entry = &hit.entry;
@@ -301,7 +373,7 @@ impl DnsCore {
             question,
             ..
         } = pending;
-        let qtype = key.qtype;
+        let qtype = key.qtype();
         let answer = match outcome {
             Ok(answer) => answer,
             Err(_) => {
@@ -321,6 +393,7 @@ impl DnsCore {
         if client.recursion_desired && !message.metadata.truncation {
             self.cache.insert(
                 key,
+                &qname,
                 rcode,
                 message.metadata.authentic_data,
                 &message.answers,
@@ -378,35 +451,8 @@ impl DnsCore {
     /// Records every address handed out for `wire_qname` (following CNAMEs,
     /// and including HTTPS/SVCB address hints) as bound to `qname` for `src`.
     fn bind(&self, src: IpAddr, qname: &DomainName, wire_qname: &Name, answers: &[Record], now: Instant) {
-        let mut chain: Vec<&Name> = vec![wire_qname];
-        // Follow the chain whatever order the records came in; each pass
-        // adds at least one name or stops, so this is bounded by answers.len().
-        loop {
-            let before = chain.len();
-            for record in answers {
-                if let RData::CNAME(target) = &record.data
-                    && chain.contains(&&record.name)
-                    && !chain.contains(&&target.0)
-                {
-                    chain.push(&target.0);
-                }
-            }
-            if chain.len() == before {
-                break;
-            }
-        }
-        for record in answers {
-            if !chain.contains(&&record.name) {
-                continue;
-            }
-            let mut put = |ip: IpAddr| self.bindings.record(src, ip, qname, record.ttl, now);
-            match &record.data {
-                RData::A(a) => put(IpAddr::V4(a.0)),
-                RData::AAAA(aaaa) => put(IpAddr::V6(aaaa.0)),
-                RData::HTTPS(https) => hints(&https.0.svc_params, &mut put),
-                RData::SVCB(svcb) => hints(&svcb.svc_params, &mut put),
-                _ => {}
-            }
+        for (ip, ttl) in bound_addrs(wire_qname, answers) {
+            self.bindings.record(src, ip, qname, ttl, now);
         }
     }
 
@@ -571,6 +617,43 @@ impl DnsCore {
             ech_stripped: false,
         }
     }
+}
+
+/// Every address `answers` hand out for `wire_qname` (following CNAMEs, and
+/// including HTTPS/SVCB address hints), with its record's TTL.
+pub(crate) fn bound_addrs(wire_qname: &Name, answers: &[Record]) -> Vec<(IpAddr, u32)> {
+    let mut chain: Vec<&Name> = vec![wire_qname];
+    // Follow the chain whatever order the records came in; each pass
+    // adds at least one name or stops, so this is bounded by answers.len().
+    loop {
+        let before = chain.len();
+        for record in answers {
+            if let RData::CNAME(target) = &record.data
+                && chain.contains(&&record.name)
+                && !chain.contains(&&target.0)
+            {
+                chain.push(&target.0);
+            }
+        }
+        if chain.len() == before {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    for record in answers {
+        if !chain.contains(&&record.name) {
+            continue;
+        }
+        let mut put = |ip: IpAddr| out.push((ip, record.ttl));
+        match &record.data {
+            RData::A(a) => put(IpAddr::V4(a.0)),
+            RData::AAAA(aaaa) => put(IpAddr::V6(aaaa.0)),
+            RData::HTTPS(https) => hints(&https.0.svc_params, &mut put),
+            RData::SVCB(svcb) => hints(&svcb.svc_params, &mut put),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Hands each address hint of an HTTPS/SVCB record to `put`: clients may

@@ -7,10 +7,11 @@
 //! (the server bounds the whole by `query_timeout`). UDP answers with TC set
 //! are retried over TCP to the same upstream; DNS-over-TLS uses rustls.
 //!
-//! Every UDP attempt uses a fresh socket (a fresh source port) and every
-//! attempt a fresh random ID, and an answer is accepted only if its ID and
-//! question match what was sent — the usual defences against off-path
-//! spoofing. TCP and TLS connections are kept idle per upstream (a few, for
+//! UDP attempts go through a small pool of long-lived sockets per upstream
+//! ([`super::udp_pool`]: random source ports, rotated), every attempt with a
+//! fresh random ID, and an answer is accepted only if its ID and question
+//! match what was sent — the usual defences against off-path spoofing.
+//! TCP and TLS connections are kept idle per upstream (a few, for
 //! a few seconds) and reused one query at a time, since a DoT handshake
 //! costs far more than the query. An upstream that answers SERVFAIL, REFUSED
 //! or NOTIMP is skipped in favour of the next one,
@@ -18,17 +19,18 @@
 //!
 //! [`Pending`]: super::Pending
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::audit::DnsStats;
 use super::config::{DnsConfig, UpstreamProto};
+use super::udp_pool::UdpPool;
 
 /// Why no upstream produced an answer (for one attempt, or in the end the
 /// last attempt's reason).
@@ -60,13 +62,10 @@ pub struct UpstreamAnswer {
 
 #[derive(Debug)]
 enum Link {
-    Udp,
+    Udp(UdpPool),
     Tcp,
     Tls(ServerName<'static>),
 }
-
-/// Receive buffer for one upstream UDP answer.
-const UDP_ANSWER_BUFFER: usize = 4_096;
 /// Idle upstream connections kept per upstream.
 const MAX_IDLE_PER_UPSTREAM: usize = 8;
 /// Idle connections older than this are not reused: upstreams close idle
@@ -81,8 +80,8 @@ struct Target {
     idle: std::sync::Mutex<Vec<(Conn, tokio::time::Instant)>>,
 }
 
-/// Sends queries to upstreams. Cheap to share (`Arc`), holds no sockets
-/// between queries.
+/// Sends queries to upstreams. Cheap to share (`Arc`); holds the pooled
+/// UDP sockets and idle TCP/TLS connections of its upstreams.
 pub struct Forwarder {
     targets: Vec<Target>,
     attempts: usize,
@@ -108,7 +107,13 @@ impl Forwarder {
             .iter()
             .filter_map(|u| {
                 let link = match &u.proto {
-                    UpstreamProto::Udp => Link::Udp,
+                    UpstreamProto::Udp => Link::Udp(UdpPool::new(
+                        u.addr,
+                        config.upstream_udp_sockets,
+                        config.upstream_socket_max_queries,
+                        config.upstream_socket_max_age,
+                        Arc::clone(&stats),
+                    )),
                     UpstreamProto::Tcp => Link::Tcp,
                     UpstreamProto::Tls { server_name } => Link::Tls(ServerName::try_from(server_name.clone()).ok()?),
                 };
@@ -167,15 +172,16 @@ impl Forwarder {
 
     async fn exchange(&self, target: &Target, query: &[u8], question: &Query) -> Result<Message, ForwardError> {
         let mut query = query.to_vec();
-        let id: u16 = rand::random();
-        if let Some(head) = query.get_mut(..2) {
-            head.copy_from_slice(&id.to_be_bytes());
-        }
-        if let Link::Udp = target.link {
-            let message = udp_exchange(target.addr, &query, id, question).await?;
+        if let Link::Udp(pool) = &target.link {
+            let message = pool.exchange(&mut query, question).await?;
             if !message.metadata.truncation {
                 return Ok(message);
             }
+        }
+        // A fresh ID for the stream attempt too (after TC, it is a new exchange).
+        let id: u16 = rand::random();
+        if let Some(head) = query.get_mut(..2) {
+            head.copy_from_slice(&id.to_be_bytes());
         }
         self.stream_exchange(target, &query, id, question).await
     }
@@ -216,7 +222,7 @@ impl Forwarder {
         // Queries are small and latency-bound; do not let Nagle hold them.
         let _ = tcp.set_nodelay(true);
         match &target.link {
-            Link::Udp | Link::Tcp => Ok(Conn::Tcp(tcp)),
+            Link::Udp(_) | Link::Tcp => Ok(Conn::Tcp(tcp)),
             Link::Tls(name) => {
                 let connector = self.tls.as_ref().ok_or(ForwardError::NoTls(addr))?;
                 let tls = connector
@@ -276,31 +282,6 @@ fn is_upstream_failure(rcode: ResponseCode) -> bool {
         rcode,
         ResponseCode::ServFail | ResponseCode::Refused | ResponseCode::NotImp
     )
-}
-
-async fn udp_exchange(addr: SocketAddr, query: &[u8], id: u16, question: &Query) -> Result<Message, ForwardError> {
-    let io = |source| ForwardError::Io { addr, source };
-    let local: SocketAddr = match addr {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(local).await.map_err(io)?;
-    // Connected: the kernel filters datagrams from anyone else, and an ICMP
-    // "port unreachable" surfaces as an error instead of a timeout.
-    socket.connect(addr).await.map_err(io)?;
-    socket.send(query).await.map_err(io)?;
-    // Upstreams are told Sluice takes 1232-byte answers (`udp_payload`);
-    // 4 KiB covers any sane setting without zeroing 64 KiB per query. A
-    // larger datagram arrives cut short, fails to parse, and is ignored.
-    let mut buf = vec![0u8; UDP_ANSWER_BUFFER];
-    loop {
-        let n = socket.recv(&mut buf).await.map_err(io)?;
-        // A datagram that is not our answer (stale, or spoofed) is ignored;
-        // the attempt timeout bounds how long we keep listening.
-        if let Ok(message) = check_answer(addr, &buf[..n], id, question) {
-            return Ok(message);
-        }
-    }
 }
 
 async fn framed_exchange<S>(

@@ -60,11 +60,13 @@ pub mod config;
 pub mod ech;
 pub mod engine;
 pub mod exfil;
+pub mod fast;
 pub mod forward;
 pub mod policy;
 pub mod server;
+mod udp_pool;
 
-pub use audit::{DnsAuditRecord, DnsStats, DnsStatsSnapshot, Transport};
+pub use audit::{DnsAuditRecord, DnsAuditSink, DnsStats, DnsStatsSnapshot, Transport};
 pub use bindings::Bindings;
 pub use config::{BindingsConfig, CacheConfig, DenyAnswer, DnsConfig, ExfilConfig, Upstream, UpstreamProto};
 pub use engine::{DnsCore, Pending, QueryContext, Reply, Step};

@@ -5,7 +5,7 @@
 //! need no upstream (denied, cached, malformed) are sent inline from the
 //! receive loop, and queries that need an upstream run as their own task,
 //! bounded by `max_in_flight` and `query_timeout`. Audit records go to the
-//! caller's bounded channel with `try_send` — a full channel costs a counted
+//! caller's [`DnsAuditSink`] — one that cannot take a record costs a counted
 //! drop, never a stalled query. Shutdown is a [`CancellationToken`]: the
 //! listener stops reading, and in-flight queries get up to `query_timeout`
 //! to finish.
@@ -17,6 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc};
+
+use super::audit::DnsAuditSink;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -46,7 +48,7 @@ pub struct DnsServer {
 struct Shared {
     core: Arc<DnsCore>,
     forwarder: Forwarder,
-    audit: mpsc::Sender<DnsAuditRecord>,
+    audit: Arc<dyn DnsAuditSink>,
     in_flight: Arc<Semaphore>,
     tcp_slots: Arc<Semaphore>,
     query_timeout: Duration,
@@ -54,11 +56,21 @@ struct Shared {
 }
 
 impl DnsServer {
-    /// Binds UDP and TCP on `addr` (port 0 picks one port free for both).
+    /// Binds UDP and TCP on `addr` (port 0 picks one port free for both);
+    /// audit records go to `audit` (`try_send`: a full channel drops).
     pub async fn bind(
         addr: SocketAddr,
         core: Arc<DnsCore>,
         audit: mpsc::Sender<DnsAuditRecord>,
+    ) -> Result<Self, DnsError> {
+        Self::bind_with_sink(addr, core, Arc::new(audit)).await
+    }
+
+    /// Like [`DnsServer::bind`], with any audit sink.
+    pub async fn bind_with_sink(
+        addr: SocketAddr,
+        core: Arc<DnsCore>,
+        audit: Arc<dyn DnsAuditSink>,
     ) -> Result<Self, DnsError> {
         let (udp, tcp) = bind_pair(addr)
             .await
@@ -110,6 +122,7 @@ impl DnsServer {
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!("dns listener shut down with queries still in flight");
         }
+        shared.audit.flush();
         result
     }
 }
@@ -150,7 +163,7 @@ fn now() -> std::time::Instant {
 
 impl Shared {
     fn emit(&self, record: DnsAuditRecord) {
-        if self.audit.try_send(record).is_err() {
+        if !self.audit.record(record) {
             DnsStats::bump(&self.core.stats().audit_drops);
         }
     }
@@ -164,6 +177,96 @@ impl Shared {
     }
 }
 
+/// Answers the listener's UDP queries. On Linux a wake-up takes every
+/// datagram waiting (up to [`sys::UDP_BATCH`]) with one `recvmmsg`, and the
+/// answers made inline go back with one `sendmmsg`: under load the syscall
+/// and wake-up costs are shared by a burst, and the client's side is woken
+/// once per burst rather than once per answer. Queries that need an
+/// upstream still run as their own tasks and answer on their own.
+#[cfg(target_os = "linux")]
+async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTracker) -> Result<(), DnsError> {
+    use std::os::fd::AsFd;
+    use tokio::io::Interest;
+
+    use crate::sys;
+
+    let mut bufs: Vec<Vec<u8>> = (0..sys::UDP_BATCH).map(|_| vec![0u8; usize::from(u16::MAX)]).collect();
+    let mut got = Vec::with_capacity(sys::UDP_BATCH);
+    let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(sys::UDP_BATCH);
+    let mut audits = Vec::with_capacity(sys::UDP_BATCH);
+    loop {
+        match udp.try_io(Interest::READABLE, || sys::recv_batch(udp.as_fd(), &mut bufs, &mut got)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                udp.readable().await?;
+                continue;
+            }
+            // ICMP errors from earlier sends can surface here; they concern
+            // one client, not the listener.
+            Err(e) => {
+                tracing::debug!(error = %e, "dns udp receive error");
+                continue;
+            }
+        }
+        for (i, &(n, src)) in got.iter().enumerate() {
+            let Some(bytes) = bufs.get(i).and_then(|b| b.get(..n)) else {
+                continue;
+            };
+            // `try_io` never yields by itself: under a flood this loop would
+            // starve the forwarded queries and upstream readers on the same
+            // worker. Each datagram spends from the task's cooperative budget.
+            tokio::task::coop::consume_budget().await;
+            match shared.core.handle_query_bytes(context(src, Transport::Udp), bytes) {
+                Step::Drop => {}
+                Step::Reply(reply) => {
+                    replies.push((reply.bytes, src));
+                    audits.push(reply.audit);
+                }
+                Step::Forward(pending) => spawn_udp_forward(udp, shared, tracker, pending, src),
+            }
+        }
+        send_all(udp, &replies).await;
+        replies.clear();
+        for audit in audits.drain(..) {
+            shared.emit(audit);
+        }
+    }
+}
+
+/// Sends `replies` with as few `sendmmsg` calls as the socket allows,
+/// waiting for room when it is full.
+#[cfg(target_os = "linux")]
+async fn send_all(udp: &UdpSocket, replies: &[(Vec<u8>, SocketAddr)]) {
+    use std::os::fd::AsFd;
+    use tokio::io::Interest;
+
+    use crate::sys;
+
+    let msgs: Vec<(&[u8], SocketAddr)> = replies.iter().map(|(b, dst)| (b.as_slice(), *dst)).collect();
+    let mut next = 0;
+    while next < msgs.len() {
+        let rest = &msgs[next..];
+        match udp.try_io(Interest::WRITABLE, || sys::send_batch(udp.as_fd(), rest)) {
+            Ok(0) => break,
+            Ok(sent) => next += sent,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Full send buffer: wait for room the ordinary way.
+                let (bytes, dst) = rest[0];
+                if let Err(e) = udp.send_to(bytes, dst).await {
+                    tracing::debug!(error = %e, %dst, "dns udp send failed");
+                }
+                next += 1;
+            }
+            // The first message failed (e.g. an unroutable client); skip it.
+            Err(e) => {
+                tracing::debug!(error = %e, dst = %rest[0].1, "dns udp send failed");
+                next += 1;
+            }
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
 async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTracker) -> Result<(), DnsError> {
     let mut buf = vec![0u8; usize::from(u16::MAX)];
     loop {
@@ -184,24 +287,33 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
                 }
                 shared.emit(reply.audit);
             }
-            Step::Forward(pending) => {
-                let Ok(permit) = Arc::clone(&shared.in_flight).try_acquire_owned() else {
-                    DnsStats::bump(&shared.core.stats().dropped);
-                    continue;
-                };
-                let shared = Arc::clone(shared);
-                let udp = Arc::clone(udp);
-                tracker.spawn(async move {
-                    let reply = shared.resolve(pending).await;
-                    drop(permit);
-                    if let Err(e) = udp.send_to(&reply.bytes, src).await {
-                        tracing::debug!(error = %e, %src, "dns udp send failed");
-                    }
-                    shared.emit(reply.audit);
-                });
-            }
+            Step::Forward(pending) => spawn_udp_forward(udp, shared, tracker, pending, src),
         }
     }
+}
+
+/// Runs a query that needs an upstream as its own task, within `max_in_flight`.
+fn spawn_udp_forward(
+    udp: &Arc<UdpSocket>,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    pending: Box<Pending>,
+    src: SocketAddr,
+) {
+    let Ok(permit) = Arc::clone(&shared.in_flight).try_acquire_owned() else {
+        DnsStats::bump(&shared.core.stats().dropped);
+        return;
+    };
+    let shared = Arc::clone(shared);
+    let udp = Arc::clone(udp);
+    tracker.spawn(async move {
+        let reply = shared.resolve(pending).await;
+        drop(permit);
+        if let Err(e) = udp.send_to(&reply.bytes, src).await {
+            tracing::debug!(error = %e, %src, "dns udp send failed");
+        }
+        shared.emit(reply.audit);
+    });
 }
 
 async fn tcp_loop(
