@@ -10,7 +10,7 @@
 //! listener stops reading, and in-flight queries get up to `query_timeout`
 //! to finish.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -76,6 +76,13 @@ impl DnsServer {
             .await
             .map_err(|source| DnsError::Bind { addr, source })?;
         let local_addr = udp.local_addr()?;
+        // On a wildcard address a UDP answer must leave from the address the
+        // client asked, not the one the route back to it would pick.
+        #[cfg(target_os = "linux")]
+        if addr.ip().is_unspecified() {
+            use std::os::fd::AsFd;
+            crate::sys::enable_pktinfo(udp.as_fd(), addr.is_ipv6())?;
+        }
         let config = core.config();
         let shared = Shared {
             forwarder: Forwarder::new(config, Arc::clone(core.stats())),
@@ -192,7 +199,7 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
 
     let mut bufs: Vec<Vec<u8>> = (0..sys::UDP_BATCH).map(|_| vec![0u8; usize::from(u16::MAX)]).collect();
     let mut got = Vec::with_capacity(sys::UDP_BATCH);
-    let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(sys::UDP_BATCH);
+    let mut replies: Vec<(Vec<u8>, SocketAddr, Option<IpAddr>)> = Vec::with_capacity(sys::UDP_BATCH);
     let mut audits = Vec::with_capacity(sys::UDP_BATCH);
     loop {
         match udp.try_io(Interest::READABLE, || sys::recv_batch(udp.as_fd(), &mut bufs, &mut got)) {
@@ -208,7 +215,7 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
                 continue;
             }
         }
-        for (i, &(n, src)) in got.iter().enumerate() {
+        for (i, &(n, src, local)) in got.iter().enumerate() {
             let Some(bytes) = bufs.get(i).and_then(|b| b.get(..n)) else {
                 continue;
             };
@@ -219,10 +226,10 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
             match shared.core.handle_query_bytes(context(src, Transport::Udp), bytes) {
                 Step::Drop => {}
                 Step::Reply(reply) => {
-                    replies.push((reply.bytes, src));
+                    replies.push((reply.bytes, src, local));
                     audits.push(reply.audit);
                 }
-                Step::Forward(pending) => spawn_udp_forward(udp, shared, tracker, pending, src),
+                Step::Forward(pending) => spawn_udp_forward(udp, shared, tracker, pending, src, local),
             }
         }
         send_all(udp, &replies).await;
@@ -236,13 +243,16 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
 /// Sends `replies` with as few `sendmmsg` calls as the socket allows,
 /// waiting for room when it is full.
 #[cfg(target_os = "linux")]
-async fn send_all(udp: &UdpSocket, replies: &[(Vec<u8>, SocketAddr)]) {
+async fn send_all(udp: &UdpSocket, replies: &[(Vec<u8>, SocketAddr, Option<IpAddr>)]) {
     use std::os::fd::AsFd;
     use tokio::io::Interest;
 
     use crate::sys;
 
-    let msgs: Vec<(&[u8], SocketAddr)> = replies.iter().map(|(b, dst)| (b.as_slice(), *dst)).collect();
+    let msgs: Vec<sys::Outgoing<'_>> = replies
+        .iter()
+        .map(|(b, dst, local)| (b.as_slice(), *dst, *local))
+        .collect();
     let mut next = 0;
     while next < msgs.len() {
         let rest = &msgs[next..];
@@ -251,8 +261,8 @@ async fn send_all(udp: &UdpSocket, replies: &[(Vec<u8>, SocketAddr)]) {
             Ok(sent) => next += sent,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // Full send buffer: wait for room the ordinary way.
-                let (bytes, dst) = rest[0];
-                if let Err(e) = udp.send_to(bytes, dst).await {
+                let (bytes, dst, local) = rest[0];
+                if let Err(e) = send_one(udp, bytes, dst, local).await {
                     tracing::debug!(error = %e, %dst, "dns udp send failed");
                 }
                 next += 1;
@@ -264,6 +274,34 @@ async fn send_all(udp: &UdpSocket, replies: &[(Vec<u8>, SocketAddr)]) {
             }
         }
     }
+}
+
+/// Sends one answer, from `local` when given (see `enable_pktinfo`),
+/// waiting for room in the send buffer.
+#[cfg(target_os = "linux")]
+async fn send_one(udp: &UdpSocket, bytes: &[u8], dst: SocketAddr, local: Option<IpAddr>) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    use tokio::io::Interest;
+
+    if local.is_none() {
+        return udp.send_to(bytes, dst).await.map(drop);
+    }
+    loop {
+        udp.writable().await?;
+        match udp.try_io(Interest::WRITABLE, || {
+            crate::sys::send_batch(udp.as_fd(), &[(bytes, dst, local)])
+        }) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends one answer (no local address control off Linux).
+#[cfg(not(target_os = "linux"))]
+async fn send_one(udp: &UdpSocket, bytes: &[u8], dst: SocketAddr, _local: Option<IpAddr>) -> std::io::Result<()> {
+    udp.send_to(bytes, dst).await.map(drop)
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -287,7 +325,7 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
                 }
                 shared.emit(reply.audit);
             }
-            Step::Forward(pending) => spawn_udp_forward(udp, shared, tracker, pending, src),
+            Step::Forward(pending) => spawn_udp_forward(udp, shared, tracker, pending, src, None),
         }
     }
 }
@@ -299,6 +337,7 @@ fn spawn_udp_forward(
     tracker: &TaskTracker,
     pending: Box<Pending>,
     src: SocketAddr,
+    local: Option<IpAddr>,
 ) {
     let Ok(permit) = Arc::clone(&shared.in_flight).try_acquire_owned() else {
         DnsStats::bump(&shared.core.stats().dropped);
@@ -309,7 +348,7 @@ fn spawn_udp_forward(
     tracker.spawn(async move {
         let reply = shared.resolve(pending).await;
         drop(permit);
-        if let Err(e) = udp.send_to(&reply.bytes, src).await {
+        if let Err(e) = send_one(&udp, &reply.bytes, src, local).await {
             tracing::debug!(error = %e, %src, "dns udp send failed");
         }
         shared.emit(reply.audit);
