@@ -1459,6 +1459,103 @@ mod netns {
         }
     }
 
+    /// A config with one transparent listener `name` on `address`, the
+    /// test names resolving to `upstream`, and a policy that allows only
+    /// allowed.test. Returns the config's path and its audit log's.
+    fn transparent_config(
+        dir: &TempDir,
+        name: &str,
+        address: &str,
+        upstream: &str,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let audit = dir.join("audit.jsonl");
+        let cfg = dir.write(
+            "sluice.yaml",
+            &format!(
+                "admin: {{address: \"127.0.0.1:0\"}}
+audit: {{destination: \"{audit}\"}}
+listeners:
+  - {{name: {name}, kind: transparent, address: \"{address}\"}}
+resolver:
+  nameservers: [\"127.0.0.1:9\"]
+  hosts:
+    allowed.test: [{upstream}]
+    denied.test: [{upstream}]
+webgroups:
+  - {{name: test-sites, domains: [allowed.test]}}
+policy:
+  mode: enforce
+  rules:
+    - name: allow-test
+      to: {{webgroups: [test-sites]}}
+      action: allow
+",
+                audit = audit.display()
+            ),
+        );
+        (cfg, audit)
+    }
+
+    /// curl, run through `wrap`, to `https://NAME/` with NAME pinned to `ip`.
+    fn https_to(wrap: &[&str], ca: &str, name: &str, ip: &str) -> bb_support::CurlOut {
+        let url = format!("https://{name}/");
+        curl(wrap, &["--cacert", ca, "--resolve", &format!("{name}:443:{ip}"), &url])
+    }
+
+    /// curl, run through `wrap`, to `http://NAME/` with NAME pinned to `ip`.
+    fn http_to(wrap: &[&str], name: &str, ip: &str) -> bb_support::CurlOut {
+        let url = format!("http://{name}/");
+        curl(wrap, &["--resolve", &format!("{name}:80:{ip}"), &url])
+    }
+
+    /// The TLS + HTTP upstream (`upstream_helper`, this test binary run
+    /// again) inside a namespace, listening on `ip`.
+    struct UpstreamHelper(Proc);
+
+    impl UpstreamHelper {
+        fn start(ns: &Netns, ip: &str, pki: &Pki) -> Self {
+            let mut up = ns.exec(&std::env::current_exe().unwrap().to_string_lossy());
+            up.args([
+                "--exact",
+                "netns::upstream_helper",
+                "--include-ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(HELPER_ENV, ip)
+            .env("SLUICE_BB_CERT", &pki.cert_pem)
+            .env("SLUICE_BB_KEY", &pki.key_pem);
+            let proc = Proc::spawn("upstream helper", up);
+            assert!(
+                proc.stdout
+                    .wait_for(WAIT, |l| l.ends_with("bb-upstream: ready"))
+                    .is_some(),
+                "the upstream helper did not start:\n{}",
+                proc.output()
+            );
+            Self(proc)
+        }
+
+        /// Flows of `kind` (`tls-hit`, `http-hit`) the upstream has seen.
+        fn hits(&self, kind: &str) -> usize {
+            self.0.stdout.count(|l| l.ends_with(&format!("bb-upstream: {kind}")))
+        }
+
+        /// Whether a flow of `kind` arrives: the helper prints before it
+        /// answers, but our reader thread may take the line in a moment
+        /// after curl is done.
+        fn saw_hit(&self, kind: &str) -> bool {
+            self.0
+                .stdout
+                .wait_for(WAIT, |l| l.ends_with(&format!("bb-upstream: {kind}")))
+                .is_some()
+        }
+
+        fn output(&self) -> String {
+            self.0.output()
+        }
+    }
+
     impl Drop for Netns {
         fn drop(&mut self) {
             let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
@@ -1491,31 +1588,7 @@ mod netns {
         ns.sh("ip addr add 10.99.0.1/24 dev bb0");
         ns.sh(&format!("ip addr add {UPSTREAM_IP}/32 dev lo"));
 
-        let audit = dir.join("audit.jsonl");
-        let cfg = dir.write(
-            "sluice.yaml",
-            &format!(
-                "admin: {{address: \"127.0.0.1:0\"}}
-audit: {{destination: \"{audit}\"}}
-listeners:
-  - {{name: transparent, kind: transparent, address: \"127.0.0.1:0\"}}
-resolver:
-  nameservers: [\"127.0.0.1:9\"]
-  hosts:
-    allowed.test: [{UPSTREAM_IP}]
-    denied.test: [{UPSTREAM_IP}]
-webgroups:
-  - {{name: test-sites, domains: [allowed.test]}}
-policy:
-  mode: enforce
-  rules:
-    - name: allow-test
-      to: {{webgroups: [test-sites]}}
-      action: allow
-",
-                audit = audit.display()
-            ),
-        );
+        let (cfg, audit) = transparent_config(&dir, "transparent", "127.0.0.1:0", UPSTREAM_IP);
 
         // Processes live in the namespace; they are declared after `ns` so
         // they are killed before it is deleted.
@@ -1531,50 +1604,15 @@ policy:
             ));
         }
 
-        let mut up = ns.exec(&std::env::current_exe().unwrap().to_string_lossy());
-        up.args([
-            "--exact",
-            "netns::upstream_helper",
-            "--include-ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_ENV, UPSTREAM_IP)
-        .env("SLUICE_BB_CERT", &pki.cert_pem)
-        .env("SLUICE_BB_KEY", &pki.key_pem);
-        let upstream = Proc::spawn("upstream helper", up);
-        assert!(
-            upstream
-                .stdout
-                .wait_for(WAIT, |l| l.ends_with("bb-upstream: ready"))
-                .is_some(),
-            "the upstream helper did not start:\n{}",
-            upstream.output()
-        );
-        let hits = |kind: &str| upstream.stdout.count(|l| l.ends_with(&format!("bb-upstream: {kind}")));
-        // The helper prints before it answers, but our reader thread may
-        // take the line in a moment after curl is done.
-        let saw_hit = |kind: &str| {
-            upstream
-                .stdout
-                .wait_for(WAIT, |l| l.ends_with(&format!("bb-upstream: {kind}")))
-                .is_some()
-        };
+        let upstream = UpstreamHelper::start(&ns, UPSTREAM_IP, &pki);
+        let hits = |kind: &str| upstream.hits(kind);
+        let saw_hit = |kind: &str| upstream.saw_hit(kind);
 
         let wrap = ["ip", "netns", "exec", ns.0.as_str()];
         let ca = pki.ca_pem.to_str().unwrap();
         // The client believes allowed.test is at the VIP; iptables sends the
         // connection to Sluice, which dials what allowed.test resolves to.
-        let ok = curl(
-            &wrap,
-            &[
-                "--cacert",
-                ca,
-                "--resolve",
-                &format!("allowed.test:443:{VIP}"),
-                "https://allowed.test/",
-            ],
-        );
+        let ok = https_to(&wrap, ca, "allowed.test", VIP);
         assert!(
             ok.ok(),
             "allowed SNI through REDIRECT failed: {ok:?}\n{}\n{}",
@@ -1585,16 +1623,7 @@ policy:
         assert!(saw_hit("tls-hit"));
         assert_eq!(hits("tls-hit"), 1);
 
-        let denied = curl(
-            &wrap,
-            &[
-                "--cacert",
-                ca,
-                "--resolve",
-                &format!("denied.test:443:{VIP}"),
-                "https://denied.test/",
-            ],
-        );
+        let denied = https_to(&wrap, ca, "denied.test", VIP);
         assert!(!denied.ok(), "denied SNI got through: {denied:?}");
         assert_eq!(
             hits("tls-hit"),
@@ -1604,10 +1633,7 @@ policy:
         );
 
         // Plain HTTP on port 80, classified by its Host.
-        let http_ok = curl(
-            &wrap,
-            &["--resolve", &format!("allowed.test:80:{VIP}"), "http://allowed.test/"],
-        );
+        let http_ok = http_to(&wrap, "allowed.test", VIP);
         assert!(
             http_ok.ok(),
             "allowed Host through REDIRECT failed: {http_ok:?}\n{}",
@@ -1616,10 +1642,7 @@ policy:
         assert_eq!(http_ok.stdout, UPSTREAM_BODY);
         assert!(saw_hit("http-hit"));
         assert_eq!(hits("http-hit"), 1);
-        let http_denied = curl(
-            &wrap,
-            &["--resolve", &format!("denied.test:80:{VIP}"), "http://denied.test/"],
-        );
+        let http_denied = http_to(&wrap, "denied.test", VIP);
         assert!(!http_denied.ok(), "denied Host got through: {http_denied:?}");
         assert_eq!(hits("http-hit"), 1, "a denied Host reached the upstream");
 
@@ -1702,31 +1725,7 @@ policy:
             "ip link set lo up && ip link set tp1 up && ip addr add {TP_CLIENT}/24 dev tp1 && ip route add default via 10.98.0.1"
         ));
 
-        let audit = dir.join("audit.jsonl");
-        let cfg = dir.write(
-            "sluice.yaml",
-            &format!(
-                "admin: {{address: \"127.0.0.1:0\"}}
-audit: {{destination: \"{audit}\"}}
-listeners:
-  - {{name: tproxy, kind: transparent, address: \"0.0.0.0:0\"}}
-resolver:
-  nameservers: [\"127.0.0.1:9\"]
-  hosts:
-    allowed.test: [{TP_UPSTREAM}]
-    denied.test: [{TP_UPSTREAM}]
-webgroups:
-  - {{name: test-sites, domains: [allowed.test]}}
-policy:
-  mode: enforce
-  rules:
-    - name: allow-test
-      to: {{webgroups: [test-sites]}}
-      action: allow
-",
-                audit = audit.display()
-            ),
-        );
+        let (cfg, audit) = transparent_config(&dir, "tproxy", "0.0.0.0:0", TP_UPSTREAM);
         let mut run = gw.exec(SLUICE);
         run.arg("run").arg("-c").arg(&cfg);
         let sluice = Sluice::start(run);
@@ -1738,46 +1737,13 @@ policy:
         ));
         gw.sh("ip rule add fwmark 0x1/0x1 lookup 100 && ip route add local 0.0.0.0/0 dev lo table 100");
 
-        let mut up = gw.exec(&std::env::current_exe().unwrap().to_string_lossy());
-        up.args([
-            "--exact",
-            "netns::upstream_helper",
-            "--include-ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_ENV, TP_UPSTREAM)
-        .env("SLUICE_BB_CERT", &pki.cert_pem)
-        .env("SLUICE_BB_KEY", &pki.key_pem);
-        let upstream = Proc::spawn("upstream helper", up);
-        assert!(
-            upstream
-                .stdout
-                .wait_for(WAIT, |l| l.ends_with("bb-upstream: ready"))
-                .is_some(),
-            "the upstream helper did not start:\n{}",
-            upstream.output()
-        );
-        let hits = |kind: &str| upstream.stdout.count(|l| l.ends_with(&format!("bb-upstream: {kind}")));
-        let saw_hit = |kind: &str| {
-            upstream
-                .stdout
-                .wait_for(WAIT, |l| l.ends_with(&format!("bb-upstream: {kind}")))
-                .is_some()
-        };
+        let upstream = UpstreamHelper::start(&gw, TP_UPSTREAM, &pki);
+        let hits = |kind: &str| upstream.hits(kind);
+        let saw_hit = |kind: &str| upstream.saw_hit(kind);
 
         let wrap = ["ip", "netns", "exec", cl.0.as_str()];
         let ca = pki.ca_pem.to_str().unwrap();
-        let ok = curl(
-            &wrap,
-            &[
-                "--cacert",
-                ca,
-                "--resolve",
-                &format!("allowed.test:443:{TP_VIP}"),
-                "https://allowed.test/",
-            ],
-        );
+        let ok = https_to(&wrap, ca, "allowed.test", TP_VIP);
         assert!(
             ok.ok(),
             "allowed SNI through TPROXY failed: {ok:?}\n{}\n{}",
@@ -1787,16 +1753,7 @@ policy:
         assert_eq!(ok.stdout, UPSTREAM_BODY);
         assert!(saw_hit("tls-hit"));
 
-        let denied = curl(
-            &wrap,
-            &[
-                "--cacert",
-                ca,
-                "--resolve",
-                &format!("denied.test:443:{TP_VIP}"),
-                "https://denied.test/",
-            ],
-        );
+        let denied = https_to(&wrap, ca, "denied.test", TP_VIP);
         assert!(!denied.ok(), "denied SNI got through TPROXY: {denied:?}");
         assert_eq!(
             hits("tls-hit"),
