@@ -161,7 +161,6 @@ pub struct Server {
     pub admin: SocketAddr,
     pub shared: Arc<Shared>,
     stop: watch::Sender<bool>,
-    force: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     dns_cancel: CancellationToken,
     /// Things the operator should know that did not stop the start.
@@ -186,7 +185,6 @@ impl Server {
         }
         .map_err(|e| StartError::Resolver(e.to_string()))?;
         let (stop, stop_rx) = watch::channel(false);
-        let (force, force_rx) = watch::channel(false);
 
         let plans: Vec<ListenerPlan> = config
             .listeners
@@ -233,7 +231,6 @@ impl Server {
             resolver,
             bindings.clone(),
             stop_rx.clone(),
-            force_rx,
         ));
         let mut tasks = Vec::new();
         let dns_cancel = CancellationToken::new();
@@ -298,7 +295,6 @@ impl Server {
             admin: admin_addr,
             shared,
             stop,
-            force,
             tasks,
             dns_cancel,
             warnings,
@@ -310,9 +306,10 @@ impl Server {
         self.listeners.get(name).map(|(_, a)| *a)
     }
 
-    /// Replaces the running configuration: new flows use it at once.
+    /// Replaces the running configuration: new flows use it at once, and
+    /// relayed flows it now denies are closed and recorded.
     pub fn reload(&self, config: Config) {
-        self.shared.snapshot.store(Arc::new(Snapshot::new(config)));
+        self.shared.install(Snapshot::new(config));
     }
 
     /// Stops accepting, waits up to `drain` for flows to finish, closes the
@@ -324,7 +321,7 @@ impl Server {
         while self.shared.active_flows() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let _ = self.force.send(true);
+        self.shared.force_close();
         let settle = tokio::time::Instant::now() + Duration::from_secs(2);
         while self.shared.active_flows() > 0 && tokio::time::Instant::now() < settle {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -1484,8 +1484,15 @@ async fn guard_screens_each_resolved_address_and_ipv4_mapped_spellings() {
     .await;
 }
 
+async fn echo(open: &mut tokio_rustls::client::TlsStream<TcpStream>, msg: &[u8]) {
+    open.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    within("the echo", open.read_exact(&mut back)).await.unwrap();
+    assert_eq!(back, msg);
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn reload_applies_to_new_flows_and_not_to_open_ones() {
+async fn reload_closes_the_open_flows_it_denies_and_only_those() {
     bounded(async {
         let up = TlsEcho::start().await;
         let sluice = Sluice::start(&proxy_config()).await;
@@ -1494,29 +1501,54 @@ async fn reload_applies_to_new_flows_and_not_to_open_ones() {
         let (stream, resp) = connect_via(proxy, &target, "").await;
         assert_eq!(resp.status, 200);
         let mut open = up_connect(&up, "allowed.test", stream).await;
-
-        // Same file, but allowed.test is now denied.
-        let yaml = format!(
-            "{}listeners:
+        let reload = |mode: &str, rules: &str| {
+            let yaml = format!(
+                "{}listeners:
   - {{name: proxy, kind: http-proxy, address: \"{proxy}\"}}
 policy:
+  mode: {mode}
   rules:
-    - {{name: now-denied, to: {{webgroups: [good]}}, action: deny}}
-{STD_RULES}",
-            base_config(&sluice.audit)
-        );
-        sluice
-            .server
-            .reload(sluice_api::config::load_str(&yaml, "reload.yaml").unwrap());
+{rules}{STD_RULES}",
+                base_config(&sluice.audit)
+            );
+            sluice
+                .server
+                .reload(sluice_api::config::load_str(&yaml, "reload.yaml").unwrap());
+        };
 
+        // A configuration that still allows the flow leaves it alone.
+        reload(
+            "enforce",
+            "    - {name: unrelated, to: {webgroups: [bad]}, protocols: [dns], action: deny}\n",
+        );
+        echo(&mut open, b"still allowed").await;
+        // One that denies it only in watch mode leaves it alone too.
+        reload(
+            "watch",
+            "    - {name: now-denied, to: {webgroups: [good]}, action: deny}\n",
+        );
+        echo(&mut open, b"only watched").await;
+
+        // Enforced: new flows are refused, and the open one is closed.
+        reload(
+            "enforce",
+            "    - {name: now-denied, to: {webgroups: [good]}, action: deny}\n",
+        );
         let (_s, resp) = connect_via(proxy, &target, "").await;
         assert_eq!(resp.status, 403, "{resp:?}");
         assert_eq!(resp.header("x-sluice-rule"), Some("now-denied"));
-        // The open flow keeps the configuration it started with.
-        open.write_all(b"still here").await.unwrap();
-        let mut back = [0u8; 10];
-        within("the echo", open.read_exact(&mut back)).await.unwrap();
-        assert_eq!(&back, b"still here");
+        let mut rest = Vec::new();
+        let end = within("the revoked flow to close", open.read_to_end(&mut rest)).await;
+        assert!(rest.is_empty(), "bytes after the revocation: {rest:?} ({end:?})");
+
+        let r = sluice
+            .wait_record(|r| field(r, "connect_target") == target && field(r, "close_reason") == "policy-revoked")
+            .await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(r["verdict"]["rule"], "now-denied", "{r}");
+        assert_eq!(r["verdict"]["mode"], "enforced", "{r}");
+        // It did relay before: both echoes' bytes are counted.
+        assert!(r["bytes_down"].as_u64().unwrap() >= 25, "{r}");
         sluice.stop().await;
     })
     .await;

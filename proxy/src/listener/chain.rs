@@ -77,6 +77,25 @@ pub struct FilterChain {
     pub cluster: Cluster,
 }
 
+impl FilterChain {
+    /// Runs `on_policy_change` in chain order for a flow relayed to `dst`
+    /// now that `snapshot` is installed: the first denial that is enforced,
+    /// if any. A watched denial does not end the flow.
+    pub fn denied_under(
+        &self,
+        snapshot: &super::Snapshot,
+        ctx: &super::FlowContext,
+        dst: IpAddr,
+    ) -> Option<super::Decision> {
+        self.filters
+            .iter()
+            .find_map(|f| match f.on_policy_change(ctx, snapshot, dst) {
+                super::FilterStatus::Deny(d) if d.blocks() => Some(d),
+                _ => None,
+            })
+    }
+}
+
 /// A listener ready to serve.
 #[derive(Debug, Clone)]
 pub struct ListenerPlan {

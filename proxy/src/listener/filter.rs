@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | [`NetworkFilter::on_classified`] | the flow's name, protocol and port are known (SNI, Host, CONNECT target, or none), nothing has been sent upstream | decide, annotate, deny |
 //! | [`NetworkFilter::on_destination`] | an upstream address has been chosen (resolved name, original destination), before connecting | deny that address |
+//! | [`NetworkFilter::on_policy_change`] | a new configuration snapshot was installed while the flow is relayed | deny: the flow is closed, its record says why |
 //! | [`NetworkFilter::on_close`] | the flow has ended, its audit record is complete | add to the record |
 //!
 //! Returning [`FilterStatus::Deny`] stops the chain. Whether the flow is
@@ -209,6 +210,14 @@ pub trait NetworkFilter: Send + Sync + fmt::Debug {
         FilterStatus::Continue
     }
 
+    /// `snapshot` is the newly installed configuration; `ctx` still holds
+    /// the one the flow started with, and `dst` is the address it is
+    /// connected to. Returning an enforced `Deny` closes the flow
+    /// (`close_reason: policy-revoked`, the denial as its verdict).
+    fn on_policy_change(&self, _ctx: &FlowContext, _snapshot: &Snapshot, _dst: IpAddr) -> FilterStatus {
+        FilterStatus::Continue
+    }
+
     fn on_close(&self, _ctx: &FlowContext, _record: &mut FlowRecord) {}
 }
 
@@ -234,6 +243,28 @@ impl NetworkFilter for PolicyFilter {
             ctx.decision = Some(d.clone());
             FilterStatus::Deny(d)
         }
+    }
+
+    /// The flow as it was decided (name, protocol, port, source, its
+    /// address-only destination), and then the address it is connected to
+    /// for the guard, asked of the new policy. An authenticated user's
+    /// SmartGroup is looked up by name there (ids are per snapshot).
+    fn on_policy_change(&self, ctx: &FlowContext, snapshot: &Snapshot, dst: IpAddr) -> FilterStatus {
+        let identity = ctx
+            .identity
+            .and_then(|id| snapshot.policy.smartgroup_id(ctx.snapshot.policy.smartgroup_name(id)));
+        let mut q = ctx.query(ctx.dst_ip);
+        q.identity = identity;
+        let v = snapshot.policy.decide(&q);
+        if v.action != sluice_api::Action::Allow {
+            return FilterStatus::Deny(Decision::from_verdict(&v, snapshot));
+        }
+        q.dst = Some(dst);
+        let v = snapshot.policy.decide(&q);
+        if v.decided_by == DecidedBy::BuiltinGuard {
+            return FilterStatus::Deny(Decision::from_verdict(&v, snapshot));
+        }
+        FilterStatus::Continue
     }
 
     fn on_destination(&self, ctx: &mut FlowContext, dst: IpAddr) -> FilterStatus {

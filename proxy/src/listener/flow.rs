@@ -205,7 +205,20 @@ impl Relaying {
             idle_timeout: Some(idle_timeout),
             ..RelayOptions::default()
         };
-        let stats = relay_until(client, upstream, &opts, shared.forced()).await;
+        // Ends the relay on a forced shutdown, or when a newly installed
+        // configuration denies the flow (its denial kept for the record).
+        let revoked = std::sync::OnceLock::new();
+        let cancel = async {
+            let flow = super::RelayedFlow {
+                chain: &tail.chain,
+                ctx: &tail.ctx,
+                dst: tail.dst.ip(),
+            };
+            if let Some(d) = shared.relay_ends(&flow).await {
+                let _ = revoked.set(d);
+            }
+        };
+        let stats = relay_until(client, upstream, &opts, cancel).await;
         let Tail {
             ctx,
             chain,
@@ -226,6 +239,11 @@ impl Relaying {
         rec.bytes_up = replayed + stats.bytes_up;
         rec.bytes_down = stats.bytes_down;
         rec.close_reason = Cow::Borrowed(stats.reason.as_str());
+        if let Some(d) = revoked.into_inner() {
+            tracing::debug!(flow = ctx.id, reason = %d.reason, "closed: the new configuration denies it");
+            rec.verdict = d.record();
+            rec.close_reason = Cow::Borrowed("policy-revoked");
+        }
         finish(&shared, Some(&chain), &ctx, rec, accepted);
     }
 }

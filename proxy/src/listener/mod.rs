@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use chain::{Cluster, ListenerPlan};
+pub use chain::{Cluster, FilterChain, ListenerPlan};
 pub use filter::{Decision, FilterStatus, FlowContext, NetworkFilter, PolicyFilter};
 
 use crate::dns::Bindings;
@@ -80,11 +80,21 @@ pub struct Shared {
     pub bindings: Option<Arc<Bindings>>,
     next_id: AtomicU64,
     active: AtomicUsize,
-    /// Becomes `true` when in-flight flows must end now (drain timed out).
-    force_close: watch::Receiver<bool>,
     /// Becomes `true` when draining starts: idle keep-alive connections
     /// close instead of waiting for another request.
     stopping: watch::Receiver<bool>,
+    /// What relayed flows watch: a forced close, and each configuration
+    /// installed. One channel, so an idle flow waits on one receiver.
+    control: watch::Sender<Control>,
+}
+
+/// See [`Shared::force_close`] and [`Shared::install`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Control {
+    /// In-flight flows must end now (the drain time is over).
+    forced: bool,
+    /// Bumped by every install.
+    generation: u64,
 }
 
 impl Shared {
@@ -94,7 +104,6 @@ impl Shared {
         resolver: Resolver,
         bindings: Option<Arc<Bindings>>,
         stopping: watch::Receiver<bool>,
-        force_close: watch::Receiver<bool>,
     ) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -103,8 +112,50 @@ impl Shared {
             bindings,
             next_id: AtomicU64::new(1),
             active: AtomicUsize::new(0),
-            force_close,
             stopping,
+            control: watch::Sender::new(Control::default()),
+        }
+    }
+
+    /// Ends every flow still open now (when the drain time is over).
+    pub fn force_close(&self) {
+        self.control.send_modify(|c| c.forced = true);
+    }
+
+    /// Swaps in a new configuration. New flows use it at once; every
+    /// relayed flow is checked against it and closed (and recorded) if it
+    /// now denies the flow (DESIGN.md's continuous verification).
+    pub fn install(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+        self.control
+            .send_modify(|c| c.generation = c.generation.wrapping_add(1));
+    }
+
+    /// What ends a relayed flow from outside: resolves with `None` on a
+    /// forced close, or with the enforced denial that the first snapshot
+    /// installed after the flow was decided gives it (a flow decided on an
+    /// older snapshot than the current one is checked at once). Pending
+    /// while every snapshot still lets it through.
+    async fn relay_ends(&self, flow: &RelayedFlow<'_>) -> Option<Box<Decision>> {
+        // Subscribe before comparing, so an install in between is seen.
+        let mut control = self.control.subscribe();
+        let mut seen = None;
+        loop {
+            let now = *control.borrow_and_update();
+            if now.forced {
+                return None;
+            }
+            let stale = match seen {
+                None => !Arc::ptr_eq(&self.snapshot.load(), &flow.ctx.snapshot),
+                Some(generation) => generation != now.generation,
+            };
+            seen = Some(now.generation);
+            if stale && let Some(d) = flow.chain.denied_under(&self.snapshot.load_full(), flow.ctx, flow.dst) {
+                return Some(Box::new(d));
+            }
+            if control.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
     }
 
@@ -118,8 +169,8 @@ impl Shared {
 
     /// Resolves when flows must be torn down.
     async fn forced(&self) {
-        let mut rx = self.force_close.clone();
-        let _ = rx.wait_for(|v| *v).await;
+        let mut rx = self.control.subscribe();
+        let _ = rx.wait_for(|c| c.forced).await;
     }
 
     /// Resolves when draining starts.
@@ -127,6 +178,14 @@ impl Shared {
         let mut rx = self.stopping.clone();
         let _ = rx.wait_for(|v| *v).await;
     }
+}
+
+/// What [`Shared::relay_ends`] re-checks a relayed flow with.
+#[derive(Debug, Clone, Copy)]
+struct RelayedFlow<'a> {
+    chain: &'a FilterChain,
+    ctx: &'a FlowContext,
+    dst: std::net::IpAddr,
 }
 
 /// Counts a flow as active for draining, for as long as it lives.
@@ -228,7 +287,8 @@ pub fn spawn(
 /// not: these bounds catch a change that makes every idle connection
 /// heavier. Classification runs boxed and is freed before the relay, so
 /// the relay stage is what an idle flow holds (measured with the pinned
-/// toolchain: relay 544 B, `Relaying::run` 720 B; the transient
+/// toolchain: relay 544 B, `Relaying::run` 840 B with the re-check on
+/// configuration changes; the transient
 /// peek::serve 2144 B, http_proxy::serve 3944 B).
 #[cfg(test)]
 mod future_sizes {
@@ -259,7 +319,6 @@ mod future_sizes {
                 AuditWriter::start(crate::telemetry::audit::AuditSink::Stderr, 16).unwrap_or_else(|_| unreachable!()),
                 crate::forward::Resolver::system().unwrap_or_else(|_| unreachable!()),
                 None,
-                rx.clone(),
                 rx,
             ));
             let c2 = tokio::net::TcpStream::connect(a)
@@ -278,7 +337,7 @@ mod future_sizes {
             }
             let run = output_size(flow::Relaying::run);
             eprintln!("Relaying::run future: {run} bytes");
-            assert!(run <= 768, "Relaying::run future: {run} bytes");
+            assert!(run <= 896, "Relaying::run future: {run} bytes");
             let f = peek::serve(plan.clone(), shared.clone(), snap.clone(), c, a, None);
             assert!(size(&f) <= 2560, "peek::serve future: {} bytes", size(&f));
             let c = tokio::net::TcpStream::connect(a)
