@@ -369,3 +369,37 @@ async fn small_then_large_then_small_messages_keep_their_order() {
         assert_eq!(stats.reason, CloseReason::ClientClosed, "{mode:?}");
     }
 }
+
+/// A client that stops reading while the upstream trickles small writes:
+/// the relay blocks on the full client socket with bytes owed (and, on the
+/// copy path, compacts what it holds), then delivers everything in order
+/// once the client reads again.
+#[tokio::test]
+async fn a_stalled_reader_gets_every_byte_once_it_reads_again() {
+    for mode in MODES {
+        let Flow {
+            mut client,
+            mut server,
+            relay,
+        } = flow(opts(mode, None)).await;
+        let data = payload(6 * 1024 * 1024 + 3, 77);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            // Small writes, so the relay mostly reads small amounts.
+            for chunk in sent.chunks(1000) {
+                server.write_all(chunk).await.unwrap();
+            }
+            server.shutdown().await.unwrap();
+            server
+        });
+        // Let the client's receive buffer and the relay fill up.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = Vec::with_capacity(data.len());
+        client.read_to_end(&mut got).await.unwrap();
+        let _server = writer.await.unwrap();
+        assert!(got == data, "{mode:?}: the stalled reader got different bytes");
+        client.shutdown().await.unwrap();
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.bytes_down, data.len() as u64, "{mode:?}");
+    }
+}

@@ -34,7 +34,7 @@ use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -440,6 +440,24 @@ impl Direction {
         }
     }
 
+    /// While `dst` cannot take more, a pooled copy buffer holding a few
+    /// bytes would pin all of its 64 KiB: many slow readers could be made
+    /// to hold a buffer each. The unwritten bytes move to an exact-size
+    /// allocation and the buffer goes back to the pool. (A pipe holds page
+    /// references for what it carries, not its capacity.)
+    fn compact(&mut self) {
+        if let Held::Buf { buf, start, end } = &mut self.held
+            && buf.len() > COMPACT_OVER
+            && *end - *start <= buf.len() / 2
+        {
+            let owed: Box<[u8]> = buf.get(*start..*end).unwrap_or_default().into();
+            let full = std::mem::replace(buf, owed);
+            *end -= *start;
+            *start = 0;
+            give_buf(full);
+        }
+    }
+
     /// Moves bytes until `src` has none, `dst` is full, or the per-poll
     /// budget is spent. `Ready(Ok)` once `src` reached EOF (and the
     /// half-close was passed on to `dst`).
@@ -470,7 +488,11 @@ impl Direction {
                 self.release();
             }
             if in_flight {
-                ready!(dst.poll_write_ready(cx)).map_err(PumpError::on(dst_side))?;
+                if dst.poll_write_ready(cx).map_err(PumpError::on(dst_side))?.is_pending() {
+                    // Waiting on a slow reader: keep only the bytes owed.
+                    self.compact();
+                    return Poll::Pending;
+                }
                 let written = match &mut self.held {
                     Held::None => Ok(0),
                     #[cfg(target_os = "linux")]
@@ -568,6 +590,10 @@ impl Direction {
 /// Buffers kept per worker thread for the copy mover.
 const BUF_POOL_MAX: usize = 32;
 
+/// Held buffers larger than this are compacted while blocked on a writer
+/// ([`Direction::compact`]); smaller ones are not worth a copy.
+const COMPACT_OVER: usize = 4096;
+
 thread_local! {
     static BUF_POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
@@ -581,6 +607,10 @@ fn take_buf(size: usize) -> Box<[u8]> {
 }
 
 fn give_buf(buf: Box<[u8]>) {
+    // Compacted remainders are not pool buffers.
+    if buf.len() <= COMPACT_OVER {
+        return;
+    }
     BUF_POOL.with(|p| {
         let mut pool = p.borrow_mut();
         if pool.len() < BUF_POOL_MAX {
