@@ -1554,6 +1554,72 @@ policy:
     .await;
 }
 
+/// An authenticated user's tunnel is re-checked by the user's SmartGroup
+/// *name*: a reload that renumbers the groups leaves it open, one that no
+/// longer allows the group closes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_rechecks_an_authenticated_tunnel_by_group_name() {
+    bounded(async {
+        let up = TlsEcho::start().await;
+        let rest = |groups: &str, rules: &str, address: &str| {
+            format!(
+                "smartgroups:
+{groups}  - {{name: devs, cidrs: [10.99.0.0/24]}}
+listeners:
+  - name: proxy
+    kind: http-proxy
+    address: \"{address}\"
+    users: [{{name: alice, password: s3cret, smartgroup: devs}}]
+policy:
+  rules:
+{rules}    - {{name: test-upstreams, from: [devs], to: {{smartgroups: [gateway, loopback]}}, protocols: [tls], action: allow}}
+"
+            )
+        };
+        let devs_allowed = "    - {name: devs-allowed, from: [devs], to: {webgroups: [good]}, protocols: [tls], action: allow}\n";
+        let sluice = Sluice::start(&rest("", devs_allowed, "127.0.0.1:0")).await;
+        let proxy = sluice.addr("proxy");
+        let reload = |groups: &str, rules: &str| {
+            let yaml = format!("{}{}", base_config(&sluice.audit), rest(groups, rules, &proxy.to_string()));
+            sluice
+                .server
+                .reload(sluice_api::config::load_str(&yaml, "reload.yaml").unwrap());
+        };
+        let target = format!("allowed.test:{}", up.addr.port());
+        let creds = {
+            use base64::Engine as _;
+            format!(
+                "Proxy-Authorization: Basic {}\r\n",
+                base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+            )
+        };
+        let (stream, resp) = connect_via(proxy, &target, &creds).await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        let mut open = up_connect(&up, "allowed.test", stream).await;
+        echo(&mut open, b"as alice").await;
+
+        // New groups declared first: `devs` gets another id; still allowed.
+        reload(
+            "  - {name: ops, cidrs: [10.98.0.0/24]}\n  - {name: qa, cidrs: [10.97.0.0/24]}\n",
+            devs_allowed,
+        );
+        echo(&mut open, b"renumbered").await;
+
+        // `devs` no longer reaches the good names: the tunnel is closed.
+        reload("", "");
+        let mut rest_bytes = Vec::new();
+        let _ = within("the revoked tunnel to close", open.read_to_end(&mut rest_bytes)).await;
+        assert!(rest_bytes.is_empty());
+        let r = sluice
+            .wait_record(|r| field(r, "connect_target") == target && field(r, "close_reason") == "policy-revoked")
+            .await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(reason(&r), "default-deny", "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn reload_applies_to_the_next_request_on_a_kept_alive_connection() {
     bounded(async {
