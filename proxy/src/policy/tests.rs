@@ -79,3 +79,34 @@ fn guard_and_lifting() {
     let v = p.decide(&q);
     assert_eq!((v.action, p.decided_by_name(v.decided_by)), (Action::Allow, "imds"));
 }
+
+/// Keys of 23 bytes are stored in the slot, longer ones in the arena: both
+/// sides of the boundary must match exactly and only exactly.
+#[test]
+fn names_either_side_of_the_inline_key_limit() {
+    // 22, 23, 24 and 25 bytes.
+    let keys = [
+        "abcdefghijklmnopqr.com",
+        "abcdefghijklmnopqrs.com",
+        "abcdefghijklmnopqrst.com",
+        "abcdefghijklmnopqrstu.com",
+    ];
+    let yaml = format!(
+        "policy: {{mode: enforce}}\nwebgroups:\n  - name: exact\n    domains: [{}]\n  - name: sub\n    domains: [{}]\n",
+        keys.join(", "),
+        keys.iter().map(|k| format!("\"*.{k}\"")).collect::<Vec<_>>().join(", ")
+    );
+    let (_, p) = policy(&yaml);
+    for k in keys {
+        assert_eq!(p.webgroups_of(&name(k)), vec!["exact"], "{k}");
+        assert_eq!(p.webgroups_of(&name(&format!("x.{k}"))), vec!["sub"], "x.{k}");
+        // Same length, last letter of the first label changed.
+        let near = k.replacen(".com", "", 1);
+        let near = format!("{}z.com", &near[..near.len() - 1]);
+        assert!(p.webgroups_of(&name(&near)).is_empty(), "{near}");
+        assert!(p.webgroups_of(&name(&format!("x.{near}"))).is_empty(), "x.{near}");
+        // One byte shorter and one byte longer.
+        assert!(p.webgroups_of(&name(&k[1..])).is_empty(), "{}", &k[1..]);
+        assert!(p.webgroups_of(&name(&format!("a{k}"))).is_empty(), "a{k}");
+    }
+}
