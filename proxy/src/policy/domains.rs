@@ -48,21 +48,42 @@ impl Slot {
     };
 }
 
-/// A key prepared for probing: its home slot and tag.
+/// A key prepared for probing: its home slot and tags.
 #[derive(Debug, Clone, Copy)]
 struct Probe {
-    home: usize,
+    home: u32,
     tag: u32,
+    byte: u8,
     /// Where the probed suffix starts in the name (0 for the exact probe).
     start: u8,
+    exact: bool,
 }
+
+impl Probe {
+    const NONE: Self = Self {
+        home: 0,
+        tag: 0,
+        byte: 0,
+        start: 0,
+        exact: false,
+    };
+}
+
+/// Probes hashed and prefetched together before any is looked up.
+const BATCH: usize = 8;
 
 /// Linear probing over a slot array at load factor ≤ 1/2, the home slot
 /// picked by multiply-shift (no power-of-two rounding, so the table is
-/// exactly twice the keys). A probe reads one cache line in the common
-/// case, and a hit on a short key reads nothing else.
+/// exactly twice the keys).
+///
+/// Beside the slots, one tag byte per slot (0: empty): a probe scans the
+/// tags — 2 MB for a million keys, small enough to stay in cache — and
+/// reads a slot only where its tag byte matches. A name that is in no
+/// table (most names) is answered from the tags without touching the
+/// slots; a hit reads the one slot that holds it.
 #[derive(Debug, Default)]
 struct Table {
+    tags: Box<[u8]>,
     slots: Box<[Slot]>,
     /// Bit `n` set when some key has `n` labels (n ≥ 127 folds into 127):
     /// a suffix with a label count no key has is not probed at all.
@@ -77,6 +98,10 @@ fn tag(h: u64) -> u32 {
     (h as u32) | 1
 }
 
+fn tag_byte(h: u64) -> u8 {
+    ((h >> 32) as u8).max(1)
+}
+
 impl Table {
     fn with_keys(n: usize) -> Self {
         let cap = n.max(1) * 2;
@@ -84,7 +109,11 @@ impl Table {
         let mut slots: Vec<Slot> = Vec::with_capacity(cap);
         crate::sys::advise_hugepages(slots.spare_capacity_mut());
         slots.resize(cap, Slot::EMPTY);
+        // Zeroed and untouched until filled: the advice still applies.
+        let tags = vec![0u8; cap].into_boxed_slice();
+        crate::sys::advise_hugepages(&tags);
         Self {
+            tags,
             slots: slots.into_boxed_slice(),
             label_counts: 0,
         }
@@ -101,13 +130,14 @@ impl Table {
         let mut i = self.home(h);
         // The table is at most half full, so an empty slot exists.
         for _ in 0..self.slots.len() {
-            match self.slots.get_mut(i) {
-                Some(s) if s.tag == 0 => {
-                    *s = slot;
-                    return;
-                }
-                _ => i = self.next(i),
+            if let (Some(t), Some(s)) = (self.tags.get_mut(i), self.slots.get_mut(i))
+                && *t == 0
+            {
+                *t = tag_byte(h);
+                *s = slot;
+                return;
             }
+            i = self.next(i);
         }
     }
 
@@ -241,56 +271,68 @@ impl DomainIndex {
         table
     }
 
-    /// The probe for `key` (starting at `start` in the name), its home slot
-    /// already being fetched into cache; `None` when no key of that label
-    /// count exists.
+    /// The probe for `key` (starting at `start` in the name), its home tag
+    /// and slot already being fetched into cache; `None` when no key of
+    /// that label count exists.
     #[inline]
-    fn probe(&self, table: &Table, key: &[u8], start: usize, labels: usize) -> Option<Probe> {
+    fn probe(&self, table: &Table, key: &[u8], start: usize, labels: usize, exact: bool) -> Option<Probe> {
         if table.label_counts & label_bit(labels) == 0 {
             return None;
         }
         let h = self.hasher.hash_one(key);
         let home = table.home(h);
+        if let Some(t) = table.tags.get(home) {
+            crate::sys::prefetch(t);
+        }
         if let Some(slot) = table.slots.get(home) {
             crate::sys::prefetch(slot);
         }
         Some(Probe {
-            home,
+            home: home as u32,
             tag: tag(h),
+            byte: tag_byte(h),
             start: start as u8,
+            exact,
         })
     }
 
-    /// The slot holding `key`, if any. A short key is compared in the slot;
-    /// a long one byte for byte in the arena (never trusted on its hash).
+    /// The set of the slot holding `key`, if any. A short key is compared
+    /// in the slot, a long one byte for byte in the arena: a hash or tag
+    /// match alone never counts.
     #[inline]
     fn find(&self, table: &Table, key: &[u8], p: &Probe) -> SetId {
+        let mut i = p.home as usize;
+        for _ in 0..table.tags.len() {
+            match table.tags.get(i) {
+                None | Some(0) => return EMPTY_SET,
+                Some(t) if *t == p.byte => {
+                    if let Some(s) = table.slots.get(i)
+                        && self.holds(s, key, p.tag)
+                    {
+                        return s.set;
+                    }
+                }
+                Some(_) => {}
+            }
+            i = table.next(i);
+        }
+        EMPTY_SET
+    }
+
+    #[inline]
+    fn holds(&self, s: &Slot, key: &[u8], tag: u32) -> bool {
+        if s.tag != tag || usize::from(s.len) != key.len() {
+            return false;
+        }
+        if key.len() > INLINE {
+            return self.long_key(s) == key;
+        }
         // Short keys are compared as the zero-padded bytes a slot holds.
         let mut padded = [0; INLINE];
         if let Some(d) = padded.get_mut(..key.len()) {
             d.copy_from_slice(key);
         }
-        let mut i = p.home;
-        for _ in 0..table.slots.len() {
-            let Some(s) = table.slots.get(i) else {
-                return EMPTY_SET;
-            };
-            if s.tag == 0 {
-                return EMPTY_SET;
-            }
-            if s.tag == p.tag && usize::from(s.len) == key.len() {
-                let same = if key.len() <= INLINE {
-                    s.key == padded
-                } else {
-                    self.long_key(s) == key
-                };
-                if same {
-                    return s.set;
-                }
-            }
-            i = table.next(i);
-        }
-        EMPTY_SET
+        s.key == padded
     }
 
     fn long_key(&self, s: &Slot) -> &[u8] {
@@ -298,7 +340,19 @@ impl DomainIndex {
         self.arena.get(offset..offset + usize::from(s.len)).unwrap_or(&[])
     }
 
-    /// Every WebGroup set the canonical `name` falls in.
+    /// Looks up a batch of prepared probes, in order.
+    #[inline]
+    fn flush(&self, name: &[u8], batch: &[Probe], hits: &mut NameHits) {
+        for p in batch {
+            let table = if p.exact { &self.exact } else { &self.suffix };
+            if let Some(key) = name.get(usize::from(p.start)..) {
+                hits.push(self.find(table, key, p));
+            }
+        }
+    }
+
+    /// Every WebGroup set the canonical `name` falls in: the exact entry
+    /// first, then the suffixes from the longest, then `*`.
     #[inline]
     pub fn lookup(&self, name: &DomainName) -> NameHits {
         let mut hits = NameHits {
@@ -307,38 +361,36 @@ impl DomainIndex {
         };
         let bytes = name.as_str().as_bytes();
         let mut labels = bytes.iter().filter(|b| **b == b'.').count() + 1;
-        // Two passes: first hash every probe and prefetch its slot, so the
-        // cache misses of the exact probe and of each suffix probe overlap;
-        // then look them up.
-        let exact = self.probe(&self.exact, bytes, 0, labels);
-        let mut suffixes = [Probe {
-            home: 0,
-            tag: 0,
-            start: 0,
-        }; MAX_HITS];
+        // Probes are hashed and their tags and slots prefetched a batch at
+        // a time before any is looked up, so their cache misses overlap
+        // instead of queueing; a name has rarely more than one batch.
+        let mut batch = [Probe::NONE; BATCH];
         let mut n = 0;
+        if let Some(p) = self.probe(&self.exact, bytes, 0, labels, true) {
+            batch[0] = p;
+            n = 1;
+        }
         if !self.suffix.is_empty() {
             for (i, b) in bytes.iter().enumerate() {
-                if *b == b'.' {
-                    labels -= 1;
-                    if let Some(rest) = bytes.get(i + 1..)
-                        && let Some(p) = self.probe(&self.suffix, rest, i + 1, labels)
-                        && let Some(slot) = suffixes.get_mut(n)
-                    {
+                if *b != b'.' {
+                    continue;
+                }
+                labels -= 1;
+                if let Some(rest) = bytes.get(i + 1..)
+                    && let Some(p) = self.probe(&self.suffix, rest, i + 1, labels, false)
+                {
+                    if n == BATCH {
+                        self.flush(bytes, &batch, &mut hits);
+                        n = 0;
+                    }
+                    if let Some(slot) = batch.get_mut(n) {
                         *slot = p;
                         n += 1;
                     }
                 }
             }
         }
-        if let Some(p) = exact {
-            hits.push(self.find(&self.exact, bytes, &p));
-        }
-        for p in suffixes.iter().take(n) {
-            if let Some(rest) = bytes.get(usize::from(p.start)..) {
-                hits.push(self.find(&self.suffix, rest, p));
-            }
-        }
+        self.flush(bytes, batch.get(..n).unwrap_or(&[]), &mut hits);
         hits.push(self.any);
         hits
     }
@@ -348,6 +400,6 @@ impl DomainIndex {
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.arena.len() + (self.exact.slots.len() + self.suffix.slots.len()) * std::mem::size_of::<Slot>()
+        self.arena.len() + (self.exact.slots.len() + self.suffix.slots.len()) * (std::mem::size_of::<Slot>() + 1)
     }
 }
