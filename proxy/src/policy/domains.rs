@@ -351,6 +351,32 @@ impl DomainIndex {
         }
     }
 
+    /// Starts loading the tags and slots [`DomainIndex::lookup`] of `name`
+    /// will read first, so their misses run while the addresses are
+    /// looked up.
+    #[inline]
+    pub fn prefetch(&self, name: &DomainName) {
+        let bytes = name.as_str().as_bytes();
+        let mut labels = bytes.iter().filter(|b| **b == b'.').count() + 1;
+        let _ = self.probe(&self.exact, bytes, 0, labels, true);
+        if self.suffix.is_empty() {
+            return;
+        }
+        let mut n = 0;
+        for (i, b) in bytes.iter().enumerate() {
+            if *b != b'.' {
+                continue;
+            }
+            labels -= 1;
+            if n < BATCH
+                && let Some(rest) = bytes.get(i + 1..)
+                && self.probe(&self.suffix, rest, i + 1, labels, false).is_some()
+            {
+                n += 1;
+            }
+        }
+    }
+
     /// Every WebGroup set the canonical `name` falls in: the exact entry
     /// first, then the suffixes from the longest, then `*`.
     #[inline]

@@ -361,14 +361,26 @@ impl Policy {
 
     /// Decides one flow. Allocation-free.
     pub fn decide(&self, q: &FlowQuery<'_>) -> Verdict {
-        // Independent lookups: start all their memory loads first.
+        // Independent lookups: start all their memory loads first, then
+        // finish the addresses (short chains, mostly cached) and start the
+        // loads that depend on their sets while the name's misses are
+        // still in flight.
+        if let Some(n) = q.name {
+            self.domains.prefetch(n);
+        }
         self.cidrs.prefetch(q.src);
         if let Some(d) = q.dst {
             self.cidrs.prefetch(d);
         }
-        let hits = q.name.map(|n| self.domains.lookup(n));
         let src_set = self.cidrs.lookup(q.src);
         let dst_set = q.dst.map(|ip| self.cidrs.lookup(ip));
+        if let Some(index) = &self.index {
+            index.prefetch_rows(src_set, dst_set);
+        }
+        if let Some(g) = dst_set.and_then(|d| self.guard_of.get(d as usize)) {
+            crate::sys::prefetch(g);
+        }
+        let hits = q.name.map(|n| self.domains.lookup(n));
         self.decide_with(q, src_set, dst_set, hits.as_ref()).0
     }
 
