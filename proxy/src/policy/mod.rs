@@ -377,6 +377,8 @@ impl Policy {
         if let Some(index) = &self.index {
             index.prefetch_rows(src_set, dst_set);
         }
+        // Read if a rule matches (for the source group it matched on).
+        self.sets.prefetch(src_set);
         if let Some(g) = dst_set.and_then(|d| self.guard_of.get(d as usize)) {
             crate::sys::prefetch(g);
         }
