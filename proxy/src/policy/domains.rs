@@ -162,6 +162,17 @@ pub struct DomainIndex {
     patterns: usize,
 }
 
+/// A lookup in progress: probes hashed and prefetched, not yet read.
+#[derive(Debug, Clone, Copy)]
+pub struct Pending {
+    batch: [Probe; BATCH],
+    n: usize,
+    /// Where in the name to continue looking for suffixes.
+    next: usize,
+    /// Labels of the suffix after the last dot looked at.
+    labels: usize,
+}
+
 /// The sets a name matched, without allocation.
 #[derive(Debug, Clone, Copy)]
 pub struct NameHits {
@@ -351,72 +362,78 @@ impl DomainIndex {
         }
     }
 
-    /// Starts loading the tags and slots [`DomainIndex::lookup`] of `name`
-    /// will read first, so their misses run while the addresses are
-    /// looked up.
-    #[inline]
-    pub fn prefetch(&self, name: &DomainName) {
-        let bytes = name.as_str().as_bytes();
-        let mut labels = bytes.iter().filter(|b| **b == b'.').count() + 1;
-        let _ = self.probe(&self.exact, bytes, 0, labels, true);
-        if self.suffix.is_empty() {
-            return;
-        }
-        let mut n = 0;
-        for (i, b) in bytes.iter().enumerate() {
-            if *b != b'.' {
-                continue;
-            }
-            labels -= 1;
-            if n < BATCH
-                && let Some(rest) = bytes.get(i + 1..)
-                && self.probe(&self.suffix, rest, i + 1, labels, false).is_some()
-            {
-                n += 1;
-            }
-        }
-    }
-
     /// Every WebGroup set the canonical `name` falls in: the exact entry
     /// first, then the suffixes from the longest, then `*`.
     #[inline]
     pub fn lookup(&self, name: &DomainName) -> NameHits {
+        self.finish(name, self.start(name))
+    }
+
+    /// Hashes the name's first probes and starts loading their tags and
+    /// slots; [`DomainIndex::finish`] looks them up. In between, the
+    /// caller can do other work while the misses are in flight.
+    #[inline]
+    pub fn start(&self, name: &DomainName) -> Pending {
+        let bytes = name.as_str().as_bytes();
+        let mut pending = Pending {
+            batch: [Probe::NONE; BATCH],
+            n: 0,
+            next: 0,
+            labels: bytes.iter().filter(|b| **b == b'.').count() + 1,
+        };
+        if let Some(p) = self.probe(&self.exact, bytes, 0, pending.labels, true) {
+            pending.batch[0] = p;
+            pending.n = 1;
+        }
+        self.fill(bytes, &mut pending);
+        pending
+    }
+
+    /// Adds suffix probes from byte `pending.next` on until the batch is
+    /// full or the name ends.
+    #[inline]
+    fn fill(&self, bytes: &[u8], pending: &mut Pending) {
+        if self.suffix.is_empty() {
+            pending.next = bytes.len();
+            return;
+        }
+        while pending.n < BATCH
+            && let Some(&b) = bytes.get(pending.next)
+        {
+            let i = pending.next;
+            pending.next += 1;
+            if b != b'.' {
+                continue;
+            }
+            pending.labels -= 1;
+            if let Some(rest) = bytes.get(i + 1..)
+                && let Some(p) = self.probe(&self.suffix, rest, i + 1, pending.labels, false)
+                && let Some(slot) = pending.batch.get_mut(pending.n)
+            {
+                *slot = p;
+                pending.n += 1;
+            }
+        }
+    }
+
+    /// Looks up the probes [`DomainIndex::start`] prepared (and, for a name
+    /// with more suffixes than one batch holds, the rest, a batch at a
+    /// time).
+    #[inline]
+    pub fn finish(&self, name: &DomainName, mut pending: Pending) -> NameHits {
         let mut hits = NameHits {
             sets: [EMPTY_SET; MAX_HITS],
             len: 0,
         };
         let bytes = name.as_str().as_bytes();
-        let mut labels = bytes.iter().filter(|b| **b == b'.').count() + 1;
-        // Probes are hashed and their tags and slots prefetched a batch at
-        // a time before any is looked up, so their cache misses overlap
-        // instead of queueing; a name has rarely more than one batch.
-        let mut batch = [Probe::NONE; BATCH];
-        let mut n = 0;
-        if let Some(p) = self.probe(&self.exact, bytes, 0, labels, true) {
-            batch[0] = p;
-            n = 1;
-        }
-        if !self.suffix.is_empty() {
-            for (i, b) in bytes.iter().enumerate() {
-                if *b != b'.' {
-                    continue;
-                }
-                labels -= 1;
-                if let Some(rest) = bytes.get(i + 1..)
-                    && let Some(p) = self.probe(&self.suffix, rest, i + 1, labels, false)
-                {
-                    if n == BATCH {
-                        self.flush(bytes, &batch, &mut hits);
-                        n = 0;
-                    }
-                    if let Some(slot) = batch.get_mut(n) {
-                        *slot = p;
-                        n += 1;
-                    }
-                }
+        loop {
+            self.flush(bytes, pending.batch.get(..pending.n).unwrap_or(&[]), &mut hits);
+            if pending.next >= bytes.len() {
+                break;
             }
+            pending.n = 0;
+            self.fill(bytes, &mut pending);
         }
-        self.flush(bytes, batch.get(..n).unwrap_or(&[]), &mut hits);
         hits.push(self.any);
         hits
     }

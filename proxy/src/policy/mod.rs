@@ -365,9 +365,7 @@ impl Policy {
         // finish the addresses (short chains, mostly cached) and start the
         // loads that depend on their sets while the name's misses are
         // still in flight.
-        if let Some(n) = q.name {
-            self.domains.prefetch(n);
-        }
+        let pending = q.name.map(|n| self.domains.start(n));
         self.cidrs.prefetch(q.src);
         if let Some(d) = q.dst {
             self.cidrs.prefetch(d);
@@ -382,7 +380,7 @@ impl Policy {
         if let Some(g) = dst_set.and_then(|d| self.guard_of.get(d as usize)) {
             crate::sys::prefetch(g);
         }
-        let hits = q.name.map(|n| self.domains.lookup(n));
+        let hits = q.name.zip(pending).map(|(n, p)| self.domains.finish(n, p));
         self.decide_with(q, src_set, dst_set, hits.as_ref()).0
     }
 

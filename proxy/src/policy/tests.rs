@@ -110,3 +110,27 @@ fn names_either_side_of_the_inline_key_limit() {
         assert!(p.webgroups_of(&name(&format!("a{k}"))).is_empty(), "a{k}");
     }
 }
+
+/// A name with more suffixes than one batch of probes holds: every
+/// suffix, in the first batch and after it, is still looked up.
+#[test]
+fn deep_names_are_probed_past_the_first_batch() {
+    let labels = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"];
+    let mut yaml = String::from("policy: {mode: enforce}\nwebgroups:\n");
+    for depth in 1..labels.len() {
+        let suffix = labels[labels.len() - depth..].join(".");
+        yaml.push_str(&format!("  - name: g{depth}\n    domains: [\"*.{suffix}\"]\n"));
+    }
+    yaml.push_str(&format!("  - name: whole\n    domains: [{}]\n", labels.join(".")));
+    let (_, p) = policy(&yaml);
+    let mut got = p.webgroups_of(&name(&labels.join(".")));
+    got.sort_unstable();
+    let mut want: Vec<String> = (1..labels.len()).map(|d| format!("g{d}")).collect();
+    want.push("whole".to_owned());
+    want.sort_unstable();
+    assert_eq!(got, want);
+    // One label less: the deepest suffix group no longer matches.
+    let mut got = p.webgroups_of(&name(&labels[1..].join(".")));
+    got.sort_unstable();
+    assert_eq!(got.len(), labels.len() - 2, "{got:?}");
+}
