@@ -134,3 +134,45 @@ fn deep_names_are_probed_past_the_first_batch() {
     got.sort_unstable();
     assert_eq!(got.len(), labels.len() - 2, "{got:?}");
 }
+
+/// Many intervals inside one /16 (the summary-search path) and a few in
+/// another (the direct path), checked address by address against the
+/// CIDRs themselves.
+#[test]
+fn dense_and_sparse_slash16_buckets_match_the_cidrs() {
+    let mut nets: Vec<Vec<String>> = vec![Vec::new(); 4];
+    for i in 0..300u32 {
+        let g = (i * 7 % 4) as usize;
+        let (third, fourth) = (i % 250, (i * 37) % 256 & !15);
+        let len = [32, 28, 30, 24][(i % 4) as usize];
+        let ip: IpAddr = [10, 1, third as u8, fourth as u8].into();
+        nets[g].push(ipnet::IpNet::new(ip, len).unwrap().trunc().to_string());
+    }
+    nets[1].push("10.2.3.0/24".to_owned());
+    nets[2].push("10.2.3.128/25".to_owned());
+    let mut yaml = String::from("policy: {mode: enforce}\nsmartgroups:\n");
+    for (g, n) in nets.iter().enumerate() {
+        yaml.push_str(&format!("  - name: s{g}\n    cidrs: [{}]\n", n.join(", ")));
+    }
+    let (_, p) = policy(&yaml);
+    let parsed: Vec<Vec<ipnet::IpNet>> = nets
+        .iter()
+        .map(|n| n.iter().map(|c| c.parse::<ipnet::IpNet>().unwrap().trunc()).collect())
+        .collect();
+    for third in [0u8, 1, 2, 3, 77, 128, 249, 250, 255] {
+        for fourth in (0..=255u8).step_by(3) {
+            for second in [1u8, 2] {
+                let ip: IpAddr = [10, second, third, fourth].into();
+                let mut want: Vec<String> = (0..4)
+                    .filter(|g| parsed[*g].iter().any(|n| n.contains(&ip)))
+                    .map(|g| format!("s{g}"))
+                    .collect();
+                want.push("private-ranges".to_owned());
+                want.sort_unstable();
+                let mut got: Vec<&str> = p.smartgroups_of(ip);
+                got.sort_unstable();
+                assert_eq!(got, want, "{ip}");
+            }
+        }
+    }
+}
