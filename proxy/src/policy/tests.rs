@@ -143,7 +143,7 @@ fn dense_and_sparse_slash16_buckets_match_the_cidrs() {
     let mut nets: Vec<Vec<String>> = vec![Vec::new(); 4];
     for i in 0..300u32 {
         let g = (i * 7 % 4) as usize;
-        let (third, fourth) = (i % 250, (i * 37) % 256 & !15);
+        let (third, fourth) = (i % 250, ((i * 37) % 256) & !15);
         let len = [32, 28, 30, 24][(i % 4) as usize];
         let ip: IpAddr = [10, 1, third as u8, fourth as u8].into();
         nets[g].push(ipnet::IpNet::new(ip, len).unwrap().trunc().to_string());
