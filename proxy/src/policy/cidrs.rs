@@ -33,10 +33,27 @@ impl<T: Ord + Copy> Intervals<T> {
     }
 }
 
-/// IPv4 intervals with a /16 first level.
+/// Interval starts and their sets, side by side, eight to a cache line:
+/// the line that holds the matching start holds its set too.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, Default)]
+struct Block {
+    starts: [u32; BLOCK],
+    sets: [SetId; BLOCK],
+}
+
+const BLOCK: usize = 8;
+
+/// IPv4 intervals with a /16 first level and a summary of each block's
+/// first start: a lookup reads the bucket and a few lines of the summary
+/// (small enough to stay cached) and then exactly one block line, instead
+/// of a binary search that misses on every step.
 #[derive(Debug, Default)]
 struct V4Index {
-    iv: Intervals<u32>,
+    blocks: Vec<Block>,
+    len: usize,
+    /// `summary[b]` = first start of block `b`.
+    summary: Vec<u32>,
     /// `buckets[k]` = index of the first interval starting at or after
     /// `k << 16`; 65,537 entries.
     buckets: Vec<u32>,
@@ -52,25 +69,36 @@ impl V4Index {
             }
             buckets.push(i as u32);
         }
+        let blocks: Vec<Block> = iv
+            .starts
+            .chunks(BLOCK)
+            .zip(iv.sets.chunks(BLOCK))
+            .map(|(st, se)| {
+                let mut b = Block::default();
+                b.starts.iter_mut().zip(st).for_each(|(d, s)| *d = *s);
+                b.sets.iter_mut().zip(se).for_each(|(d, s)| *d = *s);
+                b
+            })
+            .collect();
+        let summary: Vec<u32> = iv.starts.iter().step_by(BLOCK).copied().collect();
         Self {
-            iv: Intervals {
-                starts: on_huge_pages(&iv.starts),
-                sets: on_huge_pages(&iv.sets),
-            },
+            blocks: on_huge_pages(&blocks),
+            len: iv.starts.len(),
+            summary,
             buckets: on_huge_pages(&buckets),
         }
     }
 
-    /// Starts loading the cache lines `lookup(ip)` will read.
+    /// Starts loading the cache lines `lookup(ip)` will read first.
     #[inline]
     fn prefetch(&self, ip: u32) {
         let k = (ip >> 16) as usize;
         let lo = self.buckets.get(k).copied().unwrap_or(0) as usize;
-        if let Some(s) = self.iv.starts.get(lo) {
+        if let Some(s) = self.summary.get(lo / BLOCK) {
             crate::sys::prefetch(s);
         }
-        if let Some(s) = self.iv.sets.get(lo) {
-            crate::sys::prefetch(s);
+        if let Some(b) = self.blocks.get(lo / BLOCK) {
+            crate::sys::prefetch(b);
         }
     }
 
@@ -79,13 +107,24 @@ impl V4Index {
         let k = (ip >> 16) as usize;
         let lo = self.buckets.get(k).copied().unwrap_or(0) as usize;
         let hi = self.buckets.get(k + 1).copied().unwrap_or(0) as usize;
+        // Every block before `lo / BLOCK` starts at or below `ip`, every
+        // block from `hi.div_ceil(BLOCK)` on starts above it.
+        let (b_lo, b_hi) = (lo / BLOCK, hi.div_ceil(BLOCK).min(self.summary.len()));
         let within = self
-            .iv
-            .starts
-            .get(lo..hi)
+            .summary
+            .get(b_lo..b_hi)
             .map_or(0, |s| s.partition_point(|s| *s <= ip));
-        match (lo + within).checked_sub(1) {
-            Some(i) => self.iv.sets.get(i).copied().unwrap_or(EMPTY_SET),
+        // The last block starting at or below `ip` holds the interval.
+        let Some(b) = (b_lo + within).checked_sub(1) else {
+            return EMPTY_SET;
+        };
+        let Some(block) = self.blocks.get(b) else {
+            return EMPTY_SET;
+        };
+        let n = self.len.saturating_sub(b * BLOCK).min(BLOCK);
+        let i = block.starts.get(..n).map_or(0, |s| s.partition_point(|s| *s <= ip));
+        match i.checked_sub(1) {
+            Some(i) => block.sets.get(i).copied().unwrap_or(EMPTY_SET),
             None => EMPTY_SET,
         }
     }
@@ -144,9 +183,9 @@ impl CidrIndex {
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.v4.iv.starts.capacity() * 4
+        self.v4.blocks.capacity() * std::mem::size_of::<Block>()
+            + self.v4.summary.capacity() * 4
             + self.v4.buckets.capacity() * 4
-            + self.v4.iv.sets.capacity() * 4
             + self.v6.starts.capacity() * 16
             + self.v6.sets.capacity() * 4
     }
@@ -202,12 +241,12 @@ fn sweep(ranges: &[(u128, u128, u32)], top: u128, containers: &[Vec<u32>], sets:
     out
 }
 
-/// A copy of `v` in a fresh zeroed allocation that was advised onto huge
-/// pages before its first write (advice given after the pages are touched
-/// does nothing), so random lookups into it do not also miss the TLB.
-pub(super) fn on_huge_pages<T: Copy + Default>(v: &[T]) -> Vec<T> {
-    let mut out = vec![T::default(); v.len()];
-    crate::sys::advise_hugepages(&out);
-    out.copy_from_slice(v);
+/// A copy of `v` in a fresh allocation that was advised onto huge pages
+/// before its first write (advice given after the pages are touched does
+/// nothing), so random lookups into it do not also miss the TLB.
+pub(super) fn on_huge_pages<T: Copy>(v: &[T]) -> Vec<T> {
+    let mut out = Vec::with_capacity(v.len());
+    crate::sys::advise_hugepages(out.spare_capacity_mut());
+    out.extend_from_slice(v);
     out
 }

@@ -154,7 +154,15 @@ pub struct Policy {
     /// Per SmartGroup: the set of groups a member of it is in (itself and
     /// every group including it), for authenticated identities.
     identity_sets: Vec<SetId>,
+    /// Per interned set: what the guard makes of it, precomputed so the
+    /// guard reads one byte instead of walking the set's members.
+    guard_of: Vec<u8>,
 }
+
+/// `guard_of` bits: the low bits are 1 + the index in `guards` of the
+/// first guarded SmartGroup in the set (0: none); this bit marks a set
+/// holding the metadata-names WebGroup.
+const GUARD_METADATA_NAME: u8 = 0x80;
 
 /// Transitive include closure, inverted: `containers[g]` = `g` and every
 /// group that includes `g` directly or indirectly.
@@ -294,7 +302,7 @@ impl Policy {
         if config.policy.guard_private_ranges {
             guarded.push((builtin::PRIVATE_RANGES, ReasonCode::GuardPrivateRanges));
         }
-        let guards = guarded
+        let guards: Vec<Guard> = guarded
             .into_iter()
             .filter_map(|(name, reason)| {
                 smart_id(name).map(|group| Guard {
@@ -311,6 +319,19 @@ impl Policy {
         });
         let any_group = smart_id(builtin::ANY);
         sets.freeze();
+        let guard_of: Vec<u8> = (0..sets.len())
+            .map(|s| {
+                let groups = sets.get(s as SetId);
+                let first = guards
+                    .iter()
+                    .position(|g| groups.contains(&g.group))
+                    .map_or(0, |i| i as u8 + 1);
+                // Set ids are shared by names and addresses; the metadata
+                // bit is only ever read for a name's sets.
+                let meta = metadata_names.is_some_and(|g| groups.contains(&g.group));
+                first | if meta { GUARD_METADATA_NAME } else { 0 }
+            })
+            .collect();
         let index = RuleIndex::build(&rules, web_names.len(), smart_names.len(), &sets);
         Self {
             mode: config.policy.mode,
@@ -326,6 +347,7 @@ impl Policy {
             any_group,
             index,
             identity_sets,
+            guard_of,
         }
     }
 
@@ -339,14 +361,26 @@ impl Policy {
 
     /// Decides one flow. Allocation-free.
     pub fn decide(&self, q: &FlowQuery<'_>) -> Verdict {
-        // Independent lookups: start all their memory loads first.
+        // Independent lookups: start all their memory loads first, then
+        // finish the addresses (short chains, mostly cached) and start the
+        // loads that depend on their sets while the name's misses are
+        // still in flight.
+        let pending = q.name.map(|n| self.domains.start(n));
         self.cidrs.prefetch(q.src);
         if let Some(d) = q.dst {
             self.cidrs.prefetch(d);
         }
-        let hits = q.name.map(|n| self.domains.lookup(n));
         let src_set = self.cidrs.lookup(q.src);
         let dst_set = q.dst.map(|ip| self.cidrs.lookup(ip));
+        if let Some(index) = &self.index {
+            index.prefetch_rows(src_set, dst_set);
+        }
+        // Read if a rule matches (for the source group it matched on).
+        self.sets.prefetch(src_set);
+        if let Some(g) = dst_set.and_then(|d| self.guard_of.get(d as usize)) {
+            crate::sys::prefetch(g);
+        }
+        let hits = q.name.zip(pending).map(|(n, p)| self.domains.finish(n, p));
         self.decide_with(q, src_set, dst_set, hits.as_ref()).0
     }
 
@@ -391,7 +425,9 @@ impl Policy {
         dst_set: Option<SetId>,
         hits: Option<&NameHits>,
     ) -> Option<(usize, Option<u32>, Option<DestMatch>)> {
-        let src_groups = self.sets.get(src_set);
+        // Read only once a rule is chosen: most decisions never need the
+        // source set's members, and reading them costs a cache miss.
+        let src_groups = || self.sets.get(src_set);
         match &self.index {
             Some(index) => {
                 let port_ok = |i: usize| {
@@ -403,11 +439,11 @@ impl Policy {
                 let identity = q.identity.and_then(|g| self.identity_sets.get(g as usize).copied());
                 let i = index.first_match(q.protocol, src_set, identity, dst_set, hit_sets, &self.sets, port_ok)?;
                 let r = self.rules.get(i)?;
-                let (source_group, dest) = self.rule_matches(r, q, src_groups, dst_set, hits)?;
+                let (source_group, dest) = self.rule_matches(r, q, src_groups(), dst_set, hits)?;
                 Some((i, source_group, dest))
             }
             None => self.rules.iter().enumerate().find_map(|(i, r)| {
-                self.rule_matches(r, q, src_groups, dst_set, hits)
+                self.rule_matches(r, q, src_groups(), dst_set, hits)
                     .map(|(s, d)| (i, s, d))
             }),
         }
@@ -438,12 +474,12 @@ impl Policy {
             dest: Some(dest),
         };
         if let Some(set) = dst_set {
-            let groups = self.sets.get(set);
             // The most specific guarded group holding the address decides:
             // naming `cloud-metadata` opens 169.254.169.254 although it is
             // link-local too, but naming `link-local` (or `private-ranges`)
             // does not open the metadata service inside it.
-            if let Some(g) = self.guards.iter().find(|g| groups.contains(&g.group))
+            let first = self.guard_of.get(set as usize).map_or(0, |b| b & !GUARD_METADATA_NAME);
+            if let Some(g) = usize::from(first).checked_sub(1).and_then(|i| self.guards.get(i))
                 && !g.lifted
             {
                 return Some(deny(g.reason, DestMatch::SmartGroup(g.group)));
@@ -451,7 +487,11 @@ impl Policy {
         }
         if let (Some(g), Some(hits)) = (self.metadata_names, hits)
             && !g.lifted
-            && hits.iter().any(|s| self.sets.get(s).contains(&g.group))
+            && hits.iter().any(|s| {
+                self.guard_of
+                    .get(s as usize)
+                    .is_some_and(|b| b & GUARD_METADATA_NAME != 0)
+            })
         {
             return Some(deny(g.reason, DestMatch::WebGroup(g.group)));
         }

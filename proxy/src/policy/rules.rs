@@ -146,6 +146,20 @@ impl RuleIndex {
         }
     }
 
+    /// Starts loading the source's and destination's rows.
+    #[inline]
+    pub fn prefetch_rows(&self, src: SetId, dst: Option<SetId>) {
+        let w = self.words;
+        if let Some(row) = self.from.by_set.as_ref().and_then(|r| r.get(src as usize * w)) {
+            crate::sys::prefetch(row);
+        }
+        if let Some(d) = dst
+            && let Some(row) = self.to_smart.by_set.as_ref().and_then(|r| r.get(d as usize * w))
+        {
+            crate::sys::prefetch(row);
+        }
+    }
+
     /// Index of the first rule matching, given the flow's resolved sets.
     /// `port_ok(i)` checks rule `i`'s ports (not indexed: ranges).
     #[inline]

@@ -13,10 +13,22 @@ pub type SetId = u32;
 /// The empty set is always id 0.
 pub const EMPTY_SET: SetId = 0;
 
+/// Members stored in a set's own record, so reading a small set is one
+/// cache-line access rather than an index load and then a member load.
+const INLINE: usize = 6;
+
+/// One set: `[len, start, members…]` — for a set of up to [`INLINE`]
+/// members, `start` is unused and the members follow in the record;
+/// otherwise they are at `ids[start..start + len]`. 32 bytes, aligned so
+/// one record never straddles two cache lines.
+#[repr(C, align(32))]
+#[derive(Debug, Clone, Copy, Default)]
+struct Record([u32; 2 + INLINE]);
+
 #[derive(Debug, Default)]
 pub struct SetArena {
     ids: Vec<u32>,
-    spans: Vec<(u32, u32)>,
+    records: Vec<Record>,
     index: HashMap<Vec<u32>, SetId>,
 }
 
@@ -32,17 +44,40 @@ impl SetArena {
         if let Some(id) = self.index.get(&members) {
             return *id;
         }
-        let id = self.spans.len() as SetId;
-        self.spans.push((self.ids.len() as u32, members.len() as u32));
-        self.ids.extend_from_slice(&members);
+        let id = self.records.len() as SetId;
+        let mut r = Record::default();
+        r.0[0] = members.len() as u32;
+        match r.0.get_mut(2..2 + members.len()) {
+            Some(inline) => inline.copy_from_slice(&members),
+            None => {
+                r.0[1] = self.ids.len() as u32;
+                self.ids.extend_from_slice(&members);
+            }
+        }
+        self.records.push(r);
         self.index.insert(members, id);
         id
     }
 
+    #[inline]
     pub fn get(&self, id: SetId) -> &[u32] {
-        match self.spans.get(id as usize) {
-            Some(&(start, len)) => self.ids.get(start as usize..(start + len) as usize).unwrap_or(&[]),
-            None => &[],
+        let Some(Record(r)) = self.records.get(id as usize) else {
+            return &[];
+        };
+        let len = r[0] as usize;
+        if len <= INLINE {
+            r.get(2..2 + len).unwrap_or(&[])
+        } else {
+            let start = r[1] as usize;
+            self.ids.get(start..start + len).unwrap_or(&[])
+        }
+    }
+
+    /// Starts loading the record [`SetArena::get`] of `id` reads.
+    #[inline]
+    pub fn prefetch(&self, id: SetId) {
+        if let Some(r) = self.records.get(id as usize) {
+            crate::sys::prefetch(r);
         }
     }
 
@@ -50,19 +85,19 @@ impl SetArena {
     pub fn freeze(&mut self) {
         self.index = HashMap::new();
         self.ids = super::cidrs::on_huge_pages(&self.ids);
-        self.spans = super::cidrs::on_huge_pages(&self.spans);
+        self.records = super::cidrs::on_huge_pages(&self.records);
     }
 
     pub fn len(&self) -> usize {
-        self.spans.len()
+        self.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
+        self.records.is_empty()
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.ids.capacity() * 4 + self.spans.capacity() * 8
+        self.ids.capacity() * 4 + self.records.capacity() * std::mem::size_of::<Record>()
     }
 }
 
