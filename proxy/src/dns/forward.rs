@@ -183,7 +183,10 @@ impl Forwarder {
         if let Some(head) = query.get_mut(..2) {
             head.copy_from_slice(&id.to_be_bytes());
         }
-        self.stream_exchange(target, &query, id, question).await
+        // Boxed: the TCP/TLS exchange (connect, handshake) is a large future
+        // that most queries never run; inline it would be copied into every
+        // forwarded query's task.
+        Box::pin(self.stream_exchange(target, &query, id, question)).await
     }
 
     /// One exchange over TCP or TLS, on an idle pooled connection when there

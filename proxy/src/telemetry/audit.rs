@@ -744,34 +744,85 @@ fn write_dns_line(
         json_str(out, g);
     });
     out.extend_from_slice(br#"],"time_unix_ms":"#);
-    let _ = write!(out, "{}", q.time_unix_ms);
-    let _ = write!(out, r#","source":"{}","transport":"#, q.source);
+    write_u64(out, q.time_unix_ms);
+    out.extend_from_slice(br#","source":""#);
+    write_socket_addr(out, q.source);
+    out.extend_from_slice(br#"","transport":"#);
     out.extend_from_slice(match q.transport {
         Transport::Udp => br#""udp""#,
         Transport::Tcp => br#""tcp""#,
     });
     out.extend_from_slice(br#","qname":"#);
     json_str(out, &q.qname);
-    let _ = write!(
-        out,
-        r#","qtype":{},"allowed":{},"enforced":{},"watched":{},"rule":"#,
-        q.qtype, q.allowed, q.enforced, q.watched
-    );
+    out.extend_from_slice(br#","qtype":"#);
+    write_u64(out, u64::from(q.qtype));
+    out.extend_from_slice(br#","allowed":"#);
+    write_bool(out, q.allowed);
+    out.extend_from_slice(br#","enforced":"#);
+    write_bool(out, q.enforced);
+    out.extend_from_slice(br#","watched":"#);
+    write_bool(out, q.watched);
+    out.extend_from_slice(br#","rule":"#);
     json_str(out, &q.rule);
     out.extend_from_slice(br#","reason":"#);
     json_str(out, q.reason);
-    let _ = write!(out, r#","rcode":{},"upstream":"#, q.rcode);
+    out.extend_from_slice(br#","rcode":"#);
+    write_u64(out, u64::from(q.rcode));
+    out.extend_from_slice(br#","upstream":"#);
     match q.upstream {
         Some(addr) => {
-            let _ = write!(out, r#""{addr}""#);
+            out.push(b'"');
+            write_socket_addr(out, addr);
+            out.push(b'"');
         }
         None => out.extend_from_slice(b"null"),
     }
-    let _ = writeln!(
-        out,
-        r#","latency_us":{},"cache_hit":{},"ech_stripped":{}}}"#,
-        q.latency_us, q.cache_hit, q.ech_stripped
-    );
+    out.extend_from_slice(br#","latency_us":"#);
+    write_u64(out, q.latency_us);
+    out.extend_from_slice(br#","cache_hit":"#);
+    write_bool(out, q.cache_hit);
+    out.extend_from_slice(br#","ech_stripped":"#);
+    write_bool(out, q.ech_stripped);
+    out.extend_from_slice(b"}\n");
+}
+
+fn write_bool(out: &mut Vec<u8>, v: bool) {
+    out.extend_from_slice(if v { b"true" } else { b"false" });
+}
+
+/// Decimal digits of `v` (what `{}` gives, without the formatting machinery).
+fn write_u64(out: &mut Vec<u8>, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// `a.b.c.d:port` for IPv4 by hand (every DNS query's source); IPv6 via its
+/// `Display`, which is what serde writes for both.
+fn write_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(a) => {
+            for (i, octet) in a.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                write_u64(out, u64::from(octet));
+            }
+            out.push(b':');
+            write_u64(out, u64::from(a.port()));
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{addr}");
+        }
+    }
 }
 
 /// Appends `s` as a JSON string, quotes included, escaped exactly as
