@@ -84,6 +84,8 @@ pub struct DnsStats {
     /// Cache hits answered on wire bytes (a subset of `cache_hits`).
     pub cache_fast_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    /// Upstream answers passed on patched rather than re-encoded.
+    pub upstream_passthrough: AtomicU64,
     /// Failed exchanges with one upstream (a query may count several).
     pub upstream_errors: AtomicU64,
     /// Datagrams on an upstream socket that answered nothing we asked
@@ -110,6 +112,7 @@ pub struct DnsStatsSnapshot {
     pub cache_hits: u64,
     pub cache_fast_hits: u64,
     pub cache_misses: u64,
+    pub upstream_passthrough: u64,
     pub upstream_errors: u64,
     pub upstream_mismatched: u64,
     pub servfail: u64,
@@ -136,6 +139,7 @@ impl DnsStats {
             cache_hits: get(&self.cache_hits),
             cache_fast_hits: get(&self.cache_fast_hits),
             cache_misses: get(&self.cache_misses),
+            upstream_passthrough: get(&self.upstream_passthrough),
             upstream_errors: get(&self.upstream_errors),
             upstream_mismatched: get(&self.upstream_mismatched),
             servfail: get(&self.servfail),
