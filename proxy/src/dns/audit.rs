@@ -22,6 +22,18 @@ pub trait DnsAuditSink: std::fmt::Debug + Send + Sync + 'static {
     /// Takes one record; returns `false` when it had to drop it.
     fn record(&self, record: DnsAuditRecord) -> bool;
 
+    /// Takes every record of `records` (the answers of one receive batch),
+    /// leaving it empty; returns how many it had to drop.
+    fn record_all(&self, records: &mut Vec<DnsAuditRecord>) -> u64 {
+        let mut dropped = 0;
+        for record in records.drain(..) {
+            if !self.record(record) {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
     /// Hands on anything buffered. The listener calls it when it stops, so
     /// a clean shutdown loses nothing.
     fn flush(&self) {}

@@ -641,14 +641,14 @@ impl DnsAuditLog {
     }
 }
 
-impl DnsAuditSink for DnsAuditLog {
-    fn record(&self, q: DnsAuditRecord) -> bool {
-        let mut guard = self.batch();
-        let batch = &mut *guard;
+impl DnsAuditLog {
+    /// Adds one record to the locked batch; `groups` caches the rendered
+    /// SmartGroups of the last source within one call of `record_all`.
+    fn add(&self, batch: &mut DnsBatch, q: &DnsAuditRecord, groups: &mut GroupsCache) {
         let DnsBatch {
             lines, clock, metrics, ..
         } = batch;
-        write_dns_line(lines, clock, &self.listener_json, &self.groups, &q);
+        write_dns_line(lines, clock, &self.listener_json, &self.groups, groups, q);
         metrics.record(
             q.allowed,
             q.watched,
@@ -663,7 +663,33 @@ impl DnsAuditSink for DnsAuditLog {
         } else if batch.count == 1 {
             self.pending.notify_one();
         }
+    }
+}
+
+/// The JSON array of SmartGroups last rendered, and for which source.
+#[derive(Default)]
+struct GroupsCache {
+    src: Option<IpAddr>,
+    json: Vec<u8>,
+}
+
+impl DnsAuditSink for DnsAuditLog {
+    fn record(&self, q: DnsAuditRecord) -> bool {
+        let mut batch = self.batch();
+        self.add(&mut batch, &q, &mut GroupsCache::default());
         true
+    }
+
+    /// One lock for the whole receive batch, and a source's groups looked
+    /// up once per batch (a snapshot swap in between is seen from the next
+    /// batch on).
+    fn record_all(&self, records: &mut Vec<DnsAuditRecord>) -> u64 {
+        let mut groups = GroupsCache::default();
+        let mut batch = self.batch();
+        for q in records.drain(..) {
+            self.add(&mut batch, &q, &mut groups);
+        }
+        0
     }
 
     fn flush(&self) {
@@ -728,22 +754,30 @@ fn write_dns_line(
     clock: &mut TimeCache,
     listener_json: &[u8],
     groups: &SourceGroups,
+    cache: &mut GroupsCache,
     q: &DnsAuditRecord,
 ) {
     out.extend_from_slice(br#"{"kind":"dns","time":""#);
     clock.write(out, q.time_unix_ms);
     out.extend_from_slice(br#"","listener":"#);
     out.extend_from_slice(listener_json);
-    out.extend_from_slice(br#","src_groups":["#);
-    let mut first = true;
-    groups(q.source.ip(), &mut |g| {
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        json_str(out, g);
-    });
-    out.extend_from_slice(br#"],"time_unix_ms":"#);
+    out.extend_from_slice(br#","src_groups":"#);
+    let src = q.source.ip();
+    if cache.src != Some(src) {
+        let json = &mut cache.json;
+        json.clear();
+        json.push(b'[');
+        groups(src, &mut |g| {
+            if json.len() > 1 {
+                json.push(b',');
+            }
+            json_str(json, g);
+        });
+        json.push(b']');
+        cache.src = Some(src);
+    }
+    out.extend_from_slice(&cache.json);
+    out.extend_from_slice(br#","time_unix_ms":"#);
     write_u64(out, q.time_unix_ms);
     out.extend_from_slice(br#","source":""#);
     write_socket_addr(out, q.source);
@@ -904,7 +938,14 @@ mod dns_line_tests {
         json_str(&mut listener_json, listener);
         let groups: SourceGroups = Box::new(move |_, each| groups.iter().for_each(|g| each(g)));
         let mut out = Vec::new();
-        write_dns_line(&mut out, &mut TimeCache::default(), &listener_json, &groups, q);
+        write_dns_line(
+            &mut out,
+            &mut TimeCache::default(),
+            &listener_json,
+            &groups,
+            &mut GroupsCache::default(),
+            q,
+        );
         out
     }
 
