@@ -219,7 +219,7 @@ impl Default for DnsConfig {
             max_in_flight: 4_096,
             tcp_idle_timeout: Duration::from_secs(10),
             tls: None,
-            upstream_udp_sockets: 32,
+            upstream_udp_sockets: 16,
             upstream_socket_max_queries: 1_024,
             upstream_socket_max_age: Duration::from_secs(10),
             wire_fast_path: true,
