@@ -266,7 +266,7 @@ fn dns_record(i: u64, qname: &str) -> sluice::dns::DnsAuditRecord {
         time_unix_ms: 1_763_893_952_000 + i,
         source: "10.0.0.7:40000".parse().unwrap(),
         transport: sluice::dns::Transport::Udp,
-        qname: qname.to_owned(),
+        qname: qname.into(),
         qtype: 1,
         allowed: true,
         enforced: true,

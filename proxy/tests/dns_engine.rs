@@ -578,7 +578,7 @@ mod dns {
         let hit = reply_of(core.handle_query_bytes(ctx(Transport::Udp, t0 + Duration::from_secs(20)), &mixed));
         assert_eq!(core.stats().snapshot().cache_fast_hits, 1);
         assert!(hit.audit.cache_hit);
-        assert_eq!(hit.audit.qname, "www.allowed.test");
+        assert_eq!(&*hit.audit.qname, "www.allowed.test");
         // Header and question exactly as the client sent them (bar QR/RA).
         assert_eq!(&hit.bytes[..2], &[0x12, 0x34]);
         let qname_wire = &mixed[12..12 + 19];
@@ -652,7 +652,7 @@ mod dns {
             Message::from_vec(&denied.bytes).unwrap().metadata.response_code,
             ResponseCode::NXDomain
         );
-        assert_eq!(denied.audit.rule, "no-ten-nine");
+        assert_eq!(&*denied.audit.rule, "no-ten-nine");
         assert!(!denied.audit.cache_hit);
         let stats = core.stats().snapshot();
         assert_eq!((stats.queries, stats.denied, stats.cache_fast_hits), (3, 1, 1));

@@ -9,6 +9,7 @@
 //! stage can export them however it likes.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -60,8 +61,10 @@ pub struct DnsAuditRecord {
     pub time_unix_ms: u64,
     pub source: SocketAddr,
     pub transport: Transport,
-    /// Canonical name when it parsed as one, else the name as received.
-    pub qname: String,
+    /// Canonical name when it parsed as one, else the name as received
+    /// (shared: a cache hit hands out the entry's copy).
+    #[serde(serialize_with = "as_str")]
+    pub qname: Arc<str>,
     pub qtype: u16,
     /// The policy's action.
     pub allowed: bool,
@@ -69,7 +72,9 @@ pub struct DnsAuditRecord {
     pub enforced: bool,
     /// Denied by policy but answered because of watch mode ("would deny").
     pub watched: bool,
-    pub rule: String,
+    /// The policy's rule name (shared with the compiled policy).
+    #[serde(serialize_with = "as_str")]
+    pub rule: Arc<str>,
     pub reason: &'static str,
     /// Response code sent to the client (extended codes included).
     pub rcode: u16,
@@ -80,6 +85,10 @@ pub struct DnsAuditRecord {
     pub cache_hit: bool,
     /// An `ech` SvcParam was removed from the answer.
     pub ech_stripped: bool,
+}
+
+fn as_str<S: serde::Serializer>(value: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(value)
 }
 
 /// Counters, updated with relaxed atomics (they are statistics, not

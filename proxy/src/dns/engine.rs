@@ -241,7 +241,15 @@ impl DnsCore {
             self.bindings
                 .record(src, ip, qname, ttl.saturating_sub(hit.age_secs), ctx.now);
         }
-        let mut audit = self.audit(&ctx, qname.as_str(), q.qtype, &verdict, watched, entry.rcode, ctx.now);
+        let mut audit = self.audit(
+            &ctx,
+            Arc::clone(&entry.qname_shared),
+            q.qtype,
+            &verdict,
+            watched,
+            entry.rcode,
+            ctx.now,
+        );
         audit.cache_hit = true;
         audit.ech_stripped = entry.ech_stripped;
         Ok(Step::Reply(Reply { bytes, audit }))
@@ -321,7 +329,15 @@ impl DnsCore {
                 additionals: CacheEntry::aged(&entry.additionals, hit.age_secs),
             };
             let (bytes, rcode) = self.encode_answer(&ctx, &client, answer);
-            let mut audit = self.audit(&ctx, qname.as_str(), qtype, &verdict, watched, rcode, ctx.now);
+            let mut audit = self.audit(
+                &ctx,
+                Arc::from(qname.as_str()),
+                qtype,
+                &verdict,
+                watched,
+                rcode,
+                ctx.now,
+            );
             audit.cache_hit = true;
             audit.ech_stripped = entry.ech_stripped;
             return Step::Reply(Reply { bytes, audit });
@@ -430,7 +446,7 @@ impl DnsCore {
                     DnsStats::bump(&self.stats.servfail);
                 }
                 DnsStats::bump(&self.stats.upstream_passthrough);
-                let mut audit = self.audit(&ctx, qname.as_str(), qtype, &verdict, watched, rcode, now);
+                let mut audit = self.audit(&ctx, Arc::from(qname.as_str()), qtype, &verdict, watched, rcode, now);
                 audit.upstream = Some(upstream);
                 return Reply { bytes, audit };
             }
@@ -447,7 +463,7 @@ impl DnsCore {
         if rcode == ResponseCode::ServFail {
             DnsStats::bump(&self.stats.servfail);
         }
-        let mut audit = self.audit(&ctx, qname.as_str(), qtype, &verdict, watched, rcode, now);
+        let mut audit = self.audit(&ctx, Arc::from(qname.as_str()), qtype, &verdict, watched, rcode, now);
         audit.upstream = Some(upstream);
         audit.ech_stripped = ech_stripped;
         Reply { bytes, audit }
@@ -515,7 +531,7 @@ impl DnsCore {
             }
         }
         let (bytes, rcode) = self.encode_answer(&ctx, client, parts);
-        let audit = self.audit(&ctx, qname.as_str(), qtype, verdict, false, rcode, ctx.now);
+        let audit = self.audit(&ctx, Arc::from(qname.as_str()), qtype, verdict, false, rcode, ctx.now);
         Reply { bytes, audit }
     }
 
@@ -536,7 +552,7 @@ impl DnsCore {
     ) -> Reply {
         DnsStats::bump(&self.stats.servfail);
         let (bytes, rcode) = self.encode_answer(&ctx, client, AnswerParts::empty(ResponseCode::ServFail));
-        let mut audit = self.audit(&ctx, qname.as_str(), qtype, verdict, watched, rcode, now);
+        let mut audit = self.audit(&ctx, Arc::from(qname.as_str()), qtype, verdict, watched, rcode, now);
         audit.upstream = upstream;
         Reply { bytes, audit }
     }
@@ -561,7 +577,7 @@ impl DnsCore {
             rule: Arc::from(PARSER_RULE),
             reason: why,
         };
-        let audit = self.audit(&ctx, &qname, qtype, &verdict, false, rcode, ctx.now);
+        let audit = self.audit(&ctx, Arc::from(qname), qtype, &verdict, false, rcode, ctx.now);
         Reply { bytes, audit }
     }
 
@@ -625,7 +641,7 @@ impl DnsCore {
     fn audit(
         &self,
         ctx: &QueryContext,
-        qname: &str,
+        qname: Arc<str>,
         qtype: u16,
         verdict: &QueryVerdict,
         watched: bool,
@@ -637,12 +653,12 @@ impl DnsCore {
             time_unix_ms: ctx.unix_ms,
             source: ctx.src,
             transport: ctx.transport,
-            qname: qname.to_owned(),
+            qname,
             qtype,
             allowed: verdict.allowed,
             enforced: verdict.enforced,
             watched,
-            rule: verdict.rule.to_string(),
+            rule: Arc::clone(&verdict.rule),
             reason: verdict.reason,
             rcode: u16::from(rcode),
             upstream: None,
