@@ -100,35 +100,30 @@ impl<'a> WireQuery<'a> {
     /// The cache key of this question (lower-cased presentation name) in
     /// `buf`; returns its length.
     pub fn cache_key(&self, buf: &mut [u8; MAX_KEY_LEN]) -> Option<usize> {
-        let mut name = [0u8; 256];
-        let mut len = 0;
+        let dnssec_ok = self.edns.is_some_and(|(_, d)| d);
+        // The fixed part first (with an empty name), then the name written
+        // straight after it, lower-cased, labels joined by dots.
+        let start = CacheKey::encode(buf, b"", self.qtype, self.qclass, dnssec_ok, self.checking_disabled)?;
+        let mut len = start;
         let mut i = 0;
         while let Some(&label) = self.qname.get(i) {
             if label == 0 {
                 break;
             }
             let label = usize::from(label);
-            if len > 0 {
-                *name.get_mut(len)? = b'.';
+            if len > start {
+                *buf.get_mut(len)? = b'.';
                 len += 1;
             }
             let bytes = self.qname.get(i + 1..i + 1 + label)?;
-            let dst = name.get_mut(len..len + label)?;
+            let dst = buf.get_mut(len..len + label)?;
             for (d, s) in dst.iter_mut().zip(bytes) {
                 *d = s.to_ascii_lowercase();
             }
             len += label;
             i += 1 + label;
         }
-        let dnssec_ok = self.edns.is_some_and(|(_, d)| d);
-        CacheKey::encode(
-            buf,
-            &name[..len],
-            self.qtype,
-            self.qclass,
-            dnssec_ok,
-            self.checking_disabled,
-        )
+        Some(len)
     }
 }
 
