@@ -5,7 +5,9 @@
 #   - max qps (100 queries outstanding, 10 s) and the mean latency there,
 #   - p50/p99 latency at a fixed load every peer sustains (RATE qps, 5 s,
 #     per-query latencies from `dnsperf -v`),
-# and dnsperf straight at NSD ("direct", the load side's ceiling),
+# the server's CPU time per answered query during the max-qps run (from
+# /proc, user + system, all threads), and dnsperf straight at NSD
+# ("direct", the load side's ceiling),
 # once "cached" (10 names asked over and over, caches on) and once
 # "uncached" (50,000 distinct names, every cache off and TTL-0 answers).
 #
@@ -205,19 +207,39 @@ stop_server() {
 }
 
 # ------------------------------------------------------------ measuring
-# measure PEER PORT MODE -> one result line "peer mode qps avg_ms p50_ms p99_ms lost"
+# CPU time (user + system, clock ticks) of process $1 so far; 0 without one.
+cpu_ticks() {
+  [ -n "$1" ] && [ -r "/proc/$1/stat" ] || { echo 0; return; }
+  # Fields after "pid (comm) ": utime and stime are the 12th and 13th.
+  sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# measure PEER PORT MODE -> one result line
+# "peer mode qps avg_ms p50_ms p99_ms lost cpu_us_per_query"
 measure() {
   local peer=$1 port=$2 mode=$3 file="$WORK/$3.txt"
   local perf=(taskset -c "$LOAD_CPU" dnsperf -s 127.0.0.1 -p "$port" -d "$file" -c 1 -T 1 -t 2)
   # Warm up (and fill the cache in cached mode).
   "${perf[@]}" -l 2 -q 100 >/dev/null 2>&1 || true
-  local out
+  local out t0 t1
+  t0=$(cpu_ticks "$SERVER_PID")
   out=$("${perf[@]}" -l "$DURATION" -q 100 2>&1)
+  t1=$(cpu_ticks "$SERVER_PID")
   echo "$out" >"$WORK/$peer.$mode.max.txt"
   local qps avg lost
   qps=$(awk '/Queries per second:/ {print $4}' <<<"$out")
   avg=$(awk '/Average Latency \(s\):/ {printf "%.3f", $4 * 1000}' <<<"$out")
   lost=$(awk '/Queries lost:/ {print $3}' <<<"$out")
+  # The server's CPU per answered query during the max-qps run: ranks the
+  # forwarders even when the load side, not the server, sets the qps.
+  local done cpu
+  done=$(awk '/Queries completed:/ {print $3}' <<<"$out")
+  if [ -n "$SERVER_PID" ] && [ "${done:-0}" -gt 0 ]; then
+    cpu=$(awk -v t="$((t1 - t0))" -v hz="$CLK_TCK" -v n="$done" 'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
+  else
+    cpu=nan
+  fi
   # Latency at a fixed load: every response's latency, sorted.
   "${perf[@]}" -l "$LAT_DURATION" -Q "$RATE" -q 100 -v 2>/dev/null |
     awk '/^> / {print $NF}' | sort -g >"$WORK/$peer.$mode.lat"
@@ -229,7 +251,7 @@ measure() {
   else
     p50=nan p99=nan
   fi
-  echo "$peer $mode $qps $avg $p50 $p99 $lost" | tee -a "$WORK/last"
+  echo "$peer $mode $qps $avg $p50 $p99 $lost $cpu" | tee -a "$WORK/last"
 }
 
 RESULTS="$WORK/results.txt"
@@ -266,8 +288,8 @@ echo "Versions: $sluice_ver, $dnsmasq_ver, $unbound_ver; authority $nsd_ver; loa
 echo "Host: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); server on CPU $SERVER_CPU, dnsperf+nsd on CPU $LOAD_CPU"
 echo "Max qps: ${DURATION} s, 100 outstanding; latency: ${RATE} qps for ${LAT_DURATION} s; each column the median of $ROUNDS rounds (qps range in brackets)"
 echo
-echo "| mode | server | qps (max) | mean latency at max (ms) | p50 at ${RATE} qps (ms) | p99 at ${RATE} qps (ms) | lost |"
-echo "|---|---|---:|---:|---:|---:|---:|"
+echo "| mode | server | qps (max) | mean latency at max (ms) | p50 at ${RATE} qps (ms) | p99 at ${RATE} qps (ms) | lost | server CPU per query at max (µs) |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|"
 # median PEER MODE COLUMN -> the median of that column over the rounds
 median() {
   awk -v p="$1" -v m="$2" -v c="$3" '$1 == p && $2 == m { print $c }' "$RESULTS" | sort -g |
@@ -286,20 +308,26 @@ for mode in cached uncached; do
     p50=$(median "$peer" "$mode" 5)
     p99=$(median "$peer" "$mode" 6)
     lost=$(median "$peer" "$mode" 7)
-    echo "$peer $mode $qps $avg $p50 $p99 $lost" >>"$SUMMARY"
-    printf "| %s | %s | %.0f (%s) | %s | %s | %s | %s |\n" "$mode" "$peer" "$qps" "$(range "$peer" "$mode")" "$avg" "$p50" "$p99" "$lost"
+    cpu=$(median "$peer" "$mode" 8)
+    echo "$peer $mode $qps $avg $p50 $p99 $lost $cpu" >>"$SUMMARY"
+    printf "| %s | %s | %.0f (%s) | %s | %s | %s | %s | %s |\n" "$mode" "$peer" "$qps" "$(range "$peer" "$mode")" "$avg" "$p50" "$p99" "$lost" "$cpu"
   done
 done
 echo
-echo "| mode | Sluice / dnsmasq qps | Sluice / unbound qps | Sluice / dnsmasq p99 | Sluice / unbound p99 |"
-echo "|---|---:|---:|---:|---:|"
+echo "| mode | Sluice / dnsmasq qps | Sluice / unbound qps | Sluice / dnsmasq p99 | Sluice / unbound p99 | Sluice / dnsmasq CPU per query | Sluice / unbound CPU per query |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
 for mode in cached uncached; do
   awk -v m="$mode" '
     function r(a, b) { return (a > 0 && b > 0) ? sprintf("%.2f", a / b) : "-" }
-    $2 == m { qps[$1] = $3; p99[$1] = $6 }
+    $2 == m { qps[$1] = $3; p99[$1] = $6; cpu[$1] = $8 }
     END {
-      printf "| %s | %s | %s | %s | %s |\n", m,
+      printf "| %s | %s | %s | %s | %s | %s | %s |\n", m,
         r(qps["sluice"], qps["dnsmasq"]), r(qps["sluice"], qps["unbound"]),
-        r(p99["sluice"], p99["dnsmasq"]), r(p99["sluice"], p99["unbound"])
+        r(p99["sluice"], p99["dnsmasq"]), r(p99["sluice"], p99["unbound"]),
+        r(cpu["sluice"], cpu["dnsmasq"]), r(cpu["sluice"], cpu["unbound"])
     }' "$SUMMARY"
 done
+echo
+echo "(CPU per query: the server process's user + system time during the max-qps run"
+echo " divided by the answers dnsperf counted; lower is better, and it still ranks the"
+echo " forwarders when the load side, not the server, caps the qps.)"

@@ -53,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Step::Forward(pending) = core.handle_query_bytes(ctx, query) {
         let outcome = match Message::from_vec(answer) {
-            Ok(message) => Ok(UpstreamAnswer { message, upstream }),
+            Ok(message) => Ok(UpstreamAnswer { message, upstream, wire: answer.to_vec() }),
             Err(_) => Err(ForwardError::Malformed(upstream)),
         };
         let _ = core.complete(*pending, outcome, now);

@@ -266,7 +266,7 @@ fn dns_record(i: u64, qname: &str) -> sluice::dns::DnsAuditRecord {
         time_unix_ms: 1_763_893_952_000 + i,
         source: "10.0.0.7:40000".parse().unwrap(),
         transport: sluice::dns::Transport::Udp,
-        qname: qname.to_owned(),
+        qname: qname.into(),
         qtype: 1,
         allowed: true,
         enforced: true,
@@ -356,4 +356,48 @@ async fn dns_partial_batch_is_written_without_a_flush_call() {
     assert_eq!(lines(&path).len(), 1);
     drop(log);
     w.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn dns_batch_of_mixed_sources_gets_each_its_own_groups() {
+    use sluice::dns::DnsAuditSink;
+    use sluice::telemetry::audit::{DnsAuditLog, SourceGroups};
+    let path = temp_path("dns-mixed");
+    let w = AuditWriter::start(AuditSink::File(path.clone()), 1024).unwrap();
+    let groups: SourceGroups = Box::new(|ip, each| match ip.to_string().as_str() {
+        "10.0.0.1" => each("one"),
+        "10.0.0.2" => {
+            each("two");
+            each("both");
+        }
+        _ => {}
+    });
+    let log = DnsAuditLog::start(w.clone(), "dns", groups);
+    let sources = ["10.0.0.1:1", "10.0.0.1:2", "10.0.0.2:3", "10.0.0.9:4", "10.0.0.1:5"];
+    let mut batch: Vec<_> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut r = dns_record(i as u64, "a.example");
+            r.source = s.parse().unwrap();
+            r
+        })
+        .collect();
+    assert_eq!(log.record_all(&mut batch), 0);
+    assert!(batch.is_empty());
+    log.flush();
+    w.shutdown().await.unwrap();
+    let got = lines(&path);
+    let want = [
+        serde_json::json!(["one"]),
+        serde_json::json!(["one"]),
+        serde_json::json!(["two", "both"]),
+        serde_json::json!([]),
+        serde_json::json!(["one"]),
+    ];
+    assert_eq!(got.len(), want.len());
+    for ((line, want), src) in got.iter().zip(want).zip(sources) {
+        assert_eq!(line["source"], src);
+        assert_eq!(line["src_groups"], want);
+    }
 }

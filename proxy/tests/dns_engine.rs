@@ -131,6 +131,7 @@ mod dns {
         m.answers = answers;
         m.additionals = additionals;
         UpstreamAnswer {
+            wire: m.to_vec().unwrap(),
             message: m,
             upstream: UPSTREAM.parse().unwrap(),
         }
@@ -327,7 +328,11 @@ mod dns {
             }
             let id = u16::from_be_bytes([bytes[0], bytes[1]]);
             let outcome = sluice::dns::forward::check_answer(UPSTREAM.parse().unwrap(), &bytes, id, &p.question)
-                .map(|message| UpstreamAnswer { message, upstream: UPSTREAM.parse().unwrap() });
+                .map(|message| UpstreamAnswer {
+                    message,
+                    upstream: UPSTREAM.parse().unwrap(),
+                    wire: bytes.clone(),
+                });
             let reply = core.complete(*p, outcome, now);
             let m = Message::from_vec(&reply.bytes).unwrap();
             prop_assert_eq!(m.metadata.id, 0x4242);
@@ -358,7 +363,7 @@ mod dns {
     fn core_with(fast: bool) -> DnsCore {
         let config = DnsConfig {
             upstreams: vec![Upstream::udp(UPSTREAM.parse().unwrap())],
-            cache_fast_path: fast,
+            wire_fast_path: fast,
             ..DnsConfig::default()
         };
         DnsCore::with_new_bindings(config, Arc::new(AllowButOneSource)).unwrap()
@@ -420,6 +425,7 @@ mod dns {
         m.authorities = authorities;
         m.additionals = additionals;
         let answer = UpstreamAnswer {
+            wire: m.to_vec().unwrap(),
             message: m,
             upstream: UPSTREAM.parse().unwrap(),
         };
@@ -572,7 +578,7 @@ mod dns {
         let hit = reply_of(core.handle_query_bytes(ctx(Transport::Udp, t0 + Duration::from_secs(20)), &mixed));
         assert_eq!(core.stats().snapshot().cache_fast_hits, 1);
         assert!(hit.audit.cache_hit);
-        assert_eq!(hit.audit.qname, "www.allowed.test");
+        assert_eq!(&*hit.audit.qname, "www.allowed.test");
         // Header and question exactly as the client sent them (bar QR/RA).
         assert_eq!(&hit.bytes[..2], &[0x12, 0x34]);
         let qname_wire = &mixed[12..12 + 19];
@@ -646,9 +652,156 @@ mod dns {
             Message::from_vec(&denied.bytes).unwrap().metadata.response_code,
             ResponseCode::NXDomain
         );
-        assert_eq!(denied.audit.rule, "no-ten-nine");
+        assert_eq!(&*denied.audit.rule, "no-ten-nine");
         assert!(!denied.audit.cache_hit);
         let stats = core.stats().snapshot();
         assert_eq!((stats.queries, stats.denied, stats.cache_fast_hits), (3, 1, 1));
+    }
+
+    /// Sends `q` through `core` and completes it with an upstream answer
+    /// (AA and AD set, EDNS with DO when `upstream_do`); returns the reply.
+    fn answer_via(
+        core: &DnsCore,
+        q: &[u8],
+        transport: Transport,
+        rcode: ResponseCode,
+        sections: [Vec<Record>; 3],
+        upstream_do: Option<bool>,
+    ) -> sluice::dns::Reply {
+        let now = Instant::now();
+        let Step::Forward(p) = core.handle_query_bytes(ctx(transport, now), q) else {
+            panic!("expected Forward");
+        };
+        let sent = Message::from_vec(&p.upstream_query).unwrap();
+        let mut m = Message::response(0x7777, OpCode::Query);
+        m.metadata.response_code = rcode;
+        m.metadata.authoritative = true;
+        m.metadata.authentic_data = true;
+        m.metadata.recursion_desired = sent.metadata.recursion_desired;
+        m.add_query(p.question.clone());
+        let [answers, authorities, additionals] = sections;
+        m.answers = answers;
+        m.authorities = authorities;
+        m.additionals = additionals;
+        if let Some(dnssec_ok) = upstream_do {
+            let mut e = Edns::new();
+            e.set_max_payload(4096);
+            e.set_dnssec_ok(dnssec_ok);
+            m.set_edns(e);
+        }
+        let answer = UpstreamAnswer {
+            wire: m.to_vec().unwrap(),
+            message: m,
+            upstream: UPSTREAM.parse().unwrap(),
+        };
+        core.complete(*p, Ok(answer), now)
+    }
+
+    #[test]
+    fn upstream_answers_passed_on_patched_mean_what_the_general_path_says() {
+        let fast = core_with(true);
+        let slow = core_with(false);
+        let asks = [
+            Ask2 {
+                id: 1,
+                rd: true,
+                cd: false,
+                ad: false,
+                edns: None,
+            },
+            Ask2 {
+                id: 2,
+                rd: false,
+                cd: true,
+                ad: true,
+                edns: None,
+            },
+            Ask2 {
+                id: 3,
+                rd: true,
+                cd: false,
+                ad: true,
+                edns: Some((1232, false)),
+            },
+            Ask2 {
+                id: 4,
+                rd: true,
+                cd: true,
+                ad: false,
+                edns: Some((4096, true)),
+            },
+        ];
+        let mut n = 0u16;
+        for ask in &asks {
+            for transport in [Transport::Udp, Transport::Tcp] {
+                for upstream_do in [None, Some(false), Some(true)] {
+                    for nx in [false, true] {
+                        // A fresh name each time: no cache hit in between.
+                        n += 1;
+                        let name = format!("p{n}.allowed.test.");
+                        let (rcode, sections) = if nx {
+                            (ResponseCode::NXDomain, [vec![], vec![soa_record()], vec![]])
+                        } else {
+                            let [mut answers, authorities, additionals] = cname_chain();
+                            answers[0] =
+                                Record::from_rdata(Name::from_ascii(&name).unwrap(), 120, answers[0].data.clone());
+                            (ResponseCode::NoError, [answers, authorities, additionals])
+                        };
+                        let q = query2(&name, RecordType::A, ask);
+                        let a = answer_via(&fast, &q, transport, rcode, sections.clone(), upstream_do);
+                        let b = answer_via(&slow, &q, transport, rcode, sections, upstream_do);
+                        let (ma, mb) = (
+                            Message::from_vec(&a.bytes).unwrap(),
+                            Message::from_vec(&b.bytes).unwrap(),
+                        );
+                        assert_eq!(ma, mb, "{name} {transport:?} upstream DO {upstream_do:?}");
+                        assert_eq!(ma.metadata.id, ask.id);
+                        assert_eq!(a.audit, b.audit);
+                    }
+                }
+            }
+        }
+        let passed = fast.stats().snapshot().upstream_passthrough;
+        assert_eq!(passed, u64::from(n), "every one of these is plain");
+        assert_eq!(slow.stats().snapshot().upstream_passthrough, 0);
+        // Bindings are recorded either way.
+        let src: IpAddr = "10.1.2.3".parse().unwrap();
+        let name = DomainName::parse("p1.allowed.test").unwrap();
+        for core in [&fast, &slow] {
+            assert!(
+                core.bindings()
+                    .is_bound(src, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), &name, Instant::now())
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_upstream_answers_still_go_the_general_way() {
+        let fast = core_with(true);
+        let ask = Ask2 {
+            id: 9,
+            rd: true,
+            cd: false,
+            ad: false,
+            edns: None,
+        };
+        let q = query2("big.allowed.test.", RecordType::A, &ask);
+        let reply = answer_via(
+            &fast,
+            &q,
+            Transport::Udp,
+            ResponseCode::NoError,
+            [
+                a_records("big.allowed.test.", 2),
+                vec![],
+                a_records("extra.allowed.test.", 40),
+            ],
+            Some(false),
+        );
+        assert!(reply.bytes.len() <= 512);
+        let m = Message::from_vec(&reply.bytes).unwrap();
+        assert_eq!(m.answers.len(), 2);
+        assert!(m.additionals.is_empty());
+        assert_eq!(fast.stats().snapshot().upstream_passthrough, 0);
     }
 }

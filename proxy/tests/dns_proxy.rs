@@ -466,10 +466,10 @@ mod dns {
         assert_eq!(*h.auth.seen.last_flags.lock().unwrap(), Some((true, true)));
 
         let rec = h.next_audit().await;
-        assert_eq!(rec.qname, "www.allowed.test");
+        assert_eq!(&*rec.qname, "www.allowed.test");
         assert_eq!(rec.qtype, 1);
         assert!(rec.allowed && rec.enforced && !rec.watched && !rec.cache_hit);
-        assert_eq!(rec.rule, "allow-test");
+        assert_eq!(&*rec.rule, "allow-test");
         assert_eq!(rec.reason, "allowed-by-rule");
         assert_eq!(rec.rcode, 0);
         assert_eq!(rec.upstream, Some(h.auth.addr));
@@ -486,10 +486,7 @@ mod dns {
         assert_eq!(h.auth.seen.total(), 0);
         let rec = h.next_audit().await;
         assert!(!rec.allowed && rec.enforced && !rec.watched);
-        assert_eq!(
-            (rec.rule.as_str(), rec.reason, rec.rcode),
-            ("default", "default-deny", 3)
-        );
+        assert_eq!((&*rec.rule, rec.reason, rec.rcode), ("default", "default-deny", 3));
         assert_eq!(h.core.stats().snapshot().denied, 1);
         h.stop().await;
     }
@@ -528,7 +525,7 @@ mod dns {
         assert_eq!(a_addrs(&m), vec![Ipv4Addr::new(198, 51, 100, 1)]);
         let rec = h.next_audit().await;
         assert!(!rec.allowed && !rec.enforced && rec.watched);
-        assert_eq!(rec.rule, "deny-watch");
+        assert_eq!(&*rec.rule, "deny-watch");
         assert_eq!(h.core.stats().snapshot().watched, 1);
         h.stop().await;
     }

@@ -9,6 +9,7 @@
 //! stage can export them however it likes.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -21,6 +22,18 @@ use tokio::sync::mpsc;
 pub trait DnsAuditSink: std::fmt::Debug + Send + Sync + 'static {
     /// Takes one record; returns `false` when it had to drop it.
     fn record(&self, record: DnsAuditRecord) -> bool;
+
+    /// Takes every record of `records` (the answers of one receive batch),
+    /// leaving it empty; returns how many it had to drop.
+    fn record_all(&self, records: &mut Vec<DnsAuditRecord>) -> u64 {
+        let mut dropped = 0;
+        for record in records.drain(..) {
+            if !self.record(record) {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
 
     /// Hands on anything buffered. The listener calls it when it stops, so
     /// a clean shutdown loses nothing.
@@ -48,8 +61,10 @@ pub struct DnsAuditRecord {
     pub time_unix_ms: u64,
     pub source: SocketAddr,
     pub transport: Transport,
-    /// Canonical name when it parsed as one, else the name as received.
-    pub qname: String,
+    /// Canonical name when it parsed as one, else the name as received
+    /// (shared: a cache hit hands out the entry's copy).
+    #[serde(serialize_with = "as_str")]
+    pub qname: Arc<str>,
     pub qtype: u16,
     /// The policy's action.
     pub allowed: bool,
@@ -57,7 +72,9 @@ pub struct DnsAuditRecord {
     pub enforced: bool,
     /// Denied by policy but answered because of watch mode ("would deny").
     pub watched: bool,
-    pub rule: String,
+    /// The policy's rule name (shared with the compiled policy).
+    #[serde(serialize_with = "as_str")]
+    pub rule: Arc<str>,
     pub reason: &'static str,
     /// Response code sent to the client (extended codes included).
     pub rcode: u16,
@@ -68,6 +85,10 @@ pub struct DnsAuditRecord {
     pub cache_hit: bool,
     /// An `ech` SvcParam was removed from the answer.
     pub ech_stripped: bool,
+}
+
+fn as_str<S: serde::Serializer>(value: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(value)
 }
 
 /// Counters, updated with relaxed atomics (they are statistics, not
@@ -84,6 +105,8 @@ pub struct DnsStats {
     /// Cache hits answered on wire bytes (a subset of `cache_hits`).
     pub cache_fast_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    /// Upstream answers passed on patched rather than re-encoded.
+    pub upstream_passthrough: AtomicU64,
     /// Failed exchanges with one upstream (a query may count several).
     pub upstream_errors: AtomicU64,
     /// Datagrams on an upstream socket that answered nothing we asked
@@ -110,6 +133,7 @@ pub struct DnsStatsSnapshot {
     pub cache_hits: u64,
     pub cache_fast_hits: u64,
     pub cache_misses: u64,
+    pub upstream_passthrough: u64,
     pub upstream_errors: u64,
     pub upstream_mismatched: u64,
     pub servfail: u64,
@@ -136,6 +160,7 @@ impl DnsStats {
             cache_hits: get(&self.cache_hits),
             cache_fast_hits: get(&self.cache_fast_hits),
             cache_misses: get(&self.cache_misses),
+            upstream_passthrough: get(&self.upstream_passthrough),
             upstream_errors: get(&self.upstream_errors),
             upstream_mismatched: get(&self.upstream_mismatched),
             servfail: get(&self.servfail),

@@ -90,6 +90,8 @@ pub struct CacheEntry {
     /// The canonical query name (the policy and the bindings want it on a
     /// fast-path hit, which never parses the name into one).
     pub qname: DomainName,
+    /// The same name, shared into every audit record served from here.
+    pub qname_shared: Arc<str>,
     pub rcode: ResponseCode,
     pub authentic_data: bool,
     pub answers: Vec<Record>,
@@ -197,6 +199,7 @@ impl DnsCache {
         }
         let entry = Arc::new(CacheEntry {
             qname: qname.clone(),
+            qname_shared: Arc::from(qname.as_str()),
             rcode,
             authentic_data,
             answers: answers.to_vec(),

@@ -196,9 +196,10 @@ pub struct DnsConfig {
     /// …or once it is this old, whichever comes first, so source ports keep
     /// changing.
     pub upstream_socket_max_age: Duration,
-    /// Answer plain cached queries on wire bytes (see `dns::fast`); off,
-    /// every query takes the general path (same answers, slower).
-    pub cache_fast_path: bool,
+    /// Answer plain cached queries on wire bytes, and pass plain upstream
+    /// answers on patched instead of re-encoded (see `dns::fast`); off,
+    /// every answer is decoded and encoded (same meaning, slower).
+    pub wire_fast_path: bool,
 }
 
 impl Default for DnsConfig {
@@ -218,10 +219,10 @@ impl Default for DnsConfig {
             max_in_flight: 4_096,
             tcp_idle_timeout: Duration::from_secs(10),
             tls: None,
-            upstream_udp_sockets: 32,
+            upstream_udp_sockets: 16,
             upstream_socket_max_queries: 1_024,
             upstream_socket_max_age: Duration::from_secs(10),
-            cache_fast_path: true,
+            wire_fast_path: true,
         }
     }
 }

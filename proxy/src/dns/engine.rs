@@ -35,7 +35,7 @@ use super::cache::{CacheEntry, CacheKey, DnsCache, MAX_KEY_LEN};
 use super::config::{DenyAnswer, DnsConfig};
 use super::ech::strip_ech;
 use super::exfil::ExfilDetector;
-use super::fast::{WireAnswer, WireQuery};
+use super::fast::{Patch, WireAnswer, WireQuery, patch_upstream};
 use super::forward::{ForwardError, UpstreamAnswer};
 use super::policy::{QueryPolicy, QueryVerdict, reason};
 
@@ -187,7 +187,7 @@ impl DnsCore {
 
     /// Handles one message from a client. Never panics, whatever the bytes.
     pub fn handle_query_bytes(&self, ctx: QueryContext, bytes: &[u8]) -> Step {
-        let verdict = if self.config.cache_fast_path {
+        let verdict = if self.config.wire_fast_path {
             match self.fast_path(ctx, bytes) {
                 Ok(step) => return step,
                 Err(verdict) => verdict,
@@ -218,14 +218,7 @@ impl DnsCore {
         let rcode = u16::from(entry.rcode);
         // RA=1, AD, CD echoed, RCODE (cached answers are NOERROR/NXDOMAIN).
         let flags = 0x80 | (u8::from(ad) << 5) | (u8::from(q.checking_disabled) << 4) | (rcode & 0x0f) as u8;
-        let limit = match ctx.transport {
-            Transport::Tcp => usize::from(u16::MAX),
-            Transport::Udp => {
-                let ours = self.config.udp_payload.max(MIN_UDP_PAYLOAD);
-                let theirs = q.edns.map_or(MIN_UDP_PAYLOAD, |(p, _)| p);
-                usize::from(theirs.clamp(MIN_UDP_PAYLOAD, ours))
-            }
-        };
+        let limit = self.client_limit(ctx.transport, q.edns.map(|(p, _)| p));
         let Some(bytes) = wire.render(&q, hit.age_secs, flags, self.config.udp_payload, limit) else {
             return Err(None);
         };
@@ -248,7 +241,15 @@ impl DnsCore {
             self.bindings
                 .record(src, ip, qname, ttl.saturating_sub(hit.age_secs), ctx.now);
         }
-        let mut audit = self.audit(&ctx, qname.as_str(), q.qtype, &verdict, watched, entry.rcode, ctx.now);
+        let mut audit = self.audit(
+            &ctx,
+            Arc::clone(&entry.qname_shared),
+            q.qtype,
+            &verdict,
+            watched,
+            entry.rcode,
+            ctx.now,
+        );
         audit.cache_hit = true;
         audit.ech_stripped = entry.ech_stripped;
         Ok(Step::Reply(Reply { bytes, audit }))
@@ -328,7 +329,15 @@ impl DnsCore {
                 additionals: CacheEntry::aged(&entry.additionals, hit.age_secs),
             };
             let (bytes, rcode) = self.encode_answer(&ctx, &client, answer);
-            let mut audit = self.audit(&ctx, qname.as_str(), qtype, &verdict, watched, rcode, ctx.now);
+            let mut audit = self.audit(
+                &ctx,
+                Arc::from(qname.as_str()),
+                qtype,
+                &verdict,
+                watched,
+                rcode,
+                ctx.now,
+            );
             audit.cache_hit = true;
             audit.ech_stripped = entry.ech_stripped;
             return Step::Reply(Reply { bytes, audit });
@@ -380,7 +389,11 @@ impl DnsCore {
                 return self.servfail(ctx, &client, &qname, qtype, &verdict, watched, None, now);
             }
         };
-        let UpstreamAnswer { mut message, upstream } = answer;
+        let UpstreamAnswer {
+            mut message,
+            upstream,
+            wire,
+        } = answer;
         let rcode = message.metadata.response_code;
         let mut ech_stripped = false;
         if self.config.strip_ech {
@@ -407,6 +420,37 @@ impl DnsCore {
             self.bind(ctx.src.ip(), &qname, question.name(), &message.answers, now);
         }
         let ad = message.metadata.authentic_data && (client.authentic_data || client.dnssec_ok());
+        // A plain answer goes on as the upstream sent it, header and OPT
+        // rewritten; its question must be ours exactly (case included, as the
+        // general path would echo it).
+        if self.config.wire_fast_path
+            && !ech_stripped
+            && !wire.is_empty()
+            && u16::from(rcode) < 16
+            && message
+                .queries
+                .first()
+                .is_some_and(|q| q.name().eq_case(question.name()))
+        {
+            let patch = Patch {
+                id: client.id,
+                recursion_desired: client.recursion_desired,
+                checking_disabled: client.checking_disabled,
+                authentic_data: ad,
+                edns: client.edns.map(|e| e.dnssec_ok),
+                payload: self.config.udp_payload,
+                limit: self.client_limit(ctx.transport, client.edns.map(|e| e.payload)),
+            };
+            if let Some(bytes) = patch_upstream(&wire, &patch) {
+                if rcode == ResponseCode::ServFail {
+                    DnsStats::bump(&self.stats.servfail);
+                }
+                DnsStats::bump(&self.stats.upstream_passthrough);
+                let mut audit = self.audit(&ctx, Arc::from(qname.as_str()), qtype, &verdict, watched, rcode, now);
+                audit.upstream = Some(upstream);
+                return Reply { bytes, audit };
+            }
+        }
         let parts = AnswerParts {
             rcode,
             authoritative: message.metadata.authoritative,
@@ -419,7 +463,7 @@ impl DnsCore {
         if rcode == ResponseCode::ServFail {
             DnsStats::bump(&self.stats.servfail);
         }
-        let mut audit = self.audit(&ctx, qname.as_str(), qtype, &verdict, watched, rcode, now);
+        let mut audit = self.audit(&ctx, Arc::from(qname.as_str()), qtype, &verdict, watched, rcode, now);
         audit.upstream = Some(upstream);
         audit.ech_stripped = ech_stripped;
         Reply { bytes, audit }
@@ -487,7 +531,7 @@ impl DnsCore {
             }
         }
         let (bytes, rcode) = self.encode_answer(&ctx, client, parts);
-        let audit = self.audit(&ctx, qname.as_str(), qtype, verdict, false, rcode, ctx.now);
+        let audit = self.audit(&ctx, Arc::from(qname.as_str()), qtype, verdict, false, rcode, ctx.now);
         Reply { bytes, audit }
     }
 
@@ -508,7 +552,7 @@ impl DnsCore {
     ) -> Reply {
         DnsStats::bump(&self.stats.servfail);
         let (bytes, rcode) = self.encode_answer(&ctx, client, AnswerParts::empty(ResponseCode::ServFail));
-        let mut audit = self.audit(&ctx, qname.as_str(), qtype, verdict, watched, rcode, now);
+        let mut audit = self.audit(&ctx, Arc::from(qname.as_str()), qtype, verdict, watched, rcode, now);
         audit.upstream = upstream;
         Reply { bytes, audit }
     }
@@ -533,7 +577,7 @@ impl DnsCore {
             rule: Arc::from(PARSER_RULE),
             reason: why,
         };
-        let audit = self.audit(&ctx, &qname, qtype, &verdict, false, rcode, ctx.now);
+        let audit = self.audit(&ctx, Arc::from(qname), qtype, &verdict, false, rcode, ctx.now);
         Reply { bytes, audit }
     }
 
@@ -562,14 +606,7 @@ impl DnsCore {
             edns.set_dnssec_ok(ce.dnssec_ok);
             m.set_edns(edns);
         }
-        let limit = match ctx.transport {
-            Transport::Tcp => usize::from(u16::MAX),
-            Transport::Udp => {
-                let ours = self.config.udp_payload.max(MIN_UDP_PAYLOAD);
-                let theirs = client.edns.map_or(MIN_UDP_PAYLOAD, |e| e.payload);
-                usize::from(theirs.clamp(MIN_UDP_PAYLOAD, ours))
-            }
-        };
+        let limit = self.client_limit(ctx.transport, client.edns.map(|e| e.payload));
         if let Some(bytes) = encode_within(&mut m, limit) {
             return (bytes, m.metadata.response_code);
         }
@@ -584,6 +621,19 @@ impl DnsCore {
         (fail.to_vec().unwrap_or_default(), ResponseCode::ServFail)
     }
 
+    /// Largest answer a client takes: 64 KiB over TCP; over UDP its EDNS
+    /// size (512 without EDNS), within [512, ours].
+    fn client_limit(&self, transport: Transport, edns_payload: Option<u16>) -> usize {
+        match transport {
+            Transport::Tcp => usize::from(u16::MAX),
+            Transport::Udp => {
+                let ours = self.config.udp_payload.max(MIN_UDP_PAYLOAD);
+                let theirs = edns_payload.unwrap_or(MIN_UDP_PAYLOAD);
+                usize::from(theirs.clamp(MIN_UDP_PAYLOAD, ours))
+            }
+        }
+    }
+
     #[allow(
         clippy::too_many_arguments,
         reason = "the audit record's fields, gathered in one place"
@@ -591,7 +641,7 @@ impl DnsCore {
     fn audit(
         &self,
         ctx: &QueryContext,
-        qname: &str,
+        qname: Arc<str>,
         qtype: u16,
         verdict: &QueryVerdict,
         watched: bool,
@@ -603,12 +653,12 @@ impl DnsCore {
             time_unix_ms: ctx.unix_ms,
             source: ctx.src,
             transport: ctx.transport,
-            qname: qname.to_owned(),
+            qname,
             qtype,
             allowed: verdict.allowed,
             enforced: verdict.enforced,
             watched,
-            rule: verdict.rule.to_string(),
+            rule: Arc::clone(&verdict.rule),
             reason: verdict.reason,
             rcode: u16::from(rcode),
             upstream: None,

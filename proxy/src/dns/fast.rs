@@ -100,35 +100,30 @@ impl<'a> WireQuery<'a> {
     /// The cache key of this question (lower-cased presentation name) in
     /// `buf`; returns its length.
     pub fn cache_key(&self, buf: &mut [u8; MAX_KEY_LEN]) -> Option<usize> {
-        let mut name = [0u8; 256];
-        let mut len = 0;
+        let dnssec_ok = self.edns.is_some_and(|(_, d)| d);
+        // The fixed part first (with an empty name), then the name written
+        // straight after it, lower-cased, labels joined by dots.
+        let start = CacheKey::encode(buf, b"", self.qtype, self.qclass, dnssec_ok, self.checking_disabled)?;
+        let mut len = start;
         let mut i = 0;
         while let Some(&label) = self.qname.get(i) {
             if label == 0 {
                 break;
             }
             let label = usize::from(label);
-            if len > 0 {
-                *name.get_mut(len)? = b'.';
+            if len > start {
+                *buf.get_mut(len)? = b'.';
                 len += 1;
             }
             let bytes = self.qname.get(i + 1..i + 1 + label)?;
-            let dst = name.get_mut(len..len + label)?;
+            let dst = buf.get_mut(len..len + label)?;
             for (d, s) in dst.iter_mut().zip(bytes) {
                 *d = s.to_ascii_lowercase();
             }
             len += label;
             i += 1 + label;
         }
-        let dnssec_ok = self.edns.is_some_and(|(_, d)| d);
-        CacheKey::encode(
-            buf,
-            &name[..len],
-            self.qtype,
-            self.qclass,
-            dnssec_ok,
-            self.checking_disabled,
-        )
+        Some(len)
     }
 }
 
@@ -225,6 +220,140 @@ impl WireAnswer {
             out.extend_from_slice(&[0, 0, if dnssec_ok { 0x80 } else { 0 }, 0, 0, 0]);
         }
         Some(out)
+    }
+}
+
+/// How an upstream answer is rewritten for the client ([`patch_upstream`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Patch {
+    pub id: u16,
+    pub recursion_desired: bool,
+    pub checking_disabled: bool,
+    pub authentic_data: bool,
+    /// The client's DO bit when it spoke EDNS; `None` when it did not.
+    pub edns: Option<bool>,
+    /// The EDNS UDP payload size Sluice advertises.
+    pub payload: u16,
+    /// Largest answer the client takes.
+    pub limit: usize,
+}
+
+/// Passes an upstream answer on without decoding and re-encoding it: the
+/// upstream's bytes with the header rewritten for the client (ID, RD and CD
+/// echoed, RA set, AD as computed, AA and RCODE kept, TC cleared) and the
+/// upstream's OPT record replaced by Sluice's (or dropped, for a client
+/// without EDNS). `None` — encode it the general way — for anything that
+/// does not walk cleanly, an OPT that is not the last record or carries an
+/// extended RCODE, a SIG(0)/TSIG record, a record type whose names this
+/// does not know how to find, a compression pointer into the header (its
+/// bytes change here, so the name would read differently than it was
+/// checked and bound), or an answer over `limit`.
+pub fn patch_upstream(wire: &[u8], p: &Patch) -> Option<Vec<u8>> {
+    const TYPE_SIG: u16 = 24;
+    const TYPE_TSIG: u16 = 250;
+    let head = wire.get(..HEADER)?;
+    let count = |i: usize| u16::from_be_bytes([head[i], head[i + 1]]);
+    let (an, ns, ar) = (count(6), count(8), count(10));
+    if count(4) != 1 {
+        return None;
+    }
+    check_name(wire, HEADER)?;
+    let mut i = skip_name(wire, HEADER)? + 4;
+    let first_additional = usize::from(an) + usize::from(ns);
+    let mut opt_start = None;
+    for k in 0..first_additional + usize::from(ar) {
+        let start = i;
+        check_name(wire, i)?;
+        i = skip_name(wire, i)?;
+        let fixed = wire.get(i..i + 10)?;
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let rdata = i + 10;
+        i = rdata + usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        check_rdata_names(wire, rtype, rdata, i)?;
+        match rtype {
+            TYPE_OPT if k >= first_additional && opt_start.is_none() && fixed[4] == 0 => opt_start = Some(start),
+            TYPE_OPT | TYPE_SIG | TYPE_TSIG => return None,
+            _ if opt_start.is_some() => return None,
+            _ => {}
+        }
+    }
+    if i != wire.len() {
+        return None;
+    }
+    let body = opt_start.unwrap_or(wire.len());
+    let len = body + if p.edns.is_some() { OPT_LEN } else { 0 };
+    if len > p.limit {
+        return None;
+    }
+    let arcount = ar - u16::from(opt_start.is_some()) + u16::from(p.edns.is_some());
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&wire[..body]);
+    out[..2].copy_from_slice(&p.id.to_be_bytes());
+    out[2] = 0x80 | (wire[2] & 0x04) | u8::from(p.recursion_desired);
+    out[3] = 0x80 | (u8::from(p.authentic_data) << 5) | (u8::from(p.checking_disabled) << 4) | (wire[3] & 0x0f);
+    out[10..12].copy_from_slice(&arcount.to_be_bytes());
+    if let Some(dnssec_ok) = p.edns {
+        out.push(0);
+        out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+        out.extend_from_slice(&p.payload.to_be_bytes());
+        out.extend_from_slice(&[0, 0, if dnssec_ok { 0x80 } else { 0 }, 0, 0, 0]);
+    }
+    Some(out)
+}
+
+/// Follows the name at `i` through its compression pointers (bounded),
+/// failing on a pointer into the header or a malformed label.
+fn check_name(b: &[u8], mut i: usize) -> Option<()> {
+    for _ in 0..128 {
+        let len = *b.get(i)?;
+        match len & 0xc0 {
+            0x00 if len == 0 => return Some(()),
+            0x00 => i += 1 + usize::from(len),
+            0xc0 => {
+                let target = usize::from(u16::from_be_bytes([len & 0x3f, *b.get(i + 1)?]));
+                if target < HEADER {
+                    return None;
+                }
+                i = target;
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Checks every domain name inside one record's data (`b[start..end]`),
+/// for the types whose names are known; `None` for any other type that may
+/// hold names.
+fn check_rdata_names(b: &[u8], rtype: u16, start: usize, end: usize) -> Option<()> {
+    let name_at = |offset: usize| -> Option<usize> {
+        let at = start + offset;
+        if at >= end {
+            return None;
+        }
+        check_name(b, at)?;
+        skip_name(b, at).filter(|after| *after <= end)
+    };
+    match rtype {
+        // No names: A, HINFO, TXT, AAAA, OPT, DS, SSHFP, DNSKEY, NSEC3,
+        // NSEC3PARAM, TLSA, CAA.
+        1 | 13 | 16 | 28 | 41 | 43 | 44 | 48 | 50 | 51 | 52 | 257 => Some(()),
+        // NS, CNAME, PTR, DNAME, NSEC: a name first.
+        2 | 5 | 12 | 39 | 47 => name_at(0).map(drop),
+        // MX: preference, exchange.
+        15 => name_at(2).map(drop),
+        // SRV: priority, weight, port, target.
+        33 => name_at(6).map(drop),
+        // SVCB, HTTPS: priority, target.
+        64 | 65 => name_at(2).map(drop),
+        // RRSIG: signer's name after 18 fixed bytes.
+        46 => name_at(18).map(drop),
+        // SOA: two names.
+        6 => {
+            let after = name_at(0)?;
+            name_at(after - start).map(drop)
+        }
+        _ => None,
     }
 }
 
@@ -363,5 +492,60 @@ mod tests {
             .map(|&at| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
             .collect();
         assert_eq!(got, vec![100, 101, 102]);
+    }
+
+    fn patch() -> Patch {
+        Patch {
+            id: 0x0102,
+            recursion_desired: true,
+            checking_disabled: false,
+            authentic_data: false,
+            edns: Some(true),
+            payload: 1232,
+            limit: 4096,
+        }
+    }
+
+    fn upstream_answer() -> Vec<u8> {
+        let mut m = Message::response(0x9999, OpCode::Query);
+        let n = Name::from_ascii("a.test.").unwrap();
+        m.add_query(Query::query(n.clone(), RecordType::A));
+        m.add_answer(hickory_proto::rr::Record::from_rdata(
+            n,
+            60,
+            hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A(Ipv4Addr::new(192, 0, 2, 1))),
+        ));
+        let mut e = Edns::new();
+        e.set_max_payload(4096);
+        m.set_edns(e);
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn patched_answers_swap_header_and_opt() {
+        let wire = upstream_answer();
+        let out = patch_upstream(&wire, &patch()).unwrap();
+        let m = Message::from_vec(&out).unwrap();
+        assert_eq!(m.metadata.id, 0x0102);
+        assert!(m.metadata.recursion_available && m.metadata.recursion_desired);
+        let edns = m.edns.unwrap();
+        assert_eq!((edns.max_payload(), edns.flags().dnssec_ok), (1232, true));
+        assert_eq!(m.answers.len(), 1);
+        // Without client EDNS the OPT is dropped; over the limit, no patch.
+        let out = patch_upstream(&wire, &Patch { edns: None, ..patch() }).unwrap();
+        assert!(Message::from_vec(&out).unwrap().edns.is_none());
+        assert!(patch_upstream(&wire, &Patch { limit: 20, ..patch() }).is_none());
+    }
+
+    #[test]
+    fn pointers_into_the_header_are_not_patched() {
+        let mut wire = upstream_answer();
+        // The answer's owner is a pointer to the question (offset 12); aim
+        // it at the flags instead, which patching rewrites.
+        let at = wire.windows(2).position(|w| w == [0xc0, 12]).unwrap();
+        wire[at + 1] = 3;
+        assert!(patch_upstream(&wire, &patch()).is_none());
+        wire[at + 1] = 12;
+        assert!(patch_upstream(&wire, &patch()).is_some());
     }
 }

@@ -58,6 +58,9 @@ pub enum ForwardError {
 pub struct UpstreamAnswer {
     pub message: Message,
     pub upstream: SocketAddr,
+    /// The message as received (empty if unknown): the engine passes a
+    /// plain answer on patched rather than re-encoded.
+    pub wire: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -145,10 +148,11 @@ impl Forwarder {
                     Err(_) => Err(ForwardError::Timeout(target.addr)),
                 };
                 match result {
-                    Ok(message) => {
+                    Ok((message, wire)) => {
                         let answer = UpstreamAnswer {
                             message,
                             upstream: target.addr,
+                            wire,
                         };
                         if is_upstream_failure(answer.message.metadata.response_code) {
                             fallback = Some(answer);
@@ -170,12 +174,17 @@ impl Forwarder {
         Err(last_err)
     }
 
-    async fn exchange(&self, target: &Target, query: &[u8], question: &Query) -> Result<Message, ForwardError> {
+    async fn exchange(
+        &self,
+        target: &Target,
+        query: &[u8],
+        question: &Query,
+    ) -> Result<(Message, Vec<u8>), ForwardError> {
         let mut query = query.to_vec();
         if let Link::Udp(pool) = &target.link {
-            let message = pool.exchange(&mut query, question).await?;
+            let (message, wire) = pool.exchange(&mut query, question).await?;
             if !message.metadata.truncation {
-                return Ok(message);
+                return Ok((message, wire));
             }
         }
         // A fresh ID for the stream attempt too (after TC, it is a new exchange).
@@ -183,7 +192,10 @@ impl Forwarder {
         if let Some(head) = query.get_mut(..2) {
             head.copy_from_slice(&id.to_be_bytes());
         }
-        self.stream_exchange(target, &query, id, question).await
+        // Boxed: the TCP/TLS exchange (connect, handshake) is a large future
+        // that most queries never run; inline it would be copied into every
+        // forwarded query's task.
+        Box::pin(self.stream_exchange(target, &query, id, question)).await
     }
 
     /// One exchange over TCP or TLS, on an idle pooled connection when there
@@ -196,7 +208,7 @@ impl Forwarder {
         query: &[u8],
         id: u16,
         question: &Query,
-    ) -> Result<Message, ForwardError> {
+    ) -> Result<(Message, Vec<u8>), ForwardError> {
         let addr = target.addr;
         if let Some(mut conn) = target.take_idle() {
             match conn.exchange(addr, query, id, question).await {
@@ -249,7 +261,7 @@ impl Conn {
         query: &[u8],
         id: u16,
         question: &Query,
-    ) -> Result<Message, ForwardError> {
+    ) -> Result<(Message, Vec<u8>), ForwardError> {
         match self {
             Self::Tcp(s) => framed_exchange(s, addr, query, id, question).await,
             Self::Tls(s) => framed_exchange(&mut **s, addr, query, id, question).await,
@@ -290,7 +302,7 @@ async fn framed_exchange<S>(
     query: &[u8],
     id: u16,
     question: &Query,
-) -> Result<Message, ForwardError>
+) -> Result<(Message, Vec<u8>), ForwardError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -305,7 +317,8 @@ where
     stream.read_exact(&mut len).await.map_err(io)?;
     let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
     stream.read_exact(&mut buf).await.map_err(io)?;
-    check_answer(addr, &buf, id, question)
+    let message = check_answer(addr, &buf, id, question)?;
+    Ok((message, buf))
 }
 
 /// Parses an upstream message and checks it answers what was asked (ID,

@@ -151,16 +151,23 @@ async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)
 }
 
 fn context(src: SocketAddr, transport: Transport) -> QueryContext {
+    let (now, unix_ms) = clocks();
+    QueryContext {
+        src,
+        transport,
+        now,
+        unix_ms,
+    }
+}
+
+/// Arrival time on both clocks (monotonic for TTLs and latency, Unix for
+/// the audit record).
+fn clocks() -> (std::time::Instant, u64) {
     let unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0);
-    QueryContext {
-        src,
-        transport,
-        now: now(),
-        unix_ms,
-    }
+    (now(), unix_ms)
 }
 
 /// tokio's clock rather than `std`'s, so tests with paused time drive TTLs.
@@ -172,6 +179,16 @@ impl Shared {
     fn emit(&self, record: DnsAuditRecord) {
         if !self.audit.record(record) {
             DnsStats::bump(&self.core.stats().audit_drops);
+        }
+    }
+
+    fn emit_all(&self, records: &mut Vec<DnsAuditRecord>) {
+        let dropped = self.audit.record_all(records);
+        if dropped > 0 {
+            self.core
+                .stats()
+                .audit_drops
+                .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -215,6 +232,9 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
                 continue;
             }
         }
+        // One reading of the clocks for the batch: its datagrams were all
+        // taken off the socket at this moment.
+        let (arrived, unix_ms) = clocks();
         for (i, &(n, src, local)) in got.iter().enumerate() {
             let Some(bytes) = bufs.get(i).and_then(|b| b.get(..n)) else {
                 continue;
@@ -223,7 +243,13 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
             // starve the forwarded queries and upstream readers on the same
             // worker. Each datagram spends from the task's cooperative budget.
             tokio::task::coop::consume_budget().await;
-            match shared.core.handle_query_bytes(context(src, Transport::Udp), bytes) {
+            let ctx = QueryContext {
+                src,
+                transport: Transport::Udp,
+                now: arrived,
+                unix_ms,
+            };
+            match shared.core.handle_query_bytes(ctx, bytes) {
                 Step::Drop => {}
                 Step::Reply(reply) => {
                     replies.push((reply.bytes, src, local));
@@ -234,9 +260,7 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
         }
         send_all(udp, &replies).await;
         replies.clear();
-        for audit in audits.drain(..) {
-            shared.emit(audit);
-        }
+        shared.emit_all(&mut audits);
     }
 }
 

@@ -43,7 +43,8 @@ const UDP_ANSWER_BUFFER: usize = 4_096;
 /// Random IDs tried before giving up on a socket whose ID space is crowded.
 const ID_TRIES: usize = 16;
 
-type Outcome = Result<Message, ForwardError>;
+/// The answer as parsed and as received.
+type Outcome = Result<(Message, Vec<u8>), ForwardError>;
 
 /// The pooled sockets of one UDP upstream.
 pub(crate) struct UdpPool {
@@ -242,7 +243,7 @@ impl PooledSocket {
         };
         match check_answer(addr, bytes, id, &waiter.question) {
             Ok(message) => {
-                let _ = waiter.tx.send(Ok(message));
+                let _ = waiter.tx.send(Ok((message, bytes.to_vec())));
             }
             Err(_) => {
                 // Right ID, wrong question (or garbage): not our answer. The

@@ -646,14 +646,14 @@ impl DnsAuditLog {
     }
 }
 
-impl DnsAuditSink for DnsAuditLog {
-    fn record(&self, q: DnsAuditRecord) -> bool {
-        let mut guard = self.batch();
-        let batch = &mut *guard;
+impl DnsAuditLog {
+    /// Adds one record to the locked batch; `groups` caches the rendered
+    /// SmartGroups of the last source within one call of `record_all`.
+    fn add(&self, batch: &mut DnsBatch, q: &DnsAuditRecord, groups: &mut GroupsCache) {
         let DnsBatch {
             lines, clock, metrics, ..
         } = batch;
-        write_dns_line(lines, clock, &self.listener_json, &self.groups, &q);
+        write_dns_line(lines, clock, &self.listener_json, &self.groups, groups, q);
         metrics.record(
             q.allowed,
             q.watched,
@@ -668,7 +668,33 @@ impl DnsAuditSink for DnsAuditLog {
         } else if batch.count == 1 {
             self.pending.notify_one();
         }
+    }
+}
+
+/// The JSON array of SmartGroups last rendered, and for which source.
+#[derive(Default)]
+struct GroupsCache {
+    src: Option<IpAddr>,
+    json: Vec<u8>,
+}
+
+impl DnsAuditSink for DnsAuditLog {
+    fn record(&self, q: DnsAuditRecord) -> bool {
+        let mut batch = self.batch();
+        self.add(&mut batch, &q, &mut GroupsCache::default());
         true
+    }
+
+    /// One lock for the whole receive batch, and a source's groups looked
+    /// up once per batch (a snapshot swap in between is seen from the next
+    /// batch on).
+    fn record_all(&self, records: &mut Vec<DnsAuditRecord>) -> u64 {
+        let mut groups = GroupsCache::default();
+        let mut batch = self.batch();
+        for q in records.drain(..) {
+            self.add(&mut batch, &q, &mut groups);
+        }
+        0
     }
 
     fn flush(&self) {
@@ -733,50 +759,109 @@ fn write_dns_line(
     clock: &mut TimeCache,
     listener_json: &[u8],
     groups: &SourceGroups,
+    cache: &mut GroupsCache,
     q: &DnsAuditRecord,
 ) {
     out.extend_from_slice(br#"{"kind":"dns","time":""#);
     clock.write(out, q.time_unix_ms);
     out.extend_from_slice(br#"","listener":"#);
     out.extend_from_slice(listener_json);
-    out.extend_from_slice(br#","src_groups":["#);
-    let mut first = true;
-    groups(q.source.ip(), &mut |g| {
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        json_str(out, g);
-    });
-    out.extend_from_slice(br#"],"time_unix_ms":"#);
-    let _ = write!(out, "{}", q.time_unix_ms);
-    let _ = write!(out, r#","source":"{}","transport":"#, q.source);
+    out.extend_from_slice(br#","src_groups":"#);
+    let src = q.source.ip();
+    if cache.src != Some(src) {
+        let json = &mut cache.json;
+        json.clear();
+        json.push(b'[');
+        groups(src, &mut |g| {
+            if json.len() > 1 {
+                json.push(b',');
+            }
+            json_str(json, g);
+        });
+        json.push(b']');
+        cache.src = Some(src);
+    }
+    out.extend_from_slice(&cache.json);
+    out.extend_from_slice(br#","time_unix_ms":"#);
+    write_u64(out, q.time_unix_ms);
+    out.extend_from_slice(br#","source":""#);
+    write_socket_addr(out, q.source);
+    out.extend_from_slice(br#"","transport":"#);
     out.extend_from_slice(match q.transport {
         Transport::Udp => br#""udp""#,
         Transport::Tcp => br#""tcp""#,
     });
     out.extend_from_slice(br#","qname":"#);
     json_str(out, &q.qname);
-    let _ = write!(
-        out,
-        r#","qtype":{},"allowed":{},"enforced":{},"watched":{},"rule":"#,
-        q.qtype, q.allowed, q.enforced, q.watched
-    );
+    out.extend_from_slice(br#","qtype":"#);
+    write_u64(out, u64::from(q.qtype));
+    out.extend_from_slice(br#","allowed":"#);
+    write_bool(out, q.allowed);
+    out.extend_from_slice(br#","enforced":"#);
+    write_bool(out, q.enforced);
+    out.extend_from_slice(br#","watched":"#);
+    write_bool(out, q.watched);
+    out.extend_from_slice(br#","rule":"#);
     json_str(out, &q.rule);
     out.extend_from_slice(br#","reason":"#);
     json_str(out, q.reason);
-    let _ = write!(out, r#","rcode":{},"upstream":"#, q.rcode);
+    out.extend_from_slice(br#","rcode":"#);
+    write_u64(out, u64::from(q.rcode));
+    out.extend_from_slice(br#","upstream":"#);
     match q.upstream {
         Some(addr) => {
-            let _ = write!(out, r#""{addr}""#);
+            out.push(b'"');
+            write_socket_addr(out, addr);
+            out.push(b'"');
         }
         None => out.extend_from_slice(b"null"),
     }
-    let _ = writeln!(
-        out,
-        r#","latency_us":{},"cache_hit":{},"ech_stripped":{}}}"#,
-        q.latency_us, q.cache_hit, q.ech_stripped
-    );
+    out.extend_from_slice(br#","latency_us":"#);
+    write_u64(out, q.latency_us);
+    out.extend_from_slice(br#","cache_hit":"#);
+    write_bool(out, q.cache_hit);
+    out.extend_from_slice(br#","ech_stripped":"#);
+    write_bool(out, q.ech_stripped);
+    out.extend_from_slice(b"}\n");
+}
+
+fn write_bool(out: &mut Vec<u8>, v: bool) {
+    out.extend_from_slice(if v { b"true" } else { b"false" });
+}
+
+/// Decimal digits of `v` (what `{}` gives, without the formatting machinery).
+fn write_u64(out: &mut Vec<u8>, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// `a.b.c.d:port` for IPv4 by hand (every DNS query's source); IPv6 via its
+/// `Display`, which is what serde writes for both.
+fn write_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(a) => {
+            for (i, octet) in a.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                write_u64(out, u64::from(octet));
+            }
+            out.push(b':');
+            write_u64(out, u64::from(a.port()));
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{addr}");
+        }
+    }
 }
 
 /// Appends `s` as a JSON string, quotes included, escaped exactly as
@@ -825,12 +910,12 @@ mod dns_line_tests {
             time_unix_ms: ms,
             source: "[2001:db8::7]:5353".parse().unwrap(),
             transport: Transport::Tcp,
-            qname: qname.to_owned(),
+            qname: qname.into(),
             qtype: 65,
             allowed: false,
             enforced: true,
             watched: false,
-            rule: rule.to_owned(),
+            rule: rule.into(),
             reason: "default-deny",
             rcode: 3,
             upstream,
@@ -858,7 +943,14 @@ mod dns_line_tests {
         json_str(&mut listener_json, listener);
         let groups: SourceGroups = Box::new(move |_, each| groups.iter().for_each(|g| each(g)));
         let mut out = Vec::new();
-        write_dns_line(&mut out, &mut TimeCache::default(), &listener_json, &groups, q);
+        write_dns_line(
+            &mut out,
+            &mut TimeCache::default(),
+            &listener_json,
+            &groups,
+            &mut GroupsCache::default(),
+            q,
+        );
         out
     }
 
