@@ -323,9 +323,12 @@ impl Drop for ActiveFlow {
 pub struct DnsMetrics {
     listener: String,
     latency: metrics::Histogram,
-    counters: std::collections::HashMap<
+    // foldhash, not SipHash: the keys are configuration-bounded labels, and
+    // SipHash showed as ≈ 1% of a cached query's CPU.
+    counters: HashMap<
         (&'static str, &'static str, bool),
-        std::collections::HashMap<String, metrics::Counter>,
+        HashMap<String, metrics::Counter, foldhash::fast::RandomState>,
+        foldhash::fast::RandomState,
     >,
 }
 
@@ -334,7 +337,7 @@ impl DnsMetrics {
         Self {
             listener: listener.to_owned(),
             latency: metrics::histogram!(DNS_LATENCY_SECONDS, "listener" => listener.to_owned()),
-            counters: std::collections::HashMap::new(),
+            counters: HashMap::default(),
         }
     }
 
