@@ -325,12 +325,11 @@ pub struct DnsMetrics {
     latency: metrics::Histogram,
     // foldhash, not SipHash: the keys are configuration-bounded labels, and
     // SipHash showed as ≈ 1% of a cached query's CPU.
-    counters: HashMap<
-        (&'static str, &'static str, bool),
-        HashMap<String, metrics::Counter, foldhash::fast::RandomState>,
-        foldhash::fast::RandomState,
-    >,
+    counters: HashMap<(&'static str, &'static str, bool), ByRule, foldhash::fast::RandomState>,
 }
+
+/// One DNS series' counters by rule name.
+type ByRule = HashMap<String, metrics::Counter, foldhash::fast::RandomState>;
 
 impl DnsMetrics {
     pub fn new(listener: &str) -> Self {
