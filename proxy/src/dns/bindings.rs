@@ -20,6 +20,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
+
+/// Address keys are hashed with seeded foldhash, as the per-destination
+/// maps already are: SipHash on the two LRU lookups of every recorded
+/// answer showed in the cached-query profile.
+type IpHasher = foldhash::fast::RandomState;
 use sluice_api::DomainName;
 
 use super::audit::DnsStats;
@@ -101,7 +106,7 @@ impl Dst {
 
 #[derive(Debug)]
 struct Shard {
-    by_dst: LruCache<IpAddr, Dst>,
+    by_dst: LruCache<IpAddr, Dst, IpHasher>,
     /// Bindings held in this shard, to enforce the entry cap across
     /// destinations of very different popularity.
     len: usize,
@@ -112,7 +117,7 @@ struct Shard {
 #[derive(Debug)]
 pub struct Bindings {
     shards: Box<[Mutex<Shard>]>,
-    sources: Box<[Mutex<LruCache<IpAddr, Instant>>]>,
+    sources: Box<[Mutex<LruCache<IpAddr, Instant, IpHasher>>]>,
     hasher: foldhash::fast::RandomState,
     per_shard_cap: usize,
     max_per_destination: usize,
@@ -135,12 +140,14 @@ impl Bindings {
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
-                    by_dst: LruCache::unbounded(),
+                    by_dst: LruCache::unbounded_with_hasher(IpHasher::default()),
                     len: 0,
                 })
             })
             .collect();
-        let sources = (0..SHARDS).map(|_| Mutex::new(LruCache::new(sources_cap))).collect();
+        let sources = (0..SHARDS)
+            .map(|_| Mutex::new(LruCache::with_hasher(sources_cap, IpHasher::default())))
+            .collect();
         Self {
             shards,
             sources,
@@ -280,7 +287,7 @@ impl Bindings {
         lock(&self.shards[self.index(dst)])
     }
 
-    fn source_shard(&self, src: &IpAddr) -> MutexGuard<'_, LruCache<IpAddr, Instant>> {
+    fn source_shard(&self, src: &IpAddr) -> MutexGuard<'_, LruCache<IpAddr, Instant, IpHasher>> {
         lock(&self.sources[self.index(src)])
     }
 
