@@ -246,6 +246,13 @@ pub struct DnsListener {
     pub binding_grace: Duration,
     pub max_bindings: usize,
     pub exfiltration: bool,
+    /// Long-lived UDP sockets per UDP upstream (each on its own random
+    /// source port).
+    pub upstream_sockets: usize,
+    /// A pooled upstream socket is replaced after this many queries…
+    pub upstream_socket_max_queries: u32,
+    /// …or at this age, so source ports keep changing.
+    pub upstream_socket_max_age: Duration,
 }
 
 /// How Sluice resolves names it forwards to.

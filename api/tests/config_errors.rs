@@ -880,3 +880,52 @@ fn empty_file_is_an_empty_config() {
     loads("");
     loads("# only a comment\n");
 }
+
+/// The DNS listener's upstream socket pool settings: bounded, DNS-only,
+/// positioned, and carried into the model.
+#[test]
+fn dns_upstream_socket_pool_settings() {
+    let dns = |opts: &str| format!("listeners:\n  - name: dns\n    kind: dns\n    address: 127.0.0.1:5353\n{opts}");
+    let text = dns("    upstream_sockets: 0\n");
+    let e = one_error(&text);
+    assert_eq!((e.line, e.column), at(&text, "0\n"));
+    assert_eq!(e.path, "listeners[0].upstream_sockets");
+    assert!(matches!(e.kind, ConfigErrorKind::InvalidValue { .. }), "{e}");
+    let text = dns("    upstream_socket_max_queries: 2000000\n");
+    assert_eq!(one_error(&text).path, "listeners[0].upstream_socket_max_queries");
+    let text = dns("    upstream_socket_max_age: 2h\n");
+    let e = one_error(&text);
+    assert_eq!(e.path, "listeners[0].upstream_socket_max_age");
+    assert!(e.to_string().contains("at most 1h"), "{e}");
+    // Only DNS listeners have upstream sockets.
+    let text = "listeners:\n  - name: p\n    kind: http-proxy\n    address: 127.0.0.1:3128\n    upstream_sockets: 8\n";
+    let e = one_error(text);
+    assert_eq!(e.path, "listeners[0].upstream_sockets");
+    assert!(e.to_string().contains("only to `dns` listeners"), "{e}");
+
+    let cfg = load_str(
+        &dns("    upstream_sockets: 64\n    upstream_socket_max_queries: 100\n    upstream_socket_max_age: 2s\n"),
+        FILE,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let d = cfg.listeners[0]
+        .dns
+        .as_ref()
+        .unwrap_or_else(|| panic!("no dns options"));
+    assert_eq!(d.upstream_sockets, 64);
+    assert_eq!(d.upstream_socket_max_queries, 100);
+    assert_eq!(d.upstream_socket_max_age, std::time::Duration::from_secs(2));
+    let cfg = load_str(&dns(""), FILE).unwrap_or_else(|e| panic!("{e}"));
+    let d = cfg.listeners[0]
+        .dns
+        .as_ref()
+        .unwrap_or_else(|| panic!("no dns options"));
+    assert_eq!(
+        (
+            d.upstream_sockets,
+            d.upstream_socket_max_queries,
+            d.upstream_socket_max_age
+        ),
+        (16, 1_024, std::time::Duration::from_secs(10))
+    );
+}

@@ -140,6 +140,9 @@ fn dns_config(name: &str, addr: SocketAddr, l: &DnsListener, mode: Mode) -> Resu
         },
         bindings: bindings_config(l),
         exfiltration: l.exfiltration.then(dns::ExfilConfig::default),
+        upstream_udp_sockets: l.upstream_sockets,
+        upstream_socket_max_queries: l.upstream_socket_max_queries,
+        upstream_socket_max_age: l.upstream_socket_max_age,
         ..DnsConfig::default()
     })
 }
@@ -336,6 +339,20 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The upstream socket pool settings of `sluice.yaml` reach the DNS
+    /// engine's configuration.
+    #[test]
+    fn dns_listener_pool_settings_reach_the_engine() {
+        let yaml = "listeners:\n  - name: dns\n    kind: dns\n    address: 127.0.0.1:0\n    upstreams: [\"127.0.0.1:9\"]\n    upstream_sockets: 4\n    upstream_socket_max_queries: 50\n    upstream_socket_max_age: 3s\n";
+        let cfg = sluice_api::config::load_str(yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let l = cfg.listeners[0].dns.as_ref().unwrap_or_else(|| unreachable!());
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!());
+        let d = dns_config("dns", addr, l, Mode::Enforce).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.upstream_udp_sockets, 4);
+        assert_eq!(d.upstream_socket_max_queries, 50);
+        assert_eq!(d.upstream_socket_max_age, Duration::from_secs(3));
+    }
 
     #[test]
     fn resolv_conf_nameservers() {

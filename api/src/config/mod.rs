@@ -541,6 +541,13 @@ impl Validator {
             l.binding_grace.as_ref().map(|v| (v.referenced, "binding_grace")),
             l.max_bindings.as_ref().map(|v| (v.referenced, "max_bindings")),
             l.exfiltration.as_ref().map(|v| (v.referenced, "exfiltration")),
+            l.upstream_sockets.as_ref().map(|v| (v.referenced, "upstream_sockets")),
+            l.upstream_socket_max_queries
+                .as_ref()
+                .map(|v| (v.referenced, "upstream_socket_max_queries")),
+            l.upstream_socket_max_age
+                .as_ref()
+                .map(|v| (v.referenced, "upstream_socket_max_age")),
         ];
         if kind != ListenerKind::Dns {
             for (loc, field) in present.into_iter().flatten() {
@@ -614,6 +621,21 @@ impl Validator {
                 100_000_000,
             ) as usize,
             exfiltration: l.exfiltration.as_ref().is_some_and(|v| v.value),
+            upstream_sockets: self.bounded(&l.upstream_sockets, format!("{path}.upstream_sockets"), 16, 1, 1_024)
+                as usize,
+            upstream_socket_max_queries: self.bounded(
+                &l.upstream_socket_max_queries,
+                format!("{path}.upstream_socket_max_queries"),
+                1_024,
+                1,
+                1_000_000,
+            ) as u32,
+            upstream_socket_max_age: self.duration(
+                &l.upstream_socket_max_age,
+                format!("{path}.upstream_socket_max_age"),
+                secs(10),
+                secs(3_600),
+            ),
         })
     }
 

@@ -106,6 +106,12 @@ pub struct RawListener {
     pub max_bindings: Option<S<u64>>,
     #[serde(default)]
     pub exfiltration: Option<S<bool>>,
+    #[serde(default)]
+    pub upstream_sockets: Option<S<u64>>,
+    #[serde(default)]
+    pub upstream_socket_max_queries: Option<S<u64>>,
+    #[serde(default)]
+    pub upstream_socket_max_age: Option<S<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
