@@ -344,27 +344,18 @@ impl Flow {
     ) -> Poll<(CloseReason, Option<io::Error>)> {
         // The second direction to finish skips its `shutdown`: the flow is
         // over and closing the socket sends the same FIN, one call fewer.
-        let other_done = self.down.done;
-        match self
-            .up
-            .poll(cx, client, upstream, &self.movers, other_done, &mut self.last_activity)
-        {
-            Poll::Ready(Ok(())) => {
-                self.first_eof.get_or_insert(Side::Client);
+        for side in [Side::Client, Side::Upstream] {
+            let (dir, other_done, src, dst) = match side {
+                Side::Client => (&mut self.up, self.down.done, client, upstream),
+                Side::Upstream => (&mut self.down, self.up.done, upstream, client),
+            };
+            match dir.poll(cx, src, dst, &self.movers, other_done, &mut self.last_activity) {
+                Poll::Ready(Ok(())) => {
+                    self.first_eof.get_or_insert(side);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready((e.reason(), Some(e.error))),
+                Poll::Pending => {}
             }
-            Poll::Ready(Err(e)) => return Poll::Ready((e.reason(), Some(e.error))),
-            Poll::Pending => {}
-        }
-        let other_done = self.up.done;
-        match self
-            .down
-            .poll(cx, upstream, client, &self.movers, other_done, &mut self.last_activity)
-        {
-            Poll::Ready(Ok(())) => {
-                self.first_eof.get_or_insert(Side::Upstream);
-            }
-            Poll::Ready(Err(e)) => return Poll::Ready((e.reason(), Some(e.error))),
-            Poll::Pending => {}
         }
         if self.up.done && self.down.done {
             let reason = match self.first_eof {
