@@ -830,6 +830,22 @@ fn bad_config_is_reported_with_its_position_and_never_served() {
     assert!(!err.contains("admin API"), "bound something: {err}");
 }
 
+/// A loopback port nothing listens on now, below the ephemeral range
+/// (32768–60999 here): a port-0 bind by a concurrent test cannot take it
+/// between this check and its use. (A port-0 port freed and reused was
+/// seen to race once in CI: Sluice failed to bind it and the test reached
+/// another test's socket.)
+///
+/// Each call starts its search further on, so two tests of this binary
+/// running at once never get the same port.
+fn free_port_outside_ephemeral_range() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 5_000) as u16 + NEXT.fetch_add(16, std::sync::atomic::Ordering::Relaxed);
+    (start..32_000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free loopback port in 20000-32000")
+}
+
 // A supervisor may signal Sluice as soon as its listeners accept (a
 // readiness probe, then a reload). Sluice must not die of a signal's
 // default action at any point after it starts serving. To hit the window
@@ -844,11 +860,9 @@ fn signal_right_after_startup_is_handled() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     let dir = TempDir::new("early-signal");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Sluice's stderr is the blocked pipe, so it cannot tell us a port it
+    // chose: the test picks one.
+    let port = free_port_outside_ephemeral_range();
     let audit = dir.join("audit.jsonl");
     let cfg = dir.write(
         "sluice.yaml",
@@ -1238,11 +1252,7 @@ async fn sigterm_does_not_wait_for_idle_keep_alive_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_upstream_is_a_502_with_the_verdict_kept() {
     let dir = TempDir::new("502");
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = free_port_outside_ephemeral_range();
     let audit = dir.join("audit.jsonl");
     let cfg = dir.write("sluice.yaml", &proxy_config(&audit, "enforce", true, "2s"));
     let sluice = Sluice::run(&cfg);
