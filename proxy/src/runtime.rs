@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::dns::{self, Bindings, BindingsConfig, DnsConfig, DnsCore, DnsServer, DnsStats, QueryPolicy, QueryVerdict};
+use crate::dns::{self, Bindings, BindingsConfig, DnsConfig, DnsCore, DnsServer, DnsStats, QueryPolicy, QueryVerdict, VerdictMemo};
 use crate::policy::{Enforcement, FlowQuery};
 use crate::telemetry::audit::{AuditRecord, DnsAuditLog, SourceGroups};
 
@@ -50,23 +50,38 @@ pub enum StartError {
 /// the snapshot current when the query arrives.
 struct SnapshotQueries(Arc<Shared>);
 
+thread_local! {
+    /// This worker thread's recent DNS verdicts (see [`VerdictMemo`]).
+    static DNS_VERDICTS: std::cell::RefCell<VerdictMemo> = std::cell::RefCell::new(VerdictMemo::new());
+}
+
 impl QueryPolicy for SnapshotQueries {
     fn decide(&self, src: std::net::IpAddr, qname: &sluice_api::DomainName, _qtype: u16) -> QueryVerdict {
         let snap = self.0.snapshot.load();
-        let v = snap.policy.decide(&FlowQuery {
-            src,
-            name: Some(qname),
-            dst: None,
-            protocol: Protocol::Dns,
-            port: 53,
-            identity: None,
-        });
-        QueryVerdict {
-            allowed: v.action == sluice_api::Action::Allow,
-            enforced: v.enforcement == Enforcement::Enforced,
-            rule: snap.rule_label(v.decided_by),
-            reason: v.reason.as_str(),
-        }
+        let decide = || {
+            let v = snap.policy.decide(&FlowQuery {
+                src,
+                name: Some(qname),
+                dst: None,
+                protocol: Protocol::Dns,
+                port: 53,
+                identity: None,
+            });
+            QueryVerdict {
+                allowed: v.action == sluice_api::Action::Allow,
+                enforced: v.enforcement == Enforcement::Enforced,
+                rule: snap.rule_label(v.decided_by),
+                reason: v.reason.as_str(),
+            }
+        };
+        // A DNS decision depends on the snapshot, the source and the name
+        // only (protocol and port are fixed), which is the memo's key.
+        DNS_VERDICTS
+            .try_with(|memo| match memo.try_borrow_mut() {
+                Ok(mut memo) => memo.get_or_decide(snap.serial(), src, qname, decide),
+                Err(_) => decide(),
+            })
+            .unwrap_or_else(|_| decide())
     }
 }
 

@@ -55,3 +55,178 @@ pub mod reason {
     /// Rule name used in verdicts produced by the exfiltration detector.
     pub const EXFILTRATION_RULE: &str = "builtin-dns-exfiltration";
 }
+
+/// Verdicts recently given, per (policy version, source, name): a query
+/// repeated by the same client (a resolver's retry, a refresh, the A and
+/// AAAA pair) skips the policy engine. A fixed number of slots, two ways per
+/// set, so it never grows; a new key replaces the set's less recently used
+/// slot. A hit needs the policy version, the source and every byte of the
+/// name to be equal, so it can only return what the engine would.
+///
+/// The version must be distinct for every compiled policy over the memo's
+/// life (the snapshot's serial): a reload changes it and every old slot
+/// stops matching.
+#[derive(Debug)]
+pub struct VerdictMemo {
+    slots: Box<[Option<MemoSlot>]>,
+    hasher: foldhash::fast::RandomState,
+    /// Bumped per lookup; a slot keeps the value of its last use.
+    clock: u64,
+}
+
+#[derive(Debug)]
+struct MemoSlot {
+    version: u64,
+    src: IpAddr,
+    /// Reused across overwrites, so a miss does not allocate once the slot
+    /// has held a name as long.
+    name: String,
+    verdict: QueryVerdict,
+    used: u64,
+}
+
+impl MemoSlot {
+    fn holds(&self, version: u64, src: IpAddr, name: &str) -> bool {
+        self.version == version && self.src == src && self.name == name
+    }
+}
+
+impl VerdictMemo {
+    /// Slots in a memo (names × sources a thread keeps).
+    pub const SLOTS: usize = 512;
+
+    pub fn new() -> Self {
+        Self {
+            slots: (0..Self::SLOTS).map(|_| None).collect(),
+            hasher: foldhash::fast::RandomState::default(),
+            clock: 0,
+        }
+    }
+
+    /// The memoised verdict for the key, or `decide()`'s (then remembered).
+    pub fn get_or_decide(
+        &mut self,
+        version: u64,
+        src: IpAddr,
+        qname: &DomainName,
+        decide: impl FnOnce() -> QueryVerdict,
+    ) -> QueryVerdict {
+        use std::hash::BuildHasher;
+
+        let name = qname.as_str();
+        self.clock += 1;
+        let now = self.clock;
+        let set = (self.hasher.hash_one((src, name)) as usize) % (self.slots.len() / 2) * 2;
+        let Some([a, b]) = self.slots.get_mut(set..set + 2) else {
+            return decide();
+        };
+        for slot in [&mut *a, &mut *b].into_iter().flatten() {
+            if slot.holds(version, src, name) {
+                slot.used = now;
+                return slot.verdict.clone();
+            }
+        }
+        let verdict = decide();
+        // An empty way, else the one used longer ago.
+        let victim = match (&*a, &*b) {
+            (None, _) => a,
+            (_, None) => b,
+            (Some(x), Some(y)) => {
+                if x.used <= y.used {
+                    a
+                } else {
+                    b
+                }
+            }
+        };
+        match victim {
+            Some(m) => {
+                m.version = version;
+                m.src = src;
+                m.name.clear();
+                m.name.push_str(name);
+                m.verdict = verdict.clone();
+                m.used = now;
+            }
+            None => {
+                *victim = Some(MemoSlot {
+                    version,
+                    src,
+                    name: name.to_owned(),
+                    verdict: verdict.clone(),
+                    used: now,
+                });
+            }
+        }
+        verdict
+    }
+}
+
+impl Default for VerdictMemo {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    fn verdict(rule: &str, allowed: bool) -> QueryVerdict {
+        QueryVerdict {
+            allowed,
+            enforced: true,
+            rule: Arc::from(rule),
+            reason: if allowed { "allowed-by-rule" } else { "default-deny" },
+        }
+    }
+
+    fn name(s: &str) -> DomainName {
+        DomainName::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn a_hit_needs_version_source_and_name_equal() {
+        let mut memo = VerdictMemo::new();
+        let calls = Cell::new(0);
+        let mut ask = |memo: &mut VerdictMemo, version, src: &str, n: &str, v: QueryVerdict| {
+            memo.get_or_decide(version, src.parse().unwrap_or_else(|e| panic!("{e}")), &name(n), || {
+                calls.set(calls.get() + 1);
+                v
+            })
+        };
+        assert_eq!(ask(&mut memo, 1, "10.0.0.1", "a.example", verdict("r1", true)), verdict("r1", true));
+        // Same key: remembered, the closure's verdict is not used.
+        assert_eq!(ask(&mut memo, 1, "10.0.0.1", "a.example", verdict("x", false)), verdict("r1", true));
+        assert_eq!(calls.get(), 1);
+        // Any part different: asked again.
+        assert_eq!(ask(&mut memo, 2, "10.0.0.1", "a.example", verdict("r2", false)), verdict("r2", false));
+        assert_eq!(ask(&mut memo, 2, "10.0.0.2", "a.example", verdict("r3", true)), verdict("r3", true));
+        assert_eq!(ask(&mut memo, 2, "10.0.0.2", "b.a.example", verdict("r4", false)), verdict("r4", false));
+        assert_eq!(ask(&mut memo, 2, "10.0.0.2", "a.exampl", verdict("r5", true)), verdict("r5", true));
+        assert_eq!(calls.get(), 5);
+        // The reload (version 2) replaced what version 1 said.
+        assert_eq!(ask(&mut memo, 2, "10.0.0.1", "a.example", verdict("r2", true)), verdict("r2", false));
+        assert_eq!(calls.get(), 5);
+    }
+
+    #[test]
+    fn many_keys_stay_exact_in_a_bounded_memo() {
+        let mut memo = VerdictMemo::new();
+        // Four times as many keys as slots, asked twice: every answer is
+        // the one for its own key, whether remembered or recomputed.
+        for round in 0..2 {
+            for i in 0..(4 * VerdictMemo::SLOTS) {
+                let n = name(&format!("n{i}.example"));
+                let allowed = i % 3 == 0;
+                let got = memo.get_or_decide(7, "192.0.2.1".parse().unwrap_or_else(|e| panic!("{e}")), &n, || {
+                    verdict(&format!("rule{i}"), allowed)
+                });
+                assert_eq!(got, verdict(&format!("rule{i}"), allowed), "round {round}, key {i}");
+            }
+        }
+        assert_eq!(memo.slots.len(), VerdictMemo::SLOTS);
+    }
+}

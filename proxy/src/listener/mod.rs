@@ -44,6 +44,10 @@ pub struct Snapshot {
     /// Rule names (then `default`, `builtin-guard`) shared without copying,
     /// for the DNS proxy's per-query verdicts.
     rule_labels: Vec<Arc<str>>,
+    /// Unique over the life of the process (never reused, unlike an
+    /// address): what per-thread caches of this snapshot's decisions are
+    /// keyed by.
+    serial: u64,
 }
 
 impl Snapshot {
@@ -52,11 +56,18 @@ impl Snapshot {
         let mut rule_labels: Vec<Arc<str>> = config.policy.rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
         rule_labels.push(Arc::from("default"));
         rule_labels.push(Arc::from("builtin-guard"));
+        static SERIAL: AtomicU64 = AtomicU64::new(1);
         Self {
             config,
             policy,
             rule_labels,
+            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// See the field: distinct for every snapshot this process builds.
+    pub fn serial(&self) -> u64 {
+        self.serial
     }
 
     pub fn rule_label(&self, d: crate::policy::DecidedBy) -> Arc<str> {

@@ -637,6 +637,7 @@ impl DnsAuditLog {
     }
 
     fn hand_over(&self, batch: &mut DnsBatch) {
+        batch.metrics.publish();
         if batch.count == 0 {
             return;
         }
