@@ -6,14 +6,23 @@
 #   - p50/p99 latency at a fixed load every peer sustains (RATE qps, 5 s,
 #     per-query latencies from `dnsperf -v`),
 # the server's CPU time per answered query during the max-qps run (from
-# /proc, user + system, all threads), and dnsperf straight at NSD
-# ("direct", the load side's ceiling),
+# /proc, user + system, all threads), the max qps again with the server
+# held to CAP_PERCENT (default 50) of one CPU by a cgroup CPU quota (every
+# forwarder the same quota), and dnsperf straight at NSD ("direct", the
+# load side's ceiling),
 # once "cached" (10 names asked over and over, caches on) and once
 # "uncached" (50,000 distinct names, every cache off and TTL-0 answers).
 #
 # CPU: the forwarder under test is pinned to CPU $SERVER_CPU with one thread
 # (Sluice `runtime: {workers: 1}`, unbound `num-threads: 1`, dnsmasq is
 # single-threaded); dnsperf and NSD share CPU $LOAD_CPU.
+#
+# Why the capped run: uncapped, a fast forwarder answers as fast as dnsperf
+# on one CPU can ask (see "direct"), so the max-qps column stops ranking
+# forwarders once they reach that ceiling; held to part of a CPU, the
+# server is the limit again and its qps is its own. It needs root and the
+# cgroup CPU controller (v2 `cpu.max` or v1 `cpu.cfs_quota_us`); without
+# them the column says "n/a".
 #
 # ROUNDS (default 3) interleaved rounds; each reported figure is the median
 # over the rounds (and the qps range).
@@ -33,6 +42,7 @@ SLUICE=${SLUICE:-target/release/sluice}
 UNCACHED_NAMES=${UNCACHED_NAMES:-50000}
 PEERS=${PEERS:-direct sluice dnsmasq unbound}
 ROUNDS=${ROUNDS:-3}
+CAP_PERCENT=${CAP_PERCENT:-50}
 
 AUTH_PORT=$BASE_PORT
 SLUICE_PORT=$((BASE_PORT + 1))
@@ -51,10 +61,33 @@ case " $PEERS " in *" sluice "*) [ -x "$SLUICE" ] || { echo "bench/dns: no $SLUI
 
 WORK=$(mktemp -d /tmp/sluice-bench-dns.XXXXXX)
 PIDS=()
+# A cgroup of our own for the capped run: v2 when the unified hierarchy has
+# the cpu controller, else v1's cpu hierarchy; empty when neither is usable.
+CAP_CG=""
+CAP_KIND=""
+if [ -w /sys/fs/cgroup/cgroup.subtree_control ] && grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+  CAP_CG=/sys/fs/cgroup/sluice-bench-dns.$$ CAP_KIND=v2
+elif [ -w /sys/fs/cgroup/cpu/cgroup.procs ] && [ -e /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+  CAP_CG=/sys/fs/cgroup/cpu/sluice-bench-dns.$$ CAP_KIND=v1
+fi
+if [ -n "$CAP_CG" ]; then
+  # A 10 ms period keeps the throttled gaps short next to dnsperf's timeouts.
+  quota=$((10000 * CAP_PERCENT / 100))
+  if ! { mkdir "$CAP_CG" &&
+    if [ $CAP_KIND = v2 ]; then
+      grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control || echo +cpu >/sys/fs/cgroup/cgroup.subtree_control
+      echo "$quota 10000" >"$CAP_CG/cpu.max"
+    else echo 10000 >"$CAP_CG/cpu.cfs_period_us" && echo "$quota" >"$CAP_CG/cpu.cfs_quota_us"; fi; } 2>/dev/null; then
+    echo "bench/dns: cannot set up a CPU-quota cgroup; the capped column is n/a" >&2
+    rmdir "$CAP_CG" 2>/dev/null || true
+    CAP_CG=""
+  fi
+fi
 cleanup() {
   # Only the processes this script started, by PID.
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  [ -z "$CAP_CG" ] || rmdir "$CAP_CG" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -240,6 +273,15 @@ measure() {
   else
     cpu=nan
   fi
+  # Max qps again with the server held to CAP_PERCENT of a CPU.
+  local capped=nan
+  if [ -n "$CAP_CG" ] && [ -n "$SERVER_PID" ] && echo "$SERVER_PID" >"$CAP_CG/cgroup.procs" 2>/dev/null; then
+    "${perf[@]}" -l 2 -q 100 >/dev/null 2>&1 || true
+    capped=$("${perf[@]}" -l "$DURATION" -q 100 2>&1 | awk '/Queries per second:/ {printf "%.0f", $4}')
+    [ -n "$capped" ] || capped=nan
+    # Back to the parent group, so the latency run below is not throttled.
+    echo "$SERVER_PID" >"$(dirname "$CAP_CG")/cgroup.procs" 2>/dev/null || true
+  fi
   # Latency at a fixed load: every response's latency, sorted.
   "${perf[@]}" -l "$LAT_DURATION" -Q "$RATE" -q 100 -v 2>/dev/null |
     awk '/^> / {print $NF}' | sort -g >"$WORK/$peer.$mode.lat"
@@ -251,7 +293,7 @@ measure() {
   else
     p50=nan p99=nan
   fi
-  echo "$peer $mode $qps $avg $p50 $p99 $lost $cpu" | tee -a "$WORK/last"
+  echo "$peer $mode $qps $avg $p50 $p99 $lost $cpu $capped" | tee -a "$WORK/last"
 }
 
 RESULTS="$WORK/results.txt"
@@ -288,16 +330,17 @@ echo "Versions: $sluice_ver, $dnsmasq_ver, $unbound_ver; authority $nsd_ver; loa
 echo "Host: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); server on CPU $SERVER_CPU, dnsperf+nsd on CPU $LOAD_CPU"
 echo "Max qps: ${DURATION} s, 100 outstanding; latency: ${RATE} qps for ${LAT_DURATION} s; each column the median of $ROUNDS rounds (qps range in brackets)"
 echo
-echo "| mode | server | qps (max) | mean latency at max (ms) | p50 at ${RATE} qps (ms) | p99 at ${RATE} qps (ms) | lost | server CPU per query at max (µs) |"
-echo "|---|---|---:|---:|---:|---:|---:|---:|"
+echo "| mode | server | qps (max) | qps, server held to ${CAP_PERCENT}% of a CPU | mean latency at max (ms) | p50 at ${RATE} qps (ms) | p99 at ${RATE} qps (ms) | lost | server CPU per query at max (µs) |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
 # median PEER MODE COLUMN -> the median of that column over the rounds
 median() {
   awk -v p="$1" -v m="$2" -v c="$3" '$1 == p && $2 == m { print $c }' "$RESULTS" | sort -g |
     awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "nan" }'
 }
+# range PEER MODE [COLUMN] -> "lo–hi" of that column (default: qps)
 range() {
-  awk -v p="$1" -v m="$2" '$1 == p && $2 == m { print $3 }' "$RESULTS" | sort -g |
-    awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.0f–%.0f", lo, hi }'
+  awk -v p="$1" -v m="$2" -v c="${3:-3}" '$1 == p && $2 == m && $c != "nan" { print $c }' "$RESULTS" | sort -g |
+    awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR) printf "%.0f–%.0f", lo, hi; else printf "n/a" }'
 }
 SUMMARY="$WORK/summary.txt"
 : >"$SUMMARY"
@@ -309,20 +352,23 @@ for mode in cached uncached; do
     p99=$(median "$peer" "$mode" 6)
     lost=$(median "$peer" "$mode" 7)
     cpu=$(median "$peer" "$mode" 8)
-    echo "$peer $mode $qps $avg $p50 $p99 $lost $cpu" >>"$SUMMARY"
-    printf "| %s | %s | %.0f (%s) | %s | %s | %s | %s | %s |\n" "$mode" "$peer" "$qps" "$(range "$peer" "$mode")" "$avg" "$p50" "$p99" "$lost" "$cpu"
+    capped=$(median "$peer" "$mode" 9)
+    echo "$peer $mode $qps $avg $p50 $p99 $lost $cpu $capped" >>"$SUMMARY"
+    printf "| %s | %s | %.0f (%s) | %s (%s) | %s | %s | %s | %s | %s |\n" "$mode" "$peer" "$qps" "$(range "$peer" "$mode")" \
+      "$capped" "$(range "$peer" "$mode" 9)" "$avg" "$p50" "$p99" "$lost" "$cpu"
   done
 done
 echo
-echo "| mode | Sluice / dnsmasq qps | Sluice / unbound qps | Sluice / dnsmasq p99 | Sluice / unbound p99 | Sluice / dnsmasq CPU per query | Sluice / unbound CPU per query |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| mode | Sluice / dnsmasq qps | Sluice / unbound qps | Sluice / dnsmasq qps, capped | Sluice / unbound qps, capped | Sluice / dnsmasq p99 | Sluice / unbound p99 | Sluice / dnsmasq CPU per query | Sluice / unbound CPU per query |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 for mode in cached uncached; do
   awk -v m="$mode" '
     function r(a, b) { return (a > 0 && b > 0) ? sprintf("%.2f", a / b) : "-" }
-    $2 == m { qps[$1] = $3; p99[$1] = $6; cpu[$1] = $8 }
+    $2 == m { qps[$1] = $3; p99[$1] = $6; cpu[$1] = $8; cap[$1] = $9 }
     END {
-      printf "| %s | %s | %s | %s | %s | %s | %s |\n", m,
+      printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", m,
         r(qps["sluice"], qps["dnsmasq"]), r(qps["sluice"], qps["unbound"]),
+        r(cap["sluice"], cap["dnsmasq"]), r(cap["sluice"], cap["unbound"]),
         r(p99["sluice"], p99["dnsmasq"]), r(p99["sluice"], p99["unbound"]),
         r(cpu["sluice"], cpu["dnsmasq"]), r(cpu["sluice"], cpu["unbound"])
     }' "$SUMMARY"

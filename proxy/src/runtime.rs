@@ -13,7 +13,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::dns::{self, Bindings, BindingsConfig, DnsConfig, DnsCore, DnsServer, DnsStats, QueryPolicy, QueryVerdict, VerdictMemo};
+use crate::dns::{
+    self, Bindings, BindingsConfig, DnsConfig, DnsCore, DnsServer, DnsStats, QueryPolicy, QueryVerdict, VerdictMemo,
+};
 use crate::policy::{Enforcement, FlowQuery};
 use crate::telemetry::audit::{AuditRecord, DnsAuditLog, SourceGroups};
 

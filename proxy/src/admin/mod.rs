@@ -69,7 +69,11 @@ impl Admin {
         let q = query_map(req.uri().query());
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/ready") => reply(StatusCode::OK, "text/plain", "ready\n"),
-            (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", crate::telemetry::metrics::render(&self.metrics)),
+            (&Method::GET, "/metrics") => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                crate::telemetry::metrics::render(&self.metrics),
+            ),
             (&Method::GET, "/config_dump") => {
                 let snap = self.shared.snapshot.load();
                 match serde_json::to_vec_pretty(&snap.config) {

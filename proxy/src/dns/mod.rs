@@ -71,7 +71,7 @@ pub use bindings::Bindings;
 pub use config::{BindingsConfig, CacheConfig, DenyAnswer, DnsConfig, ExfilConfig, Upstream, UpstreamProto};
 pub use engine::{DnsCore, Pending, QueryContext, Reply, Step};
 pub use forward::{ForwardError, Forwarder, UpstreamAnswer};
-pub use policy::{QueryPolicy, QueryVerdict, reason, VerdictMemo};
+pub use policy::{QueryPolicy, QueryVerdict, VerdictMemo, reason};
 pub use server::DnsServer;
 
 /// Errors building or running the DNS proxy. Per-query failures never surface

@@ -191,24 +191,45 @@ mod tests {
     fn a_hit_needs_version_source_and_name_equal() {
         let mut memo = VerdictMemo::new();
         let calls = Cell::new(0);
-        let mut ask = |memo: &mut VerdictMemo, version, src: &str, n: &str, v: QueryVerdict| {
+        let ask = |memo: &mut VerdictMemo, version, src: &str, n: &str, v: QueryVerdict| {
             memo.get_or_decide(version, src.parse().unwrap_or_else(|e| panic!("{e}")), &name(n), || {
                 calls.set(calls.get() + 1);
                 v
             })
         };
-        assert_eq!(ask(&mut memo, 1, "10.0.0.1", "a.example", verdict("r1", true)), verdict("r1", true));
+        assert_eq!(
+            ask(&mut memo, 1, "10.0.0.1", "a.example", verdict("r1", true)),
+            verdict("r1", true)
+        );
         // Same key: remembered, the closure's verdict is not used.
-        assert_eq!(ask(&mut memo, 1, "10.0.0.1", "a.example", verdict("x", false)), verdict("r1", true));
+        assert_eq!(
+            ask(&mut memo, 1, "10.0.0.1", "a.example", verdict("x", false)),
+            verdict("r1", true)
+        );
         assert_eq!(calls.get(), 1);
         // Any part different: asked again.
-        assert_eq!(ask(&mut memo, 2, "10.0.0.1", "a.example", verdict("r2", false)), verdict("r2", false));
-        assert_eq!(ask(&mut memo, 2, "10.0.0.2", "a.example", verdict("r3", true)), verdict("r3", true));
-        assert_eq!(ask(&mut memo, 2, "10.0.0.2", "b.a.example", verdict("r4", false)), verdict("r4", false));
-        assert_eq!(ask(&mut memo, 2, "10.0.0.2", "a.exampl", verdict("r5", true)), verdict("r5", true));
+        assert_eq!(
+            ask(&mut memo, 2, "10.0.0.1", "a.example", verdict("r2", false)),
+            verdict("r2", false)
+        );
+        assert_eq!(
+            ask(&mut memo, 2, "10.0.0.2", "a.example", verdict("r3", true)),
+            verdict("r3", true)
+        );
+        assert_eq!(
+            ask(&mut memo, 2, "10.0.0.2", "b.a.example", verdict("r4", false)),
+            verdict("r4", false)
+        );
+        assert_eq!(
+            ask(&mut memo, 2, "10.0.0.2", "a.exampl", verdict("r5", true)),
+            verdict("r5", true)
+        );
         assert_eq!(calls.get(), 5);
         // The reload (version 2) replaced what version 1 said.
-        assert_eq!(ask(&mut memo, 2, "10.0.0.1", "a.example", verdict("r2", true)), verdict("r2", false));
+        assert_eq!(
+            ask(&mut memo, 2, "10.0.0.1", "a.example", verdict("r2", true)),
+            verdict("r2", false)
+        );
         assert_eq!(calls.get(), 5);
     }
 

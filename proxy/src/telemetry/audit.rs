@@ -589,6 +589,7 @@ struct DnsBatch {
     count: u64,
     metrics: super::metrics::DnsMetrics,
     clock: TimeCache,
+    verdict: VerdictText,
 }
 
 impl std::fmt::Debug for DnsAuditLog {
@@ -617,6 +618,7 @@ impl DnsAuditLog {
                 count: 0,
                 metrics: super::metrics::DnsMetrics::new(listener),
                 clock: TimeCache::default(),
+                verdict: VerdictText::default(),
             }),
             pending: Arc::clone(&pending),
         });
@@ -652,9 +654,13 @@ impl DnsAuditLog {
     /// SmartGroups of the last source within one call of `record_all`.
     fn add(&self, batch: &mut DnsBatch, q: &DnsAuditRecord, groups: &mut GroupsCache) {
         let DnsBatch {
-            lines, clock, metrics, ..
+            lines,
+            clock,
+            verdict,
+            metrics,
+            ..
         } = batch;
-        write_dns_line(lines, clock, &self.listener_json, &self.groups, groups, q);
+        write_dns_line(lines, clock, verdict, &self.listener_json, &self.groups, groups, q);
         metrics.record(
             q.allowed,
             q.watched,
@@ -672,11 +678,14 @@ impl DnsAuditLog {
     }
 }
 
-/// The JSON array of SmartGroups last rendered, and for which source.
+/// The JSON array of SmartGroups last rendered, and for which source; and
+/// the text of the last IPv4 source address written.
 #[derive(Default)]
 struct GroupsCache {
     src: Option<IpAddr>,
     json: Vec<u8>,
+    ip_text_of: Option<IpAddr>,
+    ip_text: Vec<u8>,
 }
 
 impl DnsAuditSink for DnsAuditLog {
@@ -719,6 +728,8 @@ struct TimeCache {
     second: Option<u64>,
     /// `YYYY-MM-DDTHH:MM:SS.` (20 bytes) when the formatter gave the usual shape.
     prefix: Vec<u8>,
+    /// The decimal digits of `second` (so `time_unix_ms` is these and three more).
+    second_digits: Vec<u8>,
 }
 
 impl TimeCache {
@@ -732,6 +743,8 @@ impl TimeCache {
             if text.len() == 24 && text.ends_with(".000Z") {
                 self.prefix.extend_from_slice(&text.as_bytes()[..20]);
                 self.second = Some(second);
+                self.second_digits.clear();
+                write_u64(&mut self.second_digits, second);
             } else {
                 self.second = None;
             }
@@ -750,14 +763,64 @@ impl TimeCache {
             );
         }
     }
+
+    /// `unix_ms` in decimal, reusing the digits of its second when
+    /// [`Self::write`] just saw that second.
+    fn write_unix_ms(&self, out: &mut Vec<u8>, unix_ms: u64) {
+        let second = unix_ms / 1000;
+        if second > 0 && self.second == Some(second) {
+            let millis = unix_ms % 1000;
+            out.extend_from_slice(&self.second_digits);
+            out.push(b'0' + (millis / 100) as u8);
+            out.push(b'0' + (millis / 10 % 10) as u8);
+            out.push(b'0' + (millis % 10) as u8);
+        } else {
+            write_u64(out, unix_ms);
+        }
+    }
+}
+
+/// The verdict's part of a DNS audit line (`"allowed":…` to the reason),
+/// kept for the last verdict written: consecutive queries mostly share it.
+#[derive(Default)]
+struct VerdictText {
+    key: Option<(bool, bool, bool, &'static str)>,
+    rule: String,
+    json: Vec<u8>,
+}
+
+impl VerdictText {
+    fn write(&mut self, out: &mut Vec<u8>, q: &DnsAuditRecord) {
+        let key = (q.allowed, q.enforced, q.watched, q.reason);
+        if self.key != Some(key) || self.rule != *q.rule {
+            let json = &mut self.json;
+            json.clear();
+            json.extend_from_slice(br#","allowed":"#);
+            write_bool(json, q.allowed);
+            json.extend_from_slice(br#","enforced":"#);
+            write_bool(json, q.enforced);
+            json.extend_from_slice(br#","watched":"#);
+            write_bool(json, q.watched);
+            json.extend_from_slice(br#","rule":"#);
+            json_str(json, &q.rule);
+            json.extend_from_slice(br#","reason":"#);
+            json_str(json, q.reason);
+            self.rule.clear();
+            self.rule.push_str(&q.rule);
+            self.key = Some(key);
+        }
+        out.extend_from_slice(&self.json);
+    }
 }
 
 /// Appends one DNS query's audit line (with its `\n`) to `out`: the same
 /// bytes `serde_json` writes for [`AuditRecord::Dns`] with a
 /// [`DnsQueryRecord`] of this listener and the source's groups.
+#[allow(clippy::too_many_arguments, reason = "the line's caches, each owned by the batch")]
 fn write_dns_line(
     out: &mut Vec<u8>,
     clock: &mut TimeCache,
+    verdict: &mut VerdictText,
     listener_json: &[u8],
     groups: &SourceGroups,
     cache: &mut GroupsCache,
@@ -784,9 +847,21 @@ fn write_dns_line(
     }
     out.extend_from_slice(&cache.json);
     out.extend_from_slice(br#","time_unix_ms":"#);
-    write_u64(out, q.time_unix_ms);
+    clock.write_unix_ms(out, q.time_unix_ms);
     out.extend_from_slice(br#","source":""#);
-    write_socket_addr(out, q.source);
+    match q.source {
+        SocketAddr::V4(a) => {
+            if cache.ip_text_of != Some(src) {
+                cache.ip_text.clear();
+                write_ipv4(&mut cache.ip_text, *a.ip());
+                cache.ip_text_of = Some(src);
+            }
+            out.extend_from_slice(&cache.ip_text);
+            out.push(b':');
+            write_u64(out, u64::from(a.port()));
+        }
+        SocketAddr::V6(_) => write_socket_addr(out, q.source),
+    }
     out.extend_from_slice(br#"","transport":"#);
     out.extend_from_slice(match q.transport {
         Transport::Udp => br#""udp""#,
@@ -796,16 +871,7 @@ fn write_dns_line(
     json_str(out, &q.qname);
     out.extend_from_slice(br#","qtype":"#);
     write_u64(out, u64::from(q.qtype));
-    out.extend_from_slice(br#","allowed":"#);
-    write_bool(out, q.allowed);
-    out.extend_from_slice(br#","enforced":"#);
-    write_bool(out, q.enforced);
-    out.extend_from_slice(br#","watched":"#);
-    write_bool(out, q.watched);
-    out.extend_from_slice(br#","rule":"#);
-    json_str(out, &q.rule);
-    out.extend_from_slice(br#","reason":"#);
-    json_str(out, q.reason);
+    verdict.write(out, q);
     out.extend_from_slice(br#","rcode":"#);
     write_u64(out, u64::from(q.rcode));
     out.extend_from_slice(br#","upstream":"#);
@@ -847,15 +913,19 @@ fn write_u64(out: &mut Vec<u8>, mut v: u64) {
 
 /// `a.b.c.d:port` for IPv4 by hand (every DNS query's source); IPv6 via its
 /// `Display`, which is what serde writes for both.
+fn write_ipv4(out: &mut Vec<u8>, ip: std::net::Ipv4Addr) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        write_u64(out, u64::from(octet));
+    }
+}
+
 fn write_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     match addr {
         SocketAddr::V4(a) => {
-            for (i, octet) in a.ip().octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                write_u64(out, u64::from(octet));
-            }
+            write_ipv4(out, *a.ip());
             out.push(b':');
             write_u64(out, u64::from(a.port()));
         }
@@ -947,12 +1017,88 @@ mod dns_line_tests {
         write_dns_line(
             &mut out,
             &mut TimeCache::default(),
+            &mut VerdictText::default(),
             &listener_json,
             &groups,
             &mut GroupsCache::default(),
             q,
         );
         out
+    }
+
+    #[test]
+    fn cached_parts_follow_each_record() {
+        // One set of caches over a run of records that change one part at a
+        // time: each line must still be the record's own.
+        let listener_json = br#""dns""#.to_vec();
+        let groups: SourceGroups = Box::new(|src, each| {
+            if src.is_loopback() {
+                each("loopback");
+            }
+        });
+        let (mut clock, mut verdict, mut src_cache) =
+            (TimeCache::default(), VerdictText::default(), GroupsCache::default());
+        let base = record("a.example", "rule-a", None, 1_763_893_952_123);
+        let mut runs = vec![base.clone()];
+        let mut q = base.clone();
+        q.rule = Arc::from("rule-b");
+        runs.push(q.clone());
+        q.rule = Arc::from("rule-");
+        runs.push(q.clone());
+        q.reason = "allowed-by-rule";
+        runs.push(q.clone());
+        q.allowed = true;
+        runs.push(q.clone());
+        q.watched = true;
+        runs.push(q.clone());
+        q.enforced = false;
+        runs.push(q.clone());
+        q.source = "10.1.2.3:5353".parse().unwrap();
+        runs.push(q.clone());
+        q.source = "10.1.2.30:53".parse().unwrap();
+        runs.push(q.clone());
+        q.source = "[2001:db8::1]:53".parse().unwrap();
+        runs.push(q.clone());
+        q.source = "127.0.0.1:40000".parse().unwrap();
+        runs.push(q.clone());
+        for ms in [
+            1_763_893_952_999,
+            1_763_893_953_000,
+            1_763_893_953_007,
+            999,
+            1_000,
+            1_763_893_953_001,
+        ] {
+            q.time_unix_ms = ms;
+            runs.push(q.clone());
+        }
+        for (i, q) in runs.iter().enumerate() {
+            // A new receive batch starts a fresh source cache, as record_all does.
+            if i % 4 == 0 {
+                src_cache = GroupsCache::default();
+            }
+            let mut out = Vec::new();
+            write_dns_line(
+                &mut out,
+                &mut clock,
+                &mut verdict,
+                &listener_json,
+                &groups,
+                &mut src_cache,
+                q,
+            );
+            let want_groups: &[&str] = if q.source.ip().is_loopback() {
+                &["loopback"]
+            } else {
+                &[]
+            };
+            let want = serde_line("dns", want_groups, q);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                String::from_utf8(want).unwrap(),
+                "record {i}"
+            );
+        }
     }
 
     #[test]

@@ -507,7 +507,10 @@ impl LatencyHistogram {
                     );
                 }
                 None => {
-                    let _ = writeln!(out, "{DNS_LATENCY_SECONDS}_bucket{{listener=\"{l}\",le=\"+Inf\"}} {cumulative}");
+                    let _ = writeln!(
+                        out,
+                        "{DNS_LATENCY_SECONDS}_bucket{{listener=\"{l}\",le=\"+Inf\"}} {cumulative}"
+                    );
                 }
             }
         }
@@ -574,13 +577,35 @@ mod dns_metrics_tests {
         );
         m.publish();
         let text = render(&handle);
-        assert!(text.contains(r#"sluice_dns_latency_seconds_bucket{listener="unit-dns",le="0.0001"} 3"#), "{text}");
-        assert!(text.contains(r#"sluice_dns_latency_seconds_bucket{listener="unit-dns",le="0.0025"} 3"#), "{text}");
-        assert!(text.contains(r#"sluice_dns_latency_seconds_bucket{listener="unit-dns",le="0.005"} 4"#), "{text}");
-        assert!(text.contains(r#"sluice_dns_latency_seconds_bucket{listener="unit-dns",le="+Inf"} 4"#), "{text}");
-        assert!(text.contains(r#"sluice_dns_latency_seconds_sum{listener="unit-dns"} 0.00321"#), "{text}");
-        assert!(text.contains(r#"sluice_dns_latency_seconds_count{listener="unit-dns"} 4"#), "{text}");
-        assert_eq!(text.matches("# TYPE sluice_dns_latency_seconds histogram").count(), 1, "{text}");
+        assert!(
+            text.contains(r#"sluice_dns_latency_seconds_bucket{listener="unit-dns",le="0.0001"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"sluice_dns_latency_seconds_bucket{listener="unit-dns",le="0.0025"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"sluice_dns_latency_seconds_bucket{listener="unit-dns",le="0.005"} 4"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"sluice_dns_latency_seconds_bucket{listener="unit-dns",le="+Inf"} 4"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"sluice_dns_latency_seconds_sum{listener="unit-dns"} 0.00321"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"sluice_dns_latency_seconds_count{listener="unit-dns"} 4"#),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE sluice_dns_latency_seconds histogram").count(),
+            1,
+            "{text}"
+        );
         assert!(
             text.contains(r#"sluice_dns_queries_total{listener="unit-dns",action="allow",rule="r1",reason="allowed-by-rule",cache="hit"} 3"#),
             "{text}"
