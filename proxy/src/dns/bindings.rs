@@ -15,7 +15,7 @@
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,12 @@ pub struct Bindings {
     min_ttl: Duration,
     grace: Duration,
     stats: Arc<DnsStats>,
+    /// Distinct for every table this process makes: the key of the
+    /// per-thread record memo (see [`RecordMemo`]).
+    serial: u64,
+    /// Bumped whenever a live binding or source leaves the table (any
+    /// eviction); a memo entry is trusted only while it is unchanged.
+    removals: AtomicU64,
 }
 
 impl Bindings {
@@ -158,17 +164,58 @@ impl Bindings {
             min_ttl: config.min_ttl,
             grace: config.grace,
             stats,
+            serial: TABLE_SERIAL.fetch_add(1, Ordering::Relaxed),
+            removals: AtomicU64::new(0),
         }
     }
 
     /// Records that `src` was told `dst` is an address of `name`, valid for
     /// `ttl` seconds from `now` (raised to the floor, plus grace).
     pub fn record(&self, src: IpAddr, dst: IpAddr, name: &DomainName, ttl: u32, now: Instant) {
+        let life = Duration::from_secs(u64::from(ttl)).max(self.min_ttl) + self.grace;
+        self.record_until(src, dst, name, now + life, now);
+    }
+
+    /// [`Self::record`] for an answer served from the cache: `ttl` is the
+    /// record's TTL when it was cached at `cached_at`, so the binding lasts
+    /// until the record expires (or the floor from `now`), plus grace. For
+    /// one cached answer that is the same instant at every hit, which lets
+    /// a repeated hit skip the table (see [`RecordMemo`]).
+    pub fn record_cached(
+        &self,
+        src: IpAddr,
+        dst: IpAddr,
+        name: &DomainName,
+        ttl: u32,
+        cached_at: Instant,
+        now: Instant,
+    ) {
+        let until = (cached_at + Duration::from_secs(u64::from(ttl))).max(now + self.min_ttl) + self.grace;
+        self.record_until(src, dst, name, until, now);
+    }
+
+    fn record_until(&self, src: IpAddr, dst: IpAddr, name: &DomainName, expires: Instant, now: Instant) {
         let src = src.to_canonical();
         let dst = dst.to_canonical();
-        let life = Duration::from_secs(u64::from(ttl)).max(self.min_ttl) + self.grace;
-        let expires = now + life;
+        // Read before the write: an eviction racing with it (even one this
+        // write causes) makes the memo entry stale rather than wrong.
+        let removals = self.removals.load(Ordering::Acquire);
+        let key = MemoKey {
+            table: self.serial,
+            src,
+            dst,
+        };
+        let known = RECORDED
+            .try_with(|m| {
+                m.try_borrow()
+                    .is_ok_and(|m| m.covers(&key, name, expires, removals, now))
+            })
+            .unwrap_or(false);
+        if known {
+            return;
+        }
         let mut evicted = 0u64;
+        let held_until;
         {
             let mut shard = self.shard(&dst);
             let shard = &mut *shard;
@@ -178,7 +225,10 @@ impl Bindings {
             let held = names.len();
             names.retain(|(_, e)| *e > now);
             match names.iter_mut().find(|(n, _)| n == name) {
-                Some(slot) => slot.1 = slot.1.max(expires),
+                Some(slot) => {
+                    slot.1 = slot.1.max(expires);
+                    held_until = slot.1;
+                }
                 None => {
                     if names.len() >= self.max_names_per_pair
                         && let Some(i) = soonest(names)
@@ -187,6 +237,7 @@ impl Bindings {
                         evicted += 1;
                     }
                     names.push((name.clone(), expires));
+                    held_until = expires;
                 }
             }
             entry.len = entry.len.saturating_sub(held) + names.len();
@@ -208,15 +259,31 @@ impl Bindings {
             }
         }
         if evicted > 0 {
+            self.removals.fetch_add(1, Ordering::Release);
             self.stats.bindings_evictions.fetch_add(evicted, Ordering::Relaxed);
         }
-        let mut sources = self.source_shard(&src);
-        match sources.get_mut(&src) {
-            Some(latest) => *latest = (*latest).max(expires),
-            None => {
-                sources.put(src, expires);
+        let source_until;
+        {
+            let mut sources = self.source_shard(&src);
+            match sources.get_mut(&src) {
+                Some(latest) => {
+                    *latest = (*latest).max(expires);
+                    source_until = *latest;
+                }
+                None => {
+                    if sources.push(src, expires).is_some() {
+                        // Another source made room for this one.
+                        self.removals.fetch_add(1, Ordering::Release);
+                    }
+                    source_until = expires;
+                }
             }
         }
+        let _ = RECORDED.try_with(|m| {
+            if let Ok(mut m) = m.try_borrow_mut() {
+                m.remember(key, name, held_until.min(source_until), removals, now);
+            }
+        });
     }
 
     /// The name `src` most recently resolved to `dst`, if the binding is live.
@@ -306,6 +373,99 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+static TABLE_SERIAL: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's recently recorded bindings (see [`RecordMemo`]).
+    static RECORDED: std::cell::RefCell<RecordMemo> = std::cell::RefCell::new(RecordMemo::new());
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct MemoKey {
+    table: u64,
+    src: IpAddr,
+    dst: IpAddr,
+}
+
+/// Bindings this thread wrote lately, so that the same cached answer
+/// served to the same client again costs no table lock. An entry says
+/// "(source, address) → name is held until at least `until`", which stays
+/// true while nothing has left the table (bindings only ever gain time
+/// otherwise) and `until` is still ahead. It is used only when the new
+/// write would not extend the binding at all, and for at most a second
+/// after the table was last really written, so the LRU order of a busy
+/// destination is refreshed at least that often.
+#[derive(Debug)]
+struct RecordMemo {
+    slots: Box<[Option<MemoEntry>]>,
+    hasher: foldhash::fast::RandomState,
+}
+
+#[derive(Debug)]
+struct MemoEntry {
+    key: MemoKey,
+    name: DomainName,
+    until: Instant,
+    removals: u64,
+    written: Instant,
+}
+
+impl RecordMemo {
+    const SLOTS: usize = 512;
+    /// How long a memo entry stands in for a real write.
+    const REFRESH: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Self {
+            slots: (0..Self::SLOTS).map(|_| None).collect(),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    fn slot(&self, key: &MemoKey, name: &DomainName) -> usize {
+        (self.hasher.hash_one((key, name.as_str())) as usize) % self.slots.len()
+    }
+
+    /// Whether writing `expires` would change nothing the table holds.
+    fn covers(&self, key: &MemoKey, name: &DomainName, expires: Instant, removals: u64, now: Instant) -> bool {
+        self.slots
+            .get(self.slot(key, name))
+            .and_then(Option::as_ref)
+            .is_some_and(|e| {
+                e.key == *key
+                    && e.removals == removals
+                    && expires <= e.until
+                    && now < e.until
+                    && now < e.written + Self::REFRESH
+                    && e.name == *name
+            })
+    }
+
+    fn remember(&mut self, key: MemoKey, name: &DomainName, until: Instant, removals: u64, now: Instant) {
+        let i = self.slot(&key, name);
+        let Some(slot) = self.slots.get_mut(i) else {
+            return;
+        };
+        match slot {
+            Some(e) if e.name == *name => {
+                e.key = key;
+                e.until = until;
+                e.removals = removals;
+                e.written = now;
+            }
+            _ => {
+                *slot = Some(MemoEntry {
+                    key,
+                    name: name.clone(),
+                    until,
+                    removals,
+                    written: now,
+                });
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "test code: a panic is the failure report")]
 mod tests {
@@ -381,6 +541,86 @@ mod tests {
         assert!(b.is_bound(src, cdn, &name("a.test"), t0));
         assert!(b.is_bound(src, cdn, &name("b.test"), t0));
         assert_eq!(b.names_for(cdn, t0), vec![name("a.test"), name("b.test")]);
+    }
+
+    #[test]
+    fn a_repeated_cached_answer_is_rebound_after_its_binding_was_evicted() {
+        // The per-thread memo lets a repeated cached answer skip the table;
+        // once the binding has been evicted it must be written again.
+        let config = BindingsConfig {
+            max_entries: 16,
+            ..cfg()
+        };
+        let b = Bindings::new(&config);
+        let t0 = Instant::now();
+        let (client, addr, host) = (ip("10.0.0.1"), ip("192.0.2.7"), name("a.test"));
+        b.record_cached(client, addr, &host, 3_600, t0, t0);
+        b.record_cached(client, addr, &host, 3_600, t0, t0 + Duration::from_millis(10));
+        assert_eq!(
+            b.lookup(client, addr, t0 + Duration::from_millis(20)),
+            Some(host.clone())
+        );
+        // Other destinations push it out of the LRU.
+        for i in 0..64u8 {
+            b.record(ip("10.0.0.9"), ip(&format!("198.51.100.{i}")), &name("b.test"), 300, t0);
+        }
+        assert_eq!(b.lookup(client, addr, t0 + Duration::from_millis(30)), None, "evicted");
+        b.record_cached(client, addr, &host, 3_600, t0, t0 + Duration::from_millis(40));
+        assert_eq!(b.lookup(client, addr, t0 + Duration::from_millis(50)), Some(host));
+    }
+
+    #[test]
+    fn a_repeated_cached_answer_brings_its_evicted_source_back() {
+        let config = BindingsConfig {
+            max_sources: 16,
+            ..cfg()
+        };
+        let b = Bindings::new(&config);
+        let t0 = Instant::now();
+        let (client, addr, host) = (ip("10.0.0.1"), ip("192.0.2.7"), name("a.test"));
+        b.record_cached(client, addr, &host, 3_600, t0, t0);
+        assert!(b.has_bindings_for_source(client, t0));
+        for i in 0..64u8 {
+            b.record(ip(&format!("10.1.0.{i}")), addr, &host, 300, t0);
+        }
+        assert!(!b.has_bindings_for_source(client, t0), "pushed out by newer sources");
+        b.record_cached(client, addr, &host, 3_600, t0, t0 + Duration::from_millis(5));
+        assert!(b.has_bindings_for_source(client, t0 + Duration::from_millis(6)));
+    }
+
+    #[test]
+    fn cached_answers_extend_bindings_exactly_as_fresh_ones() {
+        // TTL 30 s under a 60 s floor: each hit moves the expiry on, so no
+        // hit may be skipped; TTL 3,600 s: the expiry is the record's own.
+        let b = Bindings::new(&cfg());
+        let t0 = Instant::now();
+        let (client, addr, host) = (ip("10.0.0.1"), ip("192.0.2.7"), name("a.test"));
+        b.record_cached(client, addr, &host, 30, t0, t0);
+        b.record_cached(client, addr, &host, 30, t0, t0 + Duration::from_millis(500));
+        // Moved on by the second hit, half a second after the first.
+        assert!(b.is_bound(client, addr, &host, t0 + Duration::from_millis(60_300)));
+        b.record_cached(client, addr, &host, 30, t0, t0 + Duration::from_secs(20));
+        let last = t0 + Duration::from_secs(20) + Duration::from_secs(60);
+        assert!(b.is_bound(client, addr, &host, last - Duration::from_millis(1)));
+        assert!(!b.is_bound(client, addr, &host, last));
+
+        let other = ip("192.0.2.8");
+        b.record_cached(client, other, &host, 3_600, t0, t0);
+        b.record_cached(client, other, &host, 3_600, t0, t0 + Duration::from_secs(100));
+        let end = t0 + Duration::from_secs(3_600);
+        assert!(b.is_bound(client, other, &host, end - Duration::from_millis(1)));
+        assert!(!b.is_bound(client, other, &host, end));
+    }
+
+    #[test]
+    fn one_thread_writing_two_tables_writes_both() {
+        let (a, b) = (Bindings::new(&cfg()), Bindings::new(&cfg()));
+        let t0 = Instant::now();
+        let (client, addr, host) = (ip("10.0.0.1"), ip("192.0.2.7"), name("a.test"));
+        a.record_cached(client, addr, &host, 3_600, t0, t0);
+        b.record_cached(client, addr, &host, 3_600, t0, t0);
+        assert_eq!(b.lookup(client, addr, t0), Some(host.clone()));
+        assert_eq!(a.lookup(client, addr, t0), Some(host));
     }
 
     #[test]

@@ -114,6 +114,11 @@ pub struct CacheHit {
 }
 
 impl CacheEntry {
+    /// When the entry was cached: its records' TTLs count from here.
+    pub fn cached_at(&self) -> Instant {
+        self.inserted
+    }
+
     /// Records with TTLs aged by `age_secs`.
     pub fn aged(records: &[Record], age_secs: u32) -> Vec<Record> {
         records

@@ -239,7 +239,7 @@ impl DnsCore {
         let src = ctx.src.ip();
         for &(ip, ttl) in &wire.binds {
             self.bindings
-                .record(src, ip, qname, ttl.saturating_sub(hit.age_secs), ctx.now);
+                .record_cached(src, ip, qname, ttl, entry.cached_at(), ctx.now);
         }
         let mut audit = self.audit(
             &ctx,
