@@ -456,6 +456,18 @@ pub type Outgoing<'a> = (&'a [u8], SocketAddr, Option<std::net::IpAddr>);
 #[cfg(target_os = "linux")]
 type CmsgBuf = [u64; 8];
 
+/// Registers a UDP socket with the current tokio reactor for reading only
+/// (see `dns::server::ListenerUdp` for why). Needs a runtime.
+#[cfg(target_os = "linux")]
+pub fn register_read_only(socket: std::net::UdpSocket) -> io::Result<tokio::io::unix::AsyncFd<std::net::UdpSocket>> {
+    socket.set_nonblocking(true)?;
+    // SAFETY: the `UdpSocket` owns a valid descriptor and is moved into the
+    // `AsyncFd`, which is the only owner from here on: nothing can close or
+    // replace the descriptor while it is registered.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) };
+    fd.map_err(io::Error::from)
+}
+
 /// Asks the kernel to report, with every datagram received on `fd`, the
 /// local address it was sent to (`IP_PKTINFO`, and `IPV6_RECVPKTINFO` on an
 /// IPv6 socket, which also receives IPv4 as mapped addresses). A listener

@@ -38,7 +38,7 @@ const BIND_TRIES: usize = 16;
 /// A bound DNS listener; [`DnsServer::run`] serves it until cancelled.
 #[derive(Debug)]
 pub struct DnsServer {
-    udp: Arc<UdpSocket>,
+    udp: Arc<ListenerUdp>,
     tcp: TcpListener,
     local_addr: SocketAddr,
     shared: Arc<Shared>,
@@ -83,6 +83,7 @@ impl DnsServer {
             use std::os::fd::AsFd;
             crate::sys::enable_pktinfo(udp.as_fd(), addr.is_ipv6())?;
         }
+        let udp = listener_udp(udp)?;
         let config = core.config();
         let shared = Shared {
             forwarder: Forwarder::new(config, Arc::clone(core.stats())),
@@ -208,9 +209,8 @@ impl Shared {
 /// once per burst rather than once per answer. Queries that need an
 /// upstream still run as their own tasks and answer on their own.
 #[cfg(target_os = "linux")]
-async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTracker) -> Result<(), DnsError> {
+async fn udp_loop(udp: &Arc<ListenerUdp>, shared: &Arc<Shared>, tracker: &TaskTracker) -> Result<(), DnsError> {
     use std::os::fd::AsFd;
-    use tokio::io::Interest;
 
     use crate::sys;
 
@@ -219,19 +219,19 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
     let mut replies: Vec<(Vec<u8>, SocketAddr, Option<IpAddr>)> = Vec::with_capacity(sys::UDP_BATCH);
     let mut audits = Vec::with_capacity(sys::UDP_BATCH);
     loop {
-        match udp.try_io(Interest::READABLE, || sys::recv_batch(udp.as_fd(), &mut bufs, &mut got)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                udp.readable().await?;
-                continue;
-            }
+        let mut ready = udp.fd.readable().await?;
+        match ready.try_io(|s| sys::recv_batch(s.as_fd(), &mut bufs, &mut got)) {
+            Ok(Ok(())) => {}
+            // WouldBlock: readiness is cleared and the next `readable()` waits.
+            Err(_) => continue,
             // ICMP errors from earlier sends can surface here; they concern
             // one client, not the listener.
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "dns udp receive error");
                 continue;
             }
         }
+        drop(ready);
         // One reading of the clocks for the batch: its datagrams were all
         // taken off the socket at this moment.
         let (arrived, unix_ms) = clocks();
@@ -258,18 +258,19 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
                 Step::Forward(pending) => spawn_udp_forward(udp, shared, tracker, pending, src, local),
             }
         }
-        send_all(udp, &replies).await;
+        send_all(udp, shared, &replies).await;
         replies.clear();
         shared.emit_all(&mut audits);
     }
 }
 
-/// Sends `replies` with as few `sendmmsg` calls as the socket allows,
-/// waiting for room when it is full.
+/// Sends `replies` with as few `sendmmsg` calls as the socket allows. A
+/// full send buffer (see [`ListenerUdp`]) is waited out for at most
+/// [`SEND_WAIT`]; what is still unsent then is dropped and counted, as a
+/// router would drop it.
 #[cfg(target_os = "linux")]
-async fn send_all(udp: &UdpSocket, replies: &[(Vec<u8>, SocketAddr, Option<IpAddr>)]) {
+async fn send_all(udp: &ListenerUdp, shared: &Shared, replies: &[(Vec<u8>, SocketAddr, Option<IpAddr>)]) {
     use std::os::fd::AsFd;
-    use tokio::io::Interest;
 
     use crate::sys;
 
@@ -278,18 +279,25 @@ async fn send_all(udp: &UdpSocket, replies: &[(Vec<u8>, SocketAddr, Option<IpAdd
         .map(|(b, dst, local)| (b.as_slice(), *dst, *local))
         .collect();
     let mut next = 0;
+    let mut waited = Duration::ZERO;
     while next < msgs.len() {
         let rest = &msgs[next..];
-        match udp.try_io(Interest::WRITABLE, || sys::send_batch(udp.as_fd(), rest)) {
+        match sys::send_batch(udp.fd.get_ref().as_fd(), rest) {
             Ok(0) => break,
             Ok(sent) => next += sent,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // Full send buffer: wait for room the ordinary way.
-                let (bytes, dst, local) = rest[0];
-                if let Err(e) = send_one(udp, bytes, dst, local).await {
-                    tracing::debug!(error = %e, %dst, "dns udp send failed");
+                if waited >= SEND_WAIT {
+                    let unsent = (msgs.len() - next) as u64;
+                    shared
+                        .core
+                        .stats()
+                        .dropped
+                        .fetch_add(unsent, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(unsent, "dns udp send buffer stayed full; answers dropped");
+                    break;
                 }
-                next += 1;
+                tokio::time::sleep(SEND_RETRY).await;
+                waited += SEND_RETRY;
             }
             // The first message failed (e.g. an unroutable client); skip it.
             Err(e) => {
@@ -300,31 +308,66 @@ async fn send_all(udp: &UdpSocket, replies: &[(Vec<u8>, SocketAddr, Option<IpAdd
     }
 }
 
-/// Sends one answer, from `local` when given (see `enable_pktinfo`),
-/// waiting for room in the send buffer.
+/// How long answers wait for room in a full listener send buffer…
 #[cfg(target_os = "linux")]
-async fn send_one(udp: &UdpSocket, bytes: &[u8], dst: SocketAddr, local: Option<IpAddr>) -> std::io::Result<()> {
-    use std::os::fd::AsFd;
-    use tokio::io::Interest;
+const SEND_WAIT: Duration = Duration::from_millis(50);
+/// …checking this often.
+#[cfg(target_os = "linux")]
+const SEND_RETRY: Duration = Duration::from_millis(1);
 
-    if local.is_none() {
-        return udp.send_to(bytes, dst).await.map(drop);
-    }
-    loop {
-        udp.writable().await?;
-        match udp.try_io(Interest::WRITABLE, || {
-            crate::sys::send_batch(udp.as_fd(), &[(bytes, dst, local)])
-        }) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
+/// Sends one answer, from `local` when given (see `enable_pktinfo`),
+/// waiting out a full send buffer like [`send_all`].
+#[cfg(target_os = "linux")]
+async fn send_one(
+    udp: &ListenerUdp,
+    shared: &Shared,
+    bytes: &[u8],
+    dst: SocketAddr,
+    local: Option<IpAddr>,
+) -> std::io::Result<()> {
+    send_all(udp, shared, &[(bytes.to_vec(), dst, local)]).await;
+    Ok(())
+}
+
+/// The listener's UDP socket on Linux, registered with the reactor for
+/// reading only. A DNS listener sends far more often than it ever has to
+/// wait to send; registered for writability as well (as a
+/// `tokio::net::UdpSocket` is), every answer the client takes off the
+/// loopback or the NIC queue runs the reactor's wake-up callback on this
+/// socket (a few per cent of a cached answer's CPU in the DNS benchmark)
+/// and wakes an idle worker for nothing. When the send buffer is full,
+/// senders poll for room instead ([`send_all`]).
+#[cfg(target_os = "linux")]
+#[derive(Debug)]
+struct ListenerUdp {
+    fd: tokio::io::unix::AsyncFd<std::net::UdpSocket>,
+}
+
+#[cfg(target_os = "linux")]
+fn listener_udp(udp: UdpSocket) -> std::io::Result<ListenerUdp> {
+    Ok(ListenerUdp {
+        fd: crate::sys::register_read_only(udp.into_std()?)?,
+    })
+}
+
+/// Off Linux the listener keeps tokio's socket.
+#[cfg(not(target_os = "linux"))]
+type ListenerUdp = UdpSocket;
+
+#[cfg(not(target_os = "linux"))]
+fn listener_udp(udp: UdpSocket) -> std::io::Result<ListenerUdp> {
+    Ok(udp)
 }
 
 /// Sends one answer (no local address control off Linux).
 #[cfg(not(target_os = "linux"))]
-async fn send_one(udp: &UdpSocket, bytes: &[u8], dst: SocketAddr, _local: Option<IpAddr>) -> std::io::Result<()> {
+async fn send_one(
+    udp: &UdpSocket,
+    _shared: &Shared,
+    bytes: &[u8],
+    dst: SocketAddr,
+    _local: Option<IpAddr>,
+) -> std::io::Result<()> {
     udp.send_to(bytes, dst).await.map(drop)
 }
 
@@ -356,7 +399,7 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
 
 /// Runs a query that needs an upstream as its own task, within `max_in_flight`.
 fn spawn_udp_forward(
-    udp: &Arc<UdpSocket>,
+    udp: &Arc<ListenerUdp>,
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     pending: Box<Pending>,
@@ -372,7 +415,7 @@ fn spawn_udp_forward(
     tracker.spawn(async move {
         let reply = shared.resolve(pending).await;
         drop(permit);
-        if let Err(e) = send_one(&udp, &reply.bytes, src, local).await {
+        if let Err(e) = send_one(&udp, &shared, &reply.bytes, src, local).await {
             tracing::debug!(error = %e, %src, "dns udp send failed");
         }
         shared.emit(reply.audit);
