@@ -259,7 +259,9 @@ async fn udp_loop(udp: &Arc<ListenerUdp>, shared: &Arc<Shared>, tracker: &TaskTr
             }
         }
         send_all(udp, shared, &replies).await;
-        replies.clear();
+        for (bytes, _, _) in replies.drain(..) {
+            super::fast::recycle(bytes);
+        }
         shared.emit_all(&mut audits);
     }
 }
