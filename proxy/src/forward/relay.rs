@@ -449,6 +449,20 @@ impl Direction {
         }
     }
 
+    /// An emptied remainder of [`Self::compact`] is never read into: each
+    /// compaction at least halves the buffer, so reading into it would
+    /// shrink every later read of the flow (and keep a splice-mode flow
+    /// from ever seeing a read large enough to switch). Called with nothing
+    /// in flight, before a read.
+    fn drop_remainder(&mut self, movers: &Movers) {
+        if let Held::Buf { buf, start, end } = &self.held
+            && start == end
+            && buf.len() < movers.copy_buffer.max(4096)
+        {
+            self.held = Held::None;
+        }
+    }
+
     /// Moves bytes until `src` has none, `dst` is full, or the per-poll
     /// budget is spent. `Ready(Ok)` once `src` reached EOF (and the
     /// half-close was passed on to `dst`).
@@ -550,6 +564,7 @@ impl Direction {
     /// the pool first if none is held. The outer `Result` is a local failure
     /// (no pipe could be made), the inner one the socket's.
     fn read_from(&mut self, src: &TcpStream, movers: &Movers) -> Result<io::Result<usize>, PumpError> {
+        self.drop_remainder(movers);
         if matches!(self.held, Held::None) {
             self.held = match movers.mode {
                 #[cfg(target_os = "linux")]
@@ -608,4 +623,97 @@ fn give_buf(buf: Box<[u8]>) {
             pool.push(buf);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn movers() -> Movers {
+        Movers {
+            mode: RelayMode::Copy,
+            pipe_size: 64 * 1024,
+            copy_buffer: 64 * 1024,
+        }
+    }
+
+    #[test]
+    fn an_emptied_compacted_remainder_is_not_read_into() {
+        let m = movers();
+        let mut d = Direction::new(Side::Upstream);
+        // A full pool buffer, 10 KiB of it still owed to a slow reader.
+        let mut buf = take_buf(m.copy_buffer);
+        buf[..10].copy_from_slice(b"0123456789");
+        d.held = Held::Buf {
+            buf,
+            start: 0,
+            end: 10 * 1024,
+        };
+        d.compact();
+        let Held::Buf { buf, start, end } = &d.held else {
+            panic!("compaction keeps the owed bytes: {:?}", d.held);
+        };
+        assert_eq!((buf.len(), *start, *end), (10 * 1024, 0, 10 * 1024));
+        assert_eq!(&buf[..10], b"0123456789");
+        // Still owed: kept.
+        d.drop_remainder(&m);
+        assert!(matches!(d.held, Held::Buf { end, .. } if end == 10 * 1024));
+        // Written out: the next read gets a full-size buffer again.
+        if let Held::Buf { start, end, .. } = &mut d.held {
+            *start = *end;
+        }
+        d.drop_remainder(&m);
+        assert!(matches!(d.held, Held::None), "{:?}", d.held);
+    }
+
+    #[tokio::test]
+    async fn a_read_after_compaction_gets_a_full_buffer() {
+        use tokio::io::AsyncWriteExt;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string());
+        let listener = listener.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut writer = connected.unwrap_or_else(|e| panic!("{e}"));
+        let (reader, _) = accepted.unwrap_or_else(|e| panic!("{e}"));
+        writer
+            .write_all(&[7u8; 48 * 1024])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let m = movers();
+        let mut d = Direction::new(Side::Upstream);
+        // What compaction left behind, written out: 5,000 bytes of room.
+        d.held = Held::Buf {
+            buf: vec![0u8; 5000].into_boxed_slice(),
+            start: 5000,
+            end: 5000,
+        };
+        let mut got = 0;
+        while got == 0 {
+            reader.readable().await.unwrap_or_else(|e| panic!("{e}"));
+            match d.read_from(&reader, &m) {
+                Ok(Ok(n)) => got = n,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(Err(e)) => panic!("{e}"),
+                Err(_) => panic!("no buffer could be taken"),
+            }
+        }
+        assert!(got > 5000, "read {got} bytes into the remainder");
+        assert!(matches!(&d.held, Held::Buf { buf, .. } if buf.len() == m.copy_buffer));
+    }
+
+    #[test]
+    fn an_emptied_full_buffer_is_kept_for_the_next_read() {
+        let m = movers();
+        let mut d = Direction::new(Side::Client);
+        d.held = Held::Buf {
+            buf: take_buf(m.copy_buffer),
+            start: 100,
+            end: 100,
+        };
+        d.drop_remainder(&m);
+        assert!(matches!(&d.held, Held::Buf { buf, .. } if buf.len() == m.copy_buffer));
+    }
 }
