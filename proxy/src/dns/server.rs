@@ -272,19 +272,23 @@ async fn udp_loop(udp: &Arc<ListenerUdp>, shared: &Arc<Shared>, tracker: &TaskTr
 /// router would drop it.
 #[cfg(target_os = "linux")]
 async fn send_all(udp: &ListenerUdp, shared: &Shared, replies: &[(Vec<u8>, SocketAddr, Option<IpAddr>)]) {
-    use std::os::fd::AsFd;
-
-    use crate::sys;
-
-    let msgs: Vec<sys::Outgoing<'_>> = replies
+    let msgs: Vec<crate::sys::Outgoing<'_>> = replies
         .iter()
         .map(|(b, dst, local)| (b.as_slice(), *dst, *local))
         .collect();
+    send_msgs(udp, shared, &msgs).await;
+}
+
+/// [`send_all`] for messages already in `sendmmsg` form.
+#[cfg(target_os = "linux")]
+async fn send_msgs(udp: &ListenerUdp, shared: &Shared, msgs: &[crate::sys::Outgoing<'_>]) {
+    use std::os::fd::AsFd;
+
     let mut next = 0;
     let mut waited = Duration::ZERO;
     while next < msgs.len() {
         let rest = &msgs[next..];
-        match sys::send_batch(udp.fd.get_ref().as_fd(), rest) {
+        match crate::sys::send_batch(udp.fd.get_ref().as_fd(), rest) {
             Ok(0) => break,
             Ok(sent) => next += sent,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -320,15 +324,8 @@ const SEND_RETRY: Duration = Duration::from_millis(1);
 /// Sends one answer, from `local` when given (see `enable_pktinfo`),
 /// waiting out a full send buffer like [`send_all`].
 #[cfg(target_os = "linux")]
-async fn send_one(
-    udp: &ListenerUdp,
-    shared: &Shared,
-    bytes: &[u8],
-    dst: SocketAddr,
-    local: Option<IpAddr>,
-) -> std::io::Result<()> {
-    send_all(udp, shared, &[(bytes.to_vec(), dst, local)]).await;
-    Ok(())
+async fn send_one(udp: &ListenerUdp, shared: &Shared, bytes: &[u8], dst: SocketAddr, local: Option<IpAddr>) {
+    send_msgs(udp, shared, &[(bytes, dst, local)]).await;
 }
 
 /// The listener's UDP socket on Linux, registered with the reactor for
@@ -363,14 +360,10 @@ fn listener_udp(udp: UdpSocket) -> std::io::Result<ListenerUdp> {
 
 /// Sends one answer (no local address control off Linux).
 #[cfg(not(target_os = "linux"))]
-async fn send_one(
-    udp: &UdpSocket,
-    _shared: &Shared,
-    bytes: &[u8],
-    dst: SocketAddr,
-    _local: Option<IpAddr>,
-) -> std::io::Result<()> {
-    udp.send_to(bytes, dst).await.map(drop)
+async fn send_one(udp: &UdpSocket, _shared: &Shared, bytes: &[u8], dst: SocketAddr, _local: Option<IpAddr>) {
+    if let Err(e) = udp.send_to(bytes, dst).await {
+        tracing::debug!(error = %e, %dst, "dns udp send failed");
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -417,9 +410,7 @@ fn spawn_udp_forward(
     tracker.spawn(async move {
         let reply = shared.resolve(pending).await;
         drop(permit);
-        if let Err(e) = send_one(&udp, &shared, &reply.bytes, src, local).await {
-            tracing::debug!(error = %e, %src, "dns udp send failed");
-        }
+        send_one(&udp, &shared, &reply.bytes, src, local).await;
         shared.emit(reply.audit);
     });
 }
