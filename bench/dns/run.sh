@@ -78,7 +78,7 @@ if [ -n "$CAP_CG" ]; then
       grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control || echo +cpu >/sys/fs/cgroup/cgroup.subtree_control
       echo "$quota 10000" >"$CAP_CG/cpu.max"
     else echo 10000 >"$CAP_CG/cpu.cfs_period_us" && echo "$quota" >"$CAP_CG/cpu.cfs_quota_us"; fi; } 2>/dev/null; then
-    echo "bench/dns: cannot set up a CPU-quota cgroup; the capped column is n/a" >&2
+    echo "bench/dns: cannot set up a CPU-quota cgroup under /sys/fs/cgroup (run as root, with the cgroup cpu controller mounted); the capped column is n/a" >&2
     rmdir "$CAP_CG" 2>/dev/null || true
     CAP_CG=""
   fi
