@@ -7,7 +7,8 @@
 use std::net::{SocketAddr, TcpStream as StdTcpStream};
 use std::time::Duration;
 
-use sluice::forward::connect::{ConnectError, ConnectOptions, connect, connect_ips};
+use sluice::forward::connect::{ConnectError, ConnectOptions, connect, connect_ips, connect_sending};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 
 /// An address nobody listens on: bind a port, then free it.
@@ -22,7 +23,7 @@ async fn closed_port() -> SocketAddr {
 /// and a connect to it hangs (a black hole on loopback).
 struct BlackHole {
     addr: SocketAddr,
-    _listener: TcpListener,
+    listener: TcpListener,
     _fillers: Vec<StdTcpStream>,
 }
 
@@ -48,7 +49,7 @@ async fn black_hole() -> BlackHole {
     .expect("accept queue never filled: cannot make a black hole");
     BlackHole {
         addr,
-        _listener: listener,
+        listener,
         _fillers: filled,
     }
 }
@@ -150,6 +151,114 @@ async fn mark_is_set_on_upstream_sockets() {
     match connect(&[addr], &o).await {
         Ok(c) => assert_eq!(socket2::SockRef::from(&c.stream).mark().unwrap(), 0x5c),
         // SO_MARK needs CAP_NET_ADMIN; without it the attempt fails typed.
+        Err(e) => assert!(matches!(e, ConnectError::Io { .. }), "{e:?}"),
+    }
+}
+
+/// Connects with `connect_sending`, writes what it did not send, and
+/// returns what the upstream received.
+async fn send_through(l: &TcpListener, addrs: &[SocketAddr], first: &[u8]) -> (usize, Vec<u8>) {
+    let (c, sent) = connect_sending(addrs, &ConnectOptions::default(), first).await.unwrap();
+    assert!(c.stream.nodelay().unwrap());
+    assert!(sent <= first.len());
+    let mut stream = c.stream;
+    stream.write_all(&first[sent..]).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let (mut up, _) = l.accept().await.unwrap();
+    let mut got = Vec::new();
+    up.read_to_end(&mut got).await.unwrap();
+    (sent, got)
+}
+
+#[tokio::test]
+async fn connect_sending_delivers_the_first_bytes() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hello: Vec<u8> = (0..1500u32).map(|i| (i % 251) as u8).collect();
+    let (_, got) = send_through(&l, &[addr], &hello).await;
+    assert_eq!(got, hello);
+}
+
+#[tokio::test]
+async fn connect_sending_with_nothing_to_send_just_connects() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (sent, got) = send_through(&l, &[addr], b"").await;
+    assert_eq!((sent, got.len()), (0, 0));
+}
+
+#[tokio::test]
+async fn connect_sending_to_several_addresses_leaves_the_bytes_to_the_caller() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let good = l.local_addr().unwrap();
+    let bad = closed_port().await;
+    let (sent, got) = send_through(&l, &[bad, good], b"after the race").await;
+    assert_eq!(sent, 0);
+    assert_eq!(got, b"after the race");
+}
+
+#[tokio::test]
+async fn connect_sending_refused_maps_to_refused() {
+    let addr = closed_port().await;
+    let err = connect_sending(&[addr], &ConnectOptions::default(), b"hello")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::Refused(a) if a == addr), "{err:?}");
+    assert_eq!(err.reason_code(), "connect-refused");
+}
+
+#[tokio::test(start_paused = true)]
+async fn connect_sending_black_hole_maps_to_timeout() {
+    tokio::time::resume();
+    let hole = black_hole().await;
+    tokio::time::pause();
+    let err = connect_sending(&[hole.addr], &opts(Duration::from_secs(10)), b"hello")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ConnectError::Timeout(d) if d == Duration::from_secs(10)),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn connect_sending_waits_for_a_slow_handshake() {
+    // The first SYN is dropped (full accept queue), so the send finds the
+    // socket still connecting; freeing a slot lets the SYN retransmission
+    // (about 1 s later) complete the handshake, and the bytes follow.
+    let hole = black_hole().await;
+    let addr = hole.addr;
+    let racer =
+        tokio::spawn(async move { connect_sending(&[addr], &opts(Duration::from_secs(20)), b"late hello").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (filler, _) = hole.listener.accept().await.unwrap();
+    drop(filler);
+    let (c, sent) = racer.await.unwrap().unwrap();
+    assert_eq!(sent, 0, "the handshake cannot have completed inside connect(2)");
+    let mut stream = c.stream;
+    stream.write_all(b"late hello").await.unwrap();
+    stream.shutdown().await.unwrap();
+    // Later connections queue behind the fillers; find ours by its port.
+    let ours = stream.local_addr().unwrap();
+    loop {
+        let (mut up, peer) = hole.listener.accept().await.unwrap();
+        if peer == ours {
+            let mut got = Vec::new();
+            up.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"late hello");
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn connect_sending_sets_the_mark() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let mut o = ConnectOptions::default();
+    o.mark = Some(0x5c);
+    match connect_sending(&[addr], &o, b"x").await {
+        Ok((c, _)) => assert_eq!(socket2::SockRef::from(&c.stream).mark().unwrap(), 0x5c),
         Err(e) => assert!(matches!(e, ConnectError::Io { .. }), "{e:?}"),
     }
 }

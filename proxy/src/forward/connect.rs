@@ -242,6 +242,70 @@ pub async fn connect(addrs: &[SocketAddr], opts: &ConnectOptions) -> Result<Conn
     .await
 }
 
+/// Connects like [`connect`] and sends `first` (bytes the upstream is owed:
+/// a peeked ClientHello, a request head) as part of it. Returns how many
+/// of them were sent; the caller writes the rest.
+///
+/// With one address the bytes go out on the first try, before any
+/// readiness event: when the handshake completed inside `connect(2)` (a
+/// nearby upstream, loopback), the send succeeds and the flow skips a
+/// round through the reactor and the `SO_ERROR` check. When it has not,
+/// the send fails with `EAGAIN` (or the connect's own error) and this
+/// waits for writability as [`connect`] does: the same number of system
+/// calls either way.
+pub async fn connect_sending(
+    addrs: &[SocketAddr],
+    opts: &ConnectOptions,
+    first: &[u8],
+) -> Result<(Connected, usize), ConnectError> {
+    let [addr] = addrs else {
+        return connect(addrs, opts).await.map(|c| (c, 0));
+    };
+    if first.is_empty() {
+        return connect(addrs, opts).await.map(|c| (c, 0));
+    }
+    match tokio::time::timeout(opts.timeout, attempt_sending(*addr, opts.mark, first)).await {
+        Ok(Ok((stream, sent))) => Ok((Connected { stream, addr: *addr }, sent)),
+        Ok(Err(e)) => Err(ConnectError::from_io(*addr, e)),
+        Err(_) => Err(ConnectError::Timeout(opts.timeout)),
+    }
+}
+
+/// One connection attempt that sends `first` as soon as the socket takes
+/// it. `TCP_NODELAY` is set before the connect.
+async fn attempt_sending(addr: SocketAddr, mark: Option<u32>, first: &[u8]) -> io::Result<(TcpStream, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(mark) = mark {
+        set_mark_raw(&socket, mark)?;
+    }
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    // A direct send, not tokio's `try_write`: the registration has seen no
+    // readiness event yet, so `try_write` would not even try.
+    match socket2::SockRef::from(&stream).send_with_flags(first, libc::MSG_NOSIGNAL) {
+        Ok(sent) => return Ok((stream, sent)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    // Still connecting: wait as tokio's own connect does, then let the
+    // caller write everything.
+    stream.writable().await?;
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    Ok((stream, 0))
+}
+
 fn finish(stream: TcpStream, addr: SocketAddr) -> Result<Connected, ConnectError> {
     stream
         .set_nodelay(true)
@@ -264,6 +328,19 @@ async fn attempt(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn set_mark(socket: &TcpSocket, mark: u32) -> io::Result<()> {
     socket2::SockRef::from(socket).set_mark(mark)
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn set_mark_raw(socket: &socket2::Socket, mark: u32) -> io::Result<()> {
+    socket.set_mark(mark)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn set_mark_raw(_socket: &socket2::Socket, _mark: u32) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "SO_MARK is only available on Linux",
+    ))
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]

@@ -17,7 +17,7 @@ pub mod limit;
 pub mod relay;
 pub mod resolve;
 
-pub use connect::{ConnectError, ConnectOptions, Connected, connect, connect_ips};
+pub use connect::{ConnectError, ConnectOptions, Connected, connect, connect_ips, connect_sending};
 pub use limit::{ConnLimit, ConnPermit};
 pub use relay::{CloseReason, RelayMode, RelayOptions, RelayStats, relay, relay_until};
 pub use resolve::{ResolveError, Resolver, ResolverSettings, parse_ip_lenient};

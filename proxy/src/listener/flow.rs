@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use super::chain::FilterChain;
 use super::filter::{Decision, FilterStatus, FlowContext};
 use super::{ListenerPlan, Shared};
-use crate::forward::{ConnectOptions, RelayOptions, ResolveError, connect, parse_ip_lenient, relay_until};
+use crate::forward::{ConnectOptions, RelayOptions, ResolveError, connect_sending, parse_ip_lenient, relay_until};
 use crate::policy::Enforcement;
 use crate::telemetry::audit::FlowRecord;
 use crate::telemetry::metrics;
@@ -151,10 +151,10 @@ pub async fn connect_and_replay(
         ..ConnectOptions::default()
     };
     let started = Instant::now();
-    let (mut upstream, dst) = match connect(addrs, &opts).await {
-        Ok(c) => {
+    let (mut upstream, dst, sent) = match connect_sending(addrs, &opts, &replay).await {
+        Ok((c, sent)) => {
             metrics::connect_latency("ok", started.elapsed());
-            (c.stream, c.addr)
+            (c.stream, c.addr, sent)
         }
         Err(e) => {
             metrics::connect_latency(e.reason_code(), started.elapsed());
@@ -165,8 +165,9 @@ pub async fn connect_and_replay(
             return None;
         }
     };
-    if !replay.is_empty()
-        && let Err(e) = upstream.write_all(&replay).await
+    if let Some(rest) = replay.get(sent..)
+        && !rest.is_empty()
+        && let Err(e) = upstream.write_all(rest).await
     {
         tracing::debug!(flow = ctx.id, error = %e, "replaying peeked bytes failed");
         let mut rec = ctx.record();
