@@ -361,6 +361,20 @@ pub fn thread_cpu_time() -> io::Result<std::time::Duration> {
     Ok(tv(usage.ru_utime) + tv(usage.ru_stime))
 }
 
+/// Puts the calling thread under `SCHED_BATCH`: same CPU share, but its
+/// wake-ups never preempt a running thread.
+#[cfg(target_os = "linux")]
+pub fn set_batch_scheduling() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 names the calling thread; `param` is a valid sched_param
+    // that the call only reads.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &raw const param) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The destination a connection had before iptables `REDIRECT` (IPv4
 /// `SO_ORIGINAL_DST`, IPv6 `IP6T_SO_ORIGINAL_DST`).
 ///

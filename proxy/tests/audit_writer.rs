@@ -11,12 +11,15 @@ use std::path::PathBuf;
 use serde::Serialize;
 use sluice::telemetry::audit::{Action, AuditError, AuditSink, AuditWriter, Enforcement, FlowRecord, VerdictRecord};
 
-fn temp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-audit-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("audit.jsonl");
-    let _ = std::fs::remove_file(&path);
-    path
+/// A fresh directory (removed when the guard drops) and the audit file's
+/// path in it.
+fn temp_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("sluice-audit-{name}-"))
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("audit.jsonl");
+    (dir, path)
 }
 
 fn lines(path: &PathBuf) -> Vec<serde_json::Value> {
@@ -47,7 +50,7 @@ fn sample(id: u64) -> FlowRecord {
 
 #[tokio::test]
 async fn writes_one_valid_json_line_per_flow() {
-    let path = temp_path("lines");
+    let (_dir, path) = temp_path("lines");
     let w = AuditWriter::start(AuditSink::File(path.clone()), 1024).unwrap();
     for id in 0..100 {
         assert!(w.record(sample(id)));
@@ -91,7 +94,7 @@ async fn writes_one_valid_json_line_per_flow() {
 
 #[tokio::test]
 async fn appends_to_an_existing_file() {
-    let path = temp_path("append");
+    let (_dir, path) = temp_path("append");
     std::fs::write(&path, "{\"earlier\":true}\n").unwrap();
     let w = AuditWriter::start(AuditSink::File(path.clone()), 16).unwrap();
     w.record(sample(7));
@@ -122,7 +125,7 @@ fn gate<S: serde::Serializer>(g: &Gates, s: S) -> Result<S::Ok, S::Error> {
 
 #[tokio::test]
 async fn a_full_queue_drops_and_counts_without_blocking() {
-    let path = temp_path("full");
+    let (_dir, path) = temp_path("full");
     let capacity = 8;
     let w: AuditWriter<Rec> = AuditWriter::start(AuditSink::File(path.clone()), capacity).unwrap();
     let gates: Gates = std::sync::Arc::new((std::sync::Barrier::new(2), std::sync::Barrier::new(2)));
@@ -157,7 +160,7 @@ async fn a_full_queue_drops_and_counts_without_blocking() {
 
 #[tokio::test]
 async fn shutdown_drains_a_full_backlog_and_then_refuses() {
-    let path = temp_path("drain");
+    let (_dir, path) = temp_path("drain");
     let w = AuditWriter::start(AuditSink::File(path.clone()), 65_536).unwrap();
     for id in 0..20_000 {
         assert!(w.record(sample(id)));
@@ -172,7 +175,7 @@ async fn shutdown_drains_a_full_backlog_and_then_refuses() {
 
 #[tokio::test]
 async fn flush_and_reopen_after_rotation() {
-    let path = temp_path("rotate");
+    let (_dir, path) = temp_path("rotate");
     let w = AuditWriter::start(AuditSink::File(path.clone()), 64).unwrap();
     w.record(sample(1));
     w.flush().await.unwrap();
@@ -232,7 +235,7 @@ fn metrics_install_is_idempotent_and_renders_sluice_names() {
 
 #[tokio::test]
 async fn sighup_reopens_the_file() {
-    let path = temp_path("sighup");
+    let (_dir, path) = temp_path("sighup");
     let w = AuditWriter::start(AuditSink::File(path.clone()), 64).unwrap();
     let task = sluice::telemetry::audit::reopen_on_sighup(w.clone()).unwrap();
     w.record(sample(1));
@@ -295,7 +298,7 @@ fn dns_log(
 #[tokio::test]
 async fn dns_batches_lose_no_record_at_shutdown() {
     use sluice::dns::DnsAuditSink;
-    let path = temp_path("dns-batches");
+    let (_dir, path) = temp_path("dns-batches");
     let w = AuditWriter::start(AuditSink::File(path.clone()), 1024).unwrap();
     let log = dns_log(&w);
     // Several full batches and a partial one still buffered at the end.
@@ -322,7 +325,7 @@ async fn dns_batches_lose_no_record_at_shutdown() {
 #[tokio::test]
 async fn dns_log_dropped_without_flush_still_hands_over_its_batch() {
     use sluice::dns::DnsAuditSink;
-    let path = temp_path("dns-drop");
+    let (_dir, path) = temp_path("dns-drop");
     let w = AuditWriter::start(AuditSink::File(path.clone()), 1024).unwrap();
     let log = dns_log(&w);
     let hostile = "x\"y\\z\u{1}\n.example";
@@ -337,7 +340,7 @@ async fn dns_log_dropped_without_flush_still_hands_over_its_batch() {
 #[tokio::test]
 async fn dns_partial_batch_is_written_without_a_flush_call() {
     use sluice::dns::DnsAuditSink;
-    let path = temp_path("dns-linger");
+    let (_dir, path) = temp_path("dns-linger");
     let w = AuditWriter::start(AuditSink::File(path.clone()), 1024).unwrap();
     let log = dns_log(&w);
     assert!(log.record(dns_record(0, "a.example")));
@@ -362,7 +365,7 @@ async fn dns_partial_batch_is_written_without_a_flush_call() {
 async fn dns_batch_of_mixed_sources_gets_each_its_own_groups() {
     use sluice::dns::DnsAuditSink;
     use sluice::telemetry::audit::{DnsAuditLog, SourceGroups};
-    let path = temp_path("dns-mixed");
+    let (_dir, path) = temp_path("dns-mixed");
     let w = AuditWriter::start(AuditSink::File(path.clone()), 1024).unwrap();
     let groups: SourceGroups = Box::new(|ip, each| match ip.to_string().as_str() {
         "10.0.0.1" => each("one"),
@@ -400,4 +403,43 @@ async fn dns_batch_of_mixed_sources_gets_each_its_own_groups() {
         assert_eq!(line["source"], src);
         assert_eq!(line["src_groups"], want);
     }
+}
+
+/// The writer thread runs under `SCHED_BATCH`, so its wake-ups never
+/// preempt a data-plane worker (policy 3 in `/proc/.../stat`, field 41).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn writer_thread_is_batch_scheduled() {
+    let w = AuditWriter::<FlowRecord>::start(AuditSink::Stderr, 16).unwrap();
+    // Answered by the writer thread, so it has set its policy by now.
+    w.flush().await.unwrap();
+    let policies = || {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let dir = task.unwrap().path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+                continue; // the thread has exited
+            };
+            if comm.trim_end() == "sluice-audit" {
+                // After the parenthesised name, state is field 3, policy 41.
+                let after = &stat[stat.rfind(')').unwrap() + 2..];
+                found.push(after.split(' ').nth(41 - 3).unwrap().parse::<i32>().unwrap());
+            }
+        }
+        found
+    };
+    // Writers that other tests start at this moment may not have reached
+    // their first line yet: give them a moment before judging.
+    let mut seen = policies();
+    for _ in 0..50 {
+        if seen.iter().all(|&p| p == libc::SCHED_BATCH) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        seen = policies();
+    }
+    w.shutdown().await.unwrap();
+    assert!(!seen.is_empty(), "no sluice-audit thread found");
+    assert!(seen.iter().all(|&p| p == libc::SCHED_BATCH), "{seen:?}");
 }

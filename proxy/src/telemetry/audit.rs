@@ -122,7 +122,17 @@ impl<T: Serialize + Send + 'static> AuditWriter<T> {
         let thread_stats = Arc::clone(&stats);
         std::thread::Builder::new()
             .name("sluice-audit".into())
-            .spawn(move || writer_loop(rx, out, sink, &thread_stats))
+            .spawn(move || {
+                // The writer is throughput work: under SCHED_BATCH its
+                // wake-ups (a batch every LINGER while records flow) wait
+                // for the data plane to block or for the next tick instead
+                // of preempting a worker mid-flow.
+                #[cfg(target_os = "linux")]
+                if let Err(e) = crate::sys::set_batch_scheduling() {
+                    tracing::debug!(error = %e, "audit writer stays under the default scheduling policy");
+                }
+                writer_loop(rx, out, sink, &thread_stats)
+            })
             .map_err(AuditError::Spawn)?;
         Ok(Self { tx, stats })
     }
