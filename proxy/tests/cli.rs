@@ -24,12 +24,13 @@ fn run(args: &[&str]) -> (i32, String, String) {
     (code, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
 }
 
-fn temp_file(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
+/// Writes `text` to `name` in a fresh directory, removed when the guard
+/// drops.
+fn temp_file(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new().prefix("sluice-cli-test-").tempdir().unwrap();
+    let p = dir.path().join(name);
     std::fs::write(&p, text).unwrap();
-    p
+    (dir, p)
 }
 
 #[test]
@@ -55,7 +56,7 @@ fn check_summarises_examples() {
 
 #[test]
 fn check_warns_about_shadowed_rules() {
-    let p = temp_file(
+    let (_dir, p) = temp_file(
         "shadow.yaml",
         "smartgroups:\n  - {name: devs, cidrs: [10.0.0.0/24]}\npolicy:\n  rules:\n    - name: all-llms\n      to: {webgroups: [llm-providers]}\n      action: allow\n    - name: devs-llms\n      from: [devs]\n      to: {webgroups: [llm-providers]}\n      protocols: [tls]\n      action: deny\n",
     );
@@ -69,7 +70,7 @@ fn check_warns_about_shadowed_rules() {
 
 #[test]
 fn check_reports_errors_with_positions() {
-    let p = temp_file(
+    let (_dir, p) = temp_file(
         "bad.yaml",
         "policy:\n  rules:\n    - name: r\n      to: {webgroups: [llm-provider]}\n      action: allow\n",
     );

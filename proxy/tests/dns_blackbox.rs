@@ -181,18 +181,16 @@ struct Sluice {
     stderr: Arc<Mutex<Vec<String>>>,
     audit: PathBuf,
     config: PathBuf,
+    /// Removed after `drop` has stopped the process.
+    _dir: tempfile::TempDir,
 }
 
-fn scratch_dir(tag: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "sluice-dns-blackbox-{}-{tag}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory for one Sluice's files, removed with the guard.
+fn scratch_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("sluice-dns-blackbox-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 impl Sluice {
@@ -200,8 +198,8 @@ impl Sluice {
     /// here, pointing at a fresh file) and waits until it is serving.
     fn start(tag: &str, config: &str) -> Self {
         let dir = scratch_dir(tag);
-        let audit = dir.join("audit.jsonl");
-        let path = dir.join("sluice.yaml");
+        let audit = dir.path().join("audit.jsonl");
+        let path = dir.path().join("sluice.yaml");
         let text = format!(
             "admin: {{address: 127.0.0.1:0}}\naudit: {{destination: {}}}\n{config}",
             audit.display()
@@ -235,6 +233,7 @@ impl Sluice {
             stderr,
             audit,
             config: path,
+            _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

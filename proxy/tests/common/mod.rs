@@ -82,24 +82,17 @@ pub const STD_RULES: &str = r"    - {name: deny-bad, to: {webgroups: [bad]}, act
     - {name: test-upstreams, to: {smartgroups: [gateway, loopback]}, protocols: [tls, http, tcp], action: allow}
 ";
 
-/// A private directory for one test's files.
-pub fn scratch_dir() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "sluice-dataplane-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A private directory for one test's files, removed with the guard.
+pub fn scratch_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("sluice-dataplane-").tempdir().unwrap()
 }
 
 /// A running Sluice and its audit log.
 pub struct Sluice {
     pub server: Server,
     pub audit: PathBuf,
-    dir: PathBuf,
+    /// Removed when the test drops or stops this Sluice.
+    _dir: tempfile::TempDir,
 }
 
 impl Sluice {
@@ -107,12 +100,16 @@ impl Sluice {
     /// policy, extra groups).
     pub async fn start(rest: &str) -> Self {
         let dir = scratch_dir();
-        let audit = dir.join("audit.jsonl");
+        let audit = dir.path().join("audit.jsonl");
         let yaml = format!("{}{rest}", base_config(&audit));
         let config = sluice_api::config::load_str(&yaml, "test.yaml")
             .unwrap_or_else(|e| panic!("test config does not load: {e}\n{yaml}"));
         let server = Server::start(config, None).await.expect("server starts");
-        Self { server, audit, dir }
+        Self {
+            server,
+            audit,
+            _dir: dir,
+        }
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {
@@ -169,17 +166,14 @@ impl Sluice {
     /// Stops Sluice (the audit log flushed) and returns every record it
     /// wrote, for "exactly one record per flow" checks.
     pub async fn stop_and_records(self, drain: Duration) -> Vec<Value> {
-        let Self { server, audit, dir } = self;
+        let Self { server, audit, _dir } = self;
         server.shutdown(drain).await;
-        let records = Self::read_records(&audit);
-        let _ = std::fs::remove_dir_all(&dir);
-        records
+        Self::read_records(&audit)
     }
 
     /// Stops Sluice (flushing the audit log) and removes its files.
     pub async fn stop(self) {
         self.server.shutdown(Duration::from_millis(200)).await;
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
