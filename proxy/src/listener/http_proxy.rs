@@ -57,7 +57,6 @@ pub async fn serve(
     peer: SocketAddr,
 ) -> Option<flow::Relaying> {
     let accepted = Instant::now();
-    let _ = client.set_nodelay(true);
     let active = plan.metrics.active();
     let mut buf = Vec::with_capacity(2048);
     // Shutdown ends the wait for a first request like any other.

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use sluice_api::{Config, ListenerKind};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -223,6 +223,8 @@ pub fn bind(plan: &ListenerPlan) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it on Linux (see `NoDelay`); best effort.
+    let _ = socket.set_tcp_nodelay(true);
     if addr.is_ipv6() {
         // `[::]` takes IPv4 too, as users expect of a wildcard.
         let _ = socket.set_only_v6(false);
@@ -237,6 +239,24 @@ pub fn bind(plan: &ListenerPlan) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Puts `TCP_NODELAY` on accepted sockets (the relay forwards whatever
+/// arrives at once). Linux copies it from the listening socket into each
+/// accepted one, so after the first connection shows it did, the
+/// `setsockopt` is skipped: one system call less per connection.
+#[derive(Debug, Default)]
+struct NoDelay {
+    inherited: Option<bool>,
+}
+
+impl NoDelay {
+    fn apply(&mut self, stream: &TcpStream) {
+        let inherited = *self.inherited.get_or_insert_with(|| stream.nodelay().unwrap_or(false));
+        if !inherited {
+            let _ = stream.set_nodelay(true);
+        }
+    }
+}
+
 /// Serves `listener` until `stop` turns true; each accepted connection runs
 /// on its own task. At `max_connections`, accepting pauses.
 pub fn spawn(
@@ -248,6 +268,7 @@ pub fn spawn(
     let limit = ConnLimit::new(plan.spec.max_connections);
     let bound = listener.local_addr().ok();
     tokio::spawn(async move {
+        let mut nodelay = NoDelay::default();
         loop {
             let accepted = tokio::select! {
                 r = limit.accept(&listener) => r,
@@ -263,6 +284,7 @@ pub fn spawn(
                     continue;
                 }
             };
+            nodelay.apply(&stream);
             // A span per flow only while debug logging is on: entering and
             // leaving a disabled span on every poll still showed in the
             // per-connection profile. The level can change at runtime; a
@@ -357,5 +379,49 @@ mod future_sizes {
             let f = http_proxy::serve(plan, shared, snap, c, a);
             assert!(size(&f) <= 4352, "http_proxy::serve future: {} bytes", size(&f));
         });
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+mod nodelay {
+    use super::*;
+
+    async fn accepted(listener: &TcpListener) -> TcpStream {
+        let addr = listener.local_addr().unwrap();
+        let (_client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        accepted.unwrap().0
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_get_nodelay_from_the_listener_or_a_setsockopt() {
+        let cfg = sluice_api::config::load_str(
+            "listeners:\n  - {name: t, kind: sni, address: 127.0.0.1:0, upstream_port: 443}\n",
+            "t.yaml",
+        )
+        .unwrap();
+        let plan = ListenerPlan::from_config(&cfg.listeners[0]);
+        let listener = bind(&plan).unwrap();
+        let mut state = NoDelay::default();
+        for _ in 0..3 {
+            let s = accepted(&listener).await;
+            state.apply(&s);
+            assert!(s.nodelay().unwrap());
+        }
+        // This kernel copies the option into accepted sockets, which is what
+        // lets `apply` skip the call from the second connection on.
+        #[cfg(target_os = "linux")]
+        assert_eq!(state.inherited, Some(true));
+
+        // A listener without the option: every accepted socket gets the call.
+        let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut state = NoDelay::default();
+        for _ in 0..2 {
+            let s = accepted(&plain).await;
+            assert!(!s.nodelay().unwrap());
+            state.apply(&s);
+            assert!(s.nodelay().unwrap());
+        }
+        assert_eq!(state.inherited, Some(false));
     }
 }

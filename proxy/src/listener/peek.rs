@@ -152,7 +152,6 @@ pub async fn serve(
     bound: Option<SocketAddr>,
 ) -> Option<flow::Relaying> {
     let accepted = Instant::now();
-    let _ = client.set_nodelay(true);
     let active = plan.metrics.active();
     let mut ctx = FlowContext::new(shared.next_id(), &plan, peer, snap);
     let kind = plan.spec.kind;
