@@ -440,6 +440,34 @@ async fn sni_listener_allowed_sni_reaches_upstream_port_with_real_tls() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn record_time_is_when_the_flow_was_accepted() {
+    bounded(async {
+        let up = TlsEcho::start().await;
+        let sluice = Sluice::start(&sni_config(up.addr.port(), "")).await;
+        let before = std::time::SystemTime::now();
+        let stream = TcpStream::connect(sluice.addr("sni")).await.unwrap();
+        let tls = within("the TLS handshake", up.pki.connect("allowed.test", stream))
+            .await
+            .expect("TLS through the sni listener");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        echo_round_trip(tls, &payload(1024)).await;
+        let r = sluice.wait_record(|r| field(r, "sni") == "allowed.test").await;
+        let time = humantime::parse_rfc3339(field(&r, "time")).unwrap();
+        // Milliseconds are truncated, so the stamp may read up to 1 ms early.
+        let since = time
+            .duration_since(before - Duration::from_millis(1))
+            .unwrap_or_else(|_| panic!("record time before the connect: {r}"));
+        assert!(
+            since < Duration::from_millis(1000),
+            "stamped {since:?} after the connect: {r}"
+        );
+        assert!(r["duration_ms"].as_u64().unwrap() >= 1500, "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sni_listener_denied_sni_gets_no_byte_through() {
     bounded(async {
         let up = TlsEcho::start().await;

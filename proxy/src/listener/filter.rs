@@ -153,13 +153,14 @@ impl FlowContext {
         }
     }
 
-    /// The audit record for this flow as it stands.
+    /// The audit record for this flow as it stands; `flow::finish` stamps
+    /// its `time` with the moment the flow was accepted.
     pub fn record(&self) -> FlowRecord {
         let decision = self
             .decision
             .clone()
             .unwrap_or_else(|| Decision::deny("no-decision", Enforcement::Enforced));
-        let mut r = FlowRecord::new(self.id, self.listener.to_string(), self.src, decision.record());
+        let mut r = FlowRecord::unstamped(self.id, self.listener.to_string(), self.src, decision.record());
         r.src_groups = self
             .snapshot
             .policy

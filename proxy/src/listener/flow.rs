@@ -251,7 +251,12 @@ impl Relaying {
 
 /// Completes and writes the record: duration, `on_close` hooks, metrics.
 pub fn finish(shared: &Shared, chain: Option<&FilterChain>, ctx: &FlowContext, mut rec: FlowRecord, accepted: Instant) {
-    rec.duration_ms = accepted.elapsed().as_millis() as u64;
+    let lived = accepted.elapsed();
+    rec.duration_ms = lived.as_millis() as u64;
+    // `time` is when the flow was accepted (`time` + `duration_ms` is when
+    // it ended): the wall clock now, less the monotonic time it lived.
+    let now = std::time::SystemTime::now();
+    rec.time = crate::telemetry::audit::rfc3339(now.checked_sub(lived).unwrap_or(now));
     if let Some(chain) = chain {
         for f in &chain.filters {
             f.on_close(ctx, &mut rec);

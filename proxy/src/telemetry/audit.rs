@@ -396,11 +396,16 @@ pub fn reopen_on_sighup<T: Serialize + Send + 'static>(
 /// The current time as RFC 3339 UTC with milliseconds
 /// (`2026-11-23T10:32:32.123Z`), the audit record's time format.
 pub fn rfc3339_now() -> String {
+    rfc3339(SystemTime::now())
+}
+
+/// `t` as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(t: SystemTime) -> String {
     use std::fmt::Write as _;
     // `YYYY-MM-DDTHH:MM:SS.mmmZ` is 24 bytes: one allocation, no regrowth
     // (`to_string` grew the buffer three times per record).
     let mut s = String::with_capacity(24);
-    let _ = write!(s, "{}", humantime::format_rfc3339_millis(SystemTime::now()));
+    let _ = write!(s, "{}", humantime::format_rfc3339_millis(t));
     s
 }
 
@@ -543,9 +548,18 @@ impl FlowRecord {
     /// everything else empty and the given verdict.
     pub fn new(flow_id: u64, listener: impl Into<String>, src: SocketAddr, verdict: VerdictRecord) -> Self {
         Self {
+            time: rfc3339_now(),
+            ..Self::unstamped(flow_id, listener, src, verdict)
+        }
+    }
+
+    /// Like [`FlowRecord::new`] with `time` left empty, for a caller that
+    /// stamps it with the flow's own start.
+    pub fn unstamped(flow_id: u64, listener: impl Into<String>, src: SocketAddr, verdict: VerdictRecord) -> Self {
+        Self {
             kind: "flow",
             dns_name: None,
-            time: rfc3339_now(),
+            time: String::new(),
             flow_id,
             listener: listener.into(),
             src,
