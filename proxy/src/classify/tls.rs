@@ -416,9 +416,7 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, TlsError> {
         return Err(Malformed(Field::TrailingBytes));
     }
 
-    // One bit per extension type: 8 KiB on the stack, no allocation, and O(1)
-    // per extension however many a hostile hello carries.
-    let mut seen = [0u64; 1024];
+    let mut seen = SeenTypes::default();
     let mut after_psk = false;
     let mut r = Reader(extensions);
     while !r.is_empty() {
@@ -426,12 +424,8 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, TlsError> {
         let data = r.vec_u16().ok_or(Malformed(Field::Extensions))?;
         // Two server_name extensions would let the proxy and the origin pick
         // different names, so duplicates of any type are refused (RFC 8446 §4.2).
-        if let Some(word) = seen.get_mut(usize::from(ext_type >> 6)) {
-            let bit = 1u64 << (ext_type & 63);
-            if *word & bit != 0 {
-                return Err(TlsError::DuplicateExtension(ext_type));
-            }
-            *word |= bit;
+        if !seen.insert(ext_type) {
+            return Err(TlsError::DuplicateExtension(ext_type));
         }
         if after_psk {
             return Err(Malformed(Field::PreSharedKeyNotLast));
@@ -453,6 +447,45 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, TlsError> {
         }
     }
     Ok(hello)
+}
+
+/// The extension types a ClientHello has carried so far. Real hellos carry
+/// 10–20, checked against a short list; past `FEW` a 65,536-bit map takes
+/// over (allocated only then), so a hostile hello with thousands of
+/// extensions still costs O(1) per extension.
+#[derive(Default)]
+struct SeenTypes {
+    few: [u16; SeenTypes::FEW],
+    len: usize,
+    many: Option<Box<[u64; 1024]>>,
+}
+
+impl SeenTypes {
+    const FEW: usize = 32;
+
+    /// Records `t`; `false` when it was already there.
+    fn insert(&mut self, t: u16) -> bool {
+        if let Some(bits) = self.many.as_deref_mut() {
+            let (word, bit) = (usize::from(t >> 6), 1u64 << (t & 63));
+            let fresh = bits[word] & bit == 0;
+            bits[word] |= bit;
+            return fresh;
+        }
+        if self.few[..self.len].contains(&t) {
+            return false;
+        }
+        if self.len < Self::FEW {
+            self.few[self.len] = t;
+            self.len += 1;
+            return true;
+        }
+        let mut bits = Box::new([0u64; 1024]);
+        for &old in self.few.iter().chain([&t]) {
+            bits[usize::from(old >> 6)] |= 1u64 << (old & 63);
+        }
+        self.many = Some(bits);
+        true
+    }
 }
 
 /// RFC 6066 §3 `ServerNameList`: exactly one `host_name`; entries of other
@@ -902,6 +935,40 @@ mod tests {
         assert_eq!(parse(&input), Err(TlsError::DuplicateExtension(0)));
         let input = records(&handshake(&[ext(0x0a0a, &[]), ext(0x0a0a, &[])]), &[]);
         assert_eq!(parse(&input), Err(TlsError::DuplicateExtension(0x0a0a)));
+        // Past the short list, where the bitmap takes over: a duplicate of
+        // an early type, of a late one, and of the type that overflowed it.
+        let filler = |n: u16| -> Vec<Vec<u8>> { (0..n).map(|i| ext(0x1000 + i, &[])).collect() };
+        for (dup_of, n) in [(0x1000, 40), (0x1000 + 39, 40), (0x1000 + 32, 33), (0x1000 + 31, 32)] {
+            let mut exts = filler(n);
+            exts.push(ext(dup_of, &[]));
+            let input = records(&handshake(&exts), &[]);
+            assert_eq!(
+                parse(&input),
+                Err(TlsError::DuplicateExtension(dup_of)),
+                "{n} then {dup_of:#x}"
+            );
+        }
+        // Many distinct types are fine, on either side of the switch.
+        for n in [31, 32, 33, 2000] {
+            let mut exts = filler(n);
+            exts.push(sni(b"many.example"));
+            let hello = done(&records(&handshake(&exts), &[]));
+            assert_eq!(hello.sni.as_deref(), Some("many.example"), "{n}");
+        }
+    }
+
+    #[test]
+    fn seen_types_agree_with_a_set() {
+        let mut seen = SeenTypes::default();
+        let mut set = std::collections::HashSet::new();
+        // A pseudo-random walk over a small range, so repeats happen before
+        // and after the switch to the bitmap.
+        let mut x = 12345u32;
+        for _ in 0..5000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let t = u16::try_from((x >> 16) % 600).unwrap();
+            assert_eq!(seen.insert(t), set.insert(t), "type {t}");
+        }
     }
 
     #[test]
