@@ -282,7 +282,7 @@ async fn attempt_sending(addr: SocketAddr, mark: Option<u32>, first: &[u8]) -> i
     )?;
     socket.set_tcp_nodelay(true)?;
     if let Some(mark) = mark {
-        set_mark_raw(&socket, mark)?;
+        set_mark(socket2::SockRef::from(&socket), mark)?;
     }
     match socket.connect(&addr.into()) {
         Ok(()) => {}
@@ -320,31 +320,19 @@ async fn attempt(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
         TcpSocket::new_v4()?
     };
     if let Some(mark) = mark {
-        set_mark(&socket, mark)?;
+        set_mark(socket2::SockRef::from(&socket), mark)?;
     }
     socket.connect(addr).await
 }
 
+/// `SO_MARK` on an upstream socket (either kind: `SockRef` borrows both).
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn set_mark(socket: &TcpSocket, mark: u32) -> io::Result<()> {
-    socket2::SockRef::from(socket).set_mark(mark)
-}
-
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn set_mark_raw(socket: &socket2::Socket, mark: u32) -> io::Result<()> {
+fn set_mark(socket: socket2::SockRef<'_>, mark: u32) -> io::Result<()> {
     socket.set_mark(mark)
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn set_mark_raw(_socket: &socket2::Socket, _mark: u32) -> io::Result<()> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "SO_MARK is only available on Linux",
-    ))
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn set_mark(_socket: &TcpSocket, _mark: u32) -> io::Result<()> {
+fn set_mark(_socket: socket2::SockRef<'_>, _mark: u32) -> io::Result<()> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,
         "SO_MARK is only available on Linux",
