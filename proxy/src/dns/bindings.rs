@@ -359,7 +359,7 @@ impl Bindings {
     }
 
     fn index(&self, key: &impl Hash) -> usize {
-        (self.hasher.hash_one(key) as usize) % SHARDS
+        super::spread(self.hasher.hash_one(key), SHARDS)
     }
 }
 
@@ -423,7 +423,7 @@ impl RecordMemo {
     }
 
     fn slot(&self, key: &MemoKey, name: &DomainName) -> usize {
-        (self.hasher.hash_one((key, name.as_str())) as usize) % self.slots.len()
+        super::spread(self.hasher.hash_one((key, name.as_str())), self.slots.len())
     }
 
     /// Whether writing `expires` would change nothing the table holds.
@@ -560,9 +560,13 @@ mod tests {
             b.lookup(client, addr, t0 + Duration::from_millis(20)),
             Some(host.clone())
         );
-        // Other destinations push it out of the LRU.
-        for i in 0..64u8 {
-            b.record(ip("10.0.0.9"), ip(&format!("198.51.100.{i}")), &name("b.test"), 300, t0);
+        // Other destinations push it out of the LRU. Destinations land in
+        // shards by a per-table random hash, so enough of them that its
+        // shard is certain to get one: with 64 (as this test once had), one
+        // run in 60 left that shard untouched and the test failed.
+        for i in 0..1024u32 {
+            let other = IpAddr::V4(std::net::Ipv4Addr::from(0xc633_6400 + i));
+            b.record(ip("10.0.0.9"), other, &name("b.test"), 300, t0);
         }
         assert_eq!(b.lookup(client, addr, t0 + Duration::from_millis(30)), None, "evicted");
         b.record_cached(client, addr, &host, 3_600, t0, t0 + Duration::from_millis(40));
@@ -580,8 +584,12 @@ mod tests {
         let (client, addr, host) = (ip("10.0.0.1"), ip("192.0.2.7"), name("a.test"));
         b.record_cached(client, addr, &host, 3_600, t0, t0);
         assert!(b.has_bindings_for_source(client, t0));
-        for i in 0..64u8 {
-            b.record(ip(&format!("10.1.0.{i}")), addr, &host, 300, t0);
+        // Sources land in shards by a per-table random hash: 1,024 of them
+        // make sure the client's shard gets newer ones (64 left it alone in
+        // about one run in 60).
+        for i in 0..1024u32 {
+            let other = IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i));
+            b.record(other, addr, &host, 300, t0);
         }
         assert!(!b.has_bindings_for_source(client, t0), "pushed out by newer sources");
         b.record_cached(client, addr, &host, 3_600, t0, t0 + Duration::from_millis(5));
@@ -665,6 +673,26 @@ mod tests {
         }
         assert!(b.len() <= 256, "per-address cap: {}", b.len());
         assert!(b.len() >= 224, "batch eviction leaves 7/8: {}", b.len());
+    }
+
+    #[test]
+    fn consecutive_addresses_fill_every_shard_whatever_the_seed() {
+        // Each table draws its own hash seed. Reduced with `% 16`, some
+        // seeds put these 1,024 addresses in 3 to 15 of the 16 shards
+        // (13 tables in 2,000); a shard's share of the capacity then had to
+        // hold them all.
+        for _ in 0..500 {
+            let b = Bindings::new(&cfg());
+            let mut load = [0usize; SHARDS];
+            for i in 0..1024u32 {
+                let v4 = IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i));
+                load[b.index(&v4)] += 1;
+                let v6 = IpAddr::V6(std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)));
+                load[b.index(&v6)] += 1;
+            }
+            // 128 per shard on average.
+            assert!(load.iter().all(|&n| (32..=256).contains(&n)), "{load:?}");
+        }
     }
 
     #[test]

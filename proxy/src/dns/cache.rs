@@ -261,7 +261,7 @@ impl DnsCache {
     }
 
     fn shard(&self, key: &[u8]) -> MutexGuard<'_, Shard> {
-        lock(&self.shards[(self.hasher.hash_one(key) as usize) % SHARDS])
+        lock(&self.shards[super::spread(self.hasher.hash_one(key), SHARDS)])
     }
 }
 

@@ -116,7 +116,7 @@ impl VerdictMemo {
         let name = qname.as_str();
         self.clock += 1;
         let now = self.clock;
-        let set = (self.hasher.hash_one((src, name)) as usize) % (self.slots.len() / 2) * 2;
+        let set = super::spread(self.hasher.hash_one((src, name)), self.slots.len() / 2) * 2;
         let Some([a, b]) = self.slots.get_mut(set..set + 2) else {
             return decide();
         };
