@@ -475,6 +475,11 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The IPv4 address whose 32 bits are `n`, for runs of addresses.
+    fn v4(n: u32) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::from(n))
+    }
+
     fn name(s: &str) -> DomainName {
         DomainName::parse(s).unwrap()
     }
@@ -531,13 +536,13 @@ mod tests {
         let t0 = Instant::now();
         let cdn = ip("151.101.1.1");
         for i in 0..2_000u32 {
-            let src = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            let src = v4(0x0a00_0000 + i);
             b.record(src, cdn, &name("a.test"), 300, t0);
             b.record(src, cdn, &name("b.test"), 300, t0);
         }
         assert_eq!(b.evictions(), 0);
         assert_eq!(b.len(), 4_000);
-        let src = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + 1_234));
+        let src = v4(0x0a00_0000 + 1_234);
         assert!(b.is_bound(src, cdn, &name("a.test"), t0));
         assert!(b.is_bound(src, cdn, &name("b.test"), t0));
         assert_eq!(b.names_for(cdn, t0), vec![name("a.test"), name("b.test")]);
@@ -565,8 +570,7 @@ mod tests {
         // shard is certain to get one: with 64 (as this test once had), one
         // run in 60 left that shard untouched and the test failed.
         for i in 0..1024u32 {
-            let other = IpAddr::V4(std::net::Ipv4Addr::from(0xc633_6400 + i));
-            b.record(ip("10.0.0.9"), other, &name("b.test"), 300, t0);
+            b.record(ip("10.0.0.9"), v4(0xc633_6400 + i), &name("b.test"), 300, t0);
         }
         assert_eq!(b.lookup(client, addr, t0 + Duration::from_millis(30)), None, "evicted");
         b.record_cached(client, addr, &host, 3_600, t0, t0 + Duration::from_millis(40));
@@ -588,8 +592,7 @@ mod tests {
         // make sure the client's shard gets newer ones (64 left it alone in
         // about one run in 60).
         for i in 0..1024u32 {
-            let other = IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i));
-            b.record(other, addr, &host, 300, t0);
+            b.record(v4(0x0a01_0000 + i), addr, &host, 300, t0);
         }
         assert!(!b.has_bindings_for_source(client, t0), "pushed out by newer sources");
         b.record_cached(client, addr, &host, 3_600, t0, t0 + Duration::from_millis(5));
@@ -668,7 +671,7 @@ mod tests {
         assert!(b.is_bound(ip("10.0.0.1"), dst, &name("n9999.wild.test"), late));
         assert!(!b.is_bound(ip("10.0.0.1"), dst, &name("n0.wild.test"), late));
         for i in 0..10_000u32 {
-            let src = IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i));
+            let src = v4(0x0a01_0000 + i);
             b.record(src, dst, &name("x.wild.test"), 300, t0 + Duration::from_secs(20));
         }
         assert!(b.len() <= 256, "per-address cap: {}", b.len());
@@ -685,8 +688,8 @@ mod tests {
             let b = Bindings::new(&cfg());
             let mut load = [0usize; SHARDS];
             for i in 0..1024u32 {
-                let v4 = IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i));
-                load[b.index(&v4)] += 1;
+                let a4 = v4(0x0a01_0000 + i);
+                load[b.index(&a4)] += 1;
                 let v6 = IpAddr::V6(std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)));
                 load[b.index(&v6)] += 1;
             }
