@@ -3,9 +3,11 @@
 # in one run, on loopback, with the same allow-list (SNI bench.example routed
 # to a crypto-free fake origin, every other SNI refused). Prints a table of
 # absolute figures and ratios; raw results go to bench/out/<timestamp>/.
+# `floor` is bench-floor, a relay that decides nothing: the least a proxy on
+# this machine can spend, measured beside the others to read the targets by.
 #
 # Usage: bench/run.sh            (from anywhere; installs what is missing)
-# Knobs (environment): ONLY="direct sluice envoy haproxy nginx"  ROUNDS=3
+# Knobs (environment): ONLY="direct floor sluice envoy haproxy nginx"  ROUNDS=3
 #   CONNS=20000 LAT_CONNS=30000 IDLE_FLOWS=5000 BULK_BYTES=2000000000
 #   TLS_CONNS=5000 TLS_LAT_CONNS=1000 (end-to-end TLS; 0 to skip)
 #   CONCURRENCY=50 ENVOY_VERSION=1.40.0 SLUICE_AUDIT=/dev/null NO_BUILD=1
@@ -20,7 +22,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 B=$ROOT/bench
-ONLY=${ONLY:-"direct sluice envoy haproxy nginx"}
+ONLY=${ONLY:-"direct floor sluice envoy haproxy nginx"}
 ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-20000}
 # 30,000 sequential connections: p99 then rests on 300 samples, and two
@@ -50,8 +52,8 @@ log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$OUT/run.log" >&2
 
 # Ports: each target gets its own listen port and its own origin port, so
 # TIME_WAIT left by one target never touches the next.
-declare -A LISTEN=([sluice]=18443 [envoy]=18444 [haproxy]=18445 [nginx]=18446)
-declare -A ORIGIN=([direct]=18080 [sluice]=18081 [envoy]=18082 [haproxy]=18083 [nginx]=18084)
+declare -A LISTEN=([sluice]=18443 [envoy]=18444 [haproxy]=18445 [nginx]=18446 [floor]=18447)
+declare -A ORIGIN=([direct]=18080 [sluice]=18081 [envoy]=18082 [haproxy]=18083 [nginx]=18084 [floor]=18085)
 
 # ------------------------------------------------------------ processes
 PIDS=()
@@ -98,7 +100,7 @@ log "fd limit $(ulimit -n); CPU: $(lscpu | sed -n 's/^Model name: *//p') x $(npr
 
 # Refuse to start if someone else holds one of our ports: the probe would
 # otherwise measure their server.
-busy=$(ss -Hltn 2>/dev/null | awk '{print $4}' | grep -Eo ':(1808[0-4]|1844[3-6]|1990[12])$' || true)
+busy=$(ss -Hltn 2>/dev/null | awk '{print $4}' | grep -Eo ':(1808[0-5]|1844[3-7]|1990[12])$' || true)
 if [ -n "$busy" ]; then
     log "ports in use by another process: $(echo $busy | tr '\n' ' ') — stop it or change the ports in run.sh"
     exit 1
@@ -185,6 +187,9 @@ start_proxy() {
     PROXY_PID=0
     case $t in
     direct) return 0 ;;
+    floor)
+        $PROXY_CPU "$T/bench-floor" --listen "127.0.0.1:${LISTEN[floor]}" \
+            --upstream "127.0.0.1:${ORIGIN[floor]}" >"$OUT/floor.log" 2>&1 & ;;
     sluice)
         cfg=$(render "$B/configs/sluice.yaml" sluice)
         $PROXY_CPU "$T/sluice" run -c "$cfg" >"$OUT/sluice.log" 2>&1 & ;;
@@ -259,7 +264,8 @@ run_target() {
         [ "$PROXY_PID" != 0 ] && stop "$PROXY_PID"
         return 0
     fi
-    if [ "$t" != direct ]; then
+    # The floor decides nothing, so it has no deny to check.
+    if [ "$t" != direct ] && [ "$t" != floor ]; then
         if bounded 20 $CLIENT_CPU "$LOAD" probe --target "$target" --hello "$HELLO" --sni "$DENIED_SNI" \
             --expect-deny 2>>"$OUT/run.log"; then
             echo "{\"label\":\"$t\",\"phase\":\"deny-check\",\"round\":$round,\"denied\":true}" >>"$RESULTS"

@@ -485,7 +485,9 @@ async fn probe(c: &Common, expect_deny: bool, wait: u64) -> bool {
 
 // ---------------------------------------------------------------- report
 
-const LABELS: [&str; 5] = ["direct", "sluice", "envoy", "haproxy", "nginx"];
+/// Columns of the tables. `floor` (bench-floor, a relay that decides
+/// nothing) is a reference, like `direct`, never a peer.
+const LABELS: [&str; 6] = ["direct", "floor", "sluice", "envoy", "haproxy", "nginx"];
 const PEERS: [&str; 3] = ["envoy", "haproxy", "nginx"];
 
 struct Metric {
@@ -673,8 +675,10 @@ fn report(file: &PathBuf) {
     };
 
     println!("Median of {rounds} round(s). Lower is better for CPU, latency and RSS.\n");
-    println!("| metric | direct | sluice | envoy | haproxy | nginx | best peer | sluice / best peer | target |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| metric | direct | floor | sluice | envoy | haproxy | nginx | best peer | sluice / best peer | target |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for m in &METRICS {
         let cells: Vec<String> = LABELS.iter().map(|l| fmt(get(l, m))).collect();
         let best = best_peer(m);
@@ -697,12 +701,37 @@ fn report(file: &PathBuf) {
         .collect();
     println!("| failed connections (all phases) | {} | | | |", errs.join(" | "));
 
+    // The floor against the best peer: a ratio target below the floor's own
+    // ratio cannot be met by spending less in user space, only by making the
+    // kernel do less.
+    println!("\nThe floor (bench-floor: accept, read, connect, splice, close; no decision) against the best peer:\n");
+    println!("| metric | floor | best peer | floor / best peer | sluice / floor | target |");
+    println!("|---|---|---|---|---|---|");
+    for m in METRICS
+        .iter()
+        .filter(|m| m.lower_is_better && m.field != "client_core_busy")
+    {
+        let floor = get("floor", m);
+        let best = best_peer(m);
+        let (bn, bv) = best.map_or(("–".to_owned(), None), |(n, v)| {
+            (format!("{} {n}", fmt(Some(v))), Some(v))
+        });
+        println!(
+            "| {} | {} | {bn} | {} | {} | {} |",
+            m.name,
+            fmt(floor),
+            ratio(floor, bv),
+            ratio(get("sluice", m), floor),
+            m.target
+        );
+    }
+
     println!("\nSluice / each peer (below 1.00 = Sluice better for CPU, latency, RSS; above 1.00 better for rates):\n");
-    println!("| metric | sluice / envoy | sluice / haproxy | sluice / nginx | sluice / direct |");
-    println!("|---|---|---|---|---|");
+    println!("| metric | sluice / envoy | sluice / haproxy | sluice / nginx | sluice / direct | sluice / floor |");
+    println!("|---|---|---|---|---|---|");
     for m in METRICS.iter().filter(|m| m.field != "client_core_busy") {
         let s = get("sluice", m);
-        let cells: Vec<String> = ["envoy", "haproxy", "nginx", "direct"]
+        let cells: Vec<String> = ["envoy", "haproxy", "nginx", "direct", "floor"]
             .iter()
             .map(|p| ratio(s, get(p, m)))
             .collect();
@@ -710,8 +739,8 @@ fn report(file: &PathBuf) {
     }
     if rounds > 1 {
         println!("\nSpread over rounds (min – max), to judge the noise:\n");
-        println!("| metric | direct | sluice | envoy | haproxy | nginx |");
-        println!("|---|---|---|---|---|---|");
+        println!("| metric | direct | floor | sluice | envoy | haproxy | nginx |");
+        println!("|---|---|---|---|---|---|---|");
         for m in METRICS.iter().filter(|m| m.field != "client_core_busy") {
             let cells: Vec<String> = LABELS
                 .iter()
@@ -734,8 +763,8 @@ fn report(file: &PathBuf) {
     }
     if !syscalls.is_empty() {
         println!("\nSystem calls per connection (strace -c -f, every thread, round 1; a diagnostic):\n");
-        println!("| syscall | sluice | envoy | haproxy | nginx |");
-        println!("|---|---|---|---|---|");
+        println!("| syscall | floor | sluice | envoy | haproxy | nginx |");
+        println!("|---|---|---|---|---|---|");
         let mut names: Vec<&String> = syscalls.keys().filter(|n| *n != "total").collect();
         let weight = |n: &String| syscalls[n].values().copied().fold(0.0, f64::max);
         let sluice = |n: &String| syscalls[n].get("sluice").copied().unwrap_or(0.0);
@@ -745,7 +774,7 @@ fn report(file: &PathBuf) {
             if weight(n) < 0.02 {
                 continue;
             }
-            let cells: Vec<String> = ["sluice", "envoy", "haproxy", "nginx"]
+            let cells: Vec<String> = ["floor", "sluice", "envoy", "haproxy", "nginx"]
                 .iter()
                 .map(|l| syscalls[n].get(*l).map_or("–".into(), |v| format!("{v:.2}")))
                 .collect();
@@ -755,7 +784,7 @@ fn report(file: &PathBuf) {
     println!("\nEach proxy / direct path, bulk throughput:\n");
     let bulk = METRICS.iter().find(|m| m.field == "gbit_s").unwrap();
     let direct = get("direct", bulk);
-    for l in ["sluice", "envoy", "haproxy", "nginx"] {
+    for l in ["floor", "sluice", "envoy", "haproxy", "nginx"] {
         println!("- {l}: {}", ratio(get(l, bulk), direct));
     }
 }

@@ -1,0 +1,321 @@
+//! The cheapest TCP relay this machine can run: the reference floor for the
+//! side-by-side benchmark.
+//!
+//! It makes no decision at all. It accepts, reads the client's first bytes,
+//! connects to one fixed upstream, sends them, then splices both ways until
+//! both sides have closed, and closes. One thread, one epoll set driven
+//! directly (edge-triggered, every descriptor registered once, no
+//! `EPOLL_CTL_DEL`: `close` removes it), no timers, no per-flow allocation
+//! but a slab slot, pipes pooled. Its CPU per connection and per GB is what
+//! the kernel's loopback TCP work plus the least possible event loop cost on
+//! the proxy's core: what any proxy using the same system calls pays before
+//! it does anything useful. `run.sh` measures it beside the real proxies so
+//! the targets can be read against it; it is never a "peer".
+//!
+//! Not a proxy to deploy: no limits, no timeouts, no policy; it trusts its
+//! loopback clients. Errors on a flow close that flow.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark tool")]
+
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, OwnedFd};
+
+use clap::Parser;
+use rustix::event::epoll::{self, Event, EventData, EventFlags};
+use rustix::io::Errno;
+use rustix::net::{
+    AddressFamily, RecvFlags, SendFlags, Shutdown, SocketFlags, SocketType, accept_with, bind, connect, listen, recv,
+    send, shutdown, socket_with, sockopt,
+};
+use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Where to listen (IPv4).
+    #[arg(long)]
+    listen: SocketAddrV4,
+    /// The one upstream every flow goes to (IPv4).
+    #[arg(long)]
+    upstream: SocketAddrV4,
+    /// Pipe size for the splice relay, the same as Sluice's default.
+    #[arg(long, default_value_t = 256 * 1024)]
+    pipe_bytes: usize,
+}
+
+const LISTENER: u64 = u64::MAX;
+/// Edge-triggered, both directions, peer half-close reported.
+const INTEREST: EventFlags = EventFlags::IN
+    .union(EventFlags::OUT)
+    .union(EventFlags::RDHUP)
+    .union(EventFlags::ET);
+
+/// A kernel pipe between two splices, and how many bytes it holds.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    len: usize,
+}
+
+/// One direction of a flow.
+#[derive(Default)]
+struct Half {
+    pipe: Option<Pipe>,
+    /// The source reached EOF.
+    eof: bool,
+    /// EOF was passed on (`shutdown(SHUT_WR)` on the destination) while
+    /// the other direction still ran.
+    done: bool,
+}
+
+struct Flow {
+    client: OwnedFd,
+    /// None until the client's first bytes arrived and the connect began.
+    upstream: Option<OwnedFd>,
+    /// First bytes not yet accepted by the upstream's socket.
+    pending: Vec<u8>,
+    /// `[client → upstream, upstream → client]`.
+    halves: [Half; 2],
+}
+
+struct Floor {
+    epoll: OwnedFd,
+    upstream: SocketAddrV4,
+    pipe_bytes: usize,
+    flows: Vec<Option<Flow>>,
+    free: Vec<usize>,
+    pipes: Vec<Pipe>,
+}
+
+fn main() -> io::Result<()> {
+    let args = Args::parse();
+    let listener = socket_with(
+        AddressFamily::INET,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    sockopt::set_socket_reuseaddr(&listener, true)?;
+    // Accepted sockets inherit it.
+    sockopt::set_tcp_nodelay(&listener, true)?;
+    bind(&listener, &SocketAddr::V4(args.listen))?;
+    listen(&listener, 4096)?;
+    let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+    epoll::add(
+        &epoll,
+        &listener,
+        EventData::new_u64(LISTENER),
+        EventFlags::IN | EventFlags::ET,
+    )?;
+    // The bound address (the port may have been 0), for tests to read back.
+    let bound = rustix::net::getsockname(&listener)?;
+    let bound = SocketAddr::try_from(bound).map_err(|_| io::Error::other("listener has no IP address"))?;
+    println!("listening on {bound}");
+    eprintln!("bench-floor: {bound} -> {}", args.upstream);
+    let mut floor = Floor {
+        epoll,
+        upstream: args.upstream,
+        pipe_bytes: args.pipe_bytes,
+        flows: Vec::new(),
+        free: Vec::new(),
+        pipes: Vec::new(),
+    };
+    let mut events = vec![
+        Event {
+            flags: EventFlags::empty(),
+            data: EventData::new_u64(0),
+        };
+        256
+    ];
+    loop {
+        let n = match epoll::wait(&floor.epoll, &mut events[..], None) {
+            Ok(n) => n,
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        for ev in &events[..n] {
+            let token = ev.data.u64();
+            if token == LISTENER {
+                floor.accept_all(&listener);
+            } else {
+                // The slot, whichever side woke: both sides are pumped.
+                floor.pump(usize::try_from(token >> 1).unwrap());
+            }
+        }
+    }
+}
+
+impl Floor {
+    fn accept_all(&mut self, listener: &OwnedFd) {
+        loop {
+            match accept_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+                Ok(client) => self.open(client),
+                Err(Errno::AGAIN) => return,
+                // ECONNABORTED and the like: that one client is gone.
+                Err(Errno::CONNABORTED | Errno::INTR) => {}
+                Err(e) => {
+                    eprintln!("bench-floor: accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, client: OwnedFd) {
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.flows.push(None);
+            self.flows.len() - 1
+        });
+        let token = (slot as u64) << 1;
+        if epoll::add(&self.epoll, &client, EventData::new_u64(token), INTEREST).is_err() {
+            self.free.push(slot);
+            return;
+        }
+        self.flows[slot] = Some(Flow {
+            client,
+            upstream: None,
+            pending: Vec::new(),
+            halves: [Half::default(), Half::default()],
+        });
+        self.pump(slot);
+    }
+
+    /// Moves whatever can move on a flow right now; closes it when both
+    /// directions are done or anything fails.
+    fn pump(&mut self, slot: usize) {
+        let Some(mut flow) = self.flows.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        match self.step(slot, &mut flow) {
+            Ok(false) => self.flows[slot] = Some(flow),
+            // Done or failed: dropping the descriptors closes them, which
+            // also takes them out of the epoll set.
+            Ok(true) | Err(_) => {
+                for half in &mut flow.halves {
+                    if let Some(pipe) = half.pipe.take() {
+                        self.give_pipe(pipe);
+                    }
+                }
+                self.free.push(slot);
+            }
+        }
+    }
+
+    /// Ok(true) when the flow is finished.
+    fn step(&mut self, slot: usize, flow: &mut Flow) -> Result<bool, Errno> {
+        if flow.upstream.is_none() {
+            let mut first = [0u8; 4096];
+            let n = match recv(&flow.client, &mut first[..], RecvFlags::empty()) {
+                Ok((0, _)) => return Ok(true),
+                Ok((n, _)) => n,
+                Err(Errno::AGAIN) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let up = socket_with(
+                AddressFamily::INET,
+                SocketType::STREAM,
+                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+                None,
+            )?;
+            sockopt::set_tcp_nodelay(&up, true)?;
+            match connect(&up, &SocketAddr::V4(self.upstream)) {
+                Ok(()) | Err(Errno::INPROGRESS) => {}
+                Err(e) => return Err(e),
+            }
+            // On loopback the handshake is usually complete by now.
+            let sent = match send(&up, &first[..n], SendFlags::NOSIGNAL) {
+                Ok(s) => s,
+                Err(Errno::AGAIN) => 0,
+                Err(e) => return Err(e),
+            };
+            flow.pending.extend_from_slice(&first[sent..n]);
+            epoll::add(&self.epoll, &up, EventData::new_u64(((slot as u64) << 1) | 1), INTEREST)?;
+            flow.upstream = Some(up);
+        }
+        let up = flow.upstream.as_ref().expect("set above");
+        while !flow.pending.is_empty() {
+            match send(up, &flow.pending, SendFlags::NOSIGNAL) {
+                Ok(s) => drop(flow.pending.drain(..s)),
+                Err(Errno::AGAIN) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        let (c, u) = (flow.client.as_fd(), up.as_fd());
+        let [to_up, to_client] = &mut flow.halves;
+        self.relay(to_up, c, u)?;
+        self.relay(to_client, u, c)?;
+        // Both sides sent EOF and everything was delivered: `close` sends
+        // the FINs, no `shutdown` needed.
+        if flow.halves.iter().all(|h| h.eof && h.pipe.is_none()) {
+            return Ok(true);
+        }
+        for (half, dst) in flow.halves.iter_mut().zip([u, c]) {
+            if half.eof && half.pipe.is_none() && !half.done {
+                shutdown(dst, Shutdown::Write)?;
+                half.done = true;
+            }
+        }
+        Ok(false)
+    }
+
+    /// Splices `src` → pipe → `dst` until either side would block or `src`
+    /// reached EOF with the pipe empty.
+    fn relay(
+        &mut self,
+        half: &mut Half,
+        src: std::os::fd::BorrowedFd<'_>,
+        dst: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), Errno> {
+        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        loop {
+            if let Some(pipe) = &mut half.pipe {
+                while pipe.len > 0 {
+                    match splice(&pipe.read, None, dst, None, pipe.len, flags) {
+                        Ok(0) => return Err(Errno::PIPE),
+                        Ok(n) => pipe.len -= n,
+                        Err(Errno::AGAIN) => return Ok(()),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            if half.eof {
+                if let Some(pipe) = half.pipe.take() {
+                    self.give_pipe(pipe);
+                }
+                return Ok(());
+            }
+            let pipe = match &mut half.pipe {
+                Some(p) => p,
+                None => half.pipe.insert(self.take_pipe()?),
+            };
+            match splice(src, None, &pipe.write, None, self.pipe_bytes, flags) {
+                Ok(0) => half.eof = true,
+                Ok(n) => pipe.len += n,
+                Err(Errno::AGAIN) => {
+                    // Idle: the pipe goes back to the pool, as Sluice's does.
+                    if let Some(pipe) = half.pipe.take() {
+                        self.give_pipe(pipe);
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Pools an empty pipe; one still holding bytes is closed.
+    fn give_pipe(&mut self, pipe: Pipe) {
+        if pipe.len == 0 && self.pipes.len() < 32 {
+            self.pipes.push(pipe);
+        }
+    }
+
+    fn take_pipe(&mut self) -> Result<Pipe, Errno> {
+        if let Some(p) = self.pipes.pop() {
+            return Ok(p);
+        }
+        let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+        // Best effort, as in Sluice: the kernel may cap it.
+        let _ = fcntl_setpipe_size(&write, self.pipe_bytes);
+        Ok(Pipe { read, write, len: 0 })
+    }
+}
