@@ -60,7 +60,10 @@ pub async fn serve(
     let active = plan.metrics.active();
     let mut buf = Vec::with_capacity(2048);
     // Shutdown ends the wait for a first request like any other.
+    // Read first: the head is usually there already, and the forced
+    // shutdown is subscribed to only when the read has to wait.
     let first = tokio::select! {
+        biased;
         r = Box::pin(read_head(&mut client, &mut buf, &plan.spec)) => r,
         () = shared.forced() => Err("shutdown"),
     };
@@ -342,6 +345,7 @@ async fn tunnel(
     buf.drain(..head.head_len.min(buf.len()));
     let started = Instant::now();
     let peeked = tokio::select! {
+        biased;
         p = Box::pin(peek::peek(&mut client, &mut buf, &plan.spec)) => p,
         () = shared.forced() => Peeked::Failed("shutdown"),
     };

@@ -269,10 +269,17 @@ pub fn spawn(
     let bound = listener.local_addr().ok();
     tokio::spawn(async move {
         let mut nodelay = NoDelay::default();
+        // One stop future for the listener's life: re-creating it per
+        // accept registered and unregistered a watch waiter (a mutex round
+        // each) for every connection. Polled first, so a flood of ready
+        // connections cannot keep the loop from seeing it.
+        let stopped = stop.wait_for(|v| *v);
+        tokio::pin!(stopped);
         loop {
             let accepted = tokio::select! {
+                biased;
+                _ = &mut stopped => break,
                 r = limit.accept(&listener) => r,
-                _ = stop.wait_for(|v| *v) => break,
             };
             let (stream, peer, permit) = match accepted {
                 Ok(a) => a,

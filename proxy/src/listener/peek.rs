@@ -177,7 +177,10 @@ pub async fn serve(
         Transport::RawBuffer
     } else {
         let started = Instant::now();
+        // The bytes are usually there already: peek first, and subscribe to
+        // the forced shutdown only when it has to wait.
         let peeked = tokio::select! {
+            biased;
             p = Box::pin(peek(&mut client, &mut buf, &plan.spec)) => p,
             () = shared.forced() => Peeked::Failed("shutdown"),
         };
