@@ -67,7 +67,15 @@ struct Half {
     done: bool,
 }
 
+/// Readiness bits per socket, set by events and cleared by `EAGAIN`, so a
+/// wake-up tries only what can make progress (as tokio's readiness does
+/// for Sluice): edge-triggered epoll reports a change once.
+const READABLE: u8 = 1;
+const WRITABLE: u8 = 2;
+
 struct Flow {
+    /// `[client, upstream]` readiness.
+    ready: [u8; 2],
     client: OwnedFd,
     /// None until the client's first bytes arrived and the connect began.
     upstream: Option<OwnedFd>,
@@ -137,8 +145,20 @@ fn main() -> io::Result<()> {
             if token == LISTENER {
                 floor.accept_all(&listener);
             } else {
-                // The slot, whichever side woke: both sides are pumped.
-                floor.pump(usize::try_from(token >> 1).unwrap());
+                let slot = usize::try_from(token >> 1).unwrap();
+                let side = usize::from(token & 1 == 1);
+                let f = ev.flags;
+                let mut bits = 0;
+                if f.intersects(EventFlags::IN | EventFlags::RDHUP | EventFlags::HUP | EventFlags::ERR) {
+                    bits |= READABLE;
+                }
+                if f.intersects(EventFlags::OUT | EventFlags::HUP | EventFlags::ERR) {
+                    bits |= WRITABLE;
+                }
+                if let Some(Some(flow)) = floor.flows.get_mut(slot) {
+                    flow.ready[side] |= bits;
+                }
+                floor.pump(slot);
             }
         }
     }
@@ -171,6 +191,8 @@ impl Floor {
             return;
         }
         self.flows[slot] = Some(Flow {
+            // Try the first read at once; assume room to write.
+            ready: [READABLE | WRITABLE, WRITABLE],
             client,
             upstream: None,
             pending: Vec::new(),
@@ -241,8 +263,9 @@ impl Floor {
         }
         let (c, u) = (flow.client.as_fd(), up.as_fd());
         let [to_up, to_client] = &mut flow.halves;
-        self.relay(to_up, c, u)?;
-        self.relay(to_client, u, c)?;
+        let [rc, ru] = &mut flow.ready;
+        self.relay(to_up, (c, rc), (u, ru))?;
+        self.relay(to_client, (u, ru), (c, rc))?;
         // Both sides sent EOF and everything was delivered: `close` sends
         // the FINs, no `shutdown` needed.
         if flow.halves.iter().all(|h| h.eof && h.pipe.is_none()) {
@@ -262,22 +285,34 @@ impl Floor {
     fn relay(
         &mut self,
         half: &mut Half,
-        src: std::os::fd::BorrowedFd<'_>,
-        dst: std::os::fd::BorrowedFd<'_>,
+        (src, src_ready): (std::os::fd::BorrowedFd<'_>, &mut u8),
+        (dst, dst_ready): (std::os::fd::BorrowedFd<'_>, &mut u8),
     ) -> Result<(), Errno> {
         let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         loop {
             if let Some(pipe) = &mut half.pipe {
                 while pipe.len > 0 {
+                    if *dst_ready & WRITABLE == 0 {
+                        return Ok(());
+                    }
                     match splice(&pipe.read, None, dst, None, pipe.len, flags) {
                         Ok(0) => return Err(Errno::PIPE),
                         Ok(n) => pipe.len -= n,
-                        Err(Errno::AGAIN) => return Ok(()),
+                        Err(Errno::AGAIN) => {
+                            *dst_ready &= !WRITABLE;
+                            return Ok(());
+                        }
                         Err(e) => return Err(e),
                     }
                 }
             }
             if half.eof {
+                if let Some(pipe) = half.pipe.take() {
+                    self.give_pipe(pipe);
+                }
+                return Ok(());
+            }
+            if *src_ready & READABLE == 0 {
                 if let Some(pipe) = half.pipe.take() {
                     self.give_pipe(pipe);
                 }
@@ -291,6 +326,7 @@ impl Floor {
                 Ok(0) => half.eof = true,
                 Ok(n) => pipe.len += n,
                 Err(Errno::AGAIN) => {
+                    *src_ready &= !READABLE;
                     // Idle: the pipe goes back to the pool, as Sluice's does.
                     if let Some(pipe) = half.pipe.take() {
                         self.give_pipe(pipe);
