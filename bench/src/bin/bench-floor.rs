@@ -94,17 +94,23 @@ struct Floor {
     pipes: Vec<Pipe>,
 }
 
-fn main() -> io::Result<()> {
-    let args = Args::parse();
-    let listener = socket_with(
+/// A non-blocking, close-on-exec IPv4 TCP socket with `TCP_NODELAY`.
+fn tcp_socket() -> Result<OwnedFd, Errno> {
+    let fd = socket_with(
         AddressFamily::INET,
         SocketType::STREAM,
         SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
         None,
     )?;
+    sockopt::set_tcp_nodelay(&fd, true)?;
+    Ok(fd)
+}
+
+fn main() -> io::Result<()> {
+    let args = Args::parse();
+    // TCP_NODELAY on the listener: accepted sockets inherit it.
+    let listener = tcp_socket()?;
     sockopt::set_socket_reuseaddr(&listener, true)?;
-    // Accepted sockets inherit it.
-    sockopt::set_tcp_nodelay(&listener, true)?;
     bind(&listener, &SocketAddr::V4(args.listen))?;
     listen(&listener, 4096)?;
     let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
@@ -232,13 +238,7 @@ impl Floor {
                 Err(Errno::AGAIN) => return Ok(false),
                 Err(e) => return Err(e),
             };
-            let up = socket_with(
-                AddressFamily::INET,
-                SocketType::STREAM,
-                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-                None,
-            )?;
-            sockopt::set_tcp_nodelay(&up, true)?;
+            let up = tcp_socket()?;
             match connect(&up, &SocketAddr::V4(self.upstream)) {
                 Ok(()) | Err(Errno::INPROGRESS) => {}
                 Err(e) => return Err(e),
