@@ -2,15 +2,18 @@
 //! side-by-side benchmark.
 //!
 //! It makes no decision at all. It accepts, reads the client's first bytes,
-//! connects to one fixed upstream, sends them, then splices both ways until
-//! both sides have closed, and closes. One thread, one epoll set driven
-//! directly (edge-triggered, every descriptor registered once, no
-//! `EPOLL_CTL_DEL`: `close` removes it), no timers, no per-flow allocation
-//! but a slab slot, pipes pooled. Its CPU per connection and per GB is what
-//! the kernel's loopback TCP work plus the least possible event loop cost on
-//! the proxy's core: what any proxy using the same system calls pays before
-//! it does anything useful. `run.sh` measures it beside the real proxies so
-//! the targets can be read against it; it is never a "peer".
+//! connects to one fixed upstream, sends them, then relays both ways until
+//! both sides have closed, and closes. Like Sluice's relay, each direction
+//! copies reads of under 16 KiB (a `recv` and a `send`) and switches to
+//! `splice(2)` through a pooled pipe after a full one. One thread, one
+//! epoll set driven directly (edge-triggered, every descriptor registered
+//! once, no `EPOLL_CTL_DEL`: `close` removes it), no timers, nothing
+//! allocated per flow but a slab slot (and a buffer if a send is partial).
+//! Its CPU per connection and per GB is the kernel's loopback TCP work plus
+//! the least event-loop cost on the proxy's core: what any proxy using the
+//! same system calls pays before it does anything useful. `run.sh`
+//! measures it beside the real proxies so the targets can be read against
+//! it; it is never a "peer".
 //!
 //! Not a proxy to deploy: no limits, no timeouts, no policy; it trusts its
 //! loopback clients. Errors on a flow close that flow.
@@ -43,6 +46,9 @@ struct Args {
 }
 
 const LISTENER: u64 = u64::MAX;
+/// Reads of up to this many bytes are copied; a full one switches the
+/// direction to splice (Sluice's relay does the same).
+const COPY_BYTES: usize = 16 * 1024;
 /// Edge-triggered, both directions, peer half-close reported.
 const INTEREST: EventFlags = EventFlags::IN
     .union(EventFlags::OUT)
@@ -59,6 +65,11 @@ struct Pipe {
 /// One direction of a flow.
 #[derive(Default)]
 struct Half {
+    /// Bytes copied in but not yet accepted by the destination.
+    copied: Vec<u8>,
+    /// Switched to splice after a full copy buffer, as Sluice's relay does:
+    /// small exchanges cost a `recv` and a `send` instead of two splices.
+    spliced: bool,
     pipe: Option<Pipe>,
     /// The source reached EOF.
     eof: bool,
@@ -92,6 +103,25 @@ struct Floor {
     flows: Vec<Option<Flow>>,
     free: Vec<usize>,
     pipes: Vec<Pipe>,
+}
+
+/// Sends what a copy left behind; `Ok(false)` while some remains (the
+/// destination would block).
+fn flush_copied(half: &mut Half, dst: std::os::fd::BorrowedFd<'_>, dst_ready: &mut u8) -> Result<bool, Errno> {
+    while !half.copied.is_empty() {
+        if *dst_ready & WRITABLE == 0 {
+            return Ok(false);
+        }
+        match send(dst, &half.copied, SendFlags::NOSIGNAL) {
+            Ok(n) => drop(half.copied.drain(..n)),
+            Err(Errno::AGAIN) => {
+                *dst_ready &= !WRITABLE;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 /// A non-blocking, close-on-exec IPv4 TCP socket with `TCP_NODELAY`.
@@ -268,11 +298,15 @@ impl Floor {
         self.relay(to_client, (u, ru), (c, rc))?;
         // Both sides sent EOF and everything was delivered: `close` sends
         // the FINs, no `shutdown` needed.
-        if flow.halves.iter().all(|h| h.eof && h.pipe.is_none()) {
+        if flow
+            .halves
+            .iter()
+            .all(|h| h.eof && h.pipe.is_none() && h.copied.is_empty())
+        {
             return Ok(true);
         }
         for (half, dst) in flow.halves.iter_mut().zip([u, c]) {
-            if half.eof && half.pipe.is_none() && !half.done {
+            if half.eof && half.pipe.is_none() && half.copied.is_empty() && !half.done {
                 shutdown(dst, Shutdown::Write)?;
                 half.done = true;
             }
@@ -288,6 +322,43 @@ impl Floor {
         (src, src_ready): (std::os::fd::BorrowedFd<'_>, &mut u8),
         (dst, dst_ready): (std::os::fd::BorrowedFd<'_>, &mut u8),
     ) -> Result<(), Errno> {
+        while !half.spliced {
+            if !flush_copied(half, dst, dst_ready)? {
+                return Ok(());
+            }
+            if half.eof || *src_ready & READABLE == 0 {
+                return Ok(());
+            }
+            let mut buf = [0u8; COPY_BYTES];
+            match recv(src, &mut buf[..], RecvFlags::empty()) {
+                Ok((0, _)) => half.eof = true,
+                Ok((n, _)) => {
+                    half.spliced = n == COPY_BYTES;
+                    let sent = if *dst_ready & WRITABLE == 0 {
+                        0
+                    } else {
+                        match send(dst, &buf[..n], SendFlags::NOSIGNAL) {
+                            Ok(s) => s,
+                            Err(Errno::AGAIN) => {
+                                *dst_ready &= !WRITABLE;
+                                0
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    };
+                    half.copied.extend_from_slice(&buf[sent..n]);
+                }
+                Err(Errno::AGAIN) => {
+                    *src_ready &= !READABLE;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Spliced from here on, once the copied bytes are out.
+        if !flush_copied(half, dst, dst_ready)? {
+            return Ok(());
+        }
         let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         loop {
             if let Some(pipe) = &mut half.pipe {
