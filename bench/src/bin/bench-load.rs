@@ -704,7 +704,7 @@ fn report(file: &PathBuf) {
     // The floor against the best peer: a ratio target below the floor's own
     // ratio cannot be met by spending less in user space, only by making the
     // kernel do less.
-    println!("\nThe floor (bench-floor: accept, read, connect, splice, close; no decision) against the best peer:\n");
+    println!("\nThe floor (bench-floor: accept, read, connect, relay, close; no decision) against the best peer:\n");
     println!("| metric | floor | best peer | floor / best peer | sluice / floor | target |");
     println!("|---|---|---|---|---|---|");
     for m in METRICS
