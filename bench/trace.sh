@@ -26,6 +26,10 @@ LISTEN=127.0.0.1:18543
 ORIGIN=127.0.0.1:18181
 
 [ -w "$TR/trace" ] || { echo "needs root and tracefs at $TR" >&2; exit 1; }
+# Put the tracer back as it was found.
+OLD_ON=$(cat "$TR/tracing_on")
+OLD_CLOCK=$(sed -n 's/.*\[\(.*\)\].*/\1/p' "$TR/trace_clock")
+OLD_KB=$(sed -n 's/^\([0-9]*\).*/\1/p' "$TR/buffer_size_kb")
 if [ -z "${NO_BUILD:-}" ]; then
     (cd "$ROOT" && timeout 900 nice cargo build --release -q -p sluice-bench -p sluice)
 fi
@@ -37,6 +41,9 @@ cleanup() {
     echo 0 >"$TR/events/raw_syscalls/enable" 2>/dev/null || true
     echo 0 >"$TR/events/raw_syscalls/filter" 2>/dev/null || true
     echo >"$TR/trace" 2>/dev/null || true
+    echo "$OLD_CLOCK" >"$TR/trace_clock" 2>/dev/null || true
+    [ -n "$OLD_KB" ] && echo "$OLD_KB" >"$TR/buffer_size_kb" 2>/dev/null || true
+    echo "$OLD_ON" >"$TR/tracing_on" 2>/dev/null || true
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
