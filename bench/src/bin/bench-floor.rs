@@ -90,8 +90,6 @@ struct Flow {
     client: OwnedFd,
     /// None until the client's first bytes arrived and the connect began.
     upstream: Option<OwnedFd>,
-    /// First bytes not yet accepted by the upstream's socket.
-    pending: Vec<u8>,
     /// `[client → upstream, upstream → client]`.
     halves: [Half; 2],
 }
@@ -136,12 +134,26 @@ fn tcp_socket() -> Result<OwnedFd, Errno> {
     Ok(fd)
 }
 
-fn main() -> io::Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-floor: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> io::Result<()> {
     // TCP_NODELAY on the listener: accepted sockets inherit it.
     let listener = tcp_socket()?;
     sockopt::set_socket_reuseaddr(&listener, true)?;
-    bind(&listener, &SocketAddr::V4(args.listen))?;
+    bind(&listener, &SocketAddr::V4(args.listen)).map_err(|e| {
+        io::Error::other(format!(
+            "cannot listen on {} ({e}): another process may hold the port; pass a free one with --listen",
+            args.listen
+        ))
+    })?;
     listen(&listener, 4096)?;
     let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
     epoll::add(
@@ -231,7 +243,6 @@ impl Floor {
             ready: [READABLE | WRITABLE, WRITABLE],
             client,
             upstream: None,
-            pending: Vec::new(),
             halves: [Half::default(), Half::default()],
         });
         self.pump(slot);
@@ -279,18 +290,13 @@ impl Floor {
                 Err(Errno::AGAIN) => 0,
                 Err(e) => return Err(e),
             };
-            flow.pending.extend_from_slice(&first[sent..n]);
+            // Whatever the socket did not take goes out like any other
+            // copied bytes, once the upstream is writable.
+            flow.halves[0].copied.extend_from_slice(&first[sent..n]);
             epoll::add(&self.epoll, &up, EventData::new_u64(((slot as u64) << 1) | 1), INTEREST)?;
             flow.upstream = Some(up);
         }
         let up = flow.upstream.as_ref().expect("set above");
-        while !flow.pending.is_empty() {
-            match send(up, &flow.pending, SendFlags::NOSIGNAL) {
-                Ok(s) => drop(flow.pending.drain(..s)),
-                Err(Errno::AGAIN) => return Ok(false),
-                Err(e) => return Err(e),
-            }
-        }
         let (c, u) = (flow.client.as_fd(), up.as_fd());
         let [to_up, to_client] = &mut flow.halves;
         let [rc, ru] = &mut flow.ready;
@@ -314,8 +320,9 @@ impl Floor {
         Ok(false)
     }
 
-    /// Splices `src` → pipe → `dst` until either side would block or `src`
-    /// reached EOF with the pipe empty.
+    /// Moves `src` → `dst` (copying until a read fills the copy buffer,
+    /// then splicing through a pipe) until either side would block or
+    /// `src` reached EOF with everything delivered.
     fn relay(
         &mut self,
         half: &mut Half,
@@ -377,13 +384,9 @@ impl Floor {
                     }
                 }
             }
-            if half.eof {
-                if let Some(pipe) = half.pipe.take() {
-                    self.give_pipe(pipe);
-                }
-                return Ok(());
-            }
-            if *src_ready & READABLE == 0 {
+            // The pipe is empty here. At EOF, or with nothing to read, it
+            // goes back to the pool, as Sluice's does while a flow idles.
+            if half.eof || *src_ready & READABLE == 0 {
                 if let Some(pipe) = half.pipe.take() {
                     self.give_pipe(pipe);
                 }
@@ -396,14 +399,8 @@ impl Floor {
             match splice(src, None, &pipe.write, None, self.pipe_bytes, flags) {
                 Ok(0) => half.eof = true,
                 Ok(n) => pipe.len += n,
-                Err(Errno::AGAIN) => {
-                    *src_ready &= !READABLE;
-                    // Idle: the pipe goes back to the pool, as Sluice's does.
-                    if let Some(pipe) = half.pipe.take() {
-                        self.give_pipe(pipe);
-                    }
-                    return Ok(());
-                }
+                // Pooled on the next pass, by the check above.
+                Err(Errno::AGAIN) => *src_ready &= !READABLE,
                 Err(e) => return Err(e),
             }
         }

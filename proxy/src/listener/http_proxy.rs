@@ -59,8 +59,8 @@ pub async fn serve(
     let accepted = Instant::now();
     let active = plan.metrics.active();
     let mut buf = Vec::with_capacity(2048);
-    // Shutdown ends the wait for a first request like any other.
-    // Read first: the head is usually there already, and the forced
+    // Shutdown ends the wait for a first request like any other. The read
+    // goes first: the head is usually there already, and the forced
     // shutdown is subscribed to only when the read has to wait.
     let first = tokio::select! {
         biased;
