@@ -193,6 +193,9 @@ pub struct Listener {
     pub idle_timeout: Duration,
     pub max_client_hello: usize,
     pub ech: EchPolicy,
+    /// `http-proxy`: a ClientHello without SNI inside a `CONNECT` tunnel to
+    /// a named target is denied (`connect-no-sni`) unless this is `Allow`.
+    pub connect_no_sni: Action,
     pub sni_check: SniCheck,
     /// `sni`: the port dialled on the resolved name.
     pub upstream_port: u16,

@@ -31,8 +31,7 @@ fn lines(path: &PathBuf) -> Vec<serde_json::Value> {
 }
 
 fn sample(id: u64) -> FlowRecord {
-    let mut verdict = VerdictRecord::new(Action::Deny, "sni-mismatch", Enforcement::Watched);
-    verdict.rule = Some("llm-only".into());
+    let mut verdict = VerdictRecord::new(Action::Deny, "llm-only", "sni-mismatch", Enforcement::Watched);
     verdict.check = Some(Cow::Borrowed("sni-resolved"));
     let mut r = FlowRecord::new(id, "egress", "10.0.0.5:51234".parse().unwrap(), verdict);
     r.src_groups = vec!["workers".into(), "any".into()];

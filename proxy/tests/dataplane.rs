@@ -509,6 +509,15 @@ async fn sni_listener_closes_non_tls_bytes_as_not_tls() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn sni_listener_refuses_a_hello_in_an_application_data_record() {
+    bounded(sni_refuses(
+        &as_application_data(rustls_hello("allowed.test")),
+        "tls-record-out-of-place",
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sni_listener_closes_plain_http_as_not_tls() {
     bounded(sni_refuses(
         b"GET / HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n",
@@ -758,11 +767,61 @@ async fn connect_sni_differing_only_in_case_and_trailing_dot_is_no_mismatch() {
     .await;
 }
 
+/// An explicit proxy in `mode`, with `options` added to its listener, and a
+/// policy whose only allow rule names the destinations without protocols:
+/// whatever the tunnel carries, the rule alone would let it pass.
+fn tunnel_config(mode: &str, options: &str) -> String {
+    format!(
+        "listeners:
+  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"{options}}}
+policy:
+  mode: {mode}
+  rules:
+    - {{name: deny-bad, to: {{webgroups: [bad]}}, action: deny}}
+    - {{name: any-protocol, to: {{webgroups: [good], smartgroups: [gateway, loopback]}}, action: allow}}
+"
+    )
+}
+
+/// Opens `CONNECT allowed.test:PORT`, sends `bytes` through the tunnel and
+/// half-closes; returns the flow's record.
+async fn through_tunnel(sluice: &Sluice, up: &RawSink, bytes: &[u8]) -> serde_json::Value {
+    let target = format!("allowed.test:{}", up.addr.port());
+    let of_target = |r: &serde_json::Value| field(r, "connect_target") == target;
+    let before = sluice.records().iter().filter(|r| of_target(r)).count();
+    let (mut s, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    s.write_all(bytes).await.unwrap();
+    s.shutdown().await.unwrap();
+    let _ = wait_closed(&mut s).await;
+    sluice.wait_records(before + 1, of_target).await.swap_remove(before)
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn connect_hello_without_sni_is_decided_by_the_target() {
+async fn connect_hello_without_sni_is_refused_as_connect_no_sni() {
     bounded(async {
         let up = RawSink::start().await;
-        let sluice = Sluice::start(&proxy_config()).await;
+        let sluice = Sluice::start(&tunnel_config("enforce", "")).await;
+        // Behind a CDN this hello reaches the default virtual host, and the
+        // encrypted Host picks any site there: fronting with no name shown.
+        let r = through_tunnel(&sluice, &up, &vector("openssl-3.0-s_client-no-sni.bin")).await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(reason(&r), "connect-no-sni", "{r}");
+        assert_eq!(rule(&r), "anti-evasion", "{r}");
+        assert_eq!(r["verdict"]["mode"], "enforced", "{r}");
+        assert_eq!(field(&r, "close_reason"), "denied", "{r}");
+        assert!(r.get("sni").is_none(), "{r}");
+        assert_eq!(up.accepts(), 0, "no byte may reach the upstream");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_no_sni_allow_decides_a_hello_without_sni_by_the_target() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&tunnel_config("enforce", ", connect_no_sni: allow")).await;
         let hello = vector("openssl-3.0-s_client-no-sni.bin");
         let target = format!("allowed.test:{}", up.addr.port());
         let (mut s, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
@@ -772,9 +831,89 @@ async fn connect_hello_without_sni_is_decided_by_the_target() {
         assert!(up.next_received().await == hello);
         let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
         assert_eq!(action(&r), "allow", "{r}");
-        assert_eq!(rule(&r), "allow-good", "{r}");
+        assert_eq!(rule(&r), "any-protocol", "{r}");
         assert!(r.get("sni").is_none(), "{r}");
         sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_hello_in_an_application_data_record_is_a_tls_record_out_of_place() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&tunnel_config("enforce", "")).await;
+        // Read as opaque TCP, this passed the rule that names the target
+        // without protocols.
+        let wrapped = as_application_data(rustls_hello("allowed.test"));
+        let r = through_tunnel(&sluice, &up, &wrapped).await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(reason(&r), "tls-record-out-of-place", "{r}");
+        assert_eq!(rule(&r), "anti-evasion", "{r}");
+        assert_eq!(up.accepts(), 0, "no byte may reach the upstream");
+        // Every other record type a client cannot open with.
+        for t in [20u8, 21, 24] {
+            let mut bytes = rustls_hello("allowed.test");
+            bytes[0] = t;
+            let r = through_tunnel(&sluice, &up, &bytes).await;
+            assert_eq!(reason(&r), "tls-record-out-of-place", "type {t}: {r}");
+        }
+        // Watch mode refuses it too: it is not a policy question.
+        let watch = Sluice::start(&tunnel_config("watch", "")).await;
+        let r = through_tunnel(&watch, &up, &wrapped).await;
+        assert_eq!(reason(&r), "tls-record-out-of-place", "{r}");
+        assert_eq!(r["verdict"]["mode"], "enforced", "{r}");
+        assert_eq!(up.accepts(), 0, "no byte may reach the upstream");
+        watch.stop().await;
+        sluice.stop().await;
+    })
+    .await;
+}
+
+/// What the record of each tunnel scenario says, in `mode`: (action, rule,
+/// reason, mode) per scenario.
+async fn tunnel_verdicts(mode: &str) -> Vec<(String, String, String, String)> {
+    let up = RawSink::start().await;
+    let sluice = Sluice::start(&tunnel_config(mode, "")).await;
+    let scenarios: Vec<(&str, Vec<u8>)> = vec![
+        // Fronting: the hello names a denied host.
+        ("sni-b-denied", rustls_hello("evil.test")),
+        // Fronting: the hello names a host no rule mentions.
+        ("sni-b-unknown", rustls_hello("unlisted.example")),
+        ("no-sni", vector("openssl-3.0-s_client-no-sni.bin")),
+        ("plain-http-other-host", b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n".to_vec()),
+        ("allowed", rustls_hello("allowed.test")),
+    ];
+    let mut out = Vec::new();
+    for (name, bytes) in scenarios {
+        let r = through_tunnel(&sluice, &up, &bytes).await;
+        let v = &r["verdict"];
+        let text = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{name}: verdict without `{k}`: {r}"));
+        out.push((
+            text("action").to_owned(),
+            text("rule").to_owned(),
+            text("reason").to_owned(),
+            text("mode").to_owned(),
+        ));
+    }
+    sluice.stop().await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_mode_records_the_verdict_and_reason_enforce_carries_out() {
+    bounded(async {
+        let enforce = tunnel_verdicts("enforce").await;
+        let watch = tunnel_verdicts("watch").await;
+        assert_eq!(enforce[0].2, "sni-mismatch", "{enforce:?}");
+        assert_eq!(enforce[0].1, "anti-evasion", "{enforce:?}");
+        assert_eq!(enforce[2].2, "connect-no-sni", "{enforce:?}");
+        assert_eq!(enforce[3].2, "host-mismatch", "{enforce:?}");
+        assert_eq!(enforce[4].2, "allowed-by-rule", "{enforce:?}");
+        for (e, w) in enforce.iter().zip(&watch) {
+            assert_eq!((&e.0, &e.1, &e.2), (&w.0, &w.1, &w.2), "watch must record what enforce does");
+            assert_eq!((e.3.as_str(), w.3.as_str()), ("enforced", "watched"), "{e:?} / {w:?}");
+        }
     })
     .await;
 }
@@ -874,7 +1013,7 @@ async fn connect_to_a_closed_port_closes_the_tunnel_with_the_connect_error() {
         let target = format!("allowed.test:{port}");
         let (mut s, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
         assert_eq!(resp.status, 200, "{resp:?}");
-        s.write_all(&vector("openssl-3.0-s_client-no-sni.bin")).await.unwrap();
+        s.write_all(&rustls_hello("allowed.test")).await.unwrap();
         assert_eq!(wait_closed(&mut s).await, 0);
         let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
         assert_eq!(action(&r), "allow", "the verdict stays the policy's: {r}");

@@ -434,6 +434,12 @@ impl Validator {
         );
         only(
             self,
+            l.connect_no_sni.as_ref().map(|v| v.referenced),
+            "connect_no_sni",
+            &[HttpProxy],
+        );
+        only(
+            self,
             l.sni_check.as_ref().map(|v| v.referenced),
             "sni_check",
             &[Transparent],
@@ -521,6 +527,7 @@ impl Validator {
                 65_536,
             ) as usize,
             ech: l.ech.as_ref().map_or(EchPolicy::Deny, |e| e.value),
+            connect_no_sni: l.connect_no_sni.as_ref().map_or(Action::Deny, |e| e.value),
             sni_check: l.sni_check.as_ref().map_or(SniCheck::Verify, |e| e.value),
             upstream_port: self.bounded(&l.upstream_port, format!("{path}.upstream_port"), 443, 1, 65_535) as u16,
             upstream,

@@ -80,6 +80,8 @@ pub struct RawListener {
     #[serde(default)]
     pub ech: Option<S<EchPolicy>>,
     #[serde(default)]
+    pub connect_no_sni: Option<S<Action>>,
+    #[serde(default)]
     pub sni_check: Option<S<SniCheck>>,
     #[serde(default)]
     pub upstream_port: Option<S<u64>>,

@@ -172,6 +172,11 @@ pub enum Sniff {
     Tls,
     /// An HTTP/1 request line: an upper-case method token then a space.
     Http,
+    /// A TLS record of another content type (change_cipher_spec, alert,
+    /// application_data, heartbeat; the type is given) where a client's
+    /// first record must be a handshake: a ClientHello hidden from the
+    /// classifier, or a tunnel that is TLS but shows no hello. Never opaque.
+    TlsRecordOutOfPlace(u8),
     /// Neither; the flow is opaque TCP.
     Unknown,
     NeedMore,
@@ -194,6 +199,15 @@ pub fn sniff(buf: &[u8]) -> Sniff {
             None => Sniff::NeedMore,
             Some(3) => Sniff::Tls,
             Some(_) => Sniff::Unknown,
+        };
+    }
+    if matches!(first, 20 | 21 | 23 | 24) {
+        // A record header: content type, version 3.x with x ≤ 4 (SSL 3.0 to
+        // TLS 1.3's legacy value).
+        return match (buf.get(1), buf.get(2)) {
+            (None, _) | (Some(3), None) => Sniff::NeedMore,
+            (Some(3), Some(minor)) if *minor <= 4 => Sniff::TlsRecordOutOfPlace(first),
+            _ => Sniff::Unknown,
         };
     }
     if first & 0x80 != 0 {
@@ -1068,6 +1082,16 @@ mod tests {
         assert_eq!(sniff(&[22]), Sniff::NeedMore);
         assert_eq!(sniff(&[22, 3, 1]), Sniff::Tls);
         assert_eq!(sniff(&[22, 4]), Sniff::Unknown);
+        // Records of another type, first: TLS, out of place.
+        for t in [20u8, 21, 23, 24] {
+            assert_eq!(sniff(&[t]), Sniff::NeedMore);
+            assert_eq!(sniff(&[t, 3]), Sniff::NeedMore);
+            assert_eq!(sniff(&[t, 3, 3, 0, 5]), Sniff::TlsRecordOutOfPlace(t));
+            assert_eq!(sniff(&[t, 3, 0]), Sniff::TlsRecordOutOfPlace(t));
+            assert_eq!(sniff(&[t, 3, 5]), Sniff::Unknown);
+            assert_eq!(sniff(&[t, 2]), Sniff::Unknown);
+        }
+        assert_eq!(sniff(&[25, 3, 3]), Sniff::Unknown);
         assert_eq!(sniff(&[0x80, 0x2e]), Sniff::NeedMore);
         assert_eq!(sniff(&[0x80, 0x2e, 1]), Sniff::Tls);
         assert_eq!(sniff(b"GE"), Sniff::NeedMore);

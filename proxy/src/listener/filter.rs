@@ -32,9 +32,9 @@ use crate::telemetry::audit::{self, FlowRecord, VerdictRecord};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub allow: bool,
-    /// Rule name, `default` or `builtin-guard`; `None` for data-plane checks.
-    /// Shared with the snapshot's label, not copied per flow.
-    pub rule: Option<Arc<str>>,
+    /// What decided: a rule's name, `default` or `builtin-guard` for the
+    /// policy, or one of the data plane's own labels ([`RuleLabel::Builtin`]).
+    pub rule: RuleLabel,
     pub reason: Cow<'static, str>,
     pub enforcement: Enforcement,
     /// Which anti-evasion check chose the destination (`dns-binding`,
@@ -42,21 +42,67 @@ pub struct Decision {
     pub check: Option<&'static str>,
 }
 
+/// The `rule` of a verdict. Every verdict names one, so audit records and
+/// metrics always carry the same fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleLabel {
+    /// Shared with the snapshot's label, not copied per flow.
+    Policy(Arc<str>),
+    /// [`ANTI_EVASION`], [`CLASSIFY`] or [`LISTENER`].
+    Builtin(&'static str),
+}
+
+/// Label of the anti-evasion checks: an SNI or Host that contradicts the
+/// CONNECT target, no SNI, ECH, a TLS record out of place, plain text on a
+/// TLS port, an SNI sent to an address it does not have.
+pub const ANTI_EVASION: &str = "anti-evasion";
+/// Label of a flow whose first bytes could not be classified (malformed or
+/// oversized hello or request head, timeout, early close): fail closed.
+pub const CLASSIFY: &str = "classify";
+/// Label of a refusal before any destination is decided on: credentials, a
+/// malformed proxy request, no filter chain, no original destination.
+pub const LISTENER: &str = "listener";
+
+impl RuleLabel {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Policy(s) => s,
+            Self::Builtin(s) => s,
+        }
+    }
+}
+
 impl Decision {
-    pub fn deny(reason: impl Into<Cow<'static, str>>, enforcement: Enforcement) -> Self {
+    fn builtin(label: &'static str, reason: impl Into<Cow<'static, str>>, enforcement: Enforcement) -> Self {
         Self {
             allow: false,
-            rule: None,
+            rule: RuleLabel::Builtin(label),
             reason: reason.into(),
             enforcement,
             check: None,
         }
     }
 
+    /// An anti-evasion check's denial, carried out or watched per
+    /// `enforcement` (the policy's mode: see `flow::check_enforcement`).
+    pub fn evasion(reason: &'static str, enforcement: Enforcement) -> Self {
+        Self::builtin(ANTI_EVASION, reason, enforcement)
+    }
+
+    /// The first bytes did not classify: denied whatever the mode.
+    pub fn unclassified(reason: &'static str) -> Self {
+        Self::builtin(CLASSIFY, reason, Enforcement::Enforced)
+    }
+
+    /// Refused by the listener before any policy question: whatever the mode.
+    pub fn refused(reason: impl Into<Cow<'static, str>>) -> Self {
+        Self::builtin(LISTENER, reason, Enforcement::Enforced)
+    }
+
     pub fn from_verdict(v: &Verdict, snap: &Snapshot) -> Self {
         Self {
             allow: v.action == sluice_api::Action::Allow,
-            rule: Some(snap.rule_label(v.decided_by)),
+            rule: RuleLabel::Policy(snap.rule_label(v.decided_by)),
             reason: Cow::Borrowed(v.reason.as_str()),
             enforcement: v.enforcement,
             check: None,
@@ -75,13 +121,13 @@ impl Decision {
             } else {
                 audit::Action::Deny
             },
+            self.rule.as_str(),
             self.reason.clone(),
             match self.enforcement {
                 Enforcement::Enforced => audit::Enforcement::Enforced,
                 Enforcement::Watched => audit::Enforcement::Watched,
             },
         );
-        r.rule = self.rule.as_deref().map(str::to_owned);
         r.check = self.check.map(Cow::Borrowed);
         r
     }
@@ -159,7 +205,7 @@ impl FlowContext {
         let decision = self
             .decision
             .clone()
-            .unwrap_or_else(|| Decision::deny("no-decision", Enforcement::Enforced));
+            .unwrap_or_else(|| Decision::refused("no-decision"));
         let mut r = FlowRecord::unstamped(self.id, self.listener.to_string(), self.src, decision.record());
         r.src_groups = self
             .snapshot

@@ -38,12 +38,17 @@ pub fn check_enforcement(ctx: &FlowContext) -> Enforcement {
     }
 }
 
-/// Records a data-plane denial unless the flow is already denied for a
-/// reason that stands (the first enforced denial wins).
+/// Records a denial where enforce mode would have stopped at it: the first
+/// denial stands, except that one carried out replaces one only watched.
+/// In watch mode every check is watched, so the record names the same
+/// check and reason that enforce mode would have refused the flow with.
 pub fn deny(ctx: &mut FlowContext, d: Decision) {
-    match &ctx.decision {
-        Some(existing) if existing.blocks() => {}
-        _ => ctx.decision = Some(d),
+    let replace = match &ctx.decision {
+        None => true,
+        Some(existing) => existing.allow || (d.blocks() && !existing.blocks()),
+    };
+    if replace {
+        ctx.decision = Some(d);
     }
 }
 
@@ -87,8 +92,8 @@ pub fn screen(chain: &FilterChain, ctx: &mut FlowContext, addrs: &[IpAddr]) -> V
             }
             Some(d) => {
                 // Watched: let it through, but the record says it would
-                // have been denied.
-                ctx.decision = Some(d);
+                // have been denied (unless an earlier denial already does).
+                deny(ctx, d);
                 ok.push(*ip);
             }
             None => ok.push(*ip),
@@ -270,7 +275,7 @@ pub fn finish(shared: &Shared, chain: Option<&FilterChain>, ctx: &FlowContext, m
     metrics::flow_finished(
         &ctx.listener,
         action,
-        rec.verdict.rule.as_deref().unwrap_or("-"),
+        &rec.verdict.rule,
         &rec.verdict.reason,
     );
     ctx.metrics.relayed(rec.bytes_up, rec.bytes_down);

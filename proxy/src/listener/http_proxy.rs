@@ -72,7 +72,11 @@ pub async fn serve(
         Err(reason) => {
             let mut ctx = FlowContext::new(shared.next_id(), &plan, peer, snap);
             ctx.protocol = Protocol::Http;
-            ctx.decision = Some(Decision::deny(reason, Enforcement::Enforced));
+            ctx.decision = Some(if reason.starts_with("http-") {
+                Decision::unclassified(reason)
+            } else {
+                peek::failed(reason)
+            });
             if !matches!(reason, "client-closed-early" | "peek-timeout" | "shutdown") {
                 let _ = respond(&mut client, 400, "Bad Request", &ctx).await;
             }
@@ -198,10 +202,13 @@ fn header_in_head<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
         .map(|h| h.value)
 }
 
+/// Reason code of a ClientHello without SNI in a tunnel to a named target.
+pub const CONNECT_NO_SNI: &str = "connect-no-sni";
+
 /// A raw response on the CONNECT path (no hyper there).
 async fn respond(client: &mut TcpStream, code: u16, text: &str, ctx: &FlowContext) -> std::io::Result<()> {
     let (rule, reason) = ctx.decision.as_ref().map_or(("-".to_owned(), "-".to_owned()), |d| {
-        (d.rule.as_deref().unwrap_or("-").to_owned(), d.reason.to_string())
+        (d.rule.as_str().to_owned(), d.reason.to_string())
     });
     let body = format!("Sluice refused this request.\nrule: {rule}\nreason: {reason}\n");
     let mut extra = String::new();
@@ -260,7 +267,7 @@ async fn tunnel(
     match authenticate(&plan, &snap, header_in_head(head_bytes, "proxy-authorization")) {
         Ok(identity) => ctx.identity = identity,
         Err(()) => {
-            ctx.decision = Some(Decision::deny("proxy-auth-required", Enforcement::Enforced));
+            ctx.decision = Some(Decision::refused("proxy-auth-required"));
             let _ = respond(&mut client, 407, "Proxy Authentication Required", &ctx).await;
             let rec = flow::denied_record(&ctx);
             flow::finish(&shared, None, &ctx, rec, accepted);
@@ -268,7 +275,7 @@ async fn tunnel(
         }
     }
     let (Some(host), Some(port)) = (head.host.clone(), head.port) else {
-        ctx.decision = Some(Decision::deny("http-bad-target", Enforcement::Enforced));
+        ctx.decision = Some(Decision::refused("http-bad-target"));
         let _ = respond(&mut client, 400, "Bad Request", &ctx).await;
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, None, &ctx, rec, accepted);
@@ -279,7 +286,7 @@ async fn tunnel(
     let dial_host = match target_host(&mut ctx, &host) {
         Ok(h) => h,
         Err(reason) => {
-            ctx.decision = Some(Decision::deny(reason, Enforcement::Enforced));
+            ctx.decision = Some(Decision::refused(reason));
             let _ = respond(&mut client, 400, "Bad Request", &ctx).await;
             let rec = flow::denied_record(&ctx);
             flow::finish(&shared, None, &ctx, rec, accepted);
@@ -290,7 +297,7 @@ async fn tunnel(
         .chain(ctx.name.as_ref(), port, peer.ip(), ctx.dst_ip, Transport::Tls)
         .cloned()
     else {
-        ctx.decision = Some(Decision::deny("no-filter-chain", Enforcement::Enforced));
+        ctx.decision = Some(Decision::refused("no-filter-chain"));
         let _ = respond(&mut client, 403, "Forbidden", &ctx).await;
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, None, &ctx, rec, accepted);
@@ -313,7 +320,7 @@ async fn tunnel(
             let mut shown = ctx
                 .decision
                 .clone()
-                .unwrap_or_else(|| Decision::deny(e.reason_code(), Enforcement::Enforced));
+                .unwrap_or_else(|| Decision::refused(e.reason_code()));
             shown.reason = Cow::Borrowed(e.reason_code());
             let view = FlowContext {
                 decision: Some(shown),
@@ -359,10 +366,21 @@ async fn tunnel(
             match (&target_name, sni.as_deref().map(DomainName::parse)) {
                 (Some(t), Some(Ok(s))) if *t != s => {
                     let e = check_enforcement(&ctx);
-                    deny(&mut ctx, Decision::deny("sni-mismatch", e));
+                    deny(&mut ctx, Decision::evasion("sni-mismatch", e));
                 }
-                // No SNI: the CONNECT target names the destination.
-                (Some(_), None) => ctx.name = target_name.clone(),
+                // No SNI behind a named target: a CDN would route the hello
+                // to its default virtual host and the encrypted Host could
+                // pick any site there (fronting with no visible name).
+                // Refused unless the listener trusts its clients to send
+                // none (`connect_no_sni: allow`); then the CONNECT target
+                // names the destination.
+                (Some(_), None) => {
+                    ctx.name = target_name.clone();
+                    if plan.spec.connect_no_sni == sluice_api::Action::Deny {
+                        let e = check_enforcement(&ctx);
+                        deny(&mut ctx, Decision::evasion(CONNECT_NO_SNI, e));
+                    }
+                }
                 _ => {}
             }
         }
@@ -375,23 +393,21 @@ async fn tunnel(
             ctx.host.clone_from(&h2.host_header);
             if !host_ok {
                 let e = check_enforcement(&ctx);
-                deny(&mut ctx, Decision::deny("host-mismatch", e));
+                deny(&mut ctx, Decision::evasion("host-mismatch", e));
             }
         }
         Peeked::Opaque => ctx.protocol = Protocol::Tcp,
-        Peeked::Failed(reason) => deny(&mut ctx, Decision::deny(reason, Enforcement::Enforced)),
+        Peeked::Failed(reason) => deny(&mut ctx, peek::failed(reason)),
     }
     if ctx.decision.as_ref().is_some_and(Decision::blocks) {
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
         return None;
     }
-    let watched_check = ctx.decision.take();
-    flow::classified(&chain, &mut ctx);
-    if let Some(w) = watched_check
-        && ctx.decision.as_ref().is_none_or(|d| d.allow)
-    {
-        ctx.decision = Some(w);
+    // A check that only watched is the verdict, as enforce mode would have
+    // stopped the flow there; the chain decides the rest.
+    if ctx.decision.is_none() {
+        flow::classified(&chain, &mut ctx);
     }
     if ctx.decision.as_ref().is_none_or(Decision::blocks) {
         let rec = flow::denied_record(&ctx);
@@ -444,7 +460,7 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 fn text(status: StatusCode, ctx: &FlowContext, message: &str) -> Response<ProxyBody> {
     let (rule, reason) = ctx.decision.as_ref().map_or(("-".to_owned(), "-".to_owned()), |d| {
-        (d.rule.as_deref().unwrap_or("-").to_owned(), d.reason.to_string())
+        (d.rule.as_str().to_owned(), d.reason.to_string())
     });
     let body = format!("{message}\nrule: {rule}\nreason: {reason}\n");
     let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
@@ -581,7 +597,12 @@ impl ConnState {
             .authority()
             .map(|a| format!("{}:{}", a.host(), a.port_u16().unwrap_or(80)));
         let deny_now = |ctx: &mut FlowContext, reason: &'static str, status: StatusCode, msg: &str| {
-            ctx.decision = Some(Decision::deny(reason, Enforcement::Enforced));
+            ctx.decision = Some(match reason {
+                // A Host header naming another host than the URI: fronting.
+                "http-conflicting-host" => Decision::evasion(reason, Enforcement::Enforced),
+                "http-bad-host" => Decision::unclassified(reason),
+                _ => Decision::refused(reason),
+            });
             let resp = text(status, ctx, msg);
             let rec = flow::denied_record(ctx);
             flow::finish(&self.shared, None, ctx, rec, accepted);

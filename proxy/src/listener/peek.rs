@@ -30,6 +30,20 @@ use crate::classify::{
 };
 use crate::policy::Enforcement;
 
+/// Reason code of a first record that is TLS but not a handshake.
+pub const TLS_RECORD_OUT_OF_PLACE: &str = "tls-record-out-of-place";
+
+/// The decision for bytes that did not classify: a TLS record out of place
+/// is an evasion attempt, anything else a classification failure; both are
+/// refused whatever the mode (fail closed).
+pub fn failed(reason: &'static str) -> Decision {
+    match reason {
+        TLS_RECORD_OUT_OF_PLACE => Decision::evasion(reason, Enforcement::Enforced),
+        "shutdown" => Decision::refused(reason),
+        _ => Decision::unclassified(reason),
+    }
+}
+
 /// What the first bytes were.
 #[derive(Debug)]
 pub enum Peeked {
@@ -81,6 +95,7 @@ pub async fn peek(client: &mut TcpStream, buf: &mut Vec<u8>, spec: &sluice_api::
                 Ok(Progress::NeedMore { at_least }) => need = buf.len() + at_least.unwrap_or(1),
                 Err(e) => return Peeked::Failed(e.reason_code()),
             },
+            Sniff::TlsRecordOutOfPlace(_) => return Peeked::Failed(TLS_RECORD_OUT_OF_PLACE),
             Sniff::Unknown => return Peeked::Opaque,
         }
     }
@@ -102,13 +117,13 @@ pub fn from_hello(ctx: &mut FlowContext, plan: &ListenerPlan, h: ClientHello) {
     if let Some(sni) = h.sni {
         match DomainName::parse(&sni) {
             Ok(n) => ctx.name = Some(n),
-            Err(_) => deny(ctx, Decision::deny("tls-bad-sni", Enforcement::Enforced)),
+            Err(_) => deny(ctx, Decision::unclassified("tls-bad-sni")),
         }
         ctx.sni = Some(sni);
     }
     if h.ech && plan.ech_denied() {
         let e = check_enforcement(ctx);
-        deny(ctx, Decision::deny("ech-present", e));
+        deny(ctx, Decision::evasion("ech-present", e));
     }
 }
 
@@ -119,7 +134,7 @@ pub fn from_http(ctx: &mut FlowContext, head: &RequestHead) {
     match &head.host {
         Some(Host::Name(n)) => match DomainName::parse(n) {
             Ok(n) => ctx.name = Some(n),
-            Err(_) => deny(ctx, Decision::deny("http-bad-host", Enforcement::Enforced)),
+            Err(_) => deny(ctx, Decision::unclassified("http-bad-host")),
         },
         Some(Host::Ipv4(ip)) => ctx.dst_ip = Some((*ip).into()),
         Some(Host::Ipv6(ip)) => ctx.dst_ip = Some((*ip).into()),
@@ -164,7 +179,7 @@ pub async fn serve(
                 ctx.port = a.port();
             }
             None => {
-                ctx.decision = Some(Decision::deny("no-original-destination", Enforcement::Enforced));
+                ctx.decision = Some(Decision::refused("no-original-destination"));
                 let rec = flow::denied_record(&ctx);
                 flow::finish(&shared, None, &ctx, rec, accepted);
                 return None;
@@ -193,7 +208,7 @@ pub async fn serve(
             // An sni listener passes TLS only: plain HTTP would cross in
             // clear text to a port meant for TLS.
             Peeked::Http(_) if kind == ListenerKind::Sni => {
-                deny(&mut ctx, Decision::deny("not-tls", Enforcement::Enforced));
+                deny(&mut ctx, Decision::evasion("not-tls", Enforcement::Enforced));
                 Transport::RawBuffer
             }
             Peeked::Http(head) => {
@@ -201,14 +216,14 @@ pub async fn serve(
                 Transport::RawBuffer
             }
             Peeked::Opaque if kind == ListenerKind::Sni => {
-                deny(&mut ctx, Decision::deny("not-tls", Enforcement::Enforced));
+                deny(&mut ctx, Decision::evasion("not-tls", Enforcement::Enforced));
                 Transport::RawBuffer
             }
             Peeked::Opaque => Transport::RawBuffer,
             Peeked::Failed(reason) => {
                 // Fail closed: what cannot be classified is not forwarded,
                 // whatever the mode.
-                deny(&mut ctx, Decision::deny(reason, Enforcement::Enforced));
+                deny(&mut ctx, failed(reason));
                 Transport::RawBuffer
             }
         }
@@ -223,14 +238,14 @@ pub async fn serve(
             Some(ip) => ctx.dst_ip = Some(ip),
             None => match DomainName::parse(host) {
                 Ok(n) => ctx.name = Some(n),
-                Err(_) => deny(&mut ctx, Decision::deny("bad-upstream", Enforcement::Enforced)),
+                Err(_) => deny(&mut ctx, Decision::refused("bad-upstream")),
             },
         }
     }
     if kind == ListenerKind::Sni {
         ctx.port = plan.spec.upstream_port;
-        if ctx.name.is_none() && ctx.decision.is_none() {
-            deny(&mut ctx, Decision::deny("no-sni", Enforcement::Enforced));
+        if ctx.name.is_none() {
+            deny(&mut ctx, Decision::evasion("no-sni", Enforcement::Enforced));
         }
     }
     let now = tokio::time::Instant::now().into_std();
@@ -266,19 +281,16 @@ pub async fn serve(
         .chain(ctx.name.as_ref(), ctx.port, peer.ip(), ctx.dst_ip, transport)
         .cloned()
     else {
-        deny(&mut ctx, Decision::deny("no-filter-chain", Enforcement::Enforced));
+        deny(&mut ctx, Decision::refused("no-filter-chain"));
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, None, &ctx, rec, accepted);
         return None;
     };
-    // A data-plane check that only watched (ECH in watch mode) stays on the
-    // record; the chain then adds the policy's own decision.
-    let watched_check = ctx.decision.take();
-    flow::classified(&chain, &mut ctx);
-    if let Some(w) = watched_check
-        && ctx.decision.as_ref().is_none_or(|d| d.allow)
-    {
-        ctx.decision = Some(w);
+    // A check that only watched (ECH in watch mode) is the verdict, as it
+    // would have been in enforce mode, where the flow stops there: the
+    // chain runs only for a flow no check has denied.
+    if ctx.decision.is_none() {
+        flow::classified(&chain, &mut ctx);
     }
     if ctx.decision.as_ref().is_none_or(Decision::blocks) {
         let rec = flow::denied_record(&ctx);
@@ -310,15 +322,14 @@ pub async fn serve(
                         (vec![orig.ip()], orig.port(), Some("dns-binding"))
                     } else {
                         let e = check_enforcement(&ctx);
-                        let mut d = Decision::deny("sni-destination-mismatch", e);
+                        let mut d = Decision::evasion("sni-destination-mismatch", e);
                         d.check = Some("dns-binding");
-                        if d.blocks() {
-                            ctx.decision = Some(d);
+                        deny(&mut ctx, d);
+                        if ctx.decision.as_ref().is_some_and(Decision::blocks) {
                             let rec = flow::denied_record(&ctx);
                             flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
                             return None;
                         }
-                        ctx.decision = Some(d);
                         (vec![orig.ip()], orig.port(), Some("dns-binding"))
                     }
                 }

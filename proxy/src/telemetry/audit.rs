@@ -438,10 +438,9 @@ pub enum Action {
 pub struct VerdictRecord {
     /// Allow or deny.
     pub action: Action,
-    /// Name of the rule that decided; `None` for the policy default or a
-    /// decision taken before policy (parse failure, SSRF guard).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
+    /// What decided: a rule's name, `default`, `builtin-guard`, or the data
+    /// plane's `anti-evasion`, `classify` or `listener`.
+    pub rule: String,
     /// Reason code (`rule-match`, `default-deny`, `sni-mismatch`,
     /// `ech-present`, `ssrf-loopback`, `connect-timeout`, …).
     pub reason: Cow<'static, str>,
@@ -454,11 +453,11 @@ pub struct VerdictRecord {
 }
 
 impl VerdictRecord {
-    /// A verdict with no rule and no check.
-    pub fn new(action: Action, reason: impl Into<Cow<'static, str>>, mode: Enforcement) -> Self {
+    /// A verdict with no check.
+    pub fn new(action: Action, rule: &str, reason: impl Into<Cow<'static, str>>, mode: Enforcement) -> Self {
         Self {
             action,
-            rule: None,
+            rule: rule.to_owned(),
             reason: reason.into(),
             mode,
             check: None,

@@ -530,3 +530,29 @@ pub fn vector(name: &str) -> Vec<u8> {
         .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
+
+/// The first flight a rustls client writes for `server_name` (ALPN h2 and
+/// http/1.1), made now: a real ClientHello naming any test host.
+pub fn rustls_hello(server_name: &str) -> Vec<u8> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let name = ServerName::try_from(server_name.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+/// `hello` with its first record's content type changed to
+/// application_data (23): a ClientHello hidden from a classifier that looks
+/// only at handshake records.
+pub fn as_application_data(mut hello: Vec<u8>) -> Vec<u8> {
+    hello[0] = 23;
+    hello
+}
