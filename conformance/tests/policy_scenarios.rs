@@ -135,18 +135,34 @@ fn explain_agrees_with_decide() {
                 ));
             }
             // The chain: the guard, then every rule tried (skipped ones, the
-            // match), then the default if nothing matched.
-            let want_steps = match decided.decided_by {
-                DecidedBy::BuiltinGuard => 1,
-                DecidedBy::Rule(r) => 1 + r as usize + 1,
-                DecidedBy::Default => 1 + policy.rule_count() + 1,
-            };
+            // match), then the default if nothing matched. When the guard
+            // decides, the rules tried up to the one that matched (if any,
+            // overruled because it does not lift the guard) come between
+            // the guard's two steps.
             let matched = explained
                 .steps
                 .iter()
                 .filter(|s| matches!(s, Step::RuleMatched { .. }))
                 .count();
-            let want_matched = usize::from(matches!(decided.decided_by, DecidedBy::Rule(_)));
+            let rule_steps = explained
+                .steps
+                .iter()
+                .filter(|s| matches!(s, Step::RuleMatched { .. } | Step::RuleSkipped { .. }))
+                .count();
+            let (want_steps, want_matched) = match decided.decided_by {
+                DecidedBy::BuiltinGuard => {
+                    let tried = if matched == 1 { rule_steps } else { policy.rule_count() };
+                    let ends_with_guard = matches!(explained.steps.last(), Some(Step::Guard { .. }));
+                    let match_is_last_rule = matched == 0
+                        || matches!(explained.steps.iter().rev().nth(1), Some(Step::RuleMatched { .. }));
+                    (
+                        if ends_with_guard && match_is_last_rule { 2 + tried } else { usize::MAX },
+                        matched.min(1),
+                    )
+                }
+                DecidedBy::Rule(r) => (1 + r as usize + 1, 1),
+                DecidedBy::Default => (1 + policy.rule_count() + 1, 0),
+            };
             if explained.steps.len() != want_steps || matched != want_matched {
                 let steps: Vec<String> = explained.steps.iter().map(ToString::to_string).collect();
                 problems.push(format!(

@@ -27,16 +27,12 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// An explicit-proxy configuration: `allowed.test` is allowed, everything
 /// else falls to the default deny; both names resolve to 127.0.0.1, where
-/// the test's upstreams listen. With `lift_guard`, a rule that names
-/// `gateway` and `loopback` (for a source no test uses) lifts the built-in
-/// guard for those groups without itself allowing anything, so the
-/// `allow-test` rule decides about 127.0.0.1.
+/// the test's upstreams listen. With `lift_guard`, the `allow-test` rule
+/// also names `gateway` and `loopback`, which lifts the built-in guard for
+/// the flows it allows (and only for those); without it, the guard refuses
+/// 127.0.0.1 even for allowed.test.
 fn proxy_config(audit: &Path, mode: &str, lift_guard: bool, drain: &str) -> String {
-    let lift = if lift_guard {
-        "    - name: lift-loopback-guard\n      from: [nobody]\n      to: {smartgroups: [gateway, loopback]}\n      action: allow\n"
-    } else {
-        ""
-    };
+    let lift = if lift_guard { ", smartgroups: [gateway, loopback]" } else { "" };
     format!(
         "admin: {{address: \"127.0.0.1:0\"}}
 audit: {{destination: \"{audit}\"}}
@@ -51,16 +47,14 @@ resolver:
     denied.test: [127.0.0.1]
 webgroups:
   - {{name: test-sites, domains: [allowed.test]}}
-smartgroups:
-  - {{name: nobody, cidrs: [192.0.2.1]}}
 policy:
   mode: {mode}
   default: deny
   rules:
     - name: allow-test
-      to: {{webgroups: [test-sites]}}
+      to: {{webgroups: [test-sites]{lift}}}
       action: allow
-{lift}",
+",
         audit = audit.display()
     )
 }
@@ -411,12 +405,8 @@ policy:
   rules:
     - name: agents-to-test
       from: [agents]
-      to: {{webgroups: [test-sites]}}
+      to: {{webgroups: [test-sites], smartgroups: [gateway, loopback]}}
       action: allow
-    - name: lift-loopback-guard
-      from: [others]
-      to: {{smartgroups: [gateway, loopback]}}
-      action: deny
 ",
             audit.display()
         ),
@@ -1286,7 +1276,7 @@ async fn sigint_stops_cleanly_and_audit_defaults_to_stdout() {
     let http_up = Upstream::start(None).await;
     let cfg = dir.write(
         "sluice.yaml",
-        "admin: {address: \"127.0.0.1:0\"}\nlisteners:\n  - {name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}\nresolver:\n  nameservers: [\"127.0.0.1:9\"]\n  hosts: {allowed.test: [127.0.0.1]}\npolicy:\n  rules:\n    - {name: allow-test, to: {webgroups: [t]}, action: allow}\n    - {name: lift, from: [nobody], to: {smartgroups: [gateway, loopback]}, action: deny}\nwebgroups:\n  - {name: t, domains: [allowed.test]}\nsmartgroups:\n  - {name: nobody, cidrs: [192.0.2.1]}\n",
+        "admin: {address: \"127.0.0.1:0\"}\nlisteners:\n  - {name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}\nresolver:\n  nameservers: [\"127.0.0.1:9\"]\n  hosts: {allowed.test: [127.0.0.1]}\npolicy:\n  rules:\n    - {name: allow-test, to: {webgroups: [t], smartgroups: [gateway, loopback]}, action: allow}\nwebgroups:\n  - {name: t, domains: [allowed.test]}\nsmartgroups:\n  - {name: nobody, cidrs: [192.0.2.1]}\n",
     );
     let mut sluice = Sluice::run(&cfg);
     let out = curl(

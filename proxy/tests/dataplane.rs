@@ -590,8 +590,7 @@ listeners:
   - {name: open, kind: http-proxy, address: \"127.0.0.1:0\"}
 policy:
   rules:
-    - {name: devs-allowed, from: [devs], to: {webgroups: [good]}, protocols: [tls], action: allow}
-    - {name: test-upstreams, from: [devs], to: {smartgroups: [gateway, loopback]}, protocols: [tls], action: allow}
+    - {name: devs-allowed, from: [devs], to: {webgroups: [good], smartgroups: [gateway, loopback]}, protocols: [tls], action: allow}
 ",
         )
         .await;
@@ -1743,7 +1742,7 @@ policy:
 "
             )
         };
-        let devs_allowed = "    - {name: devs-allowed, from: [devs], to: {webgroups: [good]}, protocols: [tls], action: allow}\n";
+        let devs_allowed = "    - {name: devs-allowed, from: [devs], to: {webgroups: [good], smartgroups: [gateway, loopback]}, protocols: [tls], action: allow}\n";
         let sluice = Sluice::start(&rest("", devs_allowed, "127.0.0.1:0")).await;
         let proxy = sluice.addr("proxy");
         let reload = |groups: &str, rules: &str| {

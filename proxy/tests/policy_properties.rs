@@ -187,9 +187,15 @@ fn ref_in_smartgroup(cfg: &Config, group: &str, ip: IpAddr) -> bool {
 }
 
 /// (action, decided-by name, reason, watched)
+///
+/// The reference: the first matching rule (or the default) decides, then the
+/// guard overrules it unless that rule is an allow naming every guarded
+/// group the flow touches, or a deny at least as strict as the guard.
 fn ref_decide(cfg: &Config, q: &FlowQuery<'_>, identity: Option<&str>) -> (Action, String, ReasonCode, bool) {
     let watch_all = cfg.policy.mode == Mode::Watch;
-    let named_smart = |g: &str| cfg.policy.rules.iter().any(|r| r.to.smartgroups.iter().any(|x| x == g));
+    // The guarded groups the flow touches: the most specific guarded
+    // SmartGroup holding the address, and the metadata-names WebGroup.
+    let mut touched: Vec<(&str, bool, ReasonCode)> = Vec::new();
     if let Some(dst) = q.dst {
         let mut guarded = vec![
             (builtin::CLOUD_METADATA, ReasonCode::GuardCloudMetadata),
@@ -200,28 +206,28 @@ fn ref_decide(cfg: &Config, q: &FlowQuery<'_>, identity: Option<&str>) -> (Actio
         if cfg.policy.guard_private_ranges {
             guarded.push((builtin::PRIVATE_RANGES, ReasonCode::GuardPrivateRanges));
         }
-        // The most specific guarded group holding the address decides.
-        if let Some((g, reason)) = guarded.iter().find(|(g, _)| ref_in_smartgroup(cfg, g, dst))
-            && !named_smart(g)
-        {
-            return (Action::Deny, "builtin-guard".into(), *reason, watch_all);
+        if let Some((g, reason)) = guarded.iter().find(|(g, _)| ref_in_smartgroup(cfg, g, dst)) {
+            touched.push((g, true, *reason));
         }
     }
-    if let Some(n) = q.name {
-        let lifted = cfg
-            .policy
-            .rules
-            .iter()
-            .any(|r| r.to.webgroups.iter().any(|x| x == builtin::CLOUD_METADATA_NAMES));
-        if !lifted && ref_in_webgroup(cfg, builtin::CLOUD_METADATA_NAMES, n) {
-            return (
-                Action::Deny,
-                "builtin-guard".into(),
-                ReasonCode::GuardMetadataName,
-                watch_all,
-            );
-        }
+    if let Some(n) = q.name
+        && ref_in_webgroup(cfg, builtin::CLOUD_METADATA_NAMES, n)
+    {
+        touched.push((builtin::CLOUD_METADATA_NAMES, false, ReasonCode::GuardMetadataName));
     }
+    let guard = touched
+        .first()
+        .map(|(_, _, reason)| (Action::Deny, "builtin-guard".to_owned(), *reason, watch_all));
+    let lifts = |r: &sluice_api::Rule| {
+        r.action == Action::Allow
+            && touched.iter().all(|(g, smart, _)| {
+                if *smart {
+                    r.to.smartgroups.iter().any(|x| x == g)
+                } else {
+                    r.to.webgroups.iter().any(|x| x == g)
+                }
+            })
+    };
     for r in &cfg.policy.rules {
         let proto = r.protocols.is_empty()
             || r.protocols.contains(&q.protocol)
@@ -269,13 +275,23 @@ fn ref_decide(cfg: &Config, q: &FlowQuery<'_>, identity: Option<&str>) -> (Actio
                     .is_some_and(|ip| r.to.smartgroups.iter().any(|g| ref_in_smartgroup(cfg, g, ip)))
         };
         if to {
+            let watched = watch_all || r.watch;
+            if let Some(g) = &guard {
+                let strict_deny = r.action == Action::Deny && watched == watch_all;
+                if !lifts(r) && !strict_deny {
+                    return g.clone();
+                }
+            }
             let reason = if r.action == Action::Allow {
                 ReasonCode::AllowedByRule
             } else {
                 ReasonCode::DeniedByRule
             };
-            return (r.action, r.name.clone(), reason, watch_all || r.watch);
+            return (r.action, r.name.clone(), reason, watched);
         }
+    }
+    if let Some(g) = guard {
+        return g;
     }
     let reason = if cfg.policy.default == Action::Allow {
         ReasonCode::DefaultAllow

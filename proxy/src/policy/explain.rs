@@ -49,7 +49,8 @@ impl Policy {
         let src_set = self.cidrs.lookup(q.src);
         let dst_set = q.dst.map(|ip| self.cidrs.lookup(ip));
         let hits = q.name.map(|n| self.domains.lookup(n));
-        let (verdict, tried) = self.decide_with(q, src_set, dst_set, hits.as_ref());
+        let (verdict, tried, matched) = self.decide_with(q, src_set, dst_set, hits.as_ref());
+        let guarded = self.guard(dst_set, hits.as_ref());
 
         let source_smartgroups: Vec<String> = self.smartgroups_of(q.src).into_iter().map(str::to_owned).collect();
         let destination_webgroups: Vec<String> = q
@@ -62,66 +63,71 @@ impl Policy {
             .unwrap_or_default();
 
         let mut steps = Vec::new();
+        let guarded_names = guarded.map(|(_, needed)| self.guarded_names(needed).join("`, `"));
+        steps.push(Step::Guard {
+            outcome: match &guarded_names {
+                Some(names) => format!(
+                    "destination is in built-in group `{names}`: only an allow rule naming it in `to` lets the flow through"
+                ),
+                None => "destination is in no guarded group".to_owned(),
+            },
+        });
+        for (i, r) in self.rules.iter().enumerate().take(tried) {
+            if matched != Some(i) {
+                steps.push(Step::RuleSkipped {
+                    rule: r.name.clone(),
+                    why: self.why_not(r, q, src_set),
+                });
+                continue;
+            }
+            let mut why = Vec::new();
+            match self.rule_matches(r, q, self.sets.get(src_set), dst_set, hits.as_ref()) {
+                Some((source_group, dest)) => {
+                    why.push(source_group.map_or("any source".to_owned(), |g| {
+                        format!("source in `{}`", self.smartgroup_name(g))
+                    }));
+                    why.push(dest.map_or("any destination".to_owned(), |d| {
+                        format!("destination in `{}`", self.dest_name(d))
+                    }));
+                }
+                None => why.push("matched".to_owned()),
+            }
+            if r.protocols & q.protocol.bit() == 0 {
+                why.push("dns implied by an allow for tls/http to its webgroups".to_owned());
+            }
+            let mut why = format!(
+                "{} -> {} ({})",
+                why.join(", "),
+                r.action,
+                self.enforcement(r.watch).as_str()
+            );
+            if verdict.decided_by == DecidedBy::BuiltinGuard {
+                why.push_str(&format!(
+                    "; it does not lift the guard: {}",
+                    if r.action == sluice_api::Action::Allow {
+                        "its `to` does not name the guarded group"
+                    } else {
+                        "a watched deny cannot let a guarded flow through"
+                    }
+                ));
+            }
+            steps.push(Step::RuleMatched {
+                rule: r.name.clone(),
+                why,
+            });
+        }
         if verdict.decided_by == DecidedBy::BuiltinGuard {
-            let group = verdict.dest.map(|d| self.dest_name(d).to_owned()).unwrap_or_default();
             steps.push(Step::Guard {
+                outcome: format!("the guard stands -> deny ({})", verdict.reason),
+            });
+        } else if verdict.decided_by == DecidedBy::Default {
+            steps.push(Step::Default {
                 outcome: format!(
-                    "destination is in built-in group `{group}` and no rule names it in `to` -> deny ({})",
-                    verdict.reason
+                    "no rule matched -> {} ({})",
+                    verdict.action,
+                    verdict.enforcement.as_str()
                 ),
             });
-        } else {
-            let lifted: Vec<&str> = self
-                .guards
-                .iter()
-                .chain(self.metadata_names.iter())
-                .filter(|g| g.lifted)
-                .map(|g| match g.reason {
-                    sluice_api::reason::ReasonCode::GuardMetadataName => self.webgroup_name(g.group),
-                    _ => self.smartgroup_name(g.group),
-                })
-                .collect();
-            let mut outcome = "destination is in no guarded group".to_owned();
-            if !lifted.is_empty() {
-                outcome.push_str(&format!(" (guard lifted by rules for: {})", lifted.join(", ")));
-            }
-            steps.push(Step::Guard { outcome });
-            for (i, r) in self.rules.iter().enumerate().take(tried) {
-                let matched = verdict.decided_by == DecidedBy::Rule(i as u32);
-                if matched {
-                    let mut why = Vec::new();
-                    match verdict.source_group {
-                        Some(g) => why.push(format!("source in `{}`", self.smartgroup_name(g))),
-                        None => why.push("any source".to_owned()),
-                    }
-                    match verdict.dest {
-                        Some(d) => why.push(format!("destination in `{}`", self.dest_name(d))),
-                        None => why.push("any destination".to_owned()),
-                    }
-                    if r.protocols & q.protocol.bit() == 0 {
-                        why.push("dns implied by an allow for tls/http to its webgroups".to_owned());
-                    }
-                    let why = format!("{} -> {} ({})", why.join(", "), r.action, verdict.enforcement.as_str());
-                    steps.push(Step::RuleMatched {
-                        rule: r.name.clone(),
-                        why,
-                    });
-                } else {
-                    steps.push(Step::RuleSkipped {
-                        rule: r.name.clone(),
-                        why: self.why_not(r, q, src_set),
-                    });
-                }
-            }
-            if verdict.decided_by == DecidedBy::Default {
-                steps.push(Step::Default {
-                    outcome: format!(
-                        "no rule matched -> {} ({})",
-                        verdict.action,
-                        verdict.enforcement.as_str()
-                    ),
-                });
-            }
         }
         Explanation {
             action: verdict.action.as_str(),
@@ -136,6 +142,23 @@ impl Policy {
             steps,
             verdict,
         }
+    }
+
+    /// The guarded groups behind lift bits.
+    pub(super) fn guarded_names(&self, bits: u8) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .guards
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| bits & (1 << i) != 0)
+            .map(|(_, g)| self.smartgroup_name(g.group))
+            .collect();
+        if bits & super::GUARD_METADATA_NAME != 0
+            && let Some(g) = self.metadata_names
+        {
+            names.push(self.webgroup_name(g.group));
+        }
+        names
     }
 
     fn why_not(&self, r: &super::CompiledRule, q: &FlowQuery<'_>, src_set: u32) -> String {

@@ -8,12 +8,15 @@
 //! snapshot in an `Arc`; a new config compiles into a new snapshot.
 //!
 //! Order of evaluation:
-//! 1. the built-in guard: a destination in `cloud-metadata`, `link-local`,
-//!    `loopback`, the gateway's own addresses (and `private-ranges` when
-//!    `guard_private_ranges` is set), or a name in `cloud-metadata-names`,
-//!    is denied unless some rule names that built-in group in its `to`;
-//! 2. the user's rules, first match wins;
-//! 3. the policy default.
+//! 1. the user's rules, first match wins;
+//! 2. the policy default;
+//! 3. the built-in guard, over both: a destination in `cloud-metadata`,
+//!    `link-local`, `loopback`, the gateway's own addresses (and
+//!    `private-ranges` when `guard_private_ranges` is set), or a name in
+//!    `cloud-metadata-names`, is denied unless the rule that decided is an
+//!    `allow` rule naming that built-in group in its `to`. Lifting is least
+//!    privilege: it holds only for the flows that rule decides, and a
+//!    `deny` rule naming the group never opens anything.
 //!
 //! In watch mode (or for a rule with `watch: true`) a deny is *watched*:
 //! recorded as "would deny" and let through.
@@ -125,14 +128,16 @@ struct CompiledRule {
     watch: bool,
     /// An allow rule for tls/http to WebGroups also allows resolving them.
     implies_dns: bool,
+    /// The guards this rule lifts for the flows it decides: bit `i` for
+    /// `guards[i]`, [`GUARD_METADATA_NAME`] for the metadata-names guard.
+    /// Only `allow` rules naming the guarded group in `to` have any.
+    lifts: u8,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Guard {
     group: u32,
     reason: ReasonCode,
-    /// Some rule names the group in its `to`: the user decides.
-    lifted: bool,
 }
 
 /// A compiled, immutable policy snapshot.
@@ -231,6 +236,45 @@ impl Policy {
             })
             .collect();
 
+        // Most specific first: the first group holding an address decides.
+        let mut guarded: Vec<(&str, ReasonCode)> = vec![
+            (builtin::CLOUD_METADATA, ReasonCode::GuardCloudMetadata),
+            (builtin::GATEWAY, ReasonCode::GuardGateway),
+            (builtin::LOOPBACK, ReasonCode::GuardLoopback),
+            (builtin::LINK_LOCAL, ReasonCode::GuardLinkLocal),
+        ];
+        if config.policy.guard_private_ranges {
+            guarded.push((builtin::PRIVATE_RANGES, ReasonCode::GuardPrivateRanges));
+        }
+        let guards: Vec<Guard> = guarded
+            .into_iter()
+            .filter_map(|(name, reason)| smart_id(name).map(|group| Guard { group, reason }))
+            .collect();
+        let metadata_names = web_id(builtin::CLOUD_METADATA_NAMES).map(|group| Guard {
+            group,
+            reason: ReasonCode::GuardMetadataName,
+        });
+        // What an allow rule lifts: the guarded groups its `to` names.
+        let lifts = |r: &sluice_api::Rule| -> u8 {
+            if r.action != Action::Allow {
+                return 0;
+            }
+            let mut bits = 0u8;
+            for (i, g) in guards.iter().enumerate() {
+                let name = smart_names.get(g.group as usize).map(String::as_str);
+                if r.to.smartgroups.iter().any(|n| Some(n.as_str()) == name) {
+                    bits |= 1 << i;
+                }
+            }
+            if let Some(g) = metadata_names
+                && let Some(name) = web_names.get(g.group as usize)
+                && r.to.webgroups.iter().any(|n| n == name)
+            {
+                bits |= GUARD_METADATA_NAME;
+            }
+            bits
+        };
+
         let rules: Vec<CompiledRule> = config
             .policy
             .rules
@@ -274,49 +318,11 @@ impl Policy {
                     action: r.action,
                     watch: r.watch,
                     implies_dns,
+                    lifts: lifts(r),
                 }
             })
             .collect();
 
-        let named_smart = |g: &str| {
-            config
-                .policy
-                .rules
-                .iter()
-                .any(|r| r.to.smartgroups.iter().any(|n| n == g))
-        };
-        let named_web = |g: &str| {
-            config
-                .policy
-                .rules
-                .iter()
-                .any(|r| r.to.webgroups.iter().any(|n| n == g))
-        };
-        // Most specific first: the first group holding an address decides.
-        let mut guarded: Vec<(&str, ReasonCode)> = vec![
-            (builtin::CLOUD_METADATA, ReasonCode::GuardCloudMetadata),
-            (builtin::GATEWAY, ReasonCode::GuardGateway),
-            (builtin::LOOPBACK, ReasonCode::GuardLoopback),
-            (builtin::LINK_LOCAL, ReasonCode::GuardLinkLocal),
-        ];
-        if config.policy.guard_private_ranges {
-            guarded.push((builtin::PRIVATE_RANGES, ReasonCode::GuardPrivateRanges));
-        }
-        let guards: Vec<Guard> = guarded
-            .into_iter()
-            .filter_map(|(name, reason)| {
-                smart_id(name).map(|group| Guard {
-                    group,
-                    reason,
-                    lifted: named_smart(name),
-                })
-            })
-            .collect();
-        let metadata_names = web_id(builtin::CLOUD_METADATA_NAMES).map(|group| Guard {
-            group,
-            reason: ReasonCode::GuardMetadataName,
-            lifted: named_web(builtin::CLOUD_METADATA_NAMES),
-        });
         let any_group = smart_id(builtin::ANY);
         sets.freeze();
         let guard_of: Vec<u8> = (0..sets.len())
@@ -384,37 +390,49 @@ impl Policy {
         self.decide_with(q, src_set, dst_set, hits.as_ref()).0
     }
 
-    /// The decision plus how far evaluation went: the guard that fired or
-    /// the number of rules tried. Shared by `decide` and `explain`.
+    /// The decision, how many rules were tried, and the rule that matched
+    /// (which may have been overruled by the guard). Shared by `decide` and
+    /// `explain`.
     fn decide_with(
         &self,
         q: &FlowQuery<'_>,
         src_set: SetId,
         dst_set: Option<SetId>,
         hits: Option<&NameHits>,
-    ) -> (Verdict, usize) {
-        if let Some(v) = self.guard(dst_set, hits) {
-            return (v, 0);
+    ) -> (Verdict, usize, Option<usize>) {
+        let guard = self.guard(dst_set, hits);
+        let Some((i, source_group, dest)) = self.first_rule(q, src_set, dst_set, hits) else {
+            return match guard {
+                Some((v, _)) => (v, self.rules.len(), None),
+                None => (self.default_verdict(), self.rules.len(), None),
+            };
+        };
+        let Some(r) = self.rules.get(i) else {
+            return (self.default_verdict(), self.rules.len(), None);
+        };
+        // Only an allow rule naming every guarded group the flow touches
+        // lifts the guard, and only for the flows it decides. A deny rule
+        // keeps its own name on the verdict, unless it only watches where
+        // the guard would block.
+        if let Some((v, needed)) = guard
+            && r.lifts & needed != needed
+            && (r.action == Action::Allow || self.enforcement(r.watch) != v.enforcement)
+        {
+            return (v, i + 1, Some(i));
         }
-        if let Some((i, source_group, dest)) = self.first_rule(q, src_set, dst_set, hits) {
-            let Some(r) = self.rules.get(i) else {
-                return (self.default_verdict(), self.rules.len());
-            };
-            let reason = match r.action {
-                Action::Allow => ReasonCode::AllowedByRule,
-                Action::Deny => ReasonCode::DeniedByRule,
-            };
-            let v = Verdict {
-                action: r.action,
-                decided_by: DecidedBy::Rule(i as u32),
-                reason,
-                enforcement: self.enforcement(r.watch),
-                source_group,
-                dest,
-            };
-            return (v, i + 1);
-        }
-        (self.default_verdict(), self.rules.len())
+        let reason = match r.action {
+            Action::Allow => ReasonCode::AllowedByRule,
+            Action::Deny => ReasonCode::DeniedByRule,
+        };
+        let v = Verdict {
+            action: r.action,
+            decided_by: DecidedBy::Rule(i as u32),
+            reason,
+            enforcement: self.enforcement(r.watch),
+            source_group,
+            dest,
+        };
+        (v, i + 1, Some(i))
     }
 
     /// The first rule matching, with the groups it matched on.
@@ -464,7 +482,10 @@ impl Policy {
         }
     }
 
-    fn guard(&self, dst_set: Option<SetId>, hits: Option<&NameHits>) -> Option<Verdict> {
+    /// The guard's denial when the flow touches a guarded group, with the
+    /// lift bits a rule needs to overrule it (see [`CompiledRule::lifts`]).
+    /// The address's guard names the verdict when both fire.
+    fn guard(&self, dst_set: Option<SetId>, hits: Option<&NameHits>) -> Option<(Verdict, u8)> {
         let deny = |reason, dest| Verdict {
             action: Action::Deny,
             decided_by: DecidedBy::BuiltinGuard,
@@ -473,29 +494,45 @@ impl Policy {
             source_group: None,
             dest: Some(dest),
         };
+        let mut fired: Option<(Verdict, u8)> = None;
         if let Some(set) = dst_set {
             // The most specific guarded group holding the address decides:
-            // naming `cloud-metadata` opens 169.254.169.254 although it is
-            // link-local too, but naming `link-local` (or `private-ranges`)
-            // does not open the metadata service inside it.
+            // a rule naming `cloud-metadata` opens 169.254.169.254 although
+            // it is link-local too, but one naming `link-local` (or
+            // `private-ranges`) does not open the metadata service inside it.
             let first = self.guard_of.get(set as usize).map_or(0, |b| b & !GUARD_METADATA_NAME);
-            if let Some(g) = usize::from(first).checked_sub(1).and_then(|i| self.guards.get(i))
-                && !g.lifted
+            if let Some(i) = usize::from(first).checked_sub(1)
+                && let Some(g) = self.guards.get(i)
             {
-                return Some(deny(g.reason, DestMatch::SmartGroup(g.group)));
+                fired = Some((deny(g.reason, DestMatch::SmartGroup(g.group)), 1 << i));
             }
         }
         if let (Some(g), Some(hits)) = (self.metadata_names, hits)
-            && !g.lifted
             && hits.iter().any(|s| {
                 self.guard_of
                     .get(s as usize)
                     .is_some_and(|b| b & GUARD_METADATA_NAME != 0)
             })
         {
-            return Some(deny(g.reason, DestMatch::WebGroup(g.group)));
+            fired = Some(match fired {
+                Some((v, bits)) => (v, bits | GUARD_METADATA_NAME),
+                None => (deny(g.reason, DestMatch::WebGroup(g.group)), GUARD_METADATA_NAME),
+            });
         }
-        None
+        fired
+    }
+
+    /// Rules that lift a guard, as (rule name, guarded group names), in
+    /// rule order: what `sluice check` reports.
+    pub fn guard_lifts(&self) -> Vec<(&str, Vec<&str>)> {
+        self.rules
+            .iter()
+            .filter(|r| r.lifts != 0)
+            .map(|r| {
+                let groups = self.guarded_names(r.lifts);
+                (r.name.as_str(), groups)
+            })
+            .collect()
     }
 
     /// `Some((matched source group, matched destination group))` when the

@@ -74,11 +74,13 @@ webgroups:
     )
 }
 
-/// Deny the bad names, allow the good ones, and — after both — lift the
-/// SSRF guard for the test upstreams, which live on 127.0.0.1 (the gateway,
-/// since the listeners bind there, and loopback).
+/// Deny the bad names, allow the good ones, and — after both — allow the
+/// test upstreams by address. The test upstreams live on 127.0.0.1 (the
+/// gateway, since the listeners bind there, and loopback), which the guard
+/// refuses unless the allow rule that decides names those groups, so
+/// `allow-good` names them too.
 pub const STD_RULES: &str = r"    - {name: deny-bad, to: {webgroups: [bad]}, action: deny}
-    - {name: allow-good, to: {webgroups: [good]}, protocols: [tls, http, tcp], action: allow}
+    - {name: allow-good, to: {webgroups: [good], smartgroups: [gateway, loopback]}, protocols: [tls, http, tcp], action: allow}
     - {name: test-upstreams, to: {smartgroups: [gateway, loopback]}, protocols: [tls, http, tcp], action: allow}
 ";
 
