@@ -65,14 +65,6 @@ fn loads(text: &str) {
 
 // ---------------------------------------------------------------- YAML layer
 
-/// serde-saphyr wraps its errors in `Error::WithSnippet`; the loader's
-/// `yaml_error` matches on the wrapper and so never sees `SerdeUnknownField`,
-/// `SerdeUnknownVariant` or `SerdeMissingField`: all three come out as
-/// `Syntax`, without a suggestion.
-const YAML_KIND_BUG: &str = "BUG: api/src/config/mod.rs yaml_error matches the serde_saphyr::Error \
-     without calling without_snippet(), so unknown fields/values and missing fields are reported as \
-     ConfigErrorKind::Syntax with no `did you mean`";
-
 #[test]
 fn unknown_field_with_did_you_mean() {
     let text = "listners:\n  - name: proxy\n";
@@ -87,7 +79,7 @@ fn unknown_field_with_did_you_mean() {
             assert_eq!(suggestion.as_deref(), Some("listeners"));
             assert!(expected.iter().any(|x| x == "listeners"), "{expected:?}");
         }
-        other => panic!("expected UnknownField, got {other:?} ({YAML_KIND_BUG})"),
+        other => panic!("expected UnknownField, got {other:?}"),
     }
     assert_eq!((e.line, e.column), at(text, "listners"));
     assert!(e.to_string().contains("did you mean `listeners`"), "{e}");
@@ -167,21 +159,195 @@ fn missing_field() {
 }
 
 #[test]
-fn missing_field_is_rejected_inside_its_mapping() {
+fn missing_field_is_rejected_at_its_mapping_with_its_path() {
     let text = "listeners:\n  - name: proxy\n    kind: http-proxy\n";
     let e = one_error(text);
-    // serde reports a missing field when the mapping ends; the position must
-    // at least be inside the listener (lines 2-3, its indentation).
-    assert!((2..=3).contains(&e.line) && e.column == 5, "{e}");
+    assert_error(
+        &e,
+        at(text, "name: proxy"),
+        "listeners[0].address",
+        &ConfigErrorKind::MissingField {
+            field: "address".into(),
+        },
+    );
     assert!(e.to_string().contains("`address`"), "{e}");
+}
+
+/// Regression (issue 13, item 5): unknown fields, unknown values and
+/// missing fields stopped at the first, without a path. Four problems,
+/// four errors, each with its path, in file order.
+#[test]
+fn every_unknown_field_value_and_missing_field_is_reported_with_its_path() {
+    let text = "listeners:
+  - name: proxy
+    kind: http_proxy
+    address: 127.0.0.1:3128
+    peek_timout: 5s
+policy:
+  mode: enforse
+  rules:
+    - name: r
+      to: {webgroups: [llm-providers]}
+";
+    let errs = errors(text);
+    let got: Vec<(&str, (u32, u32))> = errs.iter().map(|e| (e.path.as_str(), (e.line, e.column))).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("listeners[0].kind", at(text, "http_proxy")),
+            ("listeners[0].peek_timout", at(text, "peek_timout")),
+            ("policy.mode", at(text, "enforse")),
+            ("policy.rules[0].action", at(text, "name: r")),
+        ],
+        "{errs:#?}"
+    );
+    assert!(matches!(&errs[0].kind, ConfigErrorKind::UnknownValue { value, .. } if value == "http_proxy"));
+    assert!(
+        matches!(&errs[1].kind, ConfigErrorKind::UnknownField { field, suggestion, .. }
+        if field == "peek_timout" && suggestion.as_deref() == Some("peek_timeout"))
+    );
+    assert!(matches!(&errs[2].kind, ConfigErrorKind::UnknownValue { value, .. } if value == "enforse"));
+    assert_eq!(errs[3].kind, ConfigErrorKind::MissingField { field: "action".into() });
+    // The value left out for `kind` is not also called missing.
+    assert!(
+        !errs
+            .iter()
+            .any(|e| e.path == "listeners[0].kind" && matches!(e.kind, ConfigErrorKind::MissingField { .. }))
+    );
+}
+
+#[test]
+fn two_missing_fields_of_one_mapping_are_both_reported() {
+    let text = "listeners:\n  - name: proxy\n";
+    let errs = errors(text);
+    let fields: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(fields, ["listeners[0].kind", "listeners[0].address"], "{errs:#?}");
+}
+
+#[test]
+fn wrong_types_are_said_in_words_and_do_not_stop_the_rest() {
+    let text = "listeners:
+  - name: proxy
+    kind: http-proxy
+    address: 127.0.0.1:3128
+    max_connections: many
+webgroups:
+  - name: w
+    domains: example.com
+smartgroups:
+  - name: s
+    cidrs: [10.0.0.0/33]
+";
+    let errs = errors(text);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert_error(
+        &errs[0],
+        at(text, "many"),
+        "listeners[0].max_connections",
+        &ConfigErrorKind::WrongType {
+            expected: "a whole number".into(),
+            found: "`many`".into(),
+        },
+    );
+    assert_error(
+        &errs[1],
+        at(text, "example.com"),
+        "webgroups[0].domains",
+        &ConfigErrorKind::WrongType {
+            expected: "a list (`[a, b]`, or `- item` lines)".into(),
+            found: "`example.com`".into(),
+        },
+    );
+    // The validator still ran on everything else.
+    assert_eq!(errs[2].path, "smartgroups[0].cidrs[0]");
+    let shown = errs[0].to_string();
+    assert!(!shown.contains("invalid YAML"), "{shown}");
+    assert!(shown.contains("expected a whole number, found `many`"), "{shown}");
+}
+
+#[test]
+fn an_element_of_the_wrong_shape_keeps_later_paths_right() {
+    let text = "listeners:
+  - proxy
+  - {name: b, kind: http-proxy, address: nowhere}
+";
+    let errs = errors(text);
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["listeners[0]", "listeners[1].address"], "{errs:#?}");
+    assert_eq!((errs[1].line, errs[1].column), at(text, "nowhere"));
+}
+
+#[test]
+fn a_key_given_twice_is_named() {
+    let text = "policy:\n  mode: watch\n  mode: enforce\n";
+    let e = one_error(text);
+    assert_eq!(e.kind, ConfigErrorKind::DuplicateKey { key: "mode".into() });
+    assert_eq!(e.path, "policy.mode");
+    assert_eq!(e.line, 3);
 }
 
 #[test]
 fn yaml_syntax_error() {
-    let text = "policy:\n  mode: [enforce\n";
+    let text = "policy:\n  mode: 'enforce\n";
     let e = one_error(text);
     assert!(matches!(e.kind, ConfigErrorKind::Syntax { .. }), "{:?}", e.kind);
     assert!(e.line >= 2, "{e}");
+}
+
+/// Regression (issue 13, item 6): an unclosed `[` was reported on the
+/// following line, with the position repeated and no fix.
+#[test]
+fn an_unclosed_bracket_is_reported_where_it_opens_with_the_fix() {
+    let text = "policy:\n  rules:\n    - name: r\n      protocols: [tls, http\n      action: allow\n";
+    let e = one_error(text);
+    assert_eq!((e.line, e.column), at(text, "[tls"), "{e}");
+    let ConfigErrorKind::Syntax { message, fix } = &e.kind else {
+        panic!("{:?}", e.kind)
+    };
+    assert_eq!(message, "this `[` is never closed");
+    assert!(fix.contains("close it with `]`"), "{fix}");
+    let shown = e.to_string();
+    assert!(
+        !shown.contains("at line"),
+        "the position is given once, as file:line:col: {shown}"
+    );
+    assert!(shown.starts_with("test.yaml:4:18: "), "{shown}");
+}
+
+#[test]
+fn a_tab_is_called_a_tab() {
+    let e = one_error("policy:\n\tmode: watch\n");
+    let ConfigErrorKind::Syntax { fix, .. } = &e.kind else {
+        panic!("{:?}", e.kind)
+    };
+    assert!(fix.contains("spaces"), "{fix}");
+}
+
+#[test]
+fn a_listener_port_above_65535_is_out_of_range() {
+    let text = "listeners:\n  - {name: p, kind: http-proxy, address: \"127.0.0.1:99999\"}\n";
+    let e = one_error(text);
+    assert_eq!(e.kind, ConfigErrorKind::PortOutOfRange { value: "99999".into() });
+    assert!(e.to_string().contains("out of range"), "{e}");
+    let text = "listeners:\n  - {name: t, kind: tcp, address: \"127.0.0.1:5432\", upstream: \"db:70000\"}\n";
+    assert_eq!(
+        one_error(text).kind,
+        ConfigErrorKind::PortOutOfRange { value: "70000".into() }
+    );
+}
+
+#[test]
+fn a_missing_file_is_named_without_a_position() {
+    let path = std::path::Path::new("/nonexistent/sluice-test/sluice.yaml");
+    let e = sluice_api::config::load_file(path).unwrap_err();
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with(
+            "/nonexistent/sluice-test/sluice.yaml: cannot read the file: there is no such file; check the path"
+        ),
+        "{shown}"
+    );
+    assert!(!shown.contains(":0:0"), "{shown}");
 }
 
 // ---------------------------------------------------------------- CIDRs, IPs, addresses
@@ -712,7 +878,13 @@ fn port_negative() {
 
 #[test]
 fn port_range_reversed() {
-    port_error("\"9-3\"", ConfigErrorKind::InvalidPortRange { value: "9-3".into() });
+    port_error(
+        "\"9-3\"",
+        ConfigErrorKind::ReversedPortRange {
+            value: "9-3".into(),
+            fixed: "3-9".into(),
+        },
+    );
 }
 
 #[test]

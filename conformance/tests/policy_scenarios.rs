@@ -153,10 +153,14 @@ fn explain_agrees_with_decide() {
                 DecidedBy::BuiltinGuard => {
                     let tried = if matched == 1 { rule_steps } else { policy.rule_count() };
                     let ends_with_guard = matches!(explained.steps.last(), Some(Step::Guard { .. }));
-                    let match_is_last_rule = matched == 0
-                        || matches!(explained.steps.iter().rev().nth(1), Some(Step::RuleMatched { .. }));
+                    let match_is_last_rule =
+                        matched == 0 || matches!(explained.steps.iter().rev().nth(1), Some(Step::RuleMatched { .. }));
                     (
-                        if ends_with_guard && match_is_last_rule { 2 + tried } else { usize::MAX },
+                        if ends_with_guard && match_is_last_rule {
+                            2 + tried
+                        } else {
+                            usize::MAX
+                        },
                         matched.min(1),
                     )
                 }

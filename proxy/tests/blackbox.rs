@@ -32,7 +32,11 @@ const WAIT: Duration = Duration::from_secs(10);
 /// the flows it allows (and only for those); without it, the guard refuses
 /// 127.0.0.1 even for allowed.test.
 fn proxy_config(audit: &Path, mode: &str, lift_guard: bool, drain: &str) -> String {
-    let lift = if lift_guard { ", smartgroups: [gateway, loopback]" } else { "" };
+    let lift = if lift_guard {
+        ", smartgroups: [gateway, loopback]"
+    } else {
+        ""
+    };
     format!(
         "admin: {{address: \"127.0.0.1:0\"}}
 audit: {{destination: \"{audit}\"}}

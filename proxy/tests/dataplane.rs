@@ -880,14 +880,20 @@ async fn tunnel_verdicts(mode: &str) -> Vec<(String, String, String, String)> {
         // Fronting: the hello names a host no rule mentions.
         ("sni-b-unknown", rustls_hello("unlisted.example")),
         ("no-sni", vector("openssl-3.0-s_client-no-sni.bin")),
-        ("plain-http-other-host", b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n".to_vec()),
+        (
+            "plain-http-other-host",
+            b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n".to_vec(),
+        ),
         ("allowed", rustls_hello("allowed.test")),
     ];
     let mut out = Vec::new();
     for (name, bytes) in scenarios {
         let r = through_tunnel(&sluice, &up, &bytes).await;
         let v = &r["verdict"];
-        let text = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{name}: verdict without `{k}`: {r}"));
+        let text = |k: &str| {
+            v[k].as_str()
+                .unwrap_or_else(|| panic!("{name}: verdict without `{k}`: {r}"))
+        };
         out.push((
             text("action").to_owned(),
             text("rule").to_owned(),
@@ -910,7 +916,11 @@ async fn watch_mode_records_the_verdict_and_reason_enforce_carries_out() {
         assert_eq!(enforce[3].2, "host-mismatch", "{enforce:?}");
         assert_eq!(enforce[4].2, "allowed-by-rule", "{enforce:?}");
         for (e, w) in enforce.iter().zip(&watch) {
-            assert_eq!((&e.0, &e.1, &e.2), (&w.0, &w.1, &w.2), "watch must record what enforce does");
+            assert_eq!(
+                (&e.0, &e.1, &e.2),
+                (&w.0, &w.1, &w.2),
+                "watch must record what enforce does"
+            );
             assert_eq!((e.3.as_str(), w.3.as_str()), ("enforced", "watched"), "{e:?} / {w:?}");
         }
     })

@@ -21,7 +21,13 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        // A problem with the file as a whole (it cannot be read) has no
+        // position to give.
+        if self.line == 0 {
+            write!(f, "{}: ", self.file)?;
+        } else {
+            write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        }
         if !self.path.is_empty() {
             write!(f, "{}: ", self.path)?;
         }
@@ -37,8 +43,14 @@ impl std::error::Error for ConfigError {}
 pub enum ConfigErrorKind {
     #[error("cannot read the file: {message}")]
     Io { message: String },
-    #[error("invalid YAML: {message}")]
-    Syntax { message: String },
+    /// The text is not YAML; nothing after the mistake can be read.
+    #[error("YAML syntax: {message}; {fix}")]
+    Syntax { message: String, fix: String },
+    /// Well-formed YAML, but not the kind of value the field takes.
+    #[error("expected {expected}, found {found}")]
+    WrongType { expected: String, found: String },
+    #[error("`{key}` is given twice in this mapping; keep one")]
+    DuplicateKey { key: String },
     #[error("unknown field `{field}`{}; expected one of: {}", did_you_mean(suggestion), expected.join(", "))]
     UnknownField {
         field: String,
@@ -65,6 +77,8 @@ pub enum ConfigErrorKind {
     InvalidSocketAddress { value: String },
     #[error("port {value} is out of range; ports are 1 to 65535")]
     PortOutOfRange { value: String },
+    #[error("port range `{value}` is reversed; write the low port first: `{fixed}`")]
+    ReversedPortRange { value: String, fixed: String },
     #[error("`{value}` is not a port or port range; write e.g. `443` or `8000-8100` (low-high)")]
     InvalidPortRange { value: String },
     #[error(

@@ -6,6 +6,8 @@
 
 mod error;
 mod raw;
+mod track;
+mod yaml;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -16,7 +18,7 @@ use ipnet::IpNet;
 use serde_saphyr::Location;
 
 pub use error::{ConfigError, ConfigErrorKind, ConfigErrors, GroupKind, NameKind, suggest};
-use raw::{RawConfig, RawPort, S};
+use raw::{RawConfig, RawPort, S, is_missing};
 
 use crate::builtin;
 use crate::domain::DomainPattern;
@@ -40,10 +42,31 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
             line: 0,
             column: 0,
             path: String::new(),
-            kind: ConfigErrorKind::Io { message: e.to_string() },
+            kind: ConfigErrorKind::Io {
+                message: io_message(path, &e),
+            },
         }])
     })?;
     load_str(&text, &path.display().to_string())
+}
+
+/// Why a file cannot be read, in words, with what to do about it.
+fn io_message(path: &Path, e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound => {
+            let cwd = std::env::current_dir().map_or_else(|_| "?".to_owned(), |d| d.display().to_string());
+            if path.is_absolute() {
+                "there is no such file; check the path".to_owned()
+            } else {
+                format!("there is no such file in {cwd}; check the path, or give an absolute one")
+            }
+        }
+        ErrorKind::PermissionDenied => "permission denied; make the file readable by this user".to_owned(),
+        ErrorKind::IsADirectory => "this is a directory; give the configuration file inside it".to_owned(),
+        ErrorKind::InvalidData => "the file is not UTF-8 text; save it as UTF-8".to_owned(),
+        _ => e.to_string(),
+    }
 }
 
 /// The embedded default configuration.
@@ -52,55 +75,27 @@ pub fn embedded_default() -> Result<Config, ConfigErrors> {
 }
 
 /// Loads and validates YAML text; `source` names it in messages.
+///
+/// Every problem is reported: the YAML layer's (unknown fields and values,
+/// wrong types, all of them) and the validator's, in file order. Only a
+/// syntax error, past which nothing can be read, is reported alone.
 pub fn load_str(text: &str, source: &str) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = if text.trim().is_empty() {
-        // An empty file is an empty config, not a YAML error.
-        serde_saphyr::from_str("{}").map_err(|e| ConfigErrors(vec![yaml_error(source, e)]))?
-    } else {
-        serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yaml_error(source, e)]))?
-    };
+    let parsed = yaml::parse(text, source).map_err(|e| ConfigErrors(vec![e]))?;
     Validator {
         file: source.to_owned(),
-        errors: Vec::new(),
+        errors: parsed.errors,
         user_refs: Vec::new(),
+        skipped: parsed.skipped,
     }
-    .config(raw)
+    .config(parsed.raw)
 }
 
-fn yaml_error(file: &str, e: serde_saphyr::Error) -> ConfigError {
-    let loc = e.location().unwrap_or(Location::UNKNOWN);
-    // Errors arrive wrapped with a source snippet; we print our own position.
-    let kind = match e.without_snippet() {
-        serde_saphyr::Error::SerdeUnknownField { field, expected, .. } => ConfigErrorKind::UnknownField {
-            field: field.clone(),
-            suggestion: suggest(field, expected.iter().copied()),
-            expected: expected.iter().map(|s| (*s).to_owned()).collect(),
-        },
-        serde_saphyr::Error::SerdeUnknownVariant { variant, expected, .. } => ConfigErrorKind::UnknownValue {
-            value: variant.clone(),
-            suggestion: suggest(variant, expected.iter().copied()),
-            expected: expected.iter().map(|s| (*s).to_owned()).collect(),
-        },
-        serde_saphyr::Error::SerdeMissingField { field, .. } => ConfigErrorKind::MissingField {
-            field: (*field).to_owned(),
-        },
-        other => ConfigErrorKind::Syntax {
-            message: first_line(&other.to_string()),
-        },
-    };
-    ConfigError {
-        file: file.to_owned(),
-        line: loc.line() as u32,
-        column: loc.column() as u32,
-        path: String::new(),
-        kind,
-    }
-}
-
-/// serde-saphyr renders a source snippet after the message; we print our own
-/// position, so keep only the message.
-fn first_line(s: &str) -> String {
-    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim().to_owned()
+/// The port of `host:port` when it is a number but not a port (0, or
+/// above 65535): said as such rather than as a malformed address.
+fn port_out_of_range(addr: &str) -> Option<String> {
+    let (_, port) = addr.trim().rsplit_once(':')?;
+    let n: u128 = port.parse().ok()?;
+    (n == 0 || n > 65_535).then(|| port.to_owned())
 }
 
 fn valid_name(name: &str) -> bool {
@@ -117,27 +112,91 @@ struct Validator {
     errors: Vec<ConfigError>,
     /// Proxy users' SmartGroups, checked once the groups are known.
     user_refs: Vec<(String, Location, String)>,
+    /// Paths of nodes the YAML layer skipped (and reported), as in the file.
+    skipped: HashSet<String>,
 }
 
 impl Validator {
     fn err(&mut self, loc: Location, path: impl Into<String>, kind: ConfigErrorKind) {
+        let path = self.file_path(&path.into());
         self.errors.push(ConfigError {
             file: self.file.clone(),
             line: loc.line() as u32,
             column: loc.column() as u32,
-            path: path.into(),
+            path,
             kind,
         });
     }
 
+    /// The path as in the file of a path built from indexes into the raw
+    /// lists, which lack the elements the YAML layer skipped.
+    fn file_path(&self, raw: &str) -> String {
+        if self.skipped.is_empty() {
+            return raw.to_owned();
+        }
+        let mut out = String::with_capacity(raw.len() + 4);
+        let mut rest = raw;
+        while let Some(open) = rest.find('[') {
+            out.push_str(&rest[..open]);
+            let Some(close) = rest[open..].find(']').map(|c| open + c) else {
+                break;
+            };
+            match rest[open + 1..close].parse::<usize>() {
+                Ok(mut i) => {
+                    let mut gone: Vec<usize> = self
+                        .skipped
+                        .iter()
+                        .filter_map(|p| {
+                            p.strip_prefix(out.as_str())?
+                                .strip_prefix('[')?
+                                .strip_suffix(']')?
+                                .parse()
+                                .ok()
+                        })
+                        .collect();
+                    gone.sort_unstable();
+                    for g in gone {
+                        if g <= i {
+                            i += 1;
+                        }
+                    }
+                    out.push_str(&format!("[{i}]"));
+                }
+                Err(_) => out.push_str(&rest[open..=close]),
+            }
+            rest = &rest[close + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// Reports a required field that is absent (unless the YAML layer
+    /// skipped it for a problem already reported), at the mapping it is
+    /// missing from. Returns whether it is present.
+    fn require<T>(&mut self, v: &S<T>, parent: Location, path: &str, field: &str) -> bool {
+        if !is_missing(v) {
+            return true;
+        }
+        let full = format!("{path}.{field}");
+        if !self.skipped.contains(&self.file_path(&full)) {
+            self.err(
+                parent,
+                full,
+                ConfigErrorKind::MissingField {
+                    field: field.to_owned(),
+                },
+            );
+        }
+        false
+    }
+
     fn config(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
+        let default_admin = SocketAddr::from(([127, 0, 0, 1], 9901));
         let admin = match &raw.admin {
-            Some(a) => AdminConfig {
-                address: self.socket(&a.address, "admin.address"),
+            Some(a) if self.require(&a.value.address, a.referenced, "admin", "address") => AdminConfig {
+                address: self.socket(&a.value.address, "admin.address"),
             },
-            None => AdminConfig {
-                address: SocketAddr::from(([127, 0, 0, 1], 9901)),
-            },
+            _ => AdminConfig { address: default_admin },
         };
         let audit = self.audit(raw.audit.as_ref());
         let listeners = self.listeners(&raw.listeners);
@@ -219,11 +278,11 @@ impl Validator {
         match v.value.trim().parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                self.err(
-                    v.referenced,
-                    path,
-                    ConfigErrorKind::InvalidSocketAddress { value: v.value.clone() },
-                );
+                let kind = match port_out_of_range(&v.value) {
+                    Some(port) => ConfigErrorKind::PortOutOfRange { value: port },
+                    None => ConfigErrorKind::InvalidSocketAddress { value: v.value.clone() },
+                };
+                self.err(v.referenced, path, kind);
                 SocketAddr::from(([0, 0, 0, 0], 0))
             }
         }
@@ -272,13 +331,18 @@ impl Validator {
         true
     }
 
-    fn audit(&mut self, raw: Option<&raw::RawAudit>) -> AuditConfig {
-        let Some(a) = raw else {
-            return AuditConfig {
-                destination: AuditDestination::Stdout,
-                queue: DEFAULT_AUDIT_QUEUE,
-            };
+    fn audit(&mut self, raw: Option<&S<raw::RawAudit>>) -> AuditConfig {
+        let stdout = AuditConfig {
+            destination: AuditDestination::Stdout,
+            queue: DEFAULT_AUDIT_QUEUE,
         };
+        let Some(a) = raw else {
+            return stdout;
+        };
+        if !self.require(&a.value.destination, a.referenced, "audit", "destination") {
+            return stdout;
+        }
+        let a = &a.value;
         let destination = match a.destination.value.trim() {
             "stdout" | "-" => AuditDestination::Stdout,
             "stderr" => AuditDestination::Stderr,
@@ -316,8 +380,16 @@ impl Validator {
         let mut bound: Vec<(SocketAddr, String)> = Vec::new();
         let mut out = Vec::new();
         for (i, l) in raw.iter().enumerate() {
-            let l = &l.value;
+            let (at, l) = (l.referenced, &l.value);
             let path = format!("listeners[{i}]");
+            let complete = [
+                self.require(&l.name, at, &path, "name"),
+                self.require(&l.kind, at, &path, "kind"),
+                self.require(&l.address, at, &path, "address"),
+            ];
+            if complete.contains(&false) {
+                continue;
+            }
             let ok = self.name(&l.name, &format!("{path}.name"), NameKind::Listener, &mut seen);
             let address = self.socket(&l.address, &format!("{path}.address"));
             let kind = l.kind.value;
@@ -463,15 +535,15 @@ impl Validator {
             match v.rsplit_once(':') {
                 Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Some(v.to_owned()),
                 _ => {
-                    self.err(
-                        u.referenced,
-                        format!("{path}.upstream"),
-                        ConfigErrorKind::InvalidValue {
+                    let kind = match port_out_of_range(v) {
+                        Some(port) => ConfigErrorKind::PortOutOfRange { value: port },
+                        None => ConfigErrorKind::InvalidValue {
                             message: format!(
                                 "`{v}` is not `host:port`; write e.g. `db.internal:5432` or `10.0.0.5:5432`"
                             ),
                         },
-                    );
+                    };
+                    self.err(u.referenced, format!("{path}.upstream"), kind);
                     None
                 }
             }
@@ -479,13 +551,21 @@ impl Validator {
         let mut users = Vec::new();
         let mut seen = HashMap::new();
         for (i, u) in l.users.iter().enumerate() {
-            let u = &u.value;
-            if self.name(
-                &u.name,
-                &format!("{path}.users[{i}].name"),
-                NameKind::ProxyUser,
-                &mut seen,
-            ) {
+            let (at, u) = (u.referenced, &u.value);
+            let user_path = format!("{path}.users[{i}]");
+            let complete = [
+                self.require(&u.name, at, &user_path, "name"),
+                self.require(&u.password, at, &user_path, "password"),
+                self.require(&u.smartgroup, at, &user_path, "smartgroup"),
+            ];
+            if !complete.contains(&false)
+                && self.name(
+                    &u.name,
+                    &format!("{path}.users[{i}].name"),
+                    NameKind::ProxyUser,
+                    &mut seen,
+                )
+            {
                 users.push(ProxyUser {
                     name: u.name.value.clone(),
                     password: u.password.value.clone(),
@@ -695,9 +775,10 @@ impl Validator {
         let mut seen = HashMap::new();
         let mut out = Vec::new();
         for (i, w) in raw.iter().enumerate() {
-            let w = &w.value;
+            let (at, w) = (w.referenced, &w.value);
             let path = format!("inventory[{i}]");
-            let ok = self.name(&w.name, &format!("{path}.name"), NameKind::Workload, &mut seen);
+            let ok = self.require(&w.name, at, &path, "name")
+                && self.name(&w.name, &format!("{path}.name"), NameKind::Workload, &mut seen);
             let ips: Vec<IpAddr> = w
                 .ips
                 .iter()
@@ -730,9 +811,10 @@ impl Validator {
         let mut seen = HashMap::new();
         let mut include_refs = Vec::new();
         for (i, g) in raw.iter().enumerate() {
-            let g = &g.value;
+            let (at, g) = (g.referenced, &g.value);
             let path = format!("webgroups[{i}]");
-            let ok = self.name(&g.name, &format!("{path}.name"), NameKind::WebGroup, &mut seen);
+            let ok = self.require(&g.name, at, &path, "name")
+                && self.name(&g.name, &format!("{path}.name"), NameKind::WebGroup, &mut seen);
             let mut patterns = Vec::with_capacity(g.domains.len());
             for (j, d) in g.domains.iter().enumerate() {
                 match DomainPattern::parse(&d.value) {
@@ -805,9 +887,10 @@ impl Validator {
         let mut seen = HashMap::new();
         let mut include_refs = Vec::new();
         for (i, g) in raw.iter().enumerate() {
-            let g = &g.value;
+            let (at, g) = (g.referenced, &g.value);
             let path = format!("smartgroups[{i}]");
-            let ok = self.name(&g.name, &format!("{path}.name"), NameKind::SmartGroup, &mut seen);
+            let ok = self.require(&g.name, at, &path, "name")
+                && self.name(&g.name, &format!("{path}.name"), NameKind::SmartGroup, &mut seen);
             let mut cidrs = Vec::new();
             for (j, c) in g.cidrs.iter().enumerate() {
                 match parse_cidr(&c.value) {
@@ -975,10 +1058,13 @@ impl Validator {
         let mut seen = HashMap::new();
         let mut rules = Vec::new();
         for (i, r) in p.rules.iter().enumerate() {
-            let line = r.referenced.line() as u32;
+            let (at, line) = (r.referenced, r.referenced.line() as u32);
             let r = &r.value;
             let path = format!("policy.rules[{i}]");
-            let ok = self.name(&r.name, &format!("{path}.name"), NameKind::Rule, &mut seen);
+            let has_action = self.require(&r.action, at, &path, "action");
+            let ok = self.require(&r.name, at, &path, "name")
+                && has_action
+                && self.name(&r.name, &format!("{path}.name"), NameKind::Rule, &mut seen);
             let from: Vec<String> = r
                 .from
                 .iter()
@@ -1058,7 +1144,10 @@ impl Validator {
                 Some((lo, hi)) => match (parse(lo), parse(hi)) {
                     (Some(lo), Some(hi)) => match (one(lo), one(hi)) {
                         (Some(l), Some(h)) if l <= h => Ok(PortRange { lo: l, hi: h }),
-                        (Some(_), Some(_)) => Err(ConfigErrorKind::InvalidPortRange { value: t.clone() }),
+                        (Some(l), Some(h)) => Err(ConfigErrorKind::ReversedPortRange {
+                            value: t.clone(),
+                            fixed: format!("{h}-{l}"),
+                        }),
                         (None, _) => Err(ConfigErrorKind::PortOutOfRange { value: lo.to_string() }),
                         (_, None) => Err(ConfigErrorKind::PortOutOfRange { value: hi.to_string() }),
                     },
@@ -1079,10 +1168,11 @@ impl Validator {
         let mut seen = HashMap::new();
         let mut out = Vec::new();
         for (i, p) in raw.iter().enumerate() {
-            let p = &p.value;
+            let (at, p) = (p.referenced, &p.value);
             let path = format!("plugins[{i}]");
-            let ok = self.name(&p.name, &format!("{path}.name"), NameKind::Plugin, &mut seen);
-            if p.path.value.trim().is_empty() {
+            let ok = self.require(&p.name, at, &path, "name")
+                && self.name(&p.name, &format!("{path}.name"), NameKind::Plugin, &mut seen);
+            if self.require(&p.path, at, &path, "path") && p.path.value.trim().is_empty() {
                 self.err(
                     p.path.referenced,
                     format!("{path}.path"),

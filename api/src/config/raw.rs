@@ -13,13 +13,46 @@ use crate::model::{Action, EchPolicy, ListenerKind, Mode, Protocol, SniCheck};
 
 pub type S<T> = Spanned<T>;
 
+/// A required field that is absent: its value is a placeholder and its
+/// position unknown (line 0). The validator reports it as missing, with
+/// the path and the position of the mapping it is missing from, so that
+/// every missing field of a file is reported, not only the first.
+pub fn missing<T: Default>() -> S<T> {
+    Spanned::new(
+        T::default(),
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+
+fn missing_kind() -> S<ListenerKind> {
+    Spanned::new(
+        ListenerKind::HttpProxy,
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+
+fn missing_action() -> S<Action> {
+    Spanned::new(
+        Action::Deny,
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+
+/// Whether a required field was absent (see [`missing`]).
+pub fn is_missing<T>(v: &S<T>) -> bool {
+    v.referenced.line() == 0
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
-    pub admin: Option<RawAdmin>,
+    pub admin: Option<S<RawAdmin>>,
     #[serde(default)]
-    pub audit: Option<RawAudit>,
+    pub audit: Option<S<RawAudit>>,
     #[serde(default)]
     pub gateway: Option<RawGateway>,
     #[serde(default)]
@@ -43,12 +76,14 @@ pub struct RawConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
+    #[serde(default = "missing")]
     pub address: S<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAudit {
+    #[serde(default = "missing")]
     pub destination: S<String>,
     #[serde(default)]
     pub queue: Option<S<u64>>,
@@ -64,8 +99,11 @@ pub struct RawGateway {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
+    #[serde(default = "missing")]
     pub name: S<String>,
+    #[serde(default = "missing_kind")]
     pub kind: S<ListenerKind>,
+    #[serde(default = "missing")]
     pub address: S<String>,
     #[serde(default)]
     pub max_connections: Option<S<u64>>,
@@ -127,8 +165,11 @@ pub enum DnsDenyKind {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProxyUser {
+    #[serde(default = "missing")]
     pub name: S<String>,
+    #[serde(default = "missing")]
     pub password: S<String>,
+    #[serde(default = "missing")]
     pub smartgroup: S<String>,
 }
 
@@ -153,6 +194,7 @@ pub struct RawRuntime {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWebGroup {
+    #[serde(default = "missing")]
     pub name: S<String>,
     #[serde(default)]
     pub description: Option<String>,
@@ -165,6 +207,7 @@ pub struct RawWebGroup {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSmartGroup {
+    #[serde(default = "missing")]
     pub name: S<String>,
     #[serde(default)]
     pub description: Option<String>,
@@ -181,6 +224,7 @@ pub struct RawSmartGroup {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWorkload {
+    #[serde(default = "missing")]
     pub name: S<String>,
     #[serde(default)]
     pub ips: Vec<S<String>>,
@@ -204,6 +248,7 @@ pub struct RawPolicy {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRule {
+    #[serde(default = "missing")]
     pub name: S<String>,
     #[serde(default)]
     pub from: Vec<S<String>>,
@@ -213,6 +258,7 @@ pub struct RawRule {
     pub protocols: Vec<S<Protocol>>,
     #[serde(default)]
     pub ports: Vec<S<RawPort>>,
+    #[serde(default = "missing_action")]
     pub action: S<Action>,
     #[serde(default)]
     pub watch: bool,
@@ -230,7 +276,9 @@ pub struct RawDestination {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPlugin {
+    #[serde(default = "missing")]
     pub name: S<String>,
+    #[serde(default = "missing")]
     pub path: S<String>,
     #[serde(default)]
     pub sha256: Option<S<String>>,

@@ -272,12 +272,7 @@ pub fn finish(shared: &Shared, chain: Option<&FilterChain>, ctx: &FlowContext, m
     } else {
         "deny"
     };
-    metrics::flow_finished(
-        &ctx.listener,
-        action,
-        &rec.verdict.rule,
-        &rec.verdict.reason,
-    );
+    metrics::flow_finished(&ctx.listener, action, &rec.verdict.rule, &rec.verdict.reason);
     ctx.metrics.relayed(rec.bytes_up, rec.bytes_down);
     metrics::flow_closed(&ctx.listener, close_reason_static(&rec));
     tracing::debug!(flow = ctx.id, listener = %ctx.listener, action, reason = %rec.verdict.reason, close = %rec.close_reason, "flow finished");
