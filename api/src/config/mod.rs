@@ -80,7 +80,7 @@ pub fn embedded_default() -> Result<Config, ConfigErrors> {
 /// wrong types, all of them) and the validator's, in file order. Only a
 /// syntax error, past which nothing can be read, is reported alone.
 pub fn load_str(text: &str, source: &str) -> Result<Config, ConfigErrors> {
-    let parsed = yaml::parse(text, source).map_err(|e| ConfigErrors(vec![e]))?;
+    let parsed = yaml::parse(text, source).map_err(|e| ConfigErrors(vec![*e]))?;
     Validator {
         file: source.to_owned(),
         errors: parsed.errors,

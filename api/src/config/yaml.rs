@@ -35,7 +35,7 @@ pub(super) struct Parsed {
 
 /// Reads `text` (named `file` in messages). `Err` holds the one syntax
 /// error that stops reading.
-pub(super) fn parse(text: &str, file: &str) -> Result<Parsed, ConfigError> {
+pub(super) fn parse(text: &str, file: &str) -> Result<Parsed, Box<ConfigError>> {
     // An empty file is an empty configuration, not a YAML error.
     let text = if text.trim().is_empty() { "{}" } else { text };
     // A key given twice is found here, all of them with their positions;
@@ -72,7 +72,7 @@ pub(super) fn parse(text: &str, file: &str) -> Result<Parsed, ConfigError> {
         };
         let path = failed_at.unwrap_or_default();
         let Some((kind, loc, node)) = shape_problem(text, e.without_snippet(), &path) else {
-            return Err(syntax_error(text, file, e.without_snippet()));
+            return Err(Box::new(syntax_error(text, file, e.without_snippet())));
         };
         let progress = !node.is_empty() && skip.insert(node.clone());
         errors.push(ConfigError {
@@ -455,6 +455,7 @@ fn unclosed_bracket(text: &str, offset: usize) -> Option<(char, u32, u32)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code: a panic is the failure report")]
 mod tests {
     use super::*;
 
