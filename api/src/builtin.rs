@@ -8,7 +8,7 @@
 use ipnet::IpNet;
 
 use crate::domain::DomainPattern;
-use crate::model::{SmartGroup, WebGroup};
+use crate::model::{Pos, SmartGroup, WebGroup};
 use crate::net::parse_cidr;
 
 /// SmartGroup guarded by default (with the gateway's own addresses).
@@ -110,6 +110,7 @@ pub fn webgroups() -> Result<Vec<WebGroup>, BuiltinError> {
                 patterns,
                 includes: Vec::new(),
                 builtin: true,
+                at: Pos::default(),
             })
         })
         .collect()
@@ -150,6 +151,7 @@ fn builtin_smartgroup(name: &str, description: &str, cidrs: Vec<IpNet>) -> Smart
         workloads: Vec::new(),
         includes: Vec::new(),
         builtin: true,
+        at: Pos::default(),
     }
 }
 

@@ -3,14 +3,31 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::net::IpAddr;
 
+use crate::builtin;
 use crate::config::{selected_workloads, unmatched_selectors};
-use crate::model::{Config, Mode, PortRange, Rule};
+use crate::domain::DomainName;
+use crate::model::{Action, Config, Mode, PortRange, Pos, Rule};
 
+/// One warning: where, and what. Shown as `file:line:col: warning: …`
+/// ([`Warning::render`]), the same form as errors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Warning {
-    pub line: u32,
+    /// `0:0` when the warning is about the file as a whole.
+    pub at: Pos,
     pub kind: WarningKind,
+}
+
+impl Warning {
+    /// `file:line:col: warning: …` (`file: warning: …` without a position).
+    pub fn render(&self, file: &str) -> String {
+        if self.at.line == 0 {
+            format!("{file}: warning: {self}")
+        } else {
+            format!("{file}:{}:{}: warning: {self}", self.at.line, self.at.column)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,13 +50,21 @@ pub enum WarningKind {
     RedundantWatch { rule: String },
     /// A user group that no rule references.
     UnusedGroup { group: String, kind: &'static str },
+    /// `resolver.hosts` maps `name` to an address in a guarded group, and
+    /// the allow rules for that name do not name the group: flows to it
+    /// will be denied by the guard.
+    GuardedHost {
+        name: String,
+        ip: IpAddr,
+        group: &'static str,
+        rules: Vec<String>,
+    },
+    /// No listener: `sluice run` would have nothing to do.
+    NoListeners,
 }
 
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.line > 0 {
-            write!(f, "line {}: ", self.line)?;
-        }
         match &self.kind {
             WarningKind::ShadowedRule {
                 rule,
@@ -82,6 +107,24 @@ impl fmt::Display for Warning {
             WarningKind::UnusedGroup { group, kind } => {
                 write!(f, "{kind} `{group}` is not used by any rule")
             }
+            WarningKind::GuardedHost { name, ip, group, rules } => write!(
+                f,
+                "`{name}` resolves to {ip}, in the guarded group `{group}`, and {} `{group}` in its `to`: \
+                 flows to `{name}` will be denied by the guard; add `{group}` to the `to.smartgroups` of the \
+                 rule that allows `{name}`",
+                if rules.len() == 1 {
+                    format!("the rule that allows it (`{}`) does not name", rules[0])
+                } else {
+                    format!(
+                        "none of the rules that allow it ({}) names",
+                        rules.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", ")
+                    )
+                }
+            ),
+            WarningKind::NoListeners => write!(
+                f,
+                "no listeners: `sluice run` would have nothing to do and refuses to start; add one under `listeners:`"
+            ),
         }
     }
 }
@@ -105,7 +148,7 @@ pub fn lint(config: &Config) -> Vec<Warning> {
     for g in &config.smartgroups {
         if empty.contains(g.name.as_str()) {
             out.push(Warning {
-                line: 0,
+                at: g.at,
                 kind: WarningKind::EmptySmartGroup { group: g.name.clone() },
             });
         }
@@ -118,7 +161,7 @@ pub fn lint(config: &Config) -> Vec<Warning> {
                     .join(", ")
             );
             out.push(Warning {
-                line: 0,
+                at: g.at,
                 kind: WarningKind::UnmatchedSelector {
                     group: g.name.clone(),
                     selector,
@@ -130,7 +173,7 @@ pub fn lint(config: &Config) -> Vec<Warning> {
     for (i, b) in rules.iter().enumerate() {
         if !b.from.is_empty() && b.from.iter().all(|g| empty.contains(g.as_str())) {
             out.push(Warning {
-                line: b.line,
+                at: b.at,
                 kind: WarningKind::EmptySource {
                     rule: b.name.clone(),
                     groups: b.from.clone(),
@@ -139,17 +182,17 @@ pub fn lint(config: &Config) -> Vec<Warning> {
         }
         if b.watch && config.policy.mode == Mode::Watch {
             out.push(Warning {
-                line: b.line,
+                at: b.at,
                 kind: WarningKind::RedundantWatch { rule: b.name.clone() },
             });
         }
         if let Some(a) = rules[..i].iter().find(|a| covers(config, a, b)) {
             out.push(Warning {
-                line: b.line,
+                at: b.at,
                 kind: WarningKind::ShadowedRule {
                     rule: b.name.clone(),
                     by: a.name.clone(),
-                    by_line: a.line,
+                    by_line: a.at.line,
                     same_action: a.action == b.action && a.watch == b.watch,
                 },
             });
@@ -176,7 +219,7 @@ pub fn lint(config: &Config) -> Vec<Warning> {
     for g in config.webgroups.iter().filter(|g| !g.builtin) {
         if !used_web.contains(g.name.as_str()) && !included_web.contains(g.name.as_str()) {
             out.push(Warning {
-                line: 0,
+                at: g.at,
                 kind: WarningKind::UnusedGroup {
                     group: g.name.clone(),
                     kind: "webgroup",
@@ -187,7 +230,7 @@ pub fn lint(config: &Config) -> Vec<Warning> {
     for g in config.smartgroups.iter().filter(|g| !g.builtin) {
         if !used_smart.contains(g.name.as_str()) && !included_smart.contains(g.name.as_str()) {
             out.push(Warning {
-                line: 0,
+                at: g.at,
                 kind: WarningKind::UnusedGroup {
                     group: g.name.clone(),
                     kind: "smartgroup",
@@ -195,8 +238,95 @@ pub fn lint(config: &Config) -> Vec<Warning> {
             });
         }
     }
-    out.sort_by_key(|w| w.line);
+    guarded_hosts(config, &mut out);
+    if config.listeners.is_empty() {
+        out.push(Warning {
+            at: Pos::default(),
+            kind: WarningKind::NoListeners,
+        });
+    }
+    // In file order, each once: two checks can find the same thing.
+    out.sort_by_key(|w| w.at);
+    out.dedup();
     out
+}
+
+/// The guarded built-in groups, most specific first (the order the guard
+/// checks an address in).
+fn guarded_groups(config: &Config) -> Vec<&'static str> {
+    let mut g = vec![
+        builtin::CLOUD_METADATA,
+        builtin::GATEWAY,
+        builtin::LOOPBACK,
+        builtin::LINK_LOCAL,
+    ];
+    if config.policy.guard_private_ranges {
+        g.push(builtin::PRIVATE_RANGES);
+    }
+    g
+}
+
+/// `resolver.hosts` entries the guard will refuse although a rule allows
+/// the name: a test or lab set-up that maps a name to 127.0.0.1, say.
+fn guarded_hosts(config: &Config, out: &mut Vec<Warning>) {
+    let guarded = guarded_groups(config);
+    for (name, ips) in &config.resolver.hosts {
+        let Ok(dn) = DomainName::parse(name) else { continue };
+        // The allow rules that can decide a flow to this name.
+        let allowing: Vec<&Rule> = config
+            .policy
+            .rules
+            .iter()
+            .filter(|r| {
+                r.action == Action::Allow
+                    && (r.to.is_any() || r.to.webgroups.iter().any(|g| in_webgroup(config, g, &dn)))
+            })
+            .collect();
+        if allowing.is_empty() {
+            continue;
+        }
+        for ip in ips {
+            let ip = ip.to_canonical();
+            let Some(group) = guarded.iter().copied().find(|g| {
+                config
+                    .smartgroup(g)
+                    .is_some_and(|s| s.cidrs.iter().any(|c| c.contains(&ip)))
+            }) else {
+                continue;
+            };
+            if allowing.iter().any(|r| r.to.smartgroups.iter().any(|g| g == group)) {
+                continue;
+            }
+            out.push(Warning {
+                at: config.resolver.hosts_at.get(name).copied().unwrap_or_default(),
+                kind: WarningKind::GuardedHost {
+                    name: name.clone(),
+                    ip,
+                    group,
+                    rules: allowing.iter().map(|r| r.name.clone()).collect(),
+                },
+            });
+            break;
+        }
+    }
+}
+
+/// Whether `name` is in WebGroup `group` or a group it includes.
+fn in_webgroup(config: &Config, group: &str, name: &DomainName) -> bool {
+    let mut seen = HashSet::new();
+    let mut stack = vec![group.to_owned()];
+    while let Some(g) = stack.pop() {
+        if !seen.insert(g.clone()) {
+            continue;
+        }
+        if let Some(w) = config.webgroup(&g) {
+            if w.patterns.iter().any(|p| p.matches(name)) {
+                return true;
+            }
+            stack.extend(w.includes.iter().cloned());
+        }
+    }
+    false
 }
 
 /// Whether rule `a` matches every flow rule `b` matches. Conservative: it

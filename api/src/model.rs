@@ -265,6 +265,17 @@ pub struct ResolverConfig {
     pub nameservers: Vec<SocketAddr>,
     /// Fixed answers, consulted first (like `/etc/hosts`).
     pub hosts: BTreeMap<String, Vec<IpAddr>>,
+    /// Where each of `hosts` is written, for messages.
+    #[serde(skip)]
+    pub hosts_at: BTreeMap<String, Pos>,
+}
+
+/// Where something is written in its configuration file: 1-based line and
+/// column, `0:0` for what no file wrote (built-in groups).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Pos {
+    pub line: u32,
+    pub column: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -277,6 +288,9 @@ pub struct WebGroup {
     pub includes: Vec<String>,
     /// Shipped with Sluice (possibly extended by the user's config).
     pub builtin: bool,
+    /// Where the user's config defines it, for messages.
+    #[serde(skip)]
+    pub at: Pos,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -289,6 +303,9 @@ pub struct SmartGroup {
     pub workloads: Vec<String>,
     pub includes: Vec<String>,
     pub builtin: bool,
+    /// Where the user's config defines it, for messages.
+    #[serde(skip)]
+    pub at: Pos,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -325,8 +342,9 @@ pub struct Rule {
     pub action: Action,
     /// Log-only for this rule, whatever the global mode.
     pub watch: bool,
-    /// 1-based line of the rule in its file, for messages.
-    pub line: u32,
+    /// Where the rule is written in its file, for messages.
+    #[serde(skip)]
+    pub at: Pos,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -88,6 +88,7 @@ fn generate(rng: &mut Rng) -> (Config, Vec<String>) {
             patterns,
             includes: vec![],
             builtin: false,
+            at: Default::default(),
         });
     }
     for g in 0..SMARTGROUPS {
@@ -114,6 +115,7 @@ fn generate(rng: &mut Rng) -> (Config, Vec<String>) {
             workloads: vec![],
             includes: vec![],
             builtin: false,
+            at: Default::default(),
         });
     }
     cfg.policy.mode = Mode::Enforce;
@@ -131,7 +133,7 @@ fn generate(rng: &mut Rng) -> (Config, Vec<String>) {
             ports: vec![PortRange { lo: 443, hi: 443 }, PortRange { lo: 8000, hi: 8100 }],
             action: if i % 7 == 0 { Action::Deny } else { Action::Allow },
             watch: false,
-            line: 0,
+            at: Default::default(),
         })
         .collect();
     (cfg, sample_names)

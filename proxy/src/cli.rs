@@ -17,7 +17,10 @@ use crate::policy::{FlowQuery, Policy};
 #[command(
     name = "sluice",
     version,
-    about = "Egress and east-west proxy with policy on SNI, Host and DNS names"
+    about = "Egress and east-west proxy with policy on SNI, Host and DNS names",
+    after_help = "With no command, `sluice` runs the embedded default configuration: an explicit proxy on \
+                  127.0.0.1:3128, a DNS proxy on 127.0.0.1:5353 and the admin API on 127.0.0.1:9901, in watch \
+                  mode (every decision recorded, nothing blocked). `sluice run -c FILE` runs your own."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -29,10 +32,7 @@ pub enum Command {
     /// Run the proxy (with no -c: the embedded default configuration).
     Run(RunArgs),
     /// Validate a configuration file and summarise it.
-    Check {
-        /// The configuration file.
-        file: PathBuf,
-    },
+    Check(CheckArgs),
     /// Show the verdict for one flow and the reasons for it.
     Explain(ExplainArgs),
 }
@@ -42,6 +42,23 @@ pub struct RunArgs {
     /// Configuration file; without it, the embedded default.
     #[arg(short, long)]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Configuration file (as with `run` and `explain`).
+    #[arg(short, long, value_name = "FILE", conflicts_with = "file")]
+    pub config: Option<PathBuf>,
+    /// Configuration file, given without `-c`.
+    #[arg(value_name = "FILE", required_unless_present = "config")]
+    pub file: Option<PathBuf>,
+}
+
+impl CheckArgs {
+    /// The file to check, however it was given.
+    pub fn path(&self) -> Option<&Path> {
+        self.config.as_deref().or(self.file.as_deref())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -125,13 +142,31 @@ pub fn check(file: &Path, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         cfg.policy.default
     );
     let _ = writeln!(out, "  plugins:     {}", cfg.plugins.len());
+    let lifts = policy.guard_lifts();
+    if lifts.is_empty() {
+        let _ = writeln!(
+            out,
+            "  guard:       on for every flow (no allow rule names a guarded group)"
+        );
+    } else {
+        let _ = writeln!(out, "  guard:       lifted only for the flows these rules decide:");
+        for (rule, groups) in lifts {
+            let _ = writeln!(out, "    rule `{rule}` lifts {}", groups.join(", "));
+        }
+    }
     let warnings = lint::lint(&cfg);
+    let shown = file.display().to_string();
     if warnings.is_empty() {
         let _ = writeln!(out, "  no warnings");
     } else {
-        let _ = writeln!(out, "  {} warning(s):", warnings.len());
+        let _ = writeln!(
+            out,
+            "  {} warning{}:",
+            warnings.len(),
+            if warnings.len() == 1 { "" } else { "s" }
+        );
         for w in &warnings {
-            let _ = writeln!(out, "    warning: {}:{w}", file.display());
+            let _ = writeln!(out, "{}", w.render(&shown));
         }
     }
     0
@@ -256,6 +291,15 @@ pub fn run(args: &RunArgs, err: &mut dyn Write) -> i32 {
             return 1;
         }
     };
+    if cfg.listeners.is_empty() {
+        let _ = writeln!(
+            err,
+            "sluice: {} defines no listeners, so there is nothing to run; add one under `listeners:` \
+             (see docs/configuration.md)",
+            cfg.source
+        );
+        return 1;
+    }
     let log = crate::telemetry::logging::init();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();

@@ -9,7 +9,10 @@ fn main() {
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
     let code = match cli.command.unwrap_or(Command::Run(cli::RunArgs::default())) {
-        Command::Check { file } => cli::check(&file, &mut out, &mut err),
+        Command::Check(args) => match args.path() {
+            Some(file) => cli::check(file, &mut out, &mut err),
+            None => 2,
+        },
         Command::Explain(args) => cli::explain(&args, &mut out, &mut err),
         Command::Run(args) => cli::run(&args, &mut err),
     };

@@ -17,7 +17,7 @@ fn run(args: &[&str]) -> (i32, String, String) {
     let cli = Cli::try_parse_from(std::iter::once("sluice").chain(args.iter().copied())).unwrap();
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let code = match cli.command.unwrap() {
-        Command::Check { file } => cli::check(&file, &mut out, &mut err),
+        Command::Check(a) => cli::check(a.path().unwrap(), &mut out, &mut err),
         Command::Explain(a) => cli::explain(&a, &mut out, &mut err),
         Command::Run(_) => unreachable!("not tested in-process"),
     };
@@ -62,10 +62,131 @@ fn check_warns_about_shadowed_rules() {
     );
     let (code, out, _) = run(&["check", p.to_str().unwrap()]);
     assert_eq!(code, 0);
+    let want = format!(
+        "{}:8:7: warning: rule `devs-llms` can never match: rule `all-llms` (line 5) matches every flow it would, with the opposite action",
+        p.display()
+    );
+    assert!(out.lines().any(|l| l.starts_with(&want)), "{out}");
+}
+
+/// Regression (issue 13, item 7): warnings used another format
+/// (`file:line 7:`) than errors, and could be printed twice.
+#[test]
+fn check_warnings_use_the_error_format_once_each() {
+    let (_dir, p) = temp_file(
+        "twice.yaml",
+        "listeners:\n  - {name: p, kind: http-proxy, address: \"127.0.0.1:3128\"}\nsmartgroups:\n  - name: web\n    selectors: [{app: web}, {app: web}]\npolicy:\n  rules:\n    - {name: r, from: [web], action: allow}\n",
+    );
+    let (code, out, _) = run(&["check", p.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    let warnings: Vec<&str> = out.lines().filter(|l| l.contains(": warning: ")).collect();
+    let file = p.display().to_string();
+    for w in &warnings {
+        let pos = w
+            .strip_prefix(&format!("{file}:"))
+            .and_then(|r| r.split_once(": warning: "))
+            .map(|(pos, _)| pos);
+        let ok = pos.is_some_and(|pos| {
+            let parts: Vec<&str> = pos.split(':').collect();
+            parts.len() == 2 && parts.iter().all(|n| n.parse::<u32>().is_ok_and(|n| n > 0))
+        });
+        assert!(ok, "not `file:line:col: warning: …`: {w}");
+        assert_eq!(
+            warnings.iter().filter(|x| *x == w).count(),
+            1,
+            "printed twice: {w}\n{out}"
+        );
+    }
+    let selector: Vec<&&str> = warnings.iter().filter(|w| w.contains("selector {app: web}")).collect();
+    assert_eq!(selector.len(), 1, "{out}");
+    assert!(selector[0].starts_with(&format!("{file}:4:5: warning: ")), "{out}");
+}
+
+#[test]
+fn check_takes_the_file_with_dash_c_or_positionally() {
+    let p = root().join("examples/quickstart/sluice.yaml");
+    let (c1, o1, _) = run(&["check", "-c", p.to_str().unwrap()]);
+    let (c2, o2, _) = run(&["check", p.to_str().unwrap()]);
+    let (c3, o3, _) = run(&["check", "--config", p.to_str().unwrap()]);
+    assert_eq!((c1, c2, c3), (0, 0, 0));
+    assert_eq!(o1, o2);
+    assert_eq!(o1, o3);
+    assert!(Cli::try_parse_from(["sluice", "check"]).is_err(), "a file is required");
+}
+
+/// Regression (issue 13, item 8): an empty file passed `check` silently and
+/// ran with no listener.
+#[test]
+fn an_empty_file_warns_in_check_and_does_not_run() {
+    let (_dir, p) = temp_file("empty.yaml", "");
+    let (code, out, _) = run(&["check", p.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("line 8: rule `devs-llms` can never match: rule `all-llms` (line 5) matches every flow it would, with the opposite action"),
+        out.contains(&format!("{}: warning: no listeners", p.display())),
         "{out}"
     );
+    let mut err = Vec::new();
+    let args = cli::RunArgs {
+        config: Some(p.clone()),
+    };
+    assert_eq!(cli::run(&args, &mut err), 1);
+    let err = String::from_utf8(err).unwrap();
+    assert!(
+        err.contains("defines no listeners, so there is nothing to run"),
+        "{err}"
+    );
+}
+
+#[test]
+fn top_level_help_says_a_bare_sluice_runs_the_embedded_default() {
+    use clap::CommandFactory;
+    let help = Cli::command().render_long_help().to_string();
+    assert!(
+        help.contains("With no command, `sluice` runs the embedded default configuration"),
+        "{help}"
+    );
+}
+
+/// Issue 13, item 4: `check` says which rules lift which guard, and warns
+/// when `resolver.hosts` maps an allowed name to a guarded address that the
+/// rule allowing it does not name.
+#[test]
+fn check_lists_guard_lifts_and_warns_about_guarded_hosts() {
+    let (_dir, p) = temp_file(
+        "guard.yaml",
+        "listeners:
+  - {name: p, kind: http-proxy, address: \"127.0.0.1:3128\"}
+resolver:
+  hosts:
+    test.example: [127.0.0.1]
+    lifted.example: [127.0.0.1]
+webgroups:
+  - {name: t, domains: [test.example]}
+  - {name: l, domains: [lifted.example]}
+smartgroups:
+  - {name: ops, cidrs: [10.0.0.0/24]}
+policy:
+  rules:
+    - {name: allow-test, to: {webgroups: [t]}, action: allow}
+    - {name: allow-lifted, to: {webgroups: [l], smartgroups: [gateway]}, action: allow}
+    - {name: ops-metadata, from: [ops], to: {smartgroups: [cloud-metadata]}, action: allow}
+    - {name: no-loopback, to: {smartgroups: [loopback]}, action: deny}
+",
+    );
+    let (code, out, _) = run(&["check", p.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("rule `allow-lifted` lifts gateway"), "{out}");
+    assert!(out.contains("rule `ops-metadata` lifts cloud-metadata"), "{out}");
+    assert!(
+        !out.contains("rule `no-loopback` lifts"),
+        "a deny rule lifts nothing: {out}"
+    );
+    let warning = format!(
+        "{}:5:19: warning: `test.example` resolves to 127.0.0.1, in the guarded group `gateway`, and the rule that allows it (`allow-test`) does not name `gateway` in its `to`",
+        p.display()
+    );
+    assert!(out.lines().any(|l| l.starts_with(&warning)), "{out}");
+    assert!(!out.contains("`lifted.example` resolves"), "{out}");
 }
 
 #[test]
@@ -153,6 +274,33 @@ fn every_yaml_block_in_the_configuration_reference_loads() {
         if let Err(e) = sluice_api::config::load_str(&text, &format!("docs/configuration.md (block at line {line})")) {
             panic!("{e}");
         }
+    }
+}
+
+/// Every `$ sluice check -c NAME` transcript in the reference is what
+/// `check` prints for the block tagged `yaml NAME` (a file that is meant
+/// not to load, so the every-block-loads test leaves it alone).
+#[test]
+fn the_check_transcripts_in_the_docs_are_real() {
+    let doc = doc();
+    let transcripts: Vec<String> = blocks(&doc, "")
+        .into_iter()
+        .map(|(_, b)| b)
+        .filter(|b| b.starts_with("$ sluice check -c "))
+        .collect();
+    assert!(transcripts.len() >= 2, "{transcripts:?}");
+    for t in transcripts {
+        let mut lines = t.lines();
+        let name = lines.next().unwrap().trim_start_matches("$ sluice check -c ").trim();
+        let expected: String = lines.map(|l| format!("{l}\n")).collect();
+        let (_, file) = blocks(&doc, &format!("yaml {name}"))
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no `yaml {name}` block for the transcript"));
+        let (_dir, p) = temp_file(name, &file);
+        let (code, out, err) = run(&["check", "-c", p.to_str().unwrap()]);
+        let shown = if code == 0 { out } else { err };
+        assert_eq!(shown.replace(&p.display().to_string(), name), expected, "{name}");
     }
 }
 

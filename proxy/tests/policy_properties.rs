@@ -130,6 +130,7 @@ fn webgroup(i: usize, patterns: Vec<DomainPattern>, includes: Vec<String>) -> We
         patterns,
         includes,
         builtin: false,
+        at: Default::default(),
     }
 }
 
@@ -142,6 +143,7 @@ fn smartgroup(i: usize, cidrs: Vec<IpNet>, includes: Vec<String>) -> SmartGroup 
         workloads: vec![],
         includes,
         builtin: false,
+        at: Default::default(),
     }
 }
 
@@ -392,7 +394,7 @@ fn rule_strategy(nw: usize, ns: usize) -> impl Strategy<Value = Rule> {
                     .collect(),
                 action: if allow { Action::Allow } else { Action::Deny },
                 watch,
-                line: 0,
+                at: Default::default(),
             }
         })
 }

@@ -90,6 +90,13 @@ pub fn load_str(text: &str, source: &str) -> Result<Config, ConfigErrors> {
     .config(parsed.raw)
 }
 
+fn pos(loc: Location) -> Pos {
+    Pos {
+        line: loc.line() as u32,
+        column: loc.column() as u32,
+    }
+}
+
 /// The port of `host:port` when it is a number but not a port (0, or
 /// above 65535): said as such rather than as a malformed address.
 fn port_out_of_range(addr: &str) -> Option<String> {
@@ -173,14 +180,21 @@ impl Validator {
     /// Reports a required field that is absent (unless the YAML layer
     /// skipped it for a problem already reported), at the mapping it is
     /// missing from. Returns whether it is present.
-    fn require<T>(&mut self, v: &S<T>, parent: Location, path: &str, field: &str) -> bool {
+    fn require<T>(&mut self, v: &S<T>, at: Location, path: &str, field: &str) -> bool {
         if !is_missing(v) {
             return true;
         }
         let full = format!("{path}.{field}");
-        if !self.skipped.contains(&self.file_path(&full)) {
+        let parent = self.file_path(path);
+        // A misspelt key already reported as unknown, with this field as
+        // its suggestion, says all there is to say.
+        let misspelt = self.errors.iter().any(|e| {
+            matches!(&e.kind, ConfigErrorKind::UnknownField { suggestion: Some(s), .. } if s == field)
+                && e.path.rsplit_once('.').is_some_and(|(p, _)| p == parent)
+        });
+        if !misspelt && !self.skipped.contains(&self.file_path(&full)) {
             self.err(
-                parent,
+                at,
                 full,
                 ConfigErrorKind::MissingField {
                     field: field.to_owned(),
@@ -766,6 +780,7 @@ impl Validator {
                 .enumerate()
                 .filter_map(|(i, ip)| self.ip(ip, &format!("resolver.hosts.{name}[{i}]")))
                 .collect();
+            out.hosts_at.insert(canonical.clone(), pos(ips.referenced));
             out.hosts.insert(canonical, addrs);
         }
         out
@@ -850,6 +865,7 @@ impl Validator {
                     patterns,
                     includes,
                     builtin: false,
+                    at: pos(at),
                 });
             }
         }
@@ -959,6 +975,7 @@ impl Validator {
                 workloads: g.workloads.iter().map(|s| s.value.clone()).collect(),
                 includes: g.include.iter().map(|s| s.value.clone()).collect(),
                 builtin: false,
+                at: pos(at),
             });
         }
         let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
@@ -1058,7 +1075,7 @@ impl Validator {
         let mut seen = HashMap::new();
         let mut rules = Vec::new();
         for (i, r) in p.rules.iter().enumerate() {
-            let (at, line) = (r.referenced, r.referenced.line() as u32);
+            let at = r.referenced;
             let r = &r.value;
             let path = format!("policy.rules[{i}]");
             let has_action = self.require(&r.action, at, &path, "action");
@@ -1115,7 +1132,7 @@ impl Validator {
                     ports,
                     action: r.action.value,
                     watch: r.watch,
-                    line,
+                    at: pos(at),
                 });
             }
         }
