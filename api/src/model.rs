@@ -188,8 +188,11 @@ pub struct Listener {
     pub address: SocketAddr,
     /// At the limit, accepting pauses.
     pub max_connections: usize,
+    #[serde(serialize_with = "duration_text")]
     pub peek_timeout: Duration,
+    #[serde(serialize_with = "duration_text")]
     pub connect_timeout: Duration,
+    #[serde(serialize_with = "duration_text")]
     pub idle_timeout: Duration,
     pub max_client_hello: usize,
     pub ech: EchPolicy,
@@ -245,7 +248,9 @@ pub struct DnsListener {
     /// `None`: on in enforce mode, off in watch mode.
     pub strip_ech: Option<bool>,
     pub cache_entries: usize,
+    #[serde(serialize_with = "duration_text")]
     pub binding_min_ttl: Duration,
+    #[serde(serialize_with = "duration_text")]
     pub binding_grace: Duration,
     pub max_bindings: usize,
     pub exfiltration: bool,
@@ -255,6 +260,7 @@ pub struct DnsListener {
     /// A pooled upstream socket is replaced after this many queries…
     pub upstream_socket_max_queries: u32,
     /// …or at this age, so source ports keep changing.
+    #[serde(serialize_with = "duration_text")]
     pub upstream_socket_max_age: Duration,
 }
 
@@ -404,6 +410,7 @@ pub struct Config {
     pub gateway_addresses: Vec<IpAddr>,
     pub resolver: ResolverConfig,
     /// On SIGTERM: stop accepting, let flows finish for this long, then close.
+    #[serde(serialize_with = "duration_text")]
     pub drain_timeout: Duration,
     /// Worker threads for the data plane; `None`: one per core.
     pub workers: Option<usize>,
@@ -416,4 +423,11 @@ impl Config {
     pub fn smartgroup(&self, name: &str) -> Option<&SmartGroup> {
         self.smartgroups.iter().find(|g| g.name == name)
     }
+}
+
+/// Durations as the configuration file writes them (`5s`, `250ms`, `1h 30m`),
+/// so `/config_dump` reads like `sluice.yaml` and its values can be pasted
+/// back.
+fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
 }

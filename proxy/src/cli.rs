@@ -319,7 +319,7 @@ pub fn run(args: &RunArgs, err: &mut dyn Write) -> i32 {
 async fn serve(
     cfg: Config,
     path: Option<std::path::PathBuf>,
-    log: Option<crate::admin::LogControl>,
+    log: Option<crate::telemetry::logging::LogControl>,
     err: &mut dyn Write,
 ) -> i32 {
     use tokio::signal::unix::{SignalKind, signal};

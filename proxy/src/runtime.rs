@@ -19,10 +19,11 @@ use crate::dns::{
 use crate::policy::{Enforcement, FlowQuery};
 use crate::telemetry::audit::{AuditRecord, DnsAuditLog, SourceGroups};
 
-use crate::admin::{self, Admin, LogControl};
+use crate::admin::{self, Admin};
 use crate::forward::{Resolver, ResolverSettings};
 use crate::listener::{self, ListenerPlan, Shared, Snapshot};
 use crate::telemetry::audit::{AuditSink, AuditWriter};
+use crate::telemetry::logging::LogControl;
 use crate::telemetry::metrics;
 
 #[derive(Debug, thiserror::Error)]

@@ -208,7 +208,7 @@ fn metrics_install_is_idempotent_and_renders_sluice_names() {
     metrics::flow_closed("egress", "client-closed");
     metrics::connect_latency("ok", std::time::Duration::from_millis(3));
     listener.classified(std::time::Duration::from_micros(40));
-    metrics::error("connect-timeout");
+    metrics::errors("connect-timeout", 1);
     metrics::audit_dropped();
     {
         let _active = listener.active();

@@ -503,7 +503,7 @@ fn dig_allowed_denied_watched_and_tcp_with_one_audit_record_each() {
     let expect = [
         (
             "www.allowed.test",
-            1,
+            "A",
             "udp",
             true,
             false,
@@ -511,11 +511,11 @@ fn dig_allowed_denied_watched_and_tcp_with_one_audit_record_each() {
             "allowed-by-rule",
             0,
         ),
-        ("blocked.test", 1, "udp", false, false, "default", "default-deny", 3),
-        ("watch.test", 1, "udp", false, true, "watch-me", "denied-by-rule", 0),
+        ("blocked.test", "A", "udp", false, false, "default", "default-deny", 3),
+        ("watch.test", "A", "udp", false, true, "watch-me", "denied-by-rule", 0),
         (
             "www.allowed.test",
-            1,
+            "A",
             "tcp",
             true,
             false,
@@ -523,10 +523,10 @@ fn dig_allowed_denied_watched_and_tcp_with_one_audit_record_each() {
             "allowed-by-rule",
             0,
         ),
-        ("blocked.test", 1, "tcp", false, false, "default", "default-deny", 3),
+        ("blocked.test", "A", "tcp", false, false, "default", "default-deny", 3),
         (
             "www.allowed.test",
-            28,
+            "AAAA",
             "udp",
             true,
             false,
@@ -686,7 +686,7 @@ fn dig_truncation_tcp_fallback_zone_transfer_and_bad_packets() {
     let recs = sluice.audit("dns", 6);
     let axfr = recs
         .iter()
-        .find(|r| r["qtype"] == 252)
+        .find(|r| r["qtype"] == "AXFR")
         .expect("an audit record for the AXFR");
     assert_eq!(axfr["reason"], "dns-zone-transfer", "{axfr}");
     assert_eq!(axfr["rcode"], 5, "{axfr}");

@@ -7,7 +7,8 @@
 //! | `GET /config_dump` | the running configuration, JSON |
 //! | `GET /explain?src=IP&sni=NAME&port=443` | a policy explanation, JSON (also `host=`, `name=`, `dst=`, `proto=`) |
 //! | `GET /stats` | active flows, audit records written and dropped |
-//! | `POST /logging?level=debug` | change the log filter at run time (any `tracing` filter) |
+//! | `GET /logging` | the log filter in force |
+//! | `POST /logging?level=debug` | change the log filter at run time (any `tracing` filter); only `POST` changes state |
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -26,10 +27,8 @@ use tokio::task::JoinHandle;
 
 use crate::listener::Shared;
 use crate::policy::FlowQuery;
+use crate::telemetry::logging::LogControl;
 use crate::telemetry::metrics::PrometheusHandle;
-
-/// Changes the process's log filter; set up by `runtime`.
-pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 #[derive(Clone)]
 pub struct Admin {
@@ -90,8 +89,23 @@ impl Admin {
                 reply(StatusCode::OK, "application/json", body.to_string())
             }
             (&Method::GET, "/explain") => self.explain(&q),
-            (&Method::POST | &Method::PUT | &Method::GET, "/logging") => match (&self.log, q.get("level")) {
-                (Some(set), Some(level)) => match set(level) {
+            (&Method::GET, "/logging") => match &self.log {
+                Some(log) => reply(
+                    StatusCode::OK,
+                    "text/plain",
+                    format!(
+                        "log filter: {}\nchange it with POST /logging?level=FILTER\n",
+                        log.current()
+                    ),
+                ),
+                None => reply(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "text/plain",
+                    "logging is not controllable in this process\n",
+                ),
+            },
+            (&Method::POST, "/logging") => match (&self.log, q.get("level")) {
+                (Some(log), Some(level)) => match log.set(level) {
                     Ok(()) => reply(StatusCode::OK, "text/plain", format!("log filter set to {level}\n")),
                     Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
                 },
@@ -106,6 +120,28 @@ impl Admin {
                     "give ?level=FILTER, e.g. ?level=debug\n",
                 ),
             },
+            (_, "/logging") => {
+                let mut r = reply(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "text/plain",
+                    "GET /logging reads the log filter; POST /logging?level=FILTER changes it\n",
+                );
+                r.headers_mut().insert(
+                    hyper::header::ALLOW,
+                    hyper::header::HeaderValue::from_static("GET, POST"),
+                );
+                r
+            }
+            (_, "/ready" | "/metrics" | "/config_dump" | "/stats" | "/explain") => {
+                let mut r = reply(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "text/plain",
+                    "this path is read-only: use GET\n",
+                );
+                r.headers_mut()
+                    .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET"));
+                r
+            }
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",

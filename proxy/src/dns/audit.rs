@@ -65,6 +65,9 @@ pub struct DnsAuditRecord {
     /// (shared: a cache hit hands out the entry's copy).
     #[serde(serialize_with = "as_str")]
     pub qname: Arc<str>,
+    /// Written as the type's mnemonic (`A`, `AAAA`, `HTTPS`), or as its
+    /// number for a type without one ([`qtype_name`]).
+    #[serde(serialize_with = "qtype_text")]
     pub qtype: u16,
     /// The policy's action.
     pub allowed: bool,
@@ -89,6 +92,76 @@ pub struct DnsAuditRecord {
 
 fn as_str<S: serde::Serializer>(value: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(value)
+}
+
+fn qtype_text<S: serde::Serializer>(qtype: &u16, s: S) -> Result<S::Ok, S::Error> {
+    match qtype_name(*qtype) {
+        Some(name) => s.serialize_str(name),
+        None => s.serialize_u16(*qtype),
+    }
+}
+
+/// The mnemonic of a DNS resource record type, from the IANA registry
+/// ("Resource Record (RR) TYPEs"); `None` for a number without one (which
+/// audit records then write as the number).
+pub fn qtype_name(qtype: u16) -> Option<&'static str> {
+    Some(match qtype {
+        1 => "A",
+        2 => "NS",
+        5 => "CNAME",
+        6 => "SOA",
+        12 => "PTR",
+        13 => "HINFO",
+        15 => "MX",
+        16 => "TXT",
+        17 => "RP",
+        18 => "AFSDB",
+        24 => "SIG",
+        25 => "KEY",
+        28 => "AAAA",
+        29 => "LOC",
+        33 => "SRV",
+        35 => "NAPTR",
+        36 => "KX",
+        37 => "CERT",
+        39 => "DNAME",
+        41 => "OPT",
+        42 => "APL",
+        43 => "DS",
+        44 => "SSHFP",
+        45 => "IPSECKEY",
+        46 => "RRSIG",
+        47 => "NSEC",
+        48 => "DNSKEY",
+        49 => "DHCID",
+        50 => "NSEC3",
+        51 => "NSEC3PARAM",
+        52 => "TLSA",
+        53 => "SMIMEA",
+        55 => "HIP",
+        59 => "CDS",
+        60 => "CDNSKEY",
+        61 => "OPENPGPKEY",
+        62 => "CSYNC",
+        63 => "ZONEMD",
+        64 => "SVCB",
+        65 => "HTTPS",
+        99 => "SPF",
+        108 => "EUI48",
+        109 => "EUI64",
+        249 => "TKEY",
+        250 => "TSIG",
+        251 => "IXFR",
+        252 => "AXFR",
+        253 => "MAILB",
+        254 => "MAILA",
+        255 => "ANY",
+        256 => "URI",
+        257 => "CAA",
+        32768 => "TA",
+        32769 => "DLV",
+        _ => return None,
+    })
 }
 
 /// Counters, updated with relaxed atomics (they are statistics, not

@@ -274,7 +274,11 @@ pub fn finish(shared: &Shared, chain: Option<&FilterChain>, ctx: &FlowContext, m
     };
     metrics::flow_finished(&ctx.listener, action, &rec.verdict.rule, &rec.verdict.reason);
     ctx.metrics.relayed(rec.bytes_up, rec.bytes_down);
-    metrics::flow_closed(&ctx.listener, close_reason_static(&rec));
+    let close = close_reason_static(&rec);
+    metrics::flow_closed(&ctx.listener, close);
+    if let Some(kind) = metrics::error_kind(close) {
+        metrics::errors(kind, 1);
+    }
     tracing::debug!(flow = ctx.id, listener = %ctx.listener, action, reason = %rec.verdict.reason, close = %rec.close_reason, "flow finished");
     shared
         .audit

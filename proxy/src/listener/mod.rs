@@ -286,7 +286,7 @@ pub fn spawn(
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(listener = %plan.spec.name, error = %e, "accept failed");
-                    crate::telemetry::metrics::error("accept");
+                    crate::telemetry::metrics::errors("accept", 1);
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }

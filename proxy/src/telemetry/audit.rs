@@ -303,6 +303,7 @@ fn writer_loop<T: Serialize>(mut rx: mpsc::Receiver<Msg<T>>, out: Output, sink: 
                         }
                         Err(e) => {
                             stats.errors.fetch_add(1, Ordering::Relaxed);
+                            super::metrics::errors(super::metrics::AUDIT_WRITE, 1);
                             tracing::warn!(error = %e, "audit record not written");
                         }
                     }
@@ -313,6 +314,7 @@ fn writer_loop<T: Serialize>(mut rx: mpsc::Receiver<Msg<T>>, out: Output, sink: 
                     }
                     Err(e) => {
                         stats.errors.fetch_add(count, Ordering::Relaxed);
+                        super::metrics::errors(super::metrics::AUDIT_WRITE, count);
                         tracing::warn!(error = %e, records = count, "audit records not written");
                     }
                 },
@@ -369,6 +371,7 @@ fn writer_loop<T: Serialize>(mut rx: mpsc::Receiver<Msg<T>>, out: Output, sink: 
         }
         if let Err(e) = out.flush() {
             stats.errors.fetch_add(1, Ordering::Relaxed);
+            super::metrics::errors(super::metrics::AUDIT_WRITE, 1);
             tracing::warn!(error = %e, "flushing audit sink failed");
         }
     }
@@ -893,7 +896,14 @@ fn write_dns_line(
     out.extend_from_slice(br#","qname":"#);
     json_str(out, &q.qname);
     out.extend_from_slice(br#","qtype":"#);
-    write_u64(out, u64::from(q.qtype));
+    match crate::dns::audit::qtype_name(q.qtype) {
+        Some(name) => {
+            out.push(b'"');
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'"');
+        }
+        None => write_u64(out, u64::from(q.qtype)),
+    }
     verdict.write(out, q);
     out.extend_from_slice(br#","rcode":"#);
     write_u64(out, u64::from(q.rcode));
@@ -1148,6 +1158,18 @@ mod dns_line_tests {
             let a = ours(listener, groups, &q);
             let b = serde_line(listener, groups, &q);
             assert_eq!(String::from_utf8(a).unwrap(), String::from_utf8(b).unwrap());
+        }
+        // A type with a name is written as the name, one without as its number.
+        for (qtype, want) in [
+            (1, r#""qtype":"A""#),
+            (65, r#""qtype":"HTTPS""#),
+            (65280, r#""qtype":65280"#),
+        ] {
+            let mut q = record("www.example.com", "r", None, 5);
+            q.qtype = qtype;
+            let a = String::from_utf8(ours("dns", &[], &q)).unwrap();
+            assert!(a.contains(want), "{a}");
+            assert_eq!(a, String::from_utf8(serde_line("dns", &[], &q)).unwrap());
         }
     }
 

@@ -35,8 +35,36 @@ pub const FLOW_CLOSES_TOTAL: &str = "sluice_flow_closes_total";
 pub const CLASSIFY_SECONDS: &str = "sluice_classify_duration_seconds";
 /// Upstream connect time (happy-eyeballs race), by `result`.
 pub const CONNECT_SECONDS: &str = "sluice_connect_duration_seconds";
-/// Errors by `kind` (a reason code: `connect-timeout`, `dns-nxdomain`, …).
+/// Errors by `kind` (a reason code: `connect-timeout`, `dns-nxdomain`, …;
+/// every kind of [`ERROR_KINDS`] is exported from start, at 0).
 pub const ERRORS_TOTAL: &str = "sluice_errors_total";
+
+/// An audit record that could not be written to its sink.
+pub const AUDIT_WRITE: &str = "audit-write";
+
+/// Every `kind` of [`ERRORS_TOTAL`]: a flow that ended in an upstream
+/// connect or resolve failure, an I/O error on either side, an audit record
+/// lost to a failing sink. Exported from start so alerts on `rate()` see a
+/// series before the first error.
+pub const ERROR_KINDS: &[&str] = &[
+    "connect-timeout",
+    "connect-refused",
+    "connect-unreachable",
+    "connect-no-addresses",
+    "connect-error",
+    "dns-nxdomain",
+    "dns-no-records",
+    "dns-timeout",
+    "dns-invalid-name",
+    "dns-config",
+    "dns-error",
+    "client-error",
+    "upstream-error",
+    "proxy-error",
+    // A listener's accept(2) failed (descriptor limit, memory).
+    "accept",
+    AUDIT_WRITE,
+];
 /// DNS queries by listener/action/rule/reason/cache.
 pub const DNS_QUERIES_TOTAL: &str = "sluice_dns_queries_total";
 /// DNS answer latency.
@@ -91,9 +119,41 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
             other => MetricsError::Build(other),
         })?;
     describe();
+    // Counters Prometheus users alert on exist from the start, at 0.
+    for kind in ERROR_KINDS {
+        metrics::counter!(ERRORS_TOTAL, "kind" => *kind).increment(0);
+    }
+    metrics::counter!(AUDIT_DROPPED_TOTAL).increment(0);
     *slot = Some(handle.clone());
     Ok(handle)
 }
+
+/// The documented families and their help text and type, for the ones the
+/// recorder has no series of yet (labelled counters before their first
+/// label set): `/metrics` still lists them, with `# HELP` and `# TYPE`.
+const FAMILIES: &[(&str, &str, &str)] = &[
+    (
+        FLOWS_TOTAL,
+        "counter",
+        "Flows finished, by listener, action, rule and reason",
+    ),
+    (ACTIVE_FLOWS, "gauge", "Flows currently open"),
+    (BYTES_TOTAL, "counter", "Bytes relayed, by direction"),
+    (FLOW_CLOSES_TOTAL, "counter", "Relayed flows closed, by close reason"),
+    (
+        CLASSIFY_SECONDS,
+        "histogram",
+        "Accept to verdict: peek, classify and decide",
+    ),
+    (CONNECT_SECONDS, "histogram", "Upstream connect time"),
+    (ERRORS_TOTAL, "counter", "Errors by kind (reason code)"),
+    (AUDIT_DROPPED_TOTAL, "counter", "Audit records dropped: queue full"),
+    (
+        DNS_QUERIES_TOTAL,
+        "counter",
+        "DNS queries, by listener, action, rule, reason and cache",
+    ),
+];
 
 fn describe() {
     use metrics::Unit;
@@ -109,6 +169,10 @@ fn describe() {
     metrics::describe_histogram!(CONNECT_SECONDS, Unit::Seconds, "Upstream connect time");
     metrics::describe_counter!(ERRORS_TOTAL, "Errors by kind (reason code)");
     metrics::describe_counter!(AUDIT_DROPPED_TOTAL, "Audit records dropped: queue full");
+    metrics::describe_counter!(
+        DNS_QUERIES_TOTAL,
+        "DNS queries, by listener, action, rule, reason and cache"
+    );
 }
 
 /// Runs the recorder's upkeep (histogram buffer draining) every `every`.
@@ -255,9 +319,18 @@ fn with_cached<H: Clone + 'static>(
     })
 }
 
-/// Counts an error by reason code.
-pub fn error(kind: &'static str) {
-    metrics::counter!(ERRORS_TOTAL, "kind" => kind).increment(1);
+/// Counts `n` errors of `kind` (one of [`ERROR_KINDS`]).
+pub fn errors(kind: &'static str, n: u64) {
+    metrics::counter!(ERRORS_TOTAL, "kind" => kind).increment(n);
+}
+
+/// The [`ERRORS_TOTAL`] kind of a flow's close reason, when it is an error:
+/// an upstream that could not be resolved or reached, an I/O error.
+pub fn error_kind(close_reason: &'static str) -> Option<&'static str> {
+    let error = close_reason.starts_with("connect-")
+        || close_reason.starts_with("dns-")
+        || matches!(close_reason, "client-error" | "upstream-error" | "proxy-error");
+    error.then_some(close_reason)
 }
 
 /// Counts one dropped audit record (called by the audit writer).
@@ -539,6 +612,14 @@ fn prometheus_label(v: &str) -> String {
 /// histograms Sluice keeps itself.
 pub fn render(handle: &PrometheusHandle) -> String {
     let mut out = handle.render();
+    for (name, kind, help) in FAMILIES {
+        if !out.contains(&format!("# TYPE {name} ")) {
+            if !out.is_empty() && !out.ends_with('\n') {
+                out.push('\n');
+            }
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        }
+    }
     let live: Vec<Arc<LatencyHistogram>> = DNS_LATENCY
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
