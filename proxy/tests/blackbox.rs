@@ -1806,6 +1806,171 @@ policy:
         drop(sluice);
     }
 
+    /// The first flight a rustls client writes for `name`.
+    fn rustls_hello(name: &str) -> Vec<u8> {
+        let config = rustls::ClientConfig::builder_with_provider(bb_support::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    /// A `tcp` listener with no `upstream` forwards a `REDIRECT`ed flow to
+    /// where the client was going (`SO_ORIGINAL_DST`) and decides on that
+    /// address and port; a `transparent` listener refuses a first TLS
+    /// record that is not a handshake. Clients run as `nobody` and only
+    /// their connections are redirected (`-m owner`), so Sluice (root)
+    /// dials the original destinations unredirected.
+    #[test]
+    fn tcp_original_destination_and_a_record_out_of_place_through_redirect() {
+        if std::env::var_os("SLUICE_SKIP_NETNS").is_some() {
+            eprintln!("SKIPPED explicitly (SLUICE_SKIP_NETNS): tcp REDIRECT black-box test not run");
+            return;
+        }
+        let missing: Vec<_> = ["ip", "iptables", "curl", "setpriv", "bash"]
+            .into_iter()
+            .filter(|t| !have(t))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "cannot run the tcp REDIRECT test: missing {missing:?} (apt-get install -y iproute2 iptables curl util-linux; scripts/test does it as root)"
+        );
+        let uid = Command::new("id").arg("-u").output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&uid.stdout).trim(),
+            "0",
+            "cannot run the tcp REDIRECT test: it needs root (CAP_NET_ADMIN); set SLUICE_SKIP_NETNS=1 to skip it explicitly"
+        );
+
+        let dir = TempDir::new("netns-tcp");
+        let pki = Pki::new(&dir, &["allowed.test"]);
+        let ns = Netns::named("-tcp");
+        ns.sh("ip link set lo up");
+        // The upstream lives at the address the clients dial.
+        ns.sh(&format!("ip addr add {UPSTREAM_IP}/32 dev lo"));
+        let audit = dir.join("audit.jsonl");
+        let cfg = dir.write(
+            "sluice.yaml",
+            &format!(
+                "admin: {{address: \"127.0.0.1:0\"}}
+audit: {{destination: \"{audit}\"}}
+listeners:
+  - {{name: db-tcp, kind: tcp, address: \"127.0.0.1:0\"}}
+  - {{name: tls-tp, kind: transparent, address: \"127.0.0.1:0\"}}
+resolver:
+  nameservers: [\"127.0.0.1:9\"]
+  hosts: {{allowed.test: [{UPSTREAM_IP}]}}
+webgroups:
+  - {{name: test-sites, domains: [allowed.test]}}
+smartgroups:
+  - {{name: db, cidrs: [{UPSTREAM_IP}/32]}}
+policy:
+  mode: enforce
+  rules:
+    - {{name: allow-db, to: {{smartgroups: [db]}}, protocols: [tcp], ports: [80], action: allow}}
+    - {{name: any-protocol, to: {{webgroups: [test-sites]}}, action: allow}}
+",
+                audit = audit.display()
+            ),
+        );
+        let mut run = ns.exec(SLUICE);
+        run.arg("run").arg("-c").arg(&cfg);
+        let sluice = Sluice::start(run);
+        let (tcp_port, tp_port) = (sluice.port("db-tcp"), sluice.port("tls-tp"));
+        for (dport, to) in [(80, tcp_port), (81, tcp_port), (443, tp_port)] {
+            ns.sh(&format!(
+                "iptables -t nat -A OUTPUT -p tcp -m owner --uid-owner 65534 --dport {dport} -j REDIRECT --to-ports {to}"
+            ));
+        }
+        let upstream = UpstreamHelper::start(&ns, UPSTREAM_IP, &pki);
+        let nobody = [
+            "ip",
+            "netns",
+            "exec",
+            ns.0.as_str(),
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ];
+
+        // Allowed: port 80 of the `db` address, forwarded to where it was going.
+        let ok = curl(&nobody, &[&format!("http://{UPSTREAM_IP}/")]);
+        assert!(
+            ok.ok(),
+            "allowed tcp flow through REDIRECT failed: {ok:?}\n{}\n{}",
+            sluice.proc.output(),
+            upstream.output()
+        );
+        assert_eq!(ok.stdout, UPSTREAM_BODY);
+        assert!(upstream.saw_hit("http-hit"));
+
+        // Denied: port 81, which no rule allows; nothing is dialled.
+        let denied = curl(&nobody, &[&format!("http://{UPSTREAM_IP}:81/")]);
+        assert!(!denied.ok(), "{denied:?}");
+
+        // A ClientHello in an application_data record, to port 443.
+        let mut wrapped = rustls_hello("allowed.test");
+        wrapped[0] = 23;
+        let mut raw = ns.exec("setpriv");
+        raw.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "timeout",
+            "10",
+            "bash",
+            "-c",
+            "exec 3<>/dev/tcp/$0/443 && cat >&3 && cat <&3 >/dev/null",
+            UPSTREAM_IP,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        let mut child = raw.spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), &wrapped).unwrap();
+        let status = child.wait().unwrap();
+        assert_ne!(
+            status.code(),
+            Some(124),
+            "the wrapped hello's connection was not closed by Sluice"
+        );
+
+        let recs = audit_records(&audit, 3, WAIT);
+        assert_eq!(recs.len(), 3, "{recs:#?}\n{}", sluice.proc.output());
+        let a = one_record(&recs, "allowed tcp", |r| s(r, &["verdict", "action"]) == Some("allow"));
+        assert_eq!(s(a, &["listener"]), Some("db-tcp"), "{a}");
+        assert_eq!(
+            s(a, &["original_dst"]),
+            Some(format!("{UPSTREAM_IP}:80").as_str()),
+            "{a}"
+        );
+        assert_eq!(s(a, &["dst"]), Some(format!("{UPSTREAM_IP}:80").as_str()), "{a}");
+        assert_eq!(s(a, &["verdict", "rule"]), Some("allow-db"), "{a}");
+        assert!(a["bytes_down"].as_u64().unwrap() > 0, "{a}");
+        let d = one_record(&recs, "denied tcp", |r| {
+            s(r, &["original_dst"]) == Some(format!("{UPSTREAM_IP}:81").as_str())
+        });
+        assert_eq!(s(d, &["listener"]), Some("db-tcp"), "{d}");
+        assert_eq!(s(d, &["verdict", "action"]), Some("deny"), "{d}");
+        assert_eq!(s(d, &["verdict", "reason"]), Some("default-deny"), "{d}");
+        assert!(d.get("dst").is_none(), "a denied flow dials nothing: {d}");
+        let w = one_record(&recs, "wrapped hello", |r| s(r, &["listener"]) == Some("tls-tp"));
+        assert_eq!(s(w, &["verdict", "reason"]), Some("tls-record-out-of-place"), "{w}");
+        assert_eq!(s(w, &["verdict", "rule"]), Some("anti-evasion"), "{w}");
+        assert_eq!(upstream.hits("tls-hit"), 0, "the wrapped hello reached the upstream");
+        assert_eq!(upstream.hits("http-hit"), 1, "{}", upstream.output());
+        drop(upstream);
+        drop(sluice);
+    }
+
     /// Not a test: the TLS upstream, run by the two tests above as a child
     /// process inside its namespace (`ip netns exec NS <this binary>`).
     /// Serves TLS on :443 and plain HTTP on :80 of the given address;

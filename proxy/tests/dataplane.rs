@@ -1498,6 +1498,62 @@ async fn tcp_listener_static_upstream_by_name_allowed_by_webgroup_rule() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_listener_denies_by_rule() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = tcp_static(
+            &up.addr.to_string(),
+            "{name: no-db, to: {smartgroups: [gateway, loopback]}, protocols: [tcp], action: deny}",
+        )
+        .await;
+        let mut s = TcpStream::connect(sluice.addr("east-west")).await.unwrap();
+        let _ = s.write_all(b"\x00east-west bytes").await;
+        assert_eq!(wait_closed(&mut s).await, 0, "a denied flow gets no byte back");
+        let r = sluice.wait_record(|r| field(r, "listener") == "east-west").await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(reason(&r), "denied-by-rule", "{r}");
+        assert_eq!(rule(&r), "no-db", "{r}");
+        assert_eq!(field(&r, "close_reason"), "denied", "{r}");
+        assert_eq!(up.accepts(), 0, "nothing may reach the upstream");
+        sluice.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_listener_in_watch_mode_forwards_and_records_the_would_deny() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let sluice = Sluice::start(&format!(
+            "listeners:
+  - {{name: east-west, kind: tcp, address: \"127.0.0.1:0\", upstream: \"{}\"}}
+policy:
+  mode: watch
+  rules:
+    - {{name: nothing-for-db, to: {{smartgroups: [gateway, loopback]}}, protocols: [tcp], action: deny}}
+",
+            up.addr
+        ))
+        .await;
+        let mut s = TcpStream::connect(sluice.addr("east-west")).await.unwrap();
+        s.write_all(b"\x00east-west bytes").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        let _ = within("the connection to end", s.read_to_end(&mut answer)).await;
+        assert_eq!(up.next_received().await, b"\x00east-west bytes");
+        assert_eq!(answer, b"got 16");
+        let r = sluice.wait_record(|r| field(r, "listener") == "east-west").await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(rule(&r), "nothing-for-db", "{r}");
+        assert_eq!(reason(&r), "denied-by-rule", "{r}");
+        assert_eq!(r["verdict"]["mode"], "watched", "{r}");
+        assert_eq!(r["bytes_up"], 16, "{r}");
+        sluice.stop().await;
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------
 // Fragmented and large hellos on the wire.
 
