@@ -5,7 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
 #[path = "common/bb_support.rs"]
-#[allow(dead_code, reason = "the harness serves several test files; this one uses part of it")]
+#[allow(
+    dead_code,
+    reason = "the harness serves several test files; this one uses part of it"
+)]
 mod bb_support;
 
 use std::io::{Read, Write};
