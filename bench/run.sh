@@ -12,6 +12,10 @@
 #   TLS_CONNS=5000 TLS_LAT_CONNS=1000 (end-to-end TLS; 0 to skip)
 #   CONCURRENCY=50 ENVOY_VERSION=1.40.0 SLUICE_AUDIT=/dev/null NO_BUILD=1
 #   SYSCALLS=1 (strace system calls per connection, round 1; 0 to skip)
+#   SLUICE_BASE=/path/to/sluice or BASE_REV=<git revision>: also measure
+#     Sluice built from another revision, as target `base`, beside this
+#     tree's (BASE_REV builds it in a worktree under /tmp with its own
+#     target directory); the report adds a `sluice / base` column.
 #
 # Bounded: installs and the build run under `timeout`; every measuring step
 # runs under `timeout` capped by what is left of BUDGET_SECS (default 840 s,
@@ -52,8 +56,8 @@ log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$OUT/run.log" >&2
 
 # Ports: each target gets its own listen port and its own origin port, so
 # TIME_WAIT left by one target never touches the next.
-declare -A LISTEN=([sluice]=18443 [envoy]=18444 [haproxy]=18445 [nginx]=18446 [floor]=18447)
-declare -A ORIGIN=([direct]=18080 [sluice]=18081 [envoy]=18082 [haproxy]=18083 [nginx]=18084 [floor]=18085)
+declare -A LISTEN=([sluice]=18443 [envoy]=18444 [haproxy]=18445 [nginx]=18446 [floor]=18447 [base]=18448)
+declare -A ORIGIN=([direct]=18080 [sluice]=18081 [envoy]=18082 [haproxy]=18083 [nginx]=18084 [floor]=18085 [base]=18086)
 
 # ------------------------------------------------------------ processes
 PIDS=()
@@ -151,11 +155,29 @@ fi
 T=$ROOT/target/release
 LOAD=$T/bench-load
 
+if [ -n "${BASE_REV:-}" ] && [ -z "${SLUICE_BASE:-}" ]; then
+    base_dir=/tmp/sluice-base-$(git -C "$ROOT" rev-parse --short "$BASE_REV")
+    if [ ! -x "$base_dir/target/release/sluice" ]; then
+        log "building (release): sluice at $BASE_REV in $base_dir"
+        rm -rf "$base_dir/src"
+        mkdir -p "$base_dir"
+        git -C "$ROOT" archive --format=tar --prefix=src/ "$BASE_REV" | tar -x -C "$base_dir"
+        (cd "$base_dir/src" && CARGO_TARGET_DIR=$base_dir/target timeout 1800 nice \
+            cargo build --release -q -p sluice)
+    fi
+    SLUICE_BASE=$base_dir/target/release/sluice
+fi
+if [ -n "${SLUICE_BASE:-}" ]; then
+    [ -x "$SLUICE_BASE" ] || { log "SLUICE_BASE=$SLUICE_BASE is not an executable"; exit 1; }
+    case " $ONLY " in *" base "*) ;; *) ONLY=${ONLY/sluice/base sluice} ;; esac
+fi
+
 # ------------------------------------------------------------ versions
 {
     echo "date: $(date -u +%FT%TZ)"
     echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; kernel $(uname -r)"
     echo "sluice: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
+    [ -n "${SLUICE_BASE:-}" ] && echo "base: $SLUICE_BASE (${BASE_REV:-given as a binary})"
     want envoy && echo "envoy: $("$ENVOY" --version 2>/dev/null | grep -o 'version: .*' | head -1)"
     want haproxy && echo "haproxy: $(haproxy -v | head -1)"
     want nginx && echo "nginx: $(nginx -v 2>&1)"
@@ -193,6 +215,10 @@ start_proxy() {
     sluice)
         cfg=$(render "$B/configs/sluice.yaml" sluice)
         $PROXY_CPU "$T/sluice" run -c "$cfg" >"$OUT/sluice.log" 2>&1 & ;;
+    base)
+        cfg=$(render "$B/configs/sluice.yaml" base)
+        cp "$cfg" "$OUT/sluice-base.yaml"
+        $PROXY_CPU "$SLUICE_BASE" run -c "$OUT/sluice-base.yaml" >"$OUT/base.log" 2>&1 & ;;
     envoy)
         cfg=$(render "$B/configs/envoy.yaml" envoy)
         $PROXY_CPU "$ENVOY" -c "$cfg" --concurrency 1 --disable-hot-restart \

@@ -487,7 +487,7 @@ async fn probe(c: &Common, expect_deny: bool, wait: u64) -> bool {
 
 /// Columns of the tables. `floor` (bench-floor, a relay that decides
 /// nothing) is a reference, like `direct`, never a peer.
-const LABELS: [&str; 6] = ["direct", "floor", "sluice", "envoy", "haproxy", "nginx"];
+const LABELS: [&str; 7] = ["direct", "floor", "base", "sluice", "envoy", "haproxy", "nginx"];
 const PEERS: [&str; 3] = ["envoy", "haproxy", "nginx"];
 
 struct Metric {
@@ -676,9 +676,9 @@ fn report(file: &PathBuf) {
 
     println!("Median of {rounds} round(s). Lower is better for CPU, latency and RSS.\n");
     println!(
-        "| metric | direct | floor | sluice | envoy | haproxy | nginx | best peer | sluice / best peer | target |"
+        "| metric | direct | floor | base | sluice | envoy | haproxy | nginx | best peer | sluice / best peer | target |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for m in &METRICS {
         let cells: Vec<String> = LABELS.iter().map(|l| fmt(get(l, m))).collect();
         let best = best_peer(m);
@@ -726,12 +726,13 @@ fn report(file: &PathBuf) {
         );
     }
 
-    println!("\nSluice / each peer (below 1.00 = Sluice better for CPU, latency, RSS; above 1.00 better for rates):\n");
-    println!("| metric | sluice / envoy | sluice / haproxy | sluice / nginx | sluice / direct | sluice / floor |");
-    println!("|---|---|---|---|---|---|");
+    println!("\nSluice / each peer (below 1.00 = Sluice better for CPU, latency, RSS; above 1.00 better for rates;");
+    println!("`base` is Sluice built from another revision, when the run had one: SLUICE_BASE / BASE_REV):\n");
+    println!("| metric | sluice / envoy | sluice / haproxy | sluice / nginx | sluice / direct | sluice / floor | sluice / base |");
+    println!("|---|---|---|---|---|---|---|");
     for m in METRICS.iter().filter(|m| m.field != "client_core_busy") {
         let s = get("sluice", m);
-        let cells: Vec<String> = ["envoy", "haproxy", "nginx", "direct", "floor"]
+        let cells: Vec<String> = ["envoy", "haproxy", "nginx", "direct", "floor", "base"]
             .iter()
             .map(|p| ratio(s, get(p, m)))
             .collect();
@@ -739,8 +740,8 @@ fn report(file: &PathBuf) {
     }
     if rounds > 1 {
         println!("\nSpread over rounds (min – max), to judge the noise:\n");
-        println!("| metric | direct | floor | sluice | envoy | haproxy | nginx |");
-        println!("|---|---|---|---|---|---|---|");
+        println!("| metric | direct | floor | base | sluice | envoy | haproxy | nginx |");
+        println!("|---|---|---|---|---|---|---|---|");
         for m in METRICS.iter().filter(|m| m.field != "client_core_busy") {
             let cells: Vec<String> = LABELS
                 .iter()
@@ -763,8 +764,8 @@ fn report(file: &PathBuf) {
     }
     if !syscalls.is_empty() {
         println!("\nSystem calls per connection (strace -c -f, every thread, round 1; a diagnostic):\n");
-        println!("| syscall | floor | sluice | envoy | haproxy | nginx |");
-        println!("|---|---|---|---|---|---|");
+        println!("| syscall | floor | base | sluice | envoy | haproxy | nginx |");
+        println!("|---|---|---|---|---|---|---|");
         let mut names: Vec<&String> = syscalls.keys().filter(|n| *n != "total").collect();
         let weight = |n: &String| syscalls[n].values().copied().fold(0.0, f64::max);
         let sluice = |n: &String| syscalls[n].get("sluice").copied().unwrap_or(0.0);
@@ -774,7 +775,7 @@ fn report(file: &PathBuf) {
             if weight(n) < 0.02 {
                 continue;
             }
-            let cells: Vec<String> = ["floor", "sluice", "envoy", "haproxy", "nginx"]
+            let cells: Vec<String> = ["floor", "base", "sluice", "envoy", "haproxy", "nginx"]
                 .iter()
                 .map(|l| syscalls[n].get(*l).map_or("–".into(), |v| format!("{v:.2}")))
                 .collect();
@@ -784,7 +785,7 @@ fn report(file: &PathBuf) {
     println!("\nEach proxy / direct path, bulk throughput:\n");
     let bulk = METRICS.iter().find(|m| m.field == "gbit_s").unwrap();
     let direct = get("direct", bulk);
-    for l in ["floor", "sluice", "envoy", "haproxy", "nginx"] {
+    for l in ["floor", "base", "sluice", "envoy", "haproxy", "nginx"] {
         println!("- {l}: {}", ratio(get(l, bulk), direct));
     }
 }
