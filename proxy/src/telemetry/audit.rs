@@ -81,6 +81,9 @@ enum Msg<T> {
     Lines(Vec<u8>, u64),
     Flush(oneshot::Sender<Result<(), AuditError>>),
     Reopen(oneshot::Sender<Result<(), AuditError>>),
+    /// Write to another sink from here on (a reload changed
+    /// `audit.destination`): everything queued before it goes to the old.
+    Switch(Output, AuditSink, oneshot::Sender<Result<(), AuditError>>),
     Shutdown(oneshot::Sender<Result<(), AuditError>>),
 }
 
@@ -218,6 +221,20 @@ impl<T: Serialize + Send + 'static> AuditWriter<T> {
         self.control(Msg::Reopen).await
     }
 
+    /// Writes to `sink` from now on: records queued before the call go to
+    /// the old sink, later ones to the new. The new sink is opened here
+    /// first, so a path that cannot be opened is an error and the old sink
+    /// stays.
+    pub async fn switch(&self, sink: AuditSink) -> Result<(), AuditError> {
+        let out = Output::open(&sink)?;
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Msg::Switch(out, sink, ack))
+            .await
+            .map_err(|_| AuditError::Closed)?;
+        done.await.map_err(|_| AuditError::Closed)?
+    }
+
     /// Writes everything queued before this call, flushes and stops the
     /// writer thread. Later records are dropped (and counted).
     pub async fn shutdown(&self) -> Result<(), AuditError> {
@@ -281,7 +298,7 @@ impl Write for Output {
 /// How long the writer waits for more records before parking.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
-fn writer_loop<T: Serialize>(mut rx: mpsc::Receiver<Msg<T>>, out: Output, sink: AuditSink, stats: &Stats) {
+fn writer_loop<T: Serialize>(mut rx: mpsc::Receiver<Msg<T>>, out: Output, mut sink: AuditSink, stats: &Stats) {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     let mut line = Vec::with_capacity(1024);
     // `None`: every handle is gone; flush what we have and stop.
@@ -330,6 +347,12 @@ fn writer_loop<T: Serialize>(mut rx: mpsc::Receiver<Msg<T>>, out: Output, sink: 
                     });
                     let _ = ack.send(result);
                 }
+                Msg::Switch(new_out, new_sink, ack) => {
+                    let result = out.flush().map_err(AuditError::Write);
+                    *out.get_mut() = new_out;
+                    sink = new_sink;
+                    let _ = ack.send(result);
+                }
                 Msg::Shutdown(ack) => {
                     let _ = ack.send(out.flush().map_err(AuditError::Write));
                     // Anything that slipped in behind the shutdown was
@@ -343,7 +366,7 @@ fn writer_loop<T: Serialize>(mut rx: mpsc::Receiver<Msg<T>>, out: Output, sink: 
                             Msg::Lines(_, count) => {
                                 stats.dropped.fetch_add(count, Ordering::Relaxed);
                             }
-                            Msg::Flush(ack) | Msg::Reopen(ack) | Msg::Shutdown(ack) => {
+                            Msg::Flush(ack) | Msg::Reopen(ack) | Msg::Shutdown(ack) | Msg::Switch(_, _, ack) => {
                                 let _ = ack.send(Err(AuditError::Closed));
                             }
                         }
