@@ -12,6 +12,7 @@ use sluice_api::config::{self, ConfigErrors};
 use sluice_api::{Config, DomainName, Protocol, lint};
 
 use crate::policy::{FlowQuery, Policy};
+use crate::runtime::ReloadError;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -333,7 +334,6 @@ async fn serve(
         let _ = writeln!(err, "sluice: cannot install signal handlers");
         return 1;
     };
-    let drain = cfg.drain_timeout;
     let source = cfg.source.clone();
     let mode = cfg.policy.mode;
     let server = match crate::runtime::Server::start(cfg, log).await {
@@ -351,54 +351,41 @@ async fn serve(
     }
     let _ = writeln!(err, "sluice: admin API on http://{}", server.admin);
     let _ = writeln!(err, "sluice: running {source} in {} mode", mode.as_str());
+    if let Some(p) = &path {
+        // Edits to the file apply by themselves, like SIGHUP.
+        server.watch_file(p.clone(), std::time::Duration::from_secs(1));
+    }
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-                        _ = hup.recv() => {
+            _ = hup.recv() => {
                 // Log rotation: the file was renamed; start a new one.
                 if let Err(e) = server.shared.audit.reopen().await {
                     let _ = writeln!(err, "sluice: cannot reopen the audit log: {e}");
                 }
-                match &path {
-                Some(p) => match config::load_file(p) {
-                                        Ok(c) => {
-                        let running = server.shared.snapshot.load();
-                        let old = &running.config;
-                        let mut fixed = Vec::new();
-                        if old.listeners != c.listeners {
-                            fixed.push("listeners");
+                match server.reload_file().await {
+                    Ok(report) => {
+                        let _ = writeln!(err, "sluice: {report}");
+                        for (name, addr) in &report.listeners {
+                            if report.added.contains(name) || report.rebound.contains(name) {
+                                let _ = writeln!(err, "sluice: listening: {name} on {addr}");
+                            }
                         }
-                        if old.admin != c.admin {
-                            fixed.push("admin");
-                        }
-                        if old.audit != c.audit {
-                            fixed.push("audit");
-                        }
-                        if old.workers != c.workers || old.drain_timeout != c.drain_timeout || old.resolver.nameservers != c.resolver.nameservers {
-                            fixed.push("runtime/resolver");
-                        }
-                        drop(running);
-                        server.reload(c);
-                        let _ = writeln!(err, "sluice: reloaded {}: groups and policy apply to new flows now", p.display());
-                        if !fixed.is_empty() {
-                            let _ = writeln!(
-                                err,
-                                "sluice: changes to {} need a restart; the running ones are kept until then",
-                                fixed.join(", ")
-                            );
-                        }
+                    }
+                    Err(ReloadError::NoFile) => {
+                        let _ = writeln!(err, "sluice: SIGHUP: running the embedded default, nothing to reload");
                     }
                     Err(e) => {
                         let _ = writeln!(err, "{e}\nsluice: reload rejected; the running configuration is unchanged");
                     }
-                },
-                                None => {
-                    let _ = writeln!(err, "sluice: SIGHUP: running the embedded default, nothing to reload");
                 }
-            }},
+            }
         }
     }
+    // The drain time of the configuration in force now, not the one the
+    // process started with.
+    let drain = server.shared.snapshot.load().config.drain_timeout;
     let _ = writeln!(
         err,
         "sluice: shutting down: draining for up to {}",

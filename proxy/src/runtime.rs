@@ -1,27 +1,37 @@
-//! Starting and stopping a whole Sluice process: bind every listener and
-//! the admin API, share one compiled snapshot, and on shutdown stop
-//! accepting, let flows drain, then close what is left and flush the audit
-//! log. `sluice run` and the black-box tests both go through [`Server`].
+//! Running a whole Sluice process: one compiled snapshot shared by every
+//! flow and query, and the sockets that serve it. Starting and reloading are
+//! the same step: a snapshot is built, then the runtime binds, keeps,
+//! rebinds or closes listeners (TCP, DNS, admin), switches the audit sink
+//! and the resolver, and installs the snapshot. Everything that can fail
+//! (binding, opening) happens before anything running is touched, so a
+//! reload that fails leaves the running configuration as it was. On
+//! shutdown: stop accepting, let flows drain, close what is left, flush the
+//! audit log. `sluice run` and the black-box tests both go through
+//! [`Server`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
+use sluice_api::config::ConfigErrors;
 use sluice_api::{AuditDestination, Config, DnsDeny, DnsListener, DnsTransport, ListenerKind, Mode, Protocol};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::dns::{
-    self, Bindings, BindingsConfig, DnsConfig, DnsCore, DnsServer, DnsStats, QueryPolicy, QueryVerdict, VerdictMemo,
+    self, Bindings, BindingsConfig, DnsConfig, DnsCore, DnsHandle, DnsServer, DnsStats, QueryPolicy, QueryVerdict,
+    VerdictMemo,
 };
 use crate::policy::{Enforcement, FlowQuery};
 use crate::telemetry::audit::{AuditRecord, DnsAuditLog, SourceGroups};
 
 use crate::admin::{self, Admin};
 use crate::forward::{Resolver, ResolverSettings};
-use crate::listener::{self, ListenerPlan, Shared, Snapshot};
+use crate::listener::{self, Shared, Snapshot};
 use crate::telemetry::audit::{AuditSink, AuditWriter};
 use crate::telemetry::logging::LogControl;
 use crate::telemetry::metrics;
@@ -175,169 +185,338 @@ fn bindings_config(l: &DnsListener) -> BindingsConfig {
 }
 
 /// A running Sluice.
+/// What a reload did (and what starting did: a start is a reload from
+/// nothing). Serialised as the answer of `POST /reload`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReloadReport {
+    /// The file (or `<embedded default>`) the configuration came from.
+    pub source: String,
+    /// Listeners bound for the first time.
+    pub added: Vec<String>,
+    /// Listeners whose options changed, applied in place on their sockets.
+    pub changed: Vec<String>,
+    /// Listeners moved to another address: bound there, and the old socket
+    /// closed (its flows drain).
+    pub rebound: Vec<String>,
+    /// Listeners closed; their flows drain for `runtime.drain_timeout`.
+    pub removed: Vec<String>,
+    /// The admin API's new address, when it moved.
+    pub admin: Option<SocketAddr>,
+    /// The audit log's new destination, when it changed.
+    pub audit: Option<String>,
+    /// Whether the resolver was rebuilt (`resolver.nameservers` changed).
+    pub resolver: bool,
+    /// Settings that changed in the file but apply only after a restart,
+    /// each with its running and its new value.
+    pub restart_needed: Vec<String>,
+    /// Every listener's bound address after the reload.
+    pub listeners: BTreeMap<String, SocketAddr>,
+}
+
+impl std::fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "reloaded {}", self.source)?;
+        let list = |v: &[String]| v.join(", ");
+        for (what, names) in [
+            ("added", &self.added),
+            ("changed in place", &self.changed),
+            ("moved", &self.rebound),
+            ("removed (draining)", &self.removed),
+        ] {
+            if !names.is_empty() {
+                write!(f, "; listeners {what}: {}", list(names))?;
+            }
+        }
+        if let Some(a) = self.admin {
+            write!(f, "; admin API now on http://{a}")?;
+        }
+        if let Some(a) = &self.audit {
+            write!(f, "; audit log now to {a}")?;
+        }
+        if self.resolver {
+            write!(f, "; resolver rebuilt")?;
+        }
+        if !self.restart_needed.is_empty() {
+            write!(f, "; need a restart: {}", list(&self.restart_needed))?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a reload (or a start) did not happen; the running configuration, if
+/// any, is unchanged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(ConfigErrors),
+    #[error("the process runs the embedded default; there is no file to reload (start it with `run -c FILE`)")]
+    NoFile,
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+/// A request for a reload from the file, with where to send the outcome.
+type ReloadRequest = oneshot::Sender<Result<ReloadReport, String>>;
+
 #[derive(Debug)]
 pub struct Server {
-    /// Bound address of each listener, by name (port 0 resolved).
+    /// Listener addresses as bound at start (see [`Server::addr`] for now).
     pub listeners: BTreeMap<String, (ListenerKind, SocketAddr)>,
     pub admin: SocketAddr,
     pub shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
-    dns_cancel: CancellationToken,
-    /// Things the operator should know that did not stop the start.
     pub warnings: Vec<String>,
+    inner: Arc<Inner>,
+}
+
+/// What a reload needs, shared with the tasks that ask for one.
+#[derive(Debug)]
+struct Inner {
+    shared: Arc<Shared>,
+    metrics: metrics::PrometheusHandle,
+    log: Option<LogControl>,
+    dns_stats: Arc<DnsStats>,
+    running: tokio::sync::Mutex<Running>,
+    /// Bound addresses now, for [`Server::addr`] (read without the lock).
+    bound: std::sync::Mutex<BTreeMap<String, (ListenerKind, SocketAddr)>>,
+    /// The file reloads read; `None` for the embedded default.
+    source: std::sync::Mutex<Option<PathBuf>>,
+    reload_tx: mpsc::Sender<ReloadRequest>,
+    /// Watchers and the reload task, ended at shutdown.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The sockets serving the installed snapshot.
+#[derive(Debug, Default)]
+struct Running {
+    tcp: BTreeMap<String, TcpRun>,
+    dns: BTreeMap<String, DnsRun>,
+    admin: Option<AdminRun>,
+    /// The bindings table's settings (from the first DNS listener).
+    bindings: Option<BindingsConfig>,
+    workers: Option<Option<usize>>,
+    audit: Option<(AuditDestination, usize)>,
+    nameservers: Option<Vec<SocketAddr>>,
+}
+
+#[derive(Debug)]
+struct TcpRun {
+    kind: ListenerKind,
+    configured: SocketAddr,
+    bound: SocketAddr,
+    stop: watch::Sender<bool>,
+    closing: CancellationToken,
+}
+
+/// What a DNS listener is built from; a change to any of it rebuilds the
+/// listener's engine.
+#[derive(Debug, Clone, PartialEq)]
+struct DnsSpec {
+    address: SocketAddr,
+    listener: DnsListener,
+    mode: Mode,
+}
+
+#[derive(Debug)]
+struct DnsRun {
+    spec: DnsSpec,
+    bound: SocketAddr,
+    handle: DnsHandle,
+    cancel: CancellationToken,
+}
+
+#[derive(Debug)]
+struct AdminRun {
+    configured: SocketAddr,
+    bound: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+/// Sockets opened for a reload, not yet serving: dropped (closed) if a
+/// later step fails.
+struct Prepared {
+    tcp: Vec<(String, ListenerKind, SocketAddr, tokio::net::TcpListener)>,
+    dns_new: Vec<(String, DnsSpec, DnsServer)>,
+    dns_swap: Vec<(String, DnsSpec, Arc<DnsCore>)>,
+    admin: Option<(SocketAddr, tokio::net::TcpListener)>,
+    resolver: Option<Resolver>,
+    bindings: Option<Option<Arc<Bindings>>>,
+    warnings: Vec<String>,
+}
+
+fn audit_sink(d: &AuditDestination) -> AuditSink {
+    match d {
+        AuditDestination::Stdout => AuditSink::Stdout,
+        AuditDestination::Stderr => AuditSink::Stderr,
+        AuditDestination::File(p) => AuditSink::File(p.clone()),
+    }
+}
+
+fn describe_audit(d: &AuditDestination) -> String {
+    match d {
+        AuditDestination::Stdout => "stdout".into(),
+        AuditDestination::Stderr => "stderr".into(),
+        AuditDestination::File(p) => p.display().to_string(),
+    }
+}
+
+fn new_resolver(nameservers: &[SocketAddr]) -> Result<Resolver, StartError> {
+    if nameservers.is_empty() {
+        Resolver::system().or_else(|_| Resolver::new(&ResolverSettings::with_nameservers(Vec::new())))
+    } else {
+        Resolver::new(&ResolverSettings::with_nameservers(nameservers.to_vec()))
+    }
+    .map_err(|e| StartError::Resolver(e.to_string()))
 }
 
 impl Server {
+    /// Binds everything `config` names and starts serving it.
     pub async fn start(config: Config, log: Option<LogControl>) -> Result<Self, StartError> {
         let metrics_handle = metrics::install().map_err(|e| StartError::Metrics(e.to_string()))?;
         drop(metrics::spawn_upkeep(metrics_handle.clone(), Duration::from_secs(5)));
-        let sink = match &config.audit.destination {
-            AuditDestination::Stdout => AuditSink::Stdout,
-            AuditDestination::Stderr => AuditSink::Stderr,
-            AuditDestination::File(p) => AuditSink::File(p.clone()),
-        };
         let audit: AuditWriter<AuditRecord> =
-            AuditWriter::start(sink, config.audit.queue).map_err(|e| StartError::Audit(e.to_string()))?;
-        let resolver = if config.resolver.nameservers.is_empty() {
-            Resolver::system().or_else(|_| Resolver::new(&ResolverSettings::with_nameservers(Vec::new())))
-        } else {
-            Resolver::new(&ResolverSettings::with_nameservers(config.resolver.nameservers.clone()))
-        }
-        .map_err(|e| StartError::Resolver(e.to_string()))?;
-        let (stop, stop_rx) = watch::channel(false);
-
-        let plans: Vec<ListenerPlan> = config
-            .listeners
-            .iter()
-            .filter(|l| l.kind != ListenerKind::Dns)
-            .map(ListenerPlan::from_config)
-            .collect();
-        let mut bound = Vec::new();
-        let mut listeners = BTreeMap::new();
-        for plan in plans {
-            let l = listener::bind(&plan).map_err(|source| StartError::Bind {
-                name: plan.spec.name.clone(),
-                addr: plan.spec.address,
-                source,
-            })?;
-            let addr = l.local_addr().unwrap_or(plan.spec.address);
-            listeners.insert(plan.spec.name.clone(), (plan.spec.kind, addr));
-            bound.push((plan, l));
-        }
-        let admin_addr = config.admin.address;
-        let admin_listener = tokio::net::TcpListener::bind(admin_addr)
-            .await
-            .map_err(|source| StartError::Admin {
-                addr: admin_addr,
-                source,
-            })?;
-        let admin_addr = admin_listener.local_addr().unwrap_or(admin_addr);
-
-        // One binding table for every DNS listener: the data plane asks it
-        // whatever listener answered the client.
-        let dns_specs: Vec<(String, SocketAddr, DnsListener)> = config
-            .listeners
-            .iter()
-            .filter_map(|l| l.dns.clone().map(|d| (l.name.clone(), l.address, d)))
-            .collect();
+            AuditWriter::start(audit_sink(&config.audit.destination), config.audit.queue)
+                .map_err(|e| StartError::Audit(e.to_string()))?;
+        let resolver = new_resolver(&config.resolver.nameservers)?;
         let dns_stats = Arc::new(DnsStats::default());
-        let bindings = dns_specs
-            .first()
-            .map(|(_, _, d)| Arc::new(Bindings::with_stats(&bindings_config(d), dns_stats.clone())));
-        let mode = config.policy.mode;
-        let shared = Arc::new(Shared::new(
-            Snapshot::new(config),
-            audit,
-            resolver,
-            bindings.clone(),
-            stop_rx.clone(),
-        ));
-        let mut tasks = Vec::new();
-        let dns_cancel = CancellationToken::new();
-        let mut warnings = Vec::new();
-        for (name, addr, d) in dns_specs {
-            let cfg = match dns_config(&name, addr, &d, mode) {
-                Ok(c) => c,
-                // Relying on the system's resolvers and finding none: serve
-                // everything else (the embedded default must start on any
-                // machine) and say why this listener is missing.
-                Err(StartError::Dns { message, .. }) if d.upstreams.is_empty() => {
-                    warnings.push(format!("DNS listener `{name}` not started: {message}"));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let policy: Arc<dyn QueryPolicy> = Arc::new(SnapshotQueries(shared.clone()));
-            let table = bindings
-                .clone()
-                .unwrap_or_else(|| Arc::new(Bindings::with_stats(&cfg.bindings, dns_stats.clone())));
-            let core = DnsCore::new(cfg, policy, table, dns_stats.clone()).map_err(|e| StartError::Dns {
-                name: name.clone(),
-                message: e.to_string(),
-            })?;
-            // Audit lines (with the source's SmartGroups from the snapshot
-            // current at the query) and metrics are made on the DNS worker
-            // and reach the writer thread in batches.
-            let groups_of = shared.clone();
-            let groups: SourceGroups = Box::new(move |ip, each| {
-                let snap = groups_of.snapshot.load();
-                snap.policy.smartgroups_of(ip).into_iter().for_each(each);
-            });
-            let sink = DnsAuditLog::start(shared.audit.clone(), &name, groups);
-            let server = DnsServer::bind_with_sink(addr, Arc::new(core), sink)
-                .await
-                .map_err(|e| StartError::Dns {
-                    name: name.clone(),
-                    message: e.to_string(),
-                })?;
-            listeners.insert(name.clone(), (ListenerKind::Dns, server.local_addr()));
-            let token = dns_cancel.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = server.run(token).await {
-                    tracing::error!(error = %e, "DNS listener stopped");
-                }
-            }));
-        }
-        for (plan, l) in bound {
-            tasks.push(listener::spawn(Arc::new(plan), l, shared.clone(), stop_rx.clone()));
-        }
-        tasks.push(admin::spawn(
-            Admin {
-                shared: shared.clone(),
-                metrics: metrics_handle,
-                log,
-            },
-            admin_listener,
-            stop_rx,
-        ));
+        let workers = config.workers;
+        let audit_state = (config.audit.destination.clone(), config.audit.queue);
+        let nameservers = config.resolver.nameservers.clone();
+        let source =
+            (config.source != sluice_api::config::EMBEDDED_DEFAULT_NAME).then(|| PathBuf::from(&config.source));
+        let shared = Arc::new(Shared::new(Snapshot::new(config.clone()), audit, resolver, None));
+        let (reload_tx, reload_rx) = mpsc::channel(4);
+        let inner = Arc::new(Inner {
+            shared: shared.clone(),
+            metrics: metrics_handle,
+            log,
+            dns_stats,
+            running: tokio::sync::Mutex::new(Running {
+                workers: Some(workers),
+                audit: Some(audit_state),
+                nameservers: Some(nameservers),
+                ..Running::default()
+            }),
+            bound: std::sync::Mutex::new(BTreeMap::new()),
+            source: std::sync::Mutex::new(source),
+            reload_tx,
+            tasks: std::sync::Mutex::new(Vec::new()),
+        });
+        let report = {
+            let mut running = inner.running.lock().await;
+            match inner.reconcile(&mut running, Snapshot::new(config)).await {
+                Ok(r) => r,
+                Err(ReloadError::Start(e)) => return Err(e),
+                Err(e) => return Err(StartError::Resolver(e.to_string())),
+            }
+        };
+        inner.spawn_reloader(reload_rx);
+        let listeners = inner.bound_now();
+        let admin = report.admin.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
         Ok(Self {
             listeners,
-            admin: admin_addr,
+            admin,
             shared,
-            stop,
-            tasks,
-            dns_cancel,
-            warnings,
+            warnings: report.restart_needed,
+            inner,
         })
     }
 
-    /// Bound address of listener `name`.
+    /// Bound address of listener `name`, as it is now (after any reload).
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.get(name).map(|(_, a)| *a)
+        self.inner.bound_now().get(name).map(|(_, a)| *a)
     }
 
-    /// Replaces the running configuration: new flows use it at once, and
-    /// relayed flows it now denies are closed and recorded.
-    pub fn reload(&self, config: Config) {
-        self.shared.install(Snapshot::new(config));
+    /// Every listener's kind and bound address, as they are now.
+    pub fn bound(&self) -> BTreeMap<String, (ListenerKind, SocketAddr)> {
+        self.inner.bound_now()
+    }
+
+    /// The admin API's address now.
+    pub async fn admin_addr(&self) -> SocketAddr {
+        self.inner
+            .running
+            .lock()
+            .await
+            .admin
+            .as_ref()
+            .map_or(self.admin, |a| a.bound)
+    }
+
+    /// Replaces the running configuration with `config`, every section in
+    /// place: new flows use it at once, relayed flows it now denies are
+    /// closed and recorded, listeners are bound, kept, moved or closed to
+    /// match. On an error nothing running changes.
+    pub async fn reload(&self, config: Config) -> Result<ReloadReport, ReloadError> {
+        self.inner.reload(config).await
+    }
+
+    /// Reloads from the file the server was started with.
+    pub async fn reload_file(&self) -> Result<ReloadReport, ReloadError> {
+        self.inner.reload_file().await
+    }
+
+    /// Reloads whenever `path` changes on disk (its length, modification
+    /// time or inode), checking every `every`; the outcome is logged. Also
+    /// makes `path` the file `POST /reload` and SIGHUP read.
+    pub fn watch_file(&self, path: PathBuf, every: Duration) {
+        *self
+            .inner
+            .source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(path.clone());
+        let tx = self.inner.reload_tx.clone();
+        self.inner.keep(tokio::spawn(async move {
+            let stamp = |p: &std::path::Path| {
+                std::fs::metadata(p).ok().map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    (m.len(), m.modified().ok(), m.ino())
+                })
+            };
+            let mut last = stamp(&path);
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let now = stamp(&path);
+                if now == last || now.is_none() {
+                    continue;
+                }
+                // Let an editor finish writing before reading.
+                tokio::time::sleep(every.min(Duration::from_millis(200))).await;
+                last = stamp(&path);
+                let (reply, outcome) = oneshot::channel();
+                if tx.send(reply).await.is_err() {
+                    return;
+                }
+                match outcome.await {
+                    Ok(Ok(r)) => tracing::info!("{} changed: {r}", path.display()),
+                    Ok(Err(e)) => tracing::warn!(
+                        "{} changed but was not applied; the running configuration is unchanged:\n{e}",
+                        path.display()
+                    ),
+                    Err(_) => return,
+                }
+            }
+        }));
     }
 
     /// Stops accepting, waits up to `drain` for flows to finish, closes the
     /// rest, and flushes the audit log.
     pub async fn shutdown(self, drain: Duration) {
-        let _ = self.stop.send(true);
-        self.dns_cancel.cancel();
+        {
+            let mut running = self.inner.running.lock().await;
+            for (_, t) in std::mem::take(&mut running.tcp) {
+                let _ = t.stop.send(true);
+            }
+            for (_, d) in std::mem::take(&mut running.dns) {
+                d.cancel.cancel();
+            }
+            if let Some(a) = running.admin.take() {
+                let _ = a.stop.send(true);
+            }
+        }
+        self.shared.begin_draining();
         let deadline = tokio::time::Instant::now() + drain;
         while self.shared.active_flows() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -347,10 +526,430 @@ impl Server {
         while self.shared.active_flows() > 0 && tokio::time::Instant::now() < settle {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        for t in self.tasks {
+        for t in std::mem::take(
+            &mut *self
+                .inner
+                .tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ) {
             t.abort();
         }
         let _ = self.shared.audit.shutdown().await;
+    }
+}
+
+impl Inner {
+    fn keep(&self, task: JoinHandle<()>) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(task);
+    }
+
+    fn bound_now(&self) -> BTreeMap<String, (ListenerKind, SocketAddr)> {
+        self.bound
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    async fn reload(&self, config: Config) -> Result<ReloadReport, ReloadError> {
+        let mut running = self.running.lock().await;
+        self.reconcile(&mut running, Snapshot::new(config)).await
+    }
+
+    async fn reload_file(&self) -> Result<ReloadReport, ReloadError> {
+        let path = self
+            .source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or(ReloadError::NoFile)?;
+        let config = sluice_api::config::load_file(&path).map_err(ReloadError::Config)?;
+        self.reload(config).await
+    }
+
+    /// Serves reload requests (from `POST /reload` and the file watch) one
+    /// at a time.
+    fn spawn_reloader(self: &Arc<Self>, mut rx: mpsc::Receiver<ReloadRequest>) {
+        let inner = Arc::downgrade(self);
+        self.keep(tokio::spawn(async move {
+            while let Some(reply) = rx.recv().await {
+                let Some(inner) = inner.upgrade() else { return };
+                let outcome = inner.reload_file().await.map_err(|e| e.to_string());
+                let _ = reply.send(outcome);
+            }
+        }));
+    }
+
+    /// Makes the sockets match `snapshot`, then installs it. Fallible steps
+    /// (binding, building, opening) come first; once the first running
+    /// thing changes, nothing can fail.
+    async fn reconcile(&self, running: &mut Running, snapshot: Snapshot) -> Result<ReloadReport, ReloadError> {
+        let cfg = &snapshot.config;
+        let mut report = ReloadReport {
+            source: cfg.source.clone(),
+            ..ReloadReport::default()
+        };
+        let prepared = self.prepare(running, &snapshot, &mut report).await?;
+        // Last fallible step, with an effect of its own: the audit sink.
+        let audit = (cfg.audit.destination.clone(), cfg.audit.queue);
+        if let Some((dest, queue)) = &running.audit {
+            if *dest != audit.0 {
+                self.shared
+                    .audit
+                    .switch(audit_sink(&audit.0))
+                    .await
+                    .map_err(|e| StartError::Audit(e.to_string()))?;
+                report.audit = Some(describe_audit(&audit.0));
+            }
+            if *queue != audit.1 {
+                report
+                    .restart_needed
+                    .push(format!("audit.queue ({queue} running, {} in the file)", audit.1));
+            }
+        }
+        running.audit = Some((audit.0, running.audit.as_ref().map_or(audit.1, |a| a.1)));
+        if let Some(Some(w)) = running.workers
+            && cfg.workers != Some(w)
+        {
+            report.restart_needed.push(format!(
+                "runtime.workers ({w} running, {} in the file)",
+                cfg.workers.map_or_else(|| "one per core".to_owned(), |n| n.to_string())
+            ));
+        }
+        report.restart_needed.extend(prepared.warnings.iter().cloned());
+        self.commit(running, snapshot, prepared, &mut report);
+        Ok(report)
+    }
+
+    async fn prepare(
+        &self,
+        running: &Running,
+        snapshot: &Snapshot,
+        report: &mut ReloadReport,
+    ) -> Result<Prepared, ReloadError> {
+        let cfg = &snapshot.config;
+        let old = self.shared.snapshot.load();
+        let mut p = Prepared {
+            tcp: Vec::new(),
+            dns_new: Vec::new(),
+            dns_swap: Vec::new(),
+            admin: None,
+            resolver: None,
+            bindings: None,
+            warnings: Vec::new(),
+        };
+        // TCP listeners: keep the socket when the address and kind stay.
+        for plan in snapshot.plans() {
+            let spec = &plan.spec;
+            match running.tcp.get(&spec.name) {
+                // The same address: as configured, or as bound (a file that
+                // names the port a `:0` listener got).
+                Some(r) if (r.configured == spec.address || r.bound == spec.address) && r.kind == spec.kind => {
+                    let before = old.config.listeners.iter().find(|l| l.name == spec.name);
+                    if before != Some(spec) {
+                        report.changed.push(spec.name.clone());
+                    }
+                }
+                r => {
+                    let l = listener::bind(plan).map_err(|source| {
+                        let holder = running
+                            .tcp
+                            .iter()
+                            .find(|(n, t)| *n != &spec.name && t.configured == spec.address)
+                            .map(|(n, _)| n.clone());
+                        StartError::Bind {
+                            name: spec.name.clone(),
+                            addr: spec.address,
+                            source: match holder {
+                                Some(h) => std::io::Error::new(
+                                    source.kind(),
+                                    format!("{source} (listener `{h}` holds it until this reload completes: move or rename in two reloads)"),
+                                ),
+                                None => source,
+                            },
+                        }
+                    })?;
+                    if r.is_some() {
+                        report.rebound.push(spec.name.clone());
+                    } else {
+                        report.added.push(spec.name.clone());
+                    }
+                    p.tcp.push((spec.name.clone(), spec.kind, spec.address, l));
+                }
+            }
+        }
+        // The bindings table follows the first DNS listener's settings.
+        let dns_specs: Vec<(&str, DnsSpec)> = cfg
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                l.dns.as_ref().map(|d| {
+                    (
+                        l.name.as_str(),
+                        DnsSpec {
+                            address: l.address,
+                            listener: d.clone(),
+                            mode: cfg.policy.mode,
+                        },
+                    )
+                })
+            })
+            .collect();
+        let want_bindings = dns_specs.first().map(|(_, s)| bindings_config(&s.listener));
+        let bindings = if want_bindings == running.bindings {
+            self.shared.bindings.load_full()
+        } else {
+            let table = want_bindings
+                .as_ref()
+                .map(|c| Arc::new(Bindings::with_stats(c, self.dns_stats.clone())));
+            p.bindings = Some(table.clone());
+            table
+        };
+        let new_table = p.bindings.is_some();
+        for (name, spec) in dns_specs {
+            let running_dns = running.dns.get(name);
+            let same_place = |r: &DnsRun| r.spec.address == spec.address || r.bound == spec.address;
+            if running_dns
+                .is_some_and(|r| r.spec.listener == spec.listener && r.spec.mode == spec.mode && same_place(r))
+                && !new_table
+            {
+                continue;
+            }
+            let core = match self.dns_core(name, &spec, bindings.clone()) {
+                Ok(c) => c,
+                // No upstream anywhere: not a reason to refuse the rest.
+                Err(StartError::Dns { message, .. }) if spec.listener.upstreams.is_empty() => {
+                    p.warnings.push(format!("DNS listener `{name}` not started: {message}"));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match running_dns {
+                Some(r) if same_place(r) => {
+                    if r.spec.listener != spec.listener || r.spec.mode != spec.mode {
+                        report.changed.push(name.to_owned());
+                    }
+                    p.dns_swap.push((name.to_owned(), spec, core));
+                }
+                r => {
+                    let groups_of = self.shared.clone();
+                    let groups: SourceGroups = Box::new(move |ip, each| {
+                        let snap = groups_of.snapshot.load();
+                        snap.policy.smartgroups_of(ip).into_iter().for_each(each);
+                    });
+                    let sink = DnsAuditLog::start(self.shared.audit.clone(), name, groups);
+                    let server =
+                        DnsServer::bind_with_sink(spec.address, core, sink)
+                            .await
+                            .map_err(|e| StartError::Dns {
+                                name: name.to_owned(),
+                                message: e.to_string(),
+                            })?;
+                    if r.is_some() {
+                        report.rebound.push(name.to_owned());
+                    } else {
+                        report.added.push(name.to_owned());
+                    }
+                    p.dns_new.push((name.to_owned(), spec, server));
+                }
+            }
+        }
+        let admin = cfg.admin.address;
+        if running
+            .admin
+            .as_ref()
+            .is_none_or(|a| a.configured != admin && a.bound != admin)
+        {
+            let l = tokio::net::TcpListener::bind(admin)
+                .await
+                .map_err(|source| StartError::Admin { addr: admin, source })?;
+            report.admin = Some(l.local_addr().unwrap_or(admin));
+            p.admin = Some((admin, l));
+        }
+        if running
+            .nameservers
+            .as_ref()
+            .is_some_and(|n| *n != cfg.resolver.nameservers)
+        {
+            p.resolver = Some(new_resolver(&cfg.resolver.nameservers)?);
+            report.resolver = true;
+        }
+        Ok(p)
+    }
+
+    fn dns_core(
+        &self,
+        name: &str,
+        spec: &DnsSpec,
+        bindings: Option<Arc<Bindings>>,
+    ) -> Result<Arc<DnsCore>, StartError> {
+        let cfg = dns_config(name, spec.address, &spec.listener, spec.mode)?;
+        let policy: Arc<dyn QueryPolicy> = Arc::new(SnapshotQueries(self.shared.clone()));
+        let table = bindings.unwrap_or_else(|| Arc::new(Bindings::with_stats(&cfg.bindings, self.dns_stats.clone())));
+        DnsCore::new(cfg, policy, table, self.dns_stats.clone())
+            .map(Arc::new)
+            .map_err(|e| StartError::Dns {
+                name: name.to_owned(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Installs `snapshot` and serves it with the prepared sockets. Cannot
+    /// fail.
+    fn commit(&self, running: &mut Running, snapshot: Snapshot, p: Prepared, report: &mut ReloadReport) {
+        let drain = snapshot.config.drain_timeout;
+        let names: Vec<(String, ListenerKind)> = snapshot
+            .config
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.kind))
+            .collect();
+        let nameservers = snapshot.config.resolver.nameservers.clone();
+        if let Some(r) = p.resolver {
+            self.shared.resolver.store(Arc::new(r));
+        }
+        running.nameservers = Some(nameservers);
+        if let Some(table) = p.bindings {
+            running.bindings = table.as_ref().map(|_| {
+                snapshot
+                    .config
+                    .listeners
+                    .iter()
+                    .find_map(|l| l.dns.as_ref())
+                    .map(bindings_config)
+                    .unwrap_or_default()
+            });
+            self.shared.bindings.store(table);
+        }
+        self.shared.install(snapshot);
+
+        // Closing listeners stop accepting now and end their flows when the
+        // drain time is over.
+        let retire_tcp = |t: TcpRun| {
+            let _ = t.stop.send(true);
+            let closing = t.closing;
+            let shared = self.shared.clone();
+            self.keep(tokio::spawn(async move {
+                tokio::time::sleep(drain).await;
+                shared.close_listener(&closing);
+            }));
+        };
+        for (name, kind, configured, l) in p.tcp {
+            let bound = l.local_addr().unwrap_or(configured);
+            let (stop, stop_rx) = watch::channel(false);
+            let closing = CancellationToken::new();
+            self.keep(listener::spawn(
+                Arc::from(name.as_str()),
+                l,
+                self.shared.clone(),
+                stop_rx,
+                closing.clone(),
+            ));
+            let fresh = TcpRun {
+                kind,
+                configured,
+                bound,
+                stop,
+                closing,
+            };
+            if let Some(old) = running.tcp.insert(name, fresh) {
+                retire_tcp(old);
+            }
+        }
+        let gone: Vec<String> = running
+            .tcp
+            .keys()
+            .filter(|n| !names.iter().any(|(m, k)| m == *n && *k != ListenerKind::Dns))
+            .cloned()
+            .collect();
+        for n in gone {
+            if let Some(t) = running.tcp.remove(&n) {
+                report.removed.push(n);
+                retire_tcp(t);
+            }
+        }
+
+        for (name, spec, core) in p.dns_swap {
+            if let Some(r) = running.dns.get_mut(&name) {
+                r.handle.swap(core);
+                r.spec = spec;
+            }
+        }
+        for (name, spec, server) in p.dns_new {
+            let bound = server.local_addr();
+            let handle = server.handle();
+            let cancel = CancellationToken::new();
+            let token = cancel.clone();
+            self.keep(tokio::spawn(async move {
+                if let Err(e) = server.run(token).await {
+                    tracing::error!(error = %e, "DNS listener stopped");
+                }
+            }));
+            let fresh = DnsRun {
+                spec,
+                bound,
+                handle,
+                cancel,
+            };
+            if let Some(old) = running.dns.insert(name, fresh) {
+                old.cancel.cancel();
+            }
+        }
+        let gone: Vec<String> = running
+            .dns
+            .keys()
+            .filter(|n| !names.iter().any(|(m, k)| m == *n && *k == ListenerKind::Dns))
+            .cloned()
+            .collect();
+        for n in gone {
+            if let Some(d) = running.dns.remove(&n) {
+                report.removed.push(n);
+                d.cancel.cancel();
+            }
+        }
+
+        if let Some((configured, l)) = p.admin {
+            let bound = l.local_addr().unwrap_or(configured);
+            let (stop, stop_rx) = watch::channel(false);
+            self.keep(admin::spawn(
+                Admin {
+                    shared: self.shared.clone(),
+                    metrics: self.metrics.clone(),
+                    log: self.log.clone(),
+                    reload: Some(self.reload_tx.clone()),
+                },
+                l,
+                stop_rx,
+            ));
+            if let Some(old) = running.admin.replace(AdminRun {
+                configured,
+                bound,
+                stop,
+            }) {
+                let _ = old.stop.send(true);
+            }
+        }
+
+        let mut bound = BTreeMap::new();
+        for (n, t) in &running.tcp {
+            bound.insert(n.clone(), (t.kind, t.bound));
+        }
+        for (n, d) in &running.dns {
+            bound.insert(n.clone(), (ListenerKind::Dns, d.bound));
+        }
+        report.listeners = bound.iter().map(|(n, (_, a))| (n.clone(), *a)).collect();
+        *self.bound.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = bound;
+        for list in [
+            &mut report.added,
+            &mut report.changed,
+            &mut report.rebound,
+            &mut report.removed,
+        ] {
+            list.sort();
+        }
     }
 }
 

@@ -329,3 +329,58 @@ fn logs_to_a_pipe_have_no_colour_codes() {
         sluice.proc.output()
     );
 }
+
+/// `POST /reload` reads the file again and answers with what changed; an
+/// edit to the file applies by itself (the file is watched). Both leave
+/// the running configuration alone when the file is bad.
+#[test]
+fn reload_by_admin_api_and_by_editing_the_file() {
+    let dir = TempDir::new("admin-reload");
+    let (sluice, _) = start(&dir, &[]);
+    let cfg = dir.join("sluice.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+
+    // Nothing changed: an empty report.
+    let (status, _, body) = http(sluice.admin, "POST", "/reload");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["added"], serde_json::json!([]), "{body}");
+    assert!(v["listeners"]["proxy"].is_string(), "{body}");
+
+    // A listener added by editing the file, picked up by the watch.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let added = text.replace(
+        "listeners:\n",
+        &format!("listeners:\n  - {{name: third, kind: http-proxy, address: \"127.0.0.1:{port}\"}}\n"),
+    );
+    std::fs::write(&cfg, &added).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edited file was not applied:\n{}",
+            sluice.proc.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, body) = get(sluice.admin, "/config_dump");
+    assert!(body.contains("\"third\""), "{body}");
+
+    // A broken file: refused with the reason, and nothing changes.
+    std::fs::write(&cfg, added.replace("kind: http-proxy", "kind: http_proxy")).unwrap();
+    let (status, _, body) = http(sluice.admin, "POST", "/reload");
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("unknown value `http_proxy`"), "{body}");
+    assert!(body.contains("the running configuration is unchanged"), "{body}");
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "a refused reload closed a listener"
+    );
+    let (status, head, _) = http(sluice.admin, "GET", "/reload");
+    assert_eq!(status, 405);
+    assert!(head.to_ascii_lowercase().contains("allow: post"), "{head}");
+}

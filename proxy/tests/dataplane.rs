@@ -1743,29 +1743,34 @@ policy:
 {rules}{STD_RULES}",
                 base_config(&sluice.audit)
             );
-            sluice
-                .server
-                .reload(sluice_api::config::load_str(&yaml, "reload.yaml").unwrap());
+            let config = sluice_api::config::load_str(&yaml, "reload.yaml").unwrap();
+            let server = &sluice.server;
+            async move {
+                server.reload(config).await.unwrap();
+            }
         };
 
         // A configuration that still allows the flow leaves it alone.
         reload(
             "enforce",
             "    - {name: unrelated, to: {webgroups: [bad]}, protocols: [dns], action: deny}\n",
-        );
+        )
+        .await;
         echo(&mut open, b"still allowed").await;
         // One that denies it only in watch mode leaves it alone too.
         reload(
             "watch",
             "    - {name: now-denied, to: {webgroups: [good]}, action: deny}\n",
-        );
+        )
+        .await;
         echo(&mut open, b"only watched").await;
 
         // Enforced: new flows are refused, and the open one is closed.
         reload(
             "enforce",
             "    - {name: now-denied, to: {webgroups: [good]}, action: deny}\n",
-        );
+        )
+        .await;
         let (_s, resp) = connect_via(proxy, &target, "").await;
         assert_eq!(resp.status, 403, "{resp:?}");
         assert_eq!(resp.header("x-sluice-rule"), Some("now-denied"));
@@ -1813,9 +1818,11 @@ policy:
         let proxy = sluice.addr("proxy");
         let reload = |groups: &str, rules: &str| {
             let yaml = format!("{}{}", base_config(&sluice.audit), rest(groups, rules, &proxy.to_string()));
-            sluice
-                .server
-                .reload(sluice_api::config::load_str(&yaml, "reload.yaml").unwrap());
+            let config = sluice_api::config::load_str(&yaml, "reload.yaml").unwrap();
+            let server = &sluice.server;
+            async move {
+                server.reload(config).await.unwrap();
+            }
         };
         let target = format!("allowed.test:{}", up.addr.port());
         let creds = {
@@ -1834,11 +1841,11 @@ policy:
         reload(
             "  - {name: ops, cidrs: [10.98.0.0/24]}\n  - {name: qa, cidrs: [10.97.0.0/24]}\n",
             devs_allowed,
-        );
+        ).await;
         echo(&mut open, b"renumbered").await;
 
         // `devs` no longer reaches the good names: the tunnel is closed.
-        reload("", "");
+        reload("", "").await;
         let mut rest_bytes = Vec::new();
         let _ = within("the revoked tunnel to close", open.read_to_end(&mut rest_bytes)).await;
         assert!(rest_bytes.is_empty());
@@ -1874,7 +1881,9 @@ policy:
         );
         sluice
             .server
-            .reload(sluice_api::config::load_str(&yaml, "reload.yaml").unwrap());
+            .reload(sluice_api::config::load_str(&yaml, "reload.yaml").unwrap())
+            .await
+            .unwrap();
 
         // Each request is its own flow, decided by the policy in force when
         // it arrives — a pooled client connection must not keep a revoked

@@ -115,3 +115,35 @@ fn zero_means_unlimited() {
     drop(permits);
     assert_eq!(limit.in_use(), 0);
 }
+
+/// A reload that changes `max_connections`: raising it frees slots at once;
+/// lowering it below what is in use cuts no flow, and no new one starts
+/// until enough have ended.
+#[tokio::test(start_paused = true)]
+async fn a_resized_limit_raises_at_once_and_lowers_as_flows_end() {
+    let mut limit = ConnLimit::new(2);
+    let a = limit.try_acquire().unwrap();
+    let b = limit.try_acquire().unwrap();
+    assert!(limit.try_acquire().is_none());
+    limit.resize(3);
+    let c = limit.try_acquire().expect("raised: a slot at once");
+    assert_eq!(limit.in_use(), 3);
+
+    limit.resize(1);
+    assert_eq!(limit.max(), 1);
+    assert!(limit.try_acquire().is_none(), "three in use against a limit of one");
+    drop(a);
+    tokio::task::yield_now().await;
+    assert!(limit.try_acquire().is_none(), "two still in use");
+    drop(b);
+    tokio::task::yield_now().await;
+    assert!(limit.try_acquire().is_none(), "one still in use");
+    drop(c);
+    // The slots taken back as flows ended leave exactly one.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let d = limit.try_acquire().expect("under the new limit now");
+    assert!(limit.try_acquire().is_none());
+    drop(d);
+}

@@ -728,7 +728,9 @@ fn report(file: &PathBuf) {
 
     println!("\nSluice / each peer (below 1.00 = Sluice better for CPU, latency, RSS; above 1.00 better for rates;");
     println!("`base` is Sluice built from another revision, when the run had one: SLUICE_BASE / BASE_REV):\n");
-    println!("| metric | sluice / envoy | sluice / haproxy | sluice / nginx | sluice / direct | sluice / floor | sluice / base |");
+    println!(
+        "| metric | sluice / envoy | sluice / haproxy | sluice / nginx | sluice / direct | sluice / floor | sluice / base |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for m in METRICS.iter().filter(|m| m.field != "client_core_busy") {
         let s = get("sluice", m);

@@ -9,6 +9,7 @@
 //! | `GET /stats` | active flows, audit records written and dropped |
 //! | `GET /logging` | the log filter in force |
 //! | `POST /logging?level=debug` | change the log filter at run time (any `tracing` filter); only `POST` changes state |
+//! | `POST /reload` | read the configuration file again and apply it in place; the answer says what changed |
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -35,6 +36,10 @@ pub struct Admin {
     pub shared: Arc<Shared>,
     pub metrics: PrometheusHandle,
     pub log: Option<LogControl>,
+    /// Asks the runtime to reload from its file; the answer is the report
+    /// or the reason it was refused.
+    pub reload:
+        Option<tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<crate::runtime::ReloadReport, String>>>>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -132,6 +137,16 @@ impl Admin {
                 );
                 r
             }
+            (_, "/reload") => {
+                let mut r = reply(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "text/plain",
+                    "POST /reload reads the configuration file again and applies it\n",
+                );
+                r.headers_mut()
+                    .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("POST"));
+                r
+            }
             (_, "/ready" | "/metrics" | "/config_dump" | "/stats" | "/explain") => {
                 let mut r = reply(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -145,8 +160,36 @@ impl Admin {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /ready /metrics /config_dump /explain /stats /logging\n",
+                "not found; try /ready /metrics /config_dump /explain /stats /logging /reload\n",
             ),
+        }
+    }
+
+    /// `POST /reload`: the runtime reads its file again and applies it; the
+    /// answer is the report as JSON, or why nothing changed.
+    async fn reload(&self) -> Response<Full<Bytes>> {
+        let Some(tx) = &self.reload else {
+            return reply(
+                StatusCode::NOT_IMPLEMENTED,
+                "text/plain",
+                "this process cannot reload\n",
+            );
+        };
+        let (ack, outcome) = tokio::sync::oneshot::channel();
+        if tx.send(ack).await.is_err() {
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n");
+        }
+        match outcome.await {
+            Ok(Ok(report)) => match serde_json::to_vec_pretty(&report) {
+                Ok(v) => reply(StatusCode::OK, "application/json", v),
+                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+            },
+            Ok(Err(why)) => reply(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "text/plain",
+                format!("{why}\nreload refused; the running configuration is unchanged\n"),
+            ),
+            Err(_) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n"),
         }
     }
 
@@ -204,8 +247,15 @@ pub fn spawn(admin: Admin, listener: TcpListener, mut stop: watch::Receiver<bool
             let admin = admin.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let r = admin.route(&req);
-                    async move { Ok::<_, Infallible>(r) }
+                    let admin = admin.clone();
+                    async move {
+                        let r = if req.method() == Method::POST && req.uri().path() == "/reload" {
+                            admin.reload().await
+                        } else {
+                            admin.route(&req)
+                        };
+                        Ok::<_, Infallible>(r)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)

@@ -81,7 +81,7 @@ pub use config::{BindingsConfig, CacheConfig, DenyAnswer, DnsConfig, ExfilConfig
 pub use engine::{DnsCore, Pending, QueryContext, Reply, Step};
 pub use forward::{ForwardError, Forwarder, UpstreamAnswer};
 pub use policy::{QueryPolicy, QueryVerdict, VerdictMemo, reason};
-pub use server::DnsServer;
+pub use server::{DnsHandle, DnsServer};
 
 /// Errors building or running the DNS proxy. Per-query failures never surface
 /// here: they become an rcode for the client and a reason in the audit record.

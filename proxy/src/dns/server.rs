@@ -41,7 +41,30 @@ pub struct DnsServer {
     udp: Arc<ListenerUdp>,
     tcp: TcpListener,
     local_addr: SocketAddr,
-    shared: Arc<Shared>,
+    current: Current,
+}
+
+/// What the listener serves with, swapped whole by [`DnsHandle::swap`]: a
+/// batch of datagrams or a TCP connection takes the one in force when it
+/// arrives and keeps it to its end.
+type Current = Arc<arc_swap::ArcSwap<Shared>>;
+
+/// Changes a running listener's engine in place (a reload that changed its
+/// upstreams, cache or answers), on the same sockets: no query is refused
+/// while it happens.
+#[derive(Debug, Clone)]
+pub struct DnsHandle {
+    current: Current,
+}
+
+impl DnsHandle {
+    /// Serves new queries with `core` (and a forwarder for its upstreams);
+    /// queries in flight finish with the engine they started on.
+    pub fn swap(&self, core: Arc<DnsCore>) {
+        let old = self.current.load();
+        let next = Shared::new(core, Arc::clone(&old.audit));
+        self.current.store(Arc::new(next));
+    }
 }
 
 #[derive(Debug)]
@@ -50,7 +73,6 @@ struct Shared {
     forwarder: Forwarder,
     audit: Arc<dyn DnsAuditSink>,
     in_flight: Arc<Semaphore>,
-    tcp_slots: Arc<Semaphore>,
     query_timeout: Duration,
     tcp_idle_timeout: Duration,
 }
@@ -84,22 +106,19 @@ impl DnsServer {
             crate::sys::enable_pktinfo(udp.as_fd(), addr.is_ipv6())?;
         }
         let udp = listener_udp(udp)?;
-        let config = core.config();
-        let shared = Shared {
-            forwarder: Forwarder::new(config, Arc::clone(core.stats())),
-            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
-            tcp_slots: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
-            query_timeout: config.query_timeout,
-            tcp_idle_timeout: config.tcp_idle_timeout,
-            audit,
-            core,
-        };
         Ok(Self {
             udp: Arc::new(udp),
             tcp,
             local_addr,
-            shared: Arc::new(shared),
+            current: Arc::new(arc_swap::ArcSwap::from_pointee(Shared::new(core, audit))),
         })
+    }
+
+    /// A handle to swap this listener's engine while it runs.
+    pub fn handle(&self) -> DnsHandle {
+        DnsHandle {
+            current: Arc::clone(&self.current),
+        }
     }
 
     /// The bound address (the same port for UDP and TCP).
@@ -108,23 +127,24 @@ impl DnsServer {
     }
 
     pub fn stats(&self) -> Arc<DnsStats> {
-        Arc::clone(self.shared.core.stats())
+        Arc::clone(self.current.load().core.stats())
     }
 
     pub fn bindings(&self) -> Arc<Bindings> {
-        Arc::clone(self.shared.core.bindings())
+        Arc::clone(self.current.load().core.bindings())
     }
 
     /// Serves until `shutdown` is cancelled, then lets in-flight queries
     /// finish (bounded by the query timeout) and returns.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), DnsError> {
         let tracker = TaskTracker::new();
-        let Self { udp, tcp, shared, .. } = self;
+        let Self { udp, tcp, current, .. } = self;
         let result = tokio::select! {
             () = shutdown.cancelled() => Ok(()),
-            r = udp_loop(&udp, &shared, &tracker) => r,
-            r = tcp_loop(&tcp, &shared, &tracker, &shutdown) => r,
+            r = udp_loop(&udp, &current, &tracker) => r,
+            r = tcp_loop(&tcp, &current, &tracker, &shutdown) => r,
         };
+        let shared = current.load_full();
         tracker.close();
         let grace = shared.query_timeout + Duration::from_millis(100);
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
@@ -177,6 +197,18 @@ fn now() -> std::time::Instant {
 }
 
 impl Shared {
+    fn new(core: Arc<DnsCore>, audit: Arc<dyn DnsAuditSink>) -> Self {
+        let config = core.config();
+        Self {
+            forwarder: Forwarder::new(config, Arc::clone(core.stats())),
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            query_timeout: config.query_timeout,
+            tcp_idle_timeout: config.tcp_idle_timeout,
+            audit,
+            core,
+        }
+    }
+
     fn emit(&self, record: DnsAuditRecord) {
         if !self.audit.record(record) {
             DnsStats::bump(&self.core.stats().audit_drops);
@@ -209,7 +241,7 @@ impl Shared {
 /// once per burst rather than once per answer. Queries that need an
 /// upstream still run as their own tasks and answer on their own.
 #[cfg(target_os = "linux")]
-async fn udp_loop(udp: &Arc<ListenerUdp>, shared: &Arc<Shared>, tracker: &TaskTracker) -> Result<(), DnsError> {
+async fn udp_loop(udp: &Arc<ListenerUdp>, current: &Current, tracker: &TaskTracker) -> Result<(), DnsError> {
     use std::os::fd::AsFd;
 
     use crate::sys;
@@ -232,6 +264,8 @@ async fn udp_loop(udp: &Arc<ListenerUdp>, shared: &Arc<Shared>, tracker: &TaskTr
             }
         }
         drop(ready);
+        // The batch is served by the engine in force now.
+        let shared = &current.load_full();
         // One reading of the clocks for the batch: its datagrams were all
         // taken off the socket at this moment.
         let (arrived, unix_ms) = clocks();
@@ -367,7 +401,7 @@ async fn send_one(udp: &UdpSocket, _shared: &Shared, bytes: &[u8], dst: SocketAd
 }
 
 #[cfg(not(target_os = "linux"))]
-async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTracker) -> Result<(), DnsError> {
+async fn udp_loop(udp: &Arc<UdpSocket>, current: &Current, tracker: &TaskTracker) -> Result<(), DnsError> {
     let mut buf = vec![0u8; usize::from(u16::MAX)];
     loop {
         let (n, src) = match udp.recv_from(&mut buf).await {
@@ -379,6 +413,7 @@ async fn udp_loop(udp: &Arc<UdpSocket>, shared: &Arc<Shared>, tracker: &TaskTrac
                 continue;
             }
         };
+        let shared = &current.load_full();
         match shared.core.handle_query_bytes(context(src, Transport::Udp), &buf[..n]) {
             Step::Drop => {}
             Step::Reply(reply) => {
@@ -417,12 +452,15 @@ fn spawn_udp_forward(
 
 async fn tcp_loop(
     tcp: &TcpListener,
-    shared: &Arc<Shared>,
+    current: &Current,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<(), DnsError> {
+    // One limit on TCP clients for the listener's life, whatever engine
+    // serves them.
+    let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     loop {
-        let Ok(slot) = Arc::clone(&shared.tcp_slots).acquire_owned().await else {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
             return Ok(());
         };
         let (stream, peer) = match tcp.accept().await {
@@ -434,7 +472,7 @@ async fn tcp_loop(
                 continue;
             }
         };
-        let shared = Arc::clone(shared);
+        let shared = current.load_full();
         let shutdown = shutdown.clone();
         let inner = tracker.clone();
         tracker.spawn(async move {

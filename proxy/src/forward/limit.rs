@@ -66,9 +66,37 @@ impl ConnLimit {
         Ok((stream, peer, permit))
     }
 
+    /// Changes the maximum (a reload changed `max_connections`). Raising it
+    /// frees slots at once; lowering it takes slots away as flows end, so
+    /// no open flow is cut and no new one starts until the count is under
+    /// the new maximum.
+    pub fn resize(&mut self, max: usize) {
+        let max = if max == 0 {
+            Semaphore::MAX_PERMITS
+        } else {
+            max.min(Semaphore::MAX_PERMITS)
+        };
+        if max > self.max {
+            self.sem.add_permits(max - self.max);
+        } else if max < self.max {
+            let excess = self.max - max;
+            let taken = self.sem.forget_permits(excess);
+            if taken < excess {
+                let sem = Arc::clone(&self.sem);
+                let rest = u32::try_from(excess - taken).unwrap_or(u32::MAX);
+                tokio::spawn(async move {
+                    if let Ok(p) = sem.acquire_many_owned(rest).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        self.max = max;
+    }
+
     /// Flows currently holding a slot.
     pub fn in_use(&self) -> usize {
-        self.max - self.sem.available_permits()
+        self.max.saturating_sub(self.sem.available_permits())
     }
 
     /// The configured maximum (`Semaphore::MAX_PERMITS` when unlimited).

@@ -68,7 +68,9 @@ pub async fn resolve(shared: &Shared, ctx: &FlowContext, host: &str) -> Result<V
     if let Some(ips) = ctx.snapshot.config.resolver.hosts.get(&*key) {
         return Ok(ips.clone());
     }
-    shared.resolver.resolve(host).await
+    // Held for the lookup: a reload may swap the resolver meanwhile.
+    let resolver = shared.resolver.load_full();
+    resolver.resolve(host).await
 }
 
 /// Runs `on_destination` for every candidate address. Returns those the
@@ -198,8 +200,9 @@ pub async fn connect_and_replay(
 }
 
 impl Relaying {
-    /// Relays until the flow ends, then writes its record.
-    pub async fn run(self) {
+    /// Relays until the flow ends (or `closing` is cancelled: its listener
+    /// is gone and the drain time is over), then writes its record.
+    pub async fn run(self, closing: &tokio_util::sync::CancellationToken) {
         let Self {
             client,
             upstream,
@@ -219,6 +222,7 @@ impl Relaying {
                 chain: &tail.chain,
                 ctx: &tail.ctx,
                 dst: tail.dst.ip(),
+                closing,
             };
             if let Some(d) = shared.relay_ends(&flow).await {
                 let _ = revoked.set(d);

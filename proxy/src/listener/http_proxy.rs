@@ -55,6 +55,7 @@ pub async fn serve(
     snap: Arc<Snapshot>,
     mut client: TcpStream,
     peer: SocketAddr,
+    closing: &tokio_util::sync::CancellationToken,
 ) -> Option<flow::Relaying> {
     let accepted = Instant::now();
     let active = plan.metrics.active();
@@ -95,6 +96,7 @@ pub async fn serve(
         };
         let forced = shared.clone();
         let idle = plan.spec.idle_timeout;
+        let label = plan.label.clone();
         let state = Arc::new(ConnState { plan, shared, peer });
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
@@ -115,13 +117,17 @@ pub async fn serve(
         tokio::select! {
             _ = conn.as_mut() => return None,
             () = forced.forced() => return None,
-            // Draining: finish the request in progress, if any, then close
+            () = closing.cancelled() => return None,
+            // Draining (the process stopping, or this listener removed by a
+            // reload): finish the request in progress, if any, then close
             // instead of waiting for the next one.
             () = forced.stopping() => conn.as_mut().graceful_shutdown(),
+            () = forced.listener_gone(&label) => conn.as_mut().graceful_shutdown(),
         }
         tokio::select! {
             _ = conn => {}
             () = forced.forced() => {}
+            () = closing.cancelled() => {}
         }
         None
     }
@@ -589,7 +595,13 @@ impl ConnState {
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let accepted = Instant::now();
         let snap = self.shared.snapshot.load_full();
-        let mut ctx = FlowContext::new(self.shared.next_id(), &self.plan, self.peer, snap.clone());
+        // The listener's options as they are now: a reload reaches
+        // requests on connections kept alive from before it.
+        let plan = snap
+            .plan(&self.plan.label)
+            .cloned()
+            .unwrap_or_else(|| self.plan.clone());
+        let mut ctx = FlowContext::new(self.shared.next_id(), &plan, self.peer, snap.clone());
         ctx.protocol = Protocol::Http;
         // Named in the record even when refused before the target is decided on.
         ctx.connect_target = req
@@ -609,7 +621,7 @@ impl ConnState {
             resp
         };
         match authenticate(
-            &self.plan,
+            &plan,
             &snap,
             req.headers()
                 .get(hyper::header::PROXY_AUTHORIZATION)
@@ -751,7 +763,7 @@ impl ConnState {
         let addrs = flow::with_port(&ips, port);
         let started = Instant::now();
         let opts = ConnectOptions {
-            timeout: self.plan.spec.connect_timeout,
+            timeout: plan.spec.connect_timeout,
             ..ConnectOptions::default()
         };
         let mut rec = ctx.record();

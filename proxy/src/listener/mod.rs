@@ -21,11 +21,12 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use sluice_api::{Config, ListenerKind};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pub use chain::{Cluster, FilterChain, ListenerPlan};
 pub use filter::{Decision, FilterStatus, FlowContext, NetworkFilter, PolicyFilter};
@@ -35,12 +36,17 @@ use crate::forward::{ConnLimit, Resolver};
 use crate::policy::Policy;
 use crate::telemetry::audit::{AuditRecord, AuditWriter};
 
-/// One configuration, compiled. Immutable; a flow keeps the one it started
-/// with, a reload swaps in a new one.
+/// One configuration, compiled: everything a flow or a query needs, its
+/// listeners' plans (chains and clusters) and the policy among it.
+/// Immutable; a flow keeps the one it started with, a reload swaps in a new
+/// one, and the runtime binds, keeps or closes listeners to match it.
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Config,
     pub policy: Policy,
+    /// The TCP listeners' plans, in configuration order (DNS listeners are
+    /// served by `dns`).
+    listeners: Vec<Arc<ListenerPlan>>,
     /// Rule names (then `default`, `builtin-guard`) shared without copying,
     /// for the DNS proxy's per-query verdicts.
     rule_labels: Vec<Arc<str>>,
@@ -53,6 +59,12 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn new(config: Config) -> Self {
         let policy = Policy::compile(&config);
+        let listeners = config
+            .listeners
+            .iter()
+            .filter(|l| l.kind != ListenerKind::Dns)
+            .map(|l| Arc::new(ListenerPlan::from_config(l)))
+            .collect();
         let mut rule_labels: Vec<Arc<str>> = config.policy.rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
         rule_labels.push(Arc::from("default"));
         rule_labels.push(Arc::from("builtin-guard"));
@@ -60,9 +72,20 @@ impl Snapshot {
         Self {
             config,
             policy,
+            listeners,
             rule_labels,
             serial: SERIAL.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// The plan of TCP listener `name`, when this snapshot has one.
+    pub fn plan(&self, name: &str) -> Option<&Arc<ListenerPlan>> {
+        self.listeners.iter().find(|p| &*p.label == name)
+    }
+
+    /// Every TCP listener's plan.
+    pub fn plans(&self) -> &[Arc<ListenerPlan>] {
+        &self.listeners
     }
 
     /// See the field: distinct for every snapshot this process builds.
@@ -86,14 +109,16 @@ impl Snapshot {
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub audit: AuditWriter<AuditRecord>,
-    pub resolver: Resolver,
-    /// IP → name bindings from the DNS proxy's answers, when one runs.
-    pub bindings: Option<Arc<Bindings>>,
+    /// Swapped by a reload that changes `resolver.nameservers`.
+    pub resolver: ArcSwap<Resolver>,
+    /// IP → name bindings from the DNS proxy's answers, when one runs
+    /// (swapped by a reload that adds or removes DNS listeners).
+    pub bindings: ArcSwapOption<Bindings>,
     next_id: AtomicU64,
     active: AtomicUsize,
     /// Becomes `true` when draining starts: idle keep-alive connections
     /// close instead of waiting for another request.
-    stopping: watch::Receiver<bool>,
+    stopping: watch::Sender<bool>,
     /// What relayed flows watch: a forced close, and each configuration
     /// installed. One channel, so an idle flow waits on one receiver.
     control: watch::Sender<Control>,
@@ -114,18 +139,33 @@ impl Shared {
         audit: AuditWriter<AuditRecord>,
         resolver: Resolver,
         bindings: Option<Arc<Bindings>>,
-        stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             audit,
-            resolver,
-            bindings,
+            resolver: ArcSwap::from_pointee(resolver),
+            bindings: ArcSwapOption::new(bindings),
             next_id: AtomicU64::new(1),
             active: AtomicUsize::new(0),
-            stopping,
+            stopping: watch::Sender::new(false),
             control: watch::Sender::new(Control::default()),
         }
+    }
+
+    /// The process is stopping: kept-alive connections finish the request
+    /// in progress and close.
+    pub fn begin_draining(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Ends the flows of a listener that is gone, now that its drain time
+    /// is over. Relayed flows learn it through the same channel as a new
+    /// configuration (no waiter of their own, which an idle flow would pay
+    /// for in memory).
+    pub fn close_listener(&self, closing: &CancellationToken) {
+        closing.cancel();
+        self.control
+            .send_modify(|c| c.generation = c.generation.wrapping_add(1));
     }
 
     /// Ends every flow still open now (when the drain time is over).
@@ -143,7 +183,8 @@ impl Shared {
     }
 
     /// What ends a relayed flow from outside: resolves with `None` on a
-    /// forced close, or with the enforced denial that the first snapshot
+    /// forced close or when its listener's drain is over (`closing`, see
+    /// [`Shared::close_listener`]), or with the enforced denial that the first snapshot
     /// installed after the flow was decided gives it (a flow decided on an
     /// older snapshot than the current one is checked at once). Pending
     /// while every snapshot still lets it through.
@@ -153,7 +194,7 @@ impl Shared {
         let mut seen = None;
         loop {
             let now = *control.borrow_and_update();
-            if now.forced {
+            if now.forced || flow.closing.is_cancelled() {
                 return None;
             }
             let stale = match seen {
@@ -184,9 +225,23 @@ impl Shared {
         let _ = rx.wait_for(|c| c.forced).await;
     }
 
+    /// Resolves when a snapshot without TCP listener `name` is installed
+    /// (a reload removed it): its kept-alive connections then drain.
+    async fn listener_gone(&self, name: &str) {
+        let mut control = self.control.subscribe();
+        loop {
+            if self.snapshot.load().plan(name).is_none() {
+                return;
+            }
+            if control.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// Resolves when draining starts.
     async fn stopping(&self) {
-        let mut rx = self.stopping.clone();
+        let mut rx = self.stopping.subscribe();
         let _ = rx.wait_for(|v| *v).await;
     }
 }
@@ -197,6 +252,8 @@ struct RelayedFlow<'a> {
     chain: &'a FilterChain,
     ctx: &'a FlowContext,
     dst: std::net::IpAddr,
+    /// Its listener's: cancelled when the listener is gone and drained.
+    closing: &'a CancellationToken,
 }
 
 /// Counts a flow as active for draining, for as long as it lives.
@@ -257,17 +314,22 @@ impl NoDelay {
     }
 }
 
-/// Serves `listener` until `stop` turns true; each accepted connection runs
-/// on its own task. At `max_connections`, accepting pauses.
+/// Serves TCP listener `name` on `listener` until `stop` turns true; each
+/// accepted connection runs on its own task, with the listener's plan from
+/// the snapshot in force when it arrives (so a reload that changes the
+/// listener's options reaches the next connection). At `max_connections`,
+/// accepting pauses. `closing` is cancelled when the listener is gone and
+/// its drain time is over: its flows then end.
 pub fn spawn(
-    plan: Arc<ListenerPlan>,
+    name: Arc<str>,
     listener: TcpListener,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
+    closing: CancellationToken,
 ) -> JoinHandle<()> {
-    let limit = ConnLimit::new(plan.spec.max_connections);
     let bound = listener.local_addr().ok();
     tokio::spawn(async move {
+        let mut limit = ConnLimit::new(shared.snapshot.load().plan(&name).map_or(0, |p| p.spec.max_connections));
         let mut nodelay = NoDelay::default();
         // One stop future for the listener's life: re-creating it per
         // accept registered and unregistered a watch waiter (a mutex round
@@ -285,34 +347,44 @@ pub fn spawn(
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listener = %plan.spec.name, error = %e, "accept failed");
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
                     crate::telemetry::metrics::errors("accept", 1);
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             };
+            let snapshot = shared.snapshot.load_full();
+            // Between a reload that removed this listener and the stop
+            // reaching this loop: not ours to serve any more.
+            let Some(plan) = snapshot.plan(&name).cloned() else {
+                continue;
+            };
+            if plan.spec.max_connections != limit.max() {
+                limit.resize(plan.spec.max_connections);
+            }
             nodelay.apply(&stream);
             // A span per flow only while debug logging is on: entering and
             // leaving a disabled span on every poll still showed in the
             // per-connection profile. The level can change at runtime; a
             // flow keeps what it started with.
             let span = tracing::enabled!(tracing::Level::DEBUG)
-                .then(|| tracing::debug_span!("flow", listener = %plan.spec.name, src = %peer));
-            let plan = plan.clone();
+                .then(|| tracing::debug_span!("flow", listener = %name, src = %peer));
             let shared = shared.clone();
+            let closing = closing.clone();
             let flow = async move {
                 let _permit = permit;
                 let _active = ActiveGuard::new(&shared);
-                let snapshot = shared.snapshot.load_full();
                 // Classifying, deciding and connecting run in a boxed
                 // future that is freed before the relay starts, so an
                 // idle relayed flow holds only the relay's state.
                 let relaying = match plan.spec.kind {
-                    ListenerKind::HttpProxy => Box::pin(http_proxy::serve(plan, shared, snapshot, stream, peer)).await,
+                    ListenerKind::HttpProxy => {
+                        Box::pin(http_proxy::serve(plan, shared, snapshot, stream, peer, &closing)).await
+                    }
                     _ => Box::pin(peek::serve(plan, shared, snapshot, stream, peer, bound)).await,
                 };
                 if let Some(relaying) = relaying {
-                    relaying.run().await;
+                    relaying.run(&closing).await;
                 }
             };
             match span {
@@ -353,13 +425,11 @@ mod future_sizes {
             let cfg = sluice_api::config::embedded_default().unwrap_or_else(|_| unreachable!());
             let plan = std::sync::Arc::new(ListenerPlan::from_config(&cfg.listeners[0]));
             let snap = std::sync::Arc::new(Snapshot::new(cfg.clone()));
-            let (_tx, rx) = watch::channel(false);
             let shared = std::sync::Arc::new(Shared::new(
                 Snapshot::new(cfg),
                 AuditWriter::start(crate::telemetry::audit::AuditSink::Stderr, 16).unwrap_or_else(|_| unreachable!()),
                 crate::forward::Resolver::system().unwrap_or_else(|_| unreachable!()),
                 None,
-                rx,
             ));
             let c2 = tokio::net::TcpStream::connect(a)
                 .await
@@ -372,10 +442,10 @@ mod future_sizes {
             assert!(size(&rf) <= 640, "relay_until future: {} bytes", size(&rf));
             drop(rf);
             // What an idle relayed flow's task holds: the relay stage alone.
-            fn output_size<A, F>(_: fn(A) -> F) -> usize {
+            fn output_size2<A, B, F>(_: fn(A, B) -> F) -> usize {
                 std::mem::size_of::<F>()
             }
-            let run = output_size(flow::Relaying::run);
+            let run = output_size2(flow::Relaying::run);
             eprintln!("Relaying::run future: {run} bytes");
             assert!(run <= 896, "Relaying::run future: {run} bytes");
             let f = peek::serve(plan.clone(), shared.clone(), snap.clone(), c, a, None);
@@ -383,7 +453,8 @@ mod future_sizes {
             let c = tokio::net::TcpStream::connect(a)
                 .await
                 .unwrap_or_else(|_| unreachable!());
-            let f = http_proxy::serve(plan, shared, snap, c, a);
+            let closing = CancellationToken::new();
+            let f = http_proxy::serve(plan, shared, snap, c, a, &closing);
             assert!(size(&f) <= 4352, "http_proxy::serve future: {} bytes", size(&f));
         });
     }

@@ -249,11 +249,12 @@ pub async fn serve(
         }
     }
     let now = tokio::time::Instant::now().into_std();
+    let bindings = shared.bindings.load_full();
     // An address-only flow (opaque TCP, TLS without SNI) gets the name the
     // DNS proxy answered this client with for that address, so WebGroup
     // rules apply to it too.
     if ctx.name.is_none()
-        && let (Some(b), Some(orig)) = (&shared.bindings, ctx.original_dst)
+        && let (Some(b), Some(orig)) = (&bindings, ctx.original_dst)
         && let Some(name) = b.lookup(peer.ip(), orig.ip(), now)
     {
         ctx.name = Some(name);
@@ -310,10 +311,7 @@ pub async fn serve(
             let Some(orig) = ctx.original_dst else {
                 return resolve_failed(&shared, &chain, &mut ctx, "no-original-destination", accepted);
             };
-            let bound = shared
-                .bindings
-                .as_ref()
-                .filter(|b| b.has_bindings_for_source(peer.ip(), now));
+            let bound = bindings.as_ref().filter(|b| b.has_bindings_for_source(peer.ip(), now));
             match (&ctx.name, sni_check) {
                 // The DNS proxy knows what it told this client: the address
                 // dialled must be one it answered for that name.
