@@ -6,8 +6,10 @@ use std::fmt;
 
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
+/// The "why" of a verdict. One vocabulary for the policy, the built-in
+/// guard, the data plane's own checks and the DNS proxy; serialised as the
+/// kebab-case codes users see in audit records and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ReasonCode {
     /// A user rule with `action: allow` matched.
@@ -30,24 +32,192 @@ pub enum ReasonCode {
     GuardPrivateRanges,
     /// Built-in guard: name in `cloud-metadata-names`.
     GuardMetadataName,
+
+    /// The ClientHello's SNI names another host than the CONNECT target.
+    SniMismatch,
+    /// A plain-HTTP Host inside a tunnel names another host than its target.
+    HostMismatch,
+    /// A ClientHello without SNI in a tunnel to a named target.
+    ConnectNoSni,
+    /// The ClientHello carries Encrypted Client Hello (`ech: deny`).
+    EchPresent,
+    /// Transparent mode: the address dialled is not one the DNS proxy gave
+    /// this client for the SNI.
+    SniDestinationMismatch,
+    /// A first TLS record that is not a handshake.
+    TlsRecordOutOfPlace,
+    /// Plain text on an `sni` listener.
+    NotTls,
+    /// A ClientHello without SNI on an `sni` listener.
+    NoSni,
+    /// An absolute-form request whose Host names another host than its URI.
+    HttpConflictingHost,
+
+    TlsNotHandshake,
+    TlsSslv2,
+    TlsBadVersion,
+    TlsNotClientHello,
+    TlsOversized,
+    TlsMalformed,
+    TlsBadSni,
+    TlsDuplicateExtension,
+    HttpMalformed,
+    HttpOversized,
+    HttpTooManyHeaders,
+    HttpDuplicateHost,
+    HttpMissingHost,
+    HttpBadTarget,
+    HttpUnsupportedScheme,
+    HttpUserinfo,
+    HttpBadHost,
+    HttpBadPort,
+    /// More bytes than any ClientHello or request head may take.
+    ClassifyOversized,
+    /// The first bytes did not arrive within `peek_timeout`.
+    PeekTimeout,
+    /// The client closed before its first bytes classified.
+    ClientClosedEarly,
+    /// A socket error while reading the first bytes.
+    ClientError,
+
+    /// Proxy credentials missing or wrong.
+    ProxyAuthRequired,
+    /// `CONNECT` after another request on one proxy connection.
+    ConnectNotFirst,
+    /// No filter chain of the listener matches the flow.
+    NoFilterChain,
+    /// A transparent flow that was not redirected.
+    NoOriginalDestination,
+    /// A `tcp` listener's `upstream` is not a name or an address.
+    BadUpstream,
+    /// The process is stopping.
+    Shutdown,
+    /// No filter decided (never expected; fails closed).
+    NoDecision,
+
+    DnsExfiltration,
+    DnsInvalidName,
+    DnsMalformed,
+    DnsNotImplemented,
+    DnsBadEdnsVersion,
+    DnsZoneTransfer,
+}
+
+/// Which part of Sluice a reason comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ReasonKind {
+    /// A rule or the default decided.
+    Policy,
+    /// The built-in guard.
+    Guard,
+    /// An anti-evasion check.
+    AntiEvasion,
+    /// The first bytes could not be classified (fail closed).
+    Classify,
+    /// Refused by the listener before any policy question.
+    Listener,
+    /// The DNS proxy's own checks.
+    Dns,
+}
+
+impl ReasonKind {
+    /// The `rule` a verdict of this kind names when no rule decided.
+    pub fn rule_label(self) -> &'static str {
+        match self {
+            Self::Policy => "default",
+            Self::Guard => "builtin-guard",
+            Self::AntiEvasion => "anti-evasion",
+            Self::Classify => "classify",
+            Self::Listener => "listener",
+            Self::Dns => "dns",
+        }
+    }
+}
+
+macro_rules! codes {
+    ($($variant:ident = $code:literal / $kind:ident),* $(,)?) => {
+        impl ReasonCode {
+            /// The code written to audit records and metrics labels.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $code,)*
+                }
+            }
+
+            /// Where the reason comes from.
+            pub const fn kind(self) -> ReasonKind {
+                match self {
+                    $(Self::$variant => ReasonKind::$kind,)*
+                }
+            }
+
+            /// Every reason.
+            pub const EVERY: &'static [ReasonCode] = &[$(Self::$variant,)*];
+        }
+    };
+}
+
+codes! {
+    AllowedByRule = "allowed-by-rule" / Policy,
+    DeniedByRule = "denied-by-rule" / Policy,
+    DefaultAllow = "default-allow" / Policy,
+    DefaultDeny = "default-deny" / Policy,
+    GuardCloudMetadata = "guard-cloud-metadata" / Guard,
+    GuardLinkLocal = "guard-link-local" / Guard,
+    GuardLoopback = "guard-loopback" / Guard,
+    GuardGateway = "guard-gateway" / Guard,
+    GuardPrivateRanges = "guard-private-ranges" / Guard,
+    GuardMetadataName = "guard-metadata-name" / Guard,
+    SniMismatch = "sni-mismatch" / AntiEvasion,
+    HostMismatch = "host-mismatch" / AntiEvasion,
+    ConnectNoSni = "connect-no-sni" / AntiEvasion,
+    EchPresent = "ech-present" / AntiEvasion,
+    SniDestinationMismatch = "sni-destination-mismatch" / AntiEvasion,
+    TlsRecordOutOfPlace = "tls-record-out-of-place" / AntiEvasion,
+    NotTls = "not-tls" / AntiEvasion,
+    NoSni = "no-sni" / AntiEvasion,
+    HttpConflictingHost = "http-conflicting-host" / AntiEvasion,
+    TlsNotHandshake = "tls-not-handshake" / Classify,
+    TlsSslv2 = "tls-sslv2" / Classify,
+    TlsBadVersion = "tls-bad-version" / Classify,
+    TlsNotClientHello = "tls-not-client-hello" / Classify,
+    TlsOversized = "tls-oversized" / Classify,
+    TlsMalformed = "tls-malformed" / Classify,
+    TlsBadSni = "tls-bad-sni" / Classify,
+    TlsDuplicateExtension = "tls-duplicate-extension" / Classify,
+    HttpMalformed = "http-malformed" / Classify,
+    HttpOversized = "http-oversized" / Classify,
+    HttpTooManyHeaders = "http-too-many-headers" / Classify,
+    HttpDuplicateHost = "http-duplicate-host" / Classify,
+    HttpMissingHost = "http-missing-host" / Classify,
+    HttpBadTarget = "http-bad-target" / Classify,
+    HttpUnsupportedScheme = "http-unsupported-scheme" / Classify,
+    HttpUserinfo = "http-userinfo" / Classify,
+    HttpBadHost = "http-bad-host" / Classify,
+    HttpBadPort = "http-bad-port" / Classify,
+    ClassifyOversized = "classify-oversized" / Classify,
+    PeekTimeout = "peek-timeout" / Classify,
+    ClientClosedEarly = "client-closed-early" / Classify,
+    ClientError = "client-error" / Classify,
+    ProxyAuthRequired = "proxy-auth-required" / Listener,
+    ConnectNotFirst = "connect-not-first" / Listener,
+    NoFilterChain = "no-filter-chain" / Listener,
+    NoOriginalDestination = "no-original-destination" / Listener,
+    BadUpstream = "bad-upstream" / Listener,
+    Shutdown = "shutdown" / Listener,
+    NoDecision = "no-decision" / Listener,
+    DnsExfiltration = "dns-exfiltration" / Dns,
+    DnsInvalidName = "dns-invalid-name" / Dns,
+    DnsMalformed = "dns-malformed" / Dns,
+    DnsNotImplemented = "dns-not-implemented" / Dns,
+    DnsBadEdnsVersion = "dns-bad-edns-version" / Dns,
+    DnsZoneTransfer = "dns-zone-transfer" / Dns,
 }
 
 impl ReasonCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::AllowedByRule => "allowed-by-rule",
-            Self::DeniedByRule => "denied-by-rule",
-            Self::DefaultAllow => "default-allow",
-            Self::DefaultDeny => "default-deny",
-            Self::GuardCloudMetadata => "guard-cloud-metadata",
-            Self::GuardLinkLocal => "guard-link-local",
-            Self::GuardLoopback => "guard-loopback",
-            Self::GuardGateway => "guard-gateway",
-            Self::GuardPrivateRanges => "guard-private-ranges",
-            Self::GuardMetadataName => "guard-metadata-name",
-        }
-    }
-
+    /// The reasons the policy engine gives (rules, default, guard): what the
+    /// policy conformance scenarios cover.
     pub const ALL: [ReasonCode; 10] = [
         Self::AllowedByRule,
         Self::DeniedByRule,
@@ -61,13 +231,44 @@ impl ReasonCode {
         Self::GuardMetadataName,
     ];
 
+    /// The reason whose code is `s`.
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|r| r.as_str() == s)
+        Self::EVERY.iter().copied().find(|r| r.as_str() == s)
+    }
+}
+
+impl Serialize for ReasonCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
 impl fmt::Display for ReasonCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_parse_back() {
+        let mut seen = std::collections::HashSet::new();
+        for r in ReasonCode::EVERY {
+            assert!(seen.insert(r.as_str()), "{} twice", r.as_str());
+            assert_eq!(ReasonCode::parse(r.as_str()), Some(*r));
+            assert!(
+                r.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+                "{}",
+                r.as_str()
+            );
+        }
+        for r in ReasonCode::ALL {
+            assert!(matches!(r.kind(), ReasonKind::Policy | ReasonKind::Guard));
+        }
     }
 }

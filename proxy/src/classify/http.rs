@@ -164,6 +164,24 @@ pub enum HttpError {
 }
 
 impl HttpError {
+    /// The verdict's reason for a request head that does not parse.
+    pub fn reason(&self) -> sluice_api::reason::ReasonCode {
+        use sluice_api::reason::ReasonCode as R;
+        match self {
+            HttpError::Syntax(_) => R::HttpMalformed,
+            HttpError::HeadTooLarge { .. } => R::HttpOversized,
+            HttpError::TooManyHeaders { .. } => R::HttpTooManyHeaders,
+            HttpError::DuplicateHost => R::HttpDuplicateHost,
+            HttpError::ConflictingHost => R::HttpConflictingHost,
+            HttpError::MissingHost => R::HttpMissingHost,
+            HttpError::BadTarget => R::HttpBadTarget,
+            HttpError::UnsupportedScheme => R::HttpUnsupportedScheme,
+            HttpError::UserInfo => R::HttpUserinfo,
+            HttpError::BadHost => R::HttpBadHost,
+            HttpError::BadPort => R::HttpBadPort,
+        }
+    }
+
     /// Stable reason code for audit records and metrics labels.
     pub fn reason_code(&self) -> &'static str {
         match self {

@@ -105,6 +105,21 @@ pub enum TlsError {
 
 impl TlsError {
     /// Stable reason code for audit records and metrics labels.
+    /// The verdict's reason for a ClientHello that does not parse.
+    pub fn reason(&self) -> sluice_api::reason::ReasonCode {
+        use sluice_api::reason::ReasonCode as R;
+        match self {
+            TlsError::NotHandshake(_) => R::TlsNotHandshake,
+            TlsError::Sslv2 => R::TlsSslv2,
+            TlsError::BadVersion(_) => R::TlsBadVersion,
+            TlsError::NotClientHello(_) => R::TlsNotClientHello,
+            TlsError::Oversized { .. } => R::TlsOversized,
+            TlsError::Malformed(_) => R::TlsMalformed,
+            TlsError::BadSni(_) => R::TlsBadSni,
+            TlsError::DuplicateExtension(_) => R::TlsDuplicateExtension,
+        }
+    }
+
     pub fn reason_code(&self) -> &'static str {
         match self {
             TlsError::NotHandshake(_) => "tls-not-handshake",

@@ -39,19 +39,19 @@ pub struct QueryVerdict {
 pub mod reason {
     /// The query looked like data exfiltration (long or high-entropy labels,
     /// or too many unique subdomains of one parent from one source).
-    pub const DNS_EXFILTRATION: &str = "dns-exfiltration";
+    pub const DNS_EXFILTRATION: &str = sluice_api::reason::ReasonCode::DnsExfiltration.as_str();
     /// The query name is not a name the policy can classify (the root, or
     /// bytes that are not a hostname); it is refused.
-    pub const DNS_INVALID_NAME: &str = "dns-invalid-name";
+    pub const DNS_INVALID_NAME: &str = sluice_api::reason::ReasonCode::DnsInvalidName.as_str();
     /// The message could not be parsed; FORMERR was returned.
-    pub const DNS_MALFORMED: &str = "dns-malformed";
+    pub const DNS_MALFORMED: &str = sluice_api::reason::ReasonCode::DnsMalformed.as_str();
     /// Opcode other than QUERY; NOTIMP was returned.
-    pub const DNS_NOT_IMPLEMENTED: &str = "dns-not-implemented";
+    pub const DNS_NOT_IMPLEMENTED: &str = sluice_api::reason::ReasonCode::DnsNotImplemented.as_str();
     /// EDNS version other than 0; BADVERS was returned (RFC 6891 §6.1.3).
-    pub const DNS_BAD_EDNS_VERSION: &str = "dns-bad-edns-version";
+    pub const DNS_BAD_EDNS_VERSION: &str = sluice_api::reason::ReasonCode::DnsBadEdnsVersion.as_str();
     /// AXFR/IXFR: zone transfers are multi-message streams an egress
     /// resolver does not relay; REFUSED was returned.
-    pub const DNS_ZONE_TRANSFER: &str = "dns-zone-transfer";
+    pub const DNS_ZONE_TRANSFER: &str = sluice_api::reason::ReasonCode::DnsZoneTransfer.as_str();
     /// Rule name used in verdicts produced by the exfiltration detector.
     pub const EXFILTRATION_RULE: &str = "builtin-dns-exfiltration";
 }

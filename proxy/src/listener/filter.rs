@@ -21,6 +21,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use sluice_api::reason::ReasonCode;
 use sluice_api::{DomainName, Protocol};
 
 use super::Snapshot;
@@ -33,9 +34,10 @@ use crate::telemetry::audit::{self, FlowRecord, VerdictRecord};
 pub struct Decision {
     pub allow: bool,
     /// What decided: a rule's name, `default` or `builtin-guard` for the
-    /// policy, or one of the data plane's own labels ([`RuleLabel::Builtin`]).
+    /// policy, or the data plane's label for its own reasons
+    /// (`ReasonKind::rule_label`).
     pub rule: RuleLabel,
-    pub reason: Cow<'static, str>,
+    pub reason: ReasonCode,
     pub enforcement: Enforcement,
     /// Which anti-evasion check chose the destination (`dns-binding`,
     /// `sni-resolved`, `off`), when one ran.
@@ -48,20 +50,9 @@ pub struct Decision {
 pub enum RuleLabel {
     /// Shared with the snapshot's label, not copied per flow.
     Policy(Arc<str>),
-    /// [`ANTI_EVASION`], [`CLASSIFY`] or [`LISTENER`].
+    /// `anti-evasion`, `classify`, `listener`: see `ReasonKind::rule_label`.
     Builtin(&'static str),
 }
-
-/// Label of the anti-evasion checks: an SNI or Host that contradicts the
-/// CONNECT target, no SNI, ECH, a TLS record out of place, plain text on a
-/// TLS port, an SNI sent to an address it does not have.
-pub const ANTI_EVASION: &str = "anti-evasion";
-/// Label of a flow whose first bytes could not be classified (malformed or
-/// oversized hello or request head, timeout, early close): fail closed.
-pub const CLASSIFY: &str = "classify";
-/// Label of a refusal before any destination is decided on: credentials, a
-/// malformed proxy request, no filter chain, no original destination.
-pub const LISTENER: &str = "listener";
 
 impl RuleLabel {
     pub fn as_str(&self) -> &str {
@@ -73,37 +64,29 @@ impl RuleLabel {
 }
 
 impl Decision {
-    fn builtin(label: &'static str, reason: impl Into<Cow<'static, str>>, enforcement: Enforcement) -> Self {
+    /// A denial by the data plane itself (not by a rule): labelled by the
+    /// reason's kind, carried out or watched per `enforcement`.
+    pub fn check(reason: ReasonCode, enforcement: Enforcement) -> Self {
         Self {
             allow: false,
-            rule: RuleLabel::Builtin(label),
-            reason: reason.into(),
+            rule: RuleLabel::Builtin(reason.kind().rule_label()),
+            reason,
             enforcement,
             check: None,
         }
     }
 
-    /// An anti-evasion check's denial, carried out or watched per
-    /// `enforcement` (the policy's mode: see `flow::check_enforcement`).
-    pub fn evasion(reason: &'static str, enforcement: Enforcement) -> Self {
-        Self::builtin(ANTI_EVASION, reason, enforcement)
-    }
-
-    /// The first bytes did not classify: denied whatever the mode.
-    pub fn unclassified(reason: &'static str) -> Self {
-        Self::builtin(CLASSIFY, reason, Enforcement::Enforced)
-    }
-
-    /// Refused by the listener before any policy question: whatever the mode.
-    pub fn refused(reason: impl Into<Cow<'static, str>>) -> Self {
-        Self::builtin(LISTENER, reason, Enforcement::Enforced)
+    /// A data-plane denial carried out whatever the mode: what cannot be
+    /// classified, and what the listener refuses before any policy question.
+    pub fn refused(reason: ReasonCode) -> Self {
+        Self::check(reason, Enforcement::Enforced)
     }
 
     pub fn from_verdict(v: &Verdict, snap: &Snapshot) -> Self {
         Self {
             allow: v.action == sluice_api::Action::Allow,
             rule: RuleLabel::Policy(snap.rule_label(v.decided_by)),
-            reason: Cow::Borrowed(v.reason.as_str()),
+            reason: v.reason,
             enforcement: v.enforcement,
             check: None,
         }
@@ -122,7 +105,7 @@ impl Decision {
                 audit::Action::Deny
             },
             self.rule.as_str(),
-            self.reason.clone(),
+            self.reason.as_str(),
             match self.enforcement {
                 Enforcement::Enforced => audit::Enforcement::Enforced,
                 Enforcement::Watched => audit::Enforcement::Watched,
@@ -205,7 +188,7 @@ impl FlowContext {
         let decision = self
             .decision
             .clone()
-            .unwrap_or_else(|| Decision::refused("no-decision"));
+            .unwrap_or_else(|| Decision::refused(ReasonCode::NoDecision));
         let mut r = FlowRecord::unstamped(self.id, self.listener.to_string(), self.src, decision.record());
         r.src_groups = self
             .snapshot

@@ -45,9 +45,11 @@ use super::{ListenerPlan, Shared, Snapshot};
 use crate::classify::http::Host;
 use crate::classify::{HttpLimits, Progress, RequestHead, parse_request_head};
 use crate::forward::{ConnectOptions, connect, parse_ip_lenient};
-use crate::policy::Enforcement;
+
+use super::edge;
 use crate::telemetry::audit::FlowRecord;
 use crate::telemetry::metrics;
+use sluice_api::reason::ReasonCode;
 
 pub async fn serve(
     plan: Arc<ListenerPlan>,
@@ -66,21 +68,15 @@ pub async fn serve(
     let first = tokio::select! {
         biased;
         r = Box::pin(read_head(&mut client, &mut buf, &plan.spec)) => r,
-        () = shared.forced() => Err("shutdown"),
+        () = shared.forced() => Err(ReasonCode::Shutdown),
     };
     let head = match first {
         Ok(h) => h,
         Err(reason) => {
             let mut ctx = FlowContext::new(shared.next_id(), &plan, peer, snap);
             ctx.protocol = Protocol::Http;
-            ctx.decision = Some(if reason.starts_with("http-") {
-                Decision::unclassified(reason)
-            } else {
-                peek::failed(reason)
-            });
-            if !matches!(reason, "client-closed-early" | "peek-timeout" | "shutdown") {
-                let _ = respond(&mut client, 400, "Bad Request", &ctx).await;
-            }
+            ctx.decision = Some(Decision::refused(reason));
+            let _ = refuse(&mut client, &ctx).await;
             let rec = flow::denied_record(&ctx);
             flow::finish(&shared, None, &ctx, rec, accepted);
             return None;
@@ -138,7 +134,7 @@ async fn read_head(
     client: &mut TcpStream,
     buf: &mut Vec<u8>,
     spec: &sluice_api::Listener,
-) -> Result<RequestHead, &'static str> {
+) -> Result<RequestHead, ReasonCode> {
     use tokio::io::AsyncReadExt;
     let deadline = tokio::time::Instant::now() + spec.peek_timeout;
     let limits = HttpLimits::default();
@@ -146,20 +142,20 @@ async fn read_head(
     loop {
         while buf.len() < need {
             if buf.len() > limits.max_head {
-                return Err("http-oversized");
+                return Err(ReasonCode::HttpOversized);
             }
             buf.reserve(2048);
             match tokio::time::timeout_at(deadline, client.read_buf(buf)).await {
-                Err(_) => return Err("peek-timeout"),
-                Ok(Ok(0)) => return Err("client-closed-early"),
+                Err(_) => return Err(ReasonCode::PeekTimeout),
+                Ok(Ok(0)) => return Err(ReasonCode::ClientClosedEarly),
                 Ok(Ok(_)) => {}
-                Ok(Err(_)) => return Err("client-error"),
+                Ok(Err(_)) => return Err(ReasonCode::ClientError),
             }
         }
         match parse_request_head(buf, &limits) {
             Ok(Progress::Done(h)) => return Ok(h),
             Ok(Progress::NeedMore { at_least }) => need = buf.len() + at_least.unwrap_or(1),
-            Err(e) => return Err(e.reason_code()),
+            Err(e) => return Err(e.reason()),
         }
     }
 }
@@ -208,31 +204,67 @@ fn header_in_head<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
         .map(|h| h.value)
 }
 
-/// Reason code of a ClientHello without SNI in a tunnel to a named target.
-pub const CONNECT_NO_SNI: &str = "connect-no-sni";
+/// Answers a refused CONNECT (no hyper there) with the status its reason
+/// calls for ([`edge::refusal`]), or just closes when nobody is there to
+/// read one.
+async fn refuse(client: &mut TcpStream, ctx: &FlowContext) -> std::io::Result<()> {
+    let Some(d) = ctx.decision.as_ref() else {
+        return Ok(());
+    };
+    match edge::refusal(d.reason) {
+        Some(status) => {
+            respond(
+                client,
+                status,
+                d.rule.as_str(),
+                d.reason.as_str(),
+                "Sluice refused this request.",
+            )
+            .await
+        }
+        None => Ok(()),
+    }
+}
 
-/// A raw response on the CONNECT path (no hyper there).
-async fn respond(client: &mut TcpStream, code: u16, text: &str, ctx: &FlowContext) -> std::io::Result<()> {
-    let (rule, reason) = ctx.decision.as_ref().map_or(("-".to_owned(), "-".to_owned()), |d| {
-        (d.rule.as_str().to_owned(), d.reason.to_string())
-    });
-    let body = format!("Sluice refused this request.\nrule: {rule}\nreason: {reason}\n");
+/// Answers a CONNECT that was allowed but could not be forwarded.
+async fn fail(client: &mut TcpStream, ctx: &FlowContext, close_reason: &str) -> std::io::Result<()> {
+    let rule = ctx.decision.as_ref().map_or("-", |d| d.rule.as_str());
+    respond(
+        client,
+        edge::failure(close_reason),
+        rule,
+        close_reason,
+        "Sluice could not reach the target.",
+    )
+    .await
+}
+
+async fn respond(
+    client: &mut TcpStream,
+    status: edge::Status,
+    rule: &str,
+    reason: &str,
+    message: &str,
+) -> std::io::Result<()> {
+    let body = edge::body(message, rule, reason);
     let mut extra = String::new();
-    if code == 407 {
+    if status.code == 407 {
         extra.push_str("Proxy-Authenticate: Basic realm=\"sluice\"\r\n");
     }
     let msg = format!(
-        "HTTP/1.1 {code} {text}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Sluice-Rule: {rule}\r\nX-Sluice-Reason: {reason}\r\n{extra}Connection: close\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Sluice-Rule: {rule}\r\nX-Sluice-Reason: {reason}\r\n{extra}Connection: close\r\n\r\n{body}",
+        status.code,
+        status.text,
         body.len()
     );
     client.write_all(msg.as_bytes()).await?;
     client.shutdown().await
 }
 
-fn target_host(ctx: &mut FlowContext, host: &Host) -> Result<String, &'static str> {
+fn target_host(ctx: &mut FlowContext, host: &Host) -> Result<String, ReasonCode> {
     match host {
         Host::Name(n) => {
-            let name = DomainName::parse(n).map_err(|_| "http-bad-host")?;
+            let name = DomainName::parse(n).map_err(|_| ReasonCode::HttpBadHost)?;
             let s = name.to_string();
             ctx.name = Some(name);
             Ok(s)
@@ -273,16 +305,16 @@ async fn tunnel(
     match authenticate(&plan, &snap, header_in_head(head_bytes, "proxy-authorization")) {
         Ok(identity) => ctx.identity = identity,
         Err(()) => {
-            ctx.decision = Some(Decision::refused("proxy-auth-required"));
-            let _ = respond(&mut client, 407, "Proxy Authentication Required", &ctx).await;
+            ctx.decision = Some(Decision::refused(ReasonCode::ProxyAuthRequired));
+            let _ = refuse(&mut client, &ctx).await;
             let rec = flow::denied_record(&ctx);
             flow::finish(&shared, None, &ctx, rec, accepted);
             return None;
         }
     }
     let (Some(host), Some(port)) = (head.host.clone(), head.port) else {
-        ctx.decision = Some(Decision::refused("http-bad-target"));
-        let _ = respond(&mut client, 400, "Bad Request", &ctx).await;
+        ctx.decision = Some(Decision::refused(ReasonCode::HttpBadTarget));
+        let _ = refuse(&mut client, &ctx).await;
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, None, &ctx, rec, accepted);
         return None;
@@ -293,7 +325,7 @@ async fn tunnel(
         Ok(h) => h,
         Err(reason) => {
             ctx.decision = Some(Decision::refused(reason));
-            let _ = respond(&mut client, 400, "Bad Request", &ctx).await;
+            let _ = refuse(&mut client, &ctx).await;
             let rec = flow::denied_record(&ctx);
             flow::finish(&shared, None, &ctx, rec, accepted);
             return None;
@@ -303,8 +335,8 @@ async fn tunnel(
         .chain(ctx.name.as_ref(), port, peer.ip(), ctx.dst_ip, Transport::Tls)
         .cloned()
     else {
-        ctx.decision = Some(Decision::refused("no-filter-chain"));
-        let _ = respond(&mut client, 403, "Forbidden", &ctx).await;
+        ctx.decision = Some(Decision::refused(ReasonCode::NoFilterChain));
+        let _ = refuse(&mut client, &ctx).await;
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, None, &ctx, rec, accepted);
         return None;
@@ -312,7 +344,7 @@ async fn tunnel(
     // First decision, on the target alone, while a 403 can still be sent.
     flow::classified(&chain, &mut ctx);
     if ctx.decision.as_ref().is_none_or(Decision::blocks) {
-        let _ = respond(&mut client, 403, "Forbidden", &ctx).await;
+        let _ = refuse(&mut client, &ctx).await;
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
         return None;
@@ -323,22 +355,13 @@ async fn tunnel(
     let resolved = match Box::pin(flow::resolve(&shared, &ctx, &dial_host)).await {
         Ok(ips) => ips,
         Err(e) => {
-            let mut shown = ctx
-                .decision
-                .clone()
-                .unwrap_or_else(|| Decision::refused(e.reason_code()));
-            shown.reason = Cow::Borrowed(e.reason_code());
-            let view = FlowContext {
-                decision: Some(shown),
-                ..FlowContext::new(ctx.id, &plan, peer, snap.clone())
-            };
-            let _ = respond(&mut client, 502, "Bad Gateway", &view).await;
+            let _ = fail(&mut client, &ctx, e.reason_code()).await;
             flow::failed(&shared, Some(&*chain), &ctx, e.reason_code(), accepted);
             return None;
         }
     };
     if flow::screen(&chain, &mut ctx, &resolved).is_empty() {
-        let _ = respond(&mut client, 403, "Forbidden", &ctx).await;
+        let _ = refuse(&mut client, &ctx).await;
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
         return None;
@@ -360,7 +383,7 @@ async fn tunnel(
     let peeked = tokio::select! {
         biased;
         p = Box::pin(peek::peek(&mut client, &mut buf, &plan.spec)) => p,
-        () = shared.forced() => Peeked::Failed("shutdown"),
+        () = shared.forced() => Peeked::Failed(ReasonCode::Shutdown),
     };
     plan.metrics.classified(started.elapsed());
     ctx.decision = None;
@@ -372,7 +395,7 @@ async fn tunnel(
             match (&target_name, sni.as_deref().map(DomainName::parse)) {
                 (Some(t), Some(Ok(s))) if *t != s => {
                     let e = check_enforcement(&ctx);
-                    deny(&mut ctx, Decision::evasion("sni-mismatch", e));
+                    deny(&mut ctx, Decision::check(ReasonCode::SniMismatch, e));
                 }
                 // No SNI behind a named target: a CDN would route the hello
                 // to its default virtual host and the encrypted Host could
@@ -384,7 +407,7 @@ async fn tunnel(
                     ctx.name = target_name.clone();
                     if plan.spec.connect_no_sni == sluice_api::Action::Deny {
                         let e = check_enforcement(&ctx);
-                        deny(&mut ctx, Decision::evasion(CONNECT_NO_SNI, e));
+                        deny(&mut ctx, Decision::check(ReasonCode::ConnectNoSni, e));
                     }
                 }
                 _ => {}
@@ -399,11 +422,11 @@ async fn tunnel(
             ctx.host.clone_from(&h2.host_header);
             if !host_ok {
                 let e = check_enforcement(&ctx);
-                deny(&mut ctx, Decision::evasion("host-mismatch", e));
+                deny(&mut ctx, Decision::check(ReasonCode::HostMismatch, e));
             }
         }
         Peeked::Opaque => ctx.protocol = Protocol::Tcp,
-        Peeked::Failed(reason) => deny(&mut ctx, peek::failed(reason)),
+        Peeked::Failed(reason) => deny(&mut ctx, Decision::refused(reason)),
     }
     if ctx.decision.as_ref().is_some_and(Decision::blocks) {
         let rec = flow::denied_record(&ctx);
@@ -464,31 +487,49 @@ impl AsyncWrite for Rewind {
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-fn text(status: StatusCode, ctx: &FlowContext, message: &str) -> Response<ProxyBody> {
-    let (rule, reason) = ctx.decision.as_ref().map_or(("-".to_owned(), "-".to_owned()), |d| {
-        (d.rule.as_str().to_owned(), d.reason.to_string())
-    });
-    let body = format!("{message}\nrule: {rule}\nreason: {reason}\n");
+/// A hyper response naming `rule` and `reason`, with the status `status`.
+fn answer(status: edge::Status, rule: &str, reason: &str, message: &str) -> Response<ProxyBody> {
+    let body = edge::body(message, rule, reason);
     let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
-    *r.status_mut() = status;
+    *r.status_mut() = StatusCode::from_u16(status.code).unwrap_or(StatusCode::FORBIDDEN);
     let h = r.headers_mut();
     h.insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain"),
     );
-    if let Ok(v) = hyper::header::HeaderValue::from_str(&rule) {
+    if let Ok(v) = hyper::header::HeaderValue::from_str(rule) {
         h.insert("x-sluice-rule", v);
     }
-    if let Ok(v) = hyper::header::HeaderValue::from_str(&reason) {
+    if let Ok(v) = hyper::header::HeaderValue::from_str(reason) {
         h.insert("x-sluice-reason", v);
     }
-    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+    if status.code == 407 {
         h.insert(
             hyper::header::PROXY_AUTHENTICATE,
             hyper::header::HeaderValue::from_static("Basic realm=\"sluice\""),
         );
     }
     r
+}
+
+/// The answer to a refused request: its status from its reason
+/// ([`edge::refusal`]).
+fn refusal(ctx: &FlowContext, message: &str) -> Response<ProxyBody> {
+    let d = ctx
+        .decision
+        .clone()
+        .unwrap_or_else(|| Decision::refused(ReasonCode::NoDecision));
+    let status = edge::refusal(d.reason).unwrap_or(edge::Status {
+        code: 400,
+        text: "Bad Request",
+    });
+    answer(status, d.rule.as_str(), d.reason.as_str(), message)
+}
+
+/// The answer to an allowed request that could not be forwarded.
+fn failure(ctx: &FlowContext, close_reason: &str, message: &str) -> Response<ProxyBody> {
+    let rule = ctx.decision.as_ref().map_or("-", |d| d.rule.as_str());
+    answer(edge::failure(close_reason), rule, close_reason, message)
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the proxy's own.
@@ -608,14 +649,9 @@ impl ConnState {
             .uri()
             .authority()
             .map(|a| format!("{}:{}", a.host(), a.port_u16().unwrap_or(80)));
-        let deny_now = |ctx: &mut FlowContext, reason: &'static str, status: StatusCode, msg: &str| {
-            ctx.decision = Some(match reason {
-                // A Host header naming another host than the URI: fronting.
-                "http-conflicting-host" => Decision::evasion(reason, Enforcement::Enforced),
-                "http-bad-host" => Decision::unclassified(reason),
-                _ => Decision::refused(reason),
-            });
-            let resp = text(status, ctx, msg);
+        let deny_now = |ctx: &mut FlowContext, reason: ReasonCode, msg: &str| {
+            ctx.decision = Some(Decision::refused(reason));
+            let resp = refusal(ctx, msg);
             let rec = flow::denied_record(ctx);
             flow::finish(&self.shared, None, ctx, rec, accepted);
             resp
@@ -631,8 +667,7 @@ impl ConnState {
             Err(()) => {
                 return deny_now(
                     &mut ctx,
-                    "proxy-auth-required",
-                    StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                    ReasonCode::ProxyAuthRequired,
                     "Proxy authentication required.",
                 );
             }
@@ -640,24 +675,21 @@ impl ConnState {
         if req.method() == hyper::Method::CONNECT {
             return deny_now(
                 &mut ctx,
-                "connect-not-first",
-                StatusCode::METHOD_NOT_ALLOWED,
+                ReasonCode::ConnectNotFirst,
                 "CONNECT must be the first request on a proxy connection.",
             );
         }
         let Some(authority) = req.uri().authority().cloned() else {
             return deny_now(
                 &mut ctx,
-                "http-bad-target",
-                StatusCode::BAD_REQUEST,
+                ReasonCode::HttpBadTarget,
                 "A proxy request needs an absolute URI (http://host/path).",
             );
         };
         if req.uri().scheme_str().is_some_and(|s| !s.eq_ignore_ascii_case("http")) {
             return deny_now(
                 &mut ctx,
-                "http-unsupported-scheme",
-                StatusCode::BAD_REQUEST,
+                ReasonCode::HttpUnsupportedScheme,
                 "Only http:// URIs are proxied; use CONNECT for https.",
             );
         }
@@ -680,12 +712,7 @@ impl ConnState {
             // `0x7f.1`, `2130706433`: a resolver would read another address
             // than the one written; refuse rather than guess.
             Err(_) if parse_ip_lenient(&raw_host).is_some() => {
-                return deny_now(
-                    &mut ctx,
-                    "http-bad-host",
-                    StatusCode::BAD_REQUEST,
-                    "Numeric host spellings are refused.",
-                );
+                return deny_now(&mut ctx, ReasonCode::HttpBadHost, "Numeric host spellings are refused.");
             }
             Err(_) => Host::Name(raw_host.clone()),
         };
@@ -706,15 +733,14 @@ impl ConnState {
             if !same {
                 return deny_now(
                     &mut ctx,
-                    "http-conflicting-host",
-                    StatusCode::BAD_REQUEST,
+                    ReasonCode::HttpConflictingHost,
                     "The Host header names another host than the URI.",
                 );
             }
         }
         let dial_host = match target_host(&mut ctx, &host) {
             Ok(h) => h,
-            Err(reason) => return deny_now(&mut ctx, reason, StatusCode::BAD_REQUEST, "Invalid host."),
+            Err(reason) => return deny_now(&mut ctx, reason, "Invalid host."),
         };
         let Some(chain) = self
             .plan
@@ -727,16 +753,11 @@ impl ConnState {
             )
             .cloned()
         else {
-            return deny_now(
-                &mut ctx,
-                "no-filter-chain",
-                StatusCode::FORBIDDEN,
-                "Sluice refused this request.",
-            );
+            return deny_now(&mut ctx, ReasonCode::NoFilterChain, "Sluice refused this request.");
         };
         flow::classified(&chain, &mut ctx);
         if ctx.decision.as_ref().is_none_or(Decision::blocks) {
-            let resp = text(StatusCode::FORBIDDEN, &ctx, "Sluice refused this request.");
+            let resp = refusal(&ctx, "Sluice refused this request.");
             let rec = flow::denied_record(&ctx);
             flow::finish(&self.shared, Some(&chain), &ctx, rec, accepted);
             return resp;
@@ -744,9 +765,9 @@ impl ConnState {
         let ips = match flow::resolve(&self.shared, &ctx, &dial_host).await {
             Ok(ips) => ips,
             Err(e) => {
-                let resp = text(
-                    StatusCode::BAD_GATEWAY,
+                let resp = failure(
                     &ctx,
+                    e.reason_code(),
                     &format!("Sluice could not resolve the host ({}).", e.reason_code()),
                 );
                 flow::failed(&self.shared, Some(&chain), &ctx, e.reason_code(), accepted);
@@ -755,7 +776,7 @@ impl ConnState {
         };
         let ips = flow::screen(&chain, &mut ctx, &ips);
         if ips.is_empty() {
-            let resp = text(StatusCode::FORBIDDEN, &ctx, "Sluice refused this request.");
+            let resp = refusal(&ctx, "Sluice refused this request.");
             let rec = flow::denied_record(&ctx);
             flow::finish(&self.shared, Some(&chain), &ctx, rec, accepted);
             return resp;
@@ -776,12 +797,7 @@ impl ConnState {
             Err(e) => {
                 metrics::connect_latency(e.reason_code(), started.elapsed());
                 rec.close_reason = Cow::Borrowed(e.reason_code());
-                let status = if e.reason_code() == "connect-timeout" {
-                    StatusCode::GATEWAY_TIMEOUT
-                } else {
-                    StatusCode::BAD_GATEWAY
-                };
-                let resp = text(status, &ctx, "Sluice could not connect to the host.");
+                let resp = failure(&ctx, e.reason_code(), "Sluice could not connect to the host.");
                 flow::finish(&self.shared, Some(&chain), &ctx, rec, accepted);
                 return resp;
             }
@@ -796,7 +812,7 @@ impl ConnState {
             Ok(x) => x,
             Err(_) => {
                 rec.close_reason = Cow::Borrowed("upstream-error");
-                let resp = text(StatusCode::BAD_GATEWAY, &ctx, "Upstream HTTP handshake failed.");
+                let resp = failure(&ctx, "upstream-error", "Upstream HTTP handshake failed.");
                 flow::finish(&self.shared, Some(&chain), &ctx, rec, accepted);
                 return resp;
             }
@@ -851,7 +867,7 @@ impl ConnState {
                 {
                     r.close_reason = Cow::Borrowed("upstream-error");
                 }
-                text(StatusCode::BAD_GATEWAY, &guard.ctx, "Upstream request failed.")
+                failure(&guard.ctx, "upstream-error", "Upstream request failed.")
             }
         }
     }

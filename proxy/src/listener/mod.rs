@@ -12,6 +12,7 @@
 //! sni and tcp listeners; `flow` holds the steps they share.
 
 pub mod chain;
+pub mod edge;
 pub mod filter;
 mod flow;
 mod http_proxy;

@@ -28,21 +28,7 @@ use crate::classify::http::Host;
 use crate::classify::{
     ClientHello, HttpLimits, Limits, Progress, RequestHead, Sniff, parse_client_hello, parse_request_head, sniff,
 };
-use crate::policy::Enforcement;
-
-/// Reason code of a first record that is TLS but not a handshake.
-pub const TLS_RECORD_OUT_OF_PLACE: &str = "tls-record-out-of-place";
-
-/// The decision for bytes that did not classify: a TLS record out of place
-/// is an evasion attempt, anything else a classification failure; both are
-/// refused whatever the mode (fail closed).
-pub fn failed(reason: &'static str) -> Decision {
-    match reason {
-        TLS_RECORD_OUT_OF_PLACE => Decision::evasion(reason, Enforcement::Enforced),
-        "shutdown" => Decision::refused(reason),
-        _ => Decision::unclassified(reason),
-    }
-}
+use sluice_api::reason::ReasonCode;
 
 /// What the first bytes were.
 #[derive(Debug)]
@@ -51,8 +37,9 @@ pub enum Peeked {
     Http(RequestHead),
     /// Neither TLS nor HTTP: opaque TCP.
     Opaque,
-    /// Classification failed; the reason code says how.
-    Failed(&'static str),
+    /// Classification failed (a TLS record out of place included); refused
+    /// whatever the mode.
+    Failed(ReasonCode),
 }
 
 /// Reads into `buf` until the first bytes classify, within `spec`'s peek
@@ -70,14 +57,14 @@ pub async fn peek(client: &mut TcpStream, buf: &mut Vec<u8>, spec: &sluice_api::
     loop {
         while buf.len() < need {
             if buf.len() >= cap {
-                return Peeked::Failed("classify-oversized");
+                return Peeked::Failed(ReasonCode::ClassifyOversized);
             }
             buf.reserve((need - buf.len()).max(2048).min(cap - buf.len()));
             match tokio::time::timeout_at(deadline, client.read_buf(buf)).await {
-                Err(_) => return Peeked::Failed("peek-timeout"),
-                Ok(Ok(0)) => return Peeked::Failed("client-closed-early"),
+                Err(_) => return Peeked::Failed(ReasonCode::PeekTimeout),
+                Ok(Ok(0)) => return Peeked::Failed(ReasonCode::ClientClosedEarly),
                 Ok(Ok(_)) => {}
-                Ok(Err(_)) => return Peeked::Failed("client-error"),
+                Ok(Err(_)) => return Peeked::Failed(ReasonCode::ClientError),
             }
         }
         // Re-parse only once enough has arrived to change the answer: a
@@ -88,14 +75,14 @@ pub async fn peek(client: &mut TcpStream, buf: &mut Vec<u8>, spec: &sluice_api::
             Sniff::Tls => match parse_client_hello(buf, &limits) {
                 Ok(Progress::Done(h)) => return Peeked::Tls(h),
                 Ok(Progress::NeedMore { at_least }) => need = buf.len() + at_least.unwrap_or(1),
-                Err(e) => return Peeked::Failed(e.reason_code()),
+                Err(e) => return Peeked::Failed(e.reason()),
             },
             Sniff::Http => match parse_request_head(buf, &http) {
                 Ok(Progress::Done(h)) => return Peeked::Http(h),
                 Ok(Progress::NeedMore { at_least }) => need = buf.len() + at_least.unwrap_or(1),
-                Err(e) => return Peeked::Failed(e.reason_code()),
+                Err(e) => return Peeked::Failed(e.reason()),
             },
-            Sniff::TlsRecordOutOfPlace(_) => return Peeked::Failed(TLS_RECORD_OUT_OF_PLACE),
+            Sniff::TlsRecordOutOfPlace(_) => return Peeked::Failed(ReasonCode::TlsRecordOutOfPlace),
             Sniff::Unknown => return Peeked::Opaque,
         }
     }
@@ -117,13 +104,13 @@ pub fn from_hello(ctx: &mut FlowContext, plan: &ListenerPlan, h: ClientHello) {
     if let Some(sni) = h.sni {
         match DomainName::parse(&sni) {
             Ok(n) => ctx.name = Some(n),
-            Err(_) => deny(ctx, Decision::unclassified("tls-bad-sni")),
+            Err(_) => deny(ctx, Decision::refused(ReasonCode::TlsBadSni)),
         }
         ctx.sni = Some(sni);
     }
     if h.ech && plan.ech_denied() {
         let e = check_enforcement(ctx);
-        deny(ctx, Decision::evasion("ech-present", e));
+        deny(ctx, Decision::check(ReasonCode::EchPresent, e));
     }
 }
 
@@ -134,7 +121,7 @@ pub fn from_http(ctx: &mut FlowContext, head: &RequestHead) {
     match &head.host {
         Some(Host::Name(n)) => match DomainName::parse(n) {
             Ok(n) => ctx.name = Some(n),
-            Err(_) => deny(ctx, Decision::unclassified("http-bad-host")),
+            Err(_) => deny(ctx, Decision::refused(ReasonCode::HttpBadHost)),
         },
         Some(Host::Ipv4(ip)) => ctx.dst_ip = Some((*ip).into()),
         Some(Host::Ipv6(ip)) => ctx.dst_ip = Some((*ip).into()),
@@ -179,7 +166,7 @@ pub async fn serve(
                 ctx.port = a.port();
             }
             None => {
-                ctx.decision = Some(Decision::refused("no-original-destination"));
+                ctx.decision = Some(Decision::refused(ReasonCode::NoOriginalDestination));
                 let rec = flow::denied_record(&ctx);
                 flow::finish(&shared, None, &ctx, rec, accepted);
                 return None;
@@ -197,7 +184,7 @@ pub async fn serve(
         let peeked = tokio::select! {
             biased;
             p = Box::pin(peek(&mut client, &mut buf, &plan.spec)) => p,
-            () = shared.forced() => Peeked::Failed("shutdown"),
+            () = shared.forced() => Peeked::Failed(ReasonCode::Shutdown),
         };
         plan.metrics.classified(started.elapsed());
         match peeked {
@@ -208,7 +195,7 @@ pub async fn serve(
             // An sni listener passes TLS only: plain HTTP would cross in
             // clear text to a port meant for TLS.
             Peeked::Http(_) if kind == ListenerKind::Sni => {
-                deny(&mut ctx, Decision::evasion("not-tls", Enforcement::Enforced));
+                deny(&mut ctx, Decision::refused(ReasonCode::NotTls));
                 Transport::RawBuffer
             }
             Peeked::Http(head) => {
@@ -216,14 +203,14 @@ pub async fn serve(
                 Transport::RawBuffer
             }
             Peeked::Opaque if kind == ListenerKind::Sni => {
-                deny(&mut ctx, Decision::evasion("not-tls", Enforcement::Enforced));
+                deny(&mut ctx, Decision::refused(ReasonCode::NotTls));
                 Transport::RawBuffer
             }
             Peeked::Opaque => Transport::RawBuffer,
             Peeked::Failed(reason) => {
                 // Fail closed: what cannot be classified is not forwarded,
                 // whatever the mode.
-                deny(&mut ctx, failed(reason));
+                deny(&mut ctx, Decision::refused(reason));
                 Transport::RawBuffer
             }
         }
@@ -238,14 +225,14 @@ pub async fn serve(
             Some(ip) => ctx.dst_ip = Some(ip),
             None => match DomainName::parse(host) {
                 Ok(n) => ctx.name = Some(n),
-                Err(_) => deny(&mut ctx, Decision::refused("bad-upstream")),
+                Err(_) => deny(&mut ctx, Decision::refused(ReasonCode::BadUpstream)),
             },
         }
     }
     if kind == ListenerKind::Sni {
         ctx.port = plan.spec.upstream_port;
         if ctx.name.is_none() {
-            deny(&mut ctx, Decision::evasion("no-sni", Enforcement::Enforced));
+            deny(&mut ctx, Decision::refused(ReasonCode::NoSni));
         }
     }
     let now = tokio::time::Instant::now().into_std();
@@ -282,7 +269,7 @@ pub async fn serve(
         .chain(ctx.name.as_ref(), ctx.port, peer.ip(), ctx.dst_ip, transport)
         .cloned()
     else {
-        deny(&mut ctx, Decision::refused("no-filter-chain"));
+        deny(&mut ctx, Decision::refused(ReasonCode::NoFilterChain));
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, None, &ctx, rec, accepted);
         return None;
@@ -320,7 +307,7 @@ pub async fn serve(
                         (vec![orig.ip()], orig.port(), Some("dns-binding"))
                     } else {
                         let e = check_enforcement(&ctx);
-                        let mut d = Decision::evasion("sni-destination-mismatch", e);
+                        let mut d = Decision::check(ReasonCode::SniDestinationMismatch, e);
                         d.check = Some("dns-binding");
                         deny(&mut ctx, d);
                         if ctx.decision.as_ref().is_some_and(Decision::blocks) {
