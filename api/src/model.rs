@@ -348,6 +348,11 @@ pub struct Rule {
     pub action: Action,
     /// Log-only for this rule, whatever the global mode.
     pub watch: bool,
+    /// Filters (plugins, by name) this rule hands its decision to: when the
+    /// rule denies, a filter named here may allow the flow. Without it, no
+    /// filter can loosen what the rule decided.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub delegate: Vec<String>,
     /// Where the rule is written in its file, for messages.
     #[serde(skip)]
     pub at: Pos,

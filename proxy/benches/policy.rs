@@ -133,6 +133,7 @@ fn generate(rng: &mut Rng) -> (Config, Vec<String>) {
             ports: vec![PortRange { lo: 443, hi: 443 }, PortRange { lo: 8000, hi: 8100 }],
             action: if i % 7 == 0 { Action::Deny } else { Action::Allow },
             watch: false,
+            delegate: Vec::new(),
             at: Default::default(),
         })
         .collect();

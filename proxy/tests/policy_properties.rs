@@ -394,6 +394,7 @@ fn rule_strategy(nw: usize, ns: usize) -> impl Strategy<Value = Rule> {
                     .collect(),
                 action: if allow { Action::Allow } else { Action::Deny },
                 watch,
+                delegate: Vec::new(),
                 at: Default::default(),
             }
         })

@@ -92,6 +92,8 @@ pub enum ConfigErrorKind {
     },
     #[error("no workload named `{name}` in `inventory`{}", did_you_mean(suggestion))]
     UnknownWorkload { name: String, suggestion: Option<String> },
+    #[error("no plugin named `{name}`{}; declare it under `plugins:`", did_you_mean(suggestion))]
+    UnknownPlugin { name: String, suggestion: Option<String> },
     #[error("{kind} `{name}` is defined twice (first at line {first_line}); rename or merge one")]
     DuplicateName {
         kind: NameKind,

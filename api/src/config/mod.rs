@@ -235,7 +235,8 @@ impl Validator {
         let webgroups = self.webgroups(&raw.webgroups);
         let gateway_nets: Vec<IpNet> = gateway_addresses.iter().map(|ip| IpNet::from(*ip)).collect();
         let smartgroups = self.smartgroups(&raw.smartgroups, &gateway_nets, &inventory);
-        let policy = self.policy(raw.policy.as_ref(), &webgroups, &smartgroups);
+        let plugin_names: Vec<String> = raw.plugins.iter().map(|p| p.value.name.value.clone()).collect();
+        let policy = self.policy(raw.policy.as_ref(), &webgroups, &smartgroups, &plugin_names);
         let smart_names: Vec<&str> = smartgroups.iter().map(|g| g.name.as_str()).collect();
         for (name, loc, path) in std::mem::take(&mut self.user_refs) {
             if !smart_names.contains(&name.as_str()) {
@@ -1061,7 +1062,13 @@ impl Validator {
         None
     }
 
-    fn policy(&mut self, raw: Option<&raw::RawPolicy>, web: &[WebGroup], smart: &[SmartGroup]) -> PolicyConfig {
+    fn policy(
+        &mut self,
+        raw: Option<&raw::RawPolicy>,
+        web: &[WebGroup],
+        smart: &[SmartGroup],
+        plugins: &[String],
+    ) -> PolicyConfig {
         let Some(p) = raw else {
             return PolicyConfig {
                 mode: Mode::Enforce,
@@ -1114,6 +1121,21 @@ impl Validator {
                     })
                     .collect();
             }
+            let mut delegate = Vec::new();
+            for (j, d) in r.delegate.iter().enumerate() {
+                if plugins.contains(&d.value) {
+                    delegate.push(d.value.clone());
+                } else {
+                    self.err(
+                        d.referenced,
+                        format!("{path}.delegate[{j}]"),
+                        ConfigErrorKind::UnknownPlugin {
+                            name: d.value.clone(),
+                            suggestion: suggest(&d.value, plugins.iter().map(String::as_str)),
+                        },
+                    );
+                }
+            }
             let mut protocols: Vec<Protocol> = r.protocols.iter().map(|p| p.value).collect();
             protocols.sort();
             protocols.dedup();
@@ -1132,6 +1154,7 @@ impl Validator {
                     ports,
                     action: r.action.value,
                     watch: r.watch,
+                    delegate,
                     at: pos(at),
                 });
             }

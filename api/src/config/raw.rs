@@ -262,6 +262,8 @@ pub struct RawRule {
     pub action: S<Action>,
     #[serde(default)]
     pub watch: bool,
+    #[serde(default)]
+    pub delegate: Vec<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

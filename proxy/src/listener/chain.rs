@@ -13,7 +13,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use sluice_api::{DomainName, DomainPattern, EchPolicy, Listener, ListenerKind, PortRange, SniCheck};
 
-use super::filter::{NetworkFilter, PolicyFilter};
+use super::filter::{AntiEvasionFilter, NetworkFilter, PolicyFilter};
 
 /// What the first bytes of a flow turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +128,7 @@ impl ListenerPlan {
             // DNS listeners are served by `dns`, not by filter chains.
             ListenerKind::Dns => Cluster::RequestTarget,
         };
+        let anti_evasion: Arc<dyn NetworkFilter> = Arc::new(AntiEvasionFilter);
         let policy: Arc<dyn NetworkFilter> = Arc::new(PolicyFilter);
         Self {
             spec: spec.clone(),
@@ -136,7 +137,7 @@ impl ListenerPlan {
             chains: vec![Arc::new(FilterChain {
                 name: format!("{}/default", spec.name),
                 matcher: ChainMatch::default(),
-                filters: vec![policy],
+                filters: vec![anti_evasion, policy],
                 cluster,
             })],
         }

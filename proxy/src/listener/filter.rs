@@ -1,20 +1,33 @@
-//! The network-filter interface, shared by built-in filters (`sluice.policy`
-//! now) and WASM filters (later): one trait, a per-flow context, and hooks
-//! with default no-op bodies, in the spirit of Envoy's network filters and
-//! pingora's phases.
+//! The network-filter interface, shared by the built-in filters
+//! (`sluice.anti-evasion`, `sluice.policy`) and WASM plugins: one trait, a
+//! per-flow context, and hooks with default no-op bodies, in the spirit of
+//! Envoy's network filters and pingora's phases.
 //!
-//! Hooks run in chain order, on the flow's task, and must not block:
+//! Hooks run in chain order, on the flow's task, and must not block (a
+//! filter that must wait returns [`FilterStatus::Pause`]):
 //!
 //! | hook | when | may |
 //! |---|---|---|
-//! | [`NetworkFilter::on_classified`] | the flow's name, protocol and port are known (SNI, Host, CONNECT target, or none), nothing has been sent upstream | decide, annotate, deny |
+//! | [`NetworkFilter::on_classified`] | the flow's name, protocol and port are known (SNI, Host, CONNECT target, or none), nothing has been sent upstream | allow, deny, pause, annotate, keep state |
 //! | [`NetworkFilter::on_destination`] | an upstream address has been chosen (resolved name, original destination), before connecting | deny that address |
+//! | [`NetworkFilter::on_downstream_data`], [`NetworkFilter::on_upstream_data`] | bytes cross the relay, for a chain with a filter that [`wants_data`](NetworkFilter::wants_data) | close the flow |
 //! | [`NetworkFilter::on_policy_change`] | a new configuration snapshot was installed while the flow is relayed | deny: the flow is closed, its record says why |
 //! | [`NetworkFilter::on_close`] | the flow has ended, its audit record is complete | add to the record |
 //!
-//! Returning [`FilterStatus::Deny`] stops the chain. Whether the flow is
-//! then actually refused depends on the denial's enforcement: a *watched*
-//! denial is recorded as "would deny" and the flow goes on.
+//! Every filter of the chain runs, whatever earlier ones said, so a later
+//! one sees a denied flow too. Who may change the verdict (the chain
+//! applies these rules, `flow::apply`):
+//!
+//! - the first decision stands, unless a later filter **tightens** it:
+//!   denies what was allowed, or carries out a denial that was only watched;
+//! - a filter may **loosen** (allow what was denied) only a denial by a
+//!   rule that names it in `delegate`; a denial by the built-in guard, by
+//!   an anti-evasion check or by the default is final;
+//! - whether a denial is carried out or only watched is the denial's own
+//!   (the policy's mode, or a rule's `watch`), set where it is made.
+//!
+//! The record names, in `changed_by`, every filter that changed the verdict
+//! after the first decision, and carries the filters' `annotations`.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -25,6 +38,7 @@ use sluice_api::reason::ReasonCode;
 use sluice_api::{DomainName, Protocol};
 
 use super::Snapshot;
+use crate::classify::http::Host;
 use crate::policy::{DecidedBy, Enforcement, FlowQuery, Verdict};
 use crate::telemetry::audit::{self, FlowRecord, VerdictRecord};
 
@@ -42,6 +56,10 @@ pub struct Decision {
     /// Which anti-evasion check chose the destination (`dns-binding`,
     /// `sni-resolved`, `off`), when one ran.
     pub check: Option<&'static str>,
+    /// The part of the policy that decided, for a policy verdict: what a
+    /// filter's allow is checked against (only a rule that delegates to the
+    /// filter can be loosened by it).
+    pub source: Option<DecidedBy>,
 }
 
 /// The `rule` of a verdict. Every verdict names one, so audit records and
@@ -73,6 +91,7 @@ impl Decision {
             reason,
             enforcement,
             check: None,
+            source: None,
         }
     }
 
@@ -89,6 +108,19 @@ impl Decision {
             reason: v.reason,
             enforcement: v.enforcement,
             check: None,
+            source: Some(v.decided_by),
+        }
+    }
+
+    /// A filter's own verdict (a plugin's), labelled with its name.
+    pub fn by_filter(filter: &str, allow: bool, reason: ReasonCode, enforcement: Enforcement) -> Self {
+        Self {
+            allow,
+            rule: RuleLabel::Policy(Arc::from(filter)),
+            reason,
+            enforcement,
+            check: None,
+            source: None,
         }
     }
 
@@ -120,9 +152,6 @@ impl Decision {
 #[derive(Debug)]
 pub struct FlowContext {
     pub id: u64,
-    pub listener: Arc<str>,
-    /// The listener's metric handles.
-    pub metrics: crate::telemetry::metrics::ListenerMetrics,
     pub src: SocketAddr,
     /// Transparent mode: where the client was going before iptables.
     pub original_dst: Option<SocketAddr>,
@@ -145,14 +174,72 @@ pub struct FlowContext {
     pub decision: Option<Decision>,
     /// The configuration snapshot the flow started with; kept to its end.
     pub snapshot: Arc<Snapshot>,
+    /// The listener's plan the flow started with: its name, options and
+    /// metric handles.
+    pub plan: Arc<super::ListenerPlan>,
+    /// Explicit proxy: the flow is the inside of a `CONNECT` tunnel.
+    pub tunnel: bool,
+    /// What most flows never need, allocated on first use: a relayed flow
+    /// keeps its context until its record is written, so the context stays
+    /// small.
+    pub extras: Option<Box<FlowExtras>>,
+}
+
+/// The less common parts of a flow's context.
+#[derive(Debug, Default)]
+pub struct FlowExtras {
+    /// Explicit proxy tunnels: the `CONNECT` target, parsed.
+    pub target: Option<Host>,
+    /// The `Host` of a plain-HTTP request head inside a tunnel, parsed.
+    pub http_host: Option<Host>,
+    /// Notes filters add for the audit record (`annotations`).
+    pub annotations: Vec<(String, String)>,
+    /// Filters that changed the verdict after the first decision.
+    pub changed_by: Vec<Arc<str>>,
+    /// Each filter's own per-flow state, by the filter's position.
+    pub state: FilterState,
+}
+
+/// Per-flow state of the chain's filters, created on a filter's first use
+/// (nothing is allocated for a flow whose filters keep none).
+#[derive(Default)]
+pub struct FilterState(Vec<(usize, Box<dyn std::any::Any + Send + Sync>)>);
+
+impl fmt::Debug for FilterState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|(i, _)| i)).finish()
+    }
+}
+
+impl FilterState {
+    /// Filter `index`'s state, made with `init` the first time.
+    pub fn get_or_insert_with<T: Send + Sync + 'static>(&mut self, index: usize, init: impl FnOnce() -> T) -> &mut T {
+        let pos = match self.0.iter().position(|(i, v)| *i == index && v.is::<T>()) {
+            Some(p) => p,
+            None => {
+                self.0.push((index, Box::new(init())));
+                self.0.len() - 1
+            }
+        };
+        match self.0.get_mut(pos).and_then(|(_, v)| v.downcast_mut::<T>()) {
+            Some(v) => v,
+            None => unreachable!("the slot was found or made for this type"),
+        }
+    }
+
+    /// Filter `index`'s state, if it has made one.
+    pub fn get<T: 'static>(&self, index: usize) -> Option<&T> {
+        self.0
+            .iter()
+            .find(|(i, _)| *i == index)
+            .and_then(|(_, v)| v.downcast_ref::<T>())
+    }
 }
 
 impl FlowContext {
-    pub fn new(id: u64, plan: &super::ListenerPlan, src: SocketAddr, snapshot: Arc<Snapshot>) -> Self {
+    pub fn new(id: u64, plan: &Arc<super::ListenerPlan>, src: SocketAddr, snapshot: Arc<Snapshot>) -> Self {
         Self {
             id,
-            listener: plan.label.clone(),
-            metrics: plan.metrics.clone(),
             src,
             original_dst: None,
             connect_target: None,
@@ -168,7 +255,30 @@ impl FlowContext {
             name_from_dns: false,
             decision: None,
             snapshot,
+            plan: plan.clone(),
+            tunnel: false,
+            extras: None,
         }
+    }
+
+    /// The listener's name.
+    pub fn listener(&self) -> &Arc<str> {
+        &self.plan.label
+    }
+
+    /// The less common parts, made on first use.
+    pub fn extras_mut(&mut self) -> &mut FlowExtras {
+        self.extras.get_or_insert_with(Box::default)
+    }
+
+    /// Adds a note to the flow's audit record (`annotations`).
+    pub fn annotate(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.extras_mut().annotations.push((key.into(), value.into()));
+    }
+
+    /// Filter `index`'s per-flow state, made with `init` the first time.
+    pub fn filter_state<T: Send + Sync + 'static>(&mut self, index: usize, init: impl FnOnce() -> T) -> &mut T {
+        self.extras_mut().state.get_or_insert_with(index, init)
     }
 
     pub fn query(&self, dst: Option<IpAddr>) -> FlowQuery<'_> {
@@ -189,7 +299,7 @@ impl FlowContext {
             .decision
             .clone()
             .unwrap_or_else(|| Decision::refused(ReasonCode::NoDecision));
-        let mut r = FlowRecord::unstamped(self.id, self.listener.to_string(), self.src, decision.record());
+        let mut r = FlowRecord::unstamped(self.id, self.plan.label.to_string(), self.src, decision.record());
         r.src_groups = self
             .snapshot
             .policy
@@ -212,6 +322,10 @@ impl FlowContext {
         r.host.clone_from(&self.host);
         r.alpn.clone_from(&self.alpn);
         r.ech = self.ech;
+        if let Some(x) = &self.extras {
+            r.annotations = x.annotations.iter().cloned().collect();
+            r.changed_by = x.changed_by.iter().map(|f| f.to_string()).collect();
+        }
         if self.name_from_dns {
             r.dns_name = self.name.as_ref().map(ToString::to_string);
         }
@@ -219,20 +333,54 @@ impl FlowContext {
     }
 }
 
-/// What a hook tells the chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a hook tells the chain. The chain applies it by the override rules
+/// (see the module documentation): the first decision stands unless a
+/// later filter tightens it (denies what was allowed, or carries out a
+/// denial that was only watched) or loosens a rule's denial that the rule
+/// hands to it by name (`delegate`).
 pub enum FilterStatus {
+    /// No opinion.
     Continue,
-    /// Stop the chain with this decision (carried out unless watched).
+    /// Deny the flow.
     Deny(Decision),
+    /// Allow the flow.
+    Allow(Decision),
+    /// Wait (a plugin's call out, for one): the chain awaits the future and
+    /// applies what it returns. Only a flow whose filter pauses pays for it.
+    Pause(Pending),
+}
+
+/// What a paused filter resumes with.
+pub type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = FilterStatus> + Send>>;
+
+impl fmt::Debug for FilterStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Continue => f.write_str("Continue"),
+            Self::Deny(d) => f.debug_tuple("Deny").field(d).finish(),
+            Self::Allow(d) => f.debug_tuple("Allow").field(d).finish(),
+            Self::Pause(_) => f.write_str("Pause(..)"),
+        }
+    }
+}
+
+/// What a data hook tells the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataStatus {
+    /// Pass the bytes on.
+    Continue,
+    /// End the flow; the decision goes into its record (enforced denials
+    /// only: a watched one is recorded and the flow goes on).
+    Close(Decision),
 }
 
 /// A network filter. See the module documentation for when hooks run.
 pub trait NetworkFilter: Send + Sync + fmt::Debug {
-    /// The filter's name as configured (`sluice.policy`, a plugin name).
+    /// The filter's name as configured (`sluice.policy`, a plugin name):
+    /// what a rule's `delegate` names and the record's `changed_by` shows.
     fn name(&self) -> &str;
 
-    fn on_classified(&self, _ctx: &mut FlowContext) -> FilterStatus {
+    fn on_classified(&self, _ctx: &mut FlowContext, _index: usize) -> FilterStatus {
         FilterStatus::Continue
     }
 
@@ -248,7 +396,90 @@ pub trait NetworkFilter: Send + Sync + fmt::Debug {
         FilterStatus::Continue
     }
 
+    /// Whether this filter reads the flow's bytes. A chain with such a
+    /// filter relays by copy and calls the data hooks; every other flow
+    /// keeps the zero-copy path and never calls them.
+    fn wants_data(&self) -> bool {
+        false
+    }
+
+    /// Bytes from the client, before they are sent upstream.
+    fn on_downstream_data(&self, _ctx: &mut FlowContext, _index: usize, _data: &[u8]) -> DataStatus {
+        DataStatus::Continue
+    }
+
+    /// Bytes from the upstream, before they are sent to the client.
+    fn on_upstream_data(&self, _ctx: &mut FlowContext, _index: usize, _data: &[u8]) -> DataStatus {
+        DataStatus::Continue
+    }
+
     fn on_close(&self, _ctx: &FlowContext, _record: &mut FlowRecord) {}
+}
+
+/// `sluice.anti-evasion`: the checks that catch a flow pretending to go
+/// somewhere else than it does, first in every chain. Its denials are final:
+/// no later filter can loosen them.
+///
+/// - ECH present on a listener with `ech: deny` (`ech-present`);
+/// - inside a `CONNECT` tunnel to a named target: an SNI naming another
+///   host (`sni-mismatch`, domain fronting), no SNI at all
+///   (`connect-no-sni`, unless `connect_no_sni: allow`), a plain-HTTP Host
+///   naming another host (`host-mismatch`);
+/// - on an `sni` listener: anything but TLS (`not-tls`), a hello without
+///   SNI (`no-sni`).
+///
+/// The tunnel checks and ECH are watched in watch mode; the `sni`
+/// listener's are carried out in every mode.
+#[derive(Debug, Default)]
+pub struct AntiEvasionFilter;
+
+/// The name the chain knows the anti-evasion filter by.
+pub const ANTI_EVASION: &str = "sluice.anti-evasion";
+
+impl NetworkFilter for AntiEvasionFilter {
+    fn name(&self) -> &str {
+        ANTI_EVASION
+    }
+
+    fn on_classified(&self, ctx: &mut FlowContext, _index: usize) -> FilterStatus {
+        let spec = &ctx.plan.spec;
+        let watchable = super::flow::check_enforcement(ctx);
+        let deny = |reason, e| FilterStatus::Deny(Decision::check(reason, e));
+        if ctx.ech && spec.ech == sluice_api::EchPolicy::Deny {
+            return deny(ReasonCode::EchPresent, watchable);
+        }
+        match spec.kind {
+            sluice_api::ListenerKind::Sni if ctx.protocol != Protocol::Tls => {
+                deny(ReasonCode::NotTls, Enforcement::Enforced)
+            }
+            sluice_api::ListenerKind::Sni if ctx.sni.is_none() => deny(ReasonCode::NoSni, Enforcement::Enforced),
+            sluice_api::ListenerKind::HttpProxy if ctx.tunnel => {
+                let (target, http_host) = ctx
+                    .extras
+                    .as_ref()
+                    .map_or((None, None), |x| (x.target.as_ref(), x.http_host.as_ref()));
+                match (target, ctx.protocol) {
+                    (Some(Host::Name(target)), Protocol::Tls) => match &ctx.sni {
+                        Some(sni)
+                            if DomainName::parse(sni).is_ok_and(|s| DomainName::parse(target).ok() != Some(s)) =>
+                        {
+                            deny(ReasonCode::SniMismatch, watchable)
+                        }
+                        None if spec.connect_no_sni == sluice_api::Action::Deny => {
+                            deny(ReasonCode::ConnectNoSni, watchable)
+                        }
+                        _ => FilterStatus::Continue,
+                    },
+                    (Some(target), Protocol::Http) => match http_host {
+                        Some(h) if !h.same_as(target) => deny(ReasonCode::HostMismatch, watchable),
+                        _ => FilterStatus::Continue,
+                    },
+                    _ => FilterStatus::Continue,
+                }
+            }
+            _ => FilterStatus::Continue,
+        }
+    }
 }
 
 /// `sluice.policy`: asks the compiled policy about the flow, and again about
@@ -263,14 +494,12 @@ impl NetworkFilter for PolicyFilter {
         "sluice.policy"
     }
 
-    fn on_classified(&self, ctx: &mut FlowContext) -> FilterStatus {
+    fn on_classified(&self, ctx: &mut FlowContext, _index: usize) -> FilterStatus {
         let v = ctx.snapshot.policy.decide(&ctx.query(ctx.dst_ip));
         let d = Decision::from_verdict(&v, &ctx.snapshot);
         if d.allow {
-            ctx.decision = Some(d);
-            FilterStatus::Continue
+            FilterStatus::Allow(d)
         } else {
-            ctx.decision = Some(d.clone());
             FilterStatus::Deny(d)
         }
     }

@@ -18,14 +18,43 @@ use crate::policy::Enforcement;
 use crate::telemetry::audit::FlowRecord;
 use crate::telemetry::metrics;
 
-/// Runs `on_classified` in chain order. The flow's decision is whatever the
-/// last filter to decide set; a denial stops the chain.
-pub fn classified(chain: &FilterChain, ctx: &mut FlowContext) {
-    for f in &chain.filters {
-        if let FilterStatus::Deny(d) = f.on_classified(ctx) {
-            ctx.decision = Some(d);
-            return;
+/// Runs `on_classified` of every filter in chain order, applying what each
+/// says by the override rules ([`apply`]); a filter that pauses is awaited.
+pub async fn classified(chain: &FilterChain, ctx: &mut FlowContext) {
+    for (i, f) in chain.filters.iter().enumerate() {
+        let mut status = f.on_classified(ctx, i);
+        while let FilterStatus::Pause(pending) = status {
+            status = pending.await;
         }
+        apply(ctx, f.name(), status);
+    }
+}
+
+/// Applies one filter's word to the flow's verdict (the rules are in the
+/// `filter` module's documentation): the first decision stands unless
+/// `filter` tightens it, or loosens a rule's denial that the rule
+/// delegates to `filter` by name.
+pub fn apply(ctx: &mut FlowContext, filter: &str, status: FilterStatus) {
+    let (new, loosening) = match status {
+        FilterStatus::Continue | FilterStatus::Pause(_) => return,
+        FilterStatus::Deny(d) => (d, false),
+        FilterStatus::Allow(d) => (d, true),
+    };
+    let Some(current) = &ctx.decision else {
+        ctx.decision = Some(new);
+        return;
+    };
+    let change = if loosening {
+        !current.allow
+            && current
+                .source
+                .is_some_and(|s| ctx.snapshot.policy.delegates(s).iter().any(|d| &**d == filter))
+    } else {
+        current.allow || (new.blocks() && !current.blocks())
+    };
+    if change {
+        ctx.extras_mut().changed_by.push(Arc::from(filter));
+        ctx.decision = Some(new);
     }
 }
 
@@ -276,14 +305,14 @@ pub fn finish(shared: &Shared, chain: Option<&FilterChain>, ctx: &FlowContext, m
     } else {
         "deny"
     };
-    metrics::flow_finished(&ctx.listener, action, &rec.verdict.rule, &rec.verdict.reason);
-    ctx.metrics.relayed(rec.bytes_up, rec.bytes_down);
+    metrics::flow_finished(ctx.listener(), action, &rec.verdict.rule, &rec.verdict.reason);
+    ctx.plan.metrics.relayed(rec.bytes_up, rec.bytes_down);
     let close = close_reason_static(&rec);
-    metrics::flow_closed(&ctx.listener, close);
+    metrics::flow_closed(ctx.listener(), close);
     if let Some(kind) = metrics::error_kind(close) {
         metrics::errors(kind, 1);
     }
-    tracing::debug!(flow = ctx.id, listener = %ctx.listener, action, reason = %rec.verdict.reason, close = %rec.close_reason, "flow finished");
+    tracing::debug!(flow = ctx.id, listener = %ctx.listener(), action, reason = %rec.verdict.reason, close = %rec.close_reason, "flow finished");
     shared
         .audit
         .record(crate::telemetry::audit::AuditRecord::Flow(Box::new(rec)));

@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 
 use super::chain::{FilterChain, Transport};
 use super::filter::{Decision, FlowContext};
-use super::flow::{self, check_enforcement, deny};
+use super::flow::{self, deny};
 use super::peek::{self, Peeked};
 use super::{ListenerPlan, Shared, Snapshot};
 use crate::classify::http::Host;
@@ -342,7 +342,7 @@ async fn tunnel(
         return None;
     };
     // First decision, on the target alone, while a 403 can still be sent.
-    flow::classified(&chain, &mut ctx);
+    flow::classified(&chain, &mut ctx).await;
     if ctx.decision.as_ref().is_none_or(Decision::blocks) {
         let _ = refuse(&mut client, &ctx).await;
         let rec = flow::denied_record(&ctx);
@@ -386,44 +386,27 @@ async fn tunnel(
         () = shared.forced() => Peeked::Failed(ReasonCode::Shutdown),
     };
     plan.metrics.classified(started.elapsed());
+    // Decided again, on what the tunnel carries; the anti-evasion filter
+    // holds it against the target.
     ctx.decision = None;
+    ctx.tunnel = true;
+    let extras = ctx.extras_mut();
+    extras.changed_by.clear();
+    extras.target = Some(host.clone());
     let target_name = ctx.name.clone();
     match peeked {
         Peeked::Tls(h) => {
-            let sni = h.sni.clone();
-            peek::from_hello(&mut ctx, &plan, h);
-            match (&target_name, sni.as_deref().map(DomainName::parse)) {
-                (Some(t), Some(Ok(s))) if *t != s => {
-                    let e = check_enforcement(&ctx);
-                    deny(&mut ctx, Decision::check(ReasonCode::SniMismatch, e));
-                }
-                // No SNI behind a named target: a CDN would route the hello
-                // to its default virtual host and the encrypted Host could
-                // pick any site there (fronting with no visible name).
-                // Refused unless the listener trusts its clients to send
-                // none (`connect_no_sni: allow`); then the CONNECT target
-                // names the destination.
-                (Some(_), None) => {
-                    ctx.name = target_name.clone();
-                    if plan.spec.connect_no_sni == sluice_api::Action::Deny {
-                        let e = check_enforcement(&ctx);
-                        deny(&mut ctx, Decision::check(ReasonCode::ConnectNoSni, e));
-                    }
-                }
-                _ => {}
+            peek::from_hello(&mut ctx, h);
+            // Without SNI the CONNECT target names the destination (when
+            // `connect_no_sni: allow` lets such a flow on at all).
+            if ctx.sni.is_none() {
+                ctx.name = target_name;
             }
         }
         Peeked::Http(h2) => {
-            let host_ok = match (&h2.host, &host) {
-                (Some(a), b) => a.same_as(b),
-                (None, _) => true,
-            };
             ctx.protocol = Protocol::Http;
             ctx.host.clone_from(&h2.host_header);
-            if !host_ok {
-                let e = check_enforcement(&ctx);
-                deny(&mut ctx, Decision::check(ReasonCode::HostMismatch, e));
-            }
+            ctx.extras_mut().http_host = h2.host;
         }
         Peeked::Opaque => ctx.protocol = Protocol::Tcp,
         Peeked::Failed(reason) => deny(&mut ctx, Decision::refused(reason)),
@@ -433,11 +416,7 @@ async fn tunnel(
         flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
         return None;
     }
-    // A check that only watched is the verdict, as enforce mode would have
-    // stopped the flow there; the chain decides the rest.
-    if ctx.decision.is_none() {
-        flow::classified(&chain, &mut ctx);
-    }
+    flow::classified(&chain, &mut ctx).await;
     if ctx.decision.as_ref().is_none_or(Decision::blocks) {
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
@@ -755,7 +734,7 @@ impl ConnState {
         else {
             return deny_now(&mut ctx, ReasonCode::NoFilterChain, "Sluice refused this request.");
         };
-        flow::classified(&chain, &mut ctx);
+        flow::classified(&chain, &mut ctx).await;
         if ctx.decision.as_ref().is_none_or(Decision::blocks) {
             let resp = refusal(&ctx, "Sluice refused this request.");
             let rec = flow::denied_record(&ctx);

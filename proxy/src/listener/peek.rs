@@ -88,9 +88,9 @@ pub async fn peek(client: &mut TcpStream, buf: &mut Vec<u8>, spec: &sluice_api::
     }
 }
 
-/// Fills the context from a ClientHello: SNI, ALPN, ECH (denied per the
-/// listener's `ech`), protocol.
-pub fn from_hello(ctx: &mut FlowContext, plan: &ListenerPlan, h: ClientHello) {
+/// Fills the context from a ClientHello: SNI, ALPN, ECH presence, protocol
+/// (the anti-evasion filter then judges them).
+pub fn from_hello(ctx: &mut FlowContext, h: ClientHello) {
     ctx.protocol = Protocol::Tls;
     ctx.ech = h.ech;
     // Protocol ids are ASCII in practice: each buffer becomes its String
@@ -107,10 +107,6 @@ pub fn from_hello(ctx: &mut FlowContext, plan: &ListenerPlan, h: ClientHello) {
             Err(_) => deny(ctx, Decision::refused(ReasonCode::TlsBadSni)),
         }
         ctx.sni = Some(sni);
-    }
-    if h.ech && plan.ech_denied() {
-        let e = check_enforcement(ctx);
-        deny(ctx, Decision::check(ReasonCode::EchPresent, e));
     }
 }
 
@@ -157,8 +153,10 @@ pub async fn serve(
     let active = plan.metrics.active();
     let mut ctx = FlowContext::new(shared.next_id(), &plan, peer, snap);
     let kind = plan.spec.kind;
-    let needs_original =
-        kind == ListenerKind::Transparent || (kind == ListenerKind::Tcp && plan.spec.upstream.is_none());
+    let needs_original = plan
+        .chains
+        .iter()
+        .any(|c| matches!(c.cluster, Cluster::OriginalDst { .. }));
     if needs_original {
         match original_destination(&client, bound) {
             Some(a) => {
@@ -189,21 +187,13 @@ pub async fn serve(
         plan.metrics.classified(started.elapsed());
         match peeked {
             Peeked::Tls(h) => {
-                from_hello(&mut ctx, &plan, h);
+                from_hello(&mut ctx, h);
                 Transport::Tls
             }
             // An sni listener passes TLS only: plain HTTP would cross in
             // clear text to a port meant for TLS.
-            Peeked::Http(_) if kind == ListenerKind::Sni => {
-                deny(&mut ctx, Decision::refused(ReasonCode::NotTls));
-                Transport::RawBuffer
-            }
             Peeked::Http(head) => {
                 from_http(&mut ctx, &head);
-                Transport::RawBuffer
-            }
-            Peeked::Opaque if kind == ListenerKind::Sni => {
-                deny(&mut ctx, Decision::refused(ReasonCode::NotTls));
                 Transport::RawBuffer
             }
             Peeked::Opaque => Transport::RawBuffer,
@@ -215,25 +205,12 @@ pub async fn serve(
             }
         }
     };
-    // A tcp listener with a fixed upstream is decided on that upstream: its
-    // port, and its name or address.
-    if kind == ListenerKind::Tcp
-        && let Some(Cluster::Static { host, port }) = plan.chains.first().map(|c| &c.cluster)
+    if let Some(d) = &ctx.decision
+        && d.blocks()
     {
-        ctx.port = *port;
-        match crate::forward::parse_ip_lenient(host) {
-            Some(ip) => ctx.dst_ip = Some(ip),
-            None => match DomainName::parse(host) {
-                Ok(n) => ctx.name = Some(n),
-                Err(_) => deny(&mut ctx, Decision::refused(ReasonCode::BadUpstream)),
-            },
-        }
-    }
-    if kind == ListenerKind::Sni {
-        ctx.port = plan.spec.upstream_port;
-        if ctx.name.is_none() {
-            deny(&mut ctx, Decision::refused(ReasonCode::NoSni));
-        }
+        let rec = flow::denied_record(&ctx);
+        flow::finish(&shared, None, &ctx, rec, accepted);
+        return None;
     }
     let now = tokio::time::Instant::now().into_std();
     let bindings = shared.bindings.load_full();
@@ -247,26 +224,16 @@ pub async fn serve(
         ctx.name = Some(name);
         ctx.name_from_dns = true;
     }
-    let verify = matches!(
-        plan.chains.first().map(|c| &c.cluster),
-        Some(Cluster::OriginalDst {
-            sni_check: SniCheck::Verify
-        })
-    ) && !ctx.name_from_dns;
-    if ctx.name.is_none() || !verify {
-        // Address-only flows (and `sni_check: off`) are decided on the
-        // address the client dialled.
-        ctx.dst_ip = ctx.dst_ip.or(ctx.original_dst.map(|a| a.ip()));
-    }
-    if let Some(d) = &ctx.decision
-        && d.blocks()
-    {
-        let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, None, &ctx, rec, accepted);
-        return None;
-    }
+    // The chain is chosen on what the flow showed; its cluster then says
+    // where the flow goes and what it is decided on.
     let Some(chain) = plan
-        .chain(ctx.name.as_ref(), ctx.port, peer.ip(), ctx.dst_ip, transport)
+        .chain(
+            ctx.name.as_ref(),
+            ctx.port,
+            peer.ip(),
+            ctx.dst_ip.or(ctx.original_dst.map(|a| a.ip())),
+            transport,
+        )
         .cloned()
     else {
         deny(&mut ctx, Decision::refused(ReasonCode::NoFilterChain));
@@ -274,12 +241,34 @@ pub async fn serve(
         flow::finish(&shared, None, &ctx, rec, accepted);
         return None;
     };
-    // A check that only watched (ECH in watch mode) is the verdict, as it
-    // would have been in enforce mode, where the flow stops there: the
-    // chain runs only for a flow no check has denied.
-    if ctx.decision.is_none() {
-        flow::classified(&chain, &mut ctx);
+    match &chain.cluster {
+        // A fixed upstream: decided on its port, and its name or address.
+        Cluster::Static { host, port } => {
+            ctx.port = *port;
+            match crate::forward::parse_ip_lenient(host) {
+                Some(ip) => ctx.dst_ip = Some(ip),
+                None => match DomainName::parse(host) {
+                    Ok(n) => ctx.name = Some(n),
+                    Err(_) => deny(&mut ctx, Decision::refused(ReasonCode::BadUpstream)),
+                },
+            }
+        }
+        Cluster::SniDynamic { port } => ctx.port = *port,
+        Cluster::OriginalDst { .. } | Cluster::RequestTarget => {}
     }
+    let verify = matches!(
+        chain.cluster,
+        Cluster::OriginalDst {
+            sni_check: SniCheck::Verify
+        }
+    ) && !ctx.name_from_dns;
+    if ctx.name.is_none() || !verify {
+        // Address-only flows (and `sni_check: off`) are decided on the
+        // address the client dialled.
+        ctx.dst_ip = ctx.dst_ip.or(ctx.original_dst.map(|a| a.ip()));
+    }
+    // The anti-evasion checks, then the policy, then any other filter.
+    flow::classified(&chain, &mut ctx).await;
     if ctx.decision.as_ref().is_none_or(Decision::blocks) {
         let rec = flow::denied_record(&ctx);
         flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);

@@ -132,6 +132,8 @@ struct CompiledRule {
     /// `guards[i]`, [`GUARD_METADATA_NAME`] for the metadata-names guard.
     /// Only `allow` rules naming the guarded group in `to` have any.
     lifts: u8,
+    /// Filters this rule hands its decision to (`delegate`).
+    delegate: Box<[std::sync::Arc<str>]>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -319,6 +321,7 @@ impl Policy {
                     watch: r.watch,
                     implies_dns,
                     lifts: lifts(r),
+                    delegate: r.delegate.iter().map(|d| std::sync::Arc::from(d.as_str())).collect(),
                 }
             })
             .collect();
@@ -601,6 +604,16 @@ impl Policy {
             DecidedBy::Rule(i) => self.rules.get(i as usize).map_or("?", |r| r.name.as_str()),
             DecidedBy::Default => "default",
             DecidedBy::BuiltinGuard => "builtin-guard",
+        }
+    }
+
+    /// The filters a verdict's rule hands its decision to: a filter named
+    /// here may allow what that rule denied. Empty for the default and the
+    /// guard, which delegate nothing.
+    pub fn delegates(&self, d: DecidedBy) -> &[std::sync::Arc<str>] {
+        match d {
+            DecidedBy::Rule(i) => self.rules.get(i as usize).map_or(&[], |r| &r.delegate),
+            DecidedBy::Default | DecidedBy::BuiltinGuard => &[],
         }
     }
 

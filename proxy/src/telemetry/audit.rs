@@ -566,6 +566,12 @@ pub struct FlowRecord {
     pub duration_ms: u64,
     /// Why the flow ended (`client-closed`, `idle-timeout`, `denied`, …).
     pub close_reason: Cow<'static, str>,
+    /// Filters that changed the verdict after the first decision, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changed_by: Vec<String>,
+    /// Notes the filters added.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 impl FlowRecord {
@@ -602,6 +608,8 @@ impl FlowRecord {
             bytes_down: 0,
             duration_ms: 0,
             close_reason: Cow::Borrowed(""),
+            changed_by: Vec::new(),
+            annotations: std::collections::BTreeMap::new(),
         }
     }
 }
