@@ -31,7 +31,7 @@ use crate::telemetry::audit::{AuditRecord, DnsAuditLog, SourceGroups};
 
 use crate::admin::{self, Admin};
 use crate::forward::{Resolver, ResolverSettings};
-use crate::listener::{self, Shared, Snapshot};
+use crate::listener::{self, PlanHook, Shared, Snapshot};
 use crate::telemetry::audit::{AuditSink, AuditWriter};
 use crate::telemetry::logging::LogControl;
 use crate::telemetry::metrics;
@@ -284,6 +284,25 @@ struct Inner {
     reload_tx: mpsc::Sender<ReloadRequest>,
     /// Watchers and the reload task, ended at shutdown.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Applied to every listener plan of every snapshot.
+    hook: Option<Hook>,
+}
+
+/// A [`PlanHook`] the runtime holds (Debug for the runtime's own).
+#[derive(Clone)]
+struct Hook(Arc<PlanHook>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PlanHook")
+    }
+}
+
+impl std::ops::Deref for Hook {
+    type Target = PlanHook;
+    fn deref(&self) -> &PlanHook {
+        &*self.0
+    }
 }
 
 /// The sockets serving the installed snapshot.
@@ -372,6 +391,16 @@ fn new_resolver(nameservers: &[SocketAddr]) -> Result<Resolver, StartError> {
 impl Server {
     /// Binds everything `config` names and starts serving it.
     pub async fn start(config: Config, log: Option<LogControl>) -> Result<Self, StartError> {
+        Self::start_with(config, log, None).await
+    }
+
+    /// Like [`Server::start`], with `hook` changing each listener's plan in
+    /// every snapshot (extra filters or chains).
+    pub async fn start_with(
+        config: Config,
+        log: Option<LogControl>,
+        hook: Option<Arc<PlanHook>>,
+    ) -> Result<Self, StartError> {
         let metrics_handle = metrics::install().map_err(|e| StartError::Metrics(e.to_string()))?;
         drop(metrics::spawn_upkeep(metrics_handle.clone(), Duration::from_secs(5)));
         let audit: AuditWriter<AuditRecord> =
@@ -384,7 +413,12 @@ impl Server {
         let nameservers = config.resolver.nameservers.clone();
         let source =
             (config.source != sluice_api::config::EMBEDDED_DEFAULT_NAME).then(|| PathBuf::from(&config.source));
-        let shared = Arc::new(Shared::new(Snapshot::new(config.clone()), audit, resolver, None));
+        let shared = Arc::new(Shared::new(
+            Snapshot::build(config.clone(), hook.as_deref()),
+            audit,
+            resolver,
+            None,
+        ));
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let inner = Arc::new(Inner {
             shared: shared.clone(),
@@ -401,10 +435,12 @@ impl Server {
             source: std::sync::Mutex::new(source),
             reload_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
+            hook: hook.map(Hook),
         });
         let report = {
             let mut running = inner.running.lock().await;
-            match inner.reconcile(&mut running, Snapshot::new(config)).await {
+            let snapshot = Snapshot::build(config, inner.hook.as_deref());
+            match inner.reconcile(&mut running, snapshot).await {
                 Ok(r) => r,
                 Err(ReloadError::Start(e)) => return Err(e),
                 Err(e) => return Err(StartError::Resolver(e.to_string())),
@@ -556,7 +592,8 @@ impl Inner {
 
     async fn reload(&self, config: Config) -> Result<ReloadReport, ReloadError> {
         let mut running = self.running.lock().await;
-        self.reconcile(&mut running, Snapshot::new(config)).await
+        let snapshot = Snapshot::build(config, self.hook.as_deref());
+        self.reconcile(&mut running, snapshot).await
     }
 
     async fn reload_file(&self) -> Result<ReloadReport, ReloadError> {

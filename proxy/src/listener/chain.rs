@@ -75,9 +75,23 @@ pub struct FilterChain {
     pub matcher: ChainMatch,
     pub filters: Vec<Arc<dyn NetworkFilter>>,
     pub cluster: Cluster,
+    /// Some filter reads the flow's bytes: its flows are relayed by copy
+    /// through the data hooks; every other chain's by the zero-copy relay.
+    pub inspects_data: bool,
 }
 
 impl FilterChain {
+    pub fn new(name: String, matcher: ChainMatch, filters: Vec<Arc<dyn NetworkFilter>>, cluster: Cluster) -> Self {
+        let inspects_data = filters.iter().any(|f| f.wants_data());
+        Self {
+            name,
+            matcher,
+            filters,
+            cluster,
+            inspects_data,
+        }
+    }
+
     /// Runs `on_policy_change` in chain order for a flow relayed to `dst`
     /// now that `snapshot` is installed: the first denial that is enforced,
     /// if any. A watched denial does not end the flow.
@@ -134,12 +148,12 @@ impl ListenerPlan {
             spec: spec.clone(),
             label: Arc::from(spec.name.as_str()),
             metrics: crate::telemetry::metrics::ListenerMetrics::new(&spec.name),
-            chains: vec![Arc::new(FilterChain {
-                name: format!("{}/default", spec.name),
-                matcher: ChainMatch::default(),
-                filters: vec![anti_evasion, policy],
+            chains: vec![Arc::new(FilterChain::new(
+                format!("{}/default", spec.name),
+                ChainMatch::default(),
+                vec![anti_evasion, policy],
                 cluster,
-            })],
+            ))],
         }
     }
 

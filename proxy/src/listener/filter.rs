@@ -185,6 +185,13 @@ pub struct FlowContext {
     pub extras: Option<Box<FlowExtras>>,
 }
 
+impl FlowExtras {
+    /// Adds a note to the flow's audit record (`annotations`).
+    pub fn annotate(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.annotations.push((key.into(), value.into()));
+    }
+}
+
 /// The less common parts of a flow's context.
 #[derive(Debug, Default)]
 pub struct FlowExtras {
@@ -273,7 +280,7 @@ impl FlowContext {
 
     /// Adds a note to the flow's audit record (`annotations`).
     pub fn annotate(&mut self, key: impl Into<String>, value: impl Into<String>) {
-        self.extras_mut().annotations.push((key.into(), value.into()));
+        self.extras_mut().annotate(key, value);
     }
 
     /// Filter `index`'s per-flow state, made with `init` the first time.
@@ -403,13 +410,28 @@ pub trait NetworkFilter: Send + Sync + fmt::Debug {
         false
     }
 
-    /// Bytes from the client, before they are sent upstream.
-    fn on_downstream_data(&self, _ctx: &mut FlowContext, _index: usize, _data: &[u8]) -> DataStatus {
+    /// Bytes from the client, before they are sent upstream. `extras` is
+    /// the flow's mutable part while it is relayed (annotations, the
+    /// filters' per-flow state); `ctx` is read-only then, because the
+    /// re-check on a new configuration reads it at the same time.
+    fn on_downstream_data(
+        &self,
+        _ctx: &FlowContext,
+        _extras: &mut FlowExtras,
+        _index: usize,
+        _data: &[u8],
+    ) -> DataStatus {
         DataStatus::Continue
     }
 
     /// Bytes from the upstream, before they are sent to the client.
-    fn on_upstream_data(&self, _ctx: &mut FlowContext, _index: usize, _data: &[u8]) -> DataStatus {
+    fn on_upstream_data(
+        &self,
+        _ctx: &FlowContext,
+        _extras: &mut FlowExtras,
+        _index: usize,
+        _data: &[u8],
+    ) -> DataStatus {
         DataStatus::Continue
     }
 

@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::chain::FilterChain;
-use super::filter::{Decision, FilterStatus, FlowContext};
+use super::filter::{DataStatus, Decision, FilterStatus, FlowContext};
 use super::{ListenerPlan, Shared};
 use crate::forward::{ConnectOptions, RelayOptions, ResolveError, connect_sending, parse_ip_lenient, relay_until};
 use crate::policy::Enforcement;
@@ -182,6 +182,20 @@ pub async fn connect_and_replay(
     accepted: Instant,
     active: metrics::ActiveFlow,
 ) -> Option<Relaying> {
+    let mut ctx = ctx;
+    // A filter that reads the flow sees its first bytes too, before any
+    // of them leaves.
+    if chain.inspects_data {
+        let mut extras = ctx.extras.take().unwrap_or_default();
+        let closed = inspect(&chain, &ctx, &mut extras, &replay, true);
+        ctx.extras = Some(extras);
+        if let Some(d) = closed {
+            ctx.decision = Some(d);
+            let rec = denied_record(&ctx);
+            finish(&shared, Some(&chain), &ctx, rec, accepted);
+            return None;
+        }
+    }
     let opts = ConnectOptions {
         timeout: plan.spec.connect_timeout,
         ..ConnectOptions::default()
@@ -243,6 +257,14 @@ impl Relaying {
             idle_timeout: Some(idle_timeout),
             ..RelayOptions::default()
         };
+        let mut tail = tail;
+        // The data hooks' mutable part, out of the context while the
+        // re-check below reads it.
+        let mut extras = if tail.chain.inspects_data {
+            Some(tail.ctx.extras.take().unwrap_or_default())
+        } else {
+            None
+        };
         // Ends the relay on a forced shutdown, or when a newly installed
         // configuration denies the flow (its denial kept for the record).
         let revoked = std::sync::OnceLock::new();
@@ -257,7 +279,25 @@ impl Relaying {
                 let _ = revoked.set(d);
             }
         };
-        let stats = relay_until(client, upstream, &opts, cancel).await;
+        let stats = match extras.as_mut() {
+            // Boxed: a flow without data hooks never pays for this state.
+            Some(extras) => {
+                Box::pin(relay_inspected(
+                    client,
+                    upstream,
+                    idle_timeout,
+                    &tail,
+                    extras,
+                    &revoked,
+                    cancel,
+                ))
+                .await
+            }
+            None => relay_until(client, upstream, &opts, cancel).await,
+        };
+        if let Some(extras) = extras {
+            tail.ctx.extras = Some(extras);
+        }
         let Tail {
             ctx,
             chain,
@@ -352,4 +392,134 @@ pub fn denied_record(ctx: &FlowContext) -> FlowRecord {
 /// Addresses with the port to dial.
 pub fn with_port(ips: &[IpAddr], port: u16) -> Vec<SocketAddr> {
     ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect()
+}
+
+/// Runs the chain's data hooks over `data` (`downstream`: from the client).
+/// Returns the decision that closes the flow: the first enforced `Close`;
+/// a watched one is noted (`changed_by`) and the bytes go on.
+fn inspect(
+    chain: &FilterChain,
+    ctx: &FlowContext,
+    extras: &mut super::filter::FlowExtras,
+    data: &[u8],
+    downstream: bool,
+) -> Option<Decision> {
+    if data.is_empty() {
+        return None;
+    }
+    for (i, f) in chain.filters.iter().enumerate() {
+        if !f.wants_data() {
+            continue;
+        }
+        let status = if downstream {
+            f.on_downstream_data(ctx, extras, i, data)
+        } else {
+            f.on_upstream_data(ctx, extras, i, data)
+        };
+        if let DataStatus::Close(d) = status {
+            extras.changed_by.push(Arc::from(f.name()));
+            if d.blocks() {
+                return Some(d);
+            }
+        }
+    }
+    None
+}
+
+/// The relay for a chain whose filters read the flow: a copy loop that
+/// shows every chunk to the data hooks before passing it on. Half-closes
+/// are passed on; the flow ends when both directions have, on the idle
+/// timeout, on `cancel`, or when a hook closes it (its decision is put in
+/// `revoked` for the record).
+async fn relay_inspected<C: std::future::Future<Output = ()>>(
+    client: TcpStream,
+    upstream: TcpStream,
+    idle: std::time::Duration,
+    tail: &Tail,
+    extras: &mut super::filter::FlowExtras,
+    revoked: &std::sync::OnceLock<Box<Decision>>,
+    cancel: C,
+) -> crate::forward::RelayStats {
+    use crate::forward::{CloseReason, RelayMode, RelayStats};
+    use tokio::io::AsyncReadExt;
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let mut stats = RelayStats {
+        bytes_up: 0,
+        bytes_down: 0,
+        reason: CloseReason::ClientClosed,
+        mode: RelayMode::Copy,
+        error: None,
+    };
+    let (mut up_buf, mut down_buf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let (mut up_open, mut down_open) = (true, true);
+    let mut first_eof: Option<CloseReason> = None;
+    tokio::pin!(cancel);
+    while up_open || down_open {
+        let idle_timer = tokio::time::sleep(idle);
+        tokio::select! {
+            () = &mut cancel => {
+                stats.reason = CloseReason::Cancelled;
+                return stats;
+            }
+            () = idle_timer => {
+                stats.reason = CloseReason::IdleTimeout;
+                return stats;
+            }
+            r = cr.read(&mut up_buf), if up_open => match r {
+                Ok(0) => {
+                    up_open = false;
+                    first_eof.get_or_insert(CloseReason::ClientClosed);
+                    let _ = uw.shutdown().await;
+                }
+                Ok(n) => {
+                    let chunk = up_buf.get(..n).unwrap_or_default();
+                    if let Some(d) = inspect(&tail.chain, &tail.ctx, extras, chunk, true) {
+                        let _ = revoked.set(Box::new(d));
+                        stats.reason = CloseReason::Cancelled;
+                        return stats;
+                    }
+                    if let Err(e) = uw.write_all(chunk).await {
+                        stats.reason = CloseReason::UpstreamError;
+                        stats.error = Some(e);
+                        return stats;
+                    }
+                    stats.bytes_up += n as u64;
+                }
+                Err(e) => {
+                    stats.reason = CloseReason::ClientError;
+                    stats.error = Some(e);
+                    return stats;
+                }
+            },
+            r = ur.read(&mut down_buf), if down_open => match r {
+                Ok(0) => {
+                    down_open = false;
+                    first_eof.get_or_insert(CloseReason::UpstreamClosed);
+                    let _ = cw.shutdown().await;
+                }
+                Ok(n) => {
+                    let chunk = down_buf.get(..n).unwrap_or_default();
+                    if let Some(d) = inspect(&tail.chain, &tail.ctx, extras, chunk, false) {
+                        let _ = revoked.set(Box::new(d));
+                        stats.reason = CloseReason::Cancelled;
+                        return stats;
+                    }
+                    if let Err(e) = cw.write_all(chunk).await {
+                        stats.reason = CloseReason::ClientError;
+                        stats.error = Some(e);
+                        return stats;
+                    }
+                    stats.bytes_down += n as u64;
+                }
+                Err(e) => {
+                    stats.reason = CloseReason::UpstreamError;
+                    stats.error = Some(e);
+                    return stats;
+                }
+            },
+        }
+    }
+    stats.reason = first_eof.unwrap_or(CloseReason::ClientClosed);
+    stats
 }

@@ -29,13 +29,18 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use chain::{Cluster, FilterChain, ListenerPlan};
-pub use filter::{Decision, FilterStatus, FlowContext, NetworkFilter, PolicyFilter};
+pub use chain::{ChainMatch, Cluster, FilterChain, ListenerPlan, Transport};
+pub use filter::{
+    AntiEvasionFilter, DataStatus, Decision, FilterStatus, FlowContext, FlowExtras, NetworkFilter, PolicyFilter,
+};
 
 use crate::dns::Bindings;
 use crate::forward::{ConnLimit, Resolver};
 use crate::policy::Policy;
 use crate::telemetry::audit::{AuditRecord, AuditWriter};
+
+/// Changes a listener's plan as a snapshot is built (see [`Snapshot::build`]).
+pub type PlanHook = dyn Fn(&Config, &mut ListenerPlan) + Send + Sync;
 
 /// One configuration, compiled: everything a flow or a query needs, its
 /// listeners' plans (chains and clusters) and the policy among it.
@@ -59,12 +64,25 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(config: Config) -> Self {
+        Self::build(config, None)
+    }
+
+    /// Like [`Snapshot::new`], with `hook` given each listener's plan to
+    /// change before it is shared (extra filters or chains: the plugin host,
+    /// tests).
+    pub fn build(config: Config, hook: Option<&PlanHook>) -> Self {
         let policy = Policy::compile(&config);
         let listeners = config
             .listeners
             .iter()
             .filter(|l| l.kind != ListenerKind::Dns)
-            .map(|l| Arc::new(ListenerPlan::from_config(l)))
+            .map(|l| {
+                let mut plan = ListenerPlan::from_config(l);
+                if let Some(hook) = hook {
+                    hook(&config, &mut plan);
+                }
+                Arc::new(plan)
+            })
             .collect();
         let mut rule_labels: Vec<Arc<str>> = config.policy.rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
         rule_labels.push(Arc::from("default"));

@@ -101,12 +101,18 @@ impl Sluice {
     /// Starts Sluice with `base_config` followed by `rest` (listeners,
     /// policy, extra groups).
     pub async fn start(rest: &str) -> Self {
+        Self::start_with(rest, None).await
+    }
+
+    /// Like [`Sluice::start`], with `hook` changing every listener's plan
+    /// (extra filters or chains).
+    pub async fn start_with(rest: &str, hook: Option<Arc<sluice::listener::PlanHook>>) -> Self {
         let dir = scratch_dir();
         let audit = dir.path().join("audit.jsonl");
         let yaml = format!("{}{rest}", base_config(&audit));
         let config = sluice_api::config::load_str(&yaml, "test.yaml")
             .unwrap_or_else(|e| panic!("test config does not load: {e}\n{yaml}"));
-        let server = Server::start(config, None).await.expect("server starts");
+        let server = Server::start_with(config, None, hook).await.expect("server starts");
         Self {
             server,
             audit,
