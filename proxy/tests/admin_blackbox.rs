@@ -114,26 +114,9 @@ fn refused_connect(proxy: SocketAddr) {
         String::from_utf8_lossy(&head[..n])
     );
     // A real ClientHello naming the target, so the tunnel dials.
-    s.write_all(&hello("allowed.test")).unwrap();
+    s.write_all(&bb_support::rustls_hello("allowed.test")).unwrap();
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
-}
-
-/// The first flight a rustls client writes for `name`.
-fn hello(name: &str) -> Vec<u8> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out).unwrap();
-    }
-    out
 }
 
 /// Regression (issue 13, item 10): `sluice_errors_total` and

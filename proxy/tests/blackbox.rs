@@ -1435,6 +1435,29 @@ mod netns {
         );
     }
 
+    /// Whether a network-namespace test may run: `false` (and a loud
+    /// notice) when skipped explicitly with `SLUICE_SKIP_NETNS`; otherwise it
+    /// fails with how to fix it when a tool is missing or the test is not
+    /// root.
+    fn netns_test_can_run(what: &str, tools: &[&str]) -> bool {
+        if std::env::var_os("SLUICE_SKIP_NETNS").is_some() {
+            eprintln!("SKIPPED explicitly (SLUICE_SKIP_NETNS): {what} black-box test not run");
+            return false;
+        }
+        let missing: Vec<_> = tools.iter().filter(|t| !have(t)).collect();
+        assert!(
+            missing.is_empty(),
+            "cannot run the {what} test: missing {missing:?} (apt-get install -y iproute2 iptables curl util-linux; scripts/test does it as root)"
+        );
+        let uid = Command::new("id").arg("-u").output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&uid.stdout).trim(),
+            "0",
+            "cannot run the {what} test: it needs root (CAP_NET_ADMIN) to make network namespaces; set SLUICE_SKIP_NETNS=1 to skip it explicitly"
+        );
+        true
+    }
+
     /// A network namespace, deleted when dropped (its processes must be
     /// gone first, so declare it before them).
     struct Netns(String);
@@ -1568,21 +1591,9 @@ policy:
 
     #[test]
     fn transparent_redirect_in_a_network_namespace() {
-        if std::env::var_os("SLUICE_SKIP_NETNS").is_some() {
-            eprintln!("SKIPPED explicitly (SLUICE_SKIP_NETNS): transparent REDIRECT black-box test not run");
+        if !netns_test_can_run("transparent REDIRECT", &["ip", "iptables", "curl"]) {
             return;
         }
-        let missing: Vec<_> = ["ip", "iptables", "curl"].into_iter().filter(|t| !have(t)).collect();
-        assert!(
-            missing.is_empty(),
-            "cannot run the transparent test: missing {missing:?} (apt-get install -y iproute2 iptables curl; scripts/test does it as root)"
-        );
-        let uid = Command::new("id").arg("-u").output().unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&uid.stdout).trim(),
-            "0",
-            "cannot run the transparent test: it needs root (CAP_NET_ADMIN) to make a network namespace; set SLUICE_SKIP_NETNS=1 to skip it explicitly"
-        );
 
         let dir = TempDir::new("netns");
         let pki = Pki::new(&dir, &["allowed.test", "denied.test"]);
@@ -1695,21 +1706,9 @@ policy:
     /// own local address; Sluice classifies, decides and dials the name.
     #[test]
     fn transparent_tproxy_across_a_veth() {
-        if std::env::var_os("SLUICE_SKIP_NETNS").is_some() {
-            eprintln!("SKIPPED explicitly (SLUICE_SKIP_NETNS): transparent TPROXY black-box test not run");
+        if !netns_test_can_run("transparent TPROXY", &["ip", "iptables", "curl"]) {
             return;
         }
-        let missing: Vec<_> = ["ip", "iptables", "curl"].into_iter().filter(|t| !have(t)).collect();
-        assert!(
-            missing.is_empty(),
-            "cannot run the TPROXY test: missing {missing:?} (apt-get install -y iproute2 iptables curl; scripts/test does it as root)"
-        );
-        let uid = Command::new("id").arg("-u").output().unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&uid.stdout).trim(),
-            "0",
-            "cannot run the TPROXY test: it needs root (CAP_NET_ADMIN) to make network namespaces; set SLUICE_SKIP_NETNS=1 to skip it explicitly"
-        );
         // TEST-NET-3: assigned to no interface in either namespace.
         const TP_VIP: &str = "203.0.113.10";
         const TP_UPSTREAM: &str = "10.98.1.3";
@@ -1806,22 +1805,6 @@ policy:
         drop(sluice);
     }
 
-    /// The first flight a rustls client writes for `name`.
-    fn rustls_hello(name: &str) -> Vec<u8> {
-        let config = rustls::ClientConfig::builder_with_provider(bb_support::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
-        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-        let mut out = Vec::new();
-        while conn.wants_write() {
-            conn.write_tls(&mut out).unwrap();
-        }
-        out
-    }
-
     /// A `tcp` listener with no `upstream` forwards a `REDIRECT`ed flow to
     /// where the client was going (`SO_ORIGINAL_DST`) and decides on that
     /// address and port; a `transparent` listener refuses a first TLS
@@ -1830,24 +1813,9 @@ policy:
     /// dials the original destinations unredirected.
     #[test]
     fn tcp_original_destination_and_a_record_out_of_place_through_redirect() {
-        if std::env::var_os("SLUICE_SKIP_NETNS").is_some() {
-            eprintln!("SKIPPED explicitly (SLUICE_SKIP_NETNS): tcp REDIRECT black-box test not run");
+        if !netns_test_can_run("tcp REDIRECT", &["ip", "iptables", "curl", "setpriv", "bash"]) {
             return;
         }
-        let missing: Vec<_> = ["ip", "iptables", "curl", "setpriv", "bash"]
-            .into_iter()
-            .filter(|t| !have(t))
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "cannot run the tcp REDIRECT test: missing {missing:?} (apt-get install -y iproute2 iptables curl util-linux; scripts/test does it as root)"
-        );
-        let uid = Command::new("id").arg("-u").output().unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&uid.stdout).trim(),
-            "0",
-            "cannot run the tcp REDIRECT test: it needs root (CAP_NET_ADMIN); set SLUICE_SKIP_NETNS=1 to skip it explicitly"
-        );
 
         let dir = TempDir::new("netns-tcp");
         let pki = Pki::new(&dir, &["allowed.test"]);
@@ -1917,7 +1885,7 @@ policy:
         assert!(!denied.ok(), "{denied:?}");
 
         // A ClientHello in an application_data record, to port 443.
-        let mut wrapped = rustls_hello("allowed.test");
+        let mut wrapped = bb_support::rustls_hello("allowed.test");
         wrapped[0] = 23;
         let mut raw = ns.exec("setpriv");
         raw.args([

@@ -1280,12 +1280,6 @@ async fn every_flow_leaves_exactly_one_record() {
     .await;
 }
 
-async fn up_connect(up: &TlsEcho, sni: &str, stream: TcpStream) -> tokio_rustls::client::TlsStream<TcpStream> {
-    within("the TLS handshake", up.pki.connect(sni, stream))
-        .await
-        .expect("TLS handshake through Sluice")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_tunnel_closes_at_idle_timeout() {
     bounded(async {
@@ -1714,13 +1708,6 @@ async fn guard_screens_each_resolved_address_and_ipv4_mapped_spellings() {
         sluice.stop().await;
     })
     .await;
-}
-
-async fn echo(open: &mut tokio_rustls::client::TlsStream<TcpStream>, msg: &[u8]) {
-    open.write_all(msg).await.unwrap();
-    let mut back = vec![0u8; msg.len()];
-    within("the echo", open.read_exact(&mut back)).await.unwrap();
-    assert_eq!(back, msg);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -36,16 +36,7 @@ async fn tunnel(proxy: std::net::SocketAddr, up: &TlsEcho) -> tokio_rustls::clie
     let target = format!("allowed.test:{}", up.addr.port());
     let (stream, resp) = connect_via(proxy, &target, "").await;
     assert_eq!(resp.status, 200, "{resp:?}");
-    within("the TLS handshake", up.pki.connect("allowed.test", stream))
-        .await
-        .expect("TLS handshake through Sluice")
-}
-
-async fn echo(open: &mut tokio_rustls::client::TlsStream<TcpStream>, msg: &[u8]) {
-    open.write_all(msg).await.unwrap();
-    let mut back = vec![0u8; msg.len()];
-    within("the echo", open.read_exact(&mut back)).await.unwrap();
-    assert_eq!(back, msg);
+    up_connect(up, "allowed.test", stream).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -564,3 +564,19 @@ pub fn as_application_data(mut hello: Vec<u8>) -> Vec<u8> {
     hello[0] = 23;
     hello
 }
+
+/// A TLS session to `up` through `stream` (a tunnel already open), naming
+/// `sni`.
+pub async fn up_connect(up: &TlsEcho, sni: &str, stream: TcpStream) -> TlsStream<TcpStream> {
+    within("the TLS handshake", up.pki.connect(sni, stream))
+        .await
+        .expect("TLS handshake through Sluice")
+}
+
+/// Sends `msg` over an echoing session and checks it comes back.
+pub async fn echo(open: &mut TlsStream<TcpStream>, msg: &[u8]) {
+    open.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    within("the echo", open.read_exact(&mut back)).await.unwrap();
+    assert_eq!(back, msg);
+}
