@@ -9,6 +9,72 @@
 
 use sluice_api::reason::{ReasonCode, ReasonKind};
 
+use super::filter::Decision;
+use super::pipeline::Stop;
+
+/// What an explicit-proxy client is told about a flow that stopped: the
+/// status, the rule and reason for the `X-Sluice-*` headers, and a sentence
+/// for the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer<'a> {
+    pub status: Status,
+    pub rule: &'a str,
+    pub reason: &'a str,
+    pub message: &'static str,
+}
+
+/// The answer to a flow that stopped with `stop` and `decision`, or `None`
+/// when nobody is there to read one (see [`refusal`]). A refusal names the
+/// rule and reason code that decided; a failure names the rule that
+/// allowed the flow and the close reason.
+pub fn answer(decision: Option<&Decision>, stop: Stop) -> Option<Answer<'_>> {
+    match stop {
+        Stop::Refused => {
+            let (rule, reason) = decision.map_or(
+                (ReasonCode::NoDecision.kind().rule_label(), ReasonCode::NoDecision),
+                |d| (d.rule.as_str(), d.reason),
+            );
+            Some(Answer {
+                status: refusal(reason)?,
+                rule,
+                reason: reason.as_str(),
+                message: refusal_message(reason),
+            })
+        }
+        Stop::Failed { reason, .. } => Some(Answer {
+            status: failure(reason),
+            rule: decision.map_or("-", |d| d.rule.as_str()),
+            reason,
+            message: failure_message(reason),
+        }),
+    }
+}
+
+/// The sentence in a refusal's body: what to fix, where the client can.
+fn refusal_message(reason: ReasonCode) -> &'static str {
+    use ReasonCode as R;
+    match reason {
+        R::ProxyAuthRequired => "Proxy authentication required.",
+        R::ConnectNotFirst => "CONNECT must be the first request on a proxy connection.",
+        R::HttpBadTarget => "A proxy request needs an absolute URI (http://host/path) or CONNECT host:port.",
+        R::HttpUnsupportedScheme => "Only http:// URIs are proxied; use CONNECT for https.",
+        R::HttpConflictingHost => "The Host header names another host than the URI.",
+        R::HttpBadHost => "The host is neither a valid name nor an address in dotted or IPv6 form.",
+        _ => "Sluice refused this request.",
+    }
+}
+
+/// The sentence in a failure's body.
+fn failure_message(close_reason: &str) -> &'static str {
+    if close_reason.starts_with("dns-") {
+        "Sluice could not resolve the host."
+    } else if close_reason.starts_with("connect-") {
+        "Sluice could not connect to the host."
+    } else {
+        "Sluice could not reach the target."
+    }
+}
+
 /// An HTTP status and its reason phrase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status {
@@ -98,5 +164,28 @@ mod tests {
         assert_eq!(failure("connect-refused").code, 502);
         assert_eq!(failure("dns-nxdomain").code, 502);
         assert_eq!(failure("upstream-error").code, 502);
+    }
+
+    #[test]
+    fn an_answer_names_the_rule_and_the_reason() {
+        let d = Decision::refused(ReasonCode::ProxyAuthRequired);
+        let a = answer(Some(&d), Stop::Refused);
+        assert_eq!(
+            a.map(|a| (a.status.code, a.rule, a.reason)),
+            Some((407, "listener", "proxy-auth-required"))
+        );
+        // Nobody to answer: closed without a word.
+        let d = Decision::refused(ReasonCode::PeekTimeout);
+        assert_eq!(answer(Some(&d), Stop::Refused), None);
+        // No decision at all is a refusal too.
+        let a = answer(None, Stop::Refused);
+        assert_eq!(a.map(|a| a.reason), Some("no-decision"));
+        let a = answer(Some(&d), Stop::failed("connect-timeout"));
+        assert_eq!(
+            a.map(|a| (a.status.code, a.reason, a.message)),
+            Some((504, "connect-timeout", "Sluice could not connect to the host."))
+        );
+        let a = answer(None, Stop::failed("dns-nxdomain"));
+        assert_eq!(a.map(|a| (a.status.code, a.rule)), Some((502, "-")));
     }
 }

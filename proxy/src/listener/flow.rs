@@ -1,6 +1,6 @@
-//! Steps every TCP flow shares once it is classified: run the chain's
-//! filters, resolve and screen destinations, connect, replay what was
-//! peeked, relay, and write the one audit record.
+//! The steps the pipeline (`pipeline`) is made of: run the chain's filters
+//! by the override rules, resolve and screen destinations, connect, replay
+//! what was peeked, relay, and write the one audit record.
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +12,8 @@ use tokio::net::TcpStream;
 
 use super::chain::FilterChain;
 use super::filter::{DataStatus, Decision, FilterStatus, FlowContext};
-use super::{ListenerPlan, Shared};
+use super::Shared;
+use super::pipeline::{Flow, Forward, Stop};
 use crate::forward::{ConnectOptions, RelayOptions, ResolveError, connect_sending, parse_ip_lenient, relay_until};
 use crate::policy::Enforcement;
 use crate::telemetry::audit::FlowRecord;
@@ -50,12 +51,18 @@ pub fn apply(ctx: &mut FlowContext, filter: &str, status: FilterStatus) {
                 .source
                 .is_some_and(|s| ctx.snapshot.policy.delegates(s).iter().any(|d| &**d == filter))
     } else {
-        current.allow || (new.blocks() && !current.blocks())
+        tightens(current, &new)
     };
     if change {
         ctx.extras_mut().changed_by.push(Arc::from(filter));
         ctx.decision = Some(new);
     }
+}
+
+/// A later denial replaces the decision so far when it denies what was
+/// allowed, or carries out what was only watched.
+fn tightens(current: &Decision, new: &Decision) -> bool {
+    current.allow || (new.blocks() && !current.blocks())
 }
 
 /// The enforcement a data-plane check (ECH, SNI mismatch) takes: the
@@ -72,10 +79,7 @@ pub fn check_enforcement(ctx: &FlowContext) -> Enforcement {
 /// In watch mode every check is watched, so the record names the same
 /// check and reason that enforce mode would have refused the flow with.
 pub fn deny(ctx: &mut FlowContext, d: Decision) {
-    let replace = match &ctx.decision {
-        None => true,
-        Some(existing) => existing.allow || (d.blocks() && !existing.blocks()),
-    };
+    let replace = ctx.decision.as_ref().is_none_or(|existing| tightens(existing, &d));
     if replace {
         ctx.decision = Some(d);
     }
@@ -157,61 +161,57 @@ pub struct Relaying {
 /// What the record needs once the relay is over.
 #[derive(Debug)]
 struct Tail {
-    ctx: FlowContext,
+    flow: Flow,
     chain: Arc<FilterChain>,
     dst: SocketAddr,
     replayed: u64,
-    accepted: Instant,
     _active: metrics::ActiveFlow,
 }
 
-/// Connects to `addrs` and replays `replay`. On failure the flow's record is
-/// written here and `None` returned.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the flow's parts, moved in once; a struct would only rename them"
-)]
+/// Connects an allowed flow to `fwd`'s addresses and replays `replay`. A
+/// flow that stops here (a data hook closes it on its first bytes, the
+/// connect fails) has its record written, and `None` is returned.
 pub async fn connect_and_replay(
-    plan: &ListenerPlan,
     shared: Arc<Shared>,
-    ctx: FlowContext,
-    chain: Arc<FilterChain>,
+    mut flow: Flow,
+    fwd: Forward,
     client: TcpStream,
-    addrs: &[SocketAddr],
     replay: Vec<u8>,
-    accepted: Instant,
     active: metrics::ActiveFlow,
 ) -> Option<Relaying> {
-    let mut ctx = ctx;
+    let Forward { chain, addrs } = fwd;
     // A filter that reads the flow sees its first bytes too, before any
     // of them leaves.
     if chain.inspects_data {
+        let ctx = &mut flow.ctx;
         let mut extras = ctx.extras.take().unwrap_or_default();
-        let closed = inspect(&chain, &ctx, &mut extras, &replay, true);
+        let closed = inspect(&chain, ctx, &mut extras, &replay, true);
         ctx.extras = Some(extras);
         if let Some(d) = closed {
             ctx.decision = Some(d);
-            let rec = denied_record(&ctx);
-            finish(&shared, Some(&chain), &ctx, rec, accepted);
+            flow.end(&shared, Stop::Refused);
             return None;
         }
     }
+    let spec = &flow.ctx.plan.spec;
+    let (connect_timeout, idle_timeout) = (spec.connect_timeout, spec.idle_timeout);
     let opts = ConnectOptions {
-        timeout: plan.spec.connect_timeout,
+        timeout: connect_timeout,
         ..ConnectOptions::default()
     };
     let started = Instant::now();
-    let (mut upstream, dst, sent) = match connect_sending(addrs, &opts, &replay).await {
+    let (mut upstream, dst, sent) = match connect_sending(&addrs, &opts, &replay).await {
         Ok((c, sent)) => {
             metrics::connect_latency("ok", started.elapsed());
             (c.stream, c.addr, sent)
         }
         Err(e) => {
             metrics::connect_latency(e.reason_code(), started.elapsed());
-            let mut rec = ctx.record();
-            rec.close_reason = Cow::Borrowed(e.reason_code());
-            rec.dst = addrs.first().copied();
-            finish(&shared, Some(&chain), &ctx, rec, accepted);
+            let stop = Stop::Failed {
+                reason: e.reason_code(),
+                dst: addrs.first().copied(),
+            };
+            flow.end(&shared, stop);
             return None;
         }
     };
@@ -219,24 +219,24 @@ pub async fn connect_and_replay(
         && !rest.is_empty()
         && let Err(e) = upstream.write_all(rest).await
     {
-        tracing::debug!(flow = ctx.id, error = %e, "replaying peeked bytes failed");
-        let mut rec = ctx.record();
-        rec.dst = Some(dst);
-        rec.close_reason = Cow::Borrowed("upstream-error");
-        finish(&shared, Some(&chain), &ctx, rec, accepted);
+        tracing::debug!(flow = flow.ctx.id, error = %e, "replaying peeked bytes failed");
+        let stop = Stop::Failed {
+            reason: "upstream-error",
+            dst: Some(dst),
+        };
+        flow.end(&shared, stop);
         return None;
     }
     Some(Relaying {
         client,
         upstream,
         shared,
-        idle_timeout: plan.spec.idle_timeout,
+        idle_timeout,
         tail: Box::new(Tail {
-            ctx,
+            flow,
             chain,
             dst,
             replayed: replay.len() as u64,
-            accepted,
             _active: active,
         }),
     })
@@ -261,7 +261,7 @@ impl Relaying {
         // The data hooks' mutable part, out of the context while the
         // re-check below reads it.
         let mut extras = if tail.chain.inspects_data {
-            Some(tail.ctx.extras.take().unwrap_or_default())
+            Some(tail.flow.ctx.extras.take().unwrap_or_default())
         } else {
             None
         };
@@ -271,7 +271,7 @@ impl Relaying {
         let cancel = async {
             let flow = super::RelayedFlow {
                 chain: &tail.chain,
-                ctx: &tail.ctx,
+                ctx: &tail.flow.ctx,
                 dst: tail.dst.ip(),
                 closing,
             };
@@ -296,34 +296,25 @@ impl Relaying {
             None => relay_until(client, upstream, &opts, cancel).await,
         };
         if let Some(extras) = extras {
-            tail.ctx.extras = Some(extras);
+            tail.flow.ctx.extras = Some(extras);
         }
         let Tail {
-            ctx,
-            chain,
+            flow,
             dst,
             replayed,
-            accepted,
             _active,
+            ..
         } = *tail;
-        let mut rec = ctx.record();
-        rec.dst = Some(dst);
-        rec.dst_groups = ctx
-            .snapshot
-            .policy
-            .smartgroups_of(dst.ip())
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
+        let mut rec = flow.record_to(dst);
         rec.bytes_up = replayed + stats.bytes_up;
         rec.bytes_down = stats.bytes_down;
         rec.close_reason = Cow::Borrowed(stats.reason.as_str());
         if let Some(d) = revoked.into_inner() {
-            tracing::debug!(flow = ctx.id, reason = %d.reason, "closed: the new configuration denies it");
+            tracing::debug!(flow = flow.ctx.id, reason = %d.reason, "closed: the new configuration denies it");
             rec.verdict = d.record();
             rec.close_reason = Cow::Borrowed("policy-revoked");
         }
-        finish(&shared, Some(&chain), &ctx, rec, accepted);
+        flow.write(&shared, rec);
     }
 }
 
@@ -366,32 +357,6 @@ fn close_reason_static(rec: &FlowRecord) -> &'static str {
         Cow::Borrowed(s) => s,
         Cow::Owned(_) => "other",
     }
-}
-
-/// Ends an allowed flow that could not be forwarded (no address, DNS
-/// failure): the verdict stays the policy's, the close reason says why.
-pub fn failed(
-    shared: &Shared,
-    chain: Option<&FilterChain>,
-    ctx: &FlowContext,
-    reason: &'static str,
-    accepted: Instant,
-) {
-    let mut rec = ctx.record();
-    rec.close_reason = Cow::Borrowed(reason);
-    finish(shared, chain, ctx, rec, accepted);
-}
-
-/// A denied flow's record.
-pub fn denied_record(ctx: &FlowContext) -> FlowRecord {
-    let mut rec = ctx.record();
-    rec.close_reason = Cow::Borrowed("denied");
-    rec
-}
-
-/// Addresses with the port to dial.
-pub fn with_port(ips: &[IpAddr], port: u16) -> Vec<SocketAddr> {
-    ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect()
 }
 
 /// Runs the chain's data hooks over `data` (`downstream`: from the client).
@@ -474,7 +439,7 @@ async fn relay_inspected<C: std::future::Future<Output = ()>>(
                 }
                 Ok(n) => {
                     let chunk = up_buf.get(..n).unwrap_or_default();
-                    if let Some(d) = inspect(&tail.chain, &tail.ctx, extras, chunk, true) {
+                    if let Some(d) = inspect(&tail.chain, &tail.flow.ctx, extras, chunk, true) {
                         let _ = revoked.set(Box::new(d));
                         stats.reason = CloseReason::Cancelled;
                         return stats;
@@ -500,7 +465,7 @@ async fn relay_inspected<C: std::future::Future<Output = ()>>(
                 }
                 Ok(n) => {
                     let chunk = down_buf.get(..n).unwrap_or_default();
-                    if let Some(d) = inspect(&tail.chain, &tail.ctx, extras, chunk, false) {
+                    if let Some(d) = inspect(&tail.chain, &tail.flow.ctx, extras, chunk, false) {
                         let _ = revoked.set(Box::new(d));
                         stats.reason = CloseReason::Cancelled;
                         return stats;

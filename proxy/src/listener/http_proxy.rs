@@ -37,10 +37,11 @@ use sluice_api::{DomainName, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::chain::{FilterChain, Transport};
+use super::chain::Transport;
 use super::filter::{Decision, FlowContext};
 use super::flow::{self, deny};
 use super::peek::{self, Peeked};
+use super::pipeline::{Flow, Stop};
 use super::{ListenerPlan, Shared, Snapshot};
 use crate::classify::http::Host;
 use crate::classify::{HttpLimits, Progress, RequestHead, parse_request_head};
@@ -73,18 +74,17 @@ pub async fn serve(
     let head = match first {
         Ok(h) => h,
         Err(reason) => {
-            let mut ctx = FlowContext::new(shared.next_id(), &plan, peer, snap);
-            ctx.protocol = Protocol::Http;
-            ctx.decision = Some(Decision::refused(reason));
-            let _ = refuse(&mut client, &ctx).await;
-            let rec = flow::denied_record(&ctx);
-            flow::finish(&shared, None, &ctx, rec, accepted);
-            return None;
+            let mut flow = Flow::new(&shared, &plan, peer, snap, accepted);
+            flow.ctx.protocol = Protocol::Http;
+            let stop = flow.refuse(reason);
+            return stopped(&mut client, &shared, flow, stop).await;
         }
     };
     if head.method.eq_ignore_ascii_case("CONNECT") {
-        tunnel(plan, shared, snap, client, peer, head, buf, accepted, active).await
+        let flow = Flow::new(&shared, &plan, peer, snap, accepted);
+        tunnel(shared, flow, client, head, buf, active).await
     } else {
+        // Each request is a flow of its own, with its own context.
         let _active = active;
         let io = Rewind {
             prefix: Bytes::from(buf),
@@ -204,182 +204,80 @@ fn header_in_head<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
         .map(|h| h.value)
 }
 
-/// Answers a refused CONNECT (no hyper there) with the status its reason
-/// calls for ([`edge::refusal`]), or just closes when nobody is there to
-/// read one.
-async fn refuse(client: &mut TcpStream, ctx: &FlowContext) -> std::io::Result<()> {
-    let Some(d) = ctx.decision.as_ref() else {
-        return Ok(());
-    };
-    match edge::refusal(d.reason) {
-        Some(status) => {
-            respond(
-                client,
-                status,
-                d.rule.as_str(),
-                d.reason.as_str(),
-                "Sluice refused this request.",
-            )
-            .await
-        }
-        None => Ok(()),
+/// Carries out a stop where no hyper serves the connection (the first
+/// request head, `CONNECT`): the answer [`edge::answer`] gives, if any,
+/// then the record.
+async fn stopped(client: &mut TcpStream, shared: &Shared, flow: Flow, stop: Stop) -> Option<flow::Relaying> {
+    if let Some(a) = edge::answer(flow.ctx.decision.as_ref(), stop) {
+        let _ = respond(client, &a).await;
     }
+    flow.end(shared, stop);
+    None
 }
 
-/// Answers a CONNECT that was allowed but could not be forwarded.
-async fn fail(client: &mut TcpStream, ctx: &FlowContext, close_reason: &str) -> std::io::Result<()> {
-    let rule = ctx.decision.as_ref().map_or("-", |d| d.rule.as_str());
-    respond(
-        client,
-        edge::failure(close_reason),
-        rule,
-        close_reason,
-        "Sluice could not reach the target.",
-    )
-    .await
-}
-
-async fn respond(
-    client: &mut TcpStream,
-    status: edge::Status,
-    rule: &str,
-    reason: &str,
-    message: &str,
-) -> std::io::Result<()> {
-    let body = edge::body(message, rule, reason);
+async fn respond(client: &mut TcpStream, a: &edge::Answer<'_>) -> std::io::Result<()> {
+    let body = edge::body(a.message, a.rule, a.reason);
     let mut extra = String::new();
-    if status.code == 407 {
+    if a.status.code == 407 {
         extra.push_str("Proxy-Authenticate: Basic realm=\"sluice\"\r\n");
     }
     let msg = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Sluice-Rule: {rule}\r\nX-Sluice-Reason: {reason}\r\n{extra}Connection: close\r\n\r\n{body}",
-        status.code,
-        status.text,
-        body.len()
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Sluice-Rule: {}\r\nX-Sluice-Reason: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+        a.status.code,
+        a.status.text,
+        body.len(),
+        a.rule,
+        a.reason,
     );
     client.write_all(msg.as_bytes()).await?;
     client.shutdown().await
 }
 
-fn target_host(ctx: &mut FlowContext, host: &Host) -> Result<String, ReasonCode> {
+/// The request's target host, as the name or address the pipeline decides
+/// on and dials (the cluster is the request's target).
+fn target_host(ctx: &mut FlowContext, host: &Host) -> Result<(), ReasonCode> {
     match host {
-        Host::Name(n) => {
-            let name = DomainName::parse(n).map_err(|_| ReasonCode::HttpBadHost)?;
-            let s = name.to_string();
-            ctx.name = Some(name);
-            Ok(s)
-        }
-        Host::Ipv4(ip) => {
-            ctx.dst_ip = Some((*ip).into());
-            Ok(ip.to_string())
-        }
-        Host::Ipv6(ip) => {
-            ctx.dst_ip = Some((*ip).into());
-            Ok(ip.to_string())
-        }
+        Host::Name(n) => ctx.name = Some(DomainName::parse(n).map_err(|_| ReasonCode::HttpBadHost)?),
+        Host::Ipv4(ip) => ctx.dst_ip = Some((*ip).into()),
+        Host::Ipv6(ip) => ctx.dst_ip = Some((*ip).into()),
     }
+    Ok(())
 }
 
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct would only rename them"
-)]
+/// A `CONNECT`: decided on its target while a status can still be sent,
+/// answered `200`, then decided again on what the tunnel carries.
 async fn tunnel(
-    plan: Arc<ListenerPlan>,
     shared: Arc<Shared>,
-    snap: Arc<Snapshot>,
+    mut flow: Flow,
     mut client: TcpStream,
-    peer: SocketAddr,
     head: RequestHead,
     mut buf: Vec<u8>,
-    accepted: Instant,
     active: metrics::ActiveFlow,
 ) -> Option<flow::Relaying> {
-    let mut ctx = FlowContext::new(shared.next_id(), &plan, peer, snap.clone());
-    ctx.protocol = Protocol::Tls;
-    // Named in the record even when refused before the target is decided on.
-    if let (Some(h), Some(p)) = (&head.host, head.port) {
-        ctx.connect_target = Some(format!("{h}:{p}"));
-    }
-    let head_bytes = buf.get(..head.head_len).unwrap_or(&[]);
-    match authenticate(&plan, &snap, header_in_head(head_bytes, "proxy-authorization")) {
-        Ok(identity) => ctx.identity = identity,
-        Err(()) => {
-            ctx.decision = Some(Decision::refused(ReasonCode::ProxyAuthRequired));
-            let _ = refuse(&mut client, &ctx).await;
-            let rec = flow::denied_record(&ctx);
-            flow::finish(&shared, None, &ctx, rec, accepted);
-            return None;
-        }
-    }
-    let (Some(host), Some(port)) = (head.host.clone(), head.port) else {
-        ctx.decision = Some(Decision::refused(ReasonCode::HttpBadTarget));
-        let _ = refuse(&mut client, &ctx).await;
-        let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, None, &ctx, rec, accepted);
-        return None;
+    let decided = match connect_front(&mut flow, &head, &buf) {
+        Ok(()) => flow.decide(&shared, Transport::Tls).await,
+        Err(stop) => Err(stop),
     };
-    ctx.port = port;
-    ctx.connect_target = Some(format!("{host}:{port}"));
-    let dial_host = match target_host(&mut ctx, &host) {
-        Ok(h) => h,
-        Err(reason) => {
-            ctx.decision = Some(Decision::refused(reason));
-            let _ = refuse(&mut client, &ctx).await;
-            let rec = flow::denied_record(&ctx);
-            flow::finish(&shared, None, &ctx, rec, accepted);
-            return None;
-        }
+    // The target was resolved and screened before answering, so a target
+    // the guard refuses (a name resolving to 169.254.169.254) or one that
+    // does not resolve still gets a response that says so.
+    let fwd = match decided {
+        Ok(fwd) => fwd,
+        Err(stop) => return stopped(&mut client, &shared, flow, stop).await,
     };
-    let Some(chain) = plan
-        .chain(ctx.name.as_ref(), port, peer.ip(), ctx.dst_ip, Transport::Tls)
-        .cloned()
-    else {
-        ctx.decision = Some(Decision::refused(ReasonCode::NoFilterChain));
-        let _ = refuse(&mut client, &ctx).await;
-        let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, None, &ctx, rec, accepted);
-        return None;
-    };
-    // First decision, on the target alone, while a 403 can still be sent.
-    flow::classified(&chain, &mut ctx).await;
-    if ctx.decision.as_ref().is_none_or(Decision::blocks) {
-        let _ = refuse(&mut client, &ctx).await;
-        let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
-        return None;
-    }
-    // Resolve and screen the target before answering, so a target the
-    // guard refuses (a name resolving to 169.254.169.254) or one that does
-    // not resolve still gets a response that says so.
-    let resolved = match Box::pin(flow::resolve(&shared, &ctx, &dial_host)).await {
-        Ok(ips) => ips,
-        Err(e) => {
-            let _ = fail(&mut client, &ctx, e.reason_code()).await;
-            flow::failed(&shared, Some(&*chain), &ctx, e.reason_code(), accepted);
-            return None;
-        }
-    };
-    if flow::screen(&chain, &mut ctx, &resolved).is_empty() {
-        let _ = refuse(&mut client, &ctx).await;
-        let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
-        return None;
-    }
     if client
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await
         .is_err()
     {
-        let mut rec = ctx.record();
-        rec.close_reason = Cow::Borrowed("client-error");
-        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
+        flow.end(&shared, Stop::failed("client-error"));
         return None;
     }
 
     // What the client sends through the tunnel decides again.
     buf.drain(..head.head_len.min(buf.len()));
     let started = Instant::now();
+    let plan = flow.ctx.plan.clone();
     let peeked = tokio::select! {
         biased;
         p = Box::pin(peek::peek(&mut client, &mut buf, &plan.spec)) => p,
@@ -388,15 +286,16 @@ async fn tunnel(
     plan.metrics.classified(started.elapsed());
     // Decided again, on what the tunnel carries; the anti-evasion filter
     // holds it against the target.
+    let ctx = &mut flow.ctx;
     ctx.decision = None;
     ctx.tunnel = true;
     let extras = ctx.extras_mut();
     extras.changed_by.clear();
-    extras.target = Some(host.clone());
+    extras.target = head.host;
     let target_name = ctx.name.clone();
     match peeked {
         Peeked::Tls(h) => {
-            peek::from_hello(&mut ctx, h);
+            peek::from_hello(ctx, h);
             // Without SNI the CONNECT target names the destination (when
             // `connect_no_sni: allow` lets such a flow on at all).
             if ctx.sni.is_none() {
@@ -409,29 +308,42 @@ async fn tunnel(
             ctx.extras_mut().http_host = h2.host;
         }
         Peeked::Opaque => ctx.protocol = Protocol::Tcp,
-        Peeked::Failed(reason) => deny(&mut ctx, Decision::refused(reason)),
+        Peeked::Failed(reason) => deny(ctx, Decision::refused(reason)),
     }
-    if ctx.decision.as_ref().is_some_and(Decision::blocks) {
-        let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
-        return None;
+    // After the `200` there is no status to send: a stop closes the tunnel.
+    match flow.decide_again(fwd).await {
+        Ok(fwd) => flow::connect_and_replay(shared, flow, fwd, client, buf, active).await,
+        Err(stop) => {
+            flow.end(&shared, stop);
+            None
+        }
     }
-    flow::classified(&chain, &mut ctx).await;
-    if ctx.decision.as_ref().is_none_or(Decision::blocks) {
-        let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
-        return None;
+}
+
+/// The `CONNECT` request, read into the flow's context: credentials and
+/// the target.
+fn connect_front(flow: &mut Flow, head: &RequestHead, buf: &[u8]) -> Result<(), Stop> {
+    let ctx = &mut flow.ctx;
+    ctx.protocol = Protocol::Tls;
+    // Named in the record even when refused before the target is decided on.
+    if let (Some(h), Some(p)) = (&head.host, head.port) {
+        ctx.connect_target = Some(format!("{h}:{p}"));
     }
-    // Screened again: the decision above may have replaced a watched
-    // guard denial that the record must keep.
-    let ips = flow::screen(&chain, &mut ctx, &resolved);
-    if ips.is_empty() {
-        let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
-        return None;
+    let head_bytes = buf.get(..head.head_len).unwrap_or(&[]);
+    let plan = ctx.plan.clone();
+    match authenticate(&plan, &ctx.snapshot, header_in_head(head_bytes, "proxy-authorization")) {
+        Ok(identity) => ctx.identity = identity,
+        Err(()) => return Err(flow.refuse(ReasonCode::ProxyAuthRequired)),
     }
-    let addrs = flow::with_port(&ips, port);
-    flow::connect_and_replay(&plan, shared, ctx, chain, client, &addrs, buf, accepted, active).await
+    let (Some(host), Some(port)) = (&head.host, head.port) else {
+        return Err(flow.refuse(ReasonCode::HttpBadTarget));
+    };
+    ctx.port = port;
+    ctx.connect_target = Some(format!("{host}:{port}"));
+    if let Err(reason) = target_host(ctx, host) {
+        return Err(flow.refuse(reason));
+    }
+    Ok(())
 }
 
 /// Replays bytes already read before handing the stream to hyper.
@@ -466,49 +378,40 @@ impl AsyncWrite for Rewind {
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-/// A hyper response naming `rule` and `reason`, with the status `status`.
-fn answer(status: edge::Status, rule: &str, reason: &str, message: &str) -> Response<ProxyBody> {
-    let body = edge::body(message, rule, reason);
+/// The hyper response to a request that stopped with `stop` (see
+/// [`edge::answer`]). A request has someone to answer, so a refusal that
+/// would just close the connection is answered `400`.
+fn stopped_response(decision: Option<&Decision>, stop: Stop) -> Response<ProxyBody> {
+    let a = edge::answer(decision, stop).unwrap_or(edge::Answer {
+        status: edge::Status {
+            code: 400,
+            text: "Bad Request",
+        },
+        rule: decision.map_or("-", |d| d.rule.as_str()),
+        reason: decision.map_or("no-decision", |d| d.reason.as_str()),
+        message: "Sluice refused this request.",
+    });
+    let body = edge::body(a.message, a.rule, a.reason);
     let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
-    *r.status_mut() = StatusCode::from_u16(status.code).unwrap_or(StatusCode::FORBIDDEN);
+    *r.status_mut() = StatusCode::from_u16(a.status.code).unwrap_or(StatusCode::FORBIDDEN);
     let h = r.headers_mut();
     h.insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain"),
     );
-    if let Ok(v) = hyper::header::HeaderValue::from_str(rule) {
+    if let Ok(v) = hyper::header::HeaderValue::from_str(a.rule) {
         h.insert("x-sluice-rule", v);
     }
-    if let Ok(v) = hyper::header::HeaderValue::from_str(reason) {
+    if let Ok(v) = hyper::header::HeaderValue::from_str(a.reason) {
         h.insert("x-sluice-reason", v);
     }
-    if status.code == 407 {
+    if a.status.code == 407 {
         h.insert(
             hyper::header::PROXY_AUTHENTICATE,
             hyper::header::HeaderValue::from_static("Basic realm=\"sluice\""),
         );
     }
     r
-}
-
-/// The answer to a refused request: its status from its reason
-/// ([`edge::refusal`]).
-fn refusal(ctx: &FlowContext, message: &str) -> Response<ProxyBody> {
-    let d = ctx
-        .decision
-        .clone()
-        .unwrap_or_else(|| Decision::refused(ReasonCode::NoDecision));
-    let status = edge::refusal(d.reason).unwrap_or(edge::Status {
-        code: 400,
-        text: "Bad Request",
-    });
-    answer(status, d.rule.as_str(), d.reason.as_str(), message)
-}
-
-/// The answer to an allowed request that could not be forwarded.
-fn failure(ctx: &FlowContext, close_reason: &str, message: &str) -> Response<ProxyBody> {
-    let rule = ctx.decision.as_ref().map_or("-", |d| d.rule.as_str());
-    answer(edge::failure(close_reason), rule, close_reason, message)
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the proxy's own.
@@ -554,12 +457,10 @@ struct ConnState {
 /// Writes a request's audit record once both its bodies are done.
 struct RecordGuard {
     shared: Arc<Shared>,
-    ctx: FlowContext,
-    chain: Arc<FilterChain>,
+    flow: Flow,
     record: Mutex<Option<FlowRecord>>,
     up: AtomicU64,
     down: AtomicU64,
-    accepted: Instant,
 }
 
 impl Drop for RecordGuard {
@@ -568,7 +469,7 @@ impl Drop for RecordGuard {
         if let Some(mut rec) = rec {
             rec.bytes_up += self.up.load(Ordering::Relaxed);
             rec.bytes_down += self.down.load(Ordering::Relaxed);
-            flow::finish(&self.shared, Some(&*self.chain), &self.ctx, rec, self.accepted);
+            self.flow.write(&self.shared, rec);
         }
     }
 }
@@ -613,201 +514,63 @@ where
 
 impl ConnState {
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let accepted = Instant::now();
         let snap = self.shared.snapshot.load_full();
-        // The listener's options as they are now: a reload reaches
-        // requests on connections kept alive from before it.
+        // The listener as it is now: a reload reaches requests on
+        // connections kept alive from before it.
         let plan = snap
             .plan(&self.plan.label)
             .cloned()
             .unwrap_or_else(|| self.plan.clone());
-        let mut ctx = FlowContext::new(self.shared.next_id(), &plan, self.peer, snap.clone());
-        ctx.protocol = Protocol::Http;
-        // Named in the record even when refused before the target is decided on.
-        ctx.connect_target = req
-            .uri()
-            .authority()
-            .map(|a| format!("{}:{}", a.host(), a.port_u16().unwrap_or(80)));
-        let deny_now = |ctx: &mut FlowContext, reason: ReasonCode, msg: &str| {
-            ctx.decision = Some(Decision::refused(reason));
-            let resp = refusal(ctx, msg);
-            let rec = flow::denied_record(ctx);
-            flow::finish(&self.shared, None, ctx, rec, accepted);
-            resp
+        let mut flow = Flow::new(&self.shared, &plan, self.peer, snap, Instant::now());
+        let decided = match request_front(&mut flow, &req) {
+            Ok(()) => flow.decide(&self.shared, Transport::RawBuffer).await,
+            Err(stop) => Err(stop),
         };
-        match authenticate(
-            &plan,
-            &snap,
-            req.headers()
-                .get(hyper::header::PROXY_AUTHORIZATION)
-                .map(|v| v.as_bytes()),
-        ) {
-            Ok(identity) => ctx.identity = identity,
-            Err(()) => {
-                return deny_now(
-                    &mut ctx,
-                    ReasonCode::ProxyAuthRequired,
-                    "Proxy authentication required.",
-                );
-            }
-        }
-        if req.method() == hyper::Method::CONNECT {
-            return deny_now(
-                &mut ctx,
-                ReasonCode::ConnectNotFirst,
-                "CONNECT must be the first request on a proxy connection.",
-            );
-        }
-        let Some(authority) = req.uri().authority().cloned() else {
-            return deny_now(
-                &mut ctx,
-                ReasonCode::HttpBadTarget,
-                "A proxy request needs an absolute URI (http://host/path).",
-            );
+        let fwd = match decided {
+            Ok(fwd) => fwd,
+            Err(stop) => return self.stopped(flow, stop),
         };
-        if req.uri().scheme_str().is_some_and(|s| !s.eq_ignore_ascii_case("http")) {
-            return deny_now(
-                &mut ctx,
-                ReasonCode::HttpUnsupportedScheme,
-                "Only http:// URIs are proxied; use CONNECT for https.",
-            );
-        }
-        let raw_host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = authority.port_u16().unwrap_or(80);
-        ctx.port = port;
-        ctx.connect_target = Some(format!("{}:{port}", authority.host()));
-        ctx.host = req
-            .headers()
-            .get(hyper::header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let host = match raw_host.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => Host::Ipv4(ip),
-            Ok(IpAddr::V6(ip)) => Host::Ipv6(ip),
-            // `0x7f.1`, `2130706433`: a resolver would read another address
-            // than the one written; refuse rather than guess.
-            Err(_) if parse_ip_lenient(&raw_host).is_some() => {
-                return deny_now(&mut ctx, ReasonCode::HttpBadHost, "Numeric host spellings are refused.");
-            }
-            Err(_) => Host::Name(raw_host.clone()),
-        };
-        if let Some(h) = &ctx.host {
-            let header_host = h
-                .rsplit_once(':')
-                .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-                .map_or(h.as_str(), |(a, _)| a);
-            let header_host = header_host.trim_start_matches('[').trim_end_matches(']');
-            let same = match (&host, header_host.parse::<IpAddr>()) {
-                (Host::Name(n), Err(_)) => n
-                    .trim_end_matches('.')
-                    .eq_ignore_ascii_case(header_host.trim_end_matches('.')),
-                (Host::Ipv4(a), Ok(b)) => IpAddr::V4(*a) == b,
-                (Host::Ipv6(a), Ok(b)) => IpAddr::V6(*a) == b,
-                _ => false,
-            };
-            if !same {
-                return deny_now(
-                    &mut ctx,
-                    ReasonCode::HttpConflictingHost,
-                    "The Host header names another host than the URI.",
-                );
-            }
-        }
-        let dial_host = match target_host(&mut ctx, &host) {
-            Ok(h) => h,
-            Err(reason) => return deny_now(&mut ctx, reason, "Invalid host."),
-        };
-        let Some(chain) = self
-            .plan
-            .chain(
-                ctx.name.as_ref(),
-                port,
-                self.peer.ip(),
-                ctx.dst_ip,
-                Transport::RawBuffer,
-            )
-            .cloned()
-        else {
-            return deny_now(&mut ctx, ReasonCode::NoFilterChain, "Sluice refused this request.");
-        };
-        flow::classified(&chain, &mut ctx).await;
-        if ctx.decision.as_ref().is_none_or(Decision::blocks) {
-            let resp = refusal(&ctx, "Sluice refused this request.");
-            let rec = flow::denied_record(&ctx);
-            flow::finish(&self.shared, Some(&chain), &ctx, rec, accepted);
-            return resp;
-        }
-        let ips = match flow::resolve(&self.shared, &ctx, &dial_host).await {
-            Ok(ips) => ips,
-            Err(e) => {
-                let resp = failure(
-                    &ctx,
-                    e.reason_code(),
-                    &format!("Sluice could not resolve the host ({}).", e.reason_code()),
-                );
-                flow::failed(&self.shared, Some(&chain), &ctx, e.reason_code(), accepted);
-                return resp;
-            }
-        };
-        let ips = flow::screen(&chain, &mut ctx, &ips);
-        if ips.is_empty() {
-            let resp = refusal(&ctx, "Sluice refused this request.");
-            let rec = flow::denied_record(&ctx);
-            flow::finish(&self.shared, Some(&chain), &ctx, rec, accepted);
-            return resp;
-        }
-        let addrs = flow::with_port(&ips, port);
         let started = Instant::now();
         let opts = ConnectOptions {
             timeout: plan.spec.connect_timeout,
             ..ConnectOptions::default()
         };
-        let mut rec = ctx.record();
-        let upstream = match connect(&addrs, &opts).await {
+        let upstream = match connect(&fwd.addrs, &opts).await {
             Ok(c) => {
                 metrics::connect_latency("ok", started.elapsed());
-                rec.dst = Some(c.addr);
-                c.stream
+                c
             }
             Err(e) => {
                 metrics::connect_latency(e.reason_code(), started.elapsed());
-                rec.close_reason = Cow::Borrowed(e.reason_code());
-                let resp = failure(&ctx, e.reason_code(), "Sluice could not connect to the host.");
-                flow::finish(&self.shared, Some(&chain), &ctx, rec, accepted);
-                return resp;
+                let stop = Stop::Failed {
+                    reason: e.reason_code(),
+                    dst: fwd.addrs.first().copied(),
+                };
+                return self.stopped(flow, stop);
             }
         };
-        rec.dst_groups = snap
-            .policy
-            .smartgroups_of(rec.dst.map_or(self.peer.ip(), |d| d.ip()))
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
+        let dst = upstream.addr;
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(upstream.stream)).await {
             Ok(x) => x,
             Err(_) => {
-                rec.close_reason = Cow::Borrowed("upstream-error");
-                let resp = failure(&ctx, "upstream-error", "Upstream HTTP handshake failed.");
-                flow::finish(&self.shared, Some(&chain), &ctx, rec, accepted);
-                return resp;
+                let stop = Stop::Failed {
+                    reason: "upstream-error",
+                    dst: Some(dst),
+                };
+                return self.stopped(flow, stop);
             }
         };
         tokio::spawn(async move {
             let _ = conn.await;
         });
+        let mut rec = flow.record_to(dst);
         rec.close_reason = Cow::Borrowed("completed");
         let guard = Arc::new(RecordGuard {
             shared: self.shared.clone(),
-            ctx,
-            chain,
+            flow,
             record: Mutex::new(Some(rec)),
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
-            accepted,
         });
         let (mut parts, body) = req.into_parts();
         parts.uri = parts.uri.path_and_query().map_or_else(
@@ -846,8 +609,88 @@ impl ConnState {
                 {
                     r.close_reason = Cow::Borrowed("upstream-error");
                 }
-                failure(&guard.ctx, "upstream-error", "Upstream request failed.")
+                stopped_response(guard.flow.ctx.decision.as_ref(), Stop::failed("upstream-error"))
             }
         }
+    }
+
+    /// Answers a request that stopped, and writes its record.
+    fn stopped(&self, flow: Flow, stop: Stop) -> Response<ProxyBody> {
+        let resp = stopped_response(flow.ctx.decision.as_ref(), stop);
+        flow.end(&self.shared, stop);
+        resp
+    }
+}
+
+/// An absolute-form request, read into the flow's context: credentials,
+/// the URI's target, and its Host header held against it.
+fn request_front(flow: &mut Flow, req: &Request<Incoming>) -> Result<(), Stop> {
+    let ctx = &mut flow.ctx;
+    ctx.protocol = Protocol::Http;
+    // Named in the record even when refused before the target is decided on.
+    ctx.connect_target = req
+        .uri()
+        .authority()
+        .map(|a| format!("{}:{}", a.host(), a.port_u16().unwrap_or(80)));
+    let plan = ctx.plan.clone();
+    let credentials = req
+        .headers()
+        .get(hyper::header::PROXY_AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match authenticate(&plan, &ctx.snapshot, credentials) {
+        Ok(identity) => ctx.identity = identity,
+        Err(()) => return Err(flow.refuse(ReasonCode::ProxyAuthRequired)),
+    }
+    if req.method() == hyper::Method::CONNECT {
+        return Err(flow.refuse(ReasonCode::ConnectNotFirst));
+    }
+    let Some(authority) = req.uri().authority() else {
+        return Err(flow.refuse(ReasonCode::HttpBadTarget));
+    };
+    if req.uri().scheme_str().is_some_and(|s| !s.eq_ignore_ascii_case("http")) {
+        return Err(flow.refuse(ReasonCode::HttpUnsupportedScheme));
+    }
+    let raw_host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let port = authority.port_u16().unwrap_or(80);
+    ctx.port = port;
+    ctx.connect_target = Some(format!("{}:{port}", authority.host()));
+    ctx.host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let host = match raw_host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => Host::Ipv4(ip),
+        Ok(IpAddr::V6(ip)) => Host::Ipv6(ip),
+        // `0x7f.1`, `2130706433`: a resolver would read another address
+        // than the one written; refuse rather than guess.
+        Err(_) if parse_ip_lenient(raw_host).is_some() => return Err(flow.refuse(ReasonCode::HttpBadHost)),
+        Err(_) => Host::Name(raw_host.to_owned()),
+    };
+    if let Some(h) = &ctx.host
+        && !same_host(&host, h)
+    {
+        return Err(flow.refuse(ReasonCode::HttpConflictingHost));
+    }
+    if let Err(reason) = target_host(ctx, &host) {
+        return Err(flow.refuse(reason));
+    }
+    Ok(())
+}
+
+/// Whether a `Host` header (with or without a port) names `host`.
+fn same_host(host: &Host, header: &str) -> bool {
+    let header_host = header
+        .rsplit_once(':')
+        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(header, |(a, _)| a);
+    let header_host = header_host.trim_start_matches('[').trim_end_matches(']');
+    match (host, header_host.parse::<IpAddr>()) {
+        (Host::Name(n), Err(_)) => n
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(header_host.trim_end_matches('.')),
+        (Host::Ipv4(a), Ok(b)) => IpAddr::V4(*a) == b,
+        (Host::Ipv6(a), Ok(b)) => IpAddr::V6(*a) == b,
+        _ => false,
     }
 }

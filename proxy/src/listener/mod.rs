@@ -8,8 +8,10 @@
 //!     ─► relay (splice) ─► on_close filters ─► audit record + metrics
 //! ```
 //!
-//! `http_proxy` serves explicit-proxy listeners; `peek` serves transparent,
-//! sni and tcp listeners; `flow` holds the steps they share.
+//! `pipeline` runs it once for every listener kind, over the steps in
+//! `flow`; `http_proxy` (explicit proxy) and `peek` (transparent, sni and
+//! tcp) only build each flow's context and carry out how it ends, with the
+//! answers `edge` gives.
 
 pub mod chain;
 pub mod edge;
@@ -17,6 +19,7 @@ pub mod filter;
 mod flow;
 mod http_proxy;
 mod peek;
+mod pipeline;
 
 use std::io;
 use std::sync::Arc;

@@ -16,13 +16,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use sluice_api::{DomainName, ListenerKind, Protocol, SniCheck};
+use sluice_api::{DomainName, ListenerKind, Protocol};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::chain::{Cluster, Transport};
 use super::filter::{Decision, FlowContext};
-use super::flow::{self, check_enforcement, deny};
+use super::flow::{self, deny};
+use super::pipeline::{Flow, Stop};
 use super::{ListenerPlan, Shared, Snapshot};
 use crate::classify::http::Host;
 use crate::classify::{
@@ -141,6 +142,8 @@ fn original_destination(client: &TcpStream, bound: Option<SocketAddr>) -> Option
     (!direct).then_some(local)
 }
 
+/// Serves one connection of a transparent, sni or tcp listener: classifies
+/// its first bytes, runs the pipeline, and relays it or closes it.
 pub async fn serve(
     plan: Arc<ListenerPlan>,
     shared: Arc<Shared>,
@@ -149,206 +152,73 @@ pub async fn serve(
     peer: SocketAddr,
     bound: Option<SocketAddr>,
 ) -> Option<flow::Relaying> {
-    let accepted = Instant::now();
     let active = plan.metrics.active();
-    let mut ctx = FlowContext::new(shared.next_id(), &plan, peer, snap);
-    let kind = plan.spec.kind;
+    let mut flow = Flow::new(&shared, &plan, peer, snap, Instant::now());
+    let mut buf = Vec::new();
+    let decided = match front(&mut flow, &shared, &mut client, &mut buf, bound).await {
+        Ok(transport) => flow.decide(&shared, transport).await,
+        Err(stop) => Err(stop),
+    };
+    match decided {
+        Ok(fwd) => flow::connect_and_replay(shared, flow, fwd, client, buf, active).await,
+        // Nobody here reads an answer: the connection is just closed.
+        Err(stop) => {
+            flow.end(&shared, stop);
+            None
+        }
+    }
+}
+
+/// What the client showed before anything is decided: where it was going
+/// (a redirected flow) and its first bytes, classified. A flow that cannot
+/// be classified carries its refusal into the pipeline.
+async fn front(
+    flow: &mut Flow,
+    shared: &Shared,
+    client: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    bound: Option<SocketAddr>,
+) -> Result<Transport, Stop> {
+    let plan = flow.ctx.plan.clone();
     let needs_original = plan
         .chains
         .iter()
         .any(|c| matches!(c.cluster, Cluster::OriginalDst { .. }));
     if needs_original {
-        match original_destination(&client, bound) {
-            Some(a) => {
-                ctx.original_dst = Some(a);
-                ctx.port = a.port();
-            }
-            None => {
-                ctx.decision = Some(Decision::refused(ReasonCode::NoOriginalDestination));
-                let rec = flow::denied_record(&ctx);
-                flow::finish(&shared, None, &ctx, rec, accepted);
-                return None;
-            }
-        }
-    }
-
-    let mut buf = Vec::new();
-    let transport = if kind == ListenerKind::Tcp {
-        Transport::RawBuffer
-    } else {
-        let started = Instant::now();
-        // The bytes are usually there already: peek first, and subscribe to
-        // the forced shutdown only when it has to wait.
-        let peeked = tokio::select! {
-            biased;
-            p = Box::pin(peek(&mut client, &mut buf, &plan.spec)) => p,
-            () = shared.forced() => Peeked::Failed(ReasonCode::Shutdown),
+        let Some(a) = original_destination(client, bound) else {
+            return Err(flow.refuse(ReasonCode::NoOriginalDestination));
         };
-        plan.metrics.classified(started.elapsed());
-        match peeked {
-            Peeked::Tls(h) => {
-                from_hello(&mut ctx, h);
-                Transport::Tls
-            }
-            // An sni listener passes TLS only: plain HTTP would cross in
-            // clear text to a port meant for TLS.
-            Peeked::Http(head) => {
-                from_http(&mut ctx, &head);
-                Transport::RawBuffer
-            }
-            Peeked::Opaque => Transport::RawBuffer,
-            Peeked::Failed(reason) => {
-                // Fail closed: what cannot be classified is not forwarded,
-                // whatever the mode.
-                deny(&mut ctx, Decision::refused(reason));
-                Transport::RawBuffer
-            }
-        }
+        flow.ctx.original_dst = Some(a);
+        flow.ctx.port = a.port();
+    }
+    if plan.spec.kind == ListenerKind::Tcp {
+        return Ok(Transport::RawBuffer);
+    }
+    let started = Instant::now();
+    // The bytes are usually there already: peek first, and subscribe to
+    // the forced shutdown only when it has to wait.
+    let peeked = tokio::select! {
+        biased;
+        p = Box::pin(peek(client, buf, &plan.spec)) => p,
+        () = shared.forced() => Peeked::Failed(ReasonCode::Shutdown),
     };
-    if let Some(d) = &ctx.decision
-        && d.blocks()
-    {
-        let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, None, &ctx, rec, accepted);
-        return None;
-    }
-    let now = tokio::time::Instant::now().into_std();
-    let bindings = shared.bindings.load_full();
-    // An address-only flow (opaque TCP, TLS without SNI) gets the name the
-    // DNS proxy answered this client with for that address, so WebGroup
-    // rules apply to it too.
-    if ctx.name.is_none()
-        && let (Some(b), Some(orig)) = (&bindings, ctx.original_dst)
-        && let Some(name) = b.lookup(peer.ip(), orig.ip(), now)
-    {
-        ctx.name = Some(name);
-        ctx.name_from_dns = true;
-    }
-    // The chain is chosen on what the flow showed; its cluster then says
-    // where the flow goes and what it is decided on.
-    let Some(chain) = plan
-        .chain(
-            ctx.name.as_ref(),
-            ctx.port,
-            peer.ip(),
-            ctx.dst_ip.or(ctx.original_dst.map(|a| a.ip())),
-            transport,
-        )
-        .cloned()
-    else {
-        deny(&mut ctx, Decision::refused(ReasonCode::NoFilterChain));
-        let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, None, &ctx, rec, accepted);
-        return None;
-    };
-    match &chain.cluster {
-        // A fixed upstream: decided on its port, and its name or address.
-        Cluster::Static { host, port } => {
-            ctx.port = *port;
-            match crate::forward::parse_ip_lenient(host) {
-                Some(ip) => ctx.dst_ip = Some(ip),
-                None => match DomainName::parse(host) {
-                    Ok(n) => ctx.name = Some(n),
-                    Err(_) => deny(&mut ctx, Decision::refused(ReasonCode::BadUpstream)),
-                },
-            }
+    plan.metrics.classified(started.elapsed());
+    let ctx = &mut flow.ctx;
+    Ok(match peeked {
+        Peeked::Tls(h) => {
+            from_hello(ctx, h);
+            Transport::Tls
         }
-        Cluster::SniDynamic { port } => ctx.port = *port,
-        Cluster::OriginalDst { .. } | Cluster::RequestTarget => {}
-    }
-    let verify = matches!(
-        chain.cluster,
-        Cluster::OriginalDst {
-            sni_check: SniCheck::Verify
+        // An sni listener passes TLS only: plain HTTP would cross in
+        // clear text to a port meant for TLS (the anti-evasion filter
+        // refuses it).
+        Peeked::Http(head) => {
+            from_http(ctx, &head);
+            Transport::RawBuffer
         }
-    ) && !ctx.name_from_dns;
-    if ctx.name.is_none() || !verify {
-        // Address-only flows (and `sni_check: off`) are decided on the
-        // address the client dialled.
-        ctx.dst_ip = ctx.dst_ip.or(ctx.original_dst.map(|a| a.ip()));
-    }
-    // The anti-evasion checks, then the policy, then any other filter.
-    flow::classified(&chain, &mut ctx).await;
-    if ctx.decision.as_ref().is_none_or(Decision::blocks) {
-        let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
-        return None;
-    }
-
-    let (ips, port, check) = match &chain.cluster {
-        Cluster::SniDynamic { port } => {
-            let name = ctx.name.as_ref().map(DomainName::as_str).unwrap_or_default();
-            match Box::pin(flow::resolve(&shared, &ctx, name)).await {
-                Ok(ips) => (ips, *port, None),
-                Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
-            }
-        }
-        Cluster::OriginalDst { sni_check } => {
-            let Some(orig) = ctx.original_dst else {
-                return resolve_failed(&shared, &chain, &mut ctx, "no-original-destination", accepted);
-            };
-            let bound = bindings.as_ref().filter(|b| b.has_bindings_for_source(peer.ip(), now));
-            match (&ctx.name, sni_check) {
-                // The DNS proxy knows what it told this client: the address
-                // dialled must be one it answered for that name.
-                (Some(name), SniCheck::Verify) if !ctx.name_from_dns && bound.is_some() => {
-                    if bound.is_some_and(|b| b.is_bound(peer.ip(), orig.ip(), name, now)) {
-                        (vec![orig.ip()], orig.port(), Some("dns-binding"))
-                    } else {
-                        let e = check_enforcement(&ctx);
-                        let mut d = Decision::check(ReasonCode::SniDestinationMismatch, e);
-                        d.check = Some("dns-binding");
-                        deny(&mut ctx, d);
-                        if ctx.decision.as_ref().is_some_and(Decision::blocks) {
-                            let rec = flow::denied_record(&ctx);
-                            flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
-                            return None;
-                        }
-                        (vec![orig.ip()], orig.port(), Some("dns-binding"))
-                    }
-                }
-                (Some(name), SniCheck::Verify) if !ctx.name_from_dns => {
-                    match Box::pin(flow::resolve(&shared, &ctx, name.as_str())).await {
-                        // Keep the client's choice when the name really has that
-                        // address (CDN affinity); otherwise dial the name's own.
-                        Ok(ips) if ips.contains(&orig.ip().to_canonical()) || ips.contains(&orig.ip()) => {
-                            (vec![orig.ip()], orig.port(), Some("sni-resolved"))
-                        }
-                        Ok(ips) => (ips, orig.port(), Some("sni-resolved")),
-                        Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
-                    }
-                }
-                (Some(_), SniCheck::Off) => (vec![orig.ip()], orig.port(), Some("off")),
-                (Some(_), SniCheck::Verify) => (vec![orig.ip()], orig.port(), Some("dns-binding")),
-                (None, _) => (vec![orig.ip()], orig.port(), None),
-            }
-        }
-        Cluster::Static { host, port } => match Box::pin(flow::resolve(&shared, &ctx, host)).await {
-            Ok(ips) => (ips, *port, None),
-            Err(e) => return resolve_failed(&shared, &chain, &mut ctx, e.reason_code(), accepted),
-        },
-        Cluster::RequestTarget => return resolve_failed(&shared, &chain, &mut ctx, "no-destination", accepted),
-    };
-    if let Some(d) = ctx.decision.as_mut() {
-        d.check = check;
-    }
-    let ips = flow::screen(&chain, &mut ctx, &ips);
-    if ips.is_empty() {
-        let rec = flow::denied_record(&ctx);
-        flow::finish(&shared, Some(&*chain), &ctx, rec, accepted);
-        return None;
-    }
-    let addrs = flow::with_port(&ips, port);
-    flow::connect_and_replay(&plan, shared, ctx, chain, client, &addrs, buf, accepted, active).await
-}
-
-fn resolve_failed(
-    shared: &Shared,
-    chain: &super::chain::FilterChain,
-    ctx: &mut FlowContext,
-    reason: &'static str,
-    accepted: Instant,
-) -> Option<flow::Relaying> {
-    flow::failed(shared, Some(chain), ctx, reason, accepted);
-    None
+        Peeked::Opaque => Transport::RawBuffer,
+        // Fail closed: what cannot be classified is not forwarded,
+        // whatever the mode.
+        Peeked::Failed(reason) => return Err(flow.refuse(reason)),
+    })
 }
