@@ -10,9 +10,9 @@ use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::Shared;
 use super::chain::FilterChain;
 use super::filter::{DataStatus, Decision, FilterStatus, FlowContext};
-use super::Shared;
 use super::pipeline::{Flow, Forward, Stop};
 use crate::forward::{ConnectOptions, RelayOptions, ResolveError, connect_sending, parse_ip_lenient, relay_until};
 use crate::policy::Enforcement;

@@ -72,7 +72,13 @@ pub struct Flow {
 }
 
 impl Flow {
-    pub fn new(shared: &Shared, plan: &Arc<ListenerPlan>, peer: SocketAddr, snap: Arc<Snapshot>, accepted: Instant) -> Self {
+    pub fn new(
+        shared: &Shared,
+        plan: &Arc<ListenerPlan>,
+        peer: SocketAddr,
+        snap: Arc<Snapshot>,
+        accepted: Instant,
+    ) -> Self {
         Self {
             ctx: FlowContext::new(shared.next_id(), plan, peer, snap),
             chain: None,
@@ -117,7 +123,10 @@ impl Flow {
         // Screened again: the decision above may have replaced a watched
         // guard denial that the record must keep.
         let addrs = self.screen(&fwd.chain, &ips, port)?;
-        Ok(Forward { chain: fwd.chain, addrs })
+        Ok(Forward {
+            chain: fwd.chain,
+            addrs,
+        })
     }
 
     /// An address-only flow (opaque TCP, TLS without SNI) gets the name the

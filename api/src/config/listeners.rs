@@ -1,0 +1,359 @@
+//! `listeners`: names, addresses that must not clash, and each kind's
+//! options (an option another kind owns is an error, not ignored).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde_saphyr::Location;
+
+use super::raw::{self, S};
+use super::{ConfigErrorKind, NameKind, Validator, port_out_of_range};
+use crate::model::*;
+use crate::net::canonical_ip;
+
+impl Validator {
+    pub(super) fn listeners(&mut self, raw: &[S<raw::RawListener>]) -> Vec<Listener> {
+        let mut seen = HashMap::new();
+        let mut bound: Vec<(SocketAddr, String)> = Vec::new();
+        let mut out = Vec::new();
+        for (i, l) in raw.iter().enumerate() {
+            let (at, l) = (l.referenced, &l.value);
+            let path = format!("listeners[{i}]");
+            let complete = [
+                self.require(&l.name, at, &path, "name"),
+                self.require(&l.kind, at, &path, "kind"),
+                self.require(&l.address, at, &path, "address"),
+            ];
+            if complete.contains(&false) {
+                continue;
+            }
+            let ok = self.name(&l.name, &format!("{path}.name"), NameKind::Listener, &mut seen);
+            let address = self.socket(&l.address, &format!("{path}.address"));
+            let kind = l.kind.value;
+            let canonical = SocketAddr::new(canonical_ip(address.ip()), address.port());
+            if address.port() != 0 {
+                // Every kind binds TCP (dns binds UDP too), so two listeners
+                // clash on the same port when their addresses are equal or
+                // either is a wildcard.
+                let clash = bound.iter().find(|(a, _)| {
+                    a.port() == canonical.port()
+                        && (a.ip() == canonical.ip() || a.ip().is_unspecified() || canonical.ip().is_unspecified())
+                });
+                if let Some((_, other)) = clash {
+                    self.err(
+                        l.address.referenced,
+                        format!("{path}.address"),
+                        ConfigErrorKind::InvalidValue {
+                            message: format!(
+                                "address {address} overlaps listener `{other}` on the same port; give each listener its own port"
+                            ),
+                        },
+                    );
+                }
+                bound.push((canonical, l.name.value.clone()));
+            }
+            let opts = self.listener_options(l, kind, &path);
+            if ok {
+                out.push(Listener {
+                    name: l.name.value.clone(),
+                    kind,
+                    address,
+                    ..opts
+                });
+            }
+        }
+        out
+    }
+
+    /// Per-listener options, defaulted, and rejected where they do not
+    /// apply to the listener's kind.
+    pub(super) fn listener_options(&mut self, l: &raw::RawListener, kind: ListenerKind, path: &str) -> Listener {
+        use ListenerKind::*;
+        let only = |this: &mut Self, present: Option<Location>, field: &str, kinds: &[ListenerKind]| {
+            if let Some(loc) = present
+                && !kinds.contains(&kind)
+            {
+                let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+                this.err(
+                    loc,
+                    format!("{path}.{field}"),
+                    ConfigErrorKind::InvalidValue {
+                        message: format!(
+                            "`{field}` does not apply to a `{}` listener (only to: {}); remove it",
+                            kind.as_str(),
+                            names.join(", ")
+                        ),
+                    },
+                );
+            }
+        };
+        only(
+            self,
+            l.ech.as_ref().map(|v| v.referenced),
+            "ech",
+            &[HttpProxy, Transparent, Sni],
+        );
+        only(
+            self,
+            l.connect_no_sni.as_ref().map(|v| v.referenced),
+            "connect_no_sni",
+            &[HttpProxy],
+        );
+        only(
+            self,
+            l.sni_check.as_ref().map(|v| v.referenced),
+            "sni_check",
+            &[Transparent],
+        );
+        only(
+            self,
+            l.upstream_port.as_ref().map(|v| v.referenced),
+            "upstream_port",
+            &[Sni],
+        );
+        only(self, l.upstream.as_ref().map(|v| v.referenced), "upstream", &[Tcp]);
+        only(self, l.users.first().map(|v| v.referenced), "users", &[HttpProxy]);
+        only(
+            self,
+            l.max_client_hello.as_ref().map(|v| v.referenced),
+            "max_client_hello",
+            &[HttpProxy, Transparent, Sni],
+        );
+        let upstream = l.upstream.as_ref().and_then(|u| {
+            let v = u.value.trim();
+            match v.rsplit_once(':') {
+                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Some(v.to_owned()),
+                _ => {
+                    let kind = match port_out_of_range(v) {
+                        Some(port) => ConfigErrorKind::PortOutOfRange { value: port },
+                        None => ConfigErrorKind::InvalidValue {
+                            message: format!(
+                                "`{v}` is not `host:port`; write e.g. `db.internal:5432` or `10.0.0.5:5432`"
+                            ),
+                        },
+                    };
+                    self.err(u.referenced, format!("{path}.upstream"), kind);
+                    None
+                }
+            }
+        });
+        let mut users = Vec::new();
+        let mut seen = HashMap::new();
+        for (i, u) in l.users.iter().enumerate() {
+            let (at, u) = (u.referenced, &u.value);
+            let user_path = format!("{path}.users[{i}]");
+            let complete = [
+                self.require(&u.name, at, &user_path, "name"),
+                self.require(&u.password, at, &user_path, "password"),
+                self.require(&u.smartgroup, at, &user_path, "smartgroup"),
+            ];
+            if !complete.contains(&false)
+                && self.name(
+                    &u.name,
+                    &format!("{path}.users[{i}].name"),
+                    NameKind::ProxyUser,
+                    &mut seen,
+                )
+            {
+                users.push(ProxyUser {
+                    name: u.name.value.clone(),
+                    password: u.password.value.clone(),
+                    smartgroup: u.smartgroup.value.clone(),
+                });
+                self.user_refs.push((
+                    u.smartgroup.value.clone(),
+                    u.smartgroup.referenced,
+                    format!("{path}.users[{i}].smartgroup"),
+                ));
+            }
+        }
+        const HOUR: Duration = Duration::from_secs(3600);
+        let secs = Duration::from_secs;
+        Listener {
+            name: String::new(),
+            kind,
+            address: SocketAddr::from(([0, 0, 0, 0], 0)),
+            max_connections: self.bounded(
+                &l.max_connections,
+                format!("{path}.max_connections"),
+                10_000,
+                1,
+                10_000_000,
+            ) as usize,
+            peek_timeout: self.duration(&l.peek_timeout, format!("{path}.peek_timeout"), secs(5), secs(60)),
+            connect_timeout: self.duration(
+                &l.connect_timeout,
+                format!("{path}.connect_timeout"),
+                secs(10),
+                secs(120),
+            ),
+            idle_timeout: self.duration(&l.idle_timeout, format!("{path}.idle_timeout"), secs(300), 24 * HOUR),
+            max_client_hello: self.bounded(
+                &l.max_client_hello,
+                format!("{path}.max_client_hello"),
+                16_384,
+                512,
+                65_536,
+            ) as usize,
+            ech: l.ech.as_ref().map_or(EchPolicy::Deny, |e| e.value),
+            connect_no_sni: l.connect_no_sni.as_ref().map_or(Action::Deny, |e| e.value),
+            sni_check: l.sni_check.as_ref().map_or(SniCheck::Verify, |e| e.value),
+            upstream_port: self.bounded(&l.upstream_port, format!("{path}.upstream_port"), 443, 1, 65_535) as u16,
+            upstream,
+            users,
+            dns: self.dns_options(l, kind, path),
+        }
+    }
+
+    /// `dns` listener options; `None` for other kinds.
+    pub(super) fn dns_options(&mut self, l: &raw::RawListener, kind: ListenerKind, path: &str) -> Option<DnsListener> {
+        let present = [
+            l.upstreams.first().map(|v| (v.referenced, "upstreams")),
+            l.deny_answer.as_ref().map(|v| (v.referenced, "deny_answer")),
+            l.sinkhole.first().map(|v| (v.referenced, "sinkhole")),
+            l.strip_ech.as_ref().map(|v| (v.referenced, "strip_ech")),
+            l.cache_entries.as_ref().map(|v| (v.referenced, "cache_entries")),
+            l.binding_min_ttl.as_ref().map(|v| (v.referenced, "binding_min_ttl")),
+            l.binding_grace.as_ref().map(|v| (v.referenced, "binding_grace")),
+            l.max_bindings.as_ref().map(|v| (v.referenced, "max_bindings")),
+            l.exfiltration.as_ref().map(|v| (v.referenced, "exfiltration")),
+            l.upstream_sockets.as_ref().map(|v| (v.referenced, "upstream_sockets")),
+            l.upstream_socket_max_queries
+                .as_ref()
+                .map(|v| (v.referenced, "upstream_socket_max_queries")),
+            l.upstream_socket_max_age
+                .as_ref()
+                .map(|v| (v.referenced, "upstream_socket_max_age")),
+        ];
+        if kind != ListenerKind::Dns {
+            for (loc, field) in present.into_iter().flatten() {
+                self.err(
+                    loc,
+                    format!("{path}.{field}"),
+                    ConfigErrorKind::InvalidValue {
+                        message: format!("`{field}` applies only to `dns` listeners; remove it"),
+                    },
+                );
+            }
+            return None;
+        }
+        let mut upstreams = Vec::new();
+        for (i, u) in l.upstreams.iter().enumerate() {
+            match parse_dns_upstream(&u.value) {
+                Some(up) => upstreams.push(up),
+                None => self.err(
+                    u.referenced,
+                    format!("{path}.upstreams[{i}]"),
+                    ConfigErrorKind::InvalidValue {
+                        message: format!(
+                            "`{}` is not a DNS upstream; write `10.0.0.2`, `10.0.0.2:53`, `tcp://10.0.0.2:53` or `tls://1.1.1.1:853#one.one.one.one`",
+                            u.value
+                        ),
+                    },
+                ),
+            }
+        }
+        let mut v4 = None;
+        let mut v6 = None;
+        for (i, s) in l.sinkhole.iter().enumerate() {
+            match self.ip(s, &format!("{path}.sinkhole[{i}]")) {
+                Some(IpAddr::V4(a)) => v4 = Some(a),
+                Some(IpAddr::V6(a)) => v6 = Some(a),
+                None => {}
+            }
+        }
+        let deny_answer = match l.deny_answer.as_ref().map(|d| d.value) {
+            None | Some(raw::DnsDenyKind::Nxdomain) => DnsDeny::Nxdomain,
+            Some(raw::DnsDenyKind::Refused) => DnsDeny::Refused,
+            Some(raw::DnsDenyKind::Sinkhole) => DnsDeny::Sinkhole {
+                v4: v4.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+                v6: v6.unwrap_or(std::net::Ipv6Addr::UNSPECIFIED),
+            },
+        };
+        let secs = Duration::from_secs;
+        Some(DnsListener {
+            upstreams,
+            deny_answer,
+            strip_ech: l.strip_ech.as_ref().map(|v| v.value),
+            cache_entries: self.bounded(&l.cache_entries, format!("{path}.cache_entries"), 10_000, 0, 10_000_000)
+                as usize,
+            binding_min_ttl: self.duration(
+                &l.binding_min_ttl,
+                format!("{path}.binding_min_ttl"),
+                secs(60),
+                secs(86_400),
+            ),
+            binding_grace: self.duration(
+                &l.binding_grace,
+                format!("{path}.binding_grace"),
+                secs(30),
+                secs(86_400),
+            ),
+            max_bindings: self.bounded(
+                &l.max_bindings,
+                format!("{path}.max_bindings"),
+                1_000_000,
+                1,
+                100_000_000,
+            ) as usize,
+            exfiltration: l.exfiltration.as_ref().is_some_and(|v| v.value),
+            upstream_sockets: self.bounded(&l.upstream_sockets, format!("{path}.upstream_sockets"), 16, 1, 1_024)
+                as usize,
+            upstream_socket_max_queries: self.bounded(
+                &l.upstream_socket_max_queries,
+                format!("{path}.upstream_socket_max_queries"),
+                1_024,
+                1,
+                1_000_000,
+            ) as u32,
+            upstream_socket_max_age: self.duration(
+                &l.upstream_socket_max_age,
+                format!("{path}.upstream_socket_max_age"),
+                secs(10),
+                secs(3_600),
+            ),
+        })
+    }
+}
+
+/// `10.0.0.2`, `10.0.0.2:53`, `[fd00::2]:53`, `udp://…`, `tcp://…`,
+/// `tls://1.1.1.1:853#one.one.one.one` (the name after `#` is the one the
+/// certificate must carry; DoT needs it).
+fn parse_dns_upstream(v: &str) -> Option<DnsUpstream> {
+    let v = v.trim();
+    let (transport, rest) = match v.split_once("://") {
+        Some(("udp", r)) => (DnsTransport::Udp, r),
+        Some(("tcp", r)) => (DnsTransport::Tcp, r),
+        Some(("tls", r)) => (DnsTransport::Tls, r),
+        Some(_) => return None,
+        None => (DnsTransport::Udp, v),
+    };
+    let (addr, name) = match rest.split_once('#') {
+        Some((a, n)) if !n.is_empty() => (a, Some(n.to_owned())),
+        Some(_) => return None,
+        None => (rest, None),
+    };
+    let default_port = if transport == DnsTransport::Tls { 853 } else { 53 };
+    let address = addr
+        .parse::<SocketAddr>()
+        .ok()
+        .or_else(|| addr.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, default_port)))
+        .or_else(|| {
+            addr.strip_prefix('[')
+                .and_then(|a| a.strip_suffix(']'))
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, default_port))
+        })?;
+    if transport == DnsTransport::Tls && name.is_none() {
+        return None;
+    }
+    if transport != DnsTransport::Tls && name.is_some() {
+        return None;
+    }
+    Some(DnsUpstream {
+        transport,
+        address,
+        server_name: name,
+    })
+}

@@ -1,0 +1,195 @@
+//! `policy` (mode, default, rules and the groups they name) and `plugins`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use super::raw::{self, RawPort, S};
+use super::{ConfigErrorKind, GroupKind, NameKind, Validator, pos, suggest};
+use crate::model::*;
+
+impl Validator {
+    pub(super) fn policy(
+        &mut self,
+        raw: Option<&raw::RawPolicy>,
+        web: &[WebGroup],
+        smart: &[SmartGroup],
+        plugins: &[String],
+    ) -> PolicyConfig {
+        let Some(p) = raw else {
+            return PolicyConfig {
+                mode: Mode::Enforce,
+                default: Action::Deny,
+                guard_private_ranges: false,
+                rules: Vec::new(),
+            };
+        };
+        let web_names: Vec<&str> = web.iter().map(|g| g.name.as_str()).collect();
+        let smart_names: Vec<&str> = smart.iter().map(|g| g.name.as_str()).collect();
+        let mut seen = HashMap::new();
+        let mut rules = Vec::new();
+        for (i, r) in p.rules.iter().enumerate() {
+            let at = r.referenced;
+            let r = &r.value;
+            let path = format!("policy.rules[{i}]");
+            let has_action = self.require(&r.action, at, &path, "action");
+            let ok = self.require(&r.name, at, &path, "name")
+                && has_action
+                && self.name(&r.name, &format!("{path}.name"), NameKind::Rule, &mut seen);
+            let from: Vec<String> = r
+                .from
+                .iter()
+                .enumerate()
+                .filter_map(|(j, g)| {
+                    self.group_ref(g, format!("{path}.from[{j}]"), GroupKind::SmartGroup, &smart_names)
+                })
+                .collect();
+            let mut to = Destination::default();
+            if let Some(d) = &r.to {
+                to.webgroups = d
+                    .webgroups
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, g)| {
+                        self.group_ref(g, format!("{path}.to.webgroups[{j}]"), GroupKind::WebGroup, &web_names)
+                    })
+                    .collect();
+                to.smartgroups = d
+                    .smartgroups
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, g)| {
+                        self.group_ref(
+                            g,
+                            format!("{path}.to.smartgroups[{j}]"),
+                            GroupKind::SmartGroup,
+                            &smart_names,
+                        )
+                    })
+                    .collect();
+            }
+            let mut delegate = Vec::new();
+            for (j, d) in r.delegate.iter().enumerate() {
+                if plugins.contains(&d.value) {
+                    delegate.push(d.value.clone());
+                } else {
+                    self.err(
+                        d.referenced,
+                        format!("{path}.delegate[{j}]"),
+                        ConfigErrorKind::UnknownPlugin {
+                            name: d.value.clone(),
+                            suggestion: suggest(&d.value, plugins.iter().map(String::as_str)),
+                        },
+                    );
+                }
+            }
+            let mut protocols: Vec<Protocol> = r.protocols.iter().map(|p| p.value).collect();
+            protocols.sort();
+            protocols.dedup();
+            let ports = r
+                .ports
+                .iter()
+                .enumerate()
+                .filter_map(|(j, p)| self.port(p, format!("{path}.ports[{j}]")))
+                .collect();
+            if ok {
+                rules.push(Rule {
+                    name: r.name.value.clone(),
+                    from,
+                    to,
+                    protocols,
+                    ports,
+                    action: r.action.value,
+                    watch: r.watch,
+                    delegate,
+                    at: pos(at),
+                });
+            }
+        }
+        PolicyConfig {
+            mode: p.mode.as_ref().map_or(Mode::Enforce, |m| m.value),
+            default: p.default.as_ref().map_or(Action::Deny, |d| d.value),
+            guard_private_ranges: p.guard_private_ranges,
+            rules,
+        }
+    }
+
+    pub(super) fn port(&mut self, p: &S<RawPort>, path: String) -> Option<PortRange> {
+        let one = |v: i128| u16::try_from(v).ok().filter(|p| *p != 0);
+        let parse = |s: &str| s.trim().parse::<i128>().ok();
+        let result = match &p.value {
+            RawPort::Number(n) => one(*n)
+                .map(|v| PortRange { lo: v, hi: v })
+                .ok_or_else(|| ConfigErrorKind::PortOutOfRange { value: n.to_string() }),
+            RawPort::Text(t) => match t.split_once('-') {
+                None => match parse(t) {
+                    Some(n) => one(n)
+                        .map(|v| PortRange { lo: v, hi: v })
+                        .ok_or_else(|| ConfigErrorKind::PortOutOfRange { value: n.to_string() }),
+                    None => Err(ConfigErrorKind::InvalidPortRange { value: t.clone() }),
+                },
+                Some((lo, hi)) => match (parse(lo), parse(hi)) {
+                    (Some(lo), Some(hi)) => match (one(lo), one(hi)) {
+                        (Some(l), Some(h)) if l <= h => Ok(PortRange { lo: l, hi: h }),
+                        (Some(l), Some(h)) => Err(ConfigErrorKind::ReversedPortRange {
+                            value: t.clone(),
+                            fixed: format!("{h}-{l}"),
+                        }),
+                        (None, _) => Err(ConfigErrorKind::PortOutOfRange { value: lo.to_string() }),
+                        (_, None) => Err(ConfigErrorKind::PortOutOfRange { value: hi.to_string() }),
+                    },
+                    _ => Err(ConfigErrorKind::InvalidPortRange { value: t.clone() }),
+                },
+            },
+        };
+        match result {
+            Ok(r) => Some(r),
+            Err(kind) => {
+                self.err(p.referenced, path, kind);
+                None
+            }
+        }
+    }
+
+    pub(super) fn plugins(&mut self, raw: &[S<raw::RawPlugin>]) -> Vec<Plugin> {
+        let mut seen = HashMap::new();
+        let mut out = Vec::new();
+        for (i, p) in raw.iter().enumerate() {
+            let (at, p) = (p.referenced, &p.value);
+            let path = format!("plugins[{i}]");
+            let ok = self.require(&p.name, at, &path, "name")
+                && self.name(&p.name, &format!("{path}.name"), NameKind::Plugin, &mut seen);
+            if self.require(&p.path, at, &path, "path") && p.path.value.trim().is_empty() {
+                self.err(
+                    p.path.referenced,
+                    format!("{path}.path"),
+                    ConfigErrorKind::InvalidValue {
+                        message: "plugin path is empty; give the .wasm file".into(),
+                    },
+                );
+            }
+            let sha256 = p.sha256.as_ref().and_then(|s| {
+                let v = s.value.trim().to_ascii_lowercase();
+                if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    Some(v)
+                } else {
+                    self.err(
+                        s.referenced,
+                        format!("{path}.sha256"),
+                        ConfigErrorKind::InvalidSha256 { value: s.value.clone() },
+                    );
+                    None
+                }
+            });
+            if ok {
+                out.push(Plugin {
+                    name: p.name.value.clone(),
+                    path: PathBuf::from(p.path.value.trim()),
+                    sha256,
+                    fail_open: p.fail_open,
+                    config: p.config.clone(),
+                });
+            }
+        }
+        out
+    }
+}

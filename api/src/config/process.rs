@@ -1,0 +1,128 @@
+//! Process settings: the admin API, the audit sink, the runtime, the
+//! resolver the data plane dials names with.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::raw::{self, S};
+use super::{ConfigErrorKind, DEFAULT_AUDIT_QUEUE, Validator, pos};
+use crate::model::*;
+
+impl Validator {
+    pub(super) fn admin(&mut self, raw: Option<&S<raw::RawAdmin>>) -> AdminConfig {
+        match raw {
+            Some(a) if self.require(&a.value.address, a.referenced, "admin", "address") => AdminConfig {
+                address: self.socket(&a.value.address, "admin.address"),
+            },
+            _ => AdminConfig {
+                address: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            },
+        }
+    }
+
+    /// `runtime`: the number of workers (`None`: one per core) and the drain time.
+    pub(super) fn runtime(&mut self, raw: Option<&raw::RawRuntime>) -> (Option<usize>, Duration) {
+        let Some(r) = raw else {
+            return (None, Duration::from_secs(10));
+        };
+        let workers = self.bounded(&r.workers, "runtime.workers".into(), 0, 0, 1024) as usize;
+        let drain = self.duration(
+            &r.drain_timeout,
+            "runtime.drain_timeout".into(),
+            Duration::from_secs(10),
+            Duration::from_secs(3600),
+        );
+        ((workers > 0).then_some(workers), drain)
+    }
+
+    pub(super) fn audit(&mut self, raw: Option<&S<raw::RawAudit>>) -> AuditConfig {
+        let stdout = AuditConfig {
+            destination: AuditDestination::Stdout,
+            queue: DEFAULT_AUDIT_QUEUE,
+        };
+        let Some(a) = raw else {
+            return stdout;
+        };
+        if !self.require(&a.value.destination, a.referenced, "audit", "destination") {
+            return stdout;
+        }
+        let a = &a.value;
+        let destination = match a.destination.value.trim() {
+            "stdout" | "-" => AuditDestination::Stdout,
+            "stderr" => AuditDestination::Stderr,
+            "" => {
+                self.err(
+                    a.destination.referenced,
+                    "audit.destination",
+                    ConfigErrorKind::InvalidValue {
+                        message: "audit destination is empty; write `stdout`, `stderr` or a file path".into(),
+                    },
+                );
+                AuditDestination::Stdout
+            }
+            p => AuditDestination::File(PathBuf::from(p)),
+        };
+        let queue = match &a.queue {
+            None => DEFAULT_AUDIT_QUEUE,
+            Some(q) if q.value == 0 || q.value > 16_777_216 => {
+                self.err(
+                    q.referenced,
+                    "audit.queue",
+                    ConfigErrorKind::InvalidValue {
+                        message: format!("audit queue size {} is out of range; use 1 to 16777216", q.value),
+                    },
+                );
+                DEFAULT_AUDIT_QUEUE
+            }
+            Some(q) => q.value as usize,
+        };
+        AuditConfig { destination, queue }
+    }
+
+    pub(super) fn resolver(&mut self, raw: Option<&raw::RawResolver>) -> ResolverConfig {
+        let Some(r) = raw else { return ResolverConfig::default() };
+        let mut out = ResolverConfig::default();
+        for (i, ns) in r.nameservers.iter().enumerate() {
+            let v = ns.value.trim();
+            // A bare address means port 53.
+            let parsed = v
+                .parse::<SocketAddr>()
+                .ok()
+                .or_else(|| v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+            match parsed {
+                Some(a) => out.nameservers.push(a),
+                None => self.err(
+                    ns.referenced,
+                    format!("resolver.nameservers[{i}]"),
+                    ConfigErrorKind::InvalidSocketAddress { value: v.to_owned() },
+                ),
+            }
+        }
+        for (name, ips) in &r.hosts {
+            let canonical = match crate::domain::DomainName::parse(name) {
+                Ok(n) => n.to_string(),
+                Err(source) => {
+                    self.err(
+                        ips.referenced,
+                        format!("resolver.hosts.{name}"),
+                        ConfigErrorKind::InvalidDomain {
+                            pattern: name.clone(),
+                            source,
+                        },
+                    );
+                    continue;
+                }
+            };
+            let addrs = ips
+                .value
+                .iter()
+                .enumerate()
+                .filter_map(|(i, ip)| self.ip(ip, &format!("resolver.hosts.{name}[{i}]")))
+                .collect();
+            out.hosts_at.insert(canonical.clone(), pos(ips.referenced));
+            out.hosts.insert(canonical, addrs);
+        }
+        out
+    }
+}
