@@ -6,6 +6,7 @@
 pub mod builtin;
 pub mod config;
 pub mod domain;
+pub mod envoy;
 pub mod lint;
 pub mod model;
 pub mod net;

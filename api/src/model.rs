@@ -123,9 +123,10 @@ impl fmt::Display for PortRange {
     }
 }
 
+/// The kind of a listener as `kind:` names it, without its options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ListenerKind {
+pub enum ListenerType {
     /// Explicit proxy: `CONNECT` and absolute-form HTTP (`HTTPS_PROXY`).
     HttpProxy,
     /// iptables `REDIRECT` / `TPROXY`; destination from the socket.
@@ -138,7 +139,7 @@ pub enum ListenerKind {
     Dns,
 }
 
-impl ListenerKind {
+impl ListenerType {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::HttpProxy => "http-proxy",
@@ -181,34 +182,193 @@ pub struct ProxyUser {
     pub smartgroup: String,
 }
 
+/// A listener: its name and address, and its kind with that kind's own
+/// options (an option of another kind cannot be written, let alone ignored).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Listener {
     pub name: String,
-    pub kind: ListenerKind,
     pub address: SocketAddr,
+    #[serde(flatten)]
+    pub kind: ListenerKind,
+}
+
+impl Listener {
+    pub fn ty(&self) -> ListenerType {
+        self.kind.ty()
+    }
+}
+
+/// A listener's kind, carrying the options only it has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ListenerKind {
+    /// Explicit proxy: `CONNECT` and absolute-form HTTP (`HTTPS_PROXY`).
+    HttpProxy(HttpProxyOptions),
+    /// iptables `REDIRECT` / `TPROXY`; destination from the socket.
+    Transparent(TransparentOptions),
+    /// TLS passthrough routed by SNI.
+    Sni(SniOptions),
+    /// East-west L4.
+    Tcp(TcpOptions),
+    /// DNS proxy on UDP and TCP.
+    Dns(DnsListener),
+}
+
+impl ListenerKind {
+    pub fn ty(&self) -> ListenerType {
+        match self {
+            Self::HttpProxy(_) => ListenerType::HttpProxy,
+            Self::Transparent(_) => ListenerType::Transparent,
+            Self::Sni(_) => ListenerType::Sni,
+            Self::Tcp(_) => ListenerType::Tcp,
+            Self::Dns(_) => ListenerType::Dns,
+        }
+    }
+
+    /// The connection options of a TCP listener kind (every kind but `dns`).
+    pub fn connection(&self) -> Option<&ConnectionOptions> {
+        match self {
+            Self::HttpProxy(o) => Some(&o.connection),
+            Self::Transparent(o) => Some(&o.connection),
+            Self::Sni(o) => Some(&o.connection),
+            Self::Tcp(o) => Some(&o.connection),
+            Self::Dns(_) => None,
+        }
+    }
+
+    /// How the client's first bytes are read, for the kinds that read them.
+    pub fn peek(&self) -> Option<&PeekOptions> {
+        match self {
+            Self::HttpProxy(o) => Some(&o.peek),
+            Self::Transparent(o) => Some(&o.peek),
+            Self::Sni(o) => Some(&o.peek),
+            Self::Tcp(_) | Self::Dns(_) => None,
+        }
+    }
+}
+
+/// What every TCP listener has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ConnectionOptions {
     /// At the limit, accepting pauses.
     pub max_connections: usize,
-    #[serde(serialize_with = "duration_text")]
-    pub peek_timeout: Duration,
     #[serde(serialize_with = "duration_text")]
     pub connect_timeout: Duration,
     #[serde(serialize_with = "duration_text")]
     pub idle_timeout: Duration,
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What a listener that reads the client's first bytes (a ClientHello, a
+/// request head) has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PeekOptions {
+    /// Time for the first bytes to arrive.
+    #[serde(serialize_with = "duration_text")]
+    pub peek_timeout: Duration,
     pub max_client_hello: usize,
     pub ech: EchPolicy,
-    /// `http-proxy`: a ClientHello without SNI inside a `CONNECT` tunnel to
-    /// a named target is denied (`connect-no-sni`) unless this is `Allow`.
+}
+
+impl Default for PeekOptions {
+    fn default() -> Self {
+        Self {
+            peek_timeout: Duration::from_secs(5),
+            max_client_hello: 16_384,
+            ech: EchPolicy::Deny,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HttpProxyOptions {
+    #[serde(flatten)]
+    pub connection: ConnectionOptions,
+    #[serde(flatten)]
+    pub peek: PeekOptions,
+    /// A ClientHello without SNI inside a `CONNECT` tunnel to a named
+    /// target is denied (`connect-no-sni`) unless this is `Allow`.
     pub connect_no_sni: Action,
-    pub sni_check: SniCheck,
-    /// `sni`: the port dialled on the resolved name.
-    pub upstream_port: u16,
-    /// `tcp`: a fixed upstream `host:port`; without it, the original
-    /// destination (iptables `REDIRECT`).
-    pub upstream: Option<String>,
-    /// `http-proxy`: when non-empty, Basic authentication is required.
+    /// When non-empty, Basic authentication is required.
     pub users: Vec<ProxyUser>,
-    /// `dns`: the DNS proxy's settings.
-    pub dns: Option<DnsListener>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TransparentOptions {
+    #[serde(flatten)]
+    pub connection: ConnectionOptions,
+    #[serde(flatten)]
+    pub peek: PeekOptions,
+    pub sni_check: SniCheck,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SniOptions {
+    #[serde(flatten)]
+    pub connection: ConnectionOptions,
+    #[serde(flatten)]
+    pub peek: PeekOptions,
+    /// The port dialled on the resolved name.
+    pub upstream_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TcpOptions {
+    #[serde(flatten)]
+    pub connection: ConnectionOptions,
+    /// A fixed upstream; without it, the original destination (iptables
+    /// `REDIRECT`).
+    pub upstream: Option<HostPort>,
+}
+
+/// A `host:port` checked once: a name or an address literal, and a port
+/// other than 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl HostPort {
+    /// `host:port`, an IPv6 literal in brackets; `None` for anything else
+    /// (no port, port 0, an empty host).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (h, p) = s.trim().rsplit_once(':')?;
+        let port = p.parse::<u16>().ok().filter(|p| *p != 0)?;
+        let host = h.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(h);
+        if host.is_empty() || (host.contains(':') && !h.starts_with('[')) {
+            return None;
+        }
+        Some(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl Serialize for HostPort {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

@@ -1080,18 +1080,16 @@ fn dns_upstream_socket_pool_settings() {
         FILE,
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let d = cfg.listeners[0]
-        .dns
-        .as_ref()
-        .unwrap_or_else(|| panic!("no dns options"));
+    let sluice_api::ListenerKind::Dns(d) = &cfg.listeners[0].kind else {
+        panic!("no dns options")
+    };
     assert_eq!(d.upstream_sockets, 64);
     assert_eq!(d.upstream_socket_max_queries, 100);
     assert_eq!(d.upstream_socket_max_age, std::time::Duration::from_secs(2));
     let cfg = load_str(&dns(""), FILE).unwrap_or_else(|e| panic!("{e}"));
-    let d = cfg.listeners[0]
-        .dns
-        .as_ref()
-        .unwrap_or_else(|| panic!("no dns options"));
+    let sluice_api::ListenerKind::Dns(d) = &cfg.listeners[0].kind else {
+        panic!("no dns options")
+    };
     assert_eq!(
         (
             d.upstream_sockets,
@@ -1203,4 +1201,56 @@ mod damaged {
             }
         }
     }
+}
+
+/// Each listener kind carries its own options: one written on another kind
+/// is reported where it stands, with the kinds it applies to.
+#[test]
+fn an_option_of_another_listener_kind_is_an_error_at_its_position() {
+    let cases = [
+        (
+            "tcp",
+            "peek_timeout: 2s",
+            "`peek_timeout` does not apply to a `tcp` listener (only to: http-proxy, transparent, sni)",
+        ),
+        (
+            "dns",
+            "max_connections: 5",
+            "`max_connections` does not apply to a `dns` listener (only to: http-proxy, transparent, sni, tcp)",
+        ),
+        (
+            "dns",
+            "idle_timeout: 5s",
+            "`idle_timeout` does not apply to a `dns` listener",
+        ),
+        (
+            "sni",
+            "sni_check: off",
+            "`sni_check` does not apply to a `sni` listener (only to: transparent)",
+        ),
+        (
+            "transparent",
+            "upstream: \"db:5432\"",
+            "`upstream` does not apply to a `transparent` listener (only to: tcp)",
+        ),
+        (
+            "http-proxy",
+            "upstream_port: 443",
+            "`upstream_port` does not apply to a `http-proxy` listener (only to: sni)",
+        ),
+    ];
+    for (kind, option, message) in cases {
+        let text = format!("listeners:\n  - name: l\n    kind: {kind}\n    address: 127.0.0.1:3128\n    {option}\n");
+        let e = one_error(&text);
+        let field = option.split(':').next().unwrap_or_default();
+        assert_eq!(e.path, format!("listeners[0].{field}"), "{e}");
+        // At the value, as for every value error.
+        assert_eq!((e.line, e.column), (5, 5 + field.len() as u32 + 2), "{e}");
+        assert!(e.to_string().contains(message), "{e}");
+    }
+    // An unbracketed IPv6 upstream is ambiguous: refused with the spelling
+    // that works.
+    let e = one_error("listeners:\n  - {name: l, kind: tcp, address: 127.0.0.1:5432, upstream: \"fd00::5:5432\"}\n");
+    assert_eq!(e.path, "listeners[0].upstream");
+    assert!(e.to_string().contains("[fd00::5]:5432"), "{e}");
 }

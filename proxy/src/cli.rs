@@ -116,7 +116,7 @@ pub fn check(file: &Path, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let _ = writeln!(out, "{}: OK", file.display());
     let _ = writeln!(out, "  listeners:   {}", cfg.listeners.len());
     for l in &cfg.listeners {
-        let _ = writeln!(out, "    {} ({}) on {}", l.name, l.kind.as_str(), l.address);
+        let _ = writeln!(out, "    {} ({}) on {}", l.name, l.ty().as_str(), l.address);
     }
     let _ = writeln!(
         out,

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sluice_api::config::ConfigErrors;
-use sluice_api::{AuditDestination, Config, DnsDeny, DnsListener, DnsTransport, ListenerKind, Mode, Protocol};
+use sluice_api::{
+    AuditDestination, Config, DnsDeny, DnsListener, DnsTransport, ListenerKind, ListenerType, Mode, Protocol,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +59,8 @@ pub enum StartError {
     Metrics(String),
     #[error("DNS listener `{name}`: {message}")]
     Dns { name: String, message: String },
+    #[error(transparent)]
+    Plan(#[from] listener::UnknownFilter),
 }
 
 /// The DNS proxy asks the same compiled policy as the TCP listeners, from
@@ -262,7 +266,7 @@ type ReloadRequest = oneshot::Sender<Result<ReloadReport, String>>;
 #[derive(Debug)]
 pub struct Server {
     /// Listener addresses as bound at start (see [`Server::addr`] for now).
-    pub listeners: BTreeMap<String, (ListenerKind, SocketAddr)>,
+    pub listeners: BTreeMap<String, (ListenerType, SocketAddr)>,
     pub admin: SocketAddr,
     pub shared: Arc<Shared>,
     pub warnings: Vec<String>,
@@ -278,7 +282,7 @@ struct Inner {
     dns_stats: Arc<DnsStats>,
     running: tokio::sync::Mutex<Running>,
     /// Bound addresses now, for [`Server::addr`] (read without the lock).
-    bound: std::sync::Mutex<BTreeMap<String, (ListenerKind, SocketAddr)>>,
+    bound: std::sync::Mutex<BTreeMap<String, (ListenerType, SocketAddr)>>,
     /// The file reloads read; `None` for the embedded default.
     source: std::sync::Mutex<Option<PathBuf>>,
     reload_tx: mpsc::Sender<ReloadRequest>,
@@ -320,7 +324,7 @@ struct Running {
 
 #[derive(Debug)]
 struct TcpRun {
-    kind: ListenerKind,
+    kind: ListenerType,
     configured: SocketAddr,
     bound: SocketAddr,
     stop: watch::Sender<bool>,
@@ -354,7 +358,7 @@ struct AdminRun {
 /// Sockets opened for a reload, not yet serving: dropped (closed) if a
 /// later step fails.
 struct Prepared {
-    tcp: Vec<(String, ListenerKind, SocketAddr, tokio::net::TcpListener)>,
+    tcp: Vec<(String, ListenerType, SocketAddr, tokio::net::TcpListener)>,
     dns_new: Vec<(String, DnsSpec, DnsServer)>,
     dns_swap: Vec<(String, DnsSpec, Arc<DnsCore>)>,
     admin: Option<(SocketAddr, tokio::net::TcpListener)>,
@@ -414,7 +418,7 @@ impl Server {
         let source =
             (config.source != sluice_api::config::EMBEDDED_DEFAULT_NAME).then(|| PathBuf::from(&config.source));
         let shared = Arc::new(Shared::new(
-            Snapshot::build(config.clone(), hook.as_deref()),
+            Snapshot::build(config.clone(), hook.as_deref())?,
             audit,
             resolver,
             None,
@@ -439,7 +443,7 @@ impl Server {
         });
         let report = {
             let mut running = inner.running.lock().await;
-            let snapshot = Snapshot::build(config, inner.hook.as_deref());
+            let snapshot = Snapshot::build(config, inner.hook.as_deref())?;
             match inner.reconcile(&mut running, snapshot).await {
                 Ok(r) => r,
                 Err(ReloadError::Start(e)) => return Err(e),
@@ -464,7 +468,7 @@ impl Server {
     }
 
     /// Every listener's kind and bound address, as they are now.
-    pub fn bound(&self) -> BTreeMap<String, (ListenerKind, SocketAddr)> {
+    pub fn bound(&self) -> BTreeMap<String, (ListenerType, SocketAddr)> {
         self.inner.bound_now()
     }
 
@@ -583,7 +587,7 @@ impl Inner {
             .push(task);
     }
 
-    fn bound_now(&self) -> BTreeMap<String, (ListenerKind, SocketAddr)> {
+    fn bound_now(&self) -> BTreeMap<String, (ListenerType, SocketAddr)> {
         self.bound
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -592,7 +596,7 @@ impl Inner {
 
     async fn reload(&self, config: Config) -> Result<ReloadReport, ReloadError> {
         let mut running = self.running.lock().await;
-        let snapshot = Snapshot::build(config, self.hook.as_deref());
+        let snapshot = Snapshot::build(config, self.hook.as_deref()).map_err(StartError::from)?;
         self.reconcile(&mut running, snapshot).await
     }
 
@@ -679,14 +683,16 @@ impl Inner {
             warnings: Vec::new(),
         };
         // TCP listeners: keep the socket when the address and kind stay.
-        for plan in snapshot.plans() {
-            let spec = &plan.spec;
+        for l in cfg.listeners.iter().filter(|l| l.ty() != ListenerType::Dns) {
+            let Some(plan) = snapshot.plan(&l.name) else {
+                continue;
+            };
+            let (spec, kind) = (&plan.spec, l.ty());
             match running.tcp.get(&spec.name) {
                 // The same address: as configured, or as bound (a file that
                 // names the port a `:0` listener got).
-                Some(r) if (r.configured == spec.address || r.bound == spec.address) && r.kind == spec.kind => {
-                    let before = old.config.listeners.iter().find(|l| l.name == spec.name);
-                    if before != Some(spec) {
+                Some(r) if (r.configured == spec.address || r.bound == spec.address) && r.kind == kind => {
+                    if old.plan(&spec.name).map(|p| &p.spec) != Some(spec) {
                         report.changed.push(spec.name.clone());
                     }
                 }
@@ -714,7 +720,7 @@ impl Inner {
                     } else {
                         report.added.push(spec.name.clone());
                     }
-                    p.tcp.push((spec.name.clone(), spec.kind, spec.address, l));
+                    p.tcp.push((spec.name.clone(), kind, spec.address, l));
                 }
             }
         }
@@ -723,16 +729,15 @@ impl Inner {
             .listeners
             .iter()
             .filter_map(|l| {
-                l.dns.as_ref().map(|d| {
-                    (
-                        l.name.as_str(),
-                        DnsSpec {
-                            address: l.address,
-                            listener: d.clone(),
-                            mode: cfg.policy.mode,
-                        },
-                    )
-                })
+                let ListenerKind::Dns(d) = &l.kind else {
+                    return None;
+                };
+                let spec = DnsSpec {
+                    address: l.address,
+                    listener: d.clone(),
+                    mode: cfg.policy.mode,
+                };
+                Some((l.name.as_str(), spec))
             })
             .collect();
         let want_bindings = dns_specs.first().map(|(_, s)| bindings_config(&s.listener));
@@ -838,11 +843,11 @@ impl Inner {
     /// fail.
     fn commit(&self, running: &mut Running, snapshot: Snapshot, p: Prepared, report: &mut ReloadReport) {
         let drain = snapshot.config.drain_timeout;
-        let names: Vec<(String, ListenerKind)> = snapshot
+        let names: Vec<(String, ListenerType)> = snapshot
             .config
             .listeners
             .iter()
-            .map(|l| (l.name.clone(), l.kind))
+            .map(|l| (l.name.clone(), l.ty()))
             .collect();
         let nameservers = snapshot.config.resolver.nameservers.clone();
         if let Some(r) = p.resolver {
@@ -855,7 +860,10 @@ impl Inner {
                     .config
                     .listeners
                     .iter()
-                    .find_map(|l| l.dns.as_ref())
+                    .find_map(|l| match &l.kind {
+                        ListenerKind::Dns(d) => Some(d),
+                        _ => None,
+                    })
                     .map(bindings_config)
                     .unwrap_or_default()
             });
@@ -899,7 +907,7 @@ impl Inner {
         let gone: Vec<String> = running
             .tcp
             .keys()
-            .filter(|n| !names.iter().any(|(m, k)| m == *n && *k != ListenerKind::Dns))
+            .filter(|n| !names.iter().any(|(m, k)| m == *n && *k != ListenerType::Dns))
             .cloned()
             .collect();
         for n in gone {
@@ -938,7 +946,7 @@ impl Inner {
         let gone: Vec<String> = running
             .dns
             .keys()
-            .filter(|n| !names.iter().any(|(m, k)| m == *n && *k == ListenerKind::Dns))
+            .filter(|n| !names.iter().any(|(m, k)| m == *n && *k == ListenerType::Dns))
             .cloned()
             .collect();
         for n in gone {
@@ -975,7 +983,7 @@ impl Inner {
             bound.insert(n.clone(), (t.kind, t.bound));
         }
         for (n, d) in &running.dns {
-            bound.insert(n.clone(), (ListenerKind::Dns, d.bound));
+            bound.insert(n.clone(), (ListenerType::Dns, d.bound));
         }
         report.listeners = bound.iter().map(|(n, (_, a))| (n.clone(), *a)).collect();
         *self.bound.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = bound;
@@ -1000,7 +1008,9 @@ mod tests {
     fn dns_listener_pool_settings_reach_the_engine() {
         let yaml = "listeners:\n  - name: dns\n    kind: dns\n    address: 127.0.0.1:0\n    upstreams: [\"127.0.0.1:9\"]\n    upstream_sockets: 4\n    upstream_socket_max_queries: 50\n    upstream_socket_max_age: 3s\n";
         let cfg = sluice_api::config::load_str(yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
-        let l = cfg.listeners[0].dns.as_ref().unwrap_or_else(|| unreachable!());
+        let ListenerKind::Dns(l) = &cfg.listeners[0].kind else {
+            unreachable!()
+        };
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!());
         let d = dns_config("dns", addr, l, Mode::Enforce).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(d.upstream_udp_sockets, 4);

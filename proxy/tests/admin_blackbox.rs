@@ -195,6 +195,12 @@ fn config_dump_writes_durations_as_the_config_file_does_and_no_password() {
     assert_eq!(proxy["peek_timeout"], "1s 500ms", "{proxy}");
     assert_eq!(proxy["connect_timeout"], "10s", "{proxy}");
     assert_eq!(proxy["idle_timeout"], "5m", "{proxy}");
+    // A listener shows its kind's options, and only those.
+    assert_eq!(proxy["kind"], "http-proxy", "{proxy}");
+    assert_eq!(proxy["connect_no_sni"], "deny", "{proxy}");
+    for other in ["sni_check", "upstream_port", "upstream", "upstreams"] {
+        assert!(proxy.get(other).is_none(), "{other} on an http-proxy listener: {proxy}");
+    }
     assert_eq!(v["drain_timeout"], "2s", "{body}");
     assert!(!body.contains("secs"), "{body}");
     assert!(!body.contains("s3cret-pw"), "the dump shows a password: {body}");

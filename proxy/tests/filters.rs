@@ -270,8 +270,10 @@ async fn a_listener_with_two_chains_reaches_two_clusters() {
                     },
                     vec![anti, policy],
                     Cluster::Static {
-                        host: "127.0.0.1".into(),
-                        port,
+                        upstream: sluice_api::HostPort {
+                            host: "127.0.0.1".into(),
+                            port,
+                        },
                     },
                 ))
             };

@@ -53,26 +53,25 @@ impl Validator {
                 }
                 bound.push((canonical, l.name.value.clone()));
             }
-            let opts = self.listener_options(l, kind, &path);
+            let kind = self.listener_kind(l, kind, &path);
             if ok {
                 out.push(Listener {
                     name: l.name.value.clone(),
-                    kind,
                     address,
-                    ..opts
+                    kind,
                 });
             }
         }
         out
     }
 
-    /// Per-listener options, defaulted, and rejected where they do not
-    /// apply to the listener's kind.
-    pub(super) fn listener_options(&mut self, l: &raw::RawListener, kind: ListenerKind, path: &str) -> Listener {
-        use ListenerKind::*;
-        let only = |this: &mut Self, present: Option<Location>, field: &str, kinds: &[ListenerKind]| {
+    /// The kind's options, defaulted; an option another kind owns is
+    /// reported where it is written.
+    pub(super) fn listener_kind(&mut self, l: &raw::RawListener, ty: ListenerType, path: &str) -> ListenerKind {
+        use ListenerType::*;
+        let only = |this: &mut Self, present: Option<Location>, field: &str, kinds: &[ListenerType]| {
             if let Some(loc) = present
-                && !kinds.contains(&kind)
+                && !kinds.contains(&ty)
             {
                 let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
                 this.err(
@@ -81,19 +80,32 @@ impl Validator {
                     ConfigErrorKind::InvalidValue {
                         message: format!(
                             "`{field}` does not apply to a `{}` listener (only to: {}); remove it",
-                            kind.as_str(),
+                            ty.as_str(),
                             names.join(", ")
                         ),
                     },
                 );
             }
         };
+        let at = |v: &Option<S<_>>| v.as_ref().map(|v: &S<_>| v.referenced);
+        const TCP: &[ListenerType] = &[HttpProxy, Transparent, Sni, Tcp];
+        const PEEK: &[ListenerType] = &[HttpProxy, Transparent, Sni];
         only(
             self,
-            l.ech.as_ref().map(|v| v.referenced),
-            "ech",
-            &[HttpProxy, Transparent, Sni],
+            l.max_connections.as_ref().map(|v| v.referenced),
+            "max_connections",
+            TCP,
         );
+        only(self, at(&l.connect_timeout), "connect_timeout", TCP);
+        only(self, at(&l.idle_timeout), "idle_timeout", TCP);
+        only(self, at(&l.peek_timeout), "peek_timeout", PEEK);
+        only(
+            self,
+            l.max_client_hello.as_ref().map(|v| v.referenced),
+            "max_client_hello",
+            PEEK,
+        );
+        only(self, l.ech.as_ref().map(|v| v.referenced), "ech", PEEK);
         only(
             self,
             l.connect_no_sni.as_ref().map(|v| v.referenced),
@@ -114,30 +126,100 @@ impl Validator {
         );
         only(self, l.upstream.as_ref().map(|v| v.referenced), "upstream", &[Tcp]);
         only(self, l.users.first().map(|v| v.referenced), "users", &[HttpProxy]);
-        only(
-            self,
-            l.max_client_hello.as_ref().map(|v| v.referenced),
-            "max_client_hello",
-            &[HttpProxy, Transparent, Sni],
-        );
-        let upstream = l.upstream.as_ref().and_then(|u| {
-            let v = u.value.trim();
-            match v.rsplit_once(':') {
-                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Some(v.to_owned()),
-                _ => {
-                    let kind = match port_out_of_range(v) {
-                        Some(port) => ConfigErrorKind::PortOutOfRange { value: port },
-                        None => ConfigErrorKind::InvalidValue {
-                            message: format!(
-                                "`{v}` is not `host:port`; write e.g. `db.internal:5432` or `10.0.0.5:5432`"
-                            ),
-                        },
-                    };
-                    self.err(u.referenced, format!("{path}.upstream"), kind);
-                    None
-                }
-            }
-        });
+        if ty != Dns {
+            self.dns_only(l, path);
+        }
+        match ty {
+            HttpProxy => ListenerKind::HttpProxy(HttpProxyOptions {
+                connection: self.connection_options(l, path),
+                peek: self.peek_options(l, path),
+                connect_no_sni: l.connect_no_sni.as_ref().map_or(Action::Deny, |e| e.value),
+                users: self.proxy_users(l, path),
+            }),
+            Transparent => ListenerKind::Transparent(TransparentOptions {
+                connection: self.connection_options(l, path),
+                peek: self.peek_options(l, path),
+                sni_check: l.sni_check.as_ref().map_or(SniCheck::Verify, |e| e.value),
+            }),
+            Sni => ListenerKind::Sni(SniOptions {
+                connection: self.connection_options(l, path),
+                peek: self.peek_options(l, path),
+                upstream_port: self.bounded(&l.upstream_port, format!("{path}.upstream_port"), 443, 1, 65_535) as u16,
+            }),
+            Tcp => ListenerKind::Tcp(TcpOptions {
+                connection: self.connection_options(l, path),
+                upstream: self.upstream(l, path),
+            }),
+            Dns => ListenerKind::Dns(self.dns_options(l, path)),
+        }
+    }
+
+    fn connection_options(&mut self, l: &raw::RawListener, path: &str) -> ConnectionOptions {
+        const HOUR: Duration = Duration::from_secs(3600);
+        let d = ConnectionOptions::default();
+        ConnectionOptions {
+            max_connections: self.bounded(
+                &l.max_connections,
+                format!("{path}.max_connections"),
+                d.max_connections as u64,
+                1,
+                10_000_000,
+            ) as usize,
+            connect_timeout: self.duration(
+                &l.connect_timeout,
+                format!("{path}.connect_timeout"),
+                d.connect_timeout,
+                Duration::from_secs(120),
+            ),
+            idle_timeout: self.duration(
+                &l.idle_timeout,
+                format!("{path}.idle_timeout"),
+                d.idle_timeout,
+                24 * HOUR,
+            ),
+        }
+    }
+
+    fn peek_options(&mut self, l: &raw::RawListener, path: &str) -> PeekOptions {
+        let d = PeekOptions::default();
+        PeekOptions {
+            peek_timeout: self.duration(
+                &l.peek_timeout,
+                format!("{path}.peek_timeout"),
+                d.peek_timeout,
+                Duration::from_secs(60),
+            ),
+            max_client_hello: self.bounded(
+                &l.max_client_hello,
+                format!("{path}.max_client_hello"),
+                d.max_client_hello as u64,
+                512,
+                65_536,
+            ) as usize,
+            ech: l.ech.as_ref().map_or(d.ech, |e| e.value),
+        }
+    }
+
+    /// `tcp`'s `upstream`, parsed once here.
+    fn upstream(&mut self, l: &raw::RawListener, path: &str) -> Option<HostPort> {
+        let u = l.upstream.as_ref()?;
+        let v = u.value.trim();
+        if let Some(hp) = HostPort::parse(v) {
+            return Some(hp);
+        }
+        let kind = match port_out_of_range(v) {
+            Some(port) => ConfigErrorKind::PortOutOfRange { value: port },
+            None => ConfigErrorKind::InvalidValue {
+                message: format!(
+                    "`{v}` is not `host:port`; write e.g. `db.internal:5432`, `10.0.0.5:5432` or `[fd00::5]:5432`"
+                ),
+            },
+        };
+        self.err(u.referenced, format!("{path}.upstream"), kind);
+        None
+    }
+
+    fn proxy_users(&mut self, l: &raw::RawListener, path: &str) -> Vec<ProxyUser> {
         let mut users = Vec::new();
         let mut seen = HashMap::new();
         for (i, u) in l.users.iter().enumerate() {
@@ -168,46 +250,11 @@ impl Validator {
                 ));
             }
         }
-        const HOUR: Duration = Duration::from_secs(3600);
-        let secs = Duration::from_secs;
-        Listener {
-            name: String::new(),
-            kind,
-            address: SocketAddr::from(([0, 0, 0, 0], 0)),
-            max_connections: self.bounded(
-                &l.max_connections,
-                format!("{path}.max_connections"),
-                10_000,
-                1,
-                10_000_000,
-            ) as usize,
-            peek_timeout: self.duration(&l.peek_timeout, format!("{path}.peek_timeout"), secs(5), secs(60)),
-            connect_timeout: self.duration(
-                &l.connect_timeout,
-                format!("{path}.connect_timeout"),
-                secs(10),
-                secs(120),
-            ),
-            idle_timeout: self.duration(&l.idle_timeout, format!("{path}.idle_timeout"), secs(300), 24 * HOUR),
-            max_client_hello: self.bounded(
-                &l.max_client_hello,
-                format!("{path}.max_client_hello"),
-                16_384,
-                512,
-                65_536,
-            ) as usize,
-            ech: l.ech.as_ref().map_or(EchPolicy::Deny, |e| e.value),
-            connect_no_sni: l.connect_no_sni.as_ref().map_or(Action::Deny, |e| e.value),
-            sni_check: l.sni_check.as_ref().map_or(SniCheck::Verify, |e| e.value),
-            upstream_port: self.bounded(&l.upstream_port, format!("{path}.upstream_port"), 443, 1, 65_535) as u16,
-            upstream,
-            users,
-            dns: self.dns_options(l, kind, path),
-        }
+        users
     }
 
-    /// `dns` listener options; `None` for other kinds.
-    pub(super) fn dns_options(&mut self, l: &raw::RawListener, kind: ListenerKind, path: &str) -> Option<DnsListener> {
+    /// Reports the `dns` options written on another kind of listener.
+    fn dns_only(&mut self, l: &raw::RawListener, path: &str) {
         let present = [
             l.upstreams.first().map(|v| (v.referenced, "upstreams")),
             l.deny_answer.as_ref().map(|v| (v.referenced, "deny_answer")),
@@ -226,18 +273,19 @@ impl Validator {
                 .as_ref()
                 .map(|v| (v.referenced, "upstream_socket_max_age")),
         ];
-        if kind != ListenerKind::Dns {
-            for (loc, field) in present.into_iter().flatten() {
-                self.err(
-                    loc,
-                    format!("{path}.{field}"),
-                    ConfigErrorKind::InvalidValue {
-                        message: format!("`{field}` applies only to `dns` listeners; remove it"),
-                    },
-                );
-            }
-            return None;
+        for (loc, field) in present.into_iter().flatten() {
+            self.err(
+                loc,
+                format!("{path}.{field}"),
+                ConfigErrorKind::InvalidValue {
+                    message: format!("`{field}` applies only to `dns` listeners; remove it"),
+                },
+            );
         }
+    }
+
+    /// A `dns` listener's options.
+    fn dns_options(&mut self, l: &raw::RawListener, path: &str) -> DnsListener {
         let mut upstreams = Vec::new();
         for (i, u) in l.upstreams.iter().enumerate() {
             match parse_dns_upstream(&u.value) {
@@ -272,7 +320,7 @@ impl Validator {
             },
         };
         let secs = Duration::from_secs;
-        Some(DnsListener {
+        DnsListener {
             upstreams,
             deny_answer,
             strip_ech: l.strip_ech.as_ref().map(|v| v.value),
@@ -313,7 +361,7 @@ impl Validator {
                 secs(10),
                 secs(3_600),
             ),
-        })
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde::de::{self, Visitor};
 use serde_saphyr::Spanned;
 
-use crate::model::{Action, EchPolicy, ListenerKind, Mode, Protocol, SniCheck};
+use crate::model::{Action, EchPolicy, ListenerType, Mode, Protocol, SniCheck};
 
 pub type S<T> = Spanned<T>;
 
@@ -25,9 +25,9 @@ pub fn missing<T: Default>() -> S<T> {
     )
 }
 
-fn missing_kind() -> S<ListenerKind> {
+fn missing_kind() -> S<ListenerType> {
     Spanned::new(
-        ListenerKind::HttpProxy,
+        ListenerType::HttpProxy,
         serde_saphyr::Location::UNKNOWN,
         serde_saphyr::Location::UNKNOWN,
     )
@@ -102,7 +102,7 @@ pub struct RawListener {
     #[serde(default = "missing")]
     pub name: S<String>,
     #[serde(default = "missing_kind")]
-    pub kind: S<ListenerKind>,
+    pub kind: S<ListenerType>,
     #[serde(default = "missing")]
     pub address: S<String>,
     #[serde(default)]

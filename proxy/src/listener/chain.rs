@@ -3,71 +3,19 @@
 //! destination prefixes, transport protocol); a chain is a list of network
 //! filters ending in a cluster that says where allowed traffic goes.
 //!
-//! The friendly listener kinds of `sluice.yaml` compile into this model
-//! ([`ListenerPlan::from_config`]); the xDS client will build the same model
-//! from Envoy resources, so everything downstream sees one shape.
+//! The model itself, as data, is `sluice_api::envoy`, where the friendly
+//! listener kinds of `sluice.yaml` are translated into it; the xDS client
+//! will receive the same resources, so everything downstream sees one
+//! shape. Here a resource becomes a running plan: filter names become
+//! filters.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use ipnet::IpNet;
-use sluice_api::{DomainName, DomainPattern, EchPolicy, Listener, ListenerKind, PortRange, SniCheck};
+pub use sluice_api::envoy::{ChainMatch, Cluster, Front, ListenerResource, Transport};
+use sluice_api::{DomainName, envoy};
 
 use super::filter::{AntiEvasionFilter, NetworkFilter, PolicyFilter};
-
-/// What the first bytes of a flow turned out to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Tls,
-    RawBuffer,
-}
-
-/// Envoy's `FilterChainMatch`, the subset Sluice supports. An empty list
-/// matches anything.
-#[derive(Debug, Clone, Default)]
-pub struct ChainMatch {
-    pub server_names: Vec<DomainPattern>,
-    pub destination_ports: Vec<PortRange>,
-    pub source_prefixes: Vec<IpNet>,
-    pub destination_prefixes: Vec<IpNet>,
-    pub transport_protocol: Option<Transport>,
-}
-
-impl ChainMatch {
-    pub fn matches(
-        &self,
-        name: Option<&DomainName>,
-        port: u16,
-        src: IpAddr,
-        dst: Option<IpAddr>,
-        transport: Transport,
-    ) -> bool {
-        let name_ok =
-            self.server_names.is_empty() || name.is_some_and(|n| self.server_names.iter().any(|p| p.matches(n)));
-        let port_ok = self.destination_ports.is_empty() || self.destination_ports.iter().any(|p| p.contains(port));
-        let src_ok =
-            self.source_prefixes.is_empty() || self.source_prefixes.iter().any(|p| p.contains(&src.to_canonical()));
-        let dst_ok = self.destination_prefixes.is_empty()
-            || dst.is_some_and(|d| self.destination_prefixes.iter().any(|p| p.contains(&d.to_canonical())));
-        let transport_ok = self.transport_protocol.is_none_or(|t| t == transport);
-        name_ok && port_ok && src_ok && dst_ok && transport_ok
-    }
-}
-
-/// Where an allowed flow is sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Cluster {
-    /// The `CONNECT` target or absolute-form URI of an explicit proxy request.
-    RequestTarget,
-    /// The destination before iptables `REDIRECT`/`TPROXY`, checked against
-    /// the SNI per [`SniCheck`].
-    OriginalDst { sni_check: SniCheck },
-    /// The SNI, resolved, on a fixed port (Envoy's
-    /// `sni_dynamic_forward_proxy`).
-    SniDynamic { port: u16 },
-    /// A fixed `host:port`.
-    Static { host: String, port: u16 },
-}
 
 #[derive(Debug, Clone)]
 pub struct FilterChain {
@@ -110,10 +58,20 @@ impl FilterChain {
     }
 }
 
-/// A listener ready to serve.
+/// A chain names a filter this proxy does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("listener `{listener}`, chain `{chain}`: no filter named `{filter}`")]
+pub struct UnknownFilter {
+    pub listener: String,
+    pub chain: String,
+    pub filter: String,
+}
+
+/// A listener ready to serve: its resource, with each chain's filters
+/// made from their names.
 #[derive(Debug, Clone)]
 pub struct ListenerPlan {
-    pub spec: Listener,
+    pub spec: ListenerResource,
     /// The name, shared by every flow's context without a copy.
     pub label: Arc<str>,
     pub metrics: crate::telemetry::metrics::ListenerMetrics,
@@ -121,40 +79,52 @@ pub struct ListenerPlan {
     pub chains: Vec<Arc<FilterChain>>,
 }
 
+/// The filter named `name`, among the built-in ones.
+fn builtin_filter(name: &str) -> Option<Arc<dyn NetworkFilter>> {
+    match name {
+        envoy::ANTI_EVASION => Some(Arc::new(AntiEvasionFilter)),
+        envoy::POLICY => Some(Arc::new(PolicyFilter)),
+        _ => None,
+    }
+}
+
 impl ListenerPlan {
-    /// Compiles a friendly listener: one chain matching everything, the
-    /// policy filter, and the cluster its kind implies.
-    pub fn from_config(spec: &Listener) -> Self {
-        let cluster = match spec.kind {
-            ListenerKind::HttpProxy => Cluster::RequestTarget,
-            ListenerKind::Transparent => Cluster::OriginalDst {
-                sni_check: spec.sni_check,
-            },
-            ListenerKind::Sni => Cluster::SniDynamic {
-                port: spec.upstream_port,
-            },
-            ListenerKind::Tcp => match spec.upstream.as_deref().and_then(split_host_port) {
-                Some((host, port)) => Cluster::Static { host, port },
-                None => Cluster::OriginalDst {
-                    sni_check: SniCheck::Off,
-                },
-            },
-            // DNS listeners are served by `dns`, not by filter chains.
-            ListenerKind::Dns => Cluster::RequestTarget,
-        };
-        let anti_evasion: Arc<dyn NetworkFilter> = Arc::new(AntiEvasionFilter);
-        let policy: Arc<dyn NetworkFilter> = Arc::new(PolicyFilter);
-        Self {
-            spec: spec.clone(),
+    /// Makes each chain's filters from their names.
+    pub fn compile(spec: ListenerResource) -> Result<Self, UnknownFilter> {
+        let chains = spec
+            .chains
+            .iter()
+            .map(|c| {
+                let filters = c
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        builtin_filter(f).ok_or_else(|| UnknownFilter {
+                            listener: spec.name.clone(),
+                            chain: c.name.clone(),
+                            filter: f.clone(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Arc::new(FilterChain::new(
+                    c.name.clone(),
+                    c.matcher.clone(),
+                    filters,
+                    c.cluster.clone(),
+                )))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
             label: Arc::from(spec.name.as_str()),
             metrics: crate::telemetry::metrics::ListenerMetrics::new(&spec.name),
-            chains: vec![Arc::new(FilterChain::new(
-                format!("{}/default", spec.name),
-                ChainMatch::default(),
-                vec![anti_evasion, policy],
-                cluster,
-            ))],
-        }
+            spec,
+            chains,
+        })
+    }
+
+    /// Translates and compiles a friendly listener; `None` for a `dns` one.
+    pub fn from_config(l: &sluice_api::Listener) -> Option<Result<Self, UnknownFilter>> {
+        envoy::translate(l).map(Self::compile)
     }
 
     /// The first chain whose match fits the flow (Envoy picks the most
@@ -173,18 +143,13 @@ impl ListenerPlan {
             .find(|c| c.matcher.matches(name, port, src, dst, transport))
     }
 
-    pub fn ech_denied(&self) -> bool {
-        self.spec.ech == EchPolicy::Deny
+    /// The connection options every flow of this listener uses.
+    pub fn connection(&self) -> &sluice_api::ConnectionOptions {
+        &self.spec.connection
     }
-}
 
-/// `host:port`, with IPv6 literals in brackets.
-pub fn split_host_port(s: &str) -> Option<(String, u16)> {
-    let (h, p) = s.rsplit_once(':')?;
-    let port = p.parse::<u16>().ok().filter(|p| *p != 0)?;
-    let host = h.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(h);
-    if host.is_empty() {
-        return None;
+    /// How the first bytes are read (not at all for opaque TCP).
+    pub fn peek(&self) -> sluice_api::PeekOptions {
+        self.spec.front.peek().copied().unwrap_or_default()
     }
-    Some((host.to_owned(), port))
 }

@@ -177,6 +177,9 @@ pub struct FlowContext {
     /// The listener's plan the flow started with: its name, options and
     /// metric handles.
     pub plan: Arc<super::ListenerPlan>,
+    /// The filter chain serving the flow, once one is chosen: its cluster
+    /// says where the flow goes.
+    pub chain: Option<Arc<super::FilterChain>>,
     /// Explicit proxy: the flow is the inside of a `CONNECT` tunnel.
     pub tunnel: bool,
     /// What most flows never need, allocated on first use: a relayed flow
@@ -263,6 +266,7 @@ impl FlowContext {
             decision: None,
             snapshot,
             plan: plan.clone(),
+            chain: None,
             tunnel: false,
             extras: None,
         }
@@ -455,27 +459,32 @@ pub trait NetworkFilter: Send + Sync + fmt::Debug {
 #[derive(Debug, Default)]
 pub struct AntiEvasionFilter;
 
-/// The name the chain knows the anti-evasion filter by.
-pub const ANTI_EVASION: &str = "sluice.anti-evasion";
-
 impl NetworkFilter for AntiEvasionFilter {
     fn name(&self) -> &str {
-        ANTI_EVASION
+        sluice_api::envoy::ANTI_EVASION
     }
 
     fn on_classified(&self, ctx: &mut FlowContext, _index: usize) -> FilterStatus {
         let spec = &ctx.plan.spec;
         let watchable = super::flow::check_enforcement(ctx);
         let deny = |reason, e| FilterStatus::Deny(Decision::check(reason, e));
-        if ctx.ech && spec.ech == sluice_api::EchPolicy::Deny {
+        if ctx.ech && spec.front.denies_ech() {
             return deny(ReasonCode::EchPresent, watchable);
         }
-        match spec.kind {
-            sluice_api::ListenerKind::Sni if ctx.protocol != Protocol::Tls => {
-                deny(ReasonCode::NotTls, Enforcement::Enforced)
-            }
-            sluice_api::ListenerKind::Sni if ctx.sni.is_none() => deny(ReasonCode::NoSni, Enforcement::Enforced),
-            sluice_api::ListenerKind::HttpProxy if ctx.tunnel => {
+        // Where the SNI is the destination, a flow without one (or not TLS
+        // at all) has nowhere to go that the policy could have judged.
+        let sni_routed = ctx
+            .chain
+            .as_ref()
+            .is_some_and(|c| matches!(c.cluster, super::Cluster::SniDynamic { .. }));
+        let connect_no_sni = match &spec.front {
+            super::Front::HttpProxy { connect_no_sni, .. } => *connect_no_sni,
+            _ => sluice_api::Action::Deny,
+        };
+        match () {
+            () if sni_routed && ctx.protocol != Protocol::Tls => deny(ReasonCode::NotTls, Enforcement::Enforced),
+            () if sni_routed && ctx.sni.is_none() => deny(ReasonCode::NoSni, Enforcement::Enforced),
+            () if ctx.tunnel => {
                 let (target, http_host) = ctx
                     .extras
                     .as_ref()
@@ -487,9 +496,7 @@ impl NetworkFilter for AntiEvasionFilter {
                         {
                             deny(ReasonCode::SniMismatch, watchable)
                         }
-                        None if spec.connect_no_sni == sluice_api::Action::Deny => {
-                            deny(ReasonCode::ConnectNoSni, watchable)
-                        }
+                        None if connect_no_sni == sluice_api::Action::Deny => deny(ReasonCode::ConnectNoSni, watchable),
                         _ => FilterStatus::Continue,
                     },
                     (Some(target), Protocol::Http) => match http_host {
@@ -513,7 +520,7 @@ pub struct PolicyFilter;
 
 impl NetworkFilter for PolicyFilter {
     fn name(&self) -> &str {
-        "sluice.policy"
+        sluice_api::envoy::POLICY
     }
 
     fn on_classified(&self, ctx: &mut FlowContext, _index: usize) -> FilterStatus {

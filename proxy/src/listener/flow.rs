@@ -193,8 +193,8 @@ pub async fn connect_and_replay(
             return None;
         }
     }
-    let spec = &flow.ctx.plan.spec;
-    let (connect_timeout, idle_timeout) = (spec.connect_timeout, spec.idle_timeout);
+    let conn = flow.ctx.plan.connection();
+    let (connect_timeout, idle_timeout) = (conn.connect_timeout, conn.idle_timeout);
     let opts = ConnectOptions {
         timeout: connect_timeout,
         ..ConnectOptions::default()

@@ -66,9 +66,10 @@ pub async fn serve(
     // Shutdown ends the wait for a first request like any other. The read
     // goes first: the head is usually there already, and the forced
     // shutdown is subscribed to only when the read has to wait.
+    let peek_options = plan.peek();
     let first = tokio::select! {
         biased;
-        r = Box::pin(read_head(&mut client, &mut buf, &plan.spec)) => r,
+        r = Box::pin(read_head(&mut client, &mut buf, &peek_options)) => r,
         () = shared.forced() => Err(ReasonCode::Shutdown),
     };
     let head = match first {
@@ -91,7 +92,7 @@ pub async fn serve(
             inner: client,
         };
         let forced = shared.clone();
-        let idle = plan.spec.idle_timeout;
+        let idle = plan.connection().idle_timeout;
         let label = plan.label.clone();
         let state = Arc::new(ConnState { plan, shared, peer });
         let service = hyper::service::service_fn(move |req| {
@@ -133,7 +134,7 @@ pub async fn serve(
 async fn read_head(
     client: &mut TcpStream,
     buf: &mut Vec<u8>,
-    spec: &sluice_api::Listener,
+    spec: &sluice_api::PeekOptions,
 ) -> Result<RequestHead, ReasonCode> {
     use tokio::io::AsyncReadExt;
     let deadline = tokio::time::Instant::now() + spec.peek_timeout;
@@ -176,11 +177,15 @@ fn basic_credentials(value: &[u8]) -> Option<(String, String)> {
 /// Checks proxy credentials; `Ok(identity)` when allowed (no users
 /// configured: no identity), `Err(())` when a `407` is due.
 fn authenticate(plan: &ListenerPlan, snap: &Snapshot, header: Option<&[u8]>) -> Result<Option<u32>, ()> {
-    if plan.spec.users.is_empty() {
+    let users = match &plan.spec.front {
+        super::Front::HttpProxy { users, .. } => users.as_slice(),
+        _ => &[],
+    };
+    if users.is_empty() {
         return Ok(None);
     }
     let (user, pass) = header.and_then(basic_credentials).ok_or(())?;
-    let u = plan.spec.users.iter().find(|u| u.name == user).ok_or(())?;
+    let u = users.iter().find(|u| u.name == user).ok_or(())?;
     // Compare without an early exit, so timing does not reveal how much of
     // a guessed password was right.
     let (a, b) = (u.password.as_bytes(), pass.as_bytes());
@@ -278,9 +283,10 @@ async fn tunnel(
     buf.drain(..head.head_len.min(buf.len()));
     let started = Instant::now();
     let plan = flow.ctx.plan.clone();
+    let peek_options = plan.peek();
     let peeked = tokio::select! {
         biased;
-        p = Box::pin(peek::peek(&mut client, &mut buf, &plan.spec)) => p,
+        p = Box::pin(peek::peek(&mut client, &mut buf, &peek_options)) => p,
         () = shared.forced() => Peeked::Failed(ReasonCode::Shutdown),
     };
     plan.metrics.classified(started.elapsed());
@@ -532,7 +538,7 @@ impl ConnState {
         };
         let started = Instant::now();
         let opts = ConnectOptions {
-            timeout: plan.spec.connect_timeout,
+            timeout: plan.connection().connect_timeout,
             ..ConnectOptions::default()
         };
         let upstream = match connect(&fwd.addrs, &opts).await {

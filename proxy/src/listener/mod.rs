@@ -26,13 +26,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use sluice_api::{Config, ListenerKind};
+use sluice_api::Config;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use chain::{ChainMatch, Cluster, FilterChain, ListenerPlan, Transport};
+pub use chain::{ChainMatch, Cluster, FilterChain, Front, ListenerPlan, ListenerResource, Transport, UnknownFilter};
 pub use filter::{
     AntiEvasionFilter, DataStatus, Decision, FilterStatus, FlowContext, FlowExtras, NetworkFilter, PolicyFilter,
 };
@@ -66,38 +66,37 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: Config) -> Result<Self, UnknownFilter> {
         Self::build(config, None)
     }
 
     /// Like [`Snapshot::new`], with `hook` given each listener's plan to
     /// change before it is shared (extra filters or chains: the plugin host,
     /// tests).
-    pub fn build(config: Config, hook: Option<&PlanHook>) -> Self {
+    pub fn build(config: Config, hook: Option<&PlanHook>) -> Result<Self, UnknownFilter> {
         let policy = Policy::compile(&config);
-        let listeners = config
-            .listeners
-            .iter()
-            .filter(|l| l.kind != ListenerKind::Dns)
-            .map(|l| {
-                let mut plan = ListenerPlan::from_config(l);
-                if let Some(hook) = hook {
-                    hook(&config, &mut plan);
-                }
-                Arc::new(plan)
-            })
-            .collect();
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let Some(plan) = ListenerPlan::from_config(l) else {
+                continue;
+            };
+            let mut plan = plan?;
+            if let Some(hook) = hook {
+                hook(&config, &mut plan);
+            }
+            listeners.push(Arc::new(plan));
+        }
         let mut rule_labels: Vec<Arc<str>> = config.policy.rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
         rule_labels.push(Arc::from("default"));
         rule_labels.push(Arc::from("builtin-guard"));
         static SERIAL: AtomicU64 = AtomicU64::new(1);
-        Self {
+        Ok(Self {
             config,
             policy,
             listeners,
             rule_labels,
             serial: SERIAL.fetch_add(1, Ordering::Relaxed),
-        }
+        })
     }
 
     /// The plan of TCP listener `name`, when this snapshot has one.
@@ -308,7 +307,7 @@ pub fn bind(plan: &ListenerPlan) -> io::Result<TcpListener> {
         // `[::]` takes IPv4 too, as users expect of a wildcard.
         let _ = socket.set_only_v6(false);
     }
-    if plan.spec.kind == ListenerKind::Transparent
+    if plan.spec.transparent
         && let Err(e) = crate::sys::set_ip_transparent(&socket)
     {
         tracing::debug!(listener = %plan.spec.name, error = %e, "IP_TRANSPARENT not set; TPROXY flows will not arrive, REDIRECT still works");
@@ -351,7 +350,13 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     let bound = listener.local_addr().ok();
     tokio::spawn(async move {
-        let mut limit = ConnLimit::new(shared.snapshot.load().plan(&name).map_or(0, |p| p.spec.max_connections));
+        let mut limit = ConnLimit::new(
+            shared
+                .snapshot
+                .load()
+                .plan(&name)
+                .map_or(0, |p| p.connection().max_connections),
+        );
         let mut nodelay = NoDelay::default();
         // One stop future for the listener's life: re-creating it per
         // accept registered and unregistered a watch waiter (a mutex round
@@ -381,8 +386,8 @@ pub fn spawn(
             let Some(plan) = snapshot.plan(&name).cloned() else {
                 continue;
             };
-            if plan.spec.max_connections != limit.max() {
-                limit.resize(plan.spec.max_connections);
+            if plan.connection().max_connections != limit.max() {
+                limit.resize(plan.connection().max_connections);
             }
             nodelay.apply(&stream);
             // A span per flow only while debug logging is on: entering and
@@ -399,11 +404,13 @@ pub fn spawn(
                 // Classifying, deciding and connecting run in a boxed
                 // future that is freed before the relay starts, so an
                 // idle relayed flow holds only the relay's state.
-                let relaying = match plan.spec.kind {
-                    ListenerKind::HttpProxy => {
+                let relaying = match plan.spec.front {
+                    Front::HttpProxy { .. } => {
                         Box::pin(http_proxy::serve(plan, shared, snapshot, stream, peer, &closing)).await
                     }
-                    _ => Box::pin(peek::serve(plan, shared, snapshot, stream, peer, bound)).await,
+                    Front::Inspect { .. } | Front::Raw => {
+                        Box::pin(peek::serve(plan, shared, snapshot, stream, peer, bound)).await
+                    }
                 };
                 if let Some(relaying) = relaying {
                     relaying.run(&closing).await;
@@ -445,10 +452,11 @@ mod future_sizes {
                 .await
                 .unwrap_or_else(|_| unreachable!());
             let cfg = sluice_api::config::embedded_default().unwrap_or_else(|_| unreachable!());
-            let plan = std::sync::Arc::new(ListenerPlan::from_config(&cfg.listeners[0]));
-            let snap = std::sync::Arc::new(Snapshot::new(cfg.clone()));
+            let plan = ListenerPlan::from_config(&cfg.listeners[0]).unwrap_or_else(|| unreachable!());
+            let plan = std::sync::Arc::new(plan.unwrap_or_else(|_| unreachable!()));
+            let snap = std::sync::Arc::new(Snapshot::new(cfg.clone()).unwrap_or_else(|_| unreachable!()));
             let shared = std::sync::Arc::new(Shared::new(
-                Snapshot::new(cfg),
+                Snapshot::new(cfg).unwrap_or_else(|_| unreachable!()),
                 AuditWriter::start(crate::telemetry::audit::AuditSink::Stderr, 16).unwrap_or_else(|_| unreachable!()),
                 crate::forward::Resolver::system().unwrap_or_else(|_| unreachable!()),
                 None,
@@ -500,7 +508,7 @@ mod nodelay {
             "t.yaml",
         )
         .unwrap();
-        let plan = ListenerPlan::from_config(&cfg.listeners[0]);
+        let plan = ListenerPlan::from_config(&cfg.listeners[0]).unwrap().unwrap();
         let listener = bind(&plan).unwrap();
         let mut state = NoDelay::default();
         for _ in 0..3 {

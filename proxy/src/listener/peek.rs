@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use sluice_api::{DomainName, ListenerKind, Protocol};
+use sluice_api::{DomainName, Protocol};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -45,7 +45,7 @@ pub enum Peeked {
 
 /// Reads into `buf` until the first bytes classify, within `spec`'s peek
 /// timeout and size bound. Bytes read stay in `buf` for replay.
-pub async fn peek(client: &mut TcpStream, buf: &mut Vec<u8>, spec: &sluice_api::Listener) -> Peeked {
+pub async fn peek(client: &mut TcpStream, buf: &mut Vec<u8>, spec: &sluice_api::PeekOptions) -> Peeked {
     let deadline = tokio::time::Instant::now() + spec.peek_timeout;
     let limits = Limits {
         max_client_hello: spec.max_client_hello,
@@ -191,15 +191,15 @@ async fn front(
         flow.ctx.original_dst = Some(a);
         flow.ctx.port = a.port();
     }
-    if plan.spec.kind == ListenerKind::Tcp {
+    let Some(peek_options) = plan.spec.front.peek() else {
         return Ok(Transport::RawBuffer);
-    }
+    };
     let started = Instant::now();
     // The bytes are usually there already: peek first, and subscribe to
     // the forced shutdown only when it has to wait.
     let peeked = tokio::select! {
         biased;
-        p = Box::pin(peek(client, buf, &plan.spec)) => p,
+        p = Box::pin(peek(client, buf, peek_options)) => p,
         () = shared.forced() => Peeked::Failed(ReasonCode::Shutdown),
     };
     plan.metrics.classified(started.elapsed());

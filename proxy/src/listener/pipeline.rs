@@ -62,12 +62,11 @@ pub struct Forward {
     pub addrs: Vec<SocketAddr>,
 }
 
-/// A flow on its way through the pipeline: its context, the chain once one
-/// is chosen, and when it was accepted.
+/// A flow on its way through the pipeline: its context (with the chain once
+/// one is chosen), and when it was accepted.
 #[derive(Debug)]
 pub struct Flow {
     pub ctx: FlowContext,
-    pub chain: Option<Arc<FilterChain>>,
     pub accepted: Instant,
 }
 
@@ -81,7 +80,6 @@ impl Flow {
     ) -> Self {
         Self {
             ctx: FlowContext::new(shared.next_id(), plan, peer, snap),
-            chain: None,
             accepted,
         }
     }
@@ -160,11 +158,11 @@ impl Flow {
         };
         match &chain.cluster {
             // A fixed upstream: decided on its port, and its name or address.
-            Cluster::Static { host, port } => {
-                ctx.port = *port;
-                match crate::forward::parse_ip_lenient(host) {
+            Cluster::Static { upstream } => {
+                ctx.port = upstream.port;
+                match crate::forward::parse_ip_lenient(&upstream.host) {
                     Some(ip) => ctx.dst_ip = Some(ip),
-                    None => match DomainName::parse(host) {
+                    None => match DomainName::parse(&upstream.host) {
                         Ok(n) => ctx.name = Some(n),
                         Err(_) => deny(ctx, Decision::refused(ReasonCode::BadUpstream)),
                     },
@@ -184,7 +182,7 @@ impl Flow {
             // address the client dialled.
             ctx.dst_ip = ctx.dst_ip.or(ctx.original_dst.map(|a| a.ip()));
         }
-        self.chain = Some(chain.clone());
+        ctx.chain = Some(chain.clone());
         Ok(chain)
     }
 
@@ -214,7 +212,7 @@ impl Flow {
                 let name = ctx.name.as_ref().map(DomainName::as_str).unwrap_or_default();
                 (resolve(shared, ctx, name).await?, *port, None)
             }
-            Cluster::Static { host, port } => (resolve(shared, ctx, host).await?, *port, None),
+            Cluster::Static { upstream } => (resolve(shared, ctx, &upstream.host).await?, upstream.port, None),
             Cluster::OriginalDst { sni_check } => original_destination(shared, ctx, *sni_check).await?,
         };
         if let Some(d) = ctx.decision.as_mut() {
@@ -263,7 +261,7 @@ impl Flow {
 
     /// Completes and writes `rec`: duration, `on_close`, metrics.
     pub fn write(&self, shared: &Shared, rec: FlowRecord) {
-        flow::finish(shared, self.chain.as_deref(), &self.ctx, rec, self.accepted);
+        flow::finish(shared, self.ctx.chain.as_deref(), &self.ctx, rec, self.accepted);
     }
 }
 
