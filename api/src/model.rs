@@ -562,8 +562,10 @@ pub struct Plugin {
 pub struct Config {
     /// Where it came from (a path, or `<embedded default>`).
     pub source: String,
-    pub admin: AdminConfig,
-    pub audit: AuditConfig,
+    /// How this process runs; everything else here is the resources it
+    /// serves (what a control server may send).
+    #[serde(flatten)]
+    pub bootstrap: Bootstrap,
     pub listeners: Vec<Listener>,
     /// User groups and built-in ones, built-ins first.
     pub webgroups: Vec<WebGroup>,
@@ -574,6 +576,15 @@ pub struct Config {
     /// The gateway's own addresses, guarded like loopback.
     pub gateway_addresses: Vec<IpAddr>,
     pub resolver: ResolverConfig,
+}
+
+/// The process settings (Envoy's bootstrap): where the admin API listens,
+/// where audit records go, the worker threads and the drain time. They
+/// come from the local file, never from a control server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Bootstrap {
+    pub admin: AdminConfig,
+    pub audit: AuditConfig,
     /// On SIGTERM: stop accepting, let flows finish for this long, then close.
     #[serde(serialize_with = "duration_text")]
     pub drain_timeout: Duration,

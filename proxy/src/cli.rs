@@ -304,7 +304,7 @@ pub fn run(args: &RunArgs, err: &mut dyn Write) -> i32 {
     let log = crate::telemetry::logging::init();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    if let Some(w) = cfg.workers {
+    if let Some(w) = cfg.bootstrap.workers {
         builder.worker_threads(w);
     }
     let rt = match builder.build() {
@@ -385,7 +385,7 @@ async fn serve(
     }
     // The drain time of the configuration in force now, not the one the
     // process started with.
-    let drain = server.shared.snapshot.load().config.drain_timeout;
+    let drain = server.shared.snapshot.load().config.bootstrap.drain_timeout;
     let _ = writeln!(
         err,
         "sluice: shutting down: draining for up to {}",

@@ -407,13 +407,15 @@ impl Server {
     ) -> Result<Self, StartError> {
         let metrics_handle = metrics::install().map_err(|e| StartError::Metrics(e.to_string()))?;
         drop(metrics::spawn_upkeep(metrics_handle.clone(), Duration::from_secs(5)));
-        let audit: AuditWriter<AuditRecord> =
-            AuditWriter::start(audit_sink(&config.audit.destination), config.audit.queue)
-                .map_err(|e| StartError::Audit(e.to_string()))?;
+        let audit: AuditWriter<AuditRecord> = AuditWriter::start(
+            audit_sink(&config.bootstrap.audit.destination),
+            config.bootstrap.audit.queue,
+        )
+        .map_err(|e| StartError::Audit(e.to_string()))?;
         let resolver = new_resolver(&config.resolver.nameservers)?;
         let dns_stats = Arc::new(DnsStats::default());
-        let workers = config.workers;
-        let audit_state = (config.audit.destination.clone(), config.audit.queue);
+        let workers = config.bootstrap.workers;
+        let audit_state = (config.bootstrap.audit.destination.clone(), config.bootstrap.audit.queue);
         let nameservers = config.resolver.nameservers.clone();
         let source =
             (config.source != sluice_api::config::EMBEDDED_DEFAULT_NAME).then(|| PathBuf::from(&config.source));
@@ -635,7 +637,7 @@ impl Inner {
         };
         let prepared = self.prepare(running, &snapshot, &mut report).await?;
         // Last fallible step, with an effect of its own: the audit sink.
-        let audit = (cfg.audit.destination.clone(), cfg.audit.queue);
+        let audit = (cfg.bootstrap.audit.destination.clone(), cfg.bootstrap.audit.queue);
         if let Some((dest, queue)) = &running.audit {
             if *dest != audit.0 {
                 self.shared
@@ -653,11 +655,13 @@ impl Inner {
         }
         running.audit = Some((audit.0, running.audit.as_ref().map_or(audit.1, |a| a.1)));
         if let Some(Some(w)) = running.workers
-            && cfg.workers != Some(w)
+            && cfg.bootstrap.workers != Some(w)
         {
             report.restart_needed.push(format!(
                 "runtime.workers ({w} running, {} in the file)",
-                cfg.workers.map_or_else(|| "one per core".to_owned(), |n| n.to_string())
+                cfg.bootstrap
+                    .workers
+                    .map_or_else(|| "one per core".to_owned(), |n| n.to_string())
             ));
         }
         report.restart_needed.extend(prepared.warnings.iter().cloned());
@@ -799,7 +803,7 @@ impl Inner {
                 }
             }
         }
-        let admin = cfg.admin.address;
+        let admin = cfg.bootstrap.admin.address;
         if running
             .admin
             .as_ref()
@@ -842,7 +846,7 @@ impl Inner {
     /// Installs `snapshot` and serves it with the prepared sockets. Cannot
     /// fail.
     fn commit(&self, running: &mut Running, snapshot: Snapshot, p: Prepared, report: &mut ReloadReport) {
-        let drain = snapshot.config.drain_timeout;
+        let drain = snapshot.config.bootstrap.drain_timeout;
         let names: Vec<(String, ListenerType)> = snapshot
             .config
             .listeners

@@ -259,8 +259,12 @@ impl Validator {
         }
         Ok(Config {
             source: self.file,
-            admin,
-            audit,
+            bootstrap: Bootstrap {
+                admin,
+                audit,
+                drain_timeout,
+                workers,
+            },
             listeners,
             webgroups,
             smartgroups,
@@ -269,8 +273,6 @@ impl Validator {
             plugins,
             gateway_addresses,
             resolver,
-            drain_timeout,
-            workers,
         })
     }
 
