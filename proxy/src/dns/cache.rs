@@ -25,64 +25,10 @@ use lru::LruCache;
 use sluice_api::DomainName;
 
 use super::config::CacheConfig;
+use super::wire::WireAnswer;
+pub use super::wire::{CacheKey, MAX_KEY_LEN};
 
 const SHARDS: usize = 16;
-
-/// What identifies a cacheable question: (qname, qtype, qclass, DO, CD),
-/// kept as one byte string so the engine's wire fast path can look an
-/// entry up from a key it built on the stack ([`CacheKey::encode`]),
-/// without allocating. Layout: qtype and qclass (big-endian), a flags byte
-/// (DO = 1, CD = 2), then the lower-cased presentation name, so
-/// `Example.COM` and `example.com` share an entry.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CacheKey(Box<[u8]>);
-
-/// Longest encoded key: the fixed part and a 253-byte presentation name
-/// (with room to spare for a name the caller has not length-checked).
-pub const MAX_KEY_LEN: usize = KEY_PREFIX + 255;
-const KEY_PREFIX: usize = 5;
-
-impl CacheKey {
-    /// `qname` must be the canonical (lower-case) presentation form.
-    pub fn new(qname: &str, qtype: u16, qclass: u16, dnssec_ok: bool, checking_disabled: bool) -> Self {
-        let mut buf = [0u8; MAX_KEY_LEN];
-        let len =
-            Self::encode(&mut buf, qname.as_bytes(), qtype, qclass, dnssec_ok, checking_disabled).unwrap_or(KEY_PREFIX);
-        Self(buf[..len].into())
-    }
-
-    /// Writes the key for these fields into `buf`, returning its length
-    /// (`None` if the name does not fit).
-    pub fn encode(
-        buf: &mut [u8; MAX_KEY_LEN],
-        qname: &[u8],
-        qtype: u16,
-        qclass: u16,
-        dnssec_ok: bool,
-        checking_disabled: bool,
-    ) -> Option<usize> {
-        let end = KEY_PREFIX.checked_add(qname.len()).filter(|e| *e <= MAX_KEY_LEN)?;
-        buf[..2].copy_from_slice(&qtype.to_be_bytes());
-        buf[2..4].copy_from_slice(&qclass.to_be_bytes());
-        buf[4] = u8::from(dnssec_ok) | (u8::from(checking_disabled) << 1);
-        buf[KEY_PREFIX..end].copy_from_slice(qname);
-        Some(end)
-    }
-
-    pub fn qtype(&self) -> u16 {
-        u16::from_be_bytes([self.0[0], self.0[1]])
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<[u8]> for CacheKey {
-    fn borrow(&self) -> &[u8] {
-        &self.0
-    }
-}
 
 /// A stored upstream answer (OPT removed; ECH already stripped if configured).
 #[derive(Debug)]
@@ -100,7 +46,7 @@ pub struct CacheEntry {
     pub ech_stripped: bool,
     /// The answer pre-encoded for the wire fast path, made on its first use
     /// (`None` inside: this entry cannot be served that way).
-    pub wire: std::sync::OnceLock<Option<super::fast::WireAnswer>>,
+    pub wire: std::sync::OnceLock<Option<WireAnswer>>,
     inserted: Instant,
     expires: Instant,
 }

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::svcb::SvcParamValue;
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
@@ -38,6 +37,7 @@ use super::exfil::ExfilDetector;
 use super::fast::{Patch, WireAnswer, WireQuery, patch_upstream};
 use super::forward::{ForwardError, UpstreamAnswer};
 use super::policy::{QueryPolicy, QueryVerdict, reason};
+use super::wire::bound_addrs;
 
 /// Smallest UDP payload every DNS client accepts (RFC 1035 §4.2.1).
 const MIN_UDP_PAYLOAD: u16 = 512;
@@ -665,55 +665,6 @@ impl DnsCore {
             latency_us: u64::try_from(latency).unwrap_or(u64::MAX),
             cache_hit: false,
             ech_stripped: false,
-        }
-    }
-}
-
-/// Every address `answers` hand out for `wire_qname` (following CNAMEs, and
-/// including HTTPS/SVCB address hints), with its record's TTL.
-pub(crate) fn bound_addrs(wire_qname: &Name, answers: &[Record]) -> Vec<(IpAddr, u32)> {
-    let mut chain: Vec<&Name> = vec![wire_qname];
-    // Follow the chain whatever order the records came in; each pass
-    // adds at least one name or stops, so this is bounded by answers.len().
-    loop {
-        let before = chain.len();
-        for record in answers {
-            if let RData::CNAME(target) = &record.data
-                && chain.contains(&&record.name)
-                && !chain.contains(&&target.0)
-            {
-                chain.push(&target.0);
-            }
-        }
-        if chain.len() == before {
-            break;
-        }
-    }
-    let mut out = Vec::new();
-    for record in answers {
-        if !chain.contains(&&record.name) {
-            continue;
-        }
-        let mut put = |ip: IpAddr| out.push((ip, record.ttl));
-        match &record.data {
-            RData::A(a) => put(IpAddr::V4(a.0)),
-            RData::AAAA(aaaa) => put(IpAddr::V6(aaaa.0)),
-            RData::HTTPS(https) => hints(&https.0.svc_params, &mut put),
-            RData::SVCB(svcb) => hints(&svcb.svc_params, &mut put),
-            _ => {}
-        }
-    }
-    out
-}
-
-/// Hands each address hint of an HTTPS/SVCB record to `put`: clients may
-/// connect to hints without ever asking for A/AAAA.
-fn hints(params: &[(hickory_proto::rr::rdata::svcb::SvcParamKey, SvcParamValue)], put: &mut impl FnMut(IpAddr)) {
-    for (_, value) in params {
-        match value {
-            SvcParamValue::Ipv4Hint(h) => h.0.iter().for_each(|a| put(IpAddr::V4(a.0))),
-            SvcParamValue::Ipv6Hint(h) => h.0.iter().for_each(|a| put(IpAddr::V6(a.0))),
-            _ => {}
         }
     }
 }

@@ -13,12 +13,11 @@
 //! that would need truncating — is left to the general path, which gives
 //! the same answer the slow way. The policy still decides every query.
 
-use std::net::IpAddr;
-
 use hickory_proto::op::{Message, OpCode, Query};
 use hickory_proto::rr::{DNSClass, Name, RecordType};
 
 use super::cache::{CacheEntry, CacheKey, MAX_KEY_LEN};
+pub use super::wire::WireAnswer;
 
 const HEADER: usize = 12;
 const TYPE_OPT: u16 = 41;
@@ -152,20 +151,6 @@ fn plain_name_end(b: &[u8], start: usize) -> Option<usize> {
     }
 }
 
-/// A cache entry's answer, encoded once for the fast path.
-#[derive(Debug)]
-pub struct WireAnswer {
-    /// The whole message without OPT: ID and flags are overwritten per
-    /// query, the question name too (same length, the client's case).
-    bytes: Vec<u8>,
-    qname_len: usize,
-    /// Where each record's TTL sits in `bytes`.
-    ttl_offsets: Vec<usize>,
-    /// Addresses the answer binds to the name, with their record TTLs (what
-    /// the general path records for a hit, worked out once).
-    pub binds: Vec<(IpAddr, u32)>,
-}
-
 impl WireAnswer {
     /// Encodes `entry` as the answer to (its name, `qtype`, `qclass`), or
     /// `None` if it cannot be served this way.
@@ -180,7 +165,7 @@ impl WireAnswer {
         m.additionals.clone_from(&entry.additionals);
         let bytes = m.to_vec().ok()?;
         let (qname_len, ttl_offsets) = walk(&bytes)?;
-        let binds = super::engine::bound_addrs(&name, &entry.answers);
+        let binds = super::wire::bound_addrs(&name, &entry.answers);
         Some(Self {
             bytes,
             qname_len,

@@ -73,7 +73,7 @@ pub mod fast;
 pub mod forward;
 pub mod policy;
 pub mod server;
-mod udp_pool;
+pub mod wire;
 
 pub use audit::{DnsAuditRecord, DnsAuditSink, DnsStats, DnsStatsSnapshot, Transport};
 pub use bindings::Bindings;

@@ -8,7 +8,7 @@
 //! are retried over TCP to the same upstream; DNS-over-TLS uses rustls.
 //!
 //! UDP attempts go through a small pool of long-lived sockets per upstream
-//! ([`super::udp_pool`]: random source ports, rotated), every attempt with a
+//! ([`udp_pool`]: random source ports, rotated), every attempt with a
 //! fresh random ID, and an answer is accepted only if its ID and question
 //! match what was sent — the usual defences against off-path spoofing.
 //! TCP and TLS connections are kept idle per upstream (a few, for
@@ -30,7 +30,9 @@ use tokio_rustls::TlsConnector;
 
 use super::audit::DnsStats;
 use super::config::{DnsConfig, UpstreamProto};
-use super::udp_pool::UdpPool;
+mod udp_pool;
+
+use udp_pool::UdpPool;
 
 /// Why no upstream produced an answer (for one attempt, or in the end the
 /// last attempt's reason).

@@ -33,8 +33,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use super::audit::DnsStats;
-use super::forward::{ForwardError, check_answer};
+use super::{ForwardError, check_answer};
+use crate::dns::audit::DnsStats;
 
 /// Receive buffer for one upstream UDP answer. Upstreams are told Sluice
 /// takes 1232-byte answers (`udp_payload`); 4 KiB covers any sane setting.
