@@ -74,6 +74,27 @@ impl Action {
     }
 }
 
+/// Whether a verdict is carried out or only recorded (`watch`: a `deny`
+/// means "would have denied").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcement {
+    /// The action was carried out (policy mode `enforce`).
+    Enforced,
+    /// The action was only recorded (policy mode `watch`, or a rule with
+    /// `watch: true`).
+    Watched,
+}
+
+impl Enforcement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforced => "enforced",
+            Self::Watched => "watched",
+        }
+    }
+}
+
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

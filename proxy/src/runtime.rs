@@ -28,7 +28,7 @@ use crate::dns::{
     self, Bindings, BindingsConfig, DnsConfig, DnsCore, DnsHandle, DnsServer, DnsStats, QueryPolicy, QueryVerdict,
     VerdictMemo,
 };
-use crate::policy::{Enforcement, FlowQuery};
+use crate::policy::FlowQuery;
 use crate::telemetry::audit::{AuditRecord, DnsAuditLog, SourceGroups};
 
 use crate::admin::{self, Admin};
@@ -84,12 +84,7 @@ impl QueryPolicy for SnapshotQueries {
                 port: 53,
                 identity: None,
             });
-            QueryVerdict {
-                allowed: v.action == sluice_api::Action::Allow,
-                enforced: v.enforcement == Enforcement::Enforced,
-                rule: snap.rule_label(v.decided_by),
-                reason: v.reason.as_str(),
-            }
+            QueryVerdict::from_verdict(&v, snap.rule_label(v.decided_by))
         };
         // A DNS decision depends on the snapshot, the source and the name
         // only (protocol and port are fixed), which is the memo's key.
@@ -99,6 +94,13 @@ impl QueryPolicy for SnapshotQueries {
                 Err(_) => decide(),
             })
             .unwrap_or_else(|_| decide())
+    }
+
+    fn delegates(&self, verdict: &QueryVerdict, filter: &str) -> bool {
+        let snap = self.0.snapshot.load();
+        verdict
+            .source
+            .is_some_and(|s| snap.policy.delegates(s).iter().any(|d| &**d == filter))
     }
 }
 

@@ -8,6 +8,21 @@
 
 /// Everything lives in `mod dns` so `cargo test -p sluice dns` selects it.
 mod dns {
+    /// A test policy's verdict, from the fields the audit record shows.
+    fn verdict(allowed: bool, enforced: bool, rule: &str, reason: &str) -> sluice::dns::QueryVerdict {
+        let reason = sluice_api::reason::ReasonCode::EVERY
+            .iter()
+            .copied()
+            .find(|r| r.as_str() == reason)
+            .unwrap_or(sluice_api::reason::ReasonCode::NoDecision);
+        let enforcement = if enforced {
+            sluice_api::Enforcement::Enforced
+        } else {
+            sluice_api::Enforcement::Watched
+        };
+        sluice::dns::QueryVerdict::labelled(rule, allowed, reason, enforcement)
+    }
+
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::path::Path;
     use std::sync::Arc;
@@ -28,12 +43,13 @@ mod dns {
     impl QueryPolicy for AllowTest {
         fn decide(&self, _src: IpAddr, qname: &DomainName, _qtype: u16) -> QueryVerdict {
             let allowed = qname.as_str() == "allowed.test" || qname.as_str().ends_with(".allowed.test");
-            QueryVerdict {
+            let rule = if allowed { "allow-test" } else { "default" };
+            verdict(
                 allowed,
-                enforced: true,
-                rule: if allowed { "allow-test" } else { "default" }.into(),
-                reason: if allowed { "allowed-by-rule" } else { "default-deny" },
-            }
+                true,
+                rule,
+                if allowed { "allowed-by-rule" } else { "default-deny" },
+            )
         }
     }
 
@@ -349,12 +365,7 @@ mod dns {
         fn decide(&self, src: IpAddr, qname: &DomainName, qtype: u16) -> QueryVerdict {
             let mut v = AllowTest.decide(src, qname, qtype);
             if src == IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)) {
-                v = QueryVerdict {
-                    allowed: false,
-                    enforced: true,
-                    rule: "no-ten-nine".into(),
-                    reason: "denied-by-rule",
-                };
+                v = verdict(false, true, "no-ten-nine", "denied-by-rule");
             }
             v
         }
@@ -807,5 +818,87 @@ mod dns {
         assert_eq!(m.answers.len(), 2);
         assert!(m.additionals.is_empty());
         assert_eq!(fast.stats().snapshot().upstream_passthrough, 0);
+    }
+
+    /// A policy whose `delegated.test` denial is rule 0's, handed to the
+    /// filter `test.dns-filter`; `*.allowed.test` allowed; the rest denied
+    /// by the default.
+    struct Delegating;
+
+    impl QueryPolicy for Delegating {
+        fn decide(&self, src: IpAddr, qname: &DomainName, qtype: u16) -> QueryVerdict {
+            let mut v = AllowTest.decide(src, qname, qtype);
+            if qname.as_str() == "delegated.test" {
+                v = verdict(false, true, "deny-delegated", "denied-by-rule");
+                v.source = Some(sluice::policy::DecidedBy::Rule(0));
+            } else if !v.allow {
+                v.source = Some(sluice::policy::DecidedBy::Default);
+            }
+            v
+        }
+
+        fn delegates(&self, verdict: &QueryVerdict, filter: &str) -> bool {
+            verdict.source == Some(sluice::policy::DecidedBy::Rule(0)) && filter == "test.dns-filter"
+        }
+    }
+
+    /// Denies `blocked.allowed.test`, and allows everything it is shown.
+    #[derive(Debug)]
+    struct TestFilter;
+
+    impl sluice::dns::QueryFilter for TestFilter {
+        fn name(&self) -> &str {
+            "test.dns-filter"
+        }
+
+        fn on_query(&self, q: &sluice::dns::QueryInfo<'_>, _verdict: &QueryVerdict) -> sluice::dns::QueryStatus {
+            if q.qname.as_str() == "blocked.allowed.test" {
+                sluice::dns::QueryStatus::Deny(verdict(false, true, "test.dns-filter", "denied-by-rule"))
+            } else {
+                sluice::dns::QueryStatus::Allow(verdict(true, true, "test.dns-filter", "allowed-by-rule"))
+            }
+        }
+    }
+
+    /// The DNS sibling of the flow chain follows the same override rules: a
+    /// filter tightens any verdict, and loosens only a denial whose rule
+    /// delegates to it, never the default's.
+    #[test]
+    fn query_filters_follow_the_override_rules() {
+        let config = DnsConfig {
+            upstreams: vec![Upstream::udp(UPSTREAM.parse().unwrap())],
+            ..DnsConfig::default()
+        };
+        let mut core = DnsCore::with_new_bindings(config, Arc::new(Delegating)).unwrap();
+        core.add_filter(Box::new(TestFilter));
+        let ask = |name: &str| {
+            let now = Instant::now();
+            let reply = match core.handle_query_bytes(ctx(Transport::Udp, now), &query(name, RecordType::A, None)) {
+                Step::Forward(p) => {
+                    let answer = upstream_answer(&p, a_records(name, 1), Vec::new());
+                    core.complete(*p, Ok(answer), now)
+                }
+                Step::Reply(r) => r,
+                s => panic!("{name}: {s:?}"),
+            };
+            (reply.audit.allowed, reply.audit.rule.to_string(), reply.audit.reason)
+        };
+        // Tightened: the policy allowed it, the filter's denial stands.
+        assert_eq!(
+            ask("blocked.allowed.test."),
+            (false, "test.dns-filter".to_owned(), "denied-by-rule")
+        );
+        // Loosened: the rule hands its denial to this filter by name.
+        assert_eq!(
+            ask("delegated.test."),
+            (true, "test.dns-filter".to_owned(), "allowed-by-rule")
+        );
+        // Not loosened: the default's denial is final.
+        assert_eq!(ask("other.test."), (false, "default".to_owned(), "default-deny"));
+        // An allowed query the filter only allows again is the policy's.
+        assert_eq!(
+            ask("www.allowed.test."),
+            (true, "allow-test".to_owned(), "allowed-by-rule")
+        );
     }
 }

@@ -10,6 +10,22 @@
 
 /// Everything lives in `mod dns` so `cargo test -p sluice dns` selects it.
 mod dns {
+
+    /// A test policy's verdict, from the fields the audit record shows.
+    fn verdict(allowed: bool, enforced: bool, rule: &str, reason: &str) -> sluice::dns::QueryVerdict {
+        let reason = sluice_api::reason::ReasonCode::EVERY
+            .iter()
+            .copied()
+            .find(|r| r.as_str() == reason)
+            .unwrap_or(sluice_api::reason::ReasonCode::NoDecision);
+        let enforcement = if enforced {
+            sluice_api::Enforcement::Enforced
+        } else {
+            sluice_api::Enforcement::Watched
+        };
+        sluice::dns::QueryVerdict::labelled(rule, allowed, reason, enforcement)
+    }
+
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
     use std::str::FromStr;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,26 +54,11 @@ mod dns {
             let n = qname.as_str();
             let under = |zone: &str| n == zone || n.ends_with(&format!(".{zone}"));
             if under("allowed.test") || under("cdn.test") {
-                QueryVerdict {
-                    allowed: true,
-                    enforced: true,
-                    rule: "allow-test".into(),
-                    reason: "allowed-by-rule",
-                }
+                verdict(true, true, "allow-test", "allowed-by-rule")
             } else if under("watch.test") {
-                QueryVerdict {
-                    allowed: false,
-                    enforced: false,
-                    rule: "deny-watch".into(),
-                    reason: "denied-by-rule",
-                }
+                verdict(false, false, "deny-watch", "denied-by-rule")
             } else {
-                QueryVerdict {
-                    allowed: false,
-                    enforced: true,
-                    rule: "default".into(),
-                    reason: "default-deny",
-                }
+                verdict(false, true, "default", "default-deny")
             }
         }
     }

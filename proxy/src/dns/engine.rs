@@ -33,11 +33,13 @@ use super::bindings::Bindings;
 use super::cache::{CacheEntry, CacheKey, DnsCache, MAX_KEY_LEN};
 use super::config::{DenyAnswer, DnsConfig};
 use super::ech::strip_ech;
-use super::exfil::ExfilDetector;
+use super::exfil::ExfilFilter;
 use super::fast::{Patch, WireAnswer, WireQuery, patch_upstream};
 use super::forward::{ForwardError, UpstreamAnswer};
-use super::policy::{QueryPolicy, QueryVerdict, reason};
+use super::policy::{Decision, QueryFilter, QueryInfo, QueryPolicy, QueryStatus, QueryVerdict, RuleLabel};
 use super::wire::bound_addrs;
+use crate::policy::decision::overrides;
+use sluice_api::reason::ReasonCode;
 
 /// Smallest UDP payload every DNS client accepts (RFC 1035 §4.2.1).
 const MIN_UDP_PAYLOAD: u16 = 512;
@@ -131,7 +133,8 @@ pub struct DnsCore {
     policy: Arc<dyn QueryPolicy>,
     cache: DnsCache,
     bindings: Arc<Bindings>,
-    exfil: Option<ExfilDetector>,
+    /// After the policy, in order (the exfiltration detector, when on).
+    filters: Vec<Box<dyn QueryFilter>>,
     stats: Arc<DnsStats>,
 }
 
@@ -158,7 +161,12 @@ impl DnsCore {
         config.validate()?;
         Ok(Self {
             cache: DnsCache::new(&config.cache),
-            exfil: config.exfiltration.clone().map(ExfilDetector::new),
+            filters: config
+                .exfiltration
+                .clone()
+                .map(|c| Box::new(ExfilFilter::new(c, Arc::clone(&stats))) as Box<dyn QueryFilter>)
+                .into_iter()
+                .collect(),
             config,
             policy,
             bindings,
@@ -171,6 +179,12 @@ impl DnsCore {
         let stats = Arc::new(DnsStats::default());
         let bindings = Arc::new(Bindings::with_stats(&config.bindings, Arc::clone(&stats)));
         Self::new(config, policy, bindings, stats)
+    }
+
+    /// Adds a query filter after those already there (the plugin host,
+    /// tests); before the engine is shared.
+    pub fn add_filter(&mut self, filter: Box<dyn QueryFilter>) {
+        self.filters.push(filter);
     }
 
     pub fn config(&self) -> &DnsConfig {
@@ -224,10 +238,10 @@ impl DnsCore {
         };
         let qname = &entry.qname;
         let verdict = self.decide(ctx, qname, q.qtype);
-        if !verdict.allowed && verdict.enforced {
+        if verdict.blocks() {
             return Err(Some(verdict));
         }
-        let watched = !verdict.allowed;
+        let watched = !verdict.allow;
         DnsStats::bump(&self.stats.queries);
         DnsStats::bump(if watched {
             &self.stats.watched
@@ -269,38 +283,38 @@ impl DnsCore {
         DnsStats::bump(&self.stats.queries);
         let mut client = ClientQuery::from_header(&header);
         let Ok(message) = Message::from_vec(bytes) else {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::FormErr, reason::DNS_MALFORMED));
+            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::FormErr, ReasonCode::DnsMalformed));
         };
         client.edns = message.edns.as_ref().map(|e| ClientEdns {
             payload: e.max_payload(),
             dnssec_ok: e.flags().dnssec_ok,
         });
         if message.queries.len() != 1 {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::FormErr, reason::DNS_MALFORMED));
+            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::FormErr, ReasonCode::DnsMalformed));
         }
         client.query = message.queries.first().cloned();
         if client.op_code != OpCode::Query {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::NotImp, reason::DNS_NOT_IMPLEMENTED));
+            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::NotImp, ReasonCode::DnsNotImplemented));
         }
         if message.edns.as_ref().is_some_and(|e| e.version() > 0) {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::BADVERS, reason::DNS_BAD_EDNS_VERSION));
+            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::BADVERS, ReasonCode::DnsBadEdnsVersion));
         }
         let Some(query) = client.query.clone() else {
             return Step::Drop;
         };
         let qtype = u16::from(query.query_type());
         let Ok(qname) = DomainName::parse(&query.name().to_ascii()) else {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::Refused, reason::DNS_INVALID_NAME));
+            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::Refused, ReasonCode::DnsInvalidName));
         };
         if matches!(query.query_type(), RecordType::AXFR | RecordType::IXFR) {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::Refused, reason::DNS_ZONE_TRANSFER));
+            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::Refused, ReasonCode::DnsZoneTransfer));
         }
         let verdict = verdict.unwrap_or_else(|| self.decide(ctx, &qname, qtype));
-        if !verdict.allowed && verdict.enforced {
+        if verdict.blocks() {
             DnsStats::bump(&self.stats.denied);
             return Step::Reply(self.deny(ctx, &client, &qname, qtype, &verdict));
         }
-        let watched = !verdict.allowed;
+        let watched = !verdict.allow;
         DnsStats::bump(if watched {
             &self.stats.watched
         } else {
@@ -469,27 +483,30 @@ impl DnsCore {
         Reply { bytes, audit }
     }
 
+    /// The policy's verdict, then each query filter's word on it by the
+    /// override rules.
     fn decide(&self, ctx: QueryContext, qname: &DomainName, qtype: u16) -> QueryVerdict {
         // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; the
         // policy's SmartGroups are written with plain IPv4 CIDRs.
         let src = ctx.src.ip().to_canonical();
-        let verdict = self.policy.decide(src, qname, qtype);
-        if !verdict.allowed {
-            return verdict;
-        }
-        let Some(detector) = &self.exfil else {
-            return verdict;
+        let mut verdict = self.policy.decide(src, qname, qtype);
+        let info = QueryInfo {
+            src,
+            qname,
+            qtype,
+            now: ctx.now,
         };
-        if detector.check(src, qname, ctx.now).is_none() {
-            return verdict;
+        for f in &self.filters {
+            let (new, loosening) = match f.on_query(&info, &verdict) {
+                QueryStatus::Continue => continue,
+                QueryStatus::Deny(d) => (d, false),
+                QueryStatus::Allow(d) => (d, true),
+            };
+            if overrides(&verdict, &new, loosening, |_| self.policy.delegates(&verdict, f.name())) {
+                verdict = new;
+            }
         }
-        DnsStats::bump(&self.stats.exfiltration_flagged);
-        QueryVerdict {
-            allowed: false,
-            enforced: verdict.enforced,
-            rule: Arc::from(reason::EXFILTRATION_RULE),
-            reason: reason::DNS_EXFILTRATION,
-        }
+        verdict
     }
 
     /// Records every address handed out for `wire_qname` (following CNAMEs,
@@ -559,7 +576,7 @@ impl DnsCore {
 
     /// Answers a message that never reached the policy (bad form, opcode,
     /// EDNS version or name).
-    fn refuse_early(&self, ctx: QueryContext, client: &ClientQuery, rcode: ResponseCode, why: &'static str) -> Reply {
+    fn refuse_early(&self, ctx: QueryContext, client: &ClientQuery, rcode: ResponseCode, why: ReasonCode) -> Reply {
         if rcode == ResponseCode::FormErr {
             DnsStats::bump(&self.stats.formerr);
         } else {
@@ -571,11 +588,13 @@ impl DnsCore {
             .as_ref()
             .map(|q| (q.name().to_ascii(), u16::from(q.query_type())))
             .unwrap_or_default();
-        let verdict = QueryVerdict {
-            allowed: false,
-            enforced: true,
-            rule: Arc::from(PARSER_RULE),
+        let verdict = Decision {
+            allow: false,
+            rule: RuleLabel::Builtin(PARSER_RULE),
             reason: why,
+            enforcement: crate::policy::Enforcement::Enforced,
+            check: None,
+            source: None,
         };
         let audit = self.audit(&ctx, Arc::from(qname), qtype, &verdict, false, rcode, ctx.now);
         Reply { bytes, audit }
@@ -655,11 +674,14 @@ impl DnsCore {
             transport: ctx.transport,
             qname,
             qtype,
-            allowed: verdict.allowed,
-            enforced: verdict.enforced,
+            allowed: verdict.allow,
+            enforced: verdict.enforcement == crate::policy::Enforcement::Enforced,
             watched,
-            rule: Arc::clone(&verdict.rule),
-            reason: verdict.reason,
+            rule: match &verdict.rule {
+                RuleLabel::Policy(r) => Arc::clone(r),
+                RuleLabel::Builtin(r) => Arc::from(*r),
+            },
+            reason: verdict.reason.as_str(),
             rcode: u16::from(rcode),
             upstream: None,
             latency_us: u64::try_from(latency).unwrap_or(u64::MAX),

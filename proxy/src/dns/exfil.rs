@@ -2,9 +2,10 @@
 //!
 //! DNS tunnels and exfiltration tools encode data into query names: long
 //! labels, labels that look random, and a stream of never-repeating
-//! subdomains under one parent they control. After the policy allows a query,
-//! the engine asks this detector; a hit turns the verdict into a denial with
-//! reason `dns-exfiltration` (enforced unless the policy verdict was in watch
+//! subdomains under one parent they control. The detector is a query filter
+//! (`sluice.dns-exfiltration`) after the policy: for a query the policy
+//! allows, a hit turns the verdict into a denial with reason
+//! `dns-exfiltration` (enforced unless the policy verdict was in watch
 //! mode). Off unless configured. The per-(source, parent) windows are bounded
 //! by an LRU; time is passed in.
 
@@ -196,5 +197,49 @@ mod tests {
             d.check(src, &name("z.tunnel.co.uk"), t0),
             Some(ExfilSignal::TooManySubdomains)
         );
+    }
+}
+
+/// The detector as a query filter.
+#[derive(Debug)]
+pub struct ExfilFilter {
+    detector: ExfilDetector,
+    stats: std::sync::Arc<super::audit::DnsStats>,
+}
+
+impl ExfilFilter {
+    pub fn new(config: ExfilConfig, stats: std::sync::Arc<super::audit::DnsStats>) -> Self {
+        Self {
+            detector: ExfilDetector::new(config),
+            stats,
+        }
+    }
+}
+
+impl super::policy::QueryFilter for ExfilFilter {
+    fn name(&self) -> &str {
+        "sluice.dns-exfiltration"
+    }
+
+    fn on_query(
+        &self,
+        q: &super::policy::QueryInfo<'_>,
+        verdict: &super::policy::QueryVerdict,
+    ) -> super::policy::QueryStatus {
+        use super::policy::{QueryStatus, RuleLabel, reason};
+        // Only what the policy lets through is worth a look (and only it
+        // counts toward a parent's window).
+        if !verdict.allow || self.detector.check(q.src, q.qname, q.now).is_none() {
+            return QueryStatus::Continue;
+        }
+        super::audit::DnsStats::bump(&self.stats.exfiltration_flagged);
+        QueryStatus::Deny(super::policy::Decision {
+            allow: false,
+            rule: RuleLabel::Builtin(reason::EXFILTRATION_RULE),
+            reason: sluice_api::reason::ReasonCode::DnsExfiltration,
+            enforcement: verdict.enforcement,
+            check: None,
+            source: None,
+        })
     }
 }

@@ -21,12 +21,13 @@
 //! use std::net::IpAddr;
 //! use std::sync::Arc;
 //! use sluice::dns::{DnsConfig, DnsCore, DnsServer, QueryPolicy, QueryVerdict, Upstream};
-//! use sluice_api::DomainName;
+//! use sluice_api::reason::ReasonCode;
+//! use sluice_api::{DomainName, Enforcement};
 //!
 //! struct AllowAll;
 //! impl QueryPolicy for AllowAll {
 //!     fn decide(&self, _src: IpAddr, _qname: &DomainName, _qtype: u16) -> QueryVerdict {
-//!         QueryVerdict { allowed: true, enforced: true, rule: "default".into(), reason: "default-allow" }
+//!         QueryVerdict::labelled("default", true, ReasonCode::DefaultAllow, Enforcement::Enforced)
 //!     }
 //! }
 //!
@@ -80,7 +81,7 @@ pub use bindings::Bindings;
 pub use config::{BindingsConfig, CacheConfig, DenyAnswer, DnsConfig, ExfilConfig, Upstream, UpstreamProto};
 pub use engine::{DnsCore, Pending, QueryContext, Reply, Step};
 pub use forward::{ForwardError, Forwarder, UpstreamAnswer};
-pub use policy::{QueryPolicy, QueryVerdict, VerdictMemo, reason};
+pub use policy::{QueryFilter, QueryInfo, QueryPolicy, QueryStatus, QueryVerdict, VerdictMemo, reason};
 pub use server::{DnsHandle, DnsServer};
 
 /// Errors building or running the DNS proxy. Per-query failures never surface

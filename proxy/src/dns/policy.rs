@@ -2,37 +2,72 @@
 //!
 //! The DNS proxy never looks at rules itself: for each query it asks a
 //! [`QueryPolicy`] (implemented by the policy engine over its compiled
-//! snapshot) and acts on the [`QueryVerdict`]. Keeping the seam this small
+//! snapshot), then its [`QueryFilter`]s, and acts on the [`QueryVerdict`]
+//! (a [`Decision`], the verdict type flows carry too). Keeping the seam this small
 //! lets the proxy be tested with a ten-line policy and lets the engine change
 //! without touching the DNS path.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::time::Instant;
 
 use sluice_api::DomainName;
+
+pub use crate::policy::decision::{Decision, RuleLabel};
 
 /// Decides queries. Called on the hot path, once per query that parses.
 pub trait QueryPolicy: Send + Sync + 'static {
     /// Decide one query. `qname` is canonical (lower case, A-labels, no
     /// trailing dot); `qtype` is the wire value (1 = A, 28 = AAAA, 65 = HTTPS…).
     fn decide(&self, src: IpAddr, qname: &DomainName, qtype: u16) -> QueryVerdict;
+
+    /// Whether the rule behind `verdict` hands its denial to the filter
+    /// named `filter` (the rule's `delegate`): only then may that filter
+    /// allow what the rule denied. None does unless the policy says so.
+    fn delegates(&self, verdict: &QueryVerdict, filter: &str) -> bool {
+        let _ = (verdict, filter);
+        false
+    }
 }
 
-/// The policy's answer for one query.
-///
-/// `rule` is an `Arc<str>` rather than a `String` so the engine can hand out
-/// the rule name from its compiled snapshot without allocating per query.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueryVerdict {
-    /// The policy's action for this query.
-    pub allowed: bool,
-    /// `false` in watch mode (policy-wide or the rule's `watch: true`): the
-    /// query is answered normally and the audit record says "would deny".
-    pub enforced: bool,
-    /// Rule name, or `"default"` / `"builtin-guard"`.
-    pub rule: Arc<str>,
-    /// Stable reason code (see `sluice_api::reason::ReasonCode` and [`reason`]).
-    pub reason: &'static str,
+/// The verdict on a query: the same type a flow carries
+/// ([`crate::policy::decision::Decision`]), so a query and a flow are
+/// judged, overridden and recorded by the same rules.
+pub type QueryVerdict = Decision;
+
+/// A query as the query filters see it.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryInfo<'a> {
+    /// The client, IPv4-mapped addresses as plain IPv4.
+    pub src: IpAddr,
+    pub qname: &'a DomainName,
+    pub qtype: u16,
+    pub now: Instant,
+}
+
+/// What a query filter answers.
+#[derive(Debug)]
+pub enum QueryStatus {
+    Continue,
+    /// Tightens the verdict: applied when it denies what was allowed, or
+    /// carries out what was only watched.
+    Deny(QueryVerdict),
+    /// Loosens a denial, applied only where the deciding rule delegates to
+    /// this filter ([`QueryPolicy::delegates`]).
+    Allow(QueryVerdict),
+}
+
+/// The DNS sibling of the flows' network filter: after the policy has
+/// judged a query, each filter sees it with the verdict so far, in order,
+/// and the engine applies its answer by the same override rules as a flow
+/// chain ([`crate::policy::decision::overrides`]). A denial by a filter is
+/// answered like a policy denial (NXDOMAIN, REFUSED or a sinkhole) and its
+/// record names the filter's rule and reason. The built-in one is the
+/// exfiltration detector; plugins will add theirs.
+pub trait QueryFilter: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &str;
+    /// Runs on the hot path, once per query that reached the policy; must
+    /// not block.
+    fn on_query(&self, query: &QueryInfo<'_>, verdict: &QueryVerdict) -> QueryStatus;
 }
 
 /// Reason codes the DNS proxy itself produces, next to the policy engine's.
@@ -175,12 +210,13 @@ mod tests {
     use super::*;
 
     fn verdict(rule: &str, allowed: bool) -> QueryVerdict {
-        QueryVerdict {
-            allowed,
-            enforced: true,
-            rule: Arc::from(rule),
-            reason: if allowed { "allowed-by-rule" } else { "default-deny" },
-        }
+        use sluice_api::reason::ReasonCode;
+        let reason = if allowed {
+            ReasonCode::AllowedByRule
+        } else {
+            ReasonCode::DefaultDeny
+        };
+        QueryVerdict::labelled(rule, allowed, reason, sluice_api::Enforcement::Enforced)
     }
 
     fn name(s: &str) -> DomainName {

@@ -29,7 +29,6 @@
 //! The record names, in `changed_by`, every filter that changed the verdict
 //! after the first decision, and carries the filters' `annotations`.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -39,114 +38,9 @@ use sluice_api::{DomainName, Protocol};
 
 use super::Snapshot;
 use crate::classify::http::Host;
-use crate::policy::{DecidedBy, Enforcement, FlowQuery, Verdict};
-use crate::telemetry::audit::{self, FlowRecord, VerdictRecord};
-
-/// The decision a flow carries: from the policy, or from a data-plane check
-/// (a malformed ClientHello, an SNI that contradicts the CONNECT target, …).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
-    pub allow: bool,
-    /// What decided: a rule's name, `default` or `builtin-guard` for the
-    /// policy, or the data plane's label for its own reasons
-    /// (`ReasonKind::rule_label`).
-    pub rule: RuleLabel,
-    pub reason: ReasonCode,
-    pub enforcement: Enforcement,
-    /// Which anti-evasion check chose the destination (`dns-binding`,
-    /// `sni-resolved`, `off`), when one ran.
-    pub check: Option<&'static str>,
-    /// The part of the policy that decided, for a policy verdict: what a
-    /// filter's allow is checked against (only a rule that delegates to the
-    /// filter can be loosened by it).
-    pub source: Option<DecidedBy>,
-}
-
-/// The `rule` of a verdict. Every verdict names one, so audit records and
-/// metrics always carry the same fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RuleLabel {
-    /// Shared with the snapshot's label, not copied per flow.
-    Policy(Arc<str>),
-    /// `anti-evasion`, `classify`, `listener`: see `ReasonKind::rule_label`.
-    Builtin(&'static str),
-}
-
-impl RuleLabel {
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::Policy(s) => s,
-            Self::Builtin(s) => s,
-        }
-    }
-}
-
-impl Decision {
-    /// A denial by the data plane itself (not by a rule): labelled by the
-    /// reason's kind, carried out or watched per `enforcement`.
-    pub fn check(reason: ReasonCode, enforcement: Enforcement) -> Self {
-        Self {
-            allow: false,
-            rule: RuleLabel::Builtin(reason.kind().rule_label()),
-            reason,
-            enforcement,
-            check: None,
-            source: None,
-        }
-    }
-
-    /// A data-plane denial carried out whatever the mode: what cannot be
-    /// classified, and what the listener refuses before any policy question.
-    pub fn refused(reason: ReasonCode) -> Self {
-        Self::check(reason, Enforcement::Enforced)
-    }
-
-    pub fn from_verdict(v: &Verdict, snap: &Snapshot) -> Self {
-        Self {
-            allow: v.action == sluice_api::Action::Allow,
-            rule: RuleLabel::Policy(snap.rule_label(v.decided_by)),
-            reason: v.reason,
-            enforcement: v.enforcement,
-            check: None,
-            source: Some(v.decided_by),
-        }
-    }
-
-    /// A filter's own verdict (a plugin's), labelled with its name.
-    pub fn by_filter(filter: &str, allow: bool, reason: ReasonCode, enforcement: Enforcement) -> Self {
-        Self {
-            allow,
-            rule: RuleLabel::Policy(Arc::from(filter)),
-            reason,
-            enforcement,
-            check: None,
-            source: None,
-        }
-    }
-
-    /// A deny that is carried out.
-    pub fn blocks(&self) -> bool {
-        !self.allow && self.enforcement == Enforcement::Enforced
-    }
-
-    pub fn record(&self) -> VerdictRecord {
-        let mut r = VerdictRecord::new(
-            if self.allow {
-                audit::Action::Allow
-            } else {
-                audit::Action::Deny
-            },
-            self.rule.as_str(),
-            self.reason.as_str(),
-            match self.enforcement {
-                Enforcement::Enforced => audit::Enforcement::Enforced,
-                Enforcement::Watched => audit::Enforcement::Watched,
-            },
-        );
-        r.check = self.check.map(Cow::Borrowed);
-        r
-    }
-}
+pub use crate::policy::decision::{Decision, RuleLabel};
+use crate::policy::{DecidedBy, Enforcement, FlowQuery};
+use crate::telemetry::audit::FlowRecord;
 
 /// Everything a flow has learned, handed to each hook.
 #[derive(Debug)]
@@ -310,7 +204,7 @@ impl FlowContext {
             .decision
             .clone()
             .unwrap_or_else(|| Decision::refused(ReasonCode::NoDecision));
-        let mut r = FlowRecord::unstamped(self.id, self.plan.label.to_string(), self.src, decision.record());
+        let mut r = FlowRecord::unstamped(self.id, self.plan.label.to_string(), self.src, (&decision).into());
         r.src_groups = self
             .snapshot
             .policy
@@ -525,7 +419,7 @@ impl NetworkFilter for PolicyFilter {
 
     fn on_classified(&self, ctx: &mut FlowContext, _index: usize) -> FilterStatus {
         let v = ctx.snapshot.policy.decide(&ctx.query(ctx.dst_ip));
-        let d = Decision::from_verdict(&v, &ctx.snapshot);
+        let d = Decision::from_verdict(&v, ctx.snapshot.rule_label(v.decided_by));
         if d.allow {
             FilterStatus::Allow(d)
         } else {
@@ -545,12 +439,12 @@ impl NetworkFilter for PolicyFilter {
         q.identity = identity;
         let v = snapshot.policy.decide(&q);
         if v.action != sluice_api::Action::Allow {
-            return FilterStatus::Deny(Decision::from_verdict(&v, snapshot));
+            return FilterStatus::Deny(Decision::from_verdict(&v, snapshot.rule_label(v.decided_by)));
         }
         q.dst = Some(dst);
         let v = snapshot.policy.decide(&q);
         if v.decided_by == DecidedBy::BuiltinGuard {
-            return FilterStatus::Deny(Decision::from_verdict(&v, snapshot));
+            return FilterStatus::Deny(Decision::from_verdict(&v, snapshot.rule_label(v.decided_by)));
         }
         FilterStatus::Continue
     }
@@ -561,7 +455,7 @@ impl NetworkFilter for PolicyFilter {
         // already decided, and matching on an address the flow did not name
         // is for address-only flows, decided in `on_classified`.
         if v.decided_by == DecidedBy::BuiltinGuard {
-            let d = Decision::from_verdict(&v, &ctx.snapshot);
+            let d = Decision::from_verdict(&v, ctx.snapshot.rule_label(v.decided_by));
             return FilterStatus::Deny(d);
         }
         FilterStatus::Continue

@@ -16,6 +16,7 @@ use super::filter::{DataStatus, Decision, FilterStatus, FlowContext};
 use super::pipeline::{Flow, Forward, Stop};
 use crate::forward::{ConnectOptions, RelayOptions, ResolveError, connect_sending, parse_ip_lenient, relay_until};
 use crate::policy::Enforcement;
+use crate::policy::decision::{overrides, tightens};
 use crate::telemetry::audit::FlowRecord;
 use crate::telemetry::metrics;
 
@@ -45,24 +46,12 @@ pub fn apply(ctx: &mut FlowContext, filter: &str, status: FilterStatus) {
         ctx.decision = Some(new);
         return;
     };
-    let change = if loosening {
-        !current.allow
-            && current
-                .source
-                .is_some_and(|s| ctx.snapshot.policy.delegates(s).iter().any(|d| &**d == filter))
-    } else {
-        tightens(current, &new)
-    };
+    let delegates = |s| ctx.snapshot.policy.delegates(s).iter().any(|d| &**d == filter);
+    let change = overrides(current, &new, loosening, delegates);
     if change {
         ctx.extras_mut().changed_by.push(Arc::from(filter));
         ctx.decision = Some(new);
     }
-}
-
-/// A later denial replaces the decision so far when it denies what was
-/// allowed, or carries out what was only watched.
-fn tightens(current: &Decision, new: &Decision) -> bool {
-    current.allow || (new.blocks() && !current.blocks())
 }
 
 /// The enforcement a data-plane check (ECH, SNI mismatch) takes: the
@@ -311,7 +300,7 @@ impl Relaying {
         rec.close_reason = Cow::Borrowed(stats.reason.as_str());
         if let Some(d) = revoked.into_inner() {
             tracing::debug!(flow = flow.ctx.id, reason = %d.reason, "closed: the new configuration denies it");
-            rec.verdict = d.record();
+            rec.verdict = (&*d).into();
             rec.close_reason = Cow::Borrowed("policy-revoked");
         }
         flow.write(&shared, rec);

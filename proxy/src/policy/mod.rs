@@ -22,6 +22,7 @@
 //! recorded as "would deny" and let through.
 
 mod cidrs;
+pub mod decision;
 mod domains;
 mod explain;
 mod rules;
@@ -56,21 +57,7 @@ pub struct FlowQuery<'a> {
     pub identity: Option<u32>,
 }
 
-/// Whether a deny is carried out or only recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Enforcement {
-    Enforced,
-    Watched,
-}
-
-impl Enforcement {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Enforced => "enforced",
-            Self::Watched => "watched",
-        }
-    }
-}
+pub use sluice_api::Enforcement;
 
 /// Which part of the policy decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -22,28 +22,12 @@ pub fn rfc3339(t: SystemTime) -> String {
     s
 }
 
-/// Whether the verdict was acted on or only recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum Enforcement {
-    /// The action was carried out (policy mode `enforce`).
-    Enforced,
-    /// The action was only recorded (policy mode `watch`, or a rule with
-    /// `watch: true`): a `deny` here means "would have denied".
-    Watched,
-}
+/// The verdict's action and whether it was carried out: the api's own
+/// types, which serialise as the records always have (`allow`/`deny`,
+/// `enforced`/`watched`).
+pub use sluice_api::{Action, Enforcement};
 
-/// The verdict's action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum Action {
-    /// The flow was (or would be) let through.
-    Allow,
-    /// The flow was (or would be) refused.
-    Deny,
-}
+use crate::policy::decision::Decision;
 
 /// The decision part of an audit record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -75,6 +59,15 @@ impl VerdictRecord {
             mode,
             check: None,
         }
+    }
+}
+
+impl From<&Decision> for VerdictRecord {
+    fn from(d: &Decision) -> Self {
+        let action = if d.allow { Action::Allow } else { Action::Deny };
+        let mut r = VerdictRecord::new(action, d.rule.as_str(), d.reason.as_str(), d.enforcement);
+        r.check = d.check.map(Cow::Borrowed);
+        r
     }
 }
 
