@@ -76,7 +76,7 @@ impl Action {
 
 /// Whether a verdict is carried out or only recorded (`watch`: a `deny`
 /// means "would have denied").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Enforcement {
     /// The action was carried out (policy mode `enforce`).

@@ -17,22 +17,8 @@ use sluice_api::{Action, DomainName, Protocol};
 /// Scenarios and known gaps must add up to at least this many flows.
 pub const MIN_FLOWS: usize = 60;
 
-/// Expected enforcement of a verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Enforcement {
-    Enforced,
-    Watched,
-}
-
-impl Enforcement {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Enforced => "enforced",
-            Self::Watched => "watched",
-        }
-    }
-}
+/// Expected enforcement of a verdict: the api's own.
+pub use sluice_api::Enforcement;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -11,25 +11,13 @@ use std::time::Instant;
 
 use hickory_proto::op::Message;
 use libfuzzer_sys::fuzz_target;
+use sluice_api::Enforcement;
+use sluice_api::reason::ReasonCode;
 use sluice::dns::{
     DnsConfig, DnsCore, ForwardError, QueryContext, QueryPolicy, QueryVerdict, Step, Transport, Upstream,
     UpstreamAnswer,
 };
 
-/// A test policy's verdict, from the fields the audit record shows.
-fn verdict(allowed: bool, enforced: bool, rule: &str, reason: &str) -> sluice::dns::QueryVerdict {
-    let reason = sluice_api::reason::ReasonCode::EVERY
-        .iter()
-        .copied()
-        .find(|r| r.as_str() == reason)
-        .unwrap_or(sluice_api::reason::ReasonCode::NoDecision);
-    let enforcement = if enforced {
-        sluice_api::Enforcement::Enforced
-    } else {
-        sluice_api::Enforcement::Watched
-    };
-    sluice::dns::QueryVerdict::labelled(rule, allowed, reason, enforcement)
-}
 
 #[derive(Debug)]
 struct Policy(bool);
@@ -37,7 +25,7 @@ struct Policy(bool);
 impl QueryPolicy for Policy {
     fn decide(&self, _src: std::net::IpAddr, qname: &sluice_api::DomainName, _qtype: u16) -> QueryVerdict {
         let allowed = self.0 || qname.as_str().ends_with("allowed.test");
-        verdict(allowed, true, "fuzz", "allowed-by-rule")
+        QueryVerdict::labelled("fuzz", allowed, ReasonCode::AllowedByRule, Enforcement::Enforced)
     }
 }
 

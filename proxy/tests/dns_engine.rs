@@ -8,20 +8,8 @@
 
 /// Everything lives in `mod dns` so `cargo test -p sluice dns` selects it.
 mod dns {
-    /// A test policy's verdict, from the fields the audit record shows.
-    fn verdict(allowed: bool, enforced: bool, rule: &str, reason: &str) -> sluice::dns::QueryVerdict {
-        let reason = sluice_api::reason::ReasonCode::EVERY
-            .iter()
-            .copied()
-            .find(|r| r.as_str() == reason)
-            .unwrap_or(sluice_api::reason::ReasonCode::NoDecision);
-        let enforcement = if enforced {
-            sluice_api::Enforcement::Enforced
-        } else {
-            sluice_api::Enforcement::Watched
-        };
-        sluice::dns::QueryVerdict::labelled(rule, allowed, reason, enforcement)
-    }
+    use sluice_api::Enforcement;
+    use sluice_api::reason::ReasonCode;
 
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::path::Path;
@@ -43,13 +31,12 @@ mod dns {
     impl QueryPolicy for AllowTest {
         fn decide(&self, _src: IpAddr, qname: &DomainName, _qtype: u16) -> QueryVerdict {
             let allowed = qname.as_str() == "allowed.test" || qname.as_str().ends_with(".allowed.test");
-            let rule = if allowed { "allow-test" } else { "default" };
-            verdict(
-                allowed,
-                true,
-                rule,
-                if allowed { "allowed-by-rule" } else { "default-deny" },
-            )
+            let (rule, reason) = if allowed {
+                ("allow-test", ReasonCode::AllowedByRule)
+            } else {
+                ("default", ReasonCode::DefaultDeny)
+            };
+            QueryVerdict::labelled(rule, allowed, reason, Enforcement::Enforced)
         }
     }
 
@@ -365,7 +352,7 @@ mod dns {
         fn decide(&self, src: IpAddr, qname: &DomainName, qtype: u16) -> QueryVerdict {
             let mut v = AllowTest.decide(src, qname, qtype);
             if src == IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)) {
-                v = verdict(false, true, "no-ten-nine", "denied-by-rule");
+                v = QueryVerdict::labelled("no-ten-nine", false, ReasonCode::DeniedByRule, Enforcement::Enforced);
             }
             v
         }
@@ -829,7 +816,7 @@ mod dns {
         fn decide(&self, src: IpAddr, qname: &DomainName, qtype: u16) -> QueryVerdict {
             let mut v = AllowTest.decide(src, qname, qtype);
             if qname.as_str() == "delegated.test" {
-                v = verdict(false, true, "deny-delegated", "denied-by-rule");
+                v = QueryVerdict::labelled("deny-delegated", false, ReasonCode::DeniedByRule, Enforcement::Enforced);
                 v.source = Some(sluice::policy::DecidedBy::Rule(0));
             } else if !v.allow {
                 v.source = Some(sluice::policy::DecidedBy::Default);
@@ -853,9 +840,19 @@ mod dns {
 
         fn on_query(&self, q: &sluice::dns::QueryInfo<'_>, _verdict: &QueryVerdict) -> sluice::dns::QueryStatus {
             if q.qname.as_str() == "blocked.allowed.test" {
-                sluice::dns::QueryStatus::Deny(verdict(false, true, "test.dns-filter", "denied-by-rule"))
+                sluice::dns::QueryStatus::Deny(QueryVerdict::labelled(
+                    "test.dns-filter",
+                    false,
+                    ReasonCode::DeniedByRule,
+                    Enforcement::Enforced,
+                ))
             } else {
-                sluice::dns::QueryStatus::Allow(verdict(true, true, "test.dns-filter", "allowed-by-rule"))
+                sluice::dns::QueryStatus::Allow(QueryVerdict::labelled(
+                    "test.dns-filter",
+                    true,
+                    ReasonCode::AllowedByRule,
+                    Enforcement::Enforced,
+                ))
             }
         }
     }

@@ -10,21 +10,8 @@
 
 /// Everything lives in `mod dns` so `cargo test -p sluice dns` selects it.
 mod dns {
-
-    /// A test policy's verdict, from the fields the audit record shows.
-    fn verdict(allowed: bool, enforced: bool, rule: &str, reason: &str) -> sluice::dns::QueryVerdict {
-        let reason = sluice_api::reason::ReasonCode::EVERY
-            .iter()
-            .copied()
-            .find(|r| r.as_str() == reason)
-            .unwrap_or(sluice_api::reason::ReasonCode::NoDecision);
-        let enforcement = if enforced {
-            sluice_api::Enforcement::Enforced
-        } else {
-            sluice_api::Enforcement::Watched
-        };
-        sluice::dns::QueryVerdict::labelled(rule, allowed, reason, enforcement)
-    }
+    use sluice_api::Enforcement;
+    use sluice_api::reason::ReasonCode;
 
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
     use std::str::FromStr;
@@ -54,11 +41,11 @@ mod dns {
             let n = qname.as_str();
             let under = |zone: &str| n == zone || n.ends_with(&format!(".{zone}"));
             if under("allowed.test") || under("cdn.test") {
-                verdict(true, true, "allow-test", "allowed-by-rule")
+                QueryVerdict::labelled("allow-test", true, ReasonCode::AllowedByRule, Enforcement::Enforced)
             } else if under("watch.test") {
-                verdict(false, false, "deny-watch", "denied-by-rule")
+                QueryVerdict::labelled("deny-watch", false, ReasonCode::DeniedByRule, Enforcement::Watched)
             } else {
-                verdict(false, true, "default", "default-deny")
+                QueryVerdict::labelled("default", false, ReasonCode::DefaultDeny, Enforcement::Enforced)
             }
         }
     }
