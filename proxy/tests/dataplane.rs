@@ -21,13 +21,7 @@ const MIB: usize = 1 << 20;
 
 /// An explicit proxy with the standard rules.
 fn proxy_config() -> String {
-    format!(
-        "listeners:
-  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}}
-policy:
-  rules:
-{STD_RULES}"
-    )
+    TestConfig::listener("proxy", "http-proxy", "").yaml()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -107,8 +101,7 @@ async fn connect_then_other_sni_is_sni_mismatch() {
         assert!(hs.is_err(), "the handshake must not complete");
 
         let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "sni-mismatch", "{r}");
+        assert_eq!(decided(&r), ("deny", "sni-mismatch"), "{r}");
         assert_eq!(field(&r, "sni"), "evil.test", "{r}");
         assert_eq!(r["bytes_up"], 0, "{r}");
         assert_eq!(up.accepts(), 0, "no byte may reach the upstream");
@@ -264,8 +257,7 @@ async fn name_resolving_to_cloud_metadata_is_guarded_even_when_allowed() {
         let r = sluice
             .wait_record(|r| field(r, "connect_target") == "metadata.test:443")
             .await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "guard-cloud-metadata", "{r}");
+        assert_eq!(decided(&r), ("deny", "guard-cloud-metadata"), "{r}");
         assert_eq!(field(&r, "close_reason"), "denied", "{r}");
         assert!(r.get("dst").is_none(), "nothing dialled: {r}");
         sluice.stop().await;
@@ -316,15 +308,7 @@ policy:
 async fn watch_mode_lets_a_would_deny_flow_through_and_records_it() {
     bounded(async {
         let up = TlsEcho::start().await;
-        let sluice = Sluice::start(&format!(
-            "listeners:
-  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}}
-policy:
-  mode: watch
-  rules:
-{STD_RULES}"
-        ))
-        .await;
+        let sluice = TestConfig::listener("proxy", "http-proxy", "").watch().start().await;
         let target = format!("denied.test:{}", up.addr.port());
         let (stream, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
         assert_eq!(resp.status, 200, "watch mode does not refuse: {resp:?}");
@@ -349,14 +333,9 @@ policy:
 async fn silent_tunnel_closes_at_peek_timeout() {
     bounded(async {
         let up = TlsEcho::start().await;
-        let sluice = Sluice::start(&format!(
-            "listeners:
-  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\", peek_timeout: 300ms}}
-policy:
-  rules:
-{STD_RULES}"
-        ))
-        .await;
+        let sluice = TestConfig::listener("proxy", "http-proxy", "peek_timeout: 300ms")
+            .start()
+            .await;
         let target = format!("allowed.test:{}", up.addr.port());
         let (mut stream, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
         assert_eq!(resp.status, 200, "{resp:?}");
@@ -367,8 +346,7 @@ policy:
             "nothing comes back on a closed tunnel"
         );
         let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "peek-timeout", "{r}");
+        assert_eq!(decided(&r), ("deny", "peek-timeout"), "{r}");
         assert_eq!(up.accepts(), 0);
         sluice.stop().await;
     })
@@ -555,8 +533,7 @@ async fn ech_hello_denied_with_ech_deny_and_allowed_with_ech_allow() {
         client.write_all(&hello).await.unwrap();
         assert_eq!(wait_closed(&mut client).await, 0);
         let r = sluice.wait_record(|r| field(r, "listener") == "sni").await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "ech-present", "{r}");
+        assert_eq!(decided(&r), ("deny", "ech-present"), "{r}");
         assert_eq!(r["ech"], true, "{r}");
         assert_eq!(up.accepts(), 0);
 
@@ -660,14 +637,9 @@ policy:
 async fn max_connections_pauses_accepting_until_a_flow_ends() {
     bounded(async {
         let up = TlsEcho::start().await;
-        let sluice = Sluice::start(&format!(
-            "listeners:
-  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\", max_connections: 2}}
-policy:
-  rules:
-{STD_RULES}"
-        ))
-        .await;
+        let sluice = TestConfig::listener("proxy", "http-proxy", "max_connections: 2")
+            .start()
+            .await;
         let proxy = sluice.addr("proxy");
         let target = format!("allowed.test:{}", up.addr.port());
         let mut open = Vec::new();
@@ -804,8 +776,7 @@ async fn connect_hello_without_sni_is_refused_as_connect_no_sni() {
         // Behind a CDN this hello reaches the default virtual host, and the
         // encrypted Host picks any site there: fronting with no name shown.
         let r = through_tunnel(&sluice, &up, &vector("openssl-3.0-s_client-no-sni.bin")).await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "connect-no-sni", "{r}");
+        assert_eq!(decided(&r), ("deny", "connect-no-sni"), "{r}");
         assert_eq!(rule(&r), "anti-evasion", "{r}");
         assert_eq!(r["verdict"]["mode"], "enforced", "{r}");
         assert_eq!(field(&r, "close_reason"), "denied", "{r}");
@@ -846,8 +817,7 @@ async fn connect_hello_in_an_application_data_record_is_a_tls_record_out_of_plac
         // without protocols.
         let wrapped = as_application_data(rustls_hello("allowed.test"));
         let r = through_tunnel(&sluice, &up, &wrapped).await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "tls-record-out-of-place", "{r}");
+        assert_eq!(decided(&r), ("deny", "tls-record-out-of-place"), "{r}");
         assert_eq!(rule(&r), "anti-evasion", "{r}");
         assert_eq!(up.accepts(), 0, "no byte may reach the upstream");
         // Every other record type a client cannot open with.
@@ -939,8 +909,7 @@ async fn connect_tunnel_plain_http_is_checked_against_the_target() {
         s.write_all(b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n").await.unwrap();
         assert_eq!(wait_closed(&mut s).await, 0);
         let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "host-mismatch", "{r}");
+        assert_eq!(decided(&r), ("deny", "host-mismatch"), "{r}");
         assert_eq!(up.accepts(), 0);
 
         let request = format!("GET / HTTP/1.1\r\nHost: {target}\r\n\r\n");
@@ -971,8 +940,7 @@ async fn connect_ech_hello_denied_by_http_proxy_default() {
             .unwrap();
         assert_eq!(wait_closed(&mut s).await, 0);
         let r = sluice.wait_record(|r| field(r, "connect_target") == target).await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "ech-present", "{r}");
+        assert_eq!(decided(&r), ("deny", "ech-present"), "{r}");
         assert_eq!(up.accepts(), 0);
         sluice.stop().await;
     })
@@ -983,15 +951,7 @@ async fn connect_ech_hello_denied_by_http_proxy_default() {
 async fn watch_mode_records_sni_mismatch_and_forwards() {
     bounded(async {
         let up = RawSink::start().await;
-        let sluice = Sluice::start(&format!(
-            "listeners:
-  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}}
-policy:
-  mode: watch
-  rules:
-{STD_RULES}"
-        ))
-        .await;
+        let sluice = TestConfig::listener("proxy", "http-proxy", "").watch().start().await;
         // Both names are allowed, so only the mismatch would deny. (With a
         // denied SNI the record carries the policy's would-deny instead.)
         let target = format!("allowed.test:{}", up.addr.port());
@@ -1045,18 +1005,13 @@ async fn connect_to_a_closed_port_closes_the_tunnel_with_the_connect_error() {
 async fn plain_http_strips_proxy_credentials_and_hop_by_hop_headers() {
     bounded(async {
         let up = HttpUpstream::start().await;
-        let sluice = Sluice::start(&format!(
-            "smartgroups:
-  - {{name: devs, cidrs: [10.99.0.0/24]}}
-listeners:
-  - name: proxy
-    kind: http-proxy
-    address: \"127.0.0.1:0\"
-    users: [{{name: alice, password: s3cret, smartgroup: devs}}]
-policy:
-  rules:
-{STD_RULES}"
-        ))
+        let sluice = TestConfig::listener(
+            "proxy",
+            "http-proxy",
+            "users: [{name: alice, password: s3cret, smartgroup: devs}]",
+        )
+        .head("smartgroups:\n  - {name: devs, cidrs: [10.99.0.0/24]}\n")
+        .start()
         .await;
         let host = format!("allowed.test:{}", up.addr.port());
         let mut client = http_client(sluice.addr("proxy")).await;
@@ -1284,14 +1239,9 @@ async fn every_flow_leaves_exactly_one_record() {
 async fn idle_tunnel_closes_at_idle_timeout() {
     bounded(async {
         let up = TlsEcho::start().await;
-        let sluice = Sluice::start(&format!(
-            "listeners:
-  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\", idle_timeout: 300ms}}
-policy:
-  rules:
-{STD_RULES}"
-        ))
-        .await;
+        let sluice = TestConfig::listener("proxy", "http-proxy", "idle_timeout: 300ms")
+            .start()
+            .await;
         let target = format!("allowed.test:{}", up.addr.port());
         let (stream, resp) = connect_via(sluice.addr("proxy"), &target, "").await;
         assert_eq!(resp.status, 200);
@@ -1310,15 +1260,13 @@ policy:
 async fn silent_clients_time_out_on_every_listener_kind() {
     bounded(async {
         let up = RawSink::start().await;
-        let sluice = Sluice::start(&format!(
-            "listeners:
-  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: {}, peek_timeout: 300ms}}
-  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\", peek_timeout: 300ms}}
-policy:
-  rules:
-{STD_RULES}",
-            up.addr.port()
-        ))
+        let sluice = TestConfig::listener(
+            "sni",
+            "sni",
+            &format!("upstream_port: {}, peek_timeout: 300ms", up.addr.port()),
+        )
+        .and("proxy", "http-proxy", "peek_timeout: 300ms")
+        .start()
         .await;
         for listener in ["sni", "proxy"] {
             let mut s = TcpStream::connect(sluice.addr(listener)).await.unwrap();
@@ -1328,8 +1276,7 @@ policy:
                 "{listener}: nothing is sent to a silent client"
             );
             let r = sluice.wait_record(|r| field(r, "listener") == listener).await;
-            assert_eq!(action(&r), "deny", "{r}");
-            assert_eq!(reason(&r), "peek-timeout", "{r}");
+            assert_eq!(decided(&r), ("deny", "peek-timeout"), "{r}");
         }
         assert_eq!(up.accepts(), 0);
         sluice.stop().await;
@@ -1398,20 +1345,12 @@ async fn shutdown_closes_kept_alive_plain_http_connections() {
 #[tokio::test(flavor = "multi_thread")]
 async fn transparent_listener_refuses_a_connection_that_was_not_redirected() {
     bounded(async {
-        let sluice = Sluice::start(&format!(
-            "listeners:
-  - {{name: tp, kind: transparent, address: \"127.0.0.1:0\"}}
-policy:
-  rules:
-{STD_RULES}"
-        ))
-        .await;
+        let sluice = TestConfig::listener("tp", "transparent", "").start().await;
         let mut s = TcpStream::connect(sluice.addr("tp")).await.unwrap();
         s.write_all(&vector("curl-7.88-openssl-3.0-alpn-h2.bin")).await.unwrap();
         assert_eq!(wait_closed(&mut s).await, 0);
         let r = sluice.wait_record(|r| field(r, "listener") == "tp").await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "no-original-destination", "{r}");
+        assert_eq!(decided(&r), ("deny", "no-original-destination"), "{r}");
         sluice.stop().await;
     })
     .await;
@@ -1419,15 +1358,10 @@ policy:
 
 /// A `tcp` listener with a static `upstream` and one allow rule.
 async fn tcp_static(upstream: &str, rule: &str) -> Sluice {
-    Sluice::start(&format!(
-        "listeners:
-  - {{name: east-west, kind: tcp, address: \"127.0.0.1:0\", upstream: \"{upstream}\"}}
-policy:
-  rules:
-    - {rule}
-"
-    ))
-    .await
+    TestConfig::listener("east-west", "tcp", &format!("upstream: \"{upstream}\""))
+        .rules(&format!("    - {rule}\n"))
+        .start()
+        .await
 }
 
 async fn tcp_forwards(sluice: &Sluice, up: &RawSink) -> serde_json::Value {
@@ -1505,8 +1439,7 @@ async fn tcp_listener_denies_by_rule() {
         let _ = s.write_all(b"\x00east-west bytes").await;
         assert_eq!(wait_closed(&mut s).await, 0, "a denied flow gets no byte back");
         let r = sluice.wait_record(|r| field(r, "listener") == "east-west").await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "denied-by-rule", "{r}");
+        assert_eq!(decided(&r), ("deny", "denied-by-rule"), "{r}");
         assert_eq!(rule(&r), "no-db", "{r}");
         assert_eq!(field(&r, "close_reason"), "denied", "{r}");
         assert_eq!(up.accepts(), 0, "nothing may reach the upstream");
@@ -1519,17 +1452,11 @@ async fn tcp_listener_denies_by_rule() {
 async fn tcp_listener_in_watch_mode_forwards_and_records_the_would_deny() {
     bounded(async {
         let up = RawSink::start().await;
-        let sluice = Sluice::start(&format!(
-            "listeners:
-  - {{name: east-west, kind: tcp, address: \"127.0.0.1:0\", upstream: \"{}\"}}
-policy:
-  mode: watch
-  rules:
-    - {{name: nothing-for-db, to: {{smartgroups: [gateway, loopback]}}, protocols: [tcp], action: deny}}
-",
-            up.addr
-        ))
-        .await;
+        let sluice = TestConfig::listener("east-west", "tcp", &format!("upstream: \"{}\"", up.addr))
+            .watch()
+            .rules("    - {name: nothing-for-db, to: {smartgroups: [gateway, loopback]}, protocols: [tcp], action: deny}\n")
+            .start()
+            .await;
         let mut s = TcpStream::connect(sluice.addr("east-west")).await.unwrap();
         s.write_all(b"\x00east-west bytes").await.unwrap();
         s.shutdown().await.unwrap();
@@ -1584,15 +1511,9 @@ async fn connect_head_and_hello_in_one_byte_segments_are_classified() {
 async fn sni_post_quantum_hellos_split_over_records_are_routed() {
     bounded(async {
         let up = RawSink::start().await;
-        let sluice = Sluice::start(&format!(
-            "listeners:
-  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: {}, ech: allow}}
-policy:
-  rules:
-{STD_RULES}",
-            up.addr.port()
-        ))
-        .await;
+        let sluice = TestConfig::listener("sni", "sni", &format!("upstream_port: {}, ech: allow", up.addr.port()))
+            .start()
+            .await;
         for file in [
             "rustls-pq-split-inside-handshake-header.bin",
             "rustls-pq-split-5-records.bin",
@@ -1625,14 +1546,12 @@ policy:
 async fn max_client_hello_refuses_a_larger_hello() {
     bounded(async {
         let up = RawSink::start().await;
-        let sluice = Sluice::start(&format!(
-            "listeners:
-  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: {}, ech: allow, max_client_hello: 1024}}
-policy:
-  rules:
-{STD_RULES}",
-            up.addr.port()
-        ))
+        let sluice = TestConfig::listener(
+            "sni",
+            "sni",
+            &format!("upstream_port: {}, ech: allow, max_client_hello: 1024", up.addr.port()),
+        )
+        .start()
         .await;
         let mut s = TcpStream::connect(sluice.addr("sni")).await.unwrap();
         s.write_all(&vector("rustls-0.23-stub-x25519mlkem768-ech-grease.bin"))
@@ -1641,8 +1560,7 @@ policy:
         s.shutdown().await.unwrap();
         assert_eq!(wait_closed(&mut s).await, 0);
         let r = sluice.wait_record(|r| field(r, "listener") == "sni").await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "tls-oversized", "{r}");
+        assert_eq!(decided(&r), ("deny", "tls-oversized"), "{r}");
         assert_eq!(up.accepts(), 0);
         sluice.stop().await;
     })
@@ -1653,14 +1571,9 @@ policy:
 async fn idle_kept_alive_plain_http_connection_closes_at_idle_timeout() {
     bounded(async {
         let up = HttpUpstream::start().await;
-        let sluice = Sluice::start(&format!(
-            "listeners:
-  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\", idle_timeout: 300ms, max_connections: 1}}
-policy:
-  rules:
-{STD_RULES}"
-        ))
-        .await;
+        let sluice = TestConfig::listener("proxy", "http-proxy", "idle_timeout: 300ms, max_connections: 1")
+            .start()
+            .await;
         let host = format!("allowed.test:{}", up.addr.port());
         let stream = TcpStream::connect(sluice.addr("proxy")).await.unwrap();
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -1703,8 +1616,7 @@ async fn guard_screens_each_resolved_address_and_ipv4_mapped_spellings() {
         let r = sluice
             .wait_record(|r| field(r, "connect_target") == "mapped.test:443")
             .await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "guard-cloud-metadata", "{r}");
+        assert_eq!(decided(&r), ("deny", "guard-cloud-metadata"), "{r}");
         sluice.stop().await;
     })
     .await;
@@ -1839,8 +1751,7 @@ policy:
         let r = sluice
             .wait_record(|r| field(r, "connect_target") == target && field(r, "close_reason") == "policy-revoked")
             .await;
-        assert_eq!(action(&r), "deny", "{r}");
-        assert_eq!(reason(&r), "default-deny", "{r}");
+        assert_eq!(decided(&r), ("deny", "default-deny"), "{r}");
         sluice.stop().await;
     })
     .await;
@@ -1887,16 +1798,10 @@ policy:
 async fn watch_mode_records_ech_but_still_refuses_what_cannot_be_classified() {
     bounded(async {
         let up = RawSink::start().await;
-        let sluice = Sluice::start(&format!(
-            "listeners:
-  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: {}}}
-policy:
-  mode: watch
-  rules:
-{STD_RULES}",
-            up.addr.port()
-        ))
-        .await;
+        let sluice = TestConfig::listener("sni", "sni", &format!("upstream_port: {}", up.addr.port()))
+            .watch()
+            .start()
+            .await;
         let hello = vector("rustls-0.23-ech-grease-stub-hpke.bin");
         let mut s = TcpStream::connect(sluice.addr("sni")).await.unwrap();
         s.write_all(&hello).await.unwrap();

@@ -84,6 +84,83 @@ pub const STD_RULES: &str = r"    - {name: deny-bad, to: {webgroups: [bad]}, act
     - {name: test-upstreams, to: {smartgroups: [gateway, loopback]}, protocols: [tls, http, tcp], action: allow}
 ";
 
+/// A test configuration, built from its parts rather than written out in
+/// each test: listeners (name, kind and the kind's options as YAML flow
+/// entries, e.g. `peek_timeout: 300ms`), the policy mode (enforce unless
+/// [`TestConfig::watch`]), the rules ([`STD_RULES`] unless given), and any
+/// YAML before the listeners (extra groups).
+#[derive(Debug, Clone)]
+pub struct TestConfig {
+    head: String,
+    listeners: Vec<String>,
+    watch: bool,
+    rules: String,
+}
+
+impl TestConfig {
+    /// One listener on `127.0.0.1:0`.
+    pub fn listener(name: &str, kind: &str, options: &str) -> Self {
+        Self {
+            head: String::new(),
+            listeners: Vec::new(),
+            watch: false,
+            rules: STD_RULES.to_owned(),
+        }
+        .and(name, kind, options)
+    }
+
+    /// Another listener on `127.0.0.1:0`.
+    pub fn and(mut self, name: &str, kind: &str, options: &str) -> Self {
+        let options = if options.is_empty() {
+            String::new()
+        } else {
+            format!(", {options}")
+        };
+        self.listeners.push(format!(
+            "  - {{name: {name}, kind: {kind}, address: \"127.0.0.1:0\"{options}}}\n"
+        ));
+        self
+    }
+
+    /// Policy mode `watch`.
+    pub fn watch(mut self) -> Self {
+        self.watch = true;
+        self
+    }
+
+    /// These rules (YAML list items, indented four spaces) instead of the
+    /// standard ones.
+    pub fn rules(mut self, rules: &str) -> Self {
+        self.rules = rules.to_owned();
+        self
+    }
+
+    /// YAML written before the listeners (SmartGroups, WebGroups).
+    pub fn head(mut self, yaml: &str) -> Self {
+        self.head = yaml.to_owned();
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        let mode = if self.watch { "  mode: watch\n" } else { "" };
+        format!(
+            "{}listeners:\n{}policy:\n{mode}  rules:\n{}",
+            self.head,
+            self.listeners.concat(),
+            self.rules
+        )
+    }
+
+    pub async fn start(&self) -> Sluice {
+        Sluice::start(&self.yaml()).await
+    }
+}
+
+/// A record's action and reason, to compare as one.
+pub fn decided(r: &Value) -> (&str, &str) {
+    (action(r), reason(r))
+}
+
 /// A private directory for one test's files, removed with the guard.
 pub fn scratch_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("sluice-dataplane-").tempdir().unwrap()
