@@ -158,6 +158,26 @@ macro_rules! codes {
     };
 }
 
+impl ReasonCode {
+    /// Refused in every mode, watch included: what cannot be classified or
+    /// routed (a malformed or out-of-place ClientHello, plain text or no
+    /// SNI where the SNI is the destination, a request that contradicts
+    /// itself, a DNS message that cannot be answered), and what the
+    /// listener refuses before any policy question. Every other denial is
+    /// only recorded in watch mode.
+    pub const fn fails_closed(self) -> bool {
+        match self.kind() {
+            ReasonKind::Classify | ReasonKind::Listener => true,
+            ReasonKind::Policy | ReasonKind::Guard => false,
+            ReasonKind::AntiEvasion => matches!(
+                self,
+                Self::TlsRecordOutOfPlace | Self::NotTls | Self::NoSni | Self::HttpConflictingHost
+            ),
+            ReasonKind::Dns => !matches!(self, Self::DnsExfiltration),
+        }
+    }
+}
+
 codes! {
     AllowedByRule = "allowed-by-rule" / Policy,
     DeniedByRule = "denied-by-rule" / Policy,
@@ -269,6 +289,43 @@ mod tests {
         }
         for r in ReasonCode::ALL {
             assert!(matches!(r.kind(), ReasonKind::Policy | ReasonKind::Guard));
+        }
+    }
+
+    #[test]
+    fn what_fails_closed_is_what_cannot_be_classified_or_routed() {
+        use ReasonCode as R;
+        let closed = [
+            R::TlsMalformed,
+            R::TlsRecordOutOfPlace,
+            R::HttpOversized,
+            R::PeekTimeout,
+            R::NotTls,
+            R::NoSni,
+            R::HttpConflictingHost,
+            R::ProxyAuthRequired,
+            R::NoFilterChain,
+            R::NoOriginalDestination,
+            R::DnsMalformed,
+            R::DnsZoneTransfer,
+        ];
+        let watchable = [
+            R::DeniedByRule,
+            R::DefaultDeny,
+            R::GuardCloudMetadata,
+            R::GuardLoopback,
+            R::SniMismatch,
+            R::HostMismatch,
+            R::ConnectNoSni,
+            R::EchPresent,
+            R::SniDestinationMismatch,
+            R::DnsExfiltration,
+        ];
+        for r in closed {
+            assert!(r.fails_closed(), "{r}");
+        }
+        for r in watchable {
+            assert!(!r.fails_closed(), "{r}");
         }
     }
 }

@@ -96,6 +96,10 @@ impl QueryPolicy for SnapshotQueries {
             .unwrap_or_else(|_| decide())
     }
 
+    fn mode(&self) -> sluice_api::Mode {
+        self.0.snapshot.load().policy.mode()
+    }
+
     fn delegates(&self, verdict: &QueryVerdict, filter: &str) -> bool {
         let snap = self.0.snapshot.load();
         verdict

@@ -898,4 +898,44 @@ mod dns {
             (true, "allow-test".to_owned(), "allowed-by-rule")
         );
     }
+
+    /// `Delegating`, in watch mode.
+    struct Watching;
+
+    impl QueryPolicy for Watching {
+        fn decide(&self, src: IpAddr, qname: &DomainName, qtype: u16) -> QueryVerdict {
+            Delegating.decide(src, qname, qtype)
+        }
+
+        fn mode(&self) -> sluice_api::Mode {
+            sluice_api::Mode::Watch
+        }
+    }
+
+    /// Watch mode reaches a query filter's denial too: answered, and
+    /// recorded as a watched denial.
+    #[test]
+    fn in_watch_mode_a_query_filter_denial_is_only_recorded() {
+        let config = DnsConfig {
+            upstreams: vec![Upstream::udp(UPSTREAM.parse().unwrap())],
+            ..DnsConfig::default()
+        };
+        let mut core = DnsCore::with_new_bindings(config, Arc::new(Watching)).unwrap();
+        core.add_filter(Box::new(TestFilter));
+        let now = Instant::now();
+        let Step::Forward(p) = core.handle_query_bytes(
+            ctx(Transport::Udp, now),
+            &query("blocked.allowed.test.", RecordType::A, None),
+        ) else {
+            panic!("a watched denial is forwarded like an allowed query");
+        };
+        let answer = upstream_answer(&p, a_records("blocked.allowed.test.", 1), Vec::new());
+        let reply = core.complete(*p, Ok(answer), now);
+        let a = &reply.audit;
+        assert_eq!(
+            (a.allowed, a.enforced, a.watched, &*a.rule),
+            (false, false, true, "test.dns-filter")
+        );
+        assert_eq!(Message::from_vec(&reply.bytes).unwrap().answers.len(), 1);
+    }
 }

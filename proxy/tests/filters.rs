@@ -318,3 +318,60 @@ policy:
     })
     .await;
 }
+
+/// Denies every flow it sees, as if carried out.
+#[derive(Debug)]
+struct Strict;
+
+impl NetworkFilter for Strict {
+    fn name(&self) -> &str {
+        "strict"
+    }
+
+    fn on_classified(&self, _ctx: &mut FlowContext, _index: usize) -> FilterStatus {
+        FilterStatus::Deny(Decision::by_filter(
+            self.name(),
+            false,
+            ReasonCode::DeniedByRule,
+            Enforcement::Enforced,
+        ))
+    }
+}
+
+/// Watch mode is applied in one place to every filter's word: in watch
+/// mode a filter's denial is only recorded and the flow goes on, while a
+/// check that fails closed (plain text where the SNI is the destination)
+/// is refused all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_mode_applies_to_what_a_filter_says() {
+    bounded(async {
+        let up = RawSink::start().await;
+        let config = TestConfig::listener("sni", "sni", &format!("upstream_port: {}", up.addr.port()))
+            .watch()
+            .yaml();
+        let sluice = Sluice::start_with(&config, Some(after_builtins(Arc::new(Strict)))).await;
+
+        let r = send_hello(&sluice, "allowed.test").await;
+        assert_eq!((action(&r), rule(&r)), ("deny", "strict"), "{r}");
+        assert_eq!(r["verdict"]["mode"], "watched", "{r}");
+        assert_eq!(r["changed_by"], serde_json::json!(["strict"]), "{r}");
+        assert!(
+            !up.next_received().await.is_empty(),
+            "the watched flow reached the upstream"
+        );
+
+        let mut s = TcpStream::connect(sluice.addr("sni")).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        let _ = wait_closed(&mut s).await;
+        let r = sluice.wait_record(|r| field(r, "host") == "allowed.test").await;
+        assert_eq!(decided(&r), ("deny", "not-tls"), "{r}");
+        assert_eq!(r["verdict"]["mode"], "enforced", "{r}");
+        assert!(r.get("changed_by").is_none(), "{r}");
+        assert_eq!(up.accepts(), 1, "only the watched flow was forwarded");
+        sluice.stop().await;
+    })
+    .await;
+}

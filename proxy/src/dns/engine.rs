@@ -502,6 +502,7 @@ impl DnsCore {
                 QueryStatus::Deny(d) => (d, false),
                 QueryStatus::Allow(d) => (d, true),
             };
+            let new = new.in_mode(self.policy.mode());
             if overrides(&verdict, &new, loosening, |_| self.policy.delegates(&verdict, f.name())) {
                 verdict = new;
             }

@@ -27,6 +27,13 @@ pub trait QueryPolicy: Send + Sync + 'static {
         let _ = (verdict, filter);
         false
     }
+
+    /// The policy's mode, applied to what the query filters say
+    /// ([`Decision::in_mode`]): in watch mode their denials are only
+    /// recorded.
+    fn mode(&self) -> sluice_api::Mode {
+        sluice_api::Mode::Enforce
+    }
 }
 
 /// The verdict on a query: the same type a flow carries

@@ -52,7 +52,7 @@ impl FilterChain {
         self.filters
             .iter()
             .find_map(|f| match f.on_policy_change(ctx, snapshot, dst) {
-                super::FilterStatus::Deny(d) if d.blocks() => Some(d),
+                super::FilterStatus::Deny(d) => Some(d.in_mode(snapshot.policy.mode())).filter(super::Decision::blocks),
                 _ => None,
             })
     }

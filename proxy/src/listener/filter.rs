@@ -23,8 +23,10 @@
 //! - a filter may **loosen** (allow what was denied) only a denial by a
 //!   rule that names it in `delegate`; a denial by the built-in guard, by
 //!   an anti-evasion check or by the default is final;
-//! - whether a denial is carried out or only watched is the denial's own
-//!   (the policy's mode, or a rule's `watch`), set where it is made.
+//! - watch mode is applied in one place, to every word the chain takes
+//!   (`Decision::in_mode`): in watch mode a denial is only recorded,
+//!   unless its reason fails closed (`ReasonCode::fails_closed`); a rule's
+//!   own `watch: true` watches its denials in enforce mode too.
 //!
 //! The record names, in `changed_by`, every filter that changed the verdict
 //! after the first decision, and carries the filters' `annotations`.
@@ -360,10 +362,12 @@ impl NetworkFilter for AntiEvasionFilter {
 
     fn on_classified(&self, ctx: &mut FlowContext, _index: usize) -> FilterStatus {
         let spec = &ctx.plan.spec;
-        let watchable = super::flow::check_enforcement(ctx);
-        let deny = |reason, e| FilterStatus::Deny(Decision::check(reason, e));
+        // Every check denies as if enforced; watch mode is applied where
+        // the chain takes the word (`Decision::in_mode`), and spares the
+        // checks that fail closed.
+        let deny = |reason| FilterStatus::Deny(Decision::check(reason, Enforcement::Enforced));
         if ctx.ech && spec.front.denies_ech() {
-            return deny(ReasonCode::EchPresent, watchable);
+            return deny(ReasonCode::EchPresent);
         }
         // Where the SNI is the destination, a flow without one (or not TLS
         // at all) has nowhere to go that the policy could have judged.
@@ -376,8 +380,8 @@ impl NetworkFilter for AntiEvasionFilter {
             _ => sluice_api::Action::Deny,
         };
         match () {
-            () if sni_routed && ctx.protocol != Protocol::Tls => deny(ReasonCode::NotTls, Enforcement::Enforced),
-            () if sni_routed && ctx.sni.is_none() => deny(ReasonCode::NoSni, Enforcement::Enforced),
+            () if sni_routed && ctx.protocol != Protocol::Tls => deny(ReasonCode::NotTls),
+            () if sni_routed && ctx.sni.is_none() => deny(ReasonCode::NoSni),
             () if ctx.tunnel => {
                 let (target, http_host) = ctx
                     .extras
@@ -388,13 +392,13 @@ impl NetworkFilter for AntiEvasionFilter {
                         Some(sni)
                             if DomainName::parse(sni).is_ok_and(|s| DomainName::parse(target).ok() != Some(s)) =>
                         {
-                            deny(ReasonCode::SniMismatch, watchable)
+                            deny(ReasonCode::SniMismatch)
                         }
-                        None if connect_no_sni == sluice_api::Action::Deny => deny(ReasonCode::ConnectNoSni, watchable),
+                        None if connect_no_sni == sluice_api::Action::Deny => deny(ReasonCode::ConnectNoSni),
                         _ => FilterStatus::Continue,
                     },
                     (Some(target), Protocol::Http) => match http_host {
-                        Some(h) if !h.same_as(target) => deny(ReasonCode::HostMismatch, watchable),
+                        Some(h) if !h.same_as(target) => deny(ReasonCode::HostMismatch),
                         _ => FilterStatus::Continue,
                     },
                     _ => FilterStatus::Continue,

@@ -15,7 +15,6 @@ use super::chain::FilterChain;
 use super::filter::{DataStatus, Decision, FilterStatus, FlowContext};
 use super::pipeline::{Flow, Forward, Stop};
 use crate::forward::{ConnectOptions, RelayOptions, ResolveError, connect_sending, parse_ip_lenient, relay_until};
-use crate::policy::Enforcement;
 use crate::policy::decision::{overrides, tightens};
 use crate::telemetry::audit::FlowRecord;
 use crate::telemetry::metrics;
@@ -42,6 +41,7 @@ pub fn apply(ctx: &mut FlowContext, filter: &str, status: FilterStatus) {
         FilterStatus::Deny(d) => (d, false),
         FilterStatus::Allow(d) => (d, true),
     };
+    let new = new.in_mode(ctx.snapshot.policy.mode());
     let Some(current) = &ctx.decision else {
         ctx.decision = Some(new);
         return;
@@ -54,20 +54,12 @@ pub fn apply(ctx: &mut FlowContext, filter: &str, status: FilterStatus) {
     }
 }
 
-/// The enforcement a data-plane check (ECH, SNI mismatch) takes: the
-/// policy's mode.
-pub fn check_enforcement(ctx: &FlowContext) -> Enforcement {
-    match ctx.snapshot.policy.mode() {
-        sluice_api::Mode::Enforce => Enforcement::Enforced,
-        sluice_api::Mode::Watch => Enforcement::Watched,
-    }
-}
-
 /// Records a denial where enforce mode would have stopped at it: the first
 /// denial stands, except that one carried out replaces one only watched.
 /// In watch mode every check is watched, so the record names the same
 /// check and reason that enforce mode would have refused the flow with.
 pub fn deny(ctx: &mut FlowContext, d: Decision) {
+    let d = d.in_mode(ctx.snapshot.policy.mode());
     let replace = ctx.decision.as_ref().is_none_or(|existing| tightens(existing, &d));
     if replace {
         ctx.decision = Some(d);
@@ -106,7 +98,7 @@ pub fn screen(chain: &FilterChain, ctx: &mut FlowContext, addrs: &[IpAddr]) -> V
         let mut denied = None;
         for f in &chain.filters {
             if let FilterStatus::Deny(d) = f.on_destination(ctx, *ip) {
-                denied = Some(d);
+                denied = Some(d.in_mode(ctx.snapshot.policy.mode()));
                 break;
             }
         }
@@ -371,6 +363,7 @@ fn inspect(
             f.on_upstream_data(ctx, extras, i, data)
         };
         if let DataStatus::Close(d) = status {
+            let d = d.in_mode(ctx.snapshot.policy.mode());
             extras.changed_by.push(Arc::from(f.name()));
             if d.blocks() {
                 return Some(d);

@@ -25,11 +25,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sluice_api::reason::ReasonCode;
-use sluice_api::{DomainName, SniCheck};
+use sluice_api::{DomainName, Enforcement, SniCheck};
 
 use super::chain::{Cluster, FilterChain, Transport};
 use super::filter::{Decision, FlowContext};
-use super::flow::{self, check_enforcement, deny};
+use super::flow::{self, deny};
 use super::{ListenerPlan, Shared, Snapshot};
 use crate::telemetry::audit::FlowRecord;
 
@@ -300,7 +300,7 @@ async fn original_destination(
             match bindings.as_ref().filter(|b| b.has_bindings_for_source(peer, now)) {
                 Some(b) => {
                     if !b.is_bound(peer, orig.ip(), name, now) {
-                        let mut d = Decision::check(ReasonCode::SniDestinationMismatch, check_enforcement(ctx));
+                        let mut d = Decision::check(ReasonCode::SniDestinationMismatch, Enforcement::Enforced);
                         d.check = Some("dns-binding");
                         deny(ctx, d);
                         if ctx.decision.as_ref().is_some_and(Decision::blocks) {

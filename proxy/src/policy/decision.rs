@@ -101,6 +101,19 @@ impl Decision {
         }
     }
 
+    /// Watch mode, applied in this one place to every decision a filter,
+    /// a data-plane check or a query filter makes: under `Mode::Watch` a
+    /// denial is only recorded, unless its reason fails closed
+    /// ([`ReasonCode::fails_closed`]). Enforce mode leaves it as made (a
+    /// rule's own `watch: true` included).
+    #[must_use]
+    pub fn in_mode(mut self, mode: sluice_api::Mode) -> Self {
+        if mode == sluice_api::Mode::Watch && !self.allow && !self.reason.fails_closed() {
+            self.enforcement = Enforcement::Watched;
+        }
+        self
+    }
+
     /// A deny that is carried out.
     pub fn blocks(&self) -> bool {
         !self.allow && self.enforcement == Enforcement::Enforced
