@@ -10,6 +10,7 @@ pub mod admin;
 pub mod classify;
 pub mod cli;
 pub mod dns;
+pub mod edge;
 pub mod forward;
 pub mod listener;
 pub mod policy;

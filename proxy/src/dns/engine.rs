@@ -283,31 +283,31 @@ impl DnsCore {
         DnsStats::bump(&self.stats.queries);
         let mut client = ClientQuery::from_header(&header);
         let Ok(message) = Message::from_vec(bytes) else {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::FormErr, ReasonCode::DnsMalformed));
+            return Step::Reply(self.refuse_early(ctx, &client, ReasonCode::DnsMalformed));
         };
         client.edns = message.edns.as_ref().map(|e| ClientEdns {
             payload: e.max_payload(),
             dnssec_ok: e.flags().dnssec_ok,
         });
         if message.queries.len() != 1 {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::FormErr, ReasonCode::DnsMalformed));
+            return Step::Reply(self.refuse_early(ctx, &client, ReasonCode::DnsMalformed));
         }
         client.query = message.queries.first().cloned();
         if client.op_code != OpCode::Query {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::NotImp, ReasonCode::DnsNotImplemented));
+            return Step::Reply(self.refuse_early(ctx, &client, ReasonCode::DnsNotImplemented));
         }
         if message.edns.as_ref().is_some_and(|e| e.version() > 0) {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::BADVERS, ReasonCode::DnsBadEdnsVersion));
+            return Step::Reply(self.refuse_early(ctx, &client, ReasonCode::DnsBadEdnsVersion));
         }
         let Some(query) = client.query.clone() else {
             return Step::Drop;
         };
         let qtype = u16::from(query.query_type());
         let Ok(qname) = DomainName::parse(&query.name().to_ascii()) else {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::Refused, ReasonCode::DnsInvalidName));
+            return Step::Reply(self.refuse_early(ctx, &client, ReasonCode::DnsInvalidName));
         };
         if matches!(query.query_type(), RecordType::AXFR | RecordType::IXFR) {
-            return Step::Reply(self.refuse_early(ctx, &client, ResponseCode::Refused, ReasonCode::DnsZoneTransfer));
+            return Step::Reply(self.refuse_early(ctx, &client, ReasonCode::DnsZoneTransfer));
         }
         let verdict = verdict.unwrap_or_else(|| self.decide(ctx, &qname, qtype));
         if verdict.blocks() {
@@ -569,7 +569,7 @@ impl DnsCore {
         now: Instant,
     ) -> Reply {
         DnsStats::bump(&self.stats.servfail);
-        let (bytes, rcode) = self.encode_answer(&ctx, client, AnswerParts::empty(ResponseCode::ServFail));
+        let (bytes, rcode) = self.encode_answer(&ctx, client, AnswerParts::empty(crate::edge::DNS_FAILURE));
         let mut audit = self.audit(&ctx, Arc::from(qname.as_str()), qtype, verdict, watched, rcode, now);
         audit.upstream = upstream;
         Reply { bytes, audit }
@@ -577,7 +577,8 @@ impl DnsCore {
 
     /// Answers a message that never reached the policy (bad form, opcode,
     /// EDNS version or name).
-    fn refuse_early(&self, ctx: QueryContext, client: &ClientQuery, rcode: ResponseCode, why: ReasonCode) -> Reply {
+    fn refuse_early(&self, ctx: QueryContext, client: &ClientQuery, why: ReasonCode) -> Reply {
+        let rcode = crate::edge::dns_refusal(why);
         if rcode == ResponseCode::FormErr {
             DnsStats::bump(&self.stats.formerr);
         } else {
@@ -632,7 +633,7 @@ impl DnsCore {
         }
         // The answer could not be encoded at all (e.g. a record hickory
         // cannot emit): tell the client we failed rather than go silent.
-        let mut fail = Message::error_msg(client.id, client.op_code, ResponseCode::ServFail);
+        let mut fail = Message::error_msg(client.id, client.op_code, crate::edge::DNS_FAILURE);
         fail.metadata.recursion_desired = client.recursion_desired;
         fail.metadata.recursion_available = true;
         if let Some(q) = &client.query {

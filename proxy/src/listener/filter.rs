@@ -198,46 +198,6 @@ impl FlowContext {
             identity: self.identity,
         }
     }
-
-    /// The audit record for this flow as it stands; `flow::finish` stamps
-    /// its `time` with the moment the flow was accepted.
-    pub fn record(&self) -> FlowRecord {
-        let decision = self
-            .decision
-            .clone()
-            .unwrap_or_else(|| Decision::refused(ReasonCode::NoDecision));
-        let mut r = FlowRecord::unstamped(self.id, self.plan.label.to_string(), self.src, (&decision).into());
-        r.src_groups = self
-            .snapshot
-            .policy
-            .smartgroups_of(self.src.ip())
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        // An authenticated proxy user's group joins the source's groups for
-        // policy; the record must show it, or a rule `from: [that group]`
-        // deciding the flow is unexplained.
-        if let Some(id) = self.identity {
-            let g = self.snapshot.policy.smartgroup_name(id);
-            if !r.src_groups.iter().any(|s| s == g) {
-                r.src_groups.push(g.to_owned());
-            }
-        }
-        r.original_dst = self.original_dst;
-        r.connect_target.clone_from(&self.connect_target);
-        r.sni.clone_from(&self.sni);
-        r.host.clone_from(&self.host);
-        r.alpn.clone_from(&self.alpn);
-        r.ech = self.ech;
-        if let Some(x) = &self.extras {
-            r.annotations = x.annotations.iter().cloned().collect();
-            r.changed_by = x.changed_by.iter().map(|f| f.to_string()).collect();
-        }
-        if self.name_from_dns {
-            r.dns_name = self.name.as_ref().map(ToString::to_string);
-        }
-        r
-    }
 }
 
 /// What a hook tells the chain. The chain applies it by the override rules

@@ -47,7 +47,7 @@ use crate::classify::http::Host;
 use crate::classify::{HttpLimits, Progress, RequestHead, parse_request_head};
 use crate::forward::{ConnectOptions, connect, parse_ip_lenient};
 
-use super::edge;
+use crate::edge;
 use crate::telemetry::audit::FlowRecord;
 use crate::telemetry::metrics;
 use sluice_api::reason::ReasonCode;

@@ -11,15 +11,16 @@
 //! `pipeline` runs it once for every listener kind, over the steps in
 //! `flow`; `http_proxy` (explicit proxy) and `peek` (transparent, sni and
 //! tcp) only build each flow's context and carry out how it ends, with the
-//! answers `edge` gives.
+//! answers `crate::edge` gives.
 
 pub mod chain;
-pub mod edge;
 pub mod filter;
 mod flow;
 mod http_proxy;
 mod peek;
 mod pipeline;
+
+pub use pipeline::Stop;
 
 use std::io;
 use std::sync::Arc;

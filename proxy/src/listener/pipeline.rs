@@ -16,7 +16,7 @@
 //! refused (its decision says by whom and why) or failed (allowed, but not
 //! forwarded: a close reason). A listener kind only builds the flow's
 //! context and carries out the outcome — `peek` closes the connection,
-//! `http_proxy` answers with what [`super::edge::answer`] gives — and the
+//! `http_proxy` answers with what [`crate::edge::answer`] gives — and the
 //! record of every flow, stopped or relayed, is written by [`Flow`].
 
 use std::borrow::Cow;
@@ -233,7 +233,7 @@ impl Flow {
 
     /// The record of a flow relayed to (or last sent to) `dst`.
     pub fn record_to(&self, dst: SocketAddr) -> FlowRecord {
-        let mut rec = self.ctx.record();
+        let mut rec = FlowRecord::of_flow(&self.ctx);
         rec.dst = Some(dst);
         rec.dst_groups = self
             .ctx
@@ -248,7 +248,7 @@ impl Flow {
 
     /// Writes the record of a flow that stopped before it was relayed.
     pub fn end(self, shared: &Shared, stop: Stop) {
-        let mut rec = self.ctx.record();
+        let mut rec = FlowRecord::of_flow(&self.ctx);
         match stop {
             Stop::Refused => rec.close_reason = Cow::Borrowed("denied"),
             Stop::Failed { reason, dst } => {

@@ -27,7 +27,9 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// `enforced`/`watched`).
 pub use sluice_api::{Action, Enforcement};
 
+use crate::listener::FlowContext;
 use crate::policy::decision::Decision;
+use sluice_api::reason::ReasonCode;
 
 /// The decision part of an audit record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -59,6 +61,48 @@ impl VerdictRecord {
             mode,
             check: None,
         }
+    }
+}
+
+impl FlowRecord {
+    /// The record of a flow as its context stands; `flow::finish` stamps
+    /// its `time` with the moment the flow was accepted.
+    pub fn of_flow(ctx: &FlowContext) -> Self {
+        let decision = ctx
+            .decision
+            .clone()
+            .unwrap_or_else(|| Decision::refused(ReasonCode::NoDecision));
+        let mut r = Self::unstamped(ctx.id, ctx.plan.label.to_string(), ctx.src, (&decision).into());
+        r.src_groups = ctx
+            .snapshot
+            .policy
+            .smartgroups_of(ctx.src.ip())
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        // An authenticated proxy user's group joins the source's groups for
+        // policy; the record must show it, or a rule `from: [that group]`
+        // deciding the flow is unexplained.
+        if let Some(id) = ctx.identity {
+            let g = ctx.snapshot.policy.smartgroup_name(id);
+            if !r.src_groups.iter().any(|s| s == g) {
+                r.src_groups.push(g.to_owned());
+            }
+        }
+        r.original_dst = ctx.original_dst;
+        r.connect_target.clone_from(&ctx.connect_target);
+        r.sni.clone_from(&ctx.sni);
+        r.host.clone_from(&ctx.host);
+        r.alpn.clone_from(&ctx.alpn);
+        r.ech = ctx.ech;
+        if let Some(x) = &ctx.extras {
+            r.annotations = x.annotations.iter().cloned().collect();
+            r.changed_by = x.changed_by.iter().map(|f| f.to_string()).collect();
+        }
+        if ctx.name_from_dns {
+            r.dns_name = ctx.name.as_ref().map(ToString::to_string);
+        }
+        r
     }
 }
 

@@ -1,16 +1,20 @@
-//! The edge: what a client is told when its flow is refused or fails, in
-//! one place. A refusal's HTTP status follows from its reason's kind, a
-//! failure's from its close reason; the body and the `X-Sluice-Rule` /
-//! `X-Sluice-Reason` headers name both, so a user who sees the answer can
-//! find the rule and the docs entry. Listeners that speak no HTTP (sni,
-//! transparent, tcp) just close; DNS answers are the DNS proxy's (NXDOMAIN,
-//! REFUSED or a sinkhole per `deny_answer`; SERVFAIL for an upstream
-//! failure).
+//! The edge: what a client is told when its flow or query is refused or
+//! fails, in one place. A refusal's HTTP status follows from its reason's
+//! kind, a failure's from its close reason; the body and the
+//! `X-Sluice-Rule` / `X-Sluice-Reason` headers name both, so a user who sees
+//! the answer can find the rule and the docs entry. Listeners that speak no
+//! HTTP (sni, transparent, tcp) just close. A DNS query refused before the
+//! policy gets the rcode its reason calls for ([`dns_refusal`]); one the
+//! policy or a query filter denies gets what the listener's `deny_answer`
+//! says (NXDOMAIN, REFUSED or a sinkhole); an upstream failure SERVFAIL
+//! ([`DNS_FAILURE`]).
 
 use sluice_api::reason::{ReasonCode, ReasonKind};
 
-use super::filter::Decision;
-use super::pipeline::Stop;
+use hickory_proto::op::ResponseCode;
+
+use crate::listener::Stop;
+use crate::policy::decision::Decision;
 
 /// What an explicit-proxy client is told about a flow that stopped: the
 /// status, the rule and reason for the `X-Sluice-*` headers, and a sentence
@@ -133,6 +137,23 @@ pub fn failure(close_reason: &str) -> Status {
     }
 }
 
+/// The rcode for a DNS message refused before the policy (it cannot be
+/// answered as asked): FORMERR for one that does not parse, NOTIMP for
+/// another opcode, BADVERS for another EDNS version, REFUSED otherwise (a
+/// name that is not a hostname, a zone transfer).
+pub fn dns_refusal(reason: ReasonCode) -> ResponseCode {
+    match reason {
+        ReasonCode::DnsMalformed => ResponseCode::FormErr,
+        ReasonCode::DnsNotImplemented => ResponseCode::NotImp,
+        ReasonCode::DnsBadEdnsVersion => ResponseCode::BADVERS,
+        _ => ResponseCode::Refused,
+    }
+}
+
+/// The rcode for an allowed query that could not be answered (no upstream
+/// answered, or the answer could not be used).
+pub const DNS_FAILURE: ResponseCode = ResponseCode::ServFail;
+
 /// The plain-text body of a refusal or failure: a sentence, then the rule
 /// and the reason on their own lines (what tools and people grep for).
 pub fn body(message: &str, rule: &str, reason: &str) -> String {
@@ -164,6 +185,16 @@ mod tests {
         assert_eq!(failure("connect-refused").code, 502);
         assert_eq!(failure("dns-nxdomain").code, 502);
         assert_eq!(failure("upstream-error").code, 502);
+    }
+
+    #[test]
+    fn a_dns_refusal_has_the_rcode_its_reason_calls_for() {
+        assert_eq!(dns_refusal(ReasonCode::DnsMalformed), ResponseCode::FormErr);
+        assert_eq!(dns_refusal(ReasonCode::DnsNotImplemented), ResponseCode::NotImp);
+        assert_eq!(dns_refusal(ReasonCode::DnsBadEdnsVersion), ResponseCode::BADVERS);
+        assert_eq!(dns_refusal(ReasonCode::DnsInvalidName), ResponseCode::Refused);
+        assert_eq!(dns_refusal(ReasonCode::DnsZoneTransfer), ResponseCode::Refused);
+        assert_eq!(DNS_FAILURE, ResponseCode::ServFail);
     }
 
     #[test]
