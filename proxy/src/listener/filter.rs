@@ -310,8 +310,9 @@ pub trait NetworkFilter: Send + Sync + fmt::Debug {
 /// - on an `sni` listener: anything but TLS (`not-tls`), a hello without
 ///   SNI (`no-sni`).
 ///
-/// The tunnel checks and ECH are watched in watch mode; the `sni`
-/// listener's are carried out in every mode.
+/// The tunnel checks and ECH are only recorded in watch mode; plain text
+/// or no SNI where the SNI is the destination (a `sni_dynamic` cluster)
+/// fail closed in every mode (`ReasonCode::fails_closed`).
 #[derive(Debug, Default)]
 pub struct AntiEvasionFilter;
 
