@@ -6,13 +6,17 @@
 //! HTTP (sni, transparent, tcp) just close. A DNS query refused before the
 //! policy gets the rcode its reason calls for ([`dns_refusal`]); one the
 //! policy or a query filter denies gets what the listener's `deny_answer`
-//! says (NXDOMAIN, REFUSED or a sinkhole); an upstream failure SERVFAIL
-//! ([`DNS_FAILURE`]).
+//! says ([`dns_denial`]: NXDOMAIN, REFUSED or a sinkhole address); an
+//! upstream failure SERVFAIL ([`DNS_FAILURE`]).
+
+use std::net::IpAddr;
 
 use sluice_api::reason::{ReasonCode, ReasonKind};
 
 use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
 
+use crate::dns::config::DenyAnswer;
 use crate::listener::Stop;
 use crate::policy::decision::Decision;
 
@@ -150,6 +154,34 @@ pub fn dns_refusal(reason: ReasonCode) -> ResponseCode {
     }
 }
 
+/// What a client is told about a query the policy or a query filter denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsDenial {
+    pub rcode: ResponseCode,
+    /// The one address to answer with (a sinkhole's, for A and AAAA only).
+    pub address: Option<IpAddr>,
+}
+
+/// The answer the listener's `deny_answer` calls for to a denied query of
+/// type `qtype` (`None` when the message carried no question): NXDOMAIN or
+/// REFUSED as configured, or for a sinkhole NOERROR with the sinkhole's
+/// address for A and AAAA and no answer (NODATA) for any other type.
+pub fn dns_denial(deny: DenyAnswer, qtype: Option<RecordType>) -> DnsDenial {
+    let (rcode, address) = match deny {
+        DenyAnswer::NxDomain => (ResponseCode::NXDomain, None),
+        DenyAnswer::Refused => (ResponseCode::Refused, None),
+        DenyAnswer::Sinkhole { v4, v6 } => (
+            ResponseCode::NoError,
+            match qtype {
+                Some(RecordType::A) => Some(IpAddr::V4(v4)),
+                Some(RecordType::AAAA) => Some(IpAddr::V6(v6)),
+                _ => None,
+            },
+        ),
+    };
+    DnsDenial { rcode, address }
+}
+
 /// The rcode for an allowed query that could not be answered (no upstream
 /// answered, or the answer could not be used).
 pub const DNS_FAILURE: ResponseCode = ResponseCode::ServFail;
@@ -195,6 +227,23 @@ mod tests {
         assert_eq!(dns_refusal(ReasonCode::DnsInvalidName), ResponseCode::Refused);
         assert_eq!(dns_refusal(ReasonCode::DnsZoneTransfer), ResponseCode::Refused);
         assert_eq!(DNS_FAILURE, ResponseCode::ServFail);
+    }
+
+    #[test]
+    fn a_denied_query_gets_what_deny_answer_says() {
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        let nx = dns_denial(DenyAnswer::NxDomain, Some(RecordType::A));
+        assert_eq!((nx.rcode, nx.address), (ResponseCode::NXDomain, None));
+        let refused = dns_denial(DenyAnswer::Refused, Some(RecordType::AAAA));
+        assert_eq!((refused.rcode, refused.address), (ResponseCode::Refused, None));
+        let (v4, v6) = (Ipv4Addr::new(192, 0, 2, 99), Ipv6Addr::LOCALHOST);
+        let sink = DenyAnswer::Sinkhole { v4, v6 };
+        assert_eq!(dns_denial(sink, Some(RecordType::A)).address, Some(IpAddr::V4(v4)));
+        assert_eq!(dns_denial(sink, Some(RecordType::AAAA)).address, Some(IpAddr::V6(v6)));
+        // NODATA for other types and for a message without a question.
+        let txt = dns_denial(sink, Some(RecordType::TXT));
+        assert_eq!((txt.rcode, txt.address), (ResponseCode::NoError, None));
+        assert_eq!(dns_denial(sink, None).address, None);
     }
 
     #[test]

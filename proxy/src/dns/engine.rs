@@ -31,7 +31,7 @@ use super::DnsError;
 use super::audit::{DnsAuditRecord, DnsStats, Transport};
 use super::bindings::Bindings;
 use super::cache::{CacheEntry, CacheKey, DnsCache, MAX_KEY_LEN};
-use super::config::{DenyAnswer, DnsConfig};
+use super::config::DnsConfig;
 use super::ech::strip_ech;
 use super::exfil::ExfilFilter;
 use super::fast::{Patch, WireAnswer, WireQuery, patch_upstream};
@@ -526,27 +526,17 @@ impl DnsCore {
         qtype: u16,
         verdict: &QueryVerdict,
     ) -> Reply {
-        let mut parts = AnswerParts::empty(ResponseCode::NXDomain);
-        match self.config.deny_answer {
-            DenyAnswer::NxDomain => {}
-            DenyAnswer::Refused => parts.rcode = ResponseCode::Refused,
-            DenyAnswer::Sinkhole { v4, v6 } => {
-                parts.rcode = ResponseCode::NoError;
-                if let Some(q) = &client.query {
-                    let ttl = self.config.deny_ttl;
-                    match q.query_type() {
-                        RecordType::A => parts
-                            .answers
-                            .push(Record::from_rdata(q.name().clone(), ttl, RData::A(A(v4)))),
-                        RecordType::AAAA => {
-                            parts
-                                .answers
-                                .push(Record::from_rdata(q.name().clone(), ttl, RData::AAAA(AAAA(v6))));
-                        }
-                        _ => {}
-                    }
-                }
-            }
+        let question = client.query.as_ref();
+        let denial = crate::edge::dns_denial(self.config.deny_answer, question.map(Query::query_type));
+        let mut parts = AnswerParts::empty(denial.rcode);
+        if let (Some(q), Some(address)) = (question, denial.address) {
+            let rdata = match address {
+                IpAddr::V4(v4) => RData::A(A(v4)),
+                IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+            };
+            parts
+                .answers
+                .push(Record::from_rdata(q.name().clone(), self.config.deny_ttl, rdata));
         }
         let (bytes, rcode) = self.encode_answer(&ctx, client, parts);
         let audit = self.audit(&ctx, Arc::from(qname.as_str()), qtype, verdict, false, rcode, ctx.now);
