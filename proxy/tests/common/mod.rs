@@ -10,6 +10,19 @@
 
 #![allow(dead_code, reason = "each test uses a subset of the helpers")]
 
+/// A data-plane test: `flow_test!(name, async { … })` is a
+/// `#[tokio::test]` on the multi-thread runtime whose body is
+/// [`bounded`], so a stuck proxy fails the test instead of hanging it.
+#[allow(unused_macros, reason = "each test file uses a subset of the helpers")]
+macro_rules! flow_test {
+    ($name:ident, $body:expr) => {
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $name() {
+            common::bounded($body).await
+        }
+    };
+}
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,6 +51,25 @@ pub async fn bounded<F: std::future::Future<Output = T>, T>(f: F) -> T {
     tokio::time::timeout(Duration::from_secs(60), f)
         .await
         .expect("test did not finish within 60 s")
+}
+
+/// Polls `done` every 20 ms of real time until it holds (true) or [`WAIT`]
+/// of real time has passed (false). For what another thread does, such as
+/// the audit writer: it waits on the wall clock, even in a test that runs
+/// in paused time (a blocking sleep holds tokio's clock still).
+pub async fn wait_until(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(20)))
+            .await
+            .expect("the sleeping thread");
+    }
 }
 
 /// Awaits `f` for at most [`WAIT`], naming `what` on failure.
@@ -92,7 +124,8 @@ pub const STD_RULES: &str = r"    - {name: deny-bad, to: {webgroups: [bad]}, act
 #[derive(Debug, Clone)]
 pub struct TestConfig {
     head: String,
-    listeners: Vec<String>,
+    /// Name, kind and options of each listener.
+    listeners: Vec<(String, String, String)>,
     watch: bool,
     rules: String,
 }
@@ -111,14 +144,8 @@ impl TestConfig {
 
     /// Another listener on `127.0.0.1:0`.
     pub fn and(mut self, name: &str, kind: &str, options: &str) -> Self {
-        let options = if options.is_empty() {
-            String::new()
-        } else {
-            format!(", {options}")
-        };
-        self.listeners.push(format!(
-            "  - {{name: {name}, kind: {kind}, address: \"127.0.0.1:0\"{options}}}\n"
-        ));
+        self.listeners
+            .push((name.to_owned(), kind.to_owned(), options.to_owned()));
         self
     }
 
@@ -141,18 +168,147 @@ impl TestConfig {
         self
     }
 
+    /// The YAML after `base_config`, every listener on `127.0.0.1:0`.
     pub fn yaml(&self) -> String {
+        self.yaml_at(|_| "127.0.0.1:0".to_owned())
+    }
+
+    /// The YAML with each listener at the address `address` gives for its
+    /// name.
+    fn yaml_at(&self, address: impl Fn(&str) -> String) -> String {
+        let listeners: String = self
+            .listeners
+            .iter()
+            .map(|(name, kind, options)| {
+                let sep = if options.is_empty() { "" } else { ", " };
+                format!(
+                    "  - {{name: {name}, kind: {kind}, address: \"{}\"{sep}{options}}}\n",
+                    address(name)
+                )
+            })
+            .collect();
         let mode = if self.watch { "  mode: watch\n" } else { "" };
         format!(
-            "{}listeners:\n{}policy:\n{mode}  rules:\n{}",
-            self.head,
-            self.listeners.concat(),
-            self.rules
+            "{}listeners:\n{listeners}policy:\n{mode}  rules:\n{}",
+            self.head, self.rules
         )
     }
 
     pub async fn start(&self) -> Sluice {
         Sluice::start(&self.yaml()).await
+    }
+
+    /// Starts an upstream and Sluice together.
+    pub async fn rig<U: Upstream>(&self) -> Rig<U> {
+        Rig::with(&self.yaml()).await
+    }
+}
+
+/// A test upstream on loopback.
+pub trait Upstream: Sized {
+    fn start() -> impl std::future::Future<Output = Self>;
+    fn addr(&self) -> SocketAddr;
+}
+
+impl Upstream for TlsEcho {
+    async fn start() -> Self {
+        TlsEcho::start().await
+    }
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Upstream for RawSink {
+    async fn start() -> Self {
+        RawSink::start().await
+    }
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Upstream for HttpUpstream {
+    async fn start() -> Self {
+        HttpUpstream::start().await
+    }
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// What most data-plane tests start from: an upstream on loopback (a TLS
+/// echo unless said otherwise) and Sluice, usually with an `http-proxy`
+/// listener named `proxy`.
+pub struct Rig<U = TlsEcho> {
+    pub up: U,
+    pub sluice: Sluice,
+}
+
+impl Rig<TlsEcho> {
+    /// A TLS echo upstream, and Sluice with one `http-proxy` listener named
+    /// `proxy` and the standard rules, enforced.
+    pub async fn start() -> Self {
+        TestConfig::listener("proxy", "http-proxy", "").rig().await
+    }
+}
+
+impl<U: Upstream> Rig<U> {
+    /// The upstream, and Sluice started with `base_config` and `rest`.
+    pub async fn with(rest: &str) -> Self {
+        Self::with_upstream(|_| rest.to_owned()).await
+    }
+
+    /// The upstream, and Sluice started with `base_config` and what
+    /// `rest` makes of the upstream's address.
+    pub async fn with_upstream(rest: impl FnOnce(SocketAddr) -> String) -> Self {
+        let up = U::start().await;
+        let sluice = Sluice::start(&rest(up.addr())).await;
+        Self { up, sluice }
+    }
+
+    pub fn proxy(&self) -> SocketAddr {
+        self.sluice.addr("proxy")
+    }
+
+    /// `host` at the upstream's port: what a client names in CONNECT.
+    pub fn target(&self, host: &str) -> String {
+        format!("{host}:{}", self.up.addr().port())
+    }
+
+    /// CONNECTs to `target` through the `proxy` listener.
+    pub async fn connect(&self, target: &str) -> (TcpStream, RawResponse) {
+        connect_via(self.proxy(), target, "").await
+    }
+
+    /// CONNECTs to `target` (answered 200), sends `bytes` through the
+    /// tunnel and half-closes.
+    pub async fn send_through(&self, target: &str, bytes: &[u8]) -> TcpStream {
+        let (mut s, resp) = self.connect(target).await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        s.write_all(bytes).await.unwrap();
+        s.shutdown().await.unwrap();
+        s
+    }
+
+    /// The record of the flow that named `target` in CONNECT.
+    pub async fn record(&self, target: &str) -> Value {
+        self.sluice.wait_record(|r| field(r, "connect_target") == target).await
+    }
+
+    pub async fn stop(self) {
+        self.sluice.stop().await;
+    }
+}
+
+impl Rig<TlsEcho> {
+    /// Opens a tunnel to `host` at the upstream's port (answered 200) and
+    /// completes TLS with the upstream through it, naming `host`.
+    pub async fn tunnel(&self, host: &str) -> (TlsStream<TcpStream>, String) {
+        let target = self.target(host);
+        let (stream, resp) = self.connect(&target).await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        (up_connect(&self.up, host, stream).await, target)
     }
 }
 
@@ -222,25 +378,23 @@ impl Sluice {
     /// The writer is asynchronous: a flow's record appears shortly after the
     /// flow ends.
     pub async fn wait_records(&self, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let found: Vec<Value> = self.records().into_iter().filter(|r| pred(r)).collect();
-            if found.len() >= n {
-                return found;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                panic!(
-                    "expected {n} matching audit record(s), found {}; all records:\n{}",
-                    found.len(),
-                    self.records()
-                        .iter()
-                        .map(Value::to_string)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let mut found = Vec::new();
+        let done = wait_until(|| {
+            found = self.records().into_iter().filter(|r| pred(r)).collect();
+            found.len() >= n
+        })
+        .await;
+        assert!(
+            done,
+            "expected {n} matching audit record(s), found {}; all records:\n{}",
+            found.len(),
+            self.records()
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        found
     }
 
     /// Waits for the one record matching `pred`.
@@ -254,6 +408,19 @@ impl Sluice {
         let Self { server, audit, _dir } = self;
         server.shutdown(drain).await;
         Self::read_records(&audit)
+    }
+
+    /// Reloads with `config`, each listener kept at the address it is bound
+    /// to (a listener that moved would be rebound).
+    pub async fn reload(&self, config: &TestConfig) {
+        let yaml = format!(
+            "{}{}",
+            base_config(&self.audit),
+            config.yaml_at(|name| self.addr(name).to_string())
+        );
+        let config = sluice_api::config::load_str(&yaml, "reload.yaml")
+            .unwrap_or_else(|e| panic!("reload config does not load: {e}\n{yaml}"));
+        self.server.reload(config).await.expect("the reload is accepted");
     }
 
     /// Stops Sluice (flushing the audit log) and removes its files.
