@@ -17,3 +17,4 @@ pub mod policy;
 pub mod runtime;
 pub mod sys;
 pub mod telemetry;
+pub mod wasm;
