@@ -95,6 +95,14 @@ pub enum ReasonCode {
     /// No filter decided (never expected; fails closed).
     NoDecision,
 
+    /// A WASM plugin denied the flow or query.
+    PluginDenied,
+    /// A WASM plugin allowed what a rule delegated to it.
+    PluginAllowed,
+    /// A plugin trapped, ran past its deadline or memory limit, or could
+    /// not run; its failure policy decided.
+    PluginFailed,
+
     DnsExfiltration,
     DnsInvalidName,
     DnsMalformed,
@@ -119,6 +127,8 @@ pub enum ReasonKind {
     Listener,
     /// The DNS proxy's own checks.
     Dns,
+    /// A WASM plugin (the record's `rule` names it).
+    Plugin,
 }
 
 impl ReasonKind {
@@ -131,6 +141,7 @@ impl ReasonKind {
             Self::Classify => "classify",
             Self::Listener => "listener",
             Self::Dns => "dns",
+            Self::Plugin => "plugin",
         }
     }
 }
@@ -168,7 +179,7 @@ impl ReasonCode {
     pub const fn fails_closed(self) -> bool {
         match self.kind() {
             ReasonKind::Classify | ReasonKind::Listener => true,
-            ReasonKind::Policy | ReasonKind::Guard => false,
+            ReasonKind::Policy | ReasonKind::Guard | ReasonKind::Plugin => false,
             ReasonKind::AntiEvasion => matches!(
                 self,
                 Self::TlsRecordOutOfPlace | Self::NotTls | Self::NoSni | Self::HttpConflictingHost
@@ -227,6 +238,9 @@ codes! {
     BadUpstream = "bad-upstream" / Listener,
     Shutdown = "shutdown" / Listener,
     NoDecision = "no-decision" / Listener,
+    PluginDenied = "plugin-denied" / Plugin,
+    PluginAllowed = "plugin-allowed" / Plugin,
+    PluginFailed = "plugin-failed" / Plugin,
     DnsExfiltration = "dns-exfiltration" / Dns,
     DnsInvalidName = "dns-invalid-name" / Dns,
     DnsMalformed = "dns-malformed" / Dns,
