@@ -1,0 +1,180 @@
+//! A guest for the host's tests, in the manner of wasmtime's test programs:
+//! one module whose plugin configuration (lines of `key=value`) chooses
+//! what it does, so each host behaviour has a guest that exercises it.
+//!
+//! | key | effect |
+//! |---|---|
+//! | `configure=false` | `on_configure` returns false |
+//! | `start=trap` | `on_vm_start` panics (a trap) |
+//! | `deny_sni=NAME` | a connection whose SNI is NAME is closed |
+//! | `verdict=allow` or `deny` | writes `sluice.verdict` on every connection |
+//! | `annotate=KEY:VALUE` | writes `sluice.annotation.KEY` |
+//! | `connection=trap`, `spin`, `grow` | on a new connection: panic, loop forever, or allocate until memory runs out |
+//! | `count=KEY` | adds one to shared-data KEY (with CAS) and annotates `count` with the new value |
+//! | `env=NAME` | annotates `env` with environment variable NAME (or `unset`) |
+//! | `print=TEXT` | prints TEXT to stdout and to stderr on each connection |
+//! | `echo_props=1` | annotates each property the host offers a connection |
+//! | `data_deny=TEXT` | closes a connection whose downstream bytes contain TEXT |
+//! | `rewrite=1` | changes the downstream bytes it is shown |
+
+use proxy_wasm::traits::{Context, RootContext, StreamContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use std::rc::Rc;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { cfg: Rc::new(Vec::new()) }) });
+}}
+
+type Config = Vec<(String, String)>;
+
+struct Root {
+    cfg: Rc<Config>,
+}
+
+fn value<'a>(cfg: &'a Config, key: &str) -> Option<&'a str> {
+    cfg.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _size: usize) -> bool {
+        true
+    }
+
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let raw = self.get_plugin_configuration().unwrap_or_default();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let cfg: Config = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        if value(&cfg, "start") == Some("trap") {
+            panic!("asked to trap while configuring");
+        }
+        let ok = value(&cfg, "configure") != Some("false");
+        self.cfg = Rc::new(cfg);
+        proxy_wasm::hostcalls::log(LogLevel::Info, "configured").ok();
+        ok
+    }
+
+    fn create_stream_context(&self, _id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(Stream { cfg: self.cfg.clone() }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::StreamContext)
+    }
+}
+
+struct Stream {
+    cfg: Rc<Config>,
+}
+
+impl Stream {
+    fn annotate(&self, key: &str, value: &str) {
+        self.set_property(vec!["sluice", "annotation", key], Some(value.as_bytes()));
+    }
+}
+
+impl Context for Stream {}
+
+impl StreamContext for Stream {
+    fn on_new_connection(&mut self) -> Action {
+        let cfg = self.cfg.clone();
+        match value(&cfg, "connection") {
+            Some("trap") => panic!("asked to trap on a new connection"),
+            Some("spin") => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            Some("grow") => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            _ => {}
+        }
+        if let Some(text) = value(&cfg, "print") {
+            println!("{text}");
+            eprintln!("{text}");
+        }
+        if let Some(kv) = value(&cfg, "annotate") {
+            if let Some((k, v)) = kv.split_once(':') {
+                self.annotate(k, v);
+            }
+        }
+        if let Some(name) = value(&cfg, "env") {
+            let v = std::env::var(name).unwrap_or_else(|_| "unset".to_owned());
+            self.annotate("env", &v);
+        }
+        if let Some(key) = value(&cfg, "count") {
+            let n = loop {
+                let (bytes, cas) = self.get_shared_data(key);
+                let n = bytes
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    + 1;
+                if self.set_shared_data(key, Some(n.to_string().as_bytes()), cas).is_ok() {
+                    break n;
+                }
+            };
+            self.annotate("count", &n.to_string());
+        }
+        if value(&cfg, "echo_props") == Some("1") {
+            for path in [
+                "source.address",
+                "destination.port",
+                "connection.requested_server_name",
+                "sluice.listener",
+                "sluice.protocol",
+                "sluice.host",
+                "sluice.verdict.action",
+                "sluice.verdict.rule",
+                "plugin_name",
+            ] {
+                let segments: Vec<&str> = path.split('.').collect();
+                let shown = match self.get_property(segments) {
+                    Some(v) if path.ends_with("port") && v.len() == 8 => {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&v);
+                        i64::from_le_bytes(b).to_string()
+                    }
+                    Some(v) => String::from_utf8_lossy(&v).into_owned(),
+                    None => "absent".to_owned(),
+                };
+                self.annotate(path, &shown);
+            }
+        }
+        if let Some(v) = value(&cfg, "verdict") {
+            self.set_property(vec!["sluice", "verdict"], Some(v.as_bytes()));
+        }
+        if let Some(name) = value(&cfg, "deny_sni") {
+            let sni = self.get_property(vec!["connection", "requested_server_name"]);
+            if sni.as_deref() == Some(name.as_bytes()) {
+                self.close_downstream();
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_downstream_data(&mut self, size: usize, _end: bool) -> Action {
+        let data = self.get_downstream_data(0, size).unwrap_or_default();
+        if let Some(text) = value(&self.cfg, "data_deny") {
+            if data.windows(text.len().max(1)).any(|w| w == text.as_bytes()) {
+                self.close_downstream();
+            }
+        }
+        if value(&self.cfg, "rewrite") == Some("1") {
+            self.set_downstream_data(0, size, b"rewritten");
+        }
+        Action::Continue
+    }
+}

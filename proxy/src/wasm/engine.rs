@@ -1,0 +1,145 @@
+//! One wasmtime engine for every plugin: Cranelift, the pooling allocator
+//! with copy-on-write memory images, and epoch interruption driven by a
+//! ticker thread, so a callback that runs past its deadline traps instead of
+//! holding a worker. Modules are checked when compiled: they must declare a
+//! proxy-wasm ABI version the host speaks and export an allocator.
+
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, Module, OptLevel, PoolingAllocationConfig};
+
+use super::abi::AbiVersion;
+
+/// How often the engine's epoch advances: the granularity of callback
+/// deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Why a module cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("sha256 mismatch: the file hashes to {actual}, the configuration says {expected}")]
+    Sha256Mismatch { expected: String, actual: String },
+    #[error("not a valid WebAssembly module: {0}")]
+    Invalid(String),
+    #[error(
+        "the module declares no proxy-wasm ABI version this host speaks: export one of \
+         proxy_abi_version_0_2_1 or proxy_abi_version_0_2_0 (build it with a proxy-wasm SDK)"
+    )]
+    UnknownAbi,
+    #[error("the module exports no `memory`")]
+    NoMemory,
+    #[error("the module exports neither proxy_on_memory_allocate nor malloc, so the host cannot hand it data")]
+    NoAllocator,
+}
+
+/// A compiled, checked plugin module.
+#[derive(Debug, Clone)]
+pub struct PluginModule {
+    pub module: Module,
+    pub abi: AbiVersion,
+    /// Hex SHA-256 of the module's bytes.
+    pub sha256: String,
+}
+
+/// The shared engine. Cloning is cheap; the epoch ticker stops when the last
+/// clone is dropped.
+#[derive(Debug, Clone)]
+pub struct WasmEngine {
+    engine: Engine,
+}
+
+impl WasmEngine {
+    /// An engine whose pool holds at most `instances` live plugin instances,
+    /// each with at most `max_memory` bytes of linear memory.
+    pub fn new(instances: u32, max_memory: usize) -> Result<Self, String> {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_core_instances(instances)
+            .total_memories(instances)
+            .total_tables(instances)
+            .max_memories_per_module(1)
+            .max_tables_per_module(1)
+            .max_memory_size(max_memory);
+        let mut cfg = Config::new();
+        cfg.epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .memory_init_cow(true)
+            .cranelift_opt_level(OptLevel::Speed);
+        let engine = Engine::new(&cfg).map_err(|e| format!("{e:?}"))?;
+        spawn_ticker(&engine)?;
+        Ok(Self { engine })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles `wasm` after checking it against `sha256` (hex, when the
+    /// configuration gives one), and checks what the host needs of it.
+    pub fn compile(&self, wasm: &[u8], sha256: Option<&str>) -> Result<PluginModule, CompileError> {
+        let actual = hex_sha256(wasm);
+        if let Some(expected) = sha256
+            && !expected.eq_ignore_ascii_case(&actual)
+        {
+            return Err(CompileError::Sha256Mismatch {
+                expected: expected.to_owned(),
+                actual,
+            });
+        }
+        let module = Module::new(&self.engine, wasm).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        let abi = AbiVersion::declared(module.exports().map(|e| e.name())).ok_or(CompileError::UnknownAbi)?;
+        let exported = |name: &str| module.exports().any(|e| e.name() == name);
+        if !exported("memory") {
+            return Err(CompileError::NoMemory);
+        }
+        if !exported("proxy_on_memory_allocate") && !exported("malloc") {
+            return Err(CompileError::NoAllocator);
+        }
+        Ok(PluginModule {
+            module,
+            abi,
+            sha256: actual,
+        })
+    }
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn hex_sha256(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is
+/// dropped. Without it no callback deadline would ever pass, so an engine
+/// whose ticker cannot start is refused.
+fn spawn_ticker(engine: &Engine) -> Result<(), String> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("sluice-wasm-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the epoch ticker: {e}"))
+}
+
+/// The engine every configuration shares (made on first use).
+pub fn shared() -> Result<WasmEngine, String> {
+    static ENGINE: std::sync::OnceLock<Result<WasmEngine, String>> = std::sync::OnceLock::new();
+    ENGINE
+        .get_or_init(|| WasmEngine::new(DEFAULT_INSTANCES, DEFAULT_MAX_MEMORY))
+        .clone()
+}
+
+/// Pool size: instances alive at once across all plugins and workers.
+pub const DEFAULT_INSTANCES: u32 = 256;
+/// The largest memory the pool reserves for one instance; a plugin's own
+/// `max_memory` is enforced below it by the store's limiter.
+pub const DEFAULT_MAX_MEMORY: usize = 256 << 20;

@@ -1,0 +1,60 @@
+//! Properties a plugin reads and writes (`proxy_get_property`,
+//! `proxy_set_property`), with Envoy's names and encodings where Envoy has
+//! the attribute, so a plugin written for Envoy reads them unchanged:
+//! strings as raw bytes, integers as 8-byte little-endian, addresses as
+//! `ip:port`.
+//!
+//! | path | type | value |
+//! |---|---|---|
+//! | `plugin_name`, `plugin_root_id`, `plugin_vm_id` | string | the plugin's name (root and VM id are its name too) |
+//! | `source.address`, `destination.address` | string | `ip:port` |
+//! | `source.port`, `destination.port` | int | |
+//! | `connection.id` | uint | the flow id of the audit record |
+//! | `connection.requested_server_name` | string | the SNI |
+//! | `sluice.listener` | string | the listener's name |
+//! | `sluice.protocol` | string | `tls`, `http`, `tcp`, `dns` |
+//! | `sluice.host` | string | the destination name (SNI, Host or CONNECT target) |
+//! | `sluice.connect_target` | string | explicit proxy: `host:port` asked for |
+//! | `sluice.alpn` | string | the ALPN protocols offered, comma-separated |
+//! | `sluice.verdict.action`, `.rule`, `.reason` | string | the decision so far |
+//!
+//! A plugin gives its own verdict by writing `sluice.verdict` (`allow` or
+//! `deny`), and notes for the audit record under `sluice.annotation.<key>`.
+//! Anything else it writes can be read back by it for the rest of the flow.
+
+use super::state::HostState;
+
+/// The value at `path` for the context host calls act on, if there is one.
+pub fn get(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
+    match path {
+        ["plugin_name" | "plugin_root_id" | "plugin_vm_id"] => Some(s.plugin.as_bytes().to_vec()),
+        _ => {
+            let key = path.join(".");
+            s.stream()?.properties.get(&key).cloned()
+        }
+    }
+}
+
+/// Stores `value` at `path` for the stream host calls act on (a root
+/// context has no stream: the write is dropped, and reads back as absent).
+pub fn set(s: &mut HostState, path: &[&str], value: Vec<u8>) {
+    let key = path.join(".");
+    if let Some(stream) = s.stream_mut() {
+        stream.properties.insert(key, value);
+    }
+}
+
+/// A string property's bytes.
+pub fn string(v: impl AsRef<str>) -> Vec<u8> {
+    v.as_ref().as_bytes().to_vec()
+}
+
+/// An integer property's bytes (8-byte little-endian).
+pub fn int(v: i64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
+/// An unsigned integer property's bytes (8-byte little-endian).
+pub fn uint(v: u64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}

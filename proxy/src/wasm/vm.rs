@@ -1,0 +1,428 @@
+//! One plugin instance: its store, its exports, and the proxy-wasm call
+//! order. A plugin is linked once (`PluginCode`, shared by all its
+//! instances); an instance is started by running the guest's
+//! `_initialize`, creating the root context, and calling `on_vm_start`
+//! and `on_configure` with the configuration: either returning false, or a
+//! trap, refuses the instance.
+//!
+//! Every callback runs under the plugin's deadline (epoch interruption)
+//! and memory cap. A trap, a deadline or the memory cap poisons the
+//! instance: the caller drops it and applies the plugin's failure policy.
+
+use std::sync::Arc;
+
+use wasmtime::{Instance, InstancePre, Linker, Store, Trap, TypedFunc, WasmParams, WasmResults};
+
+use super::abi::{AbiVersion, Action, PeerType};
+use super::engine::{EPOCH_TICK, PluginModule, WasmEngine};
+use super::shared::{PluginMetrics, SharedData, SharedQueues};
+use super::state::{CallBuffers, GuestFault, HostState, MemoryLimiter, Phase, PluginLimits, Requests, StreamState};
+
+/// Everything needed to start instances of one plugin.
+pub struct PluginCode {
+    pub name: Arc<str>,
+    pub abi: AbiVersion,
+    pre: InstancePre<HostState>,
+    engine: WasmEngine,
+    pub vm_config: Vec<u8>,
+    pub plugin_config: Vec<u8>,
+    pub env: Vec<(String, String)>,
+    pub limits: PluginLimits,
+    pub shared: Arc<SharedData>,
+    pub queues: Arc<SharedQueues>,
+    pub metrics: Arc<PluginMetrics>,
+}
+
+impl std::fmt::Debug for PluginCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginCode")
+            .field("name", &self.name)
+            .field("abi", &self.abi)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What went wrong running a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot link the module: {0}")]
+    Link(String),
+    #[error("{callback} ran past the plugin's deadline of {deadline_ms} ms")]
+    Deadline { callback: &'static str, deadline_ms: u128 },
+    #[error("{callback} hit the plugin's memory limit of {max_memory} bytes")]
+    MemoryLimit { callback: &'static str, max_memory: usize },
+    #[error("{callback} trapped: {detail}")]
+    Trap { callback: &'static str, detail: String },
+    #[error("the plugin refused to start: {0} returned false")]
+    Refused(&'static str),
+}
+
+impl PluginCode {
+    /// Links `module` with the host's functions. Imports the host does not
+    /// have (from an SDK's newer ABI) trap if they are ever called.
+    #[allow(clippy::too_many_arguments, reason = "the parts of a plugin's declaration")]
+    pub fn link(
+        engine: &WasmEngine,
+        name: &str,
+        module: &PluginModule,
+        plugin_config: Vec<u8>,
+        env: Vec<(String, String)>,
+        limits: PluginLimits,
+        shared: Arc<SharedData>,
+        queues: Arc<SharedQueues>,
+        metrics: Arc<PluginMetrics>,
+    ) -> Result<Self, VmError> {
+        let link = |e: wasmtime::Error| VmError::Link(format!("{e:#}"));
+        let mut linker = Linker::new(engine.engine());
+        super::wasi::add_to_linker(&mut linker).map_err(link)?;
+        super::host::add_to_linker(&mut linker).map_err(link)?;
+        linker.define_unknown_imports_as_traps(&module.module).map_err(link)?;
+        let pre = linker.instantiate_pre(&module.module).map_err(link)?;
+        Ok(Self {
+            name: Arc::from(name),
+            abi: module.abi,
+            pre,
+            engine: engine.clone(),
+            vm_config: Vec::new(),
+            plugin_config,
+            env,
+            limits,
+            shared,
+            queues,
+            metrics,
+        })
+    }
+}
+
+/// The callbacks a guest may export (all optional).
+struct Exports {
+    on_context_create: Option<TypedFunc<(i32, i32), ()>>,
+    on_vm_start: Option<TypedFunc<(i32, i32), i32>>,
+    on_configure: Option<TypedFunc<(i32, i32), i32>>,
+    on_tick: Option<TypedFunc<i32, ()>>,
+    on_new_connection: Option<TypedFunc<i32, i32>>,
+    on_downstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_upstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_downstream_close: Option<TypedFunc<(i32, i32), ()>>,
+    on_upstream_close: Option<TypedFunc<(i32, i32), ()>>,
+    on_done: Option<TypedFunc<i32, i32>>,
+    on_log: Option<TypedFunc<i32, ()>>,
+    on_delete: Option<TypedFunc<i32, ()>>,
+}
+
+impl std::fmt::Debug for Exports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exports").finish_non_exhaustive()
+    }
+}
+
+/// A running instance.
+#[derive(Debug)]
+pub struct Vm {
+    store: Store<HostState>,
+    exports: Exports,
+    next_id: u32,
+}
+
+/// What a stream callback answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub action: Action,
+    pub requests: Requests,
+}
+
+impl Vm {
+    /// Starts an instance: `_initialize` (or `_start`), the root context,
+    /// `on_vm_start`, `on_configure`.
+    pub fn start(code: &PluginCode) -> Result<Self, VmError> {
+        let state = HostState {
+            plugin: code.name.clone(),
+            abi: code.abi,
+            limits: code.limits,
+            phase: Phase::Starting,
+            memory: None,
+            allocator: None,
+            env: code.env.clone(),
+            vm_config: code.vm_config.clone(),
+            plugin_config: code.plugin_config.clone(),
+            config_readable: false,
+            root_id: 1,
+            current: 0,
+            effective: None,
+            streams: Default::default(),
+            buffers: CallBuffers::default(),
+            requests: Requests::default(),
+            tick_period: std::time::Duration::ZERO,
+            shared: code.shared.clone(),
+            queues: code.queues.clone(),
+            metrics: code.metrics.clone(),
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            limiter: MemoryLimiter {
+                max_memory: code.limits.max_memory,
+                hit: false,
+            },
+        };
+        let mut store = Store::new(code.engine.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(deadline_ticks(code.limits));
+        let instance = code
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(&store, "instantiation", &e))?;
+        let memory = instance.get_memory(&mut store, "memory");
+        let allocator =
+            typed(&instance, &mut store, "proxy_on_memory_allocate").or_else(|| typed(&instance, &mut store, "malloc"));
+        store.data_mut().memory = memory;
+        store.data_mut().allocator = allocator;
+        let exports = Exports {
+            on_context_create: typed(&instance, &mut store, "proxy_on_context_create"),
+            on_vm_start: typed(&instance, &mut store, "proxy_on_vm_start"),
+            on_configure: typed(&instance, &mut store, "proxy_on_configure"),
+            on_tick: typed(&instance, &mut store, "proxy_on_tick"),
+            on_new_connection: typed(&instance, &mut store, "proxy_on_new_connection"),
+            on_downstream_data: typed(&instance, &mut store, "proxy_on_downstream_data"),
+            on_upstream_data: typed(&instance, &mut store, "proxy_on_upstream_data"),
+            on_downstream_close: typed(&instance, &mut store, "proxy_on_downstream_connection_close"),
+            on_upstream_close: typed(&instance, &mut store, "proxy_on_upstream_connection_close"),
+            on_done: typed(&instance, &mut store, "proxy_on_done"),
+            on_log: typed(&instance, &mut store, "proxy_on_log"),
+            on_delete: typed(&instance, &mut store, "proxy_on_delete"),
+        };
+        // A reactor initialises with `_initialize`; a command with `_start`
+        // (only when there is no `_initialize`). Host calls are restricted
+        // meanwhile.
+        let init = typed::<(), ()>(&instance, &mut store, "_initialize")
+            .map(|f| ("_initialize", f))
+            .or_else(|| typed::<(), ()>(&instance, &mut store, "_start").map(|f| ("_start", f)));
+        let mut vm = Self {
+            store,
+            exports,
+            next_id: 2,
+        };
+        if let Some((name, f)) = init {
+            vm.call(name, Phase::Starting, 0, &f, ())?;
+        }
+        let root = vm.store.data().root_id as i32;
+        if let Some(f) = vm.exports.on_context_create.clone() {
+            vm.call("proxy_on_context_create", Phase::Running, root as u32, &f, (root, 0))?;
+        }
+        vm.store.data_mut().config_readable = true;
+        let started = match vm.exports.on_vm_start.clone() {
+            Some(f) => {
+                let len = vm.store.data().vm_config.len() as i32;
+                vm.call("proxy_on_vm_start", Phase::Running, root as u32, &f, (root, len))
+            }
+            None => Ok(1),
+        };
+        let configured = match started {
+            Ok(0) => Err(VmError::Refused("proxy_on_vm_start")),
+            Ok(_) => match vm.exports.on_configure.clone() {
+                Some(f) => {
+                    let len = vm.store.data().plugin_config.len() as i32;
+                    vm.call("proxy_on_configure", Phase::Running, root as u32, &f, (root, len))
+                        .and_then(|ok| {
+                            if ok == 0 {
+                                Err(VmError::Refused("proxy_on_configure"))
+                            } else {
+                                Ok(())
+                            }
+                        })
+                }
+                None => Ok(()),
+            },
+            Err(e) => Err(e),
+        };
+        vm.store.data_mut().config_readable = false;
+        configured.map(|()| vm)
+    }
+
+    /// Calls `f` for context `ctx` under the deadline, with the guest's
+    /// requests cleared before and the instance's phase set to `phase`.
+    fn call<P: WasmParams, Q: WasmResults>(
+        &mut self,
+        callback: &'static str,
+        phase: Phase,
+        ctx: u32,
+        f: &TypedFunc<P, Q>,
+        args: P,
+    ) -> Result<Q, VmError> {
+        let limits = self.store.data().limits;
+        self.store.set_epoch_deadline(deadline_ticks(limits));
+        {
+            let s = self.store.data_mut();
+            s.phase = phase;
+            s.current = ctx;
+            s.effective = None;
+            s.requests = Requests::default();
+        }
+        let out = f.call(&mut self.store, args);
+        self.store.data_mut().phase = Phase::Running;
+        out.map_err(|e| classify(&self.store, callback, &e))
+    }
+
+    /// Creates a stream context with `properties`; returns its id.
+    pub fn new_stream(&mut self, properties: std::collections::HashMap<String, Vec<u8>>) -> Result<u32, VmError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(2);
+        self.store.data_mut().streams.insert(
+            id,
+            StreamState {
+                properties,
+                done: false,
+            },
+        );
+        let root = self.store.data().root_id as i32;
+        if let Some(f) = self.exports.on_context_create.clone() {
+            self.call("proxy_on_context_create", Phase::Running, id, &f, (id as i32, root))?;
+        }
+        Ok(id)
+    }
+
+    /// `proxy_on_new_connection` for stream `id`.
+    pub fn on_new_connection(&mut self, id: u32) -> Result<Answer, VmError> {
+        let Some(f) = self.exports.on_new_connection.clone() else {
+            return Ok(self.answer(Action::Continue));
+        };
+        let a = self.call("proxy_on_new_connection", Phase::Running, id, &f, id as i32)?;
+        Ok(self.answer(Action::from(a)))
+    }
+
+    /// `proxy_on_downstream_data` / `proxy_on_upstream_data` for stream
+    /// `id`, with `data` readable (buffer 2 or 3) during the call.
+    pub fn on_data(&mut self, id: u32, downstream: bool, data: &[u8], end: bool) -> Result<Answer, VmError> {
+        let (name, f) = if downstream {
+            ("proxy_on_downstream_data", self.exports.on_downstream_data.clone())
+        } else {
+            ("proxy_on_upstream_data", self.exports.on_upstream_data.clone())
+        };
+        let Some(f) = f else {
+            return Ok(self.answer(Action::Continue));
+        };
+        let buf = Some(data.to_vec());
+        if downstream {
+            self.store.data_mut().buffers.downstream = buf;
+        } else {
+            self.store.data_mut().buffers.upstream = buf;
+        }
+        let len = i32::try_from(data.len()).unwrap_or(i32::MAX);
+        let out = self.call(name, Phase::Running, id, &f, (id as i32, len, i32::from(end)));
+        self.store.data_mut().buffers = CallBuffers::default();
+        Ok(self.answer(Action::from(out?)))
+    }
+
+    /// Ends stream `id`: both close callbacks, then `on_done`, `on_log` and
+    /// `on_delete`. Returns what the stream's properties ended as.
+    pub fn finish(&mut self, id: u32) -> Result<StreamState, VmError> {
+        let peer = PeerType::Remote as i32;
+        let ctx = id as i32;
+        let result = (|| {
+            if let Some(f) = self.exports.on_downstream_close.clone() {
+                self.call(
+                    "proxy_on_downstream_connection_close",
+                    Phase::Running,
+                    id,
+                    &f,
+                    (ctx, peer),
+                )?;
+            }
+            if let Some(f) = self.exports.on_upstream_close.clone() {
+                self.call(
+                    "proxy_on_upstream_connection_close",
+                    Phase::Running,
+                    id,
+                    &f,
+                    (ctx, peer),
+                )?;
+            }
+            if let Some(f) = self.exports.on_done.clone() {
+                self.call("proxy_on_done", Phase::Running, id, &f, ctx)?;
+            }
+            if let Some(f) = self.exports.on_log.clone() {
+                self.call("proxy_on_log", Phase::Running, id, &f, ctx)?;
+            }
+            if let Some(f) = self.exports.on_delete.clone() {
+                self.call("proxy_on_delete", Phase::Running, id, &f, ctx)?;
+            }
+            Ok(())
+        })();
+        let state = self.store.data_mut().streams.remove(&id).unwrap_or_default();
+        result.map(|()| state)
+    }
+
+    /// Forgets stream `id` without calling the guest (its instance failed).
+    pub fn forget(&mut self, id: u32) -> Option<StreamState> {
+        self.store.data_mut().streams.remove(&id)
+    }
+
+    /// `proxy_on_tick` for the root context.
+    pub fn tick(&mut self) -> Result<(), VmError> {
+        let root = self.store.data().root_id;
+        match self.exports.on_tick.clone() {
+            Some(f) => self.call("proxy_on_tick", Phase::Running, root, &f, root as i32),
+            None => Ok(()),
+        }
+    }
+
+    /// How often the plugin asked to be ticked (zero: never).
+    pub fn tick_period(&self) -> std::time::Duration {
+        self.store.data().tick_period
+    }
+
+    /// Stream `id`'s properties (what the guest wrote included).
+    pub fn stream(&self, id: u32) -> Option<&StreamState> {
+        self.store.data().streams.get(&id)
+    }
+
+    fn answer(&mut self, action: Action) -> Answer {
+        Answer {
+            action,
+            requests: std::mem::take(&mut self.store.data_mut().requests),
+        }
+    }
+}
+
+/// The typed export `name`, if the guest has one of that type.
+fn typed<P: WasmParams, Q: WasmResults>(
+    instance: &Instance,
+    store: &mut Store<HostState>,
+    name: &str,
+) -> Option<TypedFunc<P, Q>> {
+    instance.get_typed_func::<P, Q>(&mut *store, name).ok()
+}
+
+/// The deadline in epoch ticks.
+fn deadline_ticks(limits: PluginLimits) -> u64 {
+    let ticks = limits.deadline.as_micros() / EPOCH_TICK.as_micros().max(1);
+    u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+}
+
+/// Names what stopped a call: the deadline, the memory cap, or a trap
+/// with the guest's backtrace.
+fn classify(store: &Store<HostState>, callback: &'static str, e: &wasmtime::Error) -> VmError {
+    let limits = store.data().limits;
+    if store.data().limiter.hit {
+        return VmError::MemoryLimit {
+            callback,
+            max_memory: limits.max_memory,
+        };
+    }
+    if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return VmError::Deadline {
+            callback,
+            deadline_ms: limits.deadline.as_millis(),
+        };
+    }
+    let cause = e
+        .downcast_ref::<GuestFault>()
+        .map_or_else(|| e.root_cause().to_string(), ToString::to_string);
+    let backtrace = e
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .map(|bt| format!("\n{bt}"))
+        .unwrap_or_default();
+    VmError::Trap {
+        callback,
+        detail: format!("{cause}{backtrace}"),
+    }
+}
