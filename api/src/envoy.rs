@@ -147,9 +147,10 @@ pub struct ChainResource {
 }
 
 /// Translates a friendly listener: one chain matching everything, with the
-/// built-in filters and the cluster its kind implies. `None` for a `dns`
+/// built-in filters, then each of `plugins` that serves the listener (in
+/// declaration order), and the cluster its kind implies. `None` for a `dns`
 /// listener, which the DNS proxy serves (not filter chains).
-pub fn translate(l: &Listener) -> Option<ListenerResource> {
+pub fn translate(l: &Listener, plugins: &[crate::Plugin]) -> Option<ListenerResource> {
     let (front, cluster) = match &l.kind {
         ListenerKind::HttpProxy(o) => (
             Front::HttpProxy {
@@ -189,7 +190,11 @@ pub fn translate(l: &Listener) -> Option<ListenerResource> {
         chains: vec![ChainResource {
             name: format!("{}/default", l.name),
             matcher: ChainMatch::default(),
-            filters: vec![ANTI_EVASION.to_owned(), POLICY.to_owned()],
+            filters: [ANTI_EVASION, POLICY]
+                .into_iter()
+                .map(str::to_owned)
+                .chain(plugins.iter().filter(|p| p.serves(&l.name)).map(|p| p.name.clone()))
+                .collect(),
             cluster,
         }],
     })
@@ -202,7 +207,7 @@ mod tests {
 
     fn listeners(yaml: &str) -> Vec<Option<ListenerResource>> {
         let cfg = load_str(&format!("listeners:\n{yaml}"), "t.yaml").unwrap_or_else(|e| panic!("{e}"));
-        cfg.listeners.iter().map(translate).collect()
+        cfg.listeners.iter().map(|l| translate(l, &cfg.plugins)).collect()
     }
 
     #[test]

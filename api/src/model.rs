@@ -576,6 +576,20 @@ pub struct Plugin {
     pub fail_open: bool,
     /// Handed verbatim to the plugin's root context.
     pub config: Option<serde_json::Value>,
+    /// The listeners whose flows the plugin judges (after `sluice.policy`);
+    /// empty: every listener but `dns` ones.
+    pub listeners: Vec<String>,
+    /// The plugin reads flow bytes: its flows are relayed by copy.
+    pub data: bool,
+    /// The plugin's whole environment (WASI `environ_get`).
+    pub env: Vec<(String, String)>,
+}
+
+impl Plugin {
+    /// Whether the plugin judges the flows of listener `name`.
+    pub fn serves(&self, name: &str) -> bool {
+        self.listeners.is_empty() || self.listeners.iter().any(|l| l == name)
+    }
 }
 
 /// A whole validated configuration.

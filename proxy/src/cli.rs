@@ -110,6 +110,13 @@ pub fn check(file: &Path, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             return 1;
         }
     };
+    // Everything a start would do short of binding: plugins are loaded,
+    // compiled and started (their canary), so a plugin that would refuse
+    // to run is refused here.
+    if let Err(e) = crate::listener::Snapshot::new(cfg.clone()) {
+        let _ = writeln!(err, "{}: {e}", file.display());
+        return 1;
+    }
     let policy = Policy::compile(&cfg);
     let user_web = cfg.webgroups.iter().filter(|g| !g.builtin).count();
     let user_smart = cfg.smartgroups.iter().filter(|g| !g.builtin).count();
@@ -142,7 +149,15 @@ pub fn check(file: &Path, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         cfg.policy.mode.as_str(),
         cfg.policy.default
     );
-    let _ = writeln!(out, "  plugins:     {}", cfg.plugins.len());
+    let _ = writeln!(out, "  plugins:     {} (each loaded and started)", cfg.plugins.len());
+    for p in &cfg.plugins {
+        let served = if p.listeners.is_empty() {
+            "every listener".to_owned()
+        } else {
+            p.listeners.join(", ")
+        };
+        let _ = writeln!(out, "    {} ({}) on {served}", p.name, p.path.display());
+    }
     let lifts = policy.guard_lifts();
     if lifts.is_empty() {
         let _ = writeln!(

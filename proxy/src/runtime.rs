@@ -60,7 +60,7 @@ pub enum StartError {
     #[error("DNS listener `{name}`: {message}")]
     Dns { name: String, message: String },
     #[error(transparent)]
-    Plan(#[from] listener::UnknownFilter),
+    Plan(#[from] listener::SnapshotError),
 }
 
 /// The DNS proxy asks the same compiled policy as the TCP listeners, from

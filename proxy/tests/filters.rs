@@ -65,7 +65,8 @@ fn after_builtins(filter: Arc<dyn NetworkFilter>) -> Arc<sluice::listener::PlanH
 }
 
 /// An sni listener whose policy denies `denied.test` by a rule that
-/// delegates to `lenient`, `evil.test` by one that does not, and lets the
+/// delegates to `lenient` (declared as the test guest, which says nothing
+/// unless configured to; the native `Lenient` filter does the loosening), `evil.test` by one that does not, and lets the
 /// default deny anything else; `metadata.test` resolves to the metadata
 /// service.
 fn sni_config(upstream_port: u16) -> String {
@@ -76,13 +77,14 @@ fn sni_config(upstream_port: u16) -> String {
 listeners:
   - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: {upstream_port}}}
 plugins:
-  - {{name: lenient, path: /nonexistent/lenient.wasm}}
+  - {{name: lenient, path: \"{guest}\"}}
 policy:
   rules:
     - {{name: hand-over, to: {{webgroups: [handed-over]}}, action: deny, delegate: [lenient]}}
     - {{name: keep, to: {{webgroups: [kept]}}, action: deny}}
     - {{name: allow-good, to: {{webgroups: [good], smartgroups: [gateway, loopback]}}, action: allow}}
-"
+",
+        guest = common::guests::guest("test-guest").display()
     )
 }
 
@@ -132,14 +134,15 @@ flow_test!(a_filter_loosens_only_a_denial_a_rule_delegates_to_it, async {
 flow_test!(a_filter_cannot_loosen_an_anti_evasion_denial, async {
     let up = RawSink::start().await;
     let sluice = Sluice::start_with(
-            "listeners:
+            &"listeners:
   - {name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}
 plugins:
-  - {name: lenient, path: /nonexistent/lenient.wasm}
+  - {name: lenient, path: \"GUEST\"}
 policy:
   rules:
     - {name: everything, to: {webgroups: [good, bad], smartgroups: [gateway, loopback]}, action: allow, delegate: [lenient]}
-",
+"
+            .replace("GUEST", &common::guests::guest("test-guest").display().to_string()),
             Some(after_builtins(Arc::new(Lenient))),
         )
         .await;

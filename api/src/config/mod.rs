@@ -251,7 +251,7 @@ impl Validator {
         }
         let resolver = self.resolver(raw.resolver.as_ref());
         let (workers, drain_timeout) = self.runtime(raw.runtime.as_ref());
-        let plugins = self.plugins(&raw.plugins);
+        let plugins = self.plugins(&raw.plugins, &listeners);
 
         if !self.errors.is_empty() {
             self.errors.sort_by_key(|e| (e.line, e.column));

@@ -150,7 +150,7 @@ impl Validator {
         }
     }
 
-    pub(super) fn plugins(&mut self, raw: &[S<raw::RawPlugin>]) -> Vec<Plugin> {
+    pub(super) fn plugins(&mut self, raw: &[S<raw::RawPlugin>], listeners: &[crate::Listener]) -> Vec<Plugin> {
         let mut seen = HashMap::new();
         let mut out = Vec::new();
         for (i, p) in raw.iter().enumerate() {
@@ -180,6 +180,35 @@ impl Validator {
                     None
                 }
             });
+            let mut served = Vec::new();
+            for (j, l) in p.listeners.iter().flatten().enumerate() {
+                match listeners.iter().find(|x| x.name == l.value) {
+                    Some(x) if x.ty() == crate::ListenerType::Dns => self.err(
+                        l.referenced,
+                        format!("{path}.listeners[{j}]"),
+                        ConfigErrorKind::InvalidValue {
+                            message: format!(
+                                "`{}` is a dns listener; plugins judge the flows of http-proxy, transparent, sni and tcp listeners",
+                                l.value
+                            ),
+                        },
+                    ),
+                    Some(_) => served.push(l.value.clone()),
+                    None => {
+                        let names: Vec<&str> = listeners.iter().map(|x| x.name.as_str()).collect();
+                        let hint = suggest(&l.value, names.iter().copied())
+                            .map(|s| format!("; did you mean `{s}`?"))
+                            .unwrap_or_default();
+                        self.err(
+                            l.referenced,
+                            format!("{path}.listeners[{j}]"),
+                            ConfigErrorKind::InvalidValue {
+                                message: format!("no listener named `{}`{hint}", l.value),
+                            },
+                        );
+                    }
+                }
+            }
             if ok {
                 out.push(Plugin {
                     name: p.name.value.clone(),
@@ -187,6 +216,9 @@ impl Validator {
                     sha256,
                     fail_open: p.fail_open,
                     config: p.config.clone(),
+                    listeners: served,
+                    data: p.data,
+                    env: p.env.clone().unwrap_or_default().into_iter().collect(),
                 });
             }
         }

@@ -288,6 +288,12 @@ pub struct RawPlugin {
     pub fail_open: bool,
     #[serde(default)]
     pub config: Option<serde_json::Value>,
+    #[serde(default)]
+    pub listeners: Option<Vec<S<String>>>,
+    #[serde(default)]
+    pub data: bool,
+    #[serde(default)]
+    pub env: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// A port as written: `443`, `"443"` or `"8000-8100"`. Range checks happen

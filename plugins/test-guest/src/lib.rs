@@ -16,6 +16,7 @@
 //! | `echo_props=1` | annotates each property the host offers a connection |
 //! | `data_deny=TEXT` | closes a connection whose downstream bytes contain TEXT |
 //! | `rewrite=1` | changes the downstream bytes it is shown |
+//! | `metric=NAME` | defines counter NAME and adds one per connection |
 
 use proxy_wasm::traits::{Context, RootContext, StreamContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -151,6 +152,11 @@ impl StreamContext for Stream {
                     None => "absent".to_owned(),
                 };
                 self.annotate(path, &shown);
+            }
+        }
+        if let Some(name) = value(&cfg, "metric") {
+            if let Ok(id) = proxy_wasm::hostcalls::define_metric(proxy_wasm::types::MetricType::Counter, name) {
+                let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
             }
         }
         if let Some(v) = value(&cfg, "verdict") {

@@ -89,8 +89,9 @@ fn builtin_filter(name: &str) -> Option<Arc<dyn NetworkFilter>> {
 }
 
 impl ListenerPlan {
-    /// Makes each chain's filters from their names.
-    pub fn compile(spec: ListenerResource) -> Result<Self, UnknownFilter> {
+    /// Makes each chain's filters from their names: the built-in ones, and
+    /// the loaded `plugins`.
+    pub fn compile(spec: ListenerResource, plugins: &crate::wasm::PluginSet) -> Result<Self, UnknownFilter> {
         let chains = spec
             .chains
             .iter()
@@ -99,11 +100,17 @@ impl ListenerPlan {
                     .filters
                     .iter()
                     .map(|f| {
-                        builtin_filter(f).ok_or_else(|| UnknownFilter {
-                            listener: spec.name.clone(),
-                            chain: c.name.clone(),
-                            filter: f.clone(),
-                        })
+                        builtin_filter(f)
+                            .or_else(|| {
+                                plugins.get(f).map(|p| {
+                                    Arc::new(crate::wasm::WasmFilter { plugin: p.clone() }) as Arc<dyn NetworkFilter>
+                                })
+                            })
+                            .ok_or_else(|| UnknownFilter {
+                                listener: spec.name.clone(),
+                                chain: c.name.clone(),
+                                filter: f.clone(),
+                            })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(Arc::new(FilterChain::new(
@@ -122,9 +129,14 @@ impl ListenerPlan {
         })
     }
 
-    /// Translates and compiles a friendly listener; `None` for a `dns` one.
-    pub fn from_config(l: &sluice_api::Listener) -> Option<Result<Self, UnknownFilter>> {
-        envoy::translate(l).map(Self::compile)
+    /// Translates and compiles a friendly listener with the plugins that
+    /// serve it; `None` for a `dns` one.
+    pub fn from_config(
+        l: &sluice_api::Listener,
+        config: &sluice_api::Config,
+        plugins: &crate::wasm::PluginSet,
+    ) -> Option<Result<Self, UnknownFilter>> {
+        envoy::translate(l, &config.plugins).map(|spec| Self::compile(spec, plugins))
     }
 
     /// The first chain whose match fits the flow (Envoy picks the most

@@ -43,6 +43,15 @@ use crate::forward::{ConnLimit, Resolver};
 use crate::policy::Policy;
 use crate::telemetry::audit::{AuditRecord, AuditWriter};
 
+/// Why a snapshot cannot be built from a checked configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Filter(#[from] UnknownFilter),
+    #[error(transparent)]
+    Plugin(#[from] crate::wasm::PluginLoadError),
+}
+
 /// Changes a listener's plan as a snapshot is built (see [`Snapshot::build`]).
 pub type PlanHook = dyn Fn(&Config, &mut ListenerPlan) + Send + Sync;
 
@@ -57,6 +66,8 @@ pub struct Snapshot {
     /// The TCP listeners' plans, in configuration order (DNS listeners are
     /// served by `dns`).
     listeners: Vec<Arc<ListenerPlan>>,
+    /// The loaded plugins, started.
+    pub plugins: crate::wasm::PluginSet,
     /// Rule names (then `default`, `builtin-guard`) shared without copying,
     /// for the DNS proxy's per-query verdicts.
     rule_labels: Vec<Arc<str>>,
@@ -67,18 +78,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(config: Config) -> Result<Self, UnknownFilter> {
+    pub fn new(config: Config) -> Result<Self, SnapshotError> {
         Self::build(config, None)
     }
 
     /// Like [`Snapshot::new`], with `hook` given each listener's plan to
     /// change before it is shared (extra filters or chains: the plugin host,
     /// tests).
-    pub fn build(config: Config, hook: Option<&PlanHook>) -> Result<Self, UnknownFilter> {
+    pub fn build(config: Config, hook: Option<&PlanHook>) -> Result<Self, SnapshotError> {
+        let plugins = crate::wasm::PluginSet::load(&config)?;
         let policy = Policy::compile(&config);
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let Some(plan) = ListenerPlan::from_config(l) else {
+            let Some(plan) = ListenerPlan::from_config(l, &config, &plugins) else {
                 continue;
             };
             let mut plan = plan?;
@@ -95,6 +107,7 @@ impl Snapshot {
             config,
             policy,
             listeners,
+            plugins,
             rule_labels,
             serial: SERIAL.fetch_add(1, Ordering::Relaxed),
         })
@@ -453,7 +466,8 @@ mod future_sizes {
                 .await
                 .unwrap_or_else(|_| unreachable!());
             let cfg = sluice_api::config::embedded_default().unwrap_or_else(|_| unreachable!());
-            let plan = ListenerPlan::from_config(&cfg.listeners[0]).unwrap_or_else(|| unreachable!());
+            let plan = ListenerPlan::from_config(&cfg.listeners[0], &cfg, &crate::wasm::PluginSet::default())
+                .unwrap_or_else(|| unreachable!());
             let plan = std::sync::Arc::new(plan.unwrap_or_else(|_| unreachable!()));
             let snap = std::sync::Arc::new(Snapshot::new(cfg.clone()).unwrap_or_else(|_| unreachable!()));
             let shared = std::sync::Arc::new(Shared::new(
@@ -509,7 +523,9 @@ mod nodelay {
             "t.yaml",
         )
         .unwrap();
-        let plan = ListenerPlan::from_config(&cfg.listeners[0]).unwrap().unwrap();
+        let plan = ListenerPlan::from_config(&cfg.listeners[0], &cfg, &crate::wasm::PluginSet::default())
+            .unwrap()
+            .unwrap();
         let listener = bind(&plan).unwrap();
         let mut state = NoDelay::default();
         for _ in 0..3 {

@@ -636,7 +636,64 @@ pub fn render(handle: &PrometheusHandle) -> String {
             h.render(&mut out);
         }
     }
+    render_plugin_metrics(&mut out);
     out
+}
+
+/// The metrics WASM plugins define (`proxy_define_metric`), labelled with
+/// the plugin's name and the metric's own name: counters as
+/// `sluice_plugin_counter`, gauges as `sluice_plugin_gauge`, histograms as
+/// the sum and count of what was recorded.
+fn render_plugin_metrics(out: &mut String) {
+    use std::fmt::Write as _;
+
+    use crate::wasm::abi::MetricType;
+    let all = crate::wasm::load::all_metrics();
+    if all.is_empty() {
+        return;
+    }
+    let mut plugins: Vec<_> = all.into_iter().collect();
+    plugins.sort_by(|a, b| a.0.cmp(&b.0));
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    for (family, kind, help, of) in [
+        (
+            "sluice_plugin_counter",
+            "counter",
+            "Counters WASM plugins define",
+            MetricType::Counter,
+        ),
+        (
+            "sluice_plugin_gauge",
+            "gauge",
+            "Gauges WASM plugins define",
+            MetricType::Gauge,
+        ),
+        (
+            "sluice_plugin_histogram",
+            "summary",
+            "Histograms WASM plugins define: sum and count of the values recorded",
+            MetricType::Histogram,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} {kind}");
+        for (plugin, metrics) in &plugins {
+            for m in metrics.iter().filter(|m| m.kind == of) {
+                let labels = format!(
+                    "plugin=\"{}\",metric=\"{}\"",
+                    prometheus_label(plugin),
+                    prometheus_label(&m.name)
+                );
+                if of == MetricType::Histogram {
+                    let _ = writeln!(out, "{family}_sum{{{labels}}} {}", m.value);
+                    let _ = writeln!(out, "{family}_count{{{labels}}} {}", m.count);
+                } else {
+                    let _ = writeln!(out, "{family}{{{labels}}} {}", m.value);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

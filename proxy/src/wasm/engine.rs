@@ -46,7 +46,14 @@ pub struct PluginModule {
 #[derive(Debug, Clone)]
 pub struct WasmEngine {
     engine: Engine,
+    /// Modules compiled by this engine, by the hex SHA-256 of their bytes:
+    /// a reload that changes a plugin's configuration but not its module
+    /// does not compile it again.
+    compiled: std::sync::Arc<std::sync::Mutex<Vec<(String, Module)>>>,
 }
+
+/// How many compiled modules an engine keeps for reuse.
+const COMPILED_KEPT: usize = 64;
 
 impl WasmEngine {
     /// An engine whose pool holds at most `instances` live plugin instances,
@@ -66,7 +73,10 @@ impl WasmEngine {
             .cranelift_opt_level(OptLevel::Speed);
         let engine = Engine::new(&cfg).map_err(|e| format!("{e:?}"))?;
         spawn_ticker(&engine)?;
-        Ok(Self { engine })
+        Ok(Self {
+            engine,
+            compiled: std::sync::Arc::default(),
+        })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -85,7 +95,7 @@ impl WasmEngine {
                 actual,
             });
         }
-        let module = Module::new(&self.engine, wasm).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        let module = self.compiled(&actual, wasm)?;
         let abi = AbiVersion::declared(module.exports().map(|e| e.name())).ok_or(CompileError::UnknownAbi)?;
         let exported = |name: &str| module.exports().any(|e| e.name() == name);
         if !exported("memory") {
@@ -99,6 +109,23 @@ impl WasmEngine {
             abi,
             sha256: actual,
         })
+    }
+}
+
+impl WasmEngine {
+    /// The module with hash `sha256`, compiled now or earlier.
+    fn compiled(&self, sha256: &str, wasm: &[u8]) -> Result<Module, CompileError> {
+        let lock = || self.compiled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, m)) = lock().iter().find(|(h, _)| h == sha256) {
+            return Ok(m.clone());
+        }
+        let module = Module::new(&self.engine, wasm).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        let mut kept = lock();
+        if kept.len() >= COMPILED_KEPT {
+            kept.remove(0);
+        }
+        kept.push((sha256.to_owned(), module.clone()));
+        Ok(module)
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Plugin {
     /// Whether flows through this plugin are relayed by copy so it sees
     /// their bytes.
     pub data: bool,
+    /// What makes a later declaration the same plugin (module, settings).
+    pub identity: String,
     slots: Vec<Mutex<Slot>>,
 }
 
@@ -75,7 +77,13 @@ impl Plugin {
     /// Starts the first instance now (the canary: a plugin that traps or
     /// refuses its configuration is refused here, before it serves), and
     /// the rest on first use.
-    pub fn start(code: PluginCode, failure: FailurePolicy, data: bool, slots: usize) -> Result<Self, VmError> {
+    pub fn start(
+        code: PluginCode,
+        failure: FailurePolicy,
+        data: bool,
+        slots: usize,
+        identity: String,
+    ) -> Result<Self, VmError> {
         let vm = Vm::start(&code)?;
         let slots: Vec<Mutex<Slot>> = (0..slots.max(1)).map(|_| Mutex::default()).collect();
         if let Some(first) = slots.first() {
@@ -87,6 +95,7 @@ impl Plugin {
             code,
             failure,
             data,
+            identity,
             slots,
         })
     }

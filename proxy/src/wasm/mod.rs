@@ -8,12 +8,15 @@
 //! - `wasi`, `host`: the WASI calls and every `env.proxy_*` function;
 //! - `state`, `shared`, `properties`: what host functions work on;
 //! - `vm`: one instance and the proxy-wasm call order;
-//! - `filter`: a plugin as a network filter in a flow's chain.
+//! - `filter`: a plugin as a network filter in a flow's chain;
+//! - `load`: a configuration's `plugins:` loaded (and canaried) into a
+//!   snapshot.
 
 pub mod abi;
 pub mod engine;
 pub mod filter;
 pub mod host;
+pub mod load;
 pub mod properties;
 pub mod shared;
 pub mod state;
@@ -22,5 +25,6 @@ pub mod wasi;
 
 pub use engine::{CompileError, PluginModule, WasmEngine};
 pub use filter::{FailurePolicy, Plugin, WasmFilter};
+pub use load::{PluginLoadError, PluginSet};
 pub use state::PluginLimits;
 pub use vm::{PluginCode, Vm, VmError};

@@ -10,6 +10,8 @@
 
 #![allow(dead_code, reason = "each test uses a subset of the helpers")]
 
+pub mod guests;
+
 /// A data-plane test: `flow_test!(name, async { … })` is a
 /// `#[tokio::test]` on the multi-thread runtime whose body is
 /// [`bounded`], so a stuck proxy fails the test instead of hanging it.

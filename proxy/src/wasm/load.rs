@@ -1,0 +1,157 @@
+//! Loading a configuration's `plugins:` into a snapshot: read each file,
+//! check its sha256, compile and link it, and start one instance (the
+//! canary) before the snapshot is accepted. A plugin that is configured
+//! either runs or the configuration is refused, with the plugin's name,
+//! its file and the reason; the running snapshot keeps serving.
+//!
+//! A plugin that is unchanged by a reload (same module, configuration,
+//! environment and settings) is carried over as it is, instances and all,
+//! so a reload drops no flow's context. A changed one is started anew but
+//! keeps its name's shared data, queues and metrics.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use sluice_api::Config;
+
+use super::engine;
+use super::filter::{FailurePolicy, Plugin};
+use super::shared::{PluginMetrics, SharedData, SharedQueues};
+use super::state::PluginLimits;
+use super::vm::PluginCode;
+
+/// A plugin that could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("plugin `{name}` ({}): {reason}", path.display())]
+pub struct PluginLoadError {
+    pub name: String,
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// The plugins of one snapshot, by name.
+#[derive(Debug, Default, Clone)]
+pub struct PluginSet {
+    plugins: Vec<Arc<Plugin>>,
+}
+
+/// What makes two declarations of a plugin the same plugin.
+fn identity(sha256: &str, config: &[u8], p: &sluice_api::Plugin) -> String {
+    format!(
+        "{sha256}|{}|{:?}|{}|{}",
+        String::from_utf8_lossy(config),
+        p.env,
+        p.data,
+        p.fail_open
+    )
+}
+
+/// Plugins loaded so far, by name, for reuse across snapshots.
+static LOADED: Mutex<Vec<(String, Weak<Plugin>)>> = Mutex::new(Vec::new());
+
+impl PluginSet {
+    /// Loads and starts every plugin `config` declares.
+    pub fn load(config: &Config) -> Result<Self, PluginLoadError> {
+        let base = config_dir(config);
+        let mut plugins = Vec::with_capacity(config.plugins.len());
+        for p in &config.plugins {
+            plugins.push(load_one(p, base.as_deref())?);
+        }
+        Ok(Self { plugins })
+    }
+
+    /// The plugin named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Plugin>> {
+        self.plugins.iter().find(|p| p.name() == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Plugin>> {
+        self.plugins.iter()
+    }
+}
+
+/// The directory relative plugin paths are read from: the configuration
+/// file's own (none for the embedded default: the working directory).
+fn config_dir(config: &Config) -> Option<PathBuf> {
+    if config.source == sluice_api::config::EMBEDDED_DEFAULT_NAME {
+        return None;
+    }
+    Path::new(&config.source).parent().map(Path::to_path_buf)
+}
+
+fn load_one(p: &sluice_api::Plugin, base: Option<&Path>) -> Result<Arc<Plugin>, PluginLoadError> {
+    let path = match base {
+        Some(dir) if p.path.is_relative() => dir.join(&p.path),
+        _ => p.path.clone(),
+    };
+    let fail = |reason: String| PluginLoadError {
+        name: p.name.clone(),
+        path: path.clone(),
+        reason,
+    };
+    let wasm = std::fs::read(&path).map_err(|e| fail(format!("cannot read the module: {e}")))?;
+    let config = match &p.config {
+        None => Vec::new(),
+        Some(serde_json::Value::String(s)) => s.as_bytes().to_vec(),
+        Some(v) => v.to_string().into_bytes(),
+    };
+    let sha256 = engine::hex_sha256(&wasm);
+    let id = identity(&sha256, &config, p);
+    let mut loaded = LOADED.lock().unwrap_or_else(PoisonError::into_inner);
+    loaded.retain(|(_, w)| w.strong_count() > 0);
+    let previous = loaded.iter().find(|(n, _)| *n == p.name).and_then(|(_, w)| w.upgrade());
+    if let Some(prev) = &previous
+        && prev.identity == id
+    {
+        return Ok(prev.clone());
+    }
+    let engine = engine::shared().map_err(|e| fail(format!("the WASM engine cannot start: {e}")))?;
+    let module = engine
+        .compile(&wasm, p.sha256.as_deref())
+        .map_err(|e| fail(e.to_string()))?;
+    let (shared, queues, metrics) = match &previous {
+        Some(prev) => (
+            prev.code.shared.clone(),
+            prev.code.queues.clone(),
+            prev.code.metrics.clone(),
+        ),
+        None => (
+            Arc::new(SharedData::default()),
+            Arc::new(SharedQueues::default()),
+            Arc::new(PluginMetrics::default()),
+        ),
+    };
+    let code = PluginCode::link(
+        &engine,
+        &p.name,
+        &module,
+        config,
+        p.env.clone(),
+        PluginLimits::default(),
+        shared,
+        queues,
+        metrics,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    let failure = if p.fail_open {
+        FailurePolicy::Open
+    } else {
+        FailurePolicy::Closed
+    };
+    let slots = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    let plugin = Arc::new(Plugin::start(code, failure, p.data, slots, id).map_err(|e| fail(e.to_string()))?);
+    loaded.retain(|(n, _)| *n != p.name);
+    loaded.push((p.name.clone(), Arc::downgrade(&plugin)));
+    Ok(plugin)
+}
+
+/// Every loaded plugin's metrics, by plugin name, for `/metrics`.
+pub fn all_metrics() -> HashMap<String, Vec<super::shared::Metric>> {
+    LOADED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .filter_map(|(n, w)| w.upgrade().map(|p| (n.clone(), p.code.metrics.all())))
+        .collect()
+}

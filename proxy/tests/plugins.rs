@@ -1,0 +1,269 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+//! WASM plugins declared in `sluice.yaml`, on real flows through Sluice:
+//! the test guest (`plugins/test-guest`, built from source) denies, allows
+//! what a rule delegates to it, annotates records, sees flow bytes, fails
+//! closed or open, and a plugin that cannot start refuses the
+//! configuration (at start, on reload, and in `sluice check`).
+
+#[macro_use]
+mod common;
+
+use common::guests::guest;
+use common::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// A `plugins:` entry for the test guest named `name`, configured with
+/// `config` (lines of `key=value`), plus `extra` settings.
+fn plugin(name: &str, config: &str, extra: &str) -> String {
+    format!(
+        "plugins:\n  - name: {name}\n    path: \"{}\"\n    config: {}\n{extra}",
+        guest("test-guest").display(),
+        serde_json::to_string(config).unwrap()
+    )
+}
+
+/// An `sni` listener forwarding to the upstream's port, the standard
+/// rules, and the plugin.
+fn sni_with(plugin_yaml: &str, rules: Option<&str>) -> impl FnOnce(std::net::SocketAddr) -> String {
+    let plugin_yaml = plugin_yaml.to_owned();
+    let rules = rules.map(str::to_owned);
+    move |up| {
+        let c = TestConfig::listener("sni", "sni", &format!("upstream_port: {}", up.port())).head(&plugin_yaml);
+        match rules {
+            Some(r) => c.rules(&r),
+            None => c,
+        }
+        .yaml()
+    }
+}
+
+/// Sends a ClientHello naming `sni` through the `sni` listener and waits
+/// for the flow's record.
+async fn hello(rig: &Rig<RawSink>, sni: &str) -> serde_json::Value {
+    let mut s = TcpStream::connect(rig.sluice.addr("sni")).await.unwrap();
+    s.write_all(&rustls_hello(sni)).await.unwrap();
+    s.shutdown().await.unwrap();
+    let _ = wait_closed(&mut s).await;
+    rig.sluice.wait_record(|r| field(r, "sni") == sni).await
+}
+
+flow_test!(a_plugin_denies_a_flow_the_policy_allowed, async {
+    let rig = Rig::<RawSink>::with_upstream(sni_with(&plugin("guard", "deny_sni=allowed.test", ""), None)).await;
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(decided(&r), ("deny", "plugin-denied"), "{r}");
+    assert_eq!(rule(&r), "guard", "the plugin's name is the record's rule: {r}");
+    assert_eq!(r["changed_by"], serde_json::json!(["guard"]), "{r}");
+    assert_eq!(rig.up.accepts(), 0, "no byte of a denied flow reaches the upstream");
+    rig.stop().await;
+});
+
+flow_test!(a_plugin_allows_only_what_a_rule_delegates_to_it, async {
+    // `deny-bad` hands its denials to the plugin, which allows everything.
+    let delegating = format!(
+        "    - {{name: deny-bad, to: {{webgroups: [bad]}}, action: deny, delegate: [lenient]}}\n{}",
+        STD_RULES.lines().skip(1).map(|l| format!("{l}\n")).collect::<String>()
+    );
+    let rig = Rig::<RawSink>::with_upstream(sni_with(&plugin("lenient", "verdict=allow", ""), Some(&delegating))).await;
+    let r = hello(&rig, "denied.test").await;
+    assert_eq!(decided(&r), ("allow", "plugin-allowed"), "{r}");
+    assert_eq!(rule(&r), "lenient", "{r}");
+    rig.stop().await;
+
+    // Without the delegation the rule's denial stands.
+    let rig = Rig::<RawSink>::with_upstream(sni_with(&plugin("lenient", "verdict=allow", ""), None)).await;
+    let r = hello(&rig, "denied.test").await;
+    assert_eq!(decided(&r), ("deny", "denied-by-rule"), "{r}");
+    assert_eq!(rule(&r), "deny-bad", "{r}");
+    rig.stop().await;
+});
+
+flow_test!(a_plugins_notes_and_shared_counts_reach_the_audit_record, async {
+    let rig = Rig::<RawSink>::with_upstream(sni_with(
+        &plugin(
+            "tagger",
+            "annotate=team:payments\ncount=flows\necho_props=1\nmetric=flows_seen",
+            "",
+        ),
+        None,
+    ))
+    .await;
+    let first = hello(&rig, "allowed.test").await;
+    assert_eq!(action(&first), "allow", "{first}");
+    let notes = &first["annotations"];
+    assert_eq!(notes["team"], "payments", "{first}");
+    assert_eq!(notes["count"], "1", "{first}");
+    assert_eq!(notes["connection.requested_server_name"], "allowed.test", "{first}");
+    assert_eq!(notes["sluice.listener"], "sni", "{first}");
+    assert_eq!(
+        notes["sluice.verdict.action"], "allow",
+        "the plugin sees the decision so far: {first}"
+    );
+    assert_eq!(notes["sluice.verdict.rule"], "allow-good", "{first}");
+    // The count is shared by the plugin's instances: a second flow sees 2.
+    let mut s = TcpStream::connect(rig.sluice.addr("sni")).await.unwrap();
+    s.write_all(&rustls_hello("allowed.test")).await.unwrap();
+    s.shutdown().await.unwrap();
+    let _ = wait_closed(&mut s).await;
+    let both = rig.sluice.wait_records(2, |r| field(r, "sni") == "allowed.test").await;
+    let counts: Vec<&str> = both
+        .iter()
+        .map(|r| r["annotations"]["count"].as_str().unwrap())
+        .collect();
+    assert_eq!(counts, ["1", "2"]);
+    // The plugin's own metric is on /metrics, labelled with its name.
+    let mut admin = TcpStream::connect(rig.sluice.server.admin).await.unwrap();
+    admin
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    within(
+        "/metrics",
+        tokio::io::AsyncReadExt::read_to_string(&mut admin, &mut text),
+    )
+    .await
+    .unwrap();
+    assert!(
+        text.contains("sluice_plugin_counter{plugin=\"tagger\",metric=\"flows_seen\"} 2"),
+        "{text}"
+    );
+    rig.stop().await;
+});
+
+flow_test!(a_failing_plugin_fails_closed_unless_it_is_fail_open, async {
+    let rig = Rig::<RawSink>::with_upstream(sni_with(&plugin("fragile", "connection=trap", ""), None)).await;
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(decided(&r), ("deny", "plugin-failed"), "{r}");
+    assert_eq!(rule(&r), "fragile", "{r}");
+    assert_eq!(rig.up.accepts(), 0);
+    rig.stop().await;
+
+    let rig = Rig::<RawSink>::with_upstream(sni_with(
+        &plugin("fragile", "connection=trap", "    fail_open: true\n"),
+        None,
+    ))
+    .await;
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(
+        decided(&r),
+        ("allow", "allowed-by-rule"),
+        "fail open: the rest of the chain decides: {r}"
+    );
+    rig.stop().await;
+});
+
+flow_test!(a_data_plugin_sees_the_bytes_and_closes_the_flow, async {
+    let rig = Rig::<RawSink>::with_upstream(|up| {
+        TestConfig::listener("east-west", "tcp", &format!("upstream: \"{up}\""))
+            .head(&plugin("dlp", "data_deny=SECRET", "    data: true\n"))
+            .yaml()
+    })
+    .await;
+    let mut s = TcpStream::connect(rig.sluice.addr("east-west")).await.unwrap();
+    s.write_all(b"here is the SECRET").await.unwrap();
+    let _ = wait_closed(&mut s).await;
+    let r = rig.sluice.wait_record(|r| field(r, "listener") == "east-west").await;
+    assert_eq!(decided(&r), ("deny", "plugin-denied"), "{r}");
+    assert_eq!(field(&r, "close_reason"), "policy-revoked", "{r}");
+    rig.stop().await;
+});
+
+flow_test!(a_plugin_that_cannot_start_refuses_the_configuration, async {
+    // At start: the error names the plugin, its file and the reason.
+    let dir = scratch_dir();
+    let yaml = format!(
+        "{}{}",
+        base_config(&dir.path().join("audit.jsonl")),
+        TestConfig::listener("sni", "sni", "upstream_port: 9")
+            .head(&plugin("picky", "configure=false", ""))
+            .yaml()
+    );
+    let config = sluice_api::config::load_str(&yaml, "test.yaml").unwrap();
+    let Err(err) = sluice::runtime::Server::start(config, None).await else {
+        panic!("a plugin that cannot start must refuse the configuration");
+    };
+    let text = err.to_string();
+    assert!(text.contains("plugin `picky`"), "{text}");
+    assert!(text.contains("test_guest.wasm"), "{text}");
+    assert!(text.contains("proxy_on_configure returned false"), "{text}");
+
+    // On reload: refused, and the running configuration keeps serving.
+    let rig = Rig::<RawSink>::with_upstream(sni_with(&plugin("picky", "verdict=deny", ""), None)).await;
+    let bad = TestConfig::listener("sni", "sni", &format!("upstream_port: {}", rig.up.addr.port())).head(&plugin(
+        "picky",
+        "configure=false",
+        "",
+    ));
+    let yaml = format!(
+        "{}{}",
+        base_config(&rig.sluice.audit),
+        bad.yaml().replace("127.0.0.1:0", &rig.sluice.addr("sni").to_string())
+    );
+    let refused = rig
+        .sluice
+        .server
+        .reload(sluice_api::config::load_str(&yaml, "reload.yaml").unwrap())
+        .await;
+    assert!(refused.is_err(), "a plugin that cannot start must refuse the reload");
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(
+        decided(&r),
+        ("deny", "plugin-denied"),
+        "the old plugin still serves: {r}"
+    );
+    rig.stop().await;
+});
+
+#[test]
+fn sluice_check_loads_and_starts_every_plugin() {
+    let dir = scratch_dir();
+    let write = |name: &str, plugin_yaml: &str| {
+        let path = dir.path().join(name);
+        let yaml = format!(
+            "{}{}",
+            base_config(&dir.path().join("audit.jsonl")),
+            TestConfig::listener("sni", "sni", "upstream_port: 443")
+                .head(plugin_yaml)
+                .yaml()
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    // Plugin names are process-wide (a plugin keeps its shared data across
+    // reloads by name): each test here uses its own.
+    let good = write("good.yaml", &plugin("checked", "annotate=a:b", ""));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(
+        sluice::cli::check(&good, &mut out, &mut err),
+        0,
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("plugins:     1 (each loaded and started)"), "{out}");
+    assert!(out.contains("checked ("), "{out}");
+
+    let bad = write("bad.yaml", &plugin("choosy", "configure=false", ""));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(sluice::cli::check(&bad, &mut out, &mut err), 1);
+    let err = String::from_utf8_lossy(&err);
+    // The form docs/configuration.md shows.
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "{}: plugin `choosy` ({}): the plugin refused to start: proxy_on_configure returned false",
+            bad.display(),
+            guest("test-guest").display()
+        )
+    );
+
+    let wrong_hash = write(
+        "hash.yaml",
+        &plugin("pinned", "annotate=a:b", &format!("    sha256: {}\n", "ab".repeat(32))),
+    );
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(sluice::cli::check(&wrong_hash, &mut out, &mut err), 1);
+    let err = String::from_utf8_lossy(&err);
+    assert!(err.contains("sha256 mismatch"), "{err}");
+}
