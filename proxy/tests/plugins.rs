@@ -267,3 +267,116 @@ fn sluice_check_loads_and_starts_every_plugin() {
     let err = String::from_utf8_lossy(&err);
     assert!(err.contains("sha256 mismatch"), "{err}");
 }
+
+/// An `sni` listener to the upstream's port with example plugin `name`
+/// (from `plugins/`) configured with `config`, and `head` before it.
+fn example(name: &str, config: &serde_json::Value, head: &str) -> impl FnOnce(std::net::SocketAddr) -> String {
+    let yaml = format!(
+        "{head}plugins:\n  - name: {name}\n    path: \"{}\"\n    config: {}\n",
+        guest(name).display(),
+        serde_json::to_string(&config.to_string()).unwrap()
+    );
+    move |up| {
+        TestConfig::listener("sni", "sni", &format!("upstream_port: {}", up.port()))
+            .head(&yaml)
+            .yaml()
+    }
+}
+
+flow_test!(ai_egress_guard_admits_labelled_workloads_within_their_budget, async {
+    // The tests' source, 127.0.0.1, is in `agents`; `allowed.test` is in `good`.
+    let head = "smartgroups:\n  - {name: agents, cidrs: [127.0.0.1/32]}\n  - {name: elsewhere, cidrs: [10.9.9.0/24]}\n";
+    let unlabelled = serde_json::json!({"providers": "good", "ai_groups": ["elsewhere"], "per_minute": 5});
+    let rig = Rig::<RawSink>::with_upstream(example("ai-egress-guard", &unlabelled, head)).await;
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(decided(&r), ("deny", "plugin-denied"), "{r}");
+    assert_eq!(r["annotations"]["why"], "not labelled for AI", "{r}");
+    rig.stop().await;
+
+    // Labelled, with a budget of two a minute: the third flow is refused
+    // (a run that straddles a minute boundary starts a new budget, and is
+    // tried again).
+    let labelled = serde_json::json!({"providers": "good", "ai_groups": ["agents"], "per_minute": 2});
+    let rig = Rig::<RawSink>::with_upstream(example("ai-egress-guard", &labelled, head)).await;
+    let mut seen = Vec::new();
+    for attempt in 0..2 {
+        let before = rig.sluice.records().len();
+        for _ in 0..3 {
+            let mut s = TcpStream::connect(rig.sluice.addr("sni")).await.unwrap();
+            s.write_all(&rustls_hello("allowed.test")).await.unwrap();
+            s.shutdown().await.unwrap();
+            let _ = wait_closed(&mut s).await;
+        }
+        let all = rig
+            .sluice
+            .wait_records(before + 3, |r| field(r, "sni") == "allowed.test")
+            .await;
+        seen = all[before..]
+            .iter()
+            .map(|r| {
+                (
+                    action(r).to_owned(),
+                    r["annotations"]["budget.used"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        if seen[2].1 == "3" || attempt == 1 {
+            break;
+        }
+    }
+    let want: Vec<(String, String)> = [("allow", "1"), ("allow", "2"), ("deny", "3")]
+        .iter()
+        .map(|(a, u)| ((*a).to_owned(), (*u).to_owned()))
+        .collect();
+    // A later attempt starts after earlier flows of the same minute.
+    let used: Vec<u64> = seen.iter().map(|(_, u)| u.parse().unwrap()).collect();
+    if used[0] == 1 {
+        assert_eq!(seen, want);
+    } else {
+        assert!(
+            seen.iter().all(|(a, _)| a == "deny"),
+            "past the budget every flow is refused: {seen:?}"
+        );
+    }
+    rig.stop().await;
+});
+
+flow_test!(business_hours_denies_its_webgroup_outside_the_hours, async {
+    let always = serde_json::json!({"webgroup": "good", "open": "00:00", "close": "24:00",
+        "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "utc_offset": "+01:00"});
+    let rig = Rig::<RawSink>::with_upstream(example("business-hours", &always, "")).await;
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(action(&r), "allow", "{r}");
+    assert!(r["annotations"]["local_time"].as_str().is_some(), "{r}");
+    rig.stop().await;
+
+    let never = serde_json::json!({"webgroup": "good", "open": "09:00", "close": "18:00", "days": []});
+    let rig = Rig::<RawSink>::with_upstream(example("business-hours", &never, "")).await;
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(decided(&r), ("deny", "plugin-denied"), "{r}");
+    assert_eq!(r["annotations"]["why"], "outside business hours", "{r}");
+    // Other WebGroups are left to the policy.
+    let r = hello(&rig, "denied.test").await;
+    assert_eq!(decided(&r), ("deny", "denied-by-rule"), "{r}");
+    rig.stop().await;
+});
+
+#[test]
+fn an_example_plugins_bad_configuration_refuses_it_with_the_plugins_words() {
+    let dir = scratch_dir();
+    let path = dir.path().join("bad.yaml");
+    let bad = serde_json::json!({"webgroup": "good", "open": "18:00", "close": "09:00", "days": []});
+    let yaml = format!(
+        "{}{}",
+        base_config(&dir.path().join("audit.jsonl")),
+        example("business-hours", &bad, "")("127.0.0.1:9".parse().unwrap())
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(sluice::cli::check(&path, &mut out, &mut err), 1);
+    let err = String::from_utf8_lossy(&err);
+    assert!(
+        err.contains("plugin `business-hours`") && err.contains("proxy_on_configure returned false"),
+        "{err}"
+    );
+}

@@ -109,7 +109,7 @@ impl Plugin {
     /// failure drops the instance.
     fn with_vm<R>(&self, slot: usize, f: impl FnOnce(&mut Vm, u64) -> Result<R, VmError>) -> Result<R, VmError> {
         let Some(cell) = self.slots.get(slot) else {
-            return Err(VmError::Refused("slot"));
+            return Err(VmError::Gone("the plugin slot"));
         };
         let mut s = lock(cell);
         if s.vm.is_none() {
@@ -128,7 +128,7 @@ impl Plugin {
         }
         let generation = s.generation;
         let Some(vm) = s.vm.as_mut() else {
-            return Err(VmError::Refused("slot"));
+            return Err(VmError::Gone("the plugin slot"));
         };
         match f(vm, generation) {
             Ok(r) => Ok(r),
@@ -251,7 +251,7 @@ impl WasmFilter {
         };
         let ran = self.plugin.with_vm(stream.slot, |vm, generation| {
             if generation != stream.generation {
-                return Err(VmError::Refused("the instance serving this flow"));
+                return Err(VmError::Gone("the instance serving this flow"));
             }
             let answer = vm.on_data(stream.id, downstream, data, false)?;
             let said = vm.stream(stream.id).map(|s| said(&s.properties)).unwrap_or_default();
@@ -336,8 +336,18 @@ fn flow_properties(ctx: &FlowContext) -> HashMap<String, Vec<u8>> {
     }
     p.insert("sluice.listener".to_owned(), string(&**ctx.listener()));
     p.insert("sluice.protocol".to_owned(), string(ctx.protocol.to_string()));
+    let policy = &ctx.snapshot.policy;
+    let mut groups = policy.smartgroups_of(ctx.src.ip().to_canonical());
+    if let Some(id) = ctx.identity {
+        groups.push(policy.smartgroup_name(id));
+    }
+    p.insert("sluice.source.smartgroups".to_owned(), string(groups.join(",")));
     if let Some(name) = &ctx.name {
         p.insert("sluice.host".to_owned(), string(name.as_str()));
+        p.insert(
+            "sluice.destination.webgroups".to_owned(),
+            string(policy.webgroups_of(name).join(",")),
+        );
     }
     if let Some(t) = &ctx.connect_target {
         p.insert("sluice.connect_target".to_owned(), string(t));

@@ -60,7 +60,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 return status(Status::BadArgument);
             };
             let msg = c.read(ptr, len)?;
-            c.data().log(level, &String::from_utf8_lossy(&msg));
+            c.data_mut().log(level, &String::from_utf8_lossy(&msg));
             ok()
         },
     )?;
@@ -311,7 +311,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          -> R {
             running(&c, "proxy_http_call")?;
             let upstream = read_str(&mut c, up, up_len)?.unwrap_or_default();
-            c.data()
+            c.data_mut()
                 .log(LogLevel::Warn, &format!("http_call to unknown upstream `{upstream}`"));
             status(Status::BadArgument)
         },

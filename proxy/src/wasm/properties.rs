@@ -16,6 +16,8 @@
 //! | `sluice.host` | string | the destination name (SNI, Host or CONNECT target) |
 //! | `sluice.connect_target` | string | explicit proxy: `host:port` asked for |
 //! | `sluice.alpn` | string | the ALPN protocols offered, comma-separated |
+//! | `sluice.source.smartgroups` | string | the source's SmartGroups (and an authenticated user's), comma-separated |
+//! | `sluice.destination.webgroups` | string | the destination name's WebGroups, comma-separated |
 //! | `sluice.verdict.action`, `.rule`, `.reason` | string | the decision so far |
 //!
 //! A plugin gives its own verdict by writing `sluice.verdict` (`allow` or

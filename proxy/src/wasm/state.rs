@@ -106,6 +106,9 @@ pub struct HostState {
     pub shared: Arc<SharedData>,
     pub queues: Arc<SharedQueues>,
     pub metrics: Arc<PluginMetrics>,
+    /// The last line the guest logged at error level or above (or wrote to
+    /// stderr): what a refusal to start reports.
+    pub last_error: Option<String>,
     /// Unfinished lines the guest wrote to stdout and stderr.
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -139,7 +142,14 @@ impl HostState {
     }
 
     /// Logs a line the guest wrote, with the plugin's name.
-    pub fn log(&self, level: LogLevel, message: &str) {
+    pub fn log(&mut self, level: LogLevel, message: &str) {
+        if matches!(level, LogLevel::Error | LogLevel::Critical) {
+            let mut line: String = message.chars().take(512).collect();
+            if line.len() < message.len() {
+                line.push('…');
+            }
+            self.last_error = Some(line);
+        }
         let plugin = &*self.plugin;
         match level {
             LogLevel::Trace => tracing::trace!(plugin, "{message}"),

@@ -54,8 +54,17 @@ pub enum VmError {
     MemoryLimit { callback: &'static str, max_memory: usize },
     #[error("{callback} trapped: {detail}")]
     Trap { callback: &'static str, detail: String },
-    #[error("the plugin refused to start: {0} returned false")]
-    Refused(&'static str),
+    #[error(
+        "the plugin refused to start: {callback} returned false{}",
+        said.as_ref().map(|s| format!(" (it logged: {s})")).unwrap_or_default()
+    )]
+    Refused {
+        callback: &'static str,
+        /// The last error the plugin logged, which usually says why.
+        said: Option<String>,
+    },
+    #[error("{0} is gone (its instance failed)")]
+    Gone(&'static str),
 }
 
 impl PluginCode {
@@ -157,6 +166,7 @@ impl Vm {
             shared: code.shared.clone(),
             queues: code.queues.clone(),
             metrics: code.metrics.clone(),
+            last_error: None,
             stdout: Vec::new(),
             stderr: Vec::new(),
             limiter: MemoryLimiter {
@@ -217,14 +227,14 @@ impl Vm {
             None => Ok(1),
         };
         let configured = match started {
-            Ok(0) => Err(VmError::Refused("proxy_on_vm_start")),
+            Ok(0) => Err(vm.refused("proxy_on_vm_start")),
             Ok(_) => match vm.exports.on_configure.clone() {
                 Some(f) => {
                     let len = vm.store.data().plugin_config.len() as i32;
                     vm.call("proxy_on_configure", Phase::Running, root as u32, &f, (root, len))
                         .and_then(|ok| {
                             if ok == 0 {
-                                Err(VmError::Refused("proxy_on_configure"))
+                                Err(vm.refused("proxy_on_configure"))
                             } else {
                                 Ok(())
                             }
@@ -373,6 +383,13 @@ impl Vm {
     /// Stream `id`'s properties (what the guest wrote included).
     pub fn stream(&self, id: u32) -> Option<&StreamState> {
         self.store.data().streams.get(&id)
+    }
+
+    fn refused(&self, callback: &'static str) -> VmError {
+        VmError::Refused {
+            callback,
+            said: self.store.data().last_error.clone(),
+        }
     }
 
     fn answer(&mut self, action: Action) -> Answer {
