@@ -274,7 +274,7 @@ fn example(name: &str, config: &serde_json::Value, head: &str) -> impl FnOnce(st
     let yaml = format!(
         "{head}plugins:\n  - name: {name}\n    path: \"{}\"\n    config: {}\n",
         guest(name).display(),
-        serde_json::to_string(&config.to_string()).unwrap()
+        serde_json::to_string(&config.as_str().map_or_else(|| config.to_string(), str::to_owned)).unwrap()
     );
     move |up| {
         TestConfig::listener("sni", "sni", &format!("upstream_port: {}", up.port()))
@@ -380,3 +380,27 @@ fn an_example_plugins_bad_configuration_refuses_it_with_the_plugins_words() {
         "{err}"
     );
 }
+
+#[test]
+fn the_plugin_guide_shows_the_only_api_plugin_as_it_is() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("docs/plugins.md")).unwrap();
+    let start = doc.find("```rust\n").expect("a rust block") + "```rust\n".len();
+    let len = doc[start..].find("```").unwrap();
+    let source = std::fs::read_to_string(root.join("plugins/only-api/src/lib.rs")).unwrap();
+    assert_eq!(
+        &doc[start..start + len],
+        source,
+        "docs/plugins.md and plugins/only-api differ"
+    );
+}
+
+flow_test!(the_plugin_guides_example_denies_hosts_without_its_prefix, async {
+    let rig = Rig::<RawSink>::with_upstream(example("only-api", &serde_json::json!("allowed."), "")).await;
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(action(&r), "allow", "{r}");
+    let r = hello(&rig, "curl.example.test").await;
+    assert_eq!(decided(&r), ("deny", "plugin-denied"), "{r}");
+    assert_eq!(r["annotations"]["why"], "not an API host", "{r}");
+    rig.stop().await;
+});
