@@ -576,8 +576,9 @@ pub struct Plugin {
     pub fail_open: bool,
     /// Handed verbatim to the plugin's root context.
     pub config: Option<serde_json::Value>,
-    /// The listeners whose flows the plugin judges (after `sluice.policy`);
-    /// empty: every listener but `dns` ones.
+    /// The listeners whose flows (or, for a `dns` listener, queries) the
+    /// plugin judges, after the policy; empty: every listener but `dns`
+    /// ones (a DNS listener is served only when named).
     pub listeners: Vec<String>,
     /// The plugin reads flow bytes: its flows are relayed by copy.
     pub data: bool,
@@ -586,9 +587,14 @@ pub struct Plugin {
 }
 
 impl Plugin {
-    /// Whether the plugin judges the flows of listener `name`.
+    /// Whether the plugin judges the flows of TCP listener `name`.
     pub fn serves(&self, name: &str) -> bool {
-        self.listeners.is_empty() || self.listeners.iter().any(|l| l == name)
+        self.listeners.is_empty() || self.named(name)
+    }
+
+    /// Whether the plugin names listener `name` (how it serves a `dns` one).
+    pub fn named(&self, name: &str) -> bool {
+        self.listeners.iter().any(|l| l == name)
     }
 }
 

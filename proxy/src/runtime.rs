@@ -108,6 +108,44 @@ impl QueryPolicy for SnapshotQueries {
     }
 }
 
+/// A WASM plugin judging a DNS listener's queries: the plugin is looked up
+/// in the snapshot current when the query arrives (a reload that changes
+/// which plugins serve the listener builds a new engine).
+#[derive(Debug)]
+struct PluginQueries {
+    listener: String,
+    plugin: String,
+    shared: Arc<Shared>,
+}
+
+impl dns::QueryFilter for PluginQueries {
+    fn name(&self) -> &str {
+        &self.plugin
+    }
+
+    fn on_query(&self, query: &dns::QueryInfo<'_>, verdict: &QueryVerdict) -> dns::QueryStatus {
+        let snap = self.shared.snapshot.load();
+        let Some(plugin) = snap.plugins.get(&self.plugin) else {
+            return dns::QueryStatus::Continue;
+        };
+        let policy = &snap.policy;
+        let properties = crate::wasm::filter::query_properties(
+            &self.listener,
+            query.src,
+            query.qname,
+            query.qtype,
+            &policy.smartgroups_of(query.src),
+            &policy.webgroups_of(query.qname),
+            verdict,
+        );
+        match plugin.judge(properties) {
+            Some(d) if d.allow => dns::QueryStatus::Allow(d),
+            Some(d) => dns::QueryStatus::Deny(d),
+            None => dns::QueryStatus::Continue,
+        }
+    }
+}
+
 /// The nameservers of `/etc/resolv.conf`, as UDP upstreams.
 fn system_nameservers(exclude: SocketAddr) -> Vec<dns::Upstream> {
     nameservers_in(
@@ -344,6 +382,8 @@ struct DnsSpec {
     address: SocketAddr,
     listener: DnsListener,
     mode: Mode,
+    /// The plugins that judge its queries, in order.
+    plugins: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -746,6 +786,12 @@ impl Inner {
                     address: l.address,
                     listener: d.clone(),
                     mode: cfg.policy.mode,
+                    plugins: cfg
+                        .plugins
+                        .iter()
+                        .filter(|p| p.named(&l.name))
+                        .map(|p| p.name.clone())
+                        .collect(),
                 };
                 Some((l.name.as_str(), spec))
             })
@@ -764,9 +810,12 @@ impl Inner {
         for (name, spec) in dns_specs {
             let running_dns = running.dns.get(name);
             let same_place = |r: &DnsRun| r.spec.address == spec.address || r.bound == spec.address;
-            if running_dns
-                .is_some_and(|r| r.spec.listener == spec.listener && r.spec.mode == spec.mode && same_place(r))
-                && !new_table
+            if running_dns.is_some_and(|r| {
+                r.spec.listener == spec.listener
+                    && r.spec.mode == spec.mode
+                    && r.spec.plugins == spec.plugins
+                    && same_place(r)
+            }) && !new_table
             {
                 continue;
             }
@@ -781,7 +830,7 @@ impl Inner {
             };
             match running_dns {
                 Some(r) if same_place(r) => {
-                    if r.spec.listener != spec.listener || r.spec.mode != spec.mode {
+                    if r.spec.listener != spec.listener || r.spec.mode != spec.mode || r.spec.plugins != spec.plugins {
                         report.changed.push(name.to_owned());
                     }
                     p.dns_swap.push((name.to_owned(), spec, core));
@@ -841,12 +890,18 @@ impl Inner {
         let cfg = dns_config(name, spec.address, &spec.listener, spec.mode)?;
         let policy: Arc<dyn QueryPolicy> = Arc::new(SnapshotQueries(self.shared.clone()));
         let table = bindings.unwrap_or_else(|| Arc::new(Bindings::with_stats(&cfg.bindings, self.dns_stats.clone())));
-        DnsCore::new(cfg, policy, table, self.dns_stats.clone())
-            .map(Arc::new)
-            .map_err(|e| StartError::Dns {
-                name: name.to_owned(),
-                message: e.to_string(),
-            })
+        let mut core = DnsCore::new(cfg, policy, table, self.dns_stats.clone()).map_err(|e| StartError::Dns {
+            name: name.to_owned(),
+            message: e.to_string(),
+        })?;
+        for plugin in &spec.plugins {
+            core.add_filter(Box::new(PluginQueries {
+                listener: name.to_owned(),
+                plugin: plugin.clone(),
+                shared: self.shared.clone(),
+            }));
+        }
+        Ok(Arc::new(core))
     }
 
     /// Installs `snapshot` and serves it with the prepared sockets. Cannot

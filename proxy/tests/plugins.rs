@@ -404,3 +404,80 @@ flow_test!(the_plugin_guides_example_denies_hosts_without_its_prefix, async {
     assert_eq!(r["annotations"]["why"], "not an API host", "{r}");
     rig.stop().await;
 });
+
+/// A DNS upstream on loopback that answers every A query with 192.0.2.1.
+async fn dns_upstream() -> std::net::SocketAddr {
+    use hickory_proto::op::{Message, OpCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record, RecordType};
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+            let mut m = Message::response(q.metadata.id, OpCode::Query);
+            m.metadata.recursion_desired = q.metadata.recursion_desired;
+            m.metadata.recursion_available = true;
+            for query in &q.queries {
+                m.add_query(query.clone());
+                if query.query_type() == RecordType::A {
+                    m.add_answer(Record::from_rdata(
+                        query.name().clone(),
+                        60,
+                        RData::A(A::new(192, 0, 2, 1)),
+                    ));
+                }
+            }
+            let _ = sock.send_to(&m.to_vec().unwrap(), from).await;
+        }
+    });
+    addr
+}
+
+/// Asks `server` for the A record of `name`; the answer's rcode.
+async fn ask(server: std::net::SocketAddr, name: &str) -> hickory_proto::op::ResponseCode {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(&m.to_vec().unwrap(), server).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = within("the DNS answer", sock.recv_from(&mut buf)).await.unwrap();
+    Message::from_vec(&buf[..n]).unwrap().metadata.response_code
+}
+
+flow_test!(dns_tunnel_guard_judges_each_query_of_the_dns_listener_it_names, async {
+    use hickory_proto::op::ResponseCode;
+    let upstream = dns_upstream().await;
+    let plugin_yaml = format!(
+        "plugins:\n  - name: dns-tunnel-guard\n    path: \"{}\"\n    listeners: [dns]\n",
+        guest("dns-tunnel-guard").display()
+    );
+    // The test base ends in its `webgroups:` list: the head extends it.
+    let sluice = TestConfig::listener("dns", "dns", &format!("upstreams: [\"{upstream}\"]"))
+        .head(&format!(
+            "  - {{name: tunnel, domains: [\"*.t.example.test\"]}}\n{plugin_yaml}"
+        ))
+        .rules("    - {name: names, to: {webgroups: [good, bad, tunnel]}, protocols: [dns], action: allow}\n")
+        .start()
+        .await;
+    let dns = sluice.addr("dns");
+    assert_eq!(ask(dns, "allowed.test.").await, ResponseCode::NoError);
+    let tunnelled = "mzxw6ytboi4dgnzqgq2tmobzha3tkmrs.t.example.test.";
+    assert_eq!(
+        ask(dns, tunnelled).await,
+        ResponseCode::NXDomain,
+        "the listener's deny answer"
+    );
+    let r = sluice
+        .wait_record(|r| field(r, "qname") == tunnelled.trim_end_matches('.'))
+        .await;
+    assert_eq!(r["rule"], "dns-tunnel-guard", "{r}");
+    assert_eq!(r["reason"], "plugin-denied", "{r}");
+    let ok = sluice.wait_record(|r| field(r, "qname") == "allowed.test").await;
+    assert_eq!(ok["reason"], "allowed-by-rule", "{ok}");
+    sluice.stop().await;
+});

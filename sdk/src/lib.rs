@@ -43,7 +43,8 @@ use proxy_wasm::traits::{Context, RootContext, StreamContext};
 use proxy_wasm::types::{Action, ContextType};
 
 /// What a flow shows a plugin: Sluice's properties, read once when the
-/// connection is classified.
+/// connection is classified. A DNS listener presents each query as a flow
+/// of protocol `dns` whose `host` is the query name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Flow {
     /// The flow id of its audit record (`connection.id`).
@@ -70,6 +71,9 @@ pub struct Flow {
     pub webgroups: Vec<String>,
     /// The decision so far (the policy's, or an earlier filter's).
     pub decision: Option<Decision>,
+    /// A DNS query (protocol `dns`): its type (1 A, 28 AAAA, 16 TXT, …);
+    /// its name is `host`.
+    pub query_type: Option<u16>,
 }
 
 /// A decision as the chain has it when the plugin is asked.
@@ -118,6 +122,7 @@ impl Flow {
             smartgroups: list("sluice.source.smartgroups"),
             webgroups: list("sluice.destination.webgroups"),
             decision,
+            query_type: int("dns.query.type").and_then(|t| u16::try_from(t).ok()),
         }
     }
 

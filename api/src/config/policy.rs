@@ -183,16 +183,6 @@ impl Validator {
             let mut served = Vec::new();
             for (j, l) in p.listeners.iter().flatten().enumerate() {
                 match listeners.iter().find(|x| x.name == l.value) {
-                    Some(x) if x.ty() == crate::ListenerType::Dns => self.err(
-                        l.referenced,
-                        format!("{path}.listeners[{j}]"),
-                        ConfigErrorKind::InvalidValue {
-                            message: format!(
-                                "`{}` is a dns listener; plugins judge the flows of http-proxy, transparent, sni and tcp listeners",
-                                l.value
-                            ),
-                        },
-                    ),
                     Some(_) => served.push(l.value.clone()),
                     None => {
                         let names: Vec<&str> = listeners.iter().map(|x| x.name.as_str()).collect();

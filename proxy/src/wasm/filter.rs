@@ -148,6 +148,36 @@ impl Plugin {
     fn slot_of(&self, flow: u64) -> usize {
         (flow % self.slots.len() as u64) as usize
     }
+
+    fn decision(&self, allow: bool, reason: ReasonCode) -> Decision {
+        Decision::by_filter(self.name(), allow, reason, Enforcement::Enforced)
+    }
+
+    /// Judges one thing in a single stream (a DNS query): creates a stream
+    /// context with `properties`, calls `on_new_connection`, reads what the
+    /// plugin said, and ends the stream. `None`: no opinion.
+    pub fn judge(&self, properties: HashMap<String, Vec<u8>>) -> Option<Decision> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let slot = self.slot_of(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let ran = self.with_vm(slot, |vm, _| {
+            let id = vm.new_stream(properties)?;
+            let answer = vm.on_new_connection(id)?;
+            let said = vm.stream(id).map(|s| said(&s.properties)).unwrap_or_default();
+            vm.finish(id)?;
+            Ok((answer, said))
+        });
+        match ran {
+            Ok((answer, said)) if answer.requests.close.is_some() || said.verdict == Some(false) => {
+                Some(self.decision(false, ReasonCode::PluginDenied))
+            }
+            Ok((_, said)) if said.verdict == Some(true) => Some(self.decision(true, ReasonCode::PluginAllowed)),
+            Ok(_) => None,
+            Err(_) => match self.failure {
+                FailurePolicy::Closed => Some(self.decision(false, ReasonCode::PluginFailed)),
+                FailurePolicy::Open => None,
+            },
+        }
+    }
 }
 
 fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
@@ -162,7 +192,7 @@ pub struct WasmFilter {
 
 impl WasmFilter {
     fn decision(&self, allow: bool, reason: ReasonCode) -> Decision {
-        Decision::by_filter(self.plugin.name(), allow, reason, Enforcement::Enforced)
+        self.plugin.decision(allow, reason)
     }
 
     /// What a failure means for the flow, by the plugin's policy.
@@ -318,6 +348,42 @@ fn said(properties: &HashMap<String, Vec<u8>>) -> Said {
     Said { verdict, annotations }
 }
 
+/// The properties a DNS query shows a plugin: `source.address` (the
+/// client's address, no port), `sluice.listener`, `sluice.protocol`
+/// (`dns`), `sluice.host` and `dns.query.name` (the canonical name),
+/// `dns.query.type` (int), the groups, and the decision so far.
+#[allow(clippy::too_many_arguments, reason = "the parts of a query a plugin sees")]
+pub fn query_properties(
+    listener: &str,
+    src: IpAddr,
+    qname: &sluice_api::DomainName,
+    qtype: u16,
+    smartgroups: &[&str],
+    webgroups: &[&str],
+    decision: &Decision,
+) -> HashMap<String, Vec<u8>> {
+    let mut p = HashMap::new();
+    p.insert("source.address".to_owned(), string(src.to_string()));
+    p.insert("sluice.listener".to_owned(), string(listener));
+    p.insert("sluice.protocol".to_owned(), string("dns"));
+    p.insert("sluice.host".to_owned(), string(qname.as_str()));
+    p.insert("dns.query.name".to_owned(), string(qname.as_str()));
+    p.insert("dns.query.type".to_owned(), int(i64::from(qtype)));
+    p.insert("sluice.source.smartgroups".to_owned(), string(smartgroups.join(",")));
+    p.insert("sluice.destination.webgroups".to_owned(), string(webgroups.join(",")));
+    insert_decision(&mut p, decision);
+    p
+}
+
+fn insert_decision(p: &mut HashMap<String, Vec<u8>>, d: &Decision) {
+    p.insert(
+        "sluice.verdict.action".to_owned(),
+        string(if d.allow { "allow" } else { "deny" }),
+    );
+    p.insert("sluice.verdict.rule".to_owned(), string(d.rule.as_str()));
+    p.insert("sluice.verdict.reason".to_owned(), string(d.reason.as_str()));
+}
+
 /// The properties a flow shows a plugin (see `properties`).
 fn flow_properties(ctx: &FlowContext) -> HashMap<String, Vec<u8>> {
     let mut p = HashMap::new();
@@ -356,12 +422,7 @@ fn flow_properties(ctx: &FlowContext) -> HashMap<String, Vec<u8>> {
         p.insert("sluice.alpn".to_owned(), string(ctx.alpn.join(",")));
     }
     if let Some(d) = &ctx.decision {
-        p.insert(
-            "sluice.verdict.action".to_owned(),
-            string(if d.allow { "allow" } else { "deny" }),
-        );
-        p.insert("sluice.verdict.rule".to_owned(), string(d.rule.as_str()));
-        p.insert("sluice.verdict.reason".to_owned(), string(d.reason.as_str()));
+        insert_decision(&mut p, d);
     }
     p
 }
