@@ -1,0 +1,88 @@
+//! The WASM host's costs, with the test guest (`plugins/test-guest`, built
+//! for wasm32-wasip1 by the same helper the tests use):
+//!
+//! - `instantiate`: a new instance started (`_initialize`, root context,
+//!   `on_vm_start`, `on_configure`) from a linked module;
+//! - `flow/plain`: one flow through a connection-level plugin that says
+//!   nothing: stream context created, `on_new_connection`, the close
+//!   callbacks, `on_done`, `on_log`, `on_delete` — what a plugin adds to a
+//!   connection, warm (target ≤ 2 µs);
+//! - `flow/properties`: the same, the guest reading nine properties and
+//!   writing ten (host calls with allocations in the guest);
+//! - `flow/properties-map-clone`: the host's copy of the flow's properties
+//!   alone, to tell the host's share from the guest's.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, reason = "benchmark")]
+
+#[path = "../tests/common/guests.rs"]
+mod guests;
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::Criterion;
+use sluice::wasm::shared::{PluginMetrics, SharedData, SharedQueues};
+use sluice::wasm::{PluginCode, PluginLimits, Vm, engine};
+
+fn code(config: &str) -> PluginCode {
+    let engine = engine::shared().unwrap();
+    let module = engine.compile(&guests::guest_bytes("test-guest"), None).unwrap();
+    PluginCode::link(
+        &engine,
+        "bench",
+        &module,
+        config.as_bytes().to_vec(),
+        Vec::new(),
+        PluginLimits::default(),
+        Arc::new(SharedData::default()),
+        Arc::new(SharedQueues::default()),
+        Arc::new(PluginMetrics::default()),
+    )
+    .unwrap()
+}
+
+fn flow_properties() -> HashMap<String, Vec<u8>> {
+    [
+        ("source.address", b"10.0.0.7:5555".to_vec()),
+        ("destination.port", 443i64.to_le_bytes().to_vec()),
+        ("connection.requested_server_name", b"api.example.test".to_vec()),
+        ("sluice.listener", b"egress".to_vec()),
+        ("sluice.protocol", b"tls".to_vec()),
+        ("sluice.host", b"api.example.test".to_vec()),
+        ("sluice.verdict.action", b"allow".to_vec()),
+        ("sluice.verdict.rule", b"allow-good".to_vec()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let plain = code("");
+    c.bench_function("instantiate", |b| b.iter(|| black_box(Vm::start(&plain).unwrap())));
+
+    let mut vm = Vm::start(&plain).unwrap();
+    let props = flow_properties();
+    c.bench_function("flow/plain", |b| {
+        b.iter(|| {
+            let id = vm.new_stream(props.clone()).unwrap();
+            black_box(vm.on_new_connection(id).unwrap());
+            black_box(vm.finish(id).unwrap());
+        });
+    });
+
+    let reading = code("echo_props=1\nverdict=allow");
+    let mut vm = Vm::start(&reading).unwrap();
+    c.bench_function("flow/properties", |b| {
+        b.iter(|| {
+            let id = vm.new_stream(props.clone()).unwrap();
+            black_box(vm.on_new_connection(id).unwrap());
+            black_box(vm.finish(id).unwrap());
+        });
+    });
+
+    // The properties map alone, to tell the host's share from the guest's.
+    c.bench_function("flow/properties-map-clone", |b| b.iter(|| black_box(props.clone())));
+    c.final_summary();
+}
