@@ -481,3 +481,20 @@ flow_test!(dns_tunnel_guard_judges_each_query_of_the_dns_listener_it_names, asyn
     assert_eq!(ok["reason"], "allowed-by-rule", "{ok}");
     sluice.stop().await;
 });
+
+flow_test!(a_plugin_that_asks_to_be_ticked_is_ticked, async {
+    let rig = Rig::<RawSink>::with_upstream(sni_with(&plugin("ticker", "tick=20", ""), None)).await;
+    // The plugin counts its ticks in shared data; a flow reads the count.
+    let ticked = wait_until(|| {
+        let snap = rig.sluice.server.shared.snapshot.load();
+        snap.plugins
+            .get("ticker")
+            .and_then(|p| p.code.shared.get(b"ticks"))
+            .and_then(|(v, _)| String::from_utf8(v).ok())
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_some_and(|n| n >= 3)
+    })
+    .await;
+    assert!(ticked, "on_tick was not called three times");
+    rig.stop().await;
+});

@@ -17,6 +17,7 @@
 //! | `data_deny=TEXT` | closes a connection whose downstream bytes contain TEXT |
 //! | `rewrite=1` | changes the downstream bytes it is shown |
 //! | `metric=NAME` | defines counter NAME and adds one per connection |
+//! | `tick=MS` | asks to be ticked every MS milliseconds; each tick adds one to shared-data `ticks` |
 
 use proxy_wasm::traits::{Context, RootContext, StreamContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -56,9 +57,29 @@ impl RootContext for Root {
             panic!("asked to trap while configuring");
         }
         let ok = value(&cfg, "configure") != Some("false");
+        if let Some(ms) = value(&cfg, "tick").and_then(|v| v.parse::<u64>().ok()) {
+            self.set_tick_period(std::time::Duration::from_millis(ms));
+        }
         self.cfg = Rc::new(cfg);
         proxy_wasm::hostcalls::log(LogLevel::Info, "configured").ok();
         ok
+    }
+
+    fn on_tick(&mut self) {
+        loop {
+            let (bytes, cas) = self.get_shared_data("ticks");
+            let n = bytes
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0)
+                + 1;
+            if self
+                .set_shared_data("ticks", Some(n.to_string().as_bytes()), cas)
+                .is_ok()
+            {
+                break;
+            }
+        }
     }
 
     fn create_stream_context(&self, _id: u32) -> Option<Box<dyn StreamContext>> {

@@ -63,6 +63,8 @@ struct Slot {
     generation: u64,
     failed_at: Option<Instant>,
     last_error: Option<VmError>,
+    /// When the instance's next `on_tick` is due.
+    next_tick: Option<Instant>,
 }
 
 /// A flow's place in the plugin: which slot, which instance, which context.
@@ -140,9 +142,41 @@ impl Plugin {
         tracing::error!(plugin = %self.code.name, error = %e, "plugin failed; its instance is dropped");
         metrics::counter!("sluice_plugin_failures_total", "plugin" => self.code.name.to_string()).increment(1);
         s.vm = None;
+        s.next_tick = None;
         s.failed_at = Some(Instant::now());
         s.last_error = Some(e.clone());
         e
+    }
+
+    /// Calls `on_tick` on every instance whose tick period has passed;
+    /// returns how long until the next one is due (`None`: no instance
+    /// asked to be ticked).
+    pub fn tick_due(&self, now: Instant) -> Option<Duration> {
+        let mut next: Option<Duration> = None;
+        for cell in &self.slots {
+            let mut guard = lock(cell);
+            let s = &mut *guard;
+            let Some(vm) = s.vm.as_mut() else { continue };
+            let period = vm.tick_period();
+            if period.is_zero() {
+                s.next_tick = None;
+                continue;
+            }
+            let due = *s.next_tick.get_or_insert(now + period);
+            let wait = if due <= now {
+                let ticked = vm.tick();
+                s.next_tick = Some(now + period);
+                if let Err(e) = ticked {
+                    self.failed(s, e);
+                    continue;
+                }
+                period
+            } else {
+                due - now
+            };
+            next = Some(next.map_or(wait, |n| n.min(wait)));
+        }
+        next
     }
 
     fn slot_of(&self, flow: u64) -> usize {
@@ -179,6 +213,27 @@ impl Plugin {
         }
     }
 }
+
+/// Ticks `plugin`'s instances (`on_tick`) on a thread of its own until the
+/// plugin is dropped. Idle plugins (no tick period) are looked at every
+/// 100 ms, since an instance may set its period in any callback.
+pub fn spawn_ticker(plugin: &Arc<Plugin>) {
+    let weak = Arc::downgrade(plugin);
+    let name = format!("sluice-tick-{}", plugin.name());
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        while let Some(plugin) = weak.upgrade() {
+            let wait = plugin.tick_due(Instant::now());
+            drop(plugin);
+            std::thread::sleep(wait.unwrap_or(IDLE_TICK_CHECK).min(IDLE_TICK_CHECK));
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(plugin = %plugin.name(), error = %e, "cannot start the plugin's tick thread; on_tick will not be called");
+    }
+}
+
+/// How often a plugin's instances are checked for a tick period.
+const IDLE_TICK_CHECK: Duration = Duration::from_millis(100);
 
 fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
     m.lock().unwrap_or_else(PoisonError::into_inner)

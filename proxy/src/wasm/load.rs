@@ -141,6 +141,7 @@ fn load_one(p: &sluice_api::Plugin, base: Option<&Path>) -> Result<Arc<Plugin>, 
     };
     let slots = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
     let plugin = Arc::new(Plugin::start(code, failure, p.data, slots, id).map_err(|e| fail(e.to_string()))?);
+    super::filter::spawn_ticker(&plugin);
     loaded.retain(|(n, _)| *n != p.name);
     loaded.push((p.name.clone(), Arc::downgrade(&plugin)));
     Ok(plugin)
