@@ -290,3 +290,32 @@ fn a_trap_in_a_stream_callback_names_the_callback_and_the_guest_frames() {
     assert_eq!(*callback, "proxy_on_new_connection");
     assert!(detail.contains("on_new_connection"), "{detail}");
 }
+
+#[test]
+fn a_host_call_from_inside_the_guests_allocator_is_refused() {
+    let engine = engine();
+    let module = engine
+        .compile(&guests::guest_bytes("bad-allocator"), None)
+        .expect("the raw guest compiles");
+    let code = PluginCode::link(
+        &engine,
+        "bad-allocator",
+        &module,
+        b"some configuration".to_vec(),
+        Vec::new(),
+        PluginLimits::default(),
+        Arc::default(),
+        Arc::new(SharedQueues::default()),
+        Arc::new(PluginMetrics::default()),
+    )
+    .unwrap();
+    let err = Vm::start(&code).unwrap_err();
+    let VmError::Trap { callback, detail } = &err else {
+        panic!("expected a trap, got {err:?}");
+    };
+    assert_eq!(*callback, "proxy_on_configure");
+    assert!(
+        detail.contains("`proxy_get_property` may not be called from inside the guest's allocator"),
+        "{detail}"
+    );
+}

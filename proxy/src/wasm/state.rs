@@ -194,6 +194,8 @@ pub enum GuestFault {
     NoMemory,
     #[error("the guest's allocator returned no memory for {0} bytes")]
     AllocationFailed(u32),
+    #[error("the guest's allocator failed: {0}")]
+    AllocatorFailed(String),
     #[error("`{0}` may not be called from inside the guest's allocator or while it starts")]
     Restricted(&'static str),
     #[error("`{0}` would make a buffer larger than the plugin's max_value")]
@@ -262,7 +264,12 @@ impl GuestMemory for Caller<'_, HostState> {
         self.data_mut().phase = Phase::Allocating;
         let ptr = alloc.call(self.as_context_mut(), len as i32);
         self.data_mut().phase = before;
-        let ptr = ptr.map_err(|_| GuestFault::AllocationFailed(len))?;
+        let ptr = ptr.map_err(|e| {
+            GuestFault::AllocatorFailed(
+                e.downcast_ref::<GuestFault>()
+                    .map_or_else(|| e.root_cause().to_string(), ToString::to_string),
+            )
+        })?;
         if ptr == 0 {
             return Err(GuestFault::AllocationFailed(len));
         }
