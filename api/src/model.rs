@@ -584,6 +584,9 @@ pub struct Plugin {
     pub data: bool,
     /// The plugin's whole environment (WASI `environ_get`).
     pub env: Vec<(String, String)>,
+    /// `kind: http`: an HTTP plugin (an HTTP context per plain-HTTP
+    /// request); otherwise a network plugin (a stream context per flow).
+    pub http: bool,
 }
 
 impl Plugin {

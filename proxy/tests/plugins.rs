@@ -498,3 +498,62 @@ flow_test!(a_plugin_that_asks_to_be_ticked_is_ticked, async {
     assert!(ticked, "on_tick was not called three times");
     rig.stop().await;
 });
+
+/// Sends a plain-HTTP request for `http://host/path` through the `proxy`
+/// listener with `extra` header lines; the answer's head and body.
+async fn get_through(rig: &Rig<HttpUpstream>, host: &str, extra: &str) -> (RawResponse, String) {
+    let target = rig.target(host);
+    let mut s = TcpStream::connect(rig.proxy()).await.unwrap();
+    s.write_all(
+        format!("GET http://{target}/x HTTP/1.1\r\nHost: {target}\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    let mut body = String::new();
+    let _ = within("the body", tokio::io::AsyncReadExt::read_to_string(&mut s, &mut body)).await;
+    (head, body)
+}
+
+flow_test!(
+    an_http_plugin_reads_and_changes_request_headers_and_answers_locally,
+    async {
+        let rig = Rig::<HttpUpstream>::with(
+            &TestConfig::listener("proxy", "http-proxy", "")
+                .head(&plugin(
+                    "http-guard",
+                    "http=1\ndeny_header=x-secret\nadd_header=x-added:by-plugin",
+                    "    kind: http\n",
+                ))
+                .yaml(),
+        )
+        .await;
+        // Let through, with the header the plugin added reaching the upstream.
+        let (head, body) = get_through(&rig, "allowed.test", "").await;
+        assert_eq!(head.status, 200, "{head:?} {body}");
+        assert!(body.ends_with("x-added=by-plugin"), "{body}");
+        let target = rig.target("allowed.test");
+        let r = rig.sluice.wait_record(|r| field(r, "connect_target") == target).await;
+        assert_eq!(action(&r), "allow", "{r}");
+        assert_eq!(r["annotations"]["authority"], target.as_str(), "{r}");
+
+        // Answered by the plugin: its status, header and body; nothing forwarded.
+        let before = rig.up.accepts();
+        let (head, body) = get_through(&rig, "allowed.test", "X-Secret: 1\r\n").await;
+        assert_eq!(head.status, 451, "{head:?}");
+        assert_eq!(head.header("x-blocked-by"), Some("test-guest"), "{head:?}");
+        assert_eq!(body, "blocked by the test guest");
+        assert_eq!(
+            rig.up.accepts(),
+            before,
+            "a request the plugin answered is not forwarded"
+        );
+        let denied = rig
+            .sluice
+            .wait_records(2, |r| field(r, "connect_target") == target)
+            .await;
+        assert_eq!(decided(&denied[1]), ("deny", "plugin-denied"), "{}", denied[1]);
+        assert_eq!(rule(&denied[1]), "http-guard", "{}", denied[1]);
+        rig.stop().await;
+    }
+);

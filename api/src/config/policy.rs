@@ -180,6 +180,23 @@ impl Validator {
                     None
                 }
             });
+            let http = match p.kind.as_ref().map(|k| k.value.as_str()) {
+                None | Some("network") => false,
+                Some("http") => true,
+                Some(other) => {
+                    let k = p.kind.as_ref().map_or(at, |k| k.referenced);
+                    self.err(
+                        k,
+                        format!("{path}.kind"),
+                        ConfigErrorKind::InvalidValue {
+                            message: format!(
+                                "`{other}` is not a plugin kind; write `network` (a stream per flow, the default) or `http` (an HTTP context per plain-HTTP request)"
+                            ),
+                        },
+                    );
+                    false
+                }
+            };
             let mut served = Vec::new();
             for (j, l) in p.listeners.iter().flatten().enumerate() {
                 match listeners.iter().find(|x| x.name == l.value) {
@@ -209,6 +226,7 @@ impl Validator {
                     listeners: served,
                     data: p.data,
                     env: p.env.clone().unwrap_or_default().into_iter().collect(),
+                    http,
                 });
             }
         }

@@ -17,9 +17,10 @@
 //! | `data_deny=TEXT` | closes a connection whose downstream bytes contain TEXT |
 //! | `rewrite=1` | changes the downstream bytes it is shown |
 //! | `metric=NAME` | defines counter NAME and adds one per connection |
+//! | `http=1` | an HTTP plugin: with `deny_header=NAME` it answers 451 to a request carrying header NAME; with `add_header=NAME:VALUE` it adds a request header; it annotates `authority` with `:authority` |
 //! | `tick=MS` | asks to be ticked every MS milliseconds; each tick adds one to shared-data `ticks` |
 
-use proxy_wasm::traits::{Context, RootContext, StreamContext};
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::rc::Rc;
 
@@ -86,8 +87,16 @@ impl RootContext for Root {
         Some(Box::new(Stream { cfg: self.cfg.clone() }))
     }
 
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http { cfg: self.cfg.clone() }))
+    }
+
     fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::StreamContext)
+        if value(&self.cfg, "http") == Some("1") {
+            Some(ContextType::HttpContext)
+        } else {
+            Some(ContextType::StreamContext)
+        }
     }
 }
 
@@ -201,6 +210,33 @@ impl StreamContext for Stream {
         }
         if value(&self.cfg, "rewrite") == Some("1") {
             self.set_downstream_data(0, size, b"rewritten");
+        }
+        Action::Continue
+    }
+}
+
+struct Http {
+    cfg: Rc<Config>,
+}
+
+impl Context for Http {}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let authority = self.get_http_request_header(":authority").unwrap_or_default();
+        self.set_property(vec!["sluice", "annotation", "authority"], Some(authority.as_bytes()));
+        if let Some(name) = value(&self.cfg, "deny_header") {
+            if self.get_http_request_header(name).is_some() {
+                self.send_http_response(
+                    451,
+                    vec![("x-blocked-by", "test-guest")],
+                    Some(b"blocked by the test guest"),
+                );
+                return Action::Pause;
+            }
+        }
+        if let Some((k, v)) = value(&self.cfg, "add_header").and_then(|kv| kv.split_once(':')) {
+            self.add_http_request_header(k, v);
         }
         Action::Continue
     }

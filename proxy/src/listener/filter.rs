@@ -9,6 +9,7 @@
 //! | hook | when | may |
 //! |---|---|---|
 //! | [`NetworkFilter::on_classified`] | the flow's name, protocol and port are known (SNI, Host, CONNECT target, or none), nothing has been sent upstream | allow, deny, pause, annotate, keep state |
+//! | [`NetworkFilter::on_http_request`] | plain HTTP: a request's head, decided, before it is forwarded (filters that [`wants_http`](NetworkFilter::wants_http)) | change headers, answer locally (deny) |
 //! | [`NetworkFilter::on_destination`] | an upstream address has been chosen (resolved name, original destination), before connecting | deny that address |
 //! | [`NetworkFilter::on_downstream_data`], [`NetworkFilter::on_upstream_data`] | bytes cross the relay, for a chain with a filter that [`wants_data`](NetworkFilter::wants_data) | close the flow |
 //! | [`NetworkFilter::on_policy_change`] | a new configuration snapshot was installed while the flow is relayed | deny: the flow is closed, its record says why |
@@ -241,6 +242,37 @@ pub enum DataStatus {
     Close(Decision),
 }
 
+/// A plain-HTTP request's head (an absolute-form request on an
+/// `http-proxy` listener) as HTTP filters see it. Header names are lower
+/// case; `:method`, `:path`, `:authority` and `:scheme` lead the list, as in
+/// Envoy. A filter may change, add or remove headers; changes to the
+/// pseudo-headers are ignored (the flow was decided on them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpRequestHead {
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Whether a body follows the head.
+    pub has_body: bool,
+}
+
+/// An answer a filter gives in place of the upstream's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+/// What an HTTP hook tells the chain.
+#[derive(Debug)]
+pub enum HttpStatus {
+    /// Forward the request (with the head as the filter left it).
+    Continue,
+    /// Deny the request with `decision`, answering `reply` (an enforced
+    /// denial; in watch mode the request goes on and the denial is
+    /// recorded).
+    Reply(LocalReply, Decision),
+}
+
 /// A network filter. See the module documentation for when hooks run.
 pub trait NetworkFilter: Send + Sync + fmt::Debug {
     /// The filter's name as configured (`sluice.policy`, a plugin name):
@@ -261,6 +293,18 @@ pub trait NetworkFilter: Send + Sync + fmt::Debug {
     /// (`close_reason: policy-revoked`, the denial as its verdict).
     fn on_policy_change(&self, _ctx: &FlowContext, _snapshot: &Snapshot, _dst: IpAddr) -> FilterStatus {
         FilterStatus::Continue
+    }
+
+    /// Whether this filter reads plain-HTTP request heads
+    /// ([`NetworkFilter::on_http_request`]).
+    fn wants_http(&self) -> bool {
+        false
+    }
+
+    /// A plain-HTTP request's head, after the flow was decided and before
+    /// it is forwarded: the filter may change its headers or answer it.
+    fn on_http_request(&self, _ctx: &mut FlowContext, _index: usize, _head: &mut HttpRequestHead) -> HttpStatus {
+        HttpStatus::Continue
     }
 
     /// Whether this filter reads the flow's bytes. A chain with such a

@@ -519,7 +519,7 @@ where
 }
 
 impl ConnState {
-    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let snap = self.shared.snapshot.load_full();
         // The listener as it is now: a reload reaches requests on
         // connections kept alive from before it.
@@ -536,6 +536,10 @@ impl ConnState {
             Ok(fwd) => fwd,
             Err(stop) => return self.stopped(flow, stop),
         };
+        if let Some(reply) = http_filters(&fwd.chain, &mut flow, &mut req) {
+            flow.end(&self.shared, Stop::Refused);
+            return reply;
+        }
         let started = Instant::now();
         let opts = ConnectOptions {
             timeout: plan.connection().connect_timeout,
@@ -626,6 +630,83 @@ impl ConnState {
         flow.end(&self.shared, stop);
         resp
     }
+}
+
+/// Runs the chain's HTTP filters on `req`'s head (only a chain with one pays
+/// for it). A filter's local reply that stands (an enforced denial) is
+/// returned, and the request is not forwarded; otherwise the head goes on
+/// with the headers the filters left (pseudo-headers aside).
+fn http_filters(
+    chain: &super::FilterChain,
+    flow: &mut Flow,
+    req: &mut Request<Incoming>,
+) -> Option<Response<ProxyBody>> {
+    if !chain.filters.iter().any(|f| f.wants_http()) {
+        return None;
+    }
+    let mut head = request_head(req);
+    let before = head.clone();
+    let mut reply = None;
+    for (i, f) in chain.filters.iter().enumerate().filter(|(_, f)| f.wants_http()) {
+        if let super::HttpStatus::Reply(r, decision) = f.on_http_request(&mut flow.ctx, i, &mut head) {
+            flow::apply(&mut flow.ctx, f.name(), super::FilterStatus::Deny(decision));
+            if flow.ctx.decision.as_ref().is_some_and(Decision::blocks) {
+                reply = Some(r);
+                break;
+            }
+        }
+    }
+    if let Some(r) = reply {
+        let mut resp = Response::builder().status(r.status);
+        for (k, v) in &r.headers {
+            resp = resp.header(k.as_str(), v.as_slice());
+        }
+        return Some(
+            resp.body(Full::new(Bytes::from(r.body)).map_err(|never| match never {}).boxed())
+                .unwrap_or_else(|_| stopped_response(flow.ctx.decision.as_ref(), Stop::Refused)),
+        );
+    }
+    if head != before {
+        let headers = req.headers_mut();
+        headers.clear();
+        for (k, v) in head.headers.iter().filter(|(k, _)| !k.starts_with(':')) {
+            if let (Ok(name), Ok(value)) = (
+                hyper::header::HeaderName::from_bytes(k.as_bytes()),
+                hyper::header::HeaderValue::from_bytes(v),
+            ) {
+                headers.append(name, value);
+            }
+        }
+    }
+    None
+}
+
+/// `req`'s head as HTTP filters see it.
+fn request_head(req: &Request<Incoming>) -> super::HttpRequestHead {
+    let uri = req.uri();
+    let mut headers = vec![
+        (":method".to_owned(), req.method().as_str().as_bytes().to_vec()),
+        (
+            ":path".to_owned(),
+            uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes().to_vec(),
+        ),
+        (
+            ":authority".to_owned(),
+            uri.authority().map_or("", |a| a.as_str()).as_bytes().to_vec(),
+        ),
+        (":scheme".to_owned(), b"http".to_vec()),
+    ];
+    headers.extend(
+        req.headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())),
+    );
+    let has_body = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || req.headers().contains_key(hyper::header::TRANSFER_ENCODING);
+    super::HttpRequestHead { headers, has_body }
 }
 
 /// An absolute-form request, read into the flow's context: credentials,

@@ -35,7 +35,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use chain::{ChainMatch, Cluster, FilterChain, Front, ListenerPlan, ListenerResource, Transport, UnknownFilter};
 pub use filter::{
-    AntiEvasionFilter, DataStatus, Decision, FilterStatus, FlowContext, FlowExtras, NetworkFilter, PolicyFilter,
+    AntiEvasionFilter, DataStatus, Decision, FilterStatus, FlowContext, FlowExtras, HttpRequestHead, HttpStatus,
+    LocalReply, NetworkFilter, PolicyFilter,
 };
 
 use crate::dns::Bindings;

@@ -26,7 +26,9 @@ use sluice_api::reason::ReasonCode;
 use super::abi::Action;
 use super::properties::{int, string, uint};
 use super::vm::{PluginCode, Vm, VmError};
-use crate::listener::{DataStatus, Decision, FilterStatus, FlowContext, FlowExtras, NetworkFilter};
+use crate::listener::{
+    DataStatus, Decision, FilterStatus, FlowContext, FlowExtras, HttpRequestHead, HttpStatus, LocalReply, NetworkFilter,
+};
 use crate::policy::Enforcement;
 use crate::telemetry::audit::FlowRecord;
 
@@ -52,6 +54,9 @@ pub struct Plugin {
     pub data: bool,
     /// What makes a later declaration the same plugin (module, settings).
     pub identity: String,
+    /// An HTTP plugin: an HTTP context per plain-HTTP request, no stream
+    /// context per flow.
+    pub http: bool,
     slots: Vec<Mutex<Slot>>,
 }
 
@@ -85,6 +90,7 @@ impl Plugin {
         data: bool,
         slots: usize,
         identity: String,
+        http: bool,
     ) -> Result<Self, VmError> {
         let vm = Vm::start(&code)?;
         let slots: Vec<Mutex<Slot>> = (0..slots.max(1)).map(|_| Mutex::default()).collect();
@@ -98,6 +104,7 @@ impl Plugin {
             failure,
             data,
             identity,
+            http,
             slots,
         })
     }
@@ -265,6 +272,10 @@ impl NetworkFilter for WasmFilter {
     }
 
     fn on_classified(&self, ctx: &mut FlowContext, index: usize) -> FilterStatus {
+        if self.plugin.http {
+            // Judged per request, in `on_http_request`.
+            return FilterStatus::Continue;
+        }
         let slot = self.plugin.slot_of(ctx.id);
         let properties = flow_properties(ctx);
         let ran = self.plugin.with_vm(slot, |vm, generation| {
@@ -295,7 +306,71 @@ impl NetworkFilter for WasmFilter {
     }
 
     fn wants_data(&self) -> bool {
-        self.plugin.data
+        self.plugin.data && !self.plugin.http
+    }
+
+    fn wants_http(&self) -> bool {
+        self.plugin.http
+    }
+
+    /// An HTTP context for the request: its headers (pseudo-headers first)
+    /// through `on_request_headers`, then `on_done`, `on_log`,
+    /// `on_delete`. A local reply, a closed stream or `sluice.verdict`
+    /// `deny` deny the request; header changes go upstream.
+    fn on_http_request(&self, ctx: &mut FlowContext, _index: usize, head: &mut HttpRequestHead) -> HttpStatus {
+        let slot = self.plugin.slot_of(ctx.id);
+        let properties = flow_properties(ctx);
+        let headers: Vec<(Vec<u8>, Vec<u8>)> = head
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
+            .collect();
+        let end_of_stream = !head.has_body;
+        let ran = self.plugin.with_vm(slot, |vm, _| {
+            let id = vm.new_stream(properties)?;
+            let (answer, headers) = vm.on_request_headers(id, headers, end_of_stream)?;
+            let state = vm.finish_http(id)?;
+            Ok((answer, headers, said(&state.properties)))
+        });
+        let (answer, headers, said) = match ran {
+            Ok(r) => r,
+            Err(_) => {
+                return match self.plugin.failure {
+                    FailurePolicy::Closed => HttpStatus::Reply(
+                        failure_reply(self.name()),
+                        self.decision(false, ReasonCode::PluginFailed),
+                    ),
+                    FailurePolicy::Open => HttpStatus::Continue,
+                };
+            }
+        };
+        for (k, v) in said.annotations {
+            ctx.annotate(k, v);
+        }
+        if let Some(reply) = answer.requests.local_reply {
+            return HttpStatus::Reply(reply, self.decision(false, ReasonCode::PluginDenied));
+        }
+        if answer.requests.close.is_some() || said.verdict == Some(false) {
+            return HttpStatus::Reply(
+                denied_reply(self.name()),
+                self.decision(false, ReasonCode::PluginDenied),
+            );
+        }
+        if answer.action == Action::Pause {
+            tracing::error!(plugin = %self.plugin.name(), "the plugin paused a request; a paused request is not resumed yet, so it gets the failure policy");
+            return match self.plugin.failure {
+                FailurePolicy::Closed => HttpStatus::Reply(
+                    failure_reply(self.name()),
+                    self.decision(false, ReasonCode::PluginFailed),
+                ),
+                FailurePolicy::Open => HttpStatus::Continue,
+            };
+        }
+        head.headers = headers
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+            .collect();
+        HttpStatus::Continue
     }
 
     fn on_downstream_data(&self, _ctx: &FlowContext, extras: &mut FlowExtras, index: usize, data: &[u8]) -> DataStatus {
@@ -362,6 +437,30 @@ impl WasmFilter {
             return DataStatus::Close(self.decision(false, ReasonCode::PluginDenied));
         }
         DataStatus::Continue
+    }
+}
+
+/// The answer to a request a plugin denied without answering it itself.
+fn denied_reply(plugin: &str) -> LocalReply {
+    LocalReply {
+        status: 403,
+        headers: vec![
+            ("x-sluice-rule".to_owned(), plugin.as_bytes().to_vec()),
+            ("x-sluice-reason".to_owned(), b"plugin-denied".to_vec()),
+        ],
+        body: format!("Sluice refused this request.\nrule: {plugin}\nreason: plugin-denied\n").into_bytes(),
+    }
+}
+
+/// The answer to a request whose plugin failed (fail closed).
+fn failure_reply(plugin: &str) -> LocalReply {
+    LocalReply {
+        status: 403,
+        headers: vec![
+            ("x-sluice-rule".to_owned(), plugin.as_bytes().to_vec()),
+            ("x-sluice-reason".to_owned(), b"plugin-failed".to_vec()),
+        ],
+        body: format!("Sluice refused this request.\nrule: {plugin}\nreason: plugin-failed\n").into_bytes(),
     }
 }
 

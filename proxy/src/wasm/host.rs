@@ -15,7 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Caller, Linker};
 
-use super::abi::{BufferType, LogLevel, MapType, MetricType, Status, StreamType, decode_pairs, split_path};
+use super::abi::{
+    BufferType, LogLevel, MapType, MetricType, Status, StreamType, decode_pairs, encode_pairs, split_path,
+};
 use super::properties;
 use super::state::{GuestFault, GuestMemory, HostState, Phase};
 
@@ -166,17 +168,19 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
 
-    // Header maps. No map is open in a connection-level callback; an
-    // unavailable map reads as empty and ignores writes, as in Envoy.
+    // Header maps: the request's headers in an HTTP callback. A map that
+    // is not open in this callback reads as empty and ignores writes, as
+    // in Envoy (the SDKs panic on any status but Ok for most of these).
     linker.func_wrap(
         E,
         "proxy_get_header_map_size",
         |mut c: Caller<'_, HostState>, kind: i32, out: i32| -> R {
             running(&c, "proxy_get_header_map_size")?;
-            if MapType::try_from(kind).is_err() {
+            let Ok(kind) = MapType::try_from(kind) else {
                 return status(Status::BadArgument);
-            }
-            c.write_u32(out, 0)?;
+            };
+            let size = map(c.data(), kind).map_or(0, |m| encode_pairs(m).len());
+            c.write_u32(out, u32::try_from(size).unwrap_or(u32::MAX))?;
             ok()
         },
     )?;
@@ -185,19 +189,26 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_get_header_map_pairs",
         |mut c: Caller<'_, HostState>, kind: i32, ptr_ptr: i32, len_ptr: i32| -> R {
             running(&c, "proxy_get_header_map_pairs")?;
-            let _ = MapType::try_from(kind);
-            c.give(&[], ptr_ptr, len_ptr)?;
+            let bytes = MapType::try_from(kind)
+                .ok()
+                .and_then(|k| map(c.data(), k))
+                .map(|m| encode_pairs(m))
+                .unwrap_or_default();
+            c.give(&bytes, ptr_ptr, len_ptr)?;
             ok()
         },
     )?;
     linker.func_wrap(
         E,
         "proxy_set_header_map_pairs",
-        |mut c: Caller<'_, HostState>, _kind: i32, ptr: i32, len: i32| -> R {
+        |mut c: Caller<'_, HostState>, kind: i32, ptr: i32, len: i32| -> R {
             running(&c, "proxy_set_header_map_pairs")?;
             let bytes = c.read(ptr, len)?;
-            if decode_pairs(&bytes, c.data().limits.pairs).is_err() {
+            let Ok(pairs) = decode_pairs(&bytes, c.data().limits.pairs) else {
                 return status(Status::BadArgument);
+            };
+            if let Some(m) = MapType::try_from(kind).ok().and_then(|k| map_mut(c.data_mut(), k)) {
+                *m = pairs.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
             }
             ok()
         },
@@ -205,30 +216,67 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         E,
         "proxy_get_header_map_value",
-        |mut c: Caller<'_, HostState>, _kind: i32, key: i32, key_len: i32, _ptr_ptr: i32, _len_ptr: i32| -> R {
+        |mut c: Caller<'_, HostState>, kind: i32, key: i32, key_len: i32, ptr_ptr: i32, len_ptr: i32| -> R {
             running(&c, "proxy_get_header_map_value")?;
-            c.read(key, key_len)?;
-            status(Status::NotFound)
+            let key = c.read(key, key_len)?.to_ascii_lowercase();
+            let value = MapType::try_from(kind)
+                .ok()
+                .and_then(|k| map(c.data(), k))
+                .and_then(|m| m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()));
+            match value {
+                Some(v) => {
+                    c.give(&v, ptr_ptr, len_ptr)?;
+                    ok()
+                }
+                None => status(Status::NotFound),
+            }
         },
     )?;
-    for name in ["proxy_add_header_map_value", "proxy_replace_header_map_value"] {
-        linker.func_wrap(
-            E,
-            name,
-            move |mut c: Caller<'_, HostState>, _kind: i32, key: i32, key_len: i32, val: i32, val_len: i32| -> R {
-                running(&c, name)?;
-                c.read(key, key_len)?;
-                c.read(val, val_len)?;
-                ok()
-            },
-        )?;
-    }
+    linker.func_wrap(
+        E,
+        "proxy_add_header_map_value",
+        |mut c: Caller<'_, HostState>, kind: i32, key: i32, key_len: i32, val: i32, val_len: i32| -> R {
+            running(&c, "proxy_add_header_map_value")?;
+            let key = c.read(key, key_len)?.to_ascii_lowercase();
+            let value = c.read(val, val_len)?;
+            let max = c.data().limits.pairs.max_pairs;
+            if let Some(m) = MapType::try_from(kind).ok().and_then(|k| map_mut(c.data_mut(), k))
+                && m.len() < max
+            {
+                m.push((key, value));
+            }
+            ok()
+        },
+    )?;
+    linker.func_wrap(
+        E,
+        "proxy_replace_header_map_value",
+        |mut c: Caller<'_, HostState>, kind: i32, key: i32, key_len: i32, val: i32, val_len: i32| -> R {
+            running(&c, "proxy_replace_header_map_value")?;
+            let key = c.read(key, key_len)?.to_ascii_lowercase();
+            let value = c.read(val, val_len)?;
+            if let Some(m) = MapType::try_from(kind).ok().and_then(|k| map_mut(c.data_mut(), k)) {
+                match m.iter().position(|(k, _)| *k == key) {
+                    Some(i) => {
+                        m[i].1 = value;
+                        let mut seen = false;
+                        m.retain(|(k, _)| *k != key || !std::mem::replace(&mut seen, true));
+                    }
+                    None => m.push((key, value)),
+                }
+            }
+            ok()
+        },
+    )?;
     linker.func_wrap(
         E,
         "proxy_remove_header_map_value",
-        |mut c: Caller<'_, HostState>, _kind: i32, key: i32, key_len: i32| -> R {
+        |mut c: Caller<'_, HostState>, kind: i32, key: i32, key_len: i32| -> R {
             running(&c, "proxy_remove_header_map_value")?;
-            c.read(key, key_len)?;
+            let key = c.read(key, key_len)?.to_ascii_lowercase();
+            if let Some(m) = MapType::try_from(kind).ok().and_then(|k| map_mut(c.data_mut(), k)) {
+                m.retain(|(k, _)| *k != key);
+            }
             ok()
         },
     )?;
@@ -272,7 +320,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         E,
         "proxy_send_local_response",
         |mut c: Caller<'_, HostState>,
-         _code: i32,
+         code: i32,
          details: i32,
          details_len: i32,
          body: i32,
@@ -283,11 +331,29 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          -> R {
             running(&c, "proxy_send_local_response")?;
             c.read(details, details_len)?;
-            c.read(body, body_len)?;
-            c.read(headers, headers_len)?;
-            // No HTTP exchange in a connection-level callback: the stream
-            // is refused instead of answered.
-            c.data_mut().requests.close = Some(StreamType::Downstream);
+            let body = c.read(body, body_len)?;
+            let raw = c.read(headers, headers_len)?;
+            let headers = decode_pairs(&raw, c.data().limits.pairs).unwrap_or_default();
+            let s = c.data_mut();
+            if s.buffers.request_headers.is_some() {
+                // An HTTP callback: the client gets this answer instead.
+                let status = u16::try_from(code)
+                    .ok()
+                    .filter(|c| (200..=599).contains(c))
+                    .unwrap_or(403);
+                s.requests.local_reply = Some(crate::listener::LocalReply {
+                    status,
+                    headers: headers
+                        .into_iter()
+                        .map(|(k, v)| (String::from_utf8_lossy(&k).to_ascii_lowercase(), v))
+                        .collect(),
+                    body,
+                });
+            } else {
+                // No HTTP exchange in a connection-level callback: the
+                // stream is refused instead of answered.
+                s.requests.close = Some(StreamType::Downstream);
+            }
             ok()
         },
     )?;
@@ -589,6 +655,21 @@ fn buffer_mut(s: &mut HostState, kind: BufferType) -> Option<&mut Vec<u8>> {
     match kind {
         BufferType::DownstreamData => s.buffers.downstream.as_mut(),
         BufferType::UpstreamData => s.buffers.upstream.as_mut(),
+        _ => None,
+    }
+}
+
+/// Header map `kind` as the current callback may read it.
+fn map(s: &HostState, kind: MapType) -> Option<&Vec<(Vec<u8>, Vec<u8>)>> {
+    match kind {
+        MapType::HttpRequestHeaders => s.buffers.request_headers.as_ref(),
+        _ => None,
+    }
+}
+
+fn map_mut(s: &mut HostState, kind: MapType) -> Option<&mut Vec<(Vec<u8>, Vec<u8>)>> {
+    match kind {
+        MapType::HttpRequestHeaders => s.buffers.request_headers.as_mut(),
         _ => None,
     }
 }

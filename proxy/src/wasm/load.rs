@@ -39,11 +39,12 @@ pub struct PluginSet {
 /// What makes two declarations of a plugin the same plugin.
 fn identity(sha256: &str, config: &[u8], p: &sluice_api::Plugin) -> String {
     format!(
-        "{sha256}|{}|{:?}|{}|{}",
+        "{sha256}|{}|{:?}|{}|{}|{}",
         String::from_utf8_lossy(config),
         p.env,
         p.data,
-        p.fail_open
+        p.fail_open,
+        p.http
     )
 }
 
@@ -140,7 +141,7 @@ fn load_one(p: &sluice_api::Plugin, base: Option<&Path>) -> Result<Arc<Plugin>, 
         FailurePolicy::Closed
     };
     let slots = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
-    let plugin = Arc::new(Plugin::start(code, failure, p.data, slots, id).map_err(|e| fail(e.to_string()))?);
+    let plugin = Arc::new(Plugin::start(code, failure, p.data, slots, id, p.http).map_err(|e| fail(e.to_string()))?);
     super::filter::spawn_ticker(&plugin);
     loaded.retain(|(n, _)| *n != p.name);
     loaded.push((p.name.clone(), Arc::downgrade(&plugin)));

@@ -68,6 +68,8 @@ pub struct Requests {
     pub resume: Option<StreamType>,
     /// `proxy_set_buffer_bytes` on the flow's bytes.
     pub rewrote: bool,
+    /// `proxy_send_local_response` in an HTTP callback.
+    pub local_reply: Option<crate::listener::LocalReply>,
 }
 
 /// The buffers the current callback may read and write.
@@ -75,6 +77,9 @@ pub struct Requests {
 pub struct CallBuffers {
     pub downstream: Option<Vec<u8>>,
     pub upstream: Option<Vec<u8>>,
+    /// The request's headers in an HTTP callback (names lower case,
+    /// pseudo-headers first).
+    pub request_headers: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
 /// One instance's host state.

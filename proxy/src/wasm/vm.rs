@@ -113,6 +113,7 @@ struct Exports {
     on_new_connection: Option<TypedFunc<i32, i32>>,
     on_downstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_upstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_downstream_close: Option<TypedFunc<(i32, i32), ()>>,
     on_upstream_close: Option<TypedFunc<(i32, i32), ()>>,
     on_done: Option<TypedFunc<i32, i32>>,
@@ -194,6 +195,7 @@ impl Vm {
             on_new_connection: typed(&instance, &mut store, "proxy_on_new_connection"),
             on_downstream_data: typed(&instance, &mut store, "proxy_on_downstream_data"),
             on_upstream_data: typed(&instance, &mut store, "proxy_on_upstream_data"),
+            on_request_headers: typed(&instance, &mut store, "proxy_on_request_headers"),
             on_downstream_close: typed(&instance, &mut store, "proxy_on_downstream_connection_close"),
             on_upstream_close: typed(&instance, &mut store, "proxy_on_upstream_connection_close"),
             on_done: typed(&instance, &mut store, "proxy_on_done"),
@@ -320,6 +322,52 @@ impl Vm {
         let out = self.call(name, Phase::Running, id, &f, (id as i32, len, i32::from(end)));
         self.store.data_mut().buffers = CallBuffers::default();
         Ok(self.answer(Action::from(out?)))
+    }
+
+    /// `proxy_on_request_headers` for HTTP context `id`, with `headers`
+    /// (lower-case names, pseudo-headers first) readable and writable
+    /// during the call; returns the answer and the headers as the guest
+    /// left them.
+    pub fn on_request_headers(
+        &mut self,
+        id: u32,
+        headers: Vec<(Vec<u8>, Vec<u8>)>,
+        end_of_stream: bool,
+    ) -> Result<(Answer, Vec<(Vec<u8>, Vec<u8>)>), VmError> {
+        let Some(f) = self.exports.on_request_headers.clone() else {
+            return Ok((self.answer(Action::Continue), headers));
+        };
+        let n = i32::try_from(headers.len()).unwrap_or(i32::MAX);
+        self.store.data_mut().buffers.request_headers = Some(headers);
+        let out = self.call(
+            "proxy_on_request_headers",
+            Phase::Running,
+            id,
+            &f,
+            (id as i32, n, i32::from(end_of_stream)),
+        );
+        let headers = self.store.data_mut().buffers.request_headers.take().unwrap_or_default();
+        let answer = self.answer(Action::from(out?));
+        Ok((answer, headers))
+    }
+
+    /// Ends HTTP context `id`: `on_done`, `on_log`, `on_delete`.
+    pub fn finish_http(&mut self, id: u32) -> Result<StreamState, VmError> {
+        let ctx = id as i32;
+        let result = (|| {
+            if let Some(f) = self.exports.on_done.clone() {
+                self.call("proxy_on_done", Phase::Running, id, &f, ctx)?;
+            }
+            if let Some(f) = self.exports.on_log.clone() {
+                self.call("proxy_on_log", Phase::Running, id, &f, ctx)?;
+            }
+            if let Some(f) = self.exports.on_delete.clone() {
+                self.call("proxy_on_delete", Phase::Running, id, &f, ctx)?;
+            }
+            Ok(())
+        })();
+        let state = self.store.data_mut().streams.remove(&id).unwrap_or_default();
+        result.map(|()| state)
     }
 
     /// Ends stream `id`: both close callbacks, then `on_done`, `on_log` and

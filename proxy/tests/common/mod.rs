@@ -633,7 +633,11 @@ impl HttpUpstream {
                             .unwrap_or("-")
                             .to_owned();
                         let names: Vec<String> = req.headers().keys().map(|k| k.as_str().to_owned()).collect();
-                        let text = format!("upstream saw {} {} host={host}", req.method(), req.uri());
+                        let mut text = format!("upstream saw {} {} host={host}", req.method(), req.uri());
+                        // What an HTTP plugin added, when it did.
+                        if let Some(v) = req.headers().get("x-added").and_then(|v| v.to_str().ok()) {
+                            text.push_str(&format!(" x-added={v}"));
+                        }
                         let received = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
                         let mut resp = Response::new(Full::new(Bytes::from(text)));
                         let h = resp.headers_mut();
