@@ -19,7 +19,7 @@ use super::abi::{
     BufferType, LogLevel, MapType, MetricType, Status, StreamType, decode_pairs, encode_pairs, split_path,
 };
 use super::properties;
-use super::state::{GuestFault, GuestMemory, HostState, Phase};
+use super::state::{GuestFault, GuestMemory, Headers, HostState, Phase};
 
 type R = wasmtime::Result<i32>;
 
@@ -660,14 +660,14 @@ fn buffer_mut(s: &mut HostState, kind: BufferType) -> Option<&mut Vec<u8>> {
 }
 
 /// Header map `kind` as the current callback may read it.
-fn map(s: &HostState, kind: MapType) -> Option<&Vec<(Vec<u8>, Vec<u8>)>> {
+fn map(s: &HostState, kind: MapType) -> Option<&Headers> {
     match kind {
         MapType::HttpRequestHeaders => s.buffers.request_headers.as_ref(),
         _ => None,
     }
 }
 
-fn map_mut(s: &mut HostState, kind: MapType) -> Option<&mut Vec<(Vec<u8>, Vec<u8>)>> {
+fn map_mut(s: &mut HostState, kind: MapType) -> Option<&mut Headers> {
     match kind {
         MapType::HttpRequestHeaders => s.buffers.request_headers.as_mut(),
         _ => None,

@@ -72,6 +72,9 @@ pub struct Requests {
     pub local_reply: Option<crate::listener::LocalReply>,
 }
 
+/// A header map: names (lower case) and values, in order.
+pub type Headers = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The buffers the current callback may read and write.
 #[derive(Debug, Default)]
 pub struct CallBuffers {
@@ -79,7 +82,7 @@ pub struct CallBuffers {
     pub upstream: Option<Vec<u8>>,
     /// The request's headers in an HTTP callback (names lower case,
     /// pseudo-headers first).
-    pub request_headers: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    pub request_headers: Option<Headers>,
 }
 
 /// One instance's host state.

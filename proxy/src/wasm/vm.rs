@@ -16,7 +16,9 @@ use wasmtime::{Instance, InstancePre, Linker, Store, Trap, TypedFunc, WasmParams
 use super::abi::{AbiVersion, Action, PeerType};
 use super::engine::{EPOCH_TICK, PluginModule, WasmEngine};
 use super::shared::{PluginMetrics, SharedData, SharedQueues};
-use super::state::{CallBuffers, GuestFault, HostState, MemoryLimiter, Phase, PluginLimits, Requests, StreamState};
+use super::state::{
+    CallBuffers, GuestFault, Headers, HostState, MemoryLimiter, Phase, PluginLimits, Requests, StreamState,
+};
 
 /// Everything needed to start instances of one plugin.
 pub struct PluginCode {
@@ -331,9 +333,9 @@ impl Vm {
     pub fn on_request_headers(
         &mut self,
         id: u32,
-        headers: Vec<(Vec<u8>, Vec<u8>)>,
+        headers: Headers,
         end_of_stream: bool,
-    ) -> Result<(Answer, Vec<(Vec<u8>, Vec<u8>)>), VmError> {
+    ) -> Result<(Answer, Headers), VmError> {
         let Some(f) = self.exports.on_request_headers.clone() else {
             return Ok((self.answer(Action::Continue), headers));
         };
