@@ -502,10 +502,15 @@ flow_test!(a_plugin_that_asks_to_be_ticked_is_ticked, async {
 /// Sends a plain-HTTP request for `http://host/path` through the `proxy`
 /// listener with `extra` header lines; the answer's head and body.
 async fn get_through(rig: &Rig<HttpUpstream>, host: &str, extra: &str) -> (RawResponse, String) {
+    get_path(rig, host, "/x", extra).await
+}
+
+/// The same for `path`.
+async fn get_path(rig: &Rig<HttpUpstream>, host: &str, path: &str, extra: &str) -> (RawResponse, String) {
     let target = rig.target(host);
     let mut s = TcpStream::connect(rig.proxy()).await.unwrap();
     s.write_all(
-        format!("GET http://{target}/x HTTP/1.1\r\nHost: {target}\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
+        format!("GET http://{target}{path} HTTP/1.1\r\nHost: {target}\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
     )
     .await
     .unwrap();
@@ -557,3 +562,42 @@ flow_test!(
         rig.stop().await;
     }
 );
+
+flow_test!(credential_leak_guard_refuses_requests_carrying_credentials, async {
+    let config = serde_json::json!({"bearer_hosts": ["allowed.test"]});
+    let rig = Rig::<HttpUpstream>::with(
+        &TestConfig::listener("proxy", "http-proxy", "")
+            .head(&format!(
+                "plugins:\n  - name: credential-leak-guard\n    kind: http\n    path: \"{}\"\n    config: {}\n",
+                guest("credential-leak-guard").display(),
+                serde_json::to_string(&config.to_string()).unwrap()
+            ))
+            .yaml(),
+    )
+    .await;
+    let (head, _) = get_path(&rig, "allowed.test", "/clean", "").await;
+    assert_eq!(head.status, 200, "{head:?}");
+    // An AWS key id in the URL.
+    let (head, body) = get_path(&rig, "allowed.test", "/upload?key=AKIAIOSFODNN7EXAMPLE", "").await;
+    assert_eq!(head.status, 403, "{head:?}");
+    assert_eq!(body, "credential in request: aws-access-key-id\n");
+    // A bearer token: to a host allowed for it, and to another.
+    let bearer = "Authorization: Bearer abc.def.ghi\r\n";
+    let (head, _) = get_path(&rig, "allowed.test", "/api", bearer).await;
+    assert_eq!(head.status, 200, "{head:?}");
+    let (head, body) = get_path(&rig, "curl.example.test", "/api", bearer).await;
+    assert_eq!(head.status, 403, "{head:?}");
+    assert_eq!(body, "credential in request: bearer-token-to-unlisted-host\n");
+    let r = rig
+        .sluice
+        .wait_record(|r| reason(r) == "plugin-denied" && field(r, "connect_target").starts_with("curl.example.test"))
+        .await;
+    assert_eq!(rule(&r), "credential-leak-guard", "{r}");
+    assert_eq!(r["annotations"]["leak"], "bearer-token-to-unlisted-host", "{r}");
+    let records = rig.sluice.wait_records(4, |r| field(r, "listener") == "proxy").await;
+    assert!(
+        records.iter().all(|r| !r.to_string().contains("AKIAIOSFODNN7EXAMPLE")),
+        "the secret itself is never recorded"
+    );
+    rig.stop().await;
+});
