@@ -601,3 +601,60 @@ flow_test!(credential_leak_guard_refuses_requests_carrying_credentials, async {
     );
     rig.stop().await;
 });
+
+flow_test!(reloading_a_plugin_under_load_loses_no_flow, async {
+    let config = |version: u32, port: u16| {
+        TestConfig::listener("sni", "sni", &format!("upstream_port: {port}")).head(&plugin(
+            "versioned",
+            &format!("annotate=version:{version}"),
+            "",
+        ))
+    };
+    let rig = Rig::<RawSink>::with_upstream(|up| config(1, up.port()).yaml()).await;
+    let addr = rig.sluice.addr("sni");
+    // Flows run back to back until the reloads are done (and at least 50).
+    let reloading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let still = reloading.clone();
+    let load = tokio::spawn(async move {
+        let mut sent = 0usize;
+        while sent < 50 || still.load(std::sync::atomic::Ordering::SeqCst) {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(&rustls_hello("allowed.test")).await.unwrap();
+            s.shutdown().await.unwrap();
+            let _ = wait_closed(&mut s).await;
+            sent += 1;
+        }
+        sent
+    });
+    // Reload while the flows run, the plugin's configuration changing each
+    // time (so each reload starts new instances), and wait between reloads
+    // until a flow has been judged by the new one.
+    for version in 2..=6u32 {
+        rig.sluice.reload(&config(version, rig.up.addr.port())).await;
+        let tag = version.to_string();
+        rig.sluice
+            .wait_record(|r| field(r, "sni") == "allowed.test" && r["annotations"]["version"] == tag.as_str())
+            .await;
+    }
+    reloading.store(false, std::sync::atomic::Ordering::SeqCst);
+    let flows = within("the load", load).await.unwrap();
+    let records = rig
+        .sluice
+        .wait_records(flows, |r| field(r, "sni") == "allowed.test")
+        .await;
+    assert_eq!(records.len(), flows, "one record per flow");
+    let versions: std::collections::BTreeSet<&str> = records
+        .iter()
+        .map(|r| {
+            assert_eq!(
+                decided(r),
+                ("allow", "allowed-by-rule"),
+                "no flow may fail over a reload: {r}"
+            );
+            r["annotations"]["version"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(versions.len(), 6, "every version judged flows: {versions:?}");
+    assert_eq!(rig.up.accepts(), flows, "every flow reached the upstream");
+    rig.stop().await;
+});
