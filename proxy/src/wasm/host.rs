@@ -282,30 +282,21 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     )?;
 
     // The stream.
-    linker.func_wrap(
-        E,
-        "proxy_continue_stream",
-        |mut c: Caller<'_, HostState>, kind: i32| -> R {
-            running(&c, "proxy_continue_stream")?;
+    type Request = fn(&mut super::state::Requests, StreamType);
+    let requests: [(&'static str, Request); 2] = [
+        ("proxy_continue_stream", |r, k| r.resume = Some(k)),
+        ("proxy_close_stream", |r, k| r.close = Some(k)),
+    ];
+    for (name, record) in requests {
+        linker.func_wrap(E, name, move |mut c: Caller<'_, HostState>, kind: i32| -> R {
+            running(&c, name)?;
             let Ok(kind) = StreamType::try_from(kind) else {
                 return status(Status::BadArgument);
             };
-            c.data_mut().requests.resume = Some(kind);
+            record(&mut c.data_mut().requests, kind);
             ok()
-        },
-    )?;
-    linker.func_wrap(
-        E,
-        "proxy_close_stream",
-        |mut c: Caller<'_, HostState>, kind: i32| -> R {
-            running(&c, "proxy_close_stream")?;
-            let Ok(kind) = StreamType::try_from(kind) else {
-                return status(Status::BadArgument);
-            };
-            c.data_mut().requests.close = Some(kind);
-            ok()
-        },
-    )?;
+        })?;
+    }
     linker.func_wrap(
         E,
         "proxy_get_status",

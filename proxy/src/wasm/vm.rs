@@ -353,7 +353,8 @@ impl Vm {
         Ok((answer, headers))
     }
 
-    /// Ends HTTP context `id`: `on_done`, `on_log`, `on_delete`.
+    /// Ends context `id`: `on_done`, `on_log`, `on_delete` (all three now:
+    /// a guest whose `on_done` asks to finish later is not waited for).
     pub fn finish_http(&mut self, id: u32) -> Result<StreamState, VmError> {
         let ctx = id as i32;
         let result = (|| {
@@ -376,39 +377,25 @@ impl Vm {
     /// `on_delete`. Returns what the stream's properties ended as.
     pub fn finish(&mut self, id: u32) -> Result<StreamState, VmError> {
         let peer = PeerType::Remote as i32;
-        let ctx = id as i32;
-        let result = (|| {
-            if let Some(f) = self.exports.on_downstream_close.clone() {
-                self.call(
-                    "proxy_on_downstream_connection_close",
-                    Phase::Running,
-                    id,
-                    &f,
-                    (ctx, peer),
-                )?;
+        let closes = [
+            (
+                "proxy_on_downstream_connection_close",
+                self.exports.on_downstream_close.clone(),
+            ),
+            (
+                "proxy_on_upstream_connection_close",
+                self.exports.on_upstream_close.clone(),
+            ),
+        ];
+        for (name, f) in closes {
+            if let Some(f) = f
+                && let Err(e) = self.call(name, Phase::Running, id, &f, (id as i32, peer))
+            {
+                self.store.data_mut().streams.remove(&id);
+                return Err(e);
             }
-            if let Some(f) = self.exports.on_upstream_close.clone() {
-                self.call(
-                    "proxy_on_upstream_connection_close",
-                    Phase::Running,
-                    id,
-                    &f,
-                    (ctx, peer),
-                )?;
-            }
-            if let Some(f) = self.exports.on_done.clone() {
-                self.call("proxy_on_done", Phase::Running, id, &f, ctx)?;
-            }
-            if let Some(f) = self.exports.on_log.clone() {
-                self.call("proxy_on_log", Phase::Running, id, &f, ctx)?;
-            }
-            if let Some(f) = self.exports.on_delete.clone() {
-                self.call("proxy_on_delete", Phase::Running, id, &f, ctx)?;
-            }
-            Ok(())
-        })();
-        let state = self.store.data_mut().streams.remove(&id).unwrap_or_default();
-        result.map(|()| state)
+        }
+        self.finish_http(id)
     }
 
     /// Forgets stream `id` without calling the guest (its instance failed).
