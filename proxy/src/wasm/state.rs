@@ -121,6 +121,17 @@ pub struct HostState {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub limiter: MemoryLimiter,
+    /// The current callback's past deadline windows (see `vm::on_deadline`).
+    pub overtime: Overtime,
+}
+
+/// What a callback that outlived its deadline on the wall clock has used:
+/// windows it has been given, and the thread's CPU time when the first
+/// one began.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Overtime {
+    pub windows: u32,
+    pub cpu_at_first: Option<Duration>,
 }
 
 impl std::fmt::Debug for HostState {

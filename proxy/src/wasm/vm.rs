@@ -17,7 +17,7 @@ use super::abi::{AbiVersion, Action, PeerType};
 use super::engine::{EPOCH_TICK, PluginModule, WasmEngine};
 use super::shared::{PluginMetrics, SharedData, SharedQueues};
 use super::state::{
-    CallBuffers, GuestFault, Headers, HostState, MemoryLimiter, Phase, PluginLimits, Requests, StreamState,
+    CallBuffers, GuestFault, Headers, HostState, MemoryLimiter, Overtime, Phase, PluginLimits, Requests, StreamState,
 };
 
 /// Everything needed to start instances of one plugin.
@@ -176,9 +176,12 @@ impl Vm {
                 max_memory: code.limits.max_memory,
                 hit: false,
             },
+            overtime: Overtime::default(),
         };
         let mut store = Store::new(code.engine.engine(), state);
         store.limiter(|s| &mut s.limiter);
+        let limits = code.limits;
+        store.epoch_deadline_callback(move |mut ctx| Ok(on_deadline(&mut ctx.data_mut().overtime, limits)));
         store.set_epoch_deadline(deadline_ticks(code.limits));
         let instance = code
             .pre
@@ -270,6 +273,7 @@ impl Vm {
             s.current = ctx;
             s.effective = None;
             s.requests = Requests::default();
+            s.overtime = Overtime::default();
         }
         let out = f.call(&mut self.store, args);
         self.store.data_mut().phase = Phase::Running;
@@ -444,6 +448,35 @@ fn typed<P: WasmParams, Q: WasmResults>(
     name: &str,
 ) -> Option<TypedFunc<P, Q>> {
     instance.get_typed_func::<P, Q>(&mut *store, name).ok()
+}
+
+/// How many windows of the deadline a callback may span on the wall clock
+/// while it is not the one using the CPU (its thread preempted).
+const MAX_WINDOWS: u32 = 10;
+
+/// What a callback gets when it reaches its deadline on the wall clock. The
+/// deadline is CPU time: a callback that used the CPU for a whole window is
+/// stopped, one whose thread was preempted (a loaded machine) gets another
+/// window, up to [`MAX_WINDOWS`]. The thread's CPU time is read only here,
+/// never on the fast path.
+fn on_deadline(o: &mut Overtime, limits: PluginLimits) -> wasmtime::UpdateDeadline {
+    use wasmtime::UpdateDeadline;
+    let window = deadline_ticks(limits);
+    let Ok(now) = crate::sys::thread_cpu_time() else {
+        return UpdateDeadline::Interrupt;
+    };
+    o.windows += 1;
+    match o.cpu_at_first {
+        None => {
+            o.cpu_at_first = Some(now);
+            UpdateDeadline::Continue(window)
+        }
+        // Nine tenths of a window on the CPU since the first: the guest
+        // is running, not waiting for the CPU.
+        Some(first) if now.saturating_sub(first) >= limits.deadline.mul_f32(0.9) => UpdateDeadline::Interrupt,
+        Some(_) if o.windows >= MAX_WINDOWS => UpdateDeadline::Interrupt,
+        Some(_) => UpdateDeadline::Continue(window),
+    }
 }
 
 /// The deadline in epoch ticks.
