@@ -587,6 +587,9 @@ pub struct Plugin {
     /// `kind: http`: an HTTP plugin (an HTTP context per plain-HTTP
     /// request); otherwise a network plugin (a stream context per flow).
     pub http: bool,
+    /// The root id the module registers its root context under (the
+    /// `plugin_root_id` property); the plugin's name when not given.
+    pub root_id: Option<String>,
 }
 
 impl Plugin {

@@ -658,3 +658,27 @@ flow_test!(reloading_a_plugin_under_load_loses_no_flow, async {
     assert_eq!(rig.up.accepts(), flows, "every flow reached the upstream");
     rig.stop().await;
 });
+
+flow_test!(
+    an_assemblyscript_plugin_built_with_its_published_sdk_runs_unmodified,
+    async {
+        let wasm = common::guests::assemblyscript("add-header");
+        let rig = Rig::<HttpUpstream>::with(
+            &TestConfig::listener("proxy", "http-proxy", "")
+                .head(&format!(
+                    // The SDK (0.1.8) needs a configuration that is not empty:
+                // it passes the configuration's size where the host writes
+                // the length, and frees a null buffer when there is none
+                // (in Envoy as here).
+                "plugins:\n  - name: add-header\n    kind: http\n    root_id: add_header\n    config: any\n    path: \"{}\"\n",
+                    wasm.display()
+                ))
+                .yaml(),
+        )
+        .await;
+        let (head, body) = get_through(&rig, "allowed.test", "").await;
+        assert_eq!(head.status, 200, "{head:?} {body}");
+        assert!(body.ends_with("x-added=from-assemblyscript"), "{body}");
+        rig.stop().await;
+    }
+);

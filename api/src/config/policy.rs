@@ -227,6 +227,7 @@ impl Validator {
                     data: p.data,
                     env: p.env.clone().unwrap_or_default().into_iter().collect(),
                     http,
+                    root_id: p.root_id.as_ref().map(|r| r.value.clone()),
                 });
             }
         }

@@ -296,6 +296,8 @@ pub struct RawPlugin {
     pub env: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default)]
     pub kind: Option<S<String>>,
+    #[serde(default)]
+    pub root_id: Option<S<String>>,
 }
 
 /// A port as written: `443`, `"443"` or `"8000-8100"`. Range checks happen

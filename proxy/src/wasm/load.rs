@@ -39,12 +39,13 @@ pub struct PluginSet {
 /// What makes two declarations of a plugin the same plugin.
 fn identity(sha256: &str, config: &[u8], p: &sluice_api::Plugin) -> String {
     format!(
-        "{sha256}|{}|{:?}|{}|{}|{}",
+        "{sha256}|{}|{:?}|{}|{}|{}|{:?}",
         String::from_utf8_lossy(config),
         p.env,
         p.data,
         p.fail_open,
-        p.http
+        p.http,
+        p.root_id
     )
 }
 
@@ -135,6 +136,10 @@ fn load_one(p: &sluice_api::Plugin, base: Option<&Path>) -> Result<Arc<Plugin>, 
         metrics,
     )
     .map_err(|e| fail(e.to_string()))?;
+    let mut code = code;
+    if let Some(root) = &p.root_id {
+        code.root_id = Arc::from(root.as_str());
+    }
     let failure = if p.fail_open {
         FailurePolicy::Open
     } else {

@@ -6,7 +6,8 @@
 //!
 //! | path | type | value |
 //! |---|---|---|
-//! | `plugin_name`, `plugin_root_id`, `plugin_vm_id` | string | the plugin's name (root and VM id are its name too) |
+//! | `plugin_name`, `plugin_vm_id` | string | the plugin's name |
+//! | `plugin_root_id` | string | its `root_id` (the name unless set) |
 //! | `source.address`, `destination.address` | string | `ip:port` |
 //! | `source.port`, `destination.port` | int | |
 //! | `connection.id` | uint | the flow id of the audit record |
@@ -29,7 +30,8 @@ use super::state::HostState;
 /// The value at `path` for the context host calls act on, if there is one.
 pub fn get(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
     match path {
-        ["plugin_name" | "plugin_root_id" | "plugin_vm_id"] => Some(s.plugin.as_bytes().to_vec()),
+        ["plugin_name" | "plugin_vm_id"] => Some(s.plugin.as_bytes().to_vec()),
+        ["plugin_root_id"] => Some(s.root_name.as_bytes().to_vec()),
         _ => {
             let key = path.join(".");
             s.stream()?.properties.get(&key).cloned()

@@ -23,6 +23,8 @@ use super::state::{
 /// Everything needed to start instances of one plugin.
 pub struct PluginCode {
     pub name: Arc<str>,
+    /// What the `plugin_root_id` property says (the name unless set).
+    pub root_id: Arc<str>,
     pub abi: AbiVersion,
     pre: InstancePre<HostState>,
     engine: WasmEngine,
@@ -92,6 +94,7 @@ impl PluginCode {
         let pre = linker.instantiate_pre(&module.module).map_err(link)?;
         Ok(Self {
             name: Arc::from(name),
+            root_id: Arc::from(name),
             abi: module.abi,
             pre,
             engine: engine.clone(),
@@ -150,6 +153,7 @@ impl Vm {
     pub fn start(code: &PluginCode) -> Result<Self, VmError> {
         let state = HostState {
             plugin: code.name.clone(),
+            root_name: code.root_id.clone(),
             abi: code.abi,
             limits: code.limits,
             phase: Phase::Starting,

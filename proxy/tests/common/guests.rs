@@ -54,3 +54,58 @@ fn build() -> Result<PathBuf, String> {
     }
     Ok(target.join("wasm32-wasip1/release"))
 }
+
+/// The module of AssemblyScript plugin `name` (`plugins/assemblyscript/`),
+/// built once per test binary: its sources are copied to
+/// `target/as-guests/NAME`, its packages installed from its lock file
+/// (`npm ci`, the npm registry) and `asc` run as its `build` script says.
+/// Needs Node.js and npm (Debian's `nodejs` and `npm`).
+pub fn assemblyscript(name: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<Vec<(String, Result<PathBuf, String>)>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, r)) = built.iter().find(|(n, _)| n == name) {
+        return r.clone().unwrap_or_else(|e| panic!("{e}"));
+    }
+    let r = build_assemblyscript(name);
+    built.push((name.to_owned(), r.clone()));
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn build_assemblyscript(name: &str) -> Result<PathBuf, String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let src = root.join("plugins/assemblyscript").join(name);
+    let dir = root.join("target/as-guests").join(name);
+    std::fs::create_dir_all(dir.join("assembly")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for file in ["package.json", "package-lock.json", "assembly/index.ts"] {
+        std::fs::copy(src.join(file), dir.join(file)).map_err(|e| format!("copying {file}: {e}"))?;
+    }
+    let run = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("npm")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .map_err(|e| format!("cannot run npm (install Debian's nodejs and npm): {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "npm {} failed ({}):\n{}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    if !dir.join("node_modules/.bin/asc").exists() {
+        run(&["ci", "--no-audit", "--no-fund"])?;
+    }
+    run(&["run", "build"])?;
+    let wasm = dir.join("build").join(format!("{}.wasm", name.replace('-', "_")));
+    if wasm.is_file() {
+        Ok(wasm)
+    } else {
+        Err(format!("asc built no {}", wasm.display()))
+    }
+}
