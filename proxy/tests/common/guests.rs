@@ -61,7 +61,8 @@ fn build() -> Result<PathBuf, String> {
 /// (`npm ci`, the npm registry) and `asc` run as its `build` script says.
 /// Needs Node.js and npm (Debian's `nodejs` and `npm`).
 pub fn assemblyscript(name: &str) -> PathBuf {
-    static BUILT: OnceLock<std::sync::Mutex<Vec<(String, Result<PathBuf, String>)>>> = OnceLock::new();
+    type Built = Vec<(String, Result<PathBuf, String>)>;
+    static BUILT: OnceLock<std::sync::Mutex<Built>> = OnceLock::new();
     let built = BUILT.get_or_init(Default::default);
     let mut built = built.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some((_, r)) = built.iter().find(|(n, _)| n == name) {
