@@ -2,6 +2,8 @@
 //! `wasm32-wasip1` the first time a test asks for one, by the same cargo
 //! and toolchain that runs the tests. Nothing prebuilt is committed.
 
+#![allow(dead_code, reason = "each test binary uses a subset of the guests")]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
