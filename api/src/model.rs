@@ -590,6 +590,18 @@ pub struct Plugin {
     /// The root id the module registers its root context under (the
     /// `plugin_root_id` property); the plugin's name when not given.
     pub root_id: Option<String>,
+    /// CPU time one callback may use (default 10 ms, at most 1 s).
+    pub deadline: std::time::Duration,
+    /// Linear memory one instance may use, in bytes (default 64 MiB, at
+    /// most 256 MiB).
+    pub max_memory: u64,
+}
+
+impl Plugin {
+    pub const DEFAULT_DEADLINE: std::time::Duration = std::time::Duration::from_millis(10);
+    pub const MAX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+    pub const DEFAULT_MAX_MEMORY: u64 = 64 << 20;
+    pub const MAX_MAX_MEMORY: u64 = 256 << 20;
 }
 
 impl Plugin {

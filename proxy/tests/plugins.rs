@@ -682,3 +682,35 @@ flow_test!(
         rig.stop().await;
     }
 );
+
+flow_test!(a_plugins_own_deadline_and_memory_limit_apply_to_its_flows, async {
+    for (config, limit) in [
+        ("connection=spin", "    deadline: 5ms\n"),
+        ("connection=grow", "    max_memory: 4MiB\n"),
+    ] {
+        let rig = Rig::<RawSink>::with_upstream(sni_with(&plugin("bounded", config, limit), None)).await;
+        let r = hello(&rig, "allowed.test").await;
+        assert_eq!(decided(&r), ("deny", "plugin-failed"), "{config}: {r}");
+        assert_eq!(rig.up.accepts(), 0);
+        rig.stop().await;
+    }
+});
+
+#[test]
+fn plugin_limits_out_of_range_are_refused_at_their_position() {
+    let yaml = format!(
+        "listeners:\n  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: 443}}\nplugins:\n  - name: p\n    path: \"{}\"\n    max_memory: lots\n    deadline: 5s\n",
+        guest("test-guest").display()
+    );
+    let err = sluice_api::config::load_str(&yaml, "limits.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("limits.yaml:6:17: plugins[0].max_memory: `lots` is not a memory size from 64KiB to 256MiB"),
+        "{err}"
+    );
+    assert!(
+        err.contains("limits.yaml:7:15: plugins[0].deadline: duration `5s` is out of range"),
+        "{err}"
+    );
+}

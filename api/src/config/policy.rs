@@ -197,6 +197,31 @@ impl Validator {
                     false
                 }
             };
+            let deadline = self.duration(
+                &p.deadline,
+                format!("{path}.deadline"),
+                Plugin::DEFAULT_DEADLINE,
+                Plugin::MAX_DEADLINE,
+            );
+            let max_memory = match &p.max_memory {
+                None => Plugin::DEFAULT_MAX_MEMORY,
+                Some(v) => match parse_size(&v.value) {
+                    Some(n) if (1 << 16..=Plugin::MAX_MAX_MEMORY).contains(&n) => n,
+                    _ => {
+                        self.err(
+                            v.referenced,
+                            format!("{path}.max_memory"),
+                            ConfigErrorKind::InvalidValue {
+                                message: format!(
+                                    "`{}` is not a memory size from 64KiB to 256MiB; write e.g. `32MiB`",
+                                    v.value
+                                ),
+                            },
+                        );
+                        Plugin::DEFAULT_MAX_MEMORY
+                    }
+                },
+            };
             let mut served = Vec::new();
             for (j, l) in p.listeners.iter().flatten().enumerate() {
                 match listeners.iter().find(|x| x.name == l.value) {
@@ -228,9 +253,26 @@ impl Validator {
                     env: p.env.clone().unwrap_or_default().into_iter().collect(),
                     http,
                     root_id: p.root_id.as_ref().map(|r| r.value.clone()),
+                    deadline,
+                    max_memory,
                 });
             }
         }
         out
     }
+}
+
+/// `64MiB`, `512KiB`, `1GiB` or a number of bytes.
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }

@@ -298,6 +298,10 @@ pub struct RawPlugin {
     pub kind: Option<S<String>>,
     #[serde(default)]
     pub root_id: Option<S<String>>,
+    #[serde(default)]
+    pub deadline: Option<S<String>>,
+    #[serde(default)]
+    pub max_memory: Option<S<String>>,
 }
 
 /// A port as written: `443`, `"443"` or `"8000-8100"`. Range checks happen

@@ -39,13 +39,15 @@ pub struct PluginSet {
 /// What makes two declarations of a plugin the same plugin.
 fn identity(sha256: &str, config: &[u8], p: &sluice_api::Plugin) -> String {
     format!(
-        "{sha256}|{}|{:?}|{}|{}|{}|{:?}",
+        "{sha256}|{}|{:?}|{}|{}|{}|{:?}|{:?}|{}",
         String::from_utf8_lossy(config),
         p.env,
         p.data,
         p.fail_open,
         p.http,
-        p.root_id
+        p.root_id,
+        p.deadline,
+        p.max_memory
     )
 }
 
@@ -130,7 +132,11 @@ fn load_one(p: &sluice_api::Plugin, base: Option<&Path>) -> Result<Arc<Plugin>, 
         &module,
         config,
         p.env.clone(),
-        PluginLimits::default(),
+        PluginLimits {
+            max_memory: usize::try_from(p.max_memory).unwrap_or(usize::MAX),
+            deadline: p.deadline,
+            ..PluginLimits::default()
+        },
         shared,
         queues,
         metrics,
