@@ -714,3 +714,28 @@ fn plugin_limits_out_of_range_are_refused_at_their_position() {
         "{err}"
     );
 }
+
+flow_test!(
+    an_item_on_a_shared_queue_is_delivered_to_the_instance_that_registered_it,
+    async {
+        let rig = Rig::<RawSink>::with_upstream(sni_with(&plugin("queuer", "queue=work", ""), None)).await;
+        for _ in 0..3 {
+            hello(&rig, "allowed.test").await;
+        }
+        let dequeued = || {
+            let snap = rig.sluice.server.shared.snapshot.load();
+            snap.plugins
+                .get("queuer")
+                .and_then(|p| p.code.shared.get(b"dequeued"))
+                .and_then(|(v, _)| String::from_utf8(v).ok())
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        assert!(
+            wait_until(|| dequeued() >= 3).await,
+            "on_queue_ready took {} of 3 items",
+            dequeued()
+        );
+        rig.stop().await;
+    }
+);

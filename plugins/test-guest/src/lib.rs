@@ -18,6 +18,7 @@
 //! | `rewrite=1` | changes the downstream bytes it is shown |
 //! | `metric=NAME` | defines counter NAME and adds one per connection |
 //! | `http=1` | an HTTP plugin: with `deny_header=NAME` it answers 451 to a request carrying header NAME; with `add_header=NAME:VALUE` it adds a request header; it annotates `authority` with `:authority` |
+//! | `queue=NAME` | registers queue NAME; each connection enqueues an item; `on_queue_ready` dequeues them and adds their number to shared-data `dequeued` |
 //! | `tick=MS` | asks to be ticked every MS milliseconds; each tick adds one to shared-data `ticks` |
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
@@ -33,6 +34,21 @@ type Config = Vec<(String, String)>;
 
 struct Root {
     cfg: Rc<Config>,
+}
+
+/// Adds `n` to the decimal count in shared-data `key` (with CAS).
+fn add_shared(ctx: &dyn Context, key: &str, n: u64) -> u64 {
+    loop {
+        let (bytes, cas) = ctx.get_shared_data(key);
+        let now = bytes
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+            + n;
+        if ctx.set_shared_data(key, Some(now.to_string().as_bytes()), cas).is_ok() {
+            return now;
+        }
+    }
 }
 
 fn value<'a>(cfg: &'a Config, key: &str) -> Option<&'a str> {
@@ -58,6 +74,9 @@ impl RootContext for Root {
             panic!("asked to trap while configuring");
         }
         let ok = value(&cfg, "configure") != Some("false");
+        if let Some(name) = value(&cfg, "queue") {
+            self.register_shared_queue(name);
+        }
         if let Some(ms) = value(&cfg, "tick").and_then(|v| v.parse::<u64>().ok()) {
             self.set_tick_period(std::time::Duration::from_millis(ms));
         }
@@ -81,6 +100,14 @@ impl RootContext for Root {
                 break;
             }
         }
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        let mut n = 0u64;
+        while let Ok(Some(_)) = self.dequeue_shared_queue(queue_id) {
+            n += 1;
+        }
+        add_shared(self, "dequeued", n);
     }
 
     fn create_stream_context(&self, _id: u32) -> Option<Box<dyn StreamContext>> {
@@ -182,6 +209,11 @@ impl StreamContext for Stream {
                     None => "absent".to_owned(),
                 };
                 self.annotate(path, &shown);
+            }
+        }
+        if let Some(name) = value(&cfg, "queue") {
+            if let Some(id) = self.resolve_shared_queue("", name) {
+                let _ = self.enqueue_shared_queue(id, Some(b"item"));
             }
         }
         if let Some(name) = value(&cfg, "metric") {

@@ -127,7 +127,7 @@ impl Plugin {
             {
                 return Err(e.clone());
             }
-            match Vm::start(&self.code) {
+            match Vm::start_in(&self.code, slot) {
                 Ok(vm) => {
                     s.vm = Some(vm);
                     s.generation += 1;
@@ -159,6 +159,16 @@ impl Plugin {
     /// returns how long until the next one is due (`None`: no instance
     /// asked to be ticked).
     pub fn tick_due(&self, now: Instant) -> Option<Duration> {
+        for (queue, slot) in self.code.queues.take_ready() {
+            let Some(cell) = self.slots.get(slot) else { continue };
+            let mut guard = lock(cell);
+            let s = &mut *guard;
+            if let Some(vm) = s.vm.as_mut()
+                && let Err(e) = vm.queue_ready(queue)
+            {
+                self.failed(s, e);
+            }
+        }
         let mut next: Option<Duration> = None;
         for cell in &self.slots {
             let mut guard = lock(cell);
@@ -231,11 +241,17 @@ pub fn spawn_ticker(plugin: &Arc<Plugin>) {
         while let Some(plugin) = weak.upgrade() {
             let wait = plugin.tick_due(Instant::now());
             drop(plugin);
-            std::thread::sleep(wait.unwrap_or(IDLE_TICK_CHECK).min(IDLE_TICK_CHECK));
+            // An enqueue unparks the thread early.
+            std::thread::park_timeout(wait.unwrap_or(IDLE_TICK_CHECK).min(IDLE_TICK_CHECK));
         }
     });
-    if let Err(e) = spawned {
-        tracing::error!(plugin = %plugin.name(), error = %e, "cannot start the plugin's tick thread; on_tick will not be called");
+    match spawned {
+        Ok(handle) => {
+            *plugin.code.queues.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle.thread().clone());
+        }
+        Err(e) => {
+            tracing::error!(plugin = %plugin.name(), error = %e, "cannot start the plugin's tick thread; on_tick and on_queue_ready will not be called");
+        }
     }
 }
 

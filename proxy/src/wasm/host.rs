@@ -461,7 +461,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: Caller<'_, HostState>, name: i32, name_len: i32, out: i32| -> R {
             running(&c, "proxy_register_shared_queue")?;
             let name = String::from_utf8_lossy(&c.read(name, name_len)?).into_owned();
-            let id = c.data().queues.register(&name);
+            let slot = c.data().slot;
+            let id = c.data().queues.register(&name, slot);
             c.write_u32(out, id)?;
             ok()
         },

@@ -49,18 +49,27 @@ impl SharedData {
     }
 }
 
-/// Named queues shared by a plugin's instances.
+/// Named queues shared by a plugin's instances. The instance that
+/// registered a queue is told when an item arrives (`on_queue_ready`, by the
+/// plugin's tick thread, which an enqueue wakes).
 #[derive(Debug, Default)]
 pub struct SharedQueues {
     queues: Mutex<Vec<(String, VecDeque<Vec<u8>>)>>,
+    /// Each queue's registering slot, by queue id - 1.
+    owners: Mutex<Vec<Option<usize>>>,
+    /// Queues with items their owner has not been told about.
+    ready: Mutex<Vec<u32>>,
+    /// The thread that delivers `on_queue_ready`.
+    pub waker: Mutex<Option<std::thread::Thread>>,
 }
 
 /// The most items one queue holds; an enqueue beyond it fails.
 pub const MAX_QUEUE_ITEMS: usize = 10_000;
 
 impl SharedQueues {
-    /// The id of the queue `name`, made if new. Ids start at 1.
-    pub fn register(&self, name: &str) -> u32 {
+    /// The id of the queue `name`, made if new, registered by the instance
+    /// in `slot` (which is told when items arrive). Ids start at 1.
+    pub fn register(&self, name: &str, slot: usize) -> u32 {
         let mut q = self.lock();
         let pos = match q.iter().position(|(n, _)| n == name) {
             Some(p) => p,
@@ -69,7 +78,28 @@ impl SharedQueues {
                 q.len() - 1
             }
         };
+        let mut owners = self.owners.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if owners.len() <= pos {
+            owners.resize(pos + 1, None);
+        }
+        owners[pos] = Some(slot);
         u32::try_from(pos + 1).unwrap_or(u32::MAX)
+    }
+
+    /// The queues with news for their owners, and the owner of each.
+    pub fn take_ready(&self) -> Vec<(u32, usize)> {
+        let ready = std::mem::take(&mut *self.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let owners = self.owners.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        ready
+            .into_iter()
+            .filter_map(|id| {
+                owners
+                    .get((id as usize).wrapping_sub(1))
+                    .copied()
+                    .flatten()
+                    .map(|slot| (id, slot))
+            })
+            .collect()
     }
 
     pub fn resolve(&self, name: &str) -> Option<u32> {
@@ -85,6 +115,14 @@ impl SharedQueues {
             Some((_, items)) if items.len() >= MAX_QUEUE_ITEMS => Status::InternalFailure,
             Some((_, items)) => {
                 items.push_back(item);
+                drop(q);
+                let mut ready = self.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if !ready.contains(&id) {
+                    ready.push(id);
+                }
+                if let Some(t) = &*self.waker.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+                    t.unpark();
+                }
                 Status::Ok
             }
             None => Status::NotFound,
@@ -223,12 +261,14 @@ mod tests {
     #[test]
     fn queues_and_metrics() {
         let q = SharedQueues::default();
-        let id = q.register("jobs");
-        assert_eq!(q.register("jobs"), id);
+        let id = q.register("jobs", 0);
+        assert_eq!(q.register("jobs", 1), id);
         assert_eq!(q.resolve("jobs"), Some(id));
         assert_eq!(q.resolve("other"), None);
         assert_eq!(q.dequeue(id), Err(Status::Empty));
         assert_eq!(q.enqueue(id, b"a".to_vec()), Status::Ok);
+        assert_eq!(q.take_ready(), [(id, 1)], "the last registrant is told");
+        assert_eq!(q.take_ready(), []);
         assert_eq!(q.dequeue(id), Ok(b"a".to_vec()));
         assert_eq!(q.enqueue(99, b"a".to_vec()), Status::NotFound);
 

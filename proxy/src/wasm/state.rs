@@ -88,6 +88,8 @@ pub struct CallBuffers {
 /// One instance's host state.
 pub struct HostState {
     pub plugin: Arc<str>,
+    /// The plugin slot (worker) this instance serves.
+    pub slot: usize,
     /// The root id the guest registered its root context under.
     pub root_name: Arc<str>,
     pub abi: AbiVersion,

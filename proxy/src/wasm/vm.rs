@@ -115,6 +115,7 @@ struct Exports {
     on_vm_start: Option<TypedFunc<(i32, i32), i32>>,
     on_configure: Option<TypedFunc<(i32, i32), i32>>,
     on_tick: Option<TypedFunc<i32, ()>>,
+    on_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
     on_new_connection: Option<TypedFunc<i32, i32>>,
     on_downstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_upstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
@@ -151,8 +152,14 @@ impl Vm {
     /// Starts an instance: `_initialize` (or `_start`), the root context,
     /// `on_vm_start`, `on_configure`.
     pub fn start(code: &PluginCode) -> Result<Self, VmError> {
+        Self::start_in(code, 0)
+    }
+
+    /// Starts an instance for plugin slot `slot`.
+    pub fn start_in(code: &PluginCode, slot: usize) -> Result<Self, VmError> {
         let state = HostState {
             plugin: code.name.clone(),
+            slot,
             root_name: code.root_id.clone(),
             abi: code.abi,
             limits: code.limits,
@@ -201,6 +208,7 @@ impl Vm {
             on_vm_start: typed(&instance, &mut store, "proxy_on_vm_start"),
             on_configure: typed(&instance, &mut store, "proxy_on_configure"),
             on_tick: typed(&instance, &mut store, "proxy_on_tick"),
+            on_queue_ready: typed(&instance, &mut store, "proxy_on_queue_ready"),
             on_new_connection: typed(&instance, &mut store, "proxy_on_new_connection"),
             on_downstream_data: typed(&instance, &mut store, "proxy_on_downstream_data"),
             on_upstream_data: typed(&instance, &mut store, "proxy_on_upstream_data"),
@@ -416,6 +424,21 @@ impl Vm {
         let root = self.store.data().root_id;
         match self.exports.on_tick.clone() {
             Some(f) => self.call("proxy_on_tick", Phase::Running, root, &f, root as i32),
+            None => Ok(()),
+        }
+    }
+
+    /// `proxy_on_queue_ready` for the root context: queue `id` has items.
+    pub fn queue_ready(&mut self, id: u32) -> Result<(), VmError> {
+        let root = self.store.data().root_id;
+        match self.exports.on_queue_ready.clone() {
+            Some(f) => self.call(
+                "proxy_on_queue_ready",
+                Phase::Running,
+                root,
+                &f,
+                (root as i32, id as i32),
+            ),
             None => Ok(()),
         }
     }
