@@ -31,6 +31,32 @@ fn status(s: Status) -> R {
     Ok(s.code())
 }
 
+/// Hands `result`'s bytes to the guest, or returns its status.
+fn give_or(c: &mut Caller<'_, HostState>, result: Result<Vec<u8>, Status>, ptr_ptr: i32, len_ptr: i32) -> R {
+    match result {
+        Ok(bytes) => {
+            c.give(&bytes, ptr_ptr, len_ptr)?;
+            ok()
+        }
+        Err(s) => status(s),
+    }
+}
+
+/// Writes `result`'s number to the guest at `out`, or returns its status.
+fn write_or(c: &mut Caller<'_, HostState>, result: Result<u64, Status>, out: i32, wide: bool) -> R {
+    match result {
+        Ok(v) if wide => {
+            c.write_u64(out, v)?;
+            ok()
+        }
+        Ok(v) => {
+            c.write_u32(out, u32::try_from(v).unwrap_or(u32::MAX))?;
+            ok()
+        }
+        Err(s) => status(s),
+    }
+}
+
 /// Traps unless the instance is running a callback.
 fn running(c: &Caller<'_, HostState>, call: &'static str) -> Result<(), GuestFault> {
     if c.data().phase == Phase::Running {
@@ -222,14 +248,9 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let value = MapType::try_from(kind)
                 .ok()
                 .and_then(|k| map(c.data(), k))
-                .and_then(|m| m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()));
-            match value {
-                Some(v) => {
-                    c.give(&v, ptr_ptr, len_ptr)?;
-                    ok()
-                }
-                None => status(Status::NotFound),
-            }
+                .and_then(|m| m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()))
+                .ok_or(Status::NotFound);
+            give_or(&mut c, value, ptr_ptr, len_ptr)
         },
     )?;
     linker.func_wrap(
@@ -474,11 +495,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             running(&c, "proxy_resolve_shared_queue")?;
             c.read(vm, vm_len)?;
             let name = String::from_utf8_lossy(&c.read(name, name_len)?).into_owned();
-            let Some(id) = c.data().queues.resolve(&name) else {
-                return status(Status::NotFound);
-            };
-            c.write_u32(out, id)?;
-            ok()
+            let id = c.data().queues.resolve(&name).map(u64::from).ok_or(Status::NotFound);
+            write_or(&mut c, id, out, false)
         },
     )?;
     linker.func_wrap(
@@ -495,13 +513,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_dequeue_shared_queue",
         |mut c: Caller<'_, HostState>, id: i32, ptr_ptr: i32, len_ptr: i32| -> R {
             running(&c, "proxy_dequeue_shared_queue")?;
-            match c.data().queues.dequeue(id as u32) {
-                Ok(item) => {
-                    c.give(&item, ptr_ptr, len_ptr)?;
-                    ok()
-                }
-                Err(s) => status(s),
-            }
+            let item = c.data().queues.dequeue(id as u32);
+            give_or(&mut c, item, ptr_ptr, len_ptr)
         },
     )?;
 
@@ -517,13 +530,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let Some(name) = read_str(&mut c, name, name_len)? else {
                 return status(Status::BadArgument);
             };
-            match c.data().metrics.define(kind, &name) {
-                Ok(id) => {
-                    c.write_u32(out, id)?;
-                    ok()
-                }
-                Err(s) => status(s),
-            }
+            let id = c.data().metrics.define(kind, &name).map(u64::from);
+            write_or(&mut c, id, out, false)
         },
     )?;
     linker.func_wrap(
@@ -547,13 +555,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_get_metric",
         |mut c: Caller<'_, HostState>, id: i32, out: i32| -> R {
             running(&c, "proxy_get_metric")?;
-            match c.data().metrics.get(id as u32) {
-                Ok(v) => {
-                    c.write_u64(out, v)?;
-                    ok()
-                }
-                Err(s) => status(s),
-            }
+            let v = c.data().metrics.get(id as u32);
+            write_or(&mut c, v, out, true)
         },
     )?;
 
