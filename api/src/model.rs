@@ -573,7 +573,8 @@ pub struct Plugin {
     pub name: String,
     pub path: PathBuf,
     pub sha256: Option<String>,
-    pub fail_open: bool,
+    /// What a trap, a deadline or the memory cap means (`failure:`).
+    pub failure: PluginFailure,
     /// Handed verbatim to the plugin's root context.
     pub config: Option<serde_json::Value>,
     /// The listeners whose flows (or, for a `dns` listener, queries) the
@@ -595,9 +596,33 @@ pub struct Plugin {
     /// Linear memory one instance may use, in bytes (default 64 MiB, at
     /// most 256 MiB).
     pub max_memory: u64,
+    /// The upstreams `proxy_http_call` may name: name → `host:port`.
+    pub upstreams: Vec<(String, String)>,
+    /// The largest HTTP body an HTTP plugin is shown whole (0: bodies
+    /// stream past it unseen).
+    pub max_body: u64,
+}
+
+/// What a plugin's failure (a trap, its deadline, its memory cap) means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginFailure {
+    /// The flow is denied (`plugin-failed`), and so is every later flow
+    /// the failed instance would have judged, until the configuration
+    /// replaces the plugin (Envoy's `FAIL_CLOSED`).
+    #[default]
+    Closed,
+    /// The flow goes on as if the plugin were not there, and so do later
+    /// ones, until the configuration replaces the plugin (`FAIL_OPEN`).
+    Open,
+    /// The flow is denied, and a new instance is started for later flows,
+    /// at most once a second per worker (`FAIL_RELOAD`).
+    Reload,
 }
 
 impl Plugin {
+    pub const DEFAULT_MAX_BODY: u64 = 1 << 20;
+    pub const MAX_MAX_BODY: u64 = 64 << 20;
     pub const DEFAULT_DEADLINE: std::time::Duration = std::time::Duration::from_millis(10);
     pub const MAX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
     pub const DEFAULT_MAX_MEMORY: u64 = 64 << 20;

@@ -133,6 +133,11 @@ pub fn failure(close_reason: &str) -> Status {
             code: 504,
             text: "Gateway Timeout",
         }
+    } else if close_reason == "request-body-too-large" {
+        Status {
+            code: 413,
+            text: "Content Too Large",
+        }
     } else {
         Status {
             code: 502,

@@ -222,6 +222,84 @@ impl Validator {
                     }
                 },
             };
+            let failure = match (p.failure.as_ref(), p.fail_open) {
+                (None, false) => PluginFailure::Closed,
+                (None, true) => PluginFailure::Open,
+                (Some(f), fail_open) => {
+                    let policy = match f.value.as_str() {
+                        "closed" | "fail_closed" => Some(PluginFailure::Closed),
+                        "open" | "fail_open" => Some(PluginFailure::Open),
+                        "reload" | "fail_reload" => Some(PluginFailure::Reload),
+                        _ => None,
+                    };
+                    match policy {
+                        Some(_) if fail_open => {
+                            self.err(
+                                f.referenced,
+                                format!("{path}.failure"),
+                                ConfigErrorKind::InvalidValue {
+                                    message: "give `failure` or `fail_open`, not both".into(),
+                                },
+                            );
+                            PluginFailure::Closed
+                        }
+                        Some(p) => p,
+                        None => {
+                            self.err(
+                                f.referenced,
+                                format!("{path}.failure"),
+                                ConfigErrorKind::InvalidValue {
+                                    message: format!(
+                                        "`{}` is not a failure policy; write `closed` (the default), `open` or `reload`",
+                                        f.value
+                                    ),
+                                },
+                            );
+                            PluginFailure::Closed
+                        }
+                    }
+                }
+            };
+            let max_body = match &p.max_body {
+                None => Plugin::DEFAULT_MAX_BODY,
+                Some(v) => match parse_size(&v.value) {
+                    Some(n) if n <= Plugin::MAX_MAX_BODY => n,
+                    _ => {
+                        self.err(
+                            v.referenced,
+                            format!("{path}.max_body"),
+                            ConfigErrorKind::InvalidValue {
+                                message: format!(
+                                    "`{}` is not a body size up to 64MiB; write e.g. `1MiB`, or `0` for bodies the plugin never sees",
+                                    v.value
+                                ),
+                            },
+                        );
+                        Plugin::DEFAULT_MAX_BODY
+                    }
+                },
+            };
+            let mut upstreams = Vec::new();
+            for (name, addr) in p.upstreams.iter().flatten() {
+                let a = addr.value.trim();
+                let valid = a
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+                if valid {
+                    upstreams.push((name.clone(), a.to_owned()));
+                } else {
+                    self.err(
+                        addr.referenced,
+                        format!("{path}.upstreams.{name}"),
+                        ConfigErrorKind::InvalidValue {
+                            message: format!(
+                                "`{}` is not an upstream address; write `host:port`, e.g. `127.0.0.1:9000` or `auth.internal:80`",
+                                addr.value
+                            ),
+                        },
+                    );
+                }
+            }
             let mut served = Vec::new();
             for (j, l) in p.listeners.iter().flatten().enumerate() {
                 match listeners.iter().find(|x| x.name == l.value) {
@@ -246,7 +324,7 @@ impl Validator {
                     name: p.name.value.clone(),
                     path: PathBuf::from(p.path.value.trim()),
                     sha256,
-                    fail_open: p.fail_open,
+                    failure,
                     config: p.config.clone(),
                     listeners: served,
                     data: p.data,
@@ -255,6 +333,8 @@ impl Validator {
                     root_id: p.root_id.as_ref().map(|r| r.value.clone()),
                     deadline,
                     max_memory,
+                    upstreams,
+                    max_body,
                 });
             }
         }

@@ -302,6 +302,12 @@ pub struct RawPlugin {
     pub deadline: Option<S<String>>,
     #[serde(default)]
     pub max_memory: Option<S<String>>,
+    #[serde(default)]
+    pub failure: Option<S<String>>,
+    #[serde(default)]
+    pub upstreams: Option<std::collections::BTreeMap<String, S<String>>>,
+    #[serde(default)]
+    pub max_body: Option<S<String>>,
 }
 
 /// A port as written: `443`, `"443"` or `"8000-8100"`. Range checks happen

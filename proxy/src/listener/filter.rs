@@ -9,7 +9,7 @@
 //! | hook | when | may |
 //! |---|---|---|
 //! | [`NetworkFilter::on_classified`] | the flow's name, protocol and port are known (SNI, Host, CONNECT target, or none), nothing has been sent upstream | allow, deny, pause, annotate, keep state |
-//! | [`NetworkFilter::on_http_request`] | plain HTTP: a request's head, decided, before it is forwarded (filters that [`wants_http`](NetworkFilter::wants_http)) | change headers, answer locally (deny) |
+//! | [`NetworkFilter::http_exchange`] | plain HTTP or a `CONNECT` on an `http-proxy` listener: a request, decided, before it is sent on; then its response (filters that [`wants_http`](NetworkFilter::wants_http)) | change headers, bodies and trailers, answer locally (deny), pause |
 //! | [`NetworkFilter::on_destination`] | an upstream address has been chosen (resolved name, original destination), before connecting | deny that address |
 //! | [`NetworkFilter::on_downstream_data`], [`NetworkFilter::on_upstream_data`] | bytes cross the relay, for a chain with a filter that [`wants_data`](NetworkFilter::wants_data) | close the flow |
 //! | [`NetworkFilter::on_policy_change`] | a new configuration snapshot was installed while the flow is relayed | deny: the flow is closed, its record says why |
@@ -242,17 +242,10 @@ pub enum DataStatus {
     Close(Decision),
 }
 
-/// A plain-HTTP request's head (an absolute-form request on an
-/// `http-proxy` listener) as HTTP filters see it. Header names are lower
-/// case; `:method`, `:path`, `:authority` and `:scheme` lead the list, as in
-/// Envoy. A filter may change, add or remove headers; changes to the
-/// pseudo-headers are ignored (the flow was decided on them).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HttpRequestHead {
-    pub headers: Vec<(String, Vec<u8>)>,
-    /// Whether a body follows the head.
-    pub has_body: bool,
-}
+/// An HTTP message's fields as HTTP filters see them: names lower case,
+/// pseudo-headers first, as in Envoy (`:method`, `:path`, `:authority`,
+/// `:scheme` on a request, `:status` on a response).
+pub type HttpFields = Vec<(String, Vec<u8>)>;
 
 /// An answer a filter gives in place of the upstream's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,15 +255,41 @@ pub struct LocalReply {
     pub body: Vec<u8>,
 }
 
-/// What an HTTP hook tells the chain.
+/// What an HTTP filter says of one part of an exchange.
 #[derive(Debug)]
 pub enum HttpStatus {
-    /// Forward the request (with the head as the filter left it).
+    /// Go on, with the part as the filter left it.
     Continue,
-    /// Deny the request with `decision`, answering `reply` (an enforced
-    /// denial; in watch mode the request goes on and the denial is
+    /// Deny the exchange with `decision`, answering `reply` (an enforced
+    /// denial; in watch mode the exchange goes on and the denial is
     /// recorded).
     Reply(LocalReply, Decision),
+}
+
+/// What an HTTP filter's hook returns: ready at once unless the filter
+/// paused the exchange (waiting for a call out, say).
+pub type HttpPending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = HttpStatus> + Send + 'a>>;
+
+/// One filter's view of one HTTP exchange (a plain-HTTP request and its
+/// response, or a `CONNECT` request and its `200`), made by
+/// [`NetworkFilter::http_exchange`]. Hooks run in this order, each part
+/// only if the message has it: request headers, body, trailers, then
+/// response headers, body, trailers; then [`HttpExchange::finish`]. A
+/// filter changes a part in place; the listener sends it on as left.
+pub trait HttpExchange: Send {
+    /// The largest body this filter wants to see whole (bodies are then
+    /// buffered up to it, and a larger one is refused); 0: bodies stream
+    /// past the filter, which sees none.
+    fn max_body(&self) -> usize;
+    fn request_headers<'a>(&'a mut self, fields: &'a mut HttpFields, end_of_stream: bool) -> HttpPending<'a>;
+    fn request_body<'a>(&'a mut self, body: &'a mut Vec<u8>) -> HttpPending<'a>;
+    fn request_trailers<'a>(&'a mut self, fields: &'a mut HttpFields) -> HttpPending<'a>;
+    fn response_headers<'a>(&'a mut self, fields: &'a mut HttpFields, end_of_stream: bool) -> HttpPending<'a>;
+    fn response_body<'a>(&'a mut self, body: &'a mut Vec<u8>) -> HttpPending<'a>;
+    fn response_trailers<'a>(&'a mut self, fields: &'a mut HttpFields) -> HttpPending<'a>;
+    /// The exchange is over (answered, refused or failed): the filter's
+    /// notes for the record.
+    fn finish(&mut self) -> Vec<(String, String)>;
 }
 
 /// A network filter. See the module documentation for when hooks run.
@@ -295,16 +314,18 @@ pub trait NetworkFilter: Send + Sync + fmt::Debug {
         FilterStatus::Continue
     }
 
-    /// Whether this filter reads plain-HTTP request heads
-    /// ([`NetworkFilter::on_http_request`]).
+    /// Whether this filter takes part in HTTP exchanges
+    /// ([`NetworkFilter::http_exchange`]).
     fn wants_http(&self) -> bool {
         false
     }
 
-    /// A plain-HTTP request's head, after the flow was decided and before
-    /// it is forwarded: the filter may change its headers or answer it.
-    fn on_http_request(&self, _ctx: &mut FlowContext, _index: usize, _head: &mut HttpRequestHead) -> HttpStatus {
-        HttpStatus::Continue
+    /// An HTTP exchange begins (a plain-HTTP request or a `CONNECT`, after
+    /// the flow was decided and before anything is sent on): the filter's
+    /// part in it, if it takes one. `None` when it cannot (a failed
+    /// plugin): then `Err` carries what that means for the exchange.
+    fn http_exchange(&self, _ctx: &FlowContext, _index: usize) -> Result<Option<Box<dyn HttpExchange>>, HttpStatus> {
+        Ok(None)
     }
 
     /// Whether this filter reads the flow's bytes. A chain with such a

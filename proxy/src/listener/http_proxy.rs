@@ -21,7 +21,7 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -48,7 +48,6 @@ use crate::classify::{HttpLimits, Progress, RequestHead, parse_request_head};
 use crate::forward::{ConnectOptions, connect, parse_ip_lenient};
 
 use crate::edge;
-use crate::telemetry::audit::FlowRecord;
 use crate::telemetry::metrics;
 use sluice_api::reason::ReasonCode;
 
@@ -270,11 +269,17 @@ async fn tunnel(
         Ok(fwd) => fwd,
         Err(stop) => return stopped(&mut client, &shared, flow, stop).await,
     };
-    if client
-        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        .await
-        .is_err()
-    {
+    let established = match connect_through_filters(&fwd.chain, &mut flow.ctx, &head, &buf).await {
+        Ok(answer) => answer,
+        Err(reply) => {
+            let resp = local_reply_bytes(&reply);
+            let _ = client.write_all(&resp).await;
+            let _ = client.shutdown().await;
+            flow.end(&shared, Stop::Refused);
+            return None;
+        }
+    };
+    if client.write_all(&established).await.is_err() {
         flow.end(&shared, Stop::failed("client-error"));
         return None;
     }
@@ -324,6 +329,95 @@ async fn tunnel(
             None
         }
     }
+}
+
+/// A `CONNECT` through the chain's HTTP filters: its request head
+/// (`:method` `CONNECT`, `:authority` the target, its headers), then the
+/// `200` that answers it, which a filter may add headers to. Returns the
+/// `200` to send, or the local reply that denies the tunnel. The exchange
+/// ends there: what the tunnel carries is not HTTP the filters see.
+async fn connect_through_filters(
+    chain: &super::FilterChain,
+    ctx: &mut FlowContext,
+    head: &RequestHead,
+    buf: &[u8],
+) -> Result<Vec<u8>, super::LocalReply> {
+    const PLAIN: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
+    if !chain.filters.iter().any(|f| f.wants_http()) {
+        return Ok(PLAIN.to_vec());
+    }
+    let mut exchanges = Exchanges::begin(chain, ctx)?;
+    let outcome = async {
+        let mut fields: super::HttpFields = vec![
+            (":method".to_owned(), b"CONNECT".to_vec()),
+            (
+                ":authority".to_owned(),
+                ctx.connect_target.clone().unwrap_or_default().into_bytes(),
+            ),
+        ];
+        let head_bytes = buf.get(..head.head_len).unwrap_or(&[]);
+        let mut parsed = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut parsed);
+        if req.parse(head_bytes).is_ok() {
+            fields.extend(
+                req.headers
+                    .iter()
+                    .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec())),
+            );
+        }
+        let mut scratch = Vec::new();
+        if let Some(r) = exchanges
+            .run(ctx, Stage::RequestHeaders { end: false }, &mut fields, &mut scratch)
+            .await
+        {
+            return Err(r);
+        }
+        let mut answer: super::HttpFields = vec![(":status".to_owned(), b"200".to_vec())];
+        if let Some(r) = exchanges
+            .run(ctx, Stage::ResponseHeaders { end: false }, &mut answer, &mut scratch)
+            .await
+        {
+            return Err(r);
+        }
+        let mut out = b"HTTP/1.1 200 Connection established\r\n".to_vec();
+        for (k, v) in answer.iter().filter(|(k, _)| !k.starts_with(':')) {
+            if hyper::header::HeaderName::from_bytes(k.as_bytes()).is_ok()
+                && hyper::header::HeaderValue::from_bytes(v).is_ok()
+            {
+                out.extend_from_slice(k.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(v);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+        Ok(out)
+    }
+    .await;
+    ctx.extras_mut().annotations.extend(exchanges.finish());
+    outcome
+}
+
+/// A local reply as HTTP/1.1 bytes, closing the connection.
+fn local_reply_bytes(r: &super::LocalReply) -> Vec<u8> {
+    let reason = StatusCode::from_u16(r.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let mut out = format!("HTTP/1.1 {} {reason}\r\n", r.status).into_bytes();
+    for (k, v) in &r.headers {
+        let lower = k.to_ascii_lowercase();
+        if lower == "content-length" || lower == "connection" {
+            continue;
+        }
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("content-length: {}\r\nconnection: close\r\n\r\n", r.body.len()).as_bytes());
+    out.extend_from_slice(&r.body);
+    out
 }
 
 /// The `CONNECT` request, read into the flow's context: credentials and
@@ -383,6 +477,43 @@ impl AsyncWrite for Rewind {
 }
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// A body held whole: one data frame and, if any, one trailers frame (a
+/// body HTTP filters have seen, or a plugin's call out).
+#[derive(Debug)]
+pub struct Buffered {
+    data: Option<Bytes>,
+    trailers: Option<hyper::HeaderMap>,
+}
+
+impl Buffered {
+    pub fn new(data: Bytes, trailers: hyper::HeaderMap) -> Self {
+        Self {
+            data: (!data.is_empty()).then_some(data),
+            trailers: (!trailers.is_empty()).then_some(trailers),
+        }
+    }
+}
+
+impl Body for Buffered {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(d) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
 
 /// The hyper response to a request that stopped with `stop` (see
 /// [`edge::answer`]). A request has someone to answer, so a refusal that
@@ -460,31 +591,125 @@ struct ConnState {
     peer: SocketAddr,
 }
 
-/// Writes a request's audit record once both its bodies are done.
+/// Writes a request's audit record once both its bodies are done, with
+/// the notes of the HTTP filters that took part (whose contexts end then).
 struct RecordGuard {
     shared: Arc<Shared>,
     flow: Flow,
-    record: Mutex<Option<FlowRecord>>,
-    up: AtomicU64,
-    down: AtomicU64,
+    dst: SocketAddr,
+    close_reason: Mutex<&'static str>,
+    exchanges: Mutex<Exchanges>,
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
 }
 
 impl Drop for RecordGuard {
     fn drop(&mut self) {
-        let rec = self.record.get_mut().ok().and_then(Option::take);
-        if let Some(mut rec) = rec {
-            rec.bytes_up += self.up.load(Ordering::Relaxed);
-            rec.bytes_down += self.down.load(Ordering::Relaxed);
-            self.flow.write(&self.shared, rec);
+        let mut rec = self.flow.record_to(self.dst);
+        rec.close_reason = Cow::Borrowed(*self.close_reason.get_mut().unwrap_or_else(PoisonError::into_inner));
+        rec.bytes_up += self.up.load(Ordering::Relaxed);
+        rec.bytes_down += self.down.load(Ordering::Relaxed);
+        let exchanges = self.exchanges.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for (k, v) in exchanges.finish() {
+            rec.annotations.insert(k, v);
         }
+        self.flow.write(&self.shared, rec);
     }
 }
 
-/// A body that counts what passes through it into a [`RecordGuard`].
+/// The part each HTTP filter of the chain takes in one exchange, in chain
+/// order. Empty (and free) for a chain without HTTP filters.
+#[derive(Default)]
+struct Exchanges(Vec<(Arc<dyn super::NetworkFilter>, Box<dyn super::HttpExchange>)>);
+
+/// Which part of an exchange the filters are shown.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    RequestHeaders { end: bool },
+    RequestBody,
+    RequestTrailers,
+    ResponseHeaders { end: bool },
+    ResponseBody,
+    ResponseTrailers,
+}
+
+impl Exchanges {
+    /// Begins the exchange with every HTTP filter of `chain`. `Err`: a
+    /// filter that could not take part denied it (fail closed), and the
+    /// denial stands.
+    fn begin(chain: &super::FilterChain, ctx: &mut FlowContext) -> Result<Self, super::LocalReply> {
+        let mut out = Exchanges::default();
+        for (i, f) in chain.filters.iter().enumerate().filter(|(_, f)| f.wants_http()) {
+            match f.http_exchange(ctx, i) {
+                Ok(Some(x)) => out.0.push((f.clone(), x)),
+                Ok(None) => {}
+                Err(status) => {
+                    if let Some(r) = judge(ctx, f.name(), status) {
+                        out.finish();
+                        return Err(r);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The largest body a filter wants to see whole (0: none does).
+    fn max_body(&self) -> usize {
+        self.0.iter().map(|(_, x)| x.max_body()).max().unwrap_or(0)
+    }
+
+    /// Shows `stage` to every filter in turn; a local reply that stands
+    /// (an enforced denial) ends the exchange.
+    async fn run(
+        &mut self,
+        ctx: &mut FlowContext,
+        stage: Stage,
+        fields: &mut super::HttpFields,
+        body: &mut Vec<u8>,
+    ) -> Option<super::LocalReply> {
+        for (f, x) in &mut self.0 {
+            let status = match stage {
+                Stage::RequestHeaders { end } => x.request_headers(fields, end).await,
+                Stage::RequestBody => x.request_body(body).await,
+                Stage::RequestTrailers => x.request_trailers(fields).await,
+                Stage::ResponseHeaders { end } => x.response_headers(fields, end).await,
+                Stage::ResponseBody => x.response_body(body).await,
+                Stage::ResponseTrailers => x.response_trailers(fields).await,
+            };
+            if let Some(r) = judge(ctx, f.name(), status) {
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    /// Ends every filter's part; their notes for the record.
+    fn finish(&mut self) -> Vec<(String, String)> {
+        self.0.iter_mut().flat_map(|(_, x)| x.finish()).collect()
+    }
+}
+
+/// Applies a filter's word on an exchange: a reply is a denial, which
+/// stands unless watched.
+fn judge(ctx: &mut FlowContext, filter: &str, status: super::HttpStatus) -> Option<super::LocalReply> {
+    let super::HttpStatus::Reply(reply, decision) = status else {
+        return None;
+    };
+    flow::apply(ctx, filter, super::FilterStatus::Deny(decision));
+    ctx.decision.as_ref().is_some_and(Decision::blocks).then_some(reply)
+}
+
+/// A body that counts what passes through it, and keeps the request's
+/// [`RecordGuard`] (if it holds one) until it is done.
 struct Counted<B> {
     inner: B,
-    guard: Arc<RecordGuard>,
-    upstream: bool,
+    counter: Arc<AtomicU64>,
+    _guard: Option<Arc<RecordGuard>>,
 }
 
 impl<B> Body for Counted<B>
@@ -499,12 +724,7 @@ where
         if let Poll::Ready(Some(Ok(f))) = &r
             && let Some(d) = f.data_ref()
         {
-            let counter = if self.upstream {
-                &self.guard.up
-            } else {
-                &self.guard.down
-            };
-            counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+            self.counter.fetch_add(d.len() as u64, Ordering::Relaxed);
         }
         r
     }
@@ -519,7 +739,7 @@ where
 }
 
 impl ConnState {
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let snap = self.shared.snapshot.load_full();
         // The listener as it is now: a reload reaches requests on
         // connections kept alive from before it.
@@ -536,10 +756,22 @@ impl ConnState {
             Ok(fwd) => fwd,
             Err(stop) => return self.stopped(flow, stop),
         };
-        if let Some(reply) = http_filters(&fwd.chain, &mut flow, &mut req) {
-            flow.end(&self.shared, Stop::Refused);
-            return reply;
-        }
+        let mut exchanges = match Exchanges::begin(&fwd.chain, &mut flow.ctx) {
+            Ok(x) => x,
+            Err(reply) => return self.replied(flow, Exchanges::default(), reply),
+        };
+        let req = if exchanges.is_empty() {
+            req.map(BodyExt::boxed)
+        } else {
+            match request_through_filters(&mut exchanges, &mut flow.ctx, req).await {
+                Ok(req) => req,
+                Err(Ended::Reply(reply)) => return self.replied(flow, exchanges, reply),
+                Err(Ended::Stop(stop)) => {
+                    flow.ctx.extras_mut().annotations.extend(exchanges.finish());
+                    return self.stopped(flow, stop);
+                }
+            }
+        };
         let started = Instant::now();
         let opts = ConnectOptions {
             timeout: plan.connection().connect_timeout,
@@ -556,6 +788,7 @@ impl ConnState {
                     reason: e.reason_code(),
                     dst: fwd.addrs.first().copied(),
                 };
+                flow.ctx.extras_mut().annotations.extend(exchanges.finish());
                 return self.stopped(flow, stop);
             }
         };
@@ -567,20 +800,12 @@ impl ConnState {
                     reason: "upstream-error",
                     dst: Some(dst),
                 };
+                flow.ctx.extras_mut().annotations.extend(exchanges.finish());
                 return self.stopped(flow, stop);
             }
         };
         tokio::spawn(async move {
             let _ = conn.await;
-        });
-        let mut rec = flow.record_to(dst);
-        rec.close_reason = Cow::Borrowed("completed");
-        let guard = Arc::new(RecordGuard {
-            shared: self.shared.clone(),
-            flow,
-            record: Mutex::new(Some(rec)),
-            up: AtomicU64::new(0),
-            down: AtomicU64::new(0),
         });
         let (mut parts, body) = req.into_parts();
         parts.uri = parts.uri.path_and_query().map_or_else(
@@ -591,37 +816,82 @@ impl ConnState {
             },
         );
         strip_hop_by_hop(&mut parts.headers);
-        let out = Request::from_parts(
+        // The request body is counted as it is sent (it may still be going
+        // when the response comes); the record waits for the response body.
+        let up = Arc::new(AtomicU64::new(0));
+        let body = Counted {
+            inner: body,
+            counter: up.clone(),
+            _guard: None,
+        };
+        let resp = match sender.send_request(Request::from_parts(parts, body.boxed())).await {
+            Ok(resp) => resp,
+            Err(_) => {
+                let mut rec = flow.record_to(dst);
+                rec.close_reason = Cow::Borrowed("upstream-error");
+                rec.bytes_up = up.load(Ordering::Relaxed);
+                for (k, v) in exchanges.finish() {
+                    rec.annotations.insert(k, v);
+                }
+                let resp = stopped_response(flow.ctx.decision.as_ref(), Stop::failed("upstream-error"));
+                flow.write(&self.shared, rec);
+                return resp;
+            }
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = if exchanges.is_empty() {
+            body.boxed()
+        } else {
+            match response_through_filters(&mut exchanges, &mut flow.ctx, &mut parts, body).await {
+                Ok(body) => body,
+                Err(Ended::Reply(reply)) => {
+                    let resp = local_response(reply, flow.ctx.decision.as_ref());
+                    let mut rec = flow.record_to(dst);
+                    rec.close_reason = Cow::Borrowed("denied");
+                    rec.bytes_up = up.load(Ordering::Relaxed);
+                    for (k, v) in exchanges.finish() {
+                        rec.annotations.insert(k, v);
+                    }
+                    flow.write(&self.shared, rec);
+                    return resp;
+                }
+                Err(Ended::Stop(stop)) => {
+                    let reason = match stop {
+                        Stop::Failed { reason, .. } => reason,
+                        Stop::Refused => "denied",
+                    };
+                    let mut rec = flow.record_to(dst);
+                    rec.close_reason = Cow::Borrowed(reason);
+                    rec.bytes_up = up.load(Ordering::Relaxed);
+                    for (k, v) in exchanges.finish() {
+                        rec.annotations.insert(k, v);
+                    }
+                    let resp = stopped_response(flow.ctx.decision.as_ref(), stop);
+                    flow.write(&self.shared, rec);
+                    return resp;
+                }
+            }
+        };
+        let down = Arc::new(AtomicU64::new(0));
+        let guard = Arc::new(RecordGuard {
+            shared: self.shared.clone(),
+            flow,
+            dst,
+            close_reason: Mutex::new("completed"),
+            exchanges: Mutex::new(exchanges),
+            up,
+            down: down.clone(),
+        });
+        Response::from_parts(
             parts,
             Counted {
                 inner: body,
-                guard: guard.clone(),
-                upstream: true,
-            },
-        );
-        match sender.send_request(out).await {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(
-                    parts,
-                    Counted {
-                        inner: body,
-                        guard,
-                        upstream: false,
-                    }
-                    .boxed(),
-                )
+                counter: down,
+                _guard: Some(guard),
             }
-            Err(_) => {
-                if let Ok(mut r) = guard.record.lock()
-                    && let Some(r) = r.as_mut()
-                {
-                    r.close_reason = Cow::Borrowed("upstream-error");
-                }
-                stopped_response(guard.flow.ctx.decision.as_ref(), Stop::failed("upstream-error"))
-            }
-        }
+            .boxed(),
+        )
     }
 
     /// Answers a request that stopped, and writes its record.
@@ -630,62 +900,203 @@ impl ConnState {
         flow.end(&self.shared, stop);
         resp
     }
+
+    /// Answers a request with a filter's local reply (an enforced denial),
+    /// and writes its record.
+    fn replied(&self, mut flow: Flow, mut exchanges: Exchanges, reply: super::LocalReply) -> Response<ProxyBody> {
+        let resp = local_response(reply, flow.ctx.decision.as_ref());
+        flow.ctx.extras_mut().annotations.extend(exchanges.finish());
+        flow.end(&self.shared, Stop::Refused);
+        resp
+    }
 }
 
-/// Runs the chain's HTTP filters on `req`'s head (only a chain with one pays
-/// for it). A filter's local reply that stands (an enforced denial) is
-/// returned, and the request is not forwarded; otherwise the head goes on
-/// with the headers the filters left (pseudo-headers aside).
-fn http_filters(
-    chain: &super::FilterChain,
-    flow: &mut Flow,
-    req: &mut Request<Incoming>,
-) -> Option<Response<ProxyBody>> {
-    if !chain.filters.iter().any(|f| f.wants_http()) {
-        return None;
+/// How filters ended an exchange early.
+enum Ended {
+    Reply(super::LocalReply),
+    Stop(Stop),
+}
+
+/// A request on its way through the HTTP filters: its headers, then (when
+/// a filter wants bodies) its body and trailers, held whole. It goes on
+/// with what the filters left.
+async fn request_through_filters(
+    exchanges: &mut Exchanges,
+    ctx: &mut FlowContext,
+    req: Request<Incoming>,
+) -> Result<Request<ProxyBody>, Ended> {
+    let (mut parts, body) = req.into_parts();
+    let end = body.is_end_stream();
+    let mut fields = request_fields(&parts);
+    let before = fields.clone();
+    let mut scratch = Vec::new();
+    if let Some(r) = exchanges
+        .run(ctx, Stage::RequestHeaders { end }, &mut fields, &mut scratch)
+        .await
+    {
+        return Err(Ended::Reply(r));
     }
-    let mut head = request_head(req);
-    let before = head.clone();
-    let mut reply = None;
-    for (i, f) in chain.filters.iter().enumerate().filter(|(_, f)| f.wants_http()) {
-        if let super::HttpStatus::Reply(r, decision) = f.on_http_request(&mut flow.ctx, i, &mut head) {
-            flow::apply(&mut flow.ctx, f.name(), super::FilterStatus::Deny(decision));
-            if flow.ctx.decision.as_ref().is_some_and(Decision::blocks) {
-                reply = Some(r);
-                break;
-            }
-        }
+    if fields != before {
+        set_fields(&mut parts.headers, &fields);
     }
-    if let Some(r) = reply {
-        let mut resp = Response::builder().status(r.status);
-        for (k, v) in &r.headers {
-            resp = resp.header(k.as_str(), v.as_slice());
+    let max = exchanges.max_body();
+    if end || max == 0 {
+        return Ok(Request::from_parts(parts, body.boxed()));
+    }
+    let mut no_fields = Vec::new();
+    let (mut data, mut trailers) = match collect(body, max).await {
+        Ok(x) => x,
+        Err(Collect::TooLarge) => return Err(Ended::Stop(Stop::failed("request-body-too-large"))),
+        Err(Collect::Failed) => return Err(Ended::Stop(Stop::failed("client-error"))),
+    };
+    if let Some(r) = exchanges.run(ctx, Stage::RequestBody, &mut no_fields, &mut data).await {
+        return Err(Ended::Reply(r));
+    }
+    if !trailers.is_empty()
+        && let Some(r) = exchanges
+            .run(ctx, Stage::RequestTrailers, &mut trailers, &mut scratch)
+            .await
+    {
+        return Err(Ended::Reply(r));
+    }
+    framed(&mut parts.headers, data.len(), !trailers.is_empty());
+    let body = Buffered::new(Bytes::from(data), header_map(&trailers));
+    Ok(Request::from_parts(parts, body.map_err(|never| match never {}).boxed()))
+}
+
+/// A response on its way through the HTTP filters, like a request.
+async fn response_through_filters(
+    exchanges: &mut Exchanges,
+    ctx: &mut FlowContext,
+    parts: &mut hyper::http::response::Parts,
+    body: Incoming,
+) -> Result<ProxyBody, Ended> {
+    let end = body.is_end_stream();
+    let mut fields: super::HttpFields = vec![(":status".to_owned(), parts.status.as_str().as_bytes().to_vec())];
+    fields.extend(
+        parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())),
+    );
+    let before = fields.clone();
+    let mut scratch = Vec::new();
+    if let Some(r) = exchanges
+        .run(ctx, Stage::ResponseHeaders { end }, &mut fields, &mut scratch)
+        .await
+    {
+        return Err(Ended::Reply(r));
+    }
+    if fields != before {
+        if let Some(status) = fields
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| StatusCode::from_bytes(v).ok())
+        {
+            parts.status = status;
         }
-        return Some(
-            resp.body(Full::new(Bytes::from(r.body)).map_err(|never| match never {}).boxed())
-                .unwrap_or_else(|_| stopped_response(flow.ctx.decision.as_ref(), Stop::Refused)),
+        set_fields(&mut parts.headers, &fields);
+    }
+    let max = exchanges.max_body();
+    if end || max == 0 {
+        return Ok(body.boxed());
+    }
+    let mut no_fields = Vec::new();
+    let (mut data, mut trailers) = match collect(body, max).await {
+        Ok(x) => x,
+        Err(Collect::TooLarge) => return Err(Ended::Stop(Stop::failed("response-body-too-large"))),
+        Err(Collect::Failed) => return Err(Ended::Stop(Stop::failed("upstream-error"))),
+    };
+    if let Some(r) = exchanges.run(ctx, Stage::ResponseBody, &mut no_fields, &mut data).await {
+        return Err(Ended::Reply(r));
+    }
+    if !trailers.is_empty()
+        && let Some(r) = exchanges
+            .run(ctx, Stage::ResponseTrailers, &mut trailers, &mut scratch)
+            .await
+    {
+        return Err(Ended::Reply(r));
+    }
+    framed(&mut parts.headers, data.len(), !trailers.is_empty());
+    let body = Buffered::new(Bytes::from(data), header_map(&trailers));
+    Ok(body.map_err(|never| match never {}).boxed())
+}
+
+/// Why a body could not be held whole.
+enum Collect {
+    TooLarge,
+    Failed,
+}
+
+/// Reads a whole body (at most `max` bytes) and its trailers.
+async fn collect(body: Incoming, max: usize) -> Result<(Vec<u8>, super::HttpFields), Collect> {
+    let collected = http_body_util::Limited::new(body, max).collect().await.map_err(|e| {
+        if e.is::<hyper::Error>() {
+            Collect::Failed
+        } else {
+            Collect::TooLarge
+        }
+    })?;
+    let trailers = collected.trailers().map(fields_of).unwrap_or_default();
+    Ok((collected.to_bytes().to_vec(), trailers))
+}
+
+/// Says how a held body is framed: its length, or chunks when trailers
+/// follow it.
+fn framed(headers: &mut hyper::HeaderMap, len: usize, trailers: bool) {
+    headers.remove(hyper::header::CONTENT_LENGTH);
+    headers.remove(hyper::header::TRANSFER_ENCODING);
+    if trailers {
+        headers.insert(
+            hyper::header::TRANSFER_ENCODING,
+            hyper::header::HeaderValue::from_static("chunked"),
         );
+    } else {
+        headers.insert(hyper::header::CONTENT_LENGTH, hyper::header::HeaderValue::from(len));
     }
-    if head != before {
-        let headers = req.headers_mut();
-        headers.clear();
-        for (k, v) in head.headers.iter().filter(|(k, _)| !k.starts_with(':')) {
-            if let (Ok(name), Ok(value)) = (
-                hyper::header::HeaderName::from_bytes(k.as_bytes()),
-                hyper::header::HeaderValue::from_bytes(v),
-            ) {
-                headers.append(name, value);
-            }
-        }
-    }
-    None
 }
 
-/// `req`'s head as HTTP filters see it.
-fn request_head(req: &Request<Incoming>) -> super::HttpRequestHead {
-    let uri = req.uri();
-    let mut headers = vec![
-        (":method".to_owned(), req.method().as_str().as_bytes().to_vec()),
+fn fields_of(map: &hyper::HeaderMap) -> super::HttpFields {
+    map.iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+fn header_map(fields: &super::HttpFields) -> hyper::HeaderMap {
+    let mut map = hyper::HeaderMap::new();
+    set_fields(&mut map, fields);
+    map
+}
+
+/// Replaces `headers` with `fields` (pseudo-headers aside; a field that is
+/// not valid HTTP is dropped).
+fn set_fields(headers: &mut hyper::HeaderMap, fields: &super::HttpFields) {
+    headers.clear();
+    for (k, v) in fields.iter().filter(|(k, _)| !k.starts_with(':')) {
+        if let (Ok(name), Ok(value)) = (
+            hyper::header::HeaderName::from_bytes(k.as_bytes()),
+            hyper::header::HeaderValue::from_bytes(v),
+        ) {
+            headers.append(name, value);
+        }
+    }
+}
+
+/// A filter's local reply as a response.
+fn local_response(r: super::LocalReply, decision: Option<&Decision>) -> Response<ProxyBody> {
+    let mut resp = Response::builder().status(r.status);
+    for (k, v) in &r.headers {
+        resp = resp.header(k.as_str(), v.as_slice());
+    }
+    resp.body(Full::new(Bytes::from(r.body)).map_err(|never| match never {}).boxed())
+        .unwrap_or_else(|_| stopped_response(decision, Stop::Refused))
+}
+
+/// A request's head as HTTP filters see it: the pseudo-headers first.
+fn request_fields(parts: &hyper::http::request::Parts) -> super::HttpFields {
+    let uri = &parts.uri;
+    let mut fields = vec![
+        (":method".to_owned(), parts.method.as_str().as_bytes().to_vec()),
         (
             ":path".to_owned(),
             uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes().to_vec(),
@@ -696,17 +1107,8 @@ fn request_head(req: &Request<Incoming>) -> super::HttpRequestHead {
         ),
         (":scheme".to_owned(), b"http".to_vec()),
     ];
-    headers.extend(
-        req.headers()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())),
-    );
-    let has_body = req
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .is_some_and(|v| v.as_bytes() != b"0")
-        || req.headers().contains_key(hyper::header::TRANSFER_ENCODING);
-    super::HttpRequestHead { headers, has_body }
+    fields.extend(fields_of(&parts.headers));
+    fields
 }
 
 /// An absolute-form request, read into the flow's context: credentials,

@@ -35,9 +35,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use chain::{ChainMatch, Cluster, FilterChain, Front, ListenerPlan, ListenerResource, Transport, UnknownFilter};
 pub use filter::{
-    AntiEvasionFilter, DataStatus, Decision, FilterStatus, FlowContext, FlowExtras, HttpRequestHead, HttpStatus,
-    LocalReply, NetworkFilter, PolicyFilter,
+    AntiEvasionFilter, DataStatus, Decision, FilterStatus, FlowContext, FlowExtras, HttpExchange, HttpFields,
+    HttpPending, HttpStatus, LocalReply, NetworkFilter, PolicyFilter,
 };
+pub use http_proxy::Buffered;
 
 use crate::dns::Bindings;
 use crate::forward::{ConnLimit, Resolver};

@@ -25,9 +25,11 @@ use sluice_api::reason::ReasonCode;
 
 use super::abi::Action;
 use super::properties::{int, string, uint};
-use super::vm::{PluginCode, Vm, VmError};
+use super::state::{Callout, CalloutResponse, HttpParts, Requests};
+use super::vm::{Answer, HttpEvent, PluginCode, Vm, VmError};
 use crate::listener::{
-    DataStatus, Decision, FilterStatus, FlowContext, FlowExtras, HttpRequestHead, HttpStatus, LocalReply, NetworkFilter,
+    DataStatus, Decision, FilterStatus, FlowContext, FlowExtras, HttpExchange, HttpFields, HttpPending, HttpStatus,
+    LocalReply, NetworkFilter,
 };
 use crate::policy::Enforcement;
 use crate::telemetry::audit::FlowRecord;
@@ -38,10 +40,22 @@ pub const RESTART_BACKOFF: Duration = Duration::from_secs(1);
 /// What a failed plugin means for the flows it was to judge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailurePolicy {
-    /// Deny them (`plugin-failed`): the default.
+    /// Deny them (`plugin-failed`), with no new instance until the
+    /// configuration replaces the plugin: the default.
     Closed,
-    /// Let the rest of the chain decide, as if the plugin were not there.
+    /// Let the rest of the chain decide, as if the plugin were not there,
+    /// with no new instance until the configuration replaces the plugin.
     Open,
+    /// Deny them, and start a new instance for later flows (at most once
+    /// per [`RESTART_BACKOFF`] per slot).
+    Reload,
+}
+
+impl FailurePolicy {
+    /// Whether a flow the plugin cannot judge goes on.
+    fn lets_through(self) -> bool {
+        self == FailurePolicy::Open
+    }
 }
 
 /// A loaded plugin: its code and its instances.
@@ -57,6 +71,10 @@ pub struct Plugin {
     /// An HTTP plugin: an HTTP context per plain-HTTP request, no stream
     /// context per flow.
     pub http: bool,
+    /// The largest HTTP body the plugin is shown whole (0: none).
+    pub max_body: usize,
+    /// Where the plugin's calls out run (the runtime it was loaded on).
+    runtime: Option<tokio::runtime::Handle>,
     slots: Vec<Mutex<Slot>>,
 }
 
@@ -105,8 +123,66 @@ impl Plugin {
             data,
             identity,
             http,
+            max_body: DEFAULT_MAX_BODY,
+            runtime: tokio::runtime::Handle::try_current().ok(),
             slots,
         })
+    }
+
+    /// Makes the calls out a callback asked for; each answer goes to the
+    /// instance that asked (if it still serves), and what that callback
+    /// asks in turn is carried out the same way.
+    pub fn dispatch(self: &Arc<Self>, slot: usize, generation: u64, calls: Vec<Callout>) {
+        if calls.is_empty() {
+            return;
+        }
+        let Some(rt) = self
+            .runtime
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+        else {
+            tracing::error!(plugin = %self.name(), "no runtime to make the plugin's calls out on; they fail");
+            for call in calls {
+                self.answer_call(slot, generation, call.token, None);
+            }
+            return;
+        };
+        for call in calls {
+            let plugin = self.clone();
+            rt.spawn(async move {
+                let answer = match super::callout::perform(&call).await {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::warn!(plugin = %plugin.name(), upstream = %call.upstream, error = %e, "a plugin's call out failed");
+                        None
+                    }
+                };
+                plugin.answer_call(slot, generation, call.token, answer);
+            });
+        }
+    }
+
+    fn answer_call(self: &Arc<Self>, slot: usize, generation: u64, token: u32, answer: Option<CalloutResponse>) {
+        let ran = self.with_vm(slot, |vm, now| {
+            if now != generation {
+                // The instance that asked is gone, and its contexts with it.
+                return Ok(Vec::new());
+            }
+            let a = vm.on_http_call_response(token, answer)?;
+            vm.settle(&a.requests);
+            Ok(a.requests.calls)
+        });
+        if let Ok(calls) = ran {
+            self.dispatch(slot, generation, calls);
+        }
+    }
+
+    /// Carries out what a root-context callback asked (`on_tick`,
+    /// `on_queue_ready`) of a paused context it switched to; returns the
+    /// calls out it asked for.
+    fn after_root(vm: &mut Vm, requests: Requests) -> Vec<Callout> {
+        vm.settle(&requests);
+        requests.calls
     }
 
     pub fn name(&self) -> &str {
@@ -122,8 +198,10 @@ impl Plugin {
         };
         let mut s = lock(cell);
         if s.vm.is_none() {
+            // Only `reload` starts an instance again after a failure (and
+            // not within the backoff, so a crash loop cannot spin).
             if let (Some(at), Some(e)) = (s.failed_at, &s.last_error)
-                && at.elapsed() < RESTART_BACKOFF
+                && (self.failure != FailurePolicy::Reload || at.elapsed() < RESTART_BACKOFF)
             {
                 return Err(e.clone());
             }
@@ -146,7 +224,12 @@ impl Plugin {
     }
 
     fn failed(&self, s: &mut Slot, e: VmError) -> VmError {
-        tracing::error!(plugin = %self.code.name, error = %e, "plugin failed; its instance is dropped");
+        let next = match self.failure {
+            FailurePolicy::Reload => "a new one starts for later flows",
+            FailurePolicy::Closed => "later flows it would judge are denied until the configuration replaces it",
+            FailurePolicy::Open => "later flows go on without it until the configuration replaces it",
+        };
+        tracing::error!(plugin = %self.code.name, error = %e, "plugin failed; its instance is dropped, and {next}");
         metrics::counter!("sluice_plugin_failures_total", "plugin" => self.code.name.to_string()).increment(1);
         s.vm = None;
         s.next_tick = None;
@@ -158,19 +241,23 @@ impl Plugin {
     /// Calls `on_tick` on every instance whose tick period has passed;
     /// returns how long until the next one is due (`None`: no instance
     /// asked to be ticked).
-    pub fn tick_due(&self, now: Instant) -> Option<Duration> {
+    pub fn tick_due(self: &Arc<Self>, now: Instant) -> Option<Duration> {
+        let mut calls = Vec::new();
         for (queue, slot) in self.code.queues.take_ready() {
             let Some(cell) = self.slots.get(slot) else { continue };
             let mut guard = lock(cell);
             let s = &mut *guard;
-            if let Some(vm) = s.vm.as_mut()
-                && let Err(e) = vm.queue_ready(queue)
-            {
-                self.failed(s, e);
+            if let Some(vm) = s.vm.as_mut() {
+                match vm.queue_ready(queue) {
+                    Ok(r) => calls.push((slot, s.generation, Self::after_root(vm, r))),
+                    Err(e) => {
+                        self.failed(s, e);
+                    }
+                }
             }
         }
         let mut next: Option<Duration> = None;
-        for cell in &self.slots {
+        for (slot, cell) in self.slots.iter().enumerate() {
             let mut guard = lock(cell);
             let s = &mut *guard;
             let Some(vm) = s.vm.as_mut() else { continue };
@@ -183,15 +270,22 @@ impl Plugin {
             let wait = if due <= now {
                 let ticked = vm.tick();
                 s.next_tick = Some(now + period);
-                if let Err(e) = ticked {
-                    self.failed(s, e);
-                    continue;
+                match ticked {
+                    Ok(r) => calls.push((slot, s.generation, Self::after_root(vm, r))),
+                    Err(e) => {
+                        self.failed(s, e);
+                        continue;
+                    }
                 }
                 period
             } else {
                 due - now
             };
             next = Some(next.map_or(wait, |n| n.min(wait)));
+        }
+        // Outside the slots' locks: an answer takes the lock again.
+        for (slot, generation, c) in calls {
+            self.dispatch(slot, generation, c);
         }
         next
     }
@@ -223,10 +317,8 @@ impl Plugin {
             }
             Ok((_, said)) if said.verdict == Some(true) => Some(self.decision(true, ReasonCode::PluginAllowed)),
             Ok(_) => None,
-            Err(_) => match self.failure {
-                FailurePolicy::Closed => Some(self.decision(false, ReasonCode::PluginFailed)),
-                FailurePolicy::Open => None,
-            },
+            Err(_) if self.failure.lets_through() => None,
+            Err(_) => Some(self.decision(false, ReasonCode::PluginFailed)),
         }
     }
 }
@@ -275,10 +367,269 @@ impl WasmFilter {
 
     /// What a failure means for the flow, by the plugin's policy.
     fn failure(&self) -> FilterStatus {
-        match self.plugin.failure {
-            FailurePolicy::Closed => FilterStatus::Deny(self.decision(false, ReasonCode::PluginFailed)),
-            FailurePolicy::Open => FilterStatus::Continue,
+        if self.plugin.failure.lets_through() {
+            FilterStatus::Continue
+        } else {
+            FilterStatus::Deny(self.decision(false, ReasonCode::PluginFailed))
         }
+    }
+
+    /// A fail-closed plugin's failure, in an HTTP exchange.
+    fn failed_reply(&self) -> HttpStatus {
+        HttpStatus::Reply(
+            failure_reply(self.name()),
+            self.decision(false, ReasonCode::PluginFailed),
+        )
+    }
+
+    /// What a resumed stream's properties say of it now.
+    fn verdict_of(&self, stream: Stream) -> FilterStatus {
+        let said = self.plugin.with_vm(stream.slot, |vm, generation| {
+            if generation != stream.generation {
+                return Err(VmError::Gone("the instance serving this flow"));
+            }
+            Ok(vm.stream(stream.id).map(|s| said(&s.properties)).unwrap_or_default())
+        });
+        match said {
+            Ok(s) if s.verdict == Some(false) => FilterStatus::Deny(self.decision(false, ReasonCode::PluginDenied)),
+            Ok(s) if s.verdict == Some(true) => FilterStatus::Allow(self.decision(true, ReasonCode::PluginAllowed)),
+            Ok(_) => FilterStatus::Continue,
+            Err(_) => self.failure(),
+        }
+    }
+}
+
+/// How long a paused flow or exchange waits to be resumed before it gets
+/// the plugin's failure policy (a call out is bounded by
+/// `callout::MAX_CALL_TIME`, so this leaves the answer time to arrive).
+pub const MAX_PAUSE: Duration = Duration::from_secs(65);
+
+/// The largest HTTP body shown whole to a plugin, unless its declaration
+/// says otherwise (`max_body`).
+pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+
+/// Whether a callback left its context paused: it answered `Pause` and
+/// neither resumed, ended nor answered it.
+fn pauses(answer: &Answer, id: u32, said: &Said) -> bool {
+    answer.action == Action::Pause
+        && !answer.requests.settles(id)
+        && answer.requests.close.is_none()
+        && answer.requests.local_reply.is_none()
+        && said.verdict != Some(false)
+}
+
+/// A plugin's HTTP context for one exchange. Each part of the exchange is
+/// put in the context, the part's callback runs, and the part goes on as
+/// the guest left it. A callback that pauses (to wait for a call out)
+/// holds the exchange until the guest resumes it (`proxy_continue_stream`),
+/// answers it or closes it, from any later callback. The context ends
+/// (`on_done`, `on_log`, `on_delete`) when the exchange is over.
+#[derive(Debug)]
+pub struct WasmExchange {
+    filter: WasmFilter,
+    stream: Stream,
+    max_body: usize,
+    /// The instance failed and the plugin fails open: the rest of the
+    /// exchange goes on without it.
+    failed: bool,
+    finished: bool,
+}
+
+/// A part of an exchange on its way through a callback.
+enum Part<'a> {
+    Fields(&'a mut HttpFields),
+    Body(&'a mut Vec<u8>),
+}
+
+impl WasmExchange {
+    /// Runs `event`'s callback on `part`.
+    async fn run(&mut self, event: HttpEvent, end_of_stream: bool, mut part: Part<'_>) -> HttpStatus {
+        if self.failed || self.finished {
+            return HttpStatus::Continue;
+        }
+        let stream = self.stream;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let given = match &part {
+            Part::Fields(f) => Given::Fields(f.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.clone())).collect()),
+            Part::Body(b) => Given::Body(b.to_vec()),
+        };
+        let ran = self.filter.plugin.with_vm(stream.slot, |vm, generation| {
+            if generation != stream.generation {
+                return Err(VmError::Gone("the instance serving this request"));
+            }
+            let Some(parts) = vm.http_parts(stream.id) else {
+                return Err(VmError::Gone("the request's context"));
+            };
+            given.put(parts, event);
+            let answer = vm.on_http(stream.id, event, end_of_stream)?;
+            let said = vm.stream(stream.id).map(|s| said(&s.properties)).unwrap_or_default();
+            let paused = pauses(&answer, stream.id, &said);
+            if paused {
+                vm.wait_for(stream.id, tx);
+            }
+            let back = if paused {
+                None
+            } else {
+                vm.http_parts(stream.id).map(|p| Given::take(p, event))
+            };
+            Ok((answer, said, paused, back))
+        });
+        let (answer, told, paused, back) = match ran {
+            Ok(r) => r,
+            Err(_) => return self.fail(),
+        };
+        let plugin = &self.filter.plugin;
+        plugin.dispatch(stream.slot, stream.generation, answer.requests.calls.clone());
+        if let Some(reply) = answer.requests.local_reply {
+            return HttpStatus::Reply(reply, self.filter.decision(false, ReasonCode::PluginDenied));
+        }
+        if answer.requests.close.is_some() || told.verdict == Some(false) {
+            return self.denied();
+        }
+        let back = if paused {
+            match tokio::time::timeout(MAX_PAUSE, rx).await {
+                Ok(Ok(r)) if r.local_reply.is_some() => {
+                    let reply = r.local_reply.unwrap_or_else(|| denied_reply(self.filter.name()));
+                    return HttpStatus::Reply(reply, self.filter.decision(false, ReasonCode::PluginDenied));
+                }
+                Ok(Ok(r)) if r.close.is_some() => return self.denied(),
+                Ok(Ok(_)) => {
+                    let taken = plugin.with_vm(stream.slot, |vm, generation| {
+                        if generation != stream.generation {
+                            return Err(VmError::Gone("the instance serving this request"));
+                        }
+                        let told = vm.stream(stream.id).map(|s| said(&s.properties)).unwrap_or_default();
+                        Ok((told, vm.http_parts(stream.id).map(|p| Given::take(p, event))))
+                    });
+                    match taken {
+                        Ok((said, _)) if said.verdict == Some(false) => return self.denied(),
+                        Ok((_, back)) => back,
+                        Err(_) => return self.fail(),
+                    }
+                }
+                Ok(Err(_)) => return self.fail(),
+                Err(_) => {
+                    tracing::error!(plugin = %plugin.name(), "the plugin paused a request and did not resume it within {MAX_PAUSE:?}");
+                    return self.fail();
+                }
+            }
+        } else {
+            back
+        };
+        match (back, &mut part) {
+            (Some(Given::Fields(f)), Part::Fields(out)) => {
+                **out = f
+                    .into_iter()
+                    .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+                    .collect();
+            }
+            (Some(Given::Body(b)), Part::Body(out)) => **out = b,
+            _ => {}
+        }
+        HttpStatus::Continue
+    }
+
+    fn denied(&self) -> HttpStatus {
+        HttpStatus::Reply(
+            denied_reply(self.filter.name()),
+            self.filter.decision(false, ReasonCode::PluginDenied),
+        )
+    }
+
+    /// The instance failed: the plugin's failure policy.
+    fn fail(&mut self) -> HttpStatus {
+        self.failed = true;
+        if self.filter.plugin.failure.lets_through() {
+            HttpStatus::Continue
+        } else {
+            self.filter.failed_reply()
+        }
+    }
+}
+
+/// A part as handed to the guest.
+enum Given {
+    Fields(super::state::Headers),
+    Body(Vec<u8>),
+}
+
+impl Given {
+    fn put(self, parts: &mut HttpParts, event: HttpEvent) {
+        match (self, event) {
+            (Given::Fields(f), HttpEvent::RequestHeaders) => parts.request_headers = Some(f),
+            (Given::Fields(f), HttpEvent::RequestTrailers) => parts.request_trailers = Some(f),
+            (Given::Fields(f), HttpEvent::ResponseHeaders) => parts.response_headers = Some(f),
+            (Given::Fields(f), HttpEvent::ResponseTrailers) => parts.response_trailers = Some(f),
+            (Given::Body(b), HttpEvent::RequestBody) => parts.request_body = Some(b),
+            (Given::Body(b), HttpEvent::ResponseBody) => parts.response_body = Some(b),
+            _ => {}
+        }
+    }
+
+    /// The part as the guest left it (kept readable in the context).
+    fn take(parts: &mut HttpParts, event: HttpEvent) -> Given {
+        match event {
+            HttpEvent::RequestHeaders => Given::Fields(parts.request_headers.clone().unwrap_or_default()),
+            HttpEvent::RequestTrailers => Given::Fields(parts.request_trailers.clone().unwrap_or_default()),
+            HttpEvent::ResponseHeaders => Given::Fields(parts.response_headers.clone().unwrap_or_default()),
+            HttpEvent::ResponseTrailers => Given::Fields(parts.response_trailers.clone().unwrap_or_default()),
+            HttpEvent::RequestBody => Given::Body(parts.request_body.clone().unwrap_or_default()),
+            HttpEvent::ResponseBody => Given::Body(parts.response_body.clone().unwrap_or_default()),
+        }
+    }
+}
+
+impl HttpExchange for WasmExchange {
+    fn max_body(&self) -> usize {
+        self.max_body
+    }
+
+    fn request_headers<'a>(&'a mut self, fields: &'a mut HttpFields, end_of_stream: bool) -> HttpPending<'a> {
+        Box::pin(self.run(HttpEvent::RequestHeaders, end_of_stream, Part::Fields(fields)))
+    }
+
+    fn request_body<'a>(&'a mut self, body: &'a mut Vec<u8>) -> HttpPending<'a> {
+        Box::pin(self.run(HttpEvent::RequestBody, true, Part::Body(body)))
+    }
+
+    fn request_trailers<'a>(&'a mut self, fields: &'a mut HttpFields) -> HttpPending<'a> {
+        Box::pin(self.run(HttpEvent::RequestTrailers, true, Part::Fields(fields)))
+    }
+
+    fn response_headers<'a>(&'a mut self, fields: &'a mut HttpFields, end_of_stream: bool) -> HttpPending<'a> {
+        Box::pin(self.run(HttpEvent::ResponseHeaders, end_of_stream, Part::Fields(fields)))
+    }
+
+    fn response_body<'a>(&'a mut self, body: &'a mut Vec<u8>) -> HttpPending<'a> {
+        Box::pin(self.run(HttpEvent::ResponseBody, true, Part::Body(body)))
+    }
+
+    fn response_trailers<'a>(&'a mut self, fields: &'a mut HttpFields) -> HttpPending<'a> {
+        Box::pin(self.run(HttpEvent::ResponseTrailers, true, Part::Fields(fields)))
+    }
+
+    fn finish(&mut self) -> Vec<(String, String)> {
+        if std::mem::replace(&mut self.finished, true) {
+            return Vec::new();
+        }
+        let stream = self.stream;
+        let ended = self.filter.plugin.with_vm(stream.slot, |vm, generation| {
+            if generation != stream.generation {
+                return Ok(None);
+            }
+            vm.finish_http(stream.id).map(Some)
+        });
+        match ended {
+            Ok(Some(state)) => said(&state.properties).annotations,
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Drop for WasmExchange {
+    /// An exchange cut short (the client went away) still ends its context.
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
@@ -289,31 +640,48 @@ impl NetworkFilter for WasmFilter {
 
     fn on_classified(&self, ctx: &mut FlowContext, index: usize) -> FilterStatus {
         if self.plugin.http {
-            // Judged per request, in `on_http_request`.
+            // Judged per request, in its HTTP exchange.
             return FilterStatus::Continue;
         }
         let slot = self.plugin.slot_of(ctx.id);
         let properties = flow_properties(ctx);
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let ran = self.plugin.with_vm(slot, |vm, generation| {
             let id = vm.new_stream(properties)?;
             let answer = vm.on_new_connection(id)?;
             let said = vm.stream(id).map(|s| said(&s.properties)).unwrap_or_default();
-            Ok((Stream { slot, generation, id }, answer, said))
+            let paused = pauses(&answer, id, &said);
+            if paused {
+                vm.wait_for(id, tx);
+            }
+            Ok((Stream { slot, generation, id }, answer, said, paused))
         });
-        let (stream, answer, said) = match ran {
+        let (stream, answer, said, paused) = match ran {
             Ok(r) => r,
             Err(_) => return self.failure(),
         };
         *ctx.filter_state(index, || None::<Stream>) = Some(stream);
+        self.plugin
+            .dispatch(stream.slot, stream.generation, answer.requests.calls.clone());
         for (k, v) in said.annotations {
             ctx.annotate(k, v);
         }
+        if paused {
+            // Resumed (or ended) by a later callback: the answer to a call
+            // out, a tick, a queue.
+            let this = self.clone();
+            return FilterStatus::Pause(Box::pin(async move {
+                match tokio::time::timeout(MAX_PAUSE, rx).await {
+                    Ok(Ok(r)) if r.close.is_some() || r.local_reply.is_some() => {
+                        FilterStatus::Deny(this.decision(false, ReasonCode::PluginDenied))
+                    }
+                    Ok(Ok(_)) => this.verdict_of(stream),
+                    _ => this.failure(),
+                }
+            }));
+        }
         if answer.requests.close.is_some() || said.verdict == Some(false) {
             return FilterStatus::Deny(self.decision(false, ReasonCode::PluginDenied));
-        }
-        if answer.action == Action::Pause {
-            tracing::error!(plugin = %self.plugin.name(), "the plugin paused a new connection; a paused connection is not resumed yet, so it gets the failure policy");
-            return self.failure();
         }
         match said.verdict {
             Some(true) => FilterStatus::Allow(self.decision(true, ReasonCode::PluginAllowed)),
@@ -329,64 +697,27 @@ impl NetworkFilter for WasmFilter {
         self.plugin.http
     }
 
-    /// An HTTP context for the request: its headers (pseudo-headers first)
-    /// through `on_request_headers`, then `on_done`, `on_log`,
-    /// `on_delete`. A local reply, a closed stream or `sluice.verdict`
-    /// `deny` deny the request; header changes go upstream.
-    fn on_http_request(&self, ctx: &mut FlowContext, _index: usize, head: &mut HttpRequestHead) -> HttpStatus {
+    /// An HTTP context for the exchange (see [`WasmExchange`]).
+    fn http_exchange(&self, ctx: &FlowContext, _index: usize) -> Result<Option<Box<dyn HttpExchange>>, HttpStatus> {
         let slot = self.plugin.slot_of(ctx.id);
         let properties = flow_properties(ctx);
-        let headers: Vec<(Vec<u8>, Vec<u8>)> = head
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
-            .collect();
-        let end_of_stream = !head.has_body;
-        let ran = self.plugin.with_vm(slot, |vm, _| {
+        let ran = self.plugin.with_vm(slot, |vm, generation| {
             let id = vm.new_stream(properties)?;
-            let (answer, headers) = vm.on_request_headers(id, headers, end_of_stream)?;
-            let state = vm.finish_http(id)?;
-            Ok((answer, headers, said(&state.properties)))
+            let bodies = vm.reads_bodies();
+            vm.http_parts(id);
+            Ok((Stream { slot, generation, id }, bodies))
         });
-        let (answer, headers, said) = match ran {
-            Ok(r) => r,
-            Err(_) => {
-                return match self.plugin.failure {
-                    FailurePolicy::Closed => HttpStatus::Reply(
-                        failure_reply(self.name()),
-                        self.decision(false, ReasonCode::PluginFailed),
-                    ),
-                    FailurePolicy::Open => HttpStatus::Continue,
-                };
-            }
-        };
-        for (k, v) in said.annotations {
-            ctx.annotate(k, v);
+        match ran {
+            Ok((stream, bodies)) => Ok(Some(Box::new(WasmExchange {
+                filter: self.clone(),
+                stream,
+                max_body: if bodies { self.plugin.max_body } else { 0 },
+                failed: false,
+                finished: false,
+            }))),
+            Err(_) if self.plugin.failure.lets_through() => Ok(None),
+            Err(_) => Err(self.failed_reply()),
         }
-        if let Some(reply) = answer.requests.local_reply {
-            return HttpStatus::Reply(reply, self.decision(false, ReasonCode::PluginDenied));
-        }
-        if answer.requests.close.is_some() || said.verdict == Some(false) {
-            return HttpStatus::Reply(
-                denied_reply(self.name()),
-                self.decision(false, ReasonCode::PluginDenied),
-            );
-        }
-        if answer.action == Action::Pause {
-            tracing::error!(plugin = %self.plugin.name(), "the plugin paused a request; a paused request is not resumed yet, so it gets the failure policy");
-            return match self.plugin.failure {
-                FailurePolicy::Closed => HttpStatus::Reply(
-                    failure_reply(self.name()),
-                    self.decision(false, ReasonCode::PluginFailed),
-                ),
-                FailurePolicy::Open => HttpStatus::Continue,
-            };
-        }
-        head.headers = headers
-            .into_iter()
-            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
-            .collect();
-        HttpStatus::Continue
     }
 
     fn on_downstream_data(&self, _ctx: &FlowContext, extras: &mut FlowExtras, index: usize, data: &[u8]) -> DataStatus {
@@ -435,12 +766,8 @@ impl WasmFilter {
         });
         let (answer, said) = match ran {
             Ok(r) => r,
-            Err(_) => {
-                return match self.plugin.failure {
-                    FailurePolicy::Closed => DataStatus::Close(self.decision(false, ReasonCode::PluginFailed)),
-                    FailurePolicy::Open => DataStatus::Continue,
-                };
-            }
+            Err(_) if self.plugin.failure.lets_through() => return DataStatus::Continue,
+            Err(_) => return DataStatus::Close(self.decision(false, ReasonCode::PluginFailed)),
         };
         for (k, v) in said.annotations {
             extras.annotate(k, v);
@@ -493,6 +820,11 @@ fn filter_index(ctx: &FlowContext, me: &WasmFilter) -> usize {
         .unwrap_or(usize::MAX)
 }
 
+/// Where a plugin's own write of `sluice.verdict.action` and
+/// `sluice.verdict.reason` is kept (see `properties::set`).
+pub const WRITTEN_VERDICT: &str = "\0written.sluice.verdict.action";
+pub const WRITTEN_REASON: &str = "\0written.sluice.verdict.reason";
+
 /// What the plugin said through properties.
 #[derive(Debug, Default)]
 struct Said {
@@ -502,18 +834,30 @@ struct Said {
 }
 
 fn said(properties: &HashMap<String, Vec<u8>>) -> Said {
-    let verdict = properties.get("sluice.verdict").and_then(|v| match v.as_slice() {
+    let word = |v: &Vec<u8>| match v.as_slice() {
         b"allow" => Some(true),
         b"deny" => Some(false),
         _ => None,
-    });
+    };
+    // `sluice.verdict.action` counts only once the plugin wrote it (it
+    // starts as the decision so far); `sluice.verdict` is its short form.
+    let verdict = properties
+        .get(WRITTEN_VERDICT)
+        .and_then(word)
+        .or_else(|| properties.get("sluice.verdict").and_then(word));
     let mut annotations: Vec<(String, String)> = properties
         .iter()
         .filter_map(|(k, v)| {
-            k.strip_prefix("sluice.annotation.")
+            k.strip_prefix("sluice.audit.")
+                .or_else(|| k.strip_prefix("sluice.annotation."))
                 .map(|k| (k.to_owned(), String::from_utf8_lossy(v).into_owned()))
         })
         .collect();
+    if verdict.is_some()
+        && let Some(why) = properties.get(WRITTEN_REASON)
+    {
+        annotations.push(("verdict_reason".to_owned(), String::from_utf8_lossy(why).into_owned()));
+    }
     annotations.sort();
     Said { verdict, annotations }
 }
@@ -589,7 +933,11 @@ fn flow_properties(ctx: &FlowContext) -> HashMap<String, Vec<u8>> {
         p.insert("sluice.connect_target".to_owned(), string(t));
     }
     if !ctx.alpn.is_empty() {
+        p.insert("sluice.tls.alpn".to_owned(), string(ctx.alpn.join(",")));
         p.insert("sluice.alpn".to_owned(), string(ctx.alpn.join(",")));
+    }
+    if ctx.protocol == sluice_api::Protocol::Tls {
+        p.insert("sluice.tls.ech".to_owned(), vec![u8::from(ctx.ech)]);
     }
     if let Some(d) = &ctx.decision {
         insert_decision(&mut p, d);

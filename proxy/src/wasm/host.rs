@@ -173,7 +173,10 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             // The relay passes flow bytes on as they came: a plugin that
             // changes them cannot have its way, and the flow is closed
             // rather than carried on with bytes it did not mean to send.
-            c.data_mut().requests.rewrote = true;
+            // (HTTP bodies are buffered, and go on as the plugin left them.)
+            if matches!(kind, BufferType::DownstreamData | BufferType::UpstreamData) {
+                c.data_mut().requests.rewrote = true;
+            }
             ok()
         },
     )?;
@@ -314,7 +317,9 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let Ok(kind) = StreamType::try_from(kind) else {
                 return status(Status::BadArgument);
             };
-            record(&mut c.data_mut().requests, kind);
+            let s = c.data_mut();
+            s.requests.on = Some(s.context());
+            record(&mut s.requests, kind);
             ok()
         })?;
     }
@@ -347,7 +352,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let raw = c.read(headers, headers_len)?;
             let headers = decode_pairs(&raw, c.data().limits.pairs).unwrap_or_default();
             let s = c.data_mut();
-            if s.buffers.request_headers.is_some() {
+            s.requests.on = Some(s.context());
+            if s.stream().is_some_and(|st| st.http.is_some()) {
                 // An HTTP callback: the client gets this answer instead.
                 let status = u16::try_from(code)
                     .ok()
@@ -370,28 +376,78 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
 
-    // Call-outs. No cluster is configured for plugins yet: every upstream
-    // is unknown, which the SDKs read as a failed dispatch.
+    // Call-outs: to the upstreams the plugin's declaration names. The call
+    // is made once the callback returns; its answer comes to
+    // `proxy_on_http_call_response` on the root context.
     linker.func_wrap(
         E,
         "proxy_http_call",
         |mut c: Caller<'_, HostState>,
          up: i32,
          up_len: i32,
-         _h: i32,
-         _hl: i32,
-         _b: i32,
-         _bl: i32,
-         _t: i32,
-         _tl: i32,
-         _timeout: i32,
-         _token: i32|
+         headers: i32,
+         headers_len: i32,
+         body: i32,
+         body_len: i32,
+         trailers: i32,
+         trailers_len: i32,
+         timeout: i32,
+         token_ptr: i32|
          -> R {
             running(&c, "proxy_http_call")?;
             let upstream = read_str(&mut c, up, up_len)?.unwrap_or_default();
-            c.data_mut()
-                .log(LogLevel::Warn, &format!("http_call to unknown upstream `{upstream}`"));
-            status(Status::BadArgument)
+            let raw_headers = c.read(headers, headers_len)?;
+            let body = c.read(body, body_len)?;
+            let raw_trailers = c.read(trailers, trailers_len)?;
+            // Checked before anything is dispatched, as the reference host
+            // does, so a bad pointer fails the call and not the answer.
+            c.write_u32(token_ptr, 0)?;
+            let limits = c.data().limits;
+            let (Ok(headers), Ok(trailers)) = (
+                decode_pairs(&raw_headers, limits.pairs),
+                decode_pairs(&raw_trailers, limits.pairs),
+            ) else {
+                return status(Status::BadArgument);
+            };
+            let headers: Headers = headers.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+            let Some(address) = c
+                .data()
+                .upstreams
+                .iter()
+                .find(|(name, _)| *name == upstream)
+                .map(|(_, a)| a.clone())
+            else {
+                c.data_mut().log(
+                    LogLevel::Warn,
+                    &format!("http_call to `{upstream}`, which is not one of the plugin's upstreams"),
+                );
+                return status(Status::BadArgument);
+            };
+            let has = |name: &[u8]| headers.iter().any(|(k, v)| k == name && !v.is_empty());
+            if !(has(b":method") && has(b":path") && has(b":authority")) {
+                c.data_mut().log(
+                    LogLevel::Warn,
+                    "http_call without :method, :path and :authority headers",
+                );
+                return status(Status::BadArgument);
+            }
+            if timeout < 0 || body.len() > limits.max_value {
+                return status(Status::BadArgument);
+            }
+            let s = c.data_mut();
+            s.last_token = s.last_token.wrapping_add(1).max(1);
+            let token = s.last_token;
+            s.requests.calls.push(super::state::Callout {
+                token,
+                upstream,
+                address,
+                headers,
+                body,
+                trailers: trailers.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect(),
+                timeout: Duration::from_millis(u64::from(timeout as u32)),
+            });
+            c.write_u32(token_ptr, token)?;
+            ok()
         },
     )?;
     linker.func_wrap(
@@ -642,6 +698,9 @@ fn buffer(s: &HostState, kind: BufferType) -> Option<&[u8]> {
         BufferType::PluginConfiguration if s.config_readable => Some(&s.plugin_config),
         BufferType::DownstreamData => s.buffers.downstream.as_deref(),
         BufferType::UpstreamData => s.buffers.upstream.as_deref(),
+        BufferType::HttpCallResponseBody => s.buffers.callout.as_ref().map(|r| r.body.as_slice()),
+        BufferType::HttpRequestBody => s.stream()?.http.as_ref()?.request_body.as_deref(),
+        BufferType::HttpResponseBody => s.stream()?.http.as_ref()?.response_body.as_deref(),
         _ => None,
     }
 }
@@ -650,21 +709,41 @@ fn buffer_mut(s: &mut HostState, kind: BufferType) -> Option<&mut Vec<u8>> {
     match kind {
         BufferType::DownstreamData => s.buffers.downstream.as_mut(),
         BufferType::UpstreamData => s.buffers.upstream.as_mut(),
+        BufferType::HttpRequestBody => s.stream_mut()?.http.as_mut()?.request_body.as_mut(),
+        BufferType::HttpResponseBody => s.stream_mut()?.http.as_mut()?.response_body.as_mut(),
         _ => None,
     }
 }
 
-/// Header map `kind` as the current callback may read it.
+/// Header map `kind` as the current callback may read it: an HTTP
+/// context's maps once their message part arrived, a call-out's answer
+/// during `on_http_call_response`.
 fn map(s: &HostState, kind: MapType) -> Option<&Headers> {
+    let http = || s.stream().and_then(|st| st.http.as_ref());
     match kind {
-        MapType::HttpRequestHeaders => s.buffers.request_headers.as_ref(),
+        MapType::HttpRequestHeaders => http()?.request_headers.as_ref(),
+        MapType::HttpRequestTrailers => http()?.request_trailers.as_ref(),
+        MapType::HttpResponseHeaders => http()?.response_headers.as_ref(),
+        MapType::HttpResponseTrailers => http()?.response_trailers.as_ref(),
+        MapType::HttpCallResponseHeaders => s.buffers.callout.as_ref().map(|r| &r.headers),
+        MapType::HttpCallResponseTrailers => s.buffers.callout.as_ref().map(|r| &r.trailers),
         _ => None,
     }
 }
 
+/// Header map `kind` to change. Trailers may be added once their
+/// message's headers arrived (as in Envoy, where they are made lazily).
 fn map_mut(s: &mut HostState, kind: MapType) -> Option<&mut Headers> {
+    let http = s.stream_mut()?.http.as_mut()?;
     match kind {
-        MapType::HttpRequestHeaders => s.buffers.request_headers.as_mut(),
+        MapType::HttpRequestHeaders => http.request_headers.as_mut(),
+        MapType::HttpRequestTrailers if http.request_headers.is_some() => {
+            Some(http.request_trailers.get_or_insert_with(Vec::new))
+        }
+        MapType::HttpResponseHeaders => http.response_headers.as_mut(),
+        MapType::HttpResponseTrailers if http.response_headers.is_some() => {
+            Some(http.response_trailers.get_or_insert_with(Vec::new))
+        }
         _ => None,
     }
 }

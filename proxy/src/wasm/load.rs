@@ -39,15 +39,17 @@ pub struct PluginSet {
 /// What makes two declarations of a plugin the same plugin.
 fn identity(sha256: &str, config: &[u8], p: &sluice_api::Plugin) -> String {
     format!(
-        "{sha256}|{}|{:?}|{}|{}|{}|{:?}|{:?}|{}",
+        "{sha256}|{}|{:?}|{}|{:?}|{}|{:?}|{:?}|{}|{:?}|{}",
         String::from_utf8_lossy(config),
         p.env,
         p.data,
-        p.fail_open,
+        p.failure,
         p.http,
         p.root_id,
         p.deadline,
-        p.max_memory
+        p.max_memory,
+        p.upstreams,
+        p.max_body,
     )
 }
 
@@ -146,13 +148,16 @@ fn load_one(p: &sluice_api::Plugin, base: Option<&Path>) -> Result<Arc<Plugin>, 
     if let Some(root) = &p.root_id {
         code.root_id = Arc::from(root.as_str());
     }
-    let failure = if p.fail_open {
-        FailurePolicy::Open
-    } else {
-        FailurePolicy::Closed
+    code.upstreams = Arc::new(p.upstreams.clone());
+    let failure = match p.failure {
+        sluice_api::PluginFailure::Closed => FailurePolicy::Closed,
+        sluice_api::PluginFailure::Open => FailurePolicy::Open,
+        sluice_api::PluginFailure::Reload => FailurePolicy::Reload,
     };
     let slots = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
-    let plugin = Arc::new(Plugin::start(code, failure, p.data, slots, id, p.http).map_err(|e| fail(e.to_string()))?);
+    let mut plugin = Plugin::start(code, failure, p.data, slots, id, p.http).map_err(|e| fail(e.to_string()))?;
+    plugin.max_body = usize::try_from(p.max_body).unwrap_or(usize::MAX);
+    let plugin = Arc::new(plugin);
     super::filter::spawn_ticker(&plugin);
     loaded.retain(|(n, _)| *n != p.name);
     loaded.push((p.name.clone(), Arc::downgrade(&plugin)));

@@ -13,6 +13,7 @@
 //!   snapshot.
 
 pub mod abi;
+pub mod callout;
 pub mod engine;
 pub mod filter;
 pub mod host;

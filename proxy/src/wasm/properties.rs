@@ -44,6 +44,17 @@ pub fn get(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
 pub fn set(s: &mut HostState, path: &[&str], value: Vec<u8>) {
     let key = path.join(".");
     if let Some(stream) = s.stream_mut() {
+        // The verdict properties start as the decision so far: what the
+        // plugin writes to them is kept apart, so a write is told from the
+        // value it was given.
+        let written = match key.as_str() {
+            "sluice.verdict.action" => Some(super::filter::WRITTEN_VERDICT),
+            "sluice.verdict.reason" => Some(super::filter::WRITTEN_REASON),
+            _ => None,
+        };
+        if let Some(w) = written {
+            stream.properties.insert(w.to_owned(), value.clone());
+        }
         stream.properties.insert(key, value);
     }
 }

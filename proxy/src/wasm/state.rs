@@ -56,6 +56,48 @@ pub struct StreamState {
     /// The guest finished the context (`proxy_on_done` said no, then
     /// `proxy_done` was called).
     pub done: bool,
+    /// An HTTP context: its messages' parts, once they arrived. They stay
+    /// readable (and writable) after their own callback, so a paused
+    /// request can be changed from `on_http_call_response`, and `on_log`
+    /// sees them all.
+    pub http: Option<HttpParts>,
+    /// Who waits for the guest to resume (or end) this paused context.
+    pub waiter: Option<tokio::sync::oneshot::Sender<Requests>>,
+}
+
+/// An HTTP exchange's parts, as the guest sees them.
+#[derive(Debug, Default)]
+pub struct HttpParts {
+    pub request_headers: Option<Headers>,
+    pub request_body: Option<Vec<u8>>,
+    pub request_trailers: Option<Headers>,
+    pub response_headers: Option<Headers>,
+    pub response_body: Option<Vec<u8>>,
+    pub response_trailers: Option<Headers>,
+}
+
+/// An HTTP call a guest made (`proxy_http_call`), made by the host once
+/// the callback returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callout {
+    pub token: u32,
+    /// The upstream's name, as the guest gave it.
+    pub upstream: String,
+    /// Where it is (`host:port`), from the plugin's `upstreams`.
+    pub address: String,
+    pub headers: Headers,
+    pub body: Vec<u8>,
+    pub trailers: Headers,
+    pub timeout: Duration,
+}
+
+/// The answer to a [`Callout`], readable during `on_http_call_response`.
+#[derive(Debug, Default)]
+pub struct CalloutResponse {
+    /// `:status` first.
+    pub headers: Headers,
+    pub body: Vec<u8>,
+    pub trailers: Headers,
 }
 
 /// What the guest asked for during the current callback, carried out by the
@@ -70,6 +112,18 @@ pub struct Requests {
     pub rewrote: bool,
     /// `proxy_send_local_response` in an HTTP callback.
     pub local_reply: Option<crate::listener::LocalReply>,
+    /// The context the guest resumed, closed or answered (its effective
+    /// one when it did).
+    pub on: Option<u32>,
+    /// `proxy_http_call`s to make.
+    pub calls: Vec<Callout>,
+}
+
+impl Requests {
+    /// Whether the guest resumed, closed or answered context `id`.
+    pub fn settles(&self, id: u32) -> bool {
+        self.on == Some(id) && (self.resume.is_some() || self.close.is_some() || self.local_reply.is_some())
+    }
 }
 
 /// A header map: names (lower case) and values, in order.
@@ -80,9 +134,8 @@ pub type Headers = Vec<(Vec<u8>, Vec<u8>)>;
 pub struct CallBuffers {
     pub downstream: Option<Vec<u8>>,
     pub upstream: Option<Vec<u8>>,
-    /// The request's headers in an HTTP callback (names lower case,
-    /// pseudo-headers first).
-    pub request_headers: Option<Headers>,
+    /// The answer `on_http_call_response` is told about.
+    pub callout: Option<CalloutResponse>,
 }
 
 /// One instance's host state.
@@ -112,6 +165,10 @@ pub struct HostState {
     pub effective: Option<u32>,
     pub streams: HashMap<u32, StreamState>,
     pub buffers: CallBuffers,
+    /// The upstreams `proxy_http_call` may name, and their addresses.
+    pub upstreams: Arc<Vec<(String, String)>>,
+    /// The last `proxy_http_call` token handed out.
+    pub last_token: u32,
     pub requests: Requests,
     /// `proxy_set_tick_period_milliseconds` (zero: no tick).
     pub tick_period: Duration,

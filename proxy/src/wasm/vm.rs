@@ -17,8 +17,20 @@ use super::abi::{AbiVersion, Action, PeerType};
 use super::engine::{EPOCH_TICK, PluginModule, WasmEngine};
 use super::shared::{PluginMetrics, SharedData, SharedQueues};
 use super::state::{
-    CallBuffers, GuestFault, Headers, HostState, MemoryLimiter, Overtime, Phase, PluginLimits, Requests, StreamState,
+    CallBuffers, CalloutResponse, GuestFault, HostState, HttpParts, MemoryLimiter, Overtime, Phase, PluginLimits,
+    Requests, StreamState,
 };
+
+/// An HTTP context's callbacks, in the order an exchange reaches them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpEvent {
+    RequestHeaders,
+    RequestBody,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseBody,
+    ResponseTrailers,
+}
 
 /// Everything needed to start instances of one plugin.
 pub struct PluginCode {
@@ -35,6 +47,8 @@ pub struct PluginCode {
     pub shared: Arc<SharedData>,
     pub queues: Arc<SharedQueues>,
     pub metrics: Arc<PluginMetrics>,
+    /// The upstreams `proxy_http_call` may name, and their `host:port`.
+    pub upstreams: Arc<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for PluginCode {
@@ -105,9 +119,13 @@ impl PluginCode {
             shared,
             queues,
             metrics,
+            upstreams: Arc::default(),
         })
     }
 }
+
+/// `proxy_on_http_call_response`'s parameters.
+type Five = (i32, i32, i32, i32, i32);
 
 /// The callbacks a guest may export (all optional).
 struct Exports {
@@ -120,6 +138,12 @@ struct Exports {
     on_downstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_upstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_request_body: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_request_trailers: Option<TypedFunc<(i32, i32), i32>>,
+    on_response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_response_trailers: Option<TypedFunc<(i32, i32), i32>>,
+    on_http_call_response: Option<TypedFunc<Five, ()>>,
     on_downstream_close: Option<TypedFunc<(i32, i32), ()>>,
     on_upstream_close: Option<TypedFunc<(i32, i32), ()>>,
     on_done: Option<TypedFunc<i32, i32>>,
@@ -175,6 +199,8 @@ impl Vm {
             effective: None,
             streams: Default::default(),
             buffers: CallBuffers::default(),
+            upstreams: code.upstreams.clone(),
+            last_token: 0,
             requests: Requests::default(),
             tick_period: std::time::Duration::ZERO,
             shared: code.shared.clone(),
@@ -213,6 +239,12 @@ impl Vm {
             on_downstream_data: typed(&instance, &mut store, "proxy_on_downstream_data"),
             on_upstream_data: typed(&instance, &mut store, "proxy_on_upstream_data"),
             on_request_headers: typed(&instance, &mut store, "proxy_on_request_headers"),
+            on_request_body: typed(&instance, &mut store, "proxy_on_request_body"),
+            on_request_trailers: typed(&instance, &mut store, "proxy_on_request_trailers"),
+            on_response_headers: typed(&instance, &mut store, "proxy_on_response_headers"),
+            on_response_body: typed(&instance, &mut store, "proxy_on_response_body"),
+            on_response_trailers: typed(&instance, &mut store, "proxy_on_response_trailers"),
+            on_http_call_response: typed(&instance, &mut store, "proxy_on_http_call_response"),
             on_downstream_close: typed(&instance, &mut store, "proxy_on_downstream_connection_close"),
             on_upstream_close: typed(&instance, &mut store, "proxy_on_upstream_connection_close"),
             on_done: typed(&instance, &mut store, "proxy_on_done"),
@@ -300,7 +332,7 @@ impl Vm {
             id,
             StreamState {
                 properties,
-                done: false,
+                ..StreamState::default()
             },
         );
         let root = self.store.data().root_id as i32;
@@ -342,31 +374,104 @@ impl Vm {
         Ok(self.answer(Action::from(out?)))
     }
 
-    /// `proxy_on_request_headers` for HTTP context `id`, with `headers`
-    /// (lower-case names, pseudo-headers first) readable and writable
-    /// during the call; returns the answer and the headers as the guest
-    /// left them.
-    pub fn on_request_headers(
-        &mut self,
-        id: u32,
-        headers: Headers,
-        end_of_stream: bool,
-    ) -> Result<(Answer, Headers), VmError> {
-        let Some(f) = self.exports.on_request_headers.clone() else {
-            return Ok((self.answer(Action::Continue), headers));
+    /// One of HTTP context `id`'s callbacks, on the part of its exchange
+    /// that has just been put in the context ([`Vm::http_parts`]): a
+    /// headers or trailers callback is told how many fields there are, a
+    /// body callback how many bytes.
+    pub fn on_http(&mut self, id: u32, event: HttpEvent, end_of_stream: bool) -> Result<Answer, VmError> {
+        let e = &self.exports;
+        let (name, f3, f2) = match event {
+            HttpEvent::RequestHeaders => ("proxy_on_request_headers", e.on_request_headers.clone(), None),
+            HttpEvent::RequestBody => ("proxy_on_request_body", e.on_request_body.clone(), None),
+            HttpEvent::RequestTrailers => ("proxy_on_request_trailers", None, e.on_request_trailers.clone()),
+            HttpEvent::ResponseHeaders => ("proxy_on_response_headers", e.on_response_headers.clone(), None),
+            HttpEvent::ResponseBody => ("proxy_on_response_body", e.on_response_body.clone(), None),
+            HttpEvent::ResponseTrailers => ("proxy_on_response_trailers", None, e.on_response_trailers.clone()),
         };
-        let n = i32::try_from(headers.len()).unwrap_or(i32::MAX);
-        self.store.data_mut().buffers.request_headers = Some(headers);
+        let size = self
+            .store
+            .data()
+            .streams
+            .get(&id)
+            .and_then(|s| s.http.as_ref())
+            .map_or(0, |h| match event {
+                HttpEvent::RequestHeaders => h.request_headers.as_ref().map_or(0, Vec::len),
+                HttpEvent::RequestBody => h.request_body.as_ref().map_or(0, Vec::len),
+                HttpEvent::RequestTrailers => h.request_trailers.as_ref().map_or(0, Vec::len),
+                HttpEvent::ResponseHeaders => h.response_headers.as_ref().map_or(0, Vec::len),
+                HttpEvent::ResponseBody => h.response_body.as_ref().map_or(0, Vec::len),
+                HttpEvent::ResponseTrailers => h.response_trailers.as_ref().map_or(0, Vec::len),
+            });
+        let size = i32::try_from(size).unwrap_or(i32::MAX);
+        let out = match (f3, f2) {
+            (Some(f), _) => self.call(
+                name,
+                Phase::Running,
+                id,
+                &f,
+                (id as i32, size, i32::from(end_of_stream)),
+            )?,
+            (None, Some(f)) => self.call(name, Phase::Running, id, &f, (id as i32, size))?,
+            (None, None) => 0,
+        };
+        Ok(self.answer(Action::from(out)))
+    }
+
+    /// Whether the guest has a callback for HTTP bodies (a module without
+    /// one never needs its bodies buffered).
+    pub fn reads_bodies(&self) -> bool {
+        self.exports.on_request_body.is_some() || self.exports.on_response_body.is_some()
+    }
+
+    /// HTTP context `id`'s parts (made when first asked for).
+    pub fn http_parts(&mut self, id: u32) -> Option<&mut HttpParts> {
+        let s = self.store.data_mut().streams.get_mut(&id)?;
+        Some(s.http.get_or_insert_with(HttpParts::default))
+    }
+
+    /// Registers who waits for paused context `id` to be resumed or ended.
+    pub fn wait_for(&mut self, id: u32, waiter: tokio::sync::oneshot::Sender<Requests>) {
+        if let Some(s) = self.store.data_mut().streams.get_mut(&id) {
+            s.waiter = Some(waiter);
+        }
+    }
+
+    /// Tells whoever waits for the context `requests` settle (resumed,
+    /// closed or answered) what the guest asked of it.
+    pub fn settle(&mut self, requests: &Requests) {
+        let Some(id) = requests.on.filter(|&id| requests.settles(id)) else {
+            return;
+        };
+        if let Some(w) = self.store.data_mut().streams.get_mut(&id).and_then(|s| s.waiter.take()) {
+            let _ = w.send(requests.clone());
+        }
+    }
+
+    /// `proxy_on_http_call_response` on the root context for call `token`;
+    /// `None` when the call failed (no headers, as in Envoy).
+    pub fn on_http_call_response(&mut self, token: u32, response: Option<CalloutResponse>) -> Result<Answer, VmError> {
+        let Some(f) = self.exports.on_http_call_response.clone() else {
+            return Ok(self.answer(Action::Continue));
+        };
+        let root = self.store.data().root_id;
+        let counts = response.as_ref().map_or((0, 0, 0), |r| {
+            (
+                i32::try_from(r.headers.len()).unwrap_or(i32::MAX),
+                i32::try_from(r.body.len()).unwrap_or(i32::MAX),
+                i32::try_from(r.trailers.len()).unwrap_or(i32::MAX),
+            )
+        });
+        self.store.data_mut().buffers.callout = response;
         let out = self.call(
-            "proxy_on_request_headers",
+            "proxy_on_http_call_response",
             Phase::Running,
-            id,
+            root,
             &f,
-            (id as i32, n, i32::from(end_of_stream)),
+            (root as i32, token as i32, counts.0, counts.1, counts.2),
         );
-        let headers = self.store.data_mut().buffers.request_headers.take().unwrap_or_default();
-        let answer = self.answer(Action::from(out?));
-        Ok((answer, headers))
+        self.store.data_mut().buffers = CallBuffers::default();
+        out?;
+        Ok(self.answer(Action::Continue))
     }
 
     /// Ends context `id`: `on_done`, `on_log`, `on_delete` (all three now:
@@ -419,28 +524,28 @@ impl Vm {
         self.store.data_mut().streams.remove(&id)
     }
 
-    /// `proxy_on_tick` for the root context.
-    pub fn tick(&mut self) -> Result<(), VmError> {
+    /// `proxy_on_tick` for the root context; returns what it asked for.
+    pub fn tick(&mut self) -> Result<Requests, VmError> {
         let root = self.store.data().root_id;
-        match self.exports.on_tick.clone() {
-            Some(f) => self.call("proxy_on_tick", Phase::Running, root, &f, root as i32),
-            None => Ok(()),
+        if let Some(f) = self.exports.on_tick.clone() {
+            self.call("proxy_on_tick", Phase::Running, root, &f, root as i32)?;
         }
+        Ok(self.answer(Action::Continue).requests)
     }
 
     /// `proxy_on_queue_ready` for the root context: queue `id` has items.
-    pub fn queue_ready(&mut self, id: u32) -> Result<(), VmError> {
+    pub fn queue_ready(&mut self, id: u32) -> Result<Requests, VmError> {
         let root = self.store.data().root_id;
-        match self.exports.on_queue_ready.clone() {
-            Some(f) => self.call(
+        if let Some(f) = self.exports.on_queue_ready.clone() {
+            self.call(
                 "proxy_on_queue_ready",
                 Phase::Running,
                 root,
                 &f,
                 (root as i32, id as i32),
-            ),
-            None => Ok(()),
+            )?;
         }
+        Ok(self.answer(Action::Continue).requests)
     }
 
     /// How often the plugin asked to be ticked (zero: never).
