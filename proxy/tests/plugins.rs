@@ -739,3 +739,309 @@ flow_test!(
         rig.stop().await;
     }
 );
+
+/// An authorisation service on loopback, for `http-auth` and the test
+/// guest's call outs: `GET /check` answers `200` with `alice` for
+/// `x-api-key: good` and `403` otherwise; `GET /denylist` lists
+/// `curl.example.test`. Counts the checks.
+async fn auth_service() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use http_body_util::Full;
+    use hyper::{Request, Response, body::Incoming};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let checks = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = checks.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let counted = counted.clone();
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/check" => {
+                                counted.fetch_add(1, Ordering::SeqCst);
+                                if req.headers().get("x-api-key").is_some_and(|k| k == "good") {
+                                    (200, "alice")
+                                } else {
+                                    (403, "no")
+                                }
+                            }
+                            "/denylist" => (200, "curl.example.test\n"),
+                            _ => (404, ""),
+                        };
+                        let mut resp = Response::new(Full::new(bytes::Bytes::from_static(body.as_bytes())));
+                        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, checks)
+}
+
+/// A `plugins:` entry for `http-auth` calling the service at `auth`.
+fn http_auth_plugin(auth: std::net::SocketAddr) -> String {
+    let config = serde_json::json!({
+        "upstream": "auth", "authority": "auth.internal", "key_header": "x-api-key", "refresh_ms": 100
+    });
+    format!(
+        "plugins:\n  - name: http-auth\n    kind: http\n    path: \"{}\"\n    upstreams:\n      auth: \"{auth}\"\n    config: {}\n",
+        guest("http-auth").display(),
+        serde_json::to_string(&config.to_string()).unwrap()
+    )
+}
+
+flow_test!(http_auth_a_plain_proxy_wasm_plugin_checks_keys_with_a_call_out, async {
+    use std::sync::atomic::Ordering;
+    let (auth, checks) = auth_service().await;
+    let rig = Rig::<HttpUpstream>::with(
+        &TestConfig::listener("proxy", "http-proxy", "")
+            .head(&http_auth_plugin(auth))
+            .yaml(),
+    )
+    .await;
+    // No key: answered by the plugin at once, nothing forwarded, no call.
+    let (head, body) = get_path(&rig, "allowed.test", "/a", "").await;
+    assert_eq!(head.status, 401, "{head:?} {body}");
+    assert_eq!(body, "no API key\n");
+    assert_eq!(head.header("x-denied-by"), Some("http-auth"), "{head:?}");
+    assert_eq!(checks.load(Ordering::SeqCst), 0);
+    assert_eq!(rig.up.accepts(), 0);
+    // A good key: the request waits for `/check`, then goes on with the
+    // header the plugin set from the answer; the response is marked.
+    let (head, body) = get_path(&rig, "allowed.test", "/b", "X-Api-Key: good\r\n").await;
+    assert_eq!(head.status, 200, "{head:?} {body}");
+    let seen = head.header("x-upstream-headers").unwrap_or_default();
+    assert!(seen.split(',').any(|h| h == "x-auth-user"), "{seen}");
+    assert_eq!(head.header("x-auth"), Some("checked"), "{head:?}");
+    assert_eq!(checks.load(Ordering::SeqCst), 1);
+    // A refused key: 403 after the check, not forwarded.
+    let before = rig.up.accepts();
+    let (head, body) = get_path(&rig, "allowed.test", "/c", "X-Api-Key: bad\r\n").await;
+    assert_eq!(head.status, 403, "{head:?}");
+    assert_eq!(body, "key refused\n");
+    assert_eq!(rig.up.accepts(), before);
+    let target = rig.target("allowed.test");
+    let refused = rig
+        .sluice
+        .wait_record(|r| {
+            field(r, "connect_target") == target && reason(r) == "plugin-denied" && r["duration_ms"].is_number()
+        })
+        .await;
+    assert_eq!(rule(&refused), "http-auth", "{refused}");
+    // The denylist the root context fetches on its ticks reaches the
+    // request contexts through shared data.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (head, body) = get_path(&rig, "curl.example.test", "/d", "X-Api-Key: good\r\n").await;
+        if head.status == 403 {
+            assert_eq!(body, "host on the denylist\n");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the denylist never arrived");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    rig.stop().await;
+});
+
+flow_test!(
+    an_http_plugin_sees_and_changes_bodies_response_headers_and_trailers,
+    async {
+        let rig = Rig::<HttpUpstream>::with(
+            &TestConfig::listener("proxy", "http-proxy", "")
+                .head(&plugin(
+                    "bodies",
+                    "http=1\nbody=1\ntrailers=1\nresponse_header=x-seen:yes\ndrop_response_header=x-upstream-body-len",
+                    "    kind: http\n    max_body: 64\n",
+                ))
+                .yaml(),
+        )
+        .await;
+        let target = rig.target("allowed.test");
+        let post = |body: &str, extra: &str| {
+            format!(
+                "POST http://{target}/up HTTP/1.1\r\nHost: {target}\r\nX-Echo-Body: 1\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let proxy = rig.proxy();
+        let send = |request: String| async move {
+            let mut s = TcpStream::connect(proxy).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let head = read_head(&mut s).await;
+            let mut body = String::new();
+            let _ = within("the body", tokio::io::AsyncReadExt::read_to_string(&mut s, &mut body)).await;
+            (head, body)
+        };
+        // The request body goes upstream as the plugin changed it, and the
+        // response body comes back with what the plugin appended; response
+        // headers added and removed.
+        let (head, body) = send(post("hello", "")).await;
+        assert_eq!(head.status, 200, "{head:?} {body}");
+        assert!(body.contains(" body=HELLO"), "{body}");
+        assert!(body.ends_with(" [seen]"), "{body}");
+        assert_eq!(
+            head.header("content-length"),
+            Some(body.len().to_string().as_str()),
+            "{head:?}"
+        );
+        assert_eq!(head.header("x-seen"), Some("yes"), "{head:?}");
+        assert_eq!(head.header("x-upstream-body-len"), None, "{head:?}");
+        // A body the plugin refuses is answered, not forwarded.
+        let before = rig.up.accepts();
+        let (head, body) = send(post("this is forbidden", "")).await;
+        assert_eq!(head.status, 403, "{head:?}");
+        assert_eq!(body, "forbidden body");
+        assert_eq!(rig.up.accepts(), before);
+        // A body above the plugin's max_body is refused with 413.
+        let (head, _) = send(post(&"x".repeat(100), "")).await;
+        assert_eq!(head.status, 413, "{head:?}");
+        let r = rig
+            .sluice
+            .wait_record(|r| field(r, "close_reason") == "request-body-too-large")
+            .await;
+        assert_eq!(action(&r), "allow", "{r}");
+        // Trailers reach the plugin (and the upstream).
+        let chunked = format!(
+            "POST http://{target}/up HTTP/1.1\r\nHost: {target}\r\nX-Echo-Body: 1\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-check: 1\r\n\r\n"
+        );
+        let (head, body) = send(chunked).await;
+        assert_eq!(head.status, 200, "{head:?} {body}");
+        assert!(body.contains(" body=HELLO"), "{body}");
+        let r = rig
+            .sluice
+            .wait_record(|r| r["annotations"]["request_trailers"].is_string())
+            .await;
+        assert_eq!(r["annotations"]["request_trailers"], "1", "{r}");
+        rig.stop().await;
+    }
+);
+
+flow_test!(an_http_plugin_sees_the_connect_request_and_adds_to_its_200, async {
+    let rig = Rig::<HttpUpstream>::with(
+        &TestConfig::listener("proxy", "http-proxy", "")
+            .head(&plugin(
+                "tunnels",
+                "http=1\ndeny_header=x-secret\nresponse_header=x-tunnel:watched",
+                "    kind: http\n",
+            ))
+            .yaml(),
+    )
+    .await;
+    let target = rig.target("allowed.test");
+    let (_s, resp) = connect_via(rig.proxy(), &target, "").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.header("x-tunnel"), Some("watched"), "{resp:?}");
+    drop(_s);
+    let (_s, resp) = connect_via(rig.proxy(), &target, "X-Secret: 1\r\n").await;
+    assert_eq!(resp.status, 451, "{resp:?}");
+    assert_eq!(resp.header("x-blocked-by"), Some("test-guest"), "{resp:?}");
+    assert_eq!(resp.body, "blocked by the test guest");
+    let r = rig
+        .sluice
+        .wait_record(|r| field(r, "connect_target") == target && reason(r) == "plugin-denied")
+        .await;
+    assert_eq!(rule(&r), "tunnels", "{r}");
+    assert_eq!(r["annotations"]["authority"], target.as_str(), "{r}");
+    rig.stop().await;
+});
+
+flow_test!(a_network_plugin_pauses_a_flow_until_its_call_out_answers, async {
+    use std::sync::atomic::Ordering;
+    let (auth, checks) = auth_service().await;
+    let rig = Rig::<RawSink>::with_upstream(sni_with(
+        &plugin(
+            "gate",
+            "callout=auth",
+            &format!("    upstreams:\n      auth: \"{auth}\"\n"),
+        ),
+        None,
+    ))
+    .await;
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(decided(&r), ("allow", "allowed-by-rule"), "{r}");
+    assert_eq!(r["annotations"]["callout"], "alice", "{r}");
+    assert_eq!(checks.load(Ordering::SeqCst), 1);
+    rig.stop().await;
+
+    // An upstream that does not answer: the call fails, the plugin closes
+    // the flow.
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let rig = Rig::<RawSink>::with_upstream(sni_with(
+        &plugin(
+            "gate",
+            "callout=auth",
+            &format!("    upstreams:\n      auth: \"{gone}\"\n"),
+        ),
+        None,
+    ))
+    .await;
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(decided(&r), ("deny", "plugin-denied"), "{r}");
+    assert_eq!(rig.up.accepts(), 0);
+    rig.stop().await;
+});
+
+flow_test!(failure_policies_closed_open_and_reload, async {
+    for (policy, after) in [
+        ("closed", ("deny", "plugin-failed")),
+        ("open", ("allow", "allowed-by-rule")),
+        ("reload", ("allow", "allowed-by-rule")),
+    ] {
+        let rig = Rig::<RawSink>::with_upstream(sni_with(
+            &plugin(
+                "fragile",
+                "trap_sni=curl.example.test",
+                &format!("    failure: {policy}\n"),
+            ),
+            None,
+        ))
+        .await;
+        let r = hello(&rig, "curl.example.test").await;
+        let expected = if policy == "open" {
+            ("allow", "allowed-by-rule")
+        } else {
+            ("deny", "plugin-failed")
+        };
+        assert_eq!(decided(&r), expected, "{policy}: {r}");
+        // Closed and open: the plugin judges nothing more, on any worker.
+        // Reload: a new instance judges later flows (after its backoff).
+        if policy == "reload" {
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        }
+        for _ in 0..3 {
+            let mut s = TcpStream::connect(rig.sluice.addr("sni")).await.unwrap();
+            s.write_all(&rustls_hello("allowed.test")).await.unwrap();
+            s.shutdown().await.unwrap();
+            let _ = wait_closed(&mut s).await;
+        }
+        let later = rig.sluice.wait_records(3, |r| field(r, "sni") == "allowed.test").await;
+        for r in &later {
+            assert_eq!(decided(r), after, "{policy}: {r}");
+        }
+        rig.stop().await;
+    }
+});
+
+flow_test!(a_plugins_verdict_reason_and_audit_notes_reach_the_record, async {
+    let rig = Rig::<RawSink>::with_upstream(sni_with(
+        &plugin("judge", "verdict_action=deny\naudit=ticket:SEC-42", ""),
+        None,
+    ))
+    .await;
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(decided(&r), ("deny", "plugin-denied"), "{r}");
+    assert_eq!(r["changed_by"], serde_json::json!(["judge"]), "{r}");
+    assert_eq!(r["annotations"]["verdict_reason"], "the test guest said so", "{r}");
+    assert_eq!(r["annotations"]["ticket"], "SEC-42", "{r}");
+    rig.stop().await;
+});

@@ -10,6 +10,7 @@
 //! | `verdict=allow` or `deny` | writes `sluice.verdict` on every connection |
 //! | `annotate=KEY:VALUE` | writes `sluice.annotation.KEY` |
 //! | `connection=trap`, `spin`, `grow` | on a new connection: panic, loop forever, or allocate until memory runs out |
+//! | `trap_sni=NAME` | panics on a connection whose SNI is NAME |
 //! | `count=KEY` | adds one to shared-data KEY (with CAS) and annotates `count` with the new value |
 //! | `env=NAME` | annotates `env` with environment variable NAME (or `unset`) |
 //! | `print=TEXT` | prints TEXT to stdout and to stderr on each connection |
@@ -20,6 +21,12 @@
 //! | `http=1` | an HTTP plugin: with `deny_header=NAME` it answers 451 to a request carrying header NAME; with `add_header=NAME:VALUE` it adds a request header; it annotates `authority` with `:authority` |
 //! | `queue=NAME` | registers queue NAME; each connection enqueues an item; `on_queue_ready` dequeues them and adds their number to shared-data `dequeued` |
 //! | `tick=MS` | asks to be ticked every MS milliseconds; each tick adds one to shared-data `ticks` |
+//! | `verdict_action=allow` or `deny` | writes `sluice.verdict.action`, and `sluice.verdict.reason` `the test guest said so`, on every connection |
+//! | `audit=KEY:VALUE` | writes `sluice.audit.KEY` |
+//! | `callout=UPSTREAM` | on a new connection: pauses it and asks `UPSTREAM` for `GET /check`; a `200` resumes the connection (annotated `callout`: the body), anything else closes it |
+//! | `body=1` (HTTP) | upper-cases a request body it is shown whole and closes a response body with ` [seen]`; a request body containing `forbidden` is answered 403 |
+//! | `response_header=NAME:VALUE` (HTTP) | adds a response header; `drop_response_header=NAME` removes one |
+//! | `trailers=1` (HTTP) | annotates `request_trailers` with the number of request trailers |
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -137,7 +144,17 @@ impl Stream {
     }
 }
 
-impl Context for Stream {}
+impl Context for Stream {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if self.get_http_call_response_header(":status").as_deref() == Some("200") {
+            let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+            self.annotate("callout", &String::from_utf8_lossy(&body));
+            self.resume_downstream();
+        } else {
+            self.close_downstream();
+        }
+    }
+}
 
 impl StreamContext for Stream {
     fn on_new_connection(&mut self) -> Action {
@@ -158,6 +175,12 @@ impl StreamContext for Stream {
                 }
             }
             _ => {}
+        }
+        if let Some(name) = value(&cfg, "trap_sni") {
+            let sni = self.get_property(vec!["connection", "requested_server_name"]);
+            if sni.as_deref() == Some(name.as_bytes()) {
+                panic!("asked to trap on {name}");
+            }
         }
         if let Some(text) = value(&cfg, "print") {
             println!("{text}");
@@ -224,6 +247,31 @@ impl StreamContext for Stream {
         if let Some(v) = value(&cfg, "verdict") {
             self.set_property(vec!["sluice", "verdict"], Some(v.as_bytes()));
         }
+        if let Some(v) = value(&cfg, "verdict_action") {
+            self.set_property(vec!["sluice", "verdict", "action"], Some(v.as_bytes()));
+            self.set_property(vec!["sluice", "verdict", "reason"], Some(b"the test guest said so"));
+        }
+        if let Some((k, v)) = value(&cfg, "audit").and_then(|kv| kv.split_once(':')) {
+            self.set_property(vec!["sluice", "audit", k], Some(v.as_bytes()));
+        }
+        if let Some(upstream) = value(&cfg, "callout") {
+            let asked = self.dispatch_http_call(
+                upstream,
+                vec![
+                    (":method", "GET"),
+                    (":path", "/check"),
+                    (":authority", "auth"),
+                    ("x-api-key", "good"),
+                ],
+                None,
+                vec![],
+                std::time::Duration::from_secs(5),
+            );
+            if asked.is_ok() {
+                return Action::Pause;
+            }
+            self.close_downstream();
+        }
         if let Some(name) = value(&cfg, "deny_sni") {
             let sni = self.get_property(vec!["connection", "requested_server_name"]);
             if sni.as_deref() == Some(name.as_bytes()) {
@@ -270,6 +318,53 @@ impl HttpContext for Http {
         if let Some((k, v)) = value(&self.cfg, "add_header").and_then(|kv| kv.split_once(':')) {
             self.add_http_request_header(k, v);
         }
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if value(&self.cfg, "body") != Some("1") {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        if body.windows(9).any(|w| w == b"forbidden") {
+            self.send_http_response(403, vec![("x-blocked-by", "test-guest")], Some(b"forbidden body"));
+            return Action::Pause;
+        }
+        self.set_http_request_body(0, body_size, &body.to_ascii_uppercase());
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, num_trailers: usize) -> Action {
+        if value(&self.cfg, "trailers") == Some("1") {
+            self.set_property(
+                vec!["sluice", "audit", "request_trailers"],
+                Some(num_trailers.to_string().as_bytes()),
+            );
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some((k, v)) = value(&self.cfg, "response_header").and_then(|kv| kv.split_once(':')) {
+            self.add_http_response_header(k, v);
+        }
+        if let Some(name) = value(&self.cfg, "drop_response_header") {
+            self.set_http_response_header(name, None);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if value(&self.cfg, "body") != Some("1") {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        self.set_http_response_body(body_size, 0, b" [seen]");
         Action::Continue
     }
 }

@@ -40,11 +40,11 @@ pub const RESTART_BACKOFF: Duration = Duration::from_secs(1);
 /// What a failed plugin means for the flows it was to judge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailurePolicy {
-    /// Deny them (`plugin-failed`), with no new instance until the
-    /// configuration replaces the plugin: the default.
+    /// Deny them (`plugin-failed`), and every later flow too, with no new
+    /// instance until the configuration replaces the plugin: the default.
     Closed,
     /// Let the rest of the chain decide, as if the plugin were not there,
-    /// with no new instance until the configuration replaces the plugin.
+    /// for every later flow too, until the configuration replaces it.
     Open,
     /// Deny them, and start a new instance for later flows (at most once
     /// per [`RESTART_BACKOFF`] per slot).
@@ -75,6 +75,10 @@ pub struct Plugin {
     pub max_body: usize,
     /// Where the plugin's calls out run (the runtime it was loaded on).
     runtime: Option<tokio::runtime::Handle>,
+    /// Set when an instance failed and the policy is not `reload`: the
+    /// plugin judges nothing more (every flow gets the failure policy)
+    /// until the configuration replaces it.
+    broken: std::sync::atomic::AtomicBool,
     slots: Vec<Mutex<Slot>>,
 }
 
@@ -125,6 +129,7 @@ impl Plugin {
             http,
             max_body: DEFAULT_MAX_BODY,
             runtime: tokio::runtime::Handle::try_current().ok(),
+            broken: std::sync::atomic::AtomicBool::new(false),
             slots,
         })
     }
@@ -189,10 +194,18 @@ impl Plugin {
         &self.code.name
     }
 
+    /// Whether an instance failed and the plugin judges nothing more.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Runs `f` on the instance of the slot for `flow`, starting one if the
     /// slot has none (and has not failed within [`RESTART_BACKOFF`]). A
     /// failure drops the instance.
     fn with_vm<R>(&self, slot: usize, f: impl FnOnce(&mut Vm, u64) -> Result<R, VmError>) -> Result<R, VmError> {
+        if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(VmError::Gone("the plugin (an instance of it failed)"));
+        }
         let Some(cell) = self.slots.get(slot) else {
             return Err(VmError::Gone("the plugin slot"));
         };
@@ -233,6 +246,9 @@ impl Plugin {
         metrics::counter!("sluice_plugin_failures_total", "plugin" => self.code.name.to_string()).increment(1);
         s.vm = None;
         s.next_tick = None;
+        if self.failure != FailurePolicy::Reload {
+            self.broken.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         s.failed_at = Some(Instant::now());
         s.last_error = Some(e.clone());
         e

@@ -109,6 +109,8 @@ fn load_one(p: &sluice_api::Plugin, base: Option<&Path>) -> Result<Arc<Plugin>, 
     let previous = loaded.iter().find(|(n, _)| *n == p.name).and_then(|(_, w)| w.upgrade());
     if let Some(prev) = &previous
         && prev.identity == id
+        // A plugin that failed for good is started afresh by a reload.
+        && !prev.is_broken()
     {
         return Ok(prev.clone());
     }

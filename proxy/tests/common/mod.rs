@@ -638,7 +638,18 @@ impl HttpUpstream {
                         if let Some(v) = req.headers().get("x-added").and_then(|v| v.to_str().ok()) {
                             text.push_str(&format!(" x-added={v}"));
                         }
-                        let received = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                        let echo = req.headers().contains_key("x-echo-body");
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let received = body.len();
+                        // What an HTTP plugin made of the body, when asked.
+                        if echo {
+                            text.push_str(&format!(" body={}", String::from_utf8_lossy(&body)));
+                        }
                         let mut resp = Response::new(Full::new(Bytes::from(text)));
                         let h = resp.headers_mut();
                         h.insert("x-upstream-headers", names.join(",").parse().unwrap());
