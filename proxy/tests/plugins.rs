@@ -857,7 +857,7 @@ flow_test!(
             &TestConfig::listener("proxy", "http-proxy", "")
                 .head(&plugin(
                     "bodies",
-                    "http=1\nbody=1\ntrailers=1\nresponse_header=x-seen:yes\ndrop_response_header=x-upstream-body-len",
+                    "http=1\nbody=1\ntrailers=1\nprops=1\nresponse_header=x-seen:yes\ndrop_response_header=x-upstream-body-len",
                     "    kind: http\n    max_body: 64\n",
                 ))
                 .yaml(),
@@ -866,7 +866,7 @@ flow_test!(
         let target = rig.target("allowed.test");
         let post = |body: &str, extra: &str| {
             format!(
-                "POST http://{target}/up HTTP/1.1\r\nHost: {target}\r\nX-Echo-Body: 1\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "POST http://{target}/up?q=1 HTTP/1.1\r\nHost: {target}\r\nX-Echo-Body: 1\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             )
         };

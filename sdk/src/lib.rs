@@ -118,7 +118,7 @@ impl Flow {
             sni: text("connection.requested_server_name"),
             host: text("sluice.host"),
             connect_target: text("sluice.connect_target"),
-            alpn: list("sluice.alpn"),
+            alpn: list("sluice.tls.alpn"),
             smartgroups: list("sluice.source.smartgroups"),
             webgroups: list("sluice.destination.webgroups"),
             decision,
@@ -170,10 +170,11 @@ impl Notes {
     }
 }
 
-/// Gives `verdict` and `notes` to Sluice for the flow of `ctx`.
+/// Gives `verdict` and `notes` to Sluice for the flow of `ctx`: the
+/// verdict as `sluice.verdict.action`, each note as `sluice.audit.<key>`.
 pub fn tell(ctx: &dyn Context, verdict: Verdict, notes: &Notes) {
     for (k, v) in notes.iter() {
-        ctx.set_property(vec!["sluice", "annotation", k], Some(v.as_bytes()));
+        ctx.set_property(vec!["sluice", "audit", k], Some(v.as_bytes()));
     }
     let word: Option<&[u8]> = match verdict {
         Verdict::Abstain => None,
@@ -181,8 +182,17 @@ pub fn tell(ctx: &dyn Context, verdict: Verdict, notes: &Notes) {
         Verdict::Allow => Some(b"allow"),
     };
     if let Some(word) = word {
-        ctx.set_property(vec!["sluice", "verdict"], Some(word));
+        ctx.set_property(vec!["sluice", "verdict", "action"], Some(word));
     }
+}
+
+/// Gives `verdict` with the plugin's own words for it (`reason`: shown in
+/// the audit record's `annotations.verdict_reason`).
+pub fn tell_why(ctx: &dyn Context, verdict: Verdict, reason: &str, notes: &Notes) {
+    if verdict != Verdict::Abstain {
+        ctx.set_property(vec!["sluice", "verdict", "reason"], Some(reason.as_bytes()));
+    }
+    tell(ctx, verdict, notes);
 }
 
 /// A connection-level policy: configured once per instance, asked once per

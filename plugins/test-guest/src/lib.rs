@@ -26,6 +26,7 @@
 //! | `callout=UPSTREAM` | on a new connection: pauses it and asks `UPSTREAM` for `GET /check`; a `200` resumes the connection (annotated `callout`: the body), anything else closes it |
 //! | `body=1` (HTTP) | upper-cases a request body it is shown whole and closes a response body with ` [seen]`; a request body containing `forbidden` is answered 403 |
 //! | `response_header=NAME:VALUE` (HTTP) | adds a response header; `drop_response_header=NAME` removes one |
+//! | `props=1` (HTTP) | annotates `url_path`, `query`, `method` (request properties) and `code` (`response.code`) |
 //! | `trailers=1` (HTTP) | annotates `request_trailers` with the number of request trailers |
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
@@ -348,6 +349,21 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if value(&self.cfg, "props") == Some("1") {
+            for (key, path) in [
+                ("url_path", vec!["request", "url_path"]),
+                ("query", vec!["request", "query"]),
+                ("method", vec!["request", "method"]),
+            ] {
+                let v = self.get_property(path).unwrap_or_default();
+                self.set_property(vec!["sluice", "audit", key], Some(&v));
+            }
+            let code = self
+                .get_property(vec!["response", "code"])
+                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map_or(-1, i64::from_le_bytes);
+            self.set_property(vec!["sluice", "audit", "code"], Some(code.to_string().as_bytes()));
+        }
         if let Some((k, v)) = value(&self.cfg, "response_header").and_then(|kv| kv.split_once(':')) {
             self.add_http_response_header(k, v);
         }

@@ -19,11 +19,17 @@
 //! | `sluice.alpn` | string | the ALPN protocols offered, comma-separated |
 //! | `sluice.source.smartgroups` | string | the source's SmartGroups (and an authenticated user's), comma-separated |
 //! | `sluice.destination.webgroups` | string | the destination name's WebGroups, comma-separated |
+//! | `sluice.tls.alpn` | string | the ALPN protocols offered, comma-separated |
+//! | `sluice.tls.ech` | bool (1 byte) | the ClientHello offered ECH (TLS flows) |
 //! | `sluice.verdict.action`, `.rule`, `.reason` | string | the decision so far |
+//! | `request.path`, `.url_path`, `.query`, `.host`, `.method`, `.scheme`, `.protocol` | string | HTTP contexts: the request as it is now |
+//! | `request.headers.<name>`, `response.headers.<name>` | string | HTTP contexts: a header |
+//! | `response.code` | int | HTTP contexts, once the response arrived |
 //!
-//! A plugin gives its own verdict by writing `sluice.verdict` (`allow` or
-//! `deny`), and notes for the audit record under `sluice.annotation.<key>`.
-//! Anything else it writes can be read back by it for the rest of the flow.
+//! A plugin gives its own verdict by writing `sluice.verdict.action`
+//! (`allow` or `deny`, with an optional `sluice.verdict.reason`), and notes
+//! for the audit record under `sluice.audit.<key>`. Anything else it
+//! writes can be read back by it for the rest of the flow.
 
 use super::state::HostState;
 
@@ -32,10 +38,44 @@ pub fn get(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
     match path {
         ["plugin_name" | "plugin_vm_id"] => Some(s.plugin.as_bytes().to_vec()),
         ["plugin_root_id"] => Some(s.root_name.as_bytes().to_vec()),
+        ["request" | "response", ..] => http(s, path),
         _ => {
             let key = path.join(".");
             s.stream()?.properties.get(&key).cloned()
         }
+    }
+}
+
+/// Envoy's request and response attributes, read from an HTTP context's
+/// headers as they are now (a plugin's changes included).
+fn http(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
+    let parts = s.stream()?.http.as_ref()?;
+    let field = |map: Option<&super::state::Headers>, name: &str| {
+        map?.iter()
+            .find(|(k, _)| k.as_slice() == name.as_bytes())
+            .map(|(_, v)| v.clone())
+    };
+    let req = parts.request_headers.as_ref();
+    let resp = parts.response_headers.as_ref();
+    let path_field = || field(req, ":path");
+    match path {
+        ["request", "path"] => path_field(),
+        ["request", "url_path"] => path_field().map(|p| p.split(|&b| b == b'?').next().unwrap_or_default().to_vec()),
+        ["request", "query"] => path_field().map(|p| {
+            p.iter()
+                .position(|&b| b == b'?')
+                .map_or_else(Vec::new, |i| p[i + 1..].to_vec())
+        }),
+        ["request", "host"] => field(req, ":authority"),
+        ["request", "method"] => field(req, ":method"),
+        ["request", "scheme"] => field(req, ":scheme"),
+        ["request", "protocol"] => req.map(|_| b"HTTP/1.1".to_vec()),
+        ["request", "headers", name] => field(req, &name.to_ascii_lowercase()),
+        ["response", "code"] => field(resp, ":status")
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<i64>().ok())
+            .map(int),
+        ["response", "headers", name] => field(resp, &name.to_ascii_lowercase()),
+        _ => None,
     }
 }
 
