@@ -740,51 +740,6 @@ flow_test!(
     }
 );
 
-/// An authorisation service on loopback, for `http-auth` and the test
-/// guest's call outs: `GET /check` answers `200` with `alice` for
-/// `x-api-key: good` and `403` otherwise; `GET /denylist` lists
-/// `curl.example.test`. Counts the checks.
-async fn auth_service() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use http_body_util::Full;
-    use hyper::{Request, Response, body::Incoming};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let checks = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = checks.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let counted = counted.clone();
-                    async move {
-                        let (status, body) = match req.uri().path() {
-                            "/check" => {
-                                counted.fetch_add(1, Ordering::SeqCst);
-                                if req.headers().get("x-api-key").is_some_and(|k| k == "good") {
-                                    (200, "alice")
-                                } else {
-                                    (403, "no")
-                                }
-                            }
-                            "/denylist" => (200, "curl.example.test\n"),
-                            _ => (404, ""),
-                        };
-                        let mut resp = Response::new(Full::new(bytes::Bytes::from_static(body.as_bytes())));
-                        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, checks)
-}
-
 /// A `plugins:` entry for `http-auth` calling the service at `auth`.
 fn http_auth_plugin(auth: std::net::SocketAddr) -> String {
     let config = serde_json::json!({
@@ -893,11 +848,13 @@ flow_test!(
         );
         assert_eq!(head.header("x-seen"), Some("yes"), "{head:?}");
         assert_eq!(head.header("x-upstream-body-len"), None, "{head:?}");
-        // A body the plugin refuses is answered, not forwarded.
+        // A body the plugin refuses is answered, not forwarded; the answer
+        // goes back through the plugin's response callbacks, as in Envoy.
         let before = rig.up.accepts();
         let (head, body) = send(post("this is forbidden", "")).await;
         assert_eq!(head.status, 403, "{head:?}");
-        assert_eq!(body, "forbidden body");
+        assert_eq!(body, "forbidden body [seen]");
+        assert_eq!(head.header("x-seen"), Some("yes"), "{head:?}");
         assert_eq!(rig.up.accepts(), before);
         // A body above the plugin's max_body is refused with 413.
         let (head, _) = send(post(&"x".repeat(100), "")).await;

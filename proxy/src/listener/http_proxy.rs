@@ -370,7 +370,7 @@ async fn connect_through_filters(
             .run(ctx, Stage::RequestHeaders { end: false }, &mut fields, &mut scratch)
             .await
         {
-            return Err(r);
+            return Err(reply_through_filters(&mut exchanges, ctx, r).await);
         }
         let mut answer: super::HttpFields = vec![(":status".to_owned(), b"200".to_vec())];
         if let Some(r) = exchanges
@@ -765,7 +765,10 @@ impl ConnState {
         } else {
             match request_through_filters(&mut exchanges, &mut flow.ctx, req).await {
                 Ok(req) => req,
-                Err(Ended::Reply(reply)) => return self.replied(flow, exchanges, reply),
+                Err(Ended::Reply(reply)) => {
+                    let reply = reply_through_filters(&mut exchanges, &mut flow.ctx, reply).await;
+                    return self.replied(flow, exchanges, reply);
+                }
                 Err(Ended::Stop(stop)) => {
                     flow.ctx.extras_mut().annotations.extend(exchanges.finish());
                     return self.stopped(flow, stop);
@@ -911,6 +914,55 @@ impl ConnState {
     }
 }
 
+/// A local reply on its way back through the HTTP filters' response
+/// stages, as Envoy encodes one: the filters see (and may change) its
+/// headers and body like an upstream's. A filter's own reply there
+/// replaces it.
+async fn reply_through_filters(
+    exchanges: &mut Exchanges,
+    ctx: &mut FlowContext,
+    mut reply: super::LocalReply,
+) -> super::LocalReply {
+    if !reply.body.is_empty()
+        && !reply
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        reply.headers.push(("content-type".to_owned(), b"text/plain".to_vec()));
+    }
+    let mut fields: super::HttpFields = vec![(":status".to_owned(), reply.status.to_string().into_bytes())];
+    fields.extend(reply.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
+    let end = reply.body.is_empty();
+    let mut scratch = Vec::new();
+    if let Some(r) = exchanges
+        .run(ctx, Stage::ResponseHeaders { end }, &mut fields, &mut scratch)
+        .await
+    {
+        return r;
+    }
+    let mut body = std::mem::take(&mut reply.body);
+    if !end
+        && exchanges.max_body() > 0
+        && let Some(r) = exchanges
+            .run(ctx, Stage::ResponseBody, &mut Vec::new(), &mut body)
+            .await
+    {
+        return r;
+    }
+    let status = fields
+        .iter()
+        .find(|(k, _)| k == ":status")
+        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok())
+        .filter(|c| (200..=599).contains(c))
+        .unwrap_or(reply.status);
+    super::LocalReply {
+        status,
+        headers: fields.into_iter().filter(|(k, _)| !k.starts_with(':')).collect(),
+        body,
+    }
+}
+
 /// How filters ended an exchange early.
 enum Ended {
     Reply(super::LocalReply),
@@ -937,7 +989,13 @@ async fn request_through_filters(
         return Err(Ended::Reply(r));
     }
     if fields != before {
+        // `host` is shown as `:authority`, whose changes are ignored (the
+        // flow was decided on it): it goes on as it came.
+        let host = parts.headers.get(hyper::header::HOST).cloned();
         set_fields(&mut parts.headers, &fields);
+        if let Some(h) = host {
+            parts.headers.insert(hyper::header::HOST, h);
+        }
     }
     let max = exchanges.max_body();
     if end || max == 0 {
@@ -1088,26 +1146,32 @@ fn local_response(r: super::LocalReply, decision: Option<&Decision>) -> Response
     for (k, v) in &r.headers {
         resp = resp.header(k.as_str(), v.as_slice());
     }
+    // As Envoy answers a local reply with a body and no type of its own.
+    if !r.body.is_empty() && !r.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+        resp = resp.header(hyper::header::CONTENT_TYPE, "text/plain");
+    }
     resp.body(Full::new(Bytes::from(r.body)).map_err(|never| match never {}).boxed())
         .unwrap_or_else(|_| stopped_response(decision, Stop::Refused))
 }
 
-/// A request's head as HTTP filters see it: the pseudo-headers first.
+/// A request's head as HTTP filters see it: the pseudo-headers first;
+/// `host` is `:authority` (the URI's, which the flow was decided on).
 fn request_fields(parts: &hyper::http::request::Parts) -> super::HttpFields {
     let uri = &parts.uri;
+    // In Envoy's order, so a plugin that lists them sees the same.
     let mut fields = vec![
-        (":method".to_owned(), parts.method.as_str().as_bytes().to_vec()),
-        (
-            ":path".to_owned(),
-            uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes().to_vec(),
-        ),
         (
             ":authority".to_owned(),
             uri.authority().map_or("", |a| a.as_str()).as_bytes().to_vec(),
         ),
         (":scheme".to_owned(), b"http".to_vec()),
+        (
+            ":path".to_owned(),
+            uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes().to_vec(),
+        ),
+        (":method".to_owned(), parts.method.as_str().as_bytes().to_vec()),
     ];
-    fields.extend(fields_of(&parts.headers));
+    fields.extend(fields_of(&parts.headers).into_iter().filter(|(k, _)| k != "host"));
     fields
 }
 

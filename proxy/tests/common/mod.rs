@@ -841,3 +841,45 @@ pub async fn echo(open: &mut TlsStream<TcpStream>, msg: &[u8]) {
     within("the echo", open.read_exact(&mut back)).await.unwrap();
     assert_eq!(back, msg);
 }
+
+/// An authorisation service on loopback, for `http-auth` and the test
+/// guest's call outs: `GET /check` answers `200` with `alice` for
+/// `x-api-key: good` and `403` otherwise; `GET /denylist` lists
+/// `curl.example.test`. Counts the checks.
+pub async fn auth_service() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let checks = Arc::new(AtomicUsize::new(0));
+    let counted = checks.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let counted = counted.clone();
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/check" => {
+                                counted.fetch_add(1, Ordering::SeqCst);
+                                if req.headers().get("x-api-key").is_some_and(|k| k == "good") {
+                                    (200, "alice")
+                                } else {
+                                    (403, "no")
+                                }
+                            }
+                            "/denylist" => (200, "curl.example.test\n"),
+                            _ => (404, ""),
+                        };
+                        let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, checks)
+}
