@@ -674,6 +674,20 @@ pub struct Bootstrap {
     pub drain_timeout: Duration,
     /// Worker threads for the data plane; `None`: one per core.
     pub workers: Option<usize>,
+    /// Where compiled plugin modules are kept between runs.
+    pub plugin_cache: PluginCache,
+}
+
+/// Where compiled plugin modules are kept (`runtime.plugin_cache`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginCache {
+    /// `$XDG_CACHE_HOME/sluice/plugins` (or `~/.cache/sluice/plugins`).
+    #[default]
+    Default,
+    /// Not kept: every start compiles every plugin.
+    Off,
+    Dir(PathBuf),
 }
 
 impl Config {

@@ -319,3 +319,51 @@ fn a_host_call_from_inside_the_guests_allocator_is_refused() {
         "{detail}"
     );
 }
+
+#[test]
+fn compiled_modules_are_kept_on_disk_in_a_directory_only_this_user_can_write() {
+    use engine::Origin;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache_path = dir.path().join("cache");
+    let cache = sluice::sys::TrustedDir::open(&cache_path).unwrap();
+    assert_eq!(
+        std::fs::metadata(&cache_path).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    // Engines made here share nothing in memory, as two runs of the
+    // process would not.
+    let fresh = || engine::WasmEngine::new(2, 1 << 24).unwrap();
+    let wasm = guest_bytes("test-guest");
+    let compiled = fresh().compile_cached(&wasm, None, Some(&cache)).unwrap();
+    assert_eq!(compiled.origin, Origin::Compiled);
+    let files: Vec<_> = std::fs::read_dir(&cache_path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(&compiled.sha256))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].ends_with(".cwasm"), "{files:?}");
+    // Another engine (another run) reads it back instead of compiling.
+    let again = fresh().compile_cached(&wasm, None, Some(&cache)).unwrap();
+    assert_eq!(again.origin, Origin::Disk);
+    // A foreign file in its place is dropped and the module compiled
+    // again. (Put there by a rename, as the cache writes: a file mapped by
+    // a live module must never be rewritten in place.)
+    drop(again);
+    let foreign = dir.path().join("foreign");
+    std::fs::write(&foreign, b"not a compiled module").unwrap();
+    std::fs::rename(&foreign, cache_path.join(&files[0])).unwrap();
+    let repaired = fresh().compile_cached(&wasm, None, Some(&cache)).unwrap();
+    assert_eq!(repaired.origin, Origin::Compiled);
+    assert_eq!(
+        fresh().compile_cached(&wasm, None, Some(&cache)).unwrap().origin,
+        Origin::Disk
+    );
+    // A directory others can write is refused.
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let refused = sluice::sys::TrustedDir::open(&open).unwrap_err();
+    assert!(refused.to_string().contains("make it 0700"), "{refused}");
+}

@@ -251,6 +251,7 @@ impl Validator {
         }
         let resolver = self.resolver(raw.resolver.as_ref());
         let (workers, drain_timeout) = self.runtime(raw.runtime.as_ref());
+        let plugin_cache = self.plugin_cache(raw.runtime.as_ref());
         let plugins = self.plugins(&raw.plugins, &listeners);
 
         if !self.errors.is_empty() {
@@ -264,6 +265,7 @@ impl Validator {
                 audit,
                 drain_timeout,
                 workers,
+                plugin_cache,
             },
             listeners,
             webgroups,

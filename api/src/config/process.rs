@@ -21,6 +21,27 @@ impl Validator {
         }
     }
 
+    /// `runtime.plugin_cache`: a directory, or `off`.
+    pub(super) fn plugin_cache(&mut self, raw: Option<&raw::RawRuntime>) -> PluginCache {
+        let Some(c) = raw.and_then(|r| r.plugin_cache.as_ref()) else {
+            return PluginCache::Default;
+        };
+        match c.value.trim() {
+            "off" | "none" => PluginCache::Off,
+            "" => {
+                self.err(
+                    c.referenced,
+                    "runtime.plugin_cache",
+                    ConfigErrorKind::InvalidValue {
+                        message: "plugin_cache is empty; write a directory, or `off`".into(),
+                    },
+                );
+                PluginCache::Default
+            }
+            dir => PluginCache::Dir(PathBuf::from(dir)),
+        }
+    }
+
     /// `runtime`: the number of workers (`None`: one per core) and the drain time.
     pub(super) fn runtime(&mut self, raw: Option<&raw::RawRuntime>) -> (Option<usize>, Duration) {
         let Some(r) = raw else {

@@ -189,6 +189,8 @@ pub struct RawRuntime {
     pub drain_timeout: Option<S<String>>,
     #[serde(default)]
     pub workers: Option<S<u64>>,
+    #[serde(default)]
+    pub plugin_cache: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,7 +6,9 @@
 //! transparent listener's only source of truth for where a flow was going;
 //! `IP_TRANSPARENT` for `TPROXY`), `splice` (`splice(2)` and its pipe pool,
 //! so the relay never copies payload through user space), `udp` (batched
-//! `recvmmsg`/`sendmmsg` with `IP_PKTINFO` for the DNS proxy) and `cpu`
+//! `recvmmsg`/`sendmmsg` with `IP_PKTINFO` for the DNS proxy), `wasm_cache`
+//! (loading compiled plugin modules from a directory only this user can
+//! write) and `cpu`
 //! (thread CPU time and batch scheduling for benchmarks, huge pages and
 //! prefetch for the policy indexes). Everything else in the crate is
 //! `unsafe_code = "deny"`; each block here carries a `// SAFETY:` note saying
@@ -25,8 +27,10 @@ mod cpu;
 mod sockopt;
 mod splice;
 mod udp;
+mod wasm_cache;
 
 pub use cpu::*;
 pub use sockopt::*;
 pub use splice::*;
 pub use udp::*;
+pub use wasm_cache::TrustedDir;

@@ -39,6 +39,19 @@ pub struct PluginModule {
     pub abi: AbiVersion,
     /// Hex SHA-256 of the module's bytes.
     pub sha256: String,
+    /// Where the compiled code came from.
+    pub origin: Origin,
+}
+
+/// Where a compiled module came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Compiled now.
+    Compiled,
+    /// Compiled earlier by this process.
+    Memory,
+    /// Read from the on-disk cache.
+    Disk,
 }
 
 /// The shared engine. Cloning is cheap; the epoch ticker stops when the last
@@ -86,6 +99,18 @@ impl WasmEngine {
     /// Compiles `wasm` after checking it against `sha256` (hex, when the
     /// configuration gives one), and checks what the host needs of it.
     pub fn compile(&self, wasm: &[u8], sha256: Option<&str>) -> Result<PluginModule, CompileError> {
+        self.compile_cached(wasm, sha256, None)
+    }
+
+    /// [`WasmEngine::compile`], keeping compiled code in `cache` between
+    /// runs (keyed by the module's hash and the engine's compatibility
+    /// hash, so another wasmtime or configuration never reads it).
+    pub fn compile_cached(
+        &self,
+        wasm: &[u8],
+        sha256: Option<&str>,
+        cache: Option<&crate::sys::TrustedDir>,
+    ) -> Result<PluginModule, CompileError> {
         let actual = hex_sha256(wasm);
         if let Some(expected) = sha256
             && !expected.eq_ignore_ascii_case(&actual)
@@ -95,7 +120,7 @@ impl WasmEngine {
                 actual,
             });
         }
-        let module = self.compiled(&actual, wasm)?;
+        let (module, origin) = self.compiled(&actual, wasm, cache)?;
         let abi = AbiVersion::declared(module.exports().map(|e| e.name())).ok_or(CompileError::UnknownAbi)?;
         let exported = |name: &str| module.exports().any(|e| e.name() == name);
         if !exported("memory") {
@@ -108,24 +133,59 @@ impl WasmEngine {
             module,
             abi,
             sha256: actual,
+            origin,
         })
     }
 }
 
 impl WasmEngine {
-    /// The module with hash `sha256`, compiled now or earlier.
-    fn compiled(&self, sha256: &str, wasm: &[u8]) -> Result<Module, CompileError> {
+    /// The module with hash `sha256`: compiled by this process before,
+    /// read from `cache`, or compiled now (and stored there).
+    fn compiled(
+        &self,
+        sha256: &str,
+        wasm: &[u8],
+        cache: Option<&crate::sys::TrustedDir>,
+    ) -> Result<(Module, Origin), CompileError> {
         let lock = || self.compiled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((_, m)) = lock().iter().find(|(h, _)| h == sha256) {
-            return Ok(m.clone());
+            return Ok((m.clone(), Origin::Memory));
         }
-        let module = Module::new(&self.engine, wasm).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        let name = format!("{sha256}-{}.cwasm", self.compatibility());
+        let (module, origin) = match cache.and_then(|c| c.load(&self.engine, &name)) {
+            Some(m) => (m, Origin::Disk),
+            None => {
+                let m = Module::new(&self.engine, wasm).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+                if let Some(c) = cache {
+                    match m.serialize() {
+                        Ok(bytes) => {
+                            if let Err(e) = c.store(&name, &bytes) {
+                                tracing::warn!(error = %e, "cannot keep a compiled plugin module on disk");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "cannot serialise a compiled plugin module")
+                        }
+                    }
+                }
+                (m, Origin::Compiled)
+            }
+        };
         let mut kept = lock();
         if kept.len() >= COMPILED_KEPT {
             kept.remove(0);
         }
         kept.push((sha256.to_owned(), module.clone()));
-        Ok(module)
+        Ok((module, origin))
+    }
+
+    /// The engine's compatibility hash (wasmtime's version and settings),
+    /// in hex: compiled code is reused only by an engine with the same.
+    fn compatibility(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        format!("{:016x}", h.finish())
     }
 }
 

@@ -60,9 +60,14 @@ impl PluginSet {
     /// Loads and starts every plugin `config` declares.
     pub fn load(config: &Config) -> Result<Self, PluginLoadError> {
         let base = config_dir(config);
+        let cache = if config.plugins.is_empty() {
+            None
+        } else {
+            cache_dir(&config.bootstrap.plugin_cache)
+        };
         let mut plugins = Vec::with_capacity(config.plugins.len());
         for p in &config.plugins {
-            plugins.push(load_one(p, base.as_deref())?);
+            plugins.push(load_one(p, base.as_deref(), cache.as_ref())?);
         }
         Ok(Self { plugins })
     }
@@ -77,6 +82,29 @@ impl PluginSet {
     }
 }
 
+/// The on-disk cache of compiled modules, as configured; `None` (with a
+/// warning saying why) when it cannot be used: plugins are then compiled
+/// at every start.
+fn cache_dir(setting: &sluice_api::PluginCache) -> Option<crate::sys::TrustedDir> {
+    let dir = match setting {
+        sluice_api::PluginCache::Off => return None,
+        sluice_api::PluginCache::Dir(d) => d.clone(),
+        sluice_api::PluginCache::Default => {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+            base.join("sluice").join("plugins")
+        }
+    };
+    match crate::sys::TrustedDir::open(&dir) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "the plugin cache cannot be used; plugins are compiled at every start");
+            None
+        }
+    }
+}
+
 /// The directory relative plugin paths are read from: the configuration
 /// file's own (none for the embedded default: the working directory).
 fn config_dir(config: &Config) -> Option<PathBuf> {
@@ -86,7 +114,11 @@ fn config_dir(config: &Config) -> Option<PathBuf> {
     Path::new(&config.source).parent().map(Path::to_path_buf)
 }
 
-fn load_one(p: &sluice_api::Plugin, base: Option<&Path>) -> Result<Arc<Plugin>, PluginLoadError> {
+fn load_one(
+    p: &sluice_api::Plugin,
+    base: Option<&Path>,
+    cache: Option<&crate::sys::TrustedDir>,
+) -> Result<Arc<Plugin>, PluginLoadError> {
     let path = match base {
         Some(dir) if p.path.is_relative() => dir.join(&p.path),
         _ => p.path.clone(),
@@ -116,7 +148,7 @@ fn load_one(p: &sluice_api::Plugin, base: Option<&Path>) -> Result<Arc<Plugin>, 
     }
     let engine = engine::shared().map_err(|e| fail(format!("the WASM engine cannot start: {e}")))?;
     let module = engine
-        .compile(&wasm, p.sha256.as_deref())
+        .compile_cached(&wasm, p.sha256.as_deref(), cache)
         .map_err(|e| fail(e.to_string()))?;
     let (shared, queues, metrics) = match &previous {
         Some(prev) => (

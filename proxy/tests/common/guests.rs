@@ -87,6 +87,8 @@ fn build_assemblyscript(name: &str) -> Result<PathBuf, String> {
         let out = Command::new("npm")
             .args(args)
             .current_dir(&dir)
+            // npm's cache stays in the build tree, not in the user's home.
+            .env("npm_config_cache", root.join("target/npm-cache"))
             .output()
             .map_err(|e| format!("cannot run npm (install Debian's nodejs and npm): {e}"))?;
         if out.status.success() {
