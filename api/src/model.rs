@@ -601,6 +601,11 @@ pub struct Plugin {
     /// The largest HTTP body an HTTP plugin is shown whole (0: bodies
     /// stream past it unseen).
     pub max_body: u64,
+    /// The most fields in one header map the plugin hands the host.
+    pub max_pairs: usize,
+    /// The largest value the plugin may hand the host in one call: an
+    /// encoded header map, a buffer, a property, an HTTP call's body.
+    pub max_value: u64,
 }
 
 /// What a plugin's failure (a trap, its deadline, its memory cap) means.
@@ -622,6 +627,10 @@ pub enum PluginFailure {
 
 impl Plugin {
     pub const DEFAULT_MAX_BODY: u64 = 1 << 20;
+    pub const DEFAULT_MAX_PAIRS: u64 = 1024;
+    pub const MAX_MAX_PAIRS: u64 = 65_536;
+    pub const DEFAULT_MAX_VALUE: u64 = 1 << 20;
+    pub const MAX_MAX_VALUE: u64 = 64 << 20;
     pub const MAX_MAX_BODY: u64 = 64 << 20;
     pub const DEFAULT_DEADLINE: std::time::Duration = std::time::Duration::from_millis(10);
     pub const MAX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);

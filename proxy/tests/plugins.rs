@@ -699,7 +699,7 @@ flow_test!(a_plugins_own_deadline_and_memory_limit_apply_to_its_flows, async {
 #[test]
 fn plugin_limits_out_of_range_are_refused_at_their_position() {
     let yaml = format!(
-        "listeners:\n  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: 443}}\nplugins:\n  - name: p\n    path: \"{}\"\n    max_memory: lots\n    deadline: 5s\n",
+        "listeners:\n  - {{name: sni, kind: sni, address: \"127.0.0.1:0\", upstream_port: 443}}\nplugins:\n  - name: p\n    path: \"{}\"\n    max_memory: lots\n    deadline: 5s\n    max_pairs: 0\n    max_value: 1B\n    max_body: 1GiB\n    failure: sometimes\n    upstreams:\n      auth: nope\n",
         guest("test-guest").display()
     );
     let err = sluice_api::config::load_str(&yaml, "limits.yaml")
@@ -713,6 +713,15 @@ fn plugin_limits_out_of_range_are_refused_at_their_position() {
         err.contains("limits.yaml:7:15: plugins[0].deadline: duration `5s` is out of range"),
         "{err}"
     );
+    for expected in [
+        "limits.yaml:8:16: plugins[0].max_pairs: 0 is out of range; use 1 to 65536",
+        "limits.yaml:9:16: plugins[0].max_value: `1B` is not a size from 1KiB to 64MiB",
+        "limits.yaml:10:15: plugins[0].max_body: `1GiB` is not a body size up to 64MiB",
+        "limits.yaml:11:14: plugins[0].failure: `sometimes` is not a failure policy; write `closed` (the default), `open` or `reload`",
+        "limits.yaml:13:13: plugins[0].upstreams.auth: `nope` is not an upstream address; write `host:port`",
+    ] {
+        assert!(err.contains(expected), "{expected}\n{err}");
+    }
 }
 
 flow_test!(

@@ -279,6 +279,29 @@ impl Validator {
                     }
                 },
             };
+            let max_pairs = self.bounded(
+                &p.max_pairs,
+                format!("{path}.max_pairs"),
+                Plugin::DEFAULT_MAX_PAIRS,
+                1,
+                Plugin::MAX_MAX_PAIRS,
+            ) as usize;
+            let max_value = match &p.max_value {
+                None => Plugin::DEFAULT_MAX_VALUE,
+                Some(v) => match parse_size(&v.value) {
+                    Some(n) if (1 << 10..=Plugin::MAX_MAX_VALUE).contains(&n) => n,
+                    _ => {
+                        self.err(
+                            v.referenced,
+                            format!("{path}.max_value"),
+                            ConfigErrorKind::InvalidValue {
+                                message: format!("`{}` is not a size from 1KiB to 64MiB; write e.g. `1MiB`", v.value),
+                            },
+                        );
+                        Plugin::DEFAULT_MAX_VALUE
+                    }
+                },
+            };
             let mut upstreams = Vec::new();
             for (name, addr) in p.upstreams.iter().flatten() {
                 let a = addr.value.trim();
@@ -335,6 +358,8 @@ impl Validator {
                     max_memory,
                     upstreams,
                     max_body,
+                    max_pairs,
+                    max_value,
                 });
             }
         }

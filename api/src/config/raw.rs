@@ -310,6 +310,10 @@ pub struct RawPlugin {
     pub upstreams: Option<std::collections::BTreeMap<String, S<String>>>,
     #[serde(default)]
     pub max_body: Option<S<String>>,
+    #[serde(default)]
+    pub max_pairs: Option<S<u64>>,
+    #[serde(default)]
+    pub max_value: Option<S<String>>,
 }
 
 /// A port as written: `443`, `"443"` or `"8000-8100"`. Range checks happen

@@ -341,10 +341,10 @@ async fn connect_through_filters(
     ctx: &mut FlowContext,
     head: &RequestHead,
     buf: &[u8],
-) -> Result<Vec<u8>, super::LocalReply> {
+) -> Result<Cow<'static, [u8]>, super::LocalReply> {
     const PLAIN: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
     if !chain.filters.iter().any(|f| f.wants_http()) {
-        return Ok(PLAIN.to_vec());
+        return Ok(Cow::Borrowed(PLAIN));
     }
     let mut exchanges = Exchanges::begin(chain, ctx)?;
     let outcome = async {
@@ -391,7 +391,7 @@ async fn connect_through_filters(
             }
         }
         out.extend_from_slice(b"\r\n");
-        Ok(out)
+        Ok(Cow::Owned(out))
     }
     .await;
     ctx.extras_mut().annotations.extend(exchanges.finish());

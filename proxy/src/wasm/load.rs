@@ -39,7 +39,7 @@ pub struct PluginSet {
 /// What makes two declarations of a plugin the same plugin.
 fn identity(sha256: &str, config: &[u8], p: &sluice_api::Plugin) -> String {
     format!(
-        "{sha256}|{}|{:?}|{}|{:?}|{}|{:?}|{:?}|{}|{:?}|{}",
+        "{sha256}|{}|{:?}|{}|{:?}|{}|{:?}|{:?}|{}|{:?}|{}|{:?}",
         String::from_utf8_lossy(config),
         p.env,
         p.data,
@@ -50,6 +50,7 @@ fn identity(sha256: &str, config: &[u8], p: &sluice_api::Plugin) -> String {
         p.max_memory,
         p.upstreams,
         p.max_body,
+        (p.max_pairs, p.max_value),
     )
 }
 
@@ -171,7 +172,11 @@ fn load_one(
         PluginLimits {
             max_memory: usize::try_from(p.max_memory).unwrap_or(usize::MAX),
             deadline: p.deadline,
-            ..PluginLimits::default()
+            pairs: super::abi::PairsLimits {
+                max_pairs: p.max_pairs,
+                max_bytes: usize::try_from(p.max_value).unwrap_or(usize::MAX),
+            },
+            max_value: usize::try_from(p.max_value).unwrap_or(usize::MAX),
         },
         shared,
         queues,
