@@ -8,6 +8,7 @@
 #
 # Usage: bench/run.sh            (from anywhere; installs what is missing)
 # Knobs (environment): ONLY="direct floor sluice envoy haproxy nginx"  ROUNDS=3
+#   (add `wasm` to ONLY for Sluice with one connection-level plugin beside it)
 #   CONNS=20000 LAT_CONNS=30000 IDLE_FLOWS=5000 BULK_BYTES=2000000000
 #   TLS_CONNS=5000 TLS_LAT_CONNS=1000 (end-to-end TLS; 0 to skip)
 #   CONCURRENCY=50 ENVOY_VERSION=1.40.0 SLUICE_AUDIT=/dev/null NO_BUILD=1
@@ -56,8 +57,11 @@ log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$OUT/run.log" >&2
 
 # Ports: each target gets its own listen port and its own origin port, so
 # TIME_WAIT left by one target never touches the next.
-declare -A LISTEN=([sluice]=18443 [envoy]=18444 [haproxy]=18445 [nginx]=18446 [floor]=18447 [base]=18448)
-declare -A ORIGIN=([direct]=18080 [sluice]=18081 [envoy]=18082 [haproxy]=18083 [nginx]=18084 [floor]=18085 [base]=18086)
+declare -A LISTEN=([sluice]=18443 [envoy]=18444 [haproxy]=18445 [nginx]=18446 [floor]=18447 [base]=18448 [wasm]=18449)
+declare -A ORIGIN=([direct]=18080 [sluice]=18081 [envoy]=18082 [haproxy]=18083 [nginx]=18084 [floor]=18085 [base]=18086 [wasm]=18087)
+# `wasm`: this tree's Sluice with one connection-level plugin (the test
+# guest, deciding on each flow's SNI), to measure what a plugin adds.
+WASM_FILE=$ROOT/target/wasm-guests/wasm32-wasip1/release/test_guest.wasm
 
 # ------------------------------------------------------------ processes
 PIDS=()
@@ -151,6 +155,11 @@ fi
 if [ -z "${NO_BUILD:-}" ]; then
     log "building (release): sluice-bench, sluice"
     (cd "$ROOT" && timeout 900 nice cargo build --release -q -p sluice-bench -p sluice)
+    if want wasm; then
+        log "building (release, wasm32-wasip1): the test guest"
+        (cd "$ROOT" && timeout 600 nice cargo build --release -q --locked --manifest-path plugins/Cargo.toml \
+            -p test-guest --target wasm32-wasip1 --target-dir target/wasm-guests)
+    fi
 fi
 T=$ROOT/target/release
 LOAD=$T/bench-load
@@ -198,7 +207,7 @@ for _ in $(seq 100); do [ -s "$ORIGIN_CERT" ] && break; sleep 0.1; done
 render() { # template target -> rendered file
     local src=$1 t=$2 dst=$OUT/$(basename "$1")
     sed -e "s|@LISTEN_PORT@|${LISTEN[$t]:-0}|g" -e "s|@ORIGIN_PORT@|${ORIGIN[$t]}|g" \
-        -e "s|@OUT@|$OUT|g" -e "s|@AUDIT@|$SLUICE_AUDIT|g" \
+        -e "s|@OUT@|$OUT|g" -e "s|@AUDIT@|$SLUICE_AUDIT|g" -e "s|@WASM@|$WASM_FILE|g" \
         -e "s|@NGINX_STREAM_MODULE@|$NGINX_STREAM_MODULE|g" "$src" >"$dst"
     echo "$dst"
 }
@@ -215,6 +224,9 @@ start_proxy() {
     sluice)
         cfg=$(render "$B/configs/sluice.yaml" sluice)
         $PROXY_CPU "$T/sluice" run -c "$cfg" >"$OUT/sluice.log" 2>&1 & ;;
+    wasm)
+        cfg=$(render "$B/configs/sluice-wasm.yaml" wasm)
+        $PROXY_CPU "$T/sluice" run -c "$cfg" >"$OUT/wasm.log" 2>&1 & ;;
     base)
         cfg=$(render "$B/configs/sluice.yaml" base)
         cp "$cfg" "$OUT/sluice-base.yaml"

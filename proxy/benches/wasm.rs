@@ -10,7 +10,14 @@
 //! - `flow/properties`: the same, the guest reading nine properties and
 //!   writing ten (host calls with allocations in the guest);
 //! - `flow/properties-map-clone`: the host's copy of the flow's properties
-//!   alone, to tell the host's share from the guest's.
+//!   alone, to tell the host's share from the guest's;
+//! - `http/exchange`: one plain-HTTP request through an HTTP plugin: its
+//!   context, `on_http_request_headers` on twelve headers (the guest reads
+//!   one and writes a property), `on_http_response_headers` on six, then
+//!   `on_done`, `on_log`, `on_delete` — what an HTTP plugin adds to a
+//!   request;
+//! - `http/exchange-add-header`: the same, the guest adding a request
+//!   header (the host reads the changed map back).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, reason = "benchmark")]
 
 #[path = "../tests/common/guests.rs"]
@@ -22,6 +29,7 @@ use std::sync::Arc;
 
 use criterion::Criterion;
 use sluice::wasm::shared::{PluginMetrics, SharedData, SharedQueues};
+use sluice::wasm::vm::HttpEvent;
 use sluice::wasm::{PluginCode, PluginLimits, Vm, engine};
 
 fn code(config: &str) -> PluginCode {
@@ -84,5 +92,51 @@ fn main() {
 
     // The properties map alone, to tell the host's share from the guest's.
     c.bench_function("flow/properties-map-clone", |b| b.iter(|| black_box(props.clone())));
+
+    let request: Vec<(Vec<u8>, Vec<u8>)> = [
+        (":authority", "api.example.test"),
+        (":scheme", "http"),
+        (":path", "/v1/items?page=2"),
+        (":method", "GET"),
+        ("user-agent", "curl/8.5.0"),
+        ("accept", "*/*"),
+        ("accept-encoding", "gzip"),
+        ("x-request-id", "4bf92f3577b34da6a3ce929d0e0e4736"),
+        ("authorization", "Bearer abc.def.ghi"),
+        ("x-tenant", "payments"),
+        ("cookie", "session=1234567890abcdef"),
+        ("content-type", "application/json"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+    .collect();
+    let response: Vec<(Vec<u8>, Vec<u8>)> = [
+        (":status", "200"),
+        ("content-type", "application/json"),
+        ("content-length", "512"),
+        ("date", "Mon, 07 Dec 2026 07:00:00 GMT"),
+        ("cache-control", "no-store"),
+        ("server", "origin"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+    .collect();
+    for (name, config) in [
+        ("http/exchange", "http=1"),
+        ("http/exchange-add-header", "http=1\nadd_header=x-added:yes"),
+    ] {
+        let mut vm = Vm::start(&code(config)).unwrap();
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                let id = vm.new_stream(props.clone()).unwrap();
+                vm.http_parts(id).unwrap().request_headers = Some(request.clone());
+                black_box(vm.on_http(id, HttpEvent::RequestHeaders, true).unwrap());
+                black_box(vm.http_parts(id).unwrap().request_headers.clone());
+                vm.http_parts(id).unwrap().response_headers = Some(response.clone());
+                black_box(vm.on_http(id, HttpEvent::ResponseHeaders, false).unwrap());
+                black_box(vm.finish_http(id).unwrap());
+            });
+        });
+    }
     c.final_summary();
 }

@@ -487,7 +487,8 @@ async fn probe(c: &Common, expect_deny: bool, wait: u64) -> bool {
 
 /// Columns of the tables. `floor` (bench-floor, a relay that decides
 /// nothing) is a reference, like `direct`, never a peer.
-const LABELS: [&str; 7] = ["direct", "floor", "base", "sluice", "envoy", "haproxy", "nginx"];
+/// `wasm` is Sluice with one connection-level plugin, beside `sluice`.
+const LABELS: [&str; 8] = ["direct", "floor", "base", "sluice", "wasm", "envoy", "haproxy", "nginx"];
 const PEERS: [&str; 3] = ["envoy", "haproxy", "nginx"];
 
 struct Metric {
@@ -676,9 +677,9 @@ fn report(file: &PathBuf) {
 
     println!("Median of {rounds} round(s). Lower is better for CPU, latency and RSS.\n");
     println!(
-        "| metric | direct | floor | base | sluice | envoy | haproxy | nginx | best peer | sluice / best peer | target |"
+        "| metric | direct | floor | base | sluice | wasm | envoy | haproxy | nginx | best peer | sluice / best peer | target |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for m in &METRICS {
         let cells: Vec<String> = LABELS.iter().map(|l| fmt(get(l, m))).collect();
         let best = best_peer(m);
@@ -740,10 +741,24 @@ fn report(file: &PathBuf) {
             .collect();
         println!("| {} | {} |", m.name, cells.join(" | "));
     }
+    // What one plugin adds: `wasm` against `sluice`, in the same run.
+    if METRICS.iter().any(|m| get("wasm", m).is_some()) {
+        println!("\nOne connection-level plugin (`wasm`) against none (`sluice`), same run:\n");
+        println!("| metric | sluice | wasm | wasm − sluice | wasm / sluice |");
+        println!("|---|---|---|---|---|");
+        for m in METRICS.iter().filter(|m| m.field != "client_core_busy") {
+            let (s, w) = (get("sluice", m), get("wasm", m));
+            let diff = match (s, w) {
+                (Some(s), Some(w)) => fmt(Some(w - s)),
+                _ => "–".into(),
+            };
+            println!("| {} | {} | {} | {diff} | {} |", m.name, fmt(s), fmt(w), ratio(w, s));
+        }
+    }
     if rounds > 1 {
         println!("\nSpread over rounds (min – max), to judge the noise:\n");
-        println!("| metric | direct | floor | base | sluice | envoy | haproxy | nginx |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("| metric | direct | floor | base | sluice | wasm | envoy | haproxy | nginx |");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for m in METRICS.iter().filter(|m| m.field != "client_core_busy") {
             let cells: Vec<String> = LABELS
                 .iter()
