@@ -225,6 +225,38 @@ pub fn add_shared(ctx: &dyn Context, key: &str, delta: u64) -> Option<u64> {
     None
 }
 
+/// Adds `delta` to the count kept under `key` for `window` (a minute
+/// number, say) and returns the new count: a count from an earlier window
+/// starts again from zero, in the same key. Atomic across every instance
+/// (compare-and-swap); `None` when it could not be written.
+///
+/// One key per counted thing, reused window after window, so the host's
+/// shared data does not fill up with old windows (it holds a bounded
+/// number of keys per plugin).
+pub fn add_in_window(ctx: &dyn Context, key: &str, window: u64, delta: u64) -> Option<u64> {
+    for _ in 0..16 {
+        let (bytes, cas) = ctx.get_shared_data(key);
+        let (stored_window, count) =
+            bytes
+                .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok())
+                .map_or((window, 0), |b| {
+                    let mut w = [0u8; 8];
+                    let mut c = [0u8; 8];
+                    w.copy_from_slice(&b[..8]);
+                    c.copy_from_slice(&b[8..]);
+                    (u64::from_le_bytes(w), u64::from_le_bytes(c))
+                });
+        let now = if stored_window == window { count } else { 0 }.saturating_add(delta);
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&window.to_le_bytes());
+        value[8..].copy_from_slice(&now.to_le_bytes());
+        if ctx.set_shared_data(key, Some(&value), cas).is_ok() {
+            return Some(now);
+        }
+    }
+    None
+}
+
 /// The current time according to the host.
 pub fn now(ctx: &dyn Context) -> SystemTime {
     ctx.get_current_time()

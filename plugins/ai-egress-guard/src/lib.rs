@@ -11,14 +11,16 @@
 //! - a flow to a name in WebGroup `providers` from a source in none of the
 //!   SmartGroups `ai_groups` is denied (`why: not labelled for AI`);
 //! - from a source in one of them, the flow is counted against the
-//!   source's budget for the current minute, kept in shared data so every
-//!   instance (one per worker) counts together; past `per_minute` it is
-//!   denied (`why: budget exhausted`); the record notes `budget.used`;
+//!   source address's budget for the current clock minute, kept in shared
+//!   data (one key per source address, its count restarting each minute)
+//!   so every instance (one per worker) counts together; past `per_minute`
+//!   it is denied (`why: budget exhausted`); the record notes
+//!   `budget.used`;
 //! - every other flow is left to the policy.
 
 use serde::Deserialize;
 use sluice_sdk::proxy_wasm::traits::Context;
-use sluice_sdk::{add_shared, connection_policy, now, unix_seconds, ConnectionPolicy, Flow, Notes, Verdict};
+use sluice_sdk::{add_in_window, connection_policy, now, unix_seconds, ConnectionPolicy, Flow, Notes, Verdict};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,9 +47,10 @@ impl ConnectionPolicy for Guard {
             notes.add("why", "not labelled for AI");
             return Verdict::Deny;
         }
+        // One key per source address, its count restarting each minute.
         let minute = unix_seconds(now(ctx)) / 60;
-        let key = format!("ai-egress-guard/{}/{minute}", flow.source_ip());
-        let Some(used) = add_shared(ctx, &key, 1) else {
+        let key = format!("ai-egress-guard/{}", flow.source_ip());
+        let Some(used) = add_in_window(ctx, &key, minute, 1) else {
             notes.add("why", "budget could not be counted");
             return Verdict::Deny;
         };

@@ -91,7 +91,7 @@ fn credential(text: &[u8]) -> Option<&'static str> {
 
 impl Request {
     fn refuse(&self, leak: &str) -> Action {
-        self.set_property(vec!["sluice", "annotation", "leak"], Some(leak.as_bytes()));
+        self.set_property(vec!["sluice", "audit", "leak"], Some(leak.as_bytes()));
         self.send_http_response(
             403,
             vec![("x-sluice-plugin", "credential-leak-guard")],

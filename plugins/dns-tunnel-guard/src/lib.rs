@@ -77,7 +77,7 @@ impl ConnectionPolicy for Guard {
         } else {
             serde_json::from_slice(config).map_err(|e| format!("dns-tunnel-guard configuration: {e}"))?
         };
-        if self.max_label == 0 || self.entropy_over <= 0.0 {
+        if self.max_label == 0 || self.entropy_over <= 0.0 || self.entropy_min_len == 0 {
             return Err("dns-tunnel-guard configuration: limits must be positive".into());
         }
         Ok(())

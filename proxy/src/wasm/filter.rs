@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use sluice_api::reason::ReasonCode;
 
 use super::abi::Action;
-use super::properties::{int, string, uint};
+use super::properties::{FlowFacts, int, string};
 use super::state::{Callout, CalloutResponse, HttpParts, Requests};
 use super::vm::{Answer, HttpEvent, PluginCode, Vm, VmError};
 use crate::listener::{
@@ -464,7 +464,6 @@ impl WasmExchange {
             return HttpStatus::Continue;
         }
         let stream = self.stream;
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let given = match &part {
             Part::Fields(f) => Given::Fields(f.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.clone())).collect()),
             Part::Body(b) => Given::Body(b.to_vec()),
@@ -479,11 +478,12 @@ impl WasmExchange {
             given.put(parts, event);
             let answer = vm.on_http(stream.id, event, end_of_stream)?;
             let said = vm.stream(stream.id).map(|s| said(&s.properties)).unwrap_or_default();
-            let paused = pauses(&answer, stream.id, &said);
-            if paused {
+            let paused = pauses(&answer, stream.id, &said).then(|| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
                 vm.wait_for(stream.id, tx);
-            }
-            let back = if paused {
+                rx
+            });
+            let back = if paused.is_some() {
                 None
             } else {
                 vm.http_parts(stream.id).map(|p| Given::take(p, event))
@@ -502,7 +502,7 @@ impl WasmExchange {
         if answer.requests.close.is_some() || told.verdict == Some(false) {
             return self.denied();
         }
-        let back = if paused {
+        let back = if let Some(rx) = paused {
             match tokio::time::timeout(MAX_PAUSE, rx).await {
                 Ok(Ok(r)) if r.local_reply.is_some() => {
                     let reply = r.local_reply.unwrap_or_else(|| denied_reply(self.filter.name()));
@@ -660,16 +660,17 @@ impl NetworkFilter for WasmFilter {
             return FilterStatus::Continue;
         }
         let slot = self.plugin.slot_of(ctx.id);
-        let properties = flow_properties(ctx);
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let facts = FlowFacts::of(ctx);
         let ran = self.plugin.with_vm(slot, |vm, generation| {
-            let id = vm.new_stream(properties)?;
+            let id = vm.new_flow_stream(facts)?;
             let answer = vm.on_new_connection(id)?;
             let said = vm.stream(id).map(|s| said(&s.properties)).unwrap_or_default();
-            let paused = pauses(&answer, id, &said);
-            if paused {
+            // Only a flow that waits pays for the channel.
+            let paused = pauses(&answer, id, &said).then(|| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
                 vm.wait_for(id, tx);
-            }
+                rx
+            });
             Ok((Stream { slot, generation, id }, answer, said, paused))
         });
         let (stream, answer, said, paused) = match ran {
@@ -682,7 +683,7 @@ impl NetworkFilter for WasmFilter {
         for (k, v) in said.annotations {
             ctx.annotate(k, v);
         }
-        if paused {
+        if let Some(rx) = paused {
             // Resumed (or ended) by a later callback: the answer to a call
             // out, a tick, a queue.
             let this = self.clone();
@@ -716,9 +717,9 @@ impl NetworkFilter for WasmFilter {
     /// An HTTP context for the exchange (see [`WasmExchange`]).
     fn http_exchange(&self, ctx: &FlowContext, _index: usize) -> Result<Option<Box<dyn HttpExchange>>, HttpStatus> {
         let slot = self.plugin.slot_of(ctx.id);
-        let properties = flow_properties(ctx);
+        let facts = FlowFacts::of(ctx);
         let ran = self.plugin.with_vm(slot, |vm, generation| {
-            let id = vm.new_stream(properties)?;
+            let id = vm.new_flow_stream(facts)?;
             let bodies = vm.reads_bodies();
             vm.http_parts(id);
             Ok((Stream { slot, generation, id }, bodies))
@@ -912,51 +913,4 @@ fn insert_decision(p: &mut HashMap<String, Vec<u8>>, d: &Decision) {
     );
     p.insert("sluice.verdict.rule".to_owned(), string(d.rule.as_str()));
     p.insert("sluice.verdict.reason".to_owned(), string(d.reason.as_str()));
-}
-
-/// The properties a flow shows a plugin (see `properties`).
-fn flow_properties(ctx: &FlowContext) -> HashMap<String, Vec<u8>> {
-    let mut p = HashMap::new();
-    p.insert("source.address".to_owned(), string(ctx.src.to_string()));
-    p.insert("source.port".to_owned(), int(i64::from(ctx.src.port())));
-    let dst = ctx
-        .original_dst
-        .or_else(|| ctx.dst_ip.map(|ip: IpAddr| std::net::SocketAddr::new(ip, ctx.port)));
-    if let Some(dst) = dst {
-        p.insert("destination.address".to_owned(), string(dst.to_string()));
-    }
-    p.insert("destination.port".to_owned(), int(i64::from(ctx.port)));
-    p.insert("connection.id".to_owned(), uint(ctx.id));
-    if let Some(sni) = &ctx.sni {
-        p.insert("connection.requested_server_name".to_owned(), string(sni));
-    }
-    p.insert("sluice.listener".to_owned(), string(&**ctx.listener()));
-    p.insert("sluice.protocol".to_owned(), string(ctx.protocol.to_string()));
-    let policy = &ctx.snapshot.policy;
-    let mut groups = policy.smartgroups_of(ctx.src.ip().to_canonical());
-    if let Some(id) = ctx.identity {
-        groups.push(policy.smartgroup_name(id));
-    }
-    p.insert("sluice.source.smartgroups".to_owned(), string(groups.join(",")));
-    if let Some(name) = &ctx.name {
-        p.insert("sluice.host".to_owned(), string(name.as_str()));
-        p.insert(
-            "sluice.destination.webgroups".to_owned(),
-            string(policy.webgroups_of(name).join(",")),
-        );
-    }
-    if let Some(t) = &ctx.connect_target {
-        p.insert("sluice.connect_target".to_owned(), string(t));
-    }
-    if !ctx.alpn.is_empty() {
-        p.insert("sluice.tls.alpn".to_owned(), string(ctx.alpn.join(",")));
-        p.insert("sluice.alpn".to_owned(), string(ctx.alpn.join(",")));
-    }
-    if ctx.protocol == sluice_api::Protocol::Tls {
-        p.insert("sluice.tls.ech".to_owned(), vec![u8::from(ctx.ech)]);
-    }
-    if let Some(d) = &ctx.decision {
-        insert_decision(&mut p, d);
-    }
-    p
 }

@@ -31,7 +31,89 @@
 //! for the audit record under `sluice.audit.<key>`. Anything else it
 //! writes can be read back by it for the rest of the flow.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use sluice_api::{DomainName, Protocol};
+
 use super::state::HostState;
+use crate::listener::{Decision, FlowContext, Snapshot};
+
+/// What a flow's properties are computed from, when a plugin asks for
+/// one: copied from the flow's context once (a few fields, most of them
+/// without allocating), so a flow whose plugin reads two properties does
+/// not pay for building twenty.
+#[derive(Debug, Clone)]
+pub struct FlowFacts {
+    pub id: u64,
+    pub src: SocketAddr,
+    pub dst: Option<SocketAddr>,
+    pub port: u16,
+    pub sni: Option<String>,
+    pub listener: Arc<str>,
+    pub protocol: Protocol,
+    pub name: Option<DomainName>,
+    pub connect_target: Option<String>,
+    pub alpn: Vec<String>,
+    pub ech: bool,
+    pub identity: Option<u32>,
+    pub decision: Option<Decision>,
+    pub snapshot: Arc<Snapshot>,
+}
+
+impl FlowFacts {
+    pub fn of(ctx: &FlowContext) -> Self {
+        Self {
+            id: ctx.id,
+            src: ctx.src,
+            dst: ctx
+                .original_dst
+                .or_else(|| ctx.dst_ip.map(|ip| SocketAddr::new(ip, ctx.port))),
+            port: ctx.port,
+            sni: ctx.sni.clone(),
+            listener: ctx.listener().clone(),
+            protocol: ctx.protocol,
+            name: ctx.name.clone(),
+            connect_target: ctx.connect_target.clone(),
+            alpn: ctx.alpn.clone(),
+            ech: ctx.ech,
+            identity: ctx.identity,
+            decision: ctx.decision.clone(),
+            snapshot: ctx.snapshot.clone(),
+        }
+    }
+
+    /// The property at `path` (dotted), if the flow has it.
+    pub fn get(&self, path: &str) -> Option<Vec<u8>> {
+        let policy = &self.snapshot.policy;
+        Some(match path {
+            "source.address" => string(self.src.to_string()),
+            "source.port" => int(i64::from(self.src.port())),
+            "destination.address" => string(self.dst?.to_string()),
+            "destination.port" => int(i64::from(self.port)),
+            "connection.id" => uint(self.id),
+            "connection.requested_server_name" => string(self.sni.as_ref()?),
+            "sluice.listener" => string(&*self.listener),
+            "sluice.protocol" => string(self.protocol.to_string()),
+            "sluice.source.smartgroups" => {
+                let mut groups = policy.smartgroups_of(self.src.ip().to_canonical());
+                if let Some(id) = self.identity {
+                    groups.push(policy.smartgroup_name(id));
+                }
+                string(groups.join(","))
+            }
+            "sluice.host" => string(self.name.as_ref()?.as_str()),
+            "sluice.destination.webgroups" => string(policy.webgroups_of(self.name.as_ref()?).join(",")),
+            "sluice.connect_target" => string(self.connect_target.as_ref()?),
+            "sluice.tls.alpn" | "sluice.alpn" if !self.alpn.is_empty() => string(self.alpn.join(",")),
+            "sluice.tls.ech" if self.protocol == Protocol::Tls => vec![u8::from(self.ech)],
+            "sluice.verdict.action" => string(if self.decision.as_ref()?.allow { "allow" } else { "deny" }),
+            "sluice.verdict.rule" => string(self.decision.as_ref()?.rule.as_str()),
+            "sluice.verdict.reason" => string(self.decision.as_ref()?.reason.as_str()),
+            _ => return None,
+        })
+    }
+}
 
 /// The value at `path` for the context host calls act on, if there is one.
 pub fn get(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
@@ -41,7 +123,13 @@ pub fn get(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
         ["request" | "response", ..] => http(s, path),
         _ => {
             let key = path.join(".");
-            s.stream()?.properties.get(&key).cloned()
+            let stream = s.stream()?;
+            // What the plugin wrote (or a DNS query's properties) first,
+            // then the flow's own.
+            match stream.properties.get(&key) {
+                Some(v) => Some(v.clone()),
+                None => stream.facts.as_ref()?.get(&key),
+            }
         }
     }
 }

@@ -51,8 +51,12 @@ pub enum Phase {
 /// A stream context's host-side state.
 #[derive(Debug, Default)]
 pub struct StreamState {
-    /// Properties of the flow (`source.address`, …), by dotted path.
+    /// Properties given to the stream (a DNS query's) and those the guest
+    /// wrote, by dotted path.
     pub properties: HashMap<String, Vec<u8>>,
+    /// The flow the stream is for, whose properties are computed when the
+    /// guest asks (after `properties`).
+    pub facts: Option<Box<super::properties::FlowFacts>>,
     /// The guest finished the context (`proxy_on_done` said no, then
     /// `proxy_done` was called).
     pub done: bool,

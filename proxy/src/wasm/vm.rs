@@ -127,28 +127,30 @@ impl PluginCode {
 /// `proxy_on_http_call_response`'s parameters.
 type Five = (i32, i32, i32, i32, i32);
 
-/// The callbacks a guest may export (all optional).
+/// The callbacks a guest may export (all optional). Shared handles: a
+/// callback is taken out for a call by cloning it, and a wasmtime
+/// `TypedFunc`'s own clone costs more than a reference count.
 struct Exports {
-    on_context_create: Option<TypedFunc<(i32, i32), ()>>,
-    on_vm_start: Option<TypedFunc<(i32, i32), i32>>,
-    on_configure: Option<TypedFunc<(i32, i32), i32>>,
-    on_tick: Option<TypedFunc<i32, ()>>,
-    on_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
-    on_new_connection: Option<TypedFunc<i32, i32>>,
-    on_downstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
-    on_upstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
-    on_request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
-    on_request_body: Option<TypedFunc<(i32, i32, i32), i32>>,
-    on_request_trailers: Option<TypedFunc<(i32, i32), i32>>,
-    on_response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
-    on_response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
-    on_response_trailers: Option<TypedFunc<(i32, i32), i32>>,
-    on_http_call_response: Option<TypedFunc<Five, ()>>,
-    on_downstream_close: Option<TypedFunc<(i32, i32), ()>>,
-    on_upstream_close: Option<TypedFunc<(i32, i32), ()>>,
-    on_done: Option<TypedFunc<i32, i32>>,
-    on_log: Option<TypedFunc<i32, ()>>,
-    on_delete: Option<TypedFunc<i32, ()>>,
+    on_context_create: Option<Arc<TypedFunc<(i32, i32), ()>>>,
+    on_vm_start: Option<Arc<TypedFunc<(i32, i32), i32>>>,
+    on_configure: Option<Arc<TypedFunc<(i32, i32), i32>>>,
+    on_tick: Option<Arc<TypedFunc<i32, ()>>>,
+    on_queue_ready: Option<Arc<TypedFunc<(i32, i32), ()>>>,
+    on_new_connection: Option<Arc<TypedFunc<i32, i32>>>,
+    on_downstream_data: Option<Arc<TypedFunc<(i32, i32, i32), i32>>>,
+    on_upstream_data: Option<Arc<TypedFunc<(i32, i32, i32), i32>>>,
+    on_request_headers: Option<Arc<TypedFunc<(i32, i32, i32), i32>>>,
+    on_request_body: Option<Arc<TypedFunc<(i32, i32, i32), i32>>>,
+    on_request_trailers: Option<Arc<TypedFunc<(i32, i32), i32>>>,
+    on_response_headers: Option<Arc<TypedFunc<(i32, i32, i32), i32>>>,
+    on_response_body: Option<Arc<TypedFunc<(i32, i32, i32), i32>>>,
+    on_response_trailers: Option<Arc<TypedFunc<(i32, i32), i32>>>,
+    on_http_call_response: Option<Arc<TypedFunc<Five, ()>>>,
+    on_downstream_close: Option<Arc<TypedFunc<(i32, i32), ()>>>,
+    on_upstream_close: Option<Arc<TypedFunc<(i32, i32), ()>>>,
+    on_done: Option<Arc<TypedFunc<i32, i32>>>,
+    on_log: Option<Arc<TypedFunc<i32, ()>>>,
+    on_delete: Option<Arc<TypedFunc<i32, ()>>>,
 }
 
 impl std::fmt::Debug for Exports {
@@ -230,26 +232,26 @@ impl Vm {
         store.data_mut().memory = memory;
         store.data_mut().allocator = allocator;
         let exports = Exports {
-            on_context_create: typed(&instance, &mut store, "proxy_on_context_create"),
-            on_vm_start: typed(&instance, &mut store, "proxy_on_vm_start"),
-            on_configure: typed(&instance, &mut store, "proxy_on_configure"),
-            on_tick: typed(&instance, &mut store, "proxy_on_tick"),
-            on_queue_ready: typed(&instance, &mut store, "proxy_on_queue_ready"),
-            on_new_connection: typed(&instance, &mut store, "proxy_on_new_connection"),
-            on_downstream_data: typed(&instance, &mut store, "proxy_on_downstream_data"),
-            on_upstream_data: typed(&instance, &mut store, "proxy_on_upstream_data"),
-            on_request_headers: typed(&instance, &mut store, "proxy_on_request_headers"),
-            on_request_body: typed(&instance, &mut store, "proxy_on_request_body"),
-            on_request_trailers: typed(&instance, &mut store, "proxy_on_request_trailers"),
-            on_response_headers: typed(&instance, &mut store, "proxy_on_response_headers"),
-            on_response_body: typed(&instance, &mut store, "proxy_on_response_body"),
-            on_response_trailers: typed(&instance, &mut store, "proxy_on_response_trailers"),
-            on_http_call_response: typed(&instance, &mut store, "proxy_on_http_call_response"),
-            on_downstream_close: typed(&instance, &mut store, "proxy_on_downstream_connection_close"),
-            on_upstream_close: typed(&instance, &mut store, "proxy_on_upstream_connection_close"),
-            on_done: typed(&instance, &mut store, "proxy_on_done"),
-            on_log: typed(&instance, &mut store, "proxy_on_log"),
-            on_delete: typed(&instance, &mut store, "proxy_on_delete"),
+            on_context_create: typed_export(&instance, &mut store, "proxy_on_context_create"),
+            on_vm_start: typed_export(&instance, &mut store, "proxy_on_vm_start"),
+            on_configure: typed_export(&instance, &mut store, "proxy_on_configure"),
+            on_tick: typed_export(&instance, &mut store, "proxy_on_tick"),
+            on_queue_ready: typed_export(&instance, &mut store, "proxy_on_queue_ready"),
+            on_new_connection: typed_export(&instance, &mut store, "proxy_on_new_connection"),
+            on_downstream_data: typed_export(&instance, &mut store, "proxy_on_downstream_data"),
+            on_upstream_data: typed_export(&instance, &mut store, "proxy_on_upstream_data"),
+            on_request_headers: typed_export(&instance, &mut store, "proxy_on_request_headers"),
+            on_request_body: typed_export(&instance, &mut store, "proxy_on_request_body"),
+            on_request_trailers: typed_export(&instance, &mut store, "proxy_on_request_trailers"),
+            on_response_headers: typed_export(&instance, &mut store, "proxy_on_response_headers"),
+            on_response_body: typed_export(&instance, &mut store, "proxy_on_response_body"),
+            on_response_trailers: typed_export(&instance, &mut store, "proxy_on_response_trailers"),
+            on_http_call_response: typed_export(&instance, &mut store, "proxy_on_http_call_response"),
+            on_downstream_close: typed_export(&instance, &mut store, "proxy_on_downstream_connection_close"),
+            on_upstream_close: typed_export(&instance, &mut store, "proxy_on_upstream_connection_close"),
+            on_done: typed_export(&instance, &mut store, "proxy_on_done"),
+            on_log: typed_export(&instance, &mut store, "proxy_on_log"),
+            on_delete: typed_export(&instance, &mut store, "proxy_on_delete"),
         };
         // A reactor initialises with `_initialize`; a command with `_start`
         // (only when there is no `_initialize`). Host calls are restricted
@@ -326,15 +328,25 @@ impl Vm {
 
     /// Creates a stream context with `properties`; returns its id.
     pub fn new_stream(&mut self, properties: std::collections::HashMap<String, Vec<u8>>) -> Result<u32, VmError> {
+        self.new_stream_with(StreamState {
+            properties,
+            ..StreamState::default()
+        })
+    }
+
+    /// Creates a stream context for a flow, whose properties are read from
+    /// `facts` when the guest asks; returns its id.
+    pub fn new_flow_stream(&mut self, facts: super::properties::FlowFacts) -> Result<u32, VmError> {
+        self.new_stream_with(StreamState {
+            facts: Some(Box::new(facts)),
+            ..StreamState::default()
+        })
+    }
+
+    fn new_stream_with(&mut self, state: StreamState) -> Result<u32, VmError> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(2);
-        self.store.data_mut().streams.insert(
-            id,
-            StreamState {
-                properties,
-                ..StreamState::default()
-            },
-        );
+        self.store.data_mut().streams.insert(id, state);
         let root = self.store.data().root_id as i32;
         if let Some(f) = self.exports.on_context_create.clone() {
             self.call("proxy_on_context_create", Phase::Running, id, &f, (id as i32, root))?;
@@ -571,6 +583,15 @@ impl Vm {
             requests: std::mem::take(&mut self.store.data_mut().requests),
         }
     }
+}
+
+/// The callback `name`, if the guest exports one of that type.
+fn typed_export<P: WasmParams, Q: WasmResults>(
+    instance: &Instance,
+    store: &mut Store<HostState>,
+    name: &str,
+) -> Option<Arc<TypedFunc<P, Q>>> {
+    typed(instance, store, name).map(Arc::new)
 }
 
 /// The typed export `name`, if the guest has one of that type.
