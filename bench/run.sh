@@ -351,8 +351,15 @@ run_target() {
     fi
 }
 
+# Each round starts with the next target: a target measured after others
+# meets the TIME_WAIT sockets and the warmer or colder caches they left, so
+# no target is always first or always last.
+read -ra TARGETS <<<"$ONLY"
 for round in $(seq "$ROUNDS"); do
-    for t in $ONLY; do run_target "$t" "$round"; done
+    n=${#TARGETS[@]}
+    for ((i = 0; i < n; i++)); do
+        run_target "${TARGETS[$(((i + round - 1) % n))]}" "$round"
+    done
 done
 
 {

@@ -280,6 +280,7 @@ fn dns_record(i: u64, qname: &str) -> sluice::dns::DnsAuditRecord {
         latency_us: i,
         cache_hit: false,
         ech_stripped: false,
+        annotations: None,
     }
 }
 

@@ -477,8 +477,14 @@ flow_test!(dns_tunnel_guard_judges_each_query_of_the_dns_listener_it_names, asyn
         .await;
     assert_eq!(r["rule"], "dns-tunnel-guard", "{r}");
     assert_eq!(r["reason"], "plugin-denied", "{r}");
+    // The plugin's notes reach the query's record.
+    assert!(
+        r["annotations"]["why"].as_str().is_some_and(|w| w.contains("entropy")),
+        "{r}"
+    );
     let ok = sluice.wait_record(|r| field(r, "qname") == "allowed.test").await;
     assert_eq!(ok["reason"], "allowed-by-rule", "{ok}");
+    assert!(ok.get("annotations").is_none(), "no notes, no field: {ok}");
     sluice.stop().await;
 });
 

@@ -88,6 +88,24 @@ pub struct DnsAuditRecord {
     pub cache_hit: bool,
     /// An `ech` SvcParam was removed from the answer.
     pub ech_stripped: bool,
+    /// Notes the query filters (plugins) gave, in order; omitted when none.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "notes_map")]
+    pub annotations: Option<Box<Vec<(String, String)>>>,
+}
+
+/// Notes as a JSON object, in the order they were given.
+#[allow(
+    clippy::box_collection,
+    reason = "the field's own type: a pointer in every record, allocated only when a plugin notes something"
+)]
+fn notes_map<S: serde::Serializer>(notes: &Option<Box<Vec<(String, String)>>>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let notes = notes.as_deref().map_or(&[][..], Vec::as_slice);
+    let mut m = s.serialize_map(Some(notes.len()))?;
+    for (k, v) in notes {
+        m.serialize_entry(k, v)?;
+    }
+    m.end()
 }
 
 fn as_str<S: serde::Serializer>(value: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {

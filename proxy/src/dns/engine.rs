@@ -497,14 +497,22 @@ impl DnsCore {
             now: ctx.now,
         };
         for f in &self.filters {
-            let (new, loosening) = match f.on_query(&info, &verdict) {
+            let (mut new, loosening) = match f.on_query(&info, &verdict) {
                 QueryStatus::Continue => continue,
                 QueryStatus::Deny(d) => (d, false),
                 QueryStatus::Allow(d) => (d, true),
             };
+            // A filter's notes reach the record whether or not its word
+            // stands.
+            let notes = new.notes.take();
             let new = new.in_mode(self.policy.mode());
             if overrides(&verdict, &new, loosening, |_| self.policy.delegates(&verdict, f.name())) {
+                let kept = verdict.notes.take();
                 verdict = new;
+                verdict.notes = kept;
+            }
+            if let Some(n) = notes {
+                verdict.notes.get_or_insert_with(Box::default).extend(*n);
             }
         }
         verdict
@@ -587,6 +595,7 @@ impl DnsCore {
             enforcement: crate::policy::Enforcement::Enforced,
             check: None,
             source: None,
+            notes: None,
         };
         let audit = self.audit(&ctx, Arc::from(qname), qtype, &verdict, false, rcode, ctx.now);
         Reply { bytes, audit }
@@ -679,6 +688,7 @@ impl DnsCore {
             latency_us: u64::try_from(latency).unwrap_or(u64::MAX),
             cache_hit: false,
             ech_stripped: false,
+            annotations: verdict.notes.clone(),
         }
     }
 }

@@ -240,6 +240,7 @@ impl super::policy::QueryFilter for ExfilFilter {
             enforcement: verdict.enforcement,
             check: None,
             source: None,
+            notes: None,
         })
     }
 }

@@ -29,6 +29,9 @@ pub struct Decision {
     /// filter's allow is checked against (only a rule that delegates to the
     /// filter can be loosened by it).
     pub source: Option<DecidedBy>,
+    /// Notes a DNS query filter (a plugin) gave with its word, for the
+    /// query's audit record (a flow keeps its notes in its context).
+    pub notes: Option<Box<Vec<(String, String)>>>,
 }
 
 /// The `rule` of a verdict. Every verdict names one, so audit records and
@@ -61,6 +64,7 @@ impl Decision {
             enforcement,
             check: None,
             source: None,
+            notes: None,
         }
     }
 
@@ -80,6 +84,7 @@ impl Decision {
             enforcement: v.enforcement,
             check: None,
             source: Some(v.decided_by),
+            notes: None,
         }
     }
 
@@ -98,6 +103,7 @@ impl Decision {
             enforcement,
             check: None,
             source: None,
+            notes: None,
         }
     }
 

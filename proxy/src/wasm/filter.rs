@@ -327,11 +327,21 @@ impl Plugin {
             vm.finish(id)?;
             Ok((answer, said))
         });
-        match ran {
-            Ok((answer, said)) if answer.requests.close.is_some() || said.verdict == Some(false) => {
-                Some(self.decision(false, ReasonCode::PluginDenied))
+        let with_notes = |mut d: Decision, notes: Vec<(String, String)>| {
+            if !notes.is_empty() {
+                d.notes = Some(Box::new(notes));
             }
-            Ok((_, said)) if said.verdict == Some(true) => Some(self.decision(true, ReasonCode::PluginAllowed)),
+            d
+        };
+        match ran {
+            Ok((answer, said)) if answer.requests.close.is_some() || said.verdict == Some(false) => Some(with_notes(
+                self.decision(false, ReasonCode::PluginDenied),
+                said.annotations,
+            )),
+            Ok((_, said)) if said.verdict == Some(true) => Some(with_notes(
+                self.decision(true, ReasonCode::PluginAllowed),
+                said.annotations,
+            )),
             Ok(_) => None,
             Err(_) if self.failure.lets_through() => None,
             Err(_) => Some(self.decision(false, ReasonCode::PluginFailed)),

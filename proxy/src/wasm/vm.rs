@@ -124,6 +124,9 @@ impl PluginCode {
     }
 }
 
+/// A callback the guest may export.
+type Callback<P, R> = Option<Arc<TypedFunc<P, R>>>;
+
 /// `proxy_on_http_call_response`'s parameters.
 type Five = (i32, i32, i32, i32, i32);
 
@@ -131,26 +134,26 @@ type Five = (i32, i32, i32, i32, i32);
 /// callback is taken out for a call by cloning it, and a wasmtime
 /// `TypedFunc`'s own clone costs more than a reference count.
 struct Exports {
-    on_context_create: Option<Arc<TypedFunc<(i32, i32), ()>>>,
-    on_vm_start: Option<Arc<TypedFunc<(i32, i32), i32>>>,
-    on_configure: Option<Arc<TypedFunc<(i32, i32), i32>>>,
-    on_tick: Option<Arc<TypedFunc<i32, ()>>>,
-    on_queue_ready: Option<Arc<TypedFunc<(i32, i32), ()>>>,
-    on_new_connection: Option<Arc<TypedFunc<i32, i32>>>,
-    on_downstream_data: Option<Arc<TypedFunc<(i32, i32, i32), i32>>>,
-    on_upstream_data: Option<Arc<TypedFunc<(i32, i32, i32), i32>>>,
-    on_request_headers: Option<Arc<TypedFunc<(i32, i32, i32), i32>>>,
-    on_request_body: Option<Arc<TypedFunc<(i32, i32, i32), i32>>>,
-    on_request_trailers: Option<Arc<TypedFunc<(i32, i32), i32>>>,
-    on_response_headers: Option<Arc<TypedFunc<(i32, i32, i32), i32>>>,
-    on_response_body: Option<Arc<TypedFunc<(i32, i32, i32), i32>>>,
-    on_response_trailers: Option<Arc<TypedFunc<(i32, i32), i32>>>,
-    on_http_call_response: Option<Arc<TypedFunc<Five, ()>>>,
-    on_downstream_close: Option<Arc<TypedFunc<(i32, i32), ()>>>,
-    on_upstream_close: Option<Arc<TypedFunc<(i32, i32), ()>>>,
-    on_done: Option<Arc<TypedFunc<i32, i32>>>,
-    on_log: Option<Arc<TypedFunc<i32, ()>>>,
-    on_delete: Option<Arc<TypedFunc<i32, ()>>>,
+    on_context_create: Callback<(i32, i32), ()>,
+    on_vm_start: Callback<(i32, i32), i32>,
+    on_configure: Callback<(i32, i32), i32>,
+    on_tick: Callback<i32, ()>,
+    on_queue_ready: Callback<(i32, i32), ()>,
+    on_new_connection: Callback<i32, i32>,
+    on_downstream_data: Callback<(i32, i32, i32), i32>,
+    on_upstream_data: Callback<(i32, i32, i32), i32>,
+    on_request_headers: Callback<(i32, i32, i32), i32>,
+    on_request_body: Callback<(i32, i32, i32), i32>,
+    on_request_trailers: Callback<(i32, i32), i32>,
+    on_response_headers: Callback<(i32, i32, i32), i32>,
+    on_response_body: Callback<(i32, i32, i32), i32>,
+    on_response_trailers: Callback<(i32, i32), i32>,
+    on_http_call_response: Callback<Five, ()>,
+    on_downstream_close: Callback<(i32, i32), ()>,
+    on_upstream_close: Callback<(i32, i32), ()>,
+    on_done: Callback<i32, i32>,
+    on_log: Callback<i32, ()>,
+    on_delete: Callback<i32, ()>,
 }
 
 impl std::fmt::Debug for Exports {

@@ -353,6 +353,18 @@ fn write_dns_line(
     write_bool(out, q.cache_hit);
     out.extend_from_slice(br#","ech_stripped":"#);
     write_bool(out, q.ech_stripped);
+    if let Some(notes) = &q.annotations {
+        out.extend_from_slice(br#","annotations":{"#);
+        for (i, (k, v)) in notes.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_str(out, k);
+            out.push(b':');
+            json_str(out, v);
+        }
+        out.push(b'}');
+    }
     out.extend_from_slice(b"}\n");
 }
 
@@ -457,6 +469,7 @@ mod dns_line_tests {
             latency_us: 1234,
             cache_hit: true,
             ech_stripped: false,
+            annotations: None,
         }
     }
 
@@ -585,7 +598,12 @@ mod dns_line_tests {
                 record("", "r", Some("[::1]:53".parse().unwrap()), 999),
             ),
         ];
-        for (listener, groups, q) in cases {
+        let mut noted = record("t.example", "p", None, 7);
+        noted.annotations = Some(Box::new(vec![
+            ("why".into(), "label of \"45\" characters".into()),
+            ("k\n".into(), "v".into()),
+        ]));
+        for (listener, groups, q) in cases.into_iter().chain([("dns", &[][..], noted)]) {
             let a = ours(listener, groups, &q);
             let b = serde_line(listener, groups, &q);
             assert_eq!(String::from_utf8(a).unwrap(), String::from_utf8(b).unwrap());
