@@ -269,7 +269,13 @@ async fn tunnel(
         Ok(fwd) => fwd,
         Err(stop) => return stopped(&mut client, &shared, flow, stop).await,
     };
-    let established = match connect_through_filters(&fwd.chain, &mut flow.ctx, &head, &buf).await {
+    // Boxed: only a chain with an HTTP filter pays for that future's state.
+    let through = if fwd.chain.filters.iter().any(|f| f.wants_http()) {
+        Box::pin(connect_through_filters(&fwd.chain, &mut flow.ctx, &head, &buf)).await
+    } else {
+        Ok(Cow::Borrowed(CONNECTION_ESTABLISHED))
+    };
+    let established = match through {
         Ok(answer) => answer,
         Err(reply) => {
             let resp = local_reply_bytes(&reply);
@@ -342,10 +348,6 @@ async fn connect_through_filters(
     head: &RequestHead,
     buf: &[u8],
 ) -> Result<Cow<'static, [u8]>, super::LocalReply> {
-    const PLAIN: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
-    if !chain.filters.iter().any(|f| f.wants_http()) {
-        return Ok(Cow::Borrowed(PLAIN));
-    }
     let mut exchanges = Exchanges::begin(chain, ctx)?;
     let outcome = async {
         let mut fields: super::HttpFields = vec![
@@ -397,6 +399,9 @@ async fn connect_through_filters(
     ctx.extras_mut().annotations.extend(exchanges.finish());
     outcome
 }
+
+/// The answer to a `CONNECT` no filter added to.
+const CONNECTION_ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
 
 /// A local reply as HTTP/1.1 bytes, closing the connection.
 fn local_reply_bytes(r: &super::LocalReply) -> Vec<u8> {
