@@ -1002,29 +1002,17 @@ async fn request_through_filters(
             parts.headers.insert(hyper::header::HOST, h);
         }
     }
-    let max = exchanges.max_body();
-    if end || max == 0 {
+    if end || exchanges.max_body() == 0 {
         return Ok(Request::from_parts(parts, body.boxed()));
     }
-    let mut no_fields = Vec::new();
-    let (mut data, mut trailers) = match collect(body, max).await {
-        Ok(x) => x,
-        Err(Collect::TooLarge) => return Err(Ended::Stop(Stop::failed("request-body-too-large"))),
-        Err(Collect::Failed) => return Err(Ended::Stop(Stop::failed("client-error"))),
+    let held = Held {
+        body: Stage::RequestBody,
+        trailers: Stage::RequestTrailers,
+        too_large: "request-body-too-large",
+        failed: "client-error",
     };
-    if let Some(r) = exchanges.run(ctx, Stage::RequestBody, &mut no_fields, &mut data).await {
-        return Err(Ended::Reply(r));
-    }
-    if !trailers.is_empty()
-        && let Some(r) = exchanges
-            .run(ctx, Stage::RequestTrailers, &mut trailers, &mut scratch)
-            .await
-    {
-        return Err(Ended::Reply(r));
-    }
-    framed(&mut parts.headers, data.len(), !trailers.is_empty());
-    let body = Buffered::new(Bytes::from(data), header_map(&trailers));
-    Ok(Request::from_parts(parts, body.map_err(|never| match never {}).boxed()))
+    let body = held.through(exchanges, ctx, &mut parts.headers, body).await?;
+    Ok(Request::from_parts(parts, body))
 }
 
 /// A response on its way through the HTTP filters, like a request.
@@ -1060,29 +1048,55 @@ async fn response_through_filters(
         }
         set_fields(&mut parts.headers, &fields);
     }
-    let max = exchanges.max_body();
-    if end || max == 0 {
+    if end || exchanges.max_body() == 0 {
         return Ok(body.boxed());
     }
-    let mut no_fields = Vec::new();
-    let (mut data, mut trailers) = match collect(body, max).await {
-        Ok(x) => x,
-        Err(Collect::TooLarge) => return Err(Ended::Stop(Stop::failed("response-body-too-large"))),
-        Err(Collect::Failed) => return Err(Ended::Stop(Stop::failed("upstream-error"))),
+    let held = Held {
+        body: Stage::ResponseBody,
+        trailers: Stage::ResponseTrailers,
+        too_large: "response-body-too-large",
+        failed: "upstream-error",
     };
-    if let Some(r) = exchanges.run(ctx, Stage::ResponseBody, &mut no_fields, &mut data).await {
-        return Err(Ended::Reply(r));
+    held.through(exchanges, ctx, &mut parts.headers, body).await
+}
+
+/// A message's body held whole for the filters: which stages show it and
+/// its trailers, and the close reasons when it cannot be held.
+struct Held {
+    body: Stage,
+    trailers: Stage,
+    too_large: &'static str,
+    failed: &'static str,
+}
+
+impl Held {
+    /// Reads the body (at most the filters' `max_body`), shows it and its
+    /// trailers to the filters, and returns it as they left it, framed
+    /// anew in `headers`.
+    async fn through(
+        self,
+        exchanges: &mut Exchanges,
+        ctx: &mut FlowContext,
+        headers: &mut hyper::HeaderMap,
+        body: Incoming,
+    ) -> Result<ProxyBody, Ended> {
+        let (mut data, mut trailers) = match collect(body, exchanges.max_body()).await {
+            Ok(x) => x,
+            Err(Collect::TooLarge) => return Err(Ended::Stop(Stop::failed(self.too_large))),
+            Err(Collect::Failed) => return Err(Ended::Stop(Stop::failed(self.failed))),
+        };
+        if let Some(r) = exchanges.run(ctx, self.body, &mut Vec::new(), &mut data).await {
+            return Err(Ended::Reply(r));
+        }
+        if !trailers.is_empty()
+            && let Some(r) = exchanges.run(ctx, self.trailers, &mut trailers, &mut Vec::new()).await
+        {
+            return Err(Ended::Reply(r));
+        }
+        framed(headers, data.len(), !trailers.is_empty());
+        let body = Buffered::new(Bytes::from(data), header_map(&trailers));
+        Ok(body.map_err(|never| match never {}).boxed())
     }
-    if !trailers.is_empty()
-        && let Some(r) = exchanges
-            .run(ctx, Stage::ResponseTrailers, &mut trailers, &mut scratch)
-            .await
-    {
-        return Err(Ended::Reply(r));
-    }
-    framed(&mut parts.headers, data.len(), !trailers.is_empty());
-    let body = Buffered::new(Bytes::from(data), header_map(&trailers));
-    Ok(body.map_err(|never| match never {}).boxed())
 }
 
 /// Why a body could not be held whole.
