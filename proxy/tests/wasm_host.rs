@@ -367,3 +367,37 @@ fn compiled_modules_are_kept_on_disk_in_a_directory_only_this_user_can_write() {
     let refused = sluice::sys::TrustedDir::open(&open).unwrap_err();
     assert!(refused.to_string().contains("make it 0700"), "{refused}");
 }
+
+#[test]
+fn a_context_whose_on_done_says_not_yet_ends_when_the_guest_calls_done() {
+    use sluice::wasm::vm::MAX_DONE_WAIT;
+    use std::time::Instant;
+    let shared = Arc::new(SharedData::default());
+    let code = code_with("done_later=1", Vec::new(), PluginLimits::default(), shared.clone());
+    let logged = || shared.get(b"logged").map(|(v, _)| String::from_utf8(v).unwrap());
+    let mut vm = Vm::start(&code).unwrap();
+    let id = vm.new_stream(HashMap::new()).unwrap();
+    vm.on_new_connection(id).unwrap();
+    vm.finish(id).unwrap();
+    assert_eq!(vm.deferred(), 1);
+    assert!(vm.stream(id).is_some(), "the context waits for proxy_done");
+    assert_eq!(logged(), None, "on_log waits too");
+    vm.finish_deferred(Instant::now()).unwrap();
+    assert_eq!(vm.deferred(), 1, "the guest has not called proxy_done yet");
+    // Its tick calls proxy_done for the waiting context.
+    vm.tick().unwrap();
+    vm.finish_deferred(Instant::now()).unwrap();
+    assert_eq!(vm.deferred(), 0);
+    assert!(vm.stream(id).is_none());
+    assert_eq!(logged().as_deref(), Some("1"));
+    // A guest that never calls it: ended once the wait is over.
+    let id = vm.new_stream(HashMap::new()).unwrap();
+    vm.on_new_connection(id).unwrap();
+    vm.finish(id).unwrap();
+    vm.finish_deferred(Instant::now()).unwrap();
+    assert!(vm.stream(id).is_some());
+    vm.finish_deferred(Instant::now() + MAX_DONE_WAIT + Duration::from_secs(1))
+        .unwrap();
+    assert!(vm.stream(id).is_none());
+    assert_eq!(logged().as_deref(), Some("2"));
+}

@@ -11,6 +11,7 @@
 //! | `annotate=KEY:VALUE` | writes `sluice.annotation.KEY` |
 //! | `connection=trap`, `spin`, `grow` | on a new connection: panic, loop forever, or allocate until memory runs out |
 //! | `trap_sni=NAME` | panics on a connection whose SNI is NAME |
+//! | `done_later=1` | a connection's `on_done` returns false; the next `on_tick` calls `proxy_done` for it; `on_log` adds one to shared-data `logged` |
 //! | `count=KEY` | adds one to shared-data KEY (with CAS) and annotates `count` with the new value |
 //! | `env=NAME` | annotates `env` with environment variable NAME (or `unset`) |
 //! | `print=TEXT` | prints TEXT to stdout and to stderr on each connection |
@@ -94,6 +95,12 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        // Connections whose `on_done` asked to finish later finish now.
+        for id in DONE_LATER.with(|p| std::mem::take(&mut *p.borrow_mut())) {
+            if proxy_wasm::hostcalls::set_effective_context(id).is_ok() {
+                let _ = proxy_wasm::hostcalls::done();
+            }
+        }
         loop {
             let (bytes, cas) = self.get_shared_data("ticks");
             let n = bytes
@@ -118,8 +125,11 @@ impl RootContext for Root {
         add_shared(self, "dequeued", n);
     }
 
-    fn create_stream_context(&self, _id: u32) -> Option<Box<dyn StreamContext>> {
-        Some(Box::new(Stream { cfg: self.cfg.clone() }))
+    fn create_stream_context(&self, id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(Stream {
+            cfg: self.cfg.clone(),
+            id,
+        }))
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
@@ -137,6 +147,12 @@ impl RootContext for Root {
 
 struct Stream {
     cfg: Rc<Config>,
+    id: u32,
+}
+
+thread_local! {
+    /// Connections waiting for `on_tick` to call `proxy_done` for them.
+    static DONE_LATER: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Stream {
@@ -146,6 +162,14 @@ impl Stream {
 }
 
 impl Context for Stream {
+    fn on_done(&mut self) -> bool {
+        if value(&self.cfg, "done_later") == Some("1") {
+            DONE_LATER.with(|p| p.borrow_mut().push(self.id));
+            return false;
+        }
+        true
+    }
+
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         if self.get_http_call_response_header(":status").as_deref() == Some("200") {
             let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
@@ -158,6 +182,12 @@ impl Context for Stream {
 }
 
 impl StreamContext for Stream {
+    fn on_log(&mut self) {
+        if value(&self.cfg, "done_later") == Some("1") {
+            add_shared(self, "logged", 1);
+        }
+    }
+
     fn on_new_connection(&mut self) -> Action {
         let cfg = self.cfg.clone();
         match value(&cfg, "connection") {

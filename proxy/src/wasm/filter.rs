@@ -231,7 +231,14 @@ impl Plugin {
             return Err(VmError::Gone("the plugin slot"));
         };
         match f(vm, generation) {
-            Ok(r) => Ok(r),
+            // Contexts the guest has finished since (`proxy_done`) end now.
+            Ok(r) => match vm.finish_deferred(Instant::now()) {
+                Ok(()) => Ok(r),
+                Err(e) => {
+                    self.failed(&mut s, e);
+                    Ok(r)
+                }
+            },
             Err(e) => Err(self.failed(&mut s, e)),
         }
     }
@@ -277,6 +284,13 @@ impl Plugin {
             let mut guard = lock(cell);
             let s = &mut *guard;
             let Some(vm) = s.vm.as_mut() else { continue };
+            // Contexts that waited past `on_done` end once the guest says
+            // so, or when their wait is over.
+            if let Err(e) = vm.finish_deferred(now) {
+                self.failed(s, e);
+                continue;
+            }
+            let Some(vm) = s.vm.as_mut() else { continue };
             let period = vm.tick_period();
             if period.is_zero() {
                 s.next_tick = None;
@@ -284,7 +298,7 @@ impl Plugin {
             }
             let due = *s.next_tick.get_or_insert(now + period);
             let wait = if due <= now {
-                let ticked = vm.tick();
+                let ticked = vm.tick().and_then(|r| vm.finish_deferred(now).map(|()| r));
                 s.next_tick = Some(now + period);
                 match ticked {
                     Ok(r) => calls.push((slot, s.generation, Self::after_root(vm, r))),

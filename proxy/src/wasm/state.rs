@@ -67,6 +67,9 @@ pub struct StreamState {
     pub http: Option<HttpParts>,
     /// Who waits for the guest to resume (or end) this paused context.
     pub waiter: Option<tokio::sync::oneshot::Sender<Requests>>,
+    /// `proxy_on_done` returned false: the context's `on_log` and
+    /// `on_delete` wait for `proxy_done`, until this time at the latest.
+    pub done_by: Option<std::time::Instant>,
 }
 
 /// An HTTP exchange's parts, as the guest sees them.

@@ -168,7 +168,13 @@ pub struct Vm {
     store: Store<HostState>,
     exports: Exports,
     next_id: u32,
+    /// Contexts whose `on_done` returned false, waiting for `proxy_done`.
+    deferred: usize,
 }
+
+/// How long a context whose `on_done` returned false waits for the guest's
+/// `proxy_done` before `on_log` and `on_delete` are called anyway.
+pub const MAX_DONE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What a stream callback answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +272,7 @@ impl Vm {
             store,
             exports,
             next_id: 2,
+            deferred: 0,
         };
         if let Some((name, f)) = init {
             vm.call(name, Phase::Starting, 0, &f, ())?;
@@ -489,14 +496,41 @@ impl Vm {
         Ok(self.answer(Action::Continue))
     }
 
-    /// Ends context `id`: `on_done`, `on_log`, `on_delete` (all three now:
-    /// a guest whose `on_done` asks to finish later is not waited for).
+    /// Ends context `id`: `on_done`, then `on_log` and `on_delete`. When
+    /// `on_done` returns false the guest has more to do: the context stays
+    /// until the guest calls `proxy_done` for it (from any later callback)
+    /// or [`MAX_DONE_WAIT`] passes, and what it said so far is returned now
+    /// (see [`Vm::finish_deferred`]).
     pub fn finish_http(&mut self, id: u32) -> Result<StreamState, VmError> {
+        let ready = match self.exports.on_done.clone() {
+            Some(f) => self.call("proxy_on_done", Phase::Running, id, &f, id as i32),
+            None => Ok(1),
+        };
+        match ready {
+            Err(e) => {
+                self.store.data_mut().streams.remove(&id);
+                Err(e)
+            }
+            Ok(0) => match self.store.data_mut().streams.get_mut(&id) {
+                Some(s) if !s.done => {
+                    s.done_by = Some(std::time::Instant::now() + MAX_DONE_WAIT);
+                    let said = StreamState {
+                        properties: s.properties.clone(),
+                        ..StreamState::default()
+                    };
+                    self.deferred += 1;
+                    Ok(said)
+                }
+                _ => self.log_and_delete(id),
+            },
+            Ok(_) => self.log_and_delete(id),
+        }
+    }
+
+    /// `on_log` and `on_delete` for context `id`, which then is gone.
+    fn log_and_delete(&mut self, id: u32) -> Result<StreamState, VmError> {
         let ctx = id as i32;
         let result = (|| {
-            if let Some(f) = self.exports.on_done.clone() {
-                self.call("proxy_on_done", Phase::Running, id, &f, ctx)?;
-            }
             if let Some(f) = self.exports.on_log.clone() {
                 self.call("proxy_on_log", Phase::Running, id, &f, ctx)?;
             }
@@ -507,6 +541,32 @@ impl Vm {
         })();
         let state = self.store.data_mut().streams.remove(&id).unwrap_or_default();
         result.map(|()| state)
+    }
+
+    /// Ends the contexts that waited after `on_done` and have since been
+    /// finished by the guest (`proxy_done`), or have waited `MAX_DONE_WAIT`.
+    pub fn finish_deferred(&mut self, now: std::time::Instant) -> Result<(), VmError> {
+        if self.deferred == 0 {
+            return Ok(());
+        }
+        let due: Vec<u32> = self
+            .store
+            .data()
+            .streams
+            .iter()
+            .filter(|(_, s)| s.done_by.is_some_and(|by| s.done || now >= by))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.deferred = self.deferred.saturating_sub(1);
+            self.log_and_delete(id)?;
+        }
+        Ok(())
+    }
+
+    /// How many contexts wait for `proxy_done`.
+    pub fn deferred(&self) -> usize {
+        self.deferred
     }
 
     /// Ends stream `id`: both close callbacks, then `on_done`, `on_log` and
