@@ -7,6 +7,9 @@
 //!   nothing: stream context created, `on_new_connection`, the close
 //!   callbacks, `on_done`, `on_log`, `on_delete` — what a plugin adds to a
 //!   connection, warm (target ≤ 2 µs);
+//! - `flow/plain-cold`: the same after walking 16 MiB of other memory (not
+//!   timed), as between two connections of a busy proxy: what the same
+//!   calls cost when the caches and TLB no longer hold the plugin;
 //! - `flow/properties`: the same, the guest reading nine properties and
 //!   writing ten (host calls with allocations in the guest);
 //! - `flow/properties-map-clone`: the host's copy of the flow's properties
@@ -78,6 +81,27 @@ fn main() {
             black_box(vm.on_new_connection(id).unwrap());
             black_box(vm.finish(id).unwrap());
         });
+    });
+
+    // Evicts the plugin from the caches and the TLB between flows.
+    let mut other = vec![0u8; 16 << 20];
+    c.bench_function("flow/plain-cold", |b| {
+        b.iter_batched(
+            || {
+                for page in other.chunks_mut(4096) {
+                    page[0] = page[0].wrapping_add(1);
+                }
+                for line in other.chunks(64) {
+                    black_box(line[0]);
+                }
+            },
+            |()| {
+                let id = vm.new_stream(props.clone()).unwrap();
+                black_box(vm.on_new_connection(id).unwrap());
+                black_box(vm.finish(id).unwrap());
+            },
+            criterion::BatchSize::PerIteration,
+        );
     });
 
     let reading = code("echo_props=1\nverdict=allow");
