@@ -481,7 +481,14 @@ impl AsyncWrite for Rewind {
     }
 }
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+type ProxyBody = BoxBody<Bytes, BodyError>;
+
+/// What a body relayed to or from the upstream can fail with.
+type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body as it came, or as the HTTP filters left it (held whole): only a
+/// request whose chain has HTTP filters pays for the second.
+type Passed = http_body_util::Either<Incoming, Buffered>;
 
 /// A body held whole: one data frame and, if any, one trailers frame (a
 /// body HTTP filters have seen, or a plugin's call out).
@@ -766,7 +773,7 @@ impl ConnState {
             Err(reply) => return self.replied(flow, Exchanges::default(), reply),
         };
         let req = if exchanges.is_empty() {
-            req.map(BodyExt::boxed)
+            req.map(Passed::Left)
         } else {
             match request_through_filters(&mut exchanges, &mut flow.ctx, req).await {
                 Ok(req) => req,
@@ -832,7 +839,7 @@ impl ConnState {
             counter: up.clone(),
             _guard: None,
         };
-        let resp = match sender.send_request(Request::from_parts(parts, body.boxed())).await {
+        let resp = match sender.send_request(Request::from_parts(parts, body)).await {
             Ok(resp) => resp,
             Err(_) => {
                 let mut rec = flow.record_to(dst);
@@ -849,7 +856,7 @@ impl ConnState {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let body = if exchanges.is_empty() {
-            body.boxed()
+            Passed::Left(body)
         } else {
             match response_through_filters(&mut exchanges, &mut flow.ctx, &mut parts, body).await {
                 Ok(body) => body,
@@ -981,7 +988,7 @@ async fn request_through_filters(
     exchanges: &mut Exchanges,
     ctx: &mut FlowContext,
     req: Request<Incoming>,
-) -> Result<Request<ProxyBody>, Ended> {
+) -> Result<Request<Passed>, Ended> {
     let (mut parts, body) = req.into_parts();
     let end = body.is_end_stream();
     let mut fields = request_fields(&parts);
@@ -1003,7 +1010,7 @@ async fn request_through_filters(
         }
     }
     if end || exchanges.max_body() == 0 {
-        return Ok(Request::from_parts(parts, body.boxed()));
+        return Ok(Request::from_parts(parts, Passed::Left(body)));
     }
     let held = Held {
         body: Stage::RequestBody,
@@ -1012,7 +1019,7 @@ async fn request_through_filters(
         failed: "client-error",
     };
     let body = held.through(exchanges, ctx, &mut parts.headers, body).await?;
-    Ok(Request::from_parts(parts, body))
+    Ok(Request::from_parts(parts, Passed::Right(body)))
 }
 
 /// A response on its way through the HTTP filters, like a request.
@@ -1021,7 +1028,7 @@ async fn response_through_filters(
     ctx: &mut FlowContext,
     parts: &mut hyper::http::response::Parts,
     body: Incoming,
-) -> Result<ProxyBody, Ended> {
+) -> Result<Passed, Ended> {
     let end = body.is_end_stream();
     let mut fields: super::HttpFields = vec![(":status".to_owned(), parts.status.as_str().as_bytes().to_vec())];
     fields.extend(
@@ -1049,7 +1056,7 @@ async fn response_through_filters(
         set_fields(&mut parts.headers, &fields);
     }
     if end || exchanges.max_body() == 0 {
-        return Ok(body.boxed());
+        return Ok(Passed::Left(body));
     }
     let held = Held {
         body: Stage::ResponseBody,
@@ -1057,7 +1064,9 @@ async fn response_through_filters(
         too_large: "response-body-too-large",
         failed: "upstream-error",
     };
-    held.through(exchanges, ctx, &mut parts.headers, body).await
+    held.through(exchanges, ctx, &mut parts.headers, body)
+        .await
+        .map(Passed::Right)
 }
 
 /// A message's body held whole for the filters: which stages show it and
@@ -1079,7 +1088,7 @@ impl Held {
         ctx: &mut FlowContext,
         headers: &mut hyper::HeaderMap,
         body: Incoming,
-    ) -> Result<ProxyBody, Ended> {
+    ) -> Result<Buffered, Ended> {
         let (mut data, mut trailers) = match collect(body, exchanges.max_body()).await {
             Ok(x) => x,
             Err(Collect::TooLarge) => return Err(Ended::Stop(Stop::failed(self.too_large))),
@@ -1094,8 +1103,7 @@ impl Held {
             return Err(Ended::Reply(r));
         }
         framed(headers, data.len(), !trailers.is_empty());
-        let body = Buffered::new(Bytes::from(data), header_map(&trailers));
-        Ok(body.map_err(|never| match never {}).boxed())
+        Ok(Buffered::new(Bytes::from(data), header_map(&trailers)))
     }
 }
 
