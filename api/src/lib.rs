@@ -10,6 +10,7 @@ pub mod envoy;
 pub mod lint;
 pub mod model;
 pub mod net;
+pub mod proto;
 pub mod reason;
 
 pub use config::{ConfigError, ConfigErrorKind, ConfigErrors};

@@ -4,6 +4,7 @@
 //! the field path and a fix. A config either validates completely or is not
 //! used at all, so a bad reload keeps the last good one running.
 
+mod assemble;
 mod error;
 mod groups;
 mod listeners;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde_saphyr::Location;
 
+pub use assemble::{Assembly, DEFAULT_POLICY, ResourceKind, Resources};
 pub use error::{ConfigError, ConfigErrorKind, ConfigErrors, GroupKind, NameKind, suggest};
 pub use groups::{selected_workloads, unmatched_selectors};
 use raw::{RawConfig, S, is_missing};
@@ -70,6 +72,42 @@ fn io_message(path: &Path, e: &std::io::Error) -> String {
         ErrorKind::InvalidData => "the file is not UTF-8 text; save it as UTF-8".to_owned(),
         _ => e.to_string(),
     }
+}
+
+/// Loads and validates a directory of configuration files: every `.yaml`
+/// and `.yml` file in it (not in subdirectories), in name order, as one
+/// configuration. Lists (listeners, groups, inventory, plugins) are
+/// concatenated; a single section (`policy`, `admin`, …) may be given by
+/// one file only. Returns the validated configuration and the resources
+/// it defines, for a control server to serve.
+pub fn load_dir(dir: &Path) -> Result<(Config, Resources), ConfigErrors> {
+    let io = |message: String| {
+        ConfigErrors(vec![ConfigError {
+            file: dir.display().to_string(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            kind: ConfigErrorKind::Io { message },
+        }])
+    };
+    let entries = std::fs::read_dir(dir).map_err(|e| io(io_message(dir, &e)))?;
+    let mut files: Vec<std::path::PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(io(
+            "the directory holds no .yaml or .yml file; put the configuration's files in it".to_owned(),
+        ));
+    }
+    let mut assembly = Assembly::new();
+    for f in &files {
+        assembly.add_path(f);
+    }
+    let resources = assembly.resources();
+    Ok((assembly.build()?, resources))
 }
 
 /// The embedded default configuration.

@@ -97,7 +97,7 @@ pub(super) fn parse(text: &str, file: &str) -> Result<Parsed, Box<ConfigError>> 
 
 /// The configuration of an empty document: what is left to validate when
 /// the whole document was the wrong shape.
-fn empty() -> RawConfig {
+pub(super) fn empty() -> RawConfig {
     serde_saphyr::from_str("{}").unwrap_or_else(|_| unreachable!("an empty mapping is a valid configuration"))
 }
 
