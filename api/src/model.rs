@@ -685,6 +685,33 @@ pub struct Bootstrap {
     pub workers: Option<usize>,
     /// Where compiled plugin modules are kept between runs.
     pub plugin_cache: PluginCache,
+    /// Where resources come from besides this file: a control server.
+    pub xds: Option<XdsBootstrap>,
+}
+
+/// `xds:`: the control servers a gateway takes its resources from, and
+/// who it says it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct XdsBootstrap {
+    /// Tried in order; the next one when a server cannot be reached or
+    /// its stream ends.
+    pub servers: Vec<HostPort>,
+    pub node: XdsNode,
+    /// Incremental (Delta) xDS; State of the World when false.
+    pub delta: bool,
+    /// How long the first configuration may take before the gateway
+    /// serves with its own file's (Envoy's `initial_fetch_timeout`).
+    #[serde(serialize_with = "duration_text")]
+    pub initial_fetch_timeout: Duration,
+}
+
+/// The node a gateway presents in its first request (Envoy's `Node`):
+/// what the control server targets resources by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct XdsNode {
+    pub id: String,
+    pub cluster: String,
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// Where compiled plugin modules are kept (`runtime.plugin_cache`).

@@ -2,6 +2,7 @@
 //! control server's source) and a gateway's file with resources from a
 //! control server. Problems are placed in the source they are in.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 use std::fs;
 
 use sluice_api::config::{Assembly, Resources, load_dir, load_str};

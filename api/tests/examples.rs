@@ -15,7 +15,10 @@ const KEY: &str = "bogus_key_for_test";
 /// Sections that are lists of mappings: the key goes into their first item.
 const LIST_SECTIONS: [&str; 5] = ["listeners", "webgroups", "smartgroups", "inventory", "plugins"];
 /// Sections that are mappings: the key goes inside them.
-const MAP_SECTIONS: [&str; 4] = ["policy", "admin", "audit", "gateway"];
+const MAP_SECTIONS: [&str; 5] = ["policy", "admin", "audit", "gateway", "xds"];
+/// Directories a control server serves (`sluice-xds serve --config-dir`):
+/// their files are parts of one configuration, loaded together.
+const SERVED_DIRS: [&str; 1] = ["xds/config"];
 
 /// (name, text) of every shipped configuration.
 fn shipped() -> Vec<(String, String)> {
@@ -43,6 +46,9 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.unwrap().path();
         if path.is_dir() {
+            if SERVED_DIRS.iter().any(|d| path.ends_with(d)) {
+                continue;
+            }
             collect_yaml(&path, out);
         } else if path.extension().is_some_and(|x| x == "yaml" || x == "yml") {
             out.push(path);
@@ -315,4 +321,45 @@ plugins:
 #[test]
 fn fixture_loads() {
     load_str(FIXTURE, "fixture").unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A control server's directory loads as one configuration, and an unknown
+/// key in any of its files is refused at its line in that file.
+#[test]
+fn every_served_directory_loads_cleanly_and_refuses_unknown_keys() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for d in SERVED_DIRS {
+        let dir = root.join(d);
+        let (config, resources) =
+            sluice_api::config::load_dir(&dir).unwrap_or_else(|e| panic!("examples/{d} does not load:\n{e}"));
+        assert!(
+            resources.policies.is_some_and(|p| p.len() == 1),
+            "examples/{d}: no policy"
+        );
+        let warnings: Vec<String> = sluice_api::lint::lint(&config)
+            .iter()
+            .map(ToString::to_string)
+            // Gateways keep their listeners in their own files.
+            .filter(|w| !w.starts_with("no listeners"))
+            .collect();
+        assert!(warnings.is_empty(), "examples/{d}: lint warnings: {warnings:?}");
+        let mut files = Vec::new();
+        collect_yaml(&dir, &mut files);
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for inj in injections(&text) {
+                let copy = tempfile::tempdir().unwrap();
+                for g in std::fs::read_dir(&dir).unwrap() {
+                    let g = g.unwrap().path();
+                    std::fs::copy(&g, copy.path().join(g.file_name().unwrap())).unwrap();
+                }
+                std::fs::write(copy.path().join(f.file_name().unwrap()), &inj.text).unwrap();
+                let errs = sluice_api::config::load_dir(copy.path()).unwrap_err();
+                let e = &errs.0[0];
+                assert!(e.file.ends_with(&*f.file_name().unwrap().to_string_lossy()), "{e}");
+                assert_eq!(e.line, inj.line, "{}: {e}", f.display());
+                assert!(e.to_string().contains(&format!("`{KEY}`")), "{e}");
+            }
+        }
+    }
 }

@@ -351,6 +351,7 @@ async fn serve(
     };
     let source = cfg.source.clone();
     let mode = cfg.policy.mode;
+    let xds = cfg.bootstrap.xds.clone();
     let server = match crate::runtime::Server::start(cfg, log).await {
         Ok(s) => s,
         Err(e) => {
@@ -366,6 +367,17 @@ async fn serve(
     }
     let _ = writeln!(err, "sluice: admin API on http://{}", server.admin);
     let _ = writeln!(err, "sluice: running {source} in {} mode", mode.as_str());
+    if let Some(x) = xds {
+        let servers: Vec<String> = x.servers.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            err,
+            "sluice: taking resources from xDS server {} as node `{}` ({})",
+            servers.join(", "),
+            x.node.id,
+            if x.delta { "delta" } else { "state of the world" }
+        );
+        let _status = server.start_xds(x);
+    }
     if let Some(p) = &path {
         // Edits to the file apply by themselves, like SIGHUP.
         server.watch_file(p.clone(), std::time::Duration::from_secs(1));

@@ -18,3 +18,4 @@ pub mod runtime;
 pub mod sys;
 pub mod telemetry;
 pub mod wasm;
+pub mod xds;

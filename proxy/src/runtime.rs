@@ -329,6 +329,9 @@ struct Inner {
     bound: std::sync::Mutex<BTreeMap<String, (ListenerType, SocketAddr)>>,
     /// The file reloads read; `None` for the embedded default.
     source: std::sync::Mutex<Option<PathBuf>>,
+    /// The resources a control server sent last, laid over the file by
+    /// every reload; `None` before the first (or without `xds:`).
+    xds: std::sync::Mutex<Option<sluice_api::config::Resources>>,
     reload_tx: mpsc::Sender<ReloadRequest>,
     /// Watchers and the reload task, ended at shutdown.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -485,6 +488,7 @@ impl Server {
             }),
             bound: std::sync::Mutex::new(BTreeMap::new()),
             source: std::sync::Mutex::new(source),
+            xds: std::sync::Mutex::new(None),
             reload_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
             hook: hook.map(Hook),
@@ -542,6 +546,32 @@ impl Server {
     /// Reloads from the file the server was started with.
     pub async fn reload_file(&self) -> Result<ReloadReport, ReloadError> {
         self.inner.reload_file().await
+    }
+
+    /// Applies resources from a control server: the file (or the embedded
+    /// default) with each section they make replaced, checked as a whole,
+    /// then reloaded like an edit of the file. Later reloads of the file
+    /// keep them.
+    pub async fn apply_resources(&self, resources: sluice_api::config::Resources) -> Result<ReloadReport, ReloadError> {
+        self.inner.apply_resources(resources).await
+    }
+
+    /// Starts taking resources from the control servers of `xds:`; the
+    /// client stops at shutdown. Its state is on the admin API.
+    pub fn start_xds(&self, bootstrap: sluice_api::XdsBootstrap) -> Arc<crate::xds::XdsStatus> {
+        let status = Arc::new(crate::xds::XdsStatus::default());
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let apply = Arc::new(XdsApply {
+            inner: Arc::downgrade(&self.inner),
+        });
+        let task_status = status.clone();
+        self.inner.keep(tokio::spawn(async move {
+            // Dropping the sender at the end of the task is all the
+            // client needs to know; the task itself is aborted at shutdown.
+            let _keep = stop_tx;
+            crate::xds::run(bootstrap, apply, task_status, stop).await;
+        }));
+        status
     }
 
     /// Reloads whenever `path` changes on disk (its length, modification
@@ -648,7 +678,45 @@ impl Inner {
         self.reconcile(&mut running, snapshot).await
     }
 
+    /// The configuration of the file (or the embedded default) with the
+    /// sections `resources` make replaced.
+    fn assemble(&self, resources: Option<&sluice_api::config::Resources>) -> Result<Config, ReloadError> {
+        let path = self
+            .source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut a = sluice_api::config::Assembly::new();
+        match &path {
+            Some(p) => a.add_path(p),
+            None => a.add_file(
+                sluice_api::config::EMBEDDED_DEFAULT,
+                sluice_api::config::EMBEDDED_DEFAULT_NAME,
+            ),
+        }
+        if let Some(r) = resources {
+            a.replace_with(r);
+        }
+        a.build().map_err(ReloadError::Config)
+    }
+
+    async fn apply_resources(&self, resources: sluice_api::config::Resources) -> Result<ReloadReport, ReloadError> {
+        let config = self.assemble(Some(&resources))?;
+        let report = self.reload(config).await?;
+        *self.xds.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(resources);
+        Ok(report)
+    }
+
     async fn reload_file(&self) -> Result<ReloadReport, ReloadError> {
+        let xds = self
+            .xds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if xds.is_some() {
+            let config = self.assemble(xds.as_ref())?;
+            return self.reload(config).await;
+        }
         let path = self
             .source
             .lock()
@@ -1059,6 +1127,42 @@ impl Inner {
             &mut report.removed,
         ] {
             list.sort();
+        }
+    }
+}
+
+/// The xDS client's way into the runtime: a weak reference, so a client
+/// task outliving the server applies nothing.
+#[derive(Debug)]
+struct XdsApply {
+    inner: std::sync::Weak<Inner>,
+}
+
+impl crate::xds::Apply for XdsApply {
+    async fn apply(&self, resources: sluice_api::config::Resources) -> crate::xds::Applied {
+        use crate::xds::Applied;
+        let Some(inner) = self.inner.upgrade() else {
+            return Applied::Refused {
+                message: "the gateway is shutting down".into(),
+                dangling: false,
+            };
+        };
+        match inner.apply_resources(resources).await {
+            Ok(report) => Applied::Done(report.to_string()),
+            Err(e) => {
+                // Only names left undefined: the resource that defines
+                // them may be the next to arrive.
+                let dangling = matches!(&e, ReloadError::Config(errors) if errors.iter().all(|x| matches!(
+                    x.kind,
+                    sluice_api::ConfigErrorKind::UnknownGroup { .. }
+                        | sluice_api::ConfigErrorKind::UnknownWorkload { .. }
+                        | sluice_api::ConfigErrorKind::UnknownPlugin { .. }
+                )));
+                Applied::Refused {
+                    message: e.to_string(),
+                    dangling,
+                }
+            }
         }
     }
 }

@@ -31,6 +31,10 @@ pub enum ResourceKind {
 }
 
 impl ResourceKind {
+    /// In the order a gateway applies them: groups before the policy that
+    /// names them.
+    pub const ALL: [Self; 4] = [Self::WebGroup, Self::SmartGroup, Self::Workload, Self::Policy];
+
     pub fn type_url(self) -> &'static str {
         use crate::proto::type_url as t;
         match self {
@@ -42,9 +46,7 @@ impl ResourceKind {
     }
 
     pub fn from_type_url(url: &str) -> Option<Self> {
-        [Self::WebGroup, Self::SmartGroup, Self::Workload, Self::Policy]
-            .into_iter()
-            .find(|k| k.type_url() == url)
+        Self::ALL.into_iter().find(|k| k.type_url() == url)
     }
 
     /// The section of `sluice.yaml` the resources of this kind make.
@@ -146,6 +148,7 @@ impl Assembly {
         self.single("policy", &origin, r.policy, |c| &mut c.policy);
         self.single("resolver", &origin, r.resolver, |c| &mut c.resolver);
         self.single("runtime", &origin, r.runtime, |c| &mut c.runtime);
+        self.single("xds", &origin, r.xds, |c| &mut c.xds);
     }
 
     /// Reads and adds a file.

@@ -146,4 +146,87 @@ impl Validator {
         }
         out
     }
+
+    /// `xds`: the control servers and the node.
+    pub(super) fn xds(&mut self, x: &S<raw::RawXds>) -> Option<XdsBootstrap> {
+        let at = x.referenced;
+        let x = &x.value;
+        let mut servers = Vec::new();
+        for (i, s) in x.servers.iter().enumerate() {
+            match HostPort::parse(&s.value) {
+                Some(hp) => servers.push(hp),
+                None => self.err(
+                    s.referenced,
+                    format!("xds.servers[{i}]"),
+                    ConfigErrorKind::InvalidValue {
+                        message: format!(
+                            "`{}` is not a server address; write `host:port`, e.g. `xds.internal:18000` or `127.0.0.1:18000`",
+                            s.value
+                        ),
+                    },
+                ),
+            }
+        }
+        if x.servers.is_empty() {
+            self.err(
+                at,
+                "xds.servers",
+                ConfigErrorKind::InvalidValue {
+                    message: "no control server is listed; add at least one `host:port`".into(),
+                },
+            );
+        }
+        let node = match &x.node {
+            Some(n) if self.require(&n.value.id, n.referenced, "xds.node", "id") => {
+                let id = n.value.id.value.trim().to_owned();
+                if id.is_empty() {
+                    self.err(
+                        n.value.id.referenced,
+                        "xds.node.id",
+                        ConfigErrorKind::InvalidValue {
+                            message: "the node id is empty; name this gateway, e.g. `gw-eu-1`".into(),
+                        },
+                    );
+                }
+                XdsNode {
+                    id,
+                    cluster: n.value.cluster.clone().unwrap_or_default(),
+                    metadata: n.value.metadata.clone(),
+                }
+            }
+            Some(_) => return None,
+            None => {
+                let _ = self.require(&raw::missing::<String>(), at, "xds", "node");
+                return None;
+            }
+        };
+        let delta = match x.protocol.as_ref().map(|p| (p, p.value.trim())) {
+            None | Some((_, "delta")) => true,
+            Some((_, "sotw")) => false,
+            Some((p, other)) => {
+                self.err(
+                    p.referenced,
+                    "xds.protocol",
+                    ConfigErrorKind::UnknownValue {
+                        value: other.to_owned(),
+                        expected: vec!["delta".into(), "sotw".into()],
+                        suggestion: None,
+                    },
+                );
+                true
+            }
+        };
+        let initial_fetch_timeout = self.duration(
+            &x.initial_fetch_timeout,
+            "xds.initial_fetch_timeout".into(),
+            Duration::from_secs(15),
+            Duration::from_secs(600),
+        );
+        Some(XdsBootstrap {
+            servers,
+            node,
+            delta,
+            initial_fetch_timeout,
+        })
+    }
 }

@@ -71,6 +71,32 @@ pub struct RawConfig {
     pub resolver: Option<RawResolver>,
     #[serde(default)]
     pub runtime: Option<RawRuntime>,
+    #[serde(default)]
+    pub xds: Option<S<RawXds>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawXds {
+    #[serde(default)]
+    pub servers: Vec<S<String>>,
+    #[serde(default)]
+    pub node: Option<S<RawNode>>,
+    #[serde(default)]
+    pub protocol: Option<S<String>>,
+    #[serde(default)]
+    pub initial_fetch_timeout: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    #[serde(default = "missing")]
+    pub id: S<String>,
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]

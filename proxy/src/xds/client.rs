@@ -1,0 +1,394 @@
+//! The gateway's side of ADS, without I/O: what to ask a control server
+//! for, what its responses hold, and the ACK or NACK each one earns.
+//!
+//! A response is first held as *pending* for its type. The caller builds a
+//! configuration from the accepted resources with every pending response
+//! laid over them ([`AdsClient::candidate`]), checks and applies it, then
+//! either [`AdsClient::commit`]s (the pending responses become accepted,
+//! each is ACKed) or [`AdsClient::reject`]s (each is NACKed with the
+//! reason, and the accepted resources stay as they were). Holding several
+//! types' responses together is what lets a policy and the groups it names
+//! change in one step.
+//!
+//! Both variants of the protocol are spoken: State of the World (every
+//! response carries a type's whole set, and a version for it) and Delta
+//! (a response carries what changed and what was removed, each resource
+//! with its own version); on a new stream Delta tells the server what the
+//! gateway already holds (`initial_resource_versions`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::{Any, Struct, Value, value};
+use envoy_types::pb::google::rpc::Status;
+use prost::Message;
+use sluice_api::config::{ResourceKind, Resources};
+use sluice_api::proto::v1 as pb;
+use sluice_api::{XdsBootstrap, XdsNode};
+
+/// gRPC's INVALID_ARGUMENT, the code a NACK carries.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// A request to send on the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    Sotw(DiscoveryRequest),
+    Delta(DeltaDiscoveryRequest),
+}
+
+/// Why a response could not even be held as pending.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResponseError {
+    #[error("a response for {0}, which this gateway did not subscribe to")]
+    NotSubscribed(String),
+    #[error("{type_url}: resource {index}: {reason}")]
+    Resource {
+        type_url: String,
+        index: usize,
+        reason: String,
+    },
+    #[error("a {0} response without a nonce")]
+    NoNonce(String),
+}
+
+/// One resource as accepted: its version (Delta's per-resource version;
+/// empty in SotW) and its message.
+#[derive(Debug, Clone, PartialEq)]
+struct Held {
+    version: String,
+    body: Any,
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    /// What the gateway runs with, by name.
+    accepted: BTreeMap<String, Held>,
+    /// SotW: the version of `accepted` (what an ACK repeats).
+    version: String,
+    /// A response received and not yet ACKed or NACKed: its nonce, its
+    /// version (SotW) and the set it would make.
+    pending: Option<Pending>,
+    /// A response was received for this type on some stream.
+    received: bool,
+    /// Names subscribed on the current stream were sent.
+    subscribed: bool,
+}
+
+#[derive(Debug)]
+struct Pending {
+    nonce: String,
+    version: String,
+    set: BTreeMap<String, Held>,
+}
+
+/// The client state of one gateway, kept across streams.
+#[derive(Debug)]
+pub struct AdsClient {
+    node: Node,
+    delta: bool,
+    types: BTreeMap<&'static str, TypeState>,
+    /// The node goes in the first request of each stream only.
+    node_sent: bool,
+}
+
+impl AdsClient {
+    /// A client subscribed, by wildcard, to Sluice's own types.
+    pub fn new(bootstrap: &XdsBootstrap) -> Self {
+        let types = ResourceKind::ALL
+            .into_iter()
+            .map(|k| (k.type_url(), TypeState::default()))
+            .collect();
+        Self {
+            node: node(&bootstrap.node),
+            delta: bootstrap.delta,
+            types,
+            node_sent: false,
+        }
+    }
+
+    pub fn is_delta(&self) -> bool {
+        self.delta
+    }
+
+    /// A new stream is open: the first request of every type. Pending
+    /// responses of the old stream are dropped (their nonces mean nothing
+    /// on this one); what was accepted is announced so the server can
+    /// skip it.
+    pub fn on_connect(&mut self) -> Vec<Outgoing> {
+        self.node_sent = false;
+        let urls: Vec<&'static str> = self.types.keys().copied().collect();
+        let mut out = Vec::with_capacity(urls.len());
+        for url in urls {
+            let node = self.node_once();
+            let Some(t) = self.types.get_mut(url) else { continue };
+            t.pending = None;
+            t.subscribed = true;
+            out.push(if self.delta {
+                Outgoing::Delta(DeltaDiscoveryRequest {
+                    node,
+                    type_url: url.to_owned(),
+                    resource_names_subscribe: vec!["*".to_owned()],
+                    initial_resource_versions: t
+                        .accepted
+                        .iter()
+                        .map(|(n, h)| (n.clone(), h.version.clone()))
+                        .collect::<HashMap<_, _>>(),
+                    ..Default::default()
+                })
+            } else {
+                Outgoing::Sotw(DiscoveryRequest {
+                    node,
+                    type_url: url.to_owned(),
+                    version_info: t.version.clone(),
+                    resource_names: vec!["*".to_owned()],
+                    ..Default::default()
+                })
+            });
+        }
+        out
+    }
+
+    fn node_once(&mut self) -> Option<Node> {
+        (!std::mem::replace(&mut self.node_sent, true)).then(|| self.node.clone())
+    }
+
+    /// Holds a State-of-the-World response as pending for its type.
+    pub fn on_sotw(&mut self, r: DiscoveryResponse) -> Result<(), ResponseError> {
+        let t = self.state(&r.type_url)?;
+        if r.nonce.is_empty() {
+            return Err(ResponseError::NoNonce(r.type_url));
+        }
+        let mut set = BTreeMap::new();
+        for (index, body) in r.resources.into_iter().enumerate() {
+            let name = resource_name(&r.type_url, index, &body)?;
+            set.insert(
+                name,
+                Held {
+                    version: String::new(),
+                    body,
+                },
+            );
+        }
+        t.pending = Some(Pending {
+            nonce: r.nonce,
+            version: r.version_info,
+            set,
+        });
+        Ok(())
+    }
+
+    /// Holds a Delta response as pending: the accepted set (or the set of
+    /// an earlier pending response) with its changes and removals.
+    pub fn on_delta(&mut self, r: DeltaDiscoveryResponse) -> Result<(), ResponseError> {
+        let t = self.state(&r.type_url)?;
+        if r.nonce.is_empty() {
+            return Err(ResponseError::NoNonce(r.type_url));
+        }
+        let mut set = t.pending.take().map_or_else(|| t.accepted.clone(), |p| p.set);
+        for (index, res) in r.resources.into_iter().enumerate() {
+            let Some(body) = res.resource else {
+                return Err(ResponseError::Resource {
+                    type_url: r.type_url,
+                    index,
+                    reason: format!("`{}` has no body", res.name),
+                });
+            };
+            let name = resource_name(&r.type_url, index, &body)?;
+            if name != res.name {
+                return Err(ResponseError::Resource {
+                    type_url: r.type_url,
+                    index,
+                    reason: format!("named `{}` in the response but `{name}` in its body", res.name),
+                });
+            }
+            set.insert(
+                name,
+                Held {
+                    version: res.version,
+                    body,
+                },
+            );
+        }
+        for name in &r.removed_resources {
+            set.remove(name);
+        }
+        t.pending = Some(Pending {
+            nonce: r.nonce,
+            version: r.system_version_info,
+            set,
+        });
+        Ok(())
+    }
+
+    fn state(&mut self, type_url: &str) -> Result<&mut TypeState, ResponseError> {
+        self.types
+            .get_mut(type_url)
+            .ok_or_else(|| ResponseError::NotSubscribed(type_url.to_owned()))
+    }
+
+    /// Whether some response waits for its ACK or NACK.
+    pub fn has_pending(&self) -> bool {
+        self.types.values().any(|t| t.pending.is_some())
+    }
+
+    /// Every subscribed type has had a response (on this stream or an
+    /// earlier one), pending ones included.
+    pub fn synced(&self) -> bool {
+        self.types.values().all(|t| t.received || t.pending.is_some())
+    }
+
+    /// The resources the gateway would run with if every pending
+    /// response were accepted. A type never received is `None`: the
+    /// gateway's own file keeps that section.
+    pub fn candidate(&self) -> Resources {
+        let mut out = Resources::default();
+        for (url, t) in &self.types {
+            if !t.received && t.pending.is_none() {
+                continue;
+            }
+            let set = t.pending.as_ref().map_or(&t.accepted, |p| &p.set);
+            let bodies = set.values().map(|h| &h.body);
+            match ResourceKind::from_type_url(url) {
+                Some(ResourceKind::WebGroup) => out.webgroups = Some(decode_all(bodies)),
+                Some(ResourceKind::SmartGroup) => out.smartgroups = Some(decode_all(bodies)),
+                Some(ResourceKind::Workload) => out.workloads = Some(decode_all(bodies)),
+                Some(ResourceKind::Policy) => out.policies = Some(decode_all(bodies)),
+                None => {}
+            }
+        }
+        out
+    }
+
+    /// The candidate was applied: ACK every pending response.
+    pub fn commit(&mut self) -> Vec<Outgoing> {
+        let delta = self.delta;
+        let mut out = Vec::new();
+        for (url, t) in &mut self.types {
+            let Some(p) = t.pending.take() else { continue };
+            t.accepted = p.set;
+            t.version = p.version;
+            t.received = true;
+            out.push(answer(delta, url, &t.version, p.nonce, None));
+        }
+        out
+    }
+
+    /// The candidate was refused: NACK every pending response with
+    /// `message`; the accepted resources stay.
+    pub fn reject(&mut self, message: &str) -> Vec<Outgoing> {
+        let delta = self.delta;
+        let mut out = Vec::new();
+        for (url, t) in &mut self.types {
+            let Some(p) = t.pending.take() else { continue };
+            t.received = true;
+            let status = Status {
+                code: INVALID_ARGUMENT,
+                message: message.to_owned(),
+                details: Vec::new(),
+            };
+            out.push(answer(delta, url, &t.version, p.nonce, Some(status)));
+        }
+        out
+    }
+
+    /// NACKs one response that could not be held at all (it could not be
+    /// decoded), leaving other pending responses alone.
+    pub fn refuse(&mut self, type_url: &str, nonce: String, message: &str) -> Option<Outgoing> {
+        let delta = self.delta;
+        let (url, t) = self.types.iter_mut().find(|(u, _)| **u == type_url)?;
+        t.received = true;
+        let status = Status {
+            code: INVALID_ARGUMENT,
+            message: message.to_owned(),
+            details: Vec::new(),
+        };
+        Some(answer(delta, url, &t.version, nonce, Some(status)))
+    }
+
+    /// Per type: the version accepted (SotW) and how many resources.
+    pub fn accepted(&self) -> Vec<(&'static str, String, usize)> {
+        self.types
+            .iter()
+            .map(|(u, t)| (*u, t.version.clone(), t.accepted.len()))
+            .collect()
+    }
+}
+
+fn answer(delta: bool, url: &str, version: &str, nonce: String, error: Option<Status>) -> Outgoing {
+    if delta {
+        Outgoing::Delta(DeltaDiscoveryRequest {
+            type_url: url.to_owned(),
+            response_nonce: nonce,
+            error_detail: error,
+            ..Default::default()
+        })
+    } else {
+        Outgoing::Sotw(DiscoveryRequest {
+            type_url: url.to_owned(),
+            version_info: version.to_owned(),
+            resource_names: vec!["*".to_owned()],
+            response_nonce: nonce,
+            error_detail: error,
+            ..Default::default()
+        })
+    }
+}
+
+/// The name of a resource, read from its body, after checking its type.
+fn resource_name(type_url: &str, index: usize, body: &Any) -> Result<String, ResponseError> {
+    let bad = |reason: String| ResponseError::Resource {
+        type_url: type_url.to_owned(),
+        index,
+        reason,
+    };
+    if body.type_url != type_url {
+        return Err(bad(format!("its type is {}, not the response's", body.type_url)));
+    }
+    let name = match ResourceKind::from_type_url(type_url) {
+        Some(ResourceKind::WebGroup) => pb::WebGroup::decode(body.value.as_slice()).map(|m| m.name),
+        Some(ResourceKind::SmartGroup) => pb::SmartGroup::decode(body.value.as_slice()).map(|m| m.name),
+        Some(ResourceKind::Workload) => pb::Workload::decode(body.value.as_slice()).map(|m| m.name),
+        Some(ResourceKind::Policy) => pb::Policy::decode(body.value.as_slice()).map(|m| m.name),
+        None => return Err(bad("not a type this gateway reads".to_owned())),
+    }
+    .map_err(|e| bad(format!("cannot be decoded: {e}")))?;
+    if name.is_empty() {
+        return Err(bad("has no name".to_owned()));
+    }
+    Ok(name)
+}
+
+/// Bodies already decoded once by [`resource_name`]; one that fails now
+/// cannot, and would be left out.
+fn decode_all<'a, M: Message + Default>(bodies: impl Iterator<Item = &'a Any>) -> Vec<M> {
+    bodies.filter_map(|b| M::decode(b.value.as_slice()).ok()).collect()
+}
+
+fn node(n: &XdsNode) -> Node {
+    let fields = n
+        .metadata
+        .iter()
+        .map(|(k, v)| {
+            let v = Value {
+                kind: Some(value::Kind::StringValue(v.clone())),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    Node {
+        id: n.id.clone(),
+        cluster: n.cluster.clone(),
+        metadata: (!n.metadata.is_empty()).then_some(Struct { fields }),
+        user_agent_name: "sluice".to_owned(),
+        user_agent_version_type: Some(
+            envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(
+                env!("CARGO_PKG_VERSION").to_owned(),
+            ),
+        ),
+        ..Default::default()
+    }
+}

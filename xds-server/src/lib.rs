@@ -1,0 +1,8 @@
+//! `sluice-xds` as a library: the pieces of the control server that the
+//! binary wires together, kept here so they can be tested without sockets.
+#![forbid(unsafe_code)]
+
+pub mod ads;
+pub mod service;
+pub mod snapshot;
+pub mod source;

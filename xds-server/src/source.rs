@@ -1,0 +1,190 @@
+//! Where the control server's configuration comes from: a directory of
+//! `sluice.yaml`-vocabulary files (or the embedded example), checked by
+//! the same validator the gateways run, and turned into the snapshot every
+//! node is served.
+//!
+//! The directory is watched: a change that validates replaces the
+//! snapshot; one that does not is logged with file:line:column and
+//! counted, and the last good snapshot keeps being served.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
+use serde::Serialize;
+use sluice_api::config::{Assembly, ResourceKind, Resources};
+use sluice_api::{Config, ConfigErrors};
+use tokio::sync::watch;
+
+use crate::snapshot::{Resource, Snapshot, SnapshotError};
+
+/// The example configuration `sluice-xds` serves when given none.
+pub const EMBEDDED: [(&str, &str); 2] = [
+    (
+        "<embedded>/groups.yaml",
+        include_str!("../../examples/xds/config/groups.yaml"),
+    ),
+    (
+        "<embedded>/policy.yaml",
+        include_str!("../../examples/xds/config/policy.yaml"),
+    ),
+];
+
+/// A configuration source.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Dir(PathBuf),
+    Embedded,
+}
+
+impl Source {
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Dir(d) => d.display().to_string(),
+            Self::Embedded => "the embedded example (examples/xds/config)".to_owned(),
+        }
+    }
+
+    /// Loads and validates the source.
+    pub fn load(&self) -> Result<Loaded, ConfigErrors> {
+        let (config, resources) = match self {
+            Self::Dir(d) => sluice_api::config::load_dir(d)?,
+            Self::Embedded => {
+                let mut a = Assembly::new();
+                for (name, text) in EMBEDDED {
+                    a.add_file(text, name);
+                }
+                let resources = a.resources();
+                (a.build()?, resources)
+            }
+        };
+        let snapshot = snapshot(&resources).map_err(|e| {
+            ConfigErrors(vec![sluice_api::ConfigError {
+                file: self.describe(),
+                line: 0,
+                column: 0,
+                path: String::new(),
+                kind: sluice_api::ConfigErrorKind::InvalidValue { message: e.to_string() },
+            }])
+        })?;
+        Ok(Loaded {
+            config,
+            resources,
+            snapshot: Arc::new(snapshot),
+        })
+    }
+}
+
+/// A validated configuration and what it serves.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub resources: Resources,
+    pub snapshot: Arc<Snapshot>,
+}
+
+fn any<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+/// The snapshot of Sluice's resources. Every Sluice type is listed even
+/// when empty, so a gateway subscribed to it hears that there are none.
+pub fn snapshot(r: &Resources) -> Result<Snapshot, SnapshotError> {
+    let mut b = ResourceKind::ALL
+        .into_iter()
+        .fold(Snapshot::builder(), |b, k| b.with_type(k.type_url()));
+    for g in r.webgroups.iter().flatten() {
+        b.add(Resource::new(&g.name, any(g)))?;
+    }
+    for g in r.smartgroups.iter().flatten() {
+        b.add(Resource::new(&g.name, any(g)))?;
+    }
+    for w in r.workloads.iter().flatten() {
+        b.add(Resource::new(&w.name, any(w)))?;
+    }
+    for p in r.policies.iter().flatten() {
+        b.add(Resource::new(&p.name, any(p)))?;
+    }
+    Ok(b.build())
+}
+
+/// What the server has made of its source, for the log, the admin API and
+/// metrics.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct SourceState {
+    /// Changes applied since the start (the first load included).
+    pub loads: u64,
+    /// Changes rejected since the start.
+    pub rejections: u64,
+    /// Why the last rejected change was rejected, while the source is still
+    /// in that state; `None` once a change validates.
+    pub last_error: Option<String>,
+}
+
+/// Watches `dir` every `every` and publishes each change that validates.
+pub async fn watch_dir(
+    source: Source,
+    every: Duration,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    state: Arc<Mutex<SourceState>>,
+) {
+    let Source::Dir(dir) = &source else {
+        // Nothing to watch; the sender stays, so streams keep their
+        // snapshot.
+        let _keep = snapshots;
+        return std::future::pending().await;
+    };
+    let mut last = fingerprint(dir);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = fingerprint(dir);
+        if now == last {
+            continue;
+        }
+        // Let an editor finish writing before reading.
+        tokio::time::sleep(every.min(Duration::from_millis(200))).await;
+        last = fingerprint(dir);
+        let outcome = source.load();
+        let mut st = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match outcome {
+            Ok(loaded) => {
+                st.loads += 1;
+                st.last_error = None;
+                tracing::info!("{}: changed; serving the new configuration", dir.display());
+                snapshots.send_replace(loaded.snapshot);
+            }
+            Err(e) => {
+                st.rejections += 1;
+                tracing::warn!(
+                    "{}: changed but was rejected; still serving the last good configuration:\n{e}",
+                    dir.display()
+                );
+                st.last_error = Some(e.to_string());
+            }
+        }
+    }
+}
+
+/// Names, sizes, modification times and inodes of the directory's files:
+/// any edit, rename, addition or removal changes it.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((e.path(), m.len(), m.modified().ok(), m.ino()))
+        })
+        .collect();
+    out.sort();
+    out
+}
