@@ -1,0 +1,394 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+//! A gateway driven by a control server over xDS: the control server is
+//! `sluice-xds`'s ADS service, run in its own runtime in this process so
+//! a test can publish any snapshot (an invalid one too) and kill it; the
+//! gateway is Sluice with `xds:` in its file, serving real tunnels.
+
+#[macro_use]
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
+use sluice::runtime::Server;
+use sluice::xds::XdsStatus;
+use sluice_api::config::{ResourceKind, Resources};
+use sluice_api::proto::v1 as pb;
+use sluice_xds::service::{Ads, Stats};
+use sluice_xds::snapshot::{Resource, Snapshot};
+use tokio::io::AsyncReadExt;
+
+/// `sluice-xds`'s ADS service on its own runtime and thread: stopping it
+/// ends every stream and connection at once, as a killed process would.
+struct ControlPlane {
+    addr: SocketAddr,
+    tx: tokio::sync::watch::Sender<Arc<Snapshot>>,
+    stats: Arc<Stats>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl ControlPlane {
+    async fn start(resources: &Resources) -> Self {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), resources).await
+    }
+
+    async fn start_on(addr: SocketAddr, resources: &Resources) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(snapshot(resources)));
+        let stats = Arc::new(Stats::default());
+        let service = AggregatedDiscoveryServiceServer::new(Ads::new(rx, stats.clone()));
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            tx,
+            stats,
+            rt: Some(rt),
+        }
+    }
+
+    fn publish(&self, resources: &Resources) {
+        self.tx.send_replace(Arc::new(snapshot(resources)));
+    }
+
+    fn nacks(&self) -> u64 {
+        self.stats.nacks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn stop(mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn any<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn snapshot(r: &Resources) -> Snapshot {
+    let mut b = ResourceKind::ALL
+        .into_iter()
+        .fold(Snapshot::builder(), |b, k| b.with_type(k.type_url()));
+    for g in r.webgroups.iter().flatten() {
+        b.add(Resource::new(&g.name, any(g))).unwrap();
+    }
+    for g in r.smartgroups.iter().flatten() {
+        b.add(Resource::new(&g.name, any(g))).unwrap();
+    }
+    for p in r.policies.iter().flatten() {
+        b.add(Resource::new(&p.name, any(p))).unwrap();
+    }
+    b.build()
+}
+
+fn webgroup(name: &str, domains: &[&str]) -> pb::WebGroup {
+    pb::WebGroup {
+        name: name.into(),
+        domains: domains.iter().map(|d| (*d).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+fn rule(name: &str, webgroups: &[&str], smartgroups: &[&str], action: pb::Action) -> pb::Rule {
+    pb::Rule {
+        name: name.into(),
+        to: Some(pb::Destination {
+            webgroups: webgroups.iter().map(|d| (*d).to_owned()).collect(),
+            smartgroups: smartgroups.iter().map(|d| (*d).to_owned()).collect(),
+        }),
+        action: action as i32,
+        ..Default::default()
+    }
+}
+
+/// The control server's configuration: `good` names allowed (with the
+/// test upstream's addresses, which the guard protects otherwise), or not.
+fn served(allow_good: bool, extra_rules: Vec<pb::Rule>) -> Resources {
+    let mut rules = extra_rules;
+    if allow_good {
+        rules.push(rule(
+            "allow-good",
+            &["good"],
+            &["gateway", "loopback"],
+            pb::Action::Allow,
+        ));
+    }
+    Resources {
+        webgroups: Some(vec![
+            webgroup("good", &["allowed.test"]),
+            webgroup("bad", &["denied.test"]),
+        ]),
+        smartgroups: Some(vec![]),
+        workloads: Some(vec![]),
+        policies: Some(vec![pb::Policy {
+            name: "default".into(),
+            mode: pb::Mode::Enforce as i32,
+            default: pb::Action::Deny as i32,
+            rules,
+            ..Default::default()
+        }]),
+    }
+}
+
+/// A gateway whose own file denies everything and names the control
+/// server.
+struct Gateway {
+    server: Server,
+    status: Arc<XdsStatus>,
+    audit: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    async fn start(control: SocketAddr, protocol: &str) -> Self {
+        let dir = scratch_dir();
+        let audit = dir.path().join("audit.jsonl");
+        let yaml = format!(
+            "{}listeners:\n  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}}\n\
+             policy:\n  default: deny\n\
+             xds:\n  servers: [\"{control}\"]\n  node: {{id: gw-test, cluster: tests, metadata: {{zone: a}}}}\n  protocol: {protocol}\n  initial_fetch_timeout: 5s\n",
+            base_config(&audit)
+        );
+        let file = dir.path().join("gateway.yaml");
+        std::fs::write(&file, &yaml).unwrap();
+        let config = sluice_api::config::load_file(&file).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let bootstrap = config.bootstrap.xds.clone().unwrap();
+        let server = Server::start(config, None).await.expect("the gateway starts");
+        let status = server.start_xds(bootstrap);
+        Self {
+            server,
+            status,
+            audit,
+            _dir: dir,
+        }
+    }
+
+    fn proxy(&self) -> SocketAddr {
+        self.server.addr("proxy").unwrap()
+    }
+
+    fn rules(&self) -> Vec<String> {
+        let snap = self.server.shared.snapshot.load();
+        snap.config.policy.rules.iter().map(|r| r.name.clone()).collect()
+    }
+
+    /// Waits until the gateway enforces exactly `rules` (by name).
+    async fn wait_rules(&self, rules: &[&str]) {
+        let ok = wait_until(|| self.rules() == rules).await;
+        assert!(
+            ok,
+            "the gateway runs {:?}, not {rules:?}; xDS status: {:?}",
+            self.rules(),
+            self.status.state()
+        );
+    }
+
+    fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    async fn wait_record(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let mut found = None;
+        let ok = wait_until(|| {
+            found = self.records().into_iter().find(|r| pred(r));
+            found.is_some()
+        })
+        .await;
+        assert!(ok, "no such record; all: {:?}", self.records());
+        found.unwrap()
+    }
+}
+
+async fn status_of(g: &Gateway, target: &str) -> u16 {
+    connect_via(g.proxy(), target, "").await.1.status
+}
+
+/// A policy change at the control server reaches the running gateway:
+/// new flows get the new verdict, and a live tunnel the change denies is
+/// closed with `policy-revoked` in its record. Both protocol variants.
+async fn policy_change_reaches_the_gateway(protocol: &str) {
+    let up = TlsEcho::start().await;
+    let target = format!("allowed.test:{}", up.addr().port());
+    let control = ControlPlane::start(&served(true, vec![])).await;
+    let gw = Gateway::start(control.addr, protocol).await;
+    gw.wait_rules(&["allow-good"]).await;
+    assert!(gw.status.state().connected);
+
+    let (stream, resp) = connect_via(gw.proxy(), &target, "").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let mut open = up_connect(&up, "allowed.test", stream).await;
+    echo(&mut open, b"before the change").await;
+
+    control.publish(&served(false, vec![]));
+    gw.wait_rules(&[]).await;
+    let mut rest = Vec::new();
+    let _ = within("the revoked tunnel to close", open.read_to_end(&mut rest)).await;
+    let r = gw
+        .wait_record(|r| field(r, "connect_target") == target && field(r, "close_reason") == "policy-revoked")
+        .await;
+    assert_eq!(decided(&r), ("deny", "default-deny"), "{r}");
+    assert_eq!(status_of(&gw, &target).await, 403, "a new flow gets the new verdict");
+    assert_eq!(control.nacks(), 0);
+    gw.server.shutdown(Duration::from_millis(100)).await;
+}
+
+flow_test!(a_policy_change_reaches_a_delta_gateway_and_revokes_live_flows, async {
+    policy_change_reaches_the_gateway("delta").await;
+});
+
+flow_test!(a_policy_change_reaches_a_sotw_gateway_and_revokes_live_flows, async {
+    policy_change_reaches_the_gateway("sotw").await;
+});
+
+// An update the gateway cannot use is NACKed with the resource, the field
+// and the reason; the gateway keeps enforcing what it had.
+flow_test!(
+    an_invalid_update_is_nacked_and_the_last_good_configuration_kept,
+    async {
+        let up = TlsEcho::start().await;
+        let target = format!("allowed.test:{}", up.addr().port());
+        let control = ControlPlane::start(&served(true, vec![])).await;
+        let gw = Gateway::start(control.addr, "delta").await;
+        gw.wait_rules(&["allow-good"]).await;
+
+        // A malformed pattern: refused at once.
+        let mut bad = served(false, vec![]);
+        bad.webgroups = Some(vec![
+            webgroup("good", &["allowed.test", "bad name"]),
+            webgroup("bad", &[]),
+        ]);
+        control.publish(&bad);
+        assert!(wait_until(|| control.nacks() >= 1).await, "no NACK reached the server");
+        assert_eq!(gw.status.state().rejected, 1);
+        let why = gw.status.state().last_rejection.unwrap_or_default();
+        assert!(
+            why.contains("sluice.v1.WebGroup `good`: domains[1]: invalid domain pattern `bad name`"),
+            "{why}"
+        );
+        assert_eq!(gw.rules(), ["allow-good"], "the last good policy stays");
+        assert_eq!(status_of(&gw, &target).await, 200);
+
+        // A policy naming a group nobody defines: held for the group's type
+        // to bring it, then refused.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let nacks = control.nacks();
+        control.publish(&served(true, vec![rule("ghost", &["nowhere"], &[], pb::Action::Deny)]));
+        assert!(wait_until(|| gw.status.state().rejected >= 2).await, "not refused");
+        assert!(
+            wait_until(|| control.nacks() > nacks).await,
+            "no second NACK at the server"
+        );
+        let why = gw.status.state().last_rejection.unwrap_or_default();
+        assert!(
+            why.contains("sluice.v1.Policy `default`: rules[0].to.webgroups[0]: no webgroup named `nowhere`"),
+            "{why}"
+        );
+        assert_eq!(gw.rules(), ["allow-good"]);
+
+        // The next good change is taken.
+        control.publish(&served(true, vec![rule("deny-bad", &["bad"], &[], pb::Action::Deny)]));
+        gw.wait_rules(&["deny-bad", "allow-good"]).await;
+        gw.server.shutdown(Duration::from_millis(100)).await;
+    }
+);
+
+// A new group and the policy that names it, published together, are
+// applied together, whatever order the two responses arrive in.
+flow_test!(a_group_and_the_policy_naming_it_arrive_as_one_change, async {
+    let control = ControlPlane::start(&served(true, vec![])).await;
+    let gw = Gateway::start(control.addr, "sotw").await;
+    gw.wait_rules(&["allow-good"]).await;
+    let mut next = served(true, vec![rule("deny-new", &["brand-new"], &[], pb::Action::Deny)]);
+    next.webgroups
+        .as_mut()
+        .unwrap()
+        .push(webgroup("brand-new", &["new.test"]));
+    control.publish(&next);
+    gw.wait_rules(&["deny-new", "allow-good"]).await;
+    assert_eq!(control.nacks(), 0, "{:?}", gw.status.state());
+    gw.server.shutdown(Duration::from_millis(100)).await;
+});
+
+// The control server goes away: the gateway keeps enforcing what it has,
+// reconnects when a server is back, and takes what that one serves.
+flow_test!(the_gateway_outlives_its_control_server_and_resynchronises, async {
+    let up = TlsEcho::start().await;
+    let target = format!("allowed.test:{}", up.addr().port());
+    let control = ControlPlane::start(&served(true, vec![])).await;
+    let addr = control.addr;
+    let gw = Gateway::start(addr, "delta").await;
+    gw.wait_rules(&["allow-good"]).await;
+
+    control.stop();
+    assert!(wait_until(|| !gw.status.state().connected).await);
+    assert_eq!(
+        status_of(&gw, &target).await,
+        200,
+        "still enforcing the last configuration"
+    );
+    assert_eq!(gw.rules(), ["allow-good"]);
+
+    // Back on the same address, with a changed policy.
+    let control = ControlPlane::start_on(
+        addr,
+        &served(true, vec![rule("deny-bad", &["bad"], &[], pb::Action::Deny)]),
+    )
+    .await;
+    gw.wait_rules(&["deny-bad", "allow-good"]).await;
+    assert!(gw.status.state().streams >= 2);
+    assert_eq!(control.nacks(), 0);
+    gw.server.shutdown(Duration::from_millis(100)).await;
+});
+
+// Before the control server answers, the gateway serves its own file.
+flow_test!(until_the_control_server_answers_the_gateway_serves_its_file, async {
+    // Find a free port, then leave it closed for now.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let up = TlsEcho::start().await;
+    let target = format!("allowed.test:{}", up.addr().port());
+    let gw = Gateway::start(addr, "sotw").await;
+    assert!(gw.rules().is_empty());
+    assert_eq!(status_of(&gw, &target).await, 403, "the file denies everything");
+    let _control = ControlPlane::start_on(addr, &served(true, vec![])).await;
+    gw.wait_rules(&["allow-good"]).await;
+    assert_eq!(status_of(&gw, &target).await, 200);
+    gw.server.shutdown(Duration::from_millis(100)).await;
+});
