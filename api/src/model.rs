@@ -541,6 +541,8 @@ pub struct Rule {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PolicyConfig {
+    /// `default` for the `policy:` of a file.
+    pub name: String,
     pub mode: Mode,
     pub default: Action,
     /// Whether the built-in guard also protects `private-ranges`.
@@ -665,10 +667,38 @@ pub struct Config {
     pub smartgroups: Vec<SmartGroup>,
     pub inventory: Vec<Workload>,
     pub policy: PolicyConfig,
+    /// Named policies, for a control server to serve to the nodes
+    /// `targets` pick (a gateway enforces `policy` only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicyConfig>,
+    /// Which nodes get which named policy, first match first; a node no
+    /// target picks gets `policy`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<Target>,
     pub plugins: Vec<Plugin>,
     /// The gateway's own addresses, guarded like loopback.
     pub gateway_addresses: Vec<IpAddr>,
     pub resolver: ResolverConfig,
+}
+
+/// Which gateways get a named policy: a node matches when its id is one of
+/// `ids`, its cluster one of `clusters` and its metadata has every one of
+/// `labels` (an empty list or map: any).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub ids: Vec<String>,
+    pub clusters: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub policy: String,
+}
+
+impl Target {
+    pub fn matches(&self, id: &str, cluster: &str, label: impl Fn(&str) -> Option<String>) -> bool {
+        (self.ids.is_empty() || self.ids.iter().any(|i| i == id))
+            && (self.clusters.is_empty() || self.clusters.iter().any(|c| c == cluster))
+            && self.labels.iter().all(|(k, v)| label(k).as_deref() == Some(v))
+    }
 }
 
 /// The process settings (Envoy's bootstrap): where the admin API listens,

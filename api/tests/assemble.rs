@@ -291,3 +291,55 @@ fn the_local_file_and_a_directory_agree() {
     assert_eq!(from_dir.policy, from_file.policy);
     assert_eq!(from_dir.webgroups, from_file.webgroups);
 }
+
+const TARGETED: &str = "\
+policies:
+  - name: strict
+    rules:
+      - {name: corp-only, from: [dev], to: {webgroups: [corp]}, action: allow}
+  - name: open
+    default: allow
+targets:
+  - name: build-gateways
+    nodes: {clusters: [build], labels: {zone: eu}}
+    policy: strict
+  - name: lab
+    nodes: {ids: [gw-lab-1]}
+    policy: open
+";
+
+#[test]
+fn named_policies_and_targets_are_served_by_name() {
+    let dir = dir_with(&[("g.yaml", GROUPS), ("p.yaml", POLICY), ("t.yaml", TARGETED)]);
+    let (config, resources) = load_dir(dir.path()).unwrap();
+    assert_eq!(config.policy.name, "default");
+    assert_eq!(config.policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["strict", "open"]);
+    assert_eq!(config.policies[1].default, Action::Allow);
+    assert_eq!(config.targets.len(), 2);
+    assert_eq!(config.targets[0].clusters, ["build"]);
+    let names: Vec<&str> = resources.policies.as_deref().unwrap().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["default", "strict", "open"]);
+}
+
+#[test]
+fn a_target_must_name_a_policy_and_a_named_policy_its_name() {
+    let bad = "\
+policies:
+  - rules: []
+  - name: default
+targets:
+  - name: t
+    policy: strickt
+policy: {}
+";
+    let dir = dir_with(&[("g.yaml", GROUPS), ("t.yaml", bad)]);
+    let text = load_dir(dir.path()).unwrap_err().to_string();
+    assert!(text.contains("policies[0].name: missing field `name`"), "{text}");
+    assert!(text.contains("policies[1].name: policy `default` is defined twice"), "{text}");
+    assert!(text.contains("targets[0].policy: no policy named `strickt`"), "{text}");
+    // The errors of one policy name its place in the file.
+    let dir = dir_with(&[("t.yaml", "policies:\n  - name: p\n    rules:\n      - {name: r, to: {webgroups: [nope]}, action: allow}\n")]);
+    let e = load_dir(dir.path()).unwrap_err();
+    assert_eq!(e.0[0].path, "policies[0].rules[0].to.webgroups[0]", "{e}");
+    assert_eq!(e.0[0].line, 4);
+}

@@ -19,6 +19,7 @@ use sluice::runtime::Server;
 use sluice::xds::XdsStatus;
 use sluice_api::config::{ResourceKind, Resources};
 use sluice_api::proto::v1 as pb;
+use sluice_xds::catalog::Catalog;
 use sluice_xds::service::{Ads, Stats};
 use sluice_xds::snapshot::{Resource, Snapshot};
 use tokio::io::AsyncReadExt;
@@ -27,7 +28,7 @@ use tokio::io::AsyncReadExt;
 /// ends every stream and connection at once, as a killed process would.
 struct ControlPlane {
     addr: SocketAddr,
-    tx: tokio::sync::watch::Sender<Arc<Snapshot>>,
+    tx: tokio::sync::watch::Sender<Arc<Catalog>>,
     stats: Arc<Stats>,
     rt: Option<tokio::runtime::Runtime>,
 }
@@ -46,7 +47,7 @@ impl ControlPlane {
         let listener = std::net::TcpListener::bind(addr).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::watch::channel(Arc::new(snapshot(resources)));
+        let (tx, rx) = tokio::sync::watch::channel(catalog(resources));
         let stats = Arc::new(Stats::default());
         let service = AggregatedDiscoveryServiceServer::new(Ads::new(rx, stats.clone()));
         rt.spawn(async move {
@@ -67,7 +68,7 @@ impl ControlPlane {
     }
 
     fn publish(&self, resources: &Resources) {
-        self.tx.send_replace(Arc::new(snapshot(resources)));
+        self.tx.send_replace(catalog(resources));
     }
 
     fn nacks(&self) -> u64 {
@@ -94,6 +95,11 @@ fn any<M: Message + Name>(m: &M) -> Any {
         type_url: M::type_url(),
         value: m.encode_to_vec(),
     }
+}
+
+/// Every node gets `r` (the test's control server has no targets).
+fn catalog(r: &Resources) -> Arc<Catalog> {
+    Arc::new(Catalog::build(r, "default", Vec::new(), |r| Ok(snapshot(r))).unwrap())
 }
 
 fn snapshot(r: &Resources) -> Snapshot {

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ads;
+pub mod catalog;
 pub mod service;
 pub mod snapshot;
 pub mod source;

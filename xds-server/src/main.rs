@@ -142,7 +142,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
         let addr = listener.local_addr().unwrap_or(args.listen);
-        let (tx, rx) = tokio::sync::watch::channel(loaded.snapshot.clone());
+        let (tx, rx) = tokio::sync::watch::channel(loaded.catalog.clone());
         let state = Arc::new(Mutex::new(SourceState {
             loads: 1,
             ..SourceState::default()

@@ -15,7 +15,10 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use envoy_types::pb::envoy::config::core::v3::Node;
+
 use crate::ads::{DeltaStream, Event, Output, ProtocolError, SotwStream};
+use crate::catalog::Catalog;
 use crate::snapshot::Snapshot;
 
 /// Responses queued per stream before the stream's task waits for the
@@ -36,13 +39,13 @@ pub struct Stats {
 
 #[derive(Debug, Clone)]
 pub struct Ads {
-    snapshots: watch::Receiver<Arc<Snapshot>>,
+    catalogs: watch::Receiver<Arc<Catalog>>,
     stats: Arc<Stats>,
 }
 
 impl Ads {
-    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, stats: Arc<Stats>) -> Self {
-        Self { snapshots, stats }
+    pub fn new(catalogs: watch::Receiver<Arc<Catalog>>, stats: Arc<Stats>) -> Self {
+        Self { catalogs, stats }
     }
 }
 
@@ -50,6 +53,7 @@ impl Ads {
 trait Core: Send + 'static {
     type Req: Send + 'static;
     type Resp: Send + 'static;
+    fn identify(&mut self, req: &Self::Req) -> Result<Node, ProtocolError>;
     fn on_request(&mut self, req: Self::Req, snap: &Snapshot) -> Result<Output<Self::Resp>, ProtocolError>;
     fn on_snapshot(&mut self, snap: &Snapshot) -> Output<Self::Resp>;
     fn node_id(&self) -> Option<String>;
@@ -58,6 +62,9 @@ trait Core: Send + 'static {
 impl Core for SotwStream {
     type Req = DiscoveryRequest;
     type Resp = DiscoveryResponse;
+    fn identify(&mut self, req: &DiscoveryRequest) -> Result<Node, ProtocolError> {
+        SotwStream::identify(self, req).cloned()
+    }
     fn on_request(
         &mut self,
         req: DiscoveryRequest,
@@ -76,6 +83,9 @@ impl Core for SotwStream {
 impl Core for DeltaStream {
     type Req = DeltaDiscoveryRequest;
     type Resp = DeltaDiscoveryResponse;
+    fn identify(&mut self, req: &DeltaDiscoveryRequest) -> Result<Node, ProtocolError> {
+        DeltaStream::identify(self, req).cloned()
+    }
     fn on_request(
         &mut self,
         req: DeltaDiscoveryRequest,
@@ -97,7 +107,7 @@ impl Ads {
         C::Req: prost::Message + Default,
     {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let mut snapshots = self.snapshots.clone();
+        let mut catalogs = self.catalogs.clone();
         let stats = self.stats.clone();
         stats.streams.fetch_add(1, Ordering::Relaxed);
         stats.open.fetch_add(1, Ordering::Relaxed);
@@ -105,11 +115,23 @@ impl Ads {
             // Whether new snapshots can still come (the source's task may
             // end; the stream then keeps the last one).
             let mut live = true;
+            // The node, from the stream's first request: what picks its
+            // snapshot in every catalog.
+            let mut node: Option<Node> = None;
             loop {
                 let out = tokio::select! {
                     m = inbound.message() => match m {
                         Ok(Some(req)) => {
-                            let snap = snapshots.borrow_and_update().clone();
+                            if node.is_none() {
+                                match core.identify(&req) {
+                                    Ok(n) => node = Some(n),
+                                    Err(e) => {
+                                        let _ = tx.send(Err(status_of(&e))).await;
+                                        break;
+                                    }
+                                }
+                            }
+                            let snap = snapshot_for(&catalogs.borrow_and_update(), node.as_ref());
                             match core.on_request(req, &snap) {
                                 Ok(out) => out,
                                 Err(e) => {
@@ -120,12 +142,12 @@ impl Ads {
                         }
                         Ok(None) | Err(_) => break,
                     },
-                    changed = snapshots.changed(), if live => {
+                    changed = catalogs.changed(), if live => {
                         if changed.is_err() {
                             live = false;
                             continue;
                         }
-                        let snap = snapshots.borrow_and_update().clone();
+                        let snap = snapshot_for(&catalogs.borrow_and_update(), node.as_ref());
                         core.on_snapshot(&snap)
                     }
                 };
@@ -140,6 +162,13 @@ impl Ads {
             stats.open.fetch_sub(1, Ordering::Relaxed);
         });
         Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+fn snapshot_for(catalog: &Catalog, node: Option<&Node>) -> Arc<Snapshot> {
+    match node {
+        Some(n) => catalog.for_node(n),
+        None => Arc::default(),
     }
 }
 

@@ -18,6 +18,7 @@ use sluice_api::config::{Assembly, ResourceKind, Resources};
 use sluice_api::{Config, ConfigErrors};
 use tokio::sync::watch;
 
+use crate::catalog::Catalog;
 use crate::snapshot::{Resource, Snapshot, SnapshotError};
 
 /// The example configuration `sluice-xds` serves when given none.
@@ -60,19 +61,21 @@ impl Source {
                 (a.build()?, resources)
             }
         };
-        let snapshot = snapshot(&resources).map_err(|e| {
-            ConfigErrors(vec![sluice_api::ConfigError {
-                file: self.describe(),
-                line: 0,
-                column: 0,
-                path: String::new(),
-                kind: sluice_api::ConfigErrorKind::InvalidValue { message: e.to_string() },
-            }])
-        })?;
+        let catalog = Catalog::build(&resources, &config.policy.name, config.targets.clone(), snapshot)
+            .map_err(|e| {
+                ConfigErrors(vec![sluice_api::ConfigError {
+                    file: self.describe(),
+                    line: 0,
+                    column: 0,
+                    path: String::new(),
+                    kind: sluice_api::ConfigErrorKind::InvalidValue { message: e.to_string() },
+                }])
+            })?;
         Ok(Loaded {
+            snapshot: catalog.snapshot(&config.policy.name),
             config,
             resources,
-            snapshot: Arc::new(snapshot),
+            catalog: Arc::new(catalog),
         })
     }
 }
@@ -82,7 +85,10 @@ impl Source {
 pub struct Loaded {
     pub config: Config,
     pub resources: Resources,
+    /// The snapshot of nodes no target picks.
     pub snapshot: Arc<Snapshot>,
+    /// Every node's snapshot.
+    pub catalog: Arc<Catalog>,
 }
 
 fn any<M: Message + Name>(m: &M) -> Any {
@@ -130,7 +136,7 @@ pub struct SourceState {
 pub async fn watch_dir(
     source: Source,
     every: Duration,
-    snapshots: watch::Sender<Arc<Snapshot>>,
+    snapshots: watch::Sender<Arc<Catalog>>,
     state: Arc<Mutex<SourceState>>,
 ) {
     let Source::Dir(dir) = &source else {
@@ -158,7 +164,7 @@ pub async fn watch_dir(
                 st.loads += 1;
                 st.last_error = None;
                 tracing::info!("{}: changed; serving the new configuration", dir.display());
-                snapshots.send_replace(loaded.snapshot);
+                snapshots.send_replace(loaded.catalog);
             }
             Err(e) => {
                 st.rejections += 1;

@@ -142,6 +142,8 @@ impl Assembly {
         self.extend("smartgroups", &origin, r.smartgroups, |c| &mut c.smartgroups);
         self.extend("inventory", &origin, r.inventory, |c| &mut c.inventory);
         self.extend("plugins", &origin, r.plugins, |c| &mut c.plugins);
+        self.extend("policies", &origin, r.policies, |c| &mut c.policies);
+        self.extend("targets", &origin, r.targets, |c| &mut c.targets);
         self.single("admin", &origin, r.admin, |c| &mut c.admin);
         self.single("audit", &origin, r.audit, |c| &mut c.audit);
         self.single("gateway", &origin, r.gateway, |c| &mut c.gateway);
@@ -253,7 +255,14 @@ impl Assembly {
     /// serve. Only what the sources wrote: built-in groups are every
     /// gateway's already.
     pub fn resources(&self) -> Resources {
-        let policy = self.raw.policy.as_ref().map(|p| policy_to_pb(DEFAULT_POLICY, p));
+        let policy = self.raw.policy.as_ref().map(|p| {
+            let name = p.name.as_ref().map_or(DEFAULT_POLICY, |n| n.value.as_str());
+            policy_to_pb(name, p)
+        });
+        let named = self.raw.policies.iter().map(|p| {
+            let name = p.value.name.as_ref().map_or("", |n| n.value.as_str());
+            policy_to_pb(name, &p.value)
+        });
         Resources {
             webgroups: Some(self.raw.webgroups.iter().map(|g| webgroup_to_pb(&g.value)).collect()),
             smartgroups: Some(
@@ -264,7 +273,7 @@ impl Assembly {
                     .collect(),
             ),
             workloads: Some(self.raw.inventory.iter().map(|w| workload_to_pb(&w.value)).collect()),
-            policies: Some(policy.into_iter().collect()),
+            policies: Some(policy.into_iter().chain(named).collect()),
         }
     }
 
@@ -563,6 +572,7 @@ fn policy_from_pb(p: &pb::Policy) -> Result<raw::RawPolicy, FieldErrors> {
         return Err(errors);
     }
     Ok(raw::RawPolicy {
+        name: optional_text(&p.name).map(spanned),
         mode: Some(spanned(mode)),
         default: Some(spanned(default)),
         guard_private_ranges: p.guard_private_ranges,

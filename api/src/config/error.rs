@@ -92,6 +92,8 @@ pub enum ConfigErrorKind {
     },
     #[error("no workload named `{name}` in `inventory`{}", did_you_mean(suggestion))]
     UnknownWorkload { name: String, suggestion: Option<String> },
+    #[error("no policy named `{name}`{}; define it under `policies:` (or name `default`, the `policy:` section)", did_you_mean(suggestion))]
+    UnknownPolicy { name: String, suggestion: Option<String> },
     #[error("no plugin named `{name}`{}; declare it under `plugins:`", did_you_mean(suggestion))]
     UnknownPlugin { name: String, suggestion: Option<String> },
     #[error("{kind} `{name}` is defined twice (first at line {first_line}); rename or merge one")]
@@ -149,6 +151,8 @@ pub enum NameKind {
     Rule,
     Plugin,
     ProxyUser,
+    Policy,
+    Target,
 }
 
 impl fmt::Display for NameKind {
@@ -161,6 +165,8 @@ impl fmt::Display for NameKind {
             Self::Rule => "rule",
             Self::Plugin => "plugin",
             Self::ProxyUser => "proxy user",
+            Self::Policy => "policy",
+            Self::Target => "target",
         })
     }
 }

@@ -271,7 +271,9 @@ impl Validator {
         let gateway_nets: Vec<IpNet> = gateway_addresses.iter().map(|ip| IpNet::from(*ip)).collect();
         let smartgroups = self.smartgroups(&raw.smartgroups, &gateway_nets, &inventory);
         let plugin_names: Vec<String> = raw.plugins.iter().map(|p| p.value.name.value.clone()).collect();
-        let policy = self.policy(raw.policy.as_ref(), &webgroups, &smartgroups, &plugin_names);
+        let policy = self.policy(raw.policy.as_ref(), None, &webgroups, &smartgroups, &plugin_names);
+        let policies = self.policies(&raw.policies, &policy, &webgroups, &smartgroups, &plugin_names);
+        let targets = self.targets(&raw.targets, &policy, &policies);
         let smart_names: Vec<&str> = smartgroups.iter().map(|g| g.name.as_str()).collect();
         for (name, loc, path) in std::mem::take(&mut self.user_refs) {
             if !smart_names.contains(&name.as_str()) {
@@ -312,6 +314,8 @@ impl Validator {
             smartgroups,
             inventory,
             policy,
+            policies,
+            targets,
             plugins,
             gateway_addresses,
             resolver,

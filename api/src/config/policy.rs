@@ -8,20 +8,42 @@ use super::{ConfigErrorKind, GroupKind, NameKind, Validator, pos, suggest};
 use crate::model::*;
 
 impl Validator {
+    /// `policy:` (named `default`), or the policy at `path` under
+    /// `policies:` (whose name is required).
     pub(super) fn policy(
         &mut self,
         raw: Option<&raw::RawPolicy>,
+        at: Option<(&str, serde_saphyr::Location)>,
         web: &[WebGroup],
         smart: &[SmartGroup],
         plugins: &[String],
     ) -> PolicyConfig {
         let Some(p) = raw else {
             return PolicyConfig {
+                name: super::DEFAULT_POLICY.to_owned(),
                 mode: Mode::Enforce,
                 default: Action::Deny,
                 guard_private_ranges: false,
                 rules: Vec::new(),
             };
+        };
+        let root = at.map_or("policy", |(path, _)| path).to_owned();
+        let name = match (&p.name, at) {
+            (Some(n), _) => {
+                if !super::valid_name(&n.value) {
+                    self.err(
+                        n.referenced,
+                        format!("{root}.name"),
+                        ConfigErrorKind::InvalidName { name: n.value.clone() },
+                    );
+                }
+                n.value.clone()
+            }
+            (None, Some((path, loc))) => {
+                let _ = self.require(&raw::missing::<String>(), loc, path, "name");
+                String::new()
+            }
+            (None, None) => super::DEFAULT_POLICY.to_owned(),
         };
         let web_names: Vec<&str> = web.iter().map(|g| g.name.as_str()).collect();
         let smart_names: Vec<&str> = smart.iter().map(|g| g.name.as_str()).collect();
@@ -30,7 +52,7 @@ impl Validator {
         for (i, r) in p.rules.iter().enumerate() {
             let at = r.referenced;
             let r = &r.value;
-            let path = format!("policy.rules[{i}]");
+            let path = format!("{root}.rules[{i}]");
             let has_action = self.require(&r.action, at, &path, "action");
             let ok = self.require(&r.name, at, &path, "name")
                 && has_action
@@ -106,11 +128,83 @@ impl Validator {
             }
         }
         PolicyConfig {
+            name,
             mode: p.mode.as_ref().map_or(Mode::Enforce, |m| m.value),
             default: p.default.as_ref().map_or(Action::Deny, |d| d.value),
             guard_private_ranges: p.guard_private_ranges,
             rules,
         }
+    }
+
+    /// `policies:`: named policies, each checked like `policy:`.
+    pub(super) fn policies(
+        &mut self,
+        raw: &[S<raw::RawPolicy>],
+        default: &PolicyConfig,
+        web: &[WebGroup],
+        smart: &[SmartGroup],
+        plugins: &[String],
+    ) -> Vec<PolicyConfig> {
+        let mut seen = HashMap::new();
+        // `default` is taken by `policy:`.
+        seen.insert(default.name.clone(), 0);
+        let mut out = Vec::new();
+        for (i, p) in raw.iter().enumerate() {
+            let path = format!("policies[{i}]");
+            let policy = self.policy(Some(&p.value), Some((&path, p.referenced)), web, smart, plugins);
+            if let Some(n) = &p.value.name
+                && self.name(n, &format!("{path}.name"), NameKind::Policy, &mut seen)
+            {
+                out.push(policy);
+            }
+        }
+        out
+    }
+
+    /// `targets:`: which nodes get which policy.
+    pub(super) fn targets(
+        &mut self,
+        raw: &[S<raw::RawTarget>],
+        default: &PolicyConfig,
+        policies: &[PolicyConfig],
+    ) -> Vec<Target> {
+        let names: Vec<&str> = std::iter::once(default.name.as_str())
+            .chain(policies.iter().map(|p| p.name.as_str()))
+            .collect();
+        let mut seen = HashMap::new();
+        let mut out = Vec::new();
+        for (i, t) in raw.iter().enumerate() {
+            let (at, t) = (t.referenced, &t.value);
+            let path = format!("targets[{i}]");
+            let named = self.require(&t.name, at, &path, "name")
+                && self.name(&t.name, &format!("{path}.name"), NameKind::Target, &mut seen);
+            let has_policy = self.require(&t.policy, at, &path, "policy");
+            let known = has_policy && names.contains(&t.policy.value.as_str());
+            if has_policy && !known {
+                self.err(
+                    t.policy.referenced,
+                    format!("{path}.policy"),
+                    ConfigErrorKind::UnknownPolicy {
+                        name: t.policy.value.clone(),
+                        suggestion: suggest(&t.policy.value, names.iter().copied()),
+                    },
+                );
+            }
+            let texts = |v: &[S<String>]| v.iter().map(|s| s.value.clone()).collect::<Vec<_>>();
+            let (ids, clusters, labels) = t.nodes.as_ref().map_or_else(Default::default, |n| {
+                (texts(&n.value.ids), texts(&n.value.clusters), n.value.labels.clone())
+            });
+            if named && known {
+                out.push(Target {
+                    name: t.name.value.clone(),
+                    ids,
+                    clusters,
+                    labels,
+                    policy: t.policy.value.clone(),
+                });
+            }
+        }
+        out
     }
 
     pub(super) fn port(&mut self, p: &S<RawPort>, path: String) -> Option<PortRange> {

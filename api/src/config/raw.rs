@@ -65,6 +65,12 @@ pub struct RawConfig {
     pub inventory: Vec<S<RawWorkload>>,
     #[serde(default)]
     pub policy: Option<RawPolicy>,
+    /// Named policies a control server serves to the nodes its `targets`
+    /// pick.
+    #[serde(default)]
+    pub policies: Vec<S<RawPolicy>>,
+    #[serde(default)]
+    pub targets: Vec<S<RawTarget>>,
     #[serde(default)]
     pub plugins: Vec<S<RawPlugin>>,
     #[serde(default)]
@@ -263,6 +269,9 @@ pub struct RawWorkload {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPolicy {
+    /// Required under `policies:`; `policy:` is named `default`.
+    #[serde(default)]
+    pub name: Option<S<String>>,
     #[serde(default)]
     pub mode: Option<S<Mode>>,
     #[serde(default)]
@@ -271,6 +280,28 @@ pub struct RawPolicy {
     pub guard_private_ranges: bool,
     #[serde(default)]
     pub rules: Vec<S<RawRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    #[serde(default = "missing")]
+    pub name: S<String>,
+    #[serde(default)]
+    pub nodes: Option<S<RawNodeMatch>>,
+    #[serde(default = "missing")]
+    pub policy: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNodeMatch {
+    #[serde(default)]
+    pub ids: Vec<S<String>>,
+    #[serde(default)]
+    pub clusters: Vec<S<String>>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,0 +1,202 @@
+//! Which node gets what: one snapshot per policy (the groups and the
+//! inventory are everyone's), and the targets that pick a policy for a
+//! node by its id, cluster and metadata labels. A node no target picks
+//! gets the `policy:` of the configuration.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::value::Kind;
+use sluice_api::Target;
+use sluice_api::config::Resources;
+
+use crate::snapshot::{Snapshot, SnapshotError};
+
+/// Everything the server serves, by node.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    /// The policy of nodes no target picks.
+    default: String,
+    by_policy: BTreeMap<String, Arc<Snapshot>>,
+    targets: Vec<Target>,
+}
+
+impl Catalog {
+    /// One snapshot per policy of `resources` (made by `make`), and the
+    /// targets of the configuration.
+    pub fn build(
+        resources: &Resources,
+        default: &str,
+        targets: Vec<Target>,
+        make: impl Fn(&Resources) -> Result<Snapshot, SnapshotError>,
+    ) -> Result<Self, SnapshotError> {
+        let mut by_policy = BTreeMap::new();
+        for p in resources.policies.iter().flatten() {
+            let one = Resources {
+                policies: Some(vec![p.clone()]),
+                ..resources.clone()
+            };
+            by_policy.insert(p.name.clone(), Arc::new(make(&one)?));
+        }
+        if !by_policy.contains_key(default) {
+            // No `policy:` written: such nodes get the groups and no
+            // policy resource (they keep their own file's).
+            let none = Resources {
+                policies: Some(Vec::new()),
+                ..resources.clone()
+            };
+            by_policy.insert(default.to_owned(), Arc::new(make(&none)?));
+        }
+        Ok(Self {
+            default: default.to_owned(),
+            by_policy,
+            targets,
+        })
+    }
+
+    /// The policy a node gets and the name of the target that picked it
+    /// (`None`: no target did).
+    pub fn policy_for(&self, node: &Node) -> (&str, Option<&str>) {
+        let label = |k: &str| {
+            let v = node.metadata.as_ref()?.fields.get(k)?;
+            match v.kind.as_ref()? {
+                Kind::StringValue(s) => Some(s.clone()),
+                Kind::NumberValue(n) => Some(n.to_string()),
+                Kind::BoolValue(b) => Some(b.to_string()),
+                _ => None,
+            }
+        };
+        match self.targets.iter().find(|t| t.matches(&node.id, &node.cluster, label)) {
+            Some(t) => (t.policy.as_str(), Some(t.name.as_str())),
+            None => (self.default.as_str(), None),
+        }
+    }
+
+    /// The snapshot for a node.
+    pub fn for_node(&self, node: &Node) -> Arc<Snapshot> {
+        let (policy, _) = self.policy_for(node);
+        self.snapshot(policy)
+    }
+
+    /// The snapshot of a policy (the default's for an unknown name).
+    pub fn snapshot(&self, policy: &str) -> Arc<Snapshot> {
+        self.by_policy
+            .get(policy)
+            .or_else(|| self.by_policy.get(&self.default))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The policies, by name, with their snapshots.
+    pub fn policies(&self) -> impl Iterator<Item = (&str, &Arc<Snapshot>)> {
+        self.by_policy.iter().map(|(n, s)| (n.as_str(), s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+    use std::collections::HashMap;
+
+    use envoy_types::pb::google::protobuf::{Struct, Value};
+    use sluice_api::proto::v1 as pb;
+
+    use super::*;
+
+    fn node(id: &str, cluster: &str, labels: &[(&str, &str)]) -> Node {
+        let fields: HashMap<String, Value> = labels
+            .iter()
+            .map(|(k, v)| {
+                let v = Value {
+                    kind: Some(Kind::StringValue((*v).to_owned())),
+                };
+                ((*k).to_owned(), v)
+            })
+            .collect();
+        Node {
+            id: id.into(),
+            cluster: cluster.into(),
+            metadata: Some(Struct { fields }),
+            ..Default::default()
+        }
+    }
+
+    fn target(name: &str, ids: &[&str], clusters: &[&str], labels: &[(&str, &str)], policy: &str) -> Target {
+        Target {
+            name: name.into(),
+            ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+            clusters: clusters.iter().map(|s| (*s).to_owned()).collect(),
+            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            policy: policy.into(),
+        }
+    }
+
+    fn catalog(targets: Vec<Target>) -> Catalog {
+        let policy = |n: &str| pb::Policy {
+            name: n.into(),
+            ..Default::default()
+        };
+        let resources = Resources {
+            webgroups: Some(vec![pb::WebGroup {
+                name: "shared".into(),
+                ..Default::default()
+            }]),
+            policies: Some(vec![policy("default"), policy("strict"), policy("lab")]),
+            ..Default::default()
+        };
+        Catalog::build(&resources, "default", targets, |r| crate::source::snapshot(r)).unwrap()
+    }
+
+    #[test]
+    fn targets_pick_by_id_cluster_and_labels_first_match_first() {
+        let c = catalog(vec![
+            target("one-gateway", &["gw-7"], &[], &[], "lab"),
+            target("eu-build", &[], &["build"], &[("zone", "eu")], "strict"),
+            target("any-build", &[], &["build"], &[], "lab"),
+        ]);
+        assert_eq!(c.policy_for(&node("gw-7", "build", &[("zone", "eu")])), ("lab", Some("one-gateway")));
+        assert_eq!(c.policy_for(&node("gw-1", "build", &[("zone", "eu")])), ("strict", Some("eu-build")));
+        assert_eq!(c.policy_for(&node("gw-1", "build", &[("zone", "us")])), ("lab", Some("any-build")));
+        assert_eq!(c.policy_for(&node("gw-1", "build", &[])), ("lab", Some("any-build")));
+        assert_eq!(c.policy_for(&node("gw-1", "prod", &[("zone", "eu")])), ("default", None));
+    }
+
+    #[test]
+    fn each_snapshot_holds_the_shared_groups_and_one_policy() {
+        let c = catalog(vec![target("all-strict", &[], &[], &[], "strict")]);
+        let snap = c.for_node(&node("x", "", &[]));
+        let policies = snap.resources(sluice_api::proto::type_url::POLICY);
+        assert_eq!(policies.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["strict"]);
+        assert!(snap.resources(sluice_api::proto::type_url::WEB_GROUP).contains("shared"));
+        // The shared groups are the same resource, at the same version, in
+        // every policy's snapshot.
+        let versions: Vec<String> = c
+            .policies()
+            .map(|(_, s)| {
+                s.resources(sluice_api::proto::type_url::WEB_GROUP)
+                    .get("shared")
+                    .unwrap()
+                    .version
+                    .clone()
+            })
+            .collect();
+        assert!(versions.windows(2).all(|w| w[0] == w[1]), "{versions:?}");
+    }
+
+    #[test]
+    fn without_a_default_policy_untargeted_nodes_get_none() {
+        let resources = Resources {
+            policies: Some(vec![pb::Policy {
+                name: "only".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let c = Catalog::build(&resources, "default", Vec::new(), |r| crate::source::snapshot(r)).unwrap();
+        let snap = c.for_node(&node("x", "", &[]));
+        assert!(snap.resources(sluice_api::proto::type_url::POLICY).is_empty());
+        assert!(snap.get(sluice_api::proto::type_url::POLICY).is_some(), "listed, so the node hears there is none");
+    }
+}
