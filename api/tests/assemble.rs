@@ -313,11 +313,20 @@ fn named_policies_and_targets_are_served_by_name() {
     let dir = dir_with(&[("g.yaml", GROUPS), ("p.yaml", POLICY), ("t.yaml", TARGETED)]);
     let (config, resources) = load_dir(dir.path()).unwrap();
     assert_eq!(config.policy.name, "default");
-    assert_eq!(config.policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["strict", "open"]);
+    assert_eq!(
+        config.policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        ["strict", "open"]
+    );
     assert_eq!(config.policies[1].default, Action::Allow);
     assert_eq!(config.targets.len(), 2);
     assert_eq!(config.targets[0].clusters, ["build"]);
-    let names: Vec<&str> = resources.policies.as_deref().unwrap().iter().map(|p| p.name.as_str()).collect();
+    let names: Vec<&str> = resources
+        .policies
+        .as_deref()
+        .unwrap()
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
     assert_eq!(names, ["default", "strict", "open"]);
 }
 
@@ -335,10 +344,16 @@ policy: {}
     let dir = dir_with(&[("g.yaml", GROUPS), ("t.yaml", bad)]);
     let text = load_dir(dir.path()).unwrap_err().to_string();
     assert!(text.contains("policies[0].name: missing field `name`"), "{text}");
-    assert!(text.contains("policies[1].name: policy `default` is defined twice"), "{text}");
+    assert!(
+        text.contains("policies[1].name: policy `default` is defined twice"),
+        "{text}"
+    );
     assert!(text.contains("targets[0].policy: no policy named `strickt`"), "{text}");
     // The errors of one policy name its place in the file.
-    let dir = dir_with(&[("t.yaml", "policies:\n  - name: p\n    rules:\n      - {name: r, to: {webgroups: [nope]}, action: allow}\n")]);
+    let dir = dir_with(&[(
+        "t.yaml",
+        "policies:\n  - name: p\n    rules:\n      - {name: r, to: {webgroups: [nope]}, action: allow}\n",
+    )]);
     let e = load_dir(dir.path()).unwrap_err();
     assert_eq!(e.0[0].path, "policies[0].rules[0].to.webgroups[0]", "{e}");
     assert_eq!(e.0[0].line, 4);

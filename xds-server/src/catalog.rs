@@ -146,7 +146,7 @@ mod tests {
             policies: Some(vec![policy("default"), policy("strict"), policy("lab")]),
             ..Default::default()
         };
-        Catalog::build(&resources, "default", targets, |r| crate::source::snapshot(r, &[])).unwrap()
+        Catalog::build(&resources, "default", targets, crate::source::snapshot).unwrap()
     }
 
     #[test]
@@ -156,11 +156,23 @@ mod tests {
             target("eu-build", &[], &["build"], &[("zone", "eu")], "strict"),
             target("any-build", &[], &["build"], &[], "lab"),
         ]);
-        assert_eq!(c.policy_for(&node("gw-7", "build", &[("zone", "eu")])), ("lab", Some("one-gateway")));
-        assert_eq!(c.policy_for(&node("gw-1", "build", &[("zone", "eu")])), ("strict", Some("eu-build")));
-        assert_eq!(c.policy_for(&node("gw-1", "build", &[("zone", "us")])), ("lab", Some("any-build")));
+        assert_eq!(
+            c.policy_for(&node("gw-7", "build", &[("zone", "eu")])),
+            ("lab", Some("one-gateway"))
+        );
+        assert_eq!(
+            c.policy_for(&node("gw-1", "build", &[("zone", "eu")])),
+            ("strict", Some("eu-build"))
+        );
+        assert_eq!(
+            c.policy_for(&node("gw-1", "build", &[("zone", "us")])),
+            ("lab", Some("any-build"))
+        );
         assert_eq!(c.policy_for(&node("gw-1", "build", &[])), ("lab", Some("any-build")));
-        assert_eq!(c.policy_for(&node("gw-1", "prod", &[("zone", "eu")])), ("default", None));
+        assert_eq!(
+            c.policy_for(&node("gw-1", "prod", &[("zone", "eu")])),
+            ("default", None)
+        );
     }
 
     #[test]
@@ -169,7 +181,10 @@ mod tests {
         let snap = c.for_node(&node("x", "", &[]));
         let policies = snap.resources(sluice_api::proto::type_url::POLICY);
         assert_eq!(policies.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["strict"]);
-        assert!(snap.resources(sluice_api::proto::type_url::WEB_GROUP).contains("shared"));
+        assert!(
+            snap.resources(sluice_api::proto::type_url::WEB_GROUP)
+                .contains("shared")
+        );
         // The shared groups are the same resource, at the same version, in
         // every policy's snapshot.
         let versions: Vec<String> = c
@@ -194,9 +209,12 @@ mod tests {
             }]),
             ..Default::default()
         };
-        let c = Catalog::build(&resources, "default", Vec::new(), |r| crate::source::snapshot(r, &[])).unwrap();
+        let c = Catalog::build(&resources, "default", Vec::new(), crate::source::snapshot).unwrap();
         let snap = c.for_node(&node("x", "", &[]));
         assert!(snap.resources(sluice_api::proto::type_url::POLICY).is_empty());
-        assert!(snap.get(sluice_api::proto::type_url::POLICY).is_some(), "listed, so the node hears there is none");
+        assert!(
+            snap.get(sluice_api::proto::type_url::POLICY).is_some(),
+            "listed, so the node hears there is none"
+        );
     }
 }

@@ -61,8 +61,8 @@ impl Source {
                 (a.build()?, resources)
             }
         };
-        let catalog = Catalog::build(&resources, &config.policy.name, config.targets.clone(), snapshot)
-            .map_err(|e| {
+        let catalog =
+            Catalog::build(&resources, &config.policy.name, config.targets.clone(), snapshot).map_err(|e| {
                 ConfigErrors(vec![sluice_api::ConfigError {
                     file: self.describe(),
                     line: 0,

@@ -92,7 +92,10 @@ pub enum ConfigErrorKind {
     },
     #[error("no workload named `{name}` in `inventory`{}", did_you_mean(suggestion))]
     UnknownWorkload { name: String, suggestion: Option<String> },
-    #[error("no policy named `{name}`{}; define it under `policies:` (or name `default`, the `policy:` section)", did_you_mean(suggestion))]
+    #[error(
+        "no policy named `{name}`{}; define it under `policies:` (or name `default`, the `policy:` section)",
+        did_you_mean(suggestion)
+    )]
     UnknownPolicy { name: String, suggestion: Option<String> },
     #[error("no plugin named `{name}`{}; declare it under `plugins:`", did_you_mean(suggestion))]
     UnknownPlugin { name: String, suggestion: Option<String> },
