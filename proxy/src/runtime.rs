@@ -332,6 +332,8 @@ struct Inner {
     /// The resources a control server sent last, laid over the file by
     /// every reload; `None` before the first (or without `xds:`).
     xds: std::sync::Mutex<Option<sluice_api::config::Resources>>,
+    /// The xDS client's state, once it is started, for the admin API.
+    xds_status: Arc<std::sync::OnceLock<Arc<crate::xds::XdsStatus>>>,
     reload_tx: mpsc::Sender<ReloadRequest>,
     /// Watchers and the reload task, ended at shutdown.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -489,6 +491,7 @@ impl Server {
             bound: std::sync::Mutex::new(BTreeMap::new()),
             source: std::sync::Mutex::new(source),
             xds: std::sync::Mutex::new(None),
+            xds_status: Arc::default(),
             reload_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
             hook: hook.map(Hook),
@@ -560,6 +563,7 @@ impl Server {
     /// client stops at shutdown. Its state is on the admin API.
     pub fn start_xds(&self, bootstrap: sluice_api::XdsBootstrap) -> Arc<crate::xds::XdsStatus> {
         let status = Arc::new(crate::xds::XdsStatus::default());
+        let _ = self.inner.xds_status.set(status.clone());
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let apply = Arc::new(XdsApply {
             inner: Arc::downgrade(&self.inner),
@@ -1098,6 +1102,7 @@ impl Inner {
                     metrics: self.metrics.clone(),
                     log: self.log.clone(),
                     reload: Some(self.reload_tx.clone()),
+                    xds: self.xds_status.clone(),
                 },
                 l,
                 stop_rx,

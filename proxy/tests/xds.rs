@@ -240,6 +240,20 @@ impl Gateway {
     }
 }
 
+/// `GET path` on the gateway's admin API: the status and the body.
+async fn admin_get(g: &Gateway, path: &str) -> (u16, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(g.server.admin).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    within("the admin answer", s.read_to_string(&mut text)).await.unwrap();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
 async fn status_of(g: &Gateway, target: &str) -> u16 {
     connect_via(g.proxy(), target, "").await.1.status
 }

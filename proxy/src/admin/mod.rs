@@ -7,6 +7,7 @@
 //! | `GET /config_dump` | the running configuration, JSON |
 //! | `GET /explain?src=IP&sni=NAME&port=443` | a policy explanation, JSON (also `host=`, `name=`, `dst=`, `proto=`) |
 //! | `GET /stats` | active flows, audit records written and dropped |
+//! | `GET /xds` | the xDS client: server, connected, updates applied and refused, the last refusal, what is held per type |
 //! | `GET /logging` | the log filter in force |
 //! | `POST /logging?level=debug` | change the log filter at run time (any `tracing` filter); only `POST` changes state |
 //! | `POST /reload` | read the configuration file again and apply it in place; the answer says what changed |
@@ -40,6 +41,8 @@ pub struct Admin {
     /// or the reason it was refused.
     pub reload:
         Option<tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<crate::runtime::ReloadReport, String>>>>,
+    /// The xDS client's state, when `xds:` started one.
+    pub xds: Arc<std::sync::OnceLock<Arc<crate::xds::XdsStatus>>>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -94,6 +97,18 @@ impl Admin {
                 reply(StatusCode::OK, "application/json", body.to_string())
             }
             (&Method::GET, "/explain") => self.explain(&q),
+            (&Method::GET, "/xds") => match self.xds.get() {
+                Some(status) => reply(
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::to_vec_pretty(&status.state()).unwrap_or_default(),
+                ),
+                None => reply(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "this gateway takes no resources from a control server (no `xds:` in its configuration)\n",
+                ),
+            },
             (&Method::GET, "/logging") => match &self.log {
                 Some(log) => reply(
                     StatusCode::OK,
@@ -147,7 +162,7 @@ impl Admin {
                     .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("POST"));
                 r
             }
-            (_, "/ready" | "/metrics" | "/config_dump" | "/stats" | "/explain") => {
+            (_, "/ready" | "/metrics" | "/config_dump" | "/stats" | "/explain" | "/xds") => {
                 let mut r = reply(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "text/plain",
