@@ -733,6 +733,22 @@ pub struct XdsBootstrap {
     /// serves with its own file's (Envoy's `initial_fetch_timeout`).
     #[serde(serialize_with = "duration_text")]
     pub initial_fetch_timeout: Duration,
+    /// TLS to the control servers; plain text when `None`.
+    pub tls: Option<XdsTls>,
+}
+
+/// `xds.tls`: how a gateway checks its control servers and, with a
+/// certificate, proves who it is (mutual TLS). The files are read at each
+/// connection, so renewed certificates are used without a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct XdsTls {
+    /// PEM CA certificates the server's certificate must chain to.
+    pub ca: PathBuf,
+    /// PEM certificate and key of this gateway, for mutual TLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// The name the server's certificate must have; the server's host
+    /// when not given.
+    pub server_name: Option<String>,
 }
 
 /// The node a gateway presents in its first request (Envoy's `Node`):

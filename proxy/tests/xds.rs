@@ -39,6 +39,12 @@ impl ControlPlane {
     }
 
     async fn start_on(addr: SocketAddr, resources: &Resources) -> Self {
+        Self::start_with(addr, resources, None).await
+    }
+
+    /// With TLS: the server's certificate and key, and with `client_ca`
+    /// mutual TLS where a node's id must be a name of its certificate.
+    async fn start_with(addr: SocketAddr, resources: &Resources, tls: Option<(&Pki, bool)>) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -49,11 +55,22 @@ impl ControlPlane {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::watch::channel(catalog(resources));
         let stats = Arc::new(Stats::default());
-        let service = AggregatedDiscoveryServiceServer::new(Ads::new(rx, stats.clone()));
+        let mut ads = Ads::new(rx, stats.clone());
+        let mut builder = tonic::transport::Server::builder();
+        if let Some((pki, mutual)) = tls {
+            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+            let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&pki.server.0, &pki.server.1));
+            if mutual {
+                config = config.client_ca_root(Certificate::from_pem(&pki.ca));
+                ads = ads.verify_node_ids();
+            }
+            builder = builder.tls_config(config).unwrap();
+        }
+        let service = AggregatedDiscoveryServiceServer::new(ads);
         rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            tonic::transport::Server::builder()
+            builder
                 .add_service(service)
                 .serve_with_incoming(incoming)
                 .await
@@ -69,6 +86,10 @@ impl ControlPlane {
 
     fn publish(&self, resources: &Resources) {
         self.tx.send_replace(catalog(resources));
+    }
+
+    fn refused(&self) -> u64 {
+        self.stats.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn nacks(&self) -> u64 {
@@ -178,12 +199,17 @@ struct Gateway {
 
 impl Gateway {
     async fn start(control: SocketAddr, protocol: &str) -> Self {
+        Self::start_as(control, protocol, "gw-test", "").await
+    }
+
+    /// A gateway named `id`, with `extra` YAML under `xds:` (e.g. `tls:`).
+    async fn start_as(control: SocketAddr, protocol: &str, id: &str, extra: &str) -> Self {
         let dir = scratch_dir();
         let audit = dir.path().join("audit.jsonl");
         let yaml = format!(
             "{}listeners:\n  - {{name: proxy, kind: http-proxy, address: \"127.0.0.1:0\"}}\n\
              policy:\n  default: deny\n\
-             xds:\n  servers: [\"{control}\"]\n  node: {{id: gw-test, cluster: tests, metadata: {{zone: a}}}}\n  protocol: {protocol}\n  initial_fetch_timeout: 5s\n",
+             xds:\n  servers: [\"{control}\"]\n  node: {{id: {id}, cluster: tests, metadata: {{zone: a}}}}\n  protocol: {protocol}\n  initial_fetch_timeout: 5s\n{extra}",
             base_config(&audit)
         );
         let file = dir.path().join("gateway.yaml");
@@ -250,7 +276,10 @@ async fn admin_get(g: &Gateway, path: &str) -> (u16, String) {
     let mut text = String::new();
     within("the admin answer", s.read_to_string(&mut text)).await.unwrap();
     let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -322,6 +351,25 @@ flow_test!(
         );
         assert_eq!(gw.rules(), ["allow-good"], "the last good policy stays");
         assert_eq!(status_of(&gw, &target).await, 200);
+        let (code, body) = admin_get(&gw, "/xds").await;
+        assert_eq!(code, 200, "{body}");
+        let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(state["connected"], true, "{body}");
+        assert_eq!(state["rejected"], 1, "{body}");
+        assert!(
+            state["last_rejection"]
+                .as_str()
+                .unwrap()
+                .contains("invalid domain pattern `bad name`"),
+            "{body}"
+        );
+        let webgroups = state["accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type_url"] == "type.googleapis.com/sluice.v1.WebGroup")
+            .cloned();
+        assert_eq!(webgroups.map(|t| t["resources"].clone()), Some(2.into()), "{body}");
 
         // A policy naming a group nobody defines: held for the group's type
         // to bring it, then refused.
@@ -411,4 +459,130 @@ flow_test!(until_the_control_server_answers_the_gateway_serves_its_file, async {
     gw.wait_rules(&["allow-good"]).await;
     assert_eq!(status_of(&gw, &target).await, 200);
     gw.server.shutdown(Duration::from_millis(100)).await;
+});
+
+/// A CA, the server's certificate (for 127.0.0.1) and gateway
+/// certificates, made now, as PEM.
+struct Pki {
+    ca: String,
+    server: (String, String),
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "sluice test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&key).unwrap();
+        let issuer = rcgen::Issuer::new(params, key);
+        let server = Self::leaf(&issuer, &["127.0.0.1", "localhost"]);
+        Self {
+            ca: ca.pem(),
+            server,
+            issuer,
+            dir: scratch_dir(),
+        }
+    }
+
+    fn leaf(issuer: &rcgen::Issuer<'static, rcgen::KeyPair>, names: &[&str]) -> (String, String) {
+        let params = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// `xds.tls` for a gateway whose certificate names `names`.
+    fn gateway_tls(&self, names: &[&str]) -> String {
+        let (cert, key) = Self::leaf(&self.issuer, names);
+        let tag = names.join("-");
+        let files = [
+            ("ca.pem", self.ca.clone()),
+            (&*format!("{tag}.pem"), cert),
+            (&*format!("{tag}.key"), key),
+        ]
+        .map(|(n, text)| {
+            let p = self.dir.path().join(n);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        });
+        format!(
+            "  tls:\n    ca: \"{}\"\n    cert: \"{}\"\n    key: \"{}\"\n",
+            files[0], files[1], files[2]
+        )
+    }
+}
+
+// Mutual TLS: a gateway whose certificate names its node id gets its
+// configuration; one that claims an id its certificate does not name is
+// refused, and keeps its own file.
+flow_test!(with_mutual_tls_a_node_is_what_its_certificate_says, async {
+    let pki = Pki::new();
+    let control = ControlPlane::start_with(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &served(true, vec![]),
+        Some((&pki, true)),
+    )
+    .await;
+    let honest = Gateway::start_as(control.addr, "delta", "gw-a", &pki.gateway_tls(&["gw-a"])).await;
+    honest.wait_rules(&["allow-good"]).await;
+
+    let liar = Gateway::start_as(control.addr, "sotw", "gw-b", &pki.gateway_tls(&["gw-c"])).await;
+    assert!(
+        wait_until(|| control.refused() >= 1).await,
+        "the stream of a node claiming another id was not refused"
+    );
+    assert!(
+        liar.rules().is_empty(),
+        "the liar keeps its own file: {:?}",
+        liar.rules()
+    );
+    assert_eq!(liar.status.state().applied, 0);
+    honest.server.shutdown(Duration::from_millis(100)).await;
+    liar.server.shutdown(Duration::from_millis(100)).await;
+});
+
+// TLS without client certificates: the gateway checks the server's.
+flow_test!(over_tls_the_gateway_checks_the_servers_certificate, async {
+    let pki = Pki::new();
+    let control = ControlPlane::start_with(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &served(true, vec![]),
+        Some((&pki, false)),
+    )
+    .await;
+    let ca = pki.dir.path().join("only-ca.pem");
+    std::fs::write(&ca, &pki.ca).unwrap();
+    let gw = Gateway::start_as(
+        control.addr,
+        "delta",
+        "gw-a",
+        &format!("  tls:\n    ca: \"{}\"\n", ca.display()),
+    )
+    .await;
+    gw.wait_rules(&["allow-good"]).await;
+
+    // A gateway that trusts another CA never takes its configuration.
+    let other = Pki::new();
+    let wrong = other.dir.path().join("other-ca.pem");
+    std::fs::write(&wrong, &other.ca).unwrap();
+    let fooled = Gateway::start_as(
+        control.addr,
+        "delta",
+        "gw-b",
+        &format!("  tls:\n    ca: \"{}\"\n", wrong.display()),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !fooled.status.state().connected && fooled.status.state().applied == 0,
+        "{:?}",
+        fooled.status.state()
+    );
+    gw.server.shutdown(Duration::from_millis(100)).await;
+    fooled.server.shutdown(Duration::from_millis(100)).await;
 });

@@ -2,8 +2,10 @@
 //! binary wires together, kept here so they can be tested without sockets.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod ads;
 pub mod catalog;
+pub mod registry;
 pub mod service;
 pub mod snapshot;
 pub mod source;

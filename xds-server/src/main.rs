@@ -50,6 +50,20 @@ struct ServeArgs {
     /// Where the gRPC (ADS) service listens; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:18000")]
     listen: SocketAddr,
+    /// Where the admin API listens (`/ready`, `/nodes`, `/config`,
+    /// `/metrics`); port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:9903")]
+    admin: SocketAddr,
+    /// The server's certificate (PEM) for TLS; with `--tls-key`.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) client certificates must chain to: mutual
+    /// TLS, and a node's id must be a DNS name of its certificate.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
     /// How often the directory is checked for changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     watch_interval: Duration,
@@ -61,6 +75,10 @@ fn main() -> ExitCode {
         None => serve(ServeArgs {
             config_dir: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 18000)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 9903)),
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
             watch_interval: Duration::from_secs(1),
         }),
         Some(Command::Serve(args)) => serve(args),
@@ -126,6 +144,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls = match tls_config(&args) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("sluice-xds: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -142,17 +167,64 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
         let addr = listener.local_addr().unwrap_or(args.listen);
+        let admin_listener = match tokio::net::TcpListener::bind(args.admin).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "sluice-xds: cannot listen on {} for the admin API: {e}; set --admin",
+                    args.admin
+                );
+                return ExitCode::FAILURE;
+            }
+        };
+        let admin_addr = admin_listener.local_addr().unwrap_or(args.admin);
+        let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("sluice_xds_push_latency_seconds".into()),
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            )
+            .and_then(|b| b.install_recorder())
+        {
+            Ok(h) => Some(h),
+            Err(e) => {
+                eprintln!("sluice-xds: metrics are off: {e}");
+                None
+            }
+        };
+        metrics::counter!("sluice_xds_config_loads_total").increment(1);
+        metrics::counter!("sluice_xds_config_rejections_total").increment(0);
+        metrics::gauge!("sluice_xds_config_rejected").set(0.0);
         let (tx, rx) = tokio::sync::watch::channel(loaded.catalog.clone());
         let state = Arc::new(Mutex::new(SourceState {
             loads: 1,
             ..SourceState::default()
         }));
-        tokio::spawn(watch_dir(source.clone(), args.watch_interval, tx, state));
+        tokio::spawn(watch_dir(source.clone(), args.watch_interval, tx, state.clone()));
         let stats = Arc::new(Stats::default());
+        let mut ads = Ads::new(rx, stats);
+        if args.client_ca.is_some() {
+            ads = ads.verify_node_ids();
+        }
+        tokio::spawn(sluice_xds::admin::serve(
+            sluice_xds::admin::Admin {
+                registry: ads.registry(),
+                source: state,
+                metrics,
+            },
+            admin_listener,
+        ));
+        eprintln!("sluice-xds: admin API on http://{admin_addr}");
         eprintln!(
-            "sluice-xds: serving {} ({} rules) over ADS on {addr}",
+            "sluice-xds: serving {} ({} rules) over ADS{} on {addr}",
             source.describe(),
-            loaded.config.policy.rules.len()
+            loaded.config.policy.rules.len(),
+            match (&args.tls_cert, &args.client_ca) {
+                (None, _) => "",
+                (Some(_), None) => " (TLS)",
+                (Some(_), Some(_)) => " (mutual TLS)",
+            }
         );
         let shutdown = async {
             use tokio::signal::unix::{SignalKind, signal};
@@ -166,8 +238,18 @@ fn serve(args: ServeArgs) -> ExitCode {
                 _ => std::future::pending().await,
             }
         };
-        let served = tonic::transport::Server::builder()
-            .add_service(AggregatedDiscoveryServiceServer::new(Ads::new(rx, stats)))
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = match builder.tls_config(tls) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("sluice-xds: TLS: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        }
+        let served = builder
+            .add_service(AggregatedDiscoveryServiceServer::new(ads))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
             .await;
         match served {
@@ -181,4 +263,18 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// The TLS settings of `serve`, from the files named on the command line.
+fn tls_config(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &args.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(config))
 }

@@ -162,12 +162,16 @@ pub async fn watch_dir(
         match outcome {
             Ok(loaded) => {
                 st.loads += 1;
+                metrics::counter!("sluice_xds_config_loads_total").increment(1);
+                metrics::gauge!("sluice_xds_config_rejected").set(0.0);
                 st.last_error = None;
                 tracing::info!("{}: changed; serving the new configuration", dir.display());
                 snapshots.send_replace(loaded.catalog);
             }
             Err(e) => {
                 st.rejections += 1;
+                metrics::counter!("sluice_xds_config_rejections_total").increment(1);
+                metrics::gauge!("sluice_xds_config_rejected").set(1.0);
                 tracing::warn!(
                     "{}: changed but was rejected; still serving the last good configuration:\n{e}",
                     dir.display()

@@ -222,11 +222,39 @@ impl Validator {
             Duration::from_secs(15),
             Duration::from_secs(600),
         );
+        let tls = x.tls.as_ref().and_then(|t| self.xds_tls(t));
         Some(XdsBootstrap {
             servers,
             node,
             delta,
             initial_fetch_timeout,
+            tls,
+        })
+    }
+
+    fn xds_tls(&mut self, t: &S<raw::RawXdsTls>) -> Option<XdsTls> {
+        let (at, t) = (t.referenced, &t.value);
+        if !self.require(&t.ca, at, "xds.tls", "ca") {
+            return None;
+        }
+        let identity = match (&t.cert, &t.key) {
+            (Some(c), Some(k)) => Some((PathBuf::from(c.value.trim()), PathBuf::from(k.value.trim()))),
+            (None, None) => None,
+            (Some(one), None) | (None, Some(one)) => {
+                self.err(
+                    one.referenced,
+                    "xds.tls",
+                    ConfigErrorKind::InvalidValue {
+                        message: "give both `cert` and `key` (mutual TLS), or neither".into(),
+                    },
+                );
+                None
+            }
+        };
+        Some(XdsTls {
+            ca: PathBuf::from(t.ca.value.trim()),
+            identity,
+            server_name: t.server_name.as_ref().map(|s| s.value.trim().to_owned()),
         })
     }
 }

@@ -92,6 +92,21 @@ pub struct RawXds {
     pub protocol: Option<S<String>>,
     #[serde(default)]
     pub initial_fetch_timeout: Option<S<String>>,
+    #[serde(default)]
+    pub tls: Option<S<RawXdsTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawXdsTls {
+    #[serde(default = "missing")]
+    pub ca: S<String>,
+    #[serde(default)]
+    pub cert: Option<S<String>>,
+    #[serde(default)]
+    pub key: Option<S<String>>,
+    #[serde(default)]
+    pub server_name: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -67,6 +67,7 @@ pub async fn run<A: Apply>(
         next = next.wrapping_add(1);
         status.connecting(&server);
         let mut session = Session {
+            tls: bootstrap.tls.as_ref(),
             client: &mut client,
             apply: &*apply,
             status: &status,
@@ -111,9 +112,12 @@ pub enum StreamError {
     Status(#[from] tonic::Status),
     #[error("not a server address: {0}")]
     Address(String),
+    #[error("TLS: cannot read {path}: {source}")]
+    TlsFile { path: String, source: std::io::Error },
 }
 
 struct Session<'a, A> {
+    tls: Option<&'a sluice_api::XdsTls>,
     client: &'a mut AdsClient,
     apply: &'a A,
     status: &'a XdsStatus,
@@ -177,10 +181,14 @@ impl Wire {
 
 impl<A: Apply> Session<'_, A> {
     async fn serve(&mut self, server: &str) -> Result<(), StreamError> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{server}"))
             .map_err(|e| StreamError::Address(format!("{server}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
+        if let Some(tls) = self.tls {
+            endpoint = endpoint.tls_config(tls_config(tls, server)?)?;
+        }
         let channel = endpoint.connect().await?;
         let mut grpc = AggregatedDiscoveryServiceClient::new(channel);
         // The first requests wait in the channel while the call is set up.
@@ -268,6 +276,30 @@ impl<A: Apply> Session<'_, A> {
             }
         }
     }
+}
+
+/// The TLS settings of a connection, from files read now (so renewed
+/// certificates are used at the next connection).
+fn tls_config(tls: &sluice_api::XdsTls, server: &str) -> Result<tonic::transport::ClientTlsConfig, StreamError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| StreamError::TlsFile {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let host = server
+        .rsplit_once(':')
+        .map_or(server, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let mut config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
+        .domain_name(tls.server_name.clone().unwrap_or_else(|| host.to_owned()));
+    if let Some((cert, key)) = &tls.identity {
+        config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(config)
 }
 
 async fn sleep_until(t: Option<Instant>) {

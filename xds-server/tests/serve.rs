@@ -1,0 +1,266 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+//! `sluice-xds` as a process: `check` and `serve`, driven by a scripted
+//! ADS client (envoy-types' tonic client) and read back through the admin
+//! API. The directory it serves is edited while it runs.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use envoy_types::pb::google::rpc::Status;
+use prost::Message;
+use sluice_api::proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice-xds");
+const POLICY_URL: &str = "type.googleapis.com/sluice.v1.Policy";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn examples() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/xds/config")
+}
+
+fn copy_examples() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(examples()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn check_says_what_a_directory_serves_or_every_problem() {
+    let out = Command::new(BIN).arg("check").arg(examples()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("OK: 1 webgroups, 2 smartgroups, 0 workloads, 1 policy (3 rules)"),
+        "{text}"
+    );
+
+    let dir = copy_examples();
+    let policy = dir.path().join("policy.yaml");
+    let text = std::fs::read_to_string(&policy)
+        .unwrap()
+        .replace("[corp-apis]", "[corp-apiz]");
+    std::fs::write(&policy, text).unwrap();
+    let out = Command::new(BIN).arg("check").arg(dir.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("policy.yaml:16:21: policy.rules[1].to.webgroups[0]: no webgroup named `corp-apiz` (did you mean `corp-apis`?)"),
+        "{err}"
+    );
+}
+
+/// The server process, stopped by PID when dropped.
+struct Served {
+    child: Child,
+    ads: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &Path) -> Served {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--watch-interval",
+            "100ms",
+            "--config-dir",
+        ])
+        .arg(dir)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut ads, mut admin) = (None, None);
+    while ads.is_none() || admin.is_none() {
+        let line = lines.next().expect("sluice-xds exited").unwrap();
+        if let Some(a) = line.split(" over ADS on ").nth(1) {
+            ads = Some(a.trim().parse().unwrap());
+        }
+        if let Some(a) = line.strip_prefix("sluice-xds: admin API on http://") {
+            admin = Some(a.trim().parse().unwrap());
+        }
+    }
+    // Keep reading its log, so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Served {
+        child,
+        ads: ads.unwrap(),
+        admin: admin.unwrap(),
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// Polls `path` on the admin API until `done` holds for its body.
+async fn wait_admin(addr: SocketAddr, path: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let body = get(addr, path).await;
+        if done(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{path} never got there:\n{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Client {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+impl Client {
+    async fn connect(ads: SocketAddr, node: &str) -> Self {
+        let mut grpc = AggregatedDiscoveryServiceClient::connect(format!("http://{ads}"))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: node.into(),
+                cluster: "tests".into(),
+                ..Default::default()
+            }),
+            type_url: POLICY_URL.into(),
+            resource_names_subscribe: vec!["*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let rx = grpc
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    async fn next(&mut self) -> DeltaDiscoveryResponse {
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn answer(&mut self, nonce: &str, error: Option<&str>) {
+        self.tx
+            .send(DeltaDiscoveryRequest {
+                type_url: POLICY_URL.into(),
+                response_nonce: nonce.into(),
+                error_detail: error.map(|m| Status {
+                    code: 3,
+                    message: m.into(),
+                    details: vec![],
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn rules(r: &DeltaDiscoveryResponse) -> Vec<String> {
+    let p = pb::Policy::decode(r.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    p.rules.into_iter().map(|r| r.name).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_pushes_changes_refuses_bad_ones_and_shows_every_node() {
+    let dir = copy_examples();
+    let server = serve(dir.path());
+    assert_eq!(get(server.admin, "/ready").await, "ready\n");
+
+    let mut c = Client::connect(server.ads, "gw-1").await;
+    let first = c.next().await;
+    assert_eq!(first.type_url, POLICY_URL);
+    assert_eq!(rules(&first), ["no-doh", "corp-apis", "llm-providers"]);
+    c.answer(&first.nonce, None).await;
+    let nodes = wait_admin(server.admin, "/nodes", |b| b.contains("\"acks\": 1")).await;
+    let v: serde_json::Value = serde_json::from_str(&nodes).unwrap();
+    assert_eq!(v[0]["node"], "gw-1");
+    assert_eq!(v[0]["protocol"], "delta");
+    assert_eq!(v[0]["policy"], "default");
+    assert_eq!(v[0]["types"][POLICY_URL]["acks"], 1, "{nodes}");
+
+    // A change that does not validate: refused, visible, nothing pushed.
+    let policy = dir.path().join("policy.yaml");
+    let good = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(&policy, good.replace("[corp-apis]", "[corp-apiz]")).unwrap();
+    let config = wait_admin(server.admin, "/config", |b| b.contains("corp-apiz")).await;
+    assert!(config.contains("policy.yaml:16:21"), "{config}");
+    let metrics = get(server.admin, "/metrics").await;
+    assert!(metrics.contains("sluice_xds_config_rejections_total 1"), "{metrics}");
+    assert!(metrics.contains("sluice_xds_config_rejected 1"), "{metrics}");
+
+    // A good change: pushed.
+    std::fs::write(&policy, good.replace("name: llm-providers", "name: llm-apis")).unwrap();
+    let pushed = c.next().await;
+    assert_eq!(rules(&pushed), ["no-doh", "corp-apis", "llm-apis"]);
+    let config = wait_admin(server.admin, "/config", |b| b.contains("\"last_error\": null")).await;
+    assert!(config.contains("\"rejections\": 1"), "{config}");
+
+    // The node refuses it: the NACK and its reason are on the admin API
+    // and in the metrics.
+    c.answer(&pushed.nonce, Some("not today")).await;
+    let nodes = wait_admin(server.admin, "/nodes", |b| b.contains("not today")).await;
+    let v: serde_json::Value = serde_json::from_str(&nodes).unwrap();
+    assert_eq!(
+        v[0]["types"][POLICY_URL]["nack"]["version"], pushed.system_version_info,
+        "{nodes}"
+    );
+    let metrics = get(server.admin, "/metrics").await;
+    assert!(
+        metrics.contains("sluice_xds_nacks_total{type=\"sluice.v1.Policy\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sluice_xds_streams 1"), "{metrics}");
+
+    // The next change is pushed (the NACKed version is not sent again, a
+    // new one is), ACKed, and its push latency measured.
+    std::fs::write(&policy, good.replace("name: llm-providers", "name: llms")).unwrap();
+    let pushed = c.next().await;
+    assert_eq!(rules(&pushed), ["no-doh", "corp-apis", "llms"]);
+    c.answer(&pushed.nonce, None).await;
+    let metrics = wait_admin(server.admin, "/metrics", |b| {
+        b.contains("sluice_xds_push_latency_seconds_count")
+    })
+    .await;
+    assert!(metrics.contains("sluice_xds_push_latency_seconds_count 1"), "{metrics}");
+}
