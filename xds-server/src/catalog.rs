@@ -146,7 +146,7 @@ mod tests {
             policies: Some(vec![policy("default"), policy("strict"), policy("lab")]),
             ..Default::default()
         };
-        Catalog::build(&resources, "default", targets, crate::source::snapshot).unwrap()
+        Catalog::build(&resources, "default", targets, |r| crate::source::snapshot(r, &[])).unwrap()
     }
 
     #[test]
@@ -209,7 +209,7 @@ mod tests {
             }]),
             ..Default::default()
         };
-        let c = Catalog::build(&resources, "default", Vec::new(), crate::source::snapshot).unwrap();
+        let c = Catalog::build(&resources, "default", Vec::new(), |r| crate::source::snapshot(r, &[])).unwrap();
         let snap = c.for_node(&node("x", "", &[]));
         assert!(snap.resources(sluice_api::proto::type_url::POLICY).is_empty());
         assert!(

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod ads;
 pub mod catalog;
+pub mod envoy;
 pub mod registry;
 pub mod service;
 pub mod snapshot;

@@ -61,16 +61,33 @@ impl Source {
                 (a.build()?, resources)
             }
         };
-        let catalog =
-            Catalog::build(&resources, &config.policy.name, config.targets.clone(), snapshot).map_err(|e| {
-                ConfigErrors(vec![sluice_api::ConfigError {
-                    file: self.describe(),
-                    line: 0,
-                    column: 0,
-                    path: String::new(),
-                    kind: sluice_api::ConfigErrorKind::InvalidValue { message: e.to_string() },
-                }])
-            })?;
+        let invalid = |message: String| {
+            ConfigErrors(vec![sluice_api::ConfigError {
+                file: self.describe(),
+                line: 0,
+                column: 0,
+                path: String::new(),
+                kind: sluice_api::ConfigErrorKind::InvalidValue { message },
+            }])
+        };
+        // Stock Envoy's listeners and clusters, per policy: a node a
+        // target picks enforces that policy in Envoy too.
+        let mut envoy = std::collections::BTreeMap::new();
+        for p in std::iter::once(&config.policy).chain(&config.policies) {
+            let translated = crate::envoy::translate_policy(&config, p)
+                .map_err(|e| invalid(format!("translating policy `{}` for Envoy: {e}", p.name)))?;
+            envoy.entry(p.name.clone()).or_insert(translated);
+        }
+        let catalog = Catalog::build(&resources, &config.policy.name, config.targets.clone(), |r| {
+            let policy = r
+                .policies
+                .iter()
+                .flatten()
+                .next()
+                .map_or(config.policy.name.as_str(), |p| p.name.as_str());
+            snapshot(r, envoy.get(policy).map_or(&[][..], Vec::as_slice))
+        })
+        .map_err(|e| invalid(e.to_string()))?;
         Ok(Loaded {
             snapshot: catalog.snapshot(&config.policy.name),
             config,
@@ -98,12 +115,21 @@ fn any<M: Message + Name>(m: &M) -> Any {
     }
 }
 
-/// The snapshot of Sluice's resources. Every Sluice type is listed even
-/// when empty, so a gateway subscribed to it hears that there are none.
-pub fn snapshot(r: &Resources) -> Result<Snapshot, SnapshotError> {
+/// The snapshot of Sluice's resources, and `envoy`'s (the same policy as
+/// stock Envoy's listeners and clusters, [`crate::envoy::translate`]).
+/// Every Sluice type, LDS and CDS are listed even when empty, so a client
+/// subscribed to one hears that there are none. Sluice gateways subscribe
+/// only to Sluice's types and Envoy only to LDS and CDS, so one snapshot
+/// serves both.
+pub fn snapshot(r: &Resources, envoy: &[Resource]) -> Result<Snapshot, SnapshotError> {
     let mut b = ResourceKind::ALL
         .into_iter()
-        .fold(Snapshot::builder(), |b, k| b.with_type(k.type_url()));
+        .fold(Snapshot::builder(), |b, k| b.with_type(k.type_url()))
+        .with_type(crate::snapshot::type_url::LISTENER)
+        .with_type(crate::snapshot::type_url::CLUSTER);
+    for e in envoy {
+        b.add(e.clone())?;
+    }
     for g in r.webgroups.iter().flatten() {
         b.add(Resource::new(&g.name, any(g)))?;
     }
