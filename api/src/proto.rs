@@ -18,6 +18,8 @@ pub mod type_url {
     pub const SMART_GROUP: &str = "type.googleapis.com/sluice.v1.SmartGroup";
     pub const WORKLOAD: &str = "type.googleapis.com/sluice.v1.Workload";
     pub const POLICY: &str = "type.googleapis.com/sluice.v1.Policy";
+    /// ECDS: plugins travel as Envoy's extension configurations.
+    pub const EXTENSION_CONFIG: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
     /// Every Sluice type, in the order a gateway applies them (groups
     /// before the policy that names them).
     pub const ALL: [&str; 4] = [WEB_GROUP, SMART_GROUP, WORKLOAD, POLICY];

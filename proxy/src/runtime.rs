@@ -569,11 +569,12 @@ impl Server {
             inner: Arc::downgrade(&self.inner),
         });
         let task_status = status.clone();
+        let modules = crate::xds::code::modules_dir(&self.shared.snapshot.load().config.bootstrap.plugin_cache);
         self.inner.keep(tokio::spawn(async move {
             // Dropping the sender at the end of the task is all the
             // client needs to know; the task itself is aborted at shutdown.
             let _keep = stop_tx;
-            crate::xds::run(bootstrap, apply, task_status, stop).await;
+            crate::xds::run(bootstrap, modules, apply, task_status, stop).await;
         }));
         status
     }

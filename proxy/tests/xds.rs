@@ -13,15 +13,13 @@ use std::time::Duration;
 
 use common::*;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
-use envoy_types::pb::google::protobuf::Any;
-use prost::{Message, Name};
 use sluice::runtime::Server;
 use sluice::xds::XdsStatus;
-use sluice_api::config::{ResourceKind, Resources};
+use sluice_api::config::Resources;
 use sluice_api::proto::v1 as pb;
 use sluice_xds::catalog::Catalog;
 use sluice_xds::service::{Ads, Stats};
-use sluice_xds::snapshot::{Resource, Snapshot};
+use sluice_xds::snapshot::Resource;
 use tokio::io::AsyncReadExt;
 
 /// `sluice-xds`'s ADS service on its own runtime and thread: stopping it
@@ -53,7 +51,7 @@ impl ControlPlane {
         let listener = std::net::TcpListener::bind(addr).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::watch::channel(catalog(resources));
+        let (tx, rx) = tokio::sync::watch::channel(catalog(resources, &[]));
         let stats = Arc::new(Stats::default());
         let mut ads = Ads::new(rx, stats.clone());
         let mut builder = tonic::transport::Server::builder();
@@ -85,7 +83,11 @@ impl ControlPlane {
     }
 
     fn publish(&self, resources: &Resources) {
-        self.tx.send_replace(catalog(resources));
+        self.publish_with(resources, &[]);
+    }
+
+    fn publish_with(&self, resources: &Resources, extra: &[Resource]) {
+        self.tx.send_replace(catalog(resources, extra));
     }
 
     fn refused(&self) -> u64 {
@@ -111,32 +113,10 @@ impl Drop for ControlPlane {
     }
 }
 
-fn any<M: Message + Name>(m: &M) -> Any {
-    Any {
-        type_url: M::type_url(),
-        value: m.encode_to_vec(),
-    }
-}
-
-/// Every node gets `r` (the test's control server has no targets).
-fn catalog(r: &Resources) -> Arc<Catalog> {
-    Arc::new(Catalog::build(r, "default", Vec::new(), |r| Ok(snapshot(r))).unwrap())
-}
-
-fn snapshot(r: &Resources) -> Snapshot {
-    let mut b = ResourceKind::ALL
-        .into_iter()
-        .fold(Snapshot::builder(), |b, k| b.with_type(k.type_url()));
-    for g in r.webgroups.iter().flatten() {
-        b.add(Resource::new(&g.name, any(g))).unwrap();
-    }
-    for g in r.smartgroups.iter().flatten() {
-        b.add(Resource::new(&g.name, any(g))).unwrap();
-    }
-    for p in r.policies.iter().flatten() {
-        b.add(Resource::new(&p.name, any(p))).unwrap();
-    }
-    b.build()
+/// Every node gets `r` and `extra` (ECDS resources): the server's own
+/// snapshot builder; the test's control server has no targets.
+fn catalog(r: &Resources, extra: &[Resource]) -> Arc<Catalog> {
+    Arc::new(Catalog::build(r, "default", Vec::new(), |r| sluice_xds::source::snapshot(r, extra)).unwrap())
 }
 
 fn webgroup(name: &str, domains: &[&str]) -> pb::WebGroup {
@@ -185,6 +165,7 @@ fn served(allow_good: bool, extra_rules: Vec<pb::Rule>) -> Resources {
             rules,
             ..Default::default()
         }]),
+        plugins: None,
     }
 }
 
@@ -585,4 +566,129 @@ flow_test!(over_tls_the_gateway_checks_the_servers_certificate, async {
     );
     gw.server.shutdown(Duration::from_millis(100)).await;
     fooled.server.shutdown(Duration::from_millis(100)).await;
+});
+
+/// ECDS resources for the test guest, as `sluice-xds` makes them from a
+/// `plugins:` section; with `code_url`, the code is remote.
+fn plugin_resources(config: &str, code_url: Option<&str>) -> Vec<Resource> {
+    plugin_resources_of("test-guest", config, code_url)
+}
+
+fn plugin_resources_of(guest: &str, config: &str, code_url: Option<&str>) -> Vec<Resource> {
+    let yaml = format!(
+        "plugins:\n  - name: guard\n    path: \"{}\"\n    config: {}\n    deadline: 50ms\n",
+        common::guests::guest(guest).display(),
+        serde_json::to_string(config).unwrap()
+    );
+    let config = sluice_api::config::load_str(&yaml, "plugins.yaml").unwrap();
+    sluice_xds::ecds::plugins(&config, None, code_url).unwrap().0
+}
+
+/// Serves `body` to every HTTP request, as a module server would.
+async fn module_server(body: Vec<u8>) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+            });
+        }
+    });
+    addr
+}
+
+fn plugin_names(g: &Gateway) -> Vec<String> {
+    g.server
+        .shared
+        .snapshot
+        .load()
+        .config
+        .plugins
+        .iter()
+        .map(|p| p.name.clone())
+        .collect()
+}
+
+// A plugin delivered over ECDS (the module inline) judges the gateway's
+// flows; taken away, it stops; its settings (deadline) come with it.
+flow_test!(a_plugin_over_ecds_judges_flows_and_goes_when_removed, async {
+    let up = TlsEcho::start().await;
+    let target = format!("allowed.test:{}", up.addr().port());
+    let control = ControlPlane::start(&served(true, vec![])).await;
+    let gw = Gateway::start(control.addr, "delta").await;
+    gw.wait_rules(&["allow-good"]).await;
+
+    control.publish_with(&served(true, vec![]), &plugin_resources("deny_sni=allowed.test", None));
+    assert!(
+        wait_until(|| plugin_names(&gw) == ["guard"]).await,
+        "{:?}",
+        gw.status.state()
+    );
+    let snap = gw.server.shared.snapshot.load();
+    let p = &snap.config.plugins[0];
+    assert_eq!(p.deadline, Duration::from_millis(50));
+    assert!(p.sha256.is_some(), "the module's digest is checked when it is loaded");
+    drop(snap);
+
+    let (stream, resp) = connect_via(gw.proxy(), &target, "").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let _ = within("the refused handshake", up.pki.connect("allowed.test", stream)).await;
+    let r = gw.wait_record(|r| field(r, "connect_target") == target).await;
+    assert_eq!(decided(&r), ("deny", "plugin-denied"), "{r}");
+
+    control.publish(&served(true, vec![]));
+    assert!(wait_until(|| plugin_names(&gw).is_empty()).await);
+    assert_eq!(control.nacks(), 0);
+    gw.server.shutdown(Duration::from_millis(100)).await;
+});
+
+// Remote code: fetched and checked against the resource's sha256; a
+// module that does not match is refused (NACKed) and nothing changes.
+flow_test!(remote_plugin_code_is_checked_against_its_sha256, async {
+    let control = ControlPlane::start(&served(true, vec![])).await;
+    let gw = Gateway::start(control.addr, "sotw").await;
+    gw.wait_rules(&["allow-good"]).await;
+
+    let module = std::fs::read(common::guests::guest("test-guest")).unwrap();
+    let good = module_server(module.clone()).await;
+    control.publish_with(
+        &served(true, vec![]),
+        &plugin_resources("", Some(&format!("http://{good}"))),
+    );
+    assert!(
+        wait_until(|| plugin_names(&gw) == ["guard"]).await,
+        "{:?}",
+        gw.status.state()
+    );
+
+    // The resource names another module's digest (one never fetched
+    // here, so not on disk); the server hands out the test guest.
+    let bad = module_server(module).await;
+    control.publish_with(
+        &served(true, vec![]),
+        &plugin_resources_of("bad-allocator", "", Some(&format!("http://{bad}"))),
+    );
+    assert!(
+        wait_until(|| gw.status.state().rejected >= 1).await,
+        "not refused: {:?}",
+        gw.status.state()
+    );
+    let why = gw.status.state().last_rejection.unwrap_or_default();
+    assert!(
+        why.contains("plugin `guard`: the module at http://") && why.contains("the resource requires; refused"),
+        "{why}"
+    );
+    assert_eq!(plugin_names(&gw), ["guard"], "the running plugin stays");
+    assert!(wait_until(|| control.nacks() >= 1).await);
+    gw.server.shutdown(Duration::from_millis(100)).await;
 });

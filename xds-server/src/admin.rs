@@ -4,8 +4,10 @@
 //! |---|---|
 //! | `GET /ready` | `200` while a configuration is served |
 //! | `GET /nodes` | every connected node: its stream, protocol, policy and target, and per type what was sent, what it ACKed, its last NACK and why |
+//! | `GET /resources` | per policy, per type, every resource served and its version |
 //! | `GET /config` | the source: loads, rejections, the last rejection's errors while it stands |
 //! | `GET /metrics` | Prometheus text format |
+//! | `GET /plugins/<sha256>.wasm` | a plugin's module, when plugins' code is remote (`--code-url`) |
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -23,6 +25,10 @@ use crate::source::SourceState;
 
 #[derive(Clone)]
 pub struct Admin {
+    /// What is served now, for `/resources`.
+    pub catalog: tokio::sync::watch::Receiver<Arc<crate::catalog::Catalog>>,
+    /// Plugin modules served at `/plugins/<sha256>.wasm`.
+    pub modules: Arc<Mutex<Arc<crate::ecds::Modules>>>,
     pub registry: Arc<Registry>,
     pub source: Arc<Mutex<SourceState>>,
     pub metrics: Option<PrometheusHandle>,
@@ -63,15 +69,29 @@ impl Admin {
         match path {
             "/ready" => reply(StatusCode::OK, "text/plain", "ready\n"),
             "/nodes" => json(&self.registry.streams()),
+            "/resources" => json(&crate::diff::versions(&self.catalog.borrow())),
             "/config" => json(&*self.source.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
             "/metrics" => match &self.metrics {
                 Some(h) => reply(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
                 None => reply(StatusCode::NOT_FOUND, "text/plain", "metrics are not installed\n"),
             },
+            p if p.starts_with("/plugins/") => {
+                let sha = p.trim_start_matches("/plugins/").trim_end_matches(".wasm");
+                let module = self
+                    .modules
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(sha)
+                    .cloned();
+                match module {
+                    Some(m) => reply(StatusCode::OK, "application/wasm", Bytes::from(m.to_vec())),
+                    None => reply(StatusCode::NOT_FOUND, "text/plain", "no such module\n"),
+                }
+            }
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /ready, /nodes, /config, /metrics\n",
+                "not found; try /ready, /nodes, /resources, /config, /metrics\n",
             ),
         }
     }

@@ -5,7 +5,10 @@
 pub mod admin;
 pub mod ads;
 pub mod catalog;
+pub mod diff;
+pub mod ecds;
 pub mod envoy;
+pub mod plain;
 pub mod registry;
 pub mod service;
 pub mod snapshot;

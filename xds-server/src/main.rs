@@ -34,6 +34,15 @@ enum Command {
     /// Validates a configuration directory as `serve` would, and says what
     /// it serves.
     Check { dir: PathBuf },
+    /// What serving DIR would change against a running server (its admin
+    /// API at --against): per policy the resources added, changed and
+    /// removed; per connected node the policy it would get.
+    Diff {
+        dir: PathBuf,
+        /// The running server's admin API.
+        #[arg(long, default_value = "http://127.0.0.1:9903")]
+        against: String,
+    },
     /// Validates single configuration files.
     Validate {
         #[arg(required = true)]
@@ -64,6 +73,11 @@ struct ServeArgs {
     /// TLS, and a node's id must be a DNS name of its certificate.
     #[arg(long, requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// Plugins' code is fetched by gateways from this base URL (this
+    /// server's admin API as they reach it, e.g. `http://xds.internal:9903`)
+    /// and checked against its SHA-256, instead of sent inline.
+    #[arg(long)]
+    code_url: Option<String>,
     /// How often the directory is checked for changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     watch_interval: Duration,
@@ -79,10 +93,12 @@ fn main() -> ExitCode {
             tls_cert: None,
             tls_key: None,
             client_ca: None,
+            code_url: None,
             watch_interval: Duration::from_secs(1),
         }),
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Check { dir }) => check(dir),
+        Some(Command::Diff { dir, against }) => diff(dir, &against),
         Some(Command::Validate { files }) => validate(&files),
     }
 }
@@ -105,6 +121,52 @@ fn check(dir: PathBuf) -> ExitCode {
         }
         Err(e) => {
             eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn diff(dir: PathBuf, against: &str) -> ExitCode {
+    let loaded = match Source::Dir(dir.clone()).load() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "{e}\nsluice-xds: {} does not validate; it would not be served",
+                dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let fetch = |path: &str| -> Result<String, String> {
+        let base = against.trim_end_matches('/');
+        let addr = base.strip_prefix("http://").unwrap_or(base);
+        let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("cannot reach {against}: {e}"))?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        use std::io::{Read, Write};
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        let (head, body) = text.split_once("\r\n\r\n").ok_or("not an HTTP answer")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("{against}{path}: {}", head.lines().next().unwrap_or("")));
+        }
+        Ok(body.to_owned())
+    };
+    let answer = fetch("/resources").and_then(|r| {
+        let old: sluice_xds::diff::Versions = serde_json::from_str(&r).map_err(|e| format!("/resources: {e}"))?;
+        let nodes: Vec<sluice_xds::diff::NodeSeen> =
+            serde_json::from_str(&fetch("/nodes")?).map_err(|e| format!("/nodes: {e}"))?;
+        Ok((old, nodes))
+    });
+    match answer {
+        Ok((old, nodes)) => {
+            let new = sluice_xds::diff::versions(&loaded.catalog);
+            print!("{}", sluice_xds::diff::report(&old, &new, &loaded.catalog, &nodes));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluice-xds: {e}");
             ExitCode::FAILURE
         }
     }
@@ -134,7 +196,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let source = args.config_dir.clone().map_or(Source::Embedded, Source::Dir);
-    let loaded = match source.load() {
+    let loaded = match source.load_with(args.code_url.as_deref()) {
         Ok(l) => l,
         Err(e) => {
             eprintln!(
@@ -201,7 +263,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             loads: 1,
             ..SourceState::default()
         }));
-        tokio::spawn(watch_dir(source.clone(), args.watch_interval, tx, state.clone()));
+        let modules = Arc::new(Mutex::new(loaded.modules.clone()));
+        tokio::spawn(watch_dir(
+            source.clone(),
+            args.watch_interval,
+            tx,
+            state.clone(),
+            args.code_url.clone(),
+            modules.clone(),
+        ));
         let stats = Arc::new(Stats::default());
         let mut ads = Ads::new(rx, stats);
         if args.client_ca.is_some() {
@@ -209,6 +279,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
         tokio::spawn(sluice_xds::admin::serve(
             sluice_xds::admin::Admin {
+                catalog: ads.catalogs(),
+                modules,
                 registry: ads.registry(),
                 source: state,
                 metrics,

@@ -69,6 +69,11 @@ impl Ads {
         self
     }
 
+    /// The catalogs this service serves.
+    pub fn catalogs(&self) -> watch::Receiver<Arc<Catalog>> {
+        self.catalogs.clone()
+    }
+
     /// What every open stream was sent, ACKed and NACKed.
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.clone()

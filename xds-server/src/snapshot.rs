@@ -276,7 +276,7 @@ impl SnapshotBuilder {
 /// The first 16 hex digits (64 bits) of a digest: short enough to read in
 /// logs and the admin API, long enough that two contents never collide in
 /// practice.
-fn short_hex(bytes: &[u8]) -> String {
+pub(crate) fn short_hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     bytes.iter().take(8).fold(String::with_capacity(16), |mut s, b| {
         let _ = write!(s, "{b:02x}");

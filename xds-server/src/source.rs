@@ -19,6 +19,7 @@ use sluice_api::{Config, ConfigErrors};
 use tokio::sync::watch;
 
 use crate::catalog::Catalog;
+use crate::plain::Plain;
 use crate::snapshot::{Resource, Snapshot, SnapshotError};
 
 /// The example configuration `sluice-xds` serves when given none.
@@ -48,17 +49,39 @@ impl Source {
         }
     }
 
-    /// Loads and validates the source.
+    /// Loads and validates the source, plugins' code inline.
     pub fn load(&self) -> Result<Loaded, ConfigErrors> {
-        let (config, resources) = match self {
-            Self::Dir(d) => sluice_api::config::load_dir(d)?,
+        self.load_with(None)
+    }
+
+    /// Loads and validates the source; with `code_url` (the base URL
+    /// gateways reach this server's admin API at), plugins' code is remote.
+    pub fn load_with(&self, code_url: Option<&str>) -> Result<Loaded, ConfigErrors> {
+        let (loaded, plain) = match self {
+            // Only `envoy/` (a directory for proxyless gRPC, say): an empty
+            // `sluice.yaml` configuration beside it.
+            Self::Dir(d) if crate::plain::only_envoy(d) => {
+                let a = Assembly::new();
+                let resources = a.resources();
+                (a.build().map(|c| (c, resources)), Plain::load_dir(d))
+            }
+            Self::Dir(d) => (sluice_api::config::load_dir(d), Plain::load_dir(d)),
             Self::Embedded => {
                 let mut a = Assembly::new();
                 for (name, text) in EMBEDDED {
                     a.add_file(text, name);
                 }
                 let resources = a.resources();
-                (a.build()?, resources)
+                (a.build().map(|c| (c, resources)), Ok(Plain::default()))
+            }
+        };
+        // Every problem of both readers at once.
+        let ((config, resources), plain) = match (loaded, plain) {
+            (Ok(l), Ok(p)) => (l, p),
+            (l, p) => {
+                let mut errors = l.err().map_or_else(Vec::new, |e| e.0);
+                errors.extend(p.err().into_iter().flatten().map(Into::into));
+                return Err(ConfigErrors(errors));
             }
         };
         let invalid = |message: String| {
@@ -72,10 +95,21 @@ impl Source {
         };
         // Stock Envoy's listeners and clusters, per policy: a node a
         // target picks enforces that policy in Envoy too.
+        // Plugins as ECDS resources, the same for every node.
+        let base = match self {
+            Self::Dir(d) => Some(d.as_path()),
+            Self::Embedded => None,
+        };
+        let (plugins, modules) = crate::ecds::plugins(&config, base, code_url).map_err(invalid)?;
         let mut envoy = std::collections::BTreeMap::new();
         for p in std::iter::once(&config.policy).chain(&config.policies) {
-            let translated = crate::envoy::translate_policy(&config, p)
+            let mut translated = crate::envoy::translate_policy(&config, p)
                 .map_err(|e| invalid(format!("translating policy `{}` for Envoy: {e}", p.name)))?;
+            // The plain Envoy resources of `envoy/`, the same for every node.
+            plain
+                .add_to(&mut translated)
+                .map_err(|e| ConfigErrors(vec![e.into()]))?;
+            translated.extend(plugins.iter().cloned());
             envoy.entry(p.name.clone()).or_insert(translated);
         }
         let catalog = Catalog::build(&resources, &config.policy.name, config.targets.clone(), |r| {
@@ -93,6 +127,7 @@ impl Source {
             config,
             resources,
             catalog: Arc::new(catalog),
+            modules: Arc::new(modules),
         })
     }
 }
@@ -106,6 +141,8 @@ pub struct Loaded {
     pub snapshot: Arc<Snapshot>,
     /// Every node's snapshot.
     pub catalog: Arc<Catalog>,
+    /// Plugin modules served at `/plugins/<sha256>.wasm` (with a code URL).
+    pub modules: Arc<crate::ecds::Modules>,
 }
 
 fn any<M: Message + Name>(m: &M) -> Any {
@@ -125,6 +162,7 @@ pub fn snapshot(r: &Resources, envoy: &[Resource]) -> Result<Snapshot, SnapshotE
     let mut b = ResourceKind::ALL
         .into_iter()
         .fold(Snapshot::builder(), |b, k| b.with_type(k.type_url()))
+        .with_type(crate::snapshot::type_url::TYPED_EXTENSION_CONFIG)
         .with_type(crate::snapshot::type_url::LISTENER)
         .with_type(crate::snapshot::type_url::CLUSTER);
     for e in envoy {
@@ -164,6 +202,8 @@ pub async fn watch_dir(
     every: Duration,
     snapshots: watch::Sender<Arc<Catalog>>,
     state: Arc<Mutex<SourceState>>,
+    code_url: Option<String>,
+    modules: Arc<Mutex<Arc<crate::ecds::Modules>>>,
 ) {
     let Source::Dir(dir) = &source else {
         // Nothing to watch; the sender stays, so streams keep their
@@ -183,7 +223,7 @@ pub async fn watch_dir(
         // Let an editor finish writing before reading.
         tokio::time::sleep(every.min(Duration::from_millis(200))).await;
         last = fingerprint(dir);
-        let outcome = source.load();
+        let outcome = source.load_with(code_url.as_deref());
         let mut st = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match outcome {
             Ok(loaded) => {
@@ -192,6 +232,8 @@ pub async fn watch_dir(
                 metrics::gauge!("sluice_xds_config_rejected").set(0.0);
                 st.last_error = None;
                 tracing::info!("{}: changed; serving the new configuration", dir.display());
+                // The new modules first: a gateway told to fetch one finds it.
+                *modules.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = loaded.modules;
                 snapshots.send_replace(loaded.catalog);
             }
             Err(e) => {
@@ -208,12 +250,14 @@ pub async fn watch_dir(
     }
 }
 
-/// Names, sizes, modification times and inodes of the directory's files:
-/// any edit, rename, addition or removal changes it.
+/// Names, sizes, modification times and inodes of the directory's files
+/// and of its `envoy/` subdirectory's: any edit, rename, addition or
+/// removal changes it.
 fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>, u64)> {
     use std::os::unix::fs::MetadataExt;
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .into_iter()
+    let mut out: Vec<_> = [dir.to_path_buf(), dir.join(crate::plain::DIR)]
+        .iter()
+        .flat_map(std::fs::read_dir)
         .flatten()
         .filter_map(Result::ok)
         .filter_map(|e| {

@@ -75,17 +75,14 @@ impl Drop for Served {
 }
 
 fn serve(dir: &Path) -> Served {
+    serve_with(dir, &["--admin", "127.0.0.1:0"])
+}
+
+fn serve_with(dir: &Path, extra: &[&str]) -> Served {
     let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--watch-interval",
-            "100ms",
-            "--config-dir",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--watch-interval", "100ms"])
+        .args(extra)
+        .arg("--config-dir")
         .arg(dir)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -147,6 +144,10 @@ struct Client {
 
 impl Client {
     async fn connect(ads: SocketAddr, node: &str) -> Self {
+        Self::connect_to(ads, node, POLICY_URL).await
+    }
+
+    async fn connect_to(ads: SocketAddr, node: &str, type_url: &str) -> Self {
         let mut grpc = AggregatedDiscoveryServiceClient::connect(format!("http://{ads}"))
             .await
             .unwrap();
@@ -157,7 +158,7 @@ impl Client {
                 cluster: "tests".into(),
                 ..Default::default()
             }),
-            type_url: POLICY_URL.into(),
+            type_url: type_url.into(),
             resource_names_subscribe: vec!["*".into()],
             ..Default::default()
         })
@@ -263,4 +264,106 @@ async fn serve_pushes_changes_refuses_bad_ones_and_shows_every_node() {
     })
     .await;
     assert!(metrics.contains("sluice_xds_push_latency_seconds_count 1"), "{metrics}");
+}
+
+/// Plugins are served as ECDS resources; with `--code-url` the module is
+/// remote, with its SHA-256, and the admin API serves it.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_are_served_over_ecds_with_their_code_remote() {
+    use envoy_types::pb::envoy::config::core::v3::{TypedExtensionConfig, async_data_source};
+    use envoy_types::pb::envoy::extensions::filters::network::wasm::v3::Wasm;
+    use envoy_types::pb::envoy::extensions::wasm::v3::plugin_config;
+
+    let dir = copy_examples();
+    let module = b"\0asm\x01\0\0\0".to_vec();
+    std::fs::write(dir.path().join("guard.wasm"), &module).unwrap();
+    std::fs::write(
+        dir.path().join("plugins.yaml"),
+        "listeners:\n  - {name: proxy, kind: http-proxy, address: 127.0.0.1:3128}\nplugins:\n  - {name: guard, path: guard.wasm, listeners: [proxy]}\n",
+    )
+    .unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (admin_arg, url) = (admin.to_string(), format!("http://{admin}"));
+    let server = serve_with(dir.path(), &["--admin", &admin_arg, "--code-url", &url]);
+    let mut c = Client::connect_to(
+        server.ads,
+        "gw-1",
+        "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+    )
+    .await;
+    let r = c.next().await;
+    assert_eq!(r.resources.len(), 1);
+    let ext = TypedExtensionConfig::decode(r.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    assert_eq!(ext.name, "guard");
+    let wasm = Wasm::decode(ext.typed_config.unwrap().value.as_slice()).unwrap();
+    let Some(plugin_config::Vm::VmConfig(vm)) = wasm.config.unwrap().vm else {
+        panic!("no vm_config")
+    };
+    let Some(async_data_source::Specifier::Remote(remote)) = vm.code.unwrap().specifier else {
+        panic!("not remote")
+    };
+    let uri = remote.http_uri.unwrap().uri;
+    assert_eq!(uri, format!("{url}/plugins/{}.wasm", remote.sha256));
+    let path = uri.trim_start_matches(&url);
+    let body = get(server.admin, path).await;
+    assert_eq!(body.as_bytes(), module.as_slice());
+}
+
+/// `diff` says what serving another directory would change, against a
+/// running server: per policy, and per connected node.
+#[tokio::test(flavor = "multi_thread")]
+async fn diff_says_what_a_change_would_push_to_which_nodes() {
+    let dir = copy_examples();
+    let server = serve(dir.path());
+    let mut c = Client::connect(server.ads, "gw-1").await;
+    let first = c.next().await;
+    c.answer(&first.nonce, None).await;
+    let _ = wait_admin(server.admin, "/nodes", |b| b.contains("gw-1")).await;
+
+    let next = copy_examples();
+    let policy = next.path().join("policy.yaml");
+    let text = std::fs::read_to_string(&policy)
+        .unwrap()
+        .replace("name: llm-providers", "name: llms");
+    std::fs::write(&policy, text).unwrap();
+    std::fs::write(
+        next.path().join("targets.yaml"),
+        "policies:\n  - {name: lab, default: allow}\ntargets:\n  - {name: lab-gw, nodes: {ids: [gw-2]}, policy: lab}\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["diff"])
+        .arg(next.path())
+        .arg("--against")
+        .arg(format!("http://{}", server.admin))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("policy `default`: sluice.v1.Policy: changed default"),
+        "{text}"
+    );
+    assert!(text.contains("policy `lab`: sluice.v1.Policy: added lab"), "{text}");
+    assert!(
+        text.contains("node `gw-1`: policy `default` (no target): its policy's resources change"),
+        "{text}"
+    );
+    // Unchanged: nothing to push.
+    let out = Command::new(BIN)
+        .arg("diff")
+        .arg(dir.path())
+        .arg("--against")
+        .arg(format!("http://{}", server.admin))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("no resource changes")
+            && text.contains("node `gw-1`: policy `default` (no target): nothing changes"),
+        "{text}"
+    );
 }

@@ -28,12 +28,21 @@ pub enum ResourceKind {
     SmartGroup,
     Workload,
     Policy,
+    /// A WASM plugin: an ECDS `TypedExtensionConfig` holding Envoy's Wasm
+    /// filter configuration.
+    Plugin,
 }
 
 impl ResourceKind {
     /// In the order a gateway applies them: groups before the policy that
     /// names them.
-    pub const ALL: [Self; 4] = [Self::WebGroup, Self::SmartGroup, Self::Workload, Self::Policy];
+    pub const ALL: [Self; 5] = [
+        Self::WebGroup,
+        Self::SmartGroup,
+        Self::Workload,
+        Self::Plugin,
+        Self::Policy,
+    ];
 
     pub fn type_url(self) -> &'static str {
         use crate::proto::type_url as t;
@@ -42,6 +51,7 @@ impl ResourceKind {
             Self::SmartGroup => t::SMART_GROUP,
             Self::Workload => t::WORKLOAD,
             Self::Policy => t::POLICY,
+            Self::Plugin => t::EXTENSION_CONFIG,
         }
     }
 
@@ -56,6 +66,7 @@ impl ResourceKind {
             Self::SmartGroup => "smartgroups",
             Self::Workload => "inventory",
             Self::Policy => "policy",
+            Self::Plugin => "plugins",
         }
     }
 
@@ -65,6 +76,7 @@ impl ResourceKind {
             Self::SmartGroup => "sluice.v1.SmartGroup",
             Self::Workload => "sluice.v1.Workload",
             Self::Policy => "sluice.v1.Policy",
+            Self::Plugin => "plugin (ECDS)",
         }
     }
 }
@@ -82,6 +94,8 @@ pub struct Resources {
     pub smartgroups: Option<Vec<pb::SmartGroup>>,
     pub workloads: Option<Vec<pb::Workload>>,
     pub policies: Option<Vec<pb::Policy>>,
+    /// Plugins, their code already on the gateway's disk.
+    pub plugins: Option<Vec<pb::Plugin>>,
 }
 
 /// Where a part of the configuration came from.
@@ -194,6 +208,24 @@ impl Assembly {
                 &mut c.inventory
             });
         }
+        if let Some(plugins) = &resources.plugins {
+            let mut raw = Vec::with_capacity(plugins.len());
+            for p in plugins {
+                match plugin_from_pb(p) {
+                    Ok(r) => raw.push(spanned(r)),
+                    Err(e) => {
+                        let origin = Origin::Resource {
+                            kind: ResourceKind::Plugin,
+                            name: p.name.clone(),
+                        };
+                        self.errors
+                            .extend(e.into_iter().map(|(path, kind)| place(&origin, path, kind)));
+                    }
+                }
+            }
+            let names: Vec<&String> = plugins.iter().map(|p| &p.name).collect();
+            self.replace(ResourceKind::Plugin, names.into_iter(), raw, |c| &mut c.plugins);
+        }
         if let Some(policies) = &resources.policies {
             self.sections.remove("policy");
             self.raw.policy = None;
@@ -274,6 +306,9 @@ impl Assembly {
             ),
             workloads: Some(self.raw.inventory.iter().map(|w| workload_to_pb(&w.value)).collect()),
             policies: Some(policy.into_iter().chain(named).collect()),
+            // Served as ECDS resources, made from the validated
+            // configuration and the module files.
+            plugins: None,
         }
     }
 
@@ -628,4 +663,48 @@ fn policy_to_pb(name: &str, p: &raw::RawPolicy) -> pb::Policy {
             })
             .collect(),
     }
+}
+
+fn plugin_from_pb(p: &pb::Plugin) -> Result<raw::RawPlugin, FieldErrors> {
+    let text = |s: &str| optional_text(s).map(spanned);
+    let config = if p.config.is_empty() {
+        None
+    } else {
+        match serde_json::from_str(&p.config) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                return Err(vec![(
+                    "configuration".to_owned(),
+                    ConfigErrorKind::InvalidValue {
+                        message: format!("the plugin configuration is not JSON: {e}"),
+                    },
+                )]);
+            }
+        }
+    };
+    let o = p.options.clone().unwrap_or_default();
+    Ok(raw::RawPlugin {
+        name: required(&p.name),
+        path: required(&p.path),
+        sha256: text(&p.sha256),
+        fail_open: false,
+        config,
+        listeners: (!o.listeners.is_empty()).then(|| texts(&o.listeners)),
+        data: o.data,
+        env: (!p.env.is_empty()).then(|| p.env.clone()),
+        kind: text(&p.kind),
+        root_id: text(&p.root_id),
+        deadline: text(&o.deadline),
+        max_memory: text(&o.max_memory),
+        failure: text(&p.failure),
+        upstreams: (!o.upstreams.is_empty()).then(|| {
+            o.upstreams
+                .iter()
+                .map(|(k, v)| (k.clone(), spanned(v.clone())))
+                .collect()
+        }),
+        max_body: text(&o.max_body),
+        max_pairs: (o.max_pairs != 0).then(|| spanned(o.max_pairs)),
+        max_value: text(&o.max_value),
+    })
 }

@@ -257,10 +257,29 @@ impl AdsClient {
                 Some(ResourceKind::SmartGroup) => out.smartgroups = Some(decode_all(bodies)),
                 Some(ResourceKind::Workload) => out.workloads = Some(decode_all(bodies)),
                 Some(ResourceKind::Policy) => out.policies = Some(decode_all(bodies)),
+                Some(ResourceKind::Plugin) => {
+                    out.plugins = Some(
+                        bodies
+                            .filter_map(|b| super::ecds::plugin(b).ok().map(|(p, _)| p))
+                            .collect(),
+                    );
+                }
                 None => {}
             }
         }
         out
+    }
+
+    /// Where the code of each plugin of the candidate comes from, by name.
+    pub fn plugin_code(&self) -> Vec<(String, super::ecds::Code)> {
+        let Some(t) = self.types.get(ResourceKind::Plugin.type_url()) else {
+            return Vec::new();
+        };
+        let set = t.pending.as_ref().map_or(&t.accepted, |p| &p.set);
+        set.values()
+            .filter_map(|h| super::ecds::plugin(&h.body).ok())
+            .map(|(p, c)| (p.name, c))
+            .collect()
     }
 
     /// The candidate was applied: ACK every pending response.
@@ -353,6 +372,12 @@ fn resource_name(type_url: &str, index: usize, body: &Any) -> Result<String, Res
         Some(ResourceKind::SmartGroup) => pb::SmartGroup::decode(body.value.as_slice()).map(|m| m.name),
         Some(ResourceKind::Workload) => pb::Workload::decode(body.value.as_slice()).map(|m| m.name),
         Some(ResourceKind::Policy) => pb::Policy::decode(body.value.as_slice()).map(|m| m.name),
+        Some(ResourceKind::Plugin) => {
+            // Checked whole now, so a plugin Sluice cannot run is refused
+            // with the field at fault.
+            let (p, _) = super::ecds::plugin(body).map_err(|e| bad(format!("plugin: {e}")))?;
+            Ok(p.name)
+        }
         None => return Err(bad("not a type this gateway reads".to_owned())),
     }
     .map_err(|e| bad(format!("cannot be decoded: {e}")))?;

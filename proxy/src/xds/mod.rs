@@ -6,6 +6,8 @@
 //! stream; `status` is what the admin API shows of it.
 
 pub mod client;
+pub mod code;
+pub mod ecds;
 pub mod run;
 pub mod status;
 

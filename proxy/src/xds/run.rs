@@ -51,6 +51,7 @@ pub trait Apply: Send + Sync + 'static {
 /// Runs the client until `stop` turns true.
 pub async fn run<A: Apply>(
     bootstrap: XdsBootstrap,
+    modules: std::path::PathBuf,
     apply: Arc<A>,
     status: Arc<XdsStatus>,
     mut stop: watch::Receiver<bool>,
@@ -67,6 +68,7 @@ pub async fn run<A: Apply>(
         next = next.wrapping_add(1);
         status.connecting(&server);
         let mut session = Session {
+            modules: &modules,
             tls: bootstrap.tls.as_ref(),
             client: &mut client,
             apply: &*apply,
@@ -117,6 +119,8 @@ pub enum StreamError {
 }
 
 struct Session<'a, A> {
+    /// Where plugin modules from xDS are kept.
+    modules: &'a std::path::Path,
     tls: Option<&'a sluice_api::XdsTls>,
     client: &'a mut AdsClient,
     apply: &'a A,
@@ -256,7 +260,16 @@ impl<A: Apply> Session<'_, A> {
         if !self.client.synced() && now < self.initial {
             return Vec::new();
         }
-        match self.apply.apply(self.client.candidate()).await {
+        let mut candidate = self.client.candidate();
+        if let Some(plugins) = candidate.plugins.as_mut()
+            && let Err(why) = super::code::materialize(plugins, &self.client.plugin_code(), self.modules).await
+        {
+            self.held_since = None;
+            tracing::warn!("xDS: refused an update; the running configuration is unchanged:\n{why}");
+            self.status.rejected(&why);
+            return self.client.reject(&why);
+        }
+        match self.apply.apply(candidate).await {
             Applied::Done(what) => {
                 self.held_since = None;
                 tracing::info!("xDS: applied: {what}");

@@ -34,6 +34,10 @@ pub const ORDER: &[&str] = &[
 pub const FULL_STATE: &[&str] = &[
     type_url::LISTENER,
     type_url::CLUSTER,
+    // Sluice gateways take every plugin meant for them by wildcard; a
+    // plugin left out of a response is removed. (Envoy names the ones its
+    // listeners use, and gets exactly those.)
+    type_url::TYPED_EXTENSION_CONFIG,
     type_url::SLUICE_WEB_GROUP,
     type_url::SLUICE_SMART_GROUP,
     type_url::SLUICE_WORKLOAD,
