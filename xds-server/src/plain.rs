@@ -232,9 +232,9 @@ impl Plain {
         }
     }
 
-    /// Reads and checks files given as (name, text); the name's extension
-    /// says YAML (`.yaml`, `.yml`) or JSON (`.json`). Every problem of
-    /// every file is returned.
+    /// Reads and checks files given as (name, text); a name ending in
+    /// `.json` is JSON, any other YAML. Every problem of every file is
+    /// returned.
     pub fn parse<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, Vec<PlainError>> {
         let mut errors = Vec::new();
         let mut read = Vec::new();

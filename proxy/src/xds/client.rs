@@ -417,3 +417,226 @@ fn node(n: &XdsNode) -> Node {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+    use envoy_types::pb::envoy::service::discovery::v3::Resource;
+    use prost::Name;
+
+    use super::*;
+
+    fn bootstrap(delta: bool) -> XdsBootstrap {
+        XdsBootstrap {
+            servers: Vec::new(),
+            node: XdsNode {
+                id: "gw".into(),
+                cluster: "c".into(),
+                metadata: [("zone".to_owned(), "a".to_owned())].into(),
+            },
+            delta,
+            initial_fetch_timeout: std::time::Duration::from_secs(1),
+            tls: None,
+        }
+    }
+
+    fn group(name: &str, domain: &str) -> Any {
+        Any {
+            type_url: pb::WebGroup::type_url(),
+            value: pb::WebGroup {
+                name: name.into(),
+                domains: vec![domain.into()],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        }
+    }
+
+    fn delta_resource(name: &str, version: &str, domain: &str) -> Resource {
+        Resource {
+            name: name.into(),
+            version: version.into(),
+            resource: Some(group(name, domain)),
+            ..Default::default()
+        }
+    }
+
+    fn delta_requests(out: Vec<Outgoing>) -> Vec<DeltaDiscoveryRequest> {
+        out.into_iter()
+            .map(|o| match o {
+                Outgoing::Delta(r) => r,
+                Outgoing::Sotw(_) => panic!("a SotW request from a Delta client"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_first_request_of_a_stream_names_the_node_once_and_subscribes_by_wildcard() {
+        let mut c = AdsClient::new(&bootstrap(true));
+        let first = delta_requests(c.on_connect());
+        assert_eq!(first.len(), ResourceKind::ALL.len());
+        assert_eq!(first.iter().filter(|r| r.node.is_some()).count(), 1);
+        let node = first[0].node.as_ref().unwrap();
+        assert_eq!(
+            (node.id.as_str(), node.cluster.as_str(), node.user_agent_name.as_str()),
+            ("gw", "c", "sluice")
+        );
+        assert!(
+            first
+                .iter()
+                .all(|r| r.resource_names_subscribe == ["*"] && r.initial_resource_versions.is_empty())
+        );
+        // A new stream names the node again.
+        assert_eq!(
+            delta_requests(c.on_connect())
+                .iter()
+                .filter(|r| r.node.is_some())
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn delta_changes_and_removals_are_held_then_acked_and_announced_on_reconnect() {
+        let mut c = AdsClient::new(&bootstrap(true));
+        let _ = c.on_connect();
+        let url = pb::WebGroup::type_url();
+        c.on_delta(DeltaDiscoveryResponse {
+            type_url: url.clone(),
+            nonce: "n1".into(),
+            resources: vec![
+                delta_resource("a", "v1", "a.example"),
+                delta_resource("b", "v1", "b.example"),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(c.has_pending() && !c.synced());
+        assert_eq!(c.candidate().webgroups.unwrap().len(), 2);
+        let acks = delta_requests(c.commit());
+        assert_eq!(acks.len(), 1);
+        assert_eq!(
+            (acks[0].response_nonce.as_str(), acks[0].error_detail.is_none()),
+            ("n1", true)
+        );
+
+        // b removed, a changed: refused; what was accepted stays.
+        c.on_delta(DeltaDiscoveryResponse {
+            type_url: url.clone(),
+            nonce: "n2".into(),
+            resources: vec![delta_resource("a", "v2", "bad name")],
+            removed_resources: vec!["b".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.candidate().webgroups.unwrap().len(), 1);
+        let nacks = delta_requests(c.reject("domains[0]: invalid"));
+        assert_eq!(nacks[0].response_nonce, "n2");
+        assert_eq!(nacks[0].error_detail.as_ref().unwrap().message, "domains[0]: invalid");
+        assert_eq!(
+            c.candidate().webgroups.unwrap().len(),
+            2,
+            "the NACKed change is not kept"
+        );
+
+        // On a new stream, what is held is announced with its versions.
+        let again = delta_requests(c.on_connect());
+        let web = again.iter().find(|r| r.type_url == url).unwrap();
+        let mut held: Vec<(String, String)> = web.initial_resource_versions.clone().into_iter().collect();
+        held.sort();
+        assert_eq!(held, [("a".into(), "v1".into()), ("b".into(), "v1".into())]);
+    }
+
+    #[test]
+    fn sotw_acks_repeat_the_version_and_nacks_the_last_accepted_one() {
+        let mut c = AdsClient::new(&bootstrap(false));
+        let _ = c.on_connect();
+        let url = pb::WebGroup::type_url();
+        let response = |v: &str, n: &str, groups: Vec<Any>| DiscoveryResponse {
+            type_url: url.clone(),
+            version_info: v.into(),
+            nonce: n.into(),
+            resources: groups,
+            ..Default::default()
+        };
+        c.on_sotw(response("v1", "n1", vec![group("a", "a.example")])).unwrap();
+        let Outgoing::Sotw(ack) = c.commit().remove(0) else {
+            panic!()
+        };
+        assert_eq!((ack.version_info.as_str(), ack.response_nonce.as_str()), ("v1", "n1"));
+        c.on_sotw(response("v2", "n2", vec![])).unwrap();
+        assert_eq!(
+            c.candidate().webgroups.unwrap().len(),
+            0,
+            "State of the World: an empty set removes all"
+        );
+        let Outgoing::Sotw(nack) = c.reject("no").remove(0) else {
+            panic!()
+        };
+        assert_eq!((nack.version_info.as_str(), nack.response_nonce.as_str()), ("v1", "n2"));
+        let Outgoing::Sotw(first) = c
+            .on_connect()
+            .into_iter()
+            .find(|o| matches!(o, Outgoing::Sotw(r) if r.type_url == url))
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(first.version_info, "v1", "a new stream says what is held");
+    }
+
+    #[test]
+    fn responses_that_cannot_be_held_are_refused_with_the_reason() {
+        let mut c = AdsClient::new(&bootstrap(true));
+        let _ = c.on_connect();
+        let url = pb::WebGroup::type_url();
+        let no_nonce = DeltaDiscoveryResponse {
+            type_url: url.clone(),
+            ..Default::default()
+        };
+        assert!(matches!(c.on_delta(no_nonce), Err(ResponseError::NoNonce(_))));
+        let other = DeltaDiscoveryResponse {
+            type_url: "type.googleapis.com/x.Y".into(),
+            nonce: "n".into(),
+            ..Default::default()
+        };
+        assert!(matches!(c.on_delta(other), Err(ResponseError::NotSubscribed(_))));
+        let misnamed = DeltaDiscoveryResponse {
+            type_url: url.clone(),
+            nonce: "n".into(),
+            resources: vec![Resource {
+                name: "a".into(),
+                resource: Some(group("b", "b.example")),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = c.on_delta(misnamed).unwrap_err().to_string();
+        assert!(e.contains("named `a` in the response but `b` in its body"), "{e}");
+        let garbage = DeltaDiscoveryResponse {
+            type_url: url.clone(),
+            nonce: "n".into(),
+            resources: vec![Resource {
+                name: "a".into(),
+                resource: Some(Any {
+                    type_url: url.clone(),
+                    value: vec![0xff; 3],
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(
+            c.on_delta(garbage)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot be decoded")
+        );
+        assert!(!c.has_pending(), "nothing refused is held");
+        let Some(Outgoing::Delta(nack)) = c.refuse(&url, "n".into(), "why") else {
+            panic!()
+        };
+        assert_eq!(nack.error_detail.unwrap().message, "why");
+    }
+}
