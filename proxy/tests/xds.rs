@@ -692,3 +692,50 @@ flow_test!(remote_plugin_code_is_checked_against_its_sha256, async {
     assert!(wait_until(|| control.nacks() >= 1).await);
     gw.server.shutdown(Duration::from_millis(100)).await;
 });
+
+// A change that revokes one destination closes only the flows to it:
+// a live tunnel the new policy still allows is not disturbed.
+flow_test!(a_change_closes_only_the_flows_it_denies, async {
+    let up = TlsEcho::start().await;
+    let with_other = |allow_good: bool| {
+        let mut r = served(
+            allow_good,
+            vec![rule(
+                "allow-other",
+                &["other"],
+                &["gateway", "loopback"],
+                pb::Action::Allow,
+            )],
+        );
+        r.webgroups.as_mut().unwrap().push(webgroup("other", &["evil.test"]));
+        r
+    };
+    let control = ControlPlane::start(&with_other(true)).await;
+    let gw = Gateway::start(control.addr, "delta").await;
+    gw.wait_rules(&["allow-other", "allow-good"]).await;
+
+    let open = |host: &'static str| {
+        let (proxy, target) = (gw.proxy(), format!("{host}:{}", up.addr().port()));
+        let up = &up;
+        async move {
+            let (stream, resp) = connect_via(proxy, &target, "").await;
+            assert_eq!(resp.status, 200, "{resp:?}");
+            (up_connect(up, host, stream).await, target)
+        }
+    };
+    let (mut good, good_target) = open("allowed.test").await;
+    let (mut other, _) = open("evil.test").await;
+    echo(&mut good, b"good").await;
+    echo(&mut other, b"other").await;
+
+    control.publish(&with_other(false));
+    gw.wait_rules(&["allow-other"]).await;
+    let mut rest = Vec::new();
+    let _ = within("the revoked tunnel to close", good.read_to_end(&mut rest)).await;
+    let r = gw
+        .wait_record(|r| field(r, "connect_target") == good_target && field(r, "close_reason") == "policy-revoked")
+        .await;
+    assert_eq!(decided(&r), ("deny", "default-deny"), "{r}");
+    echo(&mut other, b"still here").await;
+    gw.server.shutdown(Duration::from_millis(100)).await;
+});
