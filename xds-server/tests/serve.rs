@@ -180,6 +180,17 @@ impl Client {
             .unwrap()
     }
 
+    async fn answer_type(&mut self, type_url: &str, nonce: &str) {
+        self.tx
+            .send(DeltaDiscoveryRequest {
+                type_url: type_url.into(),
+                response_nonce: nonce.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
     async fn answer(&mut self, nonce: &str, error: Option<&str>) {
         self.tx
             .send(DeltaDiscoveryRequest {
@@ -365,5 +376,224 @@ async fn diff_says_what_a_change_would_push_to_which_nodes() {
         text.contains("no resource changes")
             && text.contains("node `gw-1`: policy `default` (no target): nothing changes"),
         "{text}"
+    );
+}
+
+// The protocol rules, on the real server over gRPC, by a scripted client.
+// (Every rule is also tested on the sans-IO core in `src/ads/`.)
+
+const WEB_URL: &str = "type.googleapis.com/sluice.v1.WebGroup";
+
+/// Whether nothing arrives within a moment: for rules that say the server
+/// must stay silent. A late message makes this pass wrongly, never fail
+/// wrongly.
+async fn silent<T>(rx: &mut tonic::Streaming<T>) -> bool {
+    tokio::time::timeout(Duration::from_millis(400), rx.message())
+        .await
+        .is_err()
+}
+
+struct Sotw {
+    tx: mpsc::Sender<envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest>,
+    rx: tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>,
+}
+
+impl Sotw {
+    async fn open(ads: SocketAddr) -> Self {
+        let mut grpc = AggregatedDiscoveryServiceClient::connect(format!("http://{ads}"))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let rx = grpc
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    async fn send(&self, version: &str, nonce: &str, names: &[&str], nack: Option<&str>) {
+        self.tx
+            .send(envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest {
+                node: Some(Node {
+                    id: "scripted".into(),
+                    ..Default::default()
+                }),
+                type_url: WEB_URL.into(),
+                version_info: version.into(),
+                response_nonce: nonce.into(),
+                resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+                error_detail: nack.map(|m| Status {
+                    code: 3,
+                    message: m.into(),
+                    details: vec![],
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    }
+}
+
+fn add_group(dir: &Path, name: &str) {
+    std::fs::write(
+        dir.join("extra.yaml"),
+        format!("webgroups:\n  - {{name: {name}, domains: [{name}.example]}}\n"),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sotw_stale_nonces_are_ignored_and_a_nacked_version_is_not_sent_again() {
+    let dir = copy_examples();
+    let server = serve(dir.path());
+    let mut c = Sotw::open(server.ads).await;
+    // Legacy wildcard: an empty first list.
+    c.send("", "", &[], None).await;
+    let r1 = c.next().await;
+    assert_eq!(r1.resources.len(), 1, "every WebGroup of the node");
+    assert!(!r1.nonce.is_empty() && !r1.version_info.is_empty());
+
+    // A request with a nonce that is not the last one sent: ignored.
+    c.send("", "not-a-nonce", &["*"], None).await;
+    assert!(silent(&mut c.rx).await, "a stale request was answered");
+    c.send(&r1.version_info, &r1.nonce, &[], None).await; // ACK
+    assert!(silent(&mut c.rx).await, "an ACK with nothing new was answered");
+
+    // A change: the whole set again (full state), a new version.
+    add_group(dir.path(), "extra");
+    let r2 = c.next().await;
+    assert_eq!(r2.resources.len(), 2);
+    assert_ne!(r2.version_info, r1.version_info);
+    // NACKed: not sent again, however often the client asks at its old
+    // version.
+    c.send(&r1.version_info, &r2.nonce, &[], Some("no thanks")).await;
+    assert!(silent(&mut c.rx).await, "the NACKed version was sent again");
+    c.send(&r1.version_info, &r2.nonce, &[], None).await;
+    assert!(silent(&mut c.rx).await, "the NACKed version was sent again");
+    // The next real change is.
+    add_group(dir.path(), "other");
+    let r3 = c.next().await;
+    assert_ne!(r3.version_info, r2.version_info);
+    let names: Vec<String> = r3
+        .resources
+        .iter()
+        .map(|a| pb::WebGroup::decode(a.value.as_slice()).unwrap().name)
+        .collect();
+    assert!(
+        names.contains(&"other".to_owned()) && !names.contains(&"extra".to_owned()),
+        "{names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delta_removal_reconnect_and_unsubscribe() {
+    let dir = copy_examples();
+    add_group(dir.path(), "extra");
+    let server = serve(dir.path());
+    let mut c = Client::connect_to(server.ads, "gw-d", WEB_URL).await;
+    let r1 = c.next().await;
+    let held: std::collections::HashMap<String, String> = r1
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    assert_eq!(held.len(), 2);
+    c.answer_type(WEB_URL, &r1.nonce).await;
+
+    // Deleted from the directory: named in removed_resources.
+    std::fs::remove_file(dir.path().join("extra.yaml")).unwrap();
+    let r2 = c.next().await;
+    assert!(r2.resources.is_empty());
+    assert_eq!(r2.removed_resources, ["extra"]);
+    c.answer_type(WEB_URL, &r2.nonce).await;
+
+    // A new stream that says what it holds gets only what differs: the
+    // group it holds unchanged is not sent again, the one gone is removed.
+    let mut grpc = AggregatedDiscoveryServiceClient::connect(format!("http://{}", server.ads))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "gw-d".into(),
+            ..Default::default()
+        }),
+        type_url: WEB_URL.into(),
+        resource_names_subscribe: vec!["*".into()],
+        initial_resource_versions: held.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut rx = grpc
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = tokio::time::timeout(WAIT, rx.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        r.resources.is_empty(),
+        "{:?}",
+        r.resources.iter().map(|x| &x.name).collect::<Vec<_>>()
+    );
+    assert_eq!(r.removed_resources, ["extra"]);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: WEB_URL.into(),
+        response_nonce: r.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Unsubscribing the wildcard: nothing in answer, and later changes are
+    // no longer sent.
+    tx.send(DeltaDiscoveryRequest {
+        type_url: WEB_URL.into(),
+        resource_names_unsubscribe: vec!["*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(silent(&mut rx).await);
+    add_group(dir.path(), "late");
+    assert!(
+        silent(&mut rx).await,
+        "a change was sent to a stream subscribed to nothing"
+    );
+    // Subscribing by name, with a stale nonce: honoured (Delta).
+    tx.send(DeltaDiscoveryRequest {
+        type_url: WEB_URL.into(),
+        response_nonce: "stale".into(),
+        resource_names_subscribe: vec!["late".into(), "nowhere".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(WAIT, rx.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        r.resources.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(),
+        ["late"]
+    );
+    assert_eq!(
+        r.removed_resources,
+        ["nowhere"],
+        "a name that does not exist is said to be removed"
     );
 }
