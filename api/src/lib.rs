@@ -12,6 +12,7 @@ pub mod model;
 pub mod net;
 pub mod proto;
 pub mod reason;
+pub mod xds;
 
 pub use config::{ConfigError, ConfigErrorKind, ConfigErrors};
 pub use domain::{DomainError, DomainName, DomainPattern};

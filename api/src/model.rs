@@ -691,6 +691,8 @@ pub struct Target {
     pub clusters: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub policy: String,
+    /// The plugins these nodes get; `None`: every plugin.
+    pub plugins: Option<Vec<String>>,
 }
 
 impl Target {

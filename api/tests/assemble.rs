@@ -339,6 +339,7 @@ policies:
 targets:
   - name: t
     policy: strickt
+    plugins: [nope]
 policy: {}
 ";
     let dir = dir_with(&[("g.yaml", GROUPS), ("t.yaml", bad)]);
@@ -349,6 +350,7 @@ policy: {}
         "{text}"
     );
     assert!(text.contains("targets[0].policy: no policy named `strickt`"), "{text}");
+    assert!(text.contains("targets[0].plugins[0]: no plugin named `nope`"), "{text}");
     // The errors of one policy name its place in the file.
     let dir = dir_with(&[(
         "t.yaml",

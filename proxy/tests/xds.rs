@@ -116,7 +116,7 @@ impl Drop for ControlPlane {
 /// Every node gets `r` and `extra` (ECDS resources): the server's own
 /// snapshot builder; the test's control server has no targets.
 fn catalog(r: &Resources, extra: &[Resource]) -> Arc<Catalog> {
-    Arc::new(Catalog::build(r, "default", Vec::new(), |r| sluice_xds::source::snapshot(r, extra)).unwrap())
+    Arc::new(Catalog::build(r, "default", Vec::new(), |r, _| sluice_xds::source::snapshot(r, extra)).unwrap())
 }
 
 fn webgroup(name: &str, domains: &[&str]) -> pb::WebGroup {

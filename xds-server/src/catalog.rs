@@ -1,7 +1,7 @@
-//! Which node gets what: one snapshot per policy (the groups and the
-//! inventory are everyone's), and the targets that pick a policy for a
-//! node by its id, cluster and metadata labels. A node no target picks
-//! gets the `policy:` of the configuration.
+//! Which node gets what: one snapshot per policy and choice of plugins
+//! (the groups and the inventory are everyone's), and the targets that
+//! pick them for a node by its id, cluster and metadata labels. A node no
+//! target picks gets the `policy:` of the configuration and every plugin.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,35 +18,42 @@ use crate::snapshot::{Snapshot, SnapshotError};
 pub struct Catalog {
     /// The policy of nodes no target picks.
     default: String,
-    by_policy: BTreeMap<String, Arc<Snapshot>>,
+    /// By policy and the plugins chosen (`None`: all).
+    by_policy: BTreeMap<(String, Option<Vec<String>>), Arc<Snapshot>>,
     targets: Vec<Target>,
 }
 
 impl Catalog {
-    /// One snapshot per policy of `resources` (made by `make`), and the
-    /// targets of the configuration.
+    /// One snapshot per policy of `resources` and choice of plugins the
+    /// targets make (made by `make`, given the plugins to include, `None`
+    /// for all), and the targets of the configuration.
     pub fn build(
         resources: &Resources,
         default: &str,
         targets: Vec<Target>,
-        make: impl Fn(&Resources) -> Result<Snapshot, SnapshotError>,
+        make: impl Fn(&Resources, Option<&[String]>) -> Result<Snapshot, SnapshotError>,
     ) -> Result<Self, SnapshotError> {
+        let keys = std::iter::once((default.to_owned(), None))
+            .chain(targets.iter().map(|t| (t.policy.clone(), t.plugins.clone())))
+            .collect::<std::collections::BTreeSet<_>>();
         let mut by_policy = BTreeMap::new();
-        for p in resources.policies.iter().flatten() {
-            let one = Resources {
-                policies: Some(vec![p.clone()]),
-                ..resources.clone()
-            };
-            by_policy.insert(p.name.clone(), Arc::new(make(&one)?));
-        }
-        if !by_policy.contains_key(default) {
+        for (policy, plugins) in keys {
             // No `policy:` written: such nodes get the groups and no
             // policy resource (they keep their own file's).
-            let none = Resources {
-                policies: Some(Vec::new()),
+            let one = Resources {
+                policies: Some(
+                    resources
+                        .policies
+                        .iter()
+                        .flatten()
+                        .filter(|p| p.name == policy)
+                        .cloned()
+                        .collect(),
+                ),
                 ..resources.clone()
             };
-            by_policy.insert(default.to_owned(), Arc::new(make(&none)?));
+            let snap = make(&one, plugins.as_deref())?;
+            by_policy.insert((policy, plugins), Arc::new(snap));
         }
         Ok(Self {
             default: default.to_owned(),
@@ -75,22 +82,37 @@ impl Catalog {
 
     /// The snapshot for a node.
     pub fn for_node(&self, node: &Node) -> Arc<Snapshot> {
-        let (policy, _) = self.policy_for(node);
-        self.snapshot(policy)
+        let (policy, target) = self.policy_for(node);
+        let plugins = target
+            .and_then(|t| self.targets.iter().find(|x| x.name == t))
+            .and_then(|t| t.plugins.clone());
+        self.get(policy, plugins)
     }
 
-    /// The snapshot of a policy (the default's for an unknown name).
-    pub fn snapshot(&self, policy: &str) -> Arc<Snapshot> {
+    fn get(&self, policy: &str, plugins: Option<Vec<String>>) -> Arc<Snapshot> {
         self.by_policy
-            .get(policy)
-            .or_else(|| self.by_policy.get(&self.default))
+            .get(&(policy.to_owned(), plugins))
+            .or_else(|| self.by_policy.get(&(self.default.clone(), None)))
             .cloned()
             .unwrap_or_default()
     }
 
-    /// The policies, by name, with their snapshots.
-    pub fn policies(&self) -> impl Iterator<Item = (&str, &Arc<Snapshot>)> {
-        self.by_policy.iter().map(|(n, s)| (n.as_str(), s))
+    /// The snapshot of a policy with every plugin (the default's for an
+    /// unknown name).
+    pub fn snapshot(&self, policy: &str) -> Arc<Snapshot> {
+        self.get(policy, None)
+    }
+
+    /// Every snapshot, labelled by its policy (and the plugins chosen,
+    /// when a target chooses).
+    pub fn policies(&self) -> impl Iterator<Item = (String, &Arc<Snapshot>)> {
+        self.by_policy.iter().map(|((p, plugins), s)| {
+            let label = match plugins {
+                None => p.clone(),
+                Some(list) => format!("{p} (plugins: {})", list.join(", ")),
+            };
+            (label, s)
+        })
     }
 }
 
@@ -130,6 +152,7 @@ mod tests {
             clusters: clusters.iter().map(|s| (*s).to_owned()).collect(),
             labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             policy: policy.into(),
+            plugins: None,
         }
     }
 
@@ -146,7 +169,7 @@ mod tests {
             policies: Some(vec![policy("default"), policy("strict"), policy("lab")]),
             ..Default::default()
         };
-        Catalog::build(&resources, "default", targets, |r| crate::source::snapshot(r, &[])).unwrap()
+        Catalog::build(&resources, "default", targets, |r, _| crate::source::snapshot(r, &[])).unwrap()
     }
 
     #[test]
@@ -209,12 +232,53 @@ mod tests {
             }]),
             ..Default::default()
         };
-        let c = Catalog::build(&resources, "default", Vec::new(), |r| crate::source::snapshot(r, &[])).unwrap();
+        let c = Catalog::build(&resources, "default", Vec::new(), |r, _| {
+            crate::source::snapshot(r, &[])
+        })
+        .unwrap();
         let snap = c.for_node(&node("x", "", &[]));
         assert!(snap.resources(sluice_api::proto::type_url::POLICY).is_empty());
         assert!(
             snap.get(sluice_api::proto::type_url::POLICY).is_some(),
             "listed, so the node hears there is none"
         );
+    }
+
+    #[test]
+    fn a_target_can_choose_the_plugins_its_nodes_get() {
+        use crate::snapshot::{Resource, type_url};
+        let resources = Resources {
+            policies: Some(vec![pb::Policy {
+                name: "default".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let mut few = target("few", &["gw-1"], &[], &[], "default");
+        few.plugins = Some(vec!["a".into()]);
+        let make = |r: &Resources, chosen: Option<&[String]>| {
+            let ext: Vec<Resource> = ["a", "b"]
+                .into_iter()
+                .filter(|n| chosen.is_none_or(|c| c.iter().any(|x| x == n)))
+                .map(|n| {
+                    let body = envoy_types::pb::google::protobuf::Any {
+                        type_url: type_url::TYPED_EXTENSION_CONFIG.into(),
+                        value: n.as_bytes().to_vec(),
+                    };
+                    Resource::new(n, body)
+                })
+                .collect();
+            crate::source::snapshot(r, &ext)
+        };
+        let c = Catalog::build(&resources, "default", vec![few], make).unwrap();
+        let names = |snap: Arc<Snapshot>| {
+            snap.resources(type_url::TYPED_EXTENSION_CONFIG)
+                .iter()
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(c.for_node(&node("gw-1", "", &[]))), ["a"]);
+        assert_eq!(names(c.for_node(&node("gw-2", "", &[]))), ["a", "b"]);
+        assert_eq!(c.policies().count(), 2, "one snapshot per policy and choice of plugins");
     }
 }

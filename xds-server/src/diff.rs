@@ -29,7 +29,7 @@ pub fn versions(catalog: &Catalog) -> Versions {
                     (t.to_owned(), names)
                 })
                 .collect();
-            (policy.to_owned(), types)
+            (policy, types)
         })
         .collect()
 }

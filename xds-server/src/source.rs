@@ -109,17 +109,24 @@ impl Source {
             plain
                 .add_to(&mut translated)
                 .map_err(|e| ConfigErrors(vec![e.into()]))?;
-            translated.extend(plugins.iter().cloned());
             envoy.entry(p.name.clone()).or_insert(translated);
         }
-        let catalog = Catalog::build(&resources, &config.policy.name, config.targets.clone(), |r| {
+        let catalog = Catalog::build(&resources, &config.policy.name, config.targets.clone(), |r, chosen| {
             let policy = r
                 .policies
                 .iter()
                 .flatten()
                 .next()
                 .map_or(config.policy.name.as_str(), |p| p.name.as_str());
-            snapshot(r, envoy.get(policy).map_or(&[][..], Vec::as_slice))
+            let mut extra = envoy.get(policy).cloned().unwrap_or_default();
+            // The plugins a target chooses, or every one.
+            extra.extend(
+                plugins
+                    .iter()
+                    .filter(|p| chosen.is_none_or(|c| c.contains(&p.name)))
+                    .cloned(),
+            );
+            snapshot(r, &extra)
         })
         .map_err(|e| invalid(e.to_string()))?;
         Ok(Loaded {

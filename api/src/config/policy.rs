@@ -167,6 +167,7 @@ impl Validator {
         raw: &[S<raw::RawTarget>],
         default: &PolicyConfig,
         policies: &[PolicyConfig],
+        plugins: &[String],
     ) -> Vec<Target> {
         let names: Vec<&str> = std::iter::once(default.name.as_str())
             .chain(policies.iter().map(|p| p.name.as_str()))
@@ -194,6 +195,25 @@ impl Validator {
             let (ids, clusters, labels) = t.nodes.as_ref().map_or_else(Default::default, |n| {
                 (texts(&n.value.ids), texts(&n.value.clusters), n.value.labels.clone())
             });
+            let mut chosen = None;
+            if let Some(list) = &t.plugins {
+                let mut names = Vec::with_capacity(list.len());
+                for (j, n) in list.iter().enumerate() {
+                    if plugins.contains(&n.value) {
+                        names.push(n.value.clone());
+                    } else {
+                        self.err(
+                            n.referenced,
+                            format!("{path}.plugins[{j}]"),
+                            ConfigErrorKind::UnknownPlugin {
+                                name: n.value.clone(),
+                                suggestion: suggest(&n.value, plugins.iter().map(String::as_str)),
+                            },
+                        );
+                    }
+                }
+                chosen = Some(names);
+            }
             if named && known {
                 out.push(Target {
                     name: t.name.value.clone(),
@@ -201,6 +221,7 @@ impl Validator {
                     clusters,
                     labels,
                     policy: t.policy.value.clone(),
+                    plugins: chosen,
                 });
             }
         }

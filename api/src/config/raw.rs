@@ -306,6 +306,8 @@ pub struct RawTarget {
     pub nodes: Option<S<RawNodeMatch>>,
     #[serde(default = "missing")]
     pub policy: S<String>,
+    #[serde(default)]
+    pub plugins: Option<Vec<S<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
