@@ -26,7 +26,10 @@ const LEAST_REQUEST_CHOICES: u32 = 2;
 impl TryFrom<&Cluster> for EnvoyCluster {
     type Error = DecodeError;
 
-    #[allow(deprecated, reason = "deprecated fields are still on the wire and must be refused, not ignored")]
+    #[allow(
+        deprecated,
+        reason = "deprecated fields are still on the wire and must be refused, not ignored"
+    )]
     fn try_from(c: &Cluster) -> Result<Self, DecodeError> {
         let Cluster {
             transport_socket_matches,
@@ -105,7 +108,10 @@ impl TryFrom<&Cluster> for EnvoyCluster {
         at.refuse_with("transport_socket_matches", transport_socket_matches, tls)?;
         at.refuse_with("transport_socket_matcher", transport_socket_matcher, tls)?;
         at.refuse_with("transport_socket", transport_socket, tls)?;
-        at.refuse("per_connection_buffer_high_watermark_timeout", per_connection_buffer_high_watermark_timeout)?;
+        at.refuse(
+            "per_connection_buffer_high_watermark_timeout",
+            per_connection_buffer_high_watermark_timeout,
+        )?;
         at.refuse("health_checks", health_checks)?;
         at.refuse("circuit_breakers", circuit_breakers)?;
         at.refuse("dns_failure_refresh_rate", dns_failure_refresh_rate)?;
@@ -119,7 +125,10 @@ impl TryFrom<&Cluster> for EnvoyCluster {
         at.refuse("lb_subset_config", lb_subset_config)?;
         at.refuse("common_lb_config", common_lb_config)?;
         at.refuse("upstream_connection_options", upstream_connection_options)?;
-        at.refuse("close_connections_on_host_health_failure", close_connections_on_host_health_failure)?;
+        at.refuse(
+            "close_connections_on_host_health_failure",
+            close_connections_on_host_health_failure,
+        )?;
         at.refuse("filters", filters)?;
         at.refuse_with(
             "load_balancing_policy",
@@ -213,9 +222,7 @@ impl TryFrom<&Cluster> for EnvoyCluster {
                     "an EDS cluster's endpoints come over EDS; remove it",
                 )?;
                 let Some(eds) = eds_cluster_config else {
-                    return Err(at
-                        .f("eds_cluster_config")
-                        .missing("give eds_config: {ads: {}}"));
+                    return Err(at.f("eds_cluster_config").missing("give eds_config: {ads: {}}"));
                 };
                 let cluster::EdsClusterConfig {
                     eds_config,
@@ -238,7 +245,9 @@ impl TryFrom<&Cluster> for EnvoyCluster {
                     "an ORIGINAL_DST cluster dials each connection's original destination; remove it",
                 )?;
                 let port_override = match lb_config {
-                    Some(cluster::LbConfig::OriginalDstLbConfig(o)) => original_dst(&at.f("original_dst_lb_config"), o)?,
+                    Some(cluster::LbConfig::OriginalDstLbConfig(o)) => {
+                        original_dst(&at.f("original_dst_lb_config"), o)?
+                    }
                     _ => None,
                 };
                 ClusterKind::OriginalDst { port_override }
@@ -263,8 +272,10 @@ fn lb(
     config: Option<&cluster::LbConfig>,
     discovery: cluster::DiscoveryType,
 ) -> Result<LbPolicy, DecodeError> {
-    let policy = cluster::LbPolicy::try_from(policy)
-        .map_err(|_| at.f("lb_policy").invalid(format!("unknown load balancing policy {policy}")))?;
+    let policy = cluster::LbPolicy::try_from(policy).map_err(|_| {
+        at.f("lb_policy")
+            .invalid(format!("unknown load balancing policy {policy}"))
+    })?;
     let original_dst = discovery == cluster::DiscoveryType::OriginalDst;
     let lb = match policy {
         // Envoy takes CLUSTER_PROVIDED for ORIGINAL_DST; the default
@@ -295,7 +306,8 @@ fn lb(
     match (config, lb) {
         (cluster::LbConfig::RoundRobinLbConfig(r), LbPolicy::RoundRobin) => {
             let cluster::RoundRobinLbConfig { slow_start_config } = r;
-            at.f("round_robin_lb_config").refuse("slow_start_config", slow_start_config)?;
+            at.f("round_robin_lb_config")
+                .refuse("slow_start_config", slow_start_config)?;
             Ok(lb)
         }
         (cluster::LbConfig::LeastRequestLbConfig(l), LbPolicy::LeastRequest { .. }) => {
@@ -347,10 +359,10 @@ fn original_dst(at: &At<'_>, o: &cluster::OriginalDstLbConfig) -> Result<Option<
     at.refuse_with("metadata_key", metadata_key, fix)?;
     upstream_port_override
         .map(|p| {
-            u16::try_from(p.value)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| at.f("upstream_port_override").invalid(format!("{} is not a port", p.value)))
+            u16::try_from(p.value).ok().filter(|p| *p != 0).ok_or_else(|| {
+                at.f("upstream_port_override")
+                    .invalid(format!("{} is not a port", p.value))
+            })
         })
         .transpose()
 }
@@ -393,9 +405,7 @@ impl TryFrom<&ClusterLoadAssignment> for LoadAssignment {
     fn try_from(cla: &ClusterLoadAssignment) -> Result<Self, DecodeError> {
         let at = At::root(&cla.cluster_name);
         if cla.cluster_name.is_empty() {
-            return Err(at
-                .f("cluster_name")
-                .missing("give the EDS service name of the cluster"));
+            return Err(at.f("cluster_name").missing("give the EDS service name of the cluster"));
         }
         // Over EDS, endpoints are addresses: Envoy resolves no names there.
         load_assignment_at(&at, cla, false)

@@ -24,7 +24,10 @@ const TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(360
 impl TryFrom<&Listener> for EnvoyListener {
     type Error = DecodeError;
 
-    #[allow(deprecated, reason = "deprecated fields are still on the wire and must be refused, not ignored")]
+    #[allow(
+        deprecated,
+        reason = "deprecated fields are still on the wire and must be refused, not ignored"
+    )]
     fn try_from(l: &Listener) -> Result<Self, DecodeError> {
         let Listener {
             name,
@@ -85,7 +88,9 @@ impl TryFrom<&Listener> for EnvoyListener {
             return Err(at.f("name").missing("give the listener a name"));
         }
         if listener_specifier.is_some() {
-            return Err(at.f("internal_listener").unsupported("Sluice has no internal listeners"));
+            return Err(at
+                .f("internal_listener")
+                .unsupported("Sluice has no internal listeners"));
         }
         at.refuse_with("api_listener", api_listener, "Sluice's listeners are TCP listeners")?;
         at.refuse_with(
@@ -109,11 +114,18 @@ impl TryFrom<&Listener> for EnvoyListener {
             &bool_or(use_original_dst.as_ref(), false),
             "remove it; to serve redirected connections, use the original_dst listener filter",
         )?;
-        at.refuse("per_connection_buffer_high_watermark_timeout", per_connection_buffer_high_watermark_timeout)?;
+        at.refuse(
+            "per_connection_buffer_high_watermark_timeout",
+            per_connection_buffer_high_watermark_timeout,
+        )?;
         at.refuse("deprecated_v1", deprecated_v1)?;
         at.refuse("freebind", &bool_or(freebind.as_ref(), false))?;
         at.refuse("socket_options", socket_options)?;
-        at.refuse_with("access_log", access_log, "Sluice writes its own audit record of every flow")?;
+        at.refuse_with(
+            "access_log",
+            access_log,
+            "Sluice writes its own audit record of every flow",
+        )?;
         at.refuse_with(
             "bind_to_port",
             &!bool_or(bind_to_port.as_ref(), true),
@@ -142,17 +154,43 @@ impl TryFrom<&Listener> for EnvoyListener {
                 .iter()
                 .position(|d| d.matcher == c.matcher && d.application_protocols == c.application_protocols)
             {
+                return Err(at.f("filter_chains").i(i).f("filter_chain_match").invalid(format!(
+                    "the same as filter_chains[{j}]'s; no connection could reach this chain"
+                )));
+            }
+        }
+        let tls = listener_filters
+            .iter()
+            .any(|f| matches!(f, ListenerFilter::TlsInspector { .. }));
+        let http = listener_filters.contains(&ListenerFilter::HttpInspector);
+        for (i, c) in chains.iter().enumerate() {
+            // Envoy accepts these and never matches them: what they match
+            // on is only known through a listener filter.
+            let at = at.f("filter_chains").i(i).f("filter_chain_match");
+            let fix = "read from the ClientHello; add the tls_inspector listener filter";
+            if !tls && !c.matcher.server_names.is_empty() {
+                return Err(at.f("server_names").invalid(fix));
+            }
+            if !tls && c.matcher.transport_protocol == Some(Transport::Tls) {
+                return Err(at.f("transport_protocol").invalid(fix));
+            }
+            if !tls && !http && !c.application_protocols.is_empty() {
                 return Err(at
-                    .f("filter_chains")
-                    .i(i)
-                    .f("filter_chain_match")
-                    .invalid(format!("the same as filter_chains[{j}]'s; no connection could reach this chain")));
+                    .f("application_protocols")
+                    .invalid("read by a listener filter; add tls_inspector or http_inspector"));
             }
         }
         let default_chain = default_filter_chain
             .as_ref()
             .map(|c| chain(&at.f("default_filter_chain"), c))
-            .transpose()?;
+            .transpose()?
+            // Envoy does not read the default chain's match: it serves
+            // whatever no other chain matches.
+            .map(|c| EnvoyChain {
+                matcher: ChainMatch::default(),
+                application_protocols: Vec::new(),
+                ..c
+            });
         if chains.is_empty() && default_chain.is_none() {
             return Err(at
                 .f("filter_chains")
@@ -345,11 +383,7 @@ fn chain_match(at: &At<'_>, m: &FilterChainMatch) -> Result<(ChainMatch, Vec<Str
         direct_source_prefix_ranges,
         "match the source with source_prefix_ranges",
     )?;
-    at.refuse_with(
-        "source_type",
-        source_type,
-        "match the source with source_prefix_ranges",
-    )?;
+    at.refuse_with("source_type", source_type, "match the source with source_prefix_ranges")?;
     at.refuse("source_ports", source_ports)?;
     let destination_ports = match destination_port {
         None => Vec::new(),
@@ -366,9 +400,7 @@ fn chain_match(at: &At<'_>, m: &FilterChainMatch) -> Result<(ChainMatch, Vec<Str
     let server_names = server_names
         .iter()
         .enumerate()
-        .map(|(i, n)| {
-            DomainPattern::parse(n).map_err(|e| at.f("server_names").i(i).invalid(format!("`{n}`: {e}")))
-        })
+        .map(|(i, n)| DomainPattern::parse(n).map_err(|e| at.f("server_names").i(i).invalid(format!("`{n}`: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
     let transport_protocol = match transport_protocol.as_str() {
         "" => None,
@@ -404,9 +436,10 @@ fn cidr(at: &At<'_>, r: &CidrRange) -> Result<IpNet, DecodeError> {
         address_prefix,
         prefix_len,
     } = r;
-    let ip: std::net::IpAddr = address_prefix
-        .parse()
-        .map_err(|_| at.f("address_prefix").invalid(format!("`{address_prefix}` is not an IP address")))?;
+    let ip: std::net::IpAddr = address_prefix.parse().map_err(|_| {
+        at.f("address_prefix")
+            .invalid(format!("`{address_prefix}` is not an IP address"))
+    })?;
     // Envoy reads an absent length as 0.
     let len = prefix_len.map_or(0, |l| l.value);
     let len = u8::try_from(len).map_err(|_| at.f("prefix_len").invalid(format!("{len} is too long")))?;
@@ -480,7 +513,10 @@ fn wasm(at: &At<'_>, name: &str, src: &ExtensionConfigSource) -> Result<NetworkF
         default_config,
         "remove it; a chain waits for its plugin's configuration",
     )?;
-    at.refuse("apply_default_config_without_warming", apply_default_config_without_warming)?;
+    at.refuse(
+        "apply_default_config_without_warming",
+        apply_default_config_without_warming,
+    )?;
     if type_urls.is_empty() {
         return Err(at
             .f("type_urls")
@@ -496,7 +532,10 @@ fn wasm(at: &At<'_>, name: &str, src: &ExtensionConfigSource) -> Result<NetworkF
     Ok(NetworkFilter::Wasm { name: name.to_owned() })
 }
 
-#[allow(deprecated, reason = "deprecated fields are still on the wire and must be refused, not ignored")]
+#[allow(
+    deprecated,
+    reason = "deprecated fields are still on the wire and must be refused, not ignored"
+)]
 fn tcp_proxy(at: &At<'_>, a: &Any) -> Result<TcpProxy, DecodeError> {
     let t: tcp::TcpProxy = at.unpack(a, type_url::TCP_PROXY)?;
     let tcp::TcpProxy {
@@ -535,7 +574,11 @@ fn tcp_proxy(at: &At<'_>, a: &Any) -> Result<TcpProxy, DecodeError> {
                 .f("weighted_clusters")
                 .unsupported("name one cluster in `cluster` and weigh its endpoints instead"));
         }
-        None => return Err(at.f("cluster_specifier").missing("name the cluster to relay to in `cluster`")),
+        None => {
+            return Err(at
+                .f("cluster_specifier")
+                .missing("name the cluster to relay to in `cluster`"));
+        }
     };
     at.refuse("on_demand", on_demand)?;
     at.refuse("metadata_match", metadata_match)?;
@@ -549,7 +592,11 @@ fn tcp_proxy(at: &At<'_>, a: &Any) -> Result<TcpProxy, DecodeError> {
         upstream_idle_timeout,
         "use idle_timeout, which covers both directions",
     )?;
-    at.refuse_with("access_log", access_log, "Sluice writes its own audit record of every flow")?;
+    at.refuse_with(
+        "access_log",
+        access_log,
+        "Sluice writes its own audit record of every flow",
+    )?;
     at.refuse("backoff_options", backoff_options)?;
     at.refuse("hash_policy", hash_policy)?;
     at.refuse_with(

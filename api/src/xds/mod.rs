@@ -12,8 +12,10 @@
 //! without `..`, so a field added to Envoy's API does not compile until it
 //! is given one of those three fates here.
 //!
-//! The same code serves the gateway's xDS client (to ACK or NACK) and the
-//! control server (to check what it is about to send).
+//! It is meant for both ends: the gateway's xDS client (to ACK or NACK)
+//! and the control server (to check what it is about to send). Neither
+//! calls it yet; the data plane still takes its listeners from
+//! `sluice.yaml` ([`crate::envoy::translate`]).
 
 mod cluster;
 mod listener;
@@ -37,7 +39,8 @@ pub mod type_url {
     pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
     pub const CLUSTER_LOAD_ASSIGNMENT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
     pub const TCP_PROXY: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
-    pub const TLS_INSPECTOR: &str = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+    pub const TLS_INSPECTOR: &str =
+        "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
     pub const ORIGINAL_DST: &str = "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
     pub const HTTP_INSPECTOR: &str =
         "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
@@ -366,8 +369,8 @@ fn socket_address(at: &At<'_>, a: Option<&Address>, names: bool) -> Result<Host,
             .f("address")
             .invalid(format!("`{address}` is not an IP address; this address takes one")));
     }
-    let name = crate::domain::DomainName::parse(address)
-        .map_err(|e| at.f("address").invalid(format!("`{address}`: {e}")))?;
+    let name =
+        crate::domain::DomainName::parse(address).map_err(|e| at.f("address").invalid(format!("`{address}`: {e}")))?;
     Ok(Host::Name(crate::model::HostPort {
         host: name.as_str().to_owned(),
         port,
@@ -415,5 +418,32 @@ fn same_server(at: &At<'_>, c: Option<&ConfigSource>) -> Result<(), DecodeError>
             .f("api_config_source")
             .unsupported("Sluice takes resources over its ADS stream; use `ads: {}`")),
         None => Err(at.missing("give `ads: {}`")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::pb::envoy::extensions::filters::listener::{http_inspector, original_dst, tls_inspector};
+    use envoy_types::pb::envoy::extensions::filters::network::{tcp_proxy, wasm};
+    use envoy_types::pb::google::protobuf::{Empty, Struct};
+    use prost::Name;
+
+    use super::type_url;
+
+    #[test]
+    fn type_urls_are_what_prost_names() {
+        assert_eq!(Listener::type_url(), type_url::LISTENER);
+        assert_eq!(Cluster::type_url(), type_url::CLUSTER);
+        assert_eq!(ClusterLoadAssignment::type_url(), type_url::CLUSTER_LOAD_ASSIGNMENT);
+        assert_eq!(tcp_proxy::v3::TcpProxy::type_url(), type_url::TCP_PROXY);
+        assert_eq!(tls_inspector::v3::TlsInspector::type_url(), type_url::TLS_INSPECTOR);
+        assert_eq!(original_dst::v3::OriginalDst::type_url(), type_url::ORIGINAL_DST);
+        assert_eq!(http_inspector::v3::HttpInspector::type_url(), type_url::HTTP_INSPECTOR);
+        assert_eq!(wasm::v3::Wasm::type_url(), type_url::NETWORK_WASM);
+        assert_eq!(Empty::type_url(), type_url::EMPTY);
+        assert_eq!(Struct::type_url(), type_url::STRUCT);
     }
 }

@@ -115,7 +115,10 @@ pub enum ClusterKind {
     Static { endpoints: LoadAssignment },
     /// Names resolved again and again; every address of every name is an
     /// endpoint.
-    StrictDns { endpoints: LoadAssignment, dns: DnsSettings },
+    StrictDns {
+        endpoints: LoadAssignment,
+        dns: DnsSettings,
+    },
     /// One name; a new connection goes to the first address of its latest
     /// resolution.
     LogicalDns { endpoint: HostPort, dns: DnsSettings },
@@ -159,7 +162,9 @@ pub enum LbPolicy {
     RoundRobin,
     /// The endpoint with fewest active connections among `choice_count`
     /// picked at random (Envoy's default 2).
-    LeastRequest { choice_count: u32 },
+    LeastRequest {
+        choice_count: u32,
+    },
     Random,
     /// The cluster itself chooses (`ORIGINAL_DST`: the original
     /// destination).
@@ -181,7 +186,8 @@ pub struct LoadAssignment {
 /// Envoy's `LocalityLbEndpoints`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Locality {
-    /// `None`: unweighted.
+    /// `None`: unweighted. Envoy weighs localities only with
+    /// locality-weighted balancing (in `common_lb_config`, refused here).
     pub weight: Option<u32>,
     /// 0 is the highest.
     pub priority: u32,
