@@ -196,6 +196,32 @@ fn rbac(p: Policy<'_>, l: &SluiceListener, facts: ListenerFacts, kind: FlowKind)
 /// Forwarding to `cluster`. The upstream connection waits for the
 /// client's first bytes, so the RBAC filter before it has decided: a
 /// denied flow never opens a connection upstream.
+/// The network plugins serving `l`, each as a filter whose configuration
+/// comes over ECDS (ADS) under the plugin's name. HTTP plugins have no
+/// place here: these listeners relay TCP.
+fn plugin_filters(config: &Config, l: &SluiceListener) -> Vec<Filter> {
+    use envoy_types::pb::envoy::config::core::v3::{
+        AggregatedConfigSource, ApiVersion, ConfigSource, ExtensionConfigSource, config_source,
+    };
+    config
+        .plugins
+        .iter()
+        .filter(|p| !p.http && p.serves(&l.name))
+        .map(|p| Filter {
+            name: p.name.clone(),
+            config_type: Some(filter::ConfigType::ConfigDiscovery(ExtensionConfigSource {
+                config_source: Some(ConfigSource {
+                    config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+                    resource_api_version: ApiVersion::V3 as i32,
+                    ..ConfigSource::default()
+                }),
+                type_urls: vec!["type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm".to_owned()],
+                ..ExtensionConfigSource::default()
+            })),
+        })
+        .collect()
+}
+
 fn tcp_proxy(l: &SluiceListener, cluster: &str) -> Filter {
     let idle = l.kind.connection().map(|c| c.idle_timeout);
     network_filter(
@@ -349,6 +375,14 @@ fn listener(p: Policy<'_>, l: &SluiceListener, facts: ListenerFacts) -> Result<V
             });
         }
         ListenerKind::HttpProxy(_) | ListenerKind::Tcp(_) | ListenerKind::Dns(_) => return Ok(Vec::new()),
+    }
+    // The network plugins that judge this listener's flows, after the
+    // policy (RBAC) and before forwarding, as Envoy's Wasm filter fetched
+    // over ECDS: the same TypedExtensionConfig a Sluice gateway takes.
+    let plugins = plugin_filters(config, l);
+    for c in &mut chains {
+        let at = 1.min(c.filters.len());
+        c.filters.splice(at..at, plugins.iter().cloned());
     }
     listener_filters.push(listener_filter(
         "envoy.filters.listener.tls_inspector",

@@ -607,3 +607,48 @@ policy:
         assert_eq!(decide(&m, at(port)).0, rule, "{port}");
     }
 }
+
+#[test]
+fn network_plugins_serving_a_listener_are_wasm_filters_over_ecds_after_the_policy() {
+    let c = config(
+        r#"
+listeners:
+  - {name: edge, kind: sni, address: "127.0.0.1:8443", upstream_port: 443}
+  - {name: other, kind: sni, address: "127.0.0.1:9443", upstream_port: 443}
+plugins:
+  - {name: guard, path: /nonexistent/guard.wasm, listeners: [edge]}
+  - {name: everywhere, path: /nonexistent/all.wasm}
+  - {name: web, path: /nonexistent/web.wasm, kind: http}
+policy:
+  rules: []
+"#,
+    );
+    let ls = listeners(&c);
+    let names = |l: &Listener| -> Vec<Vec<String>> {
+        l.filter_chains
+            .iter()
+            .map(|ch| ch.filters.iter().map(|f| f.name.clone()).collect())
+            .collect()
+    };
+    let edge = ls.iter().find(|l| l.name == "edge").unwrap();
+    for chain in names(edge) {
+        assert_eq!(chain[0], "envoy.filters.network.rbac");
+        assert_eq!(&chain[1..3], ["guard", "everywhere"], "{chain:?}");
+    }
+    let other = ls.iter().find(|l| l.name == "other").unwrap();
+    assert!(
+        names(other)
+            .iter()
+            .all(|c| c[1] == "everywhere" && !c.contains(&"guard".to_owned()))
+    );
+    let f = &edge.filter_chains[0].filters[1];
+    let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::ConfigDiscovery(src)) = &f.config_type
+    else {
+        panic!("{f:?}")
+    };
+    assert_eq!(
+        src.type_urls,
+        ["type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm"]
+    );
+    assert!(src.config_source.as_ref().unwrap().config_source_specifier.is_some());
+}
