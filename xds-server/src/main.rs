@@ -108,14 +108,24 @@ fn check(dir: PathBuf) -> ExitCode {
         Ok(loaded) => {
             let r = &loaded.resources;
             let n = |v: &Option<Vec<_>>| v.as_ref().map_or(0, Vec::len);
+            let envoy = loaded
+                .snapshot
+                .type_urls()
+                .filter(|t| t.contains("envoy.config") && !t.ends_with("TypedExtensionConfig"))
+                .map(|t| loaded.snapshot.resources(t).len())
+                .sum::<usize>();
             println!(
-                "{}: OK: {} webgroups, {} smartgroups, {} workloads, {} policy ({} rules)",
+                "{}: OK: {} webgroups, {} smartgroups, {} workloads, {} policy ({} rules), {} named policies, {} targets, {} plugins, {} Envoy resources",
                 dir.display(),
                 r.webgroups.as_ref().map_or(0, Vec::len),
                 r.smartgroups.as_ref().map_or(0, Vec::len),
                 r.workloads.as_ref().map_or(0, Vec::len),
-                n(&r.policies),
-                loaded.config.policy.rules.len()
+                usize::from(n(&r.policies) > loaded.config.policies.len()),
+                loaded.config.policy.rules.len(),
+                loaded.config.policies.len(),
+                loaded.config.targets.len(),
+                loaded.config.plugins.len(),
+                envoy
             );
             ExitCode::SUCCESS
         }

@@ -41,7 +41,7 @@ fn check_says_what_a_directory_serves_or_every_problem() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        text.contains("OK: 1 webgroups, 2 smartgroups, 0 workloads, 1 policy (3 rules)"),
+        text.contains("OK: 1 webgroups, 2 smartgroups, 0 workloads, 1 policy (3 rules), 0 named policies, 0 targets, 0 plugins, 0 Envoy resources"),
         "{text}"
     );
 
