@@ -3,8 +3,8 @@
 //! configuration (network, or HTTP for `kind: http`) — the module inline,
 //! or, with a code URL, remote with its SHA-256 (the module is then served
 //! by this server's admin API at `/plugins/<sha256>.wasm`). Sluice's own
-//! settings of the plugin travel as `sluice.v1.PluginOptions` in the VM
-//! configuration.
+//! settings of the plugin (`sluice.v1.PluginOptions`) travel as a
+//! `google.protobuf.Struct` in the VM configuration, a type Envoy can show.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -107,7 +107,7 @@ fn extension(p: &Plugin, code: async_data_source::Specifier) -> TypedExtensionCo
         vm_id: p.name.clone(),
         runtime: "envoy.wasm.runtime.v8".into(),
         code: Some(AsyncDataSource { specifier: Some(code) }),
-        configuration: Some(any(&options)),
+        configuration: Some(any(&sluice_api::xds::plugin_options::to_struct(&options))),
         environment_variables: (!p.env.is_empty()).then(|| EnvironmentVariables {
             key_values: p.env.iter().cloned().collect(),
             ..Default::default()
@@ -118,7 +118,15 @@ fn extension(p: &Plugin, code: async_data_source::Specifier) -> TypedExtensionCo
         name: p.name.clone(),
         root_id: p.root_id.clone().unwrap_or_default(),
         vm: Some(plugin_config::Vm::VmConfig(vm)),
-        configuration: p.config.as_ref().map(|c| any(&StringValue { value: c.to_string() })),
+        // The bytes the plugin is handed, as a Sluice gateway hands them
+        // from its file: a text as it is, anything else as JSON.
+        configuration: p.config.as_ref().map(|c| {
+            let value = match c {
+                serde_json::Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            any(&StringValue { value })
+        }),
         failure_policy: match p.failure {
             PluginFailure::Closed => FailurePolicy::FailClosed,
             PluginFailure::Open => FailurePolicy::FailOpen,

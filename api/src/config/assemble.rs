@@ -667,21 +667,9 @@ fn policy_to_pb(name: &str, p: &raw::RawPolicy) -> pb::Policy {
 
 fn plugin_from_pb(p: &pb::Plugin) -> Result<raw::RawPlugin, FieldErrors> {
     let text = |s: &str| optional_text(s).map(spanned);
-    let config = if p.config.is_empty() {
-        None
-    } else {
-        match serde_json::from_str(&p.config) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                return Err(vec![(
-                    "configuration".to_owned(),
-                    ConfigErrorKind::InvalidValue {
-                        message: format!("the plugin configuration is not JSON: {e}"),
-                    },
-                )]);
-            }
-        }
-    };
+    // The configuration is the bytes the plugin is handed, already: a
+    // text, which the plugin host passes on as it is.
+    let config = (!p.config.is_empty()).then(|| serde_json::Value::String(p.config.clone()));
     let o = p.options.clone().unwrap_or_default();
     Ok(raw::RawPlugin {
         name: required(&p.name),

@@ -20,6 +20,7 @@
 mod cluster;
 mod listener;
 pub mod model;
+pub mod plugin_options;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

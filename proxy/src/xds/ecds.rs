@@ -7,7 +7,8 @@
 //! (`host_env_keys`: a plugin never sees the host's environment here;
 //! capability restrictions; a `null` VM), never ignored. Sluice's own
 //! settings of a plugin (the listeners it judges, its deadline, memory
-//! cap, …) travel as `sluice.v1.PluginOptions` in `vm_config.configuration`.
+//! cap, …) travel as a `google.protobuf.Struct` in `vm_config.configuration`
+//! (`sluice_api::xds::plugin_options`).
 
 use envoy_types::pb::envoy::config::core::v3::{
     AsyncDataSource, TypedExtensionConfig, async_data_source, data_source, http_uri,
@@ -130,17 +131,20 @@ fn plugin_config(name: &str, kind: &str, c: PluginConfig) -> Result<(pb::Plugin,
     let code = code(vm.code, &format!("{vm_at}.code"))?;
     let options = match vm.configuration {
         None => None,
-        Some(a) if a.type_url == pb::PluginOptions::type_url() => Some(
-            pb::PluginOptions::decode(a.value.as_slice())
-                .map_err(|e| refuse(&format!("{vm_at}.configuration"), format!("cannot be decoded: {e}")))?,
-        ),
+        Some(a) if a.type_url == envoy_types::pb::google::protobuf::Struct::type_url() => {
+            let st = envoy_types::pb::google::protobuf::Struct::decode(a.value.as_slice())
+                .map_err(|e| refuse(&format!("{vm_at}.configuration"), format!("cannot be decoded: {e}")))?;
+            Some(
+                sluice_api::xds::plugin_options::from_struct(&st)
+                    .map_err(|(field, why)| refuse(&format!("{vm_at}.configuration.{field}"), why))?,
+            )
+        }
         Some(a) => {
             return Err(refuse(
                 &format!("{vm_at}.configuration"),
                 format!(
-                    "{} is not read by Sluice; the VM configuration carries {}",
-                    a.type_url,
-                    pb::PluginOptions::type_url()
+                    "{} is not read by Sluice; the VM configuration carries Sluice's plugin settings as a google.protobuf.Struct",
+                    a.type_url
                 ),
             ));
         }
