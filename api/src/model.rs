@@ -737,6 +737,9 @@ pub struct XdsBootstrap {
     pub initial_fetch_timeout: Duration,
     /// TLS to the control servers; plain text when `None`.
     pub tls: Option<XdsTls>,
+    /// Listeners come from the server too (Envoy `Listener` and `Cluster`
+    /// resources over LDS and CDS), replacing the file's.
+    pub listeners: bool,
 }
 
 /// `xds.tls`: how a gateway checks its control servers and, with a

@@ -1955,3 +1955,93 @@ fn errors_read_as_resource_path_and_fix() {
     );
     assert_eq!(xds::filter_name::DNS, "sluice.dns");
 }
+
+// What a gateway runs of a decoded listener (`xds::gateway`).
+
+fn one_chain(listener_filters: Vec<PbListenerFilter>, filters: Vec<Filter>) -> Listener {
+    Listener {
+        name: "edge".into(),
+        address: Some(sock("127.0.0.1", 15001)),
+        listener_filters,
+        filter_chains: vec![FilterChain {
+            filters,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn clusters(list: &[Cluster]) -> std::collections::BTreeMap<String, EnvoyCluster> {
+    list.iter()
+        .map(|c| {
+            let d = cluster_of(c).unwrap();
+            (d.name.clone(), d)
+        })
+        .collect()
+}
+
+#[test]
+fn a_gateway_runs_the_shapes_its_listener_kinds_have_and_names_the_rest() {
+    use sluice_api::xds::gateway::{SpecKind, gateway_listener};
+    let mut original = original_dst_cluster();
+    original.lb_config = None;
+    let mut one = static_cluster();
+    one.load_assignment = Some(ClusterLoadAssignment {
+        cluster_name: "db".into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: vec![endpoint("10.0.0.7", 5432, None)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let known = clusters(&[original.clone(), one.clone()]);
+
+    let transparent = one_chain(
+        vec![listener_filter("envoy.filters.listener.original_dst", &OriginalDst {})],
+        vec![named("sluice.policy"), tcp_proxy("original")],
+    );
+    let spec = gateway_listener(&listener(&transparent).unwrap(), &known).unwrap();
+    assert_eq!(spec.kind, SpecKind::Transparent);
+    assert_eq!(spec.address.to_string(), "127.0.0.1:15001");
+
+    let tcp = one_chain(vec![], vec![named("sluice.policy"), tcp_proxy("db")]);
+    let spec = gateway_listener(&listener(&tcp).unwrap(), &known).unwrap();
+    assert_eq!(
+        spec.kind,
+        SpecKind::Tcp {
+            upstream: "10.0.0.7:5432".parse().unwrap()
+        }
+    );
+    assert_eq!(spec.connect_timeout, Duration::from_millis(1500));
+
+    let refused = |l: Listener, known: &std::collections::BTreeMap<String, EnvoyCluster>| {
+        gateway_listener(&listener(&l).unwrap(), known).unwrap_err()
+    };
+    let e = refused(one_chain(vec![], vec![tcp_proxy("db")]), &known);
+    assert_eq!(e.path, "filter_chains[0].filters", "{e}");
+    assert!(e.to_string().contains("no `sluice.policy` filter"), "{e}");
+    let e = refused(
+        one_chain(vec![], vec![named("sluice.policy"), tcp_proxy("nowhere")]),
+        &known,
+    );
+    assert_eq!(e.path, "filter_chains[0].filters[1].typed_config.cluster", "{e}");
+    assert!(e.to_string().contains("no cluster `nowhere` was sent"), "{e}");
+    let e = refused(
+        one_chain(vec![], vec![named("sluice.policy"), tcp_proxy("db")]),
+        &clusters(&[static_cluster()]),
+    );
+    assert!(
+        e.to_string().contains("has 3 endpoints") || e.to_string().contains("endpoints;"),
+        "{e}"
+    );
+    let e = refused(
+        one_chain(vec![], vec![named("sluice.policy"), tcp_proxy("original")]),
+        &known,
+    );
+    assert_eq!(e.path, "listener_filters", "{e}");
+    let e = refused(
+        one_chain(vec![], vec![named("sluice.policy"), wasm("guard"), tcp_proxy("db")]),
+        &known,
+    );
+    assert_eq!(e.path, "filter_chains[0].filters[1]", "{e}");
+}

@@ -25,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
         delta: mode & 1 == 1,
         initial_fetch_timeout: std::time::Duration::from_secs(1),
         tls: None,
+        listeners: mode & 2 == 2,
     };
     let mut client = AdsClient::new(&bootstrap);
     let _ = client.on_connect();
@@ -36,9 +37,16 @@ fuzz_target!(|data: &[u8]| {
     if held != Ok(true) {
         return;
     }
+    let candidate = match client.candidate() {
+        Ok(c) => c,
+        Err(why) => {
+            let _ = client.reject(&why);
+            return;
+        }
+    };
     let mut a = Assembly::new();
     a.add_file(BASE, "fuzz.yaml");
-    a.replace_with(&client.candidate());
+    a.replace_with(&candidate);
     match a.build() {
         Ok(cfg) => {
             let _ = sluice::policy::Policy::compile(&cfg);

@@ -166,6 +166,7 @@ fn served(allow_good: bool, extra_rules: Vec<pb::Rule>) -> Resources {
             ..Default::default()
         }]),
         plugins: None,
+        listeners: None,
     }
 }
 
@@ -737,5 +738,146 @@ flow_test!(a_change_closes_only_the_flows_it_denies, async {
         .await;
     assert_eq!(decided(&r), ("deny", "default-deny"), "{r}");
     echo(&mut other, b"still here").await;
+    gw.server.shutdown(Duration::from_millis(100)).await;
+});
+
+/// An Envoy Listener (one chain: `sluice.policy` → `tcp_proxy`) and the
+/// STATIC Cluster it relays to, as any xDS server would send them.
+fn envoy_tcp_listener(name: &str, addr: SocketAddr, upstream: SocketAddr, chains: usize) -> Vec<Resource> {
+    use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+    };
+    use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+    use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
+    use prost::{Message, Name};
+    let sock = |a: SocketAddr| Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: a.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(a.port()))),
+            ..Default::default()
+        })),
+    };
+    let pack = |m: &dyn Fn() -> (String, Vec<u8>)| {
+        let (type_url, value) = m();
+        Any { type_url, value }
+    };
+    let cluster_name = format!("{name}-upstream");
+    let chain = |i: usize| FilterChain {
+        name: format!("c{i}"),
+        filters: vec![
+            Filter {
+                name: "sluice.policy".into(),
+                config_type: None,
+            },
+            Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack(&|| {
+                    let t = TcpProxy {
+                        stat_prefix: name.to_owned(),
+                        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster_name.clone())),
+                        ..Default::default()
+                    };
+                    (TcpProxy::type_url(), t.encode_to_vec())
+                }))),
+            },
+        ],
+        ..Default::default()
+    };
+    let mut listener = Listener {
+        name: name.to_owned(),
+        address: Some(sock(addr)),
+        filter_chains: (0..chains).map(chain).collect(),
+        ..Default::default()
+    };
+    if chains > 1 {
+        for (i, c) in listener.filter_chains.iter_mut().enumerate() {
+            c.filter_chain_match = Some(envoy_types::pb::envoy::config::listener::v3::FilterChainMatch {
+                destination_port: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 1000 + i as u32 }),
+                ..Default::default()
+            });
+        }
+    }
+    let cluster = Cluster {
+        name: cluster_name.clone(),
+        connect_timeout: Some(PbDuration { seconds: 2, nanos: 0 }),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: cluster_name.clone(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(sock(upstream)),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    vec![
+        Resource::new(name, pack(&|| (Listener::type_url(), listener.encode_to_vec()))),
+        Resource::new(&cluster_name, pack(&|| (Cluster::type_url(), cluster.encode_to_vec()))),
+    ]
+}
+
+// `xds.listeners: true`: the gateway takes its listeners from Envoy
+// Listener and Cluster resources (the shapes its listener kinds have),
+// binds them, relays through them under its policy, and refuses a shape
+// it cannot run with the field at fault.
+flow_test!(a_gateway_takes_envoy_listeners_and_clusters_over_lds_and_cds, async {
+    let up = TlsEcho::start().await;
+    let control = ControlPlane::start(&served(true, vec![])).await;
+    let gw = Gateway::start_as(control.addr, "delta", "gw-lds", "  listeners: true\n").await;
+    gw.wait_rules(&["allow-good"]).await;
+    assert!(
+        wait_until(|| gw.server.addr("proxy").is_none()).await,
+        "the server sent no listener, so the file's are replaced: {:?} {:?}",
+        gw.status.state(),
+        gw.server
+            .shared
+            .snapshot
+            .load()
+            .config
+            .listeners
+            .iter()
+            .map(|l| l.name.clone())
+            .collect::<Vec<_>>()
+    );
+
+    let db = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    control.publish_with(&served(true, vec![]), &envoy_tcp_listener("db", db, up.addr(), 1));
+    assert!(
+        wait_until(|| gw.server.addr("db").is_some()).await,
+        "{:?}",
+        gw.status.state()
+    );
+    let stream = tokio::net::TcpStream::connect(gw.server.addr("db").unwrap())
+        .await
+        .unwrap();
+    let mut tls = up_connect(&up, "allowed.test", stream).await;
+    echo(&mut tls, b"through an Envoy listener").await;
+
+    // Two chains by port: not a shape a gateway runs; refused, named.
+    control.publish_with(&served(true, vec![]), &envoy_tcp_listener("db", db, up.addr(), 2));
+    assert!(
+        wait_until(|| gw.status.state().rejected >= 1).await,
+        "{:?}",
+        gw.status.state()
+    );
+    let why = gw.status.state().last_rejection.unwrap_or_default();
+    assert!(why.contains("Envoy Listener db: filter_chains[1]"), "{why}");
+    assert!(gw.server.addr("db").is_some(), "the running listener stays");
+    echo(&mut tls, b"still relayed").await;
     gw.server.shutdown(Duration::from_millis(100)).await;
 });

@@ -31,6 +31,10 @@ pub enum ResourceKind {
     /// A WASM plugin: an ECDS `TypedExtensionConfig` holding Envoy's Wasm
     /// filter configuration.
     Plugin,
+    /// An Envoy `Listener` (with the `Cluster` it relays to), when the
+    /// gateway takes its listeners from xDS (`xds.listeners: true`); not in
+    /// [`ResourceKind::ALL`], which every gateway subscribes to.
+    Listener,
 }
 
 impl ResourceKind {
@@ -52,11 +56,15 @@ impl ResourceKind {
             Self::Workload => t::WORKLOAD,
             Self::Policy => t::POLICY,
             Self::Plugin => t::EXTENSION_CONFIG,
+            Self::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
         }
     }
 
     pub fn from_type_url(url: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.type_url() == url)
+        Self::ALL
+            .into_iter()
+            .chain([Self::Listener])
+            .find(|k| k.type_url() == url)
     }
 
     /// The section of `sluice.yaml` the resources of this kind make.
@@ -67,6 +75,7 @@ impl ResourceKind {
             Self::Workload => "inventory",
             Self::Policy => "policy",
             Self::Plugin => "plugins",
+            Self::Listener => "listeners",
         }
     }
 
@@ -77,6 +86,7 @@ impl ResourceKind {
             Self::Workload => "sluice.v1.Workload",
             Self::Policy => "sluice.v1.Policy",
             Self::Plugin => "plugin (ECDS)",
+            Self::Listener => "Envoy Listener",
         }
     }
 }
@@ -96,6 +106,8 @@ pub struct Resources {
     pub policies: Option<Vec<pb::Policy>>,
     /// Plugins, their code already on the gateway's disk.
     pub plugins: Option<Vec<pb::Plugin>>,
+    /// Listeners from Envoy's Listener and Cluster resources.
+    pub listeners: Option<Vec<crate::xds::gateway::ListenerSpec>>,
 }
 
 /// Where a part of the configuration came from.
@@ -226,6 +238,12 @@ impl Assembly {
             let names: Vec<&String> = plugins.iter().map(|p| &p.name).collect();
             self.replace(ResourceKind::Plugin, names.into_iter(), raw, |c| &mut c.plugins);
         }
+        if let Some(listeners) = &resources.listeners {
+            let raw = listeners.iter().map(|l| spanned(listener_from_spec(l))).collect();
+            self.replace(ResourceKind::Listener, listeners.iter().map(|l| &l.name), raw, |c| {
+                &mut c.listeners
+            });
+        }
         if let Some(policies) = &resources.policies {
             self.sections.remove("policy");
             self.raw.policy = None;
@@ -309,6 +327,7 @@ impl Assembly {
             // Served as ECDS resources, made from the validated
             // configuration and the module files.
             plugins: None,
+            listeners: None,
         }
     }
 
@@ -695,4 +714,42 @@ fn plugin_from_pb(p: &pb::Plugin) -> Result<raw::RawPlugin, FieldErrors> {
         max_pairs: (o.max_pairs != 0).then(|| spanned(o.max_pairs)),
         max_value: text(&o.max_value),
     })
+}
+
+fn listener_from_spec(l: &crate::xds::gateway::ListenerSpec) -> raw::RawListener {
+    use crate::model::ListenerType;
+    use crate::xds::gateway::SpecKind;
+    let duration = |d: std::time::Duration| spanned(humantime::format_duration(d).to_string());
+    let (kind, upstream) = match &l.kind {
+        SpecKind::Transparent => (ListenerType::Transparent, None),
+        SpecKind::Tcp { upstream } => (ListenerType::Tcp, Some(spanned(upstream.to_string()))),
+    };
+    raw::RawListener {
+        name: required(&l.name),
+        kind: spanned(kind),
+        address: spanned(l.address.to_string()),
+        max_connections: None,
+        peek_timeout: None,
+        connect_timeout: (!l.connect_timeout.is_zero()).then(|| duration(l.connect_timeout)),
+        idle_timeout: l.idle_timeout.filter(|d| !d.is_zero()).map(duration),
+        max_client_hello: None,
+        ech: None,
+        connect_no_sni: None,
+        sni_check: None,
+        upstream_port: None,
+        upstream,
+        users: Vec::new(),
+        upstreams: Vec::new(),
+        deny_answer: None,
+        sinkhole: Vec::new(),
+        strip_ech: None,
+        cache_entries: None,
+        binding_min_ttl: None,
+        binding_grace: None,
+        max_bindings: None,
+        exfiltration: None,
+        upstream_sockets: None,
+        upstream_socket_max_queries: None,
+        upstream_socket_max_age: None,
+    }
 }

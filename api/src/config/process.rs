@@ -229,6 +229,7 @@ impl Validator {
             delta,
             initial_fetch_timeout,
             tls,
+            listeners: x.listeners,
         })
     }
 

@@ -94,6 +94,8 @@ pub struct RawXds {
     pub initial_fetch_timeout: Option<S<String>>,
     #[serde(default)]
     pub tls: Option<S<RawXdsTls>>,
+    #[serde(default)]
+    pub listeners: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -18,6 +18,7 @@
 //! `sluice.yaml` ([`crate::envoy::translate`]).
 
 mod cluster;
+pub mod gateway;
 mod listener;
 pub mod model;
 pub mod plugin_options;

@@ -27,6 +27,7 @@ use envoy_types::pb::google::rpc::Status;
 use prost::Message;
 use sluice_api::config::{ResourceKind, Resources};
 use sluice_api::proto::v1 as pb;
+use sluice_api::xds::type_url as envoy_url;
 use sluice_api::{XdsBootstrap, XdsNode};
 
 /// gRPC's INVALID_ARGUMENT, the code a NACK carries.
@@ -98,10 +99,14 @@ pub struct AdsClient {
 impl AdsClient {
     /// A client subscribed, by wildcard, to Sluice's own types.
     pub fn new(bootstrap: &XdsBootstrap) -> Self {
-        let types = ResourceKind::ALL
+        let mut types: BTreeMap<&'static str, TypeState> = ResourceKind::ALL
             .into_iter()
             .map(|k| (k.type_url(), TypeState::default()))
             .collect();
+        if bootstrap.listeners {
+            types.insert(envoy_url::CLUSTER, TypeState::default());
+            types.insert(envoy_url::LISTENER, TypeState::default());
+        }
         Self {
             node: node(&bootstrap.node),
             delta: bootstrap.delta,
@@ -244,8 +249,10 @@ impl AdsClient {
     /// The resources the gateway would run with if every pending
     /// response were accepted. A type never received is `None`: the
     /// gateway's own file keeps that section.
-    pub fn candidate(&self) -> Resources {
+    pub fn candidate(&self) -> Result<Resources, String> {
         let mut out = Resources::default();
+        let mut listeners: Option<Vec<sluice_api::xds::model::EnvoyListener>> = None;
+        let mut clusters = BTreeMap::new();
         for (url, t) in &self.types {
             if !t.received && t.pending.is_none() {
                 continue;
@@ -264,10 +271,30 @@ impl AdsClient {
                             .collect(),
                     );
                 }
+                Some(ResourceKind::Listener) => {
+                    listeners = Some(
+                        bodies
+                            .filter_map(|b| sluice_api::xds::decode_listener(b).ok())
+                            .collect(),
+                    );
+                }
+                None if *url == envoy_url::CLUSTER => {
+                    for c in bodies.filter_map(|b| sluice_api::xds::decode_cluster(b).ok()) {
+                        clusters.insert(c.name.clone(), c);
+                    }
+                }
                 None => {}
             }
         }
-        out
+        if let Some(ls) = listeners {
+            let specs = ls
+                .iter()
+                .map(|l| sluice_api::xds::gateway::gateway_listener(l, &clusters))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("Envoy Listener {e}"))?;
+            out.listeners = Some(specs);
+        }
+        Ok(out)
     }
 
     /// Where the code of each plugin of the candidate comes from, by name.
@@ -378,6 +405,14 @@ fn resource_name(type_url: &str, index: usize, body: &Any) -> Result<String, Res
             let (p, _) = super::ecds::plugin(body).map_err(|e| bad(format!("plugin: {e}")))?;
             Ok(p.name)
         }
+        Some(ResourceKind::Listener) => {
+            let l = sluice_api::xds::decode_listener(body).map_err(|e| bad(e.to_string()))?;
+            Ok(l.name)
+        }
+        None if type_url == envoy_url::CLUSTER => {
+            let c = sluice_api::xds::decode_cluster(body).map_err(|e| bad(e.to_string()))?;
+            Ok(c.name)
+        }
         None => return Err(bad("not a type this gateway reads".to_owned())),
     }
     .map_err(|e| bad(format!("cannot be decoded: {e}")))?;
@@ -438,6 +473,7 @@ mod tests {
             delta,
             initial_fetch_timeout: std::time::Duration::from_secs(1),
             tls: None,
+            listeners: false,
         }
     }
 
@@ -513,7 +549,7 @@ mod tests {
         })
         .unwrap();
         assert!(c.has_pending() && !c.synced());
-        assert_eq!(c.candidate().webgroups.unwrap().len(), 2);
+        assert_eq!(c.candidate().unwrap().webgroups.unwrap().len(), 2);
         let acks = delta_requests(c.commit());
         assert_eq!(acks.len(), 1);
         assert_eq!(
@@ -530,12 +566,12 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(c.candidate().webgroups.unwrap().len(), 1);
+        assert_eq!(c.candidate().unwrap().webgroups.unwrap().len(), 1);
         let nacks = delta_requests(c.reject("domains[0]: invalid"));
         assert_eq!(nacks[0].response_nonce, "n2");
         assert_eq!(nacks[0].error_detail.as_ref().unwrap().message, "domains[0]: invalid");
         assert_eq!(
-            c.candidate().webgroups.unwrap().len(),
+            c.candidate().unwrap().webgroups.unwrap().len(),
             2,
             "the NACKed change is not kept"
         );
@@ -567,7 +603,7 @@ mod tests {
         assert_eq!((ack.version_info.as_str(), ack.response_nonce.as_str()), ("v1", "n1"));
         c.on_sotw(response("v2", "n2", vec![])).unwrap();
         assert_eq!(
-            c.candidate().webgroups.unwrap().len(),
+            c.candidate().unwrap().webgroups.unwrap().len(),
             0,
             "State of the World: an empty set removes all"
         );

@@ -260,7 +260,15 @@ impl<A: Apply> Session<'_, A> {
         if !self.client.synced() && now < self.initial {
             return Vec::new();
         }
-        let mut candidate = self.client.candidate();
+        let mut candidate = match self.client.candidate() {
+            Ok(c) => c,
+            Err(why) => {
+                self.held_since = None;
+                tracing::warn!("xDS: refused an update; the running configuration is unchanged:\n{why}");
+                self.status.rejected(&why);
+                return self.client.reject(&why);
+            }
+        };
         if let Some(plugins) = candidate.plugins.as_mut()
             && let Err(why) = super::code::materialize(plugins, &self.client.plugin_code(), self.modules).await
         {
