@@ -40,6 +40,18 @@ impl ControlPlane {
         Self::start_with(addr, resources, None).await
     }
 
+    /// Serving what `sluice-xds` makes of a directory.
+    async fn start_dir(dir: &std::path::Path) -> Self {
+        let c = Self::start(&Resources::default()).await;
+        c.tx.send_replace(
+            sluice_xds::source::Source::Dir(dir.to_path_buf())
+                .load()
+                .unwrap()
+                .catalog,
+        );
+        c
+    }
+
     /// With TLS: the server's certificate and key, and with `client_ca`
     /// mutual TLS where a node's id must be a name of its certificate.
     async fn start_with(addr: SocketAddr, resources: &Resources, tls: Option<(&Pki, bool)>) -> Self {
@@ -116,7 +128,12 @@ impl Drop for ControlPlane {
 /// Every node gets `r` and `extra` (ECDS resources): the server's own
 /// snapshot builder; the test's control server has no targets.
 fn catalog(r: &Resources, extra: &[Resource]) -> Arc<Catalog> {
-    Arc::new(Catalog::build(r, "default", Vec::new(), |r, _| sluice_xds::source::snapshot(r, extra)).unwrap())
+    Arc::new(
+        Catalog::build(r, "default", Vec::new(), |r, _, _| {
+            sluice_xds::source::snapshot(r, extra)
+        })
+        .unwrap(),
+    )
 }
 
 fn webgroup(name: &str, domains: &[&str]) -> pb::WebGroup {
@@ -879,5 +896,42 @@ flow_test!(a_gateway_takes_envoy_listeners_and_clusters_over_lds_and_cds, async 
     assert!(why.contains("Envoy Listener db: filter_chains[1]"), "{why}");
     assert!(gw.server.addr("db").is_some(), "the running listener stays");
     echo(&mut tls, b"still relayed").await;
+    gw.server.shutdown(Duration::from_millis(100)).await;
+});
+
+// The whole way: `sluice-xds` makes Sluice-shaped Envoy listeners of its
+// directory's `tcp` listener for Sluice gateways (not the RBAC translation
+// stock Envoy gets), and a gateway with `xds.listeners: true` binds and
+// relays through it.
+flow_test!(sluice_xds_serves_a_gateway_its_listeners, async {
+    let up = TlsEcho::start().await;
+    let db = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = scratch_dir();
+    std::fs::write(
+        dir.path().join("served.yaml"),
+        format!(
+            "listeners:\n  - {{name: db, kind: tcp, address: \"{db}\", upstream: \"{}\"}}\n\
+             policy:\n  rules:\n    - {{name: to-upstream, to: {{smartgroups: [gateway, loopback]}}, action: allow}}\n",
+            up.addr()
+        ),
+    )
+    .unwrap();
+    let control = ControlPlane::start_dir(dir.path()).await;
+    let gw = Gateway::start_as(control.addr, "sotw", "gw-sx", "  listeners: true\n").await;
+    gw.wait_rules(&["to-upstream"]).await;
+    assert!(
+        wait_until(|| gw.server.addr("db").is_some()).await,
+        "{:?}",
+        gw.status.state()
+    );
+    let stream = tokio::net::TcpStream::connect(gw.server.addr("db").unwrap())
+        .await
+        .unwrap();
+    let mut tls = up_connect(&up, "allowed.test", stream).await;
+    echo(&mut tls, b"from a directory, through sluice-xds").await;
+    assert_eq!(control.nacks(), 0, "{:?}", gw.status.state());
     gw.server.shutdown(Duration::from_millis(100)).await;
 });

@@ -13,13 +13,23 @@ use sluice_api::config::Resources;
 
 use crate::snapshot::{Snapshot, SnapshotError};
 
+/// Whether a node is a Sluice gateway (its client names itself so).
+pub fn is_sluice(node: &Node) -> bool {
+    node.user_agent_name == "sluice"
+}
+
+/// A policy, the plugins chosen, and whether for Sluice gateways.
+type Key = (String, Option<Vec<String>>, bool);
+
 /// Everything the server serves, by node.
 #[derive(Debug, Clone)]
 pub struct Catalog {
     /// The policy of nodes no target picks.
     default: String,
-    /// By policy and the plugins chosen (`None`: all).
-    by_policy: BTreeMap<(String, Option<Vec<String>>), Arc<Snapshot>>,
+    /// By policy, the plugins chosen (`None`: all), and whether the node
+    /// is a Sluice gateway (which takes Sluice-shaped listeners, where
+    /// stock Envoy takes the policy translated into RBAC).
+    by_policy: BTreeMap<Key, Arc<Snapshot>>,
     targets: Vec<Target>,
 }
 
@@ -31,7 +41,7 @@ impl Catalog {
         resources: &Resources,
         default: &str,
         targets: Vec<Target>,
-        make: impl Fn(&Resources, Option<&[String]>) -> Result<Snapshot, SnapshotError>,
+        make: impl Fn(&Resources, Option<&[String]>, bool) -> Result<Snapshot, SnapshotError>,
     ) -> Result<Self, SnapshotError> {
         let keys = std::iter::once((default.to_owned(), None))
             .chain(targets.iter().map(|t| (t.policy.clone(), t.plugins.clone())))
@@ -52,8 +62,10 @@ impl Catalog {
                 ),
                 ..resources.clone()
             };
-            let snap = make(&one, plugins.as_deref())?;
-            by_policy.insert((policy, plugins), Arc::new(snap));
+            for sluice in [false, true] {
+                let snap = make(&one, plugins.as_deref(), sluice)?;
+                by_policy.insert((policy.clone(), plugins.clone(), sluice), Arc::new(snap));
+            }
         }
         Ok(Self {
             default: default.to_owned(),
@@ -86,13 +98,13 @@ impl Catalog {
         let plugins = target
             .and_then(|t| self.targets.iter().find(|x| x.name == t))
             .and_then(|t| t.plugins.clone());
-        self.get(policy, plugins)
+        self.get(policy, plugins, is_sluice(node))
     }
 
-    fn get(&self, policy: &str, plugins: Option<Vec<String>>) -> Arc<Snapshot> {
+    fn get(&self, policy: &str, plugins: Option<Vec<String>>, sluice: bool) -> Arc<Snapshot> {
         self.by_policy
-            .get(&(policy.to_owned(), plugins))
-            .or_else(|| self.by_policy.get(&(self.default.clone(), None)))
+            .get(&(policy.to_owned(), plugins, sluice))
+            .or_else(|| self.by_policy.get(&(self.default.clone(), None, sluice)))
             .cloned()
             .unwrap_or_default()
     }
@@ -100,17 +112,20 @@ impl Catalog {
     /// The snapshot of a policy with every plugin (the default's for an
     /// unknown name).
     pub fn snapshot(&self, policy: &str) -> Arc<Snapshot> {
-        self.get(policy, None)
+        self.get(policy, None, false)
     }
 
     /// Every snapshot, labelled by its policy (and the plugins chosen,
     /// when a target chooses).
     pub fn policies(&self) -> impl Iterator<Item = (String, &Arc<Snapshot>)> {
-        self.by_policy.iter().map(|((p, plugins), s)| {
-            let label = match plugins {
+        self.by_policy.iter().map(|((p, plugins, sluice), s)| {
+            let mut label = match plugins {
                 None => p.clone(),
                 Some(list) => format!("{p} (plugins: {})", list.join(", ")),
             };
+            if *sluice {
+                label.push_str(" [sluice gateways]");
+            }
             (label, s)
         })
     }
@@ -169,7 +184,10 @@ mod tests {
             policies: Some(vec![policy("default"), policy("strict"), policy("lab")]),
             ..Default::default()
         };
-        Catalog::build(&resources, "default", targets, |r, _| crate::source::snapshot(r, &[])).unwrap()
+        Catalog::build(&resources, "default", targets, |r, _, _| {
+            crate::source::snapshot(r, &[])
+        })
+        .unwrap()
     }
 
     #[test]
@@ -232,7 +250,7 @@ mod tests {
             }]),
             ..Default::default()
         };
-        let c = Catalog::build(&resources, "default", Vec::new(), |r, _| {
+        let c = Catalog::build(&resources, "default", Vec::new(), |r, _, _| {
             crate::source::snapshot(r, &[])
         })
         .unwrap();
@@ -256,7 +274,7 @@ mod tests {
         };
         let mut few = target("few", &["gw-1"], &[], &[], "default");
         few.plugins = Some(vec!["a".into()]);
-        let make = |r: &Resources, chosen: Option<&[String]>| {
+        let make = |r: &Resources, chosen: Option<&[String]>, _sluice: bool| {
             let ext: Vec<Resource> = ["a", "b"]
                 .into_iter()
                 .filter(|n| chosen.is_none_or(|c| c.iter().any(|x| x == n)))
@@ -279,6 +297,10 @@ mod tests {
         };
         assert_eq!(names(c.for_node(&node("gw-1", "", &[]))), ["a"]);
         assert_eq!(names(c.for_node(&node("gw-2", "", &[]))), ["a", "b"]);
-        assert_eq!(c.policies().count(), 2, "one snapshot per policy and choice of plugins");
+        assert_eq!(
+            c.policies().count(),
+            4,
+            "one snapshot per policy, choice of plugins and kind of node"
+        );
     }
 }

@@ -1203,6 +1203,10 @@ endpoints:
         std::fs::write(dir.path().join(DIR).join("grpc.yaml"), GRPC_SET).unwrap();
         let loaded = crate::source::Source::Dir(dir.path().to_path_buf()).load().unwrap();
         for (policy, snap) in loaded.catalog.policies() {
+            // Sluice gateways take Sluice-shaped listeners, not these.
+            if policy.ends_with("[sluice gateways]") {
+                continue;
+            }
             for t in TYPES {
                 assert_eq!(snap.resources(t).len(), 1, "{policy}: {t}");
             }

@@ -111,23 +111,35 @@ impl Source {
                 .map_err(|e| ConfigErrors(vec![e.into()]))?;
             envoy.entry(p.name.clone()).or_insert(translated);
         }
-        let catalog = Catalog::build(&resources, &config.policy.name, config.targets.clone(), |r, chosen| {
-            let policy = r
-                .policies
-                .iter()
-                .flatten()
-                .next()
-                .map_or(config.policy.name.as_str(), |p| p.name.as_str());
-            let mut extra = envoy.get(policy).cloned().unwrap_or_default();
-            // The plugins a target chooses, or every one.
-            extra.extend(
-                plugins
+        // Sluice gateways that take listeners over xDS get them in the
+        // shapes they run; the policy reaches them as Sluice's Policy.
+        let sluice_listeners = crate::envoy::for_sluice(&config);
+        let catalog = Catalog::build(
+            &resources,
+            &config.policy.name,
+            config.targets.clone(),
+            |r, chosen, sluice| {
+                let policy = r
+                    .policies
                     .iter()
-                    .filter(|p| chosen.is_none_or(|c| c.contains(&p.name)))
-                    .cloned(),
-            );
-            snapshot(r, &extra)
-        })
+                    .flatten()
+                    .next()
+                    .map_or(config.policy.name.as_str(), |p| p.name.as_str());
+                let mut extra = if sluice {
+                    sluice_listeners.clone()
+                } else {
+                    envoy.get(policy).cloned().unwrap_or_default()
+                };
+                // The plugins a target chooses, or every one.
+                extra.extend(
+                    plugins
+                        .iter()
+                        .filter(|p| chosen.is_none_or(|c| c.contains(&p.name)))
+                        .cloned(),
+                );
+                snapshot(r, &extra)
+            },
+        )
         .map_err(|e| invalid(e.to_string()))?;
         Ok(Loaded {
             snapshot: catalog.snapshot(&config.policy.name),

@@ -30,6 +30,9 @@
 
 mod matcher;
 pub mod policy;
+mod sluice;
+
+pub use sluice::for_sluice;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -193,9 +196,6 @@ fn rbac(p: Policy<'_>, l: &SluiceListener, facts: ListenerFacts, kind: FlowKind)
     ))
 }
 
-/// Forwarding to `cluster`. The upstream connection waits for the
-/// client's first bytes, so the RBAC filter before it has decided: a
-/// denied flow never opens a connection upstream.
 /// The network plugins serving `l`, each as a filter whose configuration
 /// comes over ECDS (ADS) under the plugin's name. HTTP plugins have no
 /// place here: these listeners relay TCP.
@@ -222,6 +222,9 @@ fn plugin_filters(config: &Config, l: &SluiceListener) -> Vec<Filter> {
         .collect()
 }
 
+/// Forwarding to `cluster`. The upstream connection waits for the
+/// client's first bytes, so the RBAC filter before it has decided: a
+/// denied flow never opens a connection upstream.
 fn tcp_proxy(l: &SluiceListener, cluster: &str) -> Filter {
     let idle = l.kind.connection().map(|c| c.idle_timeout);
     network_filter(

@@ -1,0 +1,108 @@
+//! The directory's listeners as a Sluice gateway takes them over LDS and
+//! CDS (`xds.listeners: true`): Envoy resources in the two shapes a
+//! gateway runs (`sluice_api::xds::gateway`), not the RBAC translation
+//! stock Envoy gets. The gateway's own `sluice.policy` filter decides, so
+//! the policy travels as Sluice's `Policy` resource, not in the listener.
+//!
+//! | listener | Envoy resources |
+//! |---|---|
+//! | `transparent` | `original_dst` + `tls_inspector`; one chain: `sluice.policy` → `tcp_proxy` to an `ORIGINAL_DST` cluster |
+//! | `tcp` with an address `upstream` | one chain: `sluice.policy` → `tcp_proxy` to a `STATIC` cluster of that address |
+//!
+//! Other kinds (and a `tcp` upstream given by name) are not sent: a
+//! gateway keeps taking those from its file only when it does not take
+//! listeners from xDS. Of a listener's options, the address, the connect
+//! and idle timeouts travel; the others take their defaults.
+
+use std::net::IpAddr;
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener};
+use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+use sluice_api::{Config, Listener as SluiceListener, ListenerKind};
+
+use super::{connect_timeout, duration, listener_filter, network_filter, pack, socket, static_cluster};
+use crate::snapshot::Resource;
+
+fn relay(l: &SluiceListener, cluster: &str) -> Vec<Filter> {
+    let idle = l.kind.connection().map(|c| duration(c.idle_timeout));
+    vec![
+        Filter {
+            name: sluice_api::envoy::POLICY.to_owned(),
+            config_type: None,
+        },
+        network_filter(
+            "envoy.filters.network.tcp_proxy",
+            &tcp_proxy::TcpProxy {
+                stat_prefix: l.name.clone(),
+                cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(cluster.to_owned())),
+                idle_timeout: idle,
+                ..tcp_proxy::TcpProxy::default()
+            },
+        ),
+    ]
+}
+
+fn listener(
+    l: &SluiceListener,
+    listener_filters: Vec<envoy_types::pb::envoy::config::listener::v3::ListenerFilter>,
+    cluster: &str,
+) -> Resource {
+    Resource::new(
+        l.name.clone(),
+        pack(&Listener {
+            name: l.name.clone(),
+            address: Some(socket(l.address.ip(), l.address.port())),
+            listener_filters,
+            filter_chains: vec![FilterChain {
+                name: "sluice".to_owned(),
+                filters: relay(l, cluster),
+                ..FilterChain::default()
+            }],
+            ..Listener::default()
+        }),
+    )
+}
+
+/// The resources for Sluice gateways of `config`'s listeners.
+pub fn for_sluice(config: &Config) -> Vec<Resource> {
+    let mut out = Vec::new();
+    for l in &config.listeners {
+        match &l.kind {
+            ListenerKind::Transparent(_) => {
+                let cluster_name = format!("{}/original-dst", l.name);
+                out.push(Resource::new(
+                    cluster_name.clone(),
+                    pack(&Cluster {
+                        name: cluster_name.clone(),
+                        connect_timeout: connect_timeout(l),
+                        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+                        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                            cluster::DiscoveryType::OriginalDst as i32,
+                        )),
+                        ..Cluster::default()
+                    }),
+                ));
+                let filters = vec![
+                    listener_filter("envoy.filters.listener.original_dst", &OriginalDst {}),
+                    listener_filter("envoy.filters.listener.tls_inspector", &TlsInspector::default()),
+                ];
+                out.push(listener(l, filters, &cluster_name));
+            }
+            ListenerKind::Tcp(o) => {
+                let Some(up) = &o.upstream else { continue };
+                let Ok(ip) = up.host.parse::<IpAddr>() else { continue };
+                let cluster_name = format!("{}/upstream", l.name);
+                out.push(Resource::new(
+                    cluster_name.clone(),
+                    pack(&static_cluster(&cluster_name, &[ip], up.port, l)),
+                ));
+                out.push(listener(l, Vec::new(), &cluster_name));
+            }
+            _ => {}
+        }
+    }
+    out
+}
