@@ -346,19 +346,8 @@ fn listener(p: Policy<'_>, l: &SluiceListener, facts: ListenerFacts) -> Result<V
         ListenerKind::Transparent(_) => {
             // The destination before iptables `REDIRECT`.
             listener_filters.push(listener_filter("envoy.filters.listener.original_dst", &OriginalDst {}));
-            let cluster_name = format!("{}/original-dst", l.name);
-            resources.push(Resource::new(
-                cluster_name.clone(),
-                pack(&Cluster {
-                    name: cluster_name.clone(),
-                    connect_timeout: connect_timeout(l),
-                    lb_policy: cluster::LbPolicy::ClusterProvided as i32,
-                    cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-                        cluster::DiscoveryType::OriginalDst as i32,
-                    )),
-                    ..Cluster::default()
-                }),
-            ));
+            let (cluster_name, cluster) = original_dst_cluster(l);
+            resources.push(cluster);
             chains.push(FilterChain {
                 name: "tls".to_owned(),
                 filter_chain_match: Some(tls.clone()),
@@ -453,6 +442,22 @@ fn dns_cache(config: &Config, l: &SluiceListener, guard: &[IpNet]) -> DnsCacheCo
     let short: String = digest.as_ref().iter().take(4).map(|b| format!("{b:02x}")).collect();
     cache.name = format!("sluice_{}_{short}", l.name);
     cache
+}
+
+/// The `ORIGINAL_DST` cluster of a transparent listener: its name and the
+/// resource.
+fn original_dst_cluster(l: &SluiceListener) -> (String, Resource) {
+    let name = format!("{}/original-dst", l.name);
+    let cluster = Cluster {
+        name: name.clone(),
+        connect_timeout: connect_timeout(l),
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        ..Cluster::default()
+    };
+    (name.clone(), Resource::new(name, pack(&cluster)))
 }
 
 fn static_cluster(name: &str, ips: &[IpAddr], port: u16, l: &SluiceListener) -> Cluster {

@@ -16,14 +16,13 @@
 
 use std::net::IpAddr;
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener};
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
 use sluice_api::{Config, Listener as SluiceListener, ListenerKind};
 
-use super::{connect_timeout, duration, listener_filter, network_filter, pack, socket, static_cluster};
+use super::{duration, listener_filter, network_filter, original_dst_cluster, pack, socket, static_cluster};
 use crate::snapshot::Resource;
 
 fn relay(l: &SluiceListener, cluster: &str) -> Vec<Filter> {
@@ -72,19 +71,8 @@ pub fn for_sluice(config: &Config) -> Vec<Resource> {
     for l in &config.listeners {
         match &l.kind {
             ListenerKind::Transparent(_) => {
-                let cluster_name = format!("{}/original-dst", l.name);
-                out.push(Resource::new(
-                    cluster_name.clone(),
-                    pack(&Cluster {
-                        name: cluster_name.clone(),
-                        connect_timeout: connect_timeout(l),
-                        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
-                        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-                            cluster::DiscoveryType::OriginalDst as i32,
-                        )),
-                        ..Cluster::default()
-                    }),
-                ));
+                let (cluster_name, cluster) = original_dst_cluster(l);
+                out.push(cluster);
                 let filters = vec![
                     listener_filter("envoy.filters.listener.original_dst", &OriginalDst {}),
                     listener_filter("envoy.filters.listener.tls_inspector", &TlsInspector::default()),
