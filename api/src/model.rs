@@ -693,6 +693,9 @@ pub struct Target {
     pub policy: String,
     /// The plugins these nodes get; `None`: every plugin.
     pub plugins: Option<Vec<String>>,
+    /// The listeners these nodes get (gateways that take listeners over
+    /// xDS, and Envoy); `None`: every listener.
+    pub listeners: Option<Vec<String>>,
 }
 
 impl Target {

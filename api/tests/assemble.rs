@@ -340,6 +340,7 @@ targets:
   - name: t
     policy: strickt
     plugins: [nope]
+    listeners: [nowhere]
 policy: {}
 ";
     let dir = dir_with(&[("g.yaml", GROUPS), ("t.yaml", bad)]);
@@ -351,6 +352,10 @@ policy: {}
     );
     assert!(text.contains("targets[0].policy: no policy named `strickt`"), "{text}");
     assert!(text.contains("targets[0].plugins[0]: no plugin named `nope`"), "{text}");
+    assert!(
+        text.contains("targets[0].listeners[0]: no listener named `nowhere`"),
+        "{text}"
+    );
     // The errors of one policy name its place in the file.
     let dir = dir_with(&[(
         "t.yaml",

@@ -13,13 +13,39 @@ use sluice_api::config::Resources;
 
 use crate::snapshot::{Snapshot, SnapshotError};
 
+fn choice(t: &Target) -> Choice {
+    Choice {
+        plugins: t.plugins.clone(),
+        listeners: t.listeners.clone(),
+    }
+}
+
 /// Whether a node is a Sluice gateway (its client names itself so).
 pub fn is_sluice(node: &Node) -> bool {
     node.user_agent_name == "sluice"
 }
 
-/// A policy, the plugins chosen, and whether for Sluice gateways.
-type Key = (String, Option<Vec<String>>, bool);
+/// What a target chooses besides the policy; `None`: every one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Choice {
+    pub plugins: Option<Vec<String>>,
+    pub listeners: Option<Vec<String>>,
+}
+
+impl Choice {
+    /// Whether the resource of listener `name` is chosen.
+    pub fn listener(&self, name: &str) -> bool {
+        self.listeners.as_ref().is_none_or(|l| l.iter().any(|n| n == name))
+    }
+
+    /// Whether plugin `name` is chosen.
+    pub fn plugin(&self, name: &str) -> bool {
+        self.plugins.as_ref().is_none_or(|l| l.iter().any(|n| n == name))
+    }
+}
+
+/// A policy, what the target chooses, and whether for Sluice gateways.
+type Key = (String, Choice, bool);
 
 /// Everything the server serves, by node.
 #[derive(Debug, Clone)]
@@ -41,13 +67,13 @@ impl Catalog {
         resources: &Resources,
         default: &str,
         targets: Vec<Target>,
-        make: impl Fn(&Resources, Option<&[String]>, bool) -> Result<Snapshot, SnapshotError>,
+        make: impl Fn(&Resources, &Choice, bool) -> Result<Snapshot, SnapshotError>,
     ) -> Result<Self, SnapshotError> {
-        let keys = std::iter::once((default.to_owned(), None))
-            .chain(targets.iter().map(|t| (t.policy.clone(), t.plugins.clone())))
+        let keys = std::iter::once((default.to_owned(), Choice::default()))
+            .chain(targets.iter().map(|t| (t.policy.clone(), choice(t))))
             .collect::<std::collections::BTreeSet<_>>();
         let mut by_policy = BTreeMap::new();
-        for (policy, plugins) in keys {
+        for (policy, chosen) in keys {
             // No `policy:` written: such nodes get the groups and no
             // policy resource (they keep their own file's).
             let one = Resources {
@@ -63,8 +89,8 @@ impl Catalog {
                 ..resources.clone()
             };
             for sluice in [false, true] {
-                let snap = make(&one, plugins.as_deref(), sluice)?;
-                by_policy.insert((policy.clone(), plugins.clone(), sluice), Arc::new(snap));
+                let snap = make(&one, &chosen, sluice)?;
+                by_policy.insert((policy.clone(), chosen.clone(), sluice), Arc::new(snap));
             }
         }
         Ok(Self {
@@ -95,16 +121,17 @@ impl Catalog {
     /// The snapshot for a node.
     pub fn for_node(&self, node: &Node) -> Arc<Snapshot> {
         let (policy, target) = self.policy_for(node);
-        let plugins = target
+        let chosen = target
             .and_then(|t| self.targets.iter().find(|x| x.name == t))
-            .and_then(|t| t.plugins.clone());
-        self.get(policy, plugins, is_sluice(node))
+            .map(choice)
+            .unwrap_or_default();
+        self.get(policy, chosen, is_sluice(node))
     }
 
-    fn get(&self, policy: &str, plugins: Option<Vec<String>>, sluice: bool) -> Arc<Snapshot> {
+    fn get(&self, policy: &str, chosen: Choice, sluice: bool) -> Arc<Snapshot> {
         self.by_policy
-            .get(&(policy.to_owned(), plugins, sluice))
-            .or_else(|| self.by_policy.get(&(self.default.clone(), None, sluice)))
+            .get(&(policy.to_owned(), chosen, sluice))
+            .or_else(|| self.by_policy.get(&(self.default.clone(), Choice::default(), sluice)))
             .cloned()
             .unwrap_or_default()
     }
@@ -112,17 +139,20 @@ impl Catalog {
     /// The snapshot of a policy with every plugin (the default's for an
     /// unknown name).
     pub fn snapshot(&self, policy: &str) -> Arc<Snapshot> {
-        self.get(policy, None, false)
+        self.get(policy, Choice::default(), false)
     }
 
     /// Every snapshot, labelled by its policy (and the plugins chosen,
     /// when a target chooses).
     pub fn policies(&self) -> impl Iterator<Item = (String, &Arc<Snapshot>)> {
-        self.by_policy.iter().map(|((p, plugins, sluice), s)| {
-            let mut label = match plugins {
-                None => p.clone(),
-                Some(list) => format!("{p} (plugins: {})", list.join(", ")),
-            };
+        self.by_policy.iter().map(|((p, chosen, sluice), s)| {
+            let mut label = p.clone();
+            if let Some(list) = &chosen.plugins {
+                label.push_str(&format!(" (plugins: {})", list.join(", ")));
+            }
+            if let Some(list) = &chosen.listeners {
+                label.push_str(&format!(" (listeners: {})", list.join(", ")));
+            }
             if *sluice {
                 label.push_str(" [sluice gateways]");
             }
@@ -168,6 +198,7 @@ mod tests {
             labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             policy: policy.into(),
             plugins: None,
+            listeners: None,
         }
     }
 
@@ -274,10 +305,10 @@ mod tests {
         };
         let mut few = target("few", &["gw-1"], &[], &[], "default");
         few.plugins = Some(vec!["a".into()]);
-        let make = |r: &Resources, chosen: Option<&[String]>, _sluice: bool| {
+        let make = |r: &Resources, chosen: &Choice, _sluice: bool| {
             let ext: Vec<Resource> = ["a", "b"]
                 .into_iter()
-                .filter(|n| chosen.is_none_or(|c| c.iter().any(|x| x == n)))
+                .filter(|n| chosen.plugin(n))
                 .map(|n| {
                     let body = envoy_types::pb::google::protobuf::Any {
                         type_url: type_url::TYPED_EXTENSION_CONFIG.into(),
@@ -302,5 +333,34 @@ mod tests {
             4,
             "one snapshot per policy, choice of plugins and kind of node"
         );
+    }
+
+    #[test]
+    fn a_target_can_choose_the_listeners_its_nodes_get() {
+        use crate::snapshot::type_url;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("l.yaml"),
+            "listeners:\n  - {name: db, kind: tcp, address: \"127.0.0.1:15432\", upstream: \"10.0.0.5:5432\"}\n  - {name: cache, kind: tcp, address: \"127.0.0.1:16379\", upstream: \"10.0.0.6:6379\"}\n\
+             policy: {}\npolicies:\n  - {name: p}\ntargets:\n  - {name: db-only, nodes: {ids: [gw-1]}, policy: p, listeners: [db]}\n",
+        )
+        .unwrap();
+        let loaded = crate::source::Source::Dir(dir.path().to_path_buf()).load().unwrap();
+        let mut gw1 = node("gw-1", "", &[]);
+        gw1.user_agent_name = "sluice".into();
+        let mut gw2 = node("gw-2", "", &[]);
+        gw2.user_agent_name = "sluice".into();
+        let names = |n: &Node, t: &str| {
+            loaded
+                .catalog
+                .for_node(n)
+                .resources(t)
+                .iter()
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&gw1, type_url::LISTENER), ["db"]);
+        assert_eq!(names(&gw1, type_url::CLUSTER), ["db/upstream"]);
+        assert_eq!(names(&gw2, type_url::LISTENER), ["cache", "db"]);
     }
 }

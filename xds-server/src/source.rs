@@ -114,6 +114,7 @@ impl Source {
         // Sluice gateways that take listeners over xDS get them in the
         // shapes they run; the policy reaches them as Sluice's Policy.
         let sluice_listeners = crate::envoy::for_sluice(&config);
+        let listener_names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
         let catalog = Catalog::build(
             &resources,
             &config.policy.name,
@@ -125,18 +126,20 @@ impl Source {
                     .flatten()
                     .next()
                     .map_or(config.policy.name.as_str(), |p| p.name.as_str());
-                let mut extra = if sluice {
+                let mut extra: Vec<Resource> = if sluice {
                     sluice_listeners.clone()
                 } else {
                     envoy.get(policy).cloned().unwrap_or_default()
                 };
+                // The listeners a target chooses (and their clusters,
+                // named `<listener>/…`); resources of no listener (the
+                // plain ones) stay.
+                extra.retain(|r| {
+                    let owner = r.name.split('/').next().unwrap_or(&r.name);
+                    !listener_names.contains(&owner) || chosen.listener(owner)
+                });
                 // The plugins a target chooses, or every one.
-                extra.extend(
-                    plugins
-                        .iter()
-                        .filter(|p| chosen.is_none_or(|c| c.contains(&p.name)))
-                        .cloned(),
-                );
+                extra.extend(plugins.iter().filter(|p| chosen.plugin(&p.name)).cloned());
                 snapshot(r, &extra)
             },
         )

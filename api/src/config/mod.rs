@@ -273,7 +273,8 @@ impl Validator {
         let plugin_names: Vec<String> = raw.plugins.iter().map(|p| p.value.name.value.clone()).collect();
         let policy = self.policy(raw.policy.as_ref(), None, &webgroups, &smartgroups, &plugin_names);
         let policies = self.policies(&raw.policies, &policy, &webgroups, &smartgroups, &plugin_names);
-        let targets = self.targets(&raw.targets, &policy, &policies, &plugin_names);
+        let listener_names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
+        let targets = self.targets(&raw.targets, &policy, &policies, &plugin_names, &listener_names);
         let smart_names: Vec<&str> = smartgroups.iter().map(|g| g.name.as_str()).collect();
         for (name, loc, path) in std::mem::take(&mut self.user_refs) {
             if !smart_names.contains(&name.as_str()) {

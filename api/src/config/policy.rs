@@ -168,6 +168,7 @@ impl Validator {
         default: &PolicyConfig,
         policies: &[PolicyConfig],
         plugins: &[String],
+        listeners: &[String],
     ) -> Vec<Target> {
         let names: Vec<&str> = std::iter::once(default.name.as_str())
             .chain(policies.iter().map(|p| p.name.as_str()))
@@ -214,6 +215,29 @@ impl Validator {
                 }
                 chosen = Some(names);
             }
+            let mut chosen_listeners = None;
+            if let Some(list) = &t.listeners {
+                let mut names = Vec::with_capacity(list.len());
+                for (j, n) in list.iter().enumerate() {
+                    if listeners.contains(&n.value) {
+                        names.push(n.value.clone());
+                    } else {
+                        self.err(
+                            n.referenced,
+                            format!("{path}.listeners[{j}]"),
+                            ConfigErrorKind::InvalidValue {
+                                message: format!(
+                                    "no listener named `{}`{}; define it under `listeners:`",
+                                    n.value,
+                                    suggest(&n.value, listeners.iter().map(String::as_str))
+                                        .map_or_else(String::new, |s| format!(" (did you mean `{s}`?)"))
+                                ),
+                            },
+                        );
+                    }
+                }
+                chosen_listeners = Some(names);
+            }
             if named && known {
                 out.push(Target {
                     name: t.name.value.clone(),
@@ -222,6 +246,7 @@ impl Validator {
                     labels,
                     policy: t.policy.value.clone(),
                     plugins: chosen,
+                    listeners: chosen_listeners,
                 });
             }
         }

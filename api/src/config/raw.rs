@@ -310,6 +310,8 @@ pub struct RawTarget {
     pub policy: S<String>,
     #[serde(default)]
     pub plugins: Option<Vec<S<String>>>,
+    #[serde(default)]
+    pub listeners: Option<Vec<S<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
