@@ -158,6 +158,10 @@ pub enum ListenerType {
     Tcp,
     /// DNS proxy on UDP and TCP.
     Dns,
+    /// Envoy resources taken over LDS and CDS (`xds.listeners: true`);
+    /// never written in a file.
+    #[serde(skip_deserializing)]
+    Envoy,
 }
 
 impl ListenerType {
@@ -168,6 +172,7 @@ impl ListenerType {
             Self::Sni => "sni",
             Self::Tcp => "tcp",
             Self::Dns => "dns",
+            Self::Envoy => "envoy",
         }
     }
 }
@@ -233,6 +238,8 @@ pub enum ListenerKind {
     Tcp(TcpOptions),
     /// DNS proxy on UDP and TCP.
     Dns(DnsListener),
+    /// Envoy resources taken over xDS, mapped onto the model.
+    Envoy(Box<crate::envoy::FromEnvoy>),
 }
 
 impl ListenerKind {
@@ -243,6 +250,7 @@ impl ListenerKind {
             Self::Sni(_) => ListenerType::Sni,
             Self::Tcp(_) => ListenerType::Tcp,
             Self::Dns(_) => ListenerType::Dns,
+            Self::Envoy(_) => ListenerType::Envoy,
         }
     }
 
@@ -253,6 +261,7 @@ impl ListenerKind {
             Self::Transparent(o) => Some(&o.connection),
             Self::Sni(o) => Some(&o.connection),
             Self::Tcp(o) => Some(&o.connection),
+            Self::Envoy(o) => Some(&o.connection),
             Self::Dns(_) => None,
         }
     }
@@ -263,6 +272,7 @@ impl ListenerKind {
             Self::HttpProxy(o) => Some(&o.peek),
             Self::Transparent(o) => Some(&o.peek),
             Self::Sni(o) => Some(&o.peek),
+            Self::Envoy(o) => o.front.peek(),
             Self::Tcp(_) | Self::Dns(_) => None,
         }
     }

@@ -326,7 +326,7 @@ struct Inner {
     dns_stats: Arc<DnsStats>,
     running: tokio::sync::Mutex<Running>,
     /// Bound addresses now, for [`Server::addr`] (read without the lock).
-    bound: std::sync::Mutex<BTreeMap<String, (ListenerType, SocketAddr)>>,
+    bound: crate::admin::Bound,
     /// The file reloads read; `None` for the embedded default.
     source: std::sync::Mutex<Option<PathBuf>>,
     /// The resources a control server sent last, laid over the file by
@@ -488,7 +488,7 @@ impl Server {
                 nameservers: Some(nameservers),
                 ..Running::default()
             }),
-            bound: std::sync::Mutex::new(BTreeMap::new()),
+            bound: crate::admin::Bound::default(),
             source: std::sync::Mutex::new(source),
             xds: std::sync::Mutex::new(None),
             xds_status: Arc::default(),
@@ -1104,6 +1104,7 @@ impl Inner {
                     log: self.log.clone(),
                     reload: Some(self.reload_tx.clone()),
                     xds: self.xds_status.clone(),
+                    bound: self.bound.clone(),
                 },
                 l,
                 stop_rx,

@@ -20,7 +20,7 @@ use sluice_api::proto::v1 as pb;
 use sluice_xds::catalog::Catalog;
 use sluice_xds::service::{Ads, Stats};
 use sluice_xds::snapshot::Resource;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `sluice-xds`'s ADS service on its own runtime and thread: stopping it
 /// ends every stream and connection at once, as a killed process would.
@@ -885,17 +885,40 @@ flow_test!(a_gateway_takes_envoy_listeners_and_clusters_over_lds_and_cds, async 
     let mut tls = up_connect(&up, "allowed.test", stream).await;
     echo(&mut tls, b"through an Envoy listener").await;
 
-    // Two chains by port: not a shape a gateway runs; refused, named.
-    control.publish_with(&served(true, vec![]), &envoy_tcp_listener("db", db, up.addr(), 2));
+    // A listener whose tcp_proxy names a cluster that was not sent: refused,
+    // named, and the running listener stays.
+    let alone: Vec<Resource> = envoy_tcp_listener("db", db, up.addr(), 1).into_iter().take(1).collect();
+    control.publish_with(&served(true, vec![]), &alone);
     assert!(
         wait_until(|| gw.status.state().rejected >= 1).await,
         "{:?}",
         gw.status.state()
     );
     let why = gw.status.state().last_rejection.unwrap_or_default();
-    assert!(why.contains("Envoy Listener db: filter_chains[1]"), "{why}");
+    assert!(
+        why.contains("Envoy Listener db: filter_chains[0].filters[1].typed_config.cluster"),
+        "{why}"
+    );
     assert!(gw.server.addr("db").is_some(), "the running listener stays");
     echo(&mut tls, b"still relayed").await;
+
+    // Two chains chosen by destination port (1000 and 1001): a connection
+    // to the listener's own port matches neither and is refused.
+    let applied = gw.status.state().applied;
+    control.publish_with(&served(true, vec![]), &envoy_tcp_listener("db", db, up.addr(), 2));
+    assert!(
+        wait_until(|| gw.status.state().applied > applied).await,
+        "{:?}",
+        gw.status.state()
+    );
+    let mut stream = tokio::net::TcpStream::connect(gw.server.addr("db").unwrap())
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let closed = within("the refusal", stream.read(&mut byte)).await;
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let refused = gw.wait_record(|r| r["verdict"]["reason"] == "no-filter-chain").await;
+    assert_eq!(refused["listener"], "db", "{refused}");
     gw.server.shutdown(Duration::from_millis(100)).await;
 });
 
@@ -933,5 +956,168 @@ flow_test!(sluice_xds_serves_a_gateway_its_listeners, async {
     let mut tls = up_connect(&up, "allowed.test", stream).await;
     echo(&mut tls, b"from a directory, through sluice-xds").await;
     assert_eq!(control.nacks(), 0, "{:?}", gw.status.state());
+    gw.server.shutdown(Duration::from_millis(100)).await;
+});
+
+/// A TCP upstream that answers every connection with its name once the
+/// first bytes arrived.
+async fn named_upstream(name: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(name.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Which upstream answers a ClientHello naming `sni` sent to `addr`
+/// (`closed` when none does).
+async fn who_answers(addr: SocketAddr, sni: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&rustls_hello(sni)).await.unwrap();
+    let mut out = Vec::new();
+    let _ = within("an answer", s.read_to_end(&mut out)).await;
+    if out.is_empty() {
+        "closed".to_owned()
+    } else {
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+fn plain(yaml: &str) -> Vec<Resource> {
+    let p = sluice_xds::plain::Plain::parse([("edge.yaml", yaml)]).unwrap_or_else(|e| panic!("{e:?}"));
+    p.resources().cloned().collect()
+}
+
+// Envoy's own shapes on a gateway: chains chosen by server name, the
+// default chain for the rest, a STATIC cluster balanced round robin and an
+// EDS cluster whose endpoints change without the listener changing.
+flow_test!(a_gateway_runs_envoy_chains_and_balances_their_clusters, async {
+    let (a1, a2, b1, b2, d) = (
+        named_upstream("a1").await,
+        named_upstream("a2").await,
+        named_upstream("b1").await,
+        named_upstream("b2").await,
+        named_upstream("d").await,
+    );
+    let mut resources = served(
+        true,
+        vec![rule(
+            "allow-edge",
+            &["edge"],
+            &["gateway", "loopback"],
+            pb::Action::Allow,
+        )],
+    );
+    if let Some(w) = resources.webgroups.as_mut() {
+        w.push(webgroup("edge", &["a.test", "*.b.test", "other.test", "b.test"]));
+    }
+    let control = ControlPlane::start(&resources).await;
+    let gw = Gateway::start_as(control.addr, "sotw", "gw-edge", "  listeners: true\n").await;
+    gw.wait_rules(&["allow-edge", "allow-good"]).await;
+    let endpoint = |a: SocketAddr| {
+        format!(
+            "    - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}\n",
+            a.port()
+        )
+    };
+    let cla = |eps: &[SocketAddr]| {
+        format!(
+            "\"@type\": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+cluster_name: b-endpoints
+endpoints:
+- lb_endpoints:
+{}",
+            eps.iter().map(|a| endpoint(*a)).collect::<String>()
+        )
+    };
+    let edge = format!(
+        "\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener
+name: edge
+address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+listener_filters:
+- name: envoy.filters.listener.tls_inspector
+  typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector}}
+filter_chains:
+- filter_chain_match: {{server_names: [a.test]}}
+  filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: a, cluster: a}}
+- filter_chain_match: {{server_names: [\"*.b.test\"]}}
+  filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: b, cluster: b}}
+default_filter_chain:
+  filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: d, cluster: d}}
+---
+\"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster
+name: a
+type: STATIC
+lb_policy: ROUND_ROBIN
+load_assignment:
+  cluster_name: a
+  endpoints:
+  - lb_endpoints:
+{}{}---
+\"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster
+name: b
+type: EDS
+eds_cluster_config: {{service_name: b-endpoints, eds_config: {{ads: {{}}, resource_api_version: V3}}}}
+---
+\"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster
+name: d
+type: STATIC
+load_assignment:
+  cluster_name: d
+  endpoints:
+  - lb_endpoints:
+{}---
+",
+        endpoint(a1),
+        endpoint(a2),
+        endpoint(d)
+    );
+    control.publish_with(&resources, &plain(&format!("{edge}{}", cla(&[b1]))));
+    assert!(
+        wait_until(|| gw.server.addr("edge").is_some()).await,
+        "{:?}",
+        gw.status.state()
+    );
+    let addr = gw.server.addr("edge").unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..4 {
+        *seen.entry(who_answers(addr, "a.test").await).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen,
+        [("a1".to_owned(), 2), ("a2".to_owned(), 2)].into(),
+        "{:?}",
+        gw.records()
+    );
+    assert_eq!(who_answers(addr, "x.b.test").await, "b1");
+    assert_eq!(who_answers(addr, "other.test").await, "d");
+    // `*.b.test` is not the apex: the default chain serves it.
+    assert_eq!(who_answers(addr, "b.test").await, "d");
+
+    // New endpoints over EDS alone: the listener stays, flows reach both.
+    control.publish_with(&resources, &plain(&format!("{edge}{}", cla(&[b1, b2]))));
+    let mut both = std::collections::BTreeSet::new();
+    for _ in 0..50 {
+        both.insert(who_answers(addr, "x.b.test").await);
+        if both.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(both.len(), 2, "{both:?} {:?}", gw.status.state());
+    assert_eq!(gw.server.addr("edge"), Some(addr), "the listener was not rebound");
     gw.server.shutdown(Duration::from_millis(100)).await;
 });

@@ -717,27 +717,20 @@ fn plugin_from_pb(p: &pb::Plugin) -> Result<raw::RawPlugin, FieldErrors> {
 }
 
 fn listener_from_spec(l: &crate::xds::gateway::ListenerSpec) -> raw::RawListener {
-    use crate::model::ListenerType;
-    use crate::xds::gateway::SpecKind;
-    let duration = |d: std::time::Duration| spanned(humantime::format_duration(d).to_string());
-    let (kind, upstream) = match &l.kind {
-        SpecKind::Transparent => (ListenerType::Transparent, None),
-        SpecKind::Tcp { upstream } => (ListenerType::Tcp, Some(spanned(upstream.to_string()))),
-    };
     raw::RawListener {
         name: required(&l.name),
-        kind: spanned(kind),
+        kind: spanned(crate::model::ListenerType::Envoy),
         address: spanned(l.address.to_string()),
         max_connections: None,
         peek_timeout: None,
-        connect_timeout: (!l.connect_timeout.is_zero()).then(|| duration(l.connect_timeout)),
-        idle_timeout: l.idle_timeout.filter(|d| !d.is_zero()).map(duration),
+        connect_timeout: None,
+        idle_timeout: None,
         max_client_hello: None,
         ech: None,
         connect_no_sni: None,
         sni_check: None,
         upstream_port: None,
-        upstream,
+        upstream: None,
         users: Vec::new(),
         upstreams: Vec::new(),
         deny_answer: None,
@@ -751,5 +744,6 @@ fn listener_from_spec(l: &crate::xds::gateway::ListenerSpec) -> raw::RawListener
         upstream_sockets: None,
         upstream_socket_max_queries: None,
         upstream_socket_max_age: None,
+        envoy: Some(Box::new(l.envoy.clone())),
     }
 }

@@ -151,6 +151,22 @@ impl Validator {
                 upstream: self.upstream(l, path),
             }),
             Dns => ListenerKind::Dns(self.dns_options(l, path)),
+            Envoy => match &l.envoy {
+                Some(e) => ListenerKind::Envoy(e.clone()),
+                None => {
+                    self.err(
+                        l.kind.referenced,
+                        format!("{path}.kind"),
+                        ConfigErrorKind::InvalidValue {
+                            message: "`envoy` listeners come from xDS only".to_owned(),
+                        },
+                    );
+                    ListenerKind::Tcp(TcpOptions {
+                        connection: ConnectionOptions::default(),
+                        upstream: None,
+                    })
+                }
+            },
         }
     }
 

@@ -201,6 +201,10 @@ pub struct RawListener {
     pub upstream_socket_max_queries: Option<S<u64>>,
     #[serde(default)]
     pub upstream_socket_max_age: Option<S<String>>,
+    /// A listener from xDS (`kind: envoy`), already mapped; never read
+    /// from a file.
+    #[serde(skip)]
+    pub envoy: Option<Box<crate::envoy::FromEnvoy>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

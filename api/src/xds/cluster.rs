@@ -20,7 +20,7 @@ use crate::model::HostPort;
 /// Envoy's defaults.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DNS_REFRESH_RATE: Duration = Duration::from_secs(5);
-const OVERPROVISIONING_FACTOR: u32 = 140;
+const OVERPROVISIONING_FACTOR: u32 = super::model::DEFAULT_OVERPROVISIONING;
 const LEAST_REQUEST_CHOICES: u32 = 2;
 
 impl TryFrom<&Cluster> for EnvoyCluster {

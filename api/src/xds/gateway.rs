@@ -1,89 +1,141 @@
-//! What of a decoded Envoy listener a Sluice gateway runs today: the
-//! shapes its listener kinds already have, taken over LDS and CDS from any
-//! xDS server. Anything else is refused with the field at fault and why,
-//! never run differently from what it says.
+//! What a Sluice gateway runs of a decoded Envoy listener, taken over LDS
+//! and CDS (and EDS) from any xDS server: the listener mapped onto the
+//! data plane's model ([`crate::envoy`]), its chains chosen by Envoy's
+//! rules, its clusters balanced as Envoy balances them. What the model
+//! cannot run is refused with the field at fault and why, never run
+//! differently from what it says.
 //!
-//! | Envoy shape | Sluice listener |
+//! | Envoy | Sluice |
 //! |---|---|
-//! | `original_dst` listener filter, one chain: `sluice.policy` → `tcp_proxy` to an `ORIGINAL_DST` cluster | `kind: transparent` |
-//! | one chain: `sluice.policy` → `tcp_proxy` to a `STATIC` cluster with one endpoint | `kind: tcp`, `upstream:` that endpoint |
+//! | `tls_inspector`, `http_inspector` | the first bytes are classified (ClientHello or HTTP head) |
+//! | `original_dst` listener filter | the destination before iptables is read; chains match on it |
+//! | filter chains, `default_filter_chain` | chosen as Envoy chooses ([`crate::envoy::select`]) |
+//! | `tcp_proxy` → `STATIC`, `STRICT_DNS`, `LOGICAL_DNS`, `EDS` | a balanced cluster: round robin, least request, random |
+//! | `tcp_proxy` → `ORIGINAL_DST` | the original destination, held against the SNI |
 //!
-//! The chain must match everything (Sluice's policy decides what a chain
-//! match would), and `sluice.policy` is required: a gateway relays nothing
-//! its policy has not judged.
+//! Every chain runs Sluice's anti-evasion checks and policy first, whether
+//! or not it names `sluice.policy`: a gateway relays nothing its policy has
+//! not judged, and a listener written for Envoy runs unchanged.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::model::{
-    ClusterKind, EndpointAddress, EnvoyChain, EnvoyCluster, EnvoyListener, ListenerFilter, NetworkFilter,
+    ClusterKind, EndpointAddress, EnvoyChain, EnvoyCluster, EnvoyListener, ListenerFilter, LoadAssignment,
+    NetworkFilter,
 };
 use super::{DecodeError, DecodeErrorKind};
+use crate::envoy::{
+    ANTI_EVASION, BalancedCluster, ChainResource, Cluster, Endpoints, FromEnvoy, Front, POLICY, UpstreamOptions,
+};
+use crate::model::{ConnectionOptions, PeekOptions, SniCheck};
 
 /// A listener a gateway runs, from Envoy resources.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerSpec {
     pub name: String,
     pub address: SocketAddr,
-    pub kind: SpecKind,
-    /// The cluster's `connect_timeout`.
-    pub connect_timeout: Duration,
-    /// `tcp_proxy`'s `idle_timeout`.
-    pub idle_timeout: Option<Duration>,
+    pub envoy: FromEnvoy,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SpecKind {
-    /// The destination before iptables `REDIRECT`, judged and relayed.
-    Transparent,
-    /// Opaque TCP to one fixed address.
-    Tcp { upstream: SocketAddr },
-}
+/// The longest a listener's filters may wait for the first bytes when
+/// Envoy's `listener_filters_timeout` says `0s` (no limit): Sluice bounds
+/// every wait.
+const LONGEST_PEEK: Duration = Duration::from_secs(3600);
 
-fn err(l: &EnvoyListener, path: &str, kind: DecodeErrorKind) -> DecodeError {
+fn invalid(l: &EnvoyListener, path: &str, reason: impl Into<String>) -> DecodeError {
     DecodeError {
         resource: l.name.clone(),
         path: path.to_owned(),
-        kind,
+        kind: DecodeErrorKind::Invalid { reason: reason.into() },
     }
 }
 
-fn invalid(l: &EnvoyListener, path: &str, reason: impl Into<String>) -> DecodeError {
-    err(l, path, DecodeErrorKind::Invalid { reason: reason.into() })
-}
-
-/// The listener a gateway runs for `l`, its clusters taken from `clusters`
-/// (by name).
+/// The listener a gateway runs for `l`: its clusters taken from `clusters`
+/// (by name), an EDS cluster's endpoints from `assignments` (by service
+/// name; a cluster whose assignment has not come yet has no endpoints, as
+/// in Envoy while it warms).
 pub fn gateway_listener(
     l: &EnvoyListener,
     clusters: &BTreeMap<String, EnvoyCluster>,
+    assignments: &BTreeMap<String, LoadAssignment>,
 ) -> Result<ListenerSpec, DecodeError> {
-    let (chain, at): (&EnvoyChain, String) = match (l.chains.as_slice(), &l.default_chain) {
-        ([c], None) => (c, "filter_chains[0]".to_owned()),
-        ([], Some(c)) => (c, "default_filter_chain".to_owned()),
-        ([], None) => return Err(invalid(l, "filter_chains", "no filter chain; give one")),
-        _ => {
-            return Err(invalid(
-                l,
-                "filter_chains[1]",
-                "a Sluice gateway runs one filter chain per listener from xDS today; match names and sources in the policy's rules instead",
-            ));
-        }
-    };
-    if chain.matcher != crate::envoy::ChainMatch::default() || !chain.application_protocols.is_empty() {
+    let original_dst = l.listener_filters.contains(&ListenerFilter::OriginalDst);
+    if l.transparent && !original_dst {
         return Err(invalid(
             l,
-            &format!("{at}.filter_chain_match"),
-            "a Sluice gateway's chain from xDS matches every flow today; the policy's rules decide by name, source and port",
+            "listener_filters",
+            "a transparent listener needs the original_dst listener filter",
         ));
     }
-    let mut policy = false;
+    let inspector = l.listener_filters.iter().find_map(|f| match f {
+        ListenerFilter::TlsInspector { max_client_hello } => Some(*max_client_hello),
+        ListenerFilter::HttpInspector => Some(None),
+        ListenerFilter::OriginalDst => None,
+    });
+    let front = match inspector {
+        None => Front::Raw,
+        Some(max_client_hello) => {
+            if l.continue_on_listener_filters_timeout {
+                return Err(invalid(
+                    l,
+                    "continue_on_listener_filters_timeout",
+                    "Sluice closes a connection whose first bytes did not come in time (it fails closed); remove it",
+                ));
+            }
+            let d = PeekOptions::default();
+            Front::Inspect {
+                peek: PeekOptions {
+                    peek_timeout: l.listener_filters_timeout.unwrap_or(LONGEST_PEEK),
+                    max_client_hello: max_client_hello.map_or(d.max_client_hello, |m| m as usize),
+                    ech: d.ech,
+                },
+            }
+        }
+    };
+    let chain = |c: &EnvoyChain, at: String, i: usize| -> Result<ChainResource, DecodeError> {
+        chain(l, c, &at, i, original_dst, clusters, assignments)
+    };
+    let chains = l
+        .chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| chain(c, format!("filter_chains[{i}]"), i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let default_chain = l
+        .default_chain
+        .as_ref()
+        .map(|c| chain(c, "default_filter_chain".to_owned(), l.chains.len()))
+        .transpose()?;
+    Ok(ListenerSpec {
+        name: l.name.clone(),
+        address: l.address,
+        envoy: FromEnvoy {
+            transparent: l.transparent,
+            original_dst,
+            connection: ConnectionOptions::default(),
+            front,
+            chains,
+            default_chain,
+        },
+    })
+}
+
+fn chain(
+    l: &EnvoyListener,
+    c: &EnvoyChain,
+    at: &str,
+    index: usize,
+    original_dst: bool,
+    clusters: &BTreeMap<String, EnvoyCluster>,
+    assignments: &BTreeMap<String, LoadAssignment>,
+) -> Result<ChainResource, DecodeError> {
     let mut proxy = None;
-    for (i, f) in chain.filters.iter().enumerate() {
+    for (i, f) in c.filters.iter().enumerate() {
         let path = format!("{at}.filters[{i}]");
         match f {
-            NetworkFilter::SluicePolicy => policy = true,
+            NetworkFilter::SluicePolicy => {}
             NetworkFilter::TcpProxy(t) => proxy = Some((t, path)),
             NetworkFilter::Wasm { .. } => {
                 return Err(invalid(
@@ -101,13 +153,6 @@ pub fn gateway_listener(
             }
         }
     }
-    if !policy {
-        return Err(invalid(
-            l,
-            &format!("{at}.filters"),
-            "no `sluice.policy` filter: a Sluice gateway relays nothing its policy has not judged; put it before tcp_proxy",
-        ));
-    }
     let Some((tcp, tcp_at)) = proxy else {
         return Err(invalid(
             l,
@@ -115,6 +160,13 @@ pub fn gateway_listener(
             "no tcp_proxy: nothing says where flows go",
         ));
     };
+    if tcp.max_downstream_connection_duration.is_some() {
+        return Err(invalid(
+            l,
+            &format!("{tcp_at}.typed_config.max_downstream_connection_duration"),
+            "a Sluice gateway does not cut connections at a fixed age; remove it (idle_timeout applies)",
+        ));
+    }
     let cluster_at = format!("{tcp_at}.typed_config.cluster");
     let Some(cluster) = clusters.get(&tcp.cluster) else {
         return Err(invalid(
@@ -123,80 +175,101 @@ pub fn gateway_listener(
             format!("no cluster `{}` was sent (CDS)", tcp.cluster),
         ));
     };
-    let original_dst = l
-        .listener_filters
-        .iter()
-        .any(|f| matches!(f, ListenerFilter::OriginalDst));
-    let kind = match (&cluster.kind, original_dst) {
-        (ClusterKind::OriginalDst { port_override: None }, true) => SpecKind::Transparent,
-        (ClusterKind::OriginalDst { .. }, true) => {
+    let balanced = |endpoints: Endpoints, overprovisioning_factor: u32| {
+        Cluster::Balanced(BalancedCluster {
+            name: cluster.name.clone(),
+            lb: cluster.lb,
+            endpoints,
+            overprovisioning_factor,
+        })
+    };
+    let target = match &cluster.kind {
+        ClusterKind::OriginalDst { port_override: None } if original_dst => Cluster::OriginalDst {
+            sni_check: SniCheck::Verify,
+        },
+        ClusterKind::OriginalDst { port_override: None } => {
             return Err(invalid(
                 l,
-                &cluster_at,
+                "listener_filters",
                 format!(
-                    "cluster `{}` overrides the port; a Sluice transparent listener dials the original destination",
+                    "cluster `{}` is ORIGINAL_DST: add the original_dst listener filter",
                     cluster.name
                 ),
             ));
         }
-        (ClusterKind::OriginalDst { .. }, false) => {
+        ClusterKind::OriginalDst { .. } => {
             return Err(invalid(
                 l,
-                "listener_filters",
-                "an ORIGINAL_DST cluster needs the original_dst listener filter",
+                &cluster_at,
+                format!(
+                    "cluster `{}` overrides the port; a Sluice gateway dials the original destination",
+                    cluster.name
+                ),
             ));
         }
-        (ClusterKind::Static { endpoints }, false) => {
-            let all: Vec<&EndpointAddress> = endpoints
-                .localities
-                .iter()
-                .flat_map(|loc| loc.endpoints.iter().map(|e| &e.address))
-                .collect();
-            match all.as_slice() {
-                [EndpointAddress::Ip(upstream)] => SpecKind::Tcp { upstream: *upstream },
-                _ => {
+        ClusterKind::Static { endpoints } => balanced(
+            Endpoints::Fixed {
+                localities: endpoints.localities.clone(),
+            },
+            endpoints.overprovisioning_factor,
+        ),
+        ClusterKind::StrictDns { endpoints, dns } => balanced(
+            Endpoints::StrictDns {
+                localities: endpoints.localities.clone(),
+                dns: *dns,
+            },
+            endpoints.overprovisioning_factor,
+        ),
+        ClusterKind::LogicalDns { endpoint, dns } => balanced(
+            Endpoints::LogicalDns {
+                endpoint: endpoint.clone(),
+                dns: *dns,
+            },
+            crate::xds::model::DEFAULT_OVERPROVISIONING,
+        ),
+        ClusterKind::Eds { service_name } => match assignments.get(service_name) {
+            Some(la) => {
+                if let Some(e) = la
+                    .localities
+                    .iter()
+                    .flat_map(|loc| &loc.endpoints)
+                    .find(|e| matches!(e.address, EndpointAddress::Name(_)))
+                {
                     return Err(invalid(
                         l,
                         &cluster_at,
                         format!(
-                            "cluster `{}` has {} endpoints; a Sluice gateway balances across endpoints of a cluster from xDS not yet: give one",
-                            cluster.name,
-                            all.len()
+                            "the ClusterLoadAssignment `{service_name}` of cluster `{}` names a host ({:?}); EDS endpoints are addresses",
+                            cluster.name, e.address
                         ),
                     ));
                 }
+                balanced(
+                    Endpoints::Fixed {
+                        localities: la.localities.clone(),
+                    },
+                    la.overprovisioning_factor,
+                )
             }
-        }
-        (ClusterKind::Static { .. }, true) => {
-            return Err(invalid(
-                l,
-                "listener_filters",
-                "original_dst with a STATIC cluster: the original destination would be dropped; use an ORIGINAL_DST cluster",
-            ));
-        }
-        _ => {
-            return Err(invalid(
-                l,
-                &cluster_at,
-                format!(
-                    "cluster `{}` is a kind a Sluice gateway runs from xDS not yet (STATIC with one endpoint, or ORIGINAL_DST)",
-                    cluster.name
-                ),
-            ));
-        }
+            None => balanced(
+                Endpoints::Fixed { localities: Vec::new() },
+                crate::xds::model::DEFAULT_OVERPROVISIONING,
+            ),
+        },
     };
-    if l.transparent && kind != SpecKind::Transparent {
-        return Err(invalid(
-            l,
-            "transparent",
-            "only a transparent listener binds with IP_TRANSPARENT",
-        ));
-    }
-    Ok(ListenerSpec {
-        name: l.name.clone(),
-        address: l.address,
-        kind,
-        connect_timeout: cluster.connect_timeout,
-        idle_timeout: tcp.idle_timeout,
+    Ok(ChainResource {
+        name: if c.name.is_empty() {
+            format!("{}/{index}", l.name)
+        } else {
+            c.name.clone()
+        },
+        matcher: c.matcher.clone(),
+        filters: vec![ANTI_EVASION.to_owned(), POLICY.to_owned()],
+        cluster: target,
+        upstream: Some(UpstreamOptions {
+            connect_timeout: cluster.connect_timeout,
+            idle_timeout: tcp.idle_timeout,
+            max_connect_attempts: tcp.max_connect_attempts.max(1),
+        }),
     })
 }

@@ -150,10 +150,7 @@ impl TryFrom<&Listener> for EnvoyListener {
             .map(|(i, c)| chain(&at.f("filter_chains").i(i), c))
             .collect::<Result<Vec<_>, _>>()?;
         for (i, c) in chains.iter().enumerate() {
-            if let Some(j) = chains[..i]
-                .iter()
-                .position(|d| d.matcher == c.matcher && d.application_protocols == c.application_protocols)
-            {
+            if let Some(j) = chains[..i].iter().position(|d| d.matcher == c.matcher) {
                 return Err(at.f("filter_chains").i(i).f("filter_chain_match").invalid(format!(
                     "the same as filter_chains[{j}]'s; no connection could reach this chain"
                 )));
@@ -174,7 +171,7 @@ impl TryFrom<&Listener> for EnvoyListener {
             if !tls && c.matcher.transport_protocol == Some(Transport::Tls) {
                 return Err(at.f("transport_protocol").invalid(fix));
             }
-            if !tls && !http && !c.application_protocols.is_empty() {
+            if !tls && !http && !c.matcher.application_protocols.is_empty() {
                 return Err(at
                     .f("application_protocols")
                     .invalid("read by a listener filter; add tls_inspector or http_inspector"));
@@ -188,7 +185,6 @@ impl TryFrom<&Listener> for EnvoyListener {
             // whatever no other chain matches.
             .map(|c| EnvoyChain {
                 matcher: ChainMatch::default(),
-                application_protocols: Vec::new(),
                 ..c
             });
         if chains.is_empty() && default_chain.is_none() {
@@ -319,7 +315,7 @@ fn chain(at: &At<'_>, c: &FilterChain) -> Result<EnvoyChain, DecodeError> {
         "Sluice never terminates TLS; remove it",
     )?;
     let default = FilterChainMatch::default();
-    let (matcher, application_protocols) = chain_match(
+    let matcher = chain_match(
         &at.f("filter_chain_match"),
         filter_chain_match.as_ref().unwrap_or(&default),
     )?;
@@ -357,12 +353,11 @@ fn chain(at: &At<'_>, c: &FilterChain) -> Result<EnvoyChain, DecodeError> {
     Ok(EnvoyChain {
         name: name.clone(),
         matcher,
-        application_protocols,
         filters,
     })
 }
 
-fn chain_match(at: &At<'_>, m: &FilterChainMatch) -> Result<(ChainMatch, Vec<String>), DecodeError> {
+fn chain_match(at: &At<'_>, m: &FilterChainMatch) -> Result<ChainMatch, DecodeError> {
     let FilterChainMatch {
         destination_port,
         prefix_ranges,
@@ -415,16 +410,14 @@ fn chain_match(at: &At<'_>, m: &FilterChainMatch) -> Result<(ChainMatch, Vec<Str
     if let Some(i) = application_protocols.iter().position(String::is_empty) {
         return Err(at.f("application_protocols").i(i).invalid("an empty protocol"));
     }
-    Ok((
-        ChainMatch {
-            server_names,
-            destination_ports,
-            source_prefixes,
-            destination_prefixes,
-            transport_protocol,
-        },
-        application_protocols.clone(),
-    ))
+    Ok(ChainMatch {
+        server_names,
+        destination_ports,
+        source_prefixes,
+        destination_prefixes,
+        transport_protocol,
+        application_protocols: application_protocols.clone(),
+    })
 }
 
 fn cidrs(at: &At<'_>, ranges: &[CidrRange]) -> Result<Vec<IpNet>, DecodeError> {

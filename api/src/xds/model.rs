@@ -54,10 +54,9 @@ pub enum ListenerFilter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvoyChain {
     pub name: String,
+    /// Its `application_protocols` are ALPN values (from the ClientHello)
+    /// or the protocol the HTTP inspector recognised.
     pub matcher: ChainMatch,
-    /// ALPN values (from the ClientHello) or the protocol the HTTP
-    /// inspector recognised; empty matches anything.
-    pub application_protocols: Vec<String>,
     /// In the order they run; the last one is terminal.
     pub filters: Vec<NetworkFilter>,
 }
@@ -133,7 +132,7 @@ pub enum ClusterKind {
 }
 
 /// How a DNS cluster resolves its names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct DnsSettings {
     pub family: DnsFamily,
     /// Time between resolutions (Envoy's default 5 s when absent).
@@ -144,7 +143,7 @@ pub struct DnsSettings {
 }
 
 /// Envoy's `dns_lookup_family`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum DnsFamily {
     /// IPv6 if there is any, else IPv4.
     Auto,
@@ -157,7 +156,7 @@ pub enum DnsFamily {
 }
 
 /// How a cluster picks an endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum LbPolicy {
     RoundRobin,
     /// The endpoint with fewest active connections among `choice_count`
@@ -170,6 +169,9 @@ pub enum LbPolicy {
     /// destination).
     ClusterProvided,
 }
+
+/// Envoy's default `overprovisioning_factor`, in percent.
+pub const DEFAULT_OVERPROVISIONING: u32 = 140;
 
 /// Envoy's `ClusterLoadAssignment`: a cluster's endpoints, by locality and
 /// priority.
@@ -184,7 +186,7 @@ pub struct LoadAssignment {
 }
 
 /// Envoy's `LocalityLbEndpoints`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Locality {
     /// `None`: unweighted. Envoy weighs localities only with
     /// locality-weighted balancing (in `common_lb_config`, refused here).
@@ -195,7 +197,7 @@ pub struct Locality {
 }
 
 /// Envoy's `LbEndpoint`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Endpoint {
     pub address: EndpointAddress,
     /// At least 1 (Envoy's default 1).
@@ -204,7 +206,7 @@ pub struct Endpoint {
 }
 
 /// Where an endpoint is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum EndpointAddress {
     Ip(SocketAddr),
     /// A name, resolved by a DNS cluster.
@@ -213,7 +215,7 @@ pub enum EndpointAddress {
 
 /// An endpoint's health as the control server reports it (Envoy's
 /// `health_status`; `UNKNOWN` counts as healthy, `TIMEOUT` as unhealthy).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Health {
     Healthy,
     /// Takes traffic only when too few endpoints are healthy.

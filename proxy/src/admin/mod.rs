@@ -43,7 +43,14 @@ pub struct Admin {
         Option<tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<crate::runtime::ReloadReport, String>>>>,
     /// The xDS client's state, when `xds:` started one.
     pub xds: Arc<std::sync::OnceLock<Arc<crate::xds::XdsStatus>>>,
+    /// Every TCP listener's kind and bound address, as the runtime keeps
+    /// them.
+    pub bound: Bound,
 }
+
+/// Listeners by name: kind and bound address (shared with the runtime).
+pub type Bound =
+    Arc<std::sync::Mutex<std::collections::BTreeMap<String, (sluice_api::ListenerType, std::net::SocketAddr)>>>;
 
 impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,6 +104,24 @@ impl Admin {
                 reply(StatusCode::OK, "application/json", body.to_string())
             }
             (&Method::GET, "/explain") => self.explain(&q),
+            (&Method::GET, "/listeners") => {
+                let bound = self
+                    .bound
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                let listeners: Vec<serde_json::Value> = bound
+                    .iter()
+                    .map(|(name, (kind, addr))| {
+                        serde_json::json!({"name": name, "kind": kind.as_str(), "address": addr.to_string()})
+                    })
+                    .collect();
+                reply(
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::json!({ "listeners": listeners }).to_string(),
+                )
+            }
             (&Method::GET, "/xds") => match self.xds.get() {
                 Some(status) => reply(
                     StatusCode::OK,
@@ -162,7 +187,7 @@ impl Admin {
                     .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("POST"));
                 r
             }
-            (_, "/ready" | "/metrics" | "/config_dump" | "/stats" | "/explain" | "/xds") => {
+            (_, "/ready" | "/metrics" | "/config_dump" | "/stats" | "/explain" | "/xds" | "/listeners") => {
                 let mut r = reply(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "text/plain",

@@ -10,8 +10,10 @@
 //! Nothing here knows about policy: the caller decides, this module moves
 //! bytes and reports what happened (addresses used, bytes each way, why the
 //! flow ended) as typed values the audit record and metrics are built from.
-//! `limit.rs` is the per-listener accept throttle.
+//! `limit.rs` is the per-listener accept throttle; `balance.rs` picks an
+//! endpoint of an Envoy cluster from xDS.
 
+pub mod balance;
 pub mod connect;
 pub mod limit;
 pub mod relay;

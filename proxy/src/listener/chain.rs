@@ -12,8 +12,10 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-pub use sluice_api::envoy::{ChainMatch, Cluster, Front, ListenerResource, Transport};
-use sluice_api::{DomainName, envoy};
+use sluice_api::envoy;
+pub use sluice_api::envoy::{ChainInput, ChainMatch, Cluster, Front, ListenerResource, Transport, UpstreamOptions};
+
+use crate::forward::balance::Balancer;
 
 use super::filter::{AntiEvasionFilter, NetworkFilter, PolicyFilter};
 
@@ -23,6 +25,10 @@ pub struct FilterChain {
     pub matcher: ChainMatch,
     pub filters: Vec<Arc<dyn NetworkFilter>>,
     pub cluster: Cluster,
+    /// A balanced cluster's running state.
+    pub balancer: Option<Arc<Balancer>>,
+    /// The cluster's and `tcp_proxy`'s options, for a chain from xDS.
+    pub upstream: Option<UpstreamOptions>,
     /// Some filter reads the flow's bytes: its flows are relayed by copy
     /// through the data hooks; every other chain's by the zero-copy relay.
     pub inspects_data: bool,
@@ -31,12 +37,30 @@ pub struct FilterChain {
 impl FilterChain {
     pub fn new(name: String, matcher: ChainMatch, filters: Vec<Arc<dyn NetworkFilter>>, cluster: Cluster) -> Self {
         let inspects_data = filters.iter().any(|f| f.wants_data());
+        let balancer = match &cluster {
+            Cluster::Balanced(b) => Some(Balancer::shared(b)),
+            _ => None,
+        };
         Self {
             name,
             matcher,
             filters,
             cluster,
+            balancer,
+            upstream: None,
             inspects_data,
+        }
+    }
+
+    /// How long connecting may take, and how long the relayed flow may
+    /// idle (`None`: forever).
+    pub fn timeouts(
+        &self,
+        listener: &sluice_api::ConnectionOptions,
+    ) -> (std::time::Duration, Option<std::time::Duration>) {
+        match &self.upstream {
+            Some(u) => (u.connect_timeout, u.idle_timeout),
+            None => (listener.connect_timeout, Some(listener.idle_timeout)),
         }
     }
 
@@ -77,6 +101,11 @@ pub struct ListenerPlan {
     pub metrics: crate::telemetry::metrics::ListenerMetrics,
     /// Shared by every flow that picks one, without a copy.
     pub chains: Vec<Arc<FilterChain>>,
+    /// Serves a flow no chain matches.
+    pub default_chain: Option<Arc<FilterChain>>,
+    /// Some chain dials the original destination: a connection without
+    /// one is refused.
+    pub needs_original: bool,
 }
 
 /// The filter named `name`, among the built-in ones.
@@ -92,40 +121,41 @@ impl ListenerPlan {
     /// Makes each chain's filters from their names: the built-in ones, and
     /// the loaded `plugins`.
     pub fn compile(spec: ListenerResource, plugins: &crate::wasm::PluginSet) -> Result<Self, UnknownFilter> {
-        let chains = spec
-            .chains
+        let compile_chain = |c: &envoy::ChainResource| -> Result<Arc<FilterChain>, UnknownFilter> {
+            let filters = c
+                .filters
+                .iter()
+                .map(|f| {
+                    builtin_filter(f)
+                        .or_else(|| {
+                            plugins.get(f).map(|p| {
+                                Arc::new(crate::wasm::WasmFilter { plugin: p.clone() }) as Arc<dyn NetworkFilter>
+                            })
+                        })
+                        .ok_or_else(|| UnknownFilter {
+                            listener: spec.name.clone(),
+                            chain: c.name.clone(),
+                            filter: f.clone(),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut chain = FilterChain::new(c.name.clone(), c.matcher.clone(), filters, c.cluster.clone());
+            chain.upstream = c.upstream;
+            Ok(Arc::new(chain))
+        };
+        let chains = spec.chains.iter().map(compile_chain).collect::<Result<Vec<_>, _>>()?;
+        let default_chain = spec.default_chain.as_ref().map(compile_chain).transpose()?;
+        let needs_original = chains
             .iter()
-            .map(|c| {
-                let filters = c
-                    .filters
-                    .iter()
-                    .map(|f| {
-                        builtin_filter(f)
-                            .or_else(|| {
-                                plugins.get(f).map(|p| {
-                                    Arc::new(crate::wasm::WasmFilter { plugin: p.clone() }) as Arc<dyn NetworkFilter>
-                                })
-                            })
-                            .ok_or_else(|| UnknownFilter {
-                                listener: spec.name.clone(),
-                                chain: c.name.clone(),
-                                filter: f.clone(),
-                            })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(Arc::new(FilterChain::new(
-                    c.name.clone(),
-                    c.matcher.clone(),
-                    filters,
-                    c.cluster.clone(),
-                )))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .chain(&default_chain)
+            .any(|c| matches!(c.cluster, Cluster::OriginalDst { .. }));
         Ok(Self {
             label: Arc::from(spec.name.as_str()),
             metrics: crate::telemetry::metrics::ListenerMetrics::new(&spec.name),
             spec,
             chains,
+            default_chain,
+            needs_original,
         })
     }
 
@@ -139,20 +169,12 @@ impl ListenerPlan {
         envoy::translate(l, &config.plugins).map(|spec| Self::compile(spec, plugins))
     }
 
-    /// The first chain whose match fits the flow (Envoy picks the most
-    /// specific; friendly listeners have one chain, and xDS-fed ones are
-    /// ordered most specific first by the translator).
-    pub fn chain(
-        &self,
-        name: Option<&DomainName>,
-        port: u16,
-        src: IpAddr,
-        dst: Option<IpAddr>,
-        transport: Transport,
-    ) -> Option<&Arc<FilterChain>> {
-        self.chains
-            .iter()
-            .find(|c| c.matcher.matches(name, port, src, dst, transport))
+    /// The chain that serves a flow, chosen by Envoy's rules
+    /// ([`envoy::select`]), or the default chain.
+    pub fn chain(&self, input: &ChainInput<'_>) -> Option<&Arc<FilterChain>> {
+        envoy::select(&self.chains, |c| &c.matcher, input)
+            .and_then(|i| self.chains.get(i))
+            .or(self.default_chain.as_ref())
     }
 
     /// The connection options every flow of this listener uses.

@@ -135,9 +135,14 @@ pub struct Relaying {
     client: TcpStream,
     upstream: TcpStream,
     shared: Arc<Shared>,
-    idle_timeout: std::time::Duration,
+    /// `None`: the flow may idle forever (an Envoy `tcp_proxy` with
+    /// `idle_timeout: 0s`).
+    idle_timeout: Option<std::time::Duration>,
     tail: Box<Tail>,
 }
+
+/// An idle timer that never fires in practice.
+const FOREVER: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
 /// What the record needs once the relay is over.
 #[derive(Debug)]
@@ -147,6 +152,8 @@ struct Tail {
     dst: SocketAddr,
     replayed: u64,
     _active: metrics::ActiveFlow,
+    /// Counts the flow on its endpoint while it lasts (least request).
+    _endpoint: Option<crate::forward::balance::ActiveGuard>,
 }
 
 /// Connects an allowed flow to `fwd`'s addresses and replays `replay`. A
@@ -174,8 +181,7 @@ pub async fn connect_and_replay(
             return None;
         }
     }
-    let conn = flow.ctx.plan.connection();
-    let (connect_timeout, idle_timeout) = (conn.connect_timeout, conn.idle_timeout);
+    let (connect_timeout, idle_timeout) = chain.timeouts(flow.ctx.plan.connection());
     let opts = ConnectOptions {
         timeout: connect_timeout,
         ..ConnectOptions::default()
@@ -214,6 +220,7 @@ pub async fn connect_and_replay(
         shared,
         idle_timeout,
         tail: Box::new(Tail {
+            _endpoint: chain.balancer.as_ref().and_then(|b| b.track(dst)),
             flow,
             chain,
             dst,
@@ -235,7 +242,7 @@ impl Relaying {
             tail,
         } = self;
         let opts = RelayOptions {
-            idle_timeout: Some(idle_timeout),
+            idle_timeout,
             ..RelayOptions::default()
         };
         let mut tail = tail;
@@ -381,7 +388,7 @@ fn inspect(
 async fn relay_inspected<C: std::future::Future<Output = ()>>(
     client: TcpStream,
     upstream: TcpStream,
-    idle: std::time::Duration,
+    idle: Option<std::time::Duration>,
     tail: &Tail,
     extras: &mut super::filter::FlowExtras,
     revoked: &std::sync::OnceLock<Box<Decision>>,
@@ -403,7 +410,7 @@ async fn relay_inspected<C: std::future::Future<Output = ()>>(
     let mut first_eof: Option<CloseReason> = None;
     tokio::pin!(cancel);
     while up_open || down_open {
-        let idle_timer = tokio::time::sleep(idle);
+        let idle_timer = tokio::time::sleep(idle.unwrap_or(FOREVER));
         tokio::select! {
             () = &mut cancel => {
                 stats.reason = CloseReason::Cancelled;

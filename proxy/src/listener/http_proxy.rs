@@ -259,7 +259,7 @@ async fn tunnel(
     active: metrics::ActiveFlow,
 ) -> Option<flow::Relaying> {
     let decided = match connect_front(&mut flow, &head, &buf) {
-        Ok(()) => flow.decide(&shared, Transport::Tls).await,
+        Ok(()) => flow.decide(&shared, Transport::Tls, None).await,
         Err(stop) => Err(stop),
     };
     // The target was resolved and screened before answering, so a target
@@ -761,7 +761,7 @@ impl ConnState {
             .unwrap_or_else(|| self.plan.clone());
         let mut flow = Flow::new(&self.shared, &plan, self.peer, snap, Instant::now());
         let decided = match request_front(&mut flow, &req) {
-            Ok(()) => flow.decide(&self.shared, Transport::RawBuffer).await,
+            Ok(()) => flow.decide(&self.shared, Transport::RawBuffer, None).await,
             Err(stop) => Err(stop),
         };
         let fwd = match decided {

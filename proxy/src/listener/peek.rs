@@ -20,7 +20,7 @@ use sluice_api::{DomainName, Protocol};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use super::chain::{Cluster, Transport};
+use super::chain::Transport;
 use super::filter::{Decision, FlowContext};
 use super::flow::{self, deny};
 use super::pipeline::{Flow, Stop};
@@ -156,7 +156,7 @@ pub async fn serve(
     let mut flow = Flow::new(&shared, &plan, peer, snap, Instant::now());
     let mut buf = Vec::new();
     let decided = match front(&mut flow, &shared, &mut client, &mut buf, bound).await {
-        Ok(transport) => flow.decide(&shared, transport).await,
+        Ok(transport) => flow.decide(&shared, transport, bound).await,
         Err(stop) => Err(stop),
     };
     match decided {
@@ -180,16 +180,17 @@ async fn front(
     bound: Option<SocketAddr>,
 ) -> Result<Transport, Stop> {
     let plan = flow.ctx.plan.clone();
-    let needs_original = plan
-        .chains
-        .iter()
-        .any(|c| matches!(c.cluster, Cluster::OriginalDst { .. }));
-    if needs_original {
-        let Some(a) = original_destination(client, bound) else {
-            return Err(flow.refuse(ReasonCode::NoOriginalDestination));
-        };
-        flow.ctx.original_dst = Some(a);
-        flow.ctx.port = a.port();
+    if plan.needs_original || plan.spec.original_dst {
+        match original_destination(client, bound) {
+            Some(a) => {
+                flow.ctx.original_dst = Some(a);
+                flow.ctx.port = a.port();
+            }
+            None if plan.needs_original => return Err(flow.refuse(ReasonCode::NoOriginalDestination)),
+            // Chains match on the listener's own address (Envoy's
+            // `original_dst` without a redirect).
+            None => {}
+        }
     }
     let Some(peek_options) = plan.spec.front.peek() else {
         return Ok(Transport::RawBuffer);

@@ -27,7 +27,7 @@ use std::time::Instant;
 use sluice_api::reason::ReasonCode;
 use sluice_api::{DomainName, Enforcement, SniCheck};
 
-use super::chain::{Cluster, FilterChain, Transport};
+use super::chain::{ChainInput, Cluster, FilterChain, Transport};
 use super::filter::{Decision, FlowContext};
 use super::flow::{self, deny};
 use super::{ListenerPlan, Shared, Snapshot};
@@ -101,13 +101,36 @@ impl Flow {
 
     /// Runs the pipeline from what the front learned to the addresses to
     /// dial: identify, choose the chain, filters, destination, screen.
-    pub async fn decide(&mut self, shared: &Shared, transport: Transport) -> Result<Forward, Stop> {
+    /// `local` is the listener's bound address, where the front knows it
+    /// (what a client that was not redirected dialled).
+    pub async fn decide(
+        &mut self,
+        shared: &Shared,
+        transport: Transport,
+        local: Option<SocketAddr>,
+    ) -> Result<Forward, Stop> {
         self.go_on()?;
         self.identify(shared);
-        let chain = self.choose(transport)?;
+        let chain = self.choose(transport, local)?;
+        // A flow that names nothing, to a cluster of endpoints, is judged
+        // on the endpoint it would reach: picked first.
+        let picked = match &chain.balancer {
+            Some(_) if self.ctx.name.is_none() && self.ctx.dst_ip.is_none() => {
+                let picked = self.destination(shared, &chain).await?;
+                if let Some(a) = picked.first() {
+                    self.ctx.dst_ip = Some(a.ip());
+                    self.ctx.port = a.port();
+                }
+                Some(picked)
+            }
+            _ => None,
+        };
         self.judge(&chain).await?;
-        let (ips, port) = self.destination(shared, &chain).await?;
-        let addrs = self.screen(&chain, &ips, port)?;
+        let candidates = match picked {
+            Some(p) => p,
+            None => self.destination(shared, &chain).await?,
+        };
+        let addrs = self.screen(&chain, &candidates)?;
         Ok(Forward { chain, addrs })
     }
 
@@ -116,11 +139,9 @@ impl Flow {
     pub async fn decide_again(&mut self, fwd: Forward) -> Result<Forward, Stop> {
         self.go_on()?;
         self.judge(&fwd.chain).await?;
-        let ips: Vec<IpAddr> = fwd.addrs.iter().map(SocketAddr::ip).collect();
-        let port = fwd.addrs.first().map_or(self.ctx.port, SocketAddr::port);
         // Screened again: the decision above may have replaced a watched
         // guard denial that the record must keep.
-        let addrs = self.screen(&fwd.chain, &ips, port)?;
+        let addrs = self.screen(&fwd.chain, &fwd.addrs)?;
         Ok(Forward {
             chain: fwd.chain,
             addrs,
@@ -146,14 +167,23 @@ impl Flow {
 
     /// Picks the chain on what the flow showed; its cluster then fixes the
     /// port, and for a static upstream the destination decided on.
-    fn choose(&mut self, transport: Transport) -> Result<Arc<FilterChain>, Stop> {
+    fn choose(&mut self, transport: Transport, local: Option<SocketAddr>) -> Result<Arc<FilterChain>, Stop> {
         let ctx = &mut self.ctx;
-        let dst = ctx.dst_ip.or(ctx.original_dst.map(|a| a.ip()));
-        let Some(chain) = ctx
-            .plan
-            .chain(ctx.name.as_ref(), ctx.port, ctx.src.ip(), dst, transport)
-            .cloned()
-        else {
+        // What the client dialled: before a redirect, or the listener.
+        let dialled = ctx.original_dst.or(local);
+        let dst = ctx.dst_ip.or(dialled.map(|a| a.ip())).filter(|ip| !ip.is_unspecified());
+        // Envoy's server name is the SNI only (not a Host header, not a
+        // name the DNS proxy bound to the address).
+        let server_name = ctx.name.as_ref().filter(|_| ctx.sni.is_some() && !ctx.name_from_dns);
+        let input = ChainInput {
+            server_name,
+            port: dialled.map_or(ctx.port, |a| a.port()),
+            src: ctx.src.ip(),
+            dst,
+            transport,
+            alpn: &ctx.alpn,
+        };
+        let Some(chain) = ctx.plan.chain(&input).cloned() else {
             return Err(self.refuse(ReasonCode::NoFilterChain));
         };
         match &chain.cluster {
@@ -169,6 +199,10 @@ impl Flow {
                 }
             }
             Cluster::SniDynamic { port } => ctx.port = *port,
+            // Decided on the name the flow showed and the port it dialled
+            // (the endpoints are screened once picked), or on the endpoint
+            // picked for a flow without one.
+            Cluster::Balanced(_) => ctx.port = input.port,
             Cluster::OriginalDst { .. } | Cluster::RequestTarget => {}
         }
         let verify = matches!(
@@ -196,9 +230,22 @@ impl Flow {
         }
     }
 
-    /// The cluster's candidate addresses and the port to dial.
-    async fn destination(&mut self, shared: &Shared, chain: &FilterChain) -> Result<(Vec<IpAddr>, u16), Stop> {
+    /// The cluster's candidate addresses, in the order to try them.
+    async fn destination(&mut self, shared: &Shared, chain: &FilterChain) -> Result<Vec<SocketAddr>, Stop> {
         let ctx = &mut self.ctx;
+        if let Some(b) = &chain.balancer {
+            let attempts = chain.upstream.map_or(1, |u| u.max_connect_attempts);
+            let ctx = &*ctx;
+            return b
+                .pick(attempts, |host| async move {
+                    resolve(shared, ctx, &host).await.map_err(|stop| match stop {
+                        Stop::Failed { reason, .. } => reason,
+                        Stop::Refused => "dns-error",
+                    })
+                })
+                .await
+                .map_err(|e| Stop::failed(e.reason_code()));
+        }
         let (ips, port, check) = match &chain.cluster {
             Cluster::RequestTarget => {
                 let ips = match (&ctx.connect_target, &ctx.name, ctx.dst_ip) {
@@ -214,21 +261,23 @@ impl Flow {
             }
             Cluster::Static { upstream } => (resolve(shared, ctx, &upstream.host).await?, upstream.port, None),
             Cluster::OriginalDst { sni_check } => original_destination(shared, ctx, *sni_check).await?,
+            Cluster::Balanced(b) => return Err(Stop::failed(no_balancer(&b.name))),
         };
         if let Some(d) = ctx.decision.as_mut() {
             d.check = check;
         }
-        Ok((ips, port))
+        Ok(ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect())
     }
 
     /// `on_destination` for every candidate; stops the flow when the chain
     /// lets none through.
-    fn screen(&mut self, chain: &FilterChain, ips: &[IpAddr], port: u16) -> Result<Vec<SocketAddr>, Stop> {
-        let ips = flow::screen(chain, &mut self.ctx, ips);
+    fn screen(&mut self, chain: &FilterChain, candidates: &[SocketAddr]) -> Result<Vec<SocketAddr>, Stop> {
+        let ips: Vec<IpAddr> = candidates.iter().map(SocketAddr::ip).collect();
+        let ips = flow::screen(chain, &mut self.ctx, &ips);
         if ips.is_empty() {
             return Err(Stop::Refused);
         }
-        Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect())
+        Ok(candidates.iter().copied().filter(|a| ips.contains(&a.ip())).collect())
     }
 
     /// The record of a flow relayed to (or last sent to) `dst`.
@@ -263,6 +312,13 @@ impl Flow {
     pub fn write(&self, shared: &Shared, rec: FlowRecord) {
         flow::finish(shared, self.ctx.chain.as_deref(), &self.ctx, rec, self.accepted);
     }
+}
+
+/// A balanced cluster always has its balancer (made with its chain); the
+/// close reason if that ever failed to hold.
+fn no_balancer(cluster: &str) -> &'static str {
+    tracing::error!(cluster, "a balanced cluster without its balancer");
+    "no-healthy-upstream"
 }
 
 fn now() -> Instant {

@@ -16,7 +16,7 @@
 //! with its own version); on a new stream Delta tells the server what the
 //! gateway already holds (`initial_resource_versions`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -77,6 +77,12 @@ struct TypeState {
     received: bool,
     /// Names subscribed on the current stream were sent.
     subscribed: bool,
+    /// The names subscribed to; `None`: every resource (wildcard). EDS is
+    /// subscribed by name: the service names of the EDS clusters held.
+    names: Option<BTreeSet<String>>,
+    /// The nonce of the last response on this stream, which a change of
+    /// names repeats in SotW.
+    nonce: String,
 }
 
 #[derive(Debug)]
@@ -106,6 +112,13 @@ impl AdsClient {
         if bootstrap.listeners {
             types.insert(envoy_url::CLUSTER, TypeState::default());
             types.insert(envoy_url::LISTENER, TypeState::default());
+            types.insert(
+                envoy_url::CLUSTER_LOAD_ASSIGNMENT,
+                TypeState {
+                    names: Some(BTreeSet::new()),
+                    ..TypeState::default()
+                },
+            );
         }
         Self {
             node: node(&bootstrap.node),
@@ -131,12 +144,20 @@ impl AdsClient {
             let node = self.node_once();
             let Some(t) = self.types.get_mut(url) else { continue };
             t.pending = None;
+            t.nonce.clear();
+            // Nothing to ask for yet (no EDS cluster): no request, which
+            // in SotW would read as a wildcard.
+            if t.names.as_ref().is_some_and(BTreeSet::is_empty) {
+                t.subscribed = false;
+                continue;
+            }
             t.subscribed = true;
+            let names = subscription(t.names.as_ref());
             out.push(if self.delta {
                 Outgoing::Delta(DeltaDiscoveryRequest {
                     node,
                     type_url: url.to_owned(),
-                    resource_names_subscribe: vec!["*".to_owned()],
+                    resource_names_subscribe: names,
                     initial_resource_versions: t
                         .accepted
                         .iter()
@@ -149,12 +170,93 @@ impl AdsClient {
                     node,
                     type_url: url.to_owned(),
                     version_info: t.version.clone(),
-                    resource_names: vec!["*".to_owned()],
+                    resource_names: names,
                     ..Default::default()
                 })
             });
         }
         out
+    }
+
+    /// Follows the clusters held (pending or accepted) with the EDS
+    /// subscription: the service names of their EDS clusters. Returns the
+    /// requests that tell the server, if the names changed (in SotW, a
+    /// pending EDS response's ACK or NACK carries them instead).
+    pub fn follow_clusters(&mut self) -> Vec<Outgoing> {
+        let Some(clusters) = self.types.get(envoy_url::CLUSTER) else {
+            return Vec::new();
+        };
+        let set = clusters.pending.as_ref().map_or(&clusters.accepted, |p| &p.set);
+        let wanted: BTreeSet<String> = set
+            .values()
+            .filter_map(|h| sluice_api::xds::decode_cluster(&h.body).ok())
+            .filter_map(|c| match c.kind {
+                sluice_api::xds::ClusterKind::Eds { service_name } => Some(service_name),
+                _ => None,
+            })
+            .collect();
+        let delta = self.delta;
+        let node_sent = self.node_sent;
+        let node = self.node.clone();
+        let Some(t) = self.types.get_mut(envoy_url::CLUSTER_LOAD_ASSIGNMENT) else {
+            return Vec::new();
+        };
+        let old = t.names.replace(wanted.clone()).unwrap_or_default();
+        if old == wanted && (t.subscribed || wanted.is_empty()) {
+            return Vec::new();
+        }
+        let first = !t.subscribed;
+        t.subscribed = true;
+        // The node goes in the stream's first request only.
+        let node = (first && !node_sent).then_some(node);
+        let sends_node = node.is_some();
+        // What is no longer subscribed is no longer held.
+        t.accepted.retain(|n, _| wanted.contains(n));
+        if let Some(p) = t.pending.as_mut() {
+            p.set.retain(|n, _| wanted.contains(n));
+        }
+        let out = if delta {
+            Outgoing::Delta(DeltaDiscoveryRequest {
+                node,
+                type_url: envoy_url::CLUSTER_LOAD_ASSIGNMENT.to_owned(),
+                resource_names_subscribe: wanted.difference(&old).cloned().collect(),
+                resource_names_unsubscribe: old.difference(&wanted).cloned().collect(),
+                initial_resource_versions: if first {
+                    t.accepted
+                        .iter()
+                        .map(|(n, h)| (n.clone(), h.version.clone()))
+                        .collect::<HashMap<_, _>>()
+                } else {
+                    HashMap::new()
+                },
+                ..Default::default()
+            })
+        } else if t.pending.is_some() {
+            return Vec::new();
+        } else {
+            Outgoing::Sotw(DiscoveryRequest {
+                node,
+                type_url: envoy_url::CLUSTER_LOAD_ASSIGNMENT.to_owned(),
+                version_info: t.version.clone(),
+                resource_names: wanted.into_iter().collect(),
+                response_nonce: t.nonce.clone(),
+                ..Default::default()
+            })
+        };
+        if sends_node {
+            self.node_sent = true;
+        }
+        vec![out]
+    }
+
+    /// An EDS service name is subscribed and its assignment has not come:
+    /// its cluster is warming.
+    pub fn warming(&self) -> bool {
+        let Some(t) = self.types.get(envoy_url::CLUSTER_LOAD_ASSIGNMENT) else {
+            return false;
+        };
+        let held = |n: &String| t.accepted.contains_key(n) || t.pending.as_ref().is_some_and(|p| p.set.contains_key(n));
+        t.names.iter().flatten().any(|n| !held(n))
     }
 
     fn node_once(&mut self) -> Option<Node> {
@@ -167,7 +269,17 @@ impl AdsClient {
         if r.nonce.is_empty() {
             return Err(ResponseError::NoNonce(r.type_url));
         }
-        let mut set = BTreeMap::new();
+        t.nonce.clone_from(&r.nonce);
+        // A wildcard type's response is its whole set; a named type's
+        // holds the resources that changed (EDS), laid over the others.
+        let mut set = match &t.names {
+            None => BTreeMap::new(),
+            Some(names) => {
+                let mut set = t.pending.take().map_or_else(|| t.accepted.clone(), |p| p.set);
+                set.retain(|n, _| names.contains(n));
+                set
+            }
+        };
         for (index, body) in r.resources.into_iter().enumerate() {
             let name = resource_name(&r.type_url, index, &body)?;
             set.insert(
@@ -193,6 +305,7 @@ impl AdsClient {
         if r.nonce.is_empty() {
             return Err(ResponseError::NoNonce(r.type_url));
         }
+        t.nonce.clone_from(&r.nonce);
         let mut set = t.pending.take().map_or_else(|| t.accepted.clone(), |p| p.set);
         for (index, res) in r.resources.into_iter().enumerate() {
             let Some(body) = res.resource else {
@@ -243,7 +356,9 @@ impl AdsClient {
     /// Every subscribed type has had a response (on this stream or an
     /// earlier one), pending ones included.
     pub fn synced(&self) -> bool {
-        self.types.values().all(|t| t.received || t.pending.is_some())
+        self.types
+            .values()
+            .all(|t| t.received || t.pending.is_some() || t.names.as_ref().is_some_and(BTreeSet::is_empty))
     }
 
     /// The resources the gateway would run with if every pending
@@ -253,6 +368,7 @@ impl AdsClient {
         let mut out = Resources::default();
         let mut listeners: Option<Vec<sluice_api::xds::model::EnvoyListener>> = None;
         let mut clusters = BTreeMap::new();
+        let mut assignments = BTreeMap::new();
         for (url, t) in &self.types {
             if !t.received && t.pending.is_none() {
                 continue;
@@ -283,13 +399,18 @@ impl AdsClient {
                         clusters.insert(c.name.clone(), c);
                     }
                 }
+                None if *url == envoy_url::CLUSTER_LOAD_ASSIGNMENT => {
+                    for a in bodies.filter_map(|b| sluice_api::xds::decode_load_assignment(b).ok()) {
+                        assignments.insert(a.cluster_name.clone(), a);
+                    }
+                }
                 None => {}
             }
         }
         if let Some(ls) = listeners {
             let specs = ls
                 .iter()
-                .map(|l| sluice_api::xds::gateway::gateway_listener(l, &clusters))
+                .map(|l| sluice_api::xds::gateway::gateway_listener(l, &clusters, &assignments))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("Envoy Listener {e}"))?;
             out.listeners = Some(specs);
@@ -318,7 +439,7 @@ impl AdsClient {
             t.accepted = p.set;
             t.version = p.version;
             t.received = true;
-            out.push(answer(delta, url, &t.version, p.nonce, None));
+            out.push(answer(delta, url, t, p.nonce, None));
         }
         out
     }
@@ -336,7 +457,7 @@ impl AdsClient {
                 message: message.to_owned(),
                 details: Vec::new(),
             };
-            out.push(answer(delta, url, &t.version, p.nonce, Some(status)));
+            out.push(answer(delta, url, t, p.nonce, Some(status)));
         }
         out
     }
@@ -352,7 +473,7 @@ impl AdsClient {
             message: message.to_owned(),
             details: Vec::new(),
         };
-        Some(answer(delta, url, &t.version, nonce, Some(status)))
+        Some(answer(delta, url, t, nonce, Some(status)))
     }
 
     /// Per type: the version accepted (SotW) and how many resources.
@@ -364,7 +485,15 @@ impl AdsClient {
     }
 }
 
-fn answer(delta: bool, url: &str, version: &str, nonce: String, error: Option<Status>) -> Outgoing {
+/// The names a request subscribes to: `*`, or the type's names.
+fn subscription(names: Option<&BTreeSet<String>>) -> Vec<String> {
+    match names {
+        None => vec!["*".to_owned()],
+        Some(n) => n.iter().cloned().collect(),
+    }
+}
+
+fn answer(delta: bool, url: &str, t: &TypeState, nonce: String, error: Option<Status>) -> Outgoing {
     if delta {
         Outgoing::Delta(DeltaDiscoveryRequest {
             type_url: url.to_owned(),
@@ -375,8 +504,8 @@ fn answer(delta: bool, url: &str, version: &str, nonce: String, error: Option<St
     } else {
         Outgoing::Sotw(DiscoveryRequest {
             type_url: url.to_owned(),
-            version_info: version.to_owned(),
-            resource_names: vec!["*".to_owned()],
+            version_info: t.version.clone(),
+            resource_names: subscription(t.names.as_ref()),
             response_nonce: nonce,
             error_detail: error,
             ..Default::default()
@@ -412,6 +541,10 @@ fn resource_name(type_url: &str, index: usize, body: &Any) -> Result<String, Res
         None if type_url == envoy_url::CLUSTER => {
             let c = sluice_api::xds::decode_cluster(body).map_err(|e| bad(e.to_string()))?;
             Ok(c.name)
+        }
+        None if type_url == envoy_url::CLUSTER_LOAD_ASSIGNMENT => {
+            let a = sluice_api::xds::decode_load_assignment(body).map_err(|e| bad(e.to_string()))?;
+            Ok(a.cluster_name)
         }
         None => return Err(bad("not a type this gateway reads".to_owned())),
     }

@@ -226,7 +226,9 @@ impl<A: Apply> Session<'_, A> {
         tracing::info!("xDS: connected to {server}");
         loop {
             let hold_until = self.held_since.map(|t| t + HOLD);
-            let wait_initial = (!self.client.synced()).then_some(self.initial);
+            // Past the initial fetch timeout, an unsynced type no longer
+            // makes the loop wait (nor wake).
+            let wait_initial = (!self.client.synced() && Instant::now() < self.initial).then_some(self.initial);
             let wake = [hold_until, wait_initial].into_iter().flatten().min();
             tokio::select! {
                 more = wire.receive(self.client) => {
@@ -256,10 +258,24 @@ impl<A: Apply> Session<'_, A> {
         if !self.client.has_pending() {
             return Vec::new();
         }
+        // New EDS clusters are asked for before the clusters are applied.
+        let mut out = self.client.follow_clusters();
         let now = Instant::now();
         if !self.client.synced() && now < self.initial {
-            return Vec::new();
+            return out;
         }
+        // Make before break: clusters wait (a while) for their endpoints.
+        if self.client.warming() {
+            let since = *self.held_since.get_or_insert(now);
+            if now < since + HOLD {
+                return out;
+            }
+        }
+        out.extend(self.commit_or_reject(now).await);
+        out
+    }
+
+    async fn commit_or_reject(&mut self, now: Instant) -> Vec<Outgoing> {
         let mut candidate = match self.client.candidate() {
             Ok(c) => c,
             Err(why) => {

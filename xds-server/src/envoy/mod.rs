@@ -366,7 +366,9 @@ fn listener(p: Policy<'_>, l: &SluiceListener, facts: ListenerFacts) -> Result<V
                 ..FilterChain::default()
             });
         }
-        ListenerKind::HttpProxy(_) | ListenerKind::Tcp(_) | ListenerKind::Dns(_) => return Ok(Vec::new()),
+        ListenerKind::HttpProxy(_) | ListenerKind::Tcp(_) | ListenerKind::Dns(_) | ListenerKind::Envoy(_) => {
+            return Ok(Vec::new());
+        }
     }
     // The network plugins that judge this listener's flows, after the
     // policy (RBAC) and before forwarding, as Envoy's Wasm filter fetched
