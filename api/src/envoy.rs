@@ -70,7 +70,14 @@ pub enum Front {
     },
     /// The first bytes, classified: a ClientHello, a plain HTTP request
     /// head, or opaque (Envoy's `tls_inspector` and `http_inspector`).
-    Inspect { peek: PeekOptions },
+    Inspect {
+        peek: PeekOptions,
+        /// When the first bytes do not come within the peek timeout, the
+        /// flow goes on as opaque TCP instead of being refused (Envoy's
+        /// `continue_on_listener_filters_timeout`).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        continue_on_timeout: bool,
+    },
     /// Nothing is read: opaque TCP.
     Raw,
 }
@@ -78,7 +85,7 @@ pub enum Front {
 impl Front {
     pub fn peek(&self) -> Option<&PeekOptions> {
         match self {
-            Self::HttpProxy { peek, .. } | Self::Inspect { peek } => Some(peek),
+            Self::HttpProxy { peek, .. } | Self::Inspect { peek, .. } => Some(peek),
             Self::Raw => None,
         }
     }
@@ -282,6 +289,9 @@ pub struct UpstreamOptions {
     pub idle_timeout: Option<Duration>,
     /// Endpoints tried before the flow fails (at least 1).
     pub max_connect_attempts: u32,
+    /// The flow is closed this long after it was accepted, whatever
+    /// happens (`max_downstream_connection_duration`); `None`: no limit.
+    pub max_duration: Option<Duration>,
 }
 
 /// One filter chain: when it applies, its network filters by name (in the
@@ -343,11 +353,17 @@ pub fn translate(l: &Listener, plugins: &[crate::Plugin]) -> Option<ListenerReso
             Cluster::RequestTarget,
         ),
         ListenerKind::Transparent(o) => (
-            Front::Inspect { peek: o.peek },
+            Front::Inspect {
+                peek: o.peek,
+                continue_on_timeout: false,
+            },
             Cluster::OriginalDst { sni_check: o.sni_check },
         ),
         ListenerKind::Sni(o) => (
-            Front::Inspect { peek: o.peek },
+            Front::Inspect {
+                peek: o.peek,
+                continue_on_timeout: false,
+            },
             Cluster::SniDynamic { port: o.upstream_port },
         ),
         ListenerKind::Tcp(o) => (

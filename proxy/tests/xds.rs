@@ -1121,3 +1121,86 @@ load_assignment:
     assert_eq!(gw.server.addr("edge"), Some(addr), "the listener was not rebound");
     gw.server.shutdown(Duration::from_millis(100)).await;
 });
+
+/// A TCP upstream that greets every connection with its name at once and
+/// keeps it open until the other side closes.
+async fn holding_upstream(name: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+// `continue_on_listener_filters_timeout`: a client that says nothing is
+// relayed as opaque TCP once the listener filters' timeout passes; and
+// `max_downstream_connection_duration` closes the flow at that age.
+flow_test!(late_first_bytes_go_on_as_opaque_tcp_and_flows_end_at_their_age, async {
+    let hold = holding_upstream("hold").await;
+    let resources = served(true, vec![]);
+    let control = ControlPlane::start(&resources).await;
+    let gw = Gateway::start_as(control.addr, "delta", "gw-slow", "  listeners: true\n").await;
+    gw.wait_rules(&["allow-good"]).await;
+    let yaml = format!(
+        "\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener
+name: slow
+address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+listener_filters:
+- name: envoy.filters.listener.tls_inspector
+  typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector}}
+listener_filters_timeout: 0.2s
+continue_on_listener_filters_timeout: true
+filter_chains:
+- filter_chain_match: {{transport_protocol: raw_buffer}}
+  filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config:
+      \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+      stat_prefix: slow
+      cluster: hold
+      max_downstream_connection_duration: 0.6s
+---
+\"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster
+name: hold
+type: STATIC
+load_assignment:
+  cluster_name: hold
+  endpoints:
+  - lb_endpoints:
+    - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}
+",
+        hold.port()
+    );
+    control.publish_with(&resources, &plain(&yaml));
+    assert!(
+        wait_until(|| gw.server.addr("slow").is_some()).await,
+        "{:?}",
+        gw.status.state()
+    );
+    let mut s = tokio::net::TcpStream::connect(gw.server.addr("slow").unwrap())
+        .await
+        .unwrap();
+    let mut greeting = [0u8; 4];
+    within("the upstream's greeting", s.read_exact(&mut greeting))
+        .await
+        .unwrap();
+    assert_eq!(&greeting, b"hold");
+    // Then closed at 0.6 s, though both ends are still there.
+    let mut rest = Vec::new();
+    let _ = within("the close at the flow's age", s.read_to_end(&mut rest)).await;
+    let rec = gw.wait_record(|r| r["listener"] == "slow").await;
+    assert_eq!(rec["close_reason"], "max-duration", "{rec}");
+    assert_eq!(rec["verdict"]["action"], "allow", "{rec}");
+    gw.server.shutdown(Duration::from_millis(100)).await;
+});

@@ -302,6 +302,26 @@ impl Plain {
         made.extend(self.resources.iter().map(|(_, r)| r.clone()));
         Ok(())
     }
+
+    /// Like [`Plain::add_to`], for Sluice gateways: a listener with an
+    /// `api_listener` (a gRPC client's) is left out, as Envoy leaves it
+    /// out; a gateway runs TCP listeners.
+    pub fn add_for_gateways(&self, made: &mut Vec<Resource>) -> Result<(), PlainError> {
+        let before = made.len();
+        self.add_to(made)?;
+        let mut i = before;
+        while i < made.len() {
+            let api = made[i].type_url() == sluice_api::xds::type_url::LISTENER
+                && envoy_types::pb::envoy::config::listener::v3::Listener::decode(made[i].body.value.as_slice())
+                    .is_ok_and(|l| l.api_listener.is_some());
+            if api {
+                made.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Whether `config_dir` holds an `envoy/` subdirectory and no `sluice.yaml`
@@ -937,6 +957,36 @@ endpoints:
             at[3].starts_with("grpc.yaml:") && at[3].ends_with("document 4"),
             "{at:?}"
         );
+    }
+
+    #[test]
+    fn gateways_get_the_tcp_listeners_and_not_the_grpc_ones() {
+        let tcp = "\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener
+name: edge
+address: {socket_address: {address: 127.0.0.1, port_value: 15001}}
+listener_filters:
+- name: envoy.filters.listener.original_dst
+  typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}
+- name: envoy.filters.listener.http_inspector
+  typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: e, cluster: c}
+";
+        let p = Plain::parse([("grpc.yaml", GRPC_SET), ("edge.yaml", tcp)]).unwrap();
+        let (mut all, mut gateways) = (Vec::new(), Vec::new());
+        p.add_to(&mut all).unwrap();
+        p.add_for_gateways(&mut gateways).unwrap();
+        let listeners = |v: &[Resource]| -> Vec<String> {
+            v.iter()
+                .filter(|r| r.type_url() == type_url::LISTENER)
+                .map(|r| r.name.clone())
+                .collect()
+        };
+        assert_eq!(listeners(&all), ["greeter", "edge"]);
+        assert_eq!(listeners(&gateways), ["edge"]);
+        assert_eq!(gateways.len(), all.len() - 1);
     }
 
     #[test]

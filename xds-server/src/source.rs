@@ -113,7 +113,11 @@ impl Source {
         }
         // Sluice gateways that take listeners over xDS get them in the
         // shapes they run; the policy reaches them as Sluice's Policy.
-        let sluice_listeners = crate::envoy::for_sluice(&config);
+        let mut sluice_listeners = crate::envoy::for_sluice(&config);
+        // And the plain Envoy resources, which they run as Envoy does.
+        plain
+            .add_for_gateways(&mut sluice_listeners)
+            .map_err(|e| ConfigErrors(vec![e.into()]))?;
         let listener_names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
         let catalog = Catalog::build(
             &resources,

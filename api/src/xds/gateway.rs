@@ -77,13 +77,6 @@ pub fn gateway_listener(
     let front = match inspector {
         None => Front::Raw,
         Some(max_client_hello) => {
-            if l.continue_on_listener_filters_timeout {
-                return Err(invalid(
-                    l,
-                    "continue_on_listener_filters_timeout",
-                    "Sluice closes a connection whose first bytes did not come in time (it fails closed); remove it",
-                ));
-            }
             let d = PeekOptions::default();
             Front::Inspect {
                 peek: PeekOptions {
@@ -91,6 +84,7 @@ pub fn gateway_listener(
                     max_client_hello: max_client_hello.map_or(d.max_client_hello, |m| m as usize),
                     ech: d.ech,
                 },
+                continue_on_timeout: l.continue_on_listener_filters_timeout,
             }
         }
     };
@@ -160,13 +154,6 @@ fn chain(
             "no tcp_proxy: nothing says where flows go",
         ));
     };
-    if tcp.max_downstream_connection_duration.is_some() {
-        return Err(invalid(
-            l,
-            &format!("{tcp_at}.typed_config.max_downstream_connection_duration"),
-            "a Sluice gateway does not cut connections at a fixed age; remove it (idle_timeout applies)",
-        ));
-    }
     let cluster_at = format!("{tcp_at}.typed_config.cluster");
     let Some(cluster) = clusters.get(&tcp.cluster) else {
         return Err(invalid(
@@ -270,6 +257,7 @@ fn chain(
             connect_timeout: cluster.connect_timeout,
             idle_timeout: tcp.idle_timeout,
             max_connect_attempts: tcp.max_connect_attempts.max(1),
+            max_duration: tcp.max_downstream_connection_duration,
         }),
     })
 }

@@ -141,6 +141,15 @@ pub struct Relaying {
     tail: Box<Tail>,
 }
 
+/// Why a relayed flow was ended from outside its two sockets.
+#[derive(Debug)]
+enum Ended {
+    /// A data hook or a new configuration denied it: the denial.
+    Denied(Box<Decision>),
+    /// It reached its chain's maximum age.
+    Aged,
+}
+
 /// An idle timer that never fires in practice.
 const FOREVER: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
@@ -263,8 +272,23 @@ impl Relaying {
                 dst: tail.dst.ip(),
                 closing,
             };
-            if let Some(d) = shared.relay_ends(&flow).await {
-                let _ = revoked.set(d);
+            let ends = shared.relay_ends(&flow);
+            let ended = match tail.chain.upstream.and_then(|u| u.max_duration) {
+                None => ends.await.map(Ended::Denied),
+                // Boxed: only flows with a maximum age pay for the timer.
+                Some(age) => {
+                    let at = tokio::time::Instant::from_std(tail.flow.accepted) + age;
+                    Box::pin(async move {
+                        tokio::select! {
+                            d = ends => d.map(Ended::Denied),
+                            () = tokio::time::sleep_until(at) => Some(Ended::Aged),
+                        }
+                    })
+                    .await
+                }
+            };
+            if let Some(e) = ended {
+                let _ = revoked.set(e);
             }
         };
         let stats = match extras.as_mut() {
@@ -297,10 +321,14 @@ impl Relaying {
         rec.bytes_up = replayed + stats.bytes_up;
         rec.bytes_down = stats.bytes_down;
         rec.close_reason = Cow::Borrowed(stats.reason.as_str());
-        if let Some(d) = revoked.into_inner() {
-            tracing::debug!(flow = flow.ctx.id, reason = %d.reason, "closed: the new configuration denies it");
-            rec.verdict = (&*d).into();
-            rec.close_reason = Cow::Borrowed("policy-revoked");
+        match revoked.into_inner() {
+            Some(Ended::Denied(d)) => {
+                tracing::debug!(flow = flow.ctx.id, reason = %d.reason, "closed: the new configuration denies it");
+                rec.verdict = (&*d).into();
+                rec.close_reason = Cow::Borrowed("policy-revoked");
+            }
+            Some(Ended::Aged) => rec.close_reason = Cow::Borrowed("max-duration"),
+            None => {}
         }
         flow.write(&shared, rec);
     }
@@ -391,7 +419,7 @@ async fn relay_inspected<C: std::future::Future<Output = ()>>(
     idle: Option<std::time::Duration>,
     tail: &Tail,
     extras: &mut super::filter::FlowExtras,
-    revoked: &std::sync::OnceLock<Box<Decision>>,
+    revoked: &std::sync::OnceLock<Ended>,
     cancel: C,
 ) -> crate::forward::RelayStats {
     use crate::forward::{CloseReason, RelayMode, RelayStats};
@@ -429,7 +457,7 @@ async fn relay_inspected<C: std::future::Future<Output = ()>>(
                 Ok(n) => {
                     let chunk = up_buf.get(..n).unwrap_or_default();
                     if let Some(d) = inspect(&tail.chain, &tail.flow.ctx, extras, chunk, true) {
-                        let _ = revoked.set(Box::new(d));
+                        let _ = revoked.set(Ended::Denied(Box::new(d)));
                         stats.reason = CloseReason::Cancelled;
                         return stats;
                     }
@@ -455,7 +483,7 @@ async fn relay_inspected<C: std::future::Future<Output = ()>>(
                 Ok(n) => {
                     let chunk = down_buf.get(..n).unwrap_or_default();
                     if let Some(d) = inspect(&tail.chain, &tail.flow.ctx, extras, chunk, false) {
-                        let _ = revoked.set(Box::new(d));
+                        let _ = revoked.set(Ended::Denied(Box::new(d)));
                         stats.reason = CloseReason::Cancelled;
                         return stats;
                     }

@@ -220,6 +220,19 @@ async fn front(
         Peeked::Opaque => Transport::RawBuffer,
         // Fail closed: what cannot be classified is not forwarded,
         // whatever the mode.
+        // Unless the listener says to go on as opaque TCP when the first
+        // bytes are late (Envoy's `continue_on_listener_filters_timeout`).
+        Peeked::Failed(ReasonCode::PeekTimeout)
+            if matches!(
+                plan.spec.front,
+                sluice_api::envoy::Front::Inspect {
+                    continue_on_timeout: true,
+                    ..
+                }
+            ) =>
+        {
+            Transport::RawBuffer
+        }
         Peeked::Failed(reason) => return Err(flow.refuse(reason)),
     })
 }
