@@ -116,6 +116,8 @@ pub struct ChainMatch {
     pub transport_protocol: Option<Transport>,
     /// ALPN values from the ClientHello.
     pub application_protocols: Vec<String>,
+    /// The client's port.
+    pub source_ports: Vec<u16>,
 }
 
 /// What a flow shows when its chain is chosen.
@@ -126,6 +128,7 @@ pub struct ChainInput<'a> {
     /// The port the client dialled (before a redirect, if any).
     pub port: u16,
     pub src: IpAddr,
+    pub src_port: u16,
     /// The address the client dialled (before a redirect, if any).
     pub dst: Option<IpAddr>,
     pub transport: Transport,
@@ -150,7 +153,7 @@ impl ChainMatch {
     }
 
     /// Each criterion, in the order Envoy narrows by them.
-    fn fits(&self, f: &ChainInput<'_>) -> [Fit; 6] {
+    fn fits(&self, f: &ChainInput<'_>) -> [Fit; 7] {
         let src = f.src.to_canonical();
         [
             fit(&self.destination_ports, |r| {
@@ -186,6 +189,7 @@ impl ChainMatch {
             fit(&self.source_prefixes, |p| {
                 p.contains(&src).then_some(u32::from(p.prefix_len()))
             }),
+            fit(&self.source_ports, |p| (*p == f.src_port).then_some(1)),
         ]
     }
 }
@@ -200,7 +204,7 @@ fn fit<T>(list: &[T], score: impl Fn(&T) -> Option<u32>) -> Fit {
 
 /// The chain that serves a flow, by Envoy's rules: criterion by criterion
 /// (destination port, destination address, server name, transport,
-/// application protocol, source address), the chains whose most specific
+/// application protocol, source address, source port), the chains whose most specific
 /// value matches are kept — an exact name before `*.example.com`, a longer
 /// prefix before a shorter one — and only when none constrains the
 /// criterion and matches do the chains that leave it open stay. There is
@@ -212,9 +216,9 @@ pub fn select<T>(chains: &[T], matcher: impl Fn(&T) -> &ChainMatch, input: &Chai
     if let [only] = chains {
         return matcher(only).matches(input).then_some(0);
     }
-    let fits: Vec<[Fit; 6]> = chains.iter().map(|c| matcher(c).fits(input)).collect();
+    let fits: Vec<[Fit; 7]> = chains.iter().map(|c| matcher(c).fits(input)).collect();
     let mut alive: Vec<usize> = (0..chains.len()).collect();
-    for level in 0..6 {
+    for level in 0..7 {
         let at = |i: usize| fits.get(i).map_or(Fit::No, |f| f[level]);
         let best = alive
             .iter()
@@ -486,6 +490,7 @@ mod tests {
             server_name,
             port,
             src: ip(src),
+            src_port: 40000,
             dst: Some(ip("127.0.0.1")),
             transport: Transport::Tls,
             alpn,
@@ -501,6 +506,7 @@ mod tests {
             destination_prefixes: Vec::new(),
             transport_protocol: Some(Transport::Tls),
             application_protocols: Vec::new(),
+            source_ports: Vec::new(),
         };
         let n = name("api.example.com");
         let ok = input(Some(&n), 443, "10.1.2.3", &[]);

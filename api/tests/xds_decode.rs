@@ -157,6 +157,7 @@ fn good_listener() -> Listener {
                     server_names: vec!["*.example.com".into(), "api.openai.com".into()],
                     transport_protocol: "tls".into(),
                     application_protocols: vec!["h2".into(), "http/1.1".into()],
+                    source_ports: vec![40000],
                     ..Default::default()
                 }),
                 filters: vec![named("sluice.policy"), wasm("audit"), tcp_proxy("original")],
@@ -219,6 +220,7 @@ fn expected_listener() -> EnvoyListener {
                     destination_prefixes: vec!["192.0.2.0/24".parse().unwrap()],
                     transport_protocol: Some(Transport::Tls),
                     application_protocols: vec!["h2".into(), "http/1.1".into()],
+                    source_ports: vec![40000],
                 },
                 filters: vec![
                     NetworkFilter::SluicePolicy,
@@ -834,10 +836,6 @@ fn refused_listener_fields() -> Vec<(String, Edit<Listener>)> {
             }),
         ),
         (
-            format!("{m}.source_ports"),
-            Box::new(|l| edit_match(l, |m| m.source_ports.push(1234))),
-        ),
-        (
             format!("{t}.weighted_clusters"),
             Box::new(|l| {
                 edit_tcp(l, |t| {
@@ -972,6 +970,10 @@ fn refused_listener_fields() -> Vec<(String, Edit<Listener>)> {
 /// needs.
 fn bad_listener_values() -> Vec<(&'static str, Edit<Listener>)> {
     vec![
+        (
+            "filter_chains[0].filter_chain_match.source_ports[1]",
+            Box::new(|l| edit_match(l, |m| m.source_ports.push(70000))),
+        ),
         ("name", Box::new(|l| l.name.clear())),
         ("address", Box::new(|l| l.address = None)),
         (

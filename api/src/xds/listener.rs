@@ -379,7 +379,6 @@ fn chain_match(at: &At<'_>, m: &FilterChainMatch) -> Result<ChainMatch, DecodeEr
         "match the source with source_prefix_ranges",
     )?;
     at.refuse_with("source_type", source_type, "match the source with source_prefix_ranges")?;
-    at.refuse("source_ports", source_ports)?;
     let destination_ports = match destination_port {
         None => Vec::new(),
         Some(p) => {
@@ -417,6 +416,16 @@ fn chain_match(at: &At<'_>, m: &FilterChainMatch) -> Result<ChainMatch, DecodeEr
         destination_prefixes,
         transport_protocol,
         application_protocols: application_protocols.clone(),
+        source_ports: source_ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                u16::try_from(*p)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| at.f("source_ports").i(i).invalid(format!("{p} is not a port")))
+            })
+            .collect::<Result<_, _>>()?,
     })
 }
 

@@ -425,9 +425,11 @@ impl Balancer {
                         .collect(),
                 )
             };
+            // Draining endpoints are out altogether, as in Envoy: they do
+            // not even count towards a level's panic.
             let healthy = of(&|h| h == Health::Healthy);
             let degraded = of(&|h| h == Health::Degraded);
-            let all = of(&|_| true);
+            let all = of(&|h| h != Health::Draining);
             counts.push((healthy.members.len(), degraded.members.len(), all.members.len()));
             levels.push(Level { healthy, degraded, all });
         }
@@ -617,14 +619,23 @@ mod tests {
 
     #[tokio::test]
     async fn unusable_endpoints_take_nothing_unless_the_level_panics() {
-        let mut eps = vec![(0, 1, 1, H), (0, 2, 1, H), (0, 3, 1, Health::Unhealthy)];
-        let b = Balancer::new(cluster(LbPolicy::RoundRobin, &eps));
+        let b = Balancer::new(cluster(
+            LbPolicy::RoundRobin,
+            &[(0, 1, 1, H), (0, 2, 1, H), (0, 3, 1, Health::Unhealthy)],
+        ));
         assert_eq!(counts(&b, 20).await, [(1, 10), (2, 10)].into());
-        eps.push((0, 4, 1, Health::Draining));
-        eps.push((0, 5, 1, Health::Unhealthy));
-        // Two usable of five: panic, every endpoint takes its turn.
-        let b = Balancer::new(cluster(LbPolicy::RoundRobin, &eps));
-        assert_eq!(counts(&b, 50).await.len(), 5);
+        // One usable of three: panic, every endpoint takes its turn.
+        let b = Balancer::new(cluster(
+            LbPolicy::RoundRobin,
+            &[(0, 1, 1, H), (0, 2, 1, Health::Unhealthy), (0, 3, 1, Health::Unhealthy)],
+        ));
+        assert_eq!(counts(&b, 30).await, [(1, 10), (2, 10), (3, 10)].into());
+        // A draining endpoint is out, and does not count towards panic.
+        let b = Balancer::new(cluster(
+            LbPolicy::RoundRobin,
+            &[(0, 1, 1, H), (0, 2, 1, Health::Unhealthy), (0, 3, 1, Health::Draining)],
+        ));
+        assert_eq!(counts(&b, 20).await, [(1, 20)].into());
     }
 
     #[tokio::test]

@@ -179,6 +179,7 @@ impl Flow {
             server_name,
             port: dialled.map_or(ctx.port, |a| a.port()),
             src: ctx.src.ip(),
+            src_port: ctx.src.port(),
             dst,
             transport,
             alpn: &ctx.alpn,

@@ -160,7 +160,7 @@ impl Wire {
 
     /// The next response, held as pending in `client`. `Ok(false)`: the
     /// server ended the stream.
-    async fn receive(&mut self, client: &mut AdsClient) -> Result<bool, tonic::Status> {
+    async fn receive(&mut self, client: &mut AdsClient, status: &XdsStatus) -> Result<bool, tonic::Status> {
         let refused = match self {
             Self::Sotw { rx, .. } => {
                 let Some(r) = rx.message().await? else { return Ok(false) };
@@ -175,6 +175,7 @@ impl Wire {
         };
         if let Some((url, nonce, e)) = refused {
             tracing::warn!("xDS: refused a response: {e}");
+            status.rejected(&e.to_string());
             if let Some(nack) = client.refuse(&url, nonce, &e.to_string()) {
                 self.send(vec![nack]).await;
             }
@@ -231,14 +232,14 @@ impl<A: Apply> Session<'_, A> {
             let wait_initial = (!self.client.synced() && Instant::now() < self.initial).then_some(self.initial);
             let wake = [hold_until, wait_initial].into_iter().flatten().min();
             tokio::select! {
-                more = wire.receive(self.client) => {
+                more = wire.receive(self.client, self.status) => {
                     if !more? {
                         return Ok(());
                     }
                     self.delivered = true;
                     // Take what arrived with it, so a change that spans
                     // several types is applied as one.
-                    while let Ok(more) = tokio::time::timeout(BATCH, wire.receive(self.client)).await {
+                    while let Ok(more) = tokio::time::timeout(BATCH, wire.receive(self.client, self.status)).await {
                         if !more? {
                             return Ok(());
                         }
