@@ -241,7 +241,7 @@ fn expected_listener() -> EnvoyListener {
         default_chain: Some(EnvoyChain {
             name: "dns".into(),
             matcher: ChainMatch::default(),
-            filters: vec![NetworkFilter::SluiceDns],
+            filters: vec![NetworkFilter::SluiceDns { options: String::new() }],
         }),
     }
 }
@@ -2003,14 +2003,17 @@ fn a_gateway_maps_envoy_listeners_onto_its_model_and_names_what_it_cannot_run() 
         vec![named("sluice.policy"), tcp_proxy("original")],
     );
     let spec = gateway_listener(&listener(&transparent).unwrap(), &known, &none).unwrap();
-    assert!(spec.envoy.original_dst);
+    assert!(spec.envoy().unwrap().original_dst);
     assert_eq!(spec.address.to_string(), "127.0.0.1:15001");
-    assert!(matches!(spec.envoy.chains[0].cluster, Target::OriginalDst { .. }));
+    assert!(matches!(
+        spec.envoy().unwrap().chains[0].cluster,
+        Target::OriginalDst { .. }
+    ));
 
     // No sluice.policy named: the gateway runs it anyway, first.
     let tcp = one_chain(vec![], vec![tcp_proxy("db")]);
     let spec = gateway_listener(&listener(&tcp).unwrap(), &known, &none).unwrap();
-    let chain = &spec.envoy.chains[0];
+    let chain = &spec.envoy().unwrap().chains[0];
     assert_eq!(chain.filters, [ANTI_EVASION, POLICY]);
     let Target::Balanced(b) = &chain.cluster else {
         panic!("{:?}", chain.cluster)
@@ -2022,7 +2025,7 @@ fn a_gateway_maps_envoy_listeners_onto_its_model_and_names_what_it_cannot_run() 
     assert_eq!(chain.upstream.unwrap().connect_timeout, Duration::from_millis(1500));
     // Several endpoints are balanced.
     let spec = gateway_listener(&listener(&tcp).unwrap(), &clusters(&[static_cluster()]), &none).unwrap();
-    assert!(matches!(spec.envoy.chains[0].cluster, Target::Balanced(_)));
+    assert!(matches!(spec.envoy().unwrap().chains[0].cluster, Target::Balanced(_)));
 
     let refused = |l: Listener, known: &std::collections::BTreeMap<String, EnvoyCluster>| {
         gateway_listener(&listener(&l).unwrap(), known, &none).unwrap_err()
@@ -2043,4 +2046,67 @@ fn a_gateway_maps_envoy_listeners_onto_its_model_and_names_what_it_cannot_run() 
         &known,
     );
     assert_eq!(e.path, "filter_chains[0].filters[1]", "{e}");
+}
+
+#[test]
+fn a_chain_of_sluice_dns_makes_a_dns_listener_with_its_settings() {
+    use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+    use sluice_api::xds::gateway::{SpecKind, gateway_listener};
+    let text = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.into())),
+    };
+    let settings = Struct {
+        fields: [
+            (
+                "upstreams".to_owned(),
+                Value {
+                    kind: Some(Kind::ListValue(ListValue {
+                        values: vec![text("udp://127.0.0.1:5353")],
+                    })),
+                },
+            ),
+            (
+                "cache_entries".to_owned(),
+                Value {
+                    kind: Some(Kind::NumberValue(512.0)),
+                },
+            ),
+        ]
+        .into(),
+    };
+    let dns = Filter {
+        name: "sluice.dns".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(&settings))),
+    };
+    let (none, no_eds) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+    let l = one_chain(vec![], vec![named("sluice.policy"), dns.clone()]);
+    let spec = gateway_listener(&listener(&l).unwrap(), &none, &no_eds).unwrap();
+    let SpecKind::Dns { options } = &spec.kind else {
+        panic!("{spec:?}")
+    };
+    assert_eq!(options, r#"{"cache_entries":512,"upstreams":["udp://127.0.0.1:5353"]}"#);
+
+    // One chain only, matching everything, and nothing else in it.
+    let mut two = l.clone();
+    two.filter_chains.push(FilterChain {
+        filter_chain_match: Some(FilterChainMatch {
+            destination_port: u32v(53),
+            ..Default::default()
+        }),
+        filters: vec![tcp_proxy("db")],
+        ..Default::default()
+    });
+    let e = gateway_listener(&listener(&two).unwrap(), &none, &no_eds).unwrap_err();
+    assert_eq!(e.path, "filter_chains[0].filters[1]", "{e}");
+    let e = gateway_listener(
+        &listener(&one_chain(
+            vec![listener_filter("envoy.filters.listener.original_dst", &OriginalDst {})],
+            vec![dns.clone()],
+        ))
+        .unwrap(),
+        &none,
+        &no_eds,
+    )
+    .unwrap_err();
+    assert_eq!(e.path, "listener_filters", "{e}");
 }

@@ -146,7 +146,7 @@ static_resources:
         let child = Command::new(bin)
             .arg("-c")
             .arg(&cfg)
-            .args(["--concurrency", "1", "--use-dynamic-base-id", "-l", "warn"])
+            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "warn"])
             .arg("--admin-address-path")
             .arg(&admin_path)
             .stdin(Stdio::null())

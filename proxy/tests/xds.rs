@@ -1204,3 +1204,67 @@ load_assignment:
     assert_eq!(rec["verdict"]["action"], "allow", "{rec}");
     gw.server.shutdown(Duration::from_millis(100)).await;
 });
+
+/// Asks `server` for the A record of `name` over UDP; the answer's rcode.
+async fn ask(server: SocketAddr, name: &str) -> hickory_proto::op::ResponseCode {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let mut m = Message::new(0x5151, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(&m.to_vec().unwrap(), server).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = within("the DNS answer", sock.recv_from(&mut buf)).await.unwrap();
+    Message::from_vec(&buf[..n]).unwrap().metadata.response_code
+}
+
+// A Listener whose chain is `sluice.dns` is a DNS listener, its settings
+// those of a `dns` listener in `sluice.yaml`; a setting the reader refuses
+// is NACKed with the Listener's name.
+flow_test!(a_gateway_runs_a_dns_listener_from_lds, async {
+    use hickory_proto::op::ResponseCode;
+    let resources = served(true, vec![]);
+    let control = ControlPlane::start(&resources).await;
+    let gw = Gateway::start_as(control.addr, "delta", "gw-dns", "  listeners: true\n").await;
+    gw.wait_rules(&["allow-good"]).await;
+    let dns = |settings: &str| {
+        plain(&format!(
+            "\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener
+name: dns
+address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+filter_chains:
+- filters:
+  - name: sluice.policy
+  - name: sluice.dns
+    typed_config:
+      \"@type\": type.googleapis.com/google.protobuf.Struct
+      value: {{{settings}}}
+"
+        ))
+    };
+    control.publish_with(&resources, &dns("deny_answer: refused"));
+    assert!(
+        wait_until(|| gw.server.addr("dns").is_some()).await,
+        "{:?}",
+        gw.status.state()
+    );
+    let addr = gw.server.addr("dns").unwrap();
+    // Denied by the policy, answered as the filter's settings say.
+    assert_eq!(ask(addr, "denied.test").await, ResponseCode::Refused);
+
+    control.publish_with(&resources, &dns("deny_answr: refused"));
+    assert!(
+        wait_until(|| gw.status.state().rejected >= 1).await,
+        "{:?}",
+        gw.status.state()
+    );
+    let why = gw.status.state().last_rejection.unwrap_or_default();
+    assert!(why.contains("dns") && why.contains("deny_answr"), "{why}");
+    assert_eq!(
+        ask(addr, "denied.test").await,
+        ResponseCode::Refused,
+        "the last good one runs"
+    );
+    gw.server.shutdown(Duration::from_millis(100)).await;
+});

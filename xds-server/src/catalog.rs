@@ -363,4 +363,68 @@ mod tests {
         assert_eq!(names(&gw1, type_url::CLUSTER), ["db/upstream"]);
         assert_eq!(names(&gw2, type_url::LISTENER), ["cache", "db"]);
     }
+
+    #[test]
+    fn a_target_can_choose_plain_envoy_listeners_too() {
+        use crate::snapshot::type_url;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("l.yaml"),
+            "policy: {}\npolicies:\n  - {name: p}\ntargets:\n  - {name: edge-only, nodes: {ids: [gw-1]}, policy: p, listeners: [edge]}\n",
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("envoy")).unwrap();
+        let listener = |name: &str, port: u16| {
+            format!(
+                "\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener
+name: {name}
+address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c}}
+---
+"
+            )
+        };
+        std::fs::write(
+            dir.path().join("envoy/l.yaml"),
+            format!(
+                "{}{}\"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\nname: c\ntype: STATIC\nload_assignment: {{cluster_name: c}}\n",
+                listener("edge", 15001),
+                listener("inner", 15002)
+            ),
+        )
+        .unwrap();
+        let loaded = crate::source::Source::Dir(dir.path().to_path_buf()).load().unwrap();
+        let names = |n: &Node, t: &str| {
+            loaded
+                .catalog
+                .for_node(n)
+                .resources(t)
+                .iter()
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>()
+        };
+        for sluice in [true, false] {
+            let mut gw1 = node("gw-1", "", &[]);
+            let mut gw2 = node("gw-2", "", &[]);
+            if sluice {
+                gw1.user_agent_name = "sluice".into();
+                gw2.user_agent_name = "sluice".into();
+            }
+            assert_eq!(names(&gw1, type_url::LISTENER), ["edge"], "sluice node: {sluice}");
+            assert_eq!(names(&gw1, type_url::CLUSTER), ["c"], "clusters stay");
+            assert_eq!(names(&gw2, type_url::LISTENER), ["edge", "inner"]);
+        }
+
+        // A name defined nowhere is still refused.
+        std::fs::write(
+            dir.path().join("l.yaml"),
+            "policy: {}\npolicies:\n  - {name: p}\ntargets:\n  - {name: t, nodes: {ids: [gw-1]}, policy: p, listeners: [edg]}\n",
+        )
+        .unwrap();
+        let e = crate::source::Source::Dir(dir.path().to_path_buf()).load().unwrap_err();
+        assert!(e.to_string().contains("no listener named `edg`"), "{e}");
+    }
 }

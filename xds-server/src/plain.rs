@@ -303,6 +303,15 @@ impl Plain {
         Ok(())
     }
 
+    /// The names of the listeners.
+    pub fn listener_names(&self) -> Vec<String> {
+        self.resources
+            .iter()
+            .filter(|(_, r)| r.type_url() == type_url::LISTENER)
+            .map(|(_, r)| r.name.clone())
+            .collect()
+    }
+
     /// Like [`Plain::add_to`], for Sluice gateways: a listener with an
     /// `api_listener` (a gRPC client's) is left out, as Envoy leaves it
     /// out; a gateway runs TCP listeners.
@@ -1298,6 +1307,31 @@ filter_chains:
         let errors = Plain::parse([("greeter.yaml", example), ("routes.yaml", routes)]).unwrap_err();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(Some(errors[0].to_string()), shown.next());
+    }
+
+    /// The DNS listener of `docs/envoy-api-support.md` reads, and a
+    /// gateway runs it as a DNS listener with its settings.
+    #[test]
+    fn the_documented_dns_listener() {
+        use sluice_api::xds::gateway::{SpecKind, gateway_listener};
+        let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/envoy-api-support.md"))
+            .unwrap();
+        let block = doc.split("```yaml\n").nth(1).unwrap().split("```").next().unwrap();
+        // The block is indented under its list item.
+        let example: String = block
+            .lines()
+            .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
+            .collect();
+        let p = one("dns.yaml", &example).unwrap();
+        let l = sluice_api::xds::decode_listener(&find(&p, type_url::LISTENER, "dns").body).unwrap();
+        let spec = gateway_listener(&l, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        let SpecKind::Dns { options } = spec.kind else {
+            panic!("{spec:?}")
+        };
+        assert_eq!(
+            options,
+            r#"{"deny_answer":"refused","upstreams":["udp://10.0.0.53:53"]}"#
+        );
     }
 
     #[test]

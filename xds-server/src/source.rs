@@ -65,7 +65,12 @@ impl Source {
                 let resources = a.resources();
                 (a.build().map(|c| (c, resources)), Plain::load_dir(d))
             }
-            Self::Dir(d) => (sluice_api::config::load_dir(d), Plain::load_dir(d)),
+            Self::Dir(d) => {
+                // Targets and plugins may name the plain listeners too.
+                let plain = Plain::load_dir(d);
+                let names = plain.as_ref().map(Plain::listener_names).unwrap_or_default();
+                (sluice_api::config::load_dir_with(d, names), plain)
+            }
             Self::Embedded => {
                 let mut a = Assembly::new();
                 for (name, text) in EMBEDDED {
@@ -118,7 +123,13 @@ impl Source {
         plain
             .add_for_gateways(&mut sluice_listeners)
             .map_err(|e| ConfigErrors(vec![e.into()]))?;
-        let listener_names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+        let plain_listeners = plain.listener_names();
+        let listener_names: Vec<&str> = config
+            .listeners
+            .iter()
+            .map(|l| l.name.as_str())
+            .chain(plain_listeners.iter().map(String::as_str))
+            .collect();
         let catalog = Catalog::build(
             &resources,
             &config.policy.name,

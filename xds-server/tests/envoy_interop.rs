@@ -172,7 +172,7 @@ static_resources:
         let child = Command::new(bin)
             .arg("-c")
             .arg(&cfg)
-            .args(["--concurrency", "1", "--use-dynamic-base-id", "-l", "info"])
+            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "info"])
             .arg("--admin-address-path")
             .arg(&admin_path)
             .stdin(Stdio::null())

@@ -131,6 +131,9 @@ pub struct Assembly {
     sections: BTreeMap<&'static str, Origin>,
     /// The first file read: what names the whole configuration.
     first_file: Option<String>,
+    /// Listeners defined outside the sources, which targets and plugins
+    /// may name.
+    external_listeners: Vec<String>,
 }
 
 impl Default for Assembly {
@@ -147,7 +150,14 @@ impl Assembly {
             items: BTreeMap::new(),
             sections: BTreeMap::new(),
             first_file: None,
+            external_listeners: Vec::new(),
         }
+    }
+
+    /// Names listeners defined outside the sources (a control server's
+    /// plain Envoy listeners): targets and plugins may name them too.
+    pub fn listeners_defined_elsewhere(&mut self, names: Vec<String>) {
+        self.external_listeners = names;
     }
 
     /// Adds one file's text (`source` names it in messages).
@@ -239,7 +249,20 @@ impl Assembly {
             self.replace(ResourceKind::Plugin, names.into_iter(), raw, |c| &mut c.plugins);
         }
         if let Some(listeners) = &resources.listeners {
-            let raw = listeners.iter().map(|l| spanned(listener_from_spec(l))).collect();
+            let mut raw = Vec::with_capacity(listeners.len());
+            for l in listeners {
+                match listener_from_spec(l) {
+                    Ok(r) => raw.push(spanned(r)),
+                    Err(e) => {
+                        let origin = Origin::Resource {
+                            kind: ResourceKind::Listener,
+                            name: l.name.clone(),
+                        };
+                        self.errors
+                            .extend(e.into_iter().map(|(path, kind)| place(&origin, path, kind)));
+                    }
+                }
+            }
             self.replace(ResourceKind::Listener, listeners.iter().map(|l| &l.name), raw, |c| {
                 &mut c.listeners
             });
@@ -293,6 +316,7 @@ impl Assembly {
             errors: Vec::new(),
             user_refs: Vec::new(),
             skipped: Default::default(),
+            external_listeners: self.external_listeners.clone(),
         };
         let items = self.items;
         let sections = self.sections;
@@ -716,8 +740,13 @@ fn plugin_from_pb(p: &pb::Plugin) -> Result<raw::RawPlugin, FieldErrors> {
     })
 }
 
-fn listener_from_spec(l: &crate::xds::gateway::ListenerSpec) -> raw::RawListener {
-    raw::RawListener {
+fn listener_from_spec(l: &crate::xds::gateway::ListenerSpec) -> Result<raw::RawListener, FieldErrors> {
+    use crate::xds::gateway::SpecKind;
+    let envoy = match &l.kind {
+        SpecKind::Envoy(e) => e,
+        SpecKind::Dns { options } => return dns_listener_from_spec(l, options),
+    };
+    Ok(raw::RawListener {
         name: required(&l.name),
         kind: spanned(crate::model::ListenerType::Envoy),
         address: spanned(l.address.to_string()),
@@ -744,6 +773,44 @@ fn listener_from_spec(l: &crate::xds::gateway::ListenerSpec) -> raw::RawListener
         upstream_sockets: None,
         upstream_socket_max_queries: None,
         upstream_socket_max_age: None,
-        envoy: Some(Box::new(l.envoy.clone())),
+        envoy: Some(envoy.clone()),
+    })
+}
+
+/// A DNS listener from xDS: its `sluice.dns` settings read as a `dns`
+/// listener of `sluice.yaml` is (the same reader, so the same checks).
+fn dns_listener_from_spec(
+    l: &crate::xds::gateway::ListenerSpec,
+    options: &str,
+) -> Result<raw::RawListener, FieldErrors> {
+    const AT: &str = "filter_chains[0].filters.typed_config";
+    let invalid = |path: &str, message: String| vec![(path.to_owned(), ConfigErrorKind::InvalidValue { message })];
+    let mut fields = match serde_json::from_str::<serde_json::Value>(if options.is_empty() { "{}" } else { options }) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => {
+            return Err(invalid(
+                AT,
+                "expected a mapping of the `dns` listener's settings".to_owned(),
+            ));
+        }
+    };
+    for k in ["name", "kind", "address"] {
+        if fields.contains_key(k) {
+            return Err(invalid(
+                &format!("{AT}.{k}"),
+                format!("`{k}` is the Listener's own; remove it from the filter's settings"),
+            ));
+        }
     }
+    fields.insert("name".into(), l.name.clone().into());
+    fields.insert("kind".into(), "dns".into());
+    fields.insert("address".into(), l.address.to_string().into());
+    let text = serde_json::Value::Object(fields).to_string();
+    serde_saphyr::from_str::<raw::RawListener>(&text).map_err(|e| {
+        let message = e.to_string();
+        // The reader's message names the field; the line and column of
+        // text made here would mean nothing.
+        let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+        invalid(AT, message)
+    })
 }

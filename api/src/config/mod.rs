@@ -81,6 +81,13 @@ fn io_message(path: &Path, e: &std::io::Error) -> String {
 /// one file only. Returns the validated configuration and the resources
 /// it defines, for a control server to serve.
 pub fn load_dir(dir: &Path) -> Result<(Config, Resources), ConfigErrors> {
+    load_dir_with(dir, Vec::new())
+}
+
+/// Like [`load_dir`], where targets and plugins may also name
+/// `external_listeners`: listeners defined beside the files (a control
+/// server's plain Envoy listeners).
+pub fn load_dir_with(dir: &Path, external_listeners: Vec<String>) -> Result<(Config, Resources), ConfigErrors> {
     let io = |message: String| {
         ConfigErrors(vec![ConfigError {
             file: dir.display().to_string(),
@@ -103,6 +110,7 @@ pub fn load_dir(dir: &Path) -> Result<(Config, Resources), ConfigErrors> {
         ));
     }
     let mut assembly = Assembly::new();
+    assembly.listeners_defined_elsewhere(external_listeners);
     for f in &files {
         assembly.add_path(f);
     }
@@ -127,6 +135,7 @@ pub fn load_str(text: &str, source: &str) -> Result<Config, ConfigErrors> {
         errors: parsed.errors,
         user_refs: Vec::new(),
         skipped: parsed.skipped,
+        external_listeners: Vec::new(),
     }
     .config(parsed.raw)
 }
@@ -162,6 +171,9 @@ struct Validator {
     user_refs: Vec<(String, Location, String)>,
     /// Paths of nodes the YAML layer skipped (and reported), as in the file.
     skipped: HashSet<String>,
+    /// Listeners defined outside these files (a control server's plain
+    /// Envoy listeners), which targets and plugins may name too.
+    external_listeners: Vec<String>,
 }
 
 impl Validator {
@@ -273,7 +285,11 @@ impl Validator {
         let plugin_names: Vec<String> = raw.plugins.iter().map(|p| p.value.name.value.clone()).collect();
         let policy = self.policy(raw.policy.as_ref(), None, &webgroups, &smartgroups, &plugin_names);
         let policies = self.policies(&raw.policies, &policy, &webgroups, &smartgroups, &plugin_names);
-        let listener_names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
+        let listener_names: Vec<String> = listeners
+            .iter()
+            .map(|l| l.name.clone())
+            .chain(self.external_listeners.iter().cloned())
+            .collect();
         let targets = self.targets(&raw.targets, &policy, &policies, &plugin_names, &listener_names);
         let smart_names: Vec<&str> = smartgroups.iter().map(|g| g.name.as_str()).collect();
         for (name, loc, path) in std::mem::take(&mut self.user_refs) {

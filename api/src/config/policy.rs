@@ -227,7 +227,7 @@ impl Validator {
                             format!("{path}.listeners[{j}]"),
                             ConfigErrorKind::InvalidValue {
                                 message: format!(
-                                    "no listener named `{}`{}; define it under `listeners:`",
+                                    "no listener named `{}`{}; define it under `listeners:` (or, for a control server, as a Listener in `envoy/`)",
                                     n.value,
                                     suggest(&n.value, listeners.iter().map(String::as_str))
                                         .map_or_else(String::new, |s| format!(" (did you mean `{s}`?)"))
@@ -465,9 +465,9 @@ impl Validator {
             }
             let mut served = Vec::new();
             for (j, l) in p.listeners.iter().flatten().enumerate() {
-                match listeners.iter().find(|x| x.name == l.value) {
-                    Some(_) => served.push(l.value.clone()),
-                    None => {
+                match listeners.iter().any(|x| x.name == l.value) || self.external_listeners.contains(&l.value) {
+                    true => served.push(l.value.clone()),
+                    false => {
                         let names: Vec<&str> = listeners.iter().map(|x| x.name.as_str()).collect();
                         let hint = suggest(&l.value, names.iter().copied())
                             .map(|s| format!("; did you mean `{s}`?"))

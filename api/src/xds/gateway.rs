@@ -36,7 +36,26 @@ use crate::model::{ConnectionOptions, PeekOptions, SniCheck};
 pub struct ListenerSpec {
     pub name: String,
     pub address: SocketAddr,
-    pub envoy: FromEnvoy,
+    pub kind: SpecKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpecKind {
+    /// Filter chains and clusters, on the model.
+    Envoy(Box<FromEnvoy>),
+    /// One chain of `sluice.dns`: Sluice's DNS proxy on UDP and TCP, its
+    /// settings (the `dns` listener's, as JSON text) from the filter.
+    Dns { options: String },
+}
+
+impl ListenerSpec {
+    /// The model of a listener with filter chains (`None` for DNS).
+    pub fn envoy(&self) -> Option<&FromEnvoy> {
+        match &self.kind {
+            SpecKind::Envoy(e) => Some(e),
+            SpecKind::Dns { .. } => None,
+        }
+    }
 }
 
 /// The longest a listener's filters may wait for the first bytes when
@@ -61,6 +80,13 @@ pub fn gateway_listener(
     clusters: &BTreeMap<String, EnvoyCluster>,
     assignments: &BTreeMap<String, LoadAssignment>,
 ) -> Result<ListenerSpec, DecodeError> {
+    if let Some(options) = dns_listener(l)? {
+        return Ok(ListenerSpec {
+            name: l.name.clone(),
+            address: l.address,
+            kind: SpecKind::Dns { options },
+        });
+    }
     let original_dst = l.listener_filters.contains(&ListenerFilter::OriginalDst);
     if l.transparent && !original_dst {
         return Err(invalid(
@@ -105,15 +131,74 @@ pub fn gateway_listener(
     Ok(ListenerSpec {
         name: l.name.clone(),
         address: l.address,
-        envoy: FromEnvoy {
+        kind: SpecKind::Envoy(Box::new(FromEnvoy {
             transparent: l.transparent,
             original_dst,
             connection: ConnectionOptions::default(),
             front,
             chains,
             default_chain,
-        },
+        })),
     })
+}
+
+/// A listener whose chain ends in `sluice.dns` is a DNS listener: its
+/// settings, if it is one. It has that one chain, matching everything,
+/// and reads no first bytes (DNS is not TLS).
+fn dns_listener(l: &EnvoyListener) -> Result<Option<String>, DecodeError> {
+    let chains: Vec<(String, &EnvoyChain)> = l
+        .chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("filter_chains[{i}]"), c))
+        .chain(l.default_chain.iter().map(|c| ("default_filter_chain".to_owned(), c)))
+        .collect();
+    let dns = chains.iter().find_map(|(at, c)| {
+        c.filters.iter().enumerate().find_map(|(i, f)| match f {
+            NetworkFilter::SluiceDns { options } => Some((format!("{at}.filters[{i}]"), options, at.clone(), *c)),
+            _ => None,
+        })
+    });
+    let Some((at, options, chain_at, chain)) = dns else {
+        return Ok(None);
+    };
+    if chains.len() > 1 {
+        return Err(invalid(
+            l,
+            &at,
+            "a DNS listener has one filter chain, matching every query; give the others a listener of their own",
+        ));
+    }
+    if chain.matcher != crate::envoy::ChainMatch::default() {
+        return Err(invalid(
+            l,
+            &format!("{chain_at}.filter_chain_match"),
+            "a DNS listener's chain matches every query; the policy decides by source and name",
+        ));
+    }
+    if let Some((i, _)) = chain
+        .filters
+        .iter()
+        .enumerate()
+        .find(|(_, f)| !matches!(f, NetworkFilter::SluicePolicy | NetworkFilter::SluiceDns { .. }))
+    {
+        return Err(invalid(
+            l,
+            &format!("{chain_at}.filters[{i}]"),
+            "a DNS listener runs sluice.policy and sluice.dns only; plugins reach it over ECDS",
+        ));
+    }
+    if !l.listener_filters.is_empty() {
+        return Err(invalid(
+            l,
+            "listener_filters",
+            "a DNS listener reads DNS messages, not a ClientHello or a redirect; remove them",
+        ));
+    }
+    if l.transparent {
+        return Err(invalid(l, "transparent", "a DNS listener binds its own address"));
+    }
+    Ok(Some(options.clone()))
 }
 
 fn chain(
@@ -138,12 +223,9 @@ fn chain(
                     "plugins reach a Sluice gateway as ECDS resources that name their listeners (sluice.v1.PluginOptions.listeners), not as filters of the chain",
                 ));
             }
-            NetworkFilter::SluiceDns => {
-                return Err(invalid(
-                    l,
-                    &path,
-                    "a DNS listener is a UDP listener; give it in the gateway's file",
-                ));
+            // Handled as a DNS listener before any chain is mapped.
+            NetworkFilter::SluiceDns { .. } => {
+                return Err(invalid(l, &path, "sluice.dns makes a DNS listener of its own"));
             }
         }
     }

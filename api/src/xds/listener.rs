@@ -473,7 +473,16 @@ fn network_filter(at: &At<'_>, f: &Filter) -> Result<NetworkFilter, DecodeError>
     }
     let filter = match name.as_str() {
         filter_name::POLICY => NetworkFilter::SluicePolicy,
-        filter_name::DNS => NetworkFilter::SluiceDns,
+        // The DNS listener's settings, as `sluice.yaml` writes them.
+        filter_name::DNS => match typed {
+            Some(a) if a.type_url == type_url::STRUCT && !a.value.is_empty() => {
+                let s: envoy_types::pb::google::protobuf::Struct = at.f("typed_config").unpack(a, type_url::STRUCT)?;
+                return Ok(NetworkFilter::SluiceDns {
+                    options: super::struct_json(&s).to_string(),
+                });
+            }
+            _ => NetworkFilter::SluiceDns { options: String::new() },
+        },
         _ => {
             return Err(match typed {
                 Some(a) => at.f("typed_config").invalid(format!(
@@ -486,7 +495,7 @@ fn network_filter(at: &At<'_>, f: &Filter) -> Result<NetworkFilter, DecodeError>
             });
         }
     };
-    // Sluice's filters take their settings from Sluice's own resources.
+    // sluice.policy takes its settings from Sluice's own resources.
     if let Some(a) = typed
         && !(a.value.is_empty() && (a.type_url == type_url::EMPTY || a.type_url == type_url::STRUCT))
     {

@@ -126,6 +126,28 @@ pub fn decode_load_assignment(any: &Any) -> Result<LoadAssignment, DecodeError> 
     LoadAssignment::try_from(&msg)
 }
 
+/// A `google.protobuf.Struct` as JSON (whole numbers as integers).
+pub fn struct_json(s: &envoy_types::pb::google::protobuf::Struct) -> serde_json::Value {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    fn value(v: &envoy_types::pb::google::protobuf::Value) -> serde_json::Value {
+        match &v.kind {
+            None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+            Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
+            Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
+            Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => serde_json::Value::from(*n as i64),
+            Some(Kind::NumberValue(n)) => {
+                serde_json::Number::from_f64(*n).map_or(serde_json::Value::Null, serde_json::Value::Number)
+            }
+            Some(Kind::ListValue(l)) => serde_json::Value::Array(l.values.iter().map(value).collect()),
+            Some(Kind::StructValue(s)) => struct_json(s),
+        }
+    }
+    // Sorted keys: the same Struct always gives the same text.
+    let mut fields: Vec<(&String, &envoy_types::pb::google::protobuf::Value)> = s.fields.iter().collect();
+    fields.sort_by(|a, b| a.0.cmp(b.0));
+    serde_json::Value::Object(fields.into_iter().map(|(k, v)| (k.clone(), value(v))).collect())
+}
+
 fn unpack<M: Message + Default>(any: &Any, expected: &str) -> Result<M, DecodeError> {
     if any.type_url != expected {
         return Err(DecodeError {

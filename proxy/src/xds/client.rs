@@ -808,4 +808,195 @@ mod tests {
         };
         assert_eq!(nack.error_detail.unwrap().message, "why");
     }
+
+    fn eds_cluster(name: &str, service: &str) -> Any {
+        use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+        use envoy_types::pb::envoy::config::core::v3::{AggregatedConfigSource, ConfigSource, config_source};
+        let c = Cluster {
+            name: name.into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
+            eds_cluster_config: Some(cluster::EdsClusterConfig {
+                eds_config: Some(ConfigSource {
+                    config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+                    ..Default::default()
+                }),
+                service_name: service.into(),
+            }),
+            ..Default::default()
+        };
+        Any {
+            type_url: Cluster::type_url(),
+            value: c.encode_to_vec(),
+        }
+    }
+
+    fn assignment(name: &str, port: u32) -> Any {
+        use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+        use envoy_types::pb::envoy::config::endpoint::v3::{
+            ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+        };
+        let a = ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(Address {
+                            address: Some(address::Address::SocketAddress(SocketAddress {
+                                address: "10.0.0.1".into(),
+                                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                                ..Default::default()
+                            })),
+                        }),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        Any {
+            type_url: ClusterLoadAssignment::type_url(),
+            value: a.encode_to_vec(),
+        }
+    }
+
+    fn sotw(type_url: &str, version: &str, nonce: &str, resources: Vec<Any>) -> DiscoveryResponse {
+        DiscoveryResponse {
+            type_url: type_url.into(),
+            version_info: version.into(),
+            nonce: nonce.into(),
+            resources,
+            ..Default::default()
+        }
+    }
+
+    fn sotw_requests(out: Vec<Outgoing>) -> Vec<DiscoveryRequest> {
+        out.into_iter()
+            .map(|o| match o {
+                Outgoing::Sotw(r) => r,
+                Outgoing::Delta(r) => panic!("a Delta request on a SotW stream: {r:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sotw_eds_follows_the_clusters_by_name_and_keeps_what_a_response_leaves_out() {
+        let mut b = bootstrap(false);
+        b.listeners = true;
+        let mut c = AdsClient::new(&b);
+        let first = sotw_requests(c.on_connect());
+        // Nothing to ask EDS for yet: no request, which would read as a
+        // wildcard.
+        assert!(!first.iter().any(|r| r.type_url == envoy_url::CLUSTER_LOAD_ASSIGNMENT));
+        assert!(!c.warming());
+
+        c.on_sotw(sotw(
+            envoy_url::CLUSTER,
+            "1",
+            "n1",
+            vec![eds_cluster("a", "a-eps"), eds_cluster("b", "")],
+        ))
+        .unwrap();
+        let follow = sotw_requests(c.follow_clusters());
+        assert_eq!(follow.len(), 1);
+        assert_eq!(follow[0].type_url, envoy_url::CLUSTER_LOAD_ASSIGNMENT);
+        assert_eq!(follow[0].resource_names, ["a-eps", "b"]);
+        assert!(c.warming(), "the clusters wait for their endpoints");
+        assert!(c.follow_clusters().is_empty(), "said once");
+
+        c.on_sotw(sotw(
+            envoy_url::CLUSTER_LOAD_ASSIGNMENT,
+            "e1",
+            "n2",
+            vec![assignment("a-eps", 1)],
+        ))
+        .unwrap();
+        assert!(c.warming(), "`b` has not come");
+        c.on_sotw(sotw(
+            envoy_url::CLUSTER_LOAD_ASSIGNMENT,
+            "e2",
+            "n3",
+            vec![assignment("b", 2)],
+        ))
+        .unwrap();
+        assert!(!c.warming());
+        let acks = sotw_requests(c.commit());
+        let eds_ack = acks
+            .iter()
+            .find(|r| r.type_url == envoy_url::CLUSTER_LOAD_ASSIGNMENT)
+            .unwrap();
+        // The ACK keeps naming the subscription, not `*`.
+        assert_eq!(eds_ack.resource_names, ["a-eps", "b"]);
+        assert_eq!(eds_ack.response_nonce, "n3");
+        // A SotW EDS response holds what changed; the other stays.
+        let held: Vec<(&str, String, usize)> = c.accepted();
+        let eds = held
+            .iter()
+            .find(|(u, _, _)| *u == envoy_url::CLUSTER_LOAD_ASSIGNMENT)
+            .unwrap();
+        assert_eq!(eds.2, 2);
+
+        // `a` goes: its assignment is unsubscribed and dropped.
+        c.on_sotw(sotw(envoy_url::CLUSTER, "2", "n4", vec![eds_cluster("b", "")]))
+            .unwrap();
+        let follow = sotw_requests(c.follow_clusters());
+        assert_eq!(follow[0].resource_names, ["b"]);
+        assert_eq!(follow[0].response_nonce, "n3");
+        assert_eq!(follow[0].version_info, "e2");
+        let _ = c.commit();
+        let eds = c
+            .accepted()
+            .into_iter()
+            .find(|(u, _, _)| *u == envoy_url::CLUSTER_LOAD_ASSIGNMENT)
+            .unwrap();
+        assert_eq!(eds.2, 1);
+    }
+
+    #[test]
+    fn delta_eds_subscribes_and_unsubscribes_the_difference() {
+        let mut b = bootstrap(true);
+        b.listeners = true;
+        let mut c = AdsClient::new(&b);
+        let _ = c.on_connect();
+        let cds = |nonce: &str, clusters: Vec<Any>| DeltaDiscoveryResponse {
+            type_url: envoy_url::CLUSTER.into(),
+            nonce: nonce.into(),
+            resources: clusters
+                .into_iter()
+                .map(|a| {
+                    let name = envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(a.value.as_slice())
+                        .unwrap()
+                        .name;
+                    Resource {
+                        name,
+                        version: "v".into(),
+                        resource: Some(a),
+                        ..Default::default()
+                    }
+                })
+                .collect(),
+            ..Default::default()
+        };
+        c.on_delta(cds("n1", vec![eds_cluster("a", ""), eds_cluster("b", "")]))
+            .unwrap();
+        let sub = delta_requests(c.follow_clusters());
+        assert_eq!(sub[0].resource_names_subscribe, ["a", "b"]);
+        assert!(sub[0].resource_names_unsubscribe.is_empty());
+        assert!(sub[0].response_nonce.is_empty(), "a subscription change, not an ACK");
+        let _ = c.commit();
+        let mut gone = cds("n2", vec![eds_cluster("c", "")]);
+        gone.removed_resources = vec!["a".into()];
+        c.on_delta(gone).unwrap();
+        let sub = delta_requests(c.follow_clusters());
+        assert_eq!(sub[0].resource_names_subscribe, ["c"]);
+        assert_eq!(sub[0].resource_names_unsubscribe, ["a"]);
+        // On a new stream, the names are subscribed again with what is held.
+        let again = delta_requests(c.on_connect());
+        let eds = again
+            .iter()
+            .find(|r| r.type_url == envoy_url::CLUSTER_LOAD_ASSIGNMENT)
+            .unwrap();
+        assert_eq!(eds.resource_names_subscribe, ["b", "c"]);
+    }
 }
