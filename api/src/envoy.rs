@@ -313,8 +313,9 @@ pub struct ChainResource {
 
 /// A listener delivered as Envoy resources (LDS and CDS), already checked
 /// and mapped onto the model: what [`translate`] needs beyond the name and
-/// address. Its chains name the built-in filters only; the plugins that
-/// serve the listener are added when it is translated.
+/// address. Its chains name the built-in filters and the plugins the
+/// Envoy chain names (ECDS filters); the plugins whose `listeners` option
+/// serves the listener are added when it is translated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FromEnvoy {
     pub transparent: bool,
@@ -333,9 +334,16 @@ pub fn translate(l: &Listener, plugins: &[crate::Plugin]) -> Option<ListenerReso
     let serving = || plugins.iter().filter(|p| p.serves(&l.name)).map(|p| p.name.clone());
     let (front, cluster) = match &l.kind {
         ListenerKind::Envoy(e) => {
-            let with_plugins = |c: &ChainResource| ChainResource {
-                filters: c.filters.iter().cloned().chain(serving()).collect(),
-                ..c.clone()
+            // The chain's own plugins, then those that name the listener
+            // (once each).
+            let with_plugins = |c: &ChainResource| {
+                let mut filters = c.filters.clone();
+                for p in serving() {
+                    if !filters.contains(&p) {
+                        filters.push(p);
+                    }
+                }
+                ChainResource { filters, ..c.clone() }
             };
             return Some(ListenerResource {
                 name: l.name.clone(),

@@ -2041,11 +2041,10 @@ fn a_gateway_maps_envoy_listeners_onto_its_model_and_names_what_it_cannot_run() 
         &known,
     );
     assert_eq!(e.path, "listener_filters", "{e}");
-    let e = refused(
-        one_chain(vec![], vec![named("sluice.policy"), wasm("guard"), tcp_proxy("db")]),
-        &known,
-    );
-    assert_eq!(e.path, "filter_chains[0].filters[1]", "{e}");
+    // A plugin named in the chain runs there, after the policy.
+    let with_plugin = one_chain(vec![], vec![named("sluice.policy"), wasm("guard"), tcp_proxy("db")]);
+    let spec = gateway_listener(&listener(&with_plugin).unwrap(), &known, &none).unwrap();
+    assert_eq!(spec.envoy().unwrap().chains[0].filters, [ANTI_EVASION, POLICY, "guard"]);
 }
 
 #[test]

@@ -1,7 +1,10 @@
 //! Fuzzes the decoding of standard Envoy resources (`sluice_api::xds`):
 //! any bytes as a `Listener`, a `Cluster` or a `ClusterLoadAssignment` must
 //! give a checked value or a refusal (never a panic); what is accepted has
-//! a name, and the same message re-encoded decodes to the same value.
+//! a name, and the same message re-encoded decodes to the same value. A
+//! decoded listener is mapped onto what a gateway runs (with the same bytes
+//! as its one cluster): a mapping or a refusal, and every chain mapped
+//! runs the anti-evasion checks and the policy first.
 
 #![no_main]
 
@@ -25,7 +28,20 @@ fuzz_target!(|data: &[u8]| {
         assert!(!l.name.is_empty());
         let again = Listener::decode(data).map(|m| m.encode_to_vec());
         let again = again.map(|b| xds::decode_listener(&any(type_url::LISTENER, b)));
-        assert_eq!(again.ok(), Some(Ok(l)));
+        assert_eq!(again.ok(), Some(Ok(l.clone())));
+        let clusters = xds::decode_cluster(&any(type_url::CLUSTER, data.to_vec()))
+            .map(|c| std::collections::BTreeMap::from([(c.name.clone(), c)]))
+            .unwrap_or_default();
+        if let Ok(spec) = xds::gateway::gateway_listener(&l, &clusters, &Default::default())
+            && let Some(e) = spec.envoy()
+        {
+            for c in e.chains.iter().chain(&e.default_chain) {
+                assert_eq!(
+                    c.filters.get(..2),
+                    Some(&[sluice_api::envoy::ANTI_EVASION.to_owned(), sluice_api::envoy::POLICY.to_owned()][..])
+                );
+            }
+        }
     }
     if let Ok(c) = xds::decode_cluster(&any(type_url::CLUSTER, data.to_vec())) {
         assert!(!c.name.is_empty());

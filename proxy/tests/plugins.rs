@@ -435,20 +435,6 @@ async fn dns_upstream() -> std::net::SocketAddr {
     addr
 }
 
-/// Asks `server` for the A record of `name`; the answer's rcode.
-async fn ask(server: std::net::SocketAddr, name: &str) -> hickory_proto::op::ResponseCode {
-    use hickory_proto::op::{Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RecordType};
-    let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
-    m.metadata.recursion_desired = true;
-    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    sock.send_to(&m.to_vec().unwrap(), server).await.unwrap();
-    let mut buf = [0u8; 1500];
-    let (n, _) = within("the DNS answer", sock.recv_from(&mut buf)).await.unwrap();
-    Message::from_vec(&buf[..n]).unwrap().metadata.response_code
-}
-
 flow_test!(dns_tunnel_guard_judges_each_query_of_the_dns_listener_it_names, async {
     use hickory_proto::op::ResponseCode;
     let upstream = dns_upstream().await;

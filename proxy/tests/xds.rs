@@ -1205,20 +1205,6 @@ load_assignment:
     gw.server.shutdown(Duration::from_millis(100)).await;
 });
 
-/// Asks `server` for the A record of `name` over UDP; the answer's rcode.
-async fn ask(server: SocketAddr, name: &str) -> hickory_proto::op::ResponseCode {
-    use hickory_proto::op::{Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RecordType};
-    let mut m = Message::new(0x5151, MessageType::Query, OpCode::Query);
-    m.metadata.recursion_desired = true;
-    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    sock.send_to(&m.to_vec().unwrap(), server).await.unwrap();
-    let mut buf = [0u8; 1500];
-    let (n, _) = within("the DNS answer", sock.recv_from(&mut buf)).await.unwrap();
-    Message::from_vec(&buf[..n]).unwrap().metadata.response_code
-}
-
 // A Listener whose chain is `sluice.dns` is a DNS listener, its settings
 // those of a `dns` listener in `sluice.yaml`; a setting the reader refuses
 // is NACKed with the Listener's name.
@@ -1266,5 +1252,89 @@ filter_chains:
         ResponseCode::Refused,
         "the last good one runs"
     );
+    gw.server.shutdown(Duration::from_millis(100)).await;
+});
+
+// A chain runs the plugins it names (filters with `config_discovery`, as
+// stock Envoy's listeners name theirs), and only that chain.
+flow_test!(an_envoy_chain_runs_the_plugins_it_names, async {
+    let (a, b) = (named_upstream("a").await, named_upstream("b").await);
+    let mut resources = served(
+        true,
+        vec![rule(
+            "allow-edge",
+            &["edge"],
+            &["gateway", "loopback"],
+            pb::Action::Allow,
+        )],
+    );
+    if let Some(w) = resources.webgroups.as_mut() {
+        w.push(webgroup("edge", &["a.test", "b.test"]));
+    }
+    // The plugin's own option names another listener, so it runs on
+    // `edge` only where a chain names it.
+    let yaml = format!(
+        "listeners:\n  - {{name: side, kind: tcp, address: \"127.0.0.1:0\", upstream: \"127.0.0.1:9\"}}\n\
+         plugins:\n  - name: guard\n    path: \"{}\"\n    config: \"annotate=chain:guarded\"\n    listeners: [side]\n",
+        common::guests::guest("test-guest").display()
+    );
+    let config = sluice_api::config::load_str(&yaml, "plugins.yaml").unwrap();
+    let mut extra = sluice_xds::ecds::plugins(&config, None, None).unwrap().0;
+    let tcp = |name: &str, cluster: &str| {
+        format!(
+            "  - name: envoy.filters.network.tcp_proxy\n    typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: {name}, cluster: {cluster}}}\n"
+        )
+    };
+    let cluster = |name: &str, port: u16| {
+        format!(
+            "---\n\"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\nname: {name}\ntype: STATIC\nload_assignment:\n  cluster_name: {name}\n  endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]\n"
+        )
+    };
+    let listeners = format!(
+        "\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener
+name: edge
+address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+listener_filters:
+- name: envoy.filters.listener.tls_inspector
+  typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector}}
+filter_chains:
+- filter_chain_match: {{server_names: [a.test]}}
+  filters:
+  - name: guard
+    config_discovery:
+      config_source: {{ads: {{}}}}
+      type_urls: [type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm]
+{}- filter_chain_match: {{server_names: [b.test]}}
+  filters:
+{}---
+\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener
+name: side
+address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+filter_chains:
+- filters:
+{}{}{}",
+        tcp("a", "a"),
+        tcp("b", "b"),
+        tcp("side", "b"),
+        cluster("a", a.port()),
+        cluster("b", b.port())
+    );
+    extra.extend(plain(&listeners));
+    let control = ControlPlane::start(&resources).await;
+    let gw = Gateway::start_as(control.addr, "delta", "gw-chain-plugins", "  listeners: true\n").await;
+    gw.wait_rules(&["allow-edge", "allow-good"]).await;
+    control.publish_with(&resources, &extra);
+    assert!(
+        wait_until(|| gw.server.addr("edge").is_some() && plugin_names(&gw) == ["guard"]).await,
+        "{:?}",
+        gw.status.state()
+    );
+    let edge = gw.server.addr("edge").unwrap();
+    assert_eq!(who_answers(edge, "a.test").await, "a");
+    assert_eq!(who_answers(edge, "b.test").await, "b");
+    let ra = gw.wait_record(|r| r["sni"] == "a.test").await;
+    let rb = gw.wait_record(|r| r["sni"] == "b.test").await;
+    assert_eq!(ra["annotations"]["chain"], "guarded", "{ra}");
+    assert!(rb["annotations"]["chain"].is_null(), "{rb}");
     gw.server.shutdown(Duration::from_millis(100)).await;
 });

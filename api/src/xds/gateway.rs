@@ -211,18 +211,15 @@ fn chain(
     assignments: &BTreeMap<String, LoadAssignment>,
 ) -> Result<ChainResource, DecodeError> {
     let mut proxy = None;
+    let mut filters = vec![ANTI_EVASION.to_owned(), POLICY.to_owned()];
     for (i, f) in c.filters.iter().enumerate() {
         let path = format!("{at}.filters[{i}]");
         match f {
             NetworkFilter::SluicePolicy => {}
             NetworkFilter::TcpProxy(t) => proxy = Some((t, path)),
-            NetworkFilter::Wasm { .. } => {
-                return Err(invalid(
-                    l,
-                    &path,
-                    "plugins reach a Sluice gateway as ECDS resources that name their listeners (sluice.v1.PluginOptions.listeners), not as filters of the chain",
-                ));
-            }
+            // A plugin, by the name of its ECDS resource: it runs on this
+            // chain, after the policy, in chain order.
+            NetworkFilter::Wasm { name } => filters.push(name.clone()),
             // Handled as a DNS listener before any chain is mapped.
             NetworkFilter::SluiceDns { .. } => {
                 return Err(invalid(l, &path, "sluice.dns makes a DNS listener of its own"));
@@ -333,7 +330,7 @@ fn chain(
             c.name.clone()
         },
         matcher: c.matcher.clone(),
-        filters: vec![ANTI_EVASION.to_owned(), POLICY.to_owned()],
+        filters,
         cluster: target,
         upstream: Some(UpstreamOptions {
             connect_timeout: cluster.connect_timeout,

@@ -883,3 +883,17 @@ pub async fn auth_service() -> (SocketAddr, Arc<AtomicUsize>) {
     });
     (addr, checks)
 }
+
+/// Asks `server` for the A record of `name` over UDP; the answer's rcode.
+pub async fn ask(server: SocketAddr, name: &str) -> hickory_proto::op::ResponseCode {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(&m.to_vec().unwrap(), server).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = within("the DNS answer", sock.recv_from(&mut buf)).await.unwrap();
+    Message::from_vec(&buf[..n]).unwrap().metadata.response_code
+}
