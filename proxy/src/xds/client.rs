@@ -100,6 +100,9 @@ pub struct AdsClient {
     types: BTreeMap<&'static str, TypeState>,
     /// The node goes in the first request of each stream only.
     node_sent: bool,
+    /// EDS names whose assignment was waited for and did not come: later
+    /// updates do not wait for them again.
+    gave_up: BTreeSet<String>,
 }
 
 impl AdsClient {
@@ -125,6 +128,7 @@ impl AdsClient {
             delta: bootstrap.delta,
             types,
             node_sent: false,
+            gave_up: BTreeSet::new(),
         }
     }
 
@@ -256,7 +260,18 @@ impl AdsClient {
             return false;
         };
         let held = |n: &String| t.accepted.contains_key(n) || t.pending.as_ref().is_some_and(|p| p.set.contains_key(n));
-        t.names.iter().flatten().any(|n| !held(n))
+        t.names.iter().flatten().any(|n| !held(n) && !self.gave_up.contains(n))
+    }
+
+    /// The wait for the missing assignments is over: their clusters go on
+    /// without endpoints, and later updates do not wait for them again.
+    pub fn stop_warming(&mut self) {
+        let Some(t) = self.types.get(envoy_url::CLUSTER_LOAD_ASSIGNMENT) else {
+            return;
+        };
+        let held = |n: &String| t.accepted.contains_key(n) || t.pending.as_ref().is_some_and(|p| p.set.contains_key(n));
+        let missing: Vec<String> = t.names.iter().flatten().filter(|n| !held(n)).cloned().collect();
+        self.gave_up.extend(missing);
     }
 
     fn node_once(&mut self) -> Option<Node> {
@@ -913,6 +928,18 @@ mod tests {
         ))
         .unwrap();
         assert!(c.warming(), "`b` has not come");
+        {
+            // Given up on (the 2 s hold ran out), `b` is not waited for again.
+            let mut later = AdsClient::new(&b);
+            let _ = later.on_connect();
+            later
+                .on_sotw(sotw(envoy_url::CLUSTER, "1", "n1", vec![eds_cluster("b", "")]))
+                .unwrap();
+            let _ = later.follow_clusters();
+            assert!(later.warming());
+            later.stop_warming();
+            assert!(!later.warming());
+        }
         c.on_sotw(sotw(
             envoy_url::CLUSTER_LOAD_ASSIGNMENT,
             "e2",

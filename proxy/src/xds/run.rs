@@ -271,6 +271,7 @@ impl<A: Apply> Session<'_, A> {
             if now < since + HOLD {
                 return out;
             }
+            self.client.stop_warming();
         }
         out.extend(self.commit_or_reject(now).await);
         out
