@@ -241,7 +241,10 @@ fn expected_listener() -> EnvoyListener {
         default_chain: Some(EnvoyChain {
             name: "dns".into(),
             matcher: ChainMatch::default(),
-            filters: vec![NetworkFilter::SluiceDns { options: String::new() }],
+            filters: vec![NetworkFilter::SluiceListener {
+                kind: sluice_api::ListenerType::Dns,
+                options: String::new(),
+            }],
         }),
     }
 }
@@ -2080,10 +2083,23 @@ fn a_chain_of_sluice_dns_makes_a_dns_listener_with_its_settings() {
     let (none, no_eds) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
     let l = one_chain(vec![], vec![named("sluice.policy"), dns.clone()]);
     let spec = gateway_listener(&listener(&l).unwrap(), &none, &no_eds).unwrap();
-    let SpecKind::Dns { options } = &spec.kind else {
+    let SpecKind::Sluice { kind, options } = &spec.kind else {
         panic!("{spec:?}")
     };
+    assert_eq!(*kind, sluice_api::ListenerType::Dns);
     assert_eq!(options, r#"{"cache_entries":512,"upstreams":["udp://127.0.0.1:5353"]}"#);
+    // sluice.http_proxy and sluice.sni make their kinds the same way.
+    for (filter, want) in [
+        ("sluice.http_proxy", sluice_api::ListenerType::HttpProxy),
+        ("sluice.sni", sluice_api::ListenerType::Sni),
+    ] {
+        let l = one_chain(vec![], vec![named(filter)]);
+        let spec = gateway_listener(&listener(&l).unwrap(), &none, &no_eds).unwrap();
+        assert!(
+            matches!(&spec.kind, SpecKind::Sluice { kind, options } if *kind == want && options.is_empty()),
+            "{spec:?}"
+        );
+    }
 
     // One chain only, matching everything, and nothing else in it.
     let mut two = l.clone();

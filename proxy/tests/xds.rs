@@ -932,11 +932,23 @@ flow_test!(sluice_xds_serves_a_gateway_its_listeners, async {
         .unwrap()
         .local_addr()
         .unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (explicit, dns) = (free(), free());
     let dir = scratch_dir();
+    // Every kind: tcp in its Envoy shape; http-proxy (with its users) and
+    // dns as Sluice's own filters with all their settings.
     std::fs::write(
         dir.path().join("served.yaml"),
         format!(
             "listeners:\n  - {{name: db, kind: tcp, address: \"{db}\", upstream: \"{}\"}}\n\
+             \x20 - {{name: explicit, kind: http-proxy, address: \"{explicit}\", users: [{{name: ci, password: hunter2, smartgroup: builders}}]}}\n\
+             \x20 - {{name: dns, kind: dns, address: \"{dns}\", deny_answer: refused}}\n\
+             smartgroups:\n  - {{name: builders, cidrs: [10.9.0.0/16]}}\n\
              policy:\n  rules:\n    - {{name: to-upstream, to: {{smartgroups: [gateway, loopback]}}, action: allow}}\n",
             up.addr()
         ),
@@ -955,6 +967,29 @@ flow_test!(sluice_xds_serves_a_gateway_its_listeners, async {
         .unwrap();
     let mut tls = up_connect(&up, "allowed.test", stream).await;
     echo(&mut tls, b"from a directory, through sluice-xds").await;
+    assert!(
+        wait_until(|| gw.server.addr("explicit").is_some() && gw.server.addr("dns").is_some()).await,
+        "{:?}",
+        gw.status.state()
+    );
+    // The explicit proxy came with its users.
+    let target = up.addr().to_string();
+    let (_, refused) = connect_via(gw.server.addr("explicit").unwrap(), &target, "").await;
+    assert_eq!(refused.status, 407, "{refused:?}");
+    let (stream, ok) = connect_via(
+        gw.server.addr("explicit").unwrap(),
+        &target,
+        "Proxy-Authorization: Basic Y2k6aHVudGVyMg==\r\n",
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let mut tls = up_connect(&up, "allowed.test", stream).await;
+    echo(&mut tls, b"through the explicit proxy from sluice-xds").await;
+    // The DNS listener came with its settings.
+    assert_eq!(
+        ask(gw.server.addr("dns").unwrap(), "denied.test").await,
+        hickory_proto::op::ResponseCode::Refused
+    );
     assert_eq!(control.nacks(), 0, "{:?}", gw.status.state());
     gw.server.shutdown(Duration::from_millis(100)).await;
 });

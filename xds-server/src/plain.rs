@@ -1325,7 +1325,7 @@ filter_chains:
         let p = one("dns.yaml", &example).unwrap();
         let l = sluice_api::xds::decode_listener(&find(&p, type_url::LISTENER, "dns").body).unwrap();
         let spec = gateway_listener(&l, &BTreeMap::new(), &BTreeMap::new()).unwrap();
-        let SpecKind::Dns { options } = spec.kind else {
+        let SpecKind::Sluice { options, .. } = spec.kind else {
             panic!("{spec:?}")
         };
         assert_eq!(

@@ -744,7 +744,7 @@ fn listener_from_spec(l: &crate::xds::gateway::ListenerSpec) -> Result<raw::RawL
     use crate::xds::gateway::SpecKind;
     let envoy = match &l.kind {
         SpecKind::Envoy(e) => e,
-        SpecKind::Dns { options } => return dns_listener_from_spec(l, options),
+        SpecKind::Sluice { kind, options } => return sluice_listener_from_spec(l, *kind, options),
     };
     Ok(raw::RawListener {
         name: required(&l.name),
@@ -777,10 +777,12 @@ fn listener_from_spec(l: &crate::xds::gateway::ListenerSpec) -> Result<raw::RawL
     })
 }
 
-/// A DNS listener from xDS: its `sluice.dns` settings read as a `dns`
-/// listener of `sluice.yaml` is (the same reader, so the same checks).
-fn dns_listener_from_spec(
+/// A listener of Sluice's own kind from xDS: its filter's settings read as
+/// that kind of listener in `sluice.yaml` is (the same reader, so the same
+/// checks).
+fn sluice_listener_from_spec(
     l: &crate::xds::gateway::ListenerSpec,
+    kind: crate::model::ListenerType,
     options: &str,
 ) -> Result<raw::RawListener, FieldErrors> {
     const AT: &str = "filter_chains[0].filters.typed_config";
@@ -790,7 +792,7 @@ fn dns_listener_from_spec(
         _ => {
             return Err(invalid(
                 AT,
-                "expected a mapping of the `dns` listener's settings".to_owned(),
+                format!("expected a mapping of the `{}` listener's settings", kind.as_str()),
             ));
         }
     };
@@ -803,7 +805,7 @@ fn dns_listener_from_spec(
         }
     }
     fields.insert("name".into(), l.name.clone().into());
-    fields.insert("kind".into(), "dns".into());
+    fields.insert("kind".into(), kind.as_str().into());
     fields.insert("address".into(), l.address.to_string().into());
     let text = serde_json::Value::Object(fields).to_string();
     serde_saphyr::from_str::<raw::RawListener>(&text).map_err(|e| {

@@ -421,3 +421,132 @@ fn parse_dns_upstream(v: &str) -> Option<DnsUpstream> {
         server_name: name,
     })
 }
+
+/// A listener's own settings as `sluice.yaml` writes them (without `name`,
+/// `kind` and `address`), for the kinds that travel over xDS as a Sluice
+/// filter of their own (`dns`, `http-proxy`, `sni`): read back by the same
+/// reader, they give the same listener. `None` for the other kinds.
+pub fn listener_settings(kind: &ListenerKind) -> Option<serde_json::Value> {
+    use serde_json::{Value, json};
+    let text = |d: Duration| Value::String(humantime::format_duration(d).to_string());
+    let connection = |c: &ConnectionOptions| {
+        json!({
+            "max_connections": c.max_connections,
+            "connect_timeout": text(c.connect_timeout),
+            "idle_timeout": text(c.idle_timeout),
+        })
+    };
+    let peek = |p: &PeekOptions| {
+        json!({
+            "peek_timeout": text(p.peek_timeout),
+            "max_client_hello": p.max_client_hello,
+            "ech": match p.ech { EchPolicy::Allow => "allow", EchPolicy::Deny => "deny" },
+        })
+    };
+    let merge = |parts: Vec<Value>| {
+        let mut out = serde_json::Map::new();
+        for p in parts {
+            if let Value::Object(m) = p {
+                out.extend(m);
+            }
+        }
+        Value::Object(out)
+    };
+    let action = |a: Action| match a {
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+    };
+    match kind {
+        ListenerKind::HttpProxy(o) => Some(merge(vec![
+            connection(&o.connection),
+            peek(&o.peek),
+            json!({
+                "connect_no_sni": action(o.connect_no_sni),
+                "users": o.users.iter().map(|u| json!({
+                    "name": u.name, "password": u.password, "smartgroup": u.smartgroup,
+                })).collect::<Vec<_>>(),
+            }),
+        ])),
+        ListenerKind::Sni(o) => Some(merge(vec![
+            connection(&o.connection),
+            peek(&o.peek),
+            json!({ "upstream_port": o.upstream_port }),
+        ])),
+        ListenerKind::Dns(d) => {
+            let upstream = |u: &DnsUpstream| match (u.transport, &u.server_name) {
+                (DnsTransport::Tls, Some(n)) => format!("tls://{}#{n}", u.address),
+                (DnsTransport::Tls, None) => format!("tls://{}", u.address),
+                (DnsTransport::Tcp, _) => format!("tcp://{}", u.address),
+                (DnsTransport::Udp, _) => format!("udp://{}", u.address),
+            };
+            let (deny, sinkhole) = match &d.deny_answer {
+                DnsDeny::Nxdomain => ("nxdomain", Vec::new()),
+                DnsDeny::Refused => ("refused", Vec::new()),
+                DnsDeny::Sinkhole { v4, v6 } => ("sinkhole", vec![v4.to_string(), v6.to_string()]),
+            };
+            let mut out = json!({
+                "upstreams": d.upstreams.iter().map(upstream).collect::<Vec<_>>(),
+                "deny_answer": deny,
+                "cache_entries": d.cache_entries,
+                "binding_min_ttl": text(d.binding_min_ttl),
+                "binding_grace": text(d.binding_grace),
+                "max_bindings": d.max_bindings,
+                "exfiltration": d.exfiltration,
+                "upstream_sockets": d.upstream_sockets,
+                "upstream_socket_max_queries": d.upstream_socket_max_queries,
+                "upstream_socket_max_age": text(d.upstream_socket_max_age),
+            });
+            if let Value::Object(m) = &mut out {
+                if !sinkhole.is_empty() {
+                    m.insert("sinkhole".into(), json!(sinkhole));
+                }
+                if let Some(s) = d.strip_ech {
+                    m.insert("strip_ech".into(), json!(s));
+                }
+            }
+            Some(out)
+        }
+        ListenerKind::Transparent(_) | ListenerKind::Tcp(_) | ListenerKind::Envoy(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use super::*;
+
+    /// Every setting of each kind, away from its default, survives the
+    /// trip: written as settings, read back by the file's reader.
+    #[test]
+    fn settings_read_back_to_the_same_listener() {
+        let yaml = "listeners:
+  - {name: p, kind: http-proxy, address: \"127.0.0.1:3128\", max_connections: 77, connect_timeout: 3s, idle_timeout: 90m,
+     peek_timeout: 2500ms, max_client_hello: 4096, ech: allow, connect_no_sni: allow,
+     users: [{name: ci, password: hunter2, smartgroup: builders}]}
+  - {name: s, kind: sni, address: \"127.0.0.1:8443\", upstream_port: 9443, ech: allow, peek_timeout: 7s}
+  - {name: d, kind: dns, address: \"127.0.0.1:5353\", upstreams: [\"10.0.0.2\", \"tcp://10.0.0.3:5300\", \"tls://1.1.1.1:853#one.one.one.one\"],
+     deny_answer: sinkhole, sinkhole: [0.0.0.0, \"::\"], strip_ech: false, cache_entries: 123, binding_min_ttl: 45s,
+     binding_grace: 2m, max_bindings: 999, exfiltration: false, upstream_sockets: 3, upstream_socket_max_queries: 77,
+     upstream_socket_max_age: 90s}
+smartgroups:
+  - {name: builders, cidrs: [10.9.0.0/16]}
+";
+        let cfg = crate::config::load_str(yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+        for l in &cfg.listeners {
+            let mut settings = listener_settings(&l.kind).unwrap();
+            let m = settings.as_object_mut().unwrap();
+            m.insert("name".into(), l.name.clone().into());
+            m.insert("kind".into(), l.kind.ty().as_str().into());
+            m.insert("address".into(), l.address.to_string().into());
+            let again =
+                format!("listeners:\n  - {settings}\nsmartgroups:\n  - {{name: builders, cidrs: [10.9.0.0/16]}}\n");
+            let back = crate::config::load_str(&again, "again.yaml").unwrap_or_else(|e| panic!("{e}\n{again}"));
+            assert_eq!(back.listeners[0], *l, "{again}");
+        }
+        assert_eq!(
+            listener_settings(&cfg.listeners[0].kind).unwrap()["users"][0]["password"],
+            "hunter2"
+        );
+    }
+}

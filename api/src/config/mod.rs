@@ -25,6 +25,7 @@ use serde_saphyr::Location;
 pub use assemble::{Assembly, DEFAULT_POLICY, ResourceKind, Resources};
 pub use error::{ConfigError, ConfigErrorKind, ConfigErrors, GroupKind, NameKind, suggest};
 pub use groups::{selected_workloads, unmatched_selectors};
+pub use listeners::listener_settings;
 use raw::{RawConfig, S, is_missing};
 
 use crate::model::*;

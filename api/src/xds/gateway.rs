@@ -43,9 +43,13 @@ pub struct ListenerSpec {
 pub enum SpecKind {
     /// Filter chains and clusters, on the model.
     Envoy(Box<FromEnvoy>),
-    /// One chain of `sluice.dns`: Sluice's DNS proxy on UDP and TCP, its
-    /// settings (the `dns` listener's, as JSON text) from the filter.
-    Dns { options: String },
+    /// One chain ending in a listener kind of Sluice's own (`sluice.dns`,
+    /// `sluice.http_proxy`, `sluice.sni`): that kind, with the settings the
+    /// filter gives (as `sluice.yaml` writes them, as JSON text).
+    Sluice {
+        kind: crate::model::ListenerType,
+        options: String,
+    },
 }
 
 impl ListenerSpec {
@@ -53,7 +57,7 @@ impl ListenerSpec {
     pub fn envoy(&self) -> Option<&FromEnvoy> {
         match &self.kind {
             SpecKind::Envoy(e) => Some(e),
-            SpecKind::Dns { .. } => None,
+            SpecKind::Sluice { .. } => None,
         }
     }
 }
@@ -80,11 +84,11 @@ pub fn gateway_listener(
     clusters: &BTreeMap<String, EnvoyCluster>,
     assignments: &BTreeMap<String, LoadAssignment>,
 ) -> Result<ListenerSpec, DecodeError> {
-    if let Some(options) = dns_listener(l)? {
+    if let Some((kind, options)) = sluice_listener(l)? {
         return Ok(ListenerSpec {
             name: l.name.clone(),
             address: l.address,
-            kind: SpecKind::Dns { options },
+            kind: SpecKind::Sluice { kind, options },
         });
     }
     let original_dst = l.listener_filters.contains(&ListenerFilter::OriginalDst);
@@ -142,10 +146,12 @@ pub fn gateway_listener(
     })
 }
 
-/// A listener whose chain ends in `sluice.dns` is a DNS listener: its
-/// settings, if it is one. It has that one chain, matching everything,
-/// and reads no first bytes (DNS is not TLS).
-fn dns_listener(l: &EnvoyListener) -> Result<Option<String>, DecodeError> {
+/// A listener whose chain ends in one of Sluice's listener filters
+/// (`sluice.dns`, `sluice.http_proxy`, `sluice.sni`) is a listener of that
+/// kind: the kind and its settings, if it is one. It has that one chain,
+/// matching everything, and no listener filters (the kind reads what it
+/// needs itself).
+fn sluice_listener(l: &EnvoyListener) -> Result<Option<(crate::model::ListenerType, String)>, DecodeError> {
     let chains: Vec<(String, &EnvoyChain)> = l
         .chains
         .iter()
@@ -153,52 +159,67 @@ fn dns_listener(l: &EnvoyListener) -> Result<Option<String>, DecodeError> {
         .map(|(i, c)| (format!("filter_chains[{i}]"), c))
         .chain(l.default_chain.iter().map(|c| ("default_filter_chain".to_owned(), c)))
         .collect();
-    let dns = chains.iter().find_map(|(at, c)| {
+    let found = chains.iter().find_map(|(at, c)| {
         c.filters.iter().enumerate().find_map(|(i, f)| match f {
-            NetworkFilter::SluiceDns { options } => Some((format!("{at}.filters[{i}]"), options, at.clone(), *c)),
+            NetworkFilter::SluiceListener { kind, options } => {
+                Some((format!("{at}.filters[{i}]"), *kind, options, at.clone(), *c))
+            }
             _ => None,
         })
     });
-    let Some((at, options, chain_at, chain)) = dns else {
+    let Some((at, kind, options, chain_at, chain)) = found else {
         return Ok(None);
     };
     if chains.len() > 1 {
         return Err(invalid(
             l,
             &at,
-            "a DNS listener has one filter chain, matching every query; give the others a listener of their own",
+            format!(
+                "a `{}` listener has one filter chain, matching every flow; give the others a listener of their own",
+                kind.as_str()
+            ),
         ));
     }
     if chain.matcher != crate::envoy::ChainMatch::default() {
         return Err(invalid(
             l,
             &format!("{chain_at}.filter_chain_match"),
-            "a DNS listener's chain matches every query; the policy decides by source and name",
+            format!(
+                "a `{}` listener's chain matches every flow; the policy decides by source and name",
+                kind.as_str()
+            ),
         ));
     }
     if let Some((i, _)) = chain
         .filters
         .iter()
         .enumerate()
-        .find(|(_, f)| !matches!(f, NetworkFilter::SluicePolicy | NetworkFilter::SluiceDns { .. }))
+        .find(|(_, f)| !matches!(f, NetworkFilter::SluicePolicy | NetworkFilter::SluiceListener { .. }))
     {
         return Err(invalid(
             l,
             &format!("{chain_at}.filters[{i}]"),
-            "a DNS listener runs sluice.policy and sluice.dns only; plugins reach it over ECDS",
+            format!(
+                "a `{}` listener runs sluice.policy and its own filter only; plugins reach it over ECDS",
+                kind.as_str()
+            ),
         ));
     }
     if !l.listener_filters.is_empty() {
         return Err(invalid(
             l,
             "listener_filters",
-            "a DNS listener reads DNS messages, not a ClientHello or a redirect; remove them",
+            format!("a `{}` listener reads what it needs itself; remove them", kind.as_str()),
         ));
     }
     if l.transparent {
-        return Err(invalid(l, "transparent", "a DNS listener binds its own address"));
+        return Err(invalid(
+            l,
+            "transparent",
+            format!("a `{}` listener binds its own address", kind.as_str()),
+        ));
     }
-    Ok(Some(options.clone()))
+    Ok(Some((kind, options.clone())))
 }
 
 fn chain(
@@ -220,9 +241,13 @@ fn chain(
             // A plugin, by the name of its ECDS resource: it runs on this
             // chain, after the policy, in chain order.
             NetworkFilter::Wasm { name } => filters.push(name.clone()),
-            // Handled as a DNS listener before any chain is mapped.
-            NetworkFilter::SluiceDns { .. } => {
-                return Err(invalid(l, &path, "sluice.dns makes a DNS listener of its own"));
+            // Handled as a listener of its kind before any chain is mapped.
+            NetworkFilter::SluiceListener { kind, .. } => {
+                return Err(invalid(
+                    l,
+                    &path,
+                    format!("this filter makes a `{}` listener of its own", kind.as_str()),
+                ));
             }
         }
     }

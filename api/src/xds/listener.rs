@@ -473,20 +473,36 @@ fn network_filter(at: &At<'_>, f: &Filter) -> Result<NetworkFilter, DecodeError>
     }
     let filter = match name.as_str() {
         filter_name::POLICY => NetworkFilter::SluicePolicy,
-        // The DNS listener's settings, as `sluice.yaml` writes them.
-        filter_name::DNS => match typed {
-            Some(a) if a.type_url == type_url::STRUCT && !a.value.is_empty() => {
-                let s: envoy_types::pb::google::protobuf::Struct = at.f("typed_config").unpack(a, type_url::STRUCT)?;
-                return Ok(NetworkFilter::SluiceDns {
-                    options: super::struct_json(&s).to_string(),
-                });
-            }
-            _ => NetworkFilter::SluiceDns { options: String::new() },
-        },
+        // A listener kind of Sluice's own: its settings, as `sluice.yaml`
+        // writes them.
+        other if let Some(kind) = filter_name::kind(other) => {
+            return match typed {
+                Some(a) if a.type_url == type_url::STRUCT && !a.value.is_empty() => {
+                    let s: envoy_types::pb::google::protobuf::Struct =
+                        at.f("typed_config").unpack(a, type_url::STRUCT)?;
+                    Ok(NetworkFilter::SluiceListener {
+                        kind,
+                        options: super::struct_json(&s).to_string(),
+                    })
+                }
+                Some(a)
+                    if !(a.value.is_empty() && (a.type_url == type_url::EMPTY || a.type_url == type_url::STRUCT)) =>
+                {
+                    Err(at.f("typed_config").invalid(format!(
+                        "`{}`: give a google.protobuf.Struct of the listener's settings",
+                        a.type_url
+                    )))
+                }
+                _ => Ok(NetworkFilter::SluiceListener {
+                    kind,
+                    options: String::new(),
+                }),
+            };
+        }
         _ => {
             return Err(match typed {
                 Some(a) => at.f("typed_config").invalid(format!(
-                    "`{}` is not a network filter Sluice runs; it runs tcp_proxy, sluice.policy, sluice.dns and Wasm over ECDS",
+                    "`{}` is not a network filter Sluice runs; it runs tcp_proxy, sluice.policy, sluice.dns, sluice.http_proxy, sluice.sni and Wasm over ECDS",
                     a.type_url
                 )),
                 None => at

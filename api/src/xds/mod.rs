@@ -56,6 +56,33 @@ pub mod type_url {
 pub mod filter_name {
     pub const POLICY: &str = crate::envoy::POLICY;
     pub const DNS: &str = "sluice.dns";
+    /// An explicit proxy (`kind: http-proxy`) as a filter.
+    pub const HTTP_PROXY: &str = "sluice.http_proxy";
+    /// TLS passthrough routed by SNI (`kind: sni`) as a filter.
+    pub const SNI: &str = "sluice.sni";
+
+    /// The listener kind a terminal Sluice filter makes, by its name.
+    pub fn kind(name: &str) -> Option<crate::model::ListenerType> {
+        use crate::model::ListenerType;
+        match name {
+            DNS => Some(ListenerType::Dns),
+            HTTP_PROXY => Some(ListenerType::HttpProxy),
+            SNI => Some(ListenerType::Sni),
+            _ => None,
+        }
+    }
+
+    /// The filter that makes a listener of `kind`, for the kinds without
+    /// an Envoy shape of their own.
+    pub fn of(kind: crate::model::ListenerType) -> Option<&'static str> {
+        use crate::model::ListenerType;
+        match kind {
+            ListenerType::Dns => Some(DNS),
+            ListenerType::HttpProxy => Some(HTTP_PROXY),
+            ListenerType::Sni => Some(SNI),
+            _ => None,
+        }
+    }
 }
 
 /// A resource Sluice cannot take: which one, where in it, and what is wrong.
@@ -146,6 +173,31 @@ pub fn struct_json(s: &envoy_types::pb::google::protobuf::Struct) -> serde_json:
     let mut fields: Vec<(&String, &envoy_types::pb::google::protobuf::Value)> = s.fields.iter().collect();
     fields.sort_by(|a, b| a.0.cmp(b.0));
     serde_json::Value::Object(fields.into_iter().map(|(k, v)| (k.clone(), value(v))).collect())
+}
+
+/// JSON as a `google.protobuf.Struct` (a non-object gives an empty one):
+/// the inverse of [`struct_json`].
+pub fn json_struct(v: &serde_json::Value) -> envoy_types::pb::google::protobuf::Struct {
+    use envoy_types::pb::google::protobuf::{ListValue, NullValue, Struct, Value, value::Kind};
+    fn value(v: &serde_json::Value) -> Value {
+        let kind = match v {
+            serde_json::Value::Null => Kind::NullValue(NullValue::NullValue as i32),
+            serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+            serde_json::Value::Array(a) => Kind::ListValue(ListValue {
+                values: a.iter().map(value).collect(),
+            }),
+            serde_json::Value::Object(_) => Kind::StructValue(json_struct(v)),
+        };
+        Value { kind: Some(kind) }
+    }
+    Struct {
+        fields: match v {
+            serde_json::Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), value(v))).collect(),
+            _ => Default::default(),
+        },
+    }
 }
 
 fn unpack<M: Message + Default>(any: &Any, expected: &str) -> Result<M, DecodeError> {

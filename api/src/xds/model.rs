@@ -66,11 +66,16 @@ pub struct EnvoyChain {
 pub enum NetworkFilter {
     /// Sluice's policy (`sluice.policy`): the guard, the rules, the default.
     SluicePolicy,
-    /// Sluice's DNS proxy (`sluice.dns`): the listener is a DNS listener
-    /// (UDP and TCP on its address). Terminal. `options` are the `dns`
-    /// listener's settings as `sluice.yaml` writes them, as JSON text (the
-    /// filter's `google.protobuf.Struct`); empty: the defaults.
-    SluiceDns { options: String },
+    /// A listener kind of Sluice's own, as a terminal filter:
+    /// `sluice.dns` (the DNS proxy, UDP and TCP on the address),
+    /// `sluice.http_proxy` (an explicit proxy), `sluice.sni` (TLS routed by
+    /// SNI). `options` are that kind's settings as `sluice.yaml` writes
+    /// them, as JSON text (the filter's `google.protobuf.Struct`); empty:
+    /// the defaults.
+    SluiceListener {
+        kind: crate::model::ListenerType,
+        options: String,
+    },
     /// A proxy-wasm plugin, its configuration delivered over ECDS as the
     /// `TypedExtensionConfig` of this name.
     Wasm { name: String },
@@ -81,7 +86,7 @@ pub enum NetworkFilter {
 impl NetworkFilter {
     /// Ends a chain: nothing can run after it.
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::SluiceDns { .. } | Self::TcpProxy(_))
+        matches!(self, Self::SluiceListener { .. } | Self::TcpProxy(_))
     }
 }
 

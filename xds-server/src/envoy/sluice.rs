@@ -8,11 +8,11 @@
 //! |---|---|
 //! | `transparent` | `original_dst` + `tls_inspector`; one chain: `sluice.policy` → `tcp_proxy` to an `ORIGINAL_DST` cluster |
 //! | `tcp` with an address `upstream` | one chain: `sluice.policy` → `tcp_proxy` to a `STATIC` cluster of that address |
+//! | `dns`, `http-proxy`, `sni` | one chain: `sluice.policy` → `sluice.dns` / `sluice.http_proxy` / `sluice.sni`, whose `google.protobuf.Struct` holds every setting of the listener as `sluice.yaml` writes it |
 //!
-//! Other kinds (and a `tcp` upstream given by name) are not sent: a
-//! gateway keeps taking those from its file only when it does not take
-//! listeners from xDS. Of a listener's options, the address, the connect
-//! and idle timeouts travel; the others take their defaults.
+//! A `tcp` listener whose upstream is a name is not sent. Of a transparent
+//! or tcp listener's options, the address, the connect and idle timeouts
+//! travel; the others take their defaults.
 
 use std::net::IpAddr;
 
@@ -89,7 +89,43 @@ pub fn for_sluice(config: &Config) -> Vec<Resource> {
                 ));
                 out.push(listener(l, Vec::new(), &cluster_name));
             }
-            _ => {}
+            // Kinds with no Envoy shape: one chain ending in Sluice's
+            // filter for the kind, its settings as `sluice.yaml` writes them.
+            kind => {
+                let (Some(filter), Some(settings)) = (
+                    sluice_api::xds::filter_name::of(kind.ty()),
+                    sluice_api::config::listener_settings(kind),
+                ) else {
+                    continue;
+                };
+                let own = Filter {
+                    name: filter.to_owned(),
+                    config_type: Some(
+                        envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(pack(
+                            &sluice_api::xds::json_struct(&settings),
+                        )),
+                    ),
+                };
+                out.push(Resource::new(
+                    l.name.clone(),
+                    pack(&Listener {
+                        name: l.name.clone(),
+                        address: Some(socket(l.address.ip(), l.address.port())),
+                        filter_chains: vec![FilterChain {
+                            name: "sluice".to_owned(),
+                            filters: vec![
+                                Filter {
+                                    name: sluice_api::envoy::POLICY.to_owned(),
+                                    config_type: None,
+                                },
+                                own,
+                            ],
+                            ..FilterChain::default()
+                        }],
+                        ..Listener::default()
+                    }),
+                ));
+            }
         }
     }
     out
