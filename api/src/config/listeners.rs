@@ -423,9 +423,10 @@ fn parse_dns_upstream(v: &str) -> Option<DnsUpstream> {
 }
 
 /// A listener's own settings as `sluice.yaml` writes them (without `name`,
-/// `kind` and `address`), for the kinds that travel over xDS as a Sluice
-/// filter of their own (`dns`, `http-proxy`, `sni`): read back by the same
-/// reader, they give the same listener. `None` for the other kinds.
+/// `kind` and `address`), as they travel over xDS in a Sluice filter of
+/// the kind (`sluice.dns`, `sluice.http_proxy`, …): read back by the same
+/// reader, they give the same listener. `None` for a listener that came
+/// from Envoy resources.
 pub fn listener_settings(kind: &ListenerKind) -> Option<serde_json::Value> {
     use serde_json::{Value, json};
     let text = |d: Duration| Value::String(humantime::format_duration(d).to_string());
@@ -506,7 +507,19 @@ pub fn listener_settings(kind: &ListenerKind) -> Option<serde_json::Value> {
             }
             Some(out)
         }
-        ListenerKind::Transparent(_) | ListenerKind::Tcp(_) | ListenerKind::Envoy(_) => None,
+        ListenerKind::Transparent(o) => Some(merge(vec![
+            connection(&o.connection),
+            peek(&o.peek),
+            json!({ "sni_check": match o.sni_check { SniCheck::Verify => "verify", SniCheck::Off => "off" } }),
+        ])),
+        ListenerKind::Tcp(o) => Some(merge(vec![
+            connection(&o.connection),
+            match &o.upstream {
+                Some(u) => json!({ "upstream": u.to_string() }),
+                None => json!({}),
+            },
+        ])),
+        ListenerKind::Envoy(_) => None,
     }
 }
 
@@ -525,6 +538,9 @@ mod settings_tests {
      peek_timeout: 2500ms, max_client_hello: 4096, ech: allow, connect_no_sni: allow,
      users: [{name: ci, password: hunter2, smartgroup: builders}]}
   - {name: s, kind: sni, address: \"127.0.0.1:8443\", upstream_port: 9443, ech: allow, peek_timeout: 7s}
+  - {name: t, kind: transparent, address: \"127.0.0.1:15001\", sni_check: off, max_client_hello: 2048, idle_timeout: 2h}
+  - {name: c, kind: tcp, address: \"127.0.0.1:15432\", upstream: \"db.internal:5432\", connect_timeout: 1s}
+  - {name: o, kind: tcp, address: \"127.0.0.1:15433\"}
   - {name: d, kind: dns, address: \"127.0.0.1:5353\", upstreams: [\"10.0.0.2\", \"tcp://10.0.0.3:5300\", \"tls://1.1.1.1:853#one.one.one.one\"],
      deny_answer: sinkhole, sinkhole: [0.0.0.0, \"::\"], strip_ech: false, cache_entries: 123, binding_min_ttl: 45s,
      binding_grace: 2m, max_bindings: 999, exfiltration: false, upstream_sockets: 3, upstream_socket_max_queries: 77,

@@ -60,6 +60,10 @@ pub mod filter_name {
     pub const HTTP_PROXY: &str = "sluice.http_proxy";
     /// TLS passthrough routed by SNI (`kind: sni`) as a filter.
     pub const SNI: &str = "sluice.sni";
+    /// A transparent listener (`kind: transparent`) as a filter.
+    pub const TRANSPARENT: &str = "sluice.transparent";
+    /// East-west TCP (`kind: tcp`) as a filter.
+    pub const TCP: &str = "sluice.tcp";
 
     /// The listener kind a terminal Sluice filter makes, by its name.
     pub fn kind(name: &str) -> Option<crate::model::ListenerType> {
@@ -68,19 +72,23 @@ pub mod filter_name {
             DNS => Some(ListenerType::Dns),
             HTTP_PROXY => Some(ListenerType::HttpProxy),
             SNI => Some(ListenerType::Sni),
+            TRANSPARENT => Some(ListenerType::Transparent),
+            TCP => Some(ListenerType::Tcp),
             _ => None,
         }
     }
 
-    /// The filter that makes a listener of `kind`, for the kinds without
-    /// an Envoy shape of their own.
+    /// The filter that makes a listener of `kind` (every kind of
+    /// `sluice.yaml`).
     pub fn of(kind: crate::model::ListenerType) -> Option<&'static str> {
         use crate::model::ListenerType;
         match kind {
             ListenerType::Dns => Some(DNS),
             ListenerType::HttpProxy => Some(HTTP_PROXY),
             ListenerType::Sni => Some(SNI),
-            _ => None,
+            ListenerType::Transparent => Some(TRANSPARENT),
+            ListenerType::Tcp => Some(TCP),
+            ListenerType::Envoy => None,
         }
     }
 }
