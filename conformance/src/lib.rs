@@ -5,4 +5,5 @@
 #![forbid(unsafe_code)]
 
 pub mod envoy;
+pub mod envoy_binary;
 pub mod policy;

