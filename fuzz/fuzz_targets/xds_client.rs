@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
     let candidate = match client.candidate() {
         Ok(c) => c,
         Err(why) => {
-            let _ = client.reject(&why);
+            let _ = client.reject(&why.message);
             return;
         }
     };

@@ -1159,12 +1159,20 @@ impl crate::xds::Apply for XdsApply {
             Err(e) => {
                 // Only names left undefined: the resource that defines
                 // them may be the next to arrive.
-                let dangling = matches!(&e, ReloadError::Config(errors) if errors.iter().all(|x| matches!(
-                    x.kind,
-                    sluice_api::ConfigErrorKind::UnknownGroup { .. }
-                        | sluice_api::ConfigErrorKind::UnknownWorkload { .. }
-                        | sluice_api::ConfigErrorKind::UnknownPlugin { .. }
-                )));
+                let dangling = match &e {
+                    ReloadError::Config(errors) => errors.iter().all(|x| {
+                        matches!(
+                            x.kind,
+                            sluice_api::ConfigErrorKind::UnknownGroup { .. }
+                                | sluice_api::ConfigErrorKind::UnknownWorkload { .. }
+                                | sluice_api::ConfigErrorKind::UnknownPlugin { .. }
+                                | sluice_api::ConfigErrorKind::UnknownListener { .. }
+                        )
+                    }),
+                    // A chain names a plugin whose ECDS resource may be next.
+                    ReloadError::Start(StartError::Plan(crate::listener::SnapshotError::Filter(_))) => true,
+                    _ => false,
+                };
                 Applied::Refused {
                     message: e.to_string(),
                     dangling,

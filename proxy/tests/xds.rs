@@ -994,6 +994,17 @@ flow_test!(sluice_xds_serves_a_gateway_its_listeners, async {
     gw.server.shutdown(Duration::from_millis(100)).await;
 });
 
+/// `served(true, …)` and a webgroup `edge` of `names`, allowed (with the
+/// test upstreams' addresses) by rule `allow-edge`.
+fn served_with_edge(names: &[&str]) -> Resources {
+    let rule = rule("allow-edge", &["edge"], &["gateway", "loopback"], pb::Action::Allow);
+    let mut resources = served(true, vec![rule]);
+    if let Some(w) = resources.webgroups.as_mut() {
+        w.push(webgroup("edge", names));
+    }
+    resources
+}
+
 /// A TCP upstream that answers every connection with its name once the
 /// first bytes arrived.
 async fn named_upstream(name: &'static str) -> SocketAddr {
@@ -1041,18 +1052,7 @@ flow_test!(a_gateway_runs_envoy_chains_and_balances_their_clusters, async {
         named_upstream("b2").await,
         named_upstream("d").await,
     );
-    let mut resources = served(
-        true,
-        vec![rule(
-            "allow-edge",
-            &["edge"],
-            &["gateway", "loopback"],
-            pb::Action::Allow,
-        )],
-    );
-    if let Some(w) = resources.webgroups.as_mut() {
-        w.push(webgroup("edge", &["a.test", "*.b.test", "other.test", "b.test"]));
-    }
+    let resources = served_with_edge(&["a.test", "*.b.test", "other.test", "b.test"]);
     let control = ControlPlane::start(&resources).await;
     let gw = Gateway::start_as(control.addr, "sotw", "gw-edge", "  listeners: true\n").await;
     gw.wait_rules(&["allow-edge", "allow-good"]).await;
@@ -1294,18 +1294,7 @@ filter_chains:
 // stock Envoy's listeners name theirs), and only that chain.
 flow_test!(an_envoy_chain_runs_the_plugins_it_names, async {
     let (a, b) = (named_upstream("a").await, named_upstream("b").await);
-    let mut resources = served(
-        true,
-        vec![rule(
-            "allow-edge",
-            &["edge"],
-            &["gateway", "loopback"],
-            pb::Action::Allow,
-        )],
-    );
-    if let Some(w) = resources.webgroups.as_mut() {
-        w.push(webgroup("edge", &["a.test", "b.test"]));
-    }
+    let resources = served_with_edge(&["a.test", "b.test"]);
     // The plugin's own option names another listener, so it runs on
     // `edge` only where a chain names it.
     let yaml = format!(

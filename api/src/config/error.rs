@@ -99,6 +99,13 @@ pub enum ConfigErrorKind {
     UnknownPolicy { name: String, suggestion: Option<String> },
     #[error("no plugin named `{name}`{}; declare it under `plugins:`", did_you_mean(suggestion))]
     UnknownPlugin { name: String, suggestion: Option<String> },
+    /// A plugin or a target names a listener no file (nor, for a control
+    /// server, `envoy/`; nor, on a gateway, LDS) defines.
+    #[error(
+        "no listener named `{name}`{}; define it under `listeners:` (or, for a control server, as a Listener in `envoy/`)",
+        did_you_mean(suggestion)
+    )]
+    UnknownListener { name: String, suggestion: Option<String> },
     #[error("{kind} `{name}` is defined twice (first at line {first_line}); rename or merge one")]
     DuplicateName {
         kind: NameKind,

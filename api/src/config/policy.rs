@@ -225,13 +225,9 @@ impl Validator {
                         self.err(
                             n.referenced,
                             format!("{path}.listeners[{j}]"),
-                            ConfigErrorKind::InvalidValue {
-                                message: format!(
-                                    "no listener named `{}`{}; define it under `listeners:` (or, for a control server, as a Listener in `envoy/`)",
-                                    n.value,
-                                    suggest(&n.value, listeners.iter().map(String::as_str))
-                                        .map_or_else(String::new, |s| format!(" (did you mean `{s}`?)"))
-                                ),
+                            ConfigErrorKind::UnknownListener {
+                                name: n.value.clone(),
+                                suggestion: suggest(&n.value, listeners.iter().map(String::as_str)),
                             },
                         );
                     }
@@ -469,14 +465,12 @@ impl Validator {
                     true => served.push(l.value.clone()),
                     false => {
                         let names: Vec<&str> = listeners.iter().map(|x| x.name.as_str()).collect();
-                        let hint = suggest(&l.value, names.iter().copied())
-                            .map(|s| format!("; did you mean `{s}`?"))
-                            .unwrap_or_default();
                         self.err(
                             l.referenced,
                             format!("{path}.listeners[{j}]"),
-                            ConfigErrorKind::InvalidValue {
-                                message: format!("no listener named `{}`{hint}", l.value),
+                            ConfigErrorKind::UnknownListener {
+                                name: l.value.clone(),
+                                suggestion: suggest(&l.value, names.iter().copied()),
                             },
                         );
                     }

@@ -260,11 +260,13 @@ fn chain(
     };
     let cluster_at = format!("{tcp_at}.typed_config.cluster");
     let Some(cluster) = clusters.get(&tcp.cluster) else {
-        return Err(invalid(
-            l,
-            &cluster_at,
-            format!("no cluster `{}` was sent (CDS)", tcp.cluster),
-        ));
+        return Err(DecodeError {
+            resource: l.name.clone(),
+            path: cluster_at,
+            kind: DecodeErrorKind::Undefined {
+                what: format!("cluster `{}`", tcp.cluster),
+            },
+        });
     };
     let balanced = |endpoints: Endpoints, overprovisioning_factor: u32| {
         Cluster::Balanced(BalancedCluster {

@@ -125,6 +125,10 @@ pub enum DecodeErrorKind {
     /// Present with a value Sluice cannot take.
     #[error("{reason}")]
     Invalid { reason: String },
+    /// Names another resource that has not been received (it may be the
+    /// next to arrive).
+    #[error("no {what} was sent")]
+    Undefined { what: String },
 }
 
 struct Location<'a>(&'a str, &'a str);

@@ -33,6 +33,14 @@ use sluice_api::{XdsBootstrap, XdsNode};
 /// gRPC's INVALID_ARGUMENT, the code a NACK carries.
 const INVALID_ARGUMENT: i32 = 3;
 
+/// Why a candidate cannot be built. `dangling`: only because it names a
+/// resource of another type that has not come (it may be the next to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub message: String,
+    pub dangling: bool,
+}
+
 /// A request to send on the stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outgoing {
@@ -379,7 +387,7 @@ impl AdsClient {
     /// The resources the gateway would run with if every pending
     /// response were accepted. A type never received is `None`: the
     /// gateway's own file keeps that section.
-    pub fn candidate(&self) -> Result<Resources, String> {
+    pub fn candidate(&self) -> Result<Resources, Refusal> {
         let mut out = Resources::default();
         let mut listeners: Option<Vec<sluice_api::xds::model::EnvoyListener>> = None;
         let mut clusters = BTreeMap::new();
@@ -427,7 +435,10 @@ impl AdsClient {
                 .iter()
                 .map(|l| sluice_api::xds::gateway::gateway_listener(l, &clusters, &assignments))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("Envoy Listener {e}"))?;
+                .map_err(|e| Refusal {
+                    dangling: matches!(e.kind, sluice_api::xds::DecodeErrorKind::Undefined { .. }),
+                    message: format!("Envoy Listener {e}"),
+                })?;
             out.listeners = Some(specs);
         }
         Ok(out)

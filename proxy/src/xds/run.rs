@@ -280,7 +280,14 @@ impl<A: Apply> Session<'_, A> {
     async fn commit_or_reject(&mut self, now: Instant) -> Vec<Outgoing> {
         let mut candidate = match self.client.candidate() {
             Ok(c) => c,
-            Err(why) => {
+            Err(super::client::Refusal {
+                message,
+                dangling: true,
+            }) if now < *self.held_since.get_or_insert(now) + HOLD => {
+                tracing::debug!("xDS: holding an update for the resource it names: {message}");
+                return Vec::new();
+            }
+            Err(super::client::Refusal { message: why, .. }) => {
                 self.held_since = None;
                 tracing::warn!("xDS: refused an update; the running configuration is unchanged:\n{why}");
                 self.status.rejected(&why);
