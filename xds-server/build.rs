@@ -1,8 +1,11 @@
 //! Compiles the vendored Envoy API files (`proto/vendor`, see
 //! `proto/README.md`) with protox, a protobuf compiler written in Rust, into
 //! a descriptor set for prost-reflect: `sluice-xds` reads plain Envoy
-//! resources from YAML/JSON with it. No Rust code is generated (envoy-types
-//! has the structs) and no `protoc` is needed.
+//! resources from YAML/JSON with it. No Rust code is generated for them
+//! (envoy-types has the structs) and no `protoc` is needed.
+//!
+//! Also generates the gRPC client of etcd's v3 API (`proto/etcd`, etcd's
+//! own files): the configuration store replicas share.
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -31,7 +34,14 @@ fn main() -> Result<(), Box<dyn Error>> {
     compiler.open_files(ENVOY_ROOTS)?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?).join("envoy_descriptors.bin");
     std::fs::write(out, compiler.encode_file_descriptor_set())?;
+    // etcd's KV, Watch, Lease and Maintenance clients; no server.
+    let etcd = protox::compile(["etcd/api/etcdserverpb/rpc.proto"], ["proto/etcd"])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_transport(false)
+        .compile_fds(etcd)?;
     println!("cargo:rerun-if-changed=proto/vendor");
+    println!("cargo:rerun-if-changed=proto/etcd");
     println!("cargo:rerun-if-changed=build.rs");
     Ok(())
 }

@@ -2,10 +2,10 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `GET /ready` | `200` while a configuration is served |
+//! | `GET /ready` | `200` while a configuration is served and its store (etcd) answers; `503` with the reason while the store cannot be reached (the last good configuration is still served) |
 //! | `GET /nodes` | every connected node: its stream, protocol, policy and target, and per type what was sent, what it ACKed, its last NACK and why |
 //! | `GET /resources` | per policy, per type, every resource served and its version |
-//! | `GET /config` | the source: loads, rejections, the last rejection's errors while it stands |
+//! | `GET /config` | the source: loads, rejections, the last rejection's errors while it stands; with a store, its revision and health |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /plugins/<sha256>.wasm` | a plugin's module, when plugins' code is remote (`--code-url`) |
 
@@ -31,6 +31,8 @@ pub struct Admin {
     pub modules: Arc<Mutex<Arc<crate::ecds::Modules>>>,
     pub registry: Arc<Registry>,
     pub source: Arc<Mutex<SourceState>>,
+    /// The etcd store's health, when the configuration comes from one.
+    pub store: Option<Arc<Mutex<crate::store::StoreState>>>,
     pub metrics: Option<PrometheusHandle>,
 }
 
@@ -38,6 +40,10 @@ impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admin").finish_non_exhaustive()
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -67,10 +73,33 @@ impl Admin {
             return r;
         }
         match path {
-            "/ready" => reply(StatusCode::OK, "text/plain", "ready\n"),
+            "/ready" => match self.store.as_ref().map(|s| lock(s).clone()) {
+                Some(st) if !st.reachable => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!(
+                        "not ready: {}; serving the last good configuration (revision {})\n",
+                        st.last_error.as_deref().unwrap_or("the store cannot be reached"),
+                        st.revision
+                    ),
+                ),
+                _ => reply(StatusCode::OK, "text/plain", "ready\n"),
+            },
             "/nodes" => json(&self.registry.streams()),
             "/resources" => json(&crate::diff::versions(&self.catalog.borrow())),
-            "/config" => json(&*self.source.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
+            "/config" => {
+                #[derive(serde::Serialize)]
+                struct Config {
+                    #[serde(flatten)]
+                    source: SourceState,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    store: Option<crate::store::StoreState>,
+                }
+                json(&Config {
+                    source: lock(&self.source).clone(),
+                    store: self.store.as_ref().map(|s| lock(s).clone()),
+                })
+            }
             "/metrics" => match &self.metrics {
                 Some(h) => reply(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
                 None => reply(StatusCode::NOT_FOUND, "text/plain", "metrics are not installed\n"),

@@ -50,15 +50,28 @@ pub fn plugins(
     base: Option<&Path>,
     code_url: Option<&str>,
 ) -> Result<(Vec<Resource>, Modules), String> {
+    plugins_with(config, |p| read_module(p, base), code_url)
+}
+
+/// A plugin's module from the file system, relative to `base`.
+pub fn read_module(p: &Plugin, base: Option<&Path>) -> Result<Vec<u8>, String> {
+    let path = match base {
+        Some(b) if p.path.is_relative() => b.join(&p.path),
+        _ => p.path.clone(),
+    };
+    std::fs::read(&path).map_err(|e| format!("plugin `{}`: cannot read {}: {e}", p.name, path.display()))
+}
+
+/// [`plugins`], each module read by `read`.
+pub fn plugins_with(
+    config: &Config,
+    read: impl Fn(&Plugin) -> Result<Vec<u8>, String>,
+    code_url: Option<&str>,
+) -> Result<(Vec<Resource>, Modules), String> {
     let mut resources = Vec::with_capacity(config.plugins.len());
     let mut modules = Modules::new();
     for p in &config.plugins {
-        let path = match base {
-            Some(b) if p.path.is_relative() => b.join(&p.path),
-            _ => p.path.clone(),
-        };
-        let bytes =
-            std::fs::read(&path).map_err(|e| format!("plugin `{}`: cannot read {}: {e}", p.name, path.display()))?;
+        let bytes = read(p)?;
         let sha256 = hex_sha256(&bytes);
         if let Some(declared) = &p.sha256
             && *declared != sha256
@@ -66,7 +79,7 @@ pub fn plugins(
             return Err(format!(
                 "plugin `{}`: {} has SHA-256 {sha256}, not the {declared} its `sha256` says",
                 p.name,
-                path.display()
+                p.path.display()
             ));
         }
         let code = match code_url {

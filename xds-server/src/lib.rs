@@ -13,3 +13,4 @@ pub mod registry;
 pub mod service;
 pub mod snapshot;
 pub mod source;
+pub mod store;

@@ -13,6 +13,9 @@ use clap::{Parser, Subcommand};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use sluice_xds::service::{Ads, Stats};
 use sluice_xds::source::{Source, SourceState, watch_dir};
+use sluice_xds::store::etcd::{Store, StoreError, StoreUrl};
+use sluice_xds::store::files::FileSet;
+use sluice_xds::store::{self, Written};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,14 +51,73 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Adds or replaces files in a store: the configuration that results is
+    /// validated whole and written in one transaction, or nothing is.
+    Apply {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// A `.yaml` file, an `envoy/` resource file, or a directory of them
+        /// (with the modules of the plugins they declare).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Removes files from a store, if what remains validates.
+    Delete {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Names as `get` lists them (`policy.yaml`, `envoy/listener.yaml`).
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Lists a store's files and its revision; with NAME, prints that file;
+    /// with --to, writes every file into a directory (which `serve
+    /// --config-dir` can serve).
+    Get {
+        #[arg(long)]
+        store: String,
+        name: Option<String>,
+        #[arg(long, conflicts_with = "name")]
+        to: Option<PathBuf>,
+    },
+    /// Replaces a store's configuration with a directory's (which must
+    /// validate): how a directory moves into etcd.
+    Import {
+        #[command(flatten)]
+        store: StoreArgs,
+        dir: PathBuf,
+    },
+    /// Asks a running server's admin API whether it is ready (`/ready`):
+    /// exit 0 when it is. For health checks in images without curl.
+    Health {
+        /// The admin API's address.
+        #[arg(long, default_value = "127.0.0.1:9903")]
+        admin: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct StoreArgs {
+    /// The store: etcd://HOST:PORT[,HOST:PORT…]/PREFIX.
+    #[arg(long)]
+    store: String,
+    /// The store's revision this change is based on (as `get` printed it):
+    /// refused if anything changed since. By default, the revision read
+    /// just before writing.
+    #[arg(long)]
+    base_revision: Option<i64>,
 }
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// The directory of `.yaml` files to serve; the embedded example when
-    /// not given.
-    #[arg(long)]
+    /// neither this nor --store is given.
+    #[arg(long, conflicts_with = "store")]
     config_dir: Option<PathBuf>,
+    /// Serves the configuration kept in etcd under a prefix
+    /// (etcd://HOST:PORT[,HOST:PORT…]/PREFIX), shared with other replicas;
+    /// changes to it apply by themselves.
+    #[arg(long)]
+    store: Option<String>,
     /// Where the gRPC (ADS) service listens; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:18000")]
     listen: SocketAddr,
@@ -88,6 +150,7 @@ fn main() -> ExitCode {
     match cli.command {
         None => serve(ServeArgs {
             config_dir: None,
+            store: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 18000)),
             admin: SocketAddr::from(([127, 0, 0, 1], 9903)),
             tls_cert: None,
@@ -100,6 +163,174 @@ fn main() -> ExitCode {
         Some(Command::Check { dir }) => check(dir),
         Some(Command::Diff { dir, against }) => diff(dir, &against),
         Some(Command::Validate { files }) => validate(&files),
+        Some(Command::Apply { store, files }) => write(&store, Change::Apply, &files),
+        Some(Command::Import { store, dir }) => write(&store, Change::Import, &[dir]),
+        Some(Command::Delete { store, names }) => delete(&store, names),
+        Some(Command::Get { store, name, to }) => get(&store, name.as_deref(), to.as_deref()),
+        Some(Command::Health { admin }) => health(&admin),
+    }
+}
+
+/// Which write a command makes.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Apply,
+    Import,
+}
+
+/// Runs `f` on a small runtime with a connection to the store.
+fn with_store<T>(url: &str, f: impl AsyncFnOnce(&Store) -> Result<T, String>) -> Result<T, String> {
+    let url: StoreUrl = url.parse().map_err(|e: StoreError| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async move {
+        let store = Store::new(url).map_err(|e| e.to_string())?;
+        f(&store).await
+    })
+}
+
+fn report(outcome: Result<Written, String>) -> ExitCode {
+    match outcome {
+        Ok(Written::Unchanged { revision }) => {
+            println!("unchanged: the store already holds this (revision {revision})");
+            ExitCode::SUCCESS
+        }
+        Ok(Written::Done { revision, changed }) => {
+            println!("written at revision {revision}: {}", changed.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluice-xds: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn write(args: &StoreArgs, change: Change, paths: &[PathBuf]) -> ExitCode {
+    let mut set = FileSet::new("the command line");
+    for p in paths {
+        let read = if p.is_dir() {
+            FileSet::read_dir(p)
+        } else {
+            FileSet::read_file(p)
+        };
+        match read {
+            Ok(r) => set.files.extend(r.files),
+            Err(e) => {
+                eprintln!("{e}\nsluice-xds: nothing was written");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let change = match change {
+        Change::Apply => store::Change::Apply(set),
+        Change::Import => store::Change::Import(set),
+    };
+    report(with_store(&args.store, async |s| {
+        store::write(s, change, args.base_revision)
+            .await
+            .map_err(|e| e.to_string())
+    }))
+}
+
+fn delete(args: &StoreArgs, names: Vec<String>) -> ExitCode {
+    report(with_store(&args.store, async |s| {
+        store::write(s, store::Change::Delete(names), args.base_revision)
+            .await
+            .map_err(|e| e.to_string())
+    }))
+}
+
+fn get(url: &str, name: Option<&str>, to: Option<&std::path::Path>) -> ExitCode {
+    let read = match with_store(url, async |s| s.read(None).await.map_err(|e| e.to_string())) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice-xds: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(name) = name {
+        let Some(f) = read.files.files.get(name) else {
+            eprintln!("sluice-xds: {url}: no file {name} (at revision {})", read.revision);
+            return ExitCode::FAILURE;
+        };
+        use std::io::Write;
+        return match std::io::stdout().write_all(&f.bytes) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sluice-xds: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(dir) = to {
+        for (name, f) in &read.files.files {
+            let path = dir.join(name);
+            let written = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&path, &f.bytes));
+            if let Err(e) = written {
+                eprintln!("sluice-xds: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+        println!(
+            "{} files of revision {} written to {}",
+            read.files.files.len(),
+            read.revision,
+            dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!("{url} at revision {}", read.revision);
+    for (name, f) in &read.files.files {
+        println!(
+            "{name}\t{} bytes\tchanged at revision {}",
+            f.bytes.len(),
+            read.changed_at.get(name).copied().unwrap_or_default()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// GET `path` from a server's admin API at `base` (`http://host:port` or
+/// `host:port`): the status line's code and the body.
+fn http_get(base: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let base = base.trim_end_matches('/');
+    let addr = base.strip_prefix("http://").unwrap_or(base);
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("cannot reach {base}: {e}"))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("not an HTTP answer")?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{base}{path}: not an HTTP answer"))?;
+    Ok((code, body.to_owned()))
+}
+
+fn health(admin: &str) -> ExitCode {
+    match http_get(admin, "/ready") {
+        Ok((200, body)) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((code, body)) => {
+            eprintln!("sluice-xds: {code}: {}", body.trim_end());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("sluice-xds: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -148,20 +379,10 @@ fn diff(dir: PathBuf, against: &str) -> ExitCode {
         }
     };
     let fetch = |path: &str| -> Result<String, String> {
-        let base = against.trim_end_matches('/');
-        let addr = base.strip_prefix("http://").unwrap_or(base);
-        let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("cannot reach {against}: {e}"))?;
-        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-        use std::io::{Read, Write};
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-            .map_err(|e| e.to_string())?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-        let (head, body) = text.split_once("\r\n\r\n").ok_or("not an HTTP answer")?;
-        if !head.starts_with("HTTP/1.1 200") {
-            return Err(format!("{against}{path}: {}", head.lines().next().unwrap_or("")));
+        match http_get(against, path)? {
+            (200, body) => Ok(body),
+            (code, _) => Err(format!("{against}{path}: {code}")),
         }
-        Ok(body.to_owned())
     };
     let answer = fetch("/resources").and_then(|r| {
         let old: sluice_xds::diff::Versions = serde_json::from_str(&r).map_err(|e| format!("/resources: {e}"))?;
@@ -205,16 +426,28 @@ fn serve(args: ServeArgs) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    let source = args.config_dir.clone().map_or(Source::Embedded, Source::Dir);
-    let loaded = match source.load_with(args.code_url.as_deref()) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "{e}\nsluice-xds: {} does not validate; nothing served",
-                source.describe()
-            );
+    let store_url = match args.store.as_deref().map(str::parse::<StoreUrl>) {
+        None => None,
+        Some(Ok(u)) => Some(u),
+        Some(Err(e)) => {
+            eprintln!("sluice-xds: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    let source = args.config_dir.clone().map_or(Source::Embedded, Source::Dir);
+    // A store is read once the runtime runs (and waited for).
+    let loaded = match &store_url {
+        Some(_) => None,
+        None => match source.load_with(args.code_url.as_deref()) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!(
+                    "{e}\nsluice-xds: {} does not validate; nothing served",
+                    source.describe()
+                );
+                return ExitCode::FAILURE;
+            }
+        },
     };
     let tls = match tls_config(&args) {
         Ok(t) => t,
@@ -265,23 +498,62 @@ fn serve(args: ServeArgs) -> ExitCode {
                 None
             }
         };
-        metrics::counter!("sluice_xds_config_loads_total").increment(1);
         metrics::counter!("sluice_xds_config_rejections_total").increment(0);
         metrics::gauge!("sluice_xds_config_rejected").set(0.0);
+        let store = match store_url.map(Store::new).transpose() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("sluice-xds: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let state = Arc::new(Mutex::new(SourceState::default()));
+        let store_state = store.as_ref().map(|s| {
+            Arc::new(Mutex::new(store::StoreState {
+                store: s.url().to_string(),
+                ..store::StoreState::default()
+            }))
+        });
+        let (loaded, read) = match (loaded, &store, &store_state) {
+            (Some(l), _, _) => (l, None),
+            (None, Some(s), Some(st)) => {
+                eprintln!("sluice-xds: reading {}", s.url());
+                let (l, read) = store::first_load(s, args.code_url.as_deref(), &state, st).await;
+                metrics::gauge!("sluice_xds_store_reachable").set(1.0);
+                (l, Some(read))
+            }
+            _ => return ExitCode::FAILURE,
+        };
+        metrics::counter!("sluice_xds_config_loads_total").increment(1);
+        state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).loads = 1;
         let (tx, rx) = tokio::sync::watch::channel(loaded.catalog.clone());
-        let state = Arc::new(Mutex::new(SourceState {
-            loads: 1,
-            ..SourceState::default()
-        }));
         let modules = Arc::new(Mutex::new(loaded.modules.clone()));
-        tokio::spawn(watch_dir(
-            source.clone(),
-            args.watch_interval,
-            tx,
-            state.clone(),
-            args.code_url.clone(),
-            modules.clone(),
-        ));
+        match (store, read, &store_state) {
+            (Some(store), Some(read), Some(st)) => {
+                tokio::spawn(store::follow(
+                    store,
+                    read.revision,
+                    read.files,
+                    store::Publish {
+                        snapshots: tx,
+                        state: state.clone(),
+                        store_state: st.clone(),
+                        code_url: args.code_url.clone(),
+                        modules: modules.clone(),
+                    },
+                ));
+            }
+            _ => {
+                tokio::spawn(watch_dir(
+                    source.clone(),
+                    args.watch_interval,
+                    tx,
+                    state.clone(),
+                    args.code_url.clone(),
+                    modules.clone(),
+                ));
+            }
+        }
         let stats = Arc::new(Stats::default());
         let mut ads = Ads::new(rx, stats);
         if args.client_ca.is_some() {
@@ -293,6 +565,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                 modules,
                 registry: ads.registry(),
                 source: state,
+                store: store_state.clone(),
                 metrics,
             },
             admin_listener,
@@ -300,7 +573,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         eprintln!("sluice-xds: admin API on http://{admin_addr}");
         eprintln!(
             "sluice-xds: serving {} ({} rules) over ADS{} on {addr}",
-            source.describe(),
+            store_state.as_ref().map_or_else(
+                || source.describe(),
+                |s| {
+                    let s = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    format!("{} (revision {})", s.store, s.revision)
+                }
+            ),
             loaded.config.policy.rules.len(),
             match (&args.tls_cert, &args.client_ca) {
                 (None, _) => "",

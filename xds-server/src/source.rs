@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use crate::catalog::Catalog;
 use crate::plain::Plain;
 use crate::snapshot::{Resource, Snapshot, SnapshotError};
+use crate::store::files::FileSet;
 
 /// The example configuration `sluice-xds` serves when given none.
 pub const EMBEDDED: [(&str, &str); 2] = [
@@ -39,6 +40,8 @@ pub const EMBEDDED: [(&str, &str); 2] = [
 pub enum Source {
     Dir(PathBuf),
     Embedded,
+    /// A set of files read from a store ([`crate::store`]).
+    Files(Arc<FileSet>),
 }
 
 impl Source {
@@ -46,6 +49,7 @@ impl Source {
         match self {
             Self::Dir(d) => d.display().to_string(),
             Self::Embedded => "the embedded example (examples/xds/config)".to_owned(),
+            Self::Files(f) => f.origin.clone(),
         }
     }
 
@@ -79,6 +83,7 @@ impl Source {
                 let resources = a.resources();
                 (a.build().map(|c| (c, resources)), Ok(Plain::default()))
             }
+            Self::Files(f) => f.load(),
         };
         // Every problem of both readers at once.
         let ((config, resources), plain) = match (loaded, plain) {
@@ -101,11 +106,12 @@ impl Source {
         // Stock Envoy's listeners and clusters, per policy: a node a
         // target picks enforces that policy in Envoy too.
         // Plugins as ECDS resources, the same for every node.
-        let base = match self {
-            Self::Dir(d) => Some(d.as_path()),
-            Self::Embedded => None,
+        let read = |p: &sluice_api::Plugin| match self {
+            Self::Dir(d) => crate::ecds::read_module(p, Some(d)),
+            Self::Embedded => crate::ecds::read_module(p, None),
+            Self::Files(f) => f.module(&p.path).map_err(|e| format!("plugin `{}`: {e}", p.name)),
         };
-        let (plugins, modules) = crate::ecds::plugins(&config, base, code_url).map_err(invalid)?;
+        let (plugins, modules) = crate::ecds::plugins_with(&config, read, code_url).map_err(invalid)?;
         let mut envoy = std::collections::BTreeMap::new();
         for p in std::iter::once(&config.policy).chain(&config.policies) {
             let mut translated = crate::envoy::translate_policy(&config, p)

@@ -189,6 +189,19 @@ impl Assembly {
         self.single("xds", &origin, r.xds, |c| &mut c.xds);
     }
 
+    /// The module paths the plugins read so far declare, as written
+    /// (whether or not the rest validates): what a configuration store must
+    /// carry along with the files.
+    pub fn plugin_paths(&self) -> Vec<std::path::PathBuf> {
+        self.raw
+            .plugins
+            .iter()
+            .map(|p| p.value.path.value.as_str())
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from)
+            .collect()
+    }
+
     /// Reads and adds a file.
     pub fn add_path(&mut self, path: &Path) {
         let name = path.display().to_string();
