@@ -36,6 +36,17 @@ pub enum Command {
     Check(CheckArgs),
     /// Show the verdict for one flow and the reasons for it.
     Explain(ExplainArgs),
+    /// Ask a running Sluice whether it is ready (its admin API's `/ready`):
+    /// exit 0 when it is. For health checks where there is no curl (a
+    /// container image holding only this binary).
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The admin API's address (`admin.address` of the configuration).
+    #[arg(long, default_value = config::DEFAULT_ADMIN)]
+    pub admin: String,
 }
 
 #[derive(Debug, Args, Default)]
@@ -299,6 +310,42 @@ fn strip_port(n: &str) -> &str {
 /// `sluice run`: serves the configuration until SIGTERM or SIGINT; SIGHUP
 /// reloads it from its file (a bad file is reported and the running
 /// configuration kept).
+/// `sluice health`: GET `/ready` from the admin API at `args.admin`.
+/// Prints the answer; 0 when it is `200`, 1 otherwise (or unreachable).
+pub fn health(args: &HealthArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    use std::io::Read;
+    let addr = args.admin.trim_start_matches("http://").trim_end_matches('/');
+    let answer = (|| -> Result<(String, String), String> {
+        let target = std::net::ToSocketAddrs::to_socket_addrs(addr)
+            .map_err(|e| format!("{addr}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{addr}: no address"))?;
+        let mut s = std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(3))
+            .map_err(|e| format!("cannot reach the admin API at {addr}: {e}"))?;
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+        s.write_all(format!("GET /ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        let (head, body) = text.split_once("\r\n\r\n").ok_or("not an HTTP answer")?;
+        Ok((head.lines().next().unwrap_or_default().to_owned(), body.to_owned()))
+    })();
+    match answer {
+        Ok((status, body)) if status.split(' ').nth(1) == Some("200") => {
+            let _ = write!(out, "{body}");
+            0
+        }
+        Ok((status, body)) => {
+            let _ = writeln!(err, "sluice: {status}: {}", body.trim_end());
+            1
+        }
+        Err(e) => {
+            let _ = writeln!(err, "sluice: {e}");
+            1
+        }
+    }
+}
+
 pub fn run(args: &RunArgs, err: &mut dyn Write) -> i32 {
     let cfg = match load(args.config.as_deref()) {
         Ok(c) => c,

@@ -15,6 +15,7 @@ fn main() {
         },
         Command::Explain(args) => cli::explain(&args, &mut out, &mut err),
         Command::Run(args) => cli::run(&args, &mut err),
+        Command::Health(args) => cli::health(&args, &mut out, &mut err),
     };
     std::process::exit(code);
 }

@@ -373,3 +373,31 @@ fn reload_by_admin_api_and_by_editing_the_file() {
     assert_eq!(status, 405);
     assert!(head.to_ascii_lowercase().contains("allow: post"), "{head}");
 }
+
+#[test]
+fn health_says_ready_through_the_admin_api_or_why_not() {
+    let dir = TempDir::new("health");
+    let (sluice, _) = start(&dir, &[]);
+    let out = Command::new(SLUICE)
+        .args(["health", "--admin", &sluice.admin.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ready\n");
+    drop(sluice);
+    // Nothing listens there any more.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = Command::new(SLUICE)
+        .args(["health", "--admin", &closed.to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot reach the admin API at {closed}")),
+        "{err}"
+    );
+}

@@ -19,6 +19,7 @@ fn run(args: &[&str]) -> (i32, String, String) {
     let code = match cli.command.unwrap() {
         Command::Check(a) => cli::check(a.path().unwrap(), &mut out, &mut err),
         Command::Explain(a) => cli::explain(&a, &mut out, &mut err),
+        Command::Health(a) => cli::health(&a, &mut out, &mut err),
         Command::Run(_) => unreachable!("not tested in-process"),
     };
     (code, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())

@@ -347,6 +347,9 @@ fn without_etcd_replicas_keep_serving_the_last_good_configuration_and_say_not_re
         body.contains("not ready") && body.contains(&store) && body.contains("serving the last good configuration"),
         "{body}"
     );
+    // So says `health`, which images use.
+    let (ok, _, err) = xds(&["health", "--admin", &r.admin.to_string()]);
+    assert!(!ok && err.contains("503: not ready"), "{err}");
     // A gateway that connects now still gets the configuration.
     let g = Gateway::start("late", &[r.ads], "delta");
     wait_for("the last good policy", || {
@@ -365,6 +368,8 @@ fn without_etcd_replicas_keep_serving_the_last_good_configuration_and_say_not_re
 
     etcd.restart();
     wait_for("/ready once etcd is back", || (r.ready().0 == 200).then_some(()));
+    let (ok, out, _) = xds(&["health", "--admin", &r.admin.to_string()]);
+    assert!(ok && out == "ready\n", "{out}");
     apply_domains(&store, dir.path(), &["two.test"]);
     wait_for("a change after the outage", || {
         (g.verdict(AGENT, "two.test").as_deref() == Some("allow")).then_some(())
