@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use sluice_xds::service::{Ads, Stats};
 use sluice_xds::source::{Source, SourceState, watch_dir};
-use sluice_xds::store::etcd::{Store, StoreError, StoreUrl};
+use sluice_xds::store::etcd::{Store, StoreError, StoreTls, StoreUrl};
 use sluice_xds::store::files::FileSet;
 use sluice_xds::store::{self, Written};
 
@@ -73,8 +73,8 @@ enum Command {
     /// with --to, writes every file into a directory (which `serve
     /// --config-dir` can serve).
     Get {
-        #[arg(long)]
-        store: String,
+        #[command(flatten)]
+        conn: StoreConn,
         name: Option<String>,
         #[arg(long, conflicts_with = "name")]
         to: Option<PathBuf>,
@@ -97,9 +97,8 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct StoreArgs {
-    /// The store: etcd://HOST:PORT[,HOST:PORT…]/PREFIX.
-    #[arg(long)]
-    store: String,
+    #[command(flatten)]
+    conn: StoreConn,
     /// The store's revision this change is based on (as `get` printed it):
     /// refused if anything changed since. By default, the revision read
     /// just before writing.
@@ -118,6 +117,8 @@ struct ServeArgs {
     /// changes to it apply by themselves.
     #[arg(long)]
     store: Option<String>,
+    #[command(flatten)]
+    store_tls: StoreTlsArgs,
     /// Where the gRPC (ADS) service listens; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:18000")]
     listen: SocketAddr,
@@ -151,6 +152,7 @@ fn main() -> ExitCode {
         None => serve(ServeArgs {
             config_dir: None,
             store: None,
+            store_tls: StoreTlsArgs::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 18000)),
             admin: SocketAddr::from(([127, 0, 0, 1], 9903)),
             tls_cert: None,
@@ -166,8 +168,53 @@ fn main() -> ExitCode {
         Some(Command::Apply { store, files }) => write(&store, Change::Apply, &files),
         Some(Command::Import { store, dir }) => write(&store, Change::Import, &[dir]),
         Some(Command::Delete { store, names }) => delete(&store, names),
-        Some(Command::Get { store, name, to }) => get(&store, name.as_deref(), to.as_deref()),
+        Some(Command::Get { conn, name, to }) => get(&conn, name.as_deref(), to.as_deref()),
         Some(Command::Health { admin }) => health(&admin),
+    }
+}
+
+/// Where the store is and how to reach it.
+#[derive(clap::Args, Debug)]
+struct StoreConn {
+    /// The store: etcd://HOST:PORT[,HOST:PORT…]/PREFIX (etcds:// for TLS).
+    #[arg(long)]
+    store: String,
+    #[command(flatten)]
+    tls: StoreTlsArgs,
+}
+
+/// TLS towards etcd (`etcds://`).
+#[derive(clap::Args, Debug, Default)]
+struct StoreTlsArgs {
+    /// CA certificates (PEM) etcd's certificate must chain to.
+    #[arg(long)]
+    store_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd's --client-cert-auth; with
+    /// --store-key.
+    #[arg(long, requires = "store_key")]
+    store_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "store_cert")]
+    store_key: Option<PathBuf>,
+}
+
+impl StoreTlsArgs {
+    fn read(&self) -> Result<Option<StoreTls>, String> {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let Some(ca) = &self.store_ca else {
+            return match self.store_cert {
+                Some(_) => Err("--store-cert needs --store-ca".to_owned()),
+                None => Ok(None),
+            };
+        };
+        let identity = match (&self.store_cert, &self.store_key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        Ok(Some(StoreTls {
+            ca: read(ca)?,
+            identity,
+        }))
     }
 }
 
@@ -179,14 +226,15 @@ enum Change {
 }
 
 /// Runs `f` on a small runtime with a connection to the store.
-fn with_store<T>(url: &str, f: impl AsyncFnOnce(&Store) -> Result<T, String>) -> Result<T, String> {
-    let url: StoreUrl = url.parse().map_err(|e: StoreError| e.to_string())?;
+fn with_store<T>(conn: &StoreConn, f: impl AsyncFnOnce(&Store) -> Result<T, String>) -> Result<T, String> {
+    let url: StoreUrl = conn.store.parse().map_err(|e: StoreError| e.to_string())?;
+    let tls = conn.tls.read()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     rt.block_on(async move {
-        let store = Store::new(url).map_err(|e| e.to_string())?;
+        let store = Store::with_tls(url, tls).map_err(|e| e.to_string())?;
         f(&store).await
     })
 }
@@ -228,7 +276,7 @@ fn write(args: &StoreArgs, change: Change, paths: &[PathBuf]) -> ExitCode {
         Change::Apply => store::Change::Apply(set),
         Change::Import => store::Change::Import(set),
     };
-    report(with_store(&args.store, async |s| {
+    report(with_store(&args.conn, async |s| {
         store::write(s, change, args.base_revision)
             .await
             .map_err(|e| e.to_string())
@@ -236,15 +284,16 @@ fn write(args: &StoreArgs, change: Change, paths: &[PathBuf]) -> ExitCode {
 }
 
 fn delete(args: &StoreArgs, names: Vec<String>) -> ExitCode {
-    report(with_store(&args.store, async |s| {
+    report(with_store(&args.conn, async |s| {
         store::write(s, store::Change::Delete(names), args.base_revision)
             .await
             .map_err(|e| e.to_string())
     }))
 }
 
-fn get(url: &str, name: Option<&str>, to: Option<&std::path::Path>) -> ExitCode {
-    let read = match with_store(url, async |s| s.read(None).await.map_err(|e| e.to_string())) {
+fn get(conn: &StoreConn, name: Option<&str>, to: Option<&std::path::Path>) -> ExitCode {
+    let url = &conn.store;
+    let read = match with_store(conn, async |s| s.read(None).await.map_err(|e| e.to_string())) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sluice-xds: {e}");
@@ -434,6 +483,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let store_tls = match args.store_tls.read() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("sluice-xds: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let source = args.config_dir.clone().map_or(Source::Embedded, Source::Dir);
     // A store is read once the runtime runs (and waited for).
     let loaded = match &store_url {
@@ -500,7 +556,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
         metrics::counter!("sluice_xds_config_rejections_total").increment(0);
         metrics::gauge!("sluice_xds_config_rejected").set(0.0);
-        let store = match store_url.map(Store::new).transpose() {
+        let store = match store_url.map(|u| Store::with_tls(u, store_tls)).transpose() {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("sluice-xds: {e}");

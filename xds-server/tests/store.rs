@@ -417,3 +417,33 @@ fn an_invalid_configuration_written_behind_its_back_is_refused_by_every_replica(
         (g.verdict(AGENT, "two.test").as_deref() == Some("allow")).then_some(())
     });
 }
+
+#[test]
+fn a_store_over_tls_with_a_client_certificate() {
+    let etcd = Etcd::start_tls();
+    let store = etcd.url("sluice/tls");
+    let tls = etcd.tls_args();
+    let with_tls = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(tls.iter().map(String::as_str));
+        xds(&all)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &["one.test"]);
+    let (ok, out, err) = with_tls(&["import", "--store", &store, dir.path().to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let r = Replica::start_with(&store, &tls);
+    let g = Gateway::start("gw", &[r.ads], "delta");
+    wait_for("the policy from a TLS store", || {
+        (g.verdict(AGENT, "one.test").as_deref() == Some("allow")).then_some(())
+    });
+    // Without a client certificate etcd refuses; without a CA, so does
+    // sluice-xds, before dialling.
+    let (ok, _, err) = xds(&["get", "--store", &store, "--store-ca", &tls[1]]);
+    assert!(!ok && err.contains(&store), "{err}");
+    let (ok, _, err) = xds(&["get", "--store", &store]);
+    assert!(!ok && err.contains("needs the CA to trust (--store-ca)"), "{err}");
+    let plain = store.replacen("etcds://", "etcd://", 1);
+    let (ok, _, err) = xds(&["get", "--store", &plain]);
+    assert!(!ok, "plain gRPC to a TLS etcd answered: {err}");
+}

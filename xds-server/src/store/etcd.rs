@@ -22,9 +22,11 @@ use super::pb::mvccpb;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `etcd://HOST:PORT[,HOST:PORT…]/PREFIX`.
+/// `etcd://HOST:PORT[,HOST:PORT…]/PREFIX`, or `etcds://…` for TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreUrl {
+    /// `etcds://`: TLS to every endpoint.
+    pub tls: bool,
     pub endpoints: Vec<String>,
     /// The key prefix, with its leading `/`, without a trailing one.
     pub prefix: String,
@@ -32,7 +34,8 @@ pub struct StoreUrl {
 
 impl std::fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "etcd://{}{}", self.endpoints.join(","), self.prefix)
+        let scheme = if self.tls { "etcds" } else { "etcd" };
+        write!(f, "{scheme}://{}{}", self.endpoints.join(","), self.prefix)
     }
 }
 
@@ -44,9 +47,11 @@ impl std::str::FromStr for StoreUrl {
             url: url.to_owned(),
             why: why.to_owned(),
         };
-        let rest = url
-            .strip_prefix("etcd://")
-            .ok_or_else(|| bad("it must start with etcd://"))?;
+        let (tls, rest) = match (url.strip_prefix("etcd://"), url.strip_prefix("etcds://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => return Err(bad("it must start with etcd:// (or etcds:// for TLS)")),
+        };
         let (hosts, path) = rest
             .split_once('/')
             .ok_or_else(|| bad("it must name a key prefix: etcd://HOST:PORT/PREFIX"))?;
@@ -61,7 +66,7 @@ impl std::str::FromStr for StoreUrl {
                 return Err(bad(&format!("`{e}` is not HOST:PORT")));
             }
         }
-        Ok(Self { endpoints, prefix })
+        Ok(Self { tls, endpoints, prefix })
     }
 }
 
@@ -106,6 +111,16 @@ pub struct Read {
     pub changed_at: std::collections::BTreeMap<String, i64>,
 }
 
+/// What a TLS connection to etcd (`etcds://`) trusts and presents.
+#[derive(Debug, Clone, Default)]
+pub struct StoreTls {
+    /// CA certificates (PEM) etcd's certificate must chain to.
+    pub ca: Vec<u8>,
+    /// A client certificate and key (PEM), for etcd's
+    /// `--client-cert-auth`.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// A connection to the store (lazy: nothing is dialled until the first
 /// call; every endpoint is used, a failed one skipped).
 #[derive(Debug, Clone)]
@@ -129,9 +144,36 @@ fn prefix_end(key: &[u8]) -> Vec<u8> {
 impl Store {
     /// Within a tokio runtime (the channel's workers are spawned on it).
     pub fn new(url: StoreUrl) -> Result<Self, StoreError> {
+        Self::with_tls(url, None)
+    }
+
+    /// [`Store::new`]; an `etcds://` store needs `tls`.
+    pub fn with_tls(url: StoreUrl, tls: Option<StoreTls>) -> Result<Self, StoreError> {
+        let bad = |why: String| StoreError::Url {
+            url: url.to_string(),
+            why,
+        };
+        let tls = match (url.tls, tls) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(bad(
+                    "TLS settings are given but the store is etcd://; use etcds://".to_owned()
+                ));
+            }
+            (true, None) => return Err(bad("an etcds:// store needs the CA to trust (--store-ca)".to_owned())),
+            (true, Some(t)) => {
+                let mut config = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca));
+                if let Some((cert, key)) = &t.identity {
+                    config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+                }
+                Some(config)
+            }
+        };
+        let scheme = if url.tls { "https" } else { "http" };
         let mut endpoints = Vec::with_capacity(url.endpoints.len());
         for e in &url.endpoints {
-            let endpoint = Endpoint::from_shared(format!("http://{e}"))
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{e}"))
                 .map_err(|err| StoreError::Url {
                     url: url.to_string(),
                     why: format!("`{e}`: {err}"),
@@ -143,6 +185,11 @@ impl Store {
                 .http2_keep_alive_interval(Duration::from_secs(1))
                 .keep_alive_timeout(Duration::from_secs(3))
                 .keep_alive_while_idle(true);
+            if let Some(t) = &tls {
+                endpoint = endpoint
+                    .tls_config(t.clone())
+                    .map_err(|err| bad(format!("`{e}`: TLS: {err}")))?;
+            }
             endpoints.push(endpoint);
         }
         Ok(Self {
@@ -423,6 +470,9 @@ mod tests {
         assert_eq!(u.endpoints, ["10.0.0.1:2379", "etcd-1:2379"]);
         assert_eq!(u.prefix, "/sluice/prod");
         assert_eq!(u.to_string(), "etcd://10.0.0.1:2379,etcd-1:2379/sluice/prod");
+        let t: StoreUrl = "etcds://h:1/p".parse().unwrap();
+        assert!(t.tls && !u.tls);
+        assert_eq!(t.to_string(), "etcds://h:1/p");
         for (bad, why) in [
             ("http://h:1/p", "etcd://"),
             ("etcd://h:1", "key prefix"),

@@ -60,25 +60,84 @@ pub struct Etcd {
     pub dir: tempfile::TempDir,
     pub client: SocketAddr,
     peer: SocketAddr,
+    /// With TLS: the files of a test PKI (`ca.pem`, `server.pem`,
+    /// `server.key`, `client.pem`, `client.key`), and client certificates
+    /// required.
+    pub tls: Option<PathBuf>,
 }
 
 impl Etcd {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// An etcd that speaks only TLS and requires a client certificate; the
+    /// PKI is made here.
+    pub fn start_tls() -> Self {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&key).unwrap();
+        let issuer = rcgen::Issuer::new(params, key);
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        for (name, sans) in [
+            ("server", vec!["127.0.0.1".to_owned()]),
+            ("client", vec!["sluice-xds".to_owned()]),
+        ] {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(sans)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+        Self::start_with(Some(dir))
+    }
+
+    fn start_with(tls: Option<PathBuf>) -> Self {
         let mut e = Self {
             child: None,
             dir: tempfile::tempdir().unwrap(),
             client: SocketAddr::from(([127, 0, 0, 1], free_port())),
             peer: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            tls,
         };
         e.run();
         e
     }
 
+    /// The `sluice-xds` flags that reach this etcd over TLS.
+    pub fn tls_args(&self) -> Vec<String> {
+        let Some(d) = &self.tls else { return Vec::new() };
+        let f = |n: &str| d.join(n).display().to_string();
+        vec![
+            "--store-ca".into(),
+            f("ca.pem"),
+            "--store-cert".into(),
+            f("client.pem"),
+            "--store-key".into(),
+            f("client.key"),
+        ]
+    }
+
     fn run(&mut self) {
-        let client = format!("http://{}", self.client);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{}", self.client);
         let peer = format!("http://{}", self.peer);
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
-        let child = Command::new(etcd_binary())
+        let mut cmd = Command::new(etcd_binary());
+        if let Some(d) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(d.join("server.pem"))
+                .arg("--key-file")
+                .arg(d.join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(d.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "t0", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
@@ -110,13 +169,22 @@ impl Etcd {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
-            get(self.client, "/health").filter(|(c, b)| *c == 200 && b.contains("true"))
+            if self.tls.is_some() {
+                let mut args = vec!["get".to_owned(), "--store".to_owned(), self.url("health")];
+                args.extend(self.tls_args());
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                return xds(&args).0.then_some(());
+            }
+            get(self.client, "/health")
+                .filter(|(c, b)| *c == 200 && b.contains("true"))
+                .map(|_| ())
         });
     }
 
-    /// `etcd://ADDR/PREFIX`.
+    /// `etcd://ADDR/PREFIX` (`etcds://` with TLS).
     pub fn url(&self, prefix: &str) -> String {
-        format!("etcd://{}/{prefix}", self.client)
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}/{prefix}", self.client)
     }
 
     /// Stops it by PID (SIGKILL: as a crash would).
@@ -137,6 +205,9 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
+        if let Some(d) = &self.tls {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -232,6 +303,10 @@ pub struct Replica {
 
 impl Replica {
     pub fn start(store: &str) -> Self {
+        Self::start_with(store, &[])
+    }
+
+    pub fn start_with(store: &str, extra: &[String]) -> Self {
         let mut cmd = Command::new(xds_binary());
         cmd.args([
             "serve",
@@ -242,6 +317,7 @@ impl Replica {
             "--store",
             store,
         ]);
+        cmd.args(extra);
         let (process, found) = Process::start(cmd, &["admin API on http://", " over ADS on "]);
         Self {
             process,
