@@ -23,6 +23,16 @@ fn revision(store: &str) -> i64 {
         .unwrap_or_else(|| panic!("no revision in {out}"))
 }
 
+/// `sluice-xds apply -f FILE`, based on `base` when given.
+fn apply(store: &str, base: Option<i64>, file: &std::path::Path) -> (bool, String, String) {
+    let base = base.map(|b| b.to_string());
+    let mut args = vec!["apply", "--store", store, "-f", file.to_str().unwrap()];
+    if let Some(b) = &base {
+        args.extend(["--base-revision", b.as_str()]);
+    }
+    xds(&args)
+}
+
 fn import(store: &str, domains: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path(), domains);
@@ -34,13 +44,7 @@ fn import(store: &str, domains: &[&str]) -> tempfile::TempDir {
 /// Rewrites `groups.yaml` in `dir` with `domains` and applies it.
 fn apply_domains(store: &str, dir: &std::path::Path, domains: &[&str]) -> String {
     write_config(dir, domains);
-    let (ok, out, err) = xds(&[
-        "apply",
-        "--store",
-        store,
-        "-f",
-        dir.join("groups.yaml").to_str().unwrap(),
-    ]);
+    let (ok, out, err) = apply(store, None, &dir.join("groups.yaml"));
     assert!(ok, "{out}{err}");
     out
 }
@@ -77,13 +81,7 @@ fn import_apply_get_delete_and_what_is_refused() {
         "policy:\n  default: deny\n  rules:\n    - name: r\n      to: {webgroups: [sitez]}\n      action: allow\n",
     )
     .unwrap();
-    let (ok, _, err) = xds(&[
-        "apply",
-        "--store",
-        &store,
-        "-f",
-        bad.path().join("policy.yaml").to_str().unwrap(),
-    ]);
+    let (ok, _, err) = apply(&store, None, &bad.path().join("policy.yaml"));
     assert!(!ok);
     let shown = bad.path().join("policy.yaml").display().to_string();
     assert!(
@@ -104,13 +102,7 @@ fn import_apply_get_delete_and_what_is_refused() {
 
     // A file that is not configuration is refused before anything is read.
     std::fs::write(bad.path().join("notes.txt"), "x").unwrap();
-    let (ok, _, err) = xds(&[
-        "apply",
-        "--store",
-        &store,
-        "-f",
-        bad.path().join("notes.txt").to_str().unwrap(),
-    ]);
+    let (ok, _, err) = apply(&store, None, &bad.path().join("notes.txt"));
     assert!(!ok && err.contains("`notes.txt` is not a configuration file"), "{err}");
 
     // apply and delete of an extra file.
@@ -119,13 +111,7 @@ fn import_apply_get_delete_and_what_is_refused() {
         "webgroups:\n  - name: extra\n    domains: [extra.test]\n",
     )
     .unwrap();
-    let (ok, out, err) = xds(&[
-        "apply",
-        "--store",
-        &store,
-        "-f",
-        bad.path().join("extra.yaml").to_str().unwrap(),
-    ]);
+    let (ok, out, err) = apply(&store, None, &bad.path().join("extra.yaml"));
     assert!(ok, "{err}");
     assert!(out.contains("extra.yaml"), "{out}");
     let (ok, out, err) = xds(&["delete", "--store", &store, "extra.yaml"]);
@@ -154,22 +140,10 @@ fn a_write_based_on_a_stale_revision_is_refused_saying_what_changed() {
     let b = tempfile::tempdir().unwrap();
     write_config(a.path(), &["a.test"]);
     write_config(b.path(), &["b.test"]);
-    let base_arg = base.to_string();
     let run = |d: &tempfile::TempDir| {
         let store = store.clone();
         let file = d.path().join("groups.yaml");
-        let base_arg = base_arg.clone();
-        std::thread::spawn(move || {
-            xds(&[
-                "apply",
-                "--store",
-                &store,
-                "--base-revision",
-                &base_arg,
-                "-f",
-                file.to_str().unwrap(),
-            ])
-        })
+        std::thread::spawn(move || apply(&store, Some(base), &file))
     };
     let (ta, tb) = (run(&a), run(&b));
     let results = [ta.join().unwrap(), tb.join().unwrap()];
@@ -189,15 +163,7 @@ fn a_write_based_on_a_stale_revision_is_refused_saying_what_changed() {
     // A change based on the old revision is refused even when it would
     // leave the store as it was then.
     write_config(dir.path(), &["one.test"]);
-    let (ok, _, err) = xds(&[
-        "apply",
-        "--store",
-        &store,
-        "--base-revision",
-        &base_arg,
-        "-f",
-        dir.path().join("groups.yaml").to_str().unwrap(),
-    ]);
+    let (ok, _, err) = apply(&store, Some(base), &dir.path().join("groups.yaml"));
     assert!(!ok && err.contains("groups.yaml changed at revision"), "{err}");
     // A deletion since is seen too.
     std::fs::write(
@@ -205,37 +171,15 @@ fn a_write_based_on_a_stale_revision_is_refused_saying_what_changed() {
         "webgroups:\n  - name: x\n    domains: [x.test]\n",
     )
     .unwrap();
-    let (ok, _, err) = xds(&[
-        "apply",
-        "--store",
-        &store,
-        "-f",
-        dir.path().join("extra.yaml").to_str().unwrap(),
-    ]);
+    let (ok, _, err) = apply(&store, None, &dir.path().join("extra.yaml"));
     assert!(ok, "{err}");
     let with_extra = revision(&store);
     let (ok, _, err) = xds(&["delete", "--store", &store, "extra.yaml"]);
     assert!(ok, "{err}");
-    let (ok, _, err) = xds(&[
-        "apply",
-        "--store",
-        &store,
-        "--base-revision",
-        &with_extra.to_string(),
-        "-f",
-        dir.path().join("groups.yaml").to_str().unwrap(),
-    ]);
+    let (ok, _, err) = apply(&store, Some(with_extra), &dir.path().join("groups.yaml"));
     assert!(!ok && err.contains("extra.yaml deleted"), "{err}");
     // Based on the current revision it goes through.
-    let (ok, _, err) = xds(&[
-        "apply",
-        "--store",
-        &store,
-        "--base-revision",
-        &revision(&store).to_string(),
-        "-f",
-        dir.path().join("groups.yaml").to_str().unwrap(),
-    ]);
+    let (ok, _, err) = apply(&store, Some(revision(&store)), &dir.path().join("groups.yaml"));
     assert!(ok, "{err}");
 }
 
@@ -357,13 +301,7 @@ fn without_etcd_replicas_keep_serving_the_last_good_configuration_and_say_not_re
     });
     // A write while etcd is gone fails clearly, and changes nothing.
     write_config(dir.path(), &["two.test"]);
-    let (ok, _, err) = xds(&[
-        "apply",
-        "--store",
-        &store,
-        "-f",
-        dir.path().join("groups.yaml").to_str().unwrap(),
-    ]);
+    let (ok, _, err) = apply(&store, None, &dir.path().join("groups.yaml"));
     assert!(!ok && err.contains(&store), "{err}");
 
     etcd.restart();
