@@ -364,7 +364,7 @@ done
 
 {
     echo
-    "$LOAD" report "$RESULTS"
+    "$LOAD" report "$RESULTS" --svg "$OUT/ratios.svg"
     echo
     echo "Deny check (SNI $DENIED_SNI must get no byte from the origin):"
     grep '"deny-check"' "$RESULTS" | sed 's/^/  /' || echo "  (none)"

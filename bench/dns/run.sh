@@ -28,7 +28,9 @@
 # over the rounds (and the qps range).
 # Needs free loopback ports BASE_PORT..BASE_PORT+3 (UDP and TCP), the Debian packages
 # dnsperf, dnsmasq-base (or dnsmasq), unbound, nsd, and a release build
-# (`cargo build --release -p sluice`). Usage: bench/dns/run.sh
+# (`cargo build --release -p sluice -p sluice-bench`; bench-load draws the chart).
+# Writes its summary and a chart of the ratios (ratios.svg) to OUT
+# (default bench/out/dns-TIMESTAMP). Usage: bench/dns/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -381,3 +383,17 @@ echo
 echo "(CPU per query: the server process's user + system time during the max-qps run"
 echo " divided by the answers dnsperf counted; lower is better, and it still ranks the"
 echo " forwarders when the load side, not the server, caps the qps.)"
+
+# The summary and its chart, kept (bench/out is git-ignored).
+OUT=${OUT:-bench/out/dns-$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
+cp "$SUMMARY" "$OUT/summary.txt"
+LOAD=${LOAD:-target/release/bench-load}
+echo
+if [ -x "$LOAD" ]; then
+  "$LOAD" dns-chart "$OUT/summary.txt" --svg "$OUT/ratios.svg" \
+    --note "bench/dns/run.sh $(basename "$OUT"): medians of $ROUNDS round(s)"
+else
+  echo "(no $LOAD for the chart: cargo build --release -p sluice-bench)"
+fi
+echo "Summary: $OUT/summary.txt"

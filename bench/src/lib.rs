@@ -9,6 +9,8 @@
 //! SNI router forwards untouched; that keeps one origin process and one proxy
 //! configuration for every phase of the run.
 
+pub mod chart;
+
 use std::fmt;
 
 /// First bytes of `random` in a benchmark hello; anything else means a real

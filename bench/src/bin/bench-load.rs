@@ -111,7 +111,22 @@ enum Cmd {
         settle_ms: u64,
     },
     /// Print the tables from a results file (one JSON object per line).
-    Report { file: PathBuf },
+    Report {
+        file: PathBuf,
+        /// Also draw the Sluice / peer ratios as an SVG chart here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
+    /// Draw bench/dns/run.sh's ratios (its summary file: one line per
+    /// server and mode) as an SVG chart.
+    DnsChart {
+        summary: PathBuf,
+        #[arg(long)]
+        svg: PathBuf,
+        /// What run it is, for the chart's note.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -630,7 +645,68 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
-fn report(file: &PathBuf) {
+/// The metrics the chart shows: those with a target against the peers.
+const CHARTED: [&str; 5] = [
+    "proxy CPU per new TLS connection (µs)",
+    "proxy CPU per connection, sequential (µs)",
+    "connect+hello → first byte p99 (µs)",
+    "proxy CPU per GB relayed (s)",
+    "RSS per idle proxied flow (KiB)",
+];
+
+/// Writes `chart` to `path`, saying so.
+fn write_chart(path: &PathBuf, chart: &str) {
+    match std::fs::write(path, chart) {
+        Ok(()) => eprintln!("chart: {}", path.display()),
+        Err(e) => eprintln!("chart: cannot write {}: {e}", path.display()),
+    }
+}
+
+/// bench/dns/run.sh's summary: `SERVER MODE QPS AVG P50 P99 LOST CPU CAPPED`
+/// per line (medians over its rounds; `nan` where there is none).
+fn dns_chart(summary: &PathBuf, svg: &PathBuf, note: &str) {
+    let text = std::fs::read_to_string(summary).unwrap_or_else(|e| panic!("{}: {e}", summary.display()));
+    let mut rows: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 9 {
+            let nums = f[2..9].iter().map(|v| v.parse::<f64>().unwrap_or(f64::NAN)).collect();
+            rows.insert((f[0].to_owned(), f[1].to_owned()), nums);
+        }
+    }
+    // (metric, column in nums, lower is better)
+    let columns = [
+        ("max qps", 0, false),
+        ("qps, server held to part of a CPU", 6, false),
+        ("server CPU per query", 5, true),
+        ("p99 latency at a fixed rate", 3, true),
+    ];
+    let mut groups = Vec::new();
+    for mode in ["cached", "uncached"] {
+        for (name, col, lower) in columns {
+            let get = |server: &str| {
+                rows.get(&(server.to_owned(), mode.to_owned()))
+                    .and_then(|v| v.get(col).copied())
+                    .filter(|x| x.is_finite() && *x > 0.0)
+            };
+            let ratios = ["dnsmasq", "unbound"]
+                .iter()
+                .map(|p| ((*p).to_owned(), get("sluice").zip(get(p)).map(|(a, b)| a / b)))
+                .collect();
+            groups.push(sluice_bench::chart::Group {
+                metric: format!("{mode}: {name}"),
+                lower_is_better: lower,
+                ratios,
+            });
+        }
+    }
+    write_chart(
+        svg,
+        &sluice_bench::chart::ratio_chart("DNS: Sluice against dnsmasq and unbound", note, &groups),
+    );
+}
+
+fn report(file: &PathBuf, svg: Option<&PathBuf>) {
     let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     // (label, phase, field) -> values over rounds
     let mut vals: BTreeMap<(String, String, String), Vec<f64>> = BTreeMap::new();
@@ -805,6 +881,32 @@ fn report(file: &PathBuf) {
     for l in ["floor", "base", "sluice", "envoy", "haproxy", "nginx"] {
         println!("- {l}: {}", ratio(get(l, bulk), direct));
     }
+    if let Some(path) = svg {
+        let groups: Vec<sluice_bench::chart::Group> = METRICS
+            .iter()
+            .filter(|m| CHARTED.contains(&m.name))
+            .map(|m| sluice_bench::chart::Group {
+                metric: m.name.to_owned(),
+                lower_is_better: m.lower_is_better,
+                ratios: ["nginx", "haproxy", "envoy", "floor"]
+                    .iter()
+                    .map(|p| {
+                        let r = get("sluice", m).zip(get(p, m)).map(|(a, b)| a / b);
+                        ((*p).to_owned(), r)
+                    })
+                    .collect(),
+            })
+            .collect();
+        let run = file
+            .parent()
+            .and_then(|d| d.file_name())
+            .map_or_else(String::new, |d| d.to_string_lossy().into_owned());
+        let note = format!("bench/run.sh run {run}: medians of {rounds} round(s); below 1.0 is better for Sluice");
+        write_chart(
+            path,
+            &sluice_bench::chart::ratio_chart("Sluice against each peer and the floor relay", &note, &groups),
+        );
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -847,8 +949,12 @@ async fn main() {
             concurrency,
             settle_ms,
         } => idle(&c, &m, count, concurrency, settle_ms).await,
-        Cmd::Report { file } => {
-            report(&file);
+        Cmd::Report { file, svg } => {
+            report(&file, svg.as_ref());
+            return;
+        }
+        Cmd::DnsChart { summary, svg, note } => {
+            dns_chart(&summary, &svg, &note);
             return;
         }
     };
