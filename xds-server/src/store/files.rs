@@ -84,7 +84,7 @@ pub fn check_name(name: &str) -> Result<(), NameError> {
 /// The key a plugin's module is kept under, from the `path` its plugin
 /// declares (as written: relative to the configuration, or absolute).
 pub fn module_name(path: &Path) -> String {
-    let parts: Vec<String> = path
+    let mut parts: Vec<String> = path
         .components()
         .filter_map(|c| match c {
             Component::Normal(p) => Some(p.to_string_lossy().into_owned()),
@@ -94,6 +94,10 @@ pub fn module_name(path: &Path) -> String {
             Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
         })
         .collect();
+    if parts.is_empty() {
+        // `/`, `.` or nothing: no file, but still a name of its own.
+        parts.push("_".to_owned());
+    }
     let root = if path.is_absolute() { "_root_/" } else { "" };
     format!("{MODULES}{root}{}", parts.join("/"))
 }
@@ -319,7 +323,9 @@ mod tests {
         assert_eq!(module_name(Path::new("./plugins/g.wasm")), "modules/plugins/g.wasm");
         assert_eq!(module_name(Path::new("../g.wasm")), "modules/_parent_/g.wasm");
         assert_eq!(module_name(Path::new("/opt/g.wasm")), "modules/_root_/opt/g.wasm");
-        assert_eq!(check_name(&module_name(Path::new("/opt/../g.wasm"))), Ok(()));
+        for odd in ["/opt/../g.wasm", "", "/", ".", "./", "a/./b", "..."] {
+            assert_eq!(check_name(&module_name(Path::new(odd))), Ok(()), "{odd:?}");
+        }
     }
 
     #[test]
