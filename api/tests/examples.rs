@@ -19,6 +19,11 @@ const MAP_SECTIONS: [&str; 5] = ["policy", "admin", "audit", "gateway", "xds"];
 /// Directories a control server serves (`sluice-xds serve --config-dir`):
 /// their files are parts of one configuration, loaded together.
 const SERVED_DIRS: [&str; 1] = ["xds/config"];
+/// Directories of YAML that is not Sluice's: Kubernetes manifests, checked
+/// against the Kubernetes schemas by `scripts/k8s-validate` (which also
+/// runs the policy and gateway configuration they embed through
+/// `sluice-xds check` and `sluice check`).
+const OTHER_YAML: [&str; 1] = ["kubernetes"];
 
 /// (name, text) of every shipped configuration.
 fn shipped() -> Vec<(String, String)> {
@@ -46,7 +51,7 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.unwrap().path();
         if path.is_dir() {
-            if SERVED_DIRS.iter().any(|d| path.ends_with(d)) {
+            if SERVED_DIRS.iter().chain(&OTHER_YAML).any(|d| path.ends_with(d)) {
                 continue;
             }
             collect_yaml(&path, out);
