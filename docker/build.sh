@@ -96,6 +96,11 @@ if ((run_cargo)); then
   done
   cmd=(cargo build --locked --target "$target" "${profile_args[@]}"
     -p sluice -p sluice-xds --bin sluice --bin sluice-xds)
+  # An image has no use for debug information, and without it a debug
+  # build (the tests') takes a fifth of the disk and links faster.
+  if [[ $profile_dir == debug ]]; then
+    export CARGO_PROFILE_DEV_DEBUG=${CARGO_PROFILE_DEV_DEBUG:-0}
+  fi
   if [[ $target == *-gnu ]]; then
     existing=${!flags_var:-}
     export "$flags_var=${existing:+$existing }-C target-feature=+crt-static"
