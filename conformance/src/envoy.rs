@@ -927,20 +927,7 @@ pub fn build(workspace: &Path, profile_dir: &Path, bins: &[(&str, &str)]) -> Res
     for (package, bin) in bins {
         cmd.args(["-p", package, "--bin", bin]);
     }
-    // Under `cargo test` this process has its package's variables
-    // (CARGO_MANIFEST_DIR, CARGO_PKG_NAME, …). Build scripts that declare
-    // them with `rerun-if-env-changed` (ring's does) would see them change
-    // and rebuild, here and again in the next outer build: leave them out.
-    for (key, _) in std::env::vars_os() {
-        let Some(k) = key.to_str() else { continue };
-        if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_"]
-            .iter()
-            .any(|p| k.starts_with(p))
-            || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&k)
-        {
-            cmd.env_remove(k);
-        }
-    }
+    crate::inner_cargo::without_test_env(&mut cmd);
     let out = cmd
         .stdin(Stdio::null())
         .output()

@@ -6,4 +6,5 @@
 
 pub mod envoy;
 pub mod envoy_binary;
+pub mod inner_cargo;
 pub mod policy;

@@ -28,6 +28,9 @@
 //! under `CI=true`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
+#[path = "../../conformance/src/inner_cargo.rs"]
+mod inner_cargo;
+
 #[path = "common/bb_support.rs"]
 #[allow(dead_code, reason = "the shared black-box harness; this file uses part of it")]
 mod bb_support;
@@ -577,20 +580,7 @@ fn sluice_xds_binary() -> PathBuf {
         }
     }
     cmd.args(["-p", "sluice-xds", "--bin", "sluice-xds"]);
-    // `cargo test` runs this binary with the package's variables set
-    // (CARGO_MANIFEST_DIR, CARGO_PKG_NAME, …). Build scripts that declare
-    // them with `rerun-if-env-changed` (ring's does) would see them change
-    // and rebuild, here and again in the next outer build: leave them out.
-    for (key, _) in std::env::vars_os() {
-        let Some(k) = key.to_str() else { continue };
-        if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_"]
-            .iter()
-            .any(|p| k.starts_with(p))
-            || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&k)
-        {
-            cmd.env_remove(k);
-        }
-    }
+    inner_cargo::without_test_env(&mut cmd);
     let out = cmd
         .stdin(Stdio::null())
         .output()

@@ -267,28 +267,40 @@ pub async fn watch_dir(
         tokio::time::sleep(every.min(Duration::from_millis(200))).await;
         last = fingerprint(dir);
         let outcome = source.load_with(code_url.as_deref());
-        let mut st = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match outcome {
-            Ok(loaded) => {
-                st.loads += 1;
-                metrics::counter!("sluice_xds_config_loads_total").increment(1);
-                metrics::gauge!("sluice_xds_config_rejected").set(0.0);
-                st.last_error = None;
-                tracing::info!("{}: changed; serving the new configuration", dir.display());
-                // The new modules first: a gateway told to fetch one finds it.
-                *modules.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = loaded.modules;
-                snapshots.send_replace(loaded.catalog);
-            }
-            Err(e) => {
-                st.rejections += 1;
-                metrics::counter!("sluice_xds_config_rejections_total").increment(1);
-                metrics::gauge!("sluice_xds_config_rejected").set(1.0);
-                tracing::warn!(
-                    "{}: changed but was rejected; still serving the last good configuration:\n{e}",
-                    dir.display()
-                );
-                st.last_error = Some(e.to_string());
-            }
+        publish(outcome, &dir.display().to_string(), &state, &modules, &snapshots);
+    }
+}
+
+/// Serves a changed configuration that validated, or counts and logs one
+/// that did not (the last good one stays): the same for every source.
+/// `what` names the change in the log. True when the change is served.
+pub fn publish(
+    outcome: Result<Loaded, ConfigErrors>,
+    what: &str,
+    state: &Mutex<SourceState>,
+    modules: &Mutex<Arc<crate::ecds::Modules>>,
+    snapshots: &watch::Sender<Arc<Catalog>>,
+) -> bool {
+    let mut st = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match outcome {
+        Ok(loaded) => {
+            st.loads += 1;
+            metrics::counter!("sluice_xds_config_loads_total").increment(1);
+            metrics::gauge!("sluice_xds_config_rejected").set(0.0);
+            st.last_error = None;
+            tracing::info!("{what}: changed; serving the new configuration");
+            // The new modules first: a gateway told to fetch one finds it.
+            *modules.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = loaded.modules;
+            snapshots.send_replace(loaded.catalog);
+            true
+        }
+        Err(e) => {
+            st.rejections += 1;
+            metrics::counter!("sluice_xds_config_rejections_total").increment(1);
+            metrics::gauge!("sluice_xds_config_rejected").set(1.0);
+            tracing::warn!("{what}: changed but was rejected; still serving the last good configuration:\n{e}");
+            st.last_error = Some(e.to_string());
+            false
         }
     }
 }

@@ -77,13 +77,17 @@ pub enum StoreError {
     #[error("`{url}` is not a store: {why}")]
     Url { url: String, why: String },
     /// etcd did not answer (down, no quorum, unreachable).
-    #[error("{store}: {message}")]
+    #[error(
+        "{store}: etcd cannot be reached ({message}); check that etcd runs at the store's endpoints and that this host can reach them"
+    )]
     Unavailable { store: String, message: String },
     /// etcd answered with an error.
     #[error("{store}: etcd refused the request: {message}")]
     Refused { store: String, message: String },
     /// A key under the prefix that is not a file of a configuration.
-    #[error("{store}: key {key} is not a configuration file: {why}")]
+    #[error(
+        "{store}: key {key} is not a configuration file: {why}; remove it (`etcdctl del {key}`) and write files with `sluice-xds apply`"
+    )]
     BadKey { store: String, key: String, why: String },
     /// The write was based on revision `base`, and the store changed since.
     #[error(

@@ -177,33 +177,15 @@ pub async fn follow(store: Store, mut revision: i64, mut served: FileSet, publis
             continue;
         }
         let outcome = Source::Files(Arc::new(read.files.clone())).load_with(publish.code_url.as_deref());
-        let mut st = lock(&publish.state);
-        match outcome {
-            Ok(loaded) => {
-                st.loads += 1;
-                st.last_error = None;
-                metrics::counter!("sluice_xds_config_loads_total").increment(1);
-                metrics::gauge!("sluice_xds_config_rejected").set(0.0);
-                tracing::info!(
-                    "{}: changed at revision {revision} ({}); serving it",
-                    store.url(),
-                    served.changes(&read.files).join(", ")
-                );
-                *lock(&publish.modules) = loaded.modules;
-                publish.snapshots.send_replace(loaded.catalog);
-                lock(&publish.store_state).revision = revision;
-                served = read.files;
-            }
-            Err(e) => {
-                st.rejections += 1;
-                metrics::counter!("sluice_xds_config_rejections_total").increment(1);
-                metrics::gauge!("sluice_xds_config_rejected").set(1.0);
-                tracing::warn!(
-                    "{}: changed at revision {revision} but was rejected; still serving the last good configuration:\n{e}",
-                    store.url()
-                );
-                st.last_error = Some(e.to_string());
-            }
+        let what = format!(
+            "{} at revision {revision} ({})",
+            store.url(),
+            served.changes(&read.files).join(", ")
+        );
+        if crate::source::publish(outcome, &what, &publish.state, &publish.modules, &publish.snapshots) {
+            // The revision of what is served, not of a change refused.
+            lock(&publish.store_state).revision = revision;
+            served = read.files;
         }
     }
 }
@@ -234,7 +216,7 @@ pub enum WriteError {
     },
     #[error("{0}")]
     Files(sluice_api::ConfigErrors),
-    #[error("{store}: {name} is not in the store")]
+    #[error("{store}: {name} is not in the store; `sluice-xds get --store {store}` lists what is")]
     NoSuchFile { store: String, name: String },
 }
 
