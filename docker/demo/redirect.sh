@@ -1,11 +1,14 @@
 #!/bin/sh
-# Runs once, as root with CAP_NET_ADMIN, in the network namespace of the
-# demo's transparent gateway (docker/compose.yaml: network_mode
-# service:gateway-transparent). It sends every TCP connection to port 80 or
-# 443 made in that namespace to Sluice's transparent listener, except
-# Sluice's own (uid 65532) and loopback traffic. Sluice finds where each
-# connection was going with SO_ORIGINAL_DST. Run again, it replaces its
-# rules rather than adding a second copy.
+# Runs as root with CAP_NET_ADMIN in the network namespace of the demo's
+# transparent gateway (docker/compose.yaml: the agent-transparent service,
+# network_mode service:gateway-transparent). It sends every TCP connection
+# to port 80 or 443 made in that namespace to Sluice's transparent
+# listener, except Sluice's own (uid 65532) and loopback traffic. Sluice
+# finds where each connection was going with SO_ORIGINAL_DST. Run again,
+# it replaces its rules rather than adding a second copy.
+#
+# Given a command, it then runs it in place of itself (exec): the
+# transparent agent starts only once the rules are in.
 set -eu
 LISTENER_PORT=${LISTENER_PORT:-15001}
 SLUICE_UID=${SLUICE_UID:-65532}
@@ -20,3 +23,6 @@ iptables -t nat -A "$CHAIN" -p tcp -m multiport --dports 80,443 -j REDIRECT --to
 iptables -t nat -C OUTPUT -p tcp -j "$CHAIN" 2>/dev/null ||
   iptables -t nat -A OUTPUT -p tcp -j "$CHAIN"
 iptables -t nat -S "$CHAIN"
+if [ $# -gt 0 ]; then
+  exec "$@"
+fi
