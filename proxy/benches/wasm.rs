@@ -10,6 +10,9 @@
 //! - `flow/plain-cold`: the same after walking 16 MiB of other memory (not
 //!   timed), as between two connections of a busy proxy: what the same
 //!   calls cost when the caches and TLB no longer hold the plugin;
+//! - `flow/null`, `flow/null-cold`: the same two through the null guest
+//!   (`plugins/null-guest`), whose callbacks return at once: the host's
+//!   and wasmtime's share of a flow, with no guest work;
 //! - `flow/properties`: the same, the guest reading nine properties and
 //!   writing ten (host calls with allocations in the guest);
 //! - `flow/properties-map-clone`: the host's copy of the flow's properties
@@ -36,8 +39,12 @@ use sluice::wasm::vm::HttpEvent;
 use sluice::wasm::{PluginCode, PluginLimits, Vm, engine};
 
 fn code(config: &str) -> PluginCode {
+    code_of("test-guest", config)
+}
+
+fn code_of(guest: &str, config: &str) -> PluginCode {
     let engine = engine::shared().unwrap();
-    let module = engine.compile(&guests::guest_bytes("test-guest"), None).unwrap();
+    let module = engine.compile(&guests::guest_bytes(guest), None).unwrap();
     PluginCode::link(
         &engine,
         "bench",
@@ -85,16 +92,39 @@ fn main() {
 
     // Evicts the plugin from the caches and the TLB between flows.
     let mut other = vec![0u8; 16 << 20];
+    let mut evict = move || {
+        for page in other.chunks_mut(4096) {
+            page[0] = page[0].wrapping_add(1);
+        }
+        for line in other.chunks(64) {
+            black_box(line[0]);
+        }
+    };
     c.bench_function("flow/plain-cold", |b| {
         b.iter_batched(
-            || {
-                for page in other.chunks_mut(4096) {
-                    page[0] = page[0].wrapping_add(1);
-                }
-                for line in other.chunks(64) {
-                    black_box(line[0]);
-                }
+            &mut evict,
+            |()| {
+                let id = vm.new_stream(props.clone()).unwrap();
+                black_box(vm.on_new_connection(id).unwrap());
+                black_box(vm.finish(id).unwrap());
             },
+            criterion::BatchSize::PerIteration,
+        );
+    });
+
+    // The same seven guest entries into a guest that returns at once: what
+    // the host and wasmtime cost per flow, with no guest work.
+    let mut vm = Vm::start(&code_of("null-guest", "")).unwrap();
+    c.bench_function("flow/null", |b| {
+        b.iter(|| {
+            let id = vm.new_stream(props.clone()).unwrap();
+            black_box(vm.on_new_connection(id).unwrap());
+            black_box(vm.finish(id).unwrap());
+        });
+    });
+    c.bench_function("flow/null-cold", |b| {
+        b.iter_batched(
+            &mut evict,
             |()| {
                 let id = vm.new_stream(props.clone()).unwrap();
                 black_box(vm.on_new_connection(id).unwrap());
@@ -117,7 +147,7 @@ fn main() {
     // The properties map alone, to tell the host's share from the guest's.
     c.bench_function("flow/properties-map-clone", |b| b.iter(|| black_box(props.clone())));
 
-    let request: Vec<(Vec<u8>, Vec<u8>)> = [
+    let request: Vec<(String, Vec<u8>)> = [
         (":authority", "api.example.test"),
         (":scheme", "http"),
         (":path", "/v1/items?page=2"),
@@ -132,9 +162,9 @@ fn main() {
         ("content-type", "application/json"),
     ]
     .iter()
-    .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+    .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
     .collect();
-    let response: Vec<(Vec<u8>, Vec<u8>)> = [
+    let response: Vec<(String, Vec<u8>)> = [
         (":status", "200"),
         ("content-type", "application/json"),
         ("content-length", "512"),
@@ -143,7 +173,7 @@ fn main() {
         ("server", "origin"),
     ]
     .iter()
-    .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+    .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
     .collect();
     for (name, config) in [
         ("http/exchange", "http=1"),

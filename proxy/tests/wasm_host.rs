@@ -16,6 +16,7 @@ use guests::guest_bytes;
 use sluice::wasm::abi::{AbiVersion, Action, StreamType};
 use sluice::wasm::engine::{self, CompileError};
 use sluice::wasm::shared::{PluginMetrics, SharedData, SharedQueues};
+use sluice::wasm::vm::HttpEvent;
 use sluice::wasm::{PluginCode, PluginLimits, Vm, VmError};
 
 fn engine() -> sluice::wasm::WasmEngine {
@@ -400,4 +401,82 @@ fn a_context_whose_on_done_says_not_yet_ends_when_the_guest_calls_done() {
         .unwrap();
     assert!(vm.stream(id).is_none());
     assert_eq!(logged().as_deref(), Some("2"));
+}
+
+/// The null guest (`plugins/null-guest`): the raw ABI, every callback a
+/// flow reaches returning at once. The benchmarks run it to tell the
+/// host's share of a flow from a plugin's own.
+fn null_code() -> PluginCode {
+    let engine = engine();
+    let module = engine
+        .compile(&guest_bytes("null-guest"), None)
+        .expect("the null guest compiles");
+    assert_eq!(module.abi, AbiVersion::V0_2_1);
+    PluginCode::link(
+        &engine,
+        "null-guest",
+        &module,
+        Vec::new(),
+        Vec::new(),
+        PluginLimits::default(),
+        Arc::default(),
+        Arc::new(SharedQueues::default()),
+        Arc::new(PluginMetrics::default()),
+    )
+    .expect("the null guest links")
+}
+
+#[test]
+fn a_guest_that_returns_at_once_lets_every_flow_and_request_through_unchanged() {
+    let mut vm = Vm::start(&null_code()).expect("the null guest starts");
+    for _ in 0..3 {
+        let id = vm
+            .new_stream(props(&[("connection.requested_server_name", b"api.example.com")]))
+            .unwrap();
+        let answer = vm.on_new_connection(id).unwrap();
+        assert_eq!(answer.action, Action::Continue);
+        assert_eq!(answer.requests.close, None);
+        assert!(vm.on_data(id, true, b"hello", false).unwrap().requests.close.is_none());
+        vm.finish(id).unwrap();
+        assert!(vm.stream(id).is_none(), "the context ended");
+    }
+    // An HTTP context: no header callback, so nothing is changed and the
+    // caller keeps its own fields.
+    let id = vm.new_stream(HashMap::new()).unwrap();
+    vm.http_parts(id).unwrap().request_headers = Some(vec![(":method".to_owned(), b"GET".to_vec())]);
+    let answer = vm.on_http(id, HttpEvent::RequestHeaders, true).unwrap();
+    assert_eq!(answer.action, Action::Continue);
+    assert!(!vm.http_parts(id).unwrap().changed);
+    vm.finish_http(id).unwrap();
+}
+
+#[test]
+fn an_http_context_is_marked_changed_only_when_the_guest_writes_a_header() {
+    let request = || {
+        vec![
+            (":method".to_owned(), b"GET".to_vec()),
+            (":path".to_owned(), b"/".to_vec()),
+            (":authority".to_owned(), b"api.example.com".to_vec()),
+            ("x-keep".to_owned(), b"1".to_vec()),
+        ]
+    };
+    for (config, changed) in [
+        ("http=1\ndeny_header=x-absent", false),
+        ("http=1\nadd_header=x-added:yes", true),
+    ] {
+        let mut vm = Vm::start(&code(config)).unwrap();
+        let id = vm.new_stream(HashMap::new()).unwrap();
+        vm.http_parts(id).unwrap().request_headers = Some(request());
+        vm.on_http(id, HttpEvent::RequestHeaders, true).unwrap();
+        let parts = vm.http_parts(id).unwrap();
+        assert_eq!(parts.changed, changed, "{config}");
+        let has_added = parts
+            .request_headers
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|(k, v)| k == "x-added" && v == b"yes");
+        assert_eq!(has_added, changed, "{config}");
+        vm.finish_http(id).unwrap();
+    }
 }

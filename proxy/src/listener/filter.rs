@@ -258,8 +258,10 @@ pub struct LocalReply {
 /// What an HTTP filter says of one part of an exchange.
 #[derive(Debug)]
 pub enum HttpStatus {
-    /// Go on, with the part as the filter left it.
+    /// Go on; the filter did not change the part.
     Continue,
+    /// Go on, with the part as the filter changed it.
+    Changed,
     /// Deny the exchange with `decision`, answering `reply` (an enforced
     /// denial; in watch mode the exchange goes on and the denial is
     /// recorded).

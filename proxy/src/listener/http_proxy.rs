@@ -368,19 +368,16 @@ async fn connect_through_filters(
             );
         }
         let mut scratch = Vec::new();
-        if let Some(r) = exchanges
+        if let Err(r) = exchanges
             .run(ctx, Stage::RequestHeaders { end: false }, &mut fields, &mut scratch)
             .await
         {
             return Err(reply_through_filters(&mut exchanges, ctx, r).await);
         }
         let mut answer: super::HttpFields = vec![(":status".to_owned(), b"200".to_vec())];
-        if let Some(r) = exchanges
+        exchanges
             .run(ctx, Stage::ResponseHeaders { end: false }, &mut answer, &mut scratch)
-            .await
-        {
-            return Err(r);
-        }
+            .await?;
         let mut out = b"HTTP/1.1 200 Connection established\r\n".to_vec();
         for (k, v) in answer.iter().filter(|(k, _)| !k.starts_with(':')) {
             if hyper::header::HeaderName::from_bytes(k.as_bytes()).is_ok()
@@ -675,15 +672,17 @@ impl Exchanges {
         self.0.iter().map(|(_, x)| x.max_body()).max().unwrap_or(0)
     }
 
-    /// Shows `stage` to every filter in turn; a local reply that stands
-    /// (an enforced denial) ends the exchange.
+    /// Shows `stage` to every filter in turn: whether any changed the
+    /// part, or `Err` with a local reply that stands (an enforced denial),
+    /// which ends the exchange.
     async fn run(
         &mut self,
         ctx: &mut FlowContext,
         stage: Stage,
         fields: &mut super::HttpFields,
         body: &mut Vec<u8>,
-    ) -> Option<super::LocalReply> {
+    ) -> Result<bool, super::LocalReply> {
+        let mut changed = false;
         for (f, x) in &mut self.0 {
             let status = match stage {
                 Stage::RequestHeaders { end } => x.request_headers(fields, end).await,
@@ -693,11 +692,12 @@ impl Exchanges {
                 Stage::ResponseBody => x.response_body(body).await,
                 Stage::ResponseTrailers => x.response_trailers(fields).await,
             };
+            changed |= matches!(status, super::HttpStatus::Changed);
             if let Some(r) = judge(ctx, f.name(), status) {
-                return Some(r);
+                return Err(r);
             }
         }
-        None
+        Ok(changed)
     }
 
     /// Ends every filter's part; their notes for the record.
@@ -947,7 +947,7 @@ async fn reply_through_filters(
     fields.extend(reply.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
     let end = reply.body.is_empty();
     let mut scratch = Vec::new();
-    if let Some(r) = exchanges
+    if let Err(r) = exchanges
         .run(ctx, Stage::ResponseHeaders { end }, &mut fields, &mut scratch)
         .await
     {
@@ -956,7 +956,7 @@ async fn reply_through_filters(
     let mut body = std::mem::take(&mut reply.body);
     if !end
         && exchanges.max_body() > 0
-        && let Some(r) = exchanges
+        && let Err(r) = exchanges
             .run(ctx, Stage::ResponseBody, &mut Vec::new(), &mut body)
             .await
     {
@@ -992,15 +992,12 @@ async fn request_through_filters(
     let (mut parts, body) = req.into_parts();
     let end = body.is_end_stream();
     let mut fields = request_fields(&parts);
-    let before = fields.clone();
     let mut scratch = Vec::new();
-    if let Some(r) = exchanges
+    let changed = exchanges
         .run(ctx, Stage::RequestHeaders { end }, &mut fields, &mut scratch)
         .await
-    {
-        return Err(Ended::Reply(r));
-    }
-    if fields != before {
+        .map_err(Ended::Reply)?;
+    if changed {
         // `host` is shown as `:authority`, whose changes are ignored (the
         // flow was decided on it): it goes on as it came.
         let host = parts.headers.get(hyper::header::HOST).cloned();
@@ -1037,15 +1034,12 @@ async fn response_through_filters(
             .iter()
             .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())),
     );
-    let before = fields.clone();
     let mut scratch = Vec::new();
-    if let Some(r) = exchanges
+    let changed = exchanges
         .run(ctx, Stage::ResponseHeaders { end }, &mut fields, &mut scratch)
         .await
-    {
-        return Err(Ended::Reply(r));
-    }
-    if fields != before {
+        .map_err(Ended::Reply)?;
+    if changed {
         if let Some(status) = fields
             .iter()
             .find(|(k, _)| k == ":status")
@@ -1094,11 +1088,11 @@ impl Held {
             Err(Collect::TooLarge) => return Err(Ended::Stop(Stop::failed(self.too_large))),
             Err(Collect::Failed) => return Err(Ended::Stop(Stop::failed(self.failed))),
         };
-        if let Some(r) = exchanges.run(ctx, self.body, &mut Vec::new(), &mut data).await {
+        if let Err(r) = exchanges.run(ctx, self.body, &mut Vec::new(), &mut data).await {
             return Err(Ended::Reply(r));
         }
         if !trailers.is_empty()
-            && let Some(r) = exchanges.run(ctx, self.trailers, &mut trailers, &mut Vec::new()).await
+            && let Err(r) = exchanges.run(ctx, self.trailers, &mut trailers, &mut Vec::new()).await
         {
             return Err(Ended::Reply(r));
         }

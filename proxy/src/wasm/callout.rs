@@ -65,12 +65,12 @@ async fn exchange(call: &Callout) -> Result<CalloutResponse, CalloutError> {
     });
     let response = sender.send_request(request).await?;
     let (parts, body) = response.into_parts();
-    let mut headers: Headers = vec![(b":status".to_vec(), parts.status.as_str().as_bytes().to_vec())];
+    let mut headers: Headers = vec![(":status".to_owned(), parts.status.as_str().as_bytes().to_vec())];
     headers.extend(
         parts
             .headers
             .iter()
-            .map(|(k, v)| (k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec())),
+            .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())),
     );
     let collected =
         Limited::new(body, MAX_ANSWER_BODY)
@@ -84,7 +84,7 @@ async fn exchange(call: &Callout) -> Result<CalloutResponse, CalloutError> {
         .trailers()
         .map(|t| {
             t.iter()
-                .map(|(k, v)| (k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
                 .collect()
         })
         .unwrap_or_default();
@@ -98,7 +98,7 @@ async fn exchange(call: &Callout) -> Result<CalloutResponse, CalloutError> {
 /// The guest's headers as a request: `:method`, `:path`, `:authority` (as
 /// `Host`) and the rest as they are; a body gets its length.
 fn build(call: &Callout) -> Result<Request<Buffered>, CalloutError> {
-    let field = |name: &[u8]| {
+    let field = |name: &str| {
         call.headers
             .iter()
             .find(|(k, _)| k == name)
@@ -107,21 +107,21 @@ fn build(call: &Callout) -> Result<Request<Buffered>, CalloutError> {
     };
     let bad = |e: &dyn std::fmt::Display| CalloutError::Request(e.to_string());
     let mut builder = Request::builder()
-        .method(hyper::Method::from_bytes(field(b":method")).map_err(|e| bad(&e))?)
-        .uri(hyper::Uri::try_from(field(b":path")).map_err(|e| bad(&e))?)
-        .header(hyper::header::HOST, field(b":authority"));
-    for (k, v) in call.headers.iter().filter(|(k, _)| !k.starts_with(b":")) {
-        if k.eq_ignore_ascii_case(b"host") || k.eq_ignore_ascii_case(b"content-length") {
+        .method(hyper::Method::from_bytes(field(":method")).map_err(|e| bad(&e))?)
+        .uri(hyper::Uri::try_from(field(":path")).map_err(|e| bad(&e))?)
+        .header(hyper::header::HOST, field(":authority"));
+    for (k, v) in call.headers.iter().filter(|(k, _)| !k.starts_with(':')) {
+        if k.eq_ignore_ascii_case("host") || k.eq_ignore_ascii_case("content-length") {
             continue;
         }
-        builder = builder.header(k.as_slice(), v.as_slice());
+        builder = builder.header(k.as_str(), v.as_slice());
     }
     if !call.body.is_empty() && call.trailers.is_empty() {
         builder = builder.header(hyper::header::CONTENT_LENGTH, call.body.len());
     }
     let mut trailers = hyper::HeaderMap::new();
     for (k, v) in &call.trailers {
-        let name = hyper::header::HeaderName::from_bytes(k).map_err(|e| bad(&e))?;
+        let name = hyper::header::HeaderName::from_bytes(k.as_bytes()).map_err(|e| bad(&e))?;
         let value = hyper::header::HeaderValue::from_bytes(v).map_err(|e| bad(&e))?;
         trailers.append(name, value);
     }

@@ -488,9 +488,12 @@ impl WasmExchange {
             return HttpStatus::Continue;
         }
         let stream = self.stream;
+        // A copy for the context (properties read it in later callbacks);
+        // the caller keeps its own, and takes the guest's back only when
+        // the guest changed it.
         let given = match &part {
-            Part::Fields(f) => Given::Fields(f.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.clone())).collect()),
-            Part::Body(b) => Given::Body(b.to_vec()),
+            Part::Fields(f) => Given::Fields((*f).clone()),
+            Part::Body(b) => Given::Body((*b).clone()),
         };
         let ran = self.filter.plugin.with_vm(stream.slot, |vm, generation| {
             if generation != stream.generation {
@@ -510,7 +513,7 @@ impl WasmExchange {
             let back = if paused.is_some() {
                 None
             } else {
-                vm.http_parts(stream.id).map(|p| Given::take(p, event))
+                vm.http_parts(stream.id).and_then(|p| Given::changed(p, event))
             };
             Ok((answer, said, paused, back))
         });
@@ -539,7 +542,7 @@ impl WasmExchange {
                             return Err(VmError::Gone("the instance serving this request"));
                         }
                         let told = vm.stream(stream.id).map(|s| said(&s.properties)).unwrap_or_default();
-                        Ok((told, vm.http_parts(stream.id).map(|p| Given::take(p, event))))
+                        Ok((told, vm.http_parts(stream.id).and_then(|p| Given::changed(p, event))))
                     });
                     match taken {
                         Ok((said, _)) if said.verdict == Some(false) => return self.denied(),
@@ -558,15 +561,15 @@ impl WasmExchange {
         };
         match (back, &mut part) {
             (Some(Given::Fields(f)), Part::Fields(out)) => {
-                **out = f
-                    .into_iter()
-                    .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
-                    .collect();
+                **out = f;
+                HttpStatus::Changed
             }
-            (Some(Given::Body(b)), Part::Body(out)) => **out = b,
-            _ => {}
+            (Some(Given::Body(b)), Part::Body(out)) => {
+                **out = b;
+                HttpStatus::Changed
+            }
+            _ => HttpStatus::Continue,
         }
-        HttpStatus::Continue
     }
 
     fn denied(&self) -> HttpStatus {
@@ -595,6 +598,7 @@ enum Given {
 
 impl Given {
     fn put(self, parts: &mut HttpParts, event: HttpEvent) {
+        parts.changed = false;
         match (self, event) {
             (Given::Fields(f), HttpEvent::RequestHeaders) => parts.request_headers = Some(f),
             (Given::Fields(f), HttpEvent::RequestTrailers) => parts.request_trailers = Some(f),
@@ -604,6 +608,11 @@ impl Given {
             (Given::Body(b), HttpEvent::ResponseBody) => parts.response_body = Some(b),
             _ => {}
         }
+    }
+
+    /// The part as the guest left it, when the guest changed it.
+    fn changed(parts: &mut HttpParts, event: HttpEvent) -> Option<Given> {
+        std::mem::take(&mut parts.changed).then(|| Given::take(parts, event))
     }
 
     /// The part as the guest left it (kept readable in the context).

@@ -19,7 +19,7 @@ use super::abi::{
     BufferType, LogLevel, MapType, MetricType, Status, StreamType, decode_pairs, encode_pairs, split_path,
 };
 use super::properties;
-use super::state::{GuestFault, GuestMemory, Headers, HostState, Phase};
+use super::state::{GuestFault, GuestMemory, Headers, HostState, Phase, header_name};
 
 type R = wasmtime::Result<i32>;
 
@@ -237,7 +237,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 return status(Status::BadArgument);
             };
             if let Some(m) = MapType::try_from(kind).ok().and_then(|k| map_mut(c.data_mut(), k)) {
-                *m = pairs.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+                *m = pairs.into_iter().map(|(k, v)| (header_name(&k), v)).collect();
             }
             ok()
         },
@@ -251,7 +251,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let value = MapType::try_from(kind)
                 .ok()
                 .and_then(|k| map(c.data(), k))
-                .and_then(|m| m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()))
+                .and_then(|m| m.iter().find(|(k, _)| k.as_bytes() == key).map(|(_, v)| v.clone()))
                 .ok_or(Status::NotFound);
             give_or(&mut c, value, ptr_ptr, len_ptr)
         },
@@ -261,7 +261,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_add_header_map_value",
         |mut c: Caller<'_, HostState>, kind: i32, key: i32, key_len: i32, val: i32, val_len: i32| -> R {
             running(&c, "proxy_add_header_map_value")?;
-            let key = c.read(key, key_len)?.to_ascii_lowercase();
+            let key = header_name(&c.read(key, key_len)?);
             let value = c.read(val, val_len)?;
             let max = c.data().limits.pairs.max_pairs;
             if let Some(m) = MapType::try_from(kind).ok().and_then(|k| map_mut(c.data_mut(), k))
@@ -277,7 +277,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_replace_header_map_value",
         |mut c: Caller<'_, HostState>, kind: i32, key: i32, key_len: i32, val: i32, val_len: i32| -> R {
             running(&c, "proxy_replace_header_map_value")?;
-            let key = c.read(key, key_len)?.to_ascii_lowercase();
+            let key = header_name(&c.read(key, key_len)?);
             let value = c.read(val, val_len)?;
             if let Some(m) = MapType::try_from(kind).ok().and_then(|k| map_mut(c.data_mut(), k)) {
                 match m.iter().position(|(k, _)| *k == key) {
@@ -297,7 +297,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_remove_header_map_value",
         |mut c: Caller<'_, HostState>, kind: i32, key: i32, key_len: i32| -> R {
             running(&c, "proxy_remove_header_map_value")?;
-            let key = c.read(key, key_len)?.to_ascii_lowercase();
+            let key = header_name(&c.read(key, key_len)?);
             if let Some(m) = MapType::try_from(kind).ok().and_then(|k| map_mut(c.data_mut(), k)) {
                 m.retain(|(k, _)| *k != key);
             }
@@ -409,7 +409,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             ) else {
                 return status(Status::BadArgument);
             };
-            let headers: Headers = headers.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+            let headers: Headers = headers.into_iter().map(|(k, v)| (header_name(&k), v)).collect();
             let Some(address) = c
                 .data()
                 .upstreams
@@ -423,7 +423,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 );
                 return status(Status::BadArgument);
             };
-            let has = |name: &[u8]| headers.iter().any(|(k, v)| k == name && !v.is_empty());
+            let has = |name: &[u8]| headers.iter().any(|(k, v)| k.as_bytes() == name && !v.is_empty());
             if !(has(b":method") && has(b":path") && has(b":authority")) {
                 c.data_mut().log(
                     LogLevel::Warn,
@@ -443,7 +443,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 address,
                 headers,
                 body,
-                trailers: trailers.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect(),
+                trailers: trailers.into_iter().map(|(k, v)| (header_name(&k), v)).collect(),
                 timeout: Duration::from_millis(u64::from(timeout as u32)),
             });
             c.write_u32(token_ptr, token)?;
@@ -709,8 +709,16 @@ fn buffer_mut(s: &mut HostState, kind: BufferType) -> Option<&mut Vec<u8>> {
     match kind {
         BufferType::DownstreamData => s.buffers.downstream.as_mut(),
         BufferType::UpstreamData => s.buffers.upstream.as_mut(),
-        BufferType::HttpRequestBody => s.stream_mut()?.http.as_mut()?.request_body.as_mut(),
-        BufferType::HttpResponseBody => s.stream_mut()?.http.as_mut()?.response_body.as_mut(),
+        BufferType::HttpRequestBody => {
+            let http = s.stream_mut()?.http.as_mut()?;
+            http.changed = true;
+            http.request_body.as_mut()
+        }
+        BufferType::HttpResponseBody => {
+            let http = s.stream_mut()?.http.as_mut()?;
+            http.changed = true;
+            http.response_body.as_mut()
+        }
         _ => None,
     }
 }
@@ -731,10 +739,20 @@ fn map(s: &HostState, kind: MapType) -> Option<&Headers> {
     }
 }
 
-/// Header map `kind` to change. Trailers may be added once their
-/// message's headers arrived (as in Envoy, where they are made lazily).
+/// Header map `kind` to change (marking its context changed). Trailers
+/// may be added once their message's headers arrived (as in Envoy, where
+/// they are made lazily).
 fn map_mut(s: &mut HostState, kind: MapType) -> Option<&mut Headers> {
     let http = s.stream_mut()?.http.as_mut()?;
+    if matches!(
+        kind,
+        MapType::HttpRequestHeaders
+            | MapType::HttpRequestTrailers
+            | MapType::HttpResponseHeaders
+            | MapType::HttpResponseTrailers
+    ) {
+        http.changed = true;
+    }
     match kind {
         MapType::HttpRequestHeaders => http.request_headers.as_mut(),
         MapType::HttpRequestTrailers if http.request_headers.is_some() => {

@@ -138,11 +138,8 @@ pub fn get(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
 /// headers as they are now (a plugin's changes included).
 fn http(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
     let parts = s.stream()?.http.as_ref()?;
-    let field = |map: Option<&super::state::Headers>, name: &str| {
-        map?.iter()
-            .find(|(k, _)| k.as_slice() == name.as_bytes())
-            .map(|(_, v)| v.clone())
-    };
+    let field =
+        |map: Option<&super::state::Headers>, name: &str| map?.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let req = parts.request_headers.as_ref();
     let resp = parts.response_headers.as_ref();
     let path_field = || field(req, ":path");

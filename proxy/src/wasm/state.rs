@@ -81,6 +81,10 @@ pub struct HttpParts {
     pub response_headers: Option<Headers>,
     pub response_body: Option<Vec<u8>>,
     pub response_trailers: Option<Headers>,
+    /// The guest changed a header map or a body since the host last
+    /// looked (set by every host call that writes one): an exchange whose
+    /// plugin only read takes nothing back.
+    pub changed: bool,
 }
 
 /// An HTTP call a guest made (`proxy_http_call`), made by the host once
@@ -133,8 +137,16 @@ impl Requests {
     }
 }
 
-/// A header map: names (lower case) and values, in order.
-pub type Headers = Vec<(Vec<u8>, Vec<u8>)>;
+/// A header map: names (lower case) and values, in order. The listener's
+/// own shape for a message's fields, so handing them to a plugin is one
+/// copy and taking them back none; a name a guest gives that is not UTF-8
+/// is kept with its bad bytes replaced (no HTTP field name has any).
+pub type Headers = crate::listener::HttpFields;
+
+/// A header name a guest gave, as a map keeps it: lower case, UTF-8.
+pub fn header_name(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).to_ascii_lowercase()
+}
 
 /// The buffers the current callback may read and write.
 #[derive(Debug, Default)]
