@@ -8,9 +8,12 @@
 #
 # Usage: bench/run.sh            (from anywhere; installs what is missing)
 # Knobs (environment): ONLY="direct floor sluice envoy haproxy nginx"  ROUNDS=3
-#   (add `wasm` to ONLY for Sluice with one connection-level plugin beside it)
+#   (add `wasm` to ONLY for Sluice with one connection-level plugin beside it,
+#   `wasm-null` for Sluice with a plugin that returns at once from every callback)
 #   CONNS=20000 LAT_CONNS=30000 IDLE_FLOWS=5000 BULK_BYTES=2000000000
 #   TLS_CONNS=5000 TLS_LAT_CONNS=1000 (end-to-end TLS; 0 to skip)
+#   HTTP_REQS=20000 (plain-HTTP requests through Sluice's http-proxy
+#     listener, keep-alive; sluice, base, wasm and wasm-null only; 0 to skip)
 #   CONCURRENCY=50 ENVOY_VERSION=1.40.0 SLUICE_AUDIT=/dev/null NO_BUILD=1
 #   SYSCALLS=1 (strace system calls per connection, round 1; 0 to skip)
 #   SLUICE_BASE=/path/to/sluice or BASE_REV=<git revision>: also measure
@@ -38,6 +41,7 @@ IDLE_FLOWS=${IDLE_FLOWS:-5000}
 BULK_BYTES=${BULK_BYTES:-2000000000}
 CONCURRENCY=${CONCURRENCY:-50}
 TLS_CONNS=${TLS_CONNS:-5000}
+HTTP_REQS=${HTTP_REQS:-20000}
 TLS_LAT_CONNS=${TLS_LAT_CONNS:-1000}
 ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
 SLUICE_AUDIT=${SLUICE_AUDIT:-/dev/null}
@@ -57,11 +61,15 @@ log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$OUT/run.log" >&2
 
 # Ports: each target gets its own listen port and its own origin port, so
 # TIME_WAIT left by one target never touches the next.
-declare -A LISTEN=([sluice]=18443 [envoy]=18444 [haproxy]=18445 [nginx]=18446 [floor]=18447 [base]=18448 [wasm]=18449)
-declare -A ORIGIN=([direct]=18080 [sluice]=18081 [envoy]=18082 [haproxy]=18083 [nginx]=18084 [floor]=18085 [base]=18086 [wasm]=18087)
+declare -A LISTEN=([sluice]=18443 [envoy]=18444 [haproxy]=18445 [nginx]=18446 [floor]=18447 [base]=18448 [wasm]=18449 [wasm-null]=18450)
+# The plain-HTTP phase's listen ports (Sluice only: an http-proxy listener
+# beside the sni one; peers run no HTTP phase).
+declare -A HTTP_LISTEN=([sluice]=18453 [base]=18458 [wasm]=18459 [wasm-null]=18460)
+declare -A ORIGIN=([direct]=18080 [sluice]=18081 [envoy]=18082 [haproxy]=18083 [nginx]=18084 [floor]=18085 [base]=18086 [wasm]=18087 [wasm-null]=18088)
 # `wasm`: this tree's Sluice with one connection-level plugin (the test
 # guest, deciding on each flow's SNI), to measure what a plugin adds.
 WASM_FILE=$ROOT/target/wasm-guests/wasm32-wasip1/release/test_guest.wasm
+WASM_NULL_FILE=$ROOT/target/wasm-guests/wasm32-wasip1/release/null_guest.wasm
 
 # ------------------------------------------------------------ processes
 PIDS=()
@@ -155,10 +163,10 @@ fi
 if [ -z "${NO_BUILD:-}" ]; then
     log "building (release): sluice-bench, sluice"
     (cd "$ROOT" && timeout 900 nice cargo build --release -q -p sluice-bench -p sluice)
-    if want wasm; then
-        log "building (release, wasm32-wasip1): the test guest"
+    if want wasm || want wasm-null; then
+        log "building (release, wasm32-wasip1): the test guest and the null guest"
         (cd "$ROOT" && timeout 600 nice cargo build --release -q --locked --manifest-path plugins/Cargo.toml \
-            -p test-guest --target wasm32-wasip1 --target-dir target/wasm-guests)
+            -p test-guest -p null-guest --target wasm32-wasip1 --target-dir target/wasm-guests)
     fi
 fi
 T=$ROOT/target/release
@@ -207,7 +215,8 @@ for _ in $(seq 100); do [ -s "$ORIGIN_CERT" ] && break; sleep 0.1; done
 render() { # template target -> rendered file
     local src=$1 t=$2 dst=$OUT/$(basename "$1")
     sed -e "s|@LISTEN_PORT@|${LISTEN[$t]:-0}|g" -e "s|@ORIGIN_PORT@|${ORIGIN[$t]}|g" \
-        -e "s|@OUT@|$OUT|g" -e "s|@AUDIT@|$SLUICE_AUDIT|g" -e "s|@WASM@|$WASM_FILE|g" \
+        -e "s|@HTTP_PORT@|${HTTP_LISTEN[$t]:-0}|g" \
+        -e "s|@OUT@|$OUT|g" -e "s|@AUDIT@|$SLUICE_AUDIT|g" -e "s|@WASM@|$WASM_FILE|g" -e "s|@WASM_NULL@|$WASM_NULL_FILE|g" \
         -e "s|@NGINX_STREAM_MODULE@|$NGINX_STREAM_MODULE|g" "$src" >"$dst"
     echo "$dst"
 }
@@ -227,6 +236,9 @@ start_proxy() {
     wasm)
         cfg=$(render "$B/configs/sluice-wasm.yaml" wasm)
         $PROXY_CPU "$T/sluice" run -c "$cfg" >"$OUT/wasm.log" 2>&1 & ;;
+    wasm-null)
+        cfg=$(render "$B/configs/sluice-wasm-null.yaml" wasm-null)
+        $PROXY_CPU "$T/sluice" run -c "$cfg" >"$OUT/wasm-null.log" 2>&1 & ;;
     base)
         cfg=$(render "$B/configs/sluice.yaml" base)
         cp "$cfg" "$OUT/sluice-base.yaml"
@@ -330,6 +342,13 @@ run_target() {
     log "$t: bulk $BULK_BYTES bytes"
     bounded 150 $CLIENT_CPU "$LOAD" bulk "${common[@]}" "${m[@]}" --bytes "$BULK_BYTES" \
         --max-secs 140 | tee -a "$RESULTS" >&2 || log "$t bulk: failed"
+    if [ -n "${HTTP_LISTEN[$t]:-}" ] && ((HTTP_REQS > 0)); then
+        sleep 1  # let closes and TIME_WAIT from the previous phase settle
+        log "$t: $HTTP_REQS plain-HTTP requests, keep-alive, $CONCURRENCY in flight"
+        bounded 200 $CLIENT_CPU "$LOAD" http --target "127.0.0.1:${HTTP_LISTEN[$t]}" \
+            --host "$SNI:${ORIGIN[$t]}" "${m[@]}" --count "$HTTP_REQS" --concurrency "$CONCURRENCY" \
+            --max-secs 180 | tee -a "$RESULTS" >&2 || log "$t http: failed"
+    fi
     if ((TLS_CONNS > 0)); then
         # End to end with real TLS (client and origin crypto on CPU 0): the
         # figures the design notes say cannot rank proxies, measured anyway.

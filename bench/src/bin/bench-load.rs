@@ -84,6 +84,24 @@ enum Cmd {
         #[arg(long, default_value = "tls")]
         phase: String,
     },
+    /// COUNT plain-HTTP requests for `http://HOST/` in absolute form through
+    /// TARGET, an HTTP proxy, over CONCURRENCY keep-alive connections, each
+    /// sending its requests one after another.
+    Http {
+        #[arg(long)]
+        target: SocketAddr,
+        /// `host:port` of the origin, as the request's URI and Host name it.
+        #[arg(long)]
+        host: String,
+        #[command(flatten)]
+        m: Measured,
+        #[arg(long, default_value_t = 20_000)]
+        count: usize,
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        #[arg(long, default_value = "http")]
+        phase: String,
+    },
     /// STREAMS connections each receiving BYTES/STREAMS bytes after the hello.
     Bulk {
         #[command(flatten)]
@@ -224,6 +242,118 @@ async fn one(target: SocketAddr, hello: &[u8], buf: &mut [u8]) -> std::io::Resul
     }
     while s.read(buf).await? > 0 {}
     Ok(first.unwrap_or_default())
+}
+
+/// One request on `s` (a keep-alive connection to the proxy): its time to
+/// the whole answer, and whether the connection may carry another.
+async fn one_request(s: &mut TcpStream, request: &[u8], buf: &mut Vec<u8>) -> std::io::Result<(Duration, bool)> {
+    let t0 = Instant::now();
+    s.write_all(request).await?;
+    buf.clear();
+    let mut chunk = [0_u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            if !head.starts_with("http/1.1 200") {
+                let line = head.lines().next().unwrap_or_default().to_owned();
+                return Err(std::io::Error::other(format!("answered `{line}`")));
+            }
+            let body = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| std::io::Error::other("an answer without content-length"))?;
+            while buf.len() < end + 4 + body {
+                let n = s.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(ErrorKind::UnexpectedEof.into());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let close = head
+                .lines()
+                .any(|l| l.starts_with("connection:") && l.contains("close"));
+            return Ok((t0.elapsed(), !close));
+        }
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn http(target: SocketAddr, host: &str, m: &Measured, count: usize, concurrency: usize, phase: &str) -> Value {
+    let request: Arc<[u8]> = format!(
+        "GET http://{host}/v1/models HTTP/1.1\r\nhost: {host}\r\nuser-agent: bench-load\r\naccept: */*\r\n\r\n"
+    )
+    .into_bytes()
+    .into();
+    let next = Arc::new(AtomicUsize::new(0));
+    let meter = Meter::start(m);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(m.max_secs);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (request, next) = (request.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0_usize;
+            let mut buf = Vec::with_capacity(4096);
+            let mut conn: Option<TcpStream> = None;
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                if tokio::time::Instant::now() > deadline {
+                    errors += 1;
+                    continue;
+                }
+                let s = match conn.take() {
+                    Some(s) => s,
+                    None => match timeout(Duration::from_secs(10), TcpStream::connect(target)).await {
+                        Ok(Ok(s)) => {
+                            let _ = s.set_nodelay(true);
+                            s
+                        }
+                        _ => {
+                            errors += 1;
+                            continue;
+                        }
+                    },
+                };
+                let mut s = s;
+                match timeout(Duration::from_secs(10), one_request(&mut s, &request, &mut buf)).await {
+                    Ok(Ok((d, again))) => {
+                        lat.push(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+                        if again {
+                            conn = Some(s);
+                        }
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::with_capacity(count);
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.unwrap();
+        lat.extend(l);
+        errors += e;
+    }
+    let mut o = meter.finish(m, phase);
+    lat.sort_unstable();
+    let ok = lat.len();
+    let elapsed = o["elapsed_s"].as_f64().unwrap_or(f64::NAN);
+    o.insert("count".into(), json!(count));
+    o.insert("ok".into(), json!(ok));
+    o.insert("errors".into(), json!(errors));
+    o.insert("concurrency".into(), json!(concurrency));
+    o.insert("req_per_s".into(), json!(ok as f64 / elapsed));
+    o.insert("p50_us".into(), json!(percentile(&lat, 0.50)));
+    o.insert("p99_us".into(), json!(percentile(&lat, 0.99)));
+    if let Some(cpu) = o.get("proxy_cpu_s").and_then(Value::as_f64) {
+        o.insert("proxy_cpu_us_per_req".into(), json!(cpu * 1e6 / ok.max(1) as f64));
+    }
+    Value::Object(o)
 }
 
 /// Opens a connection and completes the hello exchange, keeping it open.
@@ -514,7 +644,7 @@ struct Metric {
     target: &'static str,
 }
 
-const METRICS: [Metric; 14] = [
+const METRICS: [Metric; 16] = [
     Metric {
         name: "proxy CPU per new TLS connection (µs)",
         phase: "conn",
@@ -602,6 +732,20 @@ const METRICS: [Metric; 14] = [
     Metric {
         name: "TLS end to end: connect+handshake → first byte p99 (µs)",
         phase: "tls-latency",
+        field: "p99_us",
+        lower_is_better: true,
+        target: "",
+    },
+    Metric {
+        name: "proxy CPU per plain-HTTP request, keep-alive, 50 in flight (µs)",
+        phase: "http",
+        field: "proxy_cpu_us_per_req",
+        lower_is_better: true,
+        target: "",
+    },
+    Metric {
+        name: "plain-HTTP request → whole answer p99, 50 in flight (µs)",
+        phase: "http",
         field: "p99_us",
         lower_is_better: true,
         target: "",
@@ -817,27 +961,42 @@ fn report(file: &PathBuf, svg: Option<&PathBuf>) {
             .collect();
         println!("| {} | {} |", m.name, cells.join(" | "));
     }
-    // What one plugin adds: `wasm` against `sluice`, in the same run.
-    if METRICS.iter().any(|m| get("wasm", m).is_some()) {
-        println!("\nOne connection-level plugin (`wasm`) against none (`sluice`), same run:\n");
-        println!("| metric | sluice | wasm | wasm − sluice | wasm / sluice |");
-        println!("|---|---|---|---|---|");
+    // What one plugin adds: `wasm` (the test guest judging each flow) and
+    // `wasm-null` (a guest that returns at once: the host's share) against
+    // `sluice`, in the same run.
+    let plugged = ["wasm", "wasm-null"];
+    if METRICS.iter().any(|m| plugged.iter().any(|p| get(p, m).is_some())) {
+        let diff = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => fmt(Some(a - b)),
+            _ => "–".into(),
+        };
+        println!(
+            "\nOne connection-level plugin (`wasm`; `wasm-null`: a plugin whose callbacks return at once) against none (`sluice`), same run:\n"
+        );
+        println!("| metric | sluice | wasm-null | wasm | wasm-null − sluice | wasm − sluice | wasm / sluice |");
+        println!("|---|---|---|---|---|---|---|");
         for m in METRICS.iter().filter(|m| m.field != "client_core_busy") {
-            let (s, w) = (get("sluice", m), get("wasm", m));
-            let diff = match (s, w) {
-                (Some(s), Some(w)) => fmt(Some(w - s)),
-                _ => "–".into(),
-            };
-            println!("| {} | {} | {} | {diff} | {} |", m.name, fmt(s), fmt(w), ratio(w, s));
+            let (s, n, w) = (get("sluice", m), get("wasm-null", m), get("wasm", m));
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                m.name,
+                fmt(s),
+                fmt(n),
+                fmt(w),
+                diff(n, s),
+                diff(w, s),
+                ratio(w, s)
+            );
         }
     }
     if rounds > 1 {
         println!("\nSpread over rounds (min – max), to judge the noise:\n");
-        println!("| metric | direct | floor | base | sluice | wasm | envoy | haproxy | nginx |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("| metric | direct | floor | base | sluice | wasm | envoy | haproxy | nginx | wasm-null |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         for m in METRICS.iter().filter(|m| m.field != "client_core_busy") {
             let cells: Vec<String> = LABELS
                 .iter()
+                .chain(&["wasm-null"])
                 .map(|l| {
                     let key = ((*l).to_owned(), m.phase.to_owned(), m.field.to_owned());
                     let v: Vec<f64> = vals
@@ -928,6 +1087,14 @@ async fn main() {
             concurrency,
             phase,
         } => conn(&c, &m, count, concurrency, &phase).await,
+        Cmd::Http {
+            target,
+            host,
+            m,
+            count,
+            concurrency,
+            phase,
+        } => http(target, &host, &m, count, concurrency, &phase).await,
         Cmd::Tls {
             target,
             sni,

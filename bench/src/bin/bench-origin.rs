@@ -6,7 +6,9 @@
 //! the client closes, or stream N bytes. A hello without the marker comes
 //! from a real TLS client: the origin then completes the handshake with a
 //! self-signed certificate for `bench.example` (written to `--cert-out` for
-//! the client to trust) and answers over TLS. One thread, so it stays on the
+//! the client to trust) and answers over TLS. A connection that does not
+//! start with a TLS record is plain HTTP/1.1 (the HTTP phase): every
+//! request gets `200 ok`, with keep-alive. One thread, so it stays on the
 //! core `taskset` gives it and leaves the other to the proxy under test.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark tool")]
 
@@ -96,6 +98,10 @@ async fn serve(mut s: TcpStream, tls: TlsAcceptor) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut hdr = [0_u8; 5];
     s.read_exact(&mut hdr).await?;
+    if hdr[0] != 0x16 {
+        // Not a TLS record: plain HTTP/1.1 from the HTTP phase.
+        return http(s, hdr.to_vec()).await;
+    }
     let len = usize::from(u16::from_be_bytes([hdr[3], hdr[4]]));
     let mut rec = vec![0_u8; 5 + len];
     rec[..5].copy_from_slice(&hdr);
@@ -125,6 +131,42 @@ async fn serve(mut s: TcpStream, tls: TlsAcceptor) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Plain HTTP/1.1, keep-alive: answers every request (a head, and a body
+/// of its `content-length`, skipped) with `200` and a short body, until
+/// the client closes.
+async fn http(mut s: TcpStream, mut buf: Vec<u8>) -> std::io::Result<()> {
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 3\r\n\r\nok\n";
+    let mut chunk = [0_u8; 4096];
+    loop {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let body = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            let total = end + 4 + body;
+            while buf.len() < total {
+                let n = s.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            buf.drain(..total);
+            s.write_all(ANSWER).await?;
+        }
+        if buf.len() > 64 * 1024 {
+            return Err(std::io::Error::other("request head over 64 KiB"));
+        }
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
