@@ -10,6 +10,10 @@
 //! - `flow/plain-cold`: the same after walking 16 MiB of other memory (not
 //!   timed), as between two connections of a busy proxy: what the same
 //!   calls cost when the caches and TLB no longer hold the plugin;
+//! - `flow/plain-cold-ends`: the caches cold before each flow's start and
+//!   before its end, as when a flow's end runs as its connection closes;
+//! - `flow/plain-cold-batched`: each flow's start cold, its end in a batch
+//!   of sixteen ends (as `wasm/filter.rs` ends closed flows' contexts);
 //! - `flow/null`, `flow/null-cold`: the same two through the null guest
 //!   (`plugins/null-guest`), whose callbacks return at once: the host's
 //!   and wasmtime's share of a flow, with no guest work;
@@ -110,6 +114,54 @@ fn main() {
             },
             criterion::BatchSize::PerIteration,
         );
+    });
+
+    // Each flow's start and its end cold (other connections' work before
+    // each): how a flow's callbacks meet the caches when each end is made
+    // as its connection closes.
+    c.bench_function("flow/plain-cold-ends", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                evict();
+                let t = std::time::Instant::now();
+                let id = vm.new_stream(props.clone()).unwrap();
+                black_box(vm.on_new_connection(id).unwrap());
+                spent += t.elapsed();
+                evict();
+                let t = std::time::Instant::now();
+                black_box(vm.finish(id).unwrap());
+                spent += t.elapsed();
+            }
+            spent
+        });
+    });
+
+    // As a gateway runs it: each flow's start cold (other connections'
+    // work between flows), its end in a batch of 16 (`CLOSE_BATCH` in
+    // `wasm/filter.rs`), the caches cold before the batch only.
+    c.bench_function("flow/plain-cold-batched", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = std::time::Duration::ZERO;
+            let mut open = Vec::with_capacity(16);
+            for i in 0..iters {
+                evict();
+                let t = std::time::Instant::now();
+                let id = vm.new_stream(props.clone()).unwrap();
+                black_box(vm.on_new_connection(id).unwrap());
+                spent += t.elapsed();
+                open.push(id);
+                if open.len() == 16 || i + 1 == iters {
+                    evict();
+                    let t = std::time::Instant::now();
+                    for id in open.drain(..) {
+                        black_box(vm.finish(id).unwrap());
+                    }
+                    spent += t.elapsed();
+                }
+            }
+            spent
+        });
     });
 
     // The same seven guest entries into a guest that returns at once: what

@@ -717,6 +717,43 @@ fn plugin_limits_out_of_range_are_refused_at_their_position() {
 }
 
 flow_test!(
+    closed_flows_contexts_end_in_batches_and_their_records_do_not_wait_for_them,
+    async {
+        let rig = Rig::<RawSink>::with_upstream(sni_with(
+            &plugin("ends", "count_ends=ended\nannotate=seen:yes", ""),
+            None,
+        ))
+        .await;
+        let ended = || {
+            let snap = rig.sluice.server.shared.snapshot.load();
+            snap.plugins
+                .get("ends")
+                .and_then(|p| p.code.shared.get(b"ended"))
+                .and_then(|(v, _)| String::from_utf8(v).ok())
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // A lone flow: its record carries what the plugin said before the
+        // close, at once; its context ends later, from the tick thread.
+        let r = hello(&rig, "allowed.test").await;
+        assert_eq!(r["annotations"]["seen"], "yes", "{r}");
+        assert!(r["annotations"].get("late").is_none(), "the record did not wait: {r}");
+        assert!(
+            wait_until(|| ended() >= 1).await,
+            "a lone closed flow's context never ended ({} ended)",
+            ended()
+        );
+        // Sixteen more: ended together, as a batch, every one of them.
+        for _ in 0..16 {
+            let r = hello(&rig, "allowed.test").await;
+            assert_eq!(decided(&r), ("allow", "allowed-by-rule"), "{r}");
+        }
+        assert!(wait_until(|| ended() >= 17).await, "{} of 17 contexts ended", ended());
+        rig.stop().await;
+    }
+);
+
+flow_test!(
     an_item_on_a_shared_queue_is_delivered_to_the_instance_that_registered_it,
     async {
         let rig = Rig::<RawSink>::with_upstream(sni_with(&plugin("queuer", "queue=work", ""), None)).await;
