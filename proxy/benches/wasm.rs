@@ -13,7 +13,10 @@
 //! - `flow/plain-cold-ends`: the caches cold before each flow's start and
 //!   before its end, as when a flow's end runs as its connection closes;
 //! - `flow/plain-cold-batched`: each flow's start cold, its end in a batch
-//!   of sixteen ends (as `wasm/filter.rs` ends closed flows' contexts);
+//!   of sixteen ends. A model of ending closed flows' contexts in batches,
+//!   which was tried and taken out: it saves 1.4–1.8 µs per flow here, but
+//!   side by side (`bench/run.sh`) Sluice with the test guest spent more
+//!   per connection with it than without (see bench/RESULTS.md);
 //! - `flow/null`, `flow/null-cold`: the same two through the null guest
 //!   (`plugins/null-guest`), whose callbacks return at once: the host's
 //!   and wasmtime's share of a flow, with no guest work;
@@ -137,9 +140,9 @@ fn main() {
         });
     });
 
-    // As a gateway runs it: each flow's start cold (other connections'
-    // work between flows), its end in a batch of 16 (`CLOSE_BATCH` in
-    // `wasm/filter.rs`), the caches cold before the batch only.
+    // Each flow's start cold (other connections' work between flows), its
+    // end in a batch of 16 (the model the module doc describes), the
+    // caches cold before the batch only.
     c.bench_function("flow/plain-cold-batched", |b| {
         b.iter_custom(|iters| {
             let mut spent = std::time::Duration::ZERO;

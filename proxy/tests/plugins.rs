@@ -38,6 +38,18 @@ fn sni_with(plugin_yaml: &str, rules: Option<&str>) -> impl FnOnce(std::net::Soc
     }
 }
 
+/// The number plugin `plugin` keeps in its shared data under `key` (0
+/// before it wrote one).
+fn shared_count(rig: &Rig<RawSink>, plugin: &str, key: &str) -> u64 {
+    let snap = rig.sluice.server.shared.snapshot.load();
+    snap.plugins
+        .get(plugin)
+        .and_then(|p| p.code.shared.get(key.as_bytes()))
+        .and_then(|(v, _)| String::from_utf8(v).ok())
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
 /// Sends a ClientHello naming `sni` through the `sni` listener and waits
 /// for the flow's record.
 async fn hello(rig: &Rig<RawSink>, sni: &str) -> serde_json::Value {
@@ -717,58 +729,13 @@ fn plugin_limits_out_of_range_are_refused_at_their_position() {
 }
 
 flow_test!(
-    closed_flows_contexts_end_in_batches_and_their_records_do_not_wait_for_them,
-    async {
-        let rig = Rig::<RawSink>::with_upstream(sni_with(
-            &plugin("ends", "count_ends=ended\nannotate=seen:yes", ""),
-            None,
-        ))
-        .await;
-        let ended = || {
-            let snap = rig.sluice.server.shared.snapshot.load();
-            snap.plugins
-                .get("ends")
-                .and_then(|p| p.code.shared.get(b"ended"))
-                .and_then(|(v, _)| String::from_utf8(v).ok())
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        // A lone flow: its record carries what the plugin said before the
-        // close, at once; its context ends later, from the tick thread.
-        let r = hello(&rig, "allowed.test").await;
-        assert_eq!(r["annotations"]["seen"], "yes", "{r}");
-        assert!(r["annotations"].get("late").is_none(), "the record did not wait: {r}");
-        assert!(
-            wait_until(|| ended() >= 1).await,
-            "a lone closed flow's context never ended ({} ended)",
-            ended()
-        );
-        // Sixteen more: ended together, as a batch, every one of them.
-        for _ in 0..16 {
-            let r = hello(&rig, "allowed.test").await;
-            assert_eq!(decided(&r), ("allow", "allowed-by-rule"), "{r}");
-        }
-        assert!(wait_until(|| ended() >= 17).await, "{} of 17 contexts ended", ended());
-        rig.stop().await;
-    }
-);
-
-flow_test!(
     an_item_on_a_shared_queue_is_delivered_to_the_instance_that_registered_it,
     async {
         let rig = Rig::<RawSink>::with_upstream(sni_with(&plugin("queuer", "queue=work", ""), None)).await;
         for _ in 0..3 {
             hello(&rig, "allowed.test").await;
         }
-        let dequeued = || {
-            let snap = rig.sluice.server.shared.snapshot.load();
-            snap.plugins
-                .get("queuer")
-                .and_then(|p| p.code.shared.get(b"dequeued"))
-                .and_then(|(v, _)| String::from_utf8(v).ok())
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
+        let dequeued = || shared_count(&rig, "queuer", "dequeued");
         assert!(
             wait_until(|| dequeued() >= 3).await,
             "on_queue_ready took {} of 3 items",

@@ -332,24 +332,10 @@ async fn http(target: SocketAddr, host: &str, m: &Measured, count: usize, concur
             (lat, errors)
         }));
     }
-    let mut lat = Vec::with_capacity(count);
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await.unwrap();
-        lat.extend(l);
-        errors += e;
-    }
-    let mut o = meter.finish(m, phase);
-    lat.sort_unstable();
-    let ok = lat.len();
+    let mut o = gathered(tasks, &meter, m, phase, count, concurrency).await;
+    let ok = o["ok"].as_u64().unwrap_or(0);
     let elapsed = o["elapsed_s"].as_f64().unwrap_or(f64::NAN);
-    o.insert("count".into(), json!(count));
-    o.insert("ok".into(), json!(ok));
-    o.insert("errors".into(), json!(errors));
-    o.insert("concurrency".into(), json!(concurrency));
     o.insert("req_per_s".into(), json!(ok as f64 / elapsed));
-    o.insert("p50_us".into(), json!(percentile(&lat, 0.50)));
-    o.insert("p99_us".into(), json!(percentile(&lat, 0.99)));
     if let Some(cpu) = o.get("proxy_cpu_s").and_then(Value::as_f64) {
         o.insert("proxy_cpu_us_per_req".into(), json!(cpu * 1e6 / ok.max(1) as f64));
     }
@@ -413,6 +399,37 @@ async fn conn(c: &Common, m: &Measured, count: usize, concurrency: usize, phase:
     drive(c.target, Kind::Hello(h), m, count, concurrency, phase).await
 }
 
+/// The workers' latencies and errors, as the phase's result: counts and
+/// latency percentiles beside the meter's CPU figures.
+async fn gathered(
+    tasks: Vec<tokio::task::JoinHandle<(Vec<u32>, usize)>>,
+    meter: &Meter,
+    m: &Measured,
+    phase: &str,
+    count: usize,
+    concurrency: usize,
+) -> serde_json::Map<String, Value> {
+    let mut lat = Vec::with_capacity(count);
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.unwrap();
+        lat.extend(l);
+        errors += e;
+    }
+    let mut o = meter.finish(m, phase);
+    lat.sort_unstable();
+    o.insert("count".into(), json!(count));
+    o.insert("ok".into(), json!(lat.len()));
+    o.insert("errors".into(), json!(errors));
+    o.insert("concurrency".into(), json!(concurrency));
+    o.insert("p50_us".into(), json!(percentile(&lat, 0.50)));
+    o.insert("p90_us".into(), json!(percentile(&lat, 0.90)));
+    o.insert("p99_us".into(), json!(percentile(&lat, 0.99)));
+    o.insert("p999_us".into(), json!(percentile(&lat, 0.999)));
+    o.insert("max_us".into(), json!(percentile(&lat, 1.0)));
+    o
+}
+
 async fn drive(target: SocketAddr, kind: Kind, m: &Measured, count: usize, concurrency: usize, phase: &str) -> Value {
     let next = Arc::new(AtomicUsize::new(0));
     let meter = Meter::start(m);
@@ -441,27 +458,10 @@ async fn drive(target: SocketAddr, kind: Kind, m: &Measured, count: usize, concu
             (lat, errors)
         }));
     }
-    let mut lat = Vec::with_capacity(count);
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await.unwrap();
-        lat.extend(l);
-        errors += e;
-    }
-    let mut o = meter.finish(m, phase);
-    lat.sort_unstable();
-    let ok = lat.len();
+    let mut o = gathered(tasks, &meter, m, phase, count, concurrency).await;
+    let ok = o["ok"].as_u64().unwrap_or(0);
     let elapsed = o["elapsed_s"].as_f64().unwrap_or(f64::NAN);
-    o.insert("count".into(), json!(count));
-    o.insert("ok".into(), json!(ok));
-    o.insert("errors".into(), json!(errors));
-    o.insert("concurrency".into(), json!(concurrency));
     o.insert("conn_per_s".into(), json!(ok as f64 / elapsed));
-    o.insert("p50_us".into(), json!(percentile(&lat, 0.50)));
-    o.insert("p90_us".into(), json!(percentile(&lat, 0.90)));
-    o.insert("p99_us".into(), json!(percentile(&lat, 0.99)));
-    o.insert("p999_us".into(), json!(percentile(&lat, 0.999)));
-    o.insert("max_us".into(), json!(percentile(&lat, 1.0)));
     if let Some(cpu) = o.get("proxy_cpu_s").and_then(Value::as_f64) {
         o.insert("proxy_cpu_us_per_conn".into(), json!(cpu * 1e6 / ok.max(1) as f64));
     }

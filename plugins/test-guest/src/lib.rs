@@ -12,7 +12,6 @@
 //! | `connection=trap`, `spin`, `grow` | on a new connection: panic, loop forever, or allocate until memory runs out |
 //! | `trap_sni=NAME` | panics on a connection whose SNI is NAME |
 //! | `done_later=1` | a connection's `on_done` returns false; the next `on_tick` calls `proxy_done` for it; `on_log` adds one to shared-data `logged` |
-//! | `count_ends=KEY` | `on_log` adds one to shared-data KEY and annotates `late` (which the record never shows: it does not wait for the context's end) |
 //! | `count=KEY` | adds one to shared-data KEY (with CAS) and annotates `count` with the new value |
 //! | `env=NAME` | annotates `env` with environment variable NAME (or `unset`) |
 //! | `print=TEXT` | prints TEXT to stdout and to stderr on each connection |
@@ -186,10 +185,6 @@ impl StreamContext for Stream {
     fn on_log(&mut self) {
         if value(&self.cfg, "done_later") == Some("1") {
             add_shared(self, "logged", 1);
-        }
-        if let Some(key) = value(&self.cfg, "count_ends") {
-            add_shared(self, key, 1);
-            self.annotate("late", "yes");
         }
     }
 

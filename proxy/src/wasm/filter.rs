@@ -92,26 +92,7 @@ struct Slot {
     last_error: Option<VmError>,
     /// When the instance's next `on_tick` is due.
     next_tick: Option<Instant>,
-    /// Contexts of flows that closed, waiting to be ended together (see
-    /// [`CLOSE_BATCH`]), with the instance generation each belongs to.
-    closing: Vec<(u32, u64)>,
-    /// When the oldest of them closed.
-    closing_since: Option<Instant>,
 }
-
-/// How many closed flows' contexts a slot ends together. Each context's
-/// end is five guest entries (both close callbacks, `on_done`, `on_log`,
-/// `on_delete`); made one flow at a time, between other connections'
-/// work, each entry meets cold caches (about 0.5 µs, the first about
-/// 1.2 µs, on the test machines, against 0.05 µs warm), so a flow's end
-/// cost more than its verdict. Ended in batches, all but the first run
-/// warm. The record does not wait: it gets what the plugin said until the
-/// connection closed.
-const CLOSE_BATCH: usize = 16;
-
-/// The longest a closed flow's context waits for its batch: the plugin's
-/// tick thread ends what is left after this.
-const CLOSE_WAIT: Duration = Duration::from_millis(50);
 
 /// A flow's place in the plugin: which slot, which instance, which context.
 #[derive(Debug, Clone, Copy)]
@@ -280,26 +261,6 @@ impl Plugin {
         e
     }
 
-    /// Ends the contexts of the slot's closed flows, one after another
-    /// (see [`CLOSE_BATCH`]). Contexts of an instance that has since been
-    /// replaced are gone with it.
-    fn end_closed(&self, s: &mut Slot) {
-        let closing = std::mem::take(&mut s.closing);
-        s.closing_since = None;
-        let generation = s.generation;
-        let Some(vm) = s.vm.as_mut() else { return };
-        let mut ended = Ok(());
-        for (id, _) in closing.into_iter().filter(|(_, g)| *g == generation) {
-            if let Err(e) = vm.finish(id) {
-                ended = Err(e);
-                break;
-            }
-        }
-        if let Err(e) = ended.and_then(|()| vm.finish_deferred(Instant::now())) {
-            self.failed(s, e);
-        }
-    }
-
     /// Calls `on_tick` on every instance whose tick period has passed;
     /// returns how long until the next one is due (`None`: no instance
     /// asked to be ticked).
@@ -322,15 +283,6 @@ impl Plugin {
         for (slot, cell) in self.slots.iter().enumerate() {
             let mut guard = lock(cell);
             let s = &mut *guard;
-            if let Some(since) = s.closing_since {
-                let waited = now.saturating_duration_since(since);
-                if waited >= CLOSE_WAIT {
-                    self.end_closed(s);
-                } else {
-                    let wait = CLOSE_WAIT - waited;
-                    next = Some(next.map_or(wait, |n| n.min(wait)));
-                }
-            }
             let Some(vm) = s.vm.as_mut() else { continue };
             // Contexts that waited past `on_done` end once the guest says
             // so, or when their wait is over.
@@ -407,18 +359,6 @@ impl Plugin {
             Ok(_) => None,
             Err(_) if self.failure.lets_through() => None,
             Err(_) => Some(self.decision(false, ReasonCode::PluginFailed)),
-        }
-    }
-}
-
-impl Drop for Plugin {
-    /// Closed flows' contexts still waiting for their batch end now.
-    fn drop(&mut self) {
-        for cell in &self.slots {
-            let mut guard = lock(cell);
-            if !guard.closing.is_empty() {
-                self.end_closed(&mut guard);
-            }
         }
     }
 }
@@ -847,25 +787,16 @@ impl NetworkFilter for WasmFilter {
         else {
             return;
         };
-        let Some(cell) = self.plugin.slots.get(stream.slot) else {
-            return;
-        };
-        let mut guard = lock(cell);
-        let s = &mut *guard;
-        if s.generation != stream.generation {
-            return;
-        }
-        let Some(vm) = s.vm.as_ref() else { return };
-        // What the plugin said until now; the context ends with its batch.
-        if let Some(state) = vm.stream(stream.id) {
+        let finished = self.plugin.with_vm(stream.slot, |vm, generation| {
+            if generation != stream.generation {
+                return Ok(None);
+            }
+            vm.finish(stream.id).map(Some)
+        });
+        if let Ok(Some(state)) = finished {
             for (k, v) in said(&state.properties).annotations {
                 record.annotations.insert(k, v);
             }
-        }
-        s.closing.push((stream.id, stream.generation));
-        s.closing_since.get_or_insert_with(Instant::now);
-        if s.closing.len() >= CLOSE_BATCH {
-            self.plugin.end_closed(s);
         }
     }
 }
