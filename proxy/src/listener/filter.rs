@@ -277,7 +277,10 @@ pub type HttpPending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Ht
 /// [`NetworkFilter::http_exchange`]. Hooks run in this order, each part
 /// only if the message has it: request headers, body, trailers, then
 /// response headers, body, trailers; then [`HttpExchange::finish`]. A
-/// filter changes a part in place; the listener sends it on as left.
+/// filter changes a part in place and returns [`HttpStatus::Changed`];
+/// after [`HttpStatus::Continue`] the listener may send on the message as
+/// it had it (it does for headers, which it keeps in their wire form), so
+/// a filter that did not say `Changed` must not have changed the part.
 pub trait HttpExchange: Send {
     /// The largest body this filter wants to see whole (bodies are then
     /// buffered up to it, and a larger one is refused); 0: bodies stream

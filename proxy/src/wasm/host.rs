@@ -711,12 +711,12 @@ fn buffer_mut(s: &mut HostState, kind: BufferType) -> Option<&mut Vec<u8>> {
         BufferType::UpstreamData => s.buffers.upstream.as_mut(),
         BufferType::HttpRequestBody => {
             let http = s.stream_mut()?.http.as_mut()?;
-            http.changed = true;
+            http.changed |= http.request_body.is_some();
             http.request_body.as_mut()
         }
         BufferType::HttpResponseBody => {
             let http = s.stream_mut()?.http.as_mut()?;
-            http.changed = true;
+            http.changed |= http.response_body.is_some();
             http.response_body.as_mut()
         }
         _ => None,
@@ -739,20 +739,17 @@ fn map(s: &HostState, kind: MapType) -> Option<&Headers> {
     }
 }
 
-/// Header map `kind` to change (marking its context changed). Trailers
-/// may be added once their message's headers arrived (as in Envoy, where
-/// they are made lazily).
+/// Header map `kind` to change (marking its context changed when there is
+/// one). Trailers may be added once their message's headers arrived (as
+/// in Envoy, where they are made lazily).
 fn map_mut(s: &mut HostState, kind: MapType) -> Option<&mut Headers> {
     let http = s.stream_mut()?.http.as_mut()?;
-    if matches!(
-        kind,
-        MapType::HttpRequestHeaders
-            | MapType::HttpRequestTrailers
-            | MapType::HttpResponseHeaders
-            | MapType::HttpResponseTrailers
-    ) {
-        http.changed = true;
-    }
+    let open = match kind {
+        MapType::HttpRequestHeaders | MapType::HttpRequestTrailers => http.request_headers.is_some(),
+        MapType::HttpResponseHeaders | MapType::HttpResponseTrailers => http.response_headers.is_some(),
+        _ => false,
+    };
+    http.changed |= open;
     match kind {
         MapType::HttpRequestHeaders => http.request_headers.as_mut(),
         MapType::HttpRequestTrailers if http.request_headers.is_some() => {
