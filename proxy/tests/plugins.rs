@@ -567,6 +567,34 @@ flow_test!(
     }
 );
 
+flow_test!(
+    a_plugin_that_only_reads_headers_leaves_the_request_as_the_client_sent_it,
+    async {
+        // The same request through Sluice without a plugin and with one
+        // that reads a header and writes none: the upstream must see the
+        // same header names in the same order (`host` where the client
+        // put it), and the same request line.
+        let extra = "X-One: 1\r\nAccept: */*\r\nX-Two: 2\r\n";
+        let mut seen = Vec::new();
+        for head in [
+            String::new(),
+            plugin("reader", "http=1\ndeny_header=x-absent", "    kind: http\n"),
+        ] {
+            let rig =
+                Rig::<HttpUpstream>::with(&TestConfig::listener("proxy", "http-proxy", "").head(&head).yaml()).await;
+            let (resp, body) = get_through(&rig, "allowed.test", extra).await;
+            assert_eq!(resp.status, 200, "{resp:?} {body}");
+            let names = resp.header("x-upstream-headers").unwrap_or_default().to_owned();
+            // Each rig has its own upstream port.
+            let line = body.replace(&rig.target("allowed.test"), "TARGET");
+            seen.push((names, line));
+            rig.stop().await;
+        }
+        assert_eq!(seen[0], seen[1], "without a plugin, then with one that only reads");
+        assert!(seen[1].0.contains("x-one,accept,x-two"), "{:?}", seen[1]);
+    }
+);
+
 flow_test!(credential_leak_guard_refuses_requests_carrying_credentials, async {
     let config = serde_json::json!({"bearer_hosts": ["allowed.test"]});
     let rig = Rig::<HttpUpstream>::with(
