@@ -71,6 +71,22 @@ pub enum ReasonCode {
     HttpUserinfo,
     HttpBadHost,
     HttpBadPort,
+    /// A datagram with no QUIC Initial where a flow must start with one (a
+    /// short-header packet, or only 0-RTT/Handshake packets).
+    QuicNotInitial,
+    /// A QUIC version other than v1 (RFC 9000) and v2 (RFC 9369).
+    QuicUnsupportedVersion,
+    /// A Version Negotiation packet (version 0) from a client.
+    QuicVersionNegotiation,
+    /// A QUIC Initial whose header, frames or CRYPTO data do not parse or
+    /// contradict each other.
+    QuicMalformed,
+    /// A QUIC Initial that fails authentication with the Initial keys.
+    QuicDecryptFailed,
+    /// CRYPTO data beyond the largest ClientHello accepted.
+    QuicOversized,
+    /// More Initial packets than a ClientHello may take.
+    QuicTooManyPackets,
     /// More bytes than any ClientHello or request head may take.
     ClassifyOversized,
     /// The first bytes did not arrive within `peek_timeout`.
@@ -227,6 +243,13 @@ codes! {
     HttpUserinfo = "http-userinfo" / Classify,
     HttpBadHost = "http-bad-host" / Classify,
     HttpBadPort = "http-bad-port" / Classify,
+    QuicNotInitial = "quic-not-initial" / Classify,
+    QuicUnsupportedVersion = "quic-unsupported-version" / Classify,
+    QuicVersionNegotiation = "quic-version-negotiation" / Classify,
+    QuicMalformed = "quic-malformed" / Classify,
+    QuicDecryptFailed = "quic-decrypt-failed" / Classify,
+    QuicOversized = "quic-oversized" / Classify,
+    QuicTooManyPackets = "quic-too-many-packets" / Classify,
     ClassifyOversized = "classify-oversized" / Classify,
     PeekTimeout = "peek-timeout" / Classify,
     ClientClosedEarly = "client-closed-early" / Classify,
@@ -311,6 +334,9 @@ mod tests {
         use ReasonCode as R;
         let closed = [
             R::TlsMalformed,
+            R::QuicMalformed,
+            R::QuicUnsupportedVersion,
+            R::QuicDecryptFailed,
             R::TlsRecordOutOfPlace,
             R::HttpOversized,
             R::PeekTimeout,

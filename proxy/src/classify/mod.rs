@@ -25,12 +25,19 @@
 //! ```
 
 pub mod http;
+pub mod quic;
 pub mod tls;
 
 pub use http::{
     Authority, Host, HttpError, HttpLimits, RequestHead, Scheme, TargetForm, parse_authority, parse_request_head,
 };
-pub use tls::{ClientHello, Field, Limits, SniProblem, Sniff, TlsError, is_grease, parse_client_hello, sniff};
+pub use quic::{
+    Defect, InitialSecrets, NotInitial, QuicError, QuicInitial, QuicLimits, QuicVersion, client_initial_secrets,
+};
+pub use tls::{
+    ClientHello, Field, Limits, SniProblem, Sniff, TlsError, is_grease, parse_client_hello, parse_client_hello_message,
+    sniff,
+};
 
 /// Outcome of feeding a parser the bytes peeked so far.
 ///

@@ -293,15 +293,7 @@ pub fn parse_client_hello(input: &[u8], limits: &Limits) -> Result<Progress<Clie
         }
         hs_seen = before + payload.len();
         if hs_total.is_none() && hs_seen >= HANDSHAKE_HEADER_LEN {
-            let [_, a, b, c] = hs_header;
-            let declared = HANDSHAKE_HEADER_LEN + u32::from_be_bytes([0, a, b, c]) as usize;
-            if declared > limits.max_client_hello {
-                return Err(TlsError::Oversized {
-                    declared,
-                    max: limits.max_client_hello,
-                });
-            }
-            hs_total = Some(declared);
+            hs_total = Some(declared_len(hs_header, limits)?);
         }
         if let Some(total) = hs_total
             && hs_seen >= total
@@ -370,6 +362,55 @@ fn handshake_until_check(seen: usize, total: Option<usize>) -> usize {
 fn need<T>(at_least: usize) -> Progress<T> {
     Progress::NeedMore {
         at_least: Some(at_least.max(1)),
+    }
+}
+
+/// The whole length (header included) a ClientHello's 4-byte handshake header
+/// declares, refused when over the limit. Both entry points check the header
+/// here, so a hello over TCP and one over QUIC are bounded the same way.
+fn declared_len(header: [u8; HANDSHAKE_HEADER_LEN], limits: &Limits) -> Result<usize, TlsError> {
+    let [_, a, b, c] = header;
+    let declared = HANDSHAKE_HEADER_LEN + u32::from_be_bytes([0, a, b, c]) as usize;
+    if declared > limits.max_client_hello {
+        return Err(TlsError::Oversized {
+            declared,
+            max: limits.max_client_hello,
+        });
+    }
+    Ok(declared)
+}
+
+/// Parses the ClientHello handshake message at the start of `input` when it
+/// comes without a TLS record layer: QUIC carries TLS handshake messages in
+/// CRYPTO frames, already reassembled by stream offset (RFC 9001 §4), so there
+/// are no record headers to walk.
+///
+/// This is a second entry, not a second parser: it checks the handshake header
+/// with the same `declared_len` and decodes the body with the same
+/// `parse_message` as [`parse_client_hello`], so a hello seen over QUIC gets
+/// exactly the checks (duplicate extensions, SNI syntax, ECH, ALPN) and the
+/// same [`ClientHello`] as one seen over TCP. Wrapping the QUIC bytes in
+/// synthetic records instead would have worked too, but would copy the hello
+/// and subject it to record-layer limits (2^14 bytes per record) that QUIC
+/// does not have.
+///
+/// Like [`parse_client_hello`] it keeps no state: pass the contiguous prefix
+/// known so far; `NeedMore` counts the handshake bytes still missing.
+pub fn parse_client_hello_message(input: &[u8], limits: &Limits) -> Result<Progress<ClientHello>, TlsError> {
+    let Some(&msg_type) = input.first() else {
+        return Ok(need(1));
+    };
+    if msg_type != HANDSHAKE_CLIENT_HELLO {
+        return Err(TlsError::NotClientHello(msg_type));
+    }
+    let header = match input.get(..HANDSHAKE_HEADER_LEN) {
+        Some(&[t, a, b, c]) => [t, a, b, c],
+        _ => return Ok(need(HANDSHAKE_HEADER_LEN - input.len())),
+    };
+    let total = declared_len(header, limits)?;
+    match input.get(..total) {
+        Some(msg) => parse_message(msg).map(Progress::Done),
+        None => Ok(need(total - input.len())),
     }
 }
 
@@ -830,6 +871,50 @@ mod tests {
         assert_eq!(hint(5), Some(1));
         assert_eq!(hint(6), Some(3));
         assert_eq!(hint(9), Some(input.len() - 9));
+    }
+
+    #[test]
+    fn bare_message_parses_like_its_records() {
+        let limits = Limits::default();
+        let msg = handshake(&[sni(b"bare.example"), alpn(&[b"h3"])]);
+        let via_records = done(&records(&msg, &[7]));
+        assert_eq!(
+            parse_client_hello_message(&msg, &limits),
+            Ok(Progress::Done(via_records))
+        );
+        // Every strict prefix needs exactly the missing bytes.
+        for k in 0..msg.len() {
+            let want = match k {
+                0 => 1,
+                1..=3 => 4 - k,
+                _ => msg.len() - k,
+            };
+            assert_eq!(parse_client_hello_message(&msg[..k], &limits), Ok(need(want)), "{k}");
+        }
+        // Trailing bytes are ignored, as on the record path.
+        let mut longer = msg.clone();
+        longer.extend_from_slice(&[9, 9, 9]);
+        assert!(matches!(
+            parse_client_hello_message(&longer, &limits),
+            Ok(Progress::Done(_))
+        ));
+        assert_eq!(
+            parse_client_hello_message(&[2, 0, 0, 40], &limits),
+            Err(TlsError::NotClientHello(2))
+        );
+        assert_eq!(
+            parse_client_hello_message(&[1, 1, 0, 0], &Limits { max_client_hello: 1024 }),
+            Err(TlsError::Oversized {
+                declared: 65540,
+                max: 1024
+            })
+        );
+        let mut bad = msg;
+        bad[4 + 2 + 32] = 255;
+        assert_eq!(
+            parse_client_hello_message(&bad, &limits),
+            Err(TlsError::Malformed(Field::SessionId))
+        );
     }
 
     #[test]
