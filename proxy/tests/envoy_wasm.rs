@@ -450,3 +450,39 @@ flow_test!(header_and_body_changes_look_alike_in_envoy_and_sluice, async {
     )
     .await;
 });
+
+/// A body of `n` bytes that is not all alike, with `forbidden` written
+/// over 64 KiB in its middle when `refused`.
+fn big_body(n: usize, refused: bool) -> String {
+    let mut body: Vec<u8> = (0..n).map(|i| b'a' + (i % 23) as u8).collect();
+    if refused {
+        for (i, b) in b"forbidden".iter().cycle().take(64 << 10).enumerate() {
+            body[n / 2 + i] = *b;
+        }
+    }
+    String::from_utf8(body).unwrap()
+}
+
+flow_test!(streamed_bodies_look_alike_in_envoy_and_sluice, async {
+    // Each piece of the body is shown to the plugin as it arrives and let
+    // go at once; neither proxy holds the body whole.
+    compare(
+        Plugin {
+            name: "test-guest",
+            wasm: guest("test-guest"),
+            config: "http=1\nstream=1".to_owned(),
+        },
+        "",
+        &[
+            Case {
+                what: "a 600 KB POST, each piece upper-cased on its way",
+                request: |t| post_req(t, &big_body(600 << 10, false)),
+            },
+            Case {
+                what: "a piece the plugin refuses partway",
+                request: |t| post_req(t, &big_body(600 << 10, true)),
+            },
+        ],
+    )
+    .await;
+});

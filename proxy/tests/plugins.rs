@@ -913,6 +913,156 @@ flow_test!(
     }
 );
 
+/// Sends `head` and `body` to the proxy while reading its answer (it may
+/// answer before it has read the body), and returns the answer whole.
+async fn exchange(proxy: std::net::SocketAddr, head: String, body: Vec<u8>) -> RawResponse {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let (mut rd, mut wr) = s.split();
+    let send = async {
+        wr.write_all(head.as_bytes()).await.unwrap();
+        let _ = wr.write_all(&body).await;
+    };
+    let recv = async {
+        let mut all = Vec::new();
+        within("the response", tokio::io::AsyncReadExt::read_to_end(&mut rd, &mut all))
+            .await
+            .unwrap();
+        all
+    };
+    let ((), all) = tokio::join!(send, recv);
+    let split = all.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+    let mut resp = RawResponse::parse_head(&all[..split]);
+    resp.body = String::from_utf8_lossy(&all[split..]).into_owned();
+    resp
+}
+
+flow_test!(bodies_stream_through_an_http_plugin_that_lets_each_piece_go, async {
+    // The guest exports the body callbacks, as every module built with the
+    // Rust SDK does, and lets each piece go as it is shown (upper-casing
+    // request pieces): bodies far larger than its `max_body` stream through
+    // both ways, byte for byte, piece by piece.
+    let rig = Rig::<HttpUpstream>::with(
+        &TestConfig::listener("proxy", "http-proxy", "")
+            .head(&plugin(
+                "pieces",
+                "http=1\nstream=1",
+                "    kind: http\n    max_body: 64KiB\n",
+            ))
+            .yaml(),
+    )
+    .await;
+    let target = rig.target("allowed.test");
+    let size = 3 << 20;
+    let body = pattern(size);
+    let resp = exchange(
+        rig.proxy(),
+        format!(
+            "POST http://{target}/big HTTP/1.1\r\nHost: {target}\r\nX-Reply-Bytes: {size}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+        ),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{:?}", resp.headers);
+    assert_eq!(resp.header("x-upstream-body-len"), Some(size.to_string().as_str()));
+    let upper = body.to_ascii_uppercase();
+    assert_eq!(
+        resp.header("x-upstream-body-sum"),
+        Some(fnv1a(&upper).to_string().as_str())
+    );
+    assert_eq!(resp.header("content-length"), Some(size.to_string().as_str()));
+    assert!(
+        resp.body.as_bytes() == pattern(size),
+        "the response body changed on the way"
+    );
+    let r = rig
+        .sluice
+        .wait_record(|r| {
+            field(r, "connect_target").starts_with("allowed.test") && r["annotations"]["response_pieces"].is_string()
+        })
+        .await;
+    assert_eq!(field(&r, "close_reason"), "completed", "{r}");
+    assert_eq!(r["bytes_up"], size, "{r}");
+    assert_eq!(r["bytes_down"], size, "{r}");
+    let pieces = |k: &str| r["annotations"][k].as_str().unwrap().parse::<usize>().unwrap();
+    // Pieces of at most 64 KiB each: the plugin never held the body whole.
+    assert!(pieces("request_pieces") >= size / (64 << 10), "{r}");
+    assert!(pieces("response_pieces") >= size / (64 << 10), "{r}");
+
+    // Chunked, the same.
+    let mut chunked = Vec::new();
+    for c in body.chunks(50_000) {
+        chunked.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        chunked.extend_from_slice(c);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let resp = exchange(
+        rig.proxy(),
+        format!("POST http://{target}/chunked HTTP/1.1\r\nHost: {target}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"),
+        chunked,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{:?}", resp.headers);
+    assert_eq!(
+        resp.header("x-upstream-body-sum"),
+        Some(fnv1a(&upper).to_string().as_str())
+    );
+
+    // A piece the plugin refuses partway ends the request: the upstream
+    // never gets a whole request, and the client is answered 403.
+    let mut bad = pattern(1 << 20);
+    for (i, b) in b"forbidden".iter().cycle().take(64 << 10).enumerate() {
+        bad[(512 << 10) + i] = *b;
+    }
+    let resp = exchange(
+        rig.proxy(),
+        format!(
+            "POST http://{target}/bad HTTP/1.1\r\nHost: {target}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            bad.len()
+        ),
+        bad,
+    )
+    .await;
+    assert_eq!(resp.status, 403, "{:?} {}", resp.headers, resp.body);
+    assert_eq!(resp.body, "forbidden piece");
+    let r = rig
+        .sluice
+        .wait_record(|r| field(r, "connect_target").starts_with("allowed.test") && reason(r) == "plugin-denied")
+        .await;
+    assert_eq!(field(&r, "close_reason"), "denied", "{r}");
+    assert_eq!(rule(&r), "pieces", "{r}");
+    rig.stop().await;
+
+    // A plugin that holds bodies whole (pausing to the end) still gets at
+    // most its `max_body`: a larger response is refused, 502.
+    let rig = Rig::<HttpUpstream>::with(
+        &TestConfig::listener("proxy", "http-proxy", "")
+            .head(&plugin(
+                "whole",
+                "http=1\nbody=1",
+                "    kind: http\n    max_body: 1KiB\n",
+            ))
+            .yaml(),
+    )
+    .await;
+    let target = rig.target("allowed.test");
+    let resp = exchange(
+        rig.proxy(),
+        format!(
+            "POST http://{target}/small HTTP/1.1\r\nHost: {target}\r\nX-Reply-Bytes: 100000\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+        ),
+        b"hello".to_vec(),
+    )
+    .await;
+    assert_eq!(resp.status, 502, "{:?}", resp.headers);
+    let r = rig
+        .sluice
+        .wait_record(|r| field(r, "close_reason") == "response-body-too-large")
+        .await;
+    assert_eq!(action(&r), "allow", "{r}");
+    rig.stop().await;
+});
+
 flow_test!(an_http_plugin_sees_the_connect_request_and_adds_to_its_200, async {
     let rig = Rig::<HttpUpstream>::with(
         &TestConfig::listener("proxy", "http-proxy", "")

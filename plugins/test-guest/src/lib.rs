@@ -26,6 +26,7 @@
 //! | `audit=KEY:VALUE` | writes `sluice.audit.KEY` |
 //! | `callout=UPSTREAM` | on a new connection: pauses it and asks `UPSTREAM` for `GET /check`; a `200` resumes the connection (annotated `callout`: the body), anything else closes it |
 //! | `body=1` (HTTP) | upper-cases a request body it is shown whole and closes a response body with ` [seen]`; a request body containing `forbidden` is answered 403 |
+//! | `stream=1` (HTTP) | lets each body piece go as it is shown, upper-casing request pieces; annotates `request_pieces` and `response_pieces` with how many callbacks each body took; a request piece containing `forbidden` is answered 403 |
 //! | `response_header=NAME:VALUE` (HTTP) | adds a response header; `drop_response_header=NAME` removes one |
 //! | `props=1` (HTTP) | annotates `url_path`, `query`, `method` (request properties) and `code` (`response.code`) |
 //! | `trailers=1` (HTTP) | annotates `request_trailers` with the number of request trailers |
@@ -133,7 +134,10 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { cfg: self.cfg.clone() }))
+        Some(Box::new(Http {
+            cfg: self.cfg.clone(),
+            pieces: [0, 0],
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -328,6 +332,21 @@ impl StreamContext for Stream {
 
 struct Http {
     cfg: Rc<Config>,
+    /// Body callbacks so far: request, response (`stream=1`).
+    pieces: [usize; 2],
+}
+
+impl Http {
+    /// `stream=1`: counts a body callback, and at the body's end notes
+    /// how many there were.
+    fn count_piece(&mut self, side: usize, end_of_stream: bool) {
+        self.pieces[side] += 1;
+        if end_of_stream {
+            let key = if side == 0 { "request_pieces" } else { "response_pieces" };
+            let n = self.pieces[side].to_string();
+            self.set_property(vec!["sluice", "audit", key], Some(n.as_bytes()));
+        }
+    }
 }
 
 impl Context for Http {}
@@ -353,6 +372,16 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if value(&self.cfg, "stream") == Some("1") {
+            self.count_piece(0, end_of_stream);
+            let piece = self.get_http_request_body(0, body_size).unwrap_or_default();
+            if piece.windows(9).any(|w| w == b"forbidden") {
+                self.send_http_response(403, vec![("x-blocked-by", "test-guest")], Some(b"forbidden piece"));
+                return Action::Pause;
+            }
+            self.set_http_request_body(0, body_size, &piece.to_ascii_uppercase());
+            return Action::Continue;
+        }
         if value(&self.cfg, "body") != Some("1") {
             return Action::Continue;
         }
@@ -404,6 +433,10 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if value(&self.cfg, "stream") == Some("1") {
+            self.count_piece(1, end_of_stream);
+            return Action::Continue;
+        }
         if value(&self.cfg, "body") != Some("1") {
             return Action::Continue;
         }

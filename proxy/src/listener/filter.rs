@@ -262,6 +262,12 @@ pub enum HttpStatus {
     Continue,
     /// Go on, with the part as the filter changed it.
     Changed,
+    /// Hold this piece of the body (as the filter left it) and show it
+    /// again, with the next piece appended, in the next body hook: Envoy's
+    /// `StopIterationAndBuffer`, which a proxy-wasm plugin asks for by
+    /// pausing a body callback before the end of the stream. Only body
+    /// hooks say it, and never with `end_of_stream`.
+    Buffer,
     /// Deny the exchange with `decision`, answering `reply` (an enforced
     /// denial; in watch mode the exchange goes on and the denial is
     /// recorded).
@@ -276,21 +282,32 @@ pub type HttpPending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Ht
 /// response, or a `CONNECT` request and its `200`), made by
 /// [`NetworkFilter::http_exchange`]. Hooks run in this order, each part
 /// only if the message has it: request headers, body, trailers, then
-/// response headers, body, trailers; then [`HttpExchange::finish`]. A
-/// filter changes a part in place and returns [`HttpStatus::Changed`];
+/// response headers, body, trailers; then [`HttpExchange::finish`]. (The
+/// response may begin before the request body has ended, as in Envoy.)
+/// A filter changes a part in place and returns [`HttpStatus::Changed`];
 /// after [`HttpStatus::Continue`] the listener may send on the message as
 /// it had it (it does for headers, which it keeps in their wire form), so
 /// a filter that did not say `Changed` must not have changed the part.
+///
+/// Bodies stream: the body hooks run once per piece as it arrives, the
+/// last with `end_of_stream` (the body then ends, or its trailers follow).
+/// What a filter lets go of (`Continue`, `Changed`) is sent on at once; a
+/// filter that says [`HttpStatus::Buffer`] is shown what it held with the
+/// next piece appended, so one that buffers to the end sees the body
+/// whole. A message's headers are sent on with the first piece the
+/// filters let go of, so a body held whole to its end is sent with its
+/// exact length.
 pub trait HttpExchange: Send {
-    /// The largest body this filter wants to see whole (bodies are then
-    /// buffered up to it, and a larger one is refused); 0: bodies stream
-    /// past the filter, which sees none.
+    /// The most body this filter is shown at once, and holds when it says
+    /// `Buffer` (a larger piece is cut to it; holding more ends the
+    /// exchange: `413` for a request, the response cut short); 0: bodies
+    /// stream past the filter, which sees none.
     fn max_body(&self) -> usize;
     fn request_headers<'a>(&'a mut self, fields: &'a mut HttpFields, end_of_stream: bool) -> HttpPending<'a>;
-    fn request_body<'a>(&'a mut self, body: &'a mut Vec<u8>) -> HttpPending<'a>;
+    fn request_body<'a>(&'a mut self, body: &'a mut Vec<u8>, end_of_stream: bool) -> HttpPending<'a>;
     fn request_trailers<'a>(&'a mut self, fields: &'a mut HttpFields) -> HttpPending<'a>;
     fn response_headers<'a>(&'a mut self, fields: &'a mut HttpFields, end_of_stream: bool) -> HttpPending<'a>;
-    fn response_body<'a>(&'a mut self, body: &'a mut Vec<u8>) -> HttpPending<'a>;
+    fn response_body<'a>(&'a mut self, body: &'a mut Vec<u8>, end_of_stream: bool) -> HttpPending<'a>;
     fn response_trailers<'a>(&'a mut self, fields: &'a mut HttpFields) -> HttpPending<'a>;
     /// The exchange is over (answered, refused or failed): the filter's
     /// notes for the record.

@@ -20,15 +20,13 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body::{Body, Frame};
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -38,6 +36,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::chain::Transport;
+use super::exchange::{
+    Counted, Ended, Exchange, Exchanges, Filtered, Live, Passed, ProxyBody, Pump, Side, Stage, fields_of,
+    reply_through_filters, set_fields,
+};
 use super::filter::{Decision, FlowContext};
 use super::flow::{self, deny};
 use super::peek::{self, Peeked};
@@ -367,16 +369,15 @@ async fn connect_through_filters(
                     .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec())),
             );
         }
-        let mut scratch = Vec::new();
         if let Err(r) = exchanges
-            .run(ctx, Stage::RequestHeaders { end: false }, &mut fields, &mut scratch)
+            .run(ctx, Stage::RequestHeaders { end: false }, &mut fields)
             .await
         {
             return Err(reply_through_filters(&mut exchanges, ctx, r).await);
         }
         let mut answer: super::HttpFields = vec![(":status".to_owned(), b"200".to_vec())];
         exchanges
-            .run(ctx, Stage::ResponseHeaders { end: false }, &mut answer, &mut scratch)
+            .run(ctx, Stage::ResponseHeaders { end: false }, &mut answer)
             .await?;
         let mut out = b"HTTP/1.1 200 Connection established\r\n".to_vec();
         for (k, v) in answer.iter().filter(|(k, _)| !k.starts_with(':')) {
@@ -478,15 +479,6 @@ impl AsyncWrite for Rewind {
     }
 }
 
-type ProxyBody = BoxBody<Bytes, BodyError>;
-
-/// What a body relayed to or from the upstream can fail with.
-type BodyError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A body as it came, or as the HTTP filters left it (held whole): only a
-/// request whose chain has HTTP filters pays for the second.
-type Passed = http_body_util::Either<Incoming, Buffered>;
-
 /// A body held whole: one data frame and, if any, one trailers frame (a
 /// body HTTP filters have seen, or a plugin's call out).
 #[derive(Debug)]
@@ -538,7 +530,11 @@ fn stopped_response(decision: Option<&Decision>, stop: Stop) -> Response<ProxyBo
         message: "Sluice refused this request.",
     });
     let body = edge::body(a.message, a.rule, a.reason);
-    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
     *r.status_mut() = StatusCode::from_u16(a.status.code).unwrap_or(StatusCode::FORBIDDEN);
     let h = r.headers_mut();
     h.insert(
@@ -600,156 +596,6 @@ struct ConnState {
     peer: SocketAddr,
 }
 
-/// Writes a request's audit record once both its bodies are done, with
-/// the notes of the HTTP filters that took part (whose contexts end then).
-struct RecordGuard {
-    shared: Arc<Shared>,
-    flow: Flow,
-    dst: SocketAddr,
-    close_reason: Mutex<&'static str>,
-    exchanges: Mutex<Exchanges>,
-    up: Arc<AtomicU64>,
-    down: Arc<AtomicU64>,
-}
-
-impl Drop for RecordGuard {
-    fn drop(&mut self) {
-        let mut rec = self.flow.record_to(self.dst);
-        rec.close_reason = Cow::Borrowed(*self.close_reason.get_mut().unwrap_or_else(PoisonError::into_inner));
-        rec.bytes_up += self.up.load(Ordering::Relaxed);
-        rec.bytes_down += self.down.load(Ordering::Relaxed);
-        let exchanges = self.exchanges.get_mut().unwrap_or_else(PoisonError::into_inner);
-        for (k, v) in exchanges.finish() {
-            rec.annotations.insert(k, v);
-        }
-        self.flow.write(&self.shared, rec);
-    }
-}
-
-/// The part each HTTP filter of the chain takes in one exchange, in chain
-/// order. Empty (and free) for a chain without HTTP filters.
-#[derive(Default)]
-struct Exchanges(Vec<(Arc<dyn super::NetworkFilter>, Box<dyn super::HttpExchange>)>);
-
-/// Which part of an exchange the filters are shown.
-#[derive(Debug, Clone, Copy)]
-enum Stage {
-    RequestHeaders { end: bool },
-    RequestBody,
-    RequestTrailers,
-    ResponseHeaders { end: bool },
-    ResponseBody,
-    ResponseTrailers,
-}
-
-impl Exchanges {
-    /// Begins the exchange with every HTTP filter of `chain`. `Err`: a
-    /// filter that could not take part denied it (fail closed), and the
-    /// denial stands.
-    fn begin(chain: &super::FilterChain, ctx: &mut FlowContext) -> Result<Self, super::LocalReply> {
-        let mut out = Exchanges::default();
-        for (i, f) in chain.filters.iter().enumerate().filter(|(_, f)| f.wants_http()) {
-            match f.http_exchange(ctx, i) {
-                Ok(Some(x)) => out.0.push((f.clone(), x)),
-                Ok(None) => {}
-                Err(status) => {
-                    if let Some(r) = judge(ctx, f.name(), status) {
-                        out.finish();
-                        return Err(r);
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The largest body a filter wants to see whole (0: none does).
-    fn max_body(&self) -> usize {
-        self.0.iter().map(|(_, x)| x.max_body()).max().unwrap_or(0)
-    }
-
-    /// Shows `stage` to every filter in turn: whether any changed the
-    /// part, or `Err` with a local reply that stands (an enforced denial),
-    /// which ends the exchange.
-    async fn run(
-        &mut self,
-        ctx: &mut FlowContext,
-        stage: Stage,
-        fields: &mut super::HttpFields,
-        body: &mut Vec<u8>,
-    ) -> Result<bool, super::LocalReply> {
-        let mut changed = false;
-        for (f, x) in &mut self.0 {
-            let status = match stage {
-                Stage::RequestHeaders { end } => x.request_headers(fields, end).await,
-                Stage::RequestBody => x.request_body(body).await,
-                Stage::RequestTrailers => x.request_trailers(fields).await,
-                Stage::ResponseHeaders { end } => x.response_headers(fields, end).await,
-                Stage::ResponseBody => x.response_body(body).await,
-                Stage::ResponseTrailers => x.response_trailers(fields).await,
-            };
-            changed |= matches!(status, super::HttpStatus::Changed);
-            if let Some(r) = judge(ctx, f.name(), status) {
-                return Err(r);
-            }
-        }
-        Ok(changed)
-    }
-
-    /// Ends every filter's part; their notes for the record.
-    fn finish(&mut self) -> Vec<(String, String)> {
-        self.0.iter_mut().flat_map(|(_, x)| x.finish()).collect()
-    }
-}
-
-/// Applies a filter's word on an exchange: a reply is a denial, which
-/// stands unless watched.
-fn judge(ctx: &mut FlowContext, filter: &str, status: super::HttpStatus) -> Option<super::LocalReply> {
-    let super::HttpStatus::Reply(reply, decision) = status else {
-        return None;
-    };
-    flow::apply(ctx, filter, super::FilterStatus::Deny(decision));
-    ctx.decision.as_ref().is_some_and(Decision::blocks).then_some(reply)
-}
-
-/// A body that counts what passes through it, and keeps the request's
-/// [`RecordGuard`] (if it holds one) until it is done.
-struct Counted<B> {
-    inner: B,
-    counter: Arc<AtomicU64>,
-    _guard: Option<Arc<RecordGuard>>,
-}
-
-impl<B> Body for Counted<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r
-            && let Some(d) = f.data_ref()
-        {
-            self.counter.fetch_add(d.len() as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 impl ConnState {
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let snap = self.shared.snapshot.load_full();
@@ -772,20 +618,30 @@ impl ConnState {
             Ok(x) => x,
             Err(reply) => return self.replied(flow, Exchanges::default(), reply),
         };
-        let req = if exchanges.is_empty() {
-            req.map(Passed::Left)
-        } else {
-            match request_through_filters(&mut exchanges, &mut flow.ctx, req).await {
-                Ok(req) => req,
-                Err(Ended::Reply(reply)) => {
-                    let reply = reply_through_filters(&mut exchanges, &mut flow.ctx, reply).await;
-                    return self.replied(flow, exchanges, reply);
-                }
-                Err(Ended::Stop(stop)) => {
-                    flow.ctx.extras_mut().annotations.extend(exchanges.finish());
-                    return self.stopped(flow, stop);
-                }
+        let (mut parts, body) = req.into_parts();
+        if !exchanges.is_empty()
+            && let Err(reply) = request_head_through_filters(&mut exchanges, &mut flow.ctx, &mut parts, &body).await
+        {
+            let reply = reply_through_filters(&mut exchanges, &mut flow.ctx, reply).await;
+            return self.replied(flow, exchanges, reply);
+        }
+        let bodies = exchanges.reads_bodies();
+        // From here the bodies may outlive this handler: the exchange (and
+        // the record) is theirs as much as its.
+        let ex = Exchange::new(self.shared.clone(), flow, exchanges);
+        let body = if bodies && !body.is_end_stream() {
+            // The head goes on with what the filters let go of first: a
+            // body they hold whole is refused before anything is sent.
+            let mut pump = Pump::new(body, ex.clone(), Side::Request);
+            match pump.next().await {
+                Some(Ok(frame)) => pump.unread(frame),
+                Some(Err(ended)) => return ended_before(&ex, ended).await,
+                None => {}
             }
+            pump.frame(&mut parts.headers);
+            Passed::Right(Filtered::new(pump))
+        } else {
+            Passed::Left(body)
         };
         let started = Instant::now();
         let opts = ConnectOptions {
@@ -803,26 +659,18 @@ impl ConnState {
                     reason: e.reason_code(),
                     dst: fwd.addrs.first().copied(),
                 };
-                flow.ctx.extras_mut().annotations.extend(exchanges.finish());
-                return self.stopped(flow, stop);
+                return ended_before(&ex, Ended::Stop(stop)).await;
             }
         };
         let dst = upstream.addr;
+        ex.live.lock().await.dst = Some(dst);
         let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(upstream.stream)).await {
             Ok(x) => x,
-            Err(_) => {
-                let stop = Stop::Failed {
-                    reason: "upstream-error",
-                    dst: Some(dst),
-                };
-                flow.ctx.extras_mut().annotations.extend(exchanges.finish());
-                return self.stopped(flow, stop);
-            }
+            Err(_) => return ended_before(&ex, Ended::Stop(Stop::failed("upstream-error"))).await,
         };
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let (mut parts, body) = req.into_parts();
         parts.uri = parts.uri.path_and_query().map_or_else(
             || hyper::Uri::from_static("/"),
             |pq| {
@@ -832,81 +680,49 @@ impl ConnState {
         );
         strip_hop_by_hop(&mut parts.headers);
         // The request body is counted as it is sent (it may still be going
-        // when the response comes); the record waits for the response body.
-        let up = Arc::new(AtomicU64::new(0));
+        // when the response comes); the record waits for both bodies.
         let body = Counted {
             inner: body,
-            counter: up.clone(),
-            _guard: None,
+            exchange: Some(ex.clone()),
+            side: Side::Request,
         };
-        let resp = match sender.send_request(Request::from_parts(parts, body)).await {
-            Ok(resp) => resp,
-            Err(_) => {
-                let mut rec = flow.record_to(dst);
-                rec.close_reason = Cow::Borrowed("upstream-error");
-                rec.bytes_up = up.load(Ordering::Relaxed);
-                for (k, v) in exchanges.finish() {
-                    rec.annotations.insert(k, v);
-                }
-                let resp = stopped_response(flow.ctx.decision.as_ref(), Stop::failed("upstream-error"));
-                flow.write(&self.shared, rec);
-                return resp;
-            }
+        let sent = sender.send_request(Request::from_parts(parts, body)).await;
+        // The request's filters may have ended it while it was sent.
+        let ended = ex.live.lock().await.ended.take();
+        let resp = match (sent, ended) {
+            (_, Some(ended)) => return ended_before(&ex, ended).await,
+            (Ok(resp), None) => resp,
+            (Err(_), None) => return ended_before(&ex, Ended::Stop(Stop::failed("upstream-error"))).await,
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = if exchanges.is_empty() {
-            Passed::Left(body)
+        let mut live = ex.live.lock().await;
+        if !live.filters.is_empty() {
+            let Live { flow, filters, .. } = &mut *live;
+            if let Err(reply) = response_head_through_filters(filters, &mut flow.ctx, &mut parts, &body).await {
+                drop(live);
+                return ended_before(&ex, Ended::Reply(reply)).await;
+            }
+        }
+        drop(live);
+        let body = if bodies && !body.is_end_stream() {
+            let mut pump = Pump::new(body, ex.clone(), Side::Response);
+            match pump.next().await {
+                Some(Ok(frame)) => pump.unread(frame),
+                Some(Err(ended)) => return ended_before(&ex, ended).await,
+                None => {}
+            }
+            pump.frame(&mut parts.headers);
+            Passed::Right(Filtered::new(pump))
         } else {
-            match response_through_filters(&mut exchanges, &mut flow.ctx, &mut parts, body).await {
-                Ok(body) => body,
-                Err(Ended::Reply(reply)) => {
-                    let resp = local_response(reply, flow.ctx.decision.as_ref());
-                    let mut rec = flow.record_to(dst);
-                    rec.close_reason = Cow::Borrowed("denied");
-                    rec.bytes_up = up.load(Ordering::Relaxed);
-                    for (k, v) in exchanges.finish() {
-                        rec.annotations.insert(k, v);
-                    }
-                    flow.write(&self.shared, rec);
-                    return resp;
-                }
-                Err(Ended::Stop(stop)) => {
-                    let reason = match stop {
-                        Stop::Failed { reason, .. } => reason,
-                        Stop::Refused => "denied",
-                    };
-                    let mut rec = flow.record_to(dst);
-                    rec.close_reason = Cow::Borrowed(reason);
-                    rec.bytes_up = up.load(Ordering::Relaxed);
-                    for (k, v) in exchanges.finish() {
-                        rec.annotations.insert(k, v);
-                    }
-                    let resp = stopped_response(flow.ctx.decision.as_ref(), stop);
-                    flow.write(&self.shared, rec);
-                    return resp;
-                }
-            }
+            Passed::Left(body)
         };
-        let down = Arc::new(AtomicU64::new(0));
-        let guard = Arc::new(RecordGuard {
-            shared: self.shared.clone(),
-            flow,
-            dst,
-            close_reason: Mutex::new("completed"),
-            exchanges: Mutex::new(exchanges),
-            up,
-            down: down.clone(),
-        });
-        Response::from_parts(
-            parts,
-            Counted {
-                inner: body,
-                counter: down,
-                _guard: Some(guard),
-            }
-            .boxed(),
-        )
+        let body = Counted {
+            inner: body,
+            exchange: Some(ex),
+            side: Side::Response,
+        };
+        Response::from_parts(parts, body.boxed_unsync())
     }
 
     /// Answers a request that stopped, and writes its record.
@@ -926,78 +742,34 @@ impl ConnState {
     }
 }
 
-/// A local reply on its way back through the HTTP filters' response
-/// stages, as Envoy encodes one: the filters see (and may change) its
-/// headers and body like an upstream's. A filter's own reply there
-/// replaces it.
-async fn reply_through_filters(
-    exchanges: &mut Exchanges,
-    ctx: &mut FlowContext,
-    mut reply: super::LocalReply,
-) -> super::LocalReply {
-    if !reply.body.is_empty()
-        && !reply
-            .headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-    {
-        reply.headers.push(("content-type".to_owned(), b"text/plain".to_vec()));
-    }
-    let mut fields: super::HttpFields = vec![(":status".to_owned(), reply.status.to_string().into_bytes())];
-    fields.extend(reply.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
-    let end = reply.body.is_empty();
-    let mut scratch = Vec::new();
-    if let Err(r) = exchanges
-        .run(ctx, Stage::ResponseHeaders { end }, &mut fields, &mut scratch)
-        .await
-    {
-        return r;
-    }
-    let mut body = std::mem::take(&mut reply.body);
-    if !end
-        && exchanges.max_body() > 0
-        && let Err(r) = exchanges
-            .run(ctx, Stage::ResponseBody, &mut Vec::new(), &mut body)
-            .await
-    {
-        return r;
-    }
-    let status = fields
-        .iter()
-        .find(|(k, _)| k == ":status")
-        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok())
-        .filter(|c| (200..=599).contains(c))
-        .unwrap_or(reply.status);
-    super::LocalReply {
-        status,
-        headers: fields.into_iter().filter(|(k, _)| !k.starts_with(':')).collect(),
-        body,
+/// The answer to an exchange that ended before its response began: a
+/// filter's reply (sent back through the filters' response stages, as
+/// Envoy encodes one) or the stop's. The record says why, and is written
+/// when the bodies still holding the exchange let go.
+async fn ended_before(ex: &Exchange, ended: Ended) -> Response<ProxyBody> {
+    let mut live = ex.live.lock().await;
+    live.end_with(&ended);
+    let Live { flow, filters, .. } = &mut *live;
+    match ended {
+        Ended::Reply(reply) => {
+            let reply = reply_through_filters(filters, &mut flow.ctx, reply).await;
+            local_response(reply, flow.ctx.decision.as_ref())
+        }
+        Ended::Stop(stop) => stopped_response(flow.ctx.decision.as_ref(), stop),
     }
 }
 
-/// How filters ended an exchange early.
-enum Ended {
-    Reply(super::LocalReply),
-    Stop(Stop),
-}
-
-/// A request on its way through the HTTP filters: its headers, then (when
-/// a filter wants bodies) its body and trailers, held whole. It goes on
-/// with what the filters left.
-async fn request_through_filters(
+/// A request's head on its way through the HTTP filters; it goes on as
+/// they left it.
+async fn request_head_through_filters(
     exchanges: &mut Exchanges,
     ctx: &mut FlowContext,
-    req: Request<Incoming>,
-) -> Result<Request<Passed>, Ended> {
-    let (mut parts, body) = req.into_parts();
+    parts: &mut hyper::http::request::Parts,
+    body: &Incoming,
+) -> Result<(), super::LocalReply> {
     let end = body.is_end_stream();
-    let mut fields = request_fields(&parts);
-    let mut scratch = Vec::new();
-    let changed = exchanges
-        .run(ctx, Stage::RequestHeaders { end }, &mut fields, &mut scratch)
-        .await
-        .map_err(Ended::Reply)?;
-    if changed {
+    let mut fields = request_fields(parts);
+    if exchanges.run(ctx, Stage::RequestHeaders { end }, &mut fields).await? {
         // `host` is shown as `:authority`, whose changes are ignored (the
         // flow was decided on it): it goes on as it came.
         let host = parts.headers.get(hyper::header::HOST).cloned();
@@ -1006,40 +778,20 @@ async fn request_through_filters(
             parts.headers.insert(hyper::header::HOST, h);
         }
     }
-    if end || exchanges.max_body() == 0 {
-        return Ok(Request::from_parts(parts, Passed::Left(body)));
-    }
-    let held = Held {
-        body: Stage::RequestBody,
-        trailers: Stage::RequestTrailers,
-        too_large: "request-body-too-large",
-        failed: "client-error",
-    };
-    let body = held.through(exchanges, ctx, &mut parts.headers, body).await?;
-    Ok(Request::from_parts(parts, Passed::Right(body)))
+    Ok(())
 }
 
-/// A response on its way through the HTTP filters, like a request.
-async fn response_through_filters(
+/// A response's head on its way through the HTTP filters, like a request's.
+async fn response_head_through_filters(
     exchanges: &mut Exchanges,
     ctx: &mut FlowContext,
     parts: &mut hyper::http::response::Parts,
-    body: Incoming,
-) -> Result<Passed, Ended> {
+    body: &Incoming,
+) -> Result<(), super::LocalReply> {
     let end = body.is_end_stream();
     let mut fields: super::HttpFields = vec![(":status".to_owned(), parts.status.as_str().as_bytes().to_vec())];
-    fields.extend(
-        parts
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())),
-    );
-    let mut scratch = Vec::new();
-    let changed = exchanges
-        .run(ctx, Stage::ResponseHeaders { end }, &mut fields, &mut scratch)
-        .await
-        .map_err(Ended::Reply)?;
-    if changed {
+    fields.extend(fields_of(&parts.headers));
+    if exchanges.run(ctx, Stage::ResponseHeaders { end }, &mut fields).await? {
         if let Some(status) = fields
             .iter()
             .find(|(k, _)| k == ":status")
@@ -1049,116 +801,7 @@ async fn response_through_filters(
         }
         set_fields(&mut parts.headers, &fields);
     }
-    if end || exchanges.max_body() == 0 {
-        return Ok(Passed::Left(body));
-    }
-    let held = Held {
-        body: Stage::ResponseBody,
-        trailers: Stage::ResponseTrailers,
-        too_large: "response-body-too-large",
-        failed: "upstream-error",
-    };
-    held.through(exchanges, ctx, &mut parts.headers, body)
-        .await
-        .map(Passed::Right)
-}
-
-/// A message's body held whole for the filters: which stages show it and
-/// its trailers, and the close reasons when it cannot be held.
-struct Held {
-    body: Stage,
-    trailers: Stage,
-    too_large: &'static str,
-    failed: &'static str,
-}
-
-impl Held {
-    /// Reads the body (at most the filters' `max_body`), shows it and its
-    /// trailers to the filters, and returns it as they left it, framed
-    /// anew in `headers`.
-    async fn through(
-        self,
-        exchanges: &mut Exchanges,
-        ctx: &mut FlowContext,
-        headers: &mut hyper::HeaderMap,
-        body: Incoming,
-    ) -> Result<Buffered, Ended> {
-        let (mut data, mut trailers) = match collect(body, exchanges.max_body()).await {
-            Ok(x) => x,
-            Err(Collect::TooLarge) => return Err(Ended::Stop(Stop::failed(self.too_large))),
-            Err(Collect::Failed) => return Err(Ended::Stop(Stop::failed(self.failed))),
-        };
-        if let Err(r) = exchanges.run(ctx, self.body, &mut Vec::new(), &mut data).await {
-            return Err(Ended::Reply(r));
-        }
-        if !trailers.is_empty()
-            && let Err(r) = exchanges.run(ctx, self.trailers, &mut trailers, &mut Vec::new()).await
-        {
-            return Err(Ended::Reply(r));
-        }
-        framed(headers, data.len(), !trailers.is_empty());
-        Ok(Buffered::new(Bytes::from(data), header_map(&trailers)))
-    }
-}
-
-/// Why a body could not be held whole.
-enum Collect {
-    TooLarge,
-    Failed,
-}
-
-/// Reads a whole body (at most `max` bytes) and its trailers.
-async fn collect(body: Incoming, max: usize) -> Result<(Vec<u8>, super::HttpFields), Collect> {
-    let collected = http_body_util::Limited::new(body, max).collect().await.map_err(|e| {
-        if e.is::<hyper::Error>() {
-            Collect::Failed
-        } else {
-            Collect::TooLarge
-        }
-    })?;
-    let trailers = collected.trailers().map(fields_of).unwrap_or_default();
-    Ok((collected.to_bytes().to_vec(), trailers))
-}
-
-/// Says how a held body is framed: its length, or chunks when trailers
-/// follow it.
-fn framed(headers: &mut hyper::HeaderMap, len: usize, trailers: bool) {
-    headers.remove(hyper::header::CONTENT_LENGTH);
-    headers.remove(hyper::header::TRANSFER_ENCODING);
-    if trailers {
-        headers.insert(
-            hyper::header::TRANSFER_ENCODING,
-            hyper::header::HeaderValue::from_static("chunked"),
-        );
-    } else {
-        headers.insert(hyper::header::CONTENT_LENGTH, hyper::header::HeaderValue::from(len));
-    }
-}
-
-fn fields_of(map: &hyper::HeaderMap) -> super::HttpFields {
-    map.iter()
-        .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
-        .collect()
-}
-
-fn header_map(fields: &super::HttpFields) -> hyper::HeaderMap {
-    let mut map = hyper::HeaderMap::new();
-    set_fields(&mut map, fields);
-    map
-}
-
-/// Replaces `headers` with `fields` (pseudo-headers aside; a field that is
-/// not valid HTTP is dropped).
-fn set_fields(headers: &mut hyper::HeaderMap, fields: &super::HttpFields) {
-    headers.clear();
-    for (k, v) in fields.iter().filter(|(k, _)| !k.starts_with(':')) {
-        if let (Ok(name), Ok(value)) = (
-            hyper::header::HeaderName::from_bytes(k.as_bytes()),
-            hyper::header::HeaderValue::from_bytes(v),
-        ) {
-            headers.append(name, value);
-        }
-    }
+    Ok(())
 }
 
 /// A filter's local reply as a response.
@@ -1171,8 +814,12 @@ fn local_response(r: super::LocalReply, decision: Option<&Decision>) -> Response
     if !r.body.is_empty() && !r.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
         resp = resp.header(hyper::header::CONTENT_TYPE, "text/plain");
     }
-    resp.body(Full::new(Bytes::from(r.body)).map_err(|never| match never {}).boxed())
-        .unwrap_or_else(|_| stopped_response(decision, Stop::Refused))
+    resp.body(
+        Full::new(Bytes::from(r.body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    )
+    .unwrap_or_else(|_| stopped_response(decision, Stop::Refused))
 }
 
 /// A request's head as HTTP filters see it: the pseudo-headers first;

@@ -14,6 +14,7 @@
 //! answers `crate::edge` gives.
 
 pub mod chain;
+mod exchange;
 pub mod filter;
 mod flow;
 mod http_proxy;

@@ -495,6 +495,9 @@ impl WasmExchange {
             Part::Fields(f) => Given::Fields((*f).clone()),
             Part::Body(b) => Given::Body((*b).clone()),
         };
+        // A body callback paused before the end of the stream buffers (as
+        // Envoy reads it): the piece is held and shown again with the next.
+        let buffers = matches!(part, Part::Body(_)) && !end_of_stream;
         let ran = self.filter.plugin.with_vm(stream.slot, |vm, generation| {
             if generation != stream.generation {
                 return Err(VmError::Gone("the instance serving this request"));
@@ -505,7 +508,7 @@ impl WasmExchange {
             given.put(parts, event);
             let answer = vm.on_http(stream.id, event, end_of_stream)?;
             let said = vm.stream(stream.id).map(|s| said(&s.properties)).unwrap_or_default();
-            let paused = pauses(&answer, stream.id, &said).then(|| {
+            let paused = (!buffers && pauses(&answer, stream.id, &said)).then(|| {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 vm.wait_for(stream.id, tx);
                 rx
@@ -559,6 +562,7 @@ impl WasmExchange {
         } else {
             back
         };
+        let held = buffers && answer.action == Action::Pause;
         match (back, &mut part) {
             (Some(Given::Fields(f)), Part::Fields(out)) => {
                 **out = f;
@@ -566,8 +570,9 @@ impl WasmExchange {
             }
             (Some(Given::Body(b)), Part::Body(out)) => {
                 **out = b;
-                HttpStatus::Changed
+                if held { HttpStatus::Buffer } else { HttpStatus::Changed }
             }
+            _ if held => HttpStatus::Buffer,
             _ => HttpStatus::Continue,
         }
     }
@@ -637,8 +642,8 @@ impl HttpExchange for WasmExchange {
         Box::pin(self.run(HttpEvent::RequestHeaders, end_of_stream, Part::Fields(fields)))
     }
 
-    fn request_body<'a>(&'a mut self, body: &'a mut Vec<u8>) -> HttpPending<'a> {
-        Box::pin(self.run(HttpEvent::RequestBody, true, Part::Body(body)))
+    fn request_body<'a>(&'a mut self, body: &'a mut Vec<u8>, end_of_stream: bool) -> HttpPending<'a> {
+        Box::pin(self.run(HttpEvent::RequestBody, end_of_stream, Part::Body(body)))
     }
 
     fn request_trailers<'a>(&'a mut self, fields: &'a mut HttpFields) -> HttpPending<'a> {
@@ -649,8 +654,8 @@ impl HttpExchange for WasmExchange {
         Box::pin(self.run(HttpEvent::ResponseHeaders, end_of_stream, Part::Fields(fields)))
     }
 
-    fn response_body<'a>(&'a mut self, body: &'a mut Vec<u8>) -> HttpPending<'a> {
-        Box::pin(self.run(HttpEvent::ResponseBody, true, Part::Body(body)))
+    fn response_body<'a>(&'a mut self, body: &'a mut Vec<u8>, end_of_stream: bool) -> HttpPending<'a> {
+        Box::pin(self.run(HttpEvent::ResponseBody, end_of_stream, Part::Body(body)))
     }
 
     fn response_trailers<'a>(&'a mut self, fields: &'a mut HttpFields) -> HttpPending<'a> {

@@ -607,9 +607,23 @@ impl RawSink {
     }
 }
 
+/// `n` bytes that are not all alike, for bodies that must arrive intact.
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| b'a' + (i % 23) as u8).collect()
+}
+
+/// FNV-1a, to compare a large body with what arrived.
+pub fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// A plain HTTP/1.1 server answering `upstream saw METHOD TARGET host=HOST`,
 /// with the request's header names in `x-upstream-headers` and its body
-/// length in `x-upstream-body-len`.
+/// length in `x-upstream-body-len` and FNV-1a in `x-upstream-body-sum`; a
+/// request with `x-reply-bytes: N` is answered N bytes of [`pattern`]
+/// instead.
 pub struct HttpUpstream {
     pub addr: SocketAddr,
     pub accepts: Arc<AtomicUsize>,
@@ -639,6 +653,10 @@ impl HttpUpstream {
                             text.push_str(&format!(" x-added={v}"));
                         }
                         let echo = req.headers().contains_key("x-echo-body");
+                        let reply_bytes = req
+                            .headers()
+                            .get("x-reply-bytes")
+                            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
                         let body = req
                             .into_body()
                             .collect()
@@ -650,10 +668,15 @@ impl HttpUpstream {
                         if echo {
                             text.push_str(&format!(" body={}", String::from_utf8_lossy(&body)));
                         }
-                        let mut resp = Response::new(Full::new(Bytes::from(text)));
+                        let reply = match reply_bytes {
+                            Some(n) => Bytes::from(pattern(n)),
+                            None => Bytes::from(text),
+                        };
+                        let mut resp = Response::new(Full::new(reply));
                         let h = resp.headers_mut();
                         h.insert("x-upstream-headers", names.join(",").parse().unwrap());
                         h.insert("x-upstream-body-len", received.into());
+                        h.insert("x-upstream-body-sum", fnv1a(&body).into());
                         Ok::<_, Infallible>(resp)
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -686,7 +709,7 @@ impl RawResponse {
             .map(|(_, v)| v.as_str())
     }
 
-    fn parse_head(head: &[u8]) -> Self {
+    pub fn parse_head(head: &[u8]) -> Self {
         let text = String::from_utf8_lossy(head);
         let mut lines = text.split("\r\n");
         let status_line = lines.next().unwrap_or("");
