@@ -6,6 +6,8 @@
 //! ClientHello, or the method, target and Host of an HTTP/1 request head). The
 //! result feeds identify → policy → plugins → enforce (see DESIGN.md, "Data
 //! path"); the peeked bytes are later replayed to the upstream unchanged.
+//! QUIC on UDP is classified the same way from the client's Initial packets
+//! ([`quic`]), whose ClientHello goes through the same TLS parser.
 //!
 //! The parsers are sans-IO: no sockets, no clock, bounded in size, and they never
 //! panic on any input, so they can be unit-tested with split inputs and fuzzed.

@@ -4,7 +4,8 @@
 //! exactly that from the peeked bytes without terminating TLS: it walks the
 //! record layer, reassembles the handshake message across TCP segments and TLS
 //! records, and decodes only the ClientHello fields policy needs (RFC 8446
-//! §4.1.2, RFC 6066 §3, RFC 7301, draft-ietf-tls-esni).
+//! §4.1.2, RFC 6066 §3, RFC 7301, draft-ietf-tls-esni). QUIC carries the same
+//! message without records; [`parse_client_hello_message`] reads it there.
 //!
 //! It keeps no state between calls: the caller passes the whole buffer peeked
 //! so far each time. Size is bounded by [`Limits`], checked against the declared
