@@ -608,7 +608,9 @@ pub struct Plugin {
     /// Linear memory one instance may use, in bytes (default 64 MiB, at
     /// most 256 MiB).
     pub max_memory: u64,
-    /// The upstreams `proxy_http_call` may name: name → `host:port`.
+    /// The upstreams `proxy_http_call` may name: name → `host:port` (plain
+    /// HTTP), `http://host:port` or `https://host:port` (TLS, verified
+    /// for `host`).
     pub upstreams: Vec<(String, String)>,
     /// The largest HTTP body an HTTP plugin is shown whole (0: bodies
     /// stream past it unseen).
@@ -730,6 +732,10 @@ pub struct Bootstrap {
     pub workers: Option<usize>,
     /// Where compiled plugin modules are kept between runs.
     pub plugin_cache: PluginCache,
+    /// The CAs plugins' `https://` upstreams must chain to (a PEM file,
+    /// relative to the configuration file); the built-in Mozilla roots
+    /// when `None`.
+    pub plugin_ca: Option<std::path::PathBuf>,
     /// Where resources come from besides this file: a control server.
     pub xds: Option<XdsBootstrap>,
 }

@@ -1131,6 +1131,60 @@ flow_test!(a_network_plugin_pauses_a_flow_until_its_call_out_answers, async {
     rig.stop().await;
 });
 
+flow_test!(a_plugin_calls_out_over_tls_to_an_https_upstream, async {
+    use std::sync::atomic::Ordering;
+    let (ca_pem, server) = test_pki(&["localhost"]);
+    let (auth, checks) = auth_service_with(Some(server)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("plugin-ca.pem");
+    std::fs::write(&ca, &ca_pem).unwrap();
+    let declared = |runtime: &str| {
+        let plugin_yaml = format!(
+            "{runtime}{}",
+            plugin(
+                "tls-gate",
+                "callout=auth",
+                &format!("    upstreams:\n      auth: \"https://localhost:{}\"\n", auth.port()),
+            )
+        );
+        move |up| sni_with(&plugin_yaml, None)(up)
+    };
+    // The certificate chains to runtime.plugin_ca and names the host: the
+    // call is answered over TLS and the flow goes on.
+    let rig = Rig::<RawSink>::with_upstream(declared(&format!("runtime:\n  plugin_ca: \"{}\"\n", ca.display()))).await;
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(decided(&r), ("allow", "allowed-by-rule"), "{r}");
+    assert_eq!(r["annotations"]["callout"], "alice", "{r}");
+    assert_eq!(checks.load(Ordering::SeqCst), 1);
+    rig.stop().await;
+
+    // Without that CA (the built-in roots), the certificate is not
+    // trusted: the call fails and the plugin closes the flow.
+    let rig = Rig::<RawSink>::with_upstream(declared("")).await;
+    let r = hello(&rig, "allowed.test").await;
+    assert_eq!(decided(&r), ("deny", "plugin-denied"), "{r}");
+    assert_eq!(
+        checks.load(Ordering::SeqCst),
+        1,
+        "no request was made without a trusted certificate"
+    );
+    rig.stop().await;
+
+    // A plugin_ca that holds no certificate refuses the configuration.
+    std::fs::write(&ca, "not a certificate").unwrap();
+    let path = dir.path().join("sluice.yaml");
+    let yaml = format!(
+        "{}{}",
+        base_config(&dir.path().join("audit.jsonl")),
+        declared(&format!("runtime:\n  plugin_ca: \"{}\"\n", ca.display()))(auth)
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(sluice::cli::check(&path, &mut out, &mut err), 1);
+    let err = String::from_utf8_lossy(&err);
+    assert!(err.contains("runtime.plugin_ca: no certificate in the file"), "{err}");
+});
+
 flow_test!(failure_policies_closed_open_and_reload, async {
     for (policy, after) in [
         ("closed", ("deny", "plugin-failed")),

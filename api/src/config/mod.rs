@@ -310,6 +310,7 @@ impl Validator {
         let resolver = self.resolver(raw.resolver.as_ref());
         let (workers, drain_timeout) = self.runtime(raw.runtime.as_ref());
         let plugin_cache = self.plugin_cache(raw.runtime.as_ref());
+        let plugin_ca = self.plugin_ca(raw.runtime.as_ref());
         let xds = raw.xds.as_ref().and_then(|x| self.xds(x));
         let plugins = self.plugins(&raw.plugins, &listeners);
 
@@ -325,6 +326,7 @@ impl Validator {
                 drain_timeout,
                 workers,
                 plugin_cache,
+                plugin_ca,
                 xds,
             },
             listeners,

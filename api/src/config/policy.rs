@@ -441,9 +441,13 @@ impl Validator {
             let mut upstreams = Vec::new();
             for (name, addr) in p.upstreams.iter().flatten() {
                 let a = addr.value.trim();
-                let valid = a
-                    .rsplit_once(':')
-                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+                let host_port = a
+                    .strip_prefix("https://")
+                    .or_else(|| a.strip_prefix("http://"))
+                    .unwrap_or(a);
+                let valid = host_port.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+                });
                 if valid {
                     upstreams.push((name.clone(), a.to_owned()));
                 } else {
@@ -452,7 +456,7 @@ impl Validator {
                         format!("{path}.upstreams.{name}"),
                         ConfigErrorKind::InvalidValue {
                             message: format!(
-                                "`{}` is not an upstream address; write `host:port`, e.g. `127.0.0.1:9000` or `auth.internal:80`",
+                                "`{}` is not an upstream address; write `host:port` (plain HTTP) or `https://host:port` (TLS), e.g. `127.0.0.1:9000` or `https://auth.internal:443`",
                                 addr.value
                             ),
                         },

@@ -42,6 +42,25 @@ impl Validator {
         }
     }
 
+    /// `runtime.plugin_ca`: the PEM file of the CAs plugins' `https://`
+    /// upstreams must chain to (`None`: the built-in Mozilla roots).
+    pub(super) fn plugin_ca(&mut self, raw: Option<&raw::RawRuntime>) -> Option<PathBuf> {
+        let c = raw.and_then(|r| r.plugin_ca.as_ref())?;
+        match c.value.trim() {
+            "" => {
+                self.err(
+                    c.referenced,
+                    "runtime.plugin_ca",
+                    ConfigErrorKind::InvalidValue {
+                        message: "plugin_ca is empty; write the path of a PEM file of CA certificates, or leave it out for the built-in roots".into(),
+                    },
+                );
+                None
+            }
+            path => Some(PathBuf::from(path)),
+        }
+    }
+
     /// `runtime`: the number of workers (`None`: one per core) and the drain time.
     pub(super) fn runtime(&mut self, raw: Option<&raw::RawRuntime>) -> (Option<usize>, Duration) {
         let Some(r) = raw else {

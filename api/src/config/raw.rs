@@ -244,6 +244,8 @@ pub struct RawRuntime {
     pub workers: Option<S<u64>>,
     #[serde(default)]
     pub plugin_cache: Option<S<String>>,
+    #[serde(default)]
+    pub plugin_ca: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -410,13 +410,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 return status(Status::BadArgument);
             };
             let headers: Headers = headers.into_iter().map(|(k, v)| (header_name(&k), v)).collect();
-            let Some(address) = c
-                .data()
-                .upstreams
-                .iter()
-                .find(|(name, _)| *name == upstream)
-                .map(|(_, a)| a.clone())
-            else {
+            let Some(to) = c.data().upstreams.iter().find(|u| u.name == upstream).cloned() else {
                 c.data_mut().log(
                     LogLevel::Warn,
                     &format!("http_call to `{upstream}`, which is not one of the plugin's upstreams"),
@@ -440,7 +434,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             s.requests.calls.push(super::state::Callout {
                 token,
                 upstream,
-                address,
+                to,
                 headers,
                 body,
                 trailers: trailers.into_iter().map(|(k, v)| (header_name(&k), v)).collect(),

@@ -37,9 +37,9 @@ pub struct PluginSet {
 }
 
 /// What makes two declarations of a plugin the same plugin.
-fn identity(sha256: &str, config: &[u8], p: &sluice_api::Plugin) -> String {
+fn identity(sha256: &str, config: &[u8], p: &sluice_api::Plugin, ca: Option<&[u8]>) -> String {
     format!(
-        "{sha256}|{}|{:?}|{}|{:?}|{}|{:?}|{:?}|{}|{:?}|{}|{:?}",
+        "{sha256}|{}|{:?}|{}|{:?}|{}|{:?}|{:?}|{}|{:?}|{}|{:?}|{}",
         String::from_utf8_lossy(config),
         p.env,
         p.data,
@@ -51,6 +51,7 @@ fn identity(sha256: &str, config: &[u8], p: &sluice_api::Plugin) -> String {
         p.upstreams,
         p.max_body,
         (p.max_pairs, p.max_value),
+        ca.map_or_else(String::new, engine::hex_sha256),
     )
 }
 
@@ -67,8 +68,24 @@ impl PluginSet {
             cache_dir(&config.bootstrap.plugin_cache)
         };
         let mut plugins = Vec::with_capacity(config.plugins.len());
+        // Read at each load, so a renewed CA file is taken up by a reload.
+        let ca = match &config.bootstrap.plugin_ca {
+            Some(ca) if !config.plugins.is_empty() => {
+                let path = match &base {
+                    Some(dir) if ca.is_relative() => dir.join(ca),
+                    _ => ca.clone(),
+                };
+                let pem = std::fs::read(&path).map_err(|e| PluginLoadError {
+                    name: config.plugins.first().map(|p| p.name.clone()).unwrap_or_default(),
+                    path: path.clone(),
+                    reason: format!("runtime.plugin_ca: cannot read the CA file: {e}"),
+                })?;
+                Some(pem)
+            }
+            _ => None,
+        };
         for p in &config.plugins {
-            plugins.push(load_one(p, base.as_deref(), cache.as_ref())?);
+            plugins.push(load_one(p, base.as_deref(), cache.as_ref(), ca.as_deref())?);
         }
         Ok(Self { plugins })
     }
@@ -119,6 +136,7 @@ fn load_one(
     p: &sluice_api::Plugin,
     base: Option<&Path>,
     cache: Option<&crate::sys::TrustedDir>,
+    ca: Option<&[u8]>,
 ) -> Result<Arc<Plugin>, PluginLoadError> {
     let path = match base {
         Some(dir) if p.path.is_relative() => dir.join(&p.path),
@@ -136,7 +154,7 @@ fn load_one(
         Some(v) => v.to_string().into_bytes(),
     };
     let sha256 = engine::hex_sha256(&wasm);
-    let id = identity(&sha256, &config, p);
+    let id = identity(&sha256, &config, p, ca);
     let mut loaded = LOADED.lock().unwrap_or_else(PoisonError::into_inner);
     loaded.retain(|(_, w)| w.strong_count() > 0);
     let previous = loaded.iter().find(|(n, _)| *n == p.name).and_then(|(_, w)| w.upgrade());
@@ -187,7 +205,7 @@ fn load_one(
     if let Some(root) = &p.root_id {
         code.root_id = Arc::from(root.as_str());
     }
-    code.upstreams = Arc::new(p.upstreams.clone());
+    code.upstreams = Arc::new(super::callout::Upstream::declared(&p.upstreams, ca).map_err(|e| fail(e.to_string()))?);
     let failure = match p.failure {
         sluice_api::PluginFailure::Closed => FailurePolicy::Closed,
         sluice_api::PluginFailure::Open => FailurePolicy::Open,

@@ -94,8 +94,8 @@ pub struct Callout {
     pub token: u32,
     /// The upstream's name, as the guest gave it.
     pub upstream: String,
-    /// Where it is (`host:port`), from the plugin's `upstreams`.
-    pub address: String,
+    /// Where it is and how it is reached, from the plugin's `upstreams`.
+    pub to: super::callout::Upstream,
     pub headers: Headers,
     pub body: Vec<u8>,
     pub trailers: Headers,
@@ -184,8 +184,8 @@ pub struct HostState {
     pub effective: Option<u32>,
     pub streams: HashMap<u32, StreamState>,
     pub buffers: CallBuffers,
-    /// The upstreams `proxy_http_call` may name, and their addresses.
-    pub upstreams: Arc<Vec<(String, String)>>,
+    /// The upstreams `proxy_http_call` may name.
+    pub upstreams: Arc<Vec<super::callout::Upstream>>,
     /// The last `proxy_http_call` token handed out.
     pub last_token: u32,
     pub requests: Requests,

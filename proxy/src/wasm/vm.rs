@@ -47,8 +47,8 @@ pub struct PluginCode {
     pub shared: Arc<SharedData>,
     pub queues: Arc<SharedQueues>,
     pub metrics: Arc<PluginMetrics>,
-    /// The upstreams `proxy_http_call` may name, and their `host:port`.
-    pub upstreams: Arc<Vec<(String, String)>>,
+    /// The upstreams `proxy_http_call` may name.
+    pub upstreams: Arc<Vec<super::callout::Upstream>>,
 }
 
 impl std::fmt::Debug for PluginCode {

@@ -870,6 +870,40 @@ pub async fn echo(open: &mut TlsStream<TcpStream>, msg: &[u8]) {
 /// `x-api-key: good` and `403` otherwise; `GET /denylist` lists
 /// `curl.example.test`. Counts the checks.
 pub async fn auth_service() -> (SocketAddr, Arc<AtomicUsize>) {
+    auth_service_with(None).await
+}
+
+/// A CA (its PEM) and, for `names`, a server's TLS settings with a
+/// certificate it signed; made at test time.
+pub fn test_pki(names: &[&str]) -> (String, Arc<rustls::ServerConfig>) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sluice test CA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let mut params = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    (ca.pem(), Arc::new(server))
+}
+
+/// [`auth_service`], over TLS with `tls` when given.
+pub async fn auth_service_with(tls: Option<Arc<rustls::ServerConfig>>) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let checks = Arc::new(AtomicUsize::new(0));
@@ -877,6 +911,7 @@ pub async fn auth_service() -> (SocketAddr, Arc<AtomicUsize>) {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let counted = counted.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let counted = counted.clone();
@@ -898,9 +933,17 @@ pub async fn auth_service() -> (SocketAddr, Arc<AtomicUsize>) {
                         Ok::<_, Infallible>(resp)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                    Some(tls) => {
+                        if let Ok(stream) = tokio_rustls::TlsAcceptor::from(tls).accept(stream).await {
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
+                }
             });
         }
     });
