@@ -80,12 +80,20 @@ pub enum Front {
     },
     /// Nothing is read: opaque TCP.
     Raw,
+    /// UDP datagrams, grouped into flows by 4-tuple; a flow's Initial
+    /// packets are decrypted for their ClientHello (`kind: quic`). Served
+    /// by the QUIC listener, never by the TCP accept loop.
+    Quic {
+        peek: PeekOptions,
+        /// `quic: block`: every flow is dropped (`quic-blocked`).
+        block: bool,
+    },
 }
 
 impl Front {
     pub fn peek(&self) -> Option<&PeekOptions> {
         match self {
-            Self::HttpProxy { peek, .. } | Self::Inspect { peek, .. } => Some(peek),
+            Self::HttpProxy { peek, .. } | Self::Inspect { peek, .. } | Self::Quic { peek, .. } => Some(peek),
             Self::Raw => None,
         }
     }
@@ -389,12 +397,27 @@ pub fn translate(l: &Listener, plugins: &[crate::Plugin]) -> Option<ListenerReso
                 },
             },
         ),
+        ListenerKind::Quic(o) => (
+            Front::Quic {
+                peek: o.peek,
+                block: o.quic == crate::model::QuicMode::Block,
+            },
+            if o.transparent {
+                Cluster::OriginalDst { sni_check: o.sni_check }
+            } else {
+                Cluster::SniDynamic { port: o.upstream_port }
+            },
+        ),
         ListenerKind::Dns(_) => return None,
     };
     Some(ListenerResource {
         name: l.name.clone(),
         address: l.address,
-        transparent: matches!(l.kind, ListenerKind::Transparent(_)),
+        transparent: match &l.kind {
+            ListenerKind::Transparent(_) => true,
+            ListenerKind::Quic(o) => o.transparent,
+            _ => false,
+        },
         connection: *l.kind.connection()?,
         front,
         original_dst: matches!(cluster, Cluster::OriginalDst { .. }),

@@ -22,10 +22,13 @@ pub enum Protocol {
     Dns,
     Tcp,
     Udp,
+    /// QUIC (HTTP/3 and others), classified from its Initial packets'
+    /// ClientHello.
+    Quic,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 5] = [Self::Tls, Self::Http, Self::Dns, Self::Tcp, Self::Udp];
+    pub const ALL: [Protocol; 6] = [Self::Tls, Self::Http, Self::Dns, Self::Tcp, Self::Udp, Self::Quic];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -34,6 +37,7 @@ impl Protocol {
             Self::Dns => "dns",
             Self::Tcp => "tcp",
             Self::Udp => "udp",
+            Self::Quic => "quic",
         }
     }
 
@@ -54,7 +58,7 @@ impl std::str::FromStr for Protocol {
         Self::ALL
             .into_iter()
             .find(|p| p.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown protocol `{s}`; expected one of tls, http, dns, tcp, udp"))
+            .ok_or_else(|| format!("unknown protocol `{s}`; expected one of tls, http, dns, tcp, udp, quic"))
     }
 }
 
@@ -158,6 +162,8 @@ pub enum ListenerType {
     Tcp,
     /// DNS proxy on UDP and TCP.
     Dns,
+    /// QUIC on UDP: classified from its Initials, routed by SNI or TPROXY.
+    Quic,
     /// Envoy resources taken over LDS and CDS (`xds.listeners: true`);
     /// never written in a file.
     #[serde(skip_deserializing)]
@@ -172,9 +178,21 @@ impl ListenerType {
             Self::Sni => "sni",
             Self::Tcp => "tcp",
             Self::Dns => "dns",
+            Self::Quic => "quic",
             Self::Envoy => "envoy",
         }
     }
+}
+
+/// What a `quic` listener does with QUIC flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuicMode {
+    /// Classify each flow's ClientHello and decide it like a TLS flow.
+    Inspect,
+    /// Drop every flow (`quic-blocked`): clients fall back to TCP, where
+    /// the TCP listeners see them.
+    Block,
 }
 
 /// What to do with a ClientHello carrying Encrypted Client Hello (its SNI
@@ -238,6 +256,8 @@ pub enum ListenerKind {
     Tcp(TcpOptions),
     /// DNS proxy on UDP and TCP.
     Dns(DnsListener),
+    /// QUIC on UDP.
+    Quic(QuicOptions),
     /// Envoy resources taken over xDS, mapped onto the model.
     Envoy(Box<crate::envoy::FromEnvoy>),
 }
@@ -250,17 +270,20 @@ impl ListenerKind {
             Self::Sni(_) => ListenerType::Sni,
             Self::Tcp(_) => ListenerType::Tcp,
             Self::Dns(_) => ListenerType::Dns,
+            Self::Quic(_) => ListenerType::Quic,
             Self::Envoy(_) => ListenerType::Envoy,
         }
     }
 
-    /// The connection options of a TCP listener kind (every kind but `dns`).
+    /// The connection options of a listener kind that relays flows (every
+    /// kind but `dns`; for `quic`, a flow is a client's 4-tuple).
     pub fn connection(&self) -> Option<&ConnectionOptions> {
         match self {
             Self::HttpProxy(o) => Some(&o.connection),
             Self::Transparent(o) => Some(&o.connection),
             Self::Sni(o) => Some(&o.connection),
             Self::Tcp(o) => Some(&o.connection),
+            Self::Quic(o) => Some(&o.connection),
             Self::Envoy(o) => Some(&o.connection),
             Self::Dns(_) => None,
         }
@@ -272,6 +295,7 @@ impl ListenerKind {
             Self::HttpProxy(o) => Some(&o.peek),
             Self::Transparent(o) => Some(&o.peek),
             Self::Sni(o) => Some(&o.peek),
+            Self::Quic(o) => Some(&o.peek),
             Self::Envoy(o) => o.front.peek(),
             Self::Tcp(_) | Self::Dns(_) => None,
         }
@@ -350,6 +374,35 @@ pub struct SniOptions {
     pub peek: PeekOptions,
     /// The port dialled on the resolved name.
     pub upstream_port: u16,
+}
+
+/// A `quic` listener: UDP datagrams, grouped into flows by the client's
+/// address and the address it sent to. `connection.max_connections` bounds
+/// the flows held at once, `connection.idle_timeout` ends a flow no
+/// datagram crossed for that long; `peek.peek_timeout` bounds the Initial
+/// phase (the ClientHello must be complete by then) and
+/// `peek.max_client_hello` its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct QuicOptions {
+    #[serde(flatten)]
+    pub connection: ConnectionOptions,
+    #[serde(flatten)]
+    pub peek: PeekOptions,
+    pub quic: QuicMode,
+    /// TPROXY interception: each datagram's destination is its original
+    /// one (`IP_RECVORIGDSTADDR`), held against the SNI per `sni_check`.
+    /// Otherwise the SNI is the destination, on `upstream_port`.
+    pub transparent: bool,
+    /// Transparent only.
+    pub sni_check: SniCheck,
+    /// Not transparent only: the port dialled on the SNI's addresses.
+    pub upstream_port: u16,
+}
+
+impl QuicOptions {
+    /// A flow idle this long ends: QUIC's own idle timeouts are usually
+    /// 30 s (quinn, Chrome), and a UDP flow has no close to wait for.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

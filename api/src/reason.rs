@@ -87,6 +87,9 @@ pub enum ReasonCode {
     QuicOversized,
     /// More Initial packets than a ClientHello may take.
     QuicTooManyPackets,
+    /// A `quic: block` listener drops every QUIC flow, so clients fall
+    /// back to TCP.
+    QuicBlocked,
     /// More bytes than any ClientHello or request head may take.
     ClassifyOversized,
     /// The first bytes did not arrive within `peek_timeout`.
@@ -261,6 +264,7 @@ codes! {
     BadUpstream = "bad-upstream" / Listener,
     Shutdown = "shutdown" / Listener,
     NoDecision = "no-decision" / Listener,
+    QuicBlocked = "quic-blocked" / Listener,
     PluginDenied = "plugin-denied" / Plugin,
     PluginAllowed = "plugin-allowed" / Plugin,
     PluginFailed = "plugin-failed" / Plugin,
@@ -346,6 +350,7 @@ mod tests {
             R::ProxyAuthRequired,
             R::NoFilterChain,
             R::NoOriginalDestination,
+            R::QuicBlocked,
             R::DnsMalformed,
             R::DnsZoneTransfer,
         ];

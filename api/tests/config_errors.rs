@@ -1211,12 +1211,12 @@ fn an_option_of_another_listener_kind_is_an_error_at_its_position() {
         (
             "tcp",
             "peek_timeout: 2s",
-            "`peek_timeout` does not apply to a `tcp` listener (only to: http-proxy, transparent, sni)",
+            "`peek_timeout` does not apply to a `tcp` listener (only to: http-proxy, transparent, sni, quic)",
         ),
         (
             "dns",
             "max_connections: 5",
-            "`max_connections` does not apply to a `dns` listener (only to: http-proxy, transparent, sni, tcp)",
+            "`max_connections` does not apply to a `dns` listener (only to: http-proxy, transparent, sni, tcp, quic)",
         ),
         (
             "dns",
@@ -1226,7 +1226,7 @@ fn an_option_of_another_listener_kind_is_an_error_at_its_position() {
         (
             "sni",
             "sni_check: off",
-            "`sni_check` does not apply to a `sni` listener (only to: transparent)",
+            "`sni_check` does not apply to a `sni` listener (only to: transparent, quic)",
         ),
         (
             "transparent",
@@ -1236,7 +1236,17 @@ fn an_option_of_another_listener_kind_is_an_error_at_its_position() {
         (
             "http-proxy",
             "upstream_port: 443",
-            "`upstream_port` does not apply to a `http-proxy` listener (only to: sni)",
+            "`upstream_port` does not apply to a `http-proxy` listener (only to: sni, quic)",
+        ),
+        (
+            "quic",
+            "connect_timeout: 1s",
+            "`connect_timeout` does not apply to a `quic` listener (only to: http-proxy, transparent, sni, tcp)",
+        ),
+        (
+            "sni",
+            "quic: block",
+            "`quic` does not apply to a `sni` listener (only to: quic)",
         ),
     ];
     for (kind, option, message) in cases {

@@ -410,6 +410,8 @@ struct AdminRun {
 /// later step fails.
 struct Prepared {
     tcp: Vec<(String, ListenerType, SocketAddr, tokio::net::TcpListener)>,
+    /// `quic` listeners' sockets.
+    udp: Vec<(String, ListenerType, SocketAddr, tokio::net::UdpSocket)>,
     dns_new: Vec<(String, DnsSpec, DnsServer)>,
     dns_swap: Vec<(String, DnsSpec, Arc<DnsCore>)>,
     admin: Option<(SocketAddr, tokio::net::TcpListener)>,
@@ -798,6 +800,7 @@ impl Inner {
         let old = self.shared.snapshot.load();
         let mut p = Prepared {
             tcp: Vec::new(),
+            udp: Vec::new(),
             dns_new: Vec::new(),
             dns_swap: Vec::new(),
             admin: None,
@@ -811,13 +814,33 @@ impl Inner {
                 continue;
             };
             let (spec, kind) = (&plan.spec, l.ty());
+            // A `quic` socket is bound for TPROXY or not: a change rebinds it.
+            let same_socket = kind != ListenerType::Quic
+                || old
+                    .plan(&spec.name)
+                    .is_some_and(|p| p.spec.transparent == spec.transparent);
             match running.tcp.get(&spec.name) {
                 // The same address: as configured, or as bound (a file that
                 // names the port a `:0` listener got).
-                Some(r) if (r.configured == spec.address || r.bound == spec.address) && r.kind == kind => {
+                Some(r)
+                    if (r.configured == spec.address || r.bound == spec.address) && r.kind == kind && same_socket =>
+                {
                     if old.plan(&spec.name).map(|p| &p.spec) != Some(spec) {
                         report.changed.push(spec.name.clone());
                     }
+                }
+                r if kind == ListenerType::Quic => {
+                    let l = listener::bind_quic(plan).map_err(|source| StartError::Bind {
+                        name: spec.name.clone(),
+                        addr: spec.address,
+                        source,
+                    })?;
+                    if r.is_some() {
+                        report.rebound.push(spec.name.clone());
+                    } else {
+                        report.added.push(spec.name.clone());
+                    }
+                    p.udp.push((spec.name.clone(), kind, spec.address, l));
                 }
                 r => {
                     let l = listener::bind(plan).map_err(|source| {
@@ -1027,6 +1050,30 @@ impl Inner {
             self.keep(listener::spawn(
                 Arc::from(name.as_str()),
                 l,
+                self.shared.clone(),
+                stop_rx,
+                closing.clone(),
+            ));
+            let fresh = TcpRun {
+                kind,
+                configured,
+                bound,
+                stop,
+                closing,
+            };
+            if let Some(old) = running.tcp.insert(name, fresh) {
+                retire_tcp(old);
+            }
+        }
+        // `quic` listeners live among the TCP ones: the same keep, rebind
+        // and retire rules, a UDP socket and task of their own.
+        for (name, kind, configured, socket) in p.udp {
+            let bound = socket.local_addr().unwrap_or(configured);
+            let (stop, stop_rx) = watch::channel(false);
+            let closing = CancellationToken::new();
+            self.keep(listener::spawn_quic(
+                Arc::from(name.as_str()),
+                socket,
                 self.shared.clone(),
                 stop_rx,
                 closing.clone(),

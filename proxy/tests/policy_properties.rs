@@ -233,14 +233,18 @@ fn ref_decide(cfg: &Config, q: &FlowQuery<'_>, identity: Option<&str>) -> (Actio
     for r in &cfg.policy.rules {
         let proto = r.protocols.is_empty()
             || r.protocols.contains(&q.protocol)
-            || (r.protocols.contains(&Protocol::Tcp) && matches!(q.protocol, Protocol::Tls | Protocol::Http));
+            || (r.protocols.contains(&Protocol::Tcp) && matches!(q.protocol, Protocol::Tls | Protocol::Http))
+            || (r.protocols.contains(&Protocol::Udp) && q.protocol == Protocol::Quic);
         let implied = !proto
             && q.protocol == Protocol::Dns
             && r.action == Action::Allow
             && !r.to.webgroups.is_empty()
-            && r.protocols
-                .iter()
-                .any(|p| matches!(p, Protocol::Tls | Protocol::Http | Protocol::Tcp));
+            && r.protocols.iter().any(|p| {
+                matches!(
+                    p,
+                    Protocol::Tls | Protocol::Http | Protocol::Tcp | Protocol::Udp | Protocol::Quic
+                )
+            });
         if !proto && !implied {
             continue;
         }

@@ -625,6 +625,7 @@ fn policy_from_pb(p: &pb::Policy) -> Result<raw::RawPolicy, FieldErrors> {
                 Ok(pb::Protocol::Dns) => Protocol::Dns,
                 Ok(pb::Protocol::Tcp) => Protocol::Tcp,
                 Ok(pb::Protocol::Udp) => Protocol::Udp,
+                Ok(pb::Protocol::Quic) => Protocol::Quic,
                 Ok(pb::Protocol::Unspecified) | Err(_) => {
                     errors.push((
                         format!("rules[{i}].protocols[{j}]"),
@@ -636,6 +637,7 @@ fn policy_from_pb(p: &pb::Policy) -> Result<raw::RawPolicy, FieldErrors> {
                                 "PROTOCOL_DNS",
                                 "PROTOCOL_TCP",
                                 "PROTOCOL_UDP",
+                                "PROTOCOL_QUIC",
                             ],
                         ),
                     ));
@@ -682,6 +684,7 @@ fn policy_to_pb(name: &str, p: &raw::RawPolicy) -> pb::Policy {
         Protocol::Dns => pb::Protocol::Dns,
         Protocol::Tcp => pb::Protocol::Tcp,
         Protocol::Udp => pb::Protocol::Udp,
+        Protocol::Quic => pb::Protocol::Quic,
     } as i32;
     pb::Policy {
         name: name.to_owned(),
@@ -774,6 +777,8 @@ fn listener_from_spec(l: &crate::xds::gateway::ListenerSpec) -> Result<raw::RawL
         upstream_port: None,
         upstream: None,
         users: Vec::new(),
+        quic: None,
+        transparent: None,
         upstreams: Vec::new(),
         deny_answer: None,
         sinkhole: Vec::new(),

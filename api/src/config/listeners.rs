@@ -15,7 +15,8 @@ use crate::net::canonical_ip;
 impl Validator {
     pub(super) fn listeners(&mut self, raw: &[S<raw::RawListener>]) -> Vec<Listener> {
         let mut seen = HashMap::new();
-        let mut bound: Vec<(SocketAddr, String)> = Vec::new();
+        // Address, listener, and whether it binds TCP and UDP.
+        let mut bound: Vec<(SocketAddr, String, (bool, bool))> = Vec::new();
         let mut out = Vec::new();
         for (i, l) in raw.iter().enumerate() {
             let (at, l) = (l.referenced, &l.value);
@@ -33,14 +34,21 @@ impl Validator {
             let kind = l.kind.value;
             let canonical = SocketAddr::new(canonical_ip(address.ip()), address.port());
             if address.port() != 0 {
-                // Every kind binds TCP (dns binds UDP too), so two listeners
-                // clash on the same port when their addresses are equal or
-                // either is a wildcard.
-                let clash = bound.iter().find(|(a, _)| {
+                // Every kind binds TCP but `quic` (UDP only) and `dns`
+                // (both), so two listeners clash on the same port when they
+                // share a transport and their addresses are equal or either
+                // is a wildcard: an `sni` and a `quic` listener share 443.
+                let transports = match kind {
+                    ListenerType::Quic => (false, true),
+                    ListenerType::Dns => (true, true),
+                    _ => (true, false),
+                };
+                let clash = bound.iter().find(|(a, _, (tcp, udp))| {
                     a.port() == canonical.port()
+                        && ((*tcp && transports.0) || (*udp && transports.1))
                         && (a.ip() == canonical.ip() || a.ip().is_unspecified() || canonical.ip().is_unspecified())
                 });
-                if let Some((_, other)) = clash {
+                if let Some((_, other, _)) = clash {
                     self.err(
                         l.address.referenced,
                         format!("{path}.address"),
@@ -51,7 +59,7 @@ impl Validator {
                         },
                     );
                 }
-                bound.push((canonical, l.name.value.clone()));
+                bound.push((canonical, l.name.value.clone(), transports));
             }
             let kind = self.listener_kind(l, kind, &path);
             if ok {
@@ -89,15 +97,18 @@ impl Validator {
         };
         let at = |v: &Option<S<_>>| v.as_ref().map(|v: &S<_>| v.referenced);
         const TCP: &[ListenerType] = &[HttpProxy, Transparent, Sni, Tcp];
-        const PEEK: &[ListenerType] = &[HttpProxy, Transparent, Sni];
+        // Kinds that relay flows: a `quic` flow is a client's 4-tuple.
+        const FLOWS: &[ListenerType] = &[HttpProxy, Transparent, Sni, Tcp, Quic];
+        const PEEK: &[ListenerType] = &[HttpProxy, Transparent, Sni, Quic];
         only(
             self,
             l.max_connections.as_ref().map(|v| v.referenced),
             "max_connections",
-            TCP,
+            FLOWS,
         );
+        // Nothing to wait for when "connecting" a UDP socket.
         only(self, at(&l.connect_timeout), "connect_timeout", TCP);
-        only(self, at(&l.idle_timeout), "idle_timeout", TCP);
+        only(self, at(&l.idle_timeout), "idle_timeout", FLOWS);
         only(self, at(&l.peek_timeout), "peek_timeout", PEEK);
         only(
             self,
@@ -116,13 +127,20 @@ impl Validator {
             self,
             l.sni_check.as_ref().map(|v| v.referenced),
             "sni_check",
-            &[Transparent],
+            &[Transparent, Quic],
         );
         only(
             self,
             l.upstream_port.as_ref().map(|v| v.referenced),
             "upstream_port",
-            &[Sni],
+            &[Sni, Quic],
+        );
+        only(self, l.quic.as_ref().map(|v| v.referenced), "quic", &[Quic]);
+        only(
+            self,
+            l.transparent.as_ref().map(|v| v.referenced),
+            "transparent",
+            &[Quic],
         );
         only(self, l.upstream.as_ref().map(|v| v.referenced), "upstream", &[Tcp]);
         only(self, l.users.first().map(|v| v.referenced), "users", &[HttpProxy]);
@@ -151,6 +169,7 @@ impl Validator {
                 upstream: self.upstream(l, path),
             }),
             Dns => ListenerKind::Dns(self.dns_options(l, path)),
+            Quic => ListenerKind::Quic(self.quic_options(l, path)),
             Envoy => match &l.envoy {
                 Some(e) => ListenerKind::Envoy(e.clone()),
                 None => {
@@ -213,6 +232,52 @@ impl Validator {
                 65_536,
             ) as usize,
             ech: l.ech.as_ref().map_or(d.ech, |e| e.value),
+        }
+    }
+
+    /// A `quic` listener's options. `sni_check` needs `transparent: true`
+    /// (there is no original destination to check otherwise) and
+    /// `upstream_port` needs it false (the original port is dialled).
+    fn quic_options(&mut self, l: &raw::RawListener, path: &str) -> QuicOptions {
+        let transparent = l.transparent.as_ref().is_some_and(|t| t.value);
+        let mismatch = |this: &mut Self, at: Option<Location>, field: &str, needs: bool| {
+            if let Some(loc) = at {
+                this.err(
+                    loc,
+                    format!("{path}.{field}"),
+                    ConfigErrorKind::InvalidValue {
+                        message: format!(
+                            "`{field}` applies to a `quic` listener only with `transparent: {needs}`; remove it or set `transparent: {needs}`"
+                        ),
+                    },
+                );
+            }
+        };
+        if transparent {
+            mismatch(
+                self,
+                l.upstream_port.as_ref().map(|v| v.referenced),
+                "upstream_port",
+                false,
+            );
+        } else {
+            mismatch(self, l.sni_check.as_ref().map(|v| v.referenced), "sni_check", true);
+        }
+        let mut connection = self.connection_options(l, path);
+        if l.idle_timeout.is_none() {
+            connection.idle_timeout = QuicOptions::DEFAULT_IDLE_TIMEOUT;
+        }
+        QuicOptions {
+            connection,
+            peek: self.peek_options(l, path),
+            // Inspect by default: `block` would cut every HTTP/3 client
+            // off QUIC the day the listener is added, whereas inspecting
+            // applies the same policy as over TCP and still denies what
+            // cannot be classified (see docs/configuration.md).
+            quic: l.quic.as_ref().map_or(QuicMode::Inspect, |q| q.value),
+            transparent,
+            sni_check: l.sni_check.as_ref().map_or(SniCheck::Verify, |e| e.value),
+            upstream_port: self.bounded(&l.upstream_port, format!("{path}.upstream_port"), 443, 1, 65_535) as u16,
         }
     }
 
@@ -512,6 +577,23 @@ pub fn listener_settings(kind: &ListenerKind) -> Option<serde_json::Value> {
             peek(&o.peek),
             json!({ "sni_check": match o.sni_check { SniCheck::Verify => "verify", SniCheck::Off => "off" } }),
         ])),
+        ListenerKind::Quic(o) => {
+            let mut c = connection(&o.connection);
+            if let Value::Object(m) = &mut c {
+                // Not an option of `quic` listeners (UDP has no connect).
+                m.remove("connect_timeout");
+            }
+            let own = if o.transparent {
+                json!({ "transparent": true, "sni_check": match o.sni_check { SniCheck::Verify => "verify", SniCheck::Off => "off" } })
+            } else {
+                json!({ "transparent": false, "upstream_port": o.upstream_port })
+            };
+            let mode = match o.quic {
+                QuicMode::Inspect => "inspect",
+                QuicMode::Block => "block",
+            };
+            Some(merge(vec![c, peek(&o.peek), own, json!({ "quic": mode })]))
+        }
         ListenerKind::Tcp(o) => Some(merge(vec![
             connection(&o.connection),
             match &o.upstream {
@@ -541,6 +623,8 @@ mod settings_tests {
   - {name: t, kind: transparent, address: \"127.0.0.1:15001\", sni_check: off, max_client_hello: 2048, idle_timeout: 2h}
   - {name: c, kind: tcp, address: \"127.0.0.1:15432\", upstream: \"db.internal:5432\", connect_timeout: 1s}
   - {name: o, kind: tcp, address: \"127.0.0.1:15433\"}
+  - {name: q, kind: quic, address: \"127.0.0.1:8443\", quic: block, upstream_port: 9443, idle_timeout: 45s, max_connections: 9}
+  - {name: qt, kind: quic, address: \"127.0.0.1:15002\", transparent: true, sni_check: off, peek_timeout: 2s}
   - {name: d, kind: dns, address: \"127.0.0.1:5353\", upstreams: [\"10.0.0.2\", \"tcp://10.0.0.3:5300\", \"tls://1.1.1.1:853#one.one.one.one\"],
      deny_answer: sinkhole, sinkhole: [0.0.0.0, \"::\"], strip_ech: false, cache_entries: 123, binding_min_ttl: 45s,
      binding_grace: 2m, max_bindings: 999, exfiltration: false, upstream_sockets: 3, upstream_socket_max_queries: 77,
@@ -563,6 +647,55 @@ smartgroups:
         assert_eq!(
             listener_settings(&cfg.listeners[0].kind).unwrap()["users"][0]["password"],
             "hunter2"
+        );
+    }
+
+    /// A `quic` listener's defaults, and the options it refuses, each
+    /// reported where it is written.
+    #[test]
+    fn quic_listener_options() {
+        let cfg = crate::config::load_str(
+            "listeners:\n  - {name: q, kind: quic, address: \"127.0.0.1:443\"}\n  - {name: s, kind: sni, address: \"127.0.0.1:443\"}\n",
+            "t.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let ListenerKind::Quic(o) = &cfg.listeners[0].kind else {
+            panic!("{:?}", cfg.listeners[0])
+        };
+        assert_eq!(o.quic, QuicMode::Inspect);
+        assert!(!o.transparent);
+        assert_eq!(o.upstream_port, 443);
+        assert_eq!(o.connection.idle_timeout, QuicOptions::DEFAULT_IDLE_TIMEOUT);
+        let refused = |yaml: &str, want: &str| {
+            let e = crate::config::load_str(yaml, "t.yaml")
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        };
+        refused(
+            "listeners:\n  - {name: q, kind: quic, address: \"127.0.0.1:443\", connect_timeout: 1s}\n",
+            "`connect_timeout` does not apply to a `quic` listener",
+        );
+        refused(
+            "listeners:\n  - {name: q, kind: quic, address: \"127.0.0.1:443\", sni_check: off}\n",
+            "`sni_check` applies to a `quic` listener only with `transparent: true`",
+        );
+        refused(
+            "listeners:\n  - {name: q, kind: quic, address: \"127.0.0.1:443\", transparent: true, upstream_port: 8443}\n",
+            "`upstream_port` applies to a `quic` listener only with `transparent: false`",
+        );
+        refused(
+            "listeners:\n  - {name: s, kind: sni, address: \"127.0.0.1:443\", quic: block}\n",
+            "`quic` does not apply to a `sni` listener",
+        );
+        refused(
+            "listeners:\n  - {name: q, kind: quic, address: \"127.0.0.1:443\", quic: maybe}\n",
+            "maybe",
+        );
+        refused(
+            "listeners:\n  - {name: q, kind: quic, address: \"127.0.0.1:443\"}\n  - {name: d, kind: dns, address: \"0.0.0.0:443\"}\n",
+            "overlaps listener `q`",
         );
     }
 }

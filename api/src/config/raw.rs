@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde::de::{self, Visitor};
 use serde_saphyr::Spanned;
 
-use crate::model::{Action, EchPolicy, ListenerType, Mode, Protocol, SniCheck};
+use crate::model::{Action, EchPolicy, ListenerType, Mode, Protocol, QuicMode, SniCheck};
 
 pub type S<T> = Spanned<T>;
 
@@ -176,6 +176,11 @@ pub struct RawListener {
     pub upstream: Option<S<String>>,
     #[serde(default)]
     pub users: Vec<S<RawProxyUser>>,
+    // quic listeners
+    #[serde(default)]
+    pub quic: Option<S<QuicMode>>,
+    #[serde(default)]
+    pub transparent: Option<S<bool>>,
     // dns listeners
     #[serde(default)]
     pub upstreams: Vec<S<String>>,

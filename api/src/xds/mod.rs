@@ -64,6 +64,8 @@ pub mod filter_name {
     pub const TRANSPARENT: &str = "sluice.transparent";
     /// East-west TCP (`kind: tcp`) as a filter.
     pub const TCP: &str = "sluice.tcp";
+    /// A QUIC listener on UDP (`kind: quic`) as a filter.
+    pub const QUIC: &str = "sluice.quic";
 
     /// The listener kind a terminal Sluice filter makes, by its name.
     pub fn kind(name: &str) -> Option<crate::model::ListenerType> {
@@ -74,6 +76,7 @@ pub mod filter_name {
             SNI => Some(ListenerType::Sni),
             TRANSPARENT => Some(ListenerType::Transparent),
             TCP => Some(ListenerType::Tcp),
+            QUIC => Some(ListenerType::Quic),
             _ => None,
         }
     }
@@ -88,6 +91,7 @@ pub mod filter_name {
             ListenerType::Sni => Some(SNI),
             ListenerType::Transparent => Some(TRANSPARENT),
             ListenerType::Tcp => Some(TCP),
+            ListenerType::Quic => Some(QUIC),
             ListenerType::Envoy => None,
         }
     }

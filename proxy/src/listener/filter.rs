@@ -428,7 +428,8 @@ impl NetworkFilter for AntiEvasionFilter {
             _ => sluice_api::Action::Deny,
         };
         match () {
-            () if sni_routed && ctx.protocol != Protocol::Tls => deny(ReasonCode::NotTls),
+            // A QUIC flow's ClientHello is TLS too, read from its Initials.
+            () if sni_routed && !matches!(ctx.protocol, Protocol::Tls | Protocol::Quic) => deny(ReasonCode::NotTls),
             () if sni_routed && ctx.sni.is_none() => deny(ReasonCode::NoSni),
             () if ctx.tunnel => {
                 let (target, http_host) = ctx

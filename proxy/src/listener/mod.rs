@@ -11,7 +11,8 @@
 //! `pipeline` runs it once for every listener kind, over the steps in
 //! `flow`; `http_proxy` (explicit proxy) and `peek` (transparent, sni and
 //! tcp) only build each flow's context and carry out how it ends, with the
-//! answers `crate::edge` gives.
+//! answers `crate::edge` gives. `quic` does the same for QUIC on UDP, where
+//! a flow is a 4-tuple and its first bytes are Initial packets.
 
 pub mod chain;
 mod exchange;
@@ -20,8 +21,10 @@ mod flow;
 mod http_proxy;
 mod peek;
 mod pipeline;
+mod quic;
 
 pub use pipeline::Stop;
+pub use quic::{bind as bind_quic, spawn as spawn_quic};
 
 use std::io;
 use std::sync::Arc;
@@ -428,6 +431,9 @@ pub fn spawn(
                     Front::Inspect { .. } | Front::Raw => {
                         Box::pin(peek::serve(plan, shared, snapshot, stream, peer, bound)).await
                     }
+                    // A `quic` listener binds UDP only (`bind_quic`); a TCP
+                    // connection never reaches its plan.
+                    Front::Quic { .. } => None,
                 };
                 if let Some(relaying) = relaying {
                     relaying.run(&closing).await;

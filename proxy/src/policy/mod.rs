@@ -292,9 +292,13 @@ impl Policy {
                 if protocols & Protocol::Tcp.bit() != 0 {
                     protocols |= Protocol::Tls.bit() | Protocol::Http.bit();
                 }
+                // Likewise QUIC rides on UDP.
+                if protocols & Protocol::Udp.bit() != 0 {
+                    protocols |= Protocol::Quic.bit();
+                }
                 let implies_dns = r.action == Action::Allow
                     && !r.to.webgroups.is_empty()
-                    && protocols & (Protocol::Tls.bit() | Protocol::Http.bit()) != 0;
+                    && protocols & (Protocol::Tls.bit() | Protocol::Http.bit() | Protocol::Quic.bit()) != 0;
                 CompiledRule {
                     name: r.name.clone(),
                     from_any: r.from.is_empty() || r.from.iter().any(|g| g == builtin::ANY),

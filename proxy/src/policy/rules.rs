@@ -38,7 +38,7 @@ pub struct RuleIndex {
     from_any: Vec<u64>,
     to_any: Vec<u64>,
     /// Rows per `Protocol` (by its bit position).
-    proto: [Vec<u64>; 5],
+    proto: [Vec<u64>; Protocol::ALL.len()],
     implied_dns: Vec<u64>,
 }
 
@@ -59,7 +59,7 @@ impl RuleIndex {
         let mut smart_g = vec![0u64; n_smart * words];
         let mut from_any = vec![0u64; words];
         let mut to_any = vec![0u64; words];
-        let mut proto: [Vec<u64>; 5] = std::array::from_fn(|_| vec![0u64; words]);
+        let mut proto: [Vec<u64>; Protocol::ALL.len()] = std::array::from_fn(|_| vec![0u64; words]);
         let mut implied_dns = vec![0u64; words];
         for (i, r) in rules.iter().enumerate() {
             if r.from_any {

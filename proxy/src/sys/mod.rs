@@ -6,7 +6,9 @@
 //! transparent listener's only source of truth for where a flow was going;
 //! `IP_TRANSPARENT` for `TPROXY`), `splice` (`splice(2)` and its pipe pool,
 //! so the relay never copies payload through user space), `udp` (batched
-//! `recvmmsg`/`sendmmsg` with `IP_PKTINFO` for the DNS proxy), `wasm_cache`
+//! `recvmmsg`/`sendmmsg` with `IP_PKTINFO` for the DNS proxy), `udp_orig`
+//! (`recvmsg` with `IP_ORIGDSTADDR` for the `quic` listener under
+//! `TPROXY`), `wasm_cache`
 //! (loading compiled plugin modules from a directory only this user can
 //! write) and `cpu`
 //! (thread CPU time and batch scheduling for benchmarks, huge pages and
@@ -27,10 +29,12 @@ mod cpu;
 mod sockopt;
 mod splice;
 mod udp;
+mod udp_orig;
 mod wasm_cache;
 
 pub use cpu::*;
 pub use sockopt::*;
 pub use splice::*;
 pub use udp::*;
+pub use udp_orig::*;
 pub use wasm_cache::TrustedDir;

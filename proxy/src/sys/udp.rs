@@ -269,13 +269,13 @@ pub fn send_batch(fd: std::os::fd::BorrowedFd<'_>, msgs: &[Outgoing<'_>]) -> io:
 }
 
 #[cfg(target_os = "linux")]
-fn socklen_of<T>() -> libc::socklen_t {
+pub(super) fn socklen_of<T>() -> libc::socklen_t {
     libc::socklen_t::try_from(std::mem::size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
 }
 
 /// Reads an IPv4 or IPv6 socket address the kernel wrote into `storage`.
 #[cfg(target_os = "linux")]
-fn sockaddr_to_std(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+pub(super) fn sockaddr_to_std(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
     match libc::c_int::from(storage.ss_family) {
         libc::AF_INET if len >= socklen_of::<libc::sockaddr_in>() => {

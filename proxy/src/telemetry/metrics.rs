@@ -64,6 +64,12 @@ pub const ERROR_KINDS: &[&str] = &[
     // A listener's accept(2) failed (descriptor limit, memory).
     "accept",
     AUDIT_WRITE,
+    // A `quic` listener dropped a datagram that would have started a flow
+    // past `max_connections`, or that found its flow's queue full.
+    "quic-flow-limit",
+    "quic-queue-full",
+    // A `quic` listener's recvmsg(2) failed.
+    "quic-receive",
 ];
 /// DNS queries by listener/action/rule/reason/cache.
 pub const DNS_QUERIES_TOTAL: &str = "sluice_dns_queries_total";

@@ -111,7 +111,10 @@ pub fn translate_policy(config: &Config, policy: &PolicyConfig) -> Result<Vec<Re
 
 /// Listeners [`translate`] leaves out, with their kind: `http-proxy`
 /// (Envoy's explicit proxy needs an HTTP connection manager and routes
-/// Sluice does not emit yet), `tcp` and `dns`.
+/// Sluice does not emit yet), `tcp`, `dns` and `quic` (Envoy has no
+/// QUIC passthrough routed by SNI: its UDP proxy cannot read a QUIC
+/// Initial's ClientHello; Sluice gateways take `quic` listeners as
+/// `sluice.quic`, see [`for_sluice`]).
 pub fn untranslated(config: &Config) -> Vec<(&str, ListenerType)> {
     config
         .listeners
@@ -366,7 +369,11 @@ fn listener(p: Policy<'_>, l: &SluiceListener, facts: ListenerFacts) -> Result<V
                 ..FilterChain::default()
             });
         }
-        ListenerKind::HttpProxy(_) | ListenerKind::Tcp(_) | ListenerKind::Dns(_) | ListenerKind::Envoy(_) => {
+        ListenerKind::HttpProxy(_)
+        | ListenerKind::Tcp(_)
+        | ListenerKind::Dns(_)
+        | ListenerKind::Quic(_)
+        | ListenerKind::Envoy(_) => {
             return Ok(Vec::new());
         }
     }

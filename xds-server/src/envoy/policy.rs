@@ -204,7 +204,11 @@ impl ListenerFacts {
                 knows_destination: true,
                 needs_name: false,
             }),
-            ListenerKind::HttpProxy(_) | ListenerKind::Tcp(_) | ListenerKind::Dns(_) | ListenerKind::Envoy(_) => None,
+            ListenerKind::HttpProxy(_)
+            | ListenerKind::Tcp(_)
+            | ListenerKind::Dns(_)
+            | ListenerKind::Quic(_)
+            | ListenerKind::Envoy(_) => None,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! (`xds.listeners: true`), not the RBAC translation stock Envoy gets: each
 //! is a `Listener` whose one chain is `sluice.policy` → Sluice's filter for
 //! the listener's kind (`sluice.transparent`, `sluice.tcp`, `sluice.sni`,
-//! `sluice.http_proxy`, `sluice.dns`), whose `google.protobuf.Struct`
+//! `sluice.http_proxy`, `sluice.dns`, `sluice.quic`), whose `google.protobuf.Struct`
 //! holds every setting of the listener as `sluice.yaml` writes it. The
 //! gateway reads them back with the file's own reader
 //! (`sluice_api::xds::gateway`), so nothing is lost on the way: an

@@ -563,6 +563,7 @@ listeners:
   - {name: p, kind: http-proxy, address: "127.0.0.1:3128"}
   - {name: c, kind: tcp, address: "127.0.0.1:5432", upstream: "10.0.0.5:5432"}
   - {name: d, kind: dns, address: "127.0.0.1:5353"}
+  - {name: q, kind: quic, address: "127.0.0.1:8443"}
 policy:
   rules: []
 "#,
@@ -574,6 +575,7 @@ policy:
             ("p", sluice_api::ListenerType::HttpProxy),
             ("c", sluice_api::ListenerType::Tcp),
             ("d", sluice_api::ListenerType::Dns),
+            ("q", sluice_api::ListenerType::Quic),
         ]
     );
 }

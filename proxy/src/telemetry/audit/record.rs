@@ -95,6 +95,9 @@ impl FlowRecord {
         r.host.clone_from(&ctx.host);
         r.alpn.clone_from(&ctx.alpn);
         r.ech = ctx.ech;
+        if ctx.protocol == sluice_api::Protocol::Quic {
+            r.protocol = Some(sluice_api::Protocol::Quic.as_str());
+        }
         if let Some(x) = &ctx.extras {
             r.annotations = x.annotations.iter().cloned().collect();
             r.changed_by = x.changed_by.iter().map(|f| f.to_string()).collect();
@@ -180,6 +183,10 @@ pub struct FlowRecord {
     pub alpn: Vec<String>,
     /// Whether the ClientHello carried an ECH extension.
     pub ech: bool,
+    /// `quic` for a QUIC flow (UDP); absent for TCP flows, whose record
+    /// was defined before QUIC and says what they are by its other fields.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<&'static str>,
     /// The decision.
     pub verdict: VerdictRecord,
     /// Bytes client → upstream (including replayed peeked bytes).
@@ -227,6 +234,7 @@ impl FlowRecord {
             host: None,
             alpn: Vec::new(),
             ech: false,
+            protocol: None,
             verdict,
             bytes_up: 0,
             bytes_down: 0,

@@ -1,0 +1,654 @@
+//! `quic` listeners: QUIC on UDP, decided like TLS over TCP without
+//! decrypting anything but the ClientHello.
+//!
+//! ```text
+//! datagram ─► flow by (client address, original destination)
+//!   new flow ─► quic: block → refused (`quic-blocked`)
+//!            ─► hold datagrams, feed them to `classify::QuicInitial` until
+//!               the ClientHello is whole (bounded in datagrams, bytes and
+//!               `peek_timeout`)
+//!            ─► the pipeline every TCP flow runs (`pipeline::Flow`):
+//!               SNI/ALPN/ECH, chain, anti-evasion, policy, destination
+//!               (SNI resolved, or the original destination held against
+//!               the SNI), SSRF guard
+//!            ─► allowed: a connected UDP socket to the upstream, the held
+//!               datagrams sent, then datagrams relayed both ways until the
+//!               flow idles for `idle_timeout`
+//!            ─► refused: its record is written at once; its later
+//!               datagrams are dropped until it idles, so a client's
+//!               retransmitted Initials make no second record
+//! ```
+//!
+//! UDP has no connection to accept or close: a flow is a 4-tuple, it starts
+//! with its first datagram and ends when no datagram crossed it for
+//! `idle_timeout` (or on a drain, a forced close, or a policy change that
+//! denies it). One task reads the listener's socket and hands each datagram
+//! to its flow's task through a short queue; a full queue drops the
+//! datagram, as a congested network would, so one flow cannot stall the
+//! others. Under `TPROXY` (`transparent: true`) each datagram's original
+//! destination comes from `IP_ORIGDSTADDR`, and replies leave from that
+//! address through a socket bound to it with `IP_TRANSPARENT`, so the
+//! client sees its server answer.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_api::Protocol;
+use sluice_api::reason::ReasonCode;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::chain::{FilterChain, Front, Transport};
+use super::pipeline::{Flow, Forward, Stop};
+use super::{ActiveGuard, ListenerPlan, RelayedFlow, Shared, Snapshot};
+use crate::classify::{Progress, QuicInitial, QuicLimits};
+use crate::telemetry::metrics;
+
+/// The largest UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
+/// Datagrams waiting between the listener's task and one flow's; past
+/// this, the flow's datagrams are dropped until it catches up.
+const FLOW_QUEUE: usize = 128;
+/// What an undecided flow may make Sluice hold for replay: a ClientHello
+/// takes one to three Initials in practice (a post-quantum key share,
+/// two); clients may add 0-RTT datagrams meanwhile. Beyond either bound
+/// the flow is refused (`classify-oversized`).
+const MAX_HELD_DATAGRAMS: usize = 32;
+const MAX_HELD_BYTES: usize = 64 * 1024;
+/// The socket buffer asked for (best effort): a relay of bulk QUIC
+/// through one socket drops datagrams with the default ~200 KiB.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// A flow: who sent, and to where before `TPROXY` (`None` when not
+/// transparent: every datagram went to the listener).
+type Key = (SocketAddr, Option<SocketAddr>);
+
+/// Binds the UDP socket of a `quic` listener. A transparent one asks for
+/// `IP_TRANSPARENT` (without the capability only datagrams addressed to
+/// the listener arrive, and they have no original destination) and for
+/// each datagram's original destination.
+pub fn bind(plan: &ListenerPlan) -> io::Result<UdpSocket> {
+    let addr = plan.spec.address;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
+    socket.set_nonblocking(true)?;
+    if addr.is_ipv6() {
+        // `[::]` takes IPv4 too, as users expect of a wildcard.
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    if plan.spec.transparent {
+        if let Err(e) = crate::sys::set_ip_transparent(&socket) {
+            tracing::warn!(listener = %plan.spec.name, error = %e, "IP_TRANSPARENT not set; TPROXY datagrams will not arrive");
+        }
+        crate::sys::enable_recv_orig_dst(socket.as_fd(), addr.is_ipv6())?;
+    }
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// What the listener's task keeps of a flow.
+#[derive(Debug)]
+struct Entry {
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Tells this flow from a later one of the same key.
+    serial: u64,
+}
+
+/// Serves `quic` listener `name` on `socket` until `stop` turns true, then
+/// keeps relaying the flows it has (refusing new ones) until they end or
+/// `closing` is cancelled (the listener is gone and its drain is over).
+pub fn spawn(
+    name: Arc<str>,
+    socket: UdpSocket,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    closing: CancellationToken,
+) -> JoinHandle<()> {
+    let bound = socket.local_addr().ok();
+    let transparent = shared.snapshot.load().plan(&name).is_some_and(|p| p.spec.transparent);
+    tokio::spawn(async move {
+        let socket = Arc::new(socket);
+        let mut flows: HashMap<Key, Entry> = HashMap::new();
+        let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(Key, u64)>();
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut serial = 0u64;
+        let mut draining = false;
+        // Made once for the listener's life: subscribing per datagram
+        // would take a lock per datagram.
+        let stopped = stop.wait_for(|v| *v);
+        tokio::pin!(stopped);
+        let gone = closing.cancelled();
+        tokio::pin!(gone);
+        let forced = shared.forced();
+        tokio::pin!(forced);
+        loop {
+            if draining && flows.is_empty() {
+                break;
+            }
+            let got = tokio::select! {
+                biased;
+                _ = &mut stopped, if !draining => {
+                    draining = true;
+                    continue;
+                }
+                () = &mut gone => break,
+                () = &mut forced => break,
+                Some((key, s)) = ended_rx.recv() => {
+                    if flows.get(&key).is_some_and(|e| e.serial == s) {
+                        flows.remove(&key);
+                    }
+                    continue;
+                }
+                r = receive(&socket, &mut buf, transparent) => r,
+            };
+            let (len, src, orig) = match got {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::debug!(listener = %name, error = %e, "quic receive failed");
+                    metrics::errors("quic-receive", 1);
+                    continue;
+                }
+            };
+            let datagram = buf.get(..len).unwrap_or_default().to_vec();
+            let key = (src, orig);
+            if let Some(entry) = flows.get(&key) {
+                match entry.tx.try_send(datagram) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        metrics::errors("quic-queue-full", 1);
+                        continue;
+                    }
+                    // The flow ended before its end reached us: this
+                    // datagram starts a new one.
+                    Err(mpsc::error::TrySendError::Closed(d)) => {
+                        flows.remove(&key);
+                        if draining {
+                            continue;
+                        }
+                        serial += 1;
+                        start_flow(
+                            &name, &shared, &socket, bound, &closing, key, d, serial, &ended_tx, &mut flows,
+                        );
+                    }
+                }
+                continue;
+            }
+            if draining {
+                continue;
+            }
+            serial += 1;
+            start_flow(
+                &name, &shared, &socket, bound, &closing, key, datagram, serial, &ended_tx, &mut flows,
+            );
+        }
+    })
+}
+
+/// Starts the task of a new flow with its first datagram, unless the
+/// listener holds `max_connections` flows already (the datagram is then
+/// dropped and counted: a record per dropped datagram would let a flood
+/// fill the audit log).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the listener loop's state, passed once per new flow"
+)]
+fn start_flow(
+    name: &Arc<str>,
+    shared: &Arc<Shared>,
+    socket: &Arc<UdpSocket>,
+    bound: Option<SocketAddr>,
+    closing: &CancellationToken,
+    key: Key,
+    first: Vec<u8>,
+    serial: u64,
+    ended: &mpsc::UnboundedSender<(Key, u64)>,
+    flows: &mut HashMap<Key, Entry>,
+) {
+    let snapshot = shared.snapshot.load_full();
+    // Between a reload that removed this listener and the stop reaching
+    // the loop: not ours to serve any more.
+    let Some(plan) = snapshot.plan(name).cloned() else {
+        return;
+    };
+    if flows.len() >= plan.connection().max_connections {
+        metrics::errors("quic-flow-limit", 1);
+        return;
+    }
+    let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+    if tx.try_send(first).is_err() {
+        return;
+    }
+    flows.insert(key, Entry { tx, serial });
+    let start = Start {
+        plan,
+        snapshot,
+        shared: shared.clone(),
+        listener: socket.clone(),
+        src: key.0,
+        orig: key.1,
+        bound,
+        closing: closing.clone(),
+    };
+    let ended = ended.clone();
+    drop(tokio::spawn(async move {
+        run(start, rx).await;
+        let _ = ended.send((key, serial));
+    }));
+}
+
+/// Receives one datagram: its length in `buf`, its sender, and (on a
+/// transparent listener) its original destination.
+async fn receive(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    transparent: bool,
+) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
+    if !transparent {
+        let (n, src) = socket.recv_from(buf).await?;
+        return Ok((n, src, None));
+    }
+    loop {
+        socket.readable().await?;
+        match socket.try_io(tokio::io::Interest::READABLE, || {
+            crate::sys::recv_orig_dst(socket.as_fd(), buf)
+        }) {
+            Ok(d) => return Ok((d.len, d.src, d.orig_dst)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What a flow's task starts from.
+#[derive(Debug)]
+struct Start {
+    plan: Arc<ListenerPlan>,
+    snapshot: Arc<Snapshot>,
+    shared: Arc<Shared>,
+    /// The listener's socket: replies to a non-transparent flow leave
+    /// from it.
+    listener: Arc<UdpSocket>,
+    src: SocketAddr,
+    orig: Option<SocketAddr>,
+    bound: Option<SocketAddr>,
+    closing: CancellationToken,
+}
+
+/// One flow, from its first datagram to its record.
+async fn run(start: Start, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let shared = start.shared.clone();
+    let active = ActiveGuard::new(&shared);
+    let gauge = start.plan.metrics.active();
+    let mut flow = Flow::new(&shared, &start.plan, start.src, start.snapshot.clone(), Instant::now());
+    flow.ctx.protocol = Protocol::Quic;
+    let mut held = Vec::new();
+    let decided = match front(&mut flow, &start, &mut rx, &mut held).await {
+        Ok(()) => flow.decide(&shared, Transport::Tls, start.bound).await,
+        Err(stop) => Err(stop),
+    };
+    let idle = start.plan.connection().idle_timeout;
+    match decided {
+        Ok(fwd) => relay(&start, flow, fwd, rx, held).await,
+        Err(stop) => {
+            flow.end(&shared, stop);
+            // Recorded: no longer an active flow. Its later datagrams
+            // (retransmitted Initials) are swallowed until it idles, so
+            // they neither reach anyone nor make another record.
+            drop((active, gauge));
+            swallow(&start, &mut rx, idle).await;
+        }
+    }
+}
+
+/// What the client showed before anything is decided: where it was going
+/// (transparent), and its ClientHello, from the Initials of the datagrams
+/// held in `held` for replay.
+async fn front(
+    flow: &mut Flow,
+    start: &Start,
+    rx: &mut mpsc::Receiver<Vec<u8>>,
+    held: &mut Vec<Vec<u8>>,
+) -> Result<(), Stop> {
+    let plan = &start.plan;
+    if plan.needs_original || plan.spec.original_dst {
+        // A datagram sent to the listener itself was not intercepted.
+        let direct = |a: SocketAddr| {
+            start
+                .bound
+                .is_some_and(|b| b.port() == a.port() && (b.ip().is_unspecified() || b.ip() == a.ip()))
+        };
+        match start.orig.filter(|a| !direct(*a)) {
+            Some(a) => {
+                flow.ctx.original_dst = Some(a);
+                flow.ctx.port = a.port();
+            }
+            None if plan.needs_original => return Err(flow.refuse(ReasonCode::NoOriginalDestination)),
+            None => {}
+        }
+    }
+    let Front::Quic { peek, block } = &plan.spec.front else {
+        // A plan of another kind never reaches this listener; refuse
+        // rather than relay what was not classified.
+        return Err(flow.refuse(ReasonCode::NoFilterChain));
+    };
+    if *block {
+        return Err(flow.refuse(ReasonCode::QuicBlocked));
+    }
+    let limits = QuicLimits {
+        max_client_hello: peek.max_client_hello,
+        ..QuicLimits::default()
+    };
+    let mut initial = QuicInitial::new(limits);
+    let deadline = tokio::time::Instant::now() + peek.peek_timeout;
+    let started = Instant::now();
+    let mut held_bytes = 0usize;
+    let hello = loop {
+        let next = tokio::select! {
+            biased;
+            () = start.shared.forced() => return Err(flow.refuse(ReasonCode::Shutdown)),
+            () = start.closing.cancelled() => return Err(flow.refuse(ReasonCode::Shutdown)),
+            r = tokio::time::timeout_at(deadline, rx.recv()) => r,
+        };
+        let datagram = match next {
+            Err(_) => return Err(flow.refuse(ReasonCode::PeekTimeout)),
+            // The listener stopped before the hello was complete.
+            Ok(None) => return Err(flow.refuse(ReasonCode::Shutdown)),
+            Ok(Some(d)) => d,
+        };
+        held_bytes += datagram.len();
+        if held.len() >= MAX_HELD_DATAGRAMS || held_bytes > MAX_HELD_BYTES {
+            return Err(flow.refuse(ReasonCode::ClassifyOversized));
+        }
+        let progress = initial.push_datagram(&datagram);
+        held.push(datagram);
+        match progress {
+            Ok(Progress::Done(h)) => break h,
+            Ok(Progress::NeedMore { .. }) => {}
+            // Fail closed: what does not classify is not forwarded,
+            // whatever the mode.
+            Err(e) => return Err(flow.refuse(e.reason())),
+        }
+    };
+    plan.metrics.classified(started.elapsed());
+    super::peek::from_hello(&mut flow.ctx, hello);
+    // A ClientHello as over TLS, but the flow is QUIC (what rules name).
+    flow.ctx.protocol = Protocol::Quic;
+    Ok(())
+}
+
+/// Drops the datagrams of a refused flow until none came for `idle`, or
+/// its listener is gone.
+async fn swallow(start: &Start, rx: &mut mpsc::Receiver<Vec<u8>>, idle: Duration) {
+    loop {
+        tokio::select! {
+            () = start.closing.cancelled() => return,
+            () = start.shared.forced() => return,
+            r = tokio::time::timeout(idle, rx.recv()) => match r {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            },
+        }
+    }
+}
+
+/// Where an allowed flow's datagrams go, and where its replies leave from.
+#[derive(Debug)]
+struct Path {
+    upstream: UdpSocket,
+    dst: SocketAddr,
+    /// Transparent: a socket bound to the original destination, so replies
+    /// come from the address the client sent to.
+    reply_from: Option<UdpSocket>,
+}
+
+/// A UDP socket connected to the first of `addrs` that can be reached (a
+/// UDP connect only checks the route), and, for a transparent flow, the
+/// socket replies leave from.
+fn open_path(addrs: &[SocketAddr], reply_as: Option<SocketAddr>) -> Result<Path, Stop> {
+    let mut failure = "connect-no-addresses";
+    let mut tried = None;
+    for dst in addrs {
+        tried = Some(*dst);
+        let local: SocketAddr = match dst {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let connected = std::net::UdpSocket::bind(local)
+            .and_then(|s| s.connect(dst).map(|()| s))
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .and_then(UdpSocket::from_std);
+        match connected {
+            Ok(upstream) => {
+                let _ = socket2::SockRef::from(&upstream).set_recv_buffer_size(SOCKET_BUFFER);
+                let reply_from = match reply_as {
+                    None => None,
+                    Some(at) => Some(reply_socket(at).map_err(|e| {
+                        tracing::debug!(error = %e, %at, "cannot bind a reply socket to the original destination");
+                        Stop::Failed {
+                            reason: "proxy-error",
+                            dst: Some(*dst),
+                        }
+                    })?),
+                };
+                return Ok(Path {
+                    upstream,
+                    dst: *dst,
+                    reply_from,
+                });
+            }
+            Err(e) => {
+                failure = if e.raw_os_error() == Some(libc::ENETUNREACH) || e.raw_os_error() == Some(libc::EHOSTUNREACH)
+                {
+                    "connect-unreachable"
+                } else {
+                    "connect-error"
+                };
+            }
+        }
+    }
+    Err(Stop::Failed {
+        reason: failure,
+        dst: tried,
+    })
+}
+
+/// A socket bound to `at` (an address that is not this host's, under
+/// TPROXY) to send a transparent flow's replies from. Several flows to one
+/// server share the address, hence `SO_REUSEADDR`; it never reads (the
+/// TPROXY rule hands the client's datagrams to the listener).
+fn reply_socket(at: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(at), socket2::Type::DGRAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.set_reuse_address(true)?;
+    crate::sys::set_ip_transparent(&socket)?;
+    socket.bind(&at.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// An IPv4 client seen by a dual-stack listener has a v4-mapped address; a
+/// reply socket bound to an IPv4 original destination needs it plain.
+fn reply_address(client: SocketAddr, from_v4: bool) -> SocketAddr {
+    match client.ip() {
+        IpAddr::V6(v6) if from_v4 => v6
+            .to_ipv4_mapped()
+            .map_or(client, |v4| SocketAddr::new(IpAddr::V4(v4), client.port())),
+        _ => client,
+    }
+}
+
+/// Sends the held datagrams, then relays both ways until the flow idles,
+/// its listener is gone, the process stops or a new policy denies it; then
+/// writes its record.
+async fn relay(start: &Start, flow: Flow, fwd: Forward, mut rx: mpsc::Receiver<Vec<u8>>, held: Vec<Vec<u8>>) {
+    let shared = &start.shared;
+    let Forward { chain, mut addrs } = fwd;
+    // UDP has no happy eyeballs to find a family that works: a client that
+    // dialled one family is sent on in it first (a name resolved for an
+    // intercepted flow has both).
+    if let Some(o) = flow.ctx.original_dst {
+        addrs.sort_by_key(|a| a.is_ipv4() != o.is_ipv4());
+    }
+    let reply_as = if start.plan.spec.transparent {
+        flow.ctx.original_dst
+    } else {
+        None
+    };
+    let path = match open_path(&addrs, reply_as) {
+        Ok(p) => p,
+        Err(stop) => {
+            flow.end(shared, stop);
+            return;
+        }
+    };
+    let (_, idle) = chain.timeouts(start.plan.connection());
+    let mut up_bytes = 0u64;
+    for d in &held {
+        // A datagram the upstream refuses is lost, as on the network.
+        if path.upstream.send(d).await.is_ok() {
+            up_bytes += d.len() as u64;
+        }
+    }
+    drop(held);
+    let client = match &path.reply_from {
+        Some(r) => reply_address(start.src, r.local_addr().is_ok_and(|a| a.is_ipv4())),
+        None => start.src,
+    };
+    let reply: &UdpSocket = path.reply_from.as_ref().unwrap_or(&*start.listener);
+    let (down_bytes, close, revoked) = pump(start, &flow, &chain, &path, &mut rx, reply, client, idle).await;
+    let mut rec = flow.record_to(path.dst);
+    rec.bytes_up = up_bytes + down_bytes.0;
+    rec.bytes_down = down_bytes.1;
+    rec.close_reason = Cow::Borrowed(close);
+    if let Some(d) = revoked {
+        tracing::debug!(flow = flow.ctx.id, reason = %d.reason, "closed: the new configuration denies it");
+        rec.verdict = (&*d).into();
+    }
+    flow.write(shared, rec);
+}
+
+/// The relay proper: `(bytes up, bytes down)`, the close reason, and the
+/// denial of a policy change that ended it.
+#[allow(clippy::too_many_arguments, reason = "one flow's relay state, borrowed")]
+async fn pump(
+    start: &Start,
+    flow: &Flow,
+    chain: &Arc<FilterChain>,
+    path: &Path,
+    rx: &mut mpsc::Receiver<Vec<u8>>,
+    reply: &UdpSocket,
+    client: SocketAddr,
+    idle: Option<Duration>,
+) -> ((u64, u64), &'static str, Option<Box<super::Decision>>) {
+    let relayed = RelayedFlow {
+        chain,
+        ctx: &flow.ctx,
+        dst: path.dst.ip(),
+        closing: &start.closing,
+    };
+    let ends = start.shared.relay_ends(&relayed);
+    tokio::pin!(ends);
+    // Far enough to never fire, for a chain without an idle timeout.
+    let idle = idle.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    // The timer is moved only when it fires (to the last datagram plus
+    // `idle`), not once per datagram.
+    let mut last = tokio::time::Instant::now();
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let (mut up, mut down) = (0u64, 0u64);
+    let (close, revoked) = loop {
+        tokio::select! {
+            d = &mut ends => {
+                let reason = if d.is_some() { "policy-revoked" } else { "cancelled" };
+                break (reason, d);
+            }
+            () = &mut timer => {
+                let due = last + idle;
+                if due <= tokio::time::Instant::now() {
+                    break ("idle-timeout", None);
+                }
+                timer.as_mut().reset(due);
+            }
+            d = rx.recv() => match d {
+                Some(d) => {
+                    last = tokio::time::Instant::now();
+                    match path.upstream.send(&d).await {
+                        Ok(_) => up += d.len() as u64,
+                        // An ICMP error from an earlier datagram: UDP
+                        // goes on, the client retransmits.
+                        Err(e) if transient(&e) => {}
+                        Err(_) => break ("upstream-error", None),
+                    }
+                }
+                // The listener stopped serving: its drain is over.
+                None => break ("cancelled", None),
+            },
+            r = path.upstream.recv(&mut buf) => match r {
+                Ok(n) => {
+                    last = tokio::time::Instant::now();
+                    let data = buf.get(..n).unwrap_or_default();
+                    match reply.send_to(data, client).await {
+                        Ok(_) => down += n as u64,
+                        Err(e) if transient(&e) => {}
+                        Err(_) => break ("client-error", None),
+                    }
+                }
+                Err(e) if transient(&e) => {}
+                Err(_) => break ("upstream-error", None),
+            },
+        }
+    };
+    ((up, down), close, revoked)
+}
+
+/// Errors a UDP socket reports for one datagram (an ICMP answer to an
+/// earlier one, a full buffer) that do not end a flow.
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    ) || e.raw_os_error() == Some(libc::ENOBUFS)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_from_an_ipv4_socket_go_to_the_plain_ipv4_client() {
+        let mapped: SocketAddr = "[::ffff:10.0.0.7]:5000".parse().unwrap();
+        assert_eq!(reply_address(mapped, true), "10.0.0.7:5000".parse().unwrap());
+        assert_eq!(reply_address(mapped, false), mapped);
+        let v6: SocketAddr = "[fd00::7]:5000".parse().unwrap();
+        assert_eq!(reply_address(v6, true), v6);
+    }
+
+    #[test]
+    fn an_icmp_answer_does_not_end_a_flow() {
+        assert!(transient(&io::Error::from(io::ErrorKind::ConnectionRefused)));
+        assert!(transient(&io::Error::from_raw_os_error(libc::ENOBUFS)));
+        assert!(!transient(&io::Error::from(io::ErrorKind::PermissionDenied)));
+    }
+
+    /// No reachable address: the flow fails with the reason and the
+    /// address tried, never a panic.
+    #[tokio::test]
+    async fn a_path_to_nowhere_fails_with_a_close_reason() {
+        assert_eq!(
+            open_path(&[], None).unwrap_err(),
+            Stop::Failed {
+                reason: "connect-no-addresses",
+                dst: None
+            }
+        );
+    }
+}

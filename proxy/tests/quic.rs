@@ -1,0 +1,645 @@
+//! The `quic` listener end to end, with real QUIC: a quinn server with an
+//! rcgen certificate on `127.0.0.1:0`, Sluice in-process with a `quic`
+//! listener that takes the destination from the SNI (`resolver.hosts`
+//! sends every test name to 127.0.0.1, the server's port is the listener's
+//! `upstream_port`), and quinn clients that dial Sluice's UDP address.
+//! Raw datagrams from `tests/data/quic/` stand in for clients where a test
+//! needs exact Initials (a hello split over two datagrams in reverse order,
+//! malformed ones).
+//!
+//! Waits are for an event and bounded; a client that must fail has a short
+//! idle timeout of its own, so a refusal is seen as the handshake giving
+//! up, never as a timed assertion.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+#[macro_use]
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{Sluice, TestConfig, action, field, reason, within};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::Value;
+
+/// Quic to the good names and the test upstream on loopback; the bad names
+/// denied.
+const QUIC_RULES: &str = r"    - {name: deny-bad, to: {webgroups: [bad]}, action: deny}
+    - {name: allow-good, to: {webgroups: [good], smartgroups: [gateway, loopback]}, protocols: [quic], action: allow}
+";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A QUIC server that echoes each bidirectional stream, counting the
+/// connection attempts that reach it.
+struct QuicEcho {
+    addr: SocketAddr,
+    cert: CertificateDer<'static>,
+    incoming: Arc<AtomicUsize>,
+    _endpoint: quinn::Endpoint,
+}
+
+impl QuicEcho {
+    async fn start() -> Self {
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "allowed.test".to_owned(),
+            "denied.test".to_owned(),
+            "chrome-like.example.test".to_owned(),
+        ])
+        .unwrap();
+        let cert: CertificateDer<'static> = ck.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        tls.alpn_protocols = vec![b"h3".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let incoming = Arc::new(AtomicUsize::new(0));
+        let (server, count) = (endpoint.clone(), incoming.clone());
+        tokio::spawn(async move {
+            while let Some(attempt) = server.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(conn) = attempt.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        tokio::spawn(async move {
+                            let Ok(data) = recv.read_to_end(16 << 20).await else {
+                                return;
+                            };
+                            if send.write_all(&data).await.is_ok() {
+                                let _ = send.finish();
+                                let _ = send.stopped().await;
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            cert,
+            incoming,
+            _endpoint: endpoint,
+        }
+    }
+
+    fn incoming(&self) -> usize {
+        self.incoming.load(Ordering::SeqCst)
+    }
+}
+
+/// A quinn client trusting the server's certificate, offering `alpn`, that
+/// gives up on a silent peer after two seconds.
+fn client(cert: &CertificateDer<'static>, alpn: Vec<Vec<u8>>) -> quinn::Endpoint {
+    client_at("127.0.0.1:0".parse().unwrap(), cert, alpn)
+}
+
+/// [`client`], bound to `from`.
+fn client_at(from: SocketAddr, cert: &CertificateDer<'static>, alpn: Vec<Vec<u8>>) -> quinn::Endpoint {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.clone()).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = alpn;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(Duration::from_secs(2).try_into().unwrap()));
+    config.transport_config(Arc::new(transport));
+    let mut endpoint = quinn::Endpoint::client(from).unwrap();
+    endpoint.set_default_client_config(config);
+    endpoint
+}
+
+fn h3() -> Vec<Vec<u8>> {
+    vec![b"h3".to_vec()]
+}
+
+/// Connects through `via` naming `sni`, sends `data` on one stream and
+/// returns what came back; `Err` with the reason when the handshake or the
+/// stream failed.
+async fn round_trip(endpoint: &quinn::Endpoint, via: SocketAddr, sni: &str, data: &[u8]) -> Result<Vec<u8>, String> {
+    let connecting = endpoint.connect(via, sni).map_err(|e| e.to_string())?;
+    let conn = connecting.await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(data).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let back = recv.read_to_end(16 << 20).await.map_err(|e| e.to_string())?;
+    conn.close(0u32.into(), b"done");
+    Ok(back)
+}
+
+/// A `quic` listener named `quic` dialling the server's port, with `extra`
+/// options; flows end one second after their last datagram unless `extra`
+/// sets `idle_timeout`.
+fn config(up: &QuicEcho, extra: &str) -> TestConfig {
+    let mut options = vec![format!("upstream_port: {}", up.addr.port())];
+    if !extra.contains("idle_timeout") {
+        options.push("idle_timeout: 1s".to_owned());
+    }
+    if !extra.is_empty() {
+        options.push(extra.to_owned());
+    }
+    TestConfig::listener("quic", "quic", &options.join(", ")).rules(QUIC_RULES)
+}
+
+/// Longer than a refused client keeps retransmitting its Initial (its own
+/// idle timeout is 2 s), so all its datagrams are one flow.
+const HOLD: &str = "idle_timeout: 10s";
+
+fn is_quic(r: &Value) -> bool {
+    field(r, "listener") == "quic"
+}
+
+/// The datagrams of a vector of `tests/data/quic/` (see its README).
+fn vector(name: &str) -> Vec<Vec<u8>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/quic").join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out = Vec::new();
+    let mut hex = String::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+        if line == "--" {
+            out.push(std::mem::take(&mut hex));
+        } else {
+            hex.extend(line.chars().filter(|c| !c.is_whitespace()));
+        }
+    }
+    if !hex.is_empty() {
+        out.push(hex);
+    }
+    out.iter()
+        .map(|h| {
+            (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+/// Sends `datagrams` from a fresh socket to `to`; the socket is returned so
+/// its address names the flow.
+async fn send_raw(to: SocketAddr, datagrams: &[Vec<u8>]) -> tokio::net::UdpSocket {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for d in datagrams {
+        s.send_to(d, to).await.unwrap();
+    }
+    s
+}
+
+flow_test!(allowed_sni_handshakes_and_round_trips_a_megabyte, async {
+    let up = QuicEcho::start().await;
+    let sluice = config(&up, "").start().await;
+    let client = client(&up.cert, h3());
+    let data = common::payload(1 << 20);
+    let back = within(
+        "the round trip",
+        round_trip(&client, sluice.addr("quic"), "allowed.test", &data),
+    )
+    .await
+    .expect("an allowed QUIC flow goes through");
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "the echo differs from what was sent");
+    let r = sluice.wait_record(is_quic).await;
+    assert_eq!((action(&r), reason(&r)), ("allow", "allowed-by-rule"), "{r}");
+    assert_eq!(field(&r, "protocol"), "quic", "{r}");
+    assert_eq!(field(&r, "sni"), "allowed.test", "{r}");
+    assert_eq!(r["alpn"], serde_json::json!(["h3"]), "{r}");
+    assert_eq!(field(&r, "dst"), up.addr.to_string(), "{r}");
+    assert_eq!(field(&r, "close_reason"), "idle-timeout", "{r}");
+    // QUIC adds headers, acknowledgements and the handshake to the payload.
+    assert!(r["bytes_up"].as_u64().unwrap() > 1 << 20, "{r}");
+    assert!(r["bytes_down"].as_u64().unwrap() > 1 << 20, "{r}");
+    client.wait_idle().await;
+    let records = sluice.stop_and_records(Duration::from_millis(200)).await;
+    assert_eq!(records.iter().filter(|r| is_quic(r)).count(), 1, "one record per flow");
+});
+
+flow_test!(denied_sni_gets_nothing_through_and_one_record, async {
+    let up = QuicEcho::start().await;
+    let sluice = config(&up, HOLD).start().await;
+    let client = client(&up.cert, h3());
+    let got = round_trip(&client, sluice.addr("quic"), "denied.test", b"hello").await;
+    assert!(got.is_err(), "a denied QUIC flow completed: {got:?}");
+    assert_eq!(up.incoming(), 0, "the upstream saw a connection attempt");
+    let r = sluice.wait_record(is_quic).await;
+    assert_eq!((action(&r), reason(&r)), ("deny", "denied-by-rule"), "{r}");
+    assert_eq!(r["verdict"]["rule"], "deny-bad", "{r}");
+    assert_eq!(field(&r, "sni"), "denied.test", "{r}");
+    assert_eq!(field(&r, "protocol"), "quic", "{r}");
+    assert_eq!(field(&r, "close_reason"), "denied", "{r}");
+    assert_eq!(r["bytes_up"], 0, "{r}");
+    // The client retransmitted its Initial meanwhile: still one flow.
+    let records = sluice.stop_and_records(Duration::from_millis(200)).await;
+    assert_eq!(records.iter().filter(|r| is_quic(r)).count(), 1, "{records:?}");
+});
+
+flow_test!(a_hello_over_two_initials_is_classified_and_handshakes, async {
+    let up = QuicEcho::start().await;
+    let sluice = config(&up, "").start().await;
+    // Sixty long protocol names make a ClientHello of about 2 KiB: more
+    // than one Initial datagram (1200 bytes) can carry.
+    let mut alpn: Vec<Vec<u8>> = (0..60)
+        .map(|i| format!("x-sluice-test-padding-protocol-{i:02}").into_bytes())
+        .collect();
+    alpn.push(b"h3".to_vec());
+    let client = client(&up.cert, alpn);
+    let back = within(
+        "the round trip",
+        round_trip(&client, sluice.addr("quic"), "allowed.test", b"split"),
+    )
+    .await
+    .expect("a large-hello QUIC flow goes through");
+    assert_eq!(back, b"split");
+    let r = sluice.wait_record(is_quic).await;
+    assert_eq!(action(&r), "allow", "{r}");
+    assert_eq!(field(&r, "sni"), "allowed.test", "{r}");
+    assert_eq!(r["alpn"].as_array().map(Vec::len), Some(61), "{r}");
+    sluice.stop().await;
+});
+
+flow_test!(a_hello_split_over_two_datagrams_in_reverse_order_is_classified, async {
+    let up = QuicEcho::start().await;
+    // The vector's hello carries ECH; allowed here to see the flow relayed.
+    let sluice = config(&up, "ech: allow").start().await;
+    let datagrams = vector("v2-pq-hello-two-datagrams-reversed.hex");
+    assert_eq!(datagrams.len(), 2);
+    let _client = send_raw(sluice.addr("quic"), &datagrams).await;
+    let r = sluice.wait_record(is_quic).await;
+    assert_eq!(action(&r), "allow", "{r}");
+    assert_eq!(field(&r, "sni"), "chrome-like.example.test", "{r}");
+    assert_eq!(r["alpn"], serde_json::json!(["h2", "http/1.1"]), "{r}");
+    assert_eq!(r["ech"], true, "{r}");
+    let sent: usize = datagrams.iter().map(Vec::len).sum();
+    assert_eq!(
+        r["bytes_up"].as_u64(),
+        Some(sent as u64),
+        "both held datagrams replayed: {r}"
+    );
+    sluice.stop().await;
+});
+
+flow_test!(ech_is_denied_by_default, async {
+    let up = QuicEcho::start().await;
+    let sluice = config(&up, "").start().await;
+    let _client = send_raw(
+        sluice.addr("quic"),
+        &vector("v1-pq-hello-two-initials-one-datagram.hex"),
+    )
+    .await;
+    let r = sluice.wait_record(is_quic).await;
+    assert_eq!((action(&r), reason(&r)), ("deny", "ech-present"), "{r}");
+    sluice.stop().await;
+});
+
+flow_test!(quic_block_drops_every_flow_with_one_record, async {
+    let up = QuicEcho::start().await;
+    let sluice = config(&up, &format!("quic: block, {HOLD}")).start().await;
+    let client = client(&up.cert, h3());
+    let got = round_trip(&client, sluice.addr("quic"), "allowed.test", b"hello").await;
+    assert!(got.is_err(), "a blocked QUIC flow completed: {got:?}");
+    assert_eq!(up.incoming(), 0);
+    let r = sluice.wait_record(is_quic).await;
+    assert_eq!((action(&r), reason(&r)), ("deny", "quic-blocked"), "{r}");
+    assert_eq!(r["verdict"]["rule"], "listener", "{r}");
+    assert_eq!(field(&r, "protocol"), "quic", "{r}");
+    let records = sluice.stop_and_records(Duration::from_millis(200)).await;
+    assert_eq!(records.iter().filter(|r| is_quic(r)).count(), 1, "{records:?}");
+});
+
+flow_test!(watch_mode_passes_a_denied_flow_and_records_would_deny, async {
+    let up = QuicEcho::start().await;
+    let sluice = config(&up, "").watch().start().await;
+    let client = client(&up.cert, h3());
+    let back = within(
+        "the round trip",
+        round_trip(&client, sluice.addr("quic"), "denied.test", b"watch"),
+    )
+    .await
+    .expect("watch mode lets the flow through");
+    assert_eq!(back, b"watch");
+    let r = sluice.wait_record(is_quic).await;
+    assert_eq!((action(&r), reason(&r)), ("deny", "denied-by-rule"), "{r}");
+    assert_eq!(r["verdict"]["mode"], "watched", "{r}");
+    assert!(r["bytes_down"].as_u64().unwrap() > 0, "{r}");
+    sluice.stop().await;
+});
+
+flow_test!(garbage_never_crashes_the_listener_and_the_next_flow_passes, async {
+    let up = QuicEcho::start().await;
+    let sluice = config(&up, "").start().await;
+    let at = sluice.addr("quic");
+    let mut truncated = vector("rfc9001-a2-client-initial.hex").remove(0);
+    truncated.truncate(60);
+    let noise: Vec<u8> = (0..300u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80)
+        .collect();
+    let cases: Vec<(Vec<Vec<u8>>, Option<&str>)> = vec![
+        (vec![truncated], Some("quic-malformed")),
+        (vec![Vec::new()], Some("quic-malformed")),
+        (vector("error-short-header.hex"), Some("quic-not-initial")),
+        (vector("error-flipped-ciphertext-byte.hex"), Some("quic-decrypt-failed")),
+        (
+            vector("error-version-negotiation.hex"),
+            Some("quic-version-negotiation"),
+        ),
+        (vec![noise], None),
+        (vec![vec![0xff; 1]], None),
+    ];
+    let mut sockets = Vec::new();
+    for (datagrams, _) in &cases {
+        sockets.push(send_raw(at, datagrams).await);
+    }
+    for (socket, (_, want)) in sockets.iter().zip(&cases) {
+        let src = socket.local_addr().unwrap().to_string();
+        let r = sluice.wait_record(|r| is_quic(r) && field(r, "src") == src).await;
+        assert_eq!(action(&r), "deny", "{r}");
+        assert_eq!(r["verdict"]["rule"], "classify", "{r}");
+        match want {
+            Some(w) => assert_eq!(reason(&r), *w, "{r}"),
+            None => assert!(reason(&r).starts_with("quic-"), "{r}"),
+        }
+    }
+    let client = client(&up.cert, h3());
+    let back = within("the round trip", round_trip(&client, at, "allowed.test", b"still here"))
+        .await
+        .expect("the listener still serves");
+    assert_eq!(back, b"still here");
+    sluice.stop().await;
+});
+
+/// A flow whose ClientHello never completes is refused when its Initial
+/// phase (`peek_timeout`) is over: paused time, so no wall-clock wait.
+#[tokio::test(start_paused = true)]
+async fn an_incomplete_hello_is_refused_at_the_initial_timeout() {
+    let sluice = Sluice::start(
+        &TestConfig::listener("quic", "quic", "upstream_port: 9, peek_timeout: 3s")
+            .rules(QUIC_RULES)
+            .yaml(),
+    )
+    .await;
+    let first_half = vector("v2-pq-hello-two-datagrams-reversed.hex").remove(0);
+    let _client = send_raw(sluice.addr("quic"), &[first_half]).await;
+    // Let the listener hand the datagram to its flow, then pass the
+    // Initial phase.
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    tokio::time::advance(Duration::from_secs(4)).await;
+    let r = sluice.wait_record(is_quic).await;
+    assert_eq!((action(&r), reason(&r)), ("deny", "peek-timeout"), "{r}");
+    sluice.stop().await;
+}
+
+// `max_connections` bounds the flows a listener holds: past it, a new
+// flow's datagrams are dropped (and counted), not recorded one by one.
+flow_test!(flows_past_max_connections_are_dropped, async {
+    let up = QuicEcho::start().await;
+    let sluice = config(&up, "max_connections: 1, peek_timeout: 30s").start().await;
+    let at = sluice.addr("quic");
+    let first_half = vector("v2-pq-hello-two-datagrams-reversed.hex").remove(0);
+    // Holds the only slot: its hello never completes.
+    let _holder = send_raw(at, std::slice::from_ref(&first_half)).await;
+    // Garbage would be refused with a record if it had a slot; the slot is
+    // taken, so it is dropped without one.
+    let dropped = send_raw(at, &[vec![0u8; 8]]).await;
+    let client = client(&up.cert, h3());
+    let got = round_trip(&client, at, "allowed.test", b"x").await;
+    assert!(got.is_err(), "a flow past max_connections went through: {got:?}");
+    let records = sluice.stop_and_records(Duration::from_millis(200)).await;
+    let src = dropped.local_addr().unwrap().to_string();
+    assert!(
+        !records.iter().any(|r| is_quic(r) && field(r, "src") == src),
+        "{records:?}"
+    );
+    assert_eq!(up.incoming(), 0);
+});
+
+// --- Transparent mode: TPROXY for real, in a throwaway network namespace.
+//
+// The outer test re-runs this binary under `unshare --net` (as
+// `forward_redirect.rs` does), so the iptables rules, routes and addresses
+// live and die with a private namespace. It needs root (CAP_NET_ADMIN),
+// `unshare`, `ip`, `iptables` and `ip6tables` with the TPROXY target; when
+// any is missing it fails and says why. `SLUICE_SKIP_NETNS=1` skips it
+// explicitly.
+
+const INNER_ENV: &str = "SLUICE_NETNS_INNER";
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn sh(cmd: &str) {
+    let out = std::process::Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn transparent_quic_under_tproxy() {
+    if std::env::var_os("SLUICE_SKIP_NETNS").is_some() {
+        eprintln!("SKIPPED explicitly (SLUICE_SKIP_NETNS): TPROXY test not run");
+        return;
+    }
+    let missing: Vec<_> = ["unshare", "ip", "iptables", "ip6tables"]
+        .into_iter()
+        .filter(|t| !have(t))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "cannot run the TPROXY test: missing {missing:?} (apt-get install -y iptables iproute2 util-linux)"
+    );
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "cannot run the TPROXY test: it needs root (CAP_NET_ADMIN) to make a network namespace"
+    );
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("unshare")
+        .args(["--net", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "tproxy_inner",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(INNER_ENV, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "TPROXY test inside the namespace failed:\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+}
+
+/// A QUIC server on `at` for `allowed.test`, echoing streams.
+async fn echo_at(at: SocketAddr) -> QuicEcho {
+    let ck = rcgen::generate_simple_self_signed(vec!["allowed.test".to_owned()]).unwrap();
+    let cert: CertificateDer<'static> = ck.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let endpoint = quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), at).unwrap();
+    let incoming = Arc::new(AtomicUsize::new(0));
+    let (server, count) = (endpoint.clone(), incoming.clone());
+    tokio::spawn(async move {
+        while let Some(attempt) = server.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(conn) = attempt.await else { return };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let Ok(data) = recv.read_to_end(1 << 20).await else {
+                            return;
+                        };
+                        if send.write_all(&data).await.is_ok() {
+                            let _ = send.finish();
+                            let _ = send.stopped().await;
+                        }
+                    });
+                }
+            });
+        }
+    });
+    QuicEcho {
+        addr: at,
+        cert,
+        incoming,
+        _endpoint: endpoint,
+    }
+}
+
+/// A client endpoint bound to `from` (the address the iptables rules
+/// intercept), trusting `cert`.
+fn client_from(from: SocketAddr, cert: &CertificateDer<'static>) -> quinn::Endpoint {
+    client_at(from, cert, h3())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "runs only inside the namespace made by transparent_quic_under_tproxy"]
+async fn tproxy_inner() {
+    assert!(
+        std::env::var_os(INNER_ENV).is_some(),
+        "run via transparent_quic_under_tproxy, not directly: it rewrites iptables"
+    );
+    sh("ip link set lo up");
+    sh("ip link add sl0 type veth peer name sl1");
+    sh("ip link set sl0 up && ip link set sl1 up");
+    // Clients on sl0; the real servers on lo; 10.99.0.2 / fd00:99::2 are
+    // what the clients dial, owned by nobody: only TPROXY answers there.
+    sh("ip addr add 10.99.0.1/24 dev sl0");
+    sh("ip -6 addr add fd00:99::1/64 dev sl0 nodad");
+    sh("ip addr add 10.99.0.3/32 dev lo");
+    sh("ip -6 addr add fd00:99::3/128 dev lo nodad");
+    sh("ip rule add fwmark 1 lookup 100 && ip route add local 0.0.0.0/0 dev lo table 100");
+    sh("ip -6 rule add fwmark 1 lookup 100 && ip -6 route add local ::/0 dev lo table 100");
+
+    let up4 = echo_at("10.99.0.3:4433".parse().unwrap()).await;
+    let up6 = echo_at("[fd00:99::3]:4433".parse().unwrap()).await;
+    let dir = common::scratch_dir();
+    let audit = dir.path().join("audit.jsonl");
+    // `allowed.test` resolves to the real servers: the flows dial
+    // 10.99.0.2 / fd00:99::2, which are not its addresses, so Sluice sends
+    // them to the name's own (anti-evasion), on the port dialled.
+    let yaml = format!(
+        r#"admin: {{address: "127.0.0.1:0"}}
+audit: {{destination: "{}"}}
+resolver:
+  hosts:
+    allowed.test: [10.99.0.3, "fd00:99::3"]
+webgroups:
+  - {{name: good, domains: [allowed.test]}}
+listeners:
+  - {{name: t4, kind: quic, address: "0.0.0.0:0", transparent: true, idle_timeout: 1s}}
+  - {{name: t6, kind: quic, address: "[::]:0", transparent: true, idle_timeout: 1s}}
+policy:
+  rules:
+    - {{name: allow-good, to: {{webgroups: [good], smartgroups: [gateway, loopback]}}, protocols: [quic], action: allow}}
+"#,
+        audit.display()
+    );
+    let config = sluice_api::config::load_str(&yaml, "tproxy.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let server = sluice::runtime::Server::start(config, None).await.unwrap();
+    let p4 = server.addr("t4").unwrap().port();
+    let p6 = server.addr("t6").unwrap().port();
+    // Mark the clients' datagrams so they are routed to lo, where TPROXY
+    // hands them to the listener with their destination intact.
+    sh("iptables -t mangle -A OUTPUT -p udp -s 10.99.0.1 -d 10.99.0.2 --dport 4433 -j MARK --set-mark 1");
+    sh(&format!(
+        "iptables -t mangle -A PREROUTING -i lo -p udp -d 10.99.0.2 --dport 4433 -j TPROXY --on-port {p4} --tproxy-mark 1"
+    ));
+    sh("ip6tables -t mangle -A OUTPUT -p udp -s fd00:99::1 -d fd00:99::2 --dport 4433 -j MARK --set-mark 1");
+    sh(&format!(
+        "ip6tables -t mangle -A PREROUTING -i lo -p udp -d fd00:99::2 --dport 4433 -j TPROXY --on-port {p6} --tproxy-mark 1"
+    ));
+
+    for (from, dialled, up, listener) in [
+        ("10.99.0.1:0", "10.99.0.2:4433", &up4, "t4"),
+        ("[fd00:99::1]:0", "[fd00:99::2]:4433", &up6, "t6"),
+    ] {
+        let client = client_from(from.parse().unwrap(), &up.cert);
+        let dialled: SocketAddr = dialled.parse().unwrap();
+        let back = within(
+            "the round trip",
+            round_trip(&client, dialled, "allowed.test", b"tproxy"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{listener}: QUIC under TPROXY failed: {e}"));
+        assert_eq!(back, b"tproxy");
+        assert_eq!(up.incoming(), 1, "{listener}");
+        let found = common::wait_until(|| {
+            std::fs::read_to_string(&audit)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains(&format!("\"listener\":\"{listener}\"")))
+        })
+        .await;
+        assert!(found, "{listener}: no record");
+        let text = std::fs::read_to_string(&audit).unwrap();
+        let r: Value = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|r| field(r, "listener") == listener)
+            .unwrap();
+        assert_eq!(action(&r), "allow", "{r}");
+        assert_eq!(field(&r, "original_dst"), dialled.to_string(), "{r}");
+        assert_eq!(field(&r, "dst"), up.addr.to_string(), "the name's own address: {r}");
+        assert_eq!(r["verdict"]["check"], "sni-resolved", "{r}");
+        assert_eq!(field(&r, "protocol"), "quic", "{r}");
+    }
+    server.shutdown(Duration::from_millis(200)).await;
+}
