@@ -2091,10 +2091,11 @@ fn a_chain_of_sluice_dns_makes_a_dns_listener_with_its_settings() {
     };
     assert_eq!(*kind, sluice_api::ListenerType::Dns);
     assert_eq!(options, r#"{"cache_entries":512,"upstreams":["udp://127.0.0.1:5353"]}"#);
-    // sluice.http_proxy and sluice.sni make their kinds the same way.
+    // sluice.http_proxy, sluice.sni and sluice.quic make their kinds the same way.
     for (filter, want) in [
         ("sluice.http_proxy", sluice_api::ListenerType::HttpProxy),
         ("sluice.sni", sluice_api::ListenerType::Sni),
+        ("sluice.quic", sluice_api::ListenerType::Quic),
     ] {
         let l = one_chain(vec![], vec![named(filter)]);
         let spec = gateway_listener(&listener(&l).unwrap(), &none, &no_eds).unwrap();

@@ -318,8 +318,60 @@ flow_test!(quic_block_drops_every_flow_with_one_record, async {
     assert_eq!((action(&r), reason(&r)), ("deny", "quic-blocked"), "{r}");
     assert_eq!(r["verdict"]["rule"], "listener", "{r}");
     assert_eq!(field(&r, "protocol"), "quic", "{r}");
+    // Counted like any listener's flows: by listener, action and reason.
+    let metrics = get_metrics(sluice.server.admin_addr().await).await;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("sluice_flows_total{")
+            && l.contains("listener=\"quic\"")
+            && l.contains("action=\"deny\"")
+            && l.contains("reason=\"quic-blocked\"")),
+        "{metrics}"
+    );
     let records = sluice.stop_and_records(Duration::from_millis(200)).await;
     assert_eq!(records.iter().filter(|r| is_quic(r)).count(), 1, "{records:?}");
+});
+
+/// `GET /metrics` from the admin API.
+async fn get_metrics(admin: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    within("the metrics", s.read_to_string(&mut text)).await.unwrap();
+    text
+}
+
+// Continuous verification: a relayed QUIC flow that a reloaded policy
+// denies is ended, and its record says so.
+flow_test!(a_policy_change_ends_a_relayed_flow, async {
+    let up = QuicEcho::start().await;
+    let cfg = config(&up, HOLD);
+    let sluice = cfg.start().await;
+    let client = client(&up.cert, h3());
+    let conn = within("the handshake", async {
+        client.connect(sluice.addr("quic"), "allowed.test").unwrap().await
+    })
+    .await
+    .expect("an allowed QUIC flow goes through");
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"before").await.unwrap();
+    send.finish().unwrap();
+    assert_eq!(recv.read_to_end(1024).await.unwrap(), b"before");
+    sluice
+        .reload(
+            &cfg.clone()
+                .rules("    - {name: no-more, to: {webgroups: [good]}, action: deny}\n"),
+        )
+        .await;
+    let r = sluice
+        .wait_record(|r| is_quic(r) && field(r, "close_reason") == "policy-revoked")
+        .await;
+    assert_eq!((action(&r), reason(&r)), ("deny", "denied-by-rule"), "{r}");
+    assert_eq!(r["verdict"]["rule"], "no-more", "{r}");
+    assert!(r["bytes_down"].as_u64().unwrap() > 0, "{r}");
+    sluice.stop().await;
 });
 
 flow_test!(watch_mode_passes_a_denied_flow_and_records_would_deny, async {

@@ -562,7 +562,6 @@ async fn pump(
     let mut last = tokio::time::Instant::now();
     let timer = tokio::time::sleep(idle);
     tokio::pin!(timer);
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     let (mut up, mut down) = (0u64, 0u64);
     let (close, revoked) = loop {
         tokio::select! {
@@ -591,22 +590,43 @@ async fn pump(
                 // The listener stopped serving: its drain is over.
                 None => break ("cancelled", None),
             },
-            r = path.upstream.recv(&mut buf) => match r {
-                Ok(n) => {
-                    last = tokio::time::Instant::now();
-                    let data = buf.get(..n).unwrap_or_default();
-                    match reply.send_to(data, client).await {
-                        Ok(_) => down += n as u64,
-                        Err(e) if transient(&e) => {}
-                        Err(_) => break ("client-error", None),
+            r = path.upstream.readable() => {
+                let got = r.and_then(|()| receive_upstream(&path.upstream));
+                match got {
+                    Ok(data) => {
+                        last = tokio::time::Instant::now();
+                        match reply.send_to(&data, client).await {
+                            Ok(_) => down += data.len() as u64,
+                            Err(e) if transient(&e) => {}
+                            Err(_) => break ("client-error", None),
+                        }
                     }
+                    Err(e) if transient(&e) => {}
+                    Err(_) => break ("upstream-error", None),
                 }
-                Err(e) if transient(&e) => {}
-                Err(_) => break ("upstream-error", None),
-            },
+            }
         }
     };
     ((up, down), close, revoked)
+}
+
+thread_local! {
+    /// Where a worker thread receives upstream datagrams: one largest-UDP
+    /// buffer per thread, not per flow (an idle relayed flow then holds
+    /// no receive buffer at all).
+    static UPSTREAM_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_DATAGRAM]);
+}
+
+/// Takes one datagram the upstream sent (`WouldBlock` when the readiness
+/// was spurious), copied out of the thread's receive buffer.
+fn receive_upstream(upstream: &UdpSocket) -> io::Result<Vec<u8>> {
+    UPSTREAM_BUF.with(|b| {
+        let mut b = b
+            .try_borrow_mut()
+            .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+        let n = upstream.try_recv(&mut b)?;
+        Ok(b.get(..n).unwrap_or_default().to_vec())
+    })
 }
 
 /// Errors a UDP socket reports for one datagram (an ICMP answer to an
