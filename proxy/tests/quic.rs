@@ -343,6 +343,75 @@ async fn get_metrics(admin: SocketAddr) -> String {
     text
 }
 
+/// A UDP NAT in front of Sluice: the client's datagrams leave from one
+/// outside port, then (once `rebind` is set) from another, as when a NAT's
+/// mapping expires; answers to either port go back to the client.
+async fn nat(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let inside = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let at = inside.local_addr().unwrap();
+    let first = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let second = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let rebind = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = rebind.clone();
+    tokio::spawn(async move {
+        let (mut a, mut b, mut c) = (vec![0u8; 65_535], vec![0u8; 65_535], vec![0u8; 65_535]);
+        let mut client = None;
+        loop {
+            tokio::select! {
+                r = inside.recv_from(&mut a) => {
+                    let Ok((n, from)) = r else { return };
+                    client = Some(from);
+                    let out = if flag.load(Ordering::SeqCst) { &second } else { &first };
+                    let _ = out.send_to(&a[..n], to).await;
+                }
+                r = first.recv(&mut b) => {
+                    let Ok(n) = r else { return };
+                    if let Some(cl) = client { let _ = inside.send_to(&b[..n], cl).await; }
+                }
+                r = second.recv(&mut c) => {
+                    let Ok(n) = r else { return };
+                    if let Some(cl) = client { let _ = inside.send_to(&c[..n], cl).await; }
+                }
+            }
+        }
+    });
+    (at, rebind)
+}
+
+// A client whose NAT gives it a new port mid-connection (same address,
+// the server's connection id) keeps its flow: no new flow, no refusal.
+flow_test!(a_client_whose_nat_rebinds_keeps_its_flow, async {
+    let up = QuicEcho::start().await;
+    let sluice = config(&up, "").start().await;
+    let (via, rebind) = nat(sluice.addr("quic")).await;
+    let client = client(&up.cert, h3());
+    let conn = within("the handshake", async {
+        client.connect(via, "allowed.test").unwrap().await
+    })
+    .await
+    .expect("an allowed QUIC flow goes through");
+    for (i, msg) in [&b"before the rebinding"[..], &b"after the rebinding"[..]]
+        .into_iter()
+        .enumerate()
+    {
+        if i == 1 {
+            rebind.store(true, Ordering::SeqCst);
+        }
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(msg).await.unwrap();
+        send.finish().unwrap();
+        let back = within("the echo", recv.read_to_end(1024)).await.unwrap();
+        assert_eq!(back, msg);
+    }
+    conn.close(0u32.into(), b"done");
+    let r = sluice.wait_record(is_quic).await;
+    assert_eq!(action(&r), "allow", "{r}");
+    client.wait_idle().await;
+    let records = sluice.stop_and_records(Duration::from_millis(200)).await;
+    let quic: Vec<_> = records.iter().filter(|r| is_quic(r)).collect();
+    assert_eq!(quic.len(), 1, "one flow, nothing refused: {quic:?}");
+});
+
 // Continuous verification: a relayed QUIC flow that a reloaded policy
 // denies is ended, and its record says so.
 flow_test!(a_policy_change_ends_a_relayed_flow, async {

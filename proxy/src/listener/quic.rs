@@ -25,7 +25,14 @@
 //! denies it). One task reads the listener's socket and hands each datagram
 //! to its flow's task through a short queue; a full queue drops the
 //! datagram, as a congested network would, so one flow cannot stall the
-//! others. Under `TPROXY` (`transparent: true`) each datagram's original
+//! others. A client whose NAT gives it a new port keeps its flow: the
+//! connection ids its server chose are seen in the server's long-header
+//! packets, and a short-header datagram from the same address and a new
+//! port that carries one of them is taken as that flow's (a new address is
+//! not: the flow was decided on its source). Ids a client switches to later
+//! are announced encrypted and cannot be followed; such a datagram starts
+//! a flow of its own, refused `quic-not-initial`. Under `TPROXY`
+//! (`transparent: true`) each datagram's original
 //! destination comes from `IP_ORIGDSTADDR`, and replies leave from that
 //! address through a socket bound to it with `IP_TRANSPARENT`, so the
 //! client sees its server answer.
@@ -94,12 +101,141 @@ pub fn bind(plan: &ListenerPlan) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// A datagram on its way to its flow, with who sent it (a client behind a
+/// NAT that rebinds keeps its flow from a new port).
+#[derive(Debug)]
+struct Datagram {
+    from: SocketAddr,
+    data: Vec<u8>,
+}
+
+/// What a flow's task tells the listener's.
+#[derive(Debug)]
+enum Event {
+    /// The flow ended: its key, and its serial (the key may already name
+    /// a later flow).
+    Ended { key: Key, serial: u64 },
+    /// The server named a connection id of its own (the Source Connection
+    /// ID of a long-header packet): the client's short-header packets
+    /// carry it, which is how they are recognised from a new port.
+    ServerCid { key: Key, serial: u64, cid: Vec<u8> },
+}
+
+/// Connection ids remembered per flow, and flows a rebinding client may
+/// reach under other keys: enough for the server's first ids.
+const MAX_CIDS_PER_FLOW: usize = 4;
+const MAX_ALIASES_PER_FLOW: usize = 4;
+
 /// What the listener's task keeps of a flow.
 #[derive(Debug)]
 struct Entry {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Datagram>,
     /// Tells this flow from a later one of the same key.
     serial: u64,
+    /// The key the flow started under, for a key a rebinding client
+    /// reached it by; `None` for that first key.
+    alias_of: Option<Key>,
+    /// Other keys that reach this flow (first key only).
+    aliases: Vec<Key>,
+    /// The server's connection ids seen on this flow (first key only).
+    cids: Vec<Vec<u8>>,
+}
+
+/// The listener's flows, by key, and the server connection ids that let a
+/// client whose NAT changed its port keep its flow.
+#[derive(Debug, Default)]
+struct Table {
+    flows: HashMap<Key, Entry>,
+    cids: HashMap<Vec<u8>, Key>,
+    /// The lengths of the ids in `cids` (a short header does not say how
+    /// long its connection id is).
+    cid_lens: Vec<usize>,
+}
+
+impl Table {
+    fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Applies what a flow's task reported.
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::Ended { key, serial } => {
+                if self.flows.get(&key).is_none_or(|e| e.serial != serial) {
+                    return;
+                }
+                if let Some(entry) = self.flows.remove(&key) {
+                    for a in entry.aliases {
+                        if self.flows.get(&a).is_some_and(|e| e.serial == serial) {
+                            self.flows.remove(&a);
+                        }
+                    }
+                    for c in entry.cids {
+                        self.cids.remove(&c);
+                    }
+                }
+            }
+            Event::ServerCid { key, serial, cid } => {
+                let Some(entry) = self.flows.get_mut(&key).filter(|e| e.serial == serial) else {
+                    return;
+                };
+                if cid.is_empty() || entry.cids.len() >= MAX_CIDS_PER_FLOW || self.cids.contains_key(&cid) {
+                    return;
+                }
+                if !self.cid_lens.contains(&cid.len()) {
+                    self.cid_lens.push(cid.len());
+                }
+                entry.cids.push(cid.clone());
+                self.cids.insert(cid, key);
+            }
+        }
+    }
+
+    /// The first key of the flow a short-header datagram from a new key
+    /// belongs to: its connection id is one the flow's server chose, and
+    /// it comes from the same address (only the port changed, as when a
+    /// NAT rebinds) to the same destination. A new address is not taken
+    /// for the same client: the flow was decided on its source.
+    fn rebound(&self, key: Key, data: &[u8]) -> Option<Key> {
+        let first = *data.first()?;
+        if first & 0x80 != 0 {
+            return None;
+        }
+        self.cid_lens.iter().find_map(|len| {
+            let id = data.get(1..1 + len)?;
+            let owner = *self.cids.get(id)?;
+            (owner.0.ip() == key.0.ip() && owner.1 == key.1).then_some(owner)
+        })
+    }
+
+    /// Makes `key` reach the flow first seen as `owner`, and hands it
+    /// `datagram`; `false` when that flow cannot take another key.
+    fn alias(&mut self, key: Key, owner: Key, datagram: Datagram) -> bool {
+        let Some(entry) = self.flows.get_mut(&owner) else {
+            return false;
+        };
+        if entry.aliases.len() >= MAX_ALIASES_PER_FLOW {
+            return false;
+        }
+        let (tx, serial) = (entry.tx.clone(), entry.serial);
+        entry.aliases.push(key);
+        let _ = tx.try_send(datagram);
+        self.flows.insert(
+            key,
+            Entry {
+                tx,
+                serial,
+                alias_of: Some(owner),
+                aliases: Vec::new(),
+                cids: Vec::new(),
+            },
+        );
+        true
+    }
 }
 
 /// Serves `quic` listener `name` on `socket` until `stop` turns true, then
@@ -116,8 +252,8 @@ pub fn spawn(
     let transparent = shared.snapshot.load().plan(&name).is_some_and(|p| p.spec.transparent);
     tokio::spawn(async move {
         let socket = Arc::new(socket);
-        let mut flows: HashMap<Key, Entry> = HashMap::new();
-        let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(Key, u64)>();
+        let mut table = Table::default();
+        let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut serial = 0u64;
         let mut draining = false;
@@ -130,7 +266,7 @@ pub fn spawn(
         let forced = shared.forced();
         tokio::pin!(forced);
         loop {
-            if draining && flows.is_empty() {
+            if draining && table.is_empty() {
                 break;
             }
             let got = tokio::select! {
@@ -141,10 +277,8 @@ pub fn spawn(
                 }
                 () = &mut gone => break,
                 () = &mut forced => break,
-                Some((key, s)) = ended_rx.recv() => {
-                    if flows.get(&key).is_some_and(|e| e.serial == s) {
-                        flows.remove(&key);
-                    }
+                Some(e) = events.recv() => {
+                    table.event(e);
                     continue;
                 }
                 r = receive(&socket, &mut buf, transparent) => r,
@@ -157,10 +291,14 @@ pub fn spawn(
                     continue;
                 }
             };
-            let datagram = buf.get(..len).unwrap_or_default().to_vec();
+            let datagram = Datagram {
+                from: src,
+                data: buf.get(..len).unwrap_or_default().to_vec(),
+            };
             let key = (src, orig);
-            if let Some(entry) = flows.get(&key) {
-                match entry.tx.try_send(datagram) {
+            let datagram = match table.flows.get(&key) {
+                None => datagram,
+                Some(entry) => match entry.tx.try_send(datagram) {
                     Ok(()) => continue,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         metrics::errors("quic-queue-full", 1);
@@ -169,15 +307,17 @@ pub fn spawn(
                     // The flow ended before its end reached us: this
                     // datagram starts a new one.
                     Err(mpsc::error::TrySendError::Closed(d)) => {
-                        flows.remove(&key);
-                        if draining {
-                            continue;
-                        }
-                        serial += 1;
-                        start_flow(
-                            &name, &shared, &socket, bound, &closing, key, d, serial, &ended_tx, &mut flows,
-                        );
+                        let serial = entry.serial;
+                        let first = entry.alias_of.unwrap_or(key);
+                        table.event(Event::Ended { key: first, serial });
+                        table.flows.remove(&key);
+                        d
                     }
+                },
+            };
+            if let Some(owner) = table.rebound(key, &datagram.data) {
+                if !table.alias(key, owner, datagram) {
+                    metrics::errors("quic-flow-limit", 1);
                 }
                 continue;
             }
@@ -185,11 +325,22 @@ pub fn spawn(
                 continue;
             }
             serial += 1;
-            start_flow(
-                &name, &shared, &socket, bound, &closing, key, datagram, serial, &ended_tx, &mut flows,
-            );
+            let flow = NewFlow {
+                key,
+                serial,
+                first: datagram,
+            };
+            start_flow(&name, &shared, &socket, bound, &closing, flow, &events_tx, &mut table);
         }
     })
+}
+
+/// A flow's key, serial and first datagram.
+#[derive(Debug)]
+struct NewFlow {
+    key: Key,
+    serial: u64,
+    first: Datagram,
 }
 
 /// Starts the task of a new flow with its first datagram, unless the
@@ -198,7 +349,7 @@ pub fn spawn(
 /// fill the audit log).
 #[allow(
     clippy::too_many_arguments,
-    reason = "the listener loop's state, passed once per new flow"
+    reason = "the listener loop's state, lent once per new flow"
 )]
 fn start_flow(
     name: &Arc<str>,
@@ -206,11 +357,9 @@ fn start_flow(
     socket: &Arc<UdpSocket>,
     bound: Option<SocketAddr>,
     closing: &CancellationToken,
-    key: Key,
-    first: Vec<u8>,
-    serial: u64,
-    ended: &mpsc::UnboundedSender<(Key, u64)>,
-    flows: &mut HashMap<Key, Entry>,
+    new: NewFlow,
+    events: &mpsc::UnboundedSender<Event>,
+    table: &mut Table,
 ) {
     let snapshot = shared.snapshot.load_full();
     // Between a reload that removed this listener and the stop reaching
@@ -218,15 +367,25 @@ fn start_flow(
     let Some(plan) = snapshot.plan(name).cloned() else {
         return;
     };
-    if flows.len() >= plan.connection().max_connections {
+    if table.len() >= plan.connection().max_connections {
         metrics::errors("quic-flow-limit", 1);
         return;
     }
+    let NewFlow { key, serial, first } = new;
     let (tx, rx) = mpsc::channel(FLOW_QUEUE);
     if tx.try_send(first).is_err() {
         return;
     }
-    flows.insert(key, Entry { tx, serial });
+    table.flows.insert(
+        key,
+        Entry {
+            tx,
+            serial,
+            alias_of: None,
+            aliases: Vec::new(),
+            cids: Vec::new(),
+        },
+    );
     let start = Start {
         plan,
         snapshot,
@@ -236,11 +395,14 @@ fn start_flow(
         orig: key.1,
         bound,
         closing: closing.clone(),
+        key,
+        serial,
+        events: events.clone(),
     };
-    let ended = ended.clone();
     drop(tokio::spawn(async move {
+        let events = start.events.clone();
         run(start, rx).await;
-        let _ = ended.send((key, serial));
+        let _ = events.send(Event::Ended { key, serial });
     }));
 }
 
@@ -280,10 +442,15 @@ struct Start {
     orig: Option<SocketAddr>,
     bound: Option<SocketAddr>,
     closing: CancellationToken,
+    /// The flow's first key and serial, as the listener knows it.
+    key: Key,
+    serial: u64,
+    /// To the listener's task: the server's connection ids.
+    events: mpsc::UnboundedSender<Event>,
 }
 
 /// One flow, from its first datagram to its record.
-async fn run(start: Start, mut rx: mpsc::Receiver<Vec<u8>>) {
+async fn run(start: Start, mut rx: mpsc::Receiver<Datagram>) {
     let shared = start.shared.clone();
     let active = ActiveGuard::new(&shared);
     let gauge = start.plan.metrics.active();
@@ -314,7 +481,7 @@ async fn run(start: Start, mut rx: mpsc::Receiver<Vec<u8>>) {
 async fn front(
     flow: &mut Flow,
     start: &Start,
-    rx: &mut mpsc::Receiver<Vec<u8>>,
+    rx: &mut mpsc::Receiver<Datagram>,
     held: &mut Vec<Vec<u8>>,
 ) -> Result<(), Stop> {
     let plan = &start.plan;
@@ -361,7 +528,9 @@ async fn front(
             Err(_) => return Err(flow.refuse(ReasonCode::PeekTimeout)),
             // The listener stopped before the hello was complete.
             Ok(None) => return Err(flow.refuse(ReasonCode::Shutdown)),
-            Ok(Some(d)) => d,
+            // Before the server spoke there is no id to follow a client's
+            // new port by: every datagram here comes from the first key.
+            Ok(Some(d)) => d.data,
         };
         held_bytes += datagram.len();
         if held.len() >= MAX_HELD_DATAGRAMS || held_bytes > MAX_HELD_BYTES {
@@ -386,7 +555,7 @@ async fn front(
 
 /// Drops the datagrams of a refused flow until none came for `idle`, or
 /// its listener is gone.
-async fn swallow(start: &Start, rx: &mut mpsc::Receiver<Vec<u8>>, idle: Duration) {
+async fn swallow(start: &Start, rx: &mut mpsc::Receiver<Datagram>, idle: Duration) {
     loop {
         tokio::select! {
             () = start.closing.cancelled() => return,
@@ -487,7 +656,7 @@ fn reply_address(client: SocketAddr, from_v4: bool) -> SocketAddr {
 /// Sends the held datagrams, then relays both ways until the flow idles,
 /// its listener is gone, the process stops or a new policy denies it; then
 /// writes its record.
-async fn relay(start: &Start, flow: Flow, fwd: Forward, mut rx: mpsc::Receiver<Vec<u8>>, held: Vec<Vec<u8>>) {
+async fn relay(start: &Start, flow: Flow, fwd: Forward, mut rx: mpsc::Receiver<Datagram>, held: Vec<Vec<u8>>) {
     let shared = &start.shared;
     let Forward { chain, mut addrs } = fwd;
     // UDP has no happy eyeballs to find a family that works: a client that
@@ -542,7 +711,7 @@ async fn pump(
     flow: &Flow,
     chain: &Arc<FilterChain>,
     path: &Path,
-    rx: &mut mpsc::Receiver<Vec<u8>>,
+    rx: &mut mpsc::Receiver<Datagram>,
     reply: &UdpSocket,
     client: SocketAddr,
     idle: Option<Duration>,
@@ -563,6 +732,14 @@ async fn pump(
     let timer = tokio::time::sleep(idle);
     tokio::pin!(timer);
     let (mut up, mut down) = (0u64, 0u64);
+    let mut client = client;
+    let mut from = start.src;
+    let from_v4 = path
+        .reply_from
+        .as_ref()
+        .is_some_and(|r| r.local_addr().is_ok_and(|a| a.is_ipv4()));
+    // The server's connection ids already told to the listener.
+    let mut reported: Vec<Vec<u8>> = Vec::new();
     let (close, revoked) = loop {
         tokio::select! {
             d = &mut ends => {
@@ -579,8 +756,13 @@ async fn pump(
             d = rx.recv() => match d {
                 Some(d) => {
                     last = tokio::time::Instant::now();
-                    match path.upstream.send(&d).await {
-                        Ok(_) => up += d.len() as u64,
+                    // The client's NAT gave it a new port: answer there.
+                    if d.from != from {
+                        from = d.from;
+                        client = if path.reply_from.is_some() { reply_address(from, from_v4) } else { from };
+                    }
+                    match path.upstream.send(&d.data).await {
+                        Ok(_) => up += d.data.len() as u64,
                         // An ICMP error from an earlier datagram: UDP
                         // goes on, the client retransmits.
                         Err(e) if transient(&e) => {}
@@ -595,6 +777,16 @@ async fn pump(
                 match got {
                     Ok(data) => {
                         last = tokio::time::Instant::now();
+                        if let Some(cid) = server_cid(&data).filter(|c| !reported.iter().any(|r| r == c))
+                            && reported.len() < MAX_CIDS_PER_FLOW
+                        {
+                            reported.push(cid.to_vec());
+                            let _ = start.events.send(Event::ServerCid {
+                                key: start.key,
+                                serial: start.serial,
+                                cid: cid.to_vec(),
+                            });
+                        }
                         match reply.send_to(&data, client).await {
                             Ok(_) => down += data.len() as u64,
                             Err(e) if transient(&e) => {}
@@ -608,6 +800,23 @@ async fn pump(
         }
     };
     ((up, down), close, revoked)
+}
+
+/// The Source Connection ID of a server's long-header packet (RFC 9000
+/// §17.2: flags, version, DCID length and DCID, SCID length and SCID):
+/// the id the client's short-header packets then carry. `None` for a short
+/// header or anything too short; the rest of the packet is not read.
+fn server_cid(data: &[u8]) -> Option<&[u8]> {
+    if data.first()? & 0x80 == 0 {
+        return None;
+    }
+    let dcid_len = usize::from(*data.get(5)?);
+    let at = 6 + dcid_len;
+    let scid_len = usize::from(*data.get(at)?);
+    if dcid_len > 20 || scid_len > 20 {
+        return None;
+    }
+    data.get(at + 1..at + 1 + scid_len)
 }
 
 thread_local! {
@@ -650,6 +859,79 @@ mod tests {
         assert_eq!(reply_address(mapped, false), mapped);
         let v6: SocketAddr = "[fd00::7]:5000".parse().unwrap();
         assert_eq!(reply_address(v6, true), v6);
+    }
+
+    fn entry(tx: mpsc::Sender<Datagram>, serial: u64) -> Entry {
+        Entry {
+            tx,
+            serial,
+            alias_of: None,
+            aliases: Vec::new(),
+            cids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_client_whose_nat_rebinds_keeps_its_flow() {
+        let mut t = Table::default();
+        let first: Key = ("10.0.0.1:1000".parse().unwrap(), None);
+        let (tx, mut rx) = mpsc::channel(8);
+        t.flows.insert(first, entry(tx, 1));
+        // An id reported by an older flow of the same key is not taken.
+        t.event(Event::ServerCid {
+            key: first,
+            serial: 0,
+            cid: vec![9; 8],
+        });
+        t.event(Event::ServerCid {
+            key: first,
+            serial: 1,
+            cid: vec![7; 8],
+        });
+        let mut short = vec![0x40];
+        short.extend([7; 8]);
+        short.extend([0; 20]);
+        let moved: Key = ("10.0.0.1:2000".parse().unwrap(), None);
+        assert_eq!(t.rebound(moved, &short), Some(first));
+        // Another address is another client, whatever id it sends.
+        assert_eq!(t.rebound(("10.0.0.2:2000".parse().unwrap(), None), &short), None);
+        let mut long = short.clone();
+        long[0] = 0xc0;
+        assert_eq!(t.rebound(moved, &long), None);
+        let mut unknown = short.clone();
+        unknown[1] = 9;
+        assert_eq!(t.rebound(moved, &unknown), None);
+        assert_eq!(t.rebound(moved, &[]), None);
+        assert!(t.alias(
+            moved,
+            first,
+            Datagram {
+                from: moved.0,
+                data: short.clone()
+            }
+        ));
+        assert_eq!(rx.try_recv().unwrap().from, moved.0);
+        assert_eq!(t.len(), 2);
+        // The flow's end takes every key and id it had.
+        t.event(Event::Ended { key: first, serial: 1 });
+        assert!(t.is_empty(), "{t:?}");
+        assert!(t.cids.is_empty(), "{t:?}");
+    }
+
+    #[test]
+    fn the_server_cid_is_read_from_a_long_header_only() {
+        // Initial: flags, version 1, DCID of 8, SCID of 4, then the rest.
+        let mut p = vec![0xc0, 0, 0, 0, 1, 8];
+        p.extend([1; 8]);
+        p.push(4);
+        p.extend([5, 6, 7, 8]);
+        p.extend([0; 30]);
+        assert_eq!(server_cid(&p), Some(&[5u8, 6, 7, 8][..]));
+        assert_eq!(server_cid(&p[..18]), None, "SCID cut short");
+        p[0] = 0x40;
+        assert_eq!(server_cid(&p), None, "short header");
+        assert_eq!(server_cid(&[]), None);
+        assert_eq!(server_cid(&[0xc0, 0, 0, 0, 1, 21]), None);
     }
 
     #[test]
