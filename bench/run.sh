@@ -14,6 +14,9 @@
 #   TLS_CONNS=5000 TLS_LAT_CONNS=1000 (end-to-end TLS; 0 to skip)
 #   HTTP_REQS=20000 (plain-HTTP requests through Sluice's http-proxy
 #     listener, keep-alive; sluice, base, wasm and wasm-null only; 0 to skip)
+#   QUIC_CONNS=5000 QUIC_BULK_BYTES=1000000000 (real QUIC connections, 50 in
+#     flight, and one bulk transfer, through Sluice's `quic` listener and on
+#     the direct path; sluice and direct only; 0 to skip)
 #   CONCURRENCY=50 ENVOY_VERSION=1.40.0 SLUICE_AUDIT=/dev/null NO_BUILD=1
 #   SYSCALLS=1 (strace system calls per connection, round 1; 0 to skip)
 #   SLUICE_BASE=/path/to/sluice or BASE_REV=<git revision>: also measure
@@ -42,6 +45,8 @@ BULK_BYTES=${BULK_BYTES:-2000000000}
 CONCURRENCY=${CONCURRENCY:-50}
 TLS_CONNS=${TLS_CONNS:-5000}
 HTTP_REQS=${HTTP_REQS:-20000}
+QUIC_CONNS=${QUIC_CONNS:-5000}
+QUIC_BULK_BYTES=${QUIC_BULK_BYTES:-1000000000}
 TLS_LAT_CONNS=${TLS_LAT_CONNS:-1000}
 ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
 SLUICE_AUDIT=${SLUICE_AUDIT:-/dev/null}
@@ -65,6 +70,9 @@ declare -A LISTEN=([sluice]=18443 [envoy]=18444 [haproxy]=18445 [nginx]=18446 [f
 # The plain-HTTP phase's listen ports (Sluice only: an http-proxy listener
 # beside the sni one; peers run no HTTP phase).
 declare -A HTTP_LISTEN=([sluice]=18453 [base]=18458 [wasm]=18459 [wasm-null]=18460)
+# The QUIC phases' UDP ports: Sluice's `quic` listener; the origin serves
+# QUIC on each target's origin port number, over UDP.
+declare -A QUIC_LISTEN=([sluice]=18463)
 declare -A ORIGIN=([direct]=18080 [sluice]=18081 [envoy]=18082 [haproxy]=18083 [nginx]=18084 [floor]=18085 [base]=18086 [wasm]=18087 [wasm-null]=18088)
 # `wasm`: this tree's Sluice with one connection-level plugin (the test
 # guest, deciding on each flow's SNI), to measure what a plugin adds.
@@ -206,16 +214,22 @@ fi
 origin_ports=()
 for t in $ONLY; do origin_ports+=("127.0.0.1:${ORIGIN[$t]}"); done
 ORIGIN_CERT=$OUT/origin-cert.der
+quic_ports=()
+for t in direct sluice; do want "$t" && quic_ports+=("127.0.0.1:${ORIGIN[$t]}"); done
 $CLIENT_CPU "$T/bench-origin" --listen "${origin_ports[@]}" --cert-out "$ORIGIN_CERT" \
-    >"$OUT/origin.log" 2>&1 &
+    ${quic_ports[@]:+--quic-listen "${quic_ports[@]}"} >"$OUT/origin.log" 2>&1 &
 ORIGIN_PID=$!
 PIDS+=("$ORIGIN_PID")
 for _ in $(seq 100); do [ -s "$ORIGIN_CERT" ] && break; sleep 0.1; done
 
 render() { # template target -> rendered file
-    local src=$1 t=$2 dst=$OUT/$(basename "$1")
+    local src=$1 t=$2 dst=$OUT/$(basename "$1") quic="" protocols="tls, http"
+    if [ -n "${QUIC_LISTEN[$t]:-}" ]; then
+        quic="  - {name: quic, kind: quic, address: 127.0.0.1:${QUIC_LISTEN[$t]}, upstream_port: ${ORIGIN[$t]}, idle_timeout: 5s, max_connections: 100000}"
+        protocols="tls, http, quic"
+    fi
     sed -e "s|@LISTEN_PORT@|${LISTEN[$t]:-0}|g" -e "s|@ORIGIN_PORT@|${ORIGIN[$t]}|g" \
-        -e "s|@HTTP_PORT@|${HTTP_LISTEN[$t]:-0}|g" \
+        -e "s|@HTTP_PORT@|${HTTP_LISTEN[$t]:-0}|g" -e "s|@QUIC_LISTENER@|$quic|g" -e "s|@PROTOCOLS@|$protocols|g" \
         -e "s|@OUT@|$OUT|g" -e "s|@AUDIT@|$SLUICE_AUDIT|g" -e "s|@WASM@|$WASM_FILE|g" -e "s|@WASM_NULL@|$WASM_NULL_FILE|g" \
         -e "s|@NGINX_STREAM_MODULE@|$NGINX_STREAM_MODULE|g" "$src" >"$dst"
     echo "$dst"
@@ -348,6 +362,17 @@ run_target() {
         bounded 200 $CLIENT_CPU "$LOAD" http --target "127.0.0.1:${HTTP_LISTEN[$t]}" \
             --host "$SNI:${ORIGIN[$t]}" "${m[@]}" --count "$HTTP_REQS" --concurrency "$CONCURRENCY" \
             --max-secs 180 | tee -a "$RESULTS" >&2 || log "$t http: failed"
+    fi
+    if ((QUIC_CONNS > 0)) && { [ -n "${QUIC_LISTEN[$t]:-}" ] || [ "$t" = direct ]; }; then
+        local qt=127.0.0.1:${QUIC_LISTEN[$t]:-${ORIGIN[$t]}}
+        sleep 1
+        log "$t: $QUIC_CONNS QUIC connections, $CONCURRENCY in flight; $QUIC_BULK_BYTES bytes over one"
+        bounded 120 $CLIENT_CPU "$LOAD" quic --target "$qt" --sni "$SNI" --ca "$ORIGIN_CERT" \
+            "${m[@]}" --count "$QUIC_CONNS" --concurrency "$CONCURRENCY" --max-secs 100 \
+            | tee -a "$RESULTS" >&2 || log "$t quic: failed"
+        bounded 120 $CLIENT_CPU "$LOAD" quic --target "$qt" --sni "$SNI" --ca "$ORIGIN_CERT" \
+            "${m[@]}" --phase quic-bulk --bytes "$QUIC_BULK_BYTES" --max-secs 100 \
+            | tee -a "$RESULTS" >&2 || log "$t quic-bulk: failed"
     fi
     if ((TLS_CONNS > 0)); then
         # End to end with real TLS (client and origin crypto on CPU 0): the

@@ -55,7 +55,8 @@ if [ "$(nproc)" -ge 2 ]; then PROXY_CPU="taskset -c 1"; CLIENT_CPU="taskset -c 0
 $CLIENT_CPU "$T/bench-origin" --listen "$ORIGIN" --cert-out "$OUT/cert.der" >/dev/null 2>&1 &
 PIDS+=($!)
 sed -e "s|@LISTEN_PORT@|${LISTEN##*:}|" -e "s|@ORIGIN_PORT@|${ORIGIN##*:}|" -e "s|@AUDIT@|/dev/null|" \
-    -e "s|127.0.0.1:19901|127.0.0.1:0|" "$B/configs/sluice.yaml" >"$OUT/sluice.yaml"
+    -e "s|127.0.0.1:19901|127.0.0.1:0|" -e "s|@HTTP_PORT@|0|" -e "s|@QUIC_LISTENER@||" -e "s|@PROTOCOLS@|tls, http|" \
+    "$B/configs/sluice.yaml" >"$OUT/sluice.yaml"
 
 trace_one() {
     local name=$1 pid filter t

@@ -102,6 +102,31 @@ enum Cmd {
         #[arg(long, default_value = "http")]
         phase: String,
     },
+    /// COUNT QUIC connections to the origin through TARGET (a `quic`
+    /// listener, or the origin itself for `direct`), CONCURRENCY in flight,
+    /// each from its own UDP port: full handshake, one stream asking for
+    /// BYTES, read to its end, close. With `--phase quic-bulk` and one
+    /// connection, the proxy CPU per GB.
+    Quic {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "bench.example")]
+        sni: String,
+        /// The origin's certificate (DER), trusted as the only root.
+        #[arg(long)]
+        ca: PathBuf,
+        #[command(flatten)]
+        m: Measured,
+        #[arg(long, default_value_t = 5_000)]
+        count: usize,
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        /// Bytes each connection asks for.
+        #[arg(long, default_value_t = REPLY_LEN as u64)]
+        bytes: u64,
+        #[arg(long, default_value = "quic")]
+        phase: String,
+    },
     /// STREAMS connections each receiving BYTES/STREAMS bytes after the hello.
     Bulk {
         #[command(flatten)]
@@ -392,6 +417,59 @@ fn tls_connector(ca: &PathBuf) -> TlsConnector {
 enum Kind {
     Hello(Arc<[u8]>),
     Tls(TlsConnector, ServerName<'static>),
+    Quic(quinn::ClientConfig, Arc<str>, u64),
+}
+
+/// QUIC client settings trusting only the origin's certificate (ALPN
+/// `bench`, no resumption: every connection a full handshake).
+fn quic_client(ca: &PathBuf) -> quinn::ClientConfig {
+    let der = std::fs::read(ca).unwrap_or_else(|e| panic!("{}: {e}", ca.display()));
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from(der)).unwrap();
+    let mut cfg = ClientConfig::builder_with_provider(Arc::new(tokio_rustls::rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&tokio_rustls::rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.resumption = Resumption::disabled();
+    cfg.alpn_protocols = vec![b"bench".to_vec()];
+    quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap(),
+    ))
+}
+
+/// One QUIC connection from a UDP port of its own (a proxy keys flows by
+/// address): handshake, ask for `bytes` on a stream, read them, close.
+/// Returns the time to the first byte and the bytes read.
+async fn one_quic(
+    target: SocketAddr,
+    cfg: &quinn::ClientConfig,
+    sni: &str,
+    bytes: u64,
+) -> std::io::Result<(Duration, u64)> {
+    let t0 = Instant::now();
+    let mut ep = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    ep.set_default_client_config(cfg.clone());
+    let conn = ep
+        .connect(target, sni)
+        .map_err(std::io::Error::other)?
+        .await
+        .map_err(std::io::Error::other)?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(std::io::Error::other)?;
+    send.write_all(&bytes.to_le_bytes())
+        .await
+        .map_err(std::io::Error::other)?;
+    send.finish().map_err(std::io::Error::other)?;
+    let mut first = None;
+    let mut got = 0_u64;
+    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.map_err(std::io::Error::other)? {
+        first.get_or_insert_with(|| t0.elapsed());
+        got += chunk.bytes.len() as u64;
+    }
+    conn.close(0_u32.into(), b"done");
+    // Let the close go out; the client does not wait for the drain.
+    let _ = timeout(Duration::from_millis(50), ep.wait_idle()).await;
+    Ok((first.unwrap_or_else(|| t0.elapsed()), got))
 }
 
 async fn conn(c: &Common, m: &Measured, count: usize, concurrency: usize, phase: &str) -> Value {
@@ -449,6 +527,17 @@ async fn drive(target: SocketAddr, kind: Kind, m: &Measured, count: usize, concu
                 let r = match &kind {
                     Kind::Hello(h) => timeout(Duration::from_secs(10), one(target, h, &mut buf)).await,
                     Kind::Tls(t, n) => timeout(Duration::from_secs(10), one_tls(target, t, n)).await,
+                    Kind::Quic(cfg, sni, bytes) => {
+                        timeout(Duration::from_secs(10), async {
+                            let (first, got) = one_quic(target, cfg, sni, *bytes).await?;
+                            if got == *bytes {
+                                Ok(first)
+                            } else {
+                                Err(std::io::Error::other("short answer"))
+                            }
+                        })
+                        .await
+                    }
                 };
                 match r {
                     Ok(Ok(d)) => lat.push(u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
@@ -464,6 +553,49 @@ async fn drive(target: SocketAddr, kind: Kind, m: &Measured, count: usize, concu
     o.insert("conn_per_s".into(), json!(ok as f64 / elapsed));
     if let Some(cpu) = o.get("proxy_cpu_s").and_then(Value::as_f64) {
         o.insert("proxy_cpu_us_per_conn".into(), json!(cpu * 1e6 / ok.max(1) as f64));
+    }
+    Value::Object(o)
+}
+
+/// The QUIC phases: new connections (`quic`), or one connection's bulk
+/// transfer (`quic-bulk`: throughput and proxy CPU per GB).
+#[allow(clippy::too_many_arguments, reason = "one argument per command-line option")]
+async fn quic(
+    target: SocketAddr,
+    sni: &str,
+    ca: &PathBuf,
+    m: &Measured,
+    count: usize,
+    concurrency: usize,
+    bytes: u64,
+    phase: &str,
+) -> Value {
+    let cfg = quic_client(ca);
+    if phase != "quic-bulk" {
+        return drive(
+            target,
+            Kind::Quic(cfg, Arc::from(sni), bytes),
+            m,
+            count,
+            concurrency,
+            phase,
+        )
+        .await;
+    }
+    let meter = Meter::start(m);
+    let r = timeout(Duration::from_secs(m.max_secs), one_quic(target, &cfg, sni, bytes)).await;
+    let (first, got) = match r {
+        Ok(Ok(x)) => x,
+        _ => (Duration::ZERO, 0),
+    };
+    let mut o = meter.finish(m, phase);
+    let elapsed = o["elapsed_s"].as_f64().unwrap_or(f64::NAN);
+    o.insert("bytes".into(), json!(got));
+    o.insert("first_byte_s".into(), json!(first.as_secs_f64()));
+    o.insert("errors".into(), json!(u64::from(got != bytes)));
+    o.insert("gbit_s".into(), json!(got as f64 * 8.0 / elapsed / 1e9));
+    if let Some(cpu) = o.get("proxy_cpu_s").and_then(Value::as_f64) {
+        o.insert("proxy_cpu_s_per_gb".into(), json!(cpu / (got as f64 / 1e9)));
     }
     Value::Object(o)
 }
@@ -644,7 +776,7 @@ struct Metric {
     target: &'static str,
 }
 
-const METRICS: [Metric; 16] = [
+const METRICS: [Metric; 21] = [
     Metric {
         name: "proxy CPU per new TLS connection (µs)",
         phase: "conn",
@@ -749,6 +881,41 @@ const METRICS: [Metric; 16] = [
         field: "p99_us",
         lower_is_better: true,
         target: "",
+    },
+    Metric {
+        name: "QUIC: proxy CPU per new connection, 50 in flight (µs)",
+        phase: "quic",
+        field: "proxy_cpu_us_per_conn",
+        lower_is_better: true,
+        target: "",
+    },
+    Metric {
+        name: "QUIC: connections/s, 50 in flight",
+        phase: "quic",
+        field: "conn_per_s",
+        lower_is_better: false,
+        target: "(client crypto bound)",
+    },
+    Metric {
+        name: "QUIC: connect+handshake → first byte p50, 50 in flight (µs)",
+        phase: "quic",
+        field: "p50_us",
+        lower_is_better: true,
+        target: "",
+    },
+    Metric {
+        name: "QUIC: proxy CPU per GB relayed (s)",
+        phase: "quic-bulk",
+        field: "proxy_cpu_s_per_gb",
+        lower_is_better: true,
+        target: "",
+    },
+    Metric {
+        name: "QUIC: bulk throughput, 1 connection (Gbit/s)",
+        phase: "quic-bulk",
+        field: "gbit_s",
+        lower_is_better: false,
+        target: "(client crypto bound)",
     },
     Metric {
         name: "client core busy, conn phase (share of 1 core)",
@@ -1040,6 +1207,16 @@ fn report(file: &PathBuf, svg: Option<&PathBuf>) {
     for l in ["floor", "base", "sluice", "envoy", "haproxy", "nginx"] {
         println!("- {l}: {}", ratio(get(l, bulk), direct));
     }
+    let quic = METRICS
+        .iter()
+        .find(|m| m.phase == "quic-bulk" && m.field == "gbit_s")
+        .unwrap();
+    if get("direct", quic).is_some() {
+        println!(
+            "\nQUIC through Sluice / direct, bulk throughput: {}",
+            ratio(get("sluice", quic), get("direct", quic))
+        );
+    }
     if let Some(path) = svg {
         let groups: Vec<sluice_bench::chart::Group> = METRICS
             .iter()
@@ -1108,6 +1285,16 @@ async fn main() {
             let kind = Kind::Tls(tls_connector(&ca), name);
             drive(target, kind, &m, count, concurrency, &phase).await
         }
+        Cmd::Quic {
+            target,
+            sni,
+            ca,
+            m,
+            count,
+            concurrency,
+            bytes,
+            phase,
+        } => quic(target, &sni, &ca, &m, count, concurrency, bytes, &phase).await,
         Cmd::Bulk { c, m, bytes, streams } => bulk(&c, &m, bytes, streams).await,
         Cmd::Idle {
             c,

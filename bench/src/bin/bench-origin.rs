@@ -8,8 +8,11 @@
 //! self-signed certificate for `bench.example` (written to `--cert-out` for
 //! the client to trust) and answers over TLS. A connection that does not
 //! start with a TLS record is plain HTTP/1.1 (the HTTP phase): every
-//! request gets `200 ok`, with keep-alive. One thread, so it stays on the
-//! core `taskset` gives it and leaves the other to the proxy under test.
+//! request gets `200 ok`, with keep-alive. With `--quic-listen` it is also
+//! a QUIC server (ALPN `bench`, the same certificate): on each stream the
+//! client sends how many bytes it wants (a little-endian u64) and gets
+//! them. One thread, so it stays on the core `taskset` gives it and leaves
+//! the other to the proxy under test.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark tool")]
 
 use std::net::SocketAddr;
@@ -35,6 +38,9 @@ struct Args {
     /// Where to write the origin's certificate (DER) for TLS clients.
     #[arg(long)]
     cert_out: Option<PathBuf>,
+    /// UDP addresses to serve QUIC on.
+    #[arg(long, num_args = 1..)]
+    quic_listen: Vec<SocketAddr>,
 }
 
 /// The client's first record, already read, handed back to rustls before
@@ -70,7 +76,9 @@ impl AsyncWrite for Prefixed {
     }
 }
 
-fn tls_acceptor(cert_out: Option<&PathBuf>) -> TlsAcceptor {
+/// The origin's TLS acceptor, and its QUIC server settings with the same
+/// certificate.
+fn tls_acceptor(cert_out: Option<&PathBuf>) -> (TlsAcceptor, quinn::ServerConfig) {
     let ck = rcgen::generate_simple_self_signed(vec!["bench.example".to_owned()]).unwrap();
     let cert = CertificateDer::from(ck.cert.der().to_vec());
     if let Some(p) = cert_out {
@@ -79,9 +87,49 @@ fn tls_acceptor(cert_out: Option<&PathBuf>) -> TlsAcceptor {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
     let cfg = ServerConfig::builder()
         .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
+        .with_single_cert(vec![cert.clone()], key.clone_key())
         .unwrap();
-    TlsAcceptor::from(Arc::new(cfg))
+    let mut quic =
+        ServerConfig::builder_with_provider(Arc::new(tokio_rustls::rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&tokio_rustls::rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+    quic.alpn_protocols = vec![b"bench".to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(quic).unwrap();
+    (
+        TlsAcceptor::from(Arc::new(cfg)),
+        quinn::ServerConfig::with_crypto(Arc::new(quic)),
+    )
+}
+
+/// One QUIC connection: each stream asks for a number of bytes and gets
+/// them, until the client closes.
+async fn serve_quic(incoming: quinn::Incoming) -> Result<(), Box<dyn std::error::Error>> {
+    let conn = incoming.await?;
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return Ok(()),
+        };
+        tokio::spawn(async move {
+            let mut want = [0_u8; 8];
+            if recv.read_exact(&mut want).await.is_err() {
+                return;
+            }
+            let mut n = u64::from_le_bytes(want);
+            while n > 0 {
+                let k = usize::try_from(n).unwrap_or(CHUNK).min(CHUNK);
+                if send.write_all(&BULK[..k]).await.is_err() {
+                    return;
+                }
+                n -= k as u64;
+            }
+            let _ = send.finish();
+            let _ = send.stopped().await;
+        });
+    }
 }
 
 const CHUNK: usize = 256 * 1024;
@@ -172,7 +220,17 @@ async fn http(mut s: TcpStream, mut buf: Vec<u8>) -> std::io::Result<()> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
-    let tls = tls_acceptor(args.cert_out.as_ref());
+    let (tls, quic) = tls_acceptor(args.cert_out.as_ref());
+    for addr in args.quic_listen {
+        let ep = quinn::Endpoint::server(quic.clone(), addr).unwrap_or_else(|e| panic!("bind {addr}/udp: {e}"));
+        tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                tokio::spawn(async move {
+                    let _ = serve_quic(incoming).await;
+                });
+            }
+        });
+    }
     for addr in args.listen {
         let tls = tls.clone();
         let l = listener(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
