@@ -249,6 +249,25 @@ flow_test!(denied_sni_gets_nothing_through_and_one_record, async {
     assert_eq!(records.iter().filter(|r| is_quic(r)).count(), 1, "{records:?}");
 });
 
+flow_test!(an_allowed_name_resolving_to_cloud_metadata_is_guarded, async {
+    // `metadata.test` is in the allowed WebGroup, but resolves to
+    // 169.254.169.254: the SSRF guard refuses it as over TCP, and nothing
+    // is dialled.
+    let up = QuicEcho::start().await;
+    let sluice = config(&up, HOLD).start().await;
+    let client = client(&up.cert, h3());
+    let got = round_trip(&client, sluice.addr("quic"), "metadata.test", b"hello").await;
+    assert!(got.is_err(), "a guarded QUIC flow completed: {got:?}");
+    assert_eq!(up.incoming(), 0, "the upstream saw a connection attempt");
+    let r = sluice.wait_record(is_quic).await;
+    assert_eq!((action(&r), reason(&r)), ("deny", "guard-cloud-metadata"), "{r}");
+    assert_eq!(r["verdict"]["rule"], "builtin-guard", "{r}");
+    assert_eq!(field(&r, "sni"), "metadata.test", "{r}");
+    assert_eq!(field(&r, "close_reason"), "denied", "{r}");
+    assert!(r.get("dst").is_none(), "nothing dialled: {r}");
+    sluice.stop().await;
+});
+
 flow_test!(a_hello_over_two_initials_is_classified_and_handshakes, async {
     let up = QuicEcho::start().await;
     let sluice = config(&up, "").start().await;
