@@ -571,6 +571,27 @@ flow_test!(flows_past_max_connections_are_dropped, async {
     assert_eq!(up.incoming(), 0);
 });
 
+flow_test!(refused_flows_give_up_their_slots_to_new_flows, async {
+    // A full table of refused flows (garbage that does not classify, as a
+    // flood from spoofed sources would send) does not keep a real client
+    // out for an idle timeout: the oldest refused flow's slot goes to it.
+    let up = QuicEcho::start().await;
+    let sluice = config(&up, "max_connections: 2, idle_timeout: 30s").start().await;
+    let at = sluice.addr("quic");
+    let _a = send_raw(at, &[vec![0u8; 8]]).await;
+    let _b = send_raw(at, &[vec![1u8; 8]]).await;
+    // Both are refused and recorded before the client comes.
+    let refused = sluice.wait_records(2, is_quic).await;
+    assert!(refused.iter().all(|r| action(r) == "deny"), "{refused:?}");
+    let client = client(&up.cert, h3());
+    let back = within("the round trip", round_trip(&client, at, "allowed.test", b"through"))
+        .await
+        .expect("a new flow takes a refused flow's slot");
+    assert_eq!(back, b"through");
+    assert_eq!(up.incoming(), 1, "the new flow reached the upstream");
+    sluice.stop().await;
+});
+
 // --- Transparent mode: TPROXY for real, in a throwaway network namespace.
 //
 // The outer test re-runs this binary under `unshare --net` (as

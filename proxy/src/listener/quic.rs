@@ -119,6 +119,9 @@ enum Event {
     /// ID of a long-header packet): the client's short-header packets
     /// carry it, which is how they are recognised from a new port.
     ServerCid { key: Key, serial: u64, cid: Vec<u8> },
+    /// The flow was refused and recorded; it only swallows its client's
+    /// retransmissions now, so its slot may go to a new flow.
+    Refused { key: Key, serial: u64 },
 }
 
 /// Connection ids remembered per flow, and flows a rebinding client may
@@ -150,6 +153,11 @@ struct Table {
     /// The lengths of the ids in `cids` (a short header does not say how
     /// long its connection id is).
     cid_lens: Vec<usize>,
+    /// Refused flows still swallowing, oldest first: the slots a new flow
+    /// takes when the table is full, so datagrams that do not classify
+    /// (a flood from spoofed sources, say) cannot keep real clients out
+    /// for a whole idle timeout.
+    refused: std::collections::VecDeque<(Key, u64)>,
 }
 
 impl Table {
@@ -177,6 +185,19 @@ impl Table {
                     for c in entry.cids {
                         self.cids.remove(&c);
                     }
+                }
+            }
+            Event::Refused { key, serial } => {
+                if self.flows.get(&key).is_some_and(|e| e.serial == serial) {
+                    self.refused.push_back((key, serial));
+                }
+                // Flows that ended on their own leave stale entries: drop
+                // them once they outnumber the table, so this stays
+                // bounded by it (amortised, one pass per doubling).
+                if self.refused.len() > 2 * self.flows.len() + 16 {
+                    let flows = &self.flows;
+                    self.refused
+                        .retain(|(k, s)| flows.get(k).is_some_and(|e| e.serial == *s));
                 }
             }
             Event::ServerCid { key, serial, cid } => {
@@ -210,6 +231,18 @@ impl Table {
             let owner = *self.cids.get(id)?;
             (owner.0.ip() == key.0.ip() && owner.1 == key.1).then_some(owner)
         })
+    }
+
+    /// Frees the slot of the oldest refused flow still swallowing (its task
+    /// ends when its queue closes); `false` when there is none.
+    fn evict_refused(&mut self) -> bool {
+        while let Some((key, serial)) = self.refused.pop_front() {
+            if self.flows.get(&key).is_some_and(|e| e.serial == serial) {
+                self.flows.remove(&key);
+                return true;
+            }
+        }
+        false
     }
 
     /// Makes `key` reach the flow first seen as `owner`, and hands it
@@ -367,7 +400,7 @@ fn start_flow(
     let Some(plan) = snapshot.plan(name).cloned() else {
         return;
     };
-    if table.len() >= plan.connection().max_connections {
+    if table.len() >= plan.connection().max_connections && !table.evict_refused() {
         metrics::errors("quic-flow-limit", 1);
         return;
     }
@@ -468,8 +501,13 @@ async fn run(start: Start, mut rx: mpsc::Receiver<Datagram>) {
             flow.end(&shared, stop);
             // Recorded: no longer an active flow. Its later datagrams
             // (retransmitted Initials) are swallowed until it idles, so
-            // they neither reach anyone nor make another record.
+            // they neither reach anyone nor make another record; its slot
+            // goes to a new flow if the table fills meanwhile.
             drop((active, gauge));
+            let _ = start.events.send(Event::Refused {
+                key: start.key,
+                serial: start.serial,
+            });
             swallow(&start, &mut rx, idle).await;
         }
     }
