@@ -122,12 +122,25 @@ enum Event {
     /// The flow was refused and recorded; it only swallows its client's
     /// retransmissions now, so its slot may go to a new flow.
     Refused { key: Key, serial: u64 },
+    /// The flow was allowed and is relayed: its slot is no longer one a
+    /// new flow may take.
+    Decided { key: Key, serial: u64 },
 }
 
 /// Connection ids remembered per flow, and flows a rebinding client may
 /// reach under other keys: enough for the server's first ids.
 const MAX_CIDS_PER_FLOW: usize = 4;
 const MAX_ALIASES_PER_FLOW: usize = 4;
+/// The shortest server connection id a rebinding client is followed by.
+/// A shorter one is too easy to guess or to cover: a server a policy
+/// allows could hand out one-byte ids and catch other clients' datagrams.
+const MIN_FOLLOWED_CID: usize = 8;
+/// How long a flow's client port must have been silent before replies go
+/// to a new port the client's datagrams came from: a NAT that rebinds
+/// never uses the old port again, while a sender that merely knows the
+/// server's connection id cannot take the replies of a client still
+/// talking.
+const REBIND_QUIET: Duration = Duration::from_secs(1);
 
 /// What the listener's task keeps of a flow.
 #[derive(Debug)]
@@ -140,6 +153,8 @@ struct Entry {
     alias_of: Option<Key>,
     /// Other keys that reach this flow (first key only).
     aliases: Vec<Key>,
+    /// Classified and allowed or refused: no longer in its Initial phase.
+    decided: bool,
     /// The server's connection ids seen on this flow (first key only).
     cids: Vec<Vec<u8>>,
 }
@@ -158,6 +173,11 @@ struct Table {
     /// (a flood from spoofed sources, say) cannot keep real clients out
     /// for a whole idle timeout.
     refused: std::collections::VecDeque<(Key, u64)>,
+    /// Every flow in the order it started, for the oldest still in its
+    /// Initial phase: the slot a new flow takes when no refused flow is
+    /// left (Initials that never complete a ClientHello, forged from
+    /// spoofed sources, then cannot fill the table for a `peek_timeout`).
+    pending: std::collections::VecDeque<(Key, u64)>,
 }
 
 impl Table {
@@ -187,8 +207,14 @@ impl Table {
                     }
                 }
             }
+            Event::Decided { key, serial } => {
+                if let Some(e) = self.flows.get_mut(&key).filter(|e| e.serial == serial) {
+                    e.decided = true;
+                }
+            }
             Event::Refused { key, serial } => {
-                if self.flows.get(&key).is_some_and(|e| e.serial == serial) {
+                if let Some(e) = self.flows.get_mut(&key).filter(|e| e.serial == serial) {
+                    e.decided = true;
                     self.refused.push_back((key, serial));
                 }
                 // Flows that ended on their own leave stale entries: drop
@@ -204,7 +230,8 @@ impl Table {
                 let Some(entry) = self.flows.get_mut(&key).filter(|e| e.serial == serial) else {
                     return;
                 };
-                if cid.is_empty() || entry.cids.len() >= MAX_CIDS_PER_FLOW || self.cids.contains_key(&cid) {
+                if cid.len() < MIN_FOLLOWED_CID || entry.cids.len() >= MAX_CIDS_PER_FLOW || self.cids.contains_key(&cid)
+                {
                     return;
                 }
                 if !self.cid_lens.contains(&cid.len()) {
@@ -226,23 +253,47 @@ impl Table {
         if first & 0x80 != 0 {
             return None;
         }
-        self.cid_lens.iter().find_map(|len| {
+        // The longest id that matches: a shorter one that happens to be
+        // a prefix of it names another flow.
+        let mut lens = self.cid_lens.clone();
+        lens.sort_unstable_by(|a, b| b.cmp(a));
+        lens.iter().find_map(|len| {
             let id = data.get(1..1 + len)?;
             let owner = *self.cids.get(id)?;
             (owner.0.ip() == key.0.ip() && owner.1 == key.1).then_some(owner)
         })
     }
 
-    /// Frees the slot of the oldest refused flow still swallowing (its task
-    /// ends when its queue closes); `false` when there is none.
-    fn evict_refused(&mut self) -> bool {
+    /// Frees a slot for a new flow in a full table: the oldest refused
+    /// flow still swallowing, else the oldest flow still in its Initial
+    /// phase (its task ends when its queue closes; a flow evicted there is
+    /// recorded as refused with `peek-timeout`: its Initial phase ended
+    /// without a whole ClientHello). `false` when neither exists.
+    fn evict(&mut self) -> bool {
         while let Some((key, serial)) = self.refused.pop_front() {
             if self.flows.get(&key).is_some_and(|e| e.serial == serial) {
                 self.flows.remove(&key);
                 return true;
             }
         }
+        while let Some((key, serial)) = self.pending.pop_front() {
+            if self.flows.get(&key).is_some_and(|e| e.serial == serial && !e.decided) {
+                self.flows.remove(&key);
+                return true;
+            }
+        }
         false
+    }
+
+    /// Notes a new flow's start; the list of starts is compacted when it
+    /// outnumbers the table, so it stays bounded by it.
+    fn started(&mut self, key: Key, serial: u64) {
+        self.pending.push_back((key, serial));
+        if self.pending.len() > 2 * self.flows.len() + 16 {
+            let flows = &self.flows;
+            self.pending
+                .retain(|(k, s)| flows.get(k).is_some_and(|e| e.serial == *s && !e.decided));
+        }
     }
 
     /// Makes `key` reach the flow first seen as `owner`, and hands it
@@ -264,6 +315,7 @@ impl Table {
                 serial,
                 alias_of: Some(owner),
                 aliases: Vec::new(),
+                decided: true,
                 cids: Vec::new(),
             },
         );
@@ -400,7 +452,7 @@ fn start_flow(
     let Some(plan) = snapshot.plan(name).cloned() else {
         return;
     };
-    if table.len() >= plan.connection().max_connections && !table.evict_refused() {
+    if table.len() >= plan.connection().max_connections && !table.evict() {
         metrics::errors("quic-flow-limit", 1);
         return;
     }
@@ -416,9 +468,11 @@ fn start_flow(
             serial,
             alias_of: None,
             aliases: Vec::new(),
+            decided: false,
             cids: Vec::new(),
         },
     );
+    table.started(key, serial);
     let start = Start {
         plan,
         snapshot,
@@ -496,7 +550,21 @@ async fn run(start: Start, mut rx: mpsc::Receiver<Datagram>) {
     };
     let idle = start.plan.connection().idle_timeout;
     match decided {
-        Ok(fwd) => relay(&start, flow, fwd, rx, held).await,
+        Ok(fwd) => {
+            let _ = start.events.send(Event::Decided {
+                key: start.key,
+                serial: start.serial,
+            });
+            relay(&start, flow, fwd, &mut rx, held).await;
+            // Recorded. The client may still send (after a policy change
+            // ended the flow, say): swallowed, as for a refused flow, so
+            // one connection never makes a second (refused) record.
+            let _ = start.events.send(Event::Refused {
+                key: start.key,
+                serial: start.serial,
+            });
+            swallow(&start, &mut rx, idle).await;
+        }
         Err(stop) => {
             flow.end(&shared, stop);
             // Recorded: no longer an active flow. Its later datagrams
@@ -564,8 +632,11 @@ async fn front(
         };
         let datagram = match next {
             Err(_) => return Err(flow.refuse(ReasonCode::PeekTimeout)),
-            // The listener stopped before the hello was complete.
-            Ok(None) => return Err(flow.refuse(ReasonCode::Shutdown)),
+            // The listener stopped before the hello was complete, or a
+            // full table gave this flow's slot to a newer one: its
+            // Initial phase is over without a ClientHello.
+            Ok(None) if start.closing.is_cancelled() => return Err(flow.refuse(ReasonCode::Shutdown)),
+            Ok(None) => return Err(flow.refuse(ReasonCode::PeekTimeout)),
             // Before the server spoke there is no id to follow a client's
             // new port by: every datagram here comes from the first key.
             Ok(Some(d)) => d.data,
@@ -694,7 +765,7 @@ fn reply_address(client: SocketAddr, from_v4: bool) -> SocketAddr {
 /// Sends the held datagrams, then relays both ways until the flow idles,
 /// its listener is gone, the process stops or a new policy denies it; then
 /// writes its record.
-async fn relay(start: &Start, flow: Flow, fwd: Forward, mut rx: mpsc::Receiver<Datagram>, held: Vec<Vec<u8>>) {
+async fn relay(start: &Start, flow: Flow, fwd: Forward, rx: &mut mpsc::Receiver<Datagram>, held: Vec<Vec<u8>>) {
     let shared = &start.shared;
     let Forward { chain, mut addrs } = fwd;
     // UDP has no happy eyeballs to find a family that works: a client that
@@ -729,7 +800,7 @@ async fn relay(start: &Start, flow: Flow, fwd: Forward, mut rx: mpsc::Receiver<D
         None => start.src,
     };
     let reply: &UdpSocket = path.reply_from.as_ref().unwrap_or(&*start.listener);
-    let (down_bytes, close, revoked) = pump(start, &flow, &chain, &path, &mut rx, reply, client, idle).await;
+    let (down_bytes, close, revoked) = pump(start, &flow, &chain, &path, rx, reply, client, idle).await;
     let mut rec = flow.record_to(path.dst);
     rec.bytes_up = up_bytes + down_bytes.0;
     rec.bytes_down = down_bytes.1;
@@ -772,6 +843,7 @@ async fn pump(
     let (mut up, mut down) = (0u64, 0u64);
     let mut client = client;
     let mut from = start.src;
+    let mut from_last = tokio::time::Instant::now();
     let from_v4 = path
         .reply_from
         .as_ref()
@@ -793,10 +865,17 @@ async fn pump(
             }
             d = rx.recv() => match d {
                 Some(d) => {
+                    // Only the client's datagrams keep the flow alive: a
+                    // server that streams to a client that is gone (or
+                    // whose address was spoofed) does not hold it open.
                     last = tokio::time::Instant::now();
-                    // The client's NAT gave it a new port: answer there.
-                    if d.from != from {
+                    if d.from == from {
+                        from_last = last;
+                    } else if last.duration_since(from_last) >= REBIND_QUIET {
+                        // The client's NAT gave it a new port, and the old
+                        // one went quiet: answer at the new one.
                         from = d.from;
+                        from_last = last;
                         client = if path.reply_from.is_some() { reply_address(from, from_v4) } else { from };
                     }
                     match path.upstream.send(&d.data).await {
@@ -814,7 +893,6 @@ async fn pump(
                 let got = r.and_then(|()| receive_upstream(&path.upstream));
                 match got {
                     Ok(data) => {
-                        last = tokio::time::Instant::now();
                         if let Some(cid) = server_cid(&data).filter(|c| !reported.iter().any(|r| r == c))
                             && reported.len() < MAX_CIDS_PER_FLOW
                         {
@@ -846,6 +924,10 @@ async fn pump(
 /// header or anything too short; the rest of the packet is not read.
 fn server_cid(data: &[u8]) -> Option<&[u8]> {
     if data.first()? & 0x80 == 0 {
+        return None;
+    }
+    // Version Negotiation (version 0) echoes the client's own ids.
+    if data.get(1..5)? == [0, 0, 0, 0] {
         return None;
     }
     let dcid_len = usize::from(*data.get(5)?);
@@ -905,6 +987,7 @@ mod tests {
             serial,
             alias_of: None,
             aliases: Vec::new(),
+            decided: false,
             cids: Vec::new(),
         }
     }

@@ -95,9 +95,23 @@ pub fn recv_orig_dst(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<OrigDatag
     let src = super::udp::sockaddr_to_std(&from, msg.msg_namelen)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "datagram from a non-IP address"))?;
     let mut orig_dst = None;
+    // A truncated control buffer may have lost the original destination:
+    // none, so a transparent listener refuses the datagram's flow.
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Ok(OrigDatagram {
+            len,
+            src,
+            orig_dst: None,
+        });
+    }
+    // Where the control data the kernel wrote ends: no payload is read
+    // past it, whatever a header's `cmsg_len` says.
+    #[allow(clippy::unnecessary_cast, reason = "size_t on glibc, socklen_t on musl")]
+    let control_end = (msg.msg_control as usize).saturating_add(msg.msg_controllen as usize);
     // SAFETY: `msg` is the header the kernel just filled: `CMSG_FIRSTHDR`
-    // and `CMSG_NXTHDR` walk its control buffer within `msg_controllen`,
-    // and return null past the last complete message.
+    // returns null unless a whole `cmsghdr` fits in `msg_controllen`, and
+    // `CMSG_NXTHDR` returns null unless the next whole header does. (They
+    // do not check a header's payload: that bound is `control_end`, below.)
     let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
     while !cmsg.is_null() {
         // SAFETY: non-null `cmsg` points to a complete header inside
@@ -112,17 +126,17 @@ pub fn recv_orig_dst(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<OrigDatag
             let data_len = (hdr.cmsg_len as usize).saturating_sub(header);
             // SAFETY: all-zero is a valid `sockaddr_storage`.
             let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            let copy = data_len.min(std::mem::size_of::<libc::sockaddr_storage>());
-            // SAFETY: `CMSG_DATA` points `data_len` bytes of payload inside
-            // `control` (the kernel wrote `cmsg_len` bytes); at most
-            // `copy` ≤ both sizes are copied into `storage`, which does not
+            // SAFETY: `CMSG_DATA` is pointer arithmetic on a header inside
+            // `control` (it is not dereferenced here).
+            let data = unsafe { libc::CMSG_DATA(cmsg) };
+            let left = control_end.saturating_sub(data as usize);
+            let copy = data_len.min(left).min(std::mem::size_of::<libc::sockaddr_storage>());
+            // SAFETY: `data` points inside `control`, and `copy` bytes from
+            // it stay within `control_end` (the end of what the kernel
+            // wrote in `control`) and within `storage`, which does not
             // overlap `control`.
             unsafe {
-                std::ptr::copy_nonoverlapping(
-                    libc::CMSG_DATA(cmsg),
-                    std::ptr::from_mut(&mut storage).cast::<u8>(),
-                    copy,
-                );
+                std::ptr::copy_nonoverlapping(data, std::ptr::from_mut(&mut storage).cast::<u8>(), copy);
             }
             orig_dst = super::udp::sockaddr_to_std(&storage, copy as libc::socklen_t);
         }
