@@ -431,6 +431,87 @@ flow_test!(a_client_whose_nat_rebinds_keeps_its_flow, async {
     assert_eq!(quic.len(), 1, "one flow, nothing refused: {quic:?}");
 });
 
+/// A UDP relay in front of Sluice that keeps a copy of the client's last
+/// short-header datagram (what an on-path observer, or a host behind the
+/// same NAT, can see).
+async fn tap(to: SocketAddr) -> (SocketAddr, Arc<std::sync::Mutex<Option<Vec<u8>>>>) {
+    let inside = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let at = inside.local_addr().unwrap();
+    let out = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let keep = seen.clone();
+    tokio::spawn(async move {
+        let (mut a, mut b) = (vec![0u8; 65_535], vec![0u8; 65_535]);
+        let mut client = None;
+        loop {
+            tokio::select! {
+                r = inside.recv_from(&mut a) => {
+                    let Ok((n, from)) = r else { return };
+                    client = Some(from);
+                    if a[0] & 0x80 == 0 {
+                        *keep.lock().unwrap() = Some(a[..n].to_vec());
+                    }
+                    let _ = out.send_to(&a[..n], to).await;
+                }
+                r = out.recv(&mut b) => {
+                    let Ok(n) = r else { return };
+                    if let Some(cl) = client { let _ = inside.send_to(&b[..n], cl).await; }
+                }
+            }
+        }
+    });
+    (at, seen)
+}
+
+// Another sender on the client's address that replays the client's
+// datagrams (so it carries the server's connection id) from a port of its
+// own does not take the replies of a client that is still talking.
+flow_test!(a_replayed_datagram_from_another_port_does_not_take_the_replies, async {
+    let up = QuicEcho::start().await;
+    let sluice = config(&up, "").start().await;
+    let (via, seen) = tap(sluice.addr("quic")).await;
+    let client = client(&up.cert, h3());
+    let conn = within("the handshake", async {
+        client.connect(via, "allowed.test").unwrap().await
+    })
+    .await
+    .expect("an allowed QUIC flow goes through");
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target = sluice.addr("quic");
+    let mut stolen = 0usize;
+    let mut buf = vec![0u8; 65_535];
+    for i in 0..20u8 {
+        // 200 KB each way: the server's answer is many datagrams, sent
+        // while the replays arrive.
+        let msg = vec![i; 200_000];
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&msg).await.unwrap();
+        send.finish().unwrap();
+        let replay = seen.lock().unwrap().clone();
+        let replays = async {
+            if let Some(d) = replay {
+                for _ in 0..20 {
+                    attacker.send_to(&d, target).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        };
+        let ((), back) = tokio::join!(replays, within("the echo", recv.read_to_end(1 << 20)));
+        assert!(back.unwrap() == msg, "the echo differs");
+        while let Ok(n) = attacker.try_recv(&mut buf) {
+            stolen += n;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while let Ok(n) = attacker.try_recv(&mut buf) {
+        stolen += n;
+    }
+    assert!(seen.lock().unwrap().is_some(), "the tap saw no short-header datagram");
+    assert_eq!(stolen, 0, "replies went to the replaying port");
+    conn.close(0u32.into(), b"done");
+    sluice.stop().await;
+});
+
 // Continuous verification: a relayed QUIC flow that a reloaded policy
 // denies is ended, and its record says so.
 flow_test!(a_policy_change_ends_a_relayed_flow, async {
