@@ -230,6 +230,29 @@ flow_test!(allowed_sni_handshakes_and_round_trips_a_megabyte, async {
     assert_eq!(records.iter().filter(|r| is_quic(r)).count(), 1, "one record per flow");
 });
 
+flow_test!(a_wildcard_listener_answers_from_the_address_the_client_sent_to, async {
+    // Bound to 0.0.0.0; the client sends to 127.0.0.2, another local
+    // address. The route back to the client would pick 127.0.0.1, whose
+    // datagrams a QUIC client drops: the answers must come from 127.0.0.2.
+    let up = QuicEcho::start().await;
+    let yaml = config(&up, "").yaml().replace(
+        "name: quic, kind: quic, address: \"127.0.0.1:0\"",
+        "name: quic, kind: quic, address: \"0.0.0.0:0\"",
+    );
+    assert!(yaml.contains("0.0.0.0:0"), "{yaml}");
+    let sluice = Sluice::start(&yaml).await;
+    let at = SocketAddr::from(([127, 0, 0, 2], sluice.addr("quic").port()));
+    let client = client(&up.cert, h3());
+    let back = within(
+        "the round trip",
+        round_trip(&client, at, "allowed.test", b"from the VIP"),
+    )
+    .await
+    .expect("the handshake completes through a wildcard listener");
+    assert_eq!(back, b"from the VIP");
+    sluice.stop().await;
+});
+
 flow_test!(denied_sni_gets_nothing_through_and_one_record, async {
     let up = QuicEcho::start().await;
     let sluice = config(&up, HOLD).start().await;

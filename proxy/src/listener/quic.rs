@@ -96,6 +96,12 @@ pub fn bind(plan: &ListenerPlan) -> io::Result<UdpSocket> {
             tracing::warn!(listener = %plan.spec.name, error = %e, "IP_TRANSPARENT not set; TPROXY datagrams will not arrive");
         }
         crate::sys::enable_recv_orig_dst(socket.as_fd(), addr.is_ipv6())?;
+    } else if addr.ip().is_unspecified() {
+        // A wildcard listener answers from the address each client sent
+        // to (a VIP, another interface's address), not whatever the route
+        // back picks: a QUIC client drops datagrams from another address.
+        #[cfg(target_os = "linux")]
+        crate::sys::enable_pktinfo(socket.as_fd(), addr.is_ipv6())?;
     }
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
@@ -107,6 +113,8 @@ pub fn bind(plan: &ListenerPlan) -> io::Result<UdpSocket> {
 struct Datagram {
     from: SocketAddr,
     data: Vec<u8>,
+    /// The local address it was sent to, on a wildcard listener.
+    to: Option<IpAddr>,
 }
 
 /// What a flow's task tells the listener's.
@@ -335,11 +343,20 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     let bound = socket.local_addr().ok();
     let transparent = shared.snapshot.load().plan(&name).is_some_and(|p| p.spec.transparent);
+    let mode = if transparent {
+        Receive::Transparent
+    } else if bound.is_some_and(|b| b.ip().is_unspecified()) {
+        Receive::WithLocal
+    } else {
+        Receive::Plain
+    };
     tokio::spawn(async move {
         let socket = Arc::new(socket);
         let mut table = Table::default();
         let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
         let mut buf = vec![0u8; MAX_DATAGRAM];
+        // `recv_batch`'s result, kept for the listener's life.
+        let mut got_meta = Vec::new();
         let mut serial = 0u64;
         let mut draining = false;
         // Made once for the listener's life: subscribing per datagram
@@ -366,9 +383,9 @@ pub fn spawn(
                     table.event(e);
                     continue;
                 }
-                r = receive(&socket, &mut buf, transparent) => r,
+                r = receive(&socket, &mut buf, mode, &mut got_meta) => r,
             };
-            let (len, src, orig) = match got {
+            let (len, src, orig, to) = match got {
                 Ok(g) => g,
                 Err(e) => {
                     tracing::debug!(listener = %name, error = %e, "quic receive failed");
@@ -379,6 +396,7 @@ pub fn spawn(
             let datagram = Datagram {
                 from: src,
                 data: buf.get(..len).unwrap_or_default().to_vec(),
+                to,
             };
             let key = (src, orig);
             let datagram = match table.flows.get(&key) {
@@ -457,6 +475,7 @@ fn start_flow(
         return;
     }
     let NewFlow { key, serial, first } = new;
+    let first_to = first.to;
     let (tx, rx) = mpsc::channel(FLOW_QUEUE);
     if tx.try_send(first).is_err() {
         return;
@@ -481,6 +500,7 @@ fn start_flow(
         src: key.0,
         orig: key.1,
         bound,
+        local: first_to,
         closing: closing.clone(),
         key,
         serial,
@@ -493,27 +513,86 @@ fn start_flow(
     }));
 }
 
-/// Receives one datagram: its length in `buf`, its sender, and (on a
-/// transparent listener) its original destination.
+/// Receives one datagram: its length in `buf`, its sender, (on a
+/// transparent listener) its original destination, and (on a wildcard
+/// one) the local address it was sent to.
 async fn receive(
     socket: &UdpSocket,
-    buf: &mut [u8],
-    transparent: bool,
-) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
-    if !transparent {
-        let (n, src) = socket.recv_from(buf).await?;
-        return Ok((n, src, None));
+    buf: &mut Vec<u8>,
+    mode: Receive,
+    meta: &mut Vec<crate::sys::Received>,
+) -> io::Result<(usize, SocketAddr, Option<SocketAddr>, Option<IpAddr>)> {
+    match mode {
+        Receive::Plain => {
+            let (n, src) = socket.recv_from(buf).await?;
+            return Ok((n, src, None, None));
+        }
+        #[cfg(target_os = "linux")]
+        Receive::WithLocal => loop {
+            socket.readable().await?;
+            match socket.try_io(tokio::io::Interest::READABLE, || {
+                crate::sys::recv_batch(socket.as_fd(), std::slice::from_mut(buf), meta)
+            }) {
+                Ok(()) => {
+                    if let Some(&(n, src, local)) = meta.first() {
+                        return Ok((n, src, None, local));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        },
+        #[cfg(not(target_os = "linux"))]
+        Receive::WithLocal => {
+            let _ = meta;
+            let (n, src) = socket.recv_from(buf).await?;
+            return Ok((n, src, None, None));
+        }
+        Receive::Transparent => {}
     }
     loop {
         socket.readable().await?;
         match socket.try_io(tokio::io::Interest::READABLE, || {
             crate::sys::recv_orig_dst(socket.as_fd(), buf)
         }) {
-            Ok(d) => return Ok((d.len, d.src, d.orig_dst)),
+            Ok(d) => return Ok((d.len, d.src, d.orig_dst, None)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
     }
+}
+
+/// How a listener's socket is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Receive {
+    /// A listener bound to one address.
+    Plain,
+    /// A wildcard listener: each datagram with the local address it was
+    /// sent to (`IP_PKTINFO`), to answer from it.
+    WithLocal,
+    /// A transparent listener: each datagram with its original destination.
+    Transparent,
+}
+
+/// Sends `data` to `to` on the listener's socket, from `from` when given
+/// (a wildcard listener answers from the address the client sent to).
+async fn send_from(socket: &UdpSocket, data: &[u8], to: SocketAddr, from: Option<IpAddr>) -> io::Result<usize> {
+    #[cfg(target_os = "linux")]
+    if let Some(from) = from {
+        loop {
+            socket.writable().await?;
+            match socket.try_io(tokio::io::Interest::WRITABLE, || {
+                crate::sys::send_batch(socket.as_fd(), &[(data, to, Some(from))])
+            }) {
+                Ok(_) => return Ok(data.len()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = from;
+    socket.send_to(data, to).await
 }
 
 /// What a flow's task starts from.
@@ -528,6 +607,9 @@ struct Start {
     src: SocketAddr,
     orig: Option<SocketAddr>,
     bound: Option<SocketAddr>,
+    /// The local address the flow's first datagram was sent to, on a
+    /// wildcard listener: its replies leave from it.
+    local: Option<IpAddr>,
     closing: CancellationToken,
     /// The flow's first key and serial, as the listener knows it.
     key: Key,
@@ -545,7 +627,15 @@ async fn run(start: Start, mut rx: mpsc::Receiver<Datagram>) {
     flow.ctx.protocol = Protocol::Quic;
     let mut held = Vec::new();
     let decided = match front(&mut flow, &start, &mut rx, &mut held).await {
-        Ok(()) => flow.decide(&shared, Transport::Tls, start.bound).await,
+        Ok(()) => {
+            // What the client dialled: on a wildcard listener, the local
+            // address its datagram was sent to.
+            let dialled = match (start.local, start.bound) {
+                (Some(ip), Some(b)) => Some(SocketAddr::new(ip, b.port())),
+                _ => start.bound,
+            };
+            flow.decide(&shared, Transport::Tls, dialled).await
+        }
         Err(stop) => Err(stop),
     };
     let idle = start.plan.connection().idle_timeout;
@@ -903,7 +993,12 @@ async fn pump(
                                 cid: cid.to_vec(),
                             });
                         }
-                        match reply.send_to(&data, client).await {
+                        let sent = if path.reply_from.is_some() {
+                            reply.send_to(&data, client).await
+                        } else {
+                            send_from(reply, &data, client, start.local).await
+                        };
+                        match sent {
                             Ok(_) => down += data.len() as u64,
                             Err(e) if transient(&e) => {}
                             Err(_) => break ("client-error", None),
@@ -1028,7 +1123,8 @@ mod tests {
             first,
             Datagram {
                 from: moved.0,
-                data: short.clone()
+                data: short.clone(),
+                to: None,
             }
         ));
         assert_eq!(rx.try_recv().unwrap().from, moved.0);
