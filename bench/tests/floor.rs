@@ -31,7 +31,8 @@ fn start_floor(upstream: SocketAddr) -> Floor {
     let mut child = Command::new(env!("CARGO_BIN_EXE_bench-floor"))
         .args(["--listen", "127.0.0.1:0", "--upstream", &upstream.to_string()])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // Its complaints (an accept that failed) reach the test's log.
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("start bench-floor");
     let mut line = String::new();

@@ -214,6 +214,11 @@ fn run(args: Args) -> io::Result<()> {
 
 impl Floor {
     fn accept_all(&mut self, listener: &OwnedFd) {
+        // The listener is edge-triggered: returning with connections still
+        // queued would leave them unaccepted until another one arrives. A
+        // failure other than "none left" (EMFILE, ENOBUFS, ENOMEM under
+        // load) is retried for up to a second before giving up on this edge.
+        let mut retries = 0;
         loop {
             match accept_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
                 Ok(client) => self.open(client),
@@ -222,7 +227,11 @@ impl Floor {
                 Err(Errno::CONNABORTED | Errno::INTR) => {}
                 Err(e) => {
                     eprintln!("bench-floor: accept: {e}");
-                    return;
+                    retries += 1;
+                    if retries > 1000 {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             }
         }
