@@ -629,17 +629,13 @@ impl ConnState {
         // From here the bodies may outlive this handler: the exchange (and
         // the record) is theirs as much as its.
         let ex = Exchange::new(self.shared.clone(), flow, exchanges);
+        // The head goes on with what the filters let go of first: a body
+        // they hold whole is refused before anything is sent.
         let body = if bodies && !body.is_end_stream() {
-            // The head goes on with what the filters let go of first: a
-            // body they hold whole is refused before anything is sent.
-            let mut pump = Pump::new(body, ex.clone(), Side::Request);
-            match pump.next().await {
-                Some(Ok(frame)) => pump.unread(frame),
-                Some(Err(ended)) => return ended_before(&ex, ended).await,
-                None => {}
+            match body_through_filters(body, &ex, Side::Request, &mut parts.headers).await {
+                Ok(body) => body,
+                Err(ended) => return ended_before(&ex, ended).await,
             }
-            pump.frame(&mut parts.headers);
-            Passed::Right(Filtered::new(pump))
         } else {
             Passed::Left(body)
         };
@@ -706,14 +702,10 @@ impl ConnState {
         }
         drop(live);
         let body = if bodies && !body.is_end_stream() {
-            let mut pump = Pump::new(body, ex.clone(), Side::Response);
-            match pump.next().await {
-                Some(Ok(frame)) => pump.unread(frame),
-                Some(Err(ended)) => return ended_before(&ex, ended).await,
-                None => {}
+            match body_through_filters(body, &ex, Side::Response, &mut parts.headers).await {
+                Ok(body) => body,
+                Err(ended) => return ended_before(&ex, ended).await,
             }
-            pump.frame(&mut parts.headers);
-            Passed::Right(Filtered::new(pump))
         } else {
             Passed::Left(body)
         };
@@ -757,6 +749,26 @@ async fn ended_before(ex: &Exchange, ended: Ended) -> Response<ProxyBody> {
         }
         Ended::Stop(stop) => stopped_response(flow.ctx.decision.as_ref(), stop),
     }
+}
+
+/// A message's body on its way through the filters that read bodies: its
+/// first round runs now, and `headers` (the message's head, not sent yet)
+/// are framed for what the filters let go of; the rest streams as the
+/// returned body is read.
+async fn body_through_filters(
+    body: Incoming,
+    ex: &Arc<Exchange>,
+    side: Side,
+    headers: &mut hyper::HeaderMap,
+) -> Result<Passed, Ended> {
+    let mut pump = Pump::new(body, ex.clone(), side);
+    match pump.next().await {
+        Some(Ok(frame)) => pump.unread(frame),
+        Some(Err(ended)) => return Err(ended),
+        None => {}
+    }
+    pump.frame(headers);
+    Ok(Passed::Right(Filtered::new(pump)))
 }
 
 /// A request's head on its way through the HTTP filters; it goes on as
