@@ -814,17 +814,12 @@ impl Inner {
                 continue;
             };
             let (spec, kind) = (&plan.spec, l.ty());
-            // A `quic` socket is bound for TPROXY or not: a change rebinds it.
-            let same_socket = kind != ListenerType::Quic
-                || old
-                    .plan(&spec.name)
-                    .is_some_and(|p| p.spec.transparent == spec.transparent);
             match running.tcp.get(&spec.name) {
                 // The same address: as configured, or as bound (a file that
-                // names the port a `:0` listener got).
-                Some(r)
-                    if (r.configured == spec.address || r.bound == spec.address) && r.kind == kind && same_socket =>
-                {
+                // names the port a `:0` listener got). A `quic` listener whose
+                // `transparent` changed keeps its socket too: its task sets
+                // the socket's options when the snapshot is installed.
+                Some(r) if (r.configured == spec.address || r.bound == spec.address) && r.kind == kind => {
                     if old.plan(&spec.name).map(|p| &p.spec) != Some(spec) {
                         report.changed.push(spec.name.clone());
                     }

@@ -47,14 +47,21 @@ struct QuicEcho {
 
 impl QuicEcho {
     async fn start() -> Self {
-        let ck = rcgen::generate_simple_self_signed(vec![
-            "allowed.test".to_owned(),
-            "denied.test".to_owned(),
-            "chrome-like.example.test".to_owned(),
-        ])
-        .unwrap();
-        let cert: CertificateDer<'static> = ck.cert.der().clone();
+        Self::at(
+            "127.0.0.1:0".parse().unwrap(),
+            &["allowed.test", "denied.test", "chrome-like.example.test"],
+        )
+    }
+
+    /// A server on `at` with a new certificate for `names`.
+    fn at(at: SocketAddr, names: &[&str]) -> Self {
+        let ck = rcgen::generate_simple_self_signed(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
         let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        Self::with_key(at, ck.cert.der().clone(), key)
+    }
+
+    /// A server on `at` presenting `cert`.
+    fn with_key(at: SocketAddr, cert: CertificateDer<'static>, key: PrivateKeyDer<'static>) -> Self {
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
@@ -64,7 +71,7 @@ impl QuicEcho {
         tls.alpn_protocols = vec![b"h3".to_vec()];
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
         let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let endpoint = quinn::Endpoint::server(config, at).unwrap();
         let addr = endpoint.local_addr().unwrap();
         let incoming = Arc::new(AtomicUsize::new(0));
         let (server, count) = (endpoint.clone(), incoming.clone());
@@ -566,6 +573,98 @@ flow_test!(a_policy_change_ends_a_relayed_flow, async {
     sluice.stop().await;
 });
 
+// A real QUIC library's client, recorded and classified: quinn (rustls,
+// X25519 only) sends a classic hello that fits in its first Initial. Its
+// post-quantum counterpart is a Chromium capture in tests/data/quic/.
+flow_test!(a_quinn_client_hello_classifies_from_its_first_initial, async {
+    use sluice::classify::{Progress, QuicInitial, QuicLimits};
+    let recorder = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let at = recorder.local_addr().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["allowed.test".to_owned()]).unwrap();
+    let client = client(ck.cert.der(), h3());
+    // Never answered: the client only sends its first flight (and
+    // retransmits it) until its idle timeout.
+    let _connecting = client.connect(at, "allowed.test").unwrap();
+    let mut flow = QuicInitial::new(QuicLimits::default());
+    let mut buf = vec![0u8; 65_535];
+    let mut datagrams = 0;
+    let mut sizes = Vec::new();
+    let hello = loop {
+        let (n, _) = within("the client's Initial", recorder.recv_from(&mut buf))
+            .await
+            .unwrap();
+        datagrams += 1;
+        sizes.push(n);
+        match flow.push_datagram(&buf[..n]) {
+            Ok(Progress::Done(hello)) => break hello,
+            Ok(Progress::NeedMore { .. }) => assert!(datagrams < 4, "no hello in {datagrams} datagrams"),
+            Err(e) => panic!("quinn's Initial does not classify: {e}"),
+        }
+    };
+    assert_eq!(datagrams, 1, "a classic hello fits in one Initial");
+    assert!(
+        sizes[0] >= 1200,
+        "an Initial datagram is padded to 1,200 bytes: {sizes:?}"
+    );
+    assert_eq!(hello.sni.as_deref(), Some("allowed.test"));
+    assert_eq!(hello.alpn, [b"h3".to_vec()]);
+    assert!(!hello.ech);
+    assert!(hello.handshake_len < 1100, "{}", hello.handshake_len);
+    assert_eq!(flow.initial_packets(), 1);
+});
+
+/// Sends `data` on a new stream of `conn` and requires it back.
+async fn echo_on(conn: &quinn::Connection, data: &[u8]) {
+    let (mut send, mut recv) = within("a stream", conn.open_bi()).await.unwrap();
+    send.write_all(data).await.unwrap();
+    send.finish().unwrap();
+    let back = within("the echo", recv.read_to_end(1 << 20)).await.unwrap();
+    assert_eq!(back, data);
+}
+
+// A reload that turns `transparent` on and off keeps the listener's socket
+// (a second socket could not be bound to the address while the first
+// serves: such reloads used to be refused) and the flows it relays.
+flow_test!(
+    a_reload_that_changes_transparent_keeps_the_socket_and_its_flows,
+    async {
+        let up = QuicEcho::start().await;
+        let cfg = config(&up, HOLD);
+        let sluice = cfg.start().await;
+        let at = sluice.addr("quic");
+        let client = client(&up.cert, h3());
+        let conn = within("the handshake", async {
+            client.connect(at, "allowed.test").unwrap().await
+        })
+        .await
+        .expect("an allowed QUIC flow goes through");
+        echo_on(&conn, b"before").await;
+        // Transparent, the listener takes each flow's destination from TPROXY
+        // (`upstream_port` does not apply).
+        let transparent = TestConfig::listener("quic", "quic", &format!("transparent: true, {HOLD}")).rules(QUIC_RULES);
+        sluice.reload(&transparent).await;
+        assert_eq!(sluice.addr("quic"), at, "the same socket");
+        echo_on(&conn, b"while transparent").await;
+        // A new flow sent to the listener itself was not intercepted: it has
+        // no original destination, which shows the new setting at work.
+        // (Raw Initials: a quinn client would take its idle timeout to give
+        // up, and the first client's connection would idle out meanwhile.)
+        let _other = send_raw(at, &vector("rfc9001-a2-client-initial.hex")).await;
+        let r = sluice
+            .wait_record(|r| is_quic(r) && reason(r) == "no-original-destination")
+            .await;
+        assert_eq!(action(&r), "deny", "{r}");
+        sluice.reload(&cfg).await;
+        echo_on(&conn, b"after").await;
+        conn.close(0u32.into(), b"done");
+        let records = sluice.stop_and_records(Duration::from_millis(200)).await;
+        let quic: Vec<_> = records.iter().filter(|r| is_quic(r)).collect();
+        assert_eq!(quic.len(), 2, "one record per flow: {quic:#?}");
+        let kept = quic.iter().find(|r| action(r) == "allow").unwrap();
+        assert!(kept["bytes_down"].as_u64().unwrap() > 0, "{kept}");
+    }
+);
+
 flow_test!(watch_mode_passes_a_denied_flow_and_records_would_deny, async {
     let up = QuicEcho::start().await;
     let sluice = config(&up, "").watch().start().await;
@@ -787,49 +886,6 @@ fn transparent_quic_under_tproxy() {
     );
 }
 
-/// A QUIC server on `at` for `allowed.test`, echoing streams.
-async fn echo_at(at: SocketAddr) -> QuicEcho {
-    let ck = rcgen::generate_simple_self_signed(vec!["allowed.test".to_owned()]).unwrap();
-    let cert: CertificateDer<'static> = ck.cert.der().clone();
-    let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key)
-        .unwrap();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
-    let endpoint = quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), at).unwrap();
-    let incoming = Arc::new(AtomicUsize::new(0));
-    let (server, count) = (endpoint.clone(), incoming.clone());
-    tokio::spawn(async move {
-        while let Some(attempt) = server.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let Ok(conn) = attempt.await else { return };
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    tokio::spawn(async move {
-                        let Ok(data) = recv.read_to_end(1 << 20).await else {
-                            return;
-                        };
-                        if send.write_all(&data).await.is_ok() {
-                            let _ = send.finish();
-                            let _ = send.stopped().await;
-                        }
-                    });
-                }
-            });
-        }
-    });
-    QuicEcho {
-        addr: at,
-        cert,
-        incoming,
-        _endpoint: endpoint,
-    }
-}
-
 /// A client endpoint bound to `from` (the address the iptables rules
 /// intercept), trusting `cert`.
 fn client_from(from: SocketAddr, cert: &CertificateDer<'static>) -> quinn::Endpoint {
@@ -855,8 +911,8 @@ async fn tproxy_inner() {
     sh("ip rule add fwmark 1 lookup 100 && ip route add local 0.0.0.0/0 dev lo table 100");
     sh("ip -6 rule add fwmark 1 lookup 100 && ip -6 route add local ::/0 dev lo table 100");
 
-    let up4 = echo_at("10.99.0.3:4433".parse().unwrap()).await;
-    let up6 = echo_at("[fd00:99::3]:4433".parse().unwrap()).await;
+    let up4 = QuicEcho::at("10.99.0.3:4433".parse().unwrap(), &["allowed.test"]);
+    let up6 = QuicEcho::at("[fd00:99::3]:4433".parse().unwrap(), &["allowed.test"]);
     let dir = common::scratch_dir();
     let audit = dir.path().join("audit.jsonl");
     // `allowed.test` resolves to the real servers: the flows dial
@@ -869,15 +925,17 @@ resolver:
   hosts:
     allowed.test: [10.99.0.3, "fd00:99::3"]
 webgroups:
-  - {{name: good, domains: [allowed.test]}}
+  - {{name: good, domains: [allowed.test, bound.test]}}
 listeners:
   - {{name: t4, kind: quic, address: "0.0.0.0:0", transparent: true, idle_timeout: 1s}}
   - {{name: t6, kind: quic, address: "[::]:0", transparent: true, idle_timeout: 1s}}
+  - {{name: dns, kind: dns, address: "127.0.0.1:0", upstreams: ["{dns}"]}}
 policy:
   rules:
     - {{name: allow-good, to: {{webgroups: [good], smartgroups: [gateway, loopback]}}, protocols: [quic], action: allow}}
 "#,
-        audit.display()
+        audit.display(),
+        dns = zone_server("bound.test.", BOUND_SERVER).await,
     );
     let config = sluice_api::config::load_str(&yaml, "tproxy.yaml").unwrap_or_else(|e| panic!("{e}"));
     let server = sluice::runtime::Server::start(config, None).await.unwrap();
@@ -928,5 +986,211 @@ policy:
         assert_eq!(r["verdict"]["check"], "sni-resolved", "{r}");
         assert_eq!(field(&r, "protocol"), "quic", "{r}");
     }
+    dns_binding_under_tproxy(&server, &audit).await;
     server.shutdown(Duration::from_millis(200)).await;
+}
+
+/// The address `bound.test` resolves to: a QUIC server in a namespace of
+/// its own (`quic_server_inner`), reached through a veth, so the address
+/// the client dials is a real server's and not this host's.
+const BOUND_SERVER: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 99, 1, 2);
+const SERVER_ENV: &str = "SLUICE_QUIC_SERVER_DIR";
+
+/// A DNS server on 127.0.0.1 that answers `name` A with `ip`, and every
+/// other question with an empty answer: the DNS proxy's upstream.
+async fn zone_server(name: &'static str, ip: std::net::Ipv4Addr) -> SocketAddr {
+    use hickory_proto::op::{Message, OpCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record, RecordType};
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let at = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+            let Some(query) = q.queries.first().cloned() else {
+                continue;
+            };
+            let mut m = Message::response(q.metadata.id, OpCode::Query);
+            m.metadata.recursion_desired = q.metadata.recursion_desired;
+            m.metadata.recursion_available = true;
+            m.add_query(query.clone());
+            if query.name().to_ascii().eq_ignore_ascii_case(name) && query.query_type() == RecordType::A {
+                m.add_answer(Record::from_rdata(query.name().clone(), 300, RData::A(A(ip))));
+            }
+            let _ = socket.send_to(&m.to_vec().unwrap(), from).await;
+        }
+    });
+    at
+}
+
+/// A client whose DNS proxy answered `bound.test` with an address may
+/// reach that address naming `bound.test` (check `dns-binding`, sent to
+/// the address dialled, no lookup), and not naming another allowed name
+/// (`sni-destination-mismatch`): DNS bindings hold QUIC flows as they hold
+/// TLS ones.
+async fn dns_binding_under_tproxy(server: &sluice::runtime::Server, audit: &Path) {
+    use std::io::BufRead;
+    let dir = common::scratch_dir();
+    let ck = rcgen::generate_simple_self_signed(vec!["bound.test".to_owned(), "allowed.test".to_owned()]).unwrap();
+    let cert: CertificateDer<'static> = ck.cert.der().clone();
+    std::fs::write(dir.path().join("cert.der"), cert.as_ref()).unwrap();
+    std::fs::write(dir.path().join("key.der"), ck.signing_key.serialize_der()).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut child = std::process::Command::new("unshare")
+        .args(["--net", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "quic_server_inner",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SERVER_ENV, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
+        .spawn()
+        .unwrap();
+    // `unshare` execs the test binary: the child's PID names its namespace,
+    // once it has left this one.
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let theirs = format!("/proc/{}/ns/net", child.id());
+    let left = common::wait_until(|| std::fs::read_link(&theirs).is_ok_and(|ns| ns != ours)).await;
+    assert!(left, "the server's process never entered a namespace of its own");
+    sh(&format!(
+        "ip link add sv0 type veth peer name sv1 netns {} && ip addr add 10.99.1.1/24 dev sv0 && ip link set sv0 up",
+        child.id()
+    ));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let stdout = child.stdout.take().unwrap();
+    let counted = accepted.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            // The first line follows libtest's "test quic_server_inner ... ".
+            if line.ends_with("quic-server: ready") {
+                let _ = ready_tx.send(());
+            } else if line.ends_with("quic-server: accepted") {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let ready = tokio::task::spawn_blocking(move || ready_rx.recv_timeout(Duration::from_secs(20)).is_ok())
+        .await
+        .unwrap();
+    assert!(
+        ready,
+        "the QUIC server in its own namespace did not start:\n{}",
+        std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default()
+    );
+
+    // The client asks the DNS proxy, from its own address.
+    let ask = {
+        use hickory_proto::op::{Message, MessageType, OpCode, Query};
+        use hickory_proto::rr::{Name, RecordType};
+        let mut m = Message::new(0x7171, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii("bound.test.").unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    };
+    let resolver = tokio::net::UdpSocket::bind("10.99.0.1:0").await.unwrap();
+    resolver.send_to(&ask, server.addr("dns").unwrap()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = within("the DNS answer", resolver.recv_from(&mut buf)).await.unwrap();
+    let answer = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
+    let ips: Vec<_> = answer
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            hickory_proto::rr::RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ips, [BOUND_SERVER], "{answer:?}");
+
+    let dialled = SocketAddr::new(BOUND_SERVER.into(), 4433);
+    let p4 = server.addr("t4").unwrap().port();
+    sh(&format!(
+        "iptables -t mangle -A OUTPUT -p udp -s 10.99.0.1 -d {BOUND_SERVER} --dport 4433 -j MARK --set-mark 1"
+    ));
+    sh(&format!(
+        "iptables -t mangle -A PREROUTING -i lo -p udp -s 10.99.0.1 -d {BOUND_SERVER} --dport 4433 -j TPROXY --on-port {p4} --tproxy-mark 1"
+    ));
+    let client = client_from("10.99.0.1:0".parse().unwrap(), &cert);
+    // An allowed name, but not the one the address was resolved for.
+    let refused = round_trip(&client, dialled, "allowed.test", b"mismatch").await;
+    assert!(refused.is_err(), "a mismatched SNI got through: {refused:?}");
+    let back = within("the round trip", round_trip(&client, dialled, "bound.test", b"bound"))
+        .await
+        .unwrap_or_else(|e| panic!("QUIC to a DNS-bound address failed: {e}"));
+    assert_eq!(back, b"bound");
+    let reached = common::wait_until(|| accepted.load(Ordering::SeqCst) >= 1).await;
+    assert!(reached, "the server saw no connection");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "only the bound name reached the server"
+    );
+    let records = |audit: &Path| -> Vec<Value> {
+        std::fs::read_to_string(audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| field(r, "original_dst") == dialled.to_string())
+            .collect()
+    };
+    let both = common::wait_until(|| records(audit).len() >= 2).await;
+    let found = records(audit);
+    assert!(both, "{found:#?}");
+    let denied = found.iter().find(|r| field(r, "sni") == "allowed.test").unwrap();
+    assert_eq!(action(denied), "deny", "{denied}");
+    assert_eq!(reason(denied), "sni-destination-mismatch", "{denied}");
+    assert_eq!(denied["verdict"]["check"], "dns-binding", "{denied}");
+    let allowed = found.iter().find(|r| field(r, "sni") == "bound.test").unwrap();
+    assert_eq!(action(allowed), "allow", "{allowed}");
+    assert_eq!(allowed["verdict"]["check"], "dns-binding", "{allowed}");
+    assert_eq!(
+        field(allowed, "dst"),
+        dialled.to_string(),
+        "sent where it was bound: {allowed}"
+    );
+    assert_eq!(field(allowed, "protocol"), "quic", "{allowed}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "runs only inside the namespace made by dns_binding_under_tproxy"]
+async fn quic_server_inner() {
+    let Some(dir) = std::env::var_os(SERVER_ENV) else {
+        panic!("run via transparent_quic_under_tproxy, not directly: it configures interfaces");
+    };
+    let dir = std::path::PathBuf::from(dir);
+    // The veth end arrives from the parent once this process runs.
+    let linked = common::wait_until(|| {
+        std::process::Command::new("ip")
+            .args(["link", "show", "sv1"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+    .await;
+    assert!(linked, "no sv1 in the server's namespace");
+    sh(&format!(
+        "ip link set lo up && ip addr add {BOUND_SERVER}/24 dev sv1 && ip link set sv1 up && ip route add default via 10.99.1.1"
+    ));
+    let cert = CertificateDer::from(std::fs::read(dir.join("cert.der")).unwrap());
+    let key = PrivateKeyDer::Pkcs8(std::fs::read(dir.join("key.der")).unwrap().into());
+    let echo = QuicEcho::with_key(SocketAddr::new(BOUND_SERVER.into(), 4433), cert, key);
+    println!("quic-server: ready");
+    // Bounded: the parent kills this process when its test is done.
+    let mut seen = 0;
+    for _ in 0..3000 {
+        while seen < echo.incoming() {
+            seen += 1;
+            println!("quic-server: accepted");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -43,6 +43,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_api::Protocol;
@@ -63,12 +64,30 @@ const MAX_DATAGRAM: usize = 65_535;
 /// Datagrams waiting between the listener's task and one flow's; past
 /// this, the flow's datagrams are dropped until it catches up.
 const FLOW_QUEUE: usize = 128;
+/// Bytes queued between the listener's task and one flow's, besides the
+/// count: a flow waiting on a lookup reads nothing meanwhile, and each of
+/// its 128 queued datagrams could be 64 KiB.
+const FLOW_QUEUE_BYTES: usize = 256 * 1024;
+/// Bytes queued to all the flows of one listener at once: past it a
+/// datagram is dropped, so flows that stall cannot hold the process's
+/// memory (at most `max_connections` × [`FLOW_QUEUE_BYTES`] otherwise).
+const LISTENER_QUEUE_BYTES: usize = 32 << 20;
 /// What an undecided flow may make Sluice hold for replay: a ClientHello
 /// takes one to three Initials in practice (a post-quantum key share,
-/// two); clients may add 0-RTT datagrams meanwhile. Beyond either bound
-/// the flow is refused (`classify-oversized`).
-const MAX_HELD_DATAGRAMS: usize = 32;
-const MAX_HELD_BYTES: usize = 64 * 1024;
+/// two), but a listener may accept hellos up to `peek.max_client_hello`,
+/// and clients may add 0-RTT datagrams meanwhile. The bounds follow the
+/// largest hello accepted (see [`HeldLimits`]); beyond them the flow is
+/// refused (`classify-oversized`).
+const MIN_HELD_DATAGRAMS: usize = 32;
+const MIN_HELD_BYTES: usize = 64 * 1024;
+/// The ClientHello bytes an Initial packet is taken to carry at least
+/// when sizing the bounds: a 1,200-byte Initial has room for about 1,150.
+const HELLO_PER_INITIAL: usize = 1000;
+/// Datagrams held beyond those the hello needs (0-RTT, retransmissions).
+const EXTRA_HELD_DATAGRAMS: usize = 16;
+/// A held datagram's size when sizing the byte bound: the largest UDP
+/// payload on an Ethernet path.
+const HELD_DATAGRAM_SIZE: usize = 1500;
 /// The socket buffer asked for (best effort): a relay of bulk QUIC
 /// through one socket drops datagrams with the default ~200 KiB.
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -91,20 +110,54 @@ pub fn bind(plan: &ListenerPlan) -> io::Result<UdpSocket> {
     }
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    if plan.spec.transparent {
-        if let Err(e) = crate::sys::set_ip_transparent(&socket) {
-            tracing::warn!(listener = %plan.spec.name, error = %e, "IP_TRANSPARENT not set; TPROXY datagrams will not arrive");
-        }
-        crate::sys::enable_recv_orig_dst(socket.as_fd(), addr.is_ipv6())?;
-    } else if addr.ip().is_unspecified() {
-        // A wildcard listener answers from the address each client sent
-        // to (a VIP, another interface's address), not whatever the route
-        // back picks: a QUIC client drops datagrams from another address.
-        #[cfg(target_os = "linux")]
-        crate::sys::enable_pktinfo(socket.as_fd(), addr.is_ipv6())?;
-    }
+    receive_options(&socket, &plan.spec.name, addr, plan.spec.transparent)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
+}
+
+/// Sets a `quic` listener's socket up to receive as `transparent` says,
+/// and turns the other way's options off, so a reload that changes
+/// `transparent` keeps the bound socket (binding a second one to the same
+/// address would fail while the first serves).
+///
+/// Transparent: `IP_TRANSPARENT` (without the capability only datagrams
+/// addressed to the listener arrive, and they have no original
+/// destination) and each datagram's original destination. Otherwise, on a
+/// wildcard address, the local address each datagram was sent to: the
+/// listener answers from it (a VIP, another interface's address), not
+/// from whatever the route back picks, as a QUIC client drops datagrams
+/// from another address.
+fn receive_options(socket: &impl AsFd, name: &str, addr: SocketAddr, transparent: bool) -> io::Result<()> {
+    let fd = socket.as_fd();
+    let v6 = addr.is_ipv6();
+    if transparent {
+        #[cfg(target_os = "linux")]
+        let _ = crate::sys::set_pktinfo(fd, v6, false);
+        if let Err(e) = crate::sys::set_ip_transparent_to(&fd, true) {
+            tracing::warn!(listener = %name, error = %e, "IP_TRANSPARENT not set; TPROXY datagrams will not arrive");
+        }
+        crate::sys::set_recv_orig_dst(fd, v6, true)
+    } else {
+        // Clearing needs no capability; off Linux there is nothing to clear.
+        let _ = crate::sys::set_ip_transparent_to(&fd, false);
+        let _ = crate::sys::set_recv_orig_dst(fd, v6, false);
+        #[cfg(target_os = "linux")]
+        if addr.ip().is_unspecified() {
+            crate::sys::set_pktinfo(fd, v6, true)?;
+        }
+        Ok(())
+    }
+}
+
+/// How a listener bound to `bound` reads its socket.
+fn receive_mode(transparent: bool, bound: Option<SocketAddr>) -> Receive {
+    if transparent {
+        Receive::Transparent
+    } else if bound.is_some_and(|b| b.ip().is_unspecified()) {
+        Receive::WithLocal
+    } else {
+        Receive::Plain
+    }
 }
 
 /// A datagram on its way to its flow, with who sent it (a client behind a
@@ -115,6 +168,82 @@ struct Datagram {
     data: Vec<u8>,
     /// The local address it was sent to, on a wildcard listener.
     to: Option<IpAddr>,
+    /// Its bytes, counted against its flow's queue and its listener's
+    /// while it waits; `None` until it is queued.
+    charge: Option<Charge>,
+}
+
+/// The bytes waiting in one flow's queue, and in all its listener's.
+#[derive(Debug, Default)]
+struct Queued {
+    flow: AtomicUsize,
+    listener: Arc<AtomicUsize>,
+}
+
+impl Queued {
+    fn new(listener: &Arc<AtomicUsize>) -> Arc<Self> {
+        Arc::new(Self {
+            flow: AtomicUsize::new(0),
+            listener: listener.clone(),
+        })
+    }
+}
+
+/// A queued datagram's share of [`Queued`], given back when the flow takes
+/// its bytes (or drops it).
+#[derive(Debug)]
+struct Charge {
+    to: Arc<Queued>,
+    len: usize,
+}
+
+impl Charge {
+    /// Charges `d` to `to`; `false` when either bound would be passed. Only
+    /// the listener's task charges, so a check then an add cannot race
+    /// another charge (a flow's task only gives back).
+    fn charge(to: &Arc<Queued>, d: &mut Datagram) -> bool {
+        let len = d.data.len();
+        if to.flow.load(Ordering::Relaxed) + len > FLOW_QUEUE_BYTES
+            || to.listener.load(Ordering::Relaxed) + len > LISTENER_QUEUE_BYTES
+        {
+            return false;
+        }
+        to.flow.fetch_add(len, Ordering::Relaxed);
+        to.listener.fetch_add(len, Ordering::Relaxed);
+        d.charge = Some(Charge { to: to.clone(), len });
+        true
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.to.flow.fetch_sub(self.len, Ordering::Relaxed);
+        self.to.listener.fetch_sub(self.len, Ordering::Relaxed);
+    }
+}
+
+/// How much an undecided flow may make Sluice hold, for a listener that
+/// accepts hellos of up to `max_client_hello` bytes: enough Initials to
+/// carry one, some datagrams more, and their bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeldLimits {
+    initials: usize,
+    datagrams: usize,
+    bytes: usize,
+}
+
+impl HeldLimits {
+    fn for_hello(max_client_hello: usize) -> Self {
+        let initials = max_client_hello
+            .div_ceil(HELLO_PER_INITIAL)
+            .max(QuicLimits::default().max_initial_packets);
+        let datagrams = (initials + EXTRA_HELD_DATAGRAMS).max(MIN_HELD_DATAGRAMS);
+        Self {
+            initials,
+            datagrams,
+            bytes: (datagrams * HELD_DATAGRAM_SIZE).max(MIN_HELD_BYTES),
+        }
+    }
 }
 
 /// What a flow's task tells the listener's.
@@ -165,6 +294,8 @@ struct Entry {
     decided: bool,
     /// The server's connection ids seen on this flow (first key only).
     cids: Vec<Vec<u8>>,
+    /// What its queue holds (shared by every key of the flow).
+    queued: Arc<Queued>,
 }
 
 /// The listener's flows, by key, and the server connection ids that let a
@@ -313,9 +444,12 @@ impl Table {
         if entry.aliases.len() >= MAX_ALIASES_PER_FLOW {
             return false;
         }
-        let (tx, serial) = (entry.tx.clone(), entry.serial);
+        let (tx, serial, queued) = (entry.tx.clone(), entry.serial, entry.queued.clone());
         entry.aliases.push(key);
-        let _ = tx.try_send(datagram);
+        let mut datagram = datagram;
+        if Charge::charge(&queued, &mut datagram) {
+            let _ = tx.try_send(datagram);
+        }
         self.flows.insert(
             key,
             Entry {
@@ -325,6 +459,7 @@ impl Table {
                 aliases: Vec::new(),
                 decided: true,
                 cids: Vec::new(),
+                queued,
             },
         );
         true
@@ -342,14 +477,10 @@ pub fn spawn(
     closing: CancellationToken,
 ) -> JoinHandle<()> {
     let bound = socket.local_addr().ok();
-    let transparent = shared.snapshot.load().plan(&name).is_some_and(|p| p.spec.transparent);
-    let mode = if transparent {
-        Receive::Transparent
-    } else if bound.is_some_and(|b| b.ip().is_unspecified()) {
-        Receive::WithLocal
-    } else {
-        Receive::Plain
-    };
+    let mut transparent = shared.snapshot.load().plan(&name).is_some_and(|p| p.spec.transparent);
+    let mut mode = receive_mode(transparent, bound);
+    // Each configuration installed: a reload may change `transparent`.
+    let mut installs = shared.control.subscribe();
     tokio::spawn(async move {
         let socket = Arc::new(socket);
         let mut table = Table::default();
@@ -359,6 +490,7 @@ pub fn spawn(
         let mut got_meta = Vec::new();
         let mut serial = 0u64;
         let mut draining = false;
+        let queued = Arc::new(AtomicUsize::new(0));
         // Made once for the listener's life: subscribing per datagram
         // would take a lock per datagram.
         let stopped = stop.wait_for(|v| *v);
@@ -383,6 +515,22 @@ pub fn spawn(
                     table.event(e);
                     continue;
                 }
+                Ok(()) = installs.changed() => {
+                    let now = shared.snapshot.load().plan(&name).is_some_and(|p| p.spec.transparent);
+                    if now != transparent && let Some(addr) = bound {
+                        match receive_options(&*socket, &name, addr, now) {
+                            Ok(()) => {
+                                transparent = now;
+                                mode = receive_mode(now, bound);
+                                tracing::info!(listener = %name, transparent = now, "quic listener now receives as configured");
+                            }
+                            Err(e) => {
+                                tracing::warn!(listener = %name, error = %e, "cannot change how the quic listener receives; it goes on as before");
+                            }
+                        }
+                    }
+                    continue;
+                }
                 r = receive(&socket, &mut buf, mode, &mut got_meta) => r,
             };
             let (len, src, orig, to) = match got {
@@ -393,14 +541,23 @@ pub fn spawn(
                     continue;
                 }
             };
-            let datagram = Datagram {
+            // A datagram sent to the listener itself was not intercepted:
+            // keyed as on a listener that is not transparent, so a flow
+            // keeps its key when a reload changes `transparent`.
+            let orig = orig.filter(|o| !sent_to(bound, *o));
+            let mut datagram = Datagram {
                 from: src,
                 data: buf.get(..len).unwrap_or_default().to_vec(),
                 to,
+                charge: None,
             };
             let key = (src, orig);
             let datagram = match table.flows.get(&key) {
                 None => datagram,
+                Some(entry) if !Charge::charge(&entry.queued, &mut datagram) => {
+                    metrics::errors("quic-queue-full", 1);
+                    continue;
+                }
                 Some(entry) => match entry.tx.try_send(datagram) {
                     Ok(()) => continue,
                     Err(mpsc::error::TrySendError::Full(_)) => {
@@ -409,11 +566,12 @@ pub fn spawn(
                     }
                     // The flow ended before its end reached us: this
                     // datagram starts a new one.
-                    Err(mpsc::error::TrySendError::Closed(d)) => {
+                    Err(mpsc::error::TrySendError::Closed(mut d)) => {
                         let serial = entry.serial;
                         let first = entry.alias_of.unwrap_or(key);
                         table.event(Event::Ended { key: first, serial });
                         table.flows.remove(&key);
+                        d.charge = None;
                         d
                     }
                 },
@@ -433,7 +591,9 @@ pub fn spawn(
                 serial,
                 first: datagram,
             };
-            start_flow(&name, &shared, &socket, bound, &closing, flow, &events_tx, &mut table);
+            start_flow(
+                &name, &shared, &socket, bound, &closing, flow, &events_tx, &mut table, &queued,
+            );
         }
     })
 }
@@ -463,6 +623,7 @@ fn start_flow(
     new: NewFlow,
     events: &mpsc::UnboundedSender<Event>,
     table: &mut Table,
+    listener_queued: &Arc<AtomicUsize>,
 ) {
     let snapshot = shared.snapshot.load_full();
     // Between a reload that removed this listener and the stop reaching
@@ -474,8 +635,13 @@ fn start_flow(
         metrics::errors("quic-flow-limit", 1);
         return;
     }
-    let NewFlow { key, serial, first } = new;
+    let NewFlow { key, serial, mut first } = new;
     let first_to = first.to;
+    let queued = Queued::new(listener_queued);
+    if !Charge::charge(&queued, &mut first) {
+        metrics::errors("quic-queue-full", 1);
+        return;
+    }
     let (tx, rx) = mpsc::channel(FLOW_QUEUE);
     if tx.try_send(first).is_err() {
         return;
@@ -489,6 +655,7 @@ fn start_flow(
             aliases: Vec::new(),
             decided: false,
             cids: Vec::new(),
+            queued,
         },
     );
     table.started(key, serial);
@@ -683,12 +850,7 @@ async fn front(
     let plan = &start.plan;
     if plan.needs_original || plan.spec.original_dst {
         // A datagram sent to the listener itself was not intercepted.
-        let direct = |a: SocketAddr| {
-            start
-                .bound
-                .is_some_and(|b| b.port() == a.port() && (b.ip().is_unspecified() || b.ip() == a.ip()))
-        };
-        match start.orig.filter(|a| !direct(*a)) {
+        match start.orig.filter(|a| !sent_to(start.bound, *a)) {
             Some(a) => {
                 flow.ctx.original_dst = Some(a);
                 flow.ctx.port = a.port();
@@ -705,9 +867,10 @@ async fn front(
     if *block {
         return Err(flow.refuse(ReasonCode::QuicBlocked));
     }
+    let held_limits = HeldLimits::for_hello(peek.max_client_hello);
     let limits = QuicLimits {
         max_client_hello: peek.max_client_hello,
-        ..QuicLimits::default()
+        max_initial_packets: held_limits.initials,
     };
     let mut initial = QuicInitial::new(limits);
     let deadline = tokio::time::Instant::now() + peek.peek_timeout;
@@ -732,7 +895,7 @@ async fn front(
             Ok(Some(d)) => d.data,
         };
         held_bytes += datagram.len();
-        if held.len() >= MAX_HELD_DATAGRAMS || held_bytes > MAX_HELD_BYTES {
+        if held.len() >= held_limits.datagrams || held_bytes > held_limits.bytes {
             return Err(flow.refuse(ReasonCode::ClassifyOversized));
         }
         let progress = initial.push_datagram(&datagram);
@@ -750,6 +913,12 @@ async fn front(
     // A ClientHello as over TLS, but the flow is QUIC (what rules name).
     flow.ctx.protocol = Protocol::Quic;
     Ok(())
+}
+
+/// Whether `a` is the listener's own address (`bound`, or on a wildcard
+/// listener its port on any address).
+fn sent_to(bound: Option<SocketAddr>, a: SocketAddr) -> bool {
+    bound.is_some_and(|b| b.port() == a.port() && (b.ip().is_unspecified() || b.ip() == a.ip()))
 }
 
 /// Drops the datagrams of a refused flow until none came for `idle`, or
@@ -1084,6 +1253,7 @@ mod tests {
             aliases: Vec::new(),
             decided: false,
             cids: Vec::new(),
+            queued: Arc::default(),
         }
     }
 
@@ -1125,6 +1295,7 @@ mod tests {
                 from: moved.0,
                 data: short.clone(),
                 to: None,
+                charge: None,
             }
         ));
         assert_eq!(rx.try_recv().unwrap().from, moved.0);
@@ -1133,6 +1304,79 @@ mod tests {
         t.event(Event::Ended { key: first, serial: 1 });
         assert!(t.is_empty(), "{t:?}");
         assert!(t.cids.is_empty(), "{t:?}");
+    }
+
+    fn datagram(len: usize) -> Datagram {
+        Datagram {
+            from: "10.0.0.1:1000".parse().unwrap(),
+            data: vec![0; len],
+            to: None,
+            charge: None,
+        }
+    }
+
+    /// Queued bytes are bounded per flow and per listener, and given back
+    /// as the flow takes its datagrams.
+    #[test]
+    fn queued_bytes_are_bounded_per_flow_and_per_listener() {
+        let listener = Arc::new(AtomicUsize::new(0));
+        let a = Queued::new(&listener);
+        let mut held = Vec::new();
+        for _ in 0..FLOW_QUEUE_BYTES / MAX_DATAGRAM {
+            let mut d = datagram(MAX_DATAGRAM);
+            assert!(Charge::charge(&a, &mut d));
+            held.push(d);
+        }
+        let mut over = datagram(MAX_DATAGRAM);
+        assert!(!Charge::charge(&a, &mut over), "past the flow's bound");
+        assert!(over.charge.is_none());
+        assert_eq!(listener.load(Ordering::Relaxed), held.len() * MAX_DATAGRAM);
+        // The flow takes one: room for one more.
+        drop(held.pop());
+        assert!(Charge::charge(&a, &mut over));
+        held.push(over);
+        // Other flows fill the listener's bound, then nothing more fits.
+        let flows: Vec<_> = (0..LISTENER_QUEUE_BYTES / FLOW_QUEUE_BYTES)
+            .map(|_| Queued::new(&listener))
+            .collect();
+        let mut n = 0;
+        'fill: for f in &flows {
+            loop {
+                let mut d = datagram(MAX_DATAGRAM);
+                if !Charge::charge(f, &mut d) {
+                    break;
+                }
+                held.push(d);
+                n += 1;
+                if listener.load(Ordering::Relaxed) + MAX_DATAGRAM > LISTENER_QUEUE_BYTES {
+                    break 'fill;
+                }
+            }
+        }
+        assert!(n > 0);
+        let fresh = Queued::new(&listener);
+        let mut d = datagram(MAX_DATAGRAM);
+        assert!(!Charge::charge(&fresh, &mut d), "past the listener's bound");
+        drop(held);
+        assert_eq!(listener.load(Ordering::Relaxed), 0, "every byte given back");
+        assert_eq!(a.flow.load(Ordering::Relaxed), 0);
+    }
+
+    /// A listener that accepts large hellos holds enough Initials for one.
+    #[test]
+    fn held_limits_follow_the_largest_hello_accepted() {
+        let default = HeldLimits::for_hello(16_384);
+        assert_eq!(default.initials, 17);
+        assert_eq!(default.datagrams, MIN_HELD_DATAGRAMS + 1);
+        assert_eq!(default.bytes, MIN_HELD_BYTES);
+        let small = HeldLimits::for_hello(1024);
+        assert_eq!(small.initials, QuicLimits::default().max_initial_packets);
+        assert_eq!(small.datagrams, MIN_HELD_DATAGRAMS);
+        let large = HeldLimits::for_hello(64 * 1024);
+        // 64 KiB of hello in Initials of 1,200 bytes: 57 of them.
+        assert!(large.initials * 1150 >= 64 * 1024, "{large:?}");
+        assert!(large.datagrams > large.initials);
+        assert!(large.bytes >= large.datagrams * 1200, "{large:?}");
     }
 
     #[test]

@@ -115,12 +115,19 @@ mod linux {
 
     /// Marks a socket `IP_TRANSPARENT` (IPv4) or `IPV6_TRANSPARENT` (IPv6).
     pub fn set_ip_transparent(socket: &impl AsFd) -> io::Result<()> {
+        set_ip_transparent_to(socket, true)
+    }
+
+    /// Sets or clears `IP_TRANSPARENT` (IPv4) or `IPV6_TRANSPARENT` (IPv6)
+    /// on a socket, bound or not: netfilter's `TPROXY` reads it per packet.
+    pub fn set_ip_transparent_to(socket: &impl AsFd, on: bool) -> io::Result<()> {
         let fd = socket.as_fd();
         let domain = socket2::SockRef::from(&fd).domain()?;
+        let value = libc::c_int::from(on);
         if domain == socket2::Domain::IPV6 {
-            setsockopt_int(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
+            setsockopt_int(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, value)
         } else if domain == socket2::Domain::IPV4 {
-            setsockopt_int(fd, libc::SOL_IP, libc::IP_TRANSPARENT, 1)
+            setsockopt_int(fd, libc::SOL_IP, libc::IP_TRANSPARENT, value)
         } else {
             Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -131,7 +138,7 @@ mod linux {
 }
 
 #[cfg(target_os = "linux")]
-pub use linux::set_ip_transparent;
+pub use linux::{set_ip_transparent, set_ip_transparent_to};
 
 /// The destination a connection had before iptables `REDIRECT` (IPv4
 /// `SO_ORIGINAL_DST`, IPv6 `IP6T_SO_ORIGINAL_DST`).
@@ -152,6 +159,12 @@ pub fn original_dst(_stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
         io::ErrorKind::Unsupported,
         "SO_ORIGINAL_DST (transparent mode) is only available on Linux",
     ))
+}
+
+/// Not supported off Linux: `TPROXY` is a netfilter feature.
+#[cfg(not(target_os = "linux"))]
+pub fn set_ip_transparent_to<S>(_socket: &S, _on: bool) -> io::Result<()> {
+    set_ip_transparent(_socket)
 }
 
 /// Not supported off Linux: `TPROXY` is a netfilter feature.

@@ -41,8 +41,14 @@ pub fn register_read_only(socket: std::net::UdpSocket) -> io::Result<tokio::io::
 /// asked, not whatever the route to the client picks.
 #[cfg(target_os = "linux")]
 pub fn enable_pktinfo(fd: std::os::fd::BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    set_pktinfo(fd, ipv6, true)
+}
+
+/// [`enable_pktinfo`], or its undoing when `on` is false.
+#[cfg(target_os = "linux")]
+pub fn set_pktinfo(fd: std::os::fd::BorrowedFd<'_>, ipv6: bool, on: bool) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
+    let on = libc::c_int::from(on);
     let set = |level: libc::c_int, name: libc::c_int| {
         // SAFETY: `on` is a live c_int and the length passed is its size.
         let rc = unsafe {

@@ -24,20 +24,26 @@ pub struct OrigDatagram {
 /// the IPv4 control message).
 #[cfg(target_os = "linux")]
 pub fn enable_recv_orig_dst(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    set_recv_orig_dst(fd, ipv6, true)
+}
+
+/// [`enable_recv_orig_dst`], or its undoing when `on` is false.
+#[cfg(target_os = "linux")]
+pub fn set_recv_orig_dst(fd: BorrowedFd<'_>, ipv6: bool, on: bool) -> io::Result<()> {
     if ipv6 {
-        setsockopt_one(fd, libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR)?;
+        setsockopt_flag(fd, libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR, on)?;
         // A v6-only socket refuses the IPv4 option; it never sees IPv4.
-        let _ = setsockopt_one(fd, libc::SOL_IP, libc::IP_RECVORIGDSTADDR);
+        let _ = setsockopt_flag(fd, libc::SOL_IP, libc::IP_RECVORIGDSTADDR, on);
         Ok(())
     } else {
-        setsockopt_one(fd, libc::SOL_IP, libc::IP_RECVORIGDSTADDR)
+        setsockopt_flag(fd, libc::SOL_IP, libc::IP_RECVORIGDSTADDR, on)
     }
 }
 
 #[cfg(target_os = "linux")]
-fn setsockopt_one(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
+fn setsockopt_flag(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, on: bool) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let one: libc::c_int = 1;
+    let one = libc::c_int::from(on);
     // SAFETY: `fd` is a live socket borrowed for the call; the option value
     // points to a `c_int` that outlives the call, and its size is passed.
     let rc = unsafe {
@@ -145,6 +151,12 @@ pub fn recv_orig_dst(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<OrigDatag
         cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
     }
     Ok(OrigDatagram { len, src, orig_dst })
+}
+
+/// Not supported off Linux: `TPROXY` is a netfilter feature.
+#[cfg(not(target_os = "linux"))]
+pub fn set_recv_orig_dst(fd: BorrowedFd<'_>, ipv6: bool, _on: bool) -> io::Result<()> {
+    enable_recv_orig_dst(fd, ipv6)
 }
 
 /// Not supported off Linux: `TPROXY` is a netfilter feature.
