@@ -115,6 +115,14 @@ fn client(cert: &CertificateDer<'static>, alpn: Vec<Vec<u8>>) -> quinn::Endpoint
 
 /// [`client`], bound to `from`.
 fn client_at(from: SocketAddr, cert: &CertificateDer<'static>, alpn: Vec<Vec<u8>>) -> quinn::Endpoint {
+    let mut endpoint = quinn::Endpoint::client(from).unwrap();
+    endpoint.set_default_client_config(client_config(cert, alpn, Duration::from_secs(2)));
+    endpoint
+}
+
+/// A client's configuration: trusting `cert`, offering `alpn`, giving up
+/// on a silent peer after `idle`.
+fn client_config(cert: &CertificateDer<'static>, alpn: Vec<Vec<u8>>, idle: Duration) -> quinn::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.clone()).unwrap();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -126,11 +134,9 @@ fn client_at(from: SocketAddr, cert: &CertificateDer<'static>, alpn: Vec<Vec<u8>
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(Some(Duration::from_secs(2).try_into().unwrap()));
+    transport.max_idle_timeout(Some(idle.try_into().unwrap()));
     config.transport_config(Arc::new(transport));
-    let mut endpoint = quinn::Endpoint::client(from).unwrap();
-    endpoint.set_default_client_config(config);
-    endpoint
+    config
 }
 
 fn h3() -> Vec<Vec<u8>> {
@@ -460,6 +466,40 @@ flow_test!(a_client_whose_nat_rebinds_keeps_its_flow, async {
     let quic: Vec<_> = records.iter().filter(|r| is_quic(r)).collect();
     assert_eq!(quic.len(), 1, "one flow, nothing refused: {quic:?}");
 });
+
+// A client that moves to another port on purpose (quinn's `rebind`, which
+// also switches to a connection id its server gave it encrypted) keeps its
+// flow: it is the only flow from its address to the listener. Replies
+// follow it once the old port has been quiet for a second.
+flow_test!(
+    a_client_that_moves_to_a_new_port_and_connection_id_keeps_its_flow,
+    async {
+        let up = QuicEcho::start().await;
+        let sluice = config(&up, HOLD).start().await;
+        let mut client = client(&up.cert, h3());
+        // Longer than the second replies wait for the old port to go quiet.
+        client.set_default_client_config(client_config(&up.cert, h3(), Duration::from_secs(10)));
+        let conn = within("the handshake", async {
+            client.connect(sluice.addr("quic"), "allowed.test").unwrap().await
+        })
+        .await
+        .expect("an allowed QUIC flow goes through");
+        // After the handshake the server has sent spare connection ids.
+        echo_on(&conn, b"before the move").await;
+        let old = client.local_addr().unwrap();
+        client
+            .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .unwrap();
+        assert_ne!(client.local_addr().unwrap(), old);
+        echo_on(&conn, b"after the move").await;
+        conn.close(0u32.into(), b"done");
+        client.wait_idle().await;
+        let records = sluice.stop_and_records(Duration::from_millis(200)).await;
+        let quic: Vec<_> = records.iter().filter(|r| is_quic(r)).collect();
+        assert_eq!(quic.len(), 1, "one flow, nothing refused: {quic:#?}");
+        assert_eq!(action(quic[0]), "allow", "{}", quic[0]);
+    }
+);
 
 /// A UDP relay in front of Sluice that keeps a copy of the client's last
 /// short-header datagram (what an on-path observer, or a host behind the

@@ -29,9 +29,12 @@
 //! connection ids its server chose are seen in the server's long-header
 //! packets, and a short-header datagram from the same address and a new
 //! port that carries one of them is taken as that flow's (a new address is
-//! not: the flow was decided on its source). Ids a client switches to later
-//! are announced encrypted and cannot be followed; such a datagram starts
-//! a flow of its own, refused `quic-not-initial`. Under `TPROXY`
+//! not: the flow was decided on its source). Ids a client switches to when
+//! it moves on purpose are announced encrypted and cannot be read: a
+//! short-header datagram from a new port of an address that has exactly
+//! one flow relayed to that destination is taken as that flow's; with
+//! several, it starts a flow of its own, refused `quic-not-initial`.
+//! Under `TPROXY`
 //! (`transparent: true`) each datagram's original
 //! destination comes from `IP_ORIGDSTADDR`, and replies leave from that
 //! address through a socket bound to it with `IP_TRANSPARENT`, so the
@@ -312,6 +315,11 @@ struct Table {
     /// (a flood from spoofed sources, say) cannot keep real clients out
     /// for a whole idle timeout.
     refused: std::collections::VecDeque<(Key, u64)>,
+    /// The first keys of the flows being relayed, by client address and
+    /// destination: a client that moves to another port *and* to a
+    /// connection id it was given encrypted is followed when it has
+    /// exactly one flow there.
+    relaying: HashMap<(IpAddr, Option<SocketAddr>), Vec<Key>>,
     /// Every flow in the order it started, for the oldest still in its
     /// Initial phase: the slot a new flow takes when no refused flow is
     /// left (Initials that never complete a ClientHello, forged from
@@ -336,6 +344,7 @@ impl Table {
                     return;
                 }
                 if let Some(entry) = self.flows.remove(&key) {
+                    self.not_relaying(key);
                     for a in entry.aliases {
                         if self.flows.get(&a).is_some_and(|e| e.serial == serial) {
                             self.flows.remove(&a);
@@ -349,12 +358,14 @@ impl Table {
             Event::Decided { key, serial } => {
                 if let Some(e) = self.flows.get_mut(&key).filter(|e| e.serial == serial) {
                     e.decided = true;
+                    self.relaying.entry((key.0.ip(), key.1)).or_default().push(key);
                 }
             }
             Event::Refused { key, serial } => {
                 if let Some(e) = self.flows.get_mut(&key).filter(|e| e.serial == serial) {
                     e.decided = true;
                     self.refused.push_back((key, serial));
+                    self.not_relaying(key);
                 }
                 // Flows that ended on their own leave stale entries: drop
                 // them once they outnumber the table, so this stays
@@ -382,11 +393,28 @@ impl Table {
         }
     }
 
+    /// `key` no longer names a flow being relayed.
+    fn not_relaying(&mut self, key: Key) {
+        let at = (key.0.ip(), key.1);
+        if let Some(keys) = self.relaying.get_mut(&at) {
+            keys.retain(|k| *k != key);
+            if keys.is_empty() {
+                self.relaying.remove(&at);
+            }
+        }
+    }
+
     /// The first key of the flow a short-header datagram from a new key
-    /// belongs to: its connection id is one the flow's server chose, and
-    /// it comes from the same address (only the port changed, as when a
-    /// NAT rebinds) to the same destination. A new address is not taken
-    /// for the same client: the flow was decided on its source.
+    /// belongs to. It comes from the same address (only the port changed)
+    /// to the same destination, and either carries a connection id the
+    /// flow's server chose in the handshake (a NAT that rebinds: the
+    /// client does not know it moved), or the address has exactly one
+    /// flow being relayed there (a client that moved on purpose switches
+    /// to an id it was given encrypted, which cannot be read). A new
+    /// address is never taken for the same client: the flow was decided
+    /// on its source. Either way the datagram can only reach where that
+    /// flow was allowed to go, and replies move to the new port only
+    /// once the old one has gone quiet (`REBIND_QUIET`).
     fn rebound(&self, key: Key, data: &[u8]) -> Option<Key> {
         let first = *data.first()?;
         if first & 0x80 != 0 {
@@ -396,10 +424,14 @@ impl Table {
         // a prefix of it names another flow.
         let mut lens = self.cid_lens.clone();
         lens.sort_unstable_by(|a, b| b.cmp(a));
-        lens.iter().find_map(|len| {
+        let by_cid = lens.iter().find_map(|len| {
             let id = data.get(1..1 + len)?;
             let owner = *self.cids.get(id)?;
             (owner.0.ip() == key.0.ip() && owner.1 == key.1).then_some(owner)
+        });
+        by_cid.or_else(|| match self.relaying.get(&(key.0.ip(), key.1))?.as_slice() {
+            [only] => Some(*only),
+            _ => None,
         })
     }
 
@@ -1377,6 +1409,39 @@ mod tests {
         assert!(large.initials * 1150 >= 64 * 1024, "{large:?}");
         assert!(large.datagrams > large.initials);
         assert!(large.bytes >= large.datagrams * 1200, "{large:?}");
+    }
+
+    /// A client that moves to another port and to a connection id it was
+    /// given encrypted keeps its flow when it has only one there; with two
+    /// flows from the address to that destination, neither is guessed.
+    #[test]
+    fn a_client_that_moves_on_purpose_keeps_its_only_flow() {
+        let mut t = Table::default();
+        let first: Key = ("10.0.0.1:1000".parse().unwrap(), None);
+        let (tx, _rx) = mpsc::channel(8);
+        t.flows.insert(first, entry(tx.clone(), 1));
+        let mut short = vec![0x40];
+        short.extend([3; 28]);
+        let moved: Key = ("10.0.0.1:2000".parse().unwrap(), None);
+        assert_eq!(t.rebound(moved, &short), None, "undecided: nothing to follow");
+        t.event(Event::Decided { key: first, serial: 1 });
+        assert_eq!(t.rebound(moved, &short), Some(first));
+        assert_eq!(t.rebound(("10.0.0.2:2000".parse().unwrap(), None), &short), None);
+        let mut long = short.clone();
+        long[0] = 0xc0;
+        assert_eq!(t.rebound(moved, &long), None, "a long header is a new flow");
+        // A second flow from the address: which one is meant is unknown.
+        let second: Key = ("10.0.0.1:1001".parse().unwrap(), None);
+        t.flows.insert(second, entry(tx, 2));
+        t.event(Event::Decided { key: second, serial: 2 });
+        assert_eq!(t.rebound(moved, &short), None);
+        // The second's relay ends (its record written): the first is the
+        // only one again; then the first ends too.
+        t.event(Event::Refused { key: second, serial: 2 });
+        assert_eq!(t.rebound(moved, &short), Some(first));
+        t.event(Event::Ended { key: first, serial: 1 });
+        assert_eq!(t.rebound(moved, &short), None);
+        assert!(!t.relaying.contains_key(&(first.0.ip(), None)), "{t:?}");
     }
 
     #[test]
