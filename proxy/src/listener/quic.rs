@@ -71,10 +71,16 @@ const FLOW_QUEUE: usize = 128;
 /// count: a flow waiting on a lookup reads nothing meanwhile, and each of
 /// its 128 queued datagrams could be 64 KiB.
 const FLOW_QUEUE_BYTES: usize = 256 * 1024;
-/// Bytes queued to all the flows of one listener at once: past it a
-/// datagram is dropped, so flows that stall cannot hold the process's
-/// memory (at most `max_connections` × [`FLOW_QUEUE_BYTES`] otherwise).
+/// Bytes queued to all the flows of one listener at once, beyond each
+/// flow's [`FLOW_RESERVE_BYTES`]: past it a datagram is dropped, so flows
+/// that stall cannot hold the process's memory (at most
+/// `max_connections` × [`FLOW_QUEUE_BYTES`] otherwise).
 const LISTENER_QUEUE_BYTES: usize = 32 << 20;
+/// What every flow may queue whatever the others hold: a few datagrams of
+/// a usual size, so flows stalled on purpose (a name that resolves
+/// slowly, flooded meanwhile) cannot fill the listener's bound and stop
+/// everyone else's.
+const FLOW_RESERVE_BYTES: usize = 8 * 1024;
 /// What an undecided flow may make Sluice hold for replay: a ClientHello
 /// takes one to three Initials in practice (a post-quantum key share,
 /// two), but a listener may accept hellos up to `peek.max_client_hello`,
@@ -130,26 +136,30 @@ pub fn bind(plan: &ListenerPlan) -> io::Result<UdpSocket> {
 /// listener answers from it (a VIP, another interface's address), not
 /// from whatever the route back picks, as a QUIC client drops datagrams
 /// from another address.
+///
+/// The option the new way needs is set first: when it fails, nothing has
+/// changed and the error says why. The old way's options are cleared after
+/// (clearing needs no capability; a leftover would only add a control
+/// message that the new way's reads skip).
 fn receive_options(socket: &impl AsFd, name: &str, addr: SocketAddr, transparent: bool) -> io::Result<()> {
     let fd = socket.as_fd();
     let v6 = addr.is_ipv6();
     if transparent {
-        #[cfg(target_os = "linux")]
-        let _ = crate::sys::set_pktinfo(fd, v6, false);
+        crate::sys::set_recv_orig_dst(fd, v6, true)?;
         if let Err(e) = crate::sys::set_ip_transparent_to(&fd, true) {
             tracing::warn!(listener = %name, error = %e, "IP_TRANSPARENT not set; TPROXY datagrams will not arrive");
         }
-        crate::sys::set_recv_orig_dst(fd, v6, true)
+        #[cfg(target_os = "linux")]
+        let _ = crate::sys::set_pktinfo(fd, v6, false);
     } else {
-        // Clearing needs no capability; off Linux there is nothing to clear.
-        let _ = crate::sys::set_ip_transparent_to(&fd, false);
-        let _ = crate::sys::set_recv_orig_dst(fd, v6, false);
         #[cfg(target_os = "linux")]
         if addr.ip().is_unspecified() {
             crate::sys::set_pktinfo(fd, v6, true)?;
         }
-        Ok(())
+        let _ = crate::sys::set_ip_transparent_to(&fd, false);
+        let _ = crate::sys::set_recv_orig_dst(fd, v6, false);
     }
+    Ok(())
 }
 
 /// How a listener bound to `bound` reads its socket.
@@ -198,6 +208,9 @@ impl Queued {
 struct Charge {
     to: Arc<Queued>,
     len: usize,
+    /// The part counted against the listener's bound: what lay past the
+    /// flow's reserve when it was queued.
+    shared: usize,
 }
 
 impl Charge {
@@ -206,14 +219,21 @@ impl Charge {
     /// another charge (a flow's task only gives back).
     fn charge(to: &Arc<Queued>, d: &mut Datagram) -> bool {
         let len = d.data.len();
-        if to.flow.load(Ordering::Relaxed) + len > FLOW_QUEUE_BYTES
-            || to.listener.load(Ordering::Relaxed) + len > LISTENER_QUEUE_BYTES
-        {
+        let held = to.flow.load(Ordering::Relaxed);
+        if held + len > FLOW_QUEUE_BYTES {
+            return false;
+        }
+        let shared = (held + len).saturating_sub(FLOW_RESERVE_BYTES) - held.saturating_sub(FLOW_RESERVE_BYTES);
+        if shared > 0 && to.listener.load(Ordering::Relaxed) + shared > LISTENER_QUEUE_BYTES {
             return false;
         }
         to.flow.fetch_add(len, Ordering::Relaxed);
-        to.listener.fetch_add(len, Ordering::Relaxed);
-        d.charge = Some(Charge { to: to.clone(), len });
+        to.listener.fetch_add(shared, Ordering::Relaxed);
+        d.charge = Some(Charge {
+            to: to.clone(),
+            len,
+            shared,
+        });
         true
     }
 }
@@ -221,7 +241,7 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         self.to.flow.fetch_sub(self.len, Ordering::Relaxed);
-        self.to.listener.fetch_sub(self.len, Ordering::Relaxed);
+        self.to.listener.fetch_sub(self.shared, Ordering::Relaxed);
     }
 }
 
@@ -523,6 +543,7 @@ pub fn spawn(
         let mut serial = 0u64;
         let mut draining = false;
         let queued = Arc::new(AtomicUsize::new(0));
+        let mut own = own_addresses(&shared.snapshot.load());
         // Made once for the listener's life: subscribing per datagram
         // would take a lock per datagram.
         let stopped = stop.wait_for(|v| *v);
@@ -548,8 +569,16 @@ pub fn spawn(
                     continue;
                 }
                 Ok(()) = installs.changed() => {
-                    let now = shared.snapshot.load().plan(&name).is_some_and(|p| p.spec.transparent);
-                    if now != transparent && let Some(addr) = bound {
+                    let snapshot = shared.snapshot.load();
+                    own = own_addresses(&snapshot);
+                    // Only a plan that keeps this socket (the same address,
+                    // as bound or as `:0`) says how it receives: a listener
+                    // removed or moved leaves this one draining as it was.
+                    let now = snapshot
+                        .plan(&name)
+                        .filter(|p| bound.is_some_and(|b| same_socket(p.spec.address, b)))
+                        .map(|p| p.spec.transparent);
+                    if !draining && let (Some(now), Some(addr)) = (now, bound) && now != transparent {
                         match receive_options(&*socket, &name, addr, now) {
                             Ok(()) => {
                                 transparent = now;
@@ -576,7 +605,7 @@ pub fn spawn(
             // A datagram sent to the listener itself was not intercepted:
             // keyed as on a listener that is not transparent, so a flow
             // keeps its key when a reload changes `transparent`.
-            let orig = orig.filter(|o| !sent_to(bound, *o));
+            let orig = orig.filter(|o| !sent_to(bound, &own, *o));
             let mut datagram = Datagram {
                 from: src,
                 data: buf.get(..len).unwrap_or_default().to_vec(),
@@ -882,7 +911,8 @@ async fn front(
     let plan = &start.plan;
     if plan.needs_original || plan.spec.original_dst {
         // A datagram sent to the listener itself was not intercepted.
-        match start.orig.filter(|a| !sent_to(start.bound, *a)) {
+        let own = own_addresses(&start.snapshot);
+        match start.orig.filter(|a| !sent_to(start.bound, &own, *a)) {
             Some(a) => {
                 flow.ctx.original_dst = Some(a);
                 flow.ctx.port = a.port();
@@ -947,10 +977,34 @@ async fn front(
     Ok(())
 }
 
-/// Whether `a` is the listener's own address (`bound`, or on a wildcard
-/// listener its port on any address).
-fn sent_to(bound: Option<SocketAddr>, a: SocketAddr) -> bool {
-    bound.is_some_and(|b| b.port() == a.port() && (b.ip().is_unspecified() || b.ip() == a.ip()))
+/// Whether `a` is the listener's own address: `bound`, or on a wildcard
+/// listener its port on one of this host's addresses (`own`, or
+/// loopback). Under `TPROXY` a wildcard listener may share its port with
+/// the traffic it intercepts: a remote address on that port was not sent
+/// to the listener.
+fn sent_to(bound: Option<SocketAddr>, own: &[IpAddr], a: SocketAddr) -> bool {
+    let ip = a.ip().to_canonical();
+    bound.is_some_and(|b| {
+        b.port() == a.port()
+            && (b.ip().to_canonical() == ip || (b.ip().is_unspecified() && (ip.is_loopback() || own.contains(&ip))))
+    })
+}
+
+/// This host's addresses as the configuration knows them (the `gateway`
+/// SmartGroup's), canonical.
+fn own_addresses(snapshot: &Snapshot) -> Vec<IpAddr> {
+    snapshot
+        .config
+        .gateway_addresses
+        .iter()
+        .map(IpAddr::to_canonical)
+        .collect()
+}
+
+/// Whether a listener configured at `configured` keeps the socket bound
+/// to `bound` (as the runtime decides on a reload).
+fn same_socket(configured: SocketAddr, bound: SocketAddr) -> bool {
+    configured == bound || (configured.port() == 0 && configured.ip() == bound.ip())
 }
 
 /// Drops the datagrams of a refused flow until none came for `idle`, or
@@ -1362,35 +1416,42 @@ mod tests {
         let mut over = datagram(MAX_DATAGRAM);
         assert!(!Charge::charge(&a, &mut over), "past the flow's bound");
         assert!(over.charge.is_none());
-        assert_eq!(listener.load(Ordering::Relaxed), held.len() * MAX_DATAGRAM);
+        assert_eq!(
+            listener.load(Ordering::Relaxed),
+            held.len() * MAX_DATAGRAM - FLOW_RESERVE_BYTES,
+            "all but the flow's reserve counts against the listener"
+        );
         // The flow takes one: room for one more.
         drop(held.pop());
         assert!(Charge::charge(&a, &mut over));
         held.push(over);
-        // Other flows fill the listener's bound, then nothing more fits.
-        let flows: Vec<_> = (0..LISTENER_QUEUE_BYTES / FLOW_QUEUE_BYTES)
-            .map(|_| Queued::new(&listener))
-            .collect();
-        let mut n = 0;
-        'fill: for f in &flows {
-            loop {
-                let mut d = datagram(MAX_DATAGRAM);
-                if !Charge::charge(f, &mut d) {
-                    break;
-                }
-                held.push(d);
-                n += 1;
-                if listener.load(Ordering::Relaxed) + MAX_DATAGRAM > LISTENER_QUEUE_BYTES {
-                    break 'fill;
-                }
-            }
-        }
-        assert!(n > 0);
-        let fresh = Queued::new(&listener);
-        let mut d = datagram(MAX_DATAGRAM);
-        assert!(!Charge::charge(&fresh, &mut d), "past the listener's bound");
         drop(held);
         assert_eq!(listener.load(Ordering::Relaxed), 0, "every byte given back");
+        // Other flows fill the listener's bound: past its reserve, a flow
+        // queues nothing more, but its reserve is its own.
+        listener.store(LISTENER_QUEUE_BYTES, Ordering::Relaxed);
+        let fresh = Queued::new(&listener);
+        let mut held = Vec::new();
+        let mut reserved = 0;
+        loop {
+            let mut d = datagram(1200);
+            if !Charge::charge(&fresh, &mut d) {
+                break;
+            }
+            reserved += 1200;
+            held.push(d);
+        }
+        assert_eq!(reserved, FLOW_RESERVE_BYTES / 1200 * 1200);
+        assert_eq!(listener.load(Ordering::Relaxed), LISTENER_QUEUE_BYTES);
+        let mut big = datagram(MAX_DATAGRAM);
+        assert!(!Charge::charge(&fresh, &mut big), "past the listener's bound");
+        drop(held);
+        assert_eq!(
+            listener.load(Ordering::Relaxed),
+            LISTENER_QUEUE_BYTES,
+            "a reserve is not counted there"
+        );
+        assert_eq!(fresh.flow.load(Ordering::Relaxed), 0);
         assert_eq!(a.flow.load(Ordering::Relaxed), 0);
     }
 
