@@ -267,6 +267,21 @@ pub mod procfs {
         out
     }
 
+    /// On-CPU time of one process, all its threads, in nanoseconds: the
+    /// scheduler's own sum (`/proc/PID/task/*/schedstat`), exact where
+    /// `stat` counts 10 ms ticks. Threads that have exited are not counted.
+    #[must_use]
+    pub fn runtime_ns(pid: u32) -> u64 {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// user + system CPU seconds of one process (all its threads).
     #[must_use]
     pub fn cpu_secs(pid: u32) -> f64 {

@@ -153,6 +153,35 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000)]
         settle_ms: u64,
     },
+    /// Interleaved A/B on one proxy process: ROUNDS rounds, each sending
+    /// BATCH connections (CONCURRENCY in flight, as `conn`) to every target
+    /// in turn, in reverse order every other round, with the proxy's
+    /// on-CPU time (schedstat, to the nanosecond) read around each batch.
+    /// The targets are listeners of the same process, the first without
+    /// the thing measured, so what drifts between rounds (other load on the
+    /// machine, caches, frequency) cancels in each round's differences.
+    Ab {
+        /// `label=address`, the first the baseline.
+        #[arg(long = "target", required = true, num_args = 1..)]
+        targets: Vec<String>,
+        /// A captured single-record ClientHello; its SNI is rewritten to --sni.
+        #[arg(long)]
+        hello: PathBuf,
+        #[arg(long, default_value = "bench.example")]
+        sni: String,
+        /// The proxy's PID (its threads are counted).
+        #[arg(long)]
+        pid: u32,
+        #[arg(long, default_value_t = 30)]
+        rounds: usize,
+        #[arg(long, default_value_t = 1_000)]
+        batch: usize,
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        /// Bound on the whole phase.
+        #[arg(long, default_value_t = 600)]
+        max_secs: u64,
+    },
     /// Print the tables from a results file (one JSON object per line).
     Report {
         file: PathBuf,
@@ -470,6 +499,134 @@ async fn one_quic(
     // Let the close go out; the client does not wait for the drain.
     let _ = timeout(Duration::from_millis(50), ep.wait_idle()).await;
     Ok((first.unwrap_or_else(|| t0.elapsed()), got))
+}
+
+/// How an A/B phase runs (see `Cmd::Ab`).
+struct Ab {
+    rounds: usize,
+    batch: usize,
+    concurrency: usize,
+    deadline: Instant,
+}
+
+impl Ab {
+    async fn run(&self, targets: &[String], hello_file: &PathBuf, sni: &str, pid: u32) -> Value {
+        let cap = std::fs::read(hello_file).unwrap_or_else(|e| panic!("{}: {e}", hello_file.display()));
+        let hello: Arc<[u8]> = build_hello(&cap, sni, Mode::ReplyClose).unwrap().into();
+        let targets: Vec<(String, SocketAddr)> = targets
+            .iter()
+            .map(|t| {
+                let (label, addr) = t
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("--target {t}: want label=address"));
+                (
+                    label.to_owned(),
+                    addr.parse().unwrap_or_else(|e| panic!("--target {t}: {e}")),
+                )
+            })
+            .collect();
+        // Warm every path first: instances started, caches filled.
+        for (_, addr) in &targets {
+            self.batch(*addr, &hello).await;
+        }
+        let mut per: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+        let mut errors = 0;
+        let mut done = 0;
+        for round in 0..self.rounds {
+            if Instant::now() > self.deadline {
+                break;
+            }
+            let mut order: Vec<usize> = (0..targets.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let before = procfs::runtime_ns(pid);
+                errors += self.batch(targets[i].1, &hello).await;
+                let spent = procfs::runtime_ns(pid).saturating_sub(before);
+                per[i].push(spent as f64 / 1_000.0 / self.batch as f64);
+            }
+            done += 1;
+        }
+        let summary = |v: &[f64]| {
+            let mut s = v.to_vec();
+            s.sort_by(f64::total_cmp);
+            let mean = s.iter().sum::<f64>() / s.len().max(1) as f64;
+            let var = s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (s.len().max(2) - 1) as f64;
+            json!({
+                "median_us": quantile(&s, 0.5),
+                "p25_us": quantile(&s, 0.25),
+                "p75_us": quantile(&s, 0.75),
+                "mean_us": mean,
+                "stderr_us": (var / s.len().max(1) as f64).sqrt(),
+            })
+        };
+        let mut out = Vec::new();
+        for (i, (label, _)) in targets.iter().enumerate() {
+            let mut o = summary(&per[i]);
+            o["label"] = json!(label);
+            o["per_round_us"] = json!(per[i]);
+            if i > 0 {
+                // Each round's difference against the baseline batch of the
+                // same round: neighbours in time.
+                let diffs: Vec<f64> = per[i].iter().zip(&per[0]).map(|(b, a)| b - a).collect();
+                o["added"] = summary(&diffs);
+                eprintln!(
+                    "{label}: {:.2} us of proxy CPU per connection added over {} (median of {} paired rounds; mean {:.2} +- {:.2})",
+                    o["added"]["median_us"].as_f64().unwrap_or(f64::NAN),
+                    targets[0].0,
+                    diffs.len(),
+                    o["added"]["mean_us"].as_f64().unwrap_or(f64::NAN),
+                    o["added"]["stderr_us"].as_f64().unwrap_or(f64::NAN),
+                );
+            }
+            out.push(o);
+        }
+        json!({
+            "phase": "ab",
+            "rounds": done,
+            "batch": self.batch,
+            "concurrency": self.concurrency,
+            "errors": errors,
+            "targets": out,
+        })
+    }
+
+    /// One batch to `target`; the connections that failed.
+    async fn batch(&self, target: SocketAddr, hello: &Arc<[u8]>) -> usize {
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..self.concurrency.max(1) {
+            let (next, hello, count) = (next.clone(), hello.clone(), self.batch);
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0_u8; 4096];
+                let mut errors = 0_usize;
+                while next.fetch_add(1, Ordering::Relaxed) < count {
+                    if !matches!(
+                        timeout(Duration::from_secs(10), one(target, &hello, &mut buf)).await,
+                        Ok(Ok(_))
+                    ) {
+                        errors += 1;
+                    }
+                }
+                errors
+            }));
+        }
+        let mut errors = 0;
+        for t in tasks {
+            errors += t.await.unwrap_or(1);
+        }
+        errors
+    }
+}
+
+/// The `q` quantile of sorted `s` (nearest rank); NaN when empty.
+fn quantile(s: &[f64], q: f64) -> f64 {
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((s.len() - 1) as f64 * q).round() as usize;
+    s[i.min(s.len() - 1)]
 }
 
 async fn conn(c: &Common, m: &Measured, count: usize, concurrency: usize, phase: &str) -> Value {
@@ -1303,6 +1460,24 @@ async fn main() {
             concurrency,
             settle_ms,
         } => idle(&c, &m, count, concurrency, settle_ms).await,
+        Cmd::Ab {
+            targets,
+            hello,
+            sni,
+            pid,
+            rounds,
+            batch,
+            concurrency,
+            max_secs,
+        } => {
+            let ab = Ab {
+                rounds,
+                batch,
+                concurrency,
+                deadline: Instant::now() + Duration::from_secs(max_secs),
+            };
+            ab.run(&targets, &hello, &sni, pid).await
+        }
         Cmd::Report { file, svg } => {
             report(&file, svg.as_ref());
             return;
