@@ -42,17 +42,8 @@ fi
 
 OUT=$B/out/$(date -u +%Y%m%dT%H%M%SZ)-plugin-ab
 mkdir -p "$OUT"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=bench/common.sh
+. "$B/common.sh"
 if [ "$(nproc)" -ge 2 ]; then
     PROXY_CPU="taskset -c 1"; CLIENT_CPU="taskset -c 0"
 else

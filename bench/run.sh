@@ -80,19 +80,8 @@ WASM_FILE=$ROOT/target/wasm-guests/wasm32-wasip1/release/test_guest.wasm
 WASM_NULL_FILE=$ROOT/target/wasm-guests/wasm32-wasip1/release/null_guest.wasm
 
 # ------------------------------------------------------------ processes
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=bench/common.sh
+. "$B/common.sh"
 
 # stop PID: end one process this script started (its workers follow it).
 stop() {
