@@ -371,6 +371,9 @@ struct Running {
     nameservers: Option<Vec<SocketAddr>>,
 }
 
+/// How long a reload waits for each `quic` listener to apply it.
+const QUIC_APPLY_WAIT: Duration = Duration::from_secs(2);
+
 #[derive(Debug)]
 struct TcpRun {
     kind: ListenerType,
@@ -378,6 +381,8 @@ struct TcpRun {
     bound: SocketAddr,
     stop: watch::Sender<bool>,
     closing: CancellationToken,
+    /// A `quic` listener's: the last configuration generation it applied.
+    applied: Option<watch::Receiver<u64>>,
 }
 
 /// What a DNS listener is built from; a change to any of it rebuilds the
@@ -787,6 +792,19 @@ impl Inner {
         }
         report.restart_needed.extend(prepared.warnings.iter().cloned());
         self.commit(running, snapshot, prepared, &mut report);
+        // A `quic` listener applies a change of `transparent` to its socket
+        // itself: the reload is over once each has (bounded: one stuck
+        // listener does not hold the reload, it is named in the log).
+        let generation = self.shared.generation();
+        for (name, run) in &running.tcp {
+            if let Some(applied) = &run.applied {
+                let mut applied = applied.clone();
+                let done = tokio::time::timeout(QUIC_APPLY_WAIT, applied.wait_for(|g| *g >= generation)).await;
+                if !matches!(done, Ok(Ok(_))) {
+                    tracing::warn!(listener = %name, "the quic listener has not applied the new configuration to its socket yet");
+                }
+            }
+        }
         Ok(report)
     }
 
@@ -1055,6 +1073,7 @@ impl Inner {
                 bound,
                 stop,
                 closing,
+                applied: None,
             };
             if let Some(old) = running.tcp.insert(name, fresh) {
                 retire_tcp(old);
@@ -1066,12 +1085,14 @@ impl Inner {
             let bound = socket.local_addr().unwrap_or(configured);
             let (stop, stop_rx) = watch::channel(false);
             let closing = CancellationToken::new();
+            let (applied, applied_rx) = watch::channel(0);
             self.keep(listener::spawn_quic(
                 Arc::from(name.as_str()),
                 socket,
                 self.shared.clone(),
                 stop_rx,
                 closing.clone(),
+                applied,
             ));
             let fresh = TcpRun {
                 kind,
@@ -1079,6 +1100,7 @@ impl Inner {
                 bound,
                 stop,
                 closing,
+                applied: Some(applied_rx),
             };
             if let Some(old) = running.tcp.insert(name, fresh) {
                 retire_tcp(old);

@@ -467,40 +467,6 @@ flow_test!(a_client_whose_nat_rebinds_keeps_its_flow, async {
     assert_eq!(quic.len(), 1, "one flow, nothing refused: {quic:?}");
 });
 
-// A client that moves to another port on purpose (quinn's `rebind`, which
-// also switches to a connection id its server gave it encrypted) keeps its
-// flow: it is the only flow from its address to the listener. Replies
-// follow it once the old port has been quiet for a second.
-flow_test!(
-    a_client_that_moves_to_a_new_port_and_connection_id_keeps_its_flow,
-    async {
-        let up = QuicEcho::start().await;
-        let sluice = config(&up, HOLD).start().await;
-        let mut client = client(&up.cert, h3());
-        // Longer than the second replies wait for the old port to go quiet.
-        client.set_default_client_config(client_config(&up.cert, h3(), Duration::from_secs(10)));
-        let conn = within("the handshake", async {
-            client.connect(sluice.addr("quic"), "allowed.test").unwrap().await
-        })
-        .await
-        .expect("an allowed QUIC flow goes through");
-        // After the handshake the server has sent spare connection ids.
-        echo_on(&conn, b"before the move").await;
-        let old = client.local_addr().unwrap();
-        client
-            .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
-            .unwrap();
-        assert_ne!(client.local_addr().unwrap(), old);
-        echo_on(&conn, b"after the move").await;
-        conn.close(0u32.into(), b"done");
-        client.wait_idle().await;
-        let records = sluice.stop_and_records(Duration::from_millis(200)).await;
-        let quic: Vec<_> = records.iter().filter(|r| is_quic(r)).collect();
-        assert_eq!(quic.len(), 1, "one flow, nothing refused: {quic:#?}");
-        assert_eq!(action(quic[0]), "allow", "{}", quic[0]);
-    }
-);
-
 /// A UDP relay in front of Sluice that keeps a copy of the client's last
 /// short-header datagram (what an on-path observer, or a host behind the
 /// same NAT, can see).
@@ -1220,7 +1186,14 @@ async fn dns_binding_under_tproxy(server: &sluice::runtime::Server, audit: &Path
             .filter(|r| field(r, "original_dst") == dialled.to_string())
             .collect()
     };
-    let both = common::wait_until(|| records(audit).len() >= 2).await;
+    // (The refused client retransmits past the listener's idle timeout of
+    // a second, so it may make more than one record: wait for each name.)
+    let has = |found: &[Value], sni: &str| found.iter().any(|r| field(r, "sni") == sni);
+    let both = common::wait_until(|| {
+        let found = records(audit);
+        has(&found, "allowed.test") && has(&found, "bound.test")
+    })
+    .await;
     let found = records(audit);
     assert!(both, "{found:#?}");
     let denied = found.iter().find(|r| field(r, "sni") == "allowed.test").unwrap();

@@ -209,6 +209,13 @@ impl Shared {
             .send_modify(|c| c.generation = c.generation.wrapping_add(1));
     }
 
+    /// How many configurations have been installed: what a listener that
+    /// applies each one itself (a `quic` listener's socket options)
+    /// reports back once it has.
+    pub fn generation(&self) -> u64 {
+        self.control.borrow().generation
+    }
+
     /// Ends every flow still open now (when the drain time is over).
     pub fn force_close(&self) {
         self.control.send_modify(|c| c.forced = true);

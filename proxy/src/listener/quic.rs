@@ -29,11 +29,12 @@
 //! connection ids its server chose are seen in the server's long-header
 //! packets, and a short-header datagram from the same address and a new
 //! port that carries one of them is taken as that flow's (a new address is
-//! not: the flow was decided on its source). Ids a client switches to when
-//! it moves on purpose are announced encrypted and cannot be read: a
-//! short-header datagram from a new port of an address that has exactly
-//! one flow relayed to that destination is taken as that flow's; with
-//! several, it starts a flow of its own, refused `quic-not-initial`.
+//! not: the flow was decided on its source; nor is a new port on a
+//! listener whose filter chains match `source_ports`). Ids a client
+//! switches to when it moves on purpose are announced encrypted and cannot
+//! be read, and following it by its address alone would let any host
+//! sharing that address take the flow's replies: such a datagram starts a
+//! flow of its own, refused `quic-not-initial`, and the client reconnects.
 //! Under `TPROXY`
 //! (`transparent: true`) each datagram's original
 //! destination comes from `IP_ORIGDSTADDR`, and replies leave from that
@@ -326,7 +327,8 @@ struct Entry {
 #[derive(Debug, Default)]
 struct Table {
     flows: HashMap<Key, Entry>,
-    cids: HashMap<Vec<u8>, Key>,
+    /// Each id's flow: its first key and serial.
+    cids: HashMap<Vec<u8>, (Key, u64)>,
     /// The lengths of the ids in `cids` (a short header does not say how
     /// long its connection id is).
     cid_lens: Vec<usize>,
@@ -335,11 +337,6 @@ struct Table {
     /// (a flood from spoofed sources, say) cannot keep real clients out
     /// for a whole idle timeout.
     refused: std::collections::VecDeque<(Key, u64)>,
-    /// The first keys of the flows being relayed, by client address and
-    /// destination: a client that moves to another port *and* to a
-    /// connection id it was given encrypted is followed when it has
-    /// exactly one flow there.
-    relaying: HashMap<(IpAddr, Option<SocketAddr>), Vec<Key>>,
     /// Every flow in the order it started, for the oldest still in its
     /// Initial phase: the slot a new flow takes when no refused flow is
     /// left (Initials that never complete a ClientHello, forged from
@@ -359,33 +356,16 @@ impl Table {
     /// Applies what a flow's task reported.
     fn event(&mut self, e: Event) {
         match e {
-            Event::Ended { key, serial } => {
-                if self.flows.get(&key).is_none_or(|e| e.serial != serial) {
-                    return;
-                }
-                if let Some(entry) = self.flows.remove(&key) {
-                    self.not_relaying(key);
-                    for a in entry.aliases {
-                        if self.flows.get(&a).is_some_and(|e| e.serial == serial) {
-                            self.flows.remove(&a);
-                        }
-                    }
-                    for c in entry.cids {
-                        self.cids.remove(&c);
-                    }
-                }
-            }
+            Event::Ended { key, serial } => self.remove_flow(key, serial),
             Event::Decided { key, serial } => {
                 if let Some(e) = self.flows.get_mut(&key).filter(|e| e.serial == serial) {
                     e.decided = true;
-                    self.relaying.entry((key.0.ip(), key.1)).or_default().push(key);
                 }
             }
             Event::Refused { key, serial } => {
                 if let Some(e) = self.flows.get_mut(&key).filter(|e| e.serial == serial) {
                     e.decided = true;
                     self.refused.push_back((key, serial));
-                    self.not_relaying(key);
                 }
                 // Flows that ended on their own leave stale entries: drop
                 // them once they outnumber the table, so this stays
@@ -408,33 +388,40 @@ impl Table {
                     self.cid_lens.push(cid.len());
                 }
                 entry.cids.push(cid.clone());
-                self.cids.insert(cid, key);
+                self.cids.insert(cid, (key, serial));
             }
         }
     }
 
-    /// `key` no longer names a flow being relayed.
-    fn not_relaying(&mut self, key: Key) {
-        let at = (key.0.ip(), key.1);
-        if let Some(keys) = self.relaying.get_mut(&at) {
-            keys.retain(|k| *k != key);
-            if keys.is_empty() {
-                self.relaying.remove(&at);
+    /// Forgets the flow first seen as `key` (if `serial` is still its):
+    /// every key that reaches it and every connection id it had.
+    fn remove_flow(&mut self, key: Key, serial: u64) {
+        if self.flows.get(&key).is_none_or(|e| e.serial != serial) {
+            return;
+        }
+        if let Some(entry) = self.flows.remove(&key) {
+            for a in entry.aliases {
+                if self.flows.get(&a).is_some_and(|e| e.serial == serial) {
+                    self.flows.remove(&a);
+                }
+            }
+            for c in entry.cids {
+                self.cids.remove(&c);
             }
         }
     }
 
     /// The first key of the flow a short-header datagram from a new key
-    /// belongs to. It comes from the same address (only the port changed)
-    /// to the same destination, and either carries a connection id the
-    /// flow's server chose in the handshake (a NAT that rebinds: the
-    /// client does not know it moved), or the address has exactly one
-    /// flow being relayed there (a client that moved on purpose switches
-    /// to an id it was given encrypted, which cannot be read). A new
-    /// address is never taken for the same client: the flow was decided
-    /// on its source. Either way the datagram can only reach where that
-    /// flow was allowed to go, and replies move to the new port only
-    /// once the old one has gone quiet (`REBIND_QUIET`).
+    /// belongs to: its connection id is one the flow's server chose in
+    /// the handshake, and it comes from the same address (only the port
+    /// changed, as when a NAT rebinds: the client does not know it moved)
+    /// to the same destination. A new address is not taken for the same
+    /// client: the flow was decided on its source. A client that moves on
+    /// purpose switches to an id it was given encrypted, which cannot be
+    /// read: its datagrams start a flow of their own, refused
+    /// `quic-not-initial`, and it reconnects. (Following it by its address
+    /// alone would let any host that shares the address, behind the same
+    /// NAT say, take the flow's replies without knowing anything.)
     fn rebound(&self, key: Key, data: &[u8]) -> Option<Key> {
         let first = *data.first()?;
         if first & 0x80 != 0 {
@@ -444,14 +431,11 @@ impl Table {
         // a prefix of it names another flow.
         let mut lens = self.cid_lens.clone();
         lens.sort_unstable_by(|a, b| b.cmp(a));
-        let by_cid = lens.iter().find_map(|len| {
+        lens.iter().find_map(|len| {
             let id = data.get(1..1 + len)?;
-            let owner = *self.cids.get(id)?;
-            (owner.0.ip() == key.0.ip() && owner.1 == key.1).then_some(owner)
-        });
-        by_cid.or_else(|| match self.relaying.get(&(key.0.ip(), key.1))?.as_slice() {
-            [only] => Some(*only),
-            _ => None,
+            let (owner, serial) = *self.cids.get(id)?;
+            let live = self.flows.get(&owner).is_some_and(|e| e.serial == serial);
+            (live && owner.0.ip() == key.0.ip() && owner.1 == key.1).then_some(owner)
         })
     }
 
@@ -463,13 +447,13 @@ impl Table {
     fn evict(&mut self) -> bool {
         while let Some((key, serial)) = self.refused.pop_front() {
             if self.flows.get(&key).is_some_and(|e| e.serial == serial) {
-                self.flows.remove(&key);
+                self.remove_flow(key, serial);
                 return true;
             }
         }
         while let Some((key, serial)) = self.pending.pop_front() {
             if self.flows.get(&key).is_some_and(|e| e.serial == serial && !e.decided) {
-                self.flows.remove(&key);
+                self.remove_flow(key, serial);
                 return true;
             }
         }
@@ -488,15 +472,29 @@ impl Table {
     }
 
     /// Makes `key` reach the flow first seen as `owner`, and hands it
-    /// `datagram`; `false` when that flow cannot take another key.
+    /// `datagram`; `false` when that flow is gone. A flow with
+    /// [`MAX_ALIASES_PER_FLOW`] other keys already gives up the oldest:
+    /// a client whose NAT keeps moving it is followed to its newest port
+    /// (and a port given up is taken back by its next datagram).
     fn alias(&mut self, key: Key, owner: Key, datagram: Datagram) -> bool {
         let Some(entry) = self.flows.get_mut(&owner) else {
             return false;
         };
+        let serial = entry.serial;
         if entry.aliases.len() >= MAX_ALIASES_PER_FLOW {
-            return false;
+            let oldest = entry.aliases.remove(0);
+            if self
+                .flows
+                .get(&oldest)
+                .is_some_and(|e| e.serial == serial && e.alias_of == Some(owner))
+            {
+                self.flows.remove(&oldest);
+            }
         }
-        let (tx, serial, queued) = (entry.tx.clone(), entry.serial, entry.queued.clone());
+        let Some(entry) = self.flows.get_mut(&owner) else {
+            return false;
+        };
+        let (tx, queued) = (entry.tx.clone(), entry.queued.clone());
         entry.aliases.push(key);
         let mut datagram = datagram;
         if Charge::charge(&queued, &mut datagram) {
@@ -521,18 +519,23 @@ impl Table {
 /// Serves `quic` listener `name` on `socket` until `stop` turns true, then
 /// keeps relaying the flows it has (refusing new ones) until they end or
 /// `closing` is cancelled (the listener is gone and its drain is over).
+/// `applied` gets the generation of each configuration installed (see
+/// [`Shared::generation`]) once the socket receives as it says, so a
+/// reload can return only then.
 pub fn spawn(
     name: Arc<str>,
     socket: UdpSocket,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     closing: CancellationToken,
+    applied: watch::Sender<u64>,
 ) -> JoinHandle<()> {
     let bound = socket.local_addr().ok();
     let mut transparent = shared.snapshot.load().plan(&name).is_some_and(|p| p.spec.transparent);
     let mut mode = receive_mode(transparent, bound);
     // Each configuration installed: a reload may change `transparent`.
     let mut installs = shared.control.subscribe();
+    let _ = applied.send(installs.borrow_and_update().generation);
     tokio::spawn(async move {
         let socket = Arc::new(socket);
         let mut table = Table::default();
@@ -544,6 +547,7 @@ pub fn spawn(
         let mut draining = false;
         let queued = Arc::new(AtomicUsize::new(0));
         let mut own = own_addresses(&shared.snapshot.load());
+        let mut follows = follows_rebinding(&shared.snapshot.load(), &name);
         // Made once for the listener's life: subscribing per datagram
         // would take a lock per datagram.
         let stopped = stop.wait_for(|v| *v);
@@ -569,8 +573,10 @@ pub fn spawn(
                     continue;
                 }
                 Ok(()) = installs.changed() => {
+                    let generation = installs.borrow_and_update().generation;
                     let snapshot = shared.snapshot.load();
                     own = own_addresses(&snapshot);
+                    follows = follows_rebinding(&snapshot, &name);
                     // Only a plan that keeps this socket (the same address,
                     // as bound or as `:0`) says how it receives: a listener
                     // removed or moved leaves this one draining as it was.
@@ -590,6 +596,7 @@ pub fn spawn(
                             }
                         }
                     }
+                    let _ = applied.send(generation);
                     continue;
                 }
                 r = receive(&socket, &mut buf, mode, &mut got_meta) => r,
@@ -637,7 +644,7 @@ pub fn spawn(
                     }
                 },
             };
-            if let Some(owner) = table.rebound(key, &datagram.data) {
+            if follows && let Some(owner) = table.rebound(key, &datagram.data) {
                 if !table.alias(key, owner, datagram) {
                     metrics::errors("quic-flow-limit", 1);
                 }
@@ -987,6 +994,19 @@ fn sent_to(bound: Option<SocketAddr>, own: &[IpAddr], a: SocketAddr) -> bool {
     bound.is_some_and(|b| {
         b.port() == a.port()
             && (b.ip().to_canonical() == ip || (b.ip().is_unspecified() && (ip.is_loopback() || own.contains(&ip))))
+    })
+}
+
+/// Whether listener `name` follows a client whose NAT rebinds to another
+/// port: not when a filter chain of it matches on the client's port
+/// (`source_ports`), since a datagram from the new port would travel
+/// under a decision made for another.
+fn follows_rebinding(snapshot: &Snapshot, name: &str) -> bool {
+    snapshot.plan(name).is_none_or(|p| {
+        p.chains
+            .iter()
+            .chain(&p.default_chain)
+            .all(|c| c.matcher.source_ports.is_empty())
     })
 }
 
@@ -1472,37 +1492,117 @@ mod tests {
         assert!(large.bytes >= large.datagrams * 1200, "{large:?}");
     }
 
-    /// A client that moves to another port and to a connection id it was
-    /// given encrypted keeps its flow when it has only one there; with two
-    /// flows from the address to that destination, neither is guessed.
+    fn short_with(cid: &[u8]) -> Vec<u8> {
+        let mut short = vec![0x40];
+        short.extend(cid);
+        short.extend([0; 20]);
+        short
+    }
+
+    fn cid_of(t: &mut Table, key: Key, serial: u64, cid: &[u8]) {
+        t.event(Event::ServerCid {
+            key,
+            serial,
+            cid: cid.to_vec(),
+        });
+    }
+
+    /// Only the same address to the same destination is followed, and only
+    /// by an id of a flow that still lives under that serial.
     #[test]
-    fn a_client_that_moves_on_purpose_keeps_its_only_flow() {
+    fn a_rebinding_client_is_followed_to_its_own_destination_only() {
+        let mut t = Table::default();
+        let dst: SocketAddr = "192.0.2.1:443".parse().unwrap();
+        let first: Key = ("10.0.0.1:1000".parse().unwrap(), Some(dst));
+        let (tx, _rx) = mpsc::channel(8);
+        t.flows.insert(first, entry(tx.clone(), 1));
+        cid_of(&mut t, first, 1, &[7; 8]);
+        let short = short_with(&[7; 8]);
+        assert_eq!(
+            t.rebound(("10.0.0.1:2000".parse().unwrap(), Some(dst)), &short),
+            Some(first)
+        );
+        let elsewhere: SocketAddr = "192.0.2.2:443".parse().unwrap();
+        assert_eq!(
+            t.rebound(("10.0.0.1:2000".parse().unwrap(), Some(elsewhere)), &short),
+            None,
+            "another destination is another flow"
+        );
+        assert_eq!(t.rebound(("10.0.0.1:2000".parse().unwrap(), None), &short), None);
+        // A later flow of the same key does not inherit the ids.
+        t.flows.insert(first, entry(tx, 2));
+        assert_eq!(t.rebound(("10.0.0.1:2000".parse().unwrap(), Some(dst)), &short), None);
+    }
+
+    /// An evicted flow takes its other keys and its ids with it: none is
+    /// left to hold a slot or to hand a later flow another's datagrams.
+    #[test]
+    fn an_evicted_flow_leaves_no_keys_or_ids_behind() {
         let mut t = Table::default();
         let first: Key = ("10.0.0.1:1000".parse().unwrap(), None);
         let (tx, _rx) = mpsc::channel(8);
-        t.flows.insert(first, entry(tx.clone(), 1));
-        let mut short = vec![0x40];
-        short.extend([3; 28]);
-        let moved: Key = ("10.0.0.1:2000".parse().unwrap(), None);
-        assert_eq!(t.rebound(moved, &short), None, "undecided: nothing to follow");
+        t.flows.insert(first, entry(tx, 1));
         t.event(Event::Decided { key: first, serial: 1 });
-        assert_eq!(t.rebound(moved, &short), Some(first));
-        assert_eq!(t.rebound(("10.0.0.2:2000".parse().unwrap(), None), &short), None);
-        let mut long = short.clone();
-        long[0] = 0xc0;
-        assert_eq!(t.rebound(moved, &long), None, "a long header is a new flow");
-        // A second flow from the address: which one is meant is unknown.
-        let second: Key = ("10.0.0.1:1001".parse().unwrap(), None);
-        t.flows.insert(second, entry(tx, 2));
-        t.event(Event::Decided { key: second, serial: 2 });
-        assert_eq!(t.rebound(moved, &short), None);
-        // The second's relay ends (its record written): the first is the
-        // only one again; then the first ends too.
-        t.event(Event::Refused { key: second, serial: 2 });
-        assert_eq!(t.rebound(moved, &short), Some(first));
+        cid_of(&mut t, first, 1, &[7; 8]);
+        let moved: Key = ("10.0.0.1:2000".parse().unwrap(), None);
+        assert!(t.alias(moved, first, datagram(1200)));
+        // Its relay ended: it only swallows now, and a new flow takes its
+        // slot.
+        t.event(Event::Refused { key: first, serial: 1 });
+        assert!(t.evict());
+        assert!(t.is_empty(), "{t:?}");
+        assert!(t.cids.is_empty(), "{t:?}");
+        assert_eq!(t.rebound(moved, &short_with(&[7; 8])), None);
+    }
+
+    /// A client whose NAT moves it again and again is followed to its
+    /// newest port: past [`MAX_ALIASES_PER_FLOW`] the oldest port is let go.
+    #[test]
+    fn a_flow_keeps_its_newest_ports() {
+        let mut t = Table::default();
+        let first: Key = ("10.0.0.1:1000".parse().unwrap(), None);
+        let (tx, mut rx) = mpsc::channel(64);
+        t.flows.insert(first, entry(tx, 1));
+        let ports: Vec<Key> = (0..MAX_ALIASES_PER_FLOW + 2)
+            .map(|i| (SocketAddr::new("10.0.0.1".parse().unwrap(), 2000 + i as u16), None))
+            .collect();
+        for k in &ports {
+            assert!(t.alias(*k, first, datagram(100)));
+        }
+        assert_eq!(t.len(), 1 + MAX_ALIASES_PER_FLOW);
+        assert!(!t.flows.contains_key(&ports[0]) && !t.flows.contains_key(&ports[1]));
+        assert!(ports[2..].iter().all(|k| t.flows.contains_key(k)));
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, ports.len(), "every datagram reached the flow");
         t.event(Event::Ended { key: first, serial: 1 });
-        assert_eq!(t.rebound(moved, &short), None);
-        assert!(!t.relaying.contains_key(&(first.0.ip(), None)), "{t:?}");
+        assert!(t.is_empty(), "{t:?}");
+    }
+
+    /// A listener whose filter chains match the client's port does not
+    /// follow a client to a new one: the new port would travel under the
+    /// old port's decision.
+    #[test]
+    fn a_listener_matching_source_ports_does_not_follow_a_new_port() {
+        let yaml = "listeners:\n  - {name: q, kind: quic, address: \"127.0.0.1:0\", upstream_port: 443}\n";
+        let config = sluice_api::config::load_str(yaml, "t.yaml").unwrap();
+        let plain = Snapshot::build(config.clone(), None).unwrap();
+        assert!(follows_rebinding(&plain, "q"));
+        let changed = Arc::new(AtomicUsize::new(0));
+        let seen = changed.clone();
+        let hook = move |_: &sluice_api::Config, plan: &mut ListenerPlan| {
+            for c in plan.chains.iter_mut().chain(plan.default_chain.iter_mut()) {
+                if let Some(c) = Arc::get_mut(c) {
+                    c.matcher.source_ports = vec![5000];
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        };
+        let ported = Snapshot::build(config, Some(&hook)).unwrap();
+        assert!(changed.load(Ordering::Relaxed) > 0, "no chain to change");
+        assert!(!follows_rebinding(&ported, "q"));
     }
 
     #[test]
