@@ -87,6 +87,9 @@ pub enum Front {
         peek: PeekOptions,
         /// `quic: block`: every flow is dropped (`quic-blocked`).
         block: bool,
+        /// `migration: same-address`: a client that moves to another port
+        /// of its address keeps its only flow there.
+        follow_address: bool,
     },
 }
 
@@ -401,6 +404,7 @@ pub fn translate(l: &Listener, plugins: &[crate::Plugin]) -> Option<ListenerReso
             Front::Quic {
                 peek: o.peek,
                 block: o.quic == crate::model::QuicMode::Block,
+                follow_address: o.migration == crate::model::QuicMigration::SameAddress,
             },
             if o.transparent {
                 Cluster::OriginalDst { sni_check: o.sni_check }

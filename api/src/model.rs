@@ -195,6 +195,22 @@ pub enum QuicMode {
     Block,
 }
 
+/// Whether a `quic` listener follows a client that moves on purpose to
+/// another port of its address, switching to a connection id it was given
+/// encrypted (which no one on the path can read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QuicMigration {
+    /// Such a client's datagrams start a new flow (refused
+    /// `quic-not-initial`) and it reconnects.
+    Off,
+    /// They join the flow its address has relayed to that destination,
+    /// when it has exactly one: for gateways where an address is one
+    /// client (no NAT in front), since any host sharing the address could
+    /// take the flow's replies.
+    SameAddress,
+}
+
 /// What to do with a ClientHello carrying Encrypted Client Hello (its SNI
 /// is only the outer, public name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -397,6 +413,7 @@ pub struct QuicOptions {
     pub sni_check: SniCheck,
     /// Not transparent only: the port dialled on the SNI's addresses.
     pub upstream_port: u16,
+    pub migration: QuicMigration,
 }
 
 impl QuicOptions {

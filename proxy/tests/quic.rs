@@ -467,6 +467,58 @@ flow_test!(a_client_whose_nat_rebinds_keeps_its_flow, async {
     assert_eq!(quic.len(), 1, "one flow, nothing refused: {quic:?}");
 });
 
+// A client that moves to another port on purpose (quinn's `rebind`, which
+// also switches to a connection id its server gave it encrypted): with
+// `migration: same-address` it keeps its flow, the only one from its
+// address; without (the default), its datagrams start a new flow, refused
+// `quic-not-initial`, which also shows that quinn did change its id.
+flow_test!(a_client_that_moves_on_purpose_is_followed_only_when_asked, async {
+    let up = QuicEcho::start().await;
+    for follow in [true, false] {
+        let extra = if follow {
+            format!("{HOLD}, migration: same-address")
+        } else {
+            HOLD.to_owned()
+        };
+        let sluice = config(&up, &extra).start().await;
+        let mut client = client(&up.cert, h3());
+        // Longer than the second replies wait for the old port to go quiet.
+        client.set_default_client_config(client_config(&up.cert, h3(), Duration::from_secs(10)));
+        let conn = within("the handshake", async {
+            client.connect(sluice.addr("quic"), "allowed.test").unwrap().await
+        })
+        .await
+        .expect("an allowed QUIC flow goes through");
+        // After the handshake the server has sent spare connection ids.
+        echo_on(&conn, b"before the move").await;
+        let old = client.local_addr().unwrap();
+        client
+            .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .unwrap();
+        assert_ne!(client.local_addr().unwrap(), old);
+        if follow {
+            echo_on(&conn, b"after the move").await;
+            conn.close(0u32.into(), b"done");
+            client.wait_idle().await;
+            let records = sluice.stop_and_records(Duration::from_millis(200)).await;
+            let quic: Vec<_> = records.iter().filter(|r| is_quic(r)).collect();
+            assert_eq!(quic.len(), 1, "one flow, nothing refused: {quic:#?}");
+            assert_eq!(action(quic[0]), "allow", "{}", quic[0]);
+        } else {
+            // quinn probes the new path at once; give it data to send too.
+            if let Ok((mut send, _recv)) = conn.open_bi().await {
+                let _ = send.write_all(b"after the move").await;
+            }
+            let r = sluice
+                .wait_record(|r| is_quic(r) && reason(r) == "quic-not-initial")
+                .await;
+            assert_eq!(action(&r), "deny", "{r}");
+            assert_eq!(field(&r, "src"), client.local_addr().unwrap().to_string(), "{r}");
+            sluice.stop().await;
+        }
+    }
+});
+
 /// A UDP relay in front of Sluice that keeps a copy of the client's last
 /// short-header datagram (what an on-path observer, or a host behind the
 /// same NAT, can see).

@@ -778,6 +778,7 @@ fn listener_from_spec(l: &crate::xds::gateway::ListenerSpec) -> Result<raw::RawL
         upstream: None,
         users: Vec::new(),
         quic: None,
+        migration: None,
         transparent: None,
         upstreams: Vec::new(),
         deny_answer: None,

@@ -136,6 +136,7 @@ impl Validator {
             &[Sni, Quic],
         );
         only(self, l.quic.as_ref().map(|v| v.referenced), "quic", &[Quic]);
+        only(self, l.migration.as_ref().map(|v| v.referenced), "migration", &[Quic]);
         only(
             self,
             l.transparent.as_ref().map(|v| v.referenced),
@@ -278,6 +279,9 @@ impl Validator {
             transparent,
             sni_check: l.sni_check.as_ref().map_or(SniCheck::Verify, |e| e.value),
             upstream_port: self.bounded(&l.upstream_port, format!("{path}.upstream_port"), 443, 1, 65_535) as u16,
+            // Off by default: following by address alone is safe only
+            // where an address is one client.
+            migration: l.migration.as_ref().map_or(QuicMigration::Off, |m| m.value),
         }
     }
 
@@ -592,7 +596,16 @@ pub fn listener_settings(kind: &ListenerKind) -> Option<serde_json::Value> {
                 QuicMode::Inspect => "inspect",
                 QuicMode::Block => "block",
             };
-            Some(merge(vec![c, peek(&o.peek), own, json!({ "quic": mode })]))
+            let migration = match o.migration {
+                QuicMigration::Off => "off",
+                QuicMigration::SameAddress => "same-address",
+            };
+            Some(merge(vec![
+                c,
+                peek(&o.peek),
+                own,
+                json!({ "quic": mode, "migration": migration }),
+            ]))
         }
         ListenerKind::Tcp(o) => Some(merge(vec![
             connection(&o.connection),
@@ -624,7 +637,7 @@ mod settings_tests {
   - {name: c, kind: tcp, address: \"127.0.0.1:15432\", upstream: \"db.internal:5432\", connect_timeout: 1s}
   - {name: o, kind: tcp, address: \"127.0.0.1:15433\"}
   - {name: q, kind: quic, address: \"127.0.0.1:8443\", quic: block, upstream_port: 9443, idle_timeout: 45s, max_connections: 9}
-  - {name: qt, kind: quic, address: \"127.0.0.1:15002\", transparent: true, sni_check: off, peek_timeout: 2s}
+  - {name: qt, kind: quic, address: \"127.0.0.1:15002\", transparent: true, sni_check: off, peek_timeout: 2s, migration: same-address}
   - {name: d, kind: dns, address: \"127.0.0.1:5353\", upstreams: [\"10.0.0.2\", \"tcp://10.0.0.3:5300\", \"tls://1.1.1.1:853#one.one.one.one\"],
      deny_answer: sinkhole, sinkhole: [0.0.0.0, \"::\"], strip_ech: false, cache_entries: 123, binding_min_ttl: 45s,
      binding_grace: 2m, max_bindings: 999, exfiltration: false, upstream_sockets: 3, upstream_socket_max_queries: 77,
@@ -666,6 +679,11 @@ smartgroups:
         assert!(!o.transparent);
         assert_eq!(o.upstream_port, 443);
         assert_eq!(o.connection.idle_timeout, QuicOptions::DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(
+            o.migration,
+            QuicMigration::Off,
+            "following by address alone is asked for"
+        );
         let refused = |yaml: &str, want: &str| {
             let e = crate::config::load_str(yaml, "t.yaml")
                 .map(|_| ())
@@ -692,6 +710,14 @@ smartgroups:
         refused(
             "listeners:\n  - {name: q, kind: quic, address: \"127.0.0.1:443\", quic: maybe}\n",
             "maybe",
+        );
+        refused(
+            "listeners:\n  - {name: s, kind: sni, address: \"127.0.0.1:443\", migration: same-address}\n",
+            "`migration` does not apply to a `sni` listener",
+        );
+        refused(
+            "listeners:\n  - {name: q, kind: quic, address: \"127.0.0.1:443\", migration: anywhere}\n",
+            "anywhere",
         );
         refused(
             "listeners:\n  - {name: q, kind: quic, address: \"127.0.0.1:443\"}\n  - {name: d, kind: dns, address: \"0.0.0.0:443\"}\n",

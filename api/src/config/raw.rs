@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde::de::{self, Visitor};
 use serde_saphyr::Spanned;
 
-use crate::model::{Action, EchPolicy, ListenerType, Mode, Protocol, QuicMode, SniCheck};
+use crate::model::{Action, EchPolicy, ListenerType, Mode, Protocol, QuicMigration, QuicMode, SniCheck};
 
 pub type S<T> = Spanned<T>;
 
@@ -179,6 +179,8 @@ pub struct RawListener {
     // quic listeners
     #[serde(default)]
     pub quic: Option<S<QuicMode>>,
+    #[serde(default)]
+    pub migration: Option<S<QuicMigration>>,
     #[serde(default)]
     pub transparent: Option<S<bool>>,
     // dns listeners

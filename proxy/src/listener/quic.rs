@@ -32,9 +32,11 @@
 //! not: the flow was decided on its source; nor is a new port on a
 //! listener whose filter chains match `source_ports`). Ids a client
 //! switches to when it moves on purpose are announced encrypted and cannot
-//! be read, and following it by its address alone would let any host
-//! sharing that address take the flow's replies: such a datagram starts a
-//! flow of its own, refused `quic-not-initial`, and the client reconnects.
+//! be read: such a datagram starts a flow of its own, refused
+//! `quic-not-initial`, and the client reconnects, unless the listener says
+//! `migration: same-address` and the address has exactly one flow relayed
+//! to that destination (off by default: any host sharing the address
+//! could take the flow's replies).
 //! Under `TPROXY`
 //! (`transparent: true`) each datagram's original
 //! destination comes from `IP_ORIGDSTADDR`, and replies leave from that
@@ -337,6 +339,9 @@ struct Table {
     /// (a flood from spoofed sources, say) cannot keep real clients out
     /// for a whole idle timeout.
     refused: std::collections::VecDeque<(Key, u64)>,
+    /// The first keys of the flows being relayed, by client address and
+    /// destination, for `migration: same-address`.
+    relaying: HashMap<(IpAddr, Option<SocketAddr>), Vec<Key>>,
     /// Every flow in the order it started, for the oldest still in its
     /// Initial phase: the slot a new flow takes when no refused flow is
     /// left (Initials that never complete a ClientHello, forged from
@@ -360,12 +365,14 @@ impl Table {
             Event::Decided { key, serial } => {
                 if let Some(e) = self.flows.get_mut(&key).filter(|e| e.serial == serial) {
                     e.decided = true;
+                    self.relaying.entry((key.0.ip(), key.1)).or_default().push(key);
                 }
             }
             Event::Refused { key, serial } => {
                 if let Some(e) = self.flows.get_mut(&key).filter(|e| e.serial == serial) {
                     e.decided = true;
                     self.refused.push_back((key, serial));
+                    self.not_relaying(key);
                 }
                 // Flows that ended on their own leave stale entries: drop
                 // them once they outnumber the table, so this stays
@@ -400,6 +407,7 @@ impl Table {
             return;
         }
         if let Some(entry) = self.flows.remove(&key) {
+            self.not_relaying(key);
             for a in entry.aliases {
                 if self.flows.get(&a).is_some_and(|e| e.serial == serial) {
                     self.flows.remove(&a);
@@ -411,18 +419,31 @@ impl Table {
         }
     }
 
+    /// `key` no longer names a flow being relayed.
+    fn not_relaying(&mut self, key: Key) {
+        let at = (key.0.ip(), key.1);
+        if let Some(keys) = self.relaying.get_mut(&at) {
+            keys.retain(|k| *k != key);
+            if keys.is_empty() {
+                self.relaying.remove(&at);
+            }
+        }
+    }
+
     /// The first key of the flow a short-header datagram from a new key
-    /// belongs to: its connection id is one the flow's server chose in
-    /// the handshake, and it comes from the same address (only the port
-    /// changed, as when a NAT rebinds: the client does not know it moved)
-    /// to the same destination. A new address is not taken for the same
+    /// belongs to. It comes from the same address (only the port changed)
+    /// to the same destination, and carries a connection id the flow's
+    /// server chose in the handshake (a NAT that rebinds: the client does
+    /// not know it moved). A new address is not taken for the same
     /// client: the flow was decided on its source. A client that moves on
     /// purpose switches to an id it was given encrypted, which cannot be
-    /// read: its datagrams start a flow of their own, refused
-    /// `quic-not-initial`, and it reconnects. (Following it by its address
-    /// alone would let any host that shares the address, behind the same
-    /// NAT say, take the flow's replies without knowing anything.)
-    fn rebound(&self, key: Key, data: &[u8]) -> Option<Key> {
+    /// read: with `by_address` (`migration: same-address`) it is followed
+    /// when its address has exactly one flow relayed to that destination;
+    /// otherwise its datagrams start a flow of their own, refused
+    /// `quic-not-initial`, and it reconnects. (Following by address alone
+    /// lets any host that shares the address, behind the same NAT say,
+    /// take the flow's replies: hence off by default.)
+    fn rebound(&self, key: Key, data: &[u8], by_address: bool) -> Option<Key> {
         let first = *data.first()?;
         if first & 0x80 != 0 {
             return None;
@@ -431,11 +452,20 @@ impl Table {
         // a prefix of it names another flow.
         let mut lens = self.cid_lens.clone();
         lens.sort_unstable_by(|a, b| b.cmp(a));
-        lens.iter().find_map(|len| {
+        let by_cid = lens.iter().find_map(|len| {
             let id = data.get(1..1 + len)?;
             let (owner, serial) = *self.cids.get(id)?;
             let live = self.flows.get(&owner).is_some_and(|e| e.serial == serial);
             (live && owner.0.ip() == key.0.ip() && owner.1 == key.1).then_some(owner)
+        });
+        by_cid.or_else(|| {
+            if !by_address {
+                return None;
+            }
+            match self.relaying.get(&(key.0.ip(), key.1))?.as_slice() {
+                [only] => Some(*only),
+                _ => None,
+            }
         })
     }
 
@@ -547,7 +577,7 @@ pub fn spawn(
         let mut draining = false;
         let queued = Arc::new(AtomicUsize::new(0));
         let mut own = own_addresses(&shared.snapshot.load());
-        let mut follows = follows_rebinding(&shared.snapshot.load(), &name);
+        let mut follows = follows(&shared.snapshot.load(), &name);
         // Made once for the listener's life: subscribing per datagram
         // would take a lock per datagram.
         let stopped = stop.wait_for(|v| *v);
@@ -576,7 +606,7 @@ pub fn spawn(
                     let generation = installs.borrow_and_update().generation;
                     let snapshot = shared.snapshot.load();
                     own = own_addresses(&snapshot);
-                    follows = follows_rebinding(&snapshot, &name);
+                    follows = self::follows(&snapshot, &name);
                     // Only a plan that keeps this socket (the same address,
                     // as bound or as `:0`) says how it receives: a listener
                     // removed or moved leaves this one draining as it was.
@@ -644,7 +674,9 @@ pub fn spawn(
                     }
                 },
             };
-            if follows && let Some(owner) = table.rebound(key, &datagram.data) {
+            if follows.rebinding
+                && let Some(owner) = table.rebound(key, &datagram.data, follows.address)
+            {
                 if !table.alias(key, owner, datagram) {
                     metrics::errors("quic-flow-limit", 1);
                 }
@@ -928,7 +960,7 @@ async fn front(
             None => {}
         }
     }
-    let Front::Quic { peek, block } = &plan.spec.front else {
+    let Front::Quic { peek, block, .. } = &plan.spec.front else {
         // A plan of another kind never reaches this listener; refuse
         // rather than relay what was not classified.
         return Err(flow.refuse(ReasonCode::NoFilterChain));
@@ -997,17 +1029,40 @@ fn sent_to(bound: Option<SocketAddr>, own: &[IpAddr], a: SocketAddr) -> bool {
     })
 }
 
-/// Whether listener `name` follows a client whose NAT rebinds to another
-/// port: not when a filter chain of it matches on the client's port
-/// (`source_ports`), since a datagram from the new port would travel
-/// under a decision made for another.
-fn follows_rebinding(snapshot: &Snapshot, name: &str) -> bool {
-    snapshot.plan(name).is_none_or(|p| {
-        p.chains
+/// Whom a listener follows to another port of the client's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Follows {
+    /// A client whose NAT rebinds (by the server's connection ids): not
+    /// when a filter chain matches on the client's port (`source_ports`),
+    /// since a datagram from the new port would travel under a decision
+    /// made for another.
+    rebinding: bool,
+    /// A client that moves on purpose, by its address alone
+    /// (`migration: same-address`).
+    address: bool,
+}
+
+fn follows(snapshot: &Snapshot, name: &str) -> Follows {
+    let Some(p) = snapshot.plan(name) else {
+        return Follows {
+            rebinding: true,
+            address: false,
+        };
+    };
+    Follows {
+        rebinding: p
+            .chains
             .iter()
             .chain(&p.default_chain)
-            .all(|c| c.matcher.source_ports.is_empty())
-    })
+            .all(|c| c.matcher.source_ports.is_empty()),
+        address: matches!(
+            p.spec.front,
+            Front::Quic {
+                follow_address: true,
+                ..
+            }
+        ),
+    }
 }
 
 /// This host's addresses as the configuration knows them (the `gateway`
@@ -1384,16 +1439,16 @@ mod tests {
         short.extend([7; 8]);
         short.extend([0; 20]);
         let moved: Key = ("10.0.0.1:2000".parse().unwrap(), None);
-        assert_eq!(t.rebound(moved, &short), Some(first));
+        assert_eq!(t.rebound(moved, &short, false), Some(first));
         // Another address is another client, whatever id it sends.
-        assert_eq!(t.rebound(("10.0.0.2:2000".parse().unwrap(), None), &short), None);
+        assert_eq!(t.rebound(("10.0.0.2:2000".parse().unwrap(), None), &short, false), None);
         let mut long = short.clone();
         long[0] = 0xc0;
-        assert_eq!(t.rebound(moved, &long), None);
+        assert_eq!(t.rebound(moved, &long, false), None);
         let mut unknown = short.clone();
         unknown[1] = 9;
-        assert_eq!(t.rebound(moved, &unknown), None);
-        assert_eq!(t.rebound(moved, &[]), None);
+        assert_eq!(t.rebound(moved, &unknown, false), None);
+        assert_eq!(t.rebound(moved, &[], false), None);
         assert!(t.alias(
             moved,
             first,
@@ -1519,19 +1574,62 @@ mod tests {
         cid_of(&mut t, first, 1, &[7; 8]);
         let short = short_with(&[7; 8]);
         assert_eq!(
-            t.rebound(("10.0.0.1:2000".parse().unwrap(), Some(dst)), &short),
+            t.rebound(("10.0.0.1:2000".parse().unwrap(), Some(dst)), &short, false),
             Some(first)
         );
         let elsewhere: SocketAddr = "192.0.2.2:443".parse().unwrap();
         assert_eq!(
-            t.rebound(("10.0.0.1:2000".parse().unwrap(), Some(elsewhere)), &short),
+            t.rebound(("10.0.0.1:2000".parse().unwrap(), Some(elsewhere)), &short, false),
             None,
             "another destination is another flow"
         );
-        assert_eq!(t.rebound(("10.0.0.1:2000".parse().unwrap(), None), &short), None);
+        assert_eq!(t.rebound(("10.0.0.1:2000".parse().unwrap(), None), &short, false), None);
         // A later flow of the same key does not inherit the ids.
         t.flows.insert(first, entry(tx, 2));
-        assert_eq!(t.rebound(("10.0.0.1:2000".parse().unwrap(), Some(dst)), &short), None);
+        assert_eq!(
+            t.rebound(("10.0.0.1:2000".parse().unwrap(), Some(dst)), &short, false),
+            None
+        );
+    }
+
+    /// With `migration: same-address`, a client that moves to another port
+    /// and to an id it was given encrypted keeps its flow when it has only
+    /// one there; with two flows from the address to that destination,
+    /// neither is guessed; without the setting, none is followed.
+    #[test]
+    fn a_client_that_moves_on_purpose_keeps_its_only_flow_when_asked() {
+        let mut t = Table::default();
+        let first: Key = ("10.0.0.1:1000".parse().unwrap(), None);
+        let (tx, _rx) = mpsc::channel(8);
+        t.flows.insert(first, entry(tx.clone(), 1));
+        let short = short_with(&[3; 8]);
+        let moved: Key = ("10.0.0.1:2000".parse().unwrap(), None);
+        assert_eq!(t.rebound(moved, &short, true), None, "undecided: nothing to follow");
+        t.event(Event::Decided { key: first, serial: 1 });
+        assert_eq!(t.rebound(moved, &short, true), Some(first));
+        assert_eq!(t.rebound(moved, &short, false), None, "not asked for");
+        assert_eq!(t.rebound(("10.0.0.2:2000".parse().unwrap(), None), &short, true), None);
+        let dst: SocketAddr = "192.0.2.1:443".parse().unwrap();
+        assert_eq!(
+            t.rebound(("10.0.0.1:2000".parse().unwrap(), Some(dst)), &short, true),
+            None,
+            "another destination"
+        );
+        let mut long = short.clone();
+        long[0] = 0xc0;
+        assert_eq!(t.rebound(moved, &long, true), None, "a long header is a new flow");
+        // A second flow from the address: which one is meant is unknown.
+        let second: Key = ("10.0.0.1:1001".parse().unwrap(), None);
+        t.flows.insert(second, entry(tx, 2));
+        t.event(Event::Decided { key: second, serial: 2 });
+        assert_eq!(t.rebound(moved, &short, true), None);
+        // The second's relay ends (its record written): the first is the
+        // only one again; then the first ends too.
+        t.event(Event::Refused { key: second, serial: 2 });
+        assert_eq!(t.rebound(moved, &short, true), Some(first));
+        t.event(Event::Ended { key: first, serial: 1 });
+        assert_eq!(t.rebound(moved, &short, true), None);
+        assert!(t.relaying.is_empty(), "{t:?}");
     }
 
     /// An evicted flow takes its other keys and its ids with it: none is
@@ -1552,7 +1650,7 @@ mod tests {
         assert!(t.evict());
         assert!(t.is_empty(), "{t:?}");
         assert!(t.cids.is_empty(), "{t:?}");
-        assert_eq!(t.rebound(moved, &short_with(&[7; 8])), None);
+        assert_eq!(t.rebound(moved, &short_with(&[7; 8]), true), None);
     }
 
     /// A client whose NAT moves it again and again is followed to its
@@ -1589,7 +1687,7 @@ mod tests {
         let yaml = "listeners:\n  - {name: q, kind: quic, address: \"127.0.0.1:0\", upstream_port: 443}\n";
         let config = sluice_api::config::load_str(yaml, "t.yaml").unwrap();
         let plain = Snapshot::build(config.clone(), None).unwrap();
-        assert!(follows_rebinding(&plain, "q"));
+        assert!(follows(&plain, "q").rebinding);
         let changed = Arc::new(AtomicUsize::new(0));
         let seen = changed.clone();
         let hook = move |_: &sluice_api::Config, plan: &mut ListenerPlan| {
@@ -1602,7 +1700,7 @@ mod tests {
         };
         let ported = Snapshot::build(config, Some(&hook)).unwrap();
         assert!(changed.load(Ordering::Relaxed) > 0, "no chain to change");
-        assert!(!follows_rebinding(&ported, "q"));
+        assert!(!follows(&ported, "q").rebinding);
     }
 
     #[test]
