@@ -143,6 +143,16 @@ fn h3() -> Vec<Vec<u8>> {
     vec![b"h3".to_vec()]
 }
 
+/// An allowed connection through `via` naming `allowed.test`, handshake
+/// done.
+async fn handshake(client: &quinn::Endpoint, via: SocketAddr) -> quinn::Connection {
+    within("the handshake", async {
+        client.connect(via, "allowed.test").unwrap().await
+    })
+    .await
+    .expect("an allowed QUIC flow goes through")
+}
+
 /// Connects through `via` naming `sni`, sends `data` on one stream and
 /// returns what came back; `Err` with the reason when the handshake or the
 /// stream failed.
@@ -440,11 +450,7 @@ flow_test!(a_client_whose_nat_rebinds_keeps_its_flow, async {
     let sluice = config(&up, "").start().await;
     let (via, rebind) = nat(sluice.addr("quic")).await;
     let client = client(&up.cert, h3());
-    let conn = within("the handshake", async {
-        client.connect(via, "allowed.test").unwrap().await
-    })
-    .await
-    .expect("an allowed QUIC flow goes through");
+    let conn = handshake(&client, via).await;
     for (i, msg) in [&b"before the rebinding"[..], &b"after the rebinding"[..]]
         .into_iter()
         .enumerate()
@@ -484,11 +490,7 @@ flow_test!(a_client_that_moves_on_purpose_is_followed_only_when_asked, async {
         let mut client = client(&up.cert, h3());
         // Longer than the second replies wait for the old port to go quiet.
         client.set_default_client_config(client_config(&up.cert, h3(), Duration::from_secs(10)));
-        let conn = within("the handshake", async {
-            client.connect(sluice.addr("quic"), "allowed.test").unwrap().await
-        })
-        .await
-        .expect("an allowed QUIC flow goes through");
+        let conn = handshake(&client, sluice.addr("quic")).await;
         // After the handshake the server has sent spare connection ids.
         echo_on(&conn, b"before the move").await;
         let old = client.local_addr().unwrap();
@@ -559,11 +561,7 @@ flow_test!(a_replayed_datagram_from_another_port_does_not_take_the_replies, asyn
     let sluice = config(&up, "").start().await;
     let (via, seen) = tap(sluice.addr("quic")).await;
     let client = client(&up.cert, h3());
-    let conn = within("the handshake", async {
-        client.connect(via, "allowed.test").unwrap().await
-    })
-    .await
-    .expect("an allowed QUIC flow goes through");
+    let conn = handshake(&client, via).await;
     let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let target = sluice.addr("quic");
     let mut stolen = 0usize;
@@ -607,11 +605,7 @@ flow_test!(a_policy_change_ends_a_relayed_flow, async {
     let cfg = config(&up, HOLD);
     let sluice = cfg.start().await;
     let client = client(&up.cert, h3());
-    let conn = within("the handshake", async {
-        client.connect(sluice.addr("quic"), "allowed.test").unwrap().await
-    })
-    .await
-    .expect("an allowed QUIC flow goes through");
+    let conn = handshake(&client, sluice.addr("quic")).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(b"before").await.unwrap();
     send.finish().unwrap();
@@ -691,11 +685,7 @@ flow_test!(
         let sluice = cfg.start().await;
         let at = sluice.addr("quic");
         let client = client(&up.cert, h3());
-        let conn = within("the handshake", async {
-            client.connect(at, "allowed.test").unwrap().await
-        })
-        .await
-        .expect("an allowed QUIC flow goes through");
+        let conn = handshake(&client, at).await;
         echo_on(&conn, b"before").await;
         // Transparent, the listener takes each flow's destination from TPROXY
         // (`upstream_port` does not apply).
