@@ -1217,7 +1217,10 @@ pub fn sluice_listeners(admin: SocketAddr) -> Result<BTreeMap<String, SocketAddr
 /// answers `localhost` and sends nothing off the machine, one worker (as
 /// Envoy runs), a placeholder listener (a file without one does not run),
 /// and `xds:` with `listeners: true`, so the Listeners and Clusters of
-/// `sluice-xds` replace the placeholder.
+/// `sluice-xds` replace the placeholder. The placeholder binds 127.0.0.2,
+/// not 127.0.0.1: the port the kernel gives it could be one a scenario
+/// picked earlier for a listener of its own on 127.0.0.1 (seen once in
+/// CI: `exact-port` refused with "Address already in use").
 pub fn start_sluice(bin: &Path, xds: XdsServer, work: &Path, listeners: &BTreeSet<String>) -> Result<Running, String> {
     let audit = work.join("audit.jsonl");
     let config = format!(
@@ -1229,7 +1232,7 @@ resolver:
   hosts:
     localhost: [127.0.0.1]
 listeners:
-  - {{name: {PLACEHOLDER_LISTENER}, kind: http-proxy, address: \"127.0.0.1:0\"}}
+  - {{name: {PLACEHOLDER_LISTENER}, kind: http-proxy, address: \"127.0.0.2:0\"}}
 {POLICY}xds:
   servers: [\"{xds}\"]
   node: {{id: {NODE_ID}, cluster: {NODE_ID}}}
